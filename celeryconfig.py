@@ -1,0 +1,88 @@
+"""Celery configuration for every Circus daemon, derived from the Circus config.
+
+Celery reads plain settings; :func:`celery_settings` builds them from a loaded
+:class:`circus.common.config.Settings`, so brokers, queues and schedules are
+never hard-coded per daemon. Messages carry ids only (JSON), and every task that
+touches the database re-reads its rows.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from kombu import Queue
+
+if TYPE_CHECKING:
+    from circus.common.config import Settings
+
+EVAL_QUEUE = "eval"
+DISPATCH_QUEUE = "dispatch"
+NOTIFY_QUEUE = "notifications"
+MAINTENANCE_QUEUE = "maintenance"
+#: build queues are ``build.<system>[.<feature>+<feature>...]``, one per class seen
+BUILD_QUEUE_PREFIX = "build."
+
+STATIC_QUEUES = (EVAL_QUEUE, DISPATCH_QUEUE, NOTIFY_QUEUE, MAINTENANCE_QUEUE)
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    broker_url = settings.require_broker_url()
+    return {
+        "broker_url": broker_url,
+        # Circus keeps results in PostgreSQL; a result backend is optional
+        "result_backend": settings.broker.result_backend,
+        "task_ignore_result": settings.broker.result_backend is None,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        # one message at a time per worker process: long builds never hide short ones
+        "worker_prefetch_multiplier": 1,
+        # Tasks are idempotent and re-read state; losing a message is repaired by the
+        # reconciler, so tasks ack early and never depend on visibility_timeout
+        # redelivery (a build longer than the timeout would otherwise run twice).
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {"visibility_timeout": 6 * 3600},
+        "task_queues": [Queue(name) for name in STATIC_QUEUES],
+        "task_default_queue": MAINTENANCE_QUEUE,
+        "task_routes": {
+            "circus.evaluator.*": {"queue": EVAL_QUEUE},
+            "circus.queue_runner.dispatch.*": {"queue": DISPATCH_QUEUE},
+            "circus.notifications.*": {"queue": NOTIFY_QUEUE},
+        },
+        "task_create_missing_queues": True,
+        # Flower and `celery events` work against the broker
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": beat_schedule(settings),
+    }
+
+
+def beat_schedule(settings: Settings) -> dict[str, Any]:
+    return {
+        "evaluator-tick": {
+            "task": "circus.evaluator.tasks.tick",
+            "schedule": timedelta(seconds=settings.evaluator.poll_interval),
+            "options": {"queue": EVAL_QUEUE, "expires": settings.evaluator.poll_interval},
+        },
+        "gc-cleanup": {
+            "task": "circus.maintenance.gc_cleanup",
+            "schedule": timedelta(seconds=settings.gc.cleanup_interval),
+            "options": {"queue": MAINTENANCE_QUEUE},
+        },
+        "notifications-retry": {
+            "task": "circus.notifications.tasks.retry_due",
+            "schedule": timedelta(seconds=30),
+            "options": {"queue": NOTIFY_QUEUE, "expires": 30},
+        },
+    }
+
+
+def build_queue_name(queue_class: str) -> str:
+    return BUILD_QUEUE_PREFIX + queue_class

@@ -1,0 +1,93 @@
+"""Celery app factory and the base task that opens a database session per task."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, cast
+
+from celery import Celery, Task
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+import celeryconfig
+from circus.common.config import Settings
+from circus.common.db import make_engine, make_session_factory
+
+#: modules whose tasks every Circus Celery app registers
+TASK_MODULES = (
+    "circus.evaluator.tasks",
+    "circus.queue_runner.tasks",
+    "circus.notifications.tasks",
+    "circus.maintenance",
+)
+
+
+@dataclass
+class CircusContext:
+    """What tasks need besides their arguments, attached to the Celery app."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+
+
+_local = threading.local()
+
+
+class DbTask(Task):  # type: ignore[misc]
+    """A task with ``self.session``: opened on first use, closed when the task returns.
+
+    Task objects are shared by the threads of a worker, so the session lives in
+    thread-local storage, never on the task.
+    """
+
+    abstract = True
+
+    @property
+    def circus(self) -> CircusContext:
+        return context_of(self.app)
+
+    @property
+    def settings(self) -> Settings:
+        return self.circus.settings
+
+    @property
+    def session(self) -> Session:
+        session: Session | None = getattr(_local, "session", None)
+        if session is None:
+            session = self.circus.session_factory()
+            _local.session = session
+        return session
+
+    def after_return(self, *args: Any, **kwargs: Any) -> None:
+        session: Session | None = getattr(_local, "session", None)
+        if session is not None:
+            session.close()
+            _local.session = None
+
+
+def context_of(app: Celery) -> CircusContext:
+    context = getattr(app, "circus", None)
+    if context is None:
+        raise RuntimeError("this Celery app was not made by create_celery_app()")
+    return cast(CircusContext, context)
+
+
+def create_celery_app(settings: Settings, *, name: str = "circus",
+                      engine: Engine | None = None) -> Celery:
+    app = Celery(name, task_cls=DbTask, set_as_current=True)
+    app.conf.update(celeryconfig.celery_settings(settings))
+    engine = engine or make_engine(settings, application_name=name)
+    app.circus = CircusContext(settings, engine, make_session_factory(engine))
+    app.set_default()
+    import importlib
+
+    for module in TASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            # components land one by one; a missing task module is not an error
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+    return app

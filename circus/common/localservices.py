@@ -1,0 +1,182 @@
+"""Private PostgreSQL and Redis instances under a directory.
+
+Used by ``circus up`` when no database or broker is configured, and by the test
+suite. They use the system binaries (Debian's postgresql and redis-server),
+listen on Unix sockets only (no port clashes with system services), and keep
+their data under the given directory so a second start reuses it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+POSTGRES_USER = "postgres"
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def _pg_bindir() -> Path:
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if Path(candidate, "initdb").exists():
+            return Path(candidate)
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    raise ServiceError("PostgreSQL server binaries not found (apt install postgresql)")
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root
+    if os.geteuid() == 0:
+        return ["runuser", "-u", POSTGRES_USER, "--", *argv]
+    return argv
+
+
+def _chown_to_postgres(path: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(POSTGRES_USER)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _postgres_can_reach(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    check = subprocess.run(_as_postgres(["test", "-x", str(path)]), capture_output=True)
+    return check.returncode == 0
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster in ``directory`` reachable through a socket in it."""
+
+    def __init__(self, directory: Path, port: int = 5432) -> None:
+        self.directory = directory.resolve()
+        self.port = port
+        self.data_dir = self.directory / "data"
+        self.socket_dir = self.directory / "run"
+        self.log_file = self.directory / "postgres.log"
+
+    def url(self, database: str = "postgres") -> str:
+        host = quote(str(self.socket_dir), safe="")
+        return f"postgresql://{POSTGRES_USER}@/{database}?host={host}&port={self.port}"
+
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(_pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), *args]
+        return subprocess.run(_as_postgres(argv), capture_output=True, text=True)
+
+    def is_running(self) -> bool:
+        return self.data_dir.exists() and self._pg_ctl("status").returncode == 0
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path in (self.directory, self.socket_dir):
+            path.mkdir(parents=True, exist_ok=True)
+            _chown_to_postgres(path)
+        if not _postgres_can_reach(self.directory):
+            raise ServiceError(
+                f"the postgres user cannot reach {self.directory}; choose a state directory "
+                "outside private home directories (e.g. --state-dir /var/lib/circus)")
+        if not (self.data_dir / "PG_VERSION").exists():
+            initdb = [str(_pg_bindir() / "initdb"), "-D", str(self.data_dir), "-U",
+                      POSTGRES_USER, "-A", "trust", "-E", "UTF8", "--no-sync"]
+            done = subprocess.run(_as_postgres(initdb), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ServiceError(f"initdb failed: {done.stderr.strip()}")
+        if self.is_running():
+            return
+        # a stale pid file from a killed instance keeps pg_ctl from starting
+        pid_file = self.data_dir / "postmaster.pid"
+        if pid_file.exists():
+            pid_file.unlink()
+        options = (f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
+                   f"-c port={self.port} -c fsync=off -c synchronous_commit=off "
+                   "-c full_page_writes=off -c max_connections=300")
+        started = self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file), "-o", options)
+        if started.returncode != 0:
+            log = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            raise ServiceError(f"PostgreSQL did not start: {started.stderr.strip()}\n{log}")
+
+    def stop(self) -> None:
+        if self.data_dir.exists():
+            self._pg_ctl("stop", "-m", "fast", "-w", "-t", "30")
+
+    def create_database(self, name: str) -> None:
+        psql = shutil.which("psql") or str(_pg_bindir() / "psql")
+        exists = subprocess.run(
+            [psql, "-h", str(self.socket_dir), "-p", str(self.port), "-U", POSTGRES_USER,
+             "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+            capture_output=True, text=True, check=True)
+        if exists.stdout.strip() != "1":
+            subprocess.run(
+                [psql, "-h", str(self.socket_dir), "-p", str(self.port), "-U", POSTGRES_USER,
+                 "-d", "postgres", "-c", f'CREATE DATABASE "{name}"'],
+                capture_output=True, text=True, check=True)
+
+
+class PrivateRedis:
+    """A Redis server on a Unix socket in ``directory`` (no TCP port)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory.resolve()
+        self.socket = self.directory / "redis.sock"
+        self.pid_file = self.directory / "redis.pid"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+socket://{self.socket}"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._alive():
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServiceError("redis-server not found (apt install redis-server)")
+        if self.socket.exists():
+            self.socket.unlink()
+        self.process = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             "--pidfile", str(self.pid_file), "--daemonize", "no",
+             "--logfile", str(self.directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise ServiceError("redis-server did not start; see "
+                                   f"{self.directory / 'redis.log'}")
+            time.sleep(0.05)
+
+    def _alive(self) -> bool:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        return self.socket.exists()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None
+            return
+        try:
+            os.kill(int(self.pid_file.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,62 @@
+"""SQLAlchemy models of every table (SPEC §2). Importing this registers them on ``Base``."""
+
+from circus.common.models.base import Base
+from circus.common.models.builds import (
+    Build,
+    BuildConstituent,
+    BuildDependency,
+    BuildMetric,
+    BuildOutput,
+    BuildProduct,
+    FailedPath,
+)
+from circus.common.models.cache import NarInfo
+from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
+from circus.common.models.machines import BuilderSession, RemoteBuilder
+from circus.common.models.operations import AuditLog, News, NotificationTask, ServiceHeartbeat
+from circus.common.models.projects import (
+    Channel,
+    Jobset,
+    JobsetInput,
+    NotificationConfig,
+    Project,
+    ProjectMember,
+    WebhookConfig,
+)
+from circus.common.models.steps import BuildStep, Step, StepDependency
+from circus.common.models.users import ApiKey, StarredJob, User, UserSession
+
+__all__ = [
+    "ApiKey",
+    "AuditLog",
+    "Base",
+    "Build",
+    "BuildConstituent",
+    "BuildDependency",
+    "BuildMetric",
+    "BuildOutput",
+    "BuildProduct",
+    "BuildStep",
+    "BuilderSession",
+    "Channel",
+    "Evaluation",
+    "EvaluationBuild",
+    "EvaluationError",
+    "FailedPath",
+    "Jobset",
+    "JobsetInput",
+    "NarInfo",
+    "News",
+    "NotificationConfig",
+    "NotificationTask",
+    "Project",
+    "ProjectMember",
+    "RemoteBuilder",
+    "ServiceHeartbeat",
+    "StarredJob",
+    "Step",
+    "StepDependency",
+    "User",
+    "UserSession",
+    "WebhookConfig",
+]

@@ -1,0 +1,159 @@
+"""Builds (one per job per evaluation) and their results."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Float, ForeignKey, Index, UniqueConstraint, text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from circus.common.enums import BuildStatus
+from circus.common.models.base import (
+    Base,
+    BoolFalse,
+    CreatedAt,
+    IntEnumColumn,
+    IntPK,
+    TextList,
+)
+
+if TYPE_CHECKING:
+    from circus.common.models.evaluations import Evaluation
+
+
+class Build(Base):
+    __tablename__ = "builds"
+
+    id: Mapped[IntPK]
+    #: the evaluation that created the build (later ones may link to it, see EvaluationBuild)
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"))
+    # denormalised from the evaluation: the API filters and the fair-share order use them
+    jobset_id: Mapped[int] = mapped_column(ForeignKey("jobsets.id", ondelete="CASCADE"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    job_name: Mapped[str]
+    drv_path: Mapped[str]
+    system: Mapped[str]
+    status: Mapped[BuildStatus] = mapped_column(
+        IntEnumColumn(BuildStatus), default=BuildStatus.pending, server_default="0")
+    priority: Mapped[int] = mapped_column(server_default="0", default=0)
+    retry_count: Mapped[int] = mapped_column(server_default="0", default=0)
+    max_retries: Mapped[int] = mapped_column(server_default="3", default=3)
+    is_aggregate: Mapped[BoolFalse]
+    is_fod: Mapped[BoolFalse]
+    required_features: Mapped[TextList]
+    nix_name: Mapped[str | None]
+    meta_description: Mapped[str | None]
+    meta_license: Mapped[str | None]
+    meta_homepage: Mapped[str | None]
+    meta_maintainers: Mapped[str | None]
+    #: seconds, from meta.timeout / meta.maxSilent (None: config default)
+    timeout: Mapped[int | None]
+    max_silent: Mapped[int | None]
+    created_at: Mapped[CreatedAt]
+    #: when the queue runner turned the build into steps (None: not yet)
+    stepped_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    error_message: Mapped[str | None]
+    keep: Mapped[BoolFalse]
+    signed: Mapped[BoolFalse]
+    closure_size: Mapped[int | None]
+    #: machine, SSH builder or agent that built the top-level derivation
+    machine: Mapped[str | None]
+    notification_pending_since: Mapped[datetime | None]
+
+    evaluation: Mapped[Evaluation] = relationship()
+    outputs: Mapped[list[BuildOutput]] = relationship(
+        back_populates="build", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="BuildOutput.name", lazy="selectin",
+    )
+
+    __table_args__ = (
+        UniqueConstraint("evaluation_id", "job_name"),
+        Index("ix_builds_status_priority", "status", text("priority DESC"), "id"),
+        Index("ix_builds_jobset_id_job_name", "jobset_id", "job_name", text("id DESC")),
+        Index("ix_builds_project_id_id", "project_id", text("id DESC")),
+        Index("ix_builds_drv_path", "drv_path"),
+        Index("ix_builds_system", "system"),
+        Index("ix_builds_completed_at", text("completed_at DESC")),
+        # the dispatcher's scan for builds that still need their steps computed
+        Index("ix_builds_unstepped", "id",
+              postgresql_where=text("status = 0 AND stepped_at IS NULL")),
+    )
+
+    @property
+    def output_map(self) -> dict[str, str]:
+        return {o.name: o.path for o in self.outputs}
+
+
+class BuildOutput(Base):
+    __tablename__ = "build_outputs"
+
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    name: Mapped[str] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(index=True)
+
+    build: Mapped[Build] = relationship(back_populates="outputs")
+
+
+class BuildDependency(Base):
+    """Build-to-build edge within an evaluation: ``build`` needs ``dependency``'s output."""
+
+    __tablename__ = "build_dependencies"
+
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    dependency_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                               primary_key=True, index=True)
+
+
+class BuildConstituent(Base):
+    """Aggregate build → constituent build."""
+
+    __tablename__ = "build_constituents"
+
+    aggregate_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                              primary_key=True)
+    constituent_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                                primary_key=True, index=True)
+
+
+class BuildProduct(Base):
+    __tablename__ = "build_products"
+
+    id: Mapped[IntPK]
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                          index=True)
+    type: Mapped[str]
+    subtype: Mapped[str]
+    name: Mapped[str]
+    path: Mapped[str]
+    default_path: Mapped[str | None]
+    sha256: Mapped[str | None]
+    file_size: Mapped[int | None]
+    content_type: Mapped[str | None]
+    is_directory: Mapped[BoolFalse]
+
+
+class BuildMetric(Base):
+    __tablename__ = "build_metrics"
+
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    name: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str | None]
+
+
+class FailedPath(Base):
+    """The failed-path cache: a derivation that failed recently fails again at once."""
+
+    __tablename__ = "failed_paths"
+
+    drv_path: Mapped[str] = mapped_column(primary_key=True)
+    build_id: Mapped[int | None] = mapped_column(ForeignKey("builds.id", ondelete="SET NULL"),
+                                                 index=True)
+    status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
+    failed_at: Mapped[CreatedAt]

@@ -1,0 +1,40 @@
+"""What the binary cache serves."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey
+from sqlalchemy.orm import Mapped, mapped_column
+
+from circus.common.enums import Compression
+from circus.common.models.base import Base, CreatedAt, TextList, enum_column
+
+
+class NarInfo(Base):
+    """One store path Circus serves, with its NAR and narinfo facts."""
+
+    __tablename__ = "narinfo_cache"
+
+    store_path: Mapped[str] = mapped_column(primary_key=True)
+    #: the 32-character hash part clients ask for (``<hash>.narinfo``)
+    hash_part: Mapped[str] = mapped_column(unique=True)
+    nar_hash: Mapped[str]
+    nar_size: Mapped[int]
+    file_hash: Mapped[str | None]
+    file_size: Mapped[int | None]
+    compression: Mapped[Compression] = mapped_column(enum_column(Compression, "compression"))
+    #: relative URL of the NAR (``nar/<filehash>.nar.zst``)
+    url: Mapped[str]
+    #: where the file lives: ``local`` (cache_dir) or ``s3``
+    storage: Mapped[str] = mapped_column(server_default="local", default="local")
+    deriver: Mapped[str | None]
+    references: Mapped[TextList]
+    sig: Mapped[str | None]
+    ca: Mapped[str | None]
+    build_id: Mapped[int | None] = mapped_column(ForeignKey("builds.id", ondelete="SET NULL"),
+                                                 index=True)
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id", ondelete="SET NULL"),
+                                                   index=True)
+    created_at: Mapped[CreatedAt]
+    last_fetched_at: Mapped[datetime | None]

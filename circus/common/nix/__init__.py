@@ -1,0 +1,1 @@
+"""Helpers around the Nix command-line tools and file formats."""

@@ -1,0 +1,1 @@
+"""circus-evaluator: jobset evaluations (Celery beat + eval workers)."""

@@ -1,0 +1,55 @@
+"""``circus-evaluator``: Celery beat (due-jobset ticks, retention) and the eval workers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import celeryconfig
+from circus.common.celery import create_celery_app
+from circus.common.config import ConfigError, load_settings
+from circus.common.heartbeat import HeartbeatThread
+from circus.common.logging import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="circus-evaluator", description=__doc__)
+    parser.add_argument("--no-beat", action="store_true",
+                        help="run workers only (when another evaluator runs beat)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        settings.require_broker_url()
+        settings.require_database_url()
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    setup_logging(settings)
+    app = create_celery_app(settings, name="circus-evaluator")
+    work_dir = Path(settings.evaluator.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    heartbeat = HeartbeatThread(app.circus.session_factory, "evaluator")
+    heartbeat.start()
+    worker = app.Worker(
+        queues=[celeryconfig.EVAL_QUEUE, celeryconfig.MAINTENANCE_QUEUE,
+                celeryconfig.NOTIFY_QUEUE],
+        beat=not args.no_beat,
+        schedule_filename=str(work_dir / "celerybeat-schedule"),
+        # evaluations are subprocess-bound: threads share one engine and pool
+        pool="threads",
+        concurrency=settings.evaluator.max_concurrent_evals + 2,
+        loglevel=settings.tracing.level.upper(),
+        hostname="evaluator@%h",
+        without_mingle=True,
+        without_gossip=True,
+    )
+    try:
+        worker.start()
+    finally:
+        heartbeat.stop()
+    return int(worker.exitcode or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

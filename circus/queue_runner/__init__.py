@@ -1,0 +1,1 @@
+"""circus-queue-runner: steps, dispatch, local/SSH workers, agent gateway."""

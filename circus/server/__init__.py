@@ -1,0 +1,1 @@
+"""circus-server: REST API, dashboard, binary cache, webhooks, metrics, health."""

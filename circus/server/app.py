@@ -1,0 +1,27 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+from flask import Flask
+from sqlalchemy import Engine
+
+from circus.common.config import Settings, load_settings
+from circus.common.db import make_engine, make_session_factory
+from circus.server import errors, health
+from circus.server.context import ServerContext, close_db_session
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = Flask("circus.server")
+    app.config.update(
+        SECRET_KEY=settings.server.secret_key or "",
+        MAX_CONTENT_LENGTH=settings.server.max_body_size,
+        JSON_SORT_KEYS=False,
+    )
+    engine = engine or make_engine(settings, application_name="circus-server")
+    app.extensions["circus"] = ServerContext(settings, engine, make_session_factory(engine))
+    app.teardown_appcontext(close_db_session)
+    errors.init_app(app)
+    app.register_blueprint(health.blueprint)
+    return app

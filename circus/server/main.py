@@ -1,0 +1,65 @@
+"""``circus-server``: the web application under gunicorn (or Flask's server with --dev)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from circus.common.config import ConfigError, load_settings
+from circus.common.logging import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="circus-server", description=__doc__)
+    parser.add_argument("--host", help="overrides server.host")
+    parser.add_argument("--port", type=int, help="overrides server.port")
+    parser.add_argument("--dev", action="store_true", help="Flask's development server")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    setup_logging(settings)
+    from circus.server.app import create_app
+
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    app = create_app(settings)
+    if args.dev:
+        app.run(host=host, port=port, threaded=True)
+        return 0
+
+    from gunicorn.app.base import BaseApplication
+
+    class Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            options: dict[str, Any] = {
+                "bind": f"{host}:{port}",
+                "workers": settings.server.workers,
+                "worker_class": "gthread",
+                # SSE log tails hold a thread each
+                "threads": 32,
+                "timeout": settings.server.request_timeout,
+                "graceful_timeout": 10,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": settings.tracing.level.lower(),
+                # one shared control socket path would make instances on a host collide
+                "control_socket_disable": True,
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return app
+
+    logging.getLogger(__name__).info("circus-server listening on http://%s:%s", host, port)
+    Server().run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install what Circus needs from Debian's packages (idempotent, quick when done).
+# Runs as root on Debian 12; as another user it only reports what is missing.
+set -euo pipefail
+
+PACKAGES=(
+  nix-bin git ca-certificates
+  postgresql redis-server
+  python3 python3-venv python3-dev build-essential
+  libpq-dev libldap2-dev libsasl2-dev
+  openssh-server openssh-client slapd ldap-utils
+  chromium zstd xz-utils wrk
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages (run as root to install): ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Debian's nix-bin runs single-user as root without a daemon; its nix.conf
+# already disables the sandbox, which /bin/sh builders need here.
+if [ "$(id -u)" -eq 0 ]; then
+  mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
+  if ! grep -qs '^sandbox' /etc/nix/nix.conf; then
+    mkdir -p /etc/nix
+    echo 'sandbox = false' >> /etc/nix/nix.conf
+  fi
+  getent group nixbld >/dev/null || groupadd -r nixbld
+  mkdir -p /run/sshd
+fi

@@ -1,0 +1,1 @@
+"""Test helpers: real services, git repositories, daemons on free ports."""

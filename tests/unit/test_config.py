@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from circus.common.config import ConfigError, Settings, load_settings
+from circus.common.enums import PageAccess, Role
+
+
+def load(raw_toml: str = "", tmp_path: Path | None = None, environ: dict[str, str] | None = None,
+         ) -> Settings:
+    files = []
+    if raw_toml:
+        assert tmp_path is not None
+        path = tmp_path / "circus.toml"
+        path.write_text(raw_toml)
+        files.append(path)
+    return load_settings(files=files, environ=environ or {})
+
+
+def problems_of(raw_toml: str, tmp_path: Path, environ: dict[str, str] | None = None
+                ) -> list[str]:
+    with pytest.raises(ConfigError) as excinfo:
+        load(raw_toml, tmp_path, environ)
+    return [str(p) for p in excinfo.value.problems]
+
+
+def test_defaults_need_no_file() -> None:
+    settings = load()
+    assert settings.server.port == 3000
+    assert settings.queue_runner.psi_threshold == 80
+    assert settings.database.url is None
+    assert settings.server.access_for("home") is PageAccess.public
+    assert settings.server.access_for("queue") is PageAccess.admin
+    assert settings.server.access_for("project") is PageAccess.authenticated
+
+
+def test_settings_are_frozen() -> None:
+    settings = load()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.server.port = 1  # type: ignore[misc]
+
+
+def test_layering_file_then_config_file_then_env(tmp_path: Path) -> None:
+    local = tmp_path / "local.toml"
+    local.write_text("[server]\nport = 4000\nhost = '0.0.0.0'\n[evaluator]\nworkers = 3\n")
+    override = tmp_path / "override.toml"
+    override.write_text("[server]\nport = 5000\n")
+    settings = load_settings(files=[local, override],
+                             environ={"CIRCUS_EVALUATOR__WORKERS": "7",
+                                      "CIRCUS_QUEUE_RUNNER__RPC__BIND": "127.0.0.1:9000",
+                                      "CIRCUS_QUEUE_RUNNER__RPC__AUTH_TOKENS":
+                                          '["' + "a" * 64 + '"]',
+                                      "CIRCUS_URL": "http://ignored", "CIRCUS_CONFIG_FILE": "x"})
+    assert settings.server.port == 5000
+    assert settings.server.host == "0.0.0.0"
+    assert settings.evaluator.workers == 7
+    assert settings.queue_runner.rpc.bind == "127.0.0.1:9000"
+    assert settings.queue_runner.rpc.auth_tokens == ["a" * 64]
+
+
+def test_default_file_list_reads_cwd_and_config_file(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "circus.toml").write_text("[server]\nport = 4100\n[gc]\nenabled = false\n")
+    extra = tmp_path / "extra.toml"
+    extra.write_text("[server]\nport = 4200\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={"CIRCUS_CONFIG_FILE": str(extra)})
+    assert settings.server.port == 4200
+    assert settings.gc.enabled is False
+
+
+def test_secret_file_variants(tmp_path: Path) -> None:
+    (tmp_path / "db").write_text("postgresql://u:p@db.example/circus\n")
+    (tmp_path / "key").write_text("cache.example-1:" + "A" * 88 + "\n")
+    (tmp_path / "tokens").write_text(f"{'b' * 64}\n\n{'c' * 64}\n")
+    (tmp_path / "pw").write_text("hunter2hunter2\n")
+    settings = load(f"""
+[database]
+url_file = "{tmp_path / 'db'}"
+[signing]
+enabled = true
+key_file = "{tmp_path / 'key'}"
+[queue_runner.rpc]
+bind = "0.0.0.0:7000"
+auth_tokens_file = "{tmp_path / 'tokens'}"
+[[declarative.users]]
+username = "alice"
+password_file = "{tmp_path / 'pw'}"
+role = "admin"
+""", tmp_path)
+    assert settings.database.url == "postgresql://u:p@db.example/circus"
+    assert settings.signing.key == "cache.example-1:" + "A" * 88
+    assert settings.queue_runner.rpc.auth_tokens == ["b" * 64, "c" * 64]
+    assert settings.declarative.users[0].password == "hunter2hunter2"
+    assert settings.declarative.users[0].role is Role.admin
+
+
+# Each case: TOML (or env), and the exact "key.path: message" expected among the problems.
+INVALID: list[tuple[str, dict[str, str], str]] = [
+    ("[queue_runner]\npsi_threshold = 140", {},
+     "queue_runner.psi_threshold: must be between 0 and 100 (got 140)"),
+    ("[server]\nport = 70000", {}, "server.port: must be between 0 and 65535 (got 70000)"),
+    ("[server]\nport = 'eighty'", {}, "server.port: must be an integer (got 'eighty')"),
+    ("[server]\nprot = 80", {}, "server.prot: unknown key"),
+    ("[srever]\nport = 80", {}, "srever: unknown section"),
+    ("[database]\nurl = 'mysql://localhost/x'", {},
+     "database.url: must be a URL with scheme postgresql or postgresql+psycopg2 or postgres "
+     "(got 'mysql://localhost/x')"),
+    ("[broker]\nurl = 'http://localhost'", {},
+     "broker.url: must be a URL with scheme redis or rediss or redis+socket or amqp or amqps "
+     "or pyamqp or memory (got 'http://localhost')"),
+    ("[queue_runner.rpc]\nbind = '0.0.0.0:7000'", {},
+     "queue_runner.rpc.auth_tokens: must not be empty when the gateway is enabled (or set oidc)"),
+    ("[queue_runner.rpc]\nbind = 'nohostport'\nauth_tokens = ['" + "a" * 64 + "']", {},
+     "queue_runner.rpc.bind: must be host:port (got 'nohostport')"),
+    ("[queue_runner.rpc]\nauth_tokens = ['secret']", {},
+     "queue_runner.rpc.auth_tokens[0]: must be a SHA-256 hex digest"),
+    ("[queue_runner.rpc.oidc]\nissuer = 'https://token.actions.githubusercontent.com'", {},
+     "queue_runner.rpc.oidc.audiences: must not be empty when oidc.issuer is set"),
+    ("[[queue_runner.ephemeral_pools]]\nname = 'gh'\nrepository = 'o/r'\nworkflow = 'w.yml'\n"
+     "runner_url = 'tcp://runner:7000'\noidc_audience = 'circus'\ngithub_token = 't'", {},
+     "queue_runner.ephemeral_pools[0].runner_url: must use TLS for GitHub pools "
+     "(got 'tcp://runner:7000')"),
+    ("[signing]\nenabled = true", {},
+     "signing.key: is required when signing.enabled (or key_file)"),
+    ("[cache_upload]\nenabled = true\nstore_uri = 'file:///tmp'\n[signing]\nenabled = true\n"
+     "key = 'k:abc'", {},
+     "cache_upload.store_uri: must be s3://bucket[/prefix] (got 'file:///tmp')"),
+    ("[cache]\ncompression = 'gzip'", {}, "cache.compression: must be 'zstd', 'xz' or 'none' "
+     "(got 'gzip')"),
+    ("[queue_runner]\nscheduling_strategy = 'random'", {},
+     "queue_runner.scheduling_strategy: must be 'speed_factor_only', "
+     "'cpu_core_count_with_speed_factor' or 'dynamic' (got 'random')"),
+    ("[tracing]\nformat = 'xml'", {}, "tracing.format: must be text or json (got 'xml')"),
+    ("[server.page_access]\nhomepage = 'public'", {},
+     "server.page_access.homepage: unknown page (known: build, channels, evaluation, home, "
+     "jobset, machines, metrics, news, project, projects, queue, search)"),
+    ("[server.page_access]\nhome = 'everyone'", {},
+     "server.page_access.home: must be 'public', 'authenticated' or 'admin' (got 'everyone')"),
+    ("[server]\nrate_limit_api = 'lots'", {},
+     "server.rate_limit_api: must look like '10/minute' (got 'lots')"),
+    ("[evaluator]\nworkers = 0", {}, "evaluator.workers: must be at least 1 (got 0)"),
+    ("[server.ldap]\nenabled = true\nuri = 'ldap://localhost'\nbind_dn_template = 'uid=x'", {},
+     "server.ldap.bind_dn_template: must contain {username}"),
+    ("[oauth.github]\nenabled = true\nclient_id = 'abc'", {},
+     "oauth.github.client_secret: is required when oauth.github.enabled"),
+    ("[[declarative.projects]]\nname = 'p'\n[[declarative.projects.channels]]\nname = 'c'\n"
+     "jobset = 'missing'", {},
+     "declarative.projects[0].channels[0].jobset: no jobset named 'missing' in this project"),
+    ("[[declarative.users]]\nusername = 'a'\n[[declarative.users]]\nusername = 'a'", {},
+     "declarative.users: duplicate name 'a'"),
+    ("[[declarative.api_keys]]\nname = 'k'\nkey = 'short'", {},
+     "declarative.api_keys[0].key: must be at least 16 characters long (got 'short')"),
+    ("", {"CIRCUS_QUEUE_RUNNER__PSI_THRESHOLD": "-5"},
+     "queue_runner.psi_threshold: must be between 0 and 100 (got '-5')"),
+    ("[gc]\nenabled = 'maybe'", {}, "gc.enabled: must be true or false (got 'maybe')"),
+    ("[signing]\nkey_file = '/nonexistent/key'", {},
+     "signing: key_file: cannot read /nonexistent/key (No such file or directory)"),
+]
+
+
+@pytest.mark.parametrize(("raw", "environ", "expected"), INVALID,
+                         ids=[case[2].split(":")[0] for case in INVALID])
+def test_invalid_config_names_the_key(raw: str, environ: dict[str, str], expected: str,
+                                      tmp_path: Path) -> None:
+    problems = problems_of(raw, tmp_path, environ)
+    assert expected in problems, problems
+
+
+def test_every_problem_is_reported_together(tmp_path: Path) -> None:
+    problems = problems_of("""
+[server]
+port = 70000
+bogus = 1
+[queue_runner]
+psi_threshold = 140
+workers = 0
+[cache]
+compression = "gzip"
+[tracing]
+format = "xml"
+""", tmp_path)
+    assert problems == [
+        "server.port: must be between 0 and 65535 (got 70000)",
+        "server.bogus: unknown key",
+        "queue_runner.workers: must be at least 1 (got 0)",
+        "queue_runner.psi_threshold: must be between 0 and 100 (got 140)",
+        "cache.compression: must be 'zstd', 'xz' or 'none' (got 'gzip')",
+        "tracing.format: must be text or json (got 'xml')",
+    ]
+
+
+def test_error_rendering_lists_every_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load("[server]\nport = -1\n[evaluator]\nworkers = 0\n", tmp_path)
+    text = excinfo.value.render()
+    assert text.splitlines()[0] == "invalid configuration (2 problem(s)):"
+    assert "  server.port: must be between 0 and 65535 (got -1)" in text
+    assert "  evaluator.workers: must be at least 1 (got 0)" in text
+
+
+def test_invalid_toml_is_reported_with_the_file(tmp_path: Path) -> None:
+    problems = problems_of("[server\nport = 1", tmp_path)
+    assert len(problems) == 1
+    assert "circus.toml: not valid TOML" in problems[0]
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(environ={"CIRCUS_CONFIG_FILE": str(tmp_path / "nope.toml")})
+
+
+def test_with_overrides_revalidates() -> None:
+    settings = load()
+    changed = settings.with_overrides({"server": {"port": 8080}})
+    assert changed.server.port == 8080
+    assert settings.server.port == 3000
+    with pytest.raises(ConfigError):
+        settings.with_overrides({"server": {"port": -1}})
+
+
+def test_declarative_example_file_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "circus.example.toml"
+    settings = load_settings(files=[example], environ={})
+    assert settings.declarative.projects, "the example shows a declarative project"
+
+
+def _dump(settings: Settings) -> dict[str, Any]:
+    return settings.model_dump(mode="json")
+
+
+def test_env_json_values_and_nested_sections() -> None:
+    settings = load(environ={"CIRCUS_SERVER__ALLOWED_ORIGINS": '["https://a.example"]',
+                             "CIRCUS_SERVER__LDAP__ENABLED": "false"})
+    assert _dump(settings)["server"]["allowed_origins"] == ["https://a.example"]
