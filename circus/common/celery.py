@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import celeryconfig
 from circus.common.config import Settings
-from circus.common.db import make_engine, make_session_factory
+from circus.common.db import after_commit, make_engine, make_session_factory
 
 #: modules whose tasks every Circus Celery app registers
 TASK_MODULES = (
@@ -91,3 +91,18 @@ def create_celery_app(settings: Settings, *, name: str = "circus",
             if exc.name is None or not module.startswith(exc.name):
                 raise
     return app
+
+
+def enqueue(session: Session, task_name: str, *args: Any, queue: str,
+            app: Celery | None = None, **options: Any) -> None:
+    """Send a task by name once ``session`` commits (ids only, never ORM objects).
+
+    Services use this for every hand-off, so a rolled-back transaction never
+    leaves a message behind and a consumer always finds the rows it is told about.
+    """
+    from celery import current_app
+
+    def send() -> None:
+        (app or current_app).send_task(task_name, args=list(args), queue=queue, **options)
+
+    after_commit(session, send)
