@@ -39,7 +39,8 @@ def test_base_task_opens_and_closes_a_session(settings: Settings, engine: Engine
 
     assert probe.delay().get() == 42
     assert probe.delay().get() == 42
-    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert len(seen) == 2
+    assert seen[0] is not seen[1]
 
 
 def test_after_commit_runs_only_on_commit(db: Session) -> None:
