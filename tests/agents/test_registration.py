@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,33 +17,13 @@ from circus.common.config import Settings
 from circus.common.models import BuilderSession
 from circus.gateway.runtime import GatewayThread
 from circus.protocol import protocol_version, schema
+from tests.agents.conftest import TOKEN, write_agent_config
 from tests.helpers.daemons import Daemon, circus_command, wait_until
-
-TOKEN = "agent-token-" + "s" * 40
-
-
-@pytest.fixture
-def gateway(make_settings: Callable[..., Settings], committed_db: sessionmaker[Session]
-            ) -> Iterator[GatewayThread]:
-    settings = make_settings(queue_runner={"rpc": {
-        "bind": "127.0.0.1:0", "allow_plaintext": True,
-        "auth_tokens": [hashlib.sha256(TOKEN.encode()).hexdigest()]}})
-    thread = GatewayThread(settings, committed_db)
-    thread.start()
-    assert thread.started.wait(20)
-    assert thread.failed is None
-    yield thread
-    thread.stop()
 
 
 def agent_config(tmp_path: Path, port: int, token: str = TOKEN, **extra: Any) -> Path:
-    lines = ["[agent]", f'runner_url = "tcp://127.0.0.1:{port}"', f'auth_token = "{token}"',
-             f'work_dir = "{tmp_path / "agent"}"', "heartbeat_interval_secs = 0.5",
-             "reconnect_delay_secs = 0.2"]
-    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in extra.items()]
-    path = tmp_path / f"agent-{len(list(tmp_path.glob('agent-*.toml')))}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_agent_config(tmp_path / f"agent{len(list(tmp_path.glob('agent*')))}", port,
+                              token, **extra)
 
 
 def test_agent_registers_and_heartbeats(gateway: GatewayThread, tmp_path: Path,
@@ -65,7 +45,7 @@ def test_agent_registers_and_heartbeats(gateway: GatewayThread, tmp_path: Path,
         assert session_row.supported_features == ["kvm"]
         assert session_row.proto_version == protocol_version()
         assert (session_row.mem_total or 0) > 0
-        machine_id = (tmp_path / "agent" / "machine-id").read_text().strip()
+        machine_id = (config.parent / "work" / "machine-id").read_text().strip()
         assert session_row.machine_id == machine_id
         agent.stop()
         wait_until(lambda: (r := row()) is not None and not r.connected, timeout=10,
