@@ -29,7 +29,8 @@ class Candidate:
 
 def can_build(system: str, required: Iterable[str], systems: Sequence[str],
               supported: frozenset[str], mandatory: frozenset[str]) -> bool:
-    """Hydra's rule: system matches, required ⊆ supported ∪ mandatory, mandatory ⊆ required."""
+    """Hydra's rule: the system matches, every required feature is supported or mandatory,
+    and every mandatory feature is required."""
     needed = frozenset(required)
     if system != "builtin" and system not in systems:
         return False
