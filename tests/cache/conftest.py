@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,74 @@ def cache_settings(make_settings: Callable[..., Settings], cache_key: KeyPair
         return make_settings(**sections)
 
     return make
+
+
+# ---------------------------------------------------------------------------
+# S3: a real SeaweedFS server (it checks signatures and expiry; moto does not)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    def upload_settings(self, prefix: str, **extra: Any) -> dict[str, Any]:
+        return {"enabled": True, "store_uri": f"s3://{self.bucket}/{prefix}", "retries": 1,
+                "s3": {"endpoint_url": self.endpoint, "access_key_id": self.access_key,
+                       "secret_access_key": self.secret_key, "use_path_style": True,
+                       "region": "us-east-1"}, **extra}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    import json
+
+    from tests.helpers.daemons import Daemon, circus_command
+    from tests.helpers.net import free_port, wait_for_port
+
+    work = tmp_path_factory.mktemp("seaweedfs")
+    access, secret = "circus-test-access", "circus-test-secret-" + uuid.uuid4().hex
+    (work / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "circus", "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {name: free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
+    argv = [circus_command("weed"), "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false",
+            "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={work / 's3.json'}", "-bucket=circus-test",
+            *[f"-{name}={port}" for name, port in ports.items()]]
+    (work / "data").mkdir()
+    daemon = Daemon("seaweedfs", argv, work, cwd=work).start()
+    try:
+        wait_for_port(ports["s3.port"], timeout=60)
+        server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", "circus-test", access, secret)
+        _wait_for_bucket(server, daemon)
+        yield server
+    finally:
+        daemon.stop()
+
+
+def _wait_for_bucket(server: S3Server, daemon: Any) -> None:
+    import time
+
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=server.endpoint, aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key, region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.put_object(Bucket=server.bucket, Key="ready", Body=b"ok")
+            return
+        except Exception:
+            if time.monotonic() > deadline or not daemon.alive():
+                raise RuntimeError(f"SeaweedFS did not come up:\n{daemon.log()[-3000:]}"
+                                   ) from None
+            time.sleep(0.2)
