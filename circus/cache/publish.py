@@ -84,11 +84,16 @@ def publish_outputs(session: Session, settings: Settings, build_id: int) -> Publ
     if not outputs:
         return result
     env = settings.nix_environ()
-    invalid = set(pathinfo.invalid_paths(outputs, env))
-    for path in invalid:
-        result.errors[path] = "not a valid store path (not built or garbage-collected)"
-    valid = [p for p in outputs if p not in invalid]
-    infos = pathinfo.closure(valid, env)
+    try:
+        infos = pathinfo.closure(outputs, env)
+    except pathinfo.PathInfoError:
+        # some output is not valid (never built, or collected): publish the others
+        invalid = set(pathinfo.invalid_paths(outputs, env))
+        if not invalid:
+            raise
+        for path in invalid:
+            result.errors[path] = "not a valid store path (not built or garbage-collected)"
+        infos = pathinfo.closure([p for p in outputs if p not in invalid], env)
 
     records.lock_shared(session)
     key = signing_key(settings)
