@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -105,3 +106,26 @@ def test_project_caches_serve_only_their_projects_paths(
         refused = nix_copy(alpha, [other], cache_key.public, tmp_path / "beta")
         assert refused.returncode != 0
         assert not store_has(tmp_path / "beta", other)
+
+
+def test_fixed_output_paths_carry_their_content_address(
+        committed_db: sessionmaker[Session], cache_settings: Callable[..., Settings],
+        other_key: KeyPair, tmp_path: Path, nonce: str) -> None:
+    content = f"fod {nonce}\n".encode()
+    built = nix_build(
+        f'derivation {{ name = "circus-cache-fod-{nonce}"; builder = "/bin/sh"; '
+        'system = builtins.currentSystem; outputHashMode = "flat"; outputHashAlgo = "sha256"; '
+        f'outputHash = "{hashlib.sha256(content).hexdigest()}"; '
+        f'args = ["-c" "echo fod {nonce} > $out"]; }}')
+    settings = cache_settings()
+    with committed_db.begin() as session:
+        publish_outputs(session, settings, make_build(session, built).id)
+    out = built.outputs["out"]
+    with serve(settings) as base:
+        narinfo = requests.get(f"{base}/nix-cache/{Path(out).name[:32]}.narinfo", timeout=10)
+        assert "\nCA: fixed:sha256:" in narinfo.text
+        # Nix trusts a content-addressed path without a trusted signature only when the
+        # CA field is right: the copy succeeds even with a foreign key
+        copied = nix_copy(f"{base}/nix-cache", [out], other_key.public, tmp_path / "store")
+    assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "store" / out.lstrip("/")).read_bytes() == content
