@@ -85,15 +85,12 @@ def publish_outputs(session: Session, settings: Settings, build_id: int) -> Publ
         return result
     env = settings.nix_environ()
     try:
-        infos = pathinfo.closure(outputs, env)
-    except pathinfo.PathInfoError:
-        # some output is not valid (never built, or collected): publish the others
-        invalid = set(pathinfo.invalid_paths(outputs, env))
-        if not invalid:
-            raise
-        for path in invalid:
-            result.errors[path] = "not a valid store path (not built or garbage-collected)"
-        infos = pathinfo.closure([p for p in outputs if p not in invalid], env)
+        infos = _closure(outputs, env, result)
+    except pathinfo.PathInfoError as exc:
+        # the build's result stands; its outputs are just not in the cache
+        log.error("cache: cannot publish build %s: %s", build_id, exc)
+        result.errors.update({p: str(exc) for p in outputs if p not in result.errors})
+        return result
 
     records.lock_shared(session)
     key = signing_key(settings)
@@ -168,6 +165,20 @@ def publish_outputs(session: Session, settings: Settings, build_id: int) -> Publ
         result.signed = True
     session.flush()
     return result
+
+
+def _closure(outputs: list[str], env: dict[str, str], result: PublishResult
+             ) -> list[pathinfo.PathInfo]:
+    try:
+        return pathinfo.closure(outputs, env)
+    except pathinfo.PathInfoError:
+        # some output is not valid (never built, or collected): publish the others
+        invalid = set(pathinfo.invalid_paths(outputs, env))
+        if not invalid:
+            raise
+        for path in invalid:
+            result.errors[path] = "not a valid store path (not built or garbage-collected)"
+        return pathinfo.closure([p for p in outputs if p not in invalid], env)
 
 
 def _narinfo(info: pathinfo.PathInfo, packed: PackedNar) -> NarInfo:
