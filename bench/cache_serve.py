@@ -22,6 +22,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,9 +110,12 @@ def start_circus(work: Path, settings_toml: str, port: int) -> Daemon:
     return daemon
 
 
-def start_static(work: Path, root: Path, port: int) -> Daemon:
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                       else None)
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                     else None)
+
+
+def start_static(work: Path, root: Path, port: int, nginx: str | None) -> Daemon:
     if nginx:
         prefix = work / "nginx"
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,6 @@ def start_static(work: Path, root: Path, port: int) -> Daemon:
         """))
         (prefix / "tmp").mkdir(exist_ok=True)
         daemon = Daemon("nginx", [nginx, "-p", str(prefix), "-c", str(conf)], work).start()
-        daemon.kind = "nginx"  # type: ignore[attr-defined]
     else:
         app = work / "static_app.py"
         app.write_text(textwrap.dedent(f"""
@@ -161,7 +164,6 @@ def start_static(work: Path, root: Path, port: int) -> Daemon:
         daemon = Daemon("static", [str(VENV_BIN / "gunicorn"), "-w", "2", "-k", "gthread",
                                    "--threads", "32", "-b", f"127.0.0.1:{port}",
                                    "--chdir", str(work), "static_app:app"], work).start()
-        daemon.kind = "gunicorn static app"  # type: ignore[attr-defined]
     wait_for_http(f"http://127.0.0.1:{port}/nix-cache-info", timeout=30)
     return daemon
 
@@ -231,6 +233,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="circus-server workers")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="circus-bench-cache-"))
@@ -279,19 +282,32 @@ def main() -> int:
                 level = "warning"
             """)
 
-        warm_port, cold_port, static_port = free_port(), free_port(), free_port()
+        warm_port, cold_port = free_port(), free_port()
         daemons.append(start_circus(work, toml(65536, args.workers), warm_port))
         daemons.append(start_circus(work, toml(1, args.workers), cold_port))
-        static = start_static(work, static_root, static_port)
-        daemons.append(static)
+        # baselines: nginx when installed, and always a minimal gunicorn sendfile app
+        # (the same server stack as circus-server, so it isolates Circus's own overhead)
+        statics: dict[str, int] = {}
+        nginx = find_nginx()
+        for name, binary in (("nginx", nginx), ("gunicorn static", None)):
+            if name == "nginx" and not binary:
+                continue
+            port = free_port()
+            daemons.append(start_static(work, static_root, port, binary))
+            statics[name] = port
 
         hashes = [Path(p).name[:32] for p in paths]
-        warm = [f"http://127.0.0.1:{warm_port}/nix-cache/{h}.narinfo" for h in hashes]
-        cold = [f"http://127.0.0.1:{cold_port}/nix-cache/{h}.narinfo" for h in hashes]
-        plain = [f"http://127.0.0.1:{static_port}/{h}.narinfo" for h in hashes]
+        narinfo_urls = {
+            "circus warm": [f"http://127.0.0.1:{warm_port}/nix-cache/{h}.narinfo"
+                            for h in hashes],
+            "circus cold": [f"http://127.0.0.1:{cold_port}/nix-cache/{h}.narinfo"
+                            for h in hashes],
+            **{name: [f"http://127.0.0.1:{port}/{h}.narinfo" for h in hashes]
+               for name, port in statics.items()},
+        }
         # every worker process and thread sees each hash at least once
         for _ in range(3):
-            for url in warm:
+            for url in narinfo_urls["circus warm"]:
                 urllib.request.urlopen(url).read()
 
         narinfo = urllib.request.urlopen(
@@ -301,25 +317,35 @@ def main() -> int:
         static_narinfo = (static_root / f"{Path(big).name[:32]}.narinfo").read_text()
         static_nar = next(line.split(": ")[1] for line in static_narinfo.splitlines()
                           if line.startswith("URL:"))
+        nar_urls = {"circus": f"http://127.0.0.1:{warm_port}/nix-cache/{nar_url}",
+                    **{name: f"http://127.0.0.1:{port}/{static_nar}"
+                       for name, port in statics.items()}}
 
         s, c = args.seconds, args.connections
-        results = {
-            "circus warm": measure(warm, s, c, work),
-            "circus cold": measure(cold, s, c, work),
-            static.kind: measure(plain, s, c, work),  # type: ignore[attr-defined]
-        }
-        nar_circus = measure([f"http://127.0.0.1:{warm_port}/nix-cache/{nar_url}"], s, 4, work)
-        nar_static = measure([f"http://127.0.0.1:{static_port}/{static_nar}"], s, 4, work)
+        rps: dict[str, list[float]] = {}
+        mibs: dict[str, list[float]] = {}
+        # alternate the servers over several rounds: the machine is shared, medians are fairer
+        for _ in range(args.rounds):
+            for name, urls in narinfo_urls.items():
+                rps.setdefault(name, []).append(measure(urls, s, c, work)[0])
+            for name, url in nar_urls.items():
+                mibs.setdefault(name, []).append(measure([url], s, 4, work)[1] / 2**20)
 
-        print(f"\nnarinfo requests/s ({len(hashes)} hashes, {c} connections, {s} s, "
-              f"circus-server workers={args.workers}):")
-        base_rps = results[static.kind][0]  # type: ignore[attr-defined]
-        for name, (rps, _) in results.items():
-            print(f"  {name:24s} {rps:10.0f}   ratio to static {rps / base_rps:5.2f}")
-        print(f"\nNAR throughput ({args.nar_mib} MiB, 4 connections):")
-        print(f"  circus                   {nar_circus[1] / 2**20:10.0f} MiB/s")
-        print(f"  {static.kind:24s} {nar_static[1] / 2**20:10.0f} MiB/s")  # type: ignore[attr-defined]
-        print(f"  ratio circus/static      {nar_circus[1] / nar_static[1]:10.2f}")
+        rounded = {k: [round(x) for x in v] for k, v in rps.items()}
+        print(f"\nper-round samples: narinfo/s {rounded}")
+        rounded = {k: [round(x) for x in v] for k, v in mibs.items()}
+        print(f"                   NAR MiB/s {rounded}")
+        print(f"\nnarinfo requests/s, median of {args.rounds} ({len(hashes)} hashes, "
+              f"{c} connections, {s} s each, circus-server workers={args.workers}):")
+        for name, values in rps.items():
+            ratios = "  ".join(f"{statistics.median(values) / statistics.median(rps[b]):5.2f}"
+                               f" of {b}" for b in statics)
+            print(f"  {name:18s} {statistics.median(values):9.0f}   {ratios}")
+        print(f"\nNAR throughput, median of {args.rounds} ({args.nar_mib} MiB, 4 connections):")
+        for name, values in mibs.items():
+            ratios = "  ".join(f"{statistics.median(values) / statistics.median(mibs[b]):5.2f}"
+                               f" of {b}" for b in statics)
+            print(f"  {name:18s} {statistics.median(values):9.0f} MiB/s   {ratios}")
         print(f"\npublic key: {public}")
         return 0
     finally:
