@@ -106,8 +106,16 @@ def start_circus(work: Path, settings_toml: str, port: int) -> Daemon:
     env = {**os.environ, "CIRCUS_CONFIG_FILE": str(config)}
     daemon = Daemon(f"circus-server-{port}", [circus_command("circus-server"), "--port",
                                               str(port)], work, env=env).start()
-    wait_for_http(f"http://127.0.0.1:{port}/nix-cache/nix-cache-info", timeout=60)
+    _wait_or_stop(daemon, f"http://127.0.0.1:{port}/nix-cache/nix-cache-info")
     return daemon
+
+
+def _wait_or_stop(daemon: Daemon, url: str) -> None:
+    try:
+        wait_for_http(url, timeout=60)
+    except BaseException:
+        daemon.stop()
+        raise
 
 
 def find_nginx() -> str | None:
@@ -164,7 +172,7 @@ def start_static(work: Path, root: Path, port: int, nginx: str | None) -> Daemon
         daemon = Daemon("static", [str(VENV_BIN / "gunicorn"), "-w", "2", "-k", "gthread",
                                    "--threads", "32", "-b", f"127.0.0.1:{port}",
                                    "--chdir", str(work), "static_app:app"], work).start()
-    wait_for_http(f"http://127.0.0.1:{port}/nix-cache-info", timeout=30)
+    _wait_or_stop(daemon, f"http://127.0.0.1:{port}/nix-cache-info")
     return daemon
 
 
