@@ -141,3 +141,15 @@ def test_raw_http_traversal_over_a_real_socket(
             code, body = status(f"/nix-cache/{good_hash}.narinfo", "HEAD")
             assert code == 200
             assert body == b""
+
+
+def test_a_disabled_cache_serves_nothing(cache_settings: Callable[..., Settings]) -> None:
+    settings = cache_settings(cache={"enabled": False})
+    engine = make_engine(settings, pool_size=1)
+    try:
+        client = create_app(settings, engine=engine).test_client()
+        for path in ("/nix-cache/nix-cache-info", f"/nix-cache/{HASH}.narinfo",
+                     "/projects/demo/nix-cache/nix-cache-info"):
+            assert client.get(path).status_code == 404
+    finally:
+        engine.dispose()
