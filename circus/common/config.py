@@ -379,6 +379,11 @@ class CacheSettings(SettingsModel):
     public_url: str | None = None
     priority: Positive = 30
     narinfo_cache_size: Positive = 65536
+    #: seconds a served narinfo (or a miss) stays in the server's in-process cache
+    narinfo_cache_ttl_secs: Positive = 60
+    negative_cache_ttl_secs: NonNegative = 5
+    #: a narinfo row younger than this is never removed by retention (publish in flight)
+    retention_grace_secs: NonNegative = 3600
 
 
 class SigningSettings(SettingsModel):
@@ -413,6 +418,8 @@ class CacheUploadSettings(SettingsModel):
     retries: NonNegative = 3
     fail_build_on_upload_error: bool = False
     compression: Compression = Compression.zstd
+    #: lifetime of the presigned GET URLs /nix-cache redirects NAR downloads to
+    presign_expiry_secs: Positive = 300
     s3: S3Settings = S3Settings()
 
     def problems(self) -> list[Problem]:

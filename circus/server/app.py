@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 
 from circus.common.config import Settings, load_settings
 from circus.common.db import make_engine, make_session_factory
-from circus.server import errors, health
+from circus.server import cache, errors, health
 from circus.server.context import ServerContext, close_db_session
 
 
@@ -24,4 +24,5 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.teardown_appcontext(close_db_session)
     errors.init_app(app)
     app.register_blueprint(health.blueprint)
+    cache.init_app(app)
     return app

@@ -10,7 +10,7 @@ from circus.common.models.builds import (
     BuildProduct,
     FailedPath,
 )
-from circus.common.models.cache import NarInfo
+from circus.common.models.cache import NarInfo, NarInfoProject
 from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
 from circus.common.models.machines import BuilderSession, RemoteBuilder
 from circus.common.models.operations import AuditLog, News, NotificationTask, ServiceHeartbeat
@@ -46,6 +46,7 @@ __all__ = [
     "Jobset",
     "JobsetInput",
     "NarInfo",
+    "NarInfoProject",
     "News",
     "NotificationConfig",
     "NotificationTask",
