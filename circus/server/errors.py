@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import DataError, IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from circus.common.errors import CircusError
@@ -23,6 +24,19 @@ def wants_json() -> bool:
             or not request.accept_mimetypes.accept_html)
 
 
+def validation_summary(messages: dict[str, Any]) -> str:
+    """``field: reason; other: reason`` from webargs' ``{location: {field: [reasons]}}``."""
+    parts = []
+    for location in messages.values():
+        if not isinstance(location, dict):
+            continue
+        for field, reasons in location.items():
+            text = reasons if isinstance(reasons, str) else "; ".join(
+                str(r) for r in (reasons if isinstance(reasons, list) else [reasons]))
+            parts.append(f"{field}: {text}")
+    return ", ".join(parts) or "validation failed"
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(CircusError)
     def circus_error(exc: CircusError) -> ResponseReturnValue:
@@ -33,11 +47,31 @@ def init_app(app: Flask) -> None:
         if not wants_json():
             return exc
         details = None
+        message = exc.description or exc.name
         data = getattr(exc, "data", None)
         if isinstance(data, dict):
             # flask-smorest/webargs validation errors: {"messages": {"json": {"field": [...]}}}
             details = data.get("messages") or data.get("errors")
-        return error_response(exc.code or 500, exc.description or exc.name, details)
+            if isinstance(details, dict) and data.get("messages"):
+                message = "invalid input: " + validation_summary(details)
+        # keep Retry-After (rate limits) and Allow (wrong method)
+        headers = {k: v for k, v in exc.get_headers() if k in ("Retry-After", "Allow")}
+        return jsonify({"error": message, "details": details}), exc.code or 500, headers
+
+    @app.errorhandler(DataError)
+    def data_error(exc: DataError) -> ResponseReturnValue:
+        # a value the database rejects (out of range, malformed): the client's fault
+        return error_response(400, "invalid value", str(exc.orig).splitlines()[0])
+
+    @app.errorhandler(IntegrityError)
+    def integrity_error(exc: IntegrityError) -> ResponseReturnValue:
+        # a concurrent twin won a uniqueness race, or a referenced row just vanished
+        return error_response(409, "conflict with existing data",
+                              str(exc.orig).splitlines()[0])
+
+    @app.errorhandler(NotImplementedError)
+    def not_implemented(exc: NotImplementedError) -> ResponseReturnValue:
+        return error_response(501, "not implemented in this build", str(exc) or None)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> ResponseReturnValue:
