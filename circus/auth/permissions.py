@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
-from circus.common.enums import ActorKind, MemberRole, Role
+from circus.common.enums import MemberRole, Role
 from circus.common.errors import PermissionDenied, Unauthenticated
 from circus.common.models import Project, ProjectMember
 
@@ -65,8 +65,6 @@ MEMBER_GRANTS: dict[MemberRole, frozenset[Action]] = {
 def project_role(session: Session, actor: Actor, project_id: int) -> MemberRole | None:
     """The actor's member role in a project (the owner counts as its admin)."""
     if actor.user_id is None:
-        return None
-    if actor.kind is ActorKind.api_key and actor.role is Role.read_only:
         return None
     role = session.scalar(select(ProjectMember.role).where(
         ProjectMember.project_id == project_id, ProjectMember.user_id == actor.user_id))

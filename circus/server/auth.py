@@ -141,8 +141,11 @@ def _csrf_guard() -> None:
 def _read_guard() -> None:
     if request.method in UNSAFE_METHODS or not request.path.startswith("/api/"):
         return
-    if request.path in PUBLIC_API_PATHS or request.method == "OPTIONS":
+    if request.method == "OPTIONS" or (request.path in PUBLIC_API_PATHS
+                                       and bearer_token() is None):
         return
-    if settings().server.require_api_key_for_reads and not current_actor().is_authenticated:
+    # resolve the caller even when reads are open: a bad key is an error, not anonymity
+    actor = current_actor()
+    if settings().server.require_api_key_for_reads and not actor.is_authenticated:
         raise Unauthenticated("authentication required to read",
                               {"hint": "send Authorization: Bearer <api key> or log in"})

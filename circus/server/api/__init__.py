@@ -20,6 +20,7 @@ from circus.server.api import (
 )
 from circus.server.api.base import IdConverter, NameConverter, id_schema, name_schema
 from circus.server.api.schemas.common import ErrorSchema
+from circus.server.api.schemas.users import LoginSchema
 
 BLUEPRINTS = (projects.blp, evaluations.blp, builds.blp, buildfiles.blp, channels.blp,
               users.blp, admin.blp, misc.blp)
@@ -62,6 +63,8 @@ def init_app(app: Flask) -> CircusApi:
     api = CircusApi(app)
     api.register_converter(IdConverter, id_schema)
     api.register_converter(NameConverter, name_schema)
+    # request bodies documented by hand (the login form) reference it by name
+    api.spec.components.schema("Login", schema=LoginSchema)
     for blp in BLUEPRINTS:
         api.register_blueprint(blp)
     return api

@@ -7,6 +7,7 @@ from typing import Any
 from flask import request
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import generate_csrf
+from marshmallow import EXCLUDE, ValidationError
 from sqlalchemy import select
 
 from circus import audit
@@ -235,11 +236,25 @@ def get_key(key_id: int) -> Any:
 # login
 
 
+_LOGIN_BODY = {"required": True, "content": {
+    media: {"schema": "Login"}
+    for media in ("application/json", "application/x-www-form-urlencoded")}}
+
+
 @blp.post("/auth/login")
-@blp.arguments(LoginSchema, location="json_or_form")
+@blp.doc(requestBody=_LOGIN_BODY)
 @blp.response(200, LoginResultSchema)
-def login(data: dict[str, Any]) -> Any:
-    """Start a browser session (cookie); answers with a CSRF token for later mutations."""
+def login() -> Any:
+    """Start a browser session (cookie); answers with a CSRF token for later mutations.
+
+    Takes JSON or a form post (a form post needs the ``csrf_token`` field).
+    """
+    raw = request.get_json(silent=True) if request.is_json else request.form.to_dict()
+    try:
+        data = LoginSchema(unknown=EXCLUDE).load(raw if isinstance(raw, dict) else {})
+    except ValidationError as exc:
+        raise InvalidInput("invalid input: " + ", ".join(exc.normalized_messages()),
+                           {"json": exc.normalized_messages()}) from exc
     session = db_session()
     user = service.authenticate_password(session, data["username"], data["password"])
     actor = Actor(ActorKind.anonymous, name=data["username"], remote_addr=request.remote_addr)
