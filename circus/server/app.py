@@ -37,5 +37,5 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     api.init_app(app)
     security.limit_view(app, limiter, "users.login", settings.server.rate_limit_login)
     app.register_blueprint(public.blueprint)
-    metrics.init_app(app, app.extensions["circus"].session_factory)
+    metrics.init_app(app)
     return app

@@ -9,7 +9,7 @@ every server process reports the same numbers. Each app gets its own registry
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Flask
 from prometheus_client import CollectorRegistry
@@ -21,10 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus, NotificationTaskStatus, StepState
 from circus.common.models import Build, BuilderSession, NotificationTask, Step
+from circus.server.context import server_context
 
 
 class QueueCollector(Collector):
-    def __init__(self, factory: sessionmaker[Session]) -> None:
+    def __init__(self, factory: Callable[[], sessionmaker[Session]]) -> None:
         self.factory = factory
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -37,7 +38,7 @@ class QueueCollector(Collector):
         backlog = GaugeMetricFamily("circus_notification_backlog",
                                     "Notification tasks not yet completed", labels=["status"])
         try:
-            with self.factory() as session:
+            with self.factory()() as session:
                 for queue, count in session.execute(
                         select(Step.queue_class, func.count())
                         .where(Step.state == StepState.queued).group_by(Step.queue_class)):
@@ -66,9 +67,9 @@ class QueueCollector(Collector):
         yield from (depth, steps, builds, agents, agent_jobs, backlog)
 
 
-def init_app(app: Flask, factory: sessionmaker[Session]) -> PrometheusMetrics:
+def init_app(app: Flask) -> PrometheusMetrics:
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(QueueCollector(factory))
+    registry.register(QueueCollector(lambda: server_context(app).session_factory))
     metrics = PrometheusMetrics(app, registry=registry, path="/metrics",
                                 group_by="url_rule", defaults_prefix="circus")
     return metrics
