@@ -253,8 +253,8 @@ def login() -> Any:
     try:
         data = LoginSchema(unknown=EXCLUDE).load(raw if isinstance(raw, dict) else {})
     except ValidationError as exc:
-        raise InvalidInput("invalid input: " + ", ".join(exc.normalized_messages()),
-                           {"json": exc.normalized_messages()}) from exc
+        messages: Any = exc.messages
+        raise InvalidInput("invalid input: " + ", ".join(messages), {"json": messages}) from exc
     session = db_session()
     user = service.authenticate_password(session, data["username"], data["password"])
     actor = Actor(ActorKind.anonymous, name=data["username"], remote_addr=request.remote_addr)
