@@ -40,7 +40,9 @@ def validation_summary(messages: dict[str, Any]) -> str:
 def init_app(app: Flask) -> None:
     @app.errorhandler(CircusError)
     def circus_error(exc: CircusError) -> ResponseReturnValue:
-        return error_response(exc.http_status, exc.message, exc.details)
+        headers = {"WWW-Authenticate": 'Bearer realm="circus"'} if exc.http_status == 401 \
+            else {}
+        return jsonify({"error": exc.message, "details": exc.details}), exc.http_status, headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> ResponseReturnValue:
