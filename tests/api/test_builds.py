@@ -82,6 +82,14 @@ def test_build_lists_filters_and_details(client: FlaskClient, admin: dict[str, s
     assert ids("?job_name=ok") == [ok.id]
     assert len(ids("?finished=false")) == 1
     assert ids("?limit=1&offset=1") == [bad.id]
+    # keyset pagination: the cursor of one page leads to the next
+    first = client.get("/api/v1/builds?limit=2", headers=admin).get_json()
+    assert first["next_cursor"] == bad.id
+    rest = client.get(f"/api/v1/builds?limit=2&cursor={first['next_cursor']}",
+                      headers=admin).get_json()
+    assert [b["id"] for b in rest["items"]] == [ok.id]
+    assert rest["next_cursor"] is None
+    assert rest["total"] == 3
 
     body = client.get(f"/api/v1/builds/{ok.id}", headers=admin).get_json()
     assert body["status"] == "succeeded"

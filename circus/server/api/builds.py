@@ -39,7 +39,7 @@ UNFINISHED = (BuildStatus.pending, BuildStatus.running)
 @blp.response(200, page_of(BuildSchema))
 def list_builds(args: dict[str, Any]) -> Any:
     query = filter_builds(select(Build), args).order_by(Build.id.desc())
-    return paginate(db_session(), query, args)
+    return paginate(db_session(), query, args, cursor_column=Build.id)
 
 
 @blp.get("/recent")

@@ -45,7 +45,7 @@ def _with_counts(evaluations: list[Evaluation]) -> list[Evaluation]:
 def list_evaluations(args: dict[str, Any]) -> Any:
     query = filter_evaluations(select(Evaluation), args).options(
         selectinload(Evaluation.jobset)).order_by(Evaluation.id.desc())
-    page = paginate(db_session(), query, args)
+    page = paginate(db_session(), query, args, cursor_column=Evaluation.id)
     page["items"] = _with_counts(page["items"])
     return page
 

@@ -116,7 +116,7 @@ def project_builds(args: dict[str, Any], project: str) -> Any:
     session = db_session()
     row = service.get_project(session, project)
     query = filter_builds(select(Build), {**args, "project_id": row.id}).order_by(Build.id.desc())
-    return paginate(session, query, args)
+    return paginate(session, query, args, cursor_column=Build.id)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from circus.common.enums import BuildStatus, EvaluationStatus, StepState, TriggerKind
-from circus.server.api.schemas.common import Id, PageArgs, Str
+from circus.server.api.schemas.common import CursorPageArgs, Id, Str
 
 
 class EvalErrorSchema(ma.Schema):
@@ -47,7 +47,7 @@ class EvaluationDetailSchema(EvaluationSchema):
     inputs = fields.Dict()
 
 
-class EvaluationFilterSchema(PageArgs):
+class EvaluationFilterSchema(CursorPageArgs):
     project_id = Id()
     jobset_id = Id()
     status = fields.Enum(EvaluationStatus, by_value=True)
@@ -112,7 +112,7 @@ class BuildSchema(ma.Schema):
     meta_maintainers = fields.String(allow_none=True)
 
 
-class BuildFilterSchema(PageArgs):
+class BuildFilterSchema(CursorPageArgs):
     project_id = Id()
     jobset_id = Id()
     evaluation_id = Id()

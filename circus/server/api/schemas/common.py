@@ -58,8 +58,16 @@ def page_of(item: type[ma.Schema]) -> type[ma.Schema]:
             "total": fields.Integer(required=True),
             "limit": fields.Integer(required=True),
             "offset": fields.Integer(required=True),
+            "next_cursor": fields.Integer(
+                allow_none=True, metadata={"description": "pass as `cursor` for the next "
+                                           "page (lists ordered by id, newest first)"}),
         })
     return _pages[name]
+
+
+class CursorPageArgs(PageArgs):
+    cursor = fields.Integer(validate=validate.Range(min=0, max=MAX_ID), metadata={
+        "description": "keyset pagination: items with an id below this (see next_cursor)"})
 
 
 class MessageSchema(ma.Schema):
