@@ -139,3 +139,15 @@ def test_unknown_owner_is_a_clear_error(db: Session, make_settings: Callable[...
     settings = make_settings(declarative={"projects": [{"name": "x", "owner": "ghost"}]})
     with pytest.raises(InvalidInput, match="ghost"):
         apply_declarative(db, settings)
+
+
+def test_the_circus_up_demo_applies(db: Session, make_settings: Callable[..., Settings],
+                                    tmp_path: Path) -> None:
+    from circus.cli.up import demo_declarative
+
+    password = tmp_path / "admin-password"
+    password.write_text("demo-password\n")
+    settings = make_settings(declarative=demo_declarative(tmp_path / "repo", password))
+    summary = apply_declarative(db, settings)
+    assert {"user:admin", "project:demo", "jobset:demo/main", "channel:demo-main",
+            "project:demo/member:admin"} <= set(summary["created"])
