@@ -71,6 +71,14 @@ def init_app(app: Flask) -> None:
         return error_response(409, "conflict with existing data",
                               str(exc.orig).splitlines()[0])
 
+    @app.errorhandler(ValueError)
+    def value_error(exc: ValueError) -> ResponseReturnValue:
+        if "NUL" in str(exc):
+            # psycopg2 refuses NUL in strings: input that slipped past validation
+            return error_response(400, "invalid value: NUL characters are not allowed")
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal server error")
+
     @app.errorhandler(NotImplementedError)
     def not_implemented(exc: NotImplementedError) -> ResponseReturnValue:
         return error_response(501, "not implemented in this build", str(exc) or None)

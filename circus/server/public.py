@@ -54,13 +54,13 @@ def _text(body: str | bytes, mimetype: str = "text/plain") -> Response:
     return Response(body, mimetype=mimetype, headers={"Cache-Control": "no-cache"})
 
 
-@blueprint.get("/channel/<name>/git-revision")
+@blueprint.get("/channel/<name:name>/git-revision")
 def git_revision(name: str) -> ResponseReturnValue:
     _, evaluation = _channel(name)
     return _text(evaluation.commit_hash or "")
 
 
-@blueprint.get("/channel/<name>/binary-cache-url")
+@blueprint.get("/channel/<name:name>/binary-cache-url")
 def binary_cache_url(name: str) -> ResponseReturnValue:
     _channel(name)
     config = settings()
@@ -69,7 +69,7 @@ def binary_cache_url(name: str) -> ResponseReturnValue:
     return _text(url)
 
 
-@blueprint.get("/channel/<name>/store-paths.xz")
+@blueprint.get("/channel/<name:name>/store-paths.xz")
 def store_paths(name: str) -> ResponseReturnValue:
     _, evaluation = _channel(name)
     paths = sorted({o.path for b in _succeeded_builds(evaluation.id) for o in b.outputs})
@@ -103,7 +103,7 @@ def channel_expression(builds: list[Build]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@blueprint.get("/channel/<name>/nixexprs.tar.xz")
+@blueprint.get("/channel/<name:name>/nixexprs.tar.xz")
 def nixexprs(name: str) -> ResponseReturnValue:
     channel, evaluation = _channel(name)
     body = channel_expression(_succeeded_builds(evaluation.id)).encode()
