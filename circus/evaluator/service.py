@@ -146,7 +146,7 @@ def _jobs_of(session: Session, evaluation_id: int) -> dict[str, str]:
     rows = session.execute(
         select(Build.job_name, Build.drv_path)
         .join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
-        .where(EvaluationBuild.evaluation_id == evaluation_id))
+        .where(EvaluationBuild.evaluation_id == evaluation_id)).tuples().all()
     return dict(rows)
 
 
