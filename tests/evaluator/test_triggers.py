@@ -303,3 +303,16 @@ def test_pull_request_evaluations_use_the_head_branch(world: World, flake_repo: 
     assert pr.builds_reused == 8
     with world.factory() as session:
         assert session.execute(text("SELECT count(*) FROM builds")).scalar() == 8
+
+
+def test_drv_roots_live_until_the_builds_are_done(world: World, flake_repo: GitRepo) -> None:
+    evaluation = completed(world.evaluate(world.jobset(flake_repo.url)))
+    roots = execution.gc_roots_dir(world.settings, evaluation.id)
+    assert (roots / "roots").is_symlink()
+    with world.factory() as session:
+        assert schedule.prune_gc_roots(session, world.settings) == []
+    assert roots.exists()
+    finish_builds(world.factory, evaluation.id)
+    with world.factory() as session:
+        assert schedule.prune_gc_roots(session, world.settings) == [evaluation.id]
+    assert not roots.exists()
