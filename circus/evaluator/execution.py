@@ -27,7 +27,7 @@ from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState, TriggerMode
 from circus.common.models import Evaluation, Jobset
 from circus.evaluator import fallback, nixevaljobs
-from circus.evaluator.importer import ImportStats, import_jobs
+from circus.evaluator.importer import BuildImporter, ImportStats
 from circus.evaluator.inputs import (
     InputError,
     Resolution,
@@ -36,7 +36,14 @@ from circus.evaluator.inputs import (
     mirror_for,
     resolve,
 )
-from circus.evaluator.program import EvalFailed, EvalResult, EvalSpec, EvalStopped, Progress
+from circus.evaluator.program import (
+    EvalFailed,
+    EvalResult,
+    EvalSpec,
+    EvalStopped,
+    JobSink,
+    Progress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,10 @@ def run_dir(settings: Settings, evaluation_id: int) -> Path:
 class Outcome:
     status: str  # completed | failed | timed_out | cancelled | deferred | skipped | busy
     stats: ImportStats | None = None
+    #: seconds spent fetching inputs, in the evaluation program, and importing
+    fetch_time: float = 0.0
+    program_time: float = 0.0
+    import_time: float = 0.0
 
 
 class JobsetLock:
@@ -235,13 +246,14 @@ def _split_attr(expression: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def run_program(spec: EvalSpec, progress: Progress, evaluation_id: int,
+def run_program(spec: EvalSpec, progress: Progress, sink: JobSink,
                 should_stop: _Watcher) -> EvalResult:
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     program = nixevaljobs.available()
     if program is not None:
-        return nixevaljobs.evaluate(spec, progress, program=program, should_stop=should_stop)
-    return fallback.evaluate(spec, progress, roots_name="roots", should_stop=should_stop)
+        return nixevaljobs.evaluate(spec, progress, sink, program=program,
+                                    should_stop=should_stop)
+    return fallback.evaluate(spec, progress, sink, roots_name="roots", should_stop=should_stop)
 
 
 def execute(factory: sessionmaker[Session], settings: Settings, evaluation_id: int, *,
@@ -294,20 +306,32 @@ def _run_claimed(factory: sessionmaker[Session], settings: Settings,
             commit_hash=resolution.commit_hash, inputs_hash=resolution.inputs_hash,
             inputs=resolution.to_json()))
         session.commit()
+        fetched = time.monotonic()
         progress = Progress()
         watcher = _Watcher(factory, evaluation_id, progress)
+        importer: BuildImporter | None = None
+        sink: JobSink | None = None
         try:
             spec = build_spec(settings, evaluation, jobset, resolution)
             if spec.flake_ref is not None:
                 session.execute(update(Evaluation).where(Evaluation.id == evaluation_id)
                                 .values(flake_ref=spec.flake_ref))
                 session.commit()
-            result = run_program(spec, progress, evaluation_id, watcher)
+            # builds are written while Nix evaluates, in a transaction committed at the end
+            importer = BuildImporter(session, evaluation, jobset,
+                                     reuse=jobset.trigger_mode is not TriggerMode.interval,
+                                     max_retries=settings.queue_runner.max_retries)
+            sink = JobSink(importer.add)
+            result = run_program(spec, progress, sink, watcher)
+            evaluated = time.monotonic()
+            sink.close()
         except EvalFailed as exc:
+            _abandon(session, sink)
             _finish(factory, evaluation_id, EvaluationStatus.failed, error=exc.message,
                     stderr_tail=exc.stderr_tail or None, eval_time=time.monotonic() - started)
             return Outcome("failed")
         except EvalStopped as exc:
+            _abandon(session, sink)
             if exc.reason == "timeout":
                 _finish(factory, evaluation_id, EvaluationStatus.timed_out,
                         error=(f"the evaluation took longer than evaluator.nix_timeout "
@@ -316,12 +340,28 @@ def _run_claimed(factory: sessionmaker[Session], settings: Settings,
                         eval_time=time.monotonic() - started)
                 return Outcome("timed_out")
             return Outcome("cancelled")
-        return _commit_builds(session, settings, evaluation_id, jobset, result, progress,
-                              started)
+        except BaseException:
+            _abandon(session, sink)
+            raise
+        outcome = _commit_builds(session, importer, evaluation_id, jobset, result, started)
+        outcome.fetch_time = fetched - started
+        outcome.program_time = evaluated - fetched
+        outcome.import_time = time.monotonic() - evaluated
+        return outcome
 
 
-def _commit_builds(session: Session, settings: Settings, evaluation_id: int, jobset: Jobset,
-                   result: EvalResult, progress: Progress, started: float) -> Outcome:
+def _abandon(session: Session, sink: JobSink | None) -> None:
+    """Stop the import and drop what it wrote (the transaction never commits)."""
+    if sink is not None:
+        try:
+            sink.close()
+        except Exception:
+            log.debug("the import was failing too", exc_info=True)
+    session.rollback()
+
+
+def _commit_builds(session: Session, importer: BuildImporter, evaluation_id: int,
+                   jobset: Jobset, result: EvalResult, started: float) -> Outcome:
     now = utcnow()
     eval_time = time.monotonic() - started
     total = len(result.jobs) + len(result.errors)
@@ -335,10 +375,7 @@ def _commit_builds(session: Session, settings: Settings, evaluation_id: int, job
     if claimed is None:
         session.rollback()
         return Outcome("cancelled")
-    evaluation = session.get_one(Evaluation, evaluation_id)
-    stats = import_jobs(session, evaluation, jobset, result.jobs, result.errors,
-                        reuse=jobset.trigger_mode is not TriggerMode.interval,
-                        max_retries=settings.queue_runner.max_retries)
+    stats = importer.finish(result.errors)
     values: dict[str, object] = {"last_checked_at": now, "last_check_outcome": "evaluated",
                                  "error_message": None, "error_at": None}
     if jobset.state is JobsetState.one_shot:

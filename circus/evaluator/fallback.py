@@ -27,11 +27,11 @@ from circus.evaluator import proc
 from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
 from circus.evaluator.program import (
     WALK_NIX,
-    DrvScanner,
     EvalFailed,
     EvalResult,
     EvalSpec,
     EvalStopped,
+    JobSink,
     Progress,
     dump_json,
     error_text,
@@ -61,7 +61,7 @@ class _RunState:
 
 
 class Walker:
-    def __init__(self, spec: EvalSpec, progress: Progress,
+    def __init__(self, spec: EvalSpec, progress: Progress, sink: JobSink,
                  should_stop: Callable[[], bool] | None = None) -> None:
         self.spec = spec
         self.progress = progress
@@ -72,7 +72,9 @@ class Walker:
         #: JSON path -> drv path (job) or None (failed / not a job): skipped on restarts
         self.done: dict[str, str | None] = {}
         self.caught: list[str] = []
-        self.scanner = DrvScanner()
+        self.sink = sink
+        #: the first run prints no B/S markers (speed); after a crash they are needed
+        self.markers = False
         self.runs = 0
         self.root_attr_path: list[str] = list(spec.attr_path)
 
@@ -96,6 +98,7 @@ in import {nix_string(str(WALK_NIX))} {{
   only = {only_nix};
   catch = {"true" if catch else "false"};
   rootsName = {nix_string("circus-eval-roots") if roots else "null"};
+  markers = {"true" if self.markers or only is not None else "false"};
 }}
 """
         path = run_dir / f"eval-{self.runs}.nix"
@@ -116,8 +119,8 @@ in import {nix_string(str(WALK_NIX))} {{
             state.stderr_since_marker = []
             if kind == "J":
                 # "<path> <record>": Nix's logger turns tabs into spaces
-                _, end = _DECODER.raw_decode(body)
-                self._job(body[:end], json.loads(body[end + 1:]))
+                path, end = _DECODER.raw_decode(body)
+                self._job(body[:end], path, json.loads(body[end + 1:]))
                 state.last = None
             elif kind == "F":
                 self.done[body] = None
@@ -144,8 +147,7 @@ in import {nix_string(str(WALK_NIX))} {{
             raise EvalStopped(stop.reason, stop.tail) from None
         return finished, state
 
-    def _job(self, key: str, record: dict[str, object]) -> None:
-        path = json.loads(key)
+    def _job(self, key: str, path: list[str], record: dict[str, object]) -> None:
         record["attrPath"] = path
         try:
             job = job_from_record(record)
@@ -156,7 +158,7 @@ in import {nix_string(str(WALK_NIX))} {{
         assert isinstance(job, Job)
         self.jobs[key] = job
         self.done[key] = job.drv_path
-        self.scanner.submit(job.drv_path)
+        self.sink.submit(job)
         self.progress.done += 1
         self.progress.total = max(self.progress.total, self.progress.done)
 
@@ -169,6 +171,11 @@ in import {nix_string(str(WALK_NIX))} {{
             finished, state = self._run(self._expression(catch=True, only=None, roots=first))
             if finished.returncode == 0:
                 return _roots_path(finished.stdout_tail) if first else None
+            if not self.markers:
+                # Nix died and the fast run cannot say where: run again with markers
+                # (skipping the jobs already done)
+                self.markers = True
+                continue
             culprit = state.last
             message = error_text("\n".join(state.stderr_since_marker))
             if culprit is None or culprit[1] == "[]":
@@ -206,14 +213,13 @@ in import {nix_string(str(WALK_NIX))} {{
             self._record_error(key, MESSAGE_NOT_CAPTURED)
 
     def _record_error(self, key: str, message: str) -> None:
+        if key in self.jobs:
+            return  # already a job (and maybe imported): keep it
         self.errors[key] = JobError(attr_name(json.loads(key)), message)
         self.done[key] = None
-        if key in self.jobs:
-            del self.jobs[key]
 
     def result(self) -> EvalResult:
         jobs = list(self.jobs.values())
-        self.scanner.finish(jobs)
         return EvalResult(jobs=jobs, errors=list(self.errors.values()),
                           attr_path=self.root_attr_path, program="builtin")
 
@@ -252,10 +258,11 @@ def register_root(spec: EvalSpec, store_path: str, name: str) -> None:
         log.warning("cannot register GC root %s: %s", link, done.stderr.strip()[-500:])
 
 
-def evaluate(spec: EvalSpec, progress: Progress, *, roots_name: str,
+def evaluate(spec: EvalSpec, progress: Progress, sink: JobSink, *, roots_name: str,
              should_stop: Callable[[], bool] | None = None) -> EvalResult:
+    """Evaluate ``spec``; jobs go to ``sink`` as they come (the caller closes it)."""
     started = time.monotonic()
-    walker = Walker(spec, progress, should_stop)
+    walker = Walker(spec, progress, sink, should_stop)
     roots = walker.walk()
     walker.collect_messages()
     result = walker.result()

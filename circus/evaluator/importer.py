@@ -14,7 +14,9 @@ with ``is_new = false``) instead of queueing a duplicate, unless the jobset is i
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+import itertools
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,47 +40,64 @@ class ImportStats:
 # ---------------------------------------------------------------------------
 # COPY text format
 
+_SPECIAL = re.compile(r"[\\\t\n\r\x00]")
+
 
 def _text(value: str) -> str:
+    if _SPECIAL.search(value) is None:
+        return value
     return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
             .replace("\r", "\\r").replace("\x00", ""))
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if value is True:
-        return "t"
-    if value is False:
-        return "f"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return _text(_array(value))
-    return _text(str(value))
+def _opt(value: str | None) -> str:
+    return "\\N" if value is None else _text(value)
+
+
+def _opt_int(value: int | None) -> str:
+    return "\\N" if value is None else str(value)
 
 
 def _array(items: Sequence[str]) -> str:
     quoted = ('"' + str(i).replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items)
-    return "{" + ",".join(quoted) + "}"
+    return _text("{" + ",".join(quoted) + "}")
 
 
-def _copy(session: Session, table: str, columns: Sequence[str],
-          rows: Iterable[Sequence[Any]]) -> int:
-    buffer = io.StringIO()
-    count = 0
-    for row in rows:
-        buffer.write("\t".join(_cell(v) for v in row))
-        buffer.write("\n")
-        count += 1
-    if not count:
-        return 0
-    buffer.seek(0)
+class _Lines(io.TextIOBase):
+    """A file-like object over generated lines: COPY consumes it as it is produced."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+        self._buffer = ""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        want = 1 << 16 if size is None or size < 0 else size
+        parts = [self._buffer]
+        length = len(self._buffer)
+        for line in self._lines:
+            parts.append(line)
+            length += len(line)
+            if length >= want:
+                break
+        data = "".join(parts)
+        self._buffer = data[want:]
+        return data[:want]
+
+
+def _copy(session: Session, table: str, columns: Sequence[str], lines: Iterable[str]) -> None:
+    """``COPY table FROM STDIN`` of tab-separated ``lines`` (each ending in a newline)."""
+    iterator = iter(lines)
+    first = next(iterator, None)
+    if first is None:
+        return
     # psycopg2's COPY on the session's own connection: same transaction
     raw: Any = session.connection().connection.dbapi_connection
     with raw.cursor() as cursor:
-        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", buffer)
-    return count
+        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN",
+                           _Lines(itertools.chain([first], iterator)))
 
 
 # ---------------------------------------------------------------------------
@@ -163,88 +182,133 @@ def _allocate_ids(session: Session, count: int) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+BUILD_COLUMNS = ("id", "evaluation_id", "jobset_id", "project_id", "job_name", "drv_path",
+                 "system", "priority", "max_retries", "is_aggregate", "is_fod",
+                 "required_features", "nix_name", "meta_description", "meta_license",
+                 "meta_homepage", "meta_maintainers", "timeout", "max_silent")
+
+
+class BuildImporter:
+    """Writes an evaluation's builds as its jobs arrive, inside one open transaction.
+
+    :meth:`add` may run while Nix still evaluates (batches from a background
+    thread); :meth:`finish` writes what needs every job (aggregate links,
+    dependency edges), the per-job errors and the NOTIFY. The caller commits.
+    """
+
+    def __init__(self, session: Session, evaluation: Evaluation, jobset: Jobset, *,
+                 reuse: bool, max_retries: int) -> None:
+        self.session = session
+        self.max_retries = max_retries
+        self.eval_id = evaluation.id
+        self.prefix = f"{evaluation.id}\t{jobset.id}\t{jobset.project_id}\t"
+        self.previous: dict[str, tuple[int, str]] = {}
+        if reuse:
+            prev_id = previous_evaluation(session, evaluation)
+            if prev_id is not None:
+                rows = session.execute(text(
+                    "SELECT b.job_name, b.id, b.drv_path FROM evaluation_builds eb "
+                    "JOIN builds b ON b.id = eb.build_id WHERE eb.evaluation_id = :e"),
+                    {"e": prev_id})
+                self.previous = {name: (build_id, drv) for name, build_id, drv in rows}
+        self.build_of_job: dict[str, int] = {}
+        self.build_of_drv: dict[str, int] = {}
+        #: new builds: (job, id), for the links written by finish()
+        self.created: list[tuple[Job, int]] = []
+        self.reused = 0
+
+    def add(self, jobs: Sequence[Job]) -> None:
+        new_jobs: list[Job] = []
+        reused: list[int] = []
+        for job in jobs:
+            if job.name in self.build_of_job:
+                continue  # reported twice (a restarted run): keep the first
+            old = self.previous.get(job.name)
+            if old is not None and old[1] == job.drv_path:
+                reused.append(old[0])
+                self._remember(job, old[0])
+            else:
+                new_jobs.append(job)
+        ids = _allocate_ids(self.session, len(new_jobs))
+        for job, build_id in zip(new_jobs, ids, strict=True):
+            self._remember(job, build_id)
+            self.created.append((job, build_id))
+        self.reused += len(reused)
+        pairs = list(zip(new_jobs, ids, strict=True))
+        _copy(self.session, "builds", BUILD_COLUMNS, self._build_lines(pairs))
+        _copy(self.session, "build_outputs", ("build_id", "name", "path"),
+              (f"{build_id}\t{_text(name)}\t{path}\n"
+               for job, build_id in pairs for name, path in sorted(job.outputs.items())))
+        eval_id = self.eval_id
+        _copy(self.session, "evaluation_builds", ("evaluation_id", "build_id", "is_new"),
+              itertools.chain((f"{eval_id}\t{i}\tt\n" for i in ids),
+                              (f"{eval_id}\t{i}\tf\n" for i in reused)))
+
+    def _remember(self, job: Job, build_id: int) -> None:
+        self.build_of_job[job.name] = build_id
+        self.build_of_drv.setdefault(job.drv_path, build_id)
+
+    def _build_lines(self, pairs: list[tuple[Job, int]]) -> Iterator[str]:
+        prefix, max_retries = self.prefix, self.max_retries
+        for job, build_id in pairs:
+            meta = job.meta
+            if meta:
+                priority = _int(meta.get("schedulingPriority")) or 0
+                tail = "\t".join((
+                    _opt(_description(meta.get("description"))),
+                    _opt(_license(meta.get("license"))),
+                    _opt(_homepage(meta.get("homepage"))),
+                    _opt(_maintainers(meta.get("maintainers"))),
+                    _opt_int(_int(meta.get("timeout"))),
+                    _opt_int(_int(meta.get("maxSilent")))))
+            else:
+                priority = 0
+                tail = "\\N\t\\N\t\\N\t\\N\t\\N\t\\N"
+            features = job.features
+            yield (f"{build_id}\t{prefix}{_text(job.name)}\t{job.drv_path}\t"
+                   f"{_text(job.system)}\t{priority}\t{max_retries}\t"
+                   f"{'t' if job.is_aggregate else 'f'}\t{'t' if job.is_fod else 'f'}\t"
+                   f"{_array(features) if features else '{}'}\t{_opt(job.nix_name or None)}\t"
+                   f"{tail}\n")
+
+    def finish(self, errors: Sequence[JobError]) -> ImportStats:
+        build_of_drv, build_of_job = self.build_of_drv, self.build_of_job
+
+        def constituent_lines() -> Iterator[str]:
+            for job, build_id in self.created:
+                if not job.is_aggregate:
+                    continue
+                members = {build_of_drv[d] for d in job.constituents if d in build_of_drv}
+                members |= {build_of_job[n] for n in job.named_constituents
+                            if n in build_of_job}
+                members.discard(build_id)
+                for member in sorted(members):
+                    yield f"{build_id}\t{member}\n"
+
+        def dependency_lines() -> Iterator[str]:
+            for job, build_id in self.created:
+                if job.facts is None or not job.facts.input_drvs:
+                    continue
+                deps = {build_of_drv[d] for d in job.facts.input_drvs if d in build_of_drv}
+                deps.discard(build_id)
+                for dep in sorted(deps):
+                    yield f"{build_id}\t{dep}\n"
+
+        _copy(self.session, "build_constituents", ("aggregate_id", "constituent_id"),
+              constituent_lines())
+        _copy(self.session, "build_dependencies", ("build_id", "dependency_id"),
+              dependency_lines())
+        _copy(self.session, "evaluation_errors", ("evaluation_id", "job_name", "message"),
+              (f"{self.eval_id}\t{_text(e.name)}\t{_text(e.message)}\n" for e in errors))
+        # the queue runner LISTENs here; the notification is delivered on commit
+        self.session.execute(text("SELECT pg_notify(:channel, :payload)"),
+                             {"channel": NOTIFY_CHANNEL, "payload": str(self.eval_id)})
+        return ImportStats(new=len(self.created), reused=self.reused, errors=len(errors))
+
+
 def import_jobs(session: Session, evaluation: Evaluation, jobset: Jobset, jobs: list[Job],
                 errors: list[JobError], *, reuse: bool, max_retries: int) -> ImportStats:
-    """Insert builds, outputs, memberships, links and errors; NOTIFY the queue runner."""
-    previous: dict[str, tuple[int, str]] = {}
-    if reuse:
-        prev_id = previous_evaluation(session, evaluation)
-        if prev_id is not None:
-            rows = session.execute(text(
-                "SELECT b.job_name, b.id, b.drv_path FROM evaluation_builds eb "
-                "JOIN builds b ON b.id = eb.build_id WHERE eb.evaluation_id = :e"),
-                {"e": prev_id})
-            previous = {name: (build_id, drv) for name, build_id, drv in rows}
-
-    new_jobs: list[Job] = []
-    reused: list[tuple[Job, int]] = []
-    for job in jobs:
-        old = previous.get(job.name)
-        if old is not None and old[1] == job.drv_path:
-            reused.append((job, old[0]))
-        else:
-            new_jobs.append(job)
-
-    ids = _allocate_ids(session, len(new_jobs))
-    build_of_job: dict[str, int] = {job.name: build_id for job, build_id in reused}
-    build_of_job.update({job.name: build_id for job, build_id in zip(new_jobs, ids,
-                                                                      strict=True)})
-    build_of_drv: dict[str, int] = {}
-    for job in jobs:
-        build_of_drv.setdefault(job.drv_path, build_of_job[job.name])
-
-    eval_id, jobset_id, project_id = evaluation.id, jobset.id, jobset.project_id
-
-    def build_rows() -> Iterable[Sequence[Any]]:
-        for job, build_id in zip(new_jobs, ids, strict=True):
-            meta = job.meta
-            yield (build_id, eval_id, jobset_id, project_id, job.name, job.drv_path,
-                   job.system, _int(meta.get("schedulingPriority")) or 0, max_retries,
-                   job.is_aggregate, job.is_fod, job.features, job.nix_name or None,
-                   _description(meta.get("description")), _license(meta.get("license")),
-                   _homepage(meta.get("homepage")), _maintainers(meta.get("maintainers")),
-                   _int(meta.get("timeout")), _int(meta.get("maxSilent")))
-
-    _copy(session, "builds",
-          ("id", "evaluation_id", "jobset_id", "project_id", "job_name", "drv_path",
-           "system", "priority", "max_retries", "is_aggregate", "is_fod",
-           "required_features", "nix_name", "meta_description", "meta_license",
-           "meta_homepage", "meta_maintainers", "timeout", "max_silent"),
-          build_rows())
-    _copy(session, "build_outputs", ("build_id", "name", "path"),
-          ((build_id, name, path)
-           for job, build_id in zip(new_jobs, ids, strict=True)
-           for name, path in sorted(job.outputs.items())))
-    _copy(session, "evaluation_builds", ("evaluation_id", "build_id", "is_new"),
-          [(eval_id, build_id, True) for build_id in ids]
-          + [(eval_id, build_id, False) for _, build_id in reused])
-
-    def constituent_rows() -> Iterable[tuple[int, int]]:
-        for job, build_id in zip(new_jobs, ids, strict=True):
-            if not job.is_aggregate:
-                continue
-            members = {build_of_drv[d] for d in job.constituents if d in build_of_drv}
-            members |= {build_of_job[n] for n in job.named_constituents if n in build_of_job}
-            members.discard(build_id)
-            for member in sorted(members):
-                yield build_id, member
-
-    _copy(session, "build_constituents", ("aggregate_id", "constituent_id"),
-          constituent_rows())
-
-    def dependency_rows() -> Iterable[tuple[int, int]]:
-        for job, build_id in zip(new_jobs, ids, strict=True):
-            if job.facts is None or not job.facts.input_drvs:
-                continue
-            deps = {build_of_drv[d] for d in job.facts.input_drvs if d in build_of_drv}
-            deps.discard(build_id)
-            for dep in sorted(deps):
-                yield build_id, dep
-
-    _copy(session, "build_dependencies", ("build_id", "dependency_id"), dependency_rows())
-    _copy(session, "evaluation_errors", ("evaluation_id", "job_name", "message"),
-          ((eval_id, error.name, error.message) for error in errors))
-    # the queue runner LISTENs here; the notification is delivered on commit
-    session.execute(text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": NOTIFY_CHANNEL, "payload": str(eval_id)})
-    return ImportStats(new=len(new_jobs), reused=len(reused), errors=len(errors))
+    """Everything at once (when the jobs are already known)."""
+    importer = BuildImporter(session, evaluation, jobset, reuse=reuse, max_retries=max_retries)
+    importer.add(jobs)
+    return importer.finish(errors)

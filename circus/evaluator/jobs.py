@@ -9,6 +9,7 @@ expressions instead of a full parse: at 50,000 jobs a full parse costs seconds.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 
 def attr_name(path: list[str]) -> str:
     """nix-eval-jobs' ``attr``: names joined with dots, a name holding a dot quoted."""
+    joined = ".".join(path)
+    if joined.count(".") == len(path) - 1:
+        return joined
     return ".".join(f'"{name}"' if "." in name else name for name in path)
 
 
@@ -99,20 +103,21 @@ def job_from_record(record: dict[str, Any]) -> Job | JobError:
     if not isinstance(raw_outputs, dict):
         raise RecordError(f"job {name!r}: outputs is not an object")
     # content-addressed outputs have no path before they are built (null)
-    outputs = {str(k): str(v) for k, v in raw_outputs.items() if isinstance(v, str)}
+    outputs = {k: v for k, v in raw_outputs.items() if isinstance(v, str)}
     meta = record.get("meta")
     features = record.get("requiredSystemFeatures")
+    constituents = record.get("constituents")
+    named = record.get("namedConstituents")
     return Job(
         name=name,
-        attr_path=list(path),
+        attr_path=path,
         nix_name=str(record.get("name") or ""),
         system=str(record.get("system") or ""),
         drv_path=drv_path,
         outputs=outputs,
         meta=meta if isinstance(meta, dict) else {},
-        constituents=[str(c) for c in record.get("constituents") or [] if isinstance(c, str)],
-        named_constituents=[str(c) for c in record.get("namedConstituents") or []
-                            if isinstance(c, str)],
+        constituents=[c for c in constituents if isinstance(c, str)] if constituents else [],
+        named_constituents=[c for c in named if isinstance(c, str)] if named else [],
         required_features=_strings(features) if features is not None else None,
     )
 
@@ -121,30 +126,45 @@ def job_from_record(record: dict[str, Any]) -> Job | JobError:
 # .drv scanning (ATerm: Derive([outputs],[inputDrvs],[inputSrcs],system,builder,[args],[env]))
 
 # an output: ("name","path","hashAlgo","hash") -- fixed-output when hash is set
-_OUTPUT = re.compile(r'\("[^"]*","[^"]*","[^"]*","([^"]*)"\)')
+_OUTPUT = re.compile(rb'\("[^"]*","[^"]*","[^"]*","([^"]*)"\)')
 # an input derivation entry: ("/nix/store/...drv",[ -- only inputDrvs have this shape
-_INPUT_DRV = re.compile(r'\("(/nix/store/[^"]+\.drv)",\[')
-_ENV_FEATURES = re.compile(r'\("requiredSystemFeatures","((?:[^"\\]|\\.)*)"\)')
-_ENV_AGGREGATE = re.compile(r'\("_hydraAggregate","1"\)')
+_INPUT_DRV = re.compile(rb'\("(/nix/store/[^"]+\.drv)",\[')
+_ENV_FEATURES = re.compile(rb'\("requiredSystemFeatures","((?:[^"\\]|\\.)*)"\)')
 
 
-def scan_derivation(text: str) -> DrvFacts:
-    if not text.startswith("Derive(["):
+def scan_derivation(data: bytes | str) -> DrvFacts:
+    """Facts from a .drv's text; cheap substring tests first (this runs per job)."""
+    if isinstance(data, str):
+        data = data.encode()
+    if not data.startswith(b"Derive(["):
         raise ValueError("not a derivation")
-    end_outputs = text.find("],[", 8)
-    outputs = text[8:end_outputs]
-    features = _ENV_FEATURES.search(text)
+    outputs = data[8:data.find(b"],[", 8)]
+    features: list[str] = []
+    if b'"requiredSystemFeatures"' in data:
+        match = _ENV_FEATURES.search(data)
+        if match:
+            features = match.group(1).decode().split()
     return DrvFacts(
         is_fod=any(m.group(1) for m in _OUTPUT.finditer(outputs)),
-        required_features=features.group(1).split() if features else [],
-        is_aggregate=_ENV_AGGREGATE.search(text) is not None,
-        input_drvs=_INPUT_DRV.findall(text),
+        required_features=features,
+        is_aggregate=b'("_hydraAggregate","1")' in data,
+        input_drvs=([m.decode() for m in _INPUT_DRV.findall(data)]
+                    if b'.drv",[' in data else []),
     )
 
 
 def read_facts(drv_path: str) -> DrvFacts | None:
     try:
-        with open(drv_path) as handle:
-            return scan_derivation(handle.read())
+        fd = os.open(drv_path, os.O_RDONLY)
+        try:
+            data = os.read(fd, 1 << 20)
+            while len(data) % (1 << 20) == 0 and data:
+                more = os.read(fd, 1 << 20)
+                if not more:
+                    break
+                data += more
+        finally:
+            os.close(fd)
+        return scan_derivation(data)
     except (OSError, ValueError):
         return None

@@ -16,11 +16,11 @@ from typing import Any
 from circus.evaluator import proc
 from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
 from circus.evaluator.program import (
-    DrvScanner,
     EvalFailed,
     EvalResult,
     EvalSpec,
     EvalStopped,
+    JobSink,
     Progress,
     error_text,
 )
@@ -83,12 +83,12 @@ def command(spec: EvalSpec, attr_path: list[str], program: str) -> list[str]:
     return argv + spec.nix_options()
 
 
-def evaluate(spec: EvalSpec, progress: Progress, *, program: str,
+def evaluate(spec: EvalSpec, progress: Progress, sink: JobSink, *, program: str,
              should_stop: Callable[[], bool] | None = None) -> EvalResult:
+    """Evaluate ``spec``; jobs go to ``sink`` as they come (the caller closes it)."""
     attr_path = probe(spec, should_stop)
     jobs: list[Job] = []
     errors: list[JobError] = []
-    scanner = DrvScanner()
 
     def on_stdout(line: str) -> bool:
         line = line.strip()
@@ -104,7 +104,7 @@ def evaluate(spec: EvalSpec, progress: Progress, *, program: str,
             errors.append(item)
         else:
             jobs.append(item)
-            scanner.submit(item.drv_path)
+            sink.submit(item)
         progress.done += 1
         progress.total = progress.done
         return False
@@ -118,5 +118,4 @@ def evaluate(spec: EvalSpec, progress: Progress, *, program: str,
         raise EvalStopped(stop.reason, stop.tail) from None
     if finished.returncode != 0:
         raise EvalFailed(error_text(finished.stderr_tail), finished.stderr_tail)
-    scanner.finish(jobs)
     return EvalResult(jobs=jobs, errors=errors, attr_path=attr_path, program=PROGRAM)

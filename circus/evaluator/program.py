@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from queue import SimpleQueue
 
-from circus.evaluator.jobs import DrvFacts, Job, JobError, attr_name, read_facts
+from circus.evaluator.jobs import Job, JobError, attr_name, read_facts
 
 WALK_NIX = Path(__file__).with_name("walk.nix")
 
@@ -179,32 +179,58 @@ class Progress:
         self.done = 0
 
 
-class DrvScanner:
-    """Reads .drv files in a background thread while the evaluation goes on."""
+MIN_BATCH = 200
 
-    def __init__(self) -> None:
-        self._queue: SimpleQueue[str | None] = SimpleQueue()
-        self.facts: dict[str, DrvFacts | None] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True, name="drv-scanner")
+
+class JobSink:
+    """Takes jobs as the program reports them and, in a background thread, reads
+    their .drv facts and hands them on in batches (to the build importer), so the
+    import runs while Nix is still evaluating."""
+
+    def __init__(self, consumer: Callable[[list[Job]], None] | None = None,
+                 batch_size: int = 2000) -> None:
+        self.consumer = consumer
+        self.batch_size = batch_size
+        self.jobs: list[Job] = []
+        self.error: BaseException | None = None
+        self._queue: SimpleQueue[Job | None] = SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="job-sink")
         self._thread.start()
 
-    def submit(self, drv_path: str) -> None:
-        self._queue.put(drv_path)
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
 
     def _run(self) -> None:
+        batch: list[Job] = []
         while True:
-            drv = self._queue.get()
-            if drv is None:
+            job = self._queue.get()
+            if job is not None:
+                if self.error is not None:
+                    continue  # drain after a failure
+                if job.facts is None:
+                    job.facts = read_facts(job.drv_path)
+                self.jobs.append(job)
+                batch.append(job)
+                # full batches while jobs pour in; smaller ones when Nix is slower
+                if len(batch) < self.batch_size and (
+                        len(batch) < MIN_BATCH or not self._queue.empty()):
+                    continue
+            if batch and self.consumer is not None and self.error is None:
+                try:
+                    self.consumer(batch)
+                except BaseException as exc:
+                    self.error = exc
+            batch = []
+            if job is None:
                 return
-            if drv not in self.facts:
-                self.facts[drv] = read_facts(drv)
 
-    def finish(self, jobs: list[Job]) -> None:
-        """Wait for the scans and attach their facts to ``jobs``."""
+    def close(self) -> list[Job]:
+        """Flush, wait, re-raise the consumer's error; return every job received."""
         self._queue.put(None)
         self._thread.join()
-        for job in jobs:
-            job.facts = self.facts.get(job.drv_path) or read_facts(job.drv_path)
+        if self.error is not None:
+            raise self.error
+        return self.jobs
 
 
 StopCheck = Callable[[], bool]

@@ -12,7 +12,8 @@
 #   <marker>F<path>           the job or attribute threw a catchable error
 #   <marker>T<n>              the structure walk is done: n items follow
 #
-# <path> is the JSON list of attribute names. The value printed on stdout is a
+# <path> is the JSON list of attribute names. With `markers = false` (the fast
+# first run) only J, F and T lines are printed. The value printed on stdout is a
 # store file referencing every job's .drv (one GC root keeps them all), or null.
 { root
 , marker
@@ -26,12 +27,15 @@
 , rootsName ? null
   # how error messages name the root attribute
 , rootName ? "the jobset's attribute"
+  # B and S markers (to locate an error that kills Nix); off on the fast first run
+, markers ? true
 }:
 let
   inherit (builtins) attrNames concatMap filter isAttrs isFunction isList isString
     listToAttrs map toJSON trace tryEval;
 
   emit = kind: text: value: trace "${marker}${kind}${text}" value;
+  mark = kind: text: value: if markers then emit kind text value else value;
 
   isDerivation = v: isAttrs v && (v.type or null) == "derivation";
 
@@ -95,7 +99,7 @@ let
       kind = guard (classify v);
     in
     if skip ? ${key} then [ ]
-    else emit "B" key (
+    else mark "B" key (
       if !kind.success then [{ inherit key; failed = true; }]
       else if kind.value == "job" then [{ inherit key; thunk = job key v; }]
       else if kind.value == "attrs" then
@@ -131,7 +135,7 @@ let
   force = item:
     if item ? failed then emit "F" item.key null
     else
-      emit "S" item.key (
+      mark "S" item.key (
         let j = item.thunk; in
         if j.ok && j.drv != null then emit "J" "${item.key} ${toJSON j.record}" j.drv
         else if j.ok then null
