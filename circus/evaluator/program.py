@@ -179,7 +179,8 @@ class Progress:
         self.done = 0
 
 
-MIN_BATCH = 200
+#: jobs handed to the sink thread at once (fewer thread wake-ups per job)
+CHUNK = 256
 
 
 class JobSink:
@@ -193,27 +194,36 @@ class JobSink:
         self.batch_size = batch_size
         self.jobs: list[Job] = []
         self.error: BaseException | None = None
-        self._queue: SimpleQueue[Job | None] = SimpleQueue()
+        self._pending: list[Job] = []
+        self._queue: SimpleQueue[list[Job] | None] = SimpleQueue()
         self._thread = threading.Thread(target=self._run, daemon=True, name="job-sink")
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        self._queue.put(job)
+        """Called from one thread (the program's output reader)."""
+        self._pending.append(job)
+        if len(self._pending) >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._queue.put(self._pending)
+            self._pending = []
 
     def _run(self) -> None:
         batch: list[Job] = []
         while True:
-            job = self._queue.get()
-            if job is not None:
+            chunk = self._queue.get()
+            if chunk is not None:
                 if self.error is not None:
                     continue  # drain after a failure
-                if job.facts is None:
-                    job.facts = read_facts(job.drv_path)
-                self.jobs.append(job)
-                batch.append(job)
-                # full batches while jobs pour in; smaller ones when Nix is slower
-                if len(batch) < self.batch_size and (
-                        len(batch) < MIN_BATCH or not self._queue.empty()):
+                for job in chunk:
+                    if job.facts is None:
+                        job.facts = read_facts(job.drv_path)
+                self.jobs.extend(chunk)
+                batch.extend(chunk)
+                # full batches while jobs pour in, whatever there is when Nix is slower
+                if len(batch) < self.batch_size and not self._queue.empty():
                     continue
             if batch and self.consumer is not None and self.error is None:
                 try:
@@ -221,11 +231,12 @@ class JobSink:
                 except BaseException as exc:
                     self.error = exc
             batch = []
-            if job is None:
+            if chunk is None:
                 return
 
     def close(self) -> list[Job]:
         """Flush, wait, re-raise the consumer's error; return every job received."""
+        self.flush()
         self._queue.put(None)
         self._thread.join()
         if self.error is not None:
