@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -202,8 +203,8 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
                 f"{source.value} has no flake.nix at {source.branch or 'its branch'} "
                 f"({source.revision[:12]}); this jobset is in flake mode — add a flake.nix "
                 "or switch the jobset to a classic (non-flake) expression")
-        spec.flake_ref = (f"git+file://{mirror.path}?ref=refs/heads/{source.branch}"
-                          f"&rev={source.revision}")
+        ref = quote(f"refs/heads/{source.branch}", safe="/")
+        spec.flake_ref = f"git+file://{mirror.path}?ref={ref}&rev={source.revision}"
         spec.display_name = source.value
         expression = (jobset.nix_expression or "").strip() or "hydraJobs"
         spec.attr_path = [part.strip('"') for part in _split_attr(expression)]

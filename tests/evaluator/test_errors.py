@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from circus.common.enums import EvaluationStatus, InputType
 from circus.evaluator import execution
 from tests.evaluator.conftest import World, completed, fixture_text
 from tests.helpers.gitrepo import GitRepo
+from tests.helpers.net import free_port
 
 
 def test_failing_jobs_are_recorded_and_their_siblings_become_builds(
@@ -79,6 +81,25 @@ def test_an_unreachable_repository_records_a_fetch_error_until_it_works(
     jobset = world.jobset_row(jobset_id)
     assert jobset.error_message is None
     assert jobset.error_at is None
+
+
+def test_network_failures_are_fetch_errors(world: World,
+                                            make_settings: Callable[..., Settings]) -> None:
+    refused = world.jobset(f"http://127.0.0.1:{free_port()}/repo.git")
+    assert world.check(refused) == "error"
+    assert "Failed to connect" in (world.jobset_row(refused).error_message or "")
+    # a server that accepts and never answers: git_timeout applies
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        silent = world.jobset(f"http://127.0.0.1:{port}/repo.git")
+        world.settings = make_settings(evaluator={"git_timeout": 2})
+        started = time.monotonic()
+        assert world.check(silent) == "error"
+        assert time.monotonic() - started < 20
+    message = world.jobset_row(silent).error_message or ""
+    assert "timed out after 2 s (evaluator.git_timeout)" in message
 
 
 def test_a_url_scheme_outside_the_allowed_ones_is_rejected(world: World) -> None:
