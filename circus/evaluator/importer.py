@@ -8,7 +8,8 @@ A 50,000-job evaluation is a handful of statements, never one flush per job.
 Reuse (Hydra semantics): a job whose derivation equals the one of the same job in
 the previous evaluation of the jobset links to that build (``evaluation_builds``
 with ``is_new = false``) instead of queueing a duplicate, unless the jobset is in
-``interval`` mode, which asks for fresh builds every time.
+``interval`` mode, which asks for fresh builds every time, or the old build was
+cancelled or aborted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from circus.common.enums import EvaluationStatus
+from circus.common.enums import BuildStatus, EvaluationStatus
 from circus.common.models import Evaluation, Jobset
 from circus.evaluator.jobs import Job, JobError
 
@@ -206,10 +207,13 @@ class BuildImporter:
         if reuse:
             prev_id = previous_evaluation(session, evaluation)
             if prev_id is not None:
+                # cancelled or aborted builds say nothing about the derivation: build anew
                 rows = session.execute(text(
                     "SELECT b.job_name, b.id, b.drv_path FROM evaluation_builds eb "
-                    "JOIN builds b ON b.id = eb.build_id WHERE eb.evaluation_id = :e"),
-                    {"e": prev_id})
+                    "JOIN builds b ON b.id = eb.build_id WHERE eb.evaluation_id = :e "
+                    "AND b.status NOT IN (:aborted, :cancelled)"),
+                    {"e": prev_id, "aborted": int(BuildStatus.aborted),
+                     "cancelled": int(BuildStatus.cancelled)})
                 self.previous = {name: (build_id, drv) for name, build_id, drv in rows}
         self.build_of_job: dict[str, int] = {}
         self.build_of_drv: dict[str, int] = {}

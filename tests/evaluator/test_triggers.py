@@ -240,6 +240,9 @@ def test_cancelling_a_pending_evaluation_and_the_builds_of_a_finished_one(
             service.cancel_evaluation(session, 10**9)
     statuses = {b.status for b in world.builds(done.id).values()}
     assert statuses == {BuildStatus.cancelled}
+    # cancelled builds are not reused: the next evaluation queues them again
+    again = completed(world.evaluate(jobset_id))
+    assert (again.builds_new, again.builds_reused) == (8, 0)
 
 
 def test_cancelling_a_running_evaluation_stops_nix(
