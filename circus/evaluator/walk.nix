@@ -50,14 +50,15 @@ let
                  "schedulingPriority" ];
   metaOf = v:
     let meta = v.meta or { }; in
-    if !(isAttrs meta) then { }
+    if !(isAttrs meta) || meta == { } then { }
     else listToAttrs (concatMap
       (n: if meta ? ${n} then [{ name = n; value = clean 0 meta.${n}; }] else [ ])
       metaFields);
 
-  outputsOf = v: listToAttrs (map
-    (o: { name = o; value = v.${o}.outPath; })
-    (v.outputs or [ "out" ]));
+  outputsOf = v:
+    let outputs = v.outputs or [ "out" ]; in
+    if outputs == [ "out" ] then { out = v.outPath; }
+    else listToAttrs (map (o: { name = o; value = v.${o}.outPath; }) outputs);
 
   aggregateOf = v:
     if (v._hydraAggregate or false) == true then
@@ -78,14 +79,15 @@ let
 
   guard = x: if catch then tryEval x else { success = true; value = x; };
 
-  # job item: forced by the fold below, after its S marker
+  # job item: forced by the fold below, after its S marker; toJSON forces the
+  # whole record, so tryEval sees every catchable error in it
   job = key: v:
-    let r = guard (let rec' = recordOf v; in builtins.deepSeq rec' rec'); in
+    let r = guard (toJSON (recordOf v)); in
     {
       inherit key;
       ok = r.success;
-      record = r.value;
-      drv = if r.success then builtins.unsafeDiscardOutputDependency r.value.drvPath else null;
+      json = r.value;
+      drv = if r.success then builtins.unsafeDiscardOutputDependency v.drvPath else null;
     };
 
   classify = v:
@@ -120,7 +122,7 @@ let
       thunk =
         if !kind.success then { inherit key; ok = false; drv = null; }
         else if kind.value == "job" then job key value
-        else { inherit key; ok = true; drv = null; record = null; };
+        else { inherit key; ok = true; drv = null; json = null; };
     }];
 
   items =
@@ -137,7 +139,7 @@ let
     else
       mark "S" item.key (
         let j = item.thunk; in
-        if j.ok && j.drv != null then emit "J" "${item.key} ${toJSON j.record}" j.drv
+        if j.ok && j.drv != null then emit "J" "${item.key} ${j.json}" j.drv
         else if j.ok then null
         else emit "F" item.key null);
 
