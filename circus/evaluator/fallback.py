@@ -14,6 +14,7 @@ while Nix still works. Errors are isolated without one process per job:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import secrets
@@ -57,7 +58,9 @@ class _RunState:
 
     marker: str
     last: tuple[str, str] | None = None  # (kind, key) of the last marker seen
-    stderr_since_marker: list[str] = field(default_factory=list)
+    #: what Nix printed after the last marker (bounded: user code may trace a lot)
+    stderr_since_marker: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=400))
 
 
 class Walker:
@@ -116,7 +119,8 @@ in import {nix_string(str(WALK_NIX))} {{
                 return True
             kind = line[len(marker)]
             body = line[cut:]
-            state.stderr_since_marker = []
+            if state.stderr_since_marker:
+                state.stderr_since_marker.clear()
             if kind == "J":
                 # "<path> <record>": Nix's logger turns tabs into spaces
                 path, end = _DECODER.raw_decode(body)
