@@ -308,11 +308,3 @@ class BuildImporter:
         self.session.execute(text("SELECT pg_notify(:channel, :payload)"),
                              {"channel": NOTIFY_CHANNEL, "payload": str(self.eval_id)})
         return ImportStats(new=len(self.created), reused=self.reused, errors=len(errors))
-
-
-def import_jobs(session: Session, evaluation: Evaluation, jobset: Jobset, jobs: list[Job],
-                errors: list[JobError], *, reuse: bool, max_retries: int) -> ImportStats:
-    """Everything at once (when the jobs are already known)."""
-    importer = BuildImporter(session, evaluation, jobset, reuse=reuse, max_retries=max_retries)
-    importer.add(jobs)
-    return importer.finish(errors)
