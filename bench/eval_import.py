@@ -33,7 +33,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -42,11 +42,13 @@ from circus.cli.migrate import upgrade  # noqa: E402
 from circus.common.celery import create_celery_app  # noqa: E402
 from circus.common.config import load_settings  # noqa: E402
 from circus.common.db import normalise_url  # noqa: E402
-from circus.common.enums import TriggerKind  # noqa: E402
+from circus.common.enums import EvaluationStatus, TriggerKind  # noqa: E402
 from circus.common.localservices import PrivatePostgres  # noqa: E402
-from circus.common.models import Jobset, Project  # noqa: E402
+from circus.common.models import Evaluation, Jobset, Project  # noqa: E402
 from circus.common.nix.environment import current_system  # noqa: E402
 from circus.evaluator import execution, service  # noqa: E402
+from circus.evaluator.importer import BuildImporter  # noqa: E402
+from circus.evaluator.jobs import DrvFacts, Job  # noqa: E402
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@circus.invalid",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@circus.invalid"}
@@ -130,6 +132,28 @@ def nix_alone(repo: Path, count: int, env: dict[str, str]) -> tuple[float, float
     return wall, (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
 
 
+def import_alone(factory: sessionmaker[Session], jobset_id: int, count: int) -> float:
+    """Seconds to import ``count`` jobs whose records and .drv facts are already known."""
+    salt = secrets.token_hex(16)
+    jobs = [Job(name=f"job{i}", attr_path=[f"job{i}"], nix_name=f"bench-{i}",
+                system=current_system(), drv_path=f"/nix/store/{salt}-bench-{i}.drv",
+                outputs={"out": f"/nix/store/{salt}-bench-{i}"},
+                facts=DrvFacts(False, [], False, [])) for i in range(count)]
+    with factory() as session:
+        evaluation = Evaluation(jobset_id=jobset_id, trigger_kind=TriggerKind.manual,
+                                status=EvaluationStatus.running)
+        session.add(evaluation)
+        session.commit()
+        jobset = session.get_one(Jobset, jobset_id)
+        started = time.monotonic()
+        importer = BuildImporter(session, evaluation, jobset, reuse=True, max_retries=3)
+        for start in range(0, count, 2000):
+            importer.add(jobs[start:start + 2000])
+        importer.finish([])
+        session.commit()
+        return time.monotonic() - started
+
+
 def main(argv: list[str]) -> int:
     repeat = 1
     if argv and argv[0].startswith("--repeat="):
@@ -164,8 +188,10 @@ def main(argv: list[str]) -> int:
         pg_dir = server.directory if server is not None else None
         print("wall seconds: (a) nix-instantiate alone, (b) trigger -> builds committed "
               "(best of --repeat); cpu seconds include Nix, Python and PostgreSQL")
+        print("import/s: the import alone (records known, COPY batches, commit); "
+              "N/(b-a): builds per second beyond Nix's own time")
         print(f"{'N':>7} {'(a) nix':>8} {'(b) circus':>10} {'after nix':>9} {'b/a':>5} "
-              f"{'N/(b-a)':>10} {'cpu a':>7} {'cpu b':>7} {'N/cpu(b-a)':>11}")
+              f"{'import/s':>9} {'N/(b-a)':>9} {'cpu a':>7} {'cpu b':>7} {'N/cpu(b-a)':>11}")
         for count in sizes:
             best_a = best_b = float("inf")
             cpu_a = cpu_b = 0.0
@@ -200,12 +226,13 @@ def main(argv: list[str]) -> int:
                               [round(x - y, 2) for x, y in zip(after, before, strict=True)],
                               f"fetch {outcome.fetch_time:.2f}s program "
                               f"{outcome.program_time:.2f}s")
+            imported = min(import_alone(factory, jobset_id, count) for _ in range(repeat))
             beyond = count / (best_b - best_a) if best_b > best_a else float("inf")
             extra_cpu = cpu_b - cpu_a
             per_cpu = count / extra_cpu if extra_cpu > 0 else float("inf")
             print(f"{count:>7} {best_a:>7.2f}s {best_b:>9.2f}s {tail:>8.2f}s "
-                  f"{best_b / best_a:>5.2f} {beyond:>10,.0f} {cpu_a:>6.1f}s {cpu_b:>6.1f}s "
-                  f"{per_cpu:>11,.0f}", flush=True)
+                  f"{best_b / best_a:>5.2f} {count / imported:>9,.0f} {beyond:>9,.0f} "
+                  f"{cpu_a:>6.1f}s {cpu_b:>6.1f}s {per_cpu:>11,.0f}", flush=True)
         engine.dispose()
     finally:
         with admin.connect() as conn:

@@ -222,8 +222,9 @@ class JobSink:
                         job.facts = read_facts(job.drv_path)
                 self.jobs.extend(chunk)
                 batch.extend(chunk)
-                # full batches while jobs pour in, whatever there is when Nix is slower
-                if len(batch) < self.batch_size and not self._queue.empty():
+                # full batches only: nothing commits before the end anyway, and
+                # fewer, larger COPYs cost less
+                if len(batch) < self.batch_size:
                     continue
             if batch and self.consumer is not None and self.error is None:
                 try:
