@@ -150,6 +150,7 @@ def import_alone(factory: sessionmaker[Session], jobset_id: int, count: int) -> 
         for start in range(0, count, 2000):
             importer.add(jobs[start:start + 2000])
         importer.finish([])
+        evaluation.status = EvaluationStatus.completed
         session.commit()
         return time.monotonic() - started
 
