@@ -53,10 +53,17 @@ def normalise_url(url: str) -> str:
     return url
 
 
+#: flake reference shorthands git would misread as scp-like ssh hosts
+_FLAKE_SHORTHANDS = ("github:", "gitlab:", "sourcehut:", "flake:", "path:", "tarball+")
+
+
 def check_url(url: str, allowed_schemes: Sequence[str]) -> str:
     """Return the normalised URL or raise :class:`GitError` naming the problem."""
     if not url.strip():
         raise GitError("no repository URL is set")
+    if url.strip().startswith(_FLAKE_SHORTHANDS):
+        raise GitError(f"{url!r} is a flake reference, not a git URL; use the repository's "
+                       "git URL (e.g. https://github.com/owner/repo)")
     if url.strip().startswith("-"):
         raise GitError(f"invalid repository URL {url!r}")
     url = normalise_url(url)

@@ -44,6 +44,8 @@ def test_urls_outside_the_allowed_schemes_are_refused() -> None:
             check_url(bad, ALLOWED)
     with pytest.raises(GitError, match="not allowed"):
         check_url("ssh://host/repo", ["https"])
+    with pytest.raises(GitError, match="flake reference"):
+        check_url("github:NixOS/nixpkgs", ALLOWED)
 
 
 def test_attribute_names_follow_nix_eval_jobs() -> None:
