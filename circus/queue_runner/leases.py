@@ -200,11 +200,14 @@ def expire_leases(session: Session, settings: Settings) -> FinishReport:
     worker every time cannot loop forever."""
     runner = settings.queue_runner
     report = FinishReport()
+    # A look-ahead step (its dependency was in the same lapsed batch) did not fail
+    # itself: it always goes back to pending and follows its dependency's fate.
     requeued = session.execute(text(f"""
         WITH lapsed AS (
-            SELECT id FROM steps
-            WHERE state = 'running' AND lease_until < now() AND attempts < :max_retries
-            ORDER BY id FOR UPDATE SKIP LOCKED
+            SELECT s.id FROM steps s
+            WHERE s.state = 'running' AND s.lease_until < now()
+              AND (s.attempts < :max_retries OR NOT {ALL_DEPS_SUCCEEDED.format(alias="s")})
+            ORDER BY s.id FOR UPDATE SKIP LOCKED
         )
         UPDATE steps AS s SET
             state = CASE WHEN {ALL_DEPS_SUCCEEDED.format(alias="s")}

@@ -111,13 +111,18 @@ def restart_build(session: Session, build_id: int) -> Build:
     build = _locked_build(session, build_id)
     if not build.status.is_finished:
         raise Conflict(f"build {build_id} has not finished ({build.status.name})")
+    # dependents that waited for one of this build's failed steps (shared steps, or the
+    # step a failure was propagated from), or that depend on it as a build
     dependents = session.execute(text("""
+        WITH failed AS (
+            SELECT bs.step_id FROM build_steps bs JOIN steps s ON s.id = bs.step_id
+            WHERE bs.build_id = :id AND s.state = 'done' AND s.status <> 2
+        )
         SELECT DISTINCT b.id FROM builds b
         WHERE b.status = :depfailed AND b.id <> :id AND (
             b.id IN (SELECT bs.build_id FROM build_steps bs
-                     WHERE bs.propagated_from_step_id IN (
-                         SELECT bs2.step_id FROM build_steps bs2 JOIN steps s ON s.id = bs2.step_id
-                         WHERE bs2.build_id = :id AND s.status <> 2))
+                     WHERE bs.step_id IN (SELECT step_id FROM failed)
+                        OR bs.propagated_from_step_id IN (SELECT step_id FROM failed))
             OR b.id IN (SELECT build_id FROM build_dependencies WHERE dependency_id = :id))
         ORDER BY b.id
     """), {"id": build_id, "depfailed": int(BuildStatus.dependency_failed)}).scalars().all()
