@@ -8,8 +8,9 @@ Create Date: 2026-11-27 06:31:06.818692+00:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from alembic import op
 
 revision: str = "6d07a247dc50"
 down_revision: str | None = "e9e64ca423f9"

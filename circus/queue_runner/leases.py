@@ -73,7 +73,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     first = session.execute(text(f"""
         WITH r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
                    GROUP BY jobset_id)
-        SELECT s.id, s.timeout, s.max_silent FROM steps s
+        SELECT s.id, s.timeout, s.max_silent, s.attempts FROM steps s
         LEFT JOIN r ON r.jobset_id = s.jobset_id
         LEFT JOIN jobsets j ON j.id = s.jobset_id
         WHERE s.state = 'queued' AND s.queue_class = :cls
@@ -84,8 +84,12 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     """), params).first()
     if first is None:
         return []
+    if first.attempts:
+        # a retried step is built alone: if it is what broke its last batch (killed
+        # nix-store, crashed the worker), it cannot take innocent steps down with it
+        limit, lookahead = 1, False
     params.update({"timeout": first.timeout, "max_silent": first.max_silent,
-                   "limit": max(1, limit)})
+                   "limit": max(1, limit), "first": first.id})
     rows = session.execute(text(f"""
         WITH r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
                    GROUP BY jobset_id),
@@ -97,6 +101,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
               AND (s.not_before IS NULL OR s.not_before <= now())
               AND s.timeout IS NOT DISTINCT FROM :timeout
               AND s.max_silent IS NOT DISTINCT FROM :max_silent
+              AND (s.attempts = 0 OR s.id = :first)
             ORDER BY {_order(critical_path)}
             LIMIT :limit
             FOR UPDATE OF s SKIP LOCKED
@@ -118,6 +123,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
                   AND p.queue_class = :cls
                   AND p.timeout IS NOT DISTINCT FROM :timeout
                   AND p.max_silent IS NOT DISTINCT FROM :max_silent
+                  AND p.attempts = 0
                   AND NOT EXISTS (
                       SELECT 1 FROM step_dependencies e2 JOIN steps d ON d.id = e2.depends_on_id
                       WHERE e2.step_id = p.id AND NOT (d.state = 'done' AND d.status = 2)

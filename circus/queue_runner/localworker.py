@@ -42,7 +42,7 @@ from circus.queue_runner.nixrun import (
     Started,
     Target,
 )
-from circus.queue_runner.oom import OomWatch
+from circus.queue_runner.oom import oom_counter
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
 from circus.queue_runner.sqlutil import in_transaction
@@ -215,7 +215,6 @@ class _Batch:
         self.pending: list[_Pending] = []
         self.first_pending = 0.0
         self.options = builder.run_options(first.timeout, first.max_silent)
-        self.oom = OomWatch(self.options.build_cgroup)
         self.run_: NixRun | None = None
         runner = self.settings.queue_runner
         self.renew_every = max(0.5, min(2.0, runner.lease_secs / 3))
@@ -223,7 +222,8 @@ class _Batch:
 
     def run(self) -> None:
         try:
-            run = NixRun(list(self.targets.values()), self.options).start()
+            run = NixRun(list(self.targets.values()), self.options,
+                         oom_counter(self.options.build_cgroup)).start()
         except OSError as exc:
             self._settle_all(f"could not start nix-store: {exc}", retry=True)
             return
@@ -292,7 +292,7 @@ class _Batch:
         if event.kind is Kind.dependency_failed:
             return BuildStatus.dependency_failed, None, None
         if event.kind is Kind.signal:
-            if event.signal == 9 and self.oom.occurred():
+            if event.signal == 9 and event.oom_kills:
                 return BuildStatus.oom_killed, None, \
                     "the builder was killed by the kernel's OOM killer"
             return BuildStatus.failed, None, None

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -96,6 +96,8 @@ class Finished:
     exit_code: int | None = None
     signal: int | None = None
     message: str | None = None
+    #: OOM kills counted while this derivation was building (None: unknown)
+    oom_kills: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,9 +154,14 @@ def build_argv(drvs: list[str], options: RunOptions) -> list[str]:
 class NixRun:
     """A running ``nix-store --realise``; events arrive on :attr:`events`."""
 
-    def __init__(self, targets: list[Target], options: RunOptions) -> None:
+    def __init__(self, targets: list[Target], options: RunOptions,
+                 oom_counter: Callable[[], int | None] | None = None) -> None:
         self.targets = {t.drv_path: t for t in targets}
         self.options = options
+        # builds run one at a time (-j1): OOM kills between a build's start and end are its
+        self._oom_counter = oom_counter
+        self._oom_start: dict[str, int | None] = {}
+        self._oom_end: dict[str, int | None] = {}
         self.events: queue.Queue[Event] = queue.Queue()
         # the builder's own output is capped by Nix (max-build-log-size); this is the
         # backstop in case it does not: kill that builder ourselves
@@ -213,13 +220,19 @@ class NixRun:
     def _emit(self, event: Event) -> None:
         self.events.put(event)
 
+    def _oom_count(self) -> int | None:
+        return self._oom_counter() if self._oom_counter is not None else None
+
     def _report(self, drv: str, kind: Kind, exit_code: int | None = None,
                 signal: int | None = None, message: str | None = None) -> None:
         with self._lock:
             if drv in self._reported:
                 return
             self._reported.add(drv)
-        self._emit(Finished(drv, kind, time.time(), exit_code, signal, message))
+        start = self._oom_start.get(drv)
+        end = self._oom_end[drv] if drv in self._oom_end else self._oom_count()
+        kills = end - start if start is not None and end is not None else None
+        self._emit(Finished(drv, kind, time.time(), exit_code, signal, message, kills))
 
     def _read(self) -> None:
         assert self.process is not None
@@ -268,6 +281,7 @@ class NixRun:
                     self._activity[ident] = drv
                     self._running.append(drv)
                     if drv in self.targets:
+                        self._oom_start[drv] = self._oom_count()
                         self.logs[drv].touch()
                         self._emit(Started(drv, time.time()))
             elif kind == ACT_BUILDS and isinstance(ident, int):
@@ -297,6 +311,7 @@ class NixRun:
         for drv in ended_drvs:
             if drv not in self.targets:
                 continue
+            self._oom_end[drv] = self._oom_count()
             if new_failed == 0:
                 self._report(drv, Kind.built)
             else:

@@ -4,11 +4,16 @@ A builder that died of signal 9 is ``oom_killed`` only when the kernel's OOM
 killer acted while it ran: the ``oom_kill`` counter of the build cgroup
 (``queue_runner.build_cgroup``: cgroup v2 ``memory.events`` or v1
 ``memory.oom_control``) grew, or — without a build cgroup — the host-wide
-counter in ``/proc/vmstat`` grew. Any other ``SIGKILL`` is a plain failure.
+counter in ``/proc/vmstat`` grew — between the start and the end of that very
+build (builds of one batch run one at a time). Any other ``SIGKILL`` is a plain
+failure. Two batches sharing a cgroup can still confuse an OOM kill in one
+with an unrelated ``SIGKILL`` in the other at the same moment; that is rare
+enough to accept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -37,18 +42,8 @@ def host_oom_kills() -> int | None:
     return _counter(Path("/proc/vmstat"))
 
 
-class OomWatch:
-    """Snapshot the counters when a build starts; ask afterwards whether OOM kills happened."""
-
-    def __init__(self, build_cgroup: str | None = None) -> None:
-        self.build_cgroup = build_cgroup
-        self.start = self._read()
-
-    def _read(self) -> int | None:
-        if self.build_cgroup:
-            return cgroup_oom_kills(self.build_cgroup)
-        return host_oom_kills()
-
-    def occurred(self) -> bool:
-        now = self._read()
-        return self.start is not None and now is not None and now > self.start
+def oom_counter(build_cgroup: str | None) -> Callable[[], int | None]:
+    """The counter to watch: the build cgroup's, else the host's."""
+    if build_cgroup:
+        return lambda: cgroup_oom_kills(build_cgroup)
+    return host_oom_kills

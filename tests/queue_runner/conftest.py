@@ -19,7 +19,6 @@ from circus.queue_runner.localworker import LocalBuilder
 from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.stepper import step_builds
 
-
 TEST_RUNNER = {"lease_secs": 5, "retry_backoff_secs": 0, "unsupported_timeout": 2,
                "poll_interval": 1, "republish_secs": 2, "local_features": []}
 

@@ -56,8 +56,9 @@ def make_jobset(session: Session, name: str = "qr", shares: int = 100, keep_nr: 
         session.add(obj)
         session.flush()
         project = obj.id
-    jobset = Jobset(project_id=project, name=f"js{session.execute(text('SELECT count(*) FROM jobsets')).scalar_one()}",
-                    scheduling_shares=shares, keep_nr=keep_nr)
+    count = session.execute(text("SELECT count(*) FROM jobsets")).scalar_one()
+    jobset = Jobset(project_id=project, name=f"js{count}", scheduling_shares=shares,
+                    keep_nr=keep_nr)
     session.add(jobset)
     session.flush()
     return jobset

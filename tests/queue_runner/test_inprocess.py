@@ -64,8 +64,11 @@ def test_results_logs_and_products(driver: Callable[..., Driver],
     assert [(p.type, p.subtype) for p in products] == [("doc", "manual"),
                                                        ("file", "binary-dist")]
     doc, hello = products
-    assert doc.is_directory and doc.default_path == "index.html" and doc.sha256 is None
-    assert hello.name == "hello.txt" and hello.file_size == len("hello product\n")
+    assert doc.is_directory
+    assert doc.default_path == "index.html"
+    assert doc.sha256 is None
+    assert hello.name == "hello.txt"
+    assert hello.file_size == len("hello product\n")
     assert hello.sha256 == hashlib.sha256(b"hello product\n").hexdigest()
     assert metrics == {"runtime": 1.5, "coverage": 87.0}
     assert logs["top"].endswith(".log.zst")
