@@ -32,11 +32,15 @@ JOBS = FIXTURES / "jobs.nix"
 
 
 def instantiate(attrs: list[str], nonce: str, env: Mapping[str, str],
-                expr: Path = JOBS, args: Mapping[str, str] | None = None) -> dict[str, str]:
+                expr: Path = JOBS, args: Mapping[str, str | int] | None = None
+                ) -> dict[str, str]:
     """``nix-instantiate`` the attributes; returns attr -> drv path."""
     argv = ["nix-instantiate", str(expr), "--argstr", "nonce", nonce]
     for key, value in (args or {}).items():
-        argv += ["--argstr", key, value]
+        if isinstance(value, int):
+            argv += ["--arg", key, str(value)]
+        else:
+            argv += ["--argstr", key, value]
     for attr in attrs:
         argv += ["-A", attr]
     done = subprocess.run(argv, capture_output=True, text=True, env=dict(env), check=False)
