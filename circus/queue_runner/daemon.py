@@ -129,8 +129,9 @@ class QueueRunner:
         self.reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler",
                                            daemon=True)
         service = f"{QUEUE_RUNNER_KIND}-{name}@{socket.gethostname()}" if name else None
-        self.heartbeat = HeartbeatThread(self.factory, QUEUE_RUNNER_KIND, details=self._details,
-                                         service=service)
+        self.heartbeat = HeartbeatThread(
+            self.factory, QUEUE_RUNNER_KIND, details=self._details, service=service,
+            interval=float(min(10, settings.queue_runner.poll_interval)))
 
     # ------------------------------------------------------------------ threads
 
@@ -143,6 +144,7 @@ class QueueRunner:
             "workers": self.workers,
             "dispatcher": self.dispatcher is not None,
             "running_batches": len(self.builder.active),
+            "stats": {k: round(v, 3) for k, v in self.builder.stats.items()},
             "celery_hostname": self.hostname,
         }
 

@@ -9,6 +9,7 @@ listens on ``circus_gc`` (``set_keep``) to re-sync GC roots promptly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import threading
@@ -28,6 +29,10 @@ from circus.queue_runner.stepper import StepReport, step_builds
 from circus.queue_runner.wakeups import Publish, publish_after_commit
 
 log = logging.getLogger(__name__)
+
+#: the first batch after a wake-up is small, so its steps start building while the
+#: rest of a large evaluation is still being stepped (first dispatch < 1 s)
+FIRST_BATCH = 50
 
 
 class Listener:
@@ -111,10 +116,11 @@ class Dispatcher(threading.Thread):
     def dispatch_pending(self) -> int:
         """Step every unstepped build (in batches); returns how many builds were stepped."""
         total = 0
-        limit = self.settings.queue_runner.dispatch_batch_size
+        full = self.settings.queue_runner.dispatch_batch_size
+        limit = min(FIRST_BATCH, full)
         while not self.stop.is_set():
             try:
-                report = in_transaction(self.factory, self._batch)
+                report = in_transaction(self.factory, functools.partial(self._batch, limit=limit))
             except Exception:
                 log.exception("dispatching failed; retrying in %ss",
                               self.settings.queue_runner.poll_interval)
@@ -129,11 +135,11 @@ class Dispatcher(threading.Thread):
                          report.new_steps, sum(report.queued.values()))
             if report.builds < limit:
                 break
+            limit = full
         self.stepped += total
         return total
 
-    def _batch(self, session: Session) -> StepReport:
-        report = step_builds(session, self.settings, self.cache,
-                             limit=self.settings.queue_runner.dispatch_batch_size)
+    def _batch(self, session: Session, limit: int) -> StepReport:
+        report = step_builds(session, self.settings, self.cache, limit=limit)
         publish_after_commit(session, self.publish, report.queued)
         return report

@@ -60,14 +60,17 @@ def _order(critical_path: bool) -> str:
 
 def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
                 lease_secs: int, machine: str | None = None, lookahead: bool = True,
-                critical_path: bool = False) -> list[ClaimedStep]:
-    """Claim up to ``limit`` steps of ``queue_class`` for ``worker`` (running, leased).
+                critical_path: bool = False, batch_limit: int | None = None
+                ) -> list[ClaimedStep]:
+    """Claim up to ``limit`` queued steps of ``queue_class`` for ``worker`` (running, leased).
 
     Claimed steps share their timeouts, so one Nix invocation can build them.
     With ``lookahead``, pending steps of the same class whose unfinished
-    dependencies are all in this claim are claimed too: Nix builds a chain in
-    one invocation instead of one round trip per link.
+    dependencies are all in this claim are claimed too, up to ``batch_limit``
+    steps in all (default ``limit``): Nix builds a chain in one invocation
+    instead of one round trip per link.
     """
+    batch_limit = max(limit, batch_limit or limit)
     params = {"cls": queue_class, "worker": worker, "lease": float(lease_secs),
               "machine": machine or worker}
     first = session.execute(text(f"""
@@ -87,7 +90,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     if first.attempts:
         # a retried step is built alone: if it is what broke its last batch (killed
         # nix-store, crashed the worker), it cannot take innocent steps down with it
-        limit, lookahead = 1, False
+        limit, batch_limit, lookahead = 1, 1, False
     params.update({"timeout": first.timeout, "max_silent": first.max_silent,
                    "limit": max(1, limit), "first": first.id})
     rows = session.execute(text(f"""
@@ -115,7 +118,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     claimed = [_claimed(row, lookahead=False) for row in rows]
     held = [c.id for c in claimed]
     frontier = list(held)
-    while lookahead and frontier and len(held) < limit:
+    while lookahead and frontier and len(held) < batch_limit:
         more = session.execute(text(f"""
             WITH cand AS (
                 SELECT DISTINCT p.id FROM step_dependencies e JOIN steps p ON p.id = e.step_id
@@ -142,7 +145,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
             FROM pick WHERE steps.id = pick.id AND steps.state = 'pending'
             {_RETURNING}
         """), {**params, "frontier": frontier, "held": held,
-               "room": limit - len(held)}).all()
+               "room": batch_limit - len(held)}).all()
         frontier = [row.id for row in more]
         held.extend(frontier)
         claimed.extend(_claimed(row, lookahead=True) for row in more)

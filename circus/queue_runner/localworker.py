@@ -87,6 +87,14 @@ class LocalBuilder:
         self.slots = slots or settings.queue_runner.workers
         self.active: dict[str, NixRun] = {}
         self._lock = threading.Lock()
+        #: seconds spent and counts per phase (heartbeat details, benchmarks)
+        self.stats: dict[str, float] = {}
+
+    def _account(self, phase: str, started: float, count: int = 1) -> None:
+        with self._lock:
+            key = f"{phase}_secs"
+            self.stats[key] = self.stats.get(key, 0.0) + time.monotonic() - started
+            self.stats[phase] = self.stats.get(phase, 0) + count
 
     # ------------------------------------------------------------------ serving
 
@@ -102,10 +110,15 @@ class LocalBuilder:
         built = 0
         deadline = time.monotonic() + DRAIN_BUDGET
         while not self.stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
             claimed = in_transaction(self.factory, lambda s: self._claim(s, worker, queue_class))
+            self._account("claims", started)
             if not claimed:
                 break
+            started = time.monotonic()
             self.build(worker, claimed)
+            self._account("batches", started)
+            self._account("steps", started, len(claimed))
             built += len(claimed)
         return built
 
@@ -120,7 +133,8 @@ class LocalBuilder:
         share = max(1, min(runner.batch_size, math.ceil(waiting / self.slots)))
         return claim_steps(session, worker, queue_class, share,
                            lease_secs=runner.lease_secs, machine=self.hostname,
-                           lookahead=True, critical_path=runner.critical_path_first)
+                           lookahead=True, critical_path=runner.critical_path_first,
+                           batch_limit=runner.batch_size)
 
     # ------------------------------------------------------------------ building
 
@@ -174,7 +188,9 @@ class LocalBuilder:
             publish_after_commit(session, self.publish, report.queued)
             return report
 
+        started = time.monotonic()
         report = in_transaction(self.factory, work)
+        self._account("flushes", started)
         if self.on_built is not None and report.builds.finished:
             self.on_built(report)
         return report
@@ -221,6 +237,7 @@ class _Batch:
         self.last_renewed = time.monotonic()
 
     def run(self) -> None:
+        started = time.monotonic()
         try:
             run = NixRun(list(self.targets.values()), self.options,
                          oom_counter(self.options.build_cgroup)).start()
@@ -244,6 +261,7 @@ class _Batch:
                     self._finished(event)
                 elif isinstance(event, Exited):
                     exited = event
+                    self.builder._account("nix_runs", started)
                     break
                 now = time.monotonic()
                 if self.pending and now - self.first_pending >= FLUSH_DELAY:
@@ -261,7 +279,9 @@ class _Batch:
         if stopping:
             self._release()
             return
+        started = time.monotonic()
         self._settle_after_exit(exited)
+        self.builder._account("settles", started)
 
     # ---------------------------------------------------------------- outcomes
 

@@ -181,6 +181,8 @@ class NixRun:
         self.process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self.killed = False
+        #: successes reported while Nix ran (the rest is settled after it exits)
+        self.attributed = 0
 
     # ----------------------------------------------------------------- control
 
@@ -314,6 +316,7 @@ class NixRun:
             self._oom_end[drv] = self._oom_count()
             if new_failed == 0:
                 self._report(drv, Kind.built)
+                self.attributed += 1
             else:
                 # the reason follows in an error message naming the derivation
                 self._awaiting_reason.add(drv)

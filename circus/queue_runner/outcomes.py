@@ -73,6 +73,14 @@ class StepOutcome:
     propagated_from: int | None = None
 
 
+@dataclass(frozen=True)
+class DoneStep:
+    id: int
+    status: BuildStatus
+    drv_path: str
+    is_fod: bool
+
+
 @dataclass
 class FinishReport:
     finished: list[int] = field(default_factory=list)
@@ -117,7 +125,7 @@ def finish_steps(session: Session, settings: Settings, worker: str | None,
     if not finals:
         return report
     done = _mark_done(session, worker, finals)
-    report.finished.extend(done)
+    report.finished.extend(d.id for d in done)
     if done:
         report.merge(after_steps_done(session, settings, done, results or {}))
     return report
@@ -156,7 +164,8 @@ def _requeue_for_retry(session: Session, settings: Settings, worker: str | None,
     return list(rows)
 
 
-def _mark_done(session: Session, worker: str | None, outcomes: list[StepOutcome]) -> list[int]:
+def _mark_done(session: Session, worker: str | None, outcomes: list[StepOutcome]
+               ) -> list[DoneStep]:
     outcomes = sorted(outcomes, key=lambda o: o.step_id)
     rows = session.execute(text("""
         UPDATE steps AS s SET
@@ -176,7 +185,7 @@ def _mark_done(session: Session, worker: str | None, outcomes: list[StepOutcome]
                   finished_at, machine)
         WHERE s.id = v.id AND s.state = 'running'
           AND (CAST(:worker AS text) IS NULL OR s.worker = :worker)
-        RETURNING s.id
+        RETURNING s.id, s.status, s.drv_path, s.is_fod
     """), {
         "ids": [o.step_id for o in outcomes],
         "statuses": [int(o.status) for o in outcomes],
@@ -188,31 +197,38 @@ def _mark_done(session: Session, worker: str | None, outcomes: list[StepOutcome]
         "finished": [o.finished_at for o in outcomes],
         "machines": [o.machine for o in outcomes],
         "worker": worker,
-    }).scalars().all()
-    done = set(rows)
+    }).all()
+    done = sorted((DoneStep(r.id, BuildStatus(r.status), r.drv_path, r.is_fod) for r in rows),
+                  key=lambda d: d.id)
+    ids = {d.id for d in done}
     propagated = [(o.step_id, o.propagated_from) for o in outcomes
-                  if o.step_id in done and o.propagated_from is not None]
+                  if o.step_id in ids and o.propagated_from is not None]
     for step_id, origin in propagated:
         session.execute(text(
             "UPDATE build_steps SET propagated_from_step_id = :origin WHERE step_id = :id"),
             {"origin": origin, "id": step_id})
-    return sorted(done)
+    return done
 
 
-def after_steps_done(session: Session, settings: Settings, step_ids: list[int],
-                     results: Mapping[int, OutputResult]) -> FinishReport:
-    """Consequences of steps that just became done (in this transaction)."""
-    report = FinishReport()
+def done_steps(session: Session, step_ids: list[int]) -> list[DoneStep]:
     rows = session.execute(text(
         "SELECT id, status, drv_path, is_fod FROM steps WHERE id = ANY(:ids) ORDER BY id"),
         {"ids": step_ids}).all()
-    succeeded = [r.id for r in rows if r.status == BuildStatus.succeeded]
-    failed = [(r.id, BuildStatus(r.status), r.drv_path, r.is_fod) for r in rows
-              if r.status != BuildStatus.succeeded]
+    return [DoneStep(r.id, BuildStatus(r.status), r.drv_path, r.is_fod) for r in rows]
+
+
+def after_steps_done(session: Session, settings: Settings, rows: list[DoneStep],
+                     results: Mapping[int, OutputResult]) -> FinishReport:
+    """Consequences of steps that just became done (in this transaction)."""
+    report = FinishReport()
+    succeeded = [r.id for r in rows if r.status is BuildStatus.succeeded]
+    failed: list[tuple[int, BuildStatus, str, bool]] = [
+        (r.id, r.status, r.drv_path, r.is_fod) for r in rows
+        if r.status is not BuildStatus.succeeded]
     drv_results = {r.drv_path: results[r.id] for r in rows if r.id in results}
     if succeeded:
         report.queued.update(queue_ready_dependents(session, succeeded))
-    touched = list(step_ids)
+    touched = [r.id for r in rows]
     if failed:
         _remember_failures(session, settings, failed)
         for step_id, status, drv_path, _ in failed:

@@ -27,7 +27,12 @@ from circus.common.enums import BuildStatus
 from circus.common.heartbeat import STALE_AFTER
 from circus.queue_runner.capabilities import Capabilities, parse_queue_class
 from circus.queue_runner.leases import expire_leases
-from circus.queue_runner.outcomes import ALL_DEPS_SUCCEEDED, FinishReport, after_steps_done
+from circus.queue_runner.outcomes import (
+    ALL_DEPS_SUCCEEDED,
+    FinishReport,
+    after_steps_done,
+    done_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,5 +177,6 @@ def _fail_unsupported(session: Session, settings: Settings, report: FinishReport
     """), {"names": list(expired), "status": int(BuildStatus.unsupported_system)}
     ).scalars().all()
     if failed:
-        report.merge(after_steps_done(session, settings, sorted(failed), {}))
+        report.merge(after_steps_done(session, settings,
+                                      done_steps(session, sorted(failed)), {}))
     return len(failed)

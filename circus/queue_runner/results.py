@@ -96,12 +96,12 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
     if not finals:
         return report
     finals = sorted(finals, key=lambda f: f.build_id)
-    outputs = _outputs_of(session, [f.build_id for f in finals])
-    for final in finals:
-        if final.status is BuildStatus.succeeded:
-            if settings is None:
-                raise ValueError("finishing a succeeded build needs the settings")
-            _publish(session, settings, final)
+    succeeded = [f for f in finals if f.status is BuildStatus.succeeded]
+    if succeeded:
+        if settings is None:
+            raise ValueError("finishing a succeeded build needs the settings")
+        _publish(session, settings, succeeded)
+    # one statement: the update, the outputs (GC roots) and whether an aggregate waits
     updated = session.execute(text("""
         UPDATE builds AS b SET
             status = v.status,
@@ -115,7 +115,11 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
                     CAST(:started AS timestamptz[]))
              AS v(id, status, error_message, machine, started_at)
         WHERE b.id = v.id AND b.status IN (0, 1)
-        RETURNING b.id, b.status
+        RETURNING b.id, b.status,
+            (SELECT array_agg(o.path ORDER BY o.name) FROM build_outputs o
+             WHERE o.build_id = b.id) AS outputs,
+            EXISTS (SELECT 1 FROM build_constituents c WHERE c.constituent_id = b.id)
+                AS in_aggregate
     """), {
         "ids": [f.build_id for f in finals],
         "statuses": [int(f.status) for f in finals],
@@ -123,35 +127,43 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
         "machines": [f.machine for f in finals],
         "started": [f.started_at for f in finals],
     }).all()
-    done = {build_id: BuildStatus(status) for build_id, status in updated}
+    done = {row.id: BuildStatus(row.status) for row in updated}
     by_id = {f.build_id: f for f in finals}
     _record_results(session, [by_id[i] for i in sorted(done)])
-    for build_id, status in sorted(done.items()):
-        report.finished.append((build_id, status))
-        if status is BuildStatus.succeeded:
-            report.succeeded[build_id] = outputs.get(build_id, [])
-    if done:
+    for row in sorted(updated, key=lambda r: r.id):
+        report.finished.append((row.id, BuildStatus(row.status)))
+        if row.status == BuildStatus.succeeded:
+            report.succeeded[row.id] = list(row.outputs or [])
+    members = sorted(row.id for row in updated if row.in_aggregate)
+    if members:
         candidates = session.execute(text("""
             SELECT DISTINCT aggregate_id FROM build_constituents
             WHERE constituent_id = ANY(:ids)
-        """), {"ids": sorted(done)}).scalars().all()
-        if candidates:
-            report.merge(finish_aggregates(session, settings, list(candidates)))
+        """), {"ids": members}).scalars().all()
+        report.merge(finish_aggregates(session, settings, list(candidates)))
     return report
 
 
-def _outputs_of(session: Session, build_ids: list[int]) -> dict[int, list[str]]:
-    rows = session.execute(text(
-        "SELECT build_id, path FROM build_outputs WHERE build_id = ANY(:ids) ORDER BY name"),
-        {"ids": build_ids}).all()
-    found: dict[int, list[str]] = {}
-    for build_id, path in rows:
-        found.setdefault(build_id, []).append(path)
-    return found
+def _publish(session: Session, settings: Settings, finals: list[BuildFinal]) -> None:
+    """Hand the outputs to the binary cache before the builds count as finished.
+
+    One savepoint for the whole batch; when something goes wrong, each build is
+    published again in its own savepoint so one failure touches only its build.
+    """
+    try:
+        with session.begin_nested():
+            for final in finals:
+                publish_outputs(session, settings, final.build_id)
+        return
+    except Exception:
+        if len(finals) == 1:
+            _publish_one(session, settings, finals[0])
+            return
+    for final in finals:
+        _publish_one(session, settings, final)
 
 
-def _publish(session: Session, settings: Settings, final: BuildFinal) -> None:
-    """Hand the outputs to the binary cache before the build counts as finished."""
+def _publish_one(session: Session, settings: Settings, final: BuildFinal) -> None:
     try:
         with session.begin_nested():
             publish_outputs(session, settings, final.build_id)
@@ -162,10 +174,17 @@ def _publish(session: Session, settings: Settings, final: BuildFinal) -> None:
         else:
             log.warning("build %d: cache upload failed (build still succeeds): %s",
                         final.build_id, exc)
+    except Exception as exc:
+        # a bug in post-processing must not leave the build running forever
+        log.exception("build %d: publishing its outputs failed", final.build_id)
+        final.status = BuildStatus.aborted
+        final.error_message = f"publishing the outputs failed: {exc}"
 
 
 def _record_results(session: Session, finals: list[BuildFinal]) -> None:
-    with_results = [f for f in finals if f.result is not None]
+    # restarts delete earlier results, so only builds with something to record matter
+    with_results = [f for f in finals
+                    if f.result is not None and (f.result.products or f.result.metrics)]
     if not with_results:
         return
     ids = [f.build_id for f in with_results]

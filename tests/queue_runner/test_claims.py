@@ -195,7 +195,8 @@ def test_release_and_expiry(committed_db: sessionmaker[Session],
         s.commit()
         assert sorted(report.requeued) == [head, tail]
         assert state_of(s, head)[0] == "queued"
-        assert claim(s, "w3") == [head, tail]
+        # a retried step is built alone (it may be what broke the batch)
+        assert claim(s, "w3") == [head]
         s.execute(text("UPDATE steps SET lease_until = now() - interval '1 second'"))
         s.commit()
         expire_leases(s, settings)
