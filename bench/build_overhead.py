@@ -2,7 +2,7 @@
 
 Both sides build fresh store paths (a new nonce per run) of the same shape:
 ``chains`` chains of ``length`` trivial derivations, ``fans`` nodes depending on
-every chain's tip, and one top node (20 × 24 + 19 + 1 = 500 by default).
+every chain's tip, and one top node (20 * 24 + 19 + 1 = 500 by default).
 
 - baseline: ``nix-build -j2`` of the top derivation;
 - Circus: a private PostgreSQL and Redis, one ``circus-queue-runner`` with
@@ -57,7 +57,8 @@ let
   fanList = map (k: mk "fan${toString k}" tips) (range fans);
   top = mk "top" fanList;
   nodes = builtins.concatLists (builtins.genList (c: builtins.genList (i: {
-      name = "c${toString c}_${toString i}"; value = builtins.elemAt (builtins.elemAt chainsList c) i;
+      name = "c${toString c}_${toString i}";
+      value = builtins.elemAt (builtins.elemAt chainsList c) i;
     }) length) chains)
     ++ builtins.genList (k: { name = "fan${toString k}"; value = builtins.elemAt fanList k; }) fans
     ++ [ { name = "top"; value = top; } ];

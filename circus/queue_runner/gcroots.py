@@ -5,13 +5,16 @@ belong to one of the newest ``keep_nr`` evaluations of their jobset, to a
 channel's evaluation, or are marked ``keep``. Each is a symlink
 ``<gc.gc_roots_dir>/<store path basename>``. When the directory lies under
 ``/nix/var/nix/gcroots`` the symlink alone protects the path; elsewhere each
-link is registered as an indirect root (``nix-store --add-root --indirect``).
+link is registered as an indirect root, exactly as ``nix-store --add-root
+--indirect`` does it (``gcroots/auto/<nix-base32 SHA-1 of the link path>`` →
+link), without starting a Nix process per root.
 New outputs get their root right after the build finishes; a periodic sync
 removes roots nothing wants any more. Circus never runs the garbage collector.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -22,7 +25,6 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
-from circus.common.nix.process import run
 from circus.queue_runner import store
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,40 @@ NIX_GCROOTS = "/nix/var/nix/gcroots"
 STORE_DIR = "/nix/store/"
 #: pg_try_advisory_xact_lock key of the GC root sync ("CQRG")
 GC_LOCK = 0x43515247
+
+
+_NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
+
+
+def nix_base32(data: bytes) -> str:
+    """Nix's base-32 (its own alphabet, least significant bits first)."""
+    length = (len(data) * 8 - 1) // 5 + 1
+    chars = []
+    for n in range(length - 1, -1, -1):
+        byte, bit = divmod(n * 5, 8)
+        value = data[byte] >> bit
+        if byte + 1 < len(data):
+            value |= data[byte + 1] << (8 - bit)
+        chars.append(_NIX32[value & 0x1F])
+    return "".join(chars)
+
+
+def nix_state_dir() -> Path:
+    return Path(os.environ.get("NIX_STATE_DIR", "/nix/var/nix"))
+
+
+def _auto_root(link: Path) -> Path:
+    digest = hashlib.sha1(str(link).encode(), usedforsecurity=False).digest()
+    return nix_state_dir() / "gcroots" / "auto" / nix_base32(digest)
+
+
+def _symlink(link: Path, target: str) -> None:
+    """Create or replace ``link`` atomically."""
+    partial = link.with_name(link.name + ".partial")
+    if partial.is_symlink():
+        partial.unlink()
+    partial.symlink_to(target)
+    partial.replace(link)
 
 
 def _direct(roots_dir: Path) -> bool:
@@ -44,7 +80,8 @@ def add_roots(settings: Settings, paths: Iterable[str]) -> int:
     roots_dir = Path(settings.gc.gc_roots_dir)
     roots_dir.mkdir(parents=True, exist_ok=True)
     direct = _direct(roots_dir)
-    env = settings.nix_environ()
+    if not direct:
+        roots_dir = Path(os.path.realpath(roots_dir))
     added = 0
     for path in sorted(set(paths)):
         if not path.startswith(STORE_DIR) or "/" in path[len(STORE_DIR):]:
@@ -55,18 +92,15 @@ def add_roots(settings: Settings, paths: Iterable[str]) -> int:
                 continue
         except OSError:
             pass
-        if direct:
-            partial = link.with_name(link.name + ".partial")
-            if partial.is_symlink():
-                partial.unlink()
-            partial.symlink_to(path)
-            partial.replace(link)
-        else:
-            done = run(["nix-store", "--realise", path, "--add-root", str(link), "--indirect"],
-                       env=env, timeout=120)
-            if done.returncode != 0:
-                log.warning("could not add a GC root for %s: %s", path, done.stderr.strip())
-                continue
+        try:
+            _symlink(link, path)
+            if not direct:
+                auto = _auto_root(link)
+                auto.parent.mkdir(parents=True, exist_ok=True)
+                _symlink(auto, str(link))
+        except OSError as exc:
+            log.warning("could not add a GC root for %s: %s", path, exc)
+            continue
         added += 1
     return added
 
