@@ -212,11 +212,14 @@ class Instance:
                 "SELECT details FROM service_heartbeats ORDER BY last_heartbeat DESC LIMIT 1"
             )).scalar()
             steps = conn.execute(text("SELECT count(*) FROM steps")).scalar_one()
+            retried = conn.execute(text(
+                "SELECT count(*) FROM steps WHERE attempts > 0")).scalar_one()
             conn.execute(text("TRUNCATE builds, steps, evaluations, queue_classes, "
                               "failed_paths CASCADE"))
             conn.commit()
         return {"first_step_latency": (first_claim - committed_at).total_seconds(),
-                "statuses": statuses, "steps": steps, "stats": (details or {}).get("stats")}
+                "statuses": statuses, "steps": steps, "retried": retried,
+                "stats": (details or {}).get("stats")}
 
 
 def circus_run(instance: Instance, expr: Path, shape: dict[str, int], jobs: str,
@@ -242,6 +245,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--keep-state", action="store_true", help="keep logs and databases")
     parser.add_argument("--critical-path", choices=["off", "on", "both"], default="off")
     args = parser.parse_args()
     shape = {"chains": args.chains, "length": args.length, "fans": args.fans}
@@ -274,7 +278,8 @@ def main() -> int:
                           f"   first step after {run['first_step_latency'] * 1000:.0f} ms"
                           f"   statuses {run['statuses']}")
                     if args.verbose:
-                        print(f"    worker stats (cumulative): {run['stats']}")
+                        print(f"    steps {run['steps']} (retried {run['retried']}), "
+                              f"worker stats (cumulative): {run['stats']}")
             finally:
                 instance.stop()
         base = sum(base_times) / len(base_times)
@@ -286,7 +291,10 @@ def main() -> int:
                   f"{mean:.2f} s  ratio {mean / base:.2f}x  "
                   f"first step after {latency * 1000:.0f} ms")
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        if args.keep_state:
+            print(f"state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
     return 0
 
 
