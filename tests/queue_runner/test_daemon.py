@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -15,7 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.enums import BuildStatus
 from circus.queue_runner import procs
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.service import cancel_build
+from circus.queue_runner.logs import read_log
+from circus.queue_runner.service import cancel_build, restart_build
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.cgroups import memory_cgroup
 from tests.queue_runner.daemons import runner_daemon
@@ -45,7 +47,7 @@ def test_every_status_from_real_derivations(runner_config: Callable[..., dict[st
                                             nix_env: dict[str, str], nonce: str,
                                             tmp_path: Path) -> None:
     plain = ["top", "fails", "needsFailing", "withOutput", "chatty", "needsFeature",
-             "optionalFeature", "killed", "hog"]
+             "optionalFeature", "killed", "hog", "products"]
     drvs = instantiate([*plain, "slow", "silent"], nonce, nix_env)
     with memory_cgroup(f"circus-test-{nonce[:8]}", 192 * 1024 * 1024) as cgroup:
         config = runner_config(queue_runner={
@@ -75,9 +77,32 @@ def test_every_status_from_real_derivations(runner_config: Callable[..., dict[st
         "hog": BuildStatus.oom_killed,
         "slow": BuildStatus.timeout,  # meta.timeout
         "silent": BuildStatus.timeout,  # meta.maxSilent
+        "products": BuildStatus.succeeded,
     }
     assert {job: result[ids[job]] for job in expected} == expected
     assert "now consuming class x86_64-linux.circus-test-feature" in daemon.log()
+    with committed_db() as session:
+        products = session.execute(text(
+            "SELECT type, subtype, name, sha256 FROM build_products WHERE build_id = :id "
+            "ORDER BY type"), {"id": ids["products"]}).all()
+        metrics = dict(session.execute(text(
+            "SELECT name, value FROM build_metrics WHERE build_id = :id"),
+            {"id": ids["products"]}).all())
+        heartbeat = session.execute(text(
+            "SELECT kind, details FROM service_heartbeats WHERE service LIKE :s"),
+            {"s": "queue-runner-qr-statuses@%"}).one()
+        failed_log = session.execute(text(
+            "SELECT s.log_path, s.exit_code FROM steps s WHERE s.drv_path = :d"),
+            {"d": drvs["fails"]}).one()
+    assert [(p.type, p.subtype, p.name) for p in products] == [
+        ("doc", "manual", "doc"), ("file", "binary-dist", "hello.txt")]
+    assert products[1].sha256 == hashlib.sha256(b"hello product\n").hexdigest()
+    assert metrics == {"runtime": 1.5, "coverage": 87.0}
+    assert heartbeat.kind == "queue-runner"
+    assert heartbeat.details["capabilities"][0]["supported_features"] == [
+        "circus-test-feature"]
+    assert failed_log.exit_code == 3
+    assert b"about to fail" in read_log(failed_log.log_path)
 
 
 def builder_pids(outputs: dict[str, str]) -> list[int]:
@@ -88,10 +113,28 @@ def test_cancel_kills_the_running_builder_and_sigterm_hands_back(
         runner_config: Callable[..., dict[str, Any]], committed_db: sessionmaker[Session],
         nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
     drvs = instantiate(["slow", "wait"], nonce, nix_env, args={"sleep": "30"})
+    failing = instantiate(["fails"], nonce, nix_env)
     outputs = {job: DrvCache().get(drv).output_paths for job, drv in drvs.items()}
     config = runner_config(queue_runner={"workers": 2, "poll_interval": 60})
     with runner_daemon("qr-cancel", config, tmp_path) as daemon:
         wait_ready(daemon)
+        # a failure, the same derivation again (cached), and a restart clearing it
+        with committed_db() as session:
+            first = make_builds(session, failing)["fails"]
+        assert wait_finished(committed_db, [first.id])[first.id] is BuildStatus.failed
+        with committed_db() as session:
+            again = make_builds(session, failing)["fails"]
+        assert wait_finished(committed_db, [again.id])[again.id] is BuildStatus.cached_failure
+        with committed_db() as session:
+            restart_build(session, again.id)
+            session.commit()
+        assert wait_finished(committed_db, [again.id])[again.id] is BuildStatus.failed
+        with committed_db() as session:
+            builds_of_drv = session.execute(text(
+                "SELECT count(*) FROM steps WHERE drv_path = :d AND log_path IS NOT NULL"),
+                {"d": failing["fails"]}).scalar_one()
+        assert builds_of_drv == 2  # built, not built (cached), built again
+
         committed = time.monotonic()
         with committed_db() as session:
             builds = make_builds(session, drvs)
