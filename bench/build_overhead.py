@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,10 +91,18 @@ def job_names(shape: dict[str, int], which: str) -> list[str]:
 
 def baseline(expr: Path, shape: dict[str, int], env: dict[str, str]) -> float:
     drv = instantiate(expr, secrets.token_hex(8), shape, ["top"], env)["top"]
+    before = os.times()
     start = time.monotonic()
     subprocess.run(["nix-build", "-j2", "--no-out-link", drv], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.monotonic() - start
+    elapsed = time.monotonic() - start
+    after = os.times()
+    BASELINE_CPU.append(after.children_user + after.children_system
+                        - before.children_user - before.children_system)
+    return elapsed
+
+
+BASELINE_CPU: list[float] = []
 
 
 class Instance:
@@ -222,14 +231,57 @@ class Instance:
                 "stats": (details or {}).get("stats")}
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(own, waited-for children) CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def _parent_is(pid: int, instance: Instance) -> bool:
+    """Whether ``pid`` is a backend of this instance's postmaster."""
+    try:
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return str(instance.pg.data_dir).encode() in Path(f"/proc/{ppid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def postgres_cpu(instance: Instance) -> float:
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(instance.pg.data_dir).encode() in cmd or (
+                cmd.startswith(b"postgres: ") and _parent_is(int(pid), instance)):
+            try:
+                own, _ = cpu_seconds(int(pid))
+            except (OSError, IndexError, ValueError):
+                continue
+            total += own
+    return total
+
+
 def circus_run(instance: Instance, expr: Path, shape: dict[str, int], jobs: str,
                env: dict[str, str]) -> dict[str, Any]:
     drvs = instantiate(expr, secrets.token_hex(8), shape, job_names(shape, jobs), env)
+    assert instance.process is not None
+    cpu_before = cpu_seconds(instance.process.pid)
+    pg_before = postgres_cpu(instance)
     start, committed_at = instance.trigger(drvs)
     instance.wait_all_finished()
     elapsed = time.monotonic() - start
+    cpu_after = cpu_seconds(instance.process.pid)
+    pg_after = postgres_cpu(instance)
     report = instance.report(committed_at)
+    report["pg_cpu"] = pg_after - pg_before
     report["time"] = elapsed
+    report["runner_cpu"] = cpu_after[0] - cpu_before[0]
+    report["nix_cpu"] = cpu_after[1] - cpu_before[1]
     return report
 
 
@@ -257,8 +309,8 @@ def main() -> int:
     expr.write_text(DAG)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.critical_path]
     print(f"DAG: {total} derivations ({shape}), jobs: {args.jobs}, rounds: {args.rounds}")
-    results: dict[bool, list[dict[str, Any]]] = {m: [] for m in modes}
-    base_times: list[float] = []
+    instances: dict[bool, Instance] = {}
+    rows: list[dict[str, Any]] = []
     try:
         for critical in modes:
             overrides: dict[str, Any] = {"workers": 2, "critical_path_first": critical,
@@ -266,35 +318,54 @@ def main() -> int:
             if args.batch_size:
                 overrides["batch_size"] = args.batch_size
             instance = Instance(state / f"cp-{critical}", overrides)
+            instances[critical] = instance
             instance.start()
             instance.start_runner()
-            try:
-                for _ in range(args.rounds):
-                    base_times.append(baseline(expr, shape, env))
-                    run = circus_run(instance, expr, shape, args.jobs, env)
-                    results[critical].append(run)
-                    print(f"  nix-build -j2: {base_times[-1]:.2f} s   circus "
-                          f"(critical path {'on' if critical else 'off'}): {run['time']:.2f} s"
-                          f"   first step after {run['first_step_latency'] * 1000:.0f} ms"
-                          f"   statuses {run['statuses']}")
-                    if args.verbose:
-                        print(f"    steps {run['steps']} (retried {run['retried']}), "
-                              f"worker stats (cumulative): {run['stats']}")
-            finally:
-                instance.stop()
-        base = sum(base_times) / len(base_times)
-        print(f"\nnix-build -j2 (mean of {len(base_times)}): {base:.2f} s")
-        for critical, runs in results.items():
-            mean = sum(r["time"] for r in runs) / len(runs)
-            latency = sum(r["first_step_latency"] for r in runs) / len(runs)
-            print(f"circus, critical path {'on ' if critical else 'off'} (mean of {len(runs)}): "
-                  f"{mean:.2f} s  ratio {mean / base:.2f}x  "
-                  f"first step after {latency * 1000:.0f} ms")
+        # rounds interleave the baseline and every mode, so load changes on the
+        # machine hit them alike; ratios are taken within a round
+        for round_nr in range(args.rounds):
+            base = baseline(expr, shape, env)
+            row: dict[str, Any] = {"baseline": base}
+            line = f"  round {round_nr + 1}: nix-build -j2 {base:.2f} s"
+            if args.verbose:
+                line += f" (CPU {BASELINE_CPU[-1]:.2f} s)"
+            for critical, instance in instances.items():
+                run = circus_run(instance, expr, shape, args.jobs, env)
+                row[critical] = run
+                line += (f" | circus (critical path {'on' if critical else 'off'}) "
+                         f"{run['time']:.2f} s = {run['time'] / base:.2f}x, first step "
+                         f"{run['first_step_latency'] * 1000:.0f} ms")
+                bad = {k: v for k, v in run["statuses"].items() if k != 2}
+                if bad:
+                    line += f" (NOT all succeeded: {run['statuses']})"
+            print(line)
+            if args.verbose:
+                for critical in instances:
+                    run = row[critical]
+                    print(f"    steps {run['steps']} (retried {run['retried']}), "
+                          f"runner CPU {run['runner_cpu']:.2f} s, nix-store CPU "
+                          f"{run['nix_cpu']:.2f} s, PostgreSQL CPU {run['pg_cpu']:.2f} s")
+            rows.append(row)
     finally:
+        for instance in instances.values():
+            instance.stop()
         if args.keep_state:
             print(f"state kept in {state}")
         else:
             shutil.rmtree(state, ignore_errors=True)
+    print(f"\nnix-build -j2: median {statistics.median(r['baseline'] for r in rows):.2f} s")
+    for critical in instances:
+        ratios = [r[critical]["time"] / r["baseline"] for r in rows]
+        times = [r[critical]["time"] for r in rows]
+        latency = [r[critical]["first_step_latency"] for r in rows]
+        print(f"circus, critical path {'on ' if critical else 'off'}: median "
+              f"{statistics.median(times):.2f} s, ratio median {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f}), first step after median "
+              f"{statistics.median(latency) * 1000:.0f} ms (max {max(latency) * 1000:.0f} ms)")
+    if len(instances) == 2:
+        diff = [r[True]["time"] - r[False]["time"] for r in rows]
+        print(f"critical path first: makespan difference (on - off) median "
+              f"{statistics.median(diff):+.2f} s")
     return 0
 
 

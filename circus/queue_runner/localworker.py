@@ -150,7 +150,7 @@ class LocalBuilder:
                 continue
             targets.append(Target(step.id, step.drv_path, info.output_paths,
                                   log_path_for(self.settings.logs.log_dir, step.drv_path,
-                                               step.id)))
+                                               step.id), frozenset(info.input_drvs)))
             if step.attempts:
                 # a worker that held it before died: its builder may still be running
                 killed = procs.kill_builders_of(info.output_paths)

@@ -90,7 +90,8 @@ class StepLog:
         self.close()
         if not self.path.exists():
             return None, self.size
-        if not compress:
+        if not compress or self.path.stat().st_size == 0:
+            # nothing to compress: an empty log stays a (plain) empty file
             return str(self.path), self.size
         return str(compress_file(self.path)), self.size
 

@@ -67,6 +67,18 @@ class Target:
     drv_path: str
     outputs: Mapping[str, str]
     log_path: Path
+    #: derivations it depends on (to name only the batch's roots to Nix)
+    inputs: frozenset[str] = frozenset()
+
+
+def roots(targets: list[Target]) -> list[str]:
+    """Targets no other target depends on: Nix builds the rest as their dependencies.
+
+    Fewer top-level goals cost Nix less, and Nix reports the failure of a
+    dependency (a goal with waiters) at once instead of when it exits.
+    """
+    needed = set().union(*(t.inputs for t in targets)) if targets else set()
+    return sorted(t.drv_path for t in targets if t.drv_path not in needed)
 
 
 @dataclass
@@ -187,7 +199,7 @@ class NixRun:
     # ----------------------------------------------------------------- control
 
     def start(self) -> NixRun:
-        argv = build_argv(sorted(self.targets), self.options)
+        argv = build_argv(roots(list(self.targets.values())), self.options)
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=dict(self.options.env), start_new_session=True)
