@@ -137,7 +137,7 @@ class Instance:
             "CIRCUS_NIX__SUBSTITUTERS": "[]",
             "CIRCUS_LOGS__LOG_DIR": str(self.state / "logs"),
             "CIRCUS_GC__GC_ROOTS_DIR": str(self.state / "gcroots"),
-            "CIRCUS_TRACING__LEVEL": "WARNING",
+            "CIRCUS_TRACING__LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         })
         for key, value in self.runner_overrides.items():
             env[f"CIRCUS_QUEUE_RUNNER__{key.upper()}"] = \
@@ -223,6 +223,13 @@ class Instance:
             steps = conn.execute(text("SELECT count(*) FROM steps")).scalar_one()
             retried = conn.execute(text(
                 "SELECT count(*) FROM steps WHERE attempts > 0")).scalar_one()
+            if os.environ.get("BENCH_DEBUG"):
+                for row in conn.execute(text("""
+                    SELECT s.id, s.drv_path, s.created_at, s.queued_at, s.started_at,
+                           s.finished_at, s.status FROM steps s
+                    WHERE drv_path IN (SELECT drv_path FROM steps GROUP BY drv_path
+                                       HAVING count(*) > 1) ORDER BY drv_path, id""")):
+                    print("DUP", row)
             conn.execute(text("TRUNCATE builds, steps, evaluations, queue_classes, "
                               "failed_paths CASCADE"))
             conn.commit()
@@ -344,7 +351,8 @@ def main() -> int:
                     run = row[critical]
                     print(f"    steps {run['steps']} (retried {run['retried']}), "
                           f"runner CPU {run['runner_cpu']:.2f} s, nix-store CPU "
-                          f"{run['nix_cpu']:.2f} s, PostgreSQL CPU {run['pg_cpu']:.2f} s")
+                          f"{run['nix_cpu']:.2f} s, PostgreSQL CPU {run['pg_cpu']:.2f} s, "
+                          f"counters {run['stats']}")
             rows.append(row)
     finally:
         for instance in instances.values():

@@ -144,7 +144,8 @@ class QueueRunner:
             "workers": self.workers,
             "dispatcher": self.dispatcher is not None,
             "running_batches": len(self.builder.active),
-            "stats": {k: round(v, 3) for k, v in self.builder.stats.items()},
+            "stats": {**{k: round(v, 3) for k, v in self.builder.stats.items()},
+                      "post_batches": self.post.batches},
             "celery_hostname": self.hostname,
         }
 

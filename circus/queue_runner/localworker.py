@@ -115,6 +115,7 @@ class LocalBuilder:
             self._account("claims", started)
             if not claimed:
                 break
+            log.debug("%s claimed %s", worker, [c.id for c in claimed])
             started = time.monotonic()
             self.build(worker, claimed)
             self._account("batches", started)

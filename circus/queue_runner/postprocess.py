@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Mapping
 
 from sqlalchemy import text
@@ -55,9 +56,13 @@ def record_closure_sizes(session: Session, sizes: Mapping[int, int]) -> None:
 class PostProcessor:
     """A thread that handles succeeded builds in batches."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+    def __init__(self, settings: Settings, factory: sessionmaker[Session],
+                 gather_secs: float = 1.0) -> None:
         self.settings = settings
         self.factory = factory
+        #: wait this long after the first build to handle many with one Nix call each
+        self.gather_secs = gather_secs
+        self.batches = 0
         self._queue: queue.Queue[dict[int, list[str]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="post-processor", daemon=True)
         self.idle = threading.Event()
@@ -82,6 +87,7 @@ class PostProcessor:
             if item is None:
                 return
             batch = dict(item)
+            time.sleep(self.gather_secs)
             stop = False
             while True:
                 try:
@@ -92,6 +98,7 @@ class PostProcessor:
                     stop = True
                     break
                 batch.update(more)
+            self.batches += 1
             try:
                 self.process(batch)
             except Exception:

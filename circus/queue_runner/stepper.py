@@ -33,6 +33,7 @@ from circus.common.nix.derivation import DerivationParseError
 from circus.queue_runner import store
 from circus.queue_runner.capabilities import queue_class_name
 from circus.queue_runner.derivations import DrvCache, DrvInfo
+from circus.queue_runner.outcomes import DoneStep, after_steps_done
 from circus.queue_runner.products import read_output_result
 from circus.queue_runner.results import (
     BuildFinal,
@@ -137,7 +138,7 @@ def step_builds(session: Session, settings: Settings, cache: DrvCache, limit: in
     if cached_for:
         _record_cached_failures(session, cache, usable, cached_for, cached)
     if live:
-        _create_steps(session, cache, live, closures, report)
+        _create_steps(session, settings, cache, live, closures, report)
     session.execute(text("UPDATE builds SET stepped_at = now() WHERE id = ANY(:ids)"),
                     {"ids": [b.id for b in builds]})
     report.finished.merge(finish_builds(session, settings, finals))
@@ -267,7 +268,7 @@ def _insert_build_steps(session: Session, links: list[tuple[int, int, str, bool]
            "toplevels": [r[4] for r in rows]})
 
 
-def _create_steps(session: Session, cache: DrvCache, live: list[_Build],
+def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: list[_Build],
                   closures: dict[int, list[str]], report: StepReport) -> None:
     needed: dict[str, DrvInfo] = {}
     owner: dict[str, _Build] = {}
@@ -363,6 +364,7 @@ def _create_steps(session: Session, cache: DrvCache, live: list[_Build],
     _insert_build_steps(session, links)
 
     if created:
+        _already_built(session, settings, cache, sorted(created), report)
         queued = session.execute(text("""
             UPDATE steps AS s SET state = 'queued', queued_at = now(), published_at = now()
             WHERE s.id = ANY(:ids) AND s.state = 'pending' AND NOT EXISTS (
@@ -377,6 +379,32 @@ def _create_steps(session: Session, cache: DrvCache, live: list[_Build],
             SELECT 1 FROM build_steps bs JOIN steps s ON s.id = bs.step_id
             WHERE bs.build_id = builds.id AND s.state = 'running')
     """), {"ids": [b.id for b in live]})
+
+
+def _already_built(session: Session, settings: Settings, cache: DrvCache, created: list[int],
+                   report: StepReport) -> None:
+    """New steps whose derivation another step built after Nix's answer: succeeded.
+
+    The other step was still active when this batch asked Nix, and finished
+    before the insert (which waited for it). Checked after the insert, so the
+    race has no window.
+    """
+    rows = session.execute(text("""
+        UPDATE steps AS s SET state = 'done', status = 2, finished_at = now(),
+                              error_message = 'built meanwhile by another step'
+        WHERE s.id = ANY(:ids) AND s.state = 'pending' AND EXISTS (
+            SELECT 1 FROM steps o
+            WHERE o.drv_path = s.drv_path AND o.id <> s.id AND o.state = 'done'
+              AND o.status = 2 AND o.finished_at >= now())
+        RETURNING s.id, s.drv_path, s.is_fod
+    """), {"ids": created}).all()
+    if not rows:
+        return
+    done = [DoneStep(r.id, BuildStatus.succeeded, r.drv_path, r.is_fod) for r in rows]
+    results = {r.id: read_output_result(cache.get(r.drv_path).output_paths) for r in rows}
+    finished = after_steps_done(session, settings, done, results)
+    report.queued.update(finished.queued)
+    report.finished.merge(finished.builds)
 
 
 def _register_classes(session: Session, needed: dict[str, DrvInfo], classes: dict[str, str]
