@@ -272,6 +272,14 @@ class _Batch:
                 if self.builder.stop.is_set() and not stopping:
                     stopping = True
                     run.kill()
+        except BaseException:
+            # a bug or an interrupt here must not leave Nix building steps nobody reports:
+            # stop it and hand the steps back
+            log.exception("batch of %d step(s) interrupted", len(self.targets))
+            run.kill()
+            self.pending.clear()
+            self._release()
+            raise
         finally:
             with self.builder._lock:
                 self.builder.active.pop(self.worker, None)
