@@ -355,7 +355,11 @@ class QueueRunnerSettings(SettingsModel):
     def problems(self) -> list[Problem]:
         names = [p.name for p in self.ephemeral_pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        return [Problem("ephemeral_pools", f"duplicate pool name {n!r}") for n in dupes]
+        found = [Problem("ephemeral_pools", f"duplicate pool name {n!r}") for n in dupes]
+        if self.build_cgroup and not Path(self.build_cgroup, "cgroup.procs").is_file():
+            found.append(Problem("build_cgroup",
+                                 f"not a cgroup directory (no cgroup.procs): {self.build_cgroup}"))
+        return found
 
 
 class NixSettings(SettingsModel):

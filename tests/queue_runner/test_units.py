@@ -170,3 +170,15 @@ def test_builders_are_found_by_their_output_variable_and_killed() -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_build_cgroup_must_be_a_cgroup(tmp_path: Path) -> None:
+    from circus.common.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"queue_runner\.build_cgroup"):
+        load_settings(files=[], environ={},
+                      overrides={"queue_runner": {"build_cgroup": str(tmp_path)}})
+    (tmp_path / "cgroup.procs").write_text("")
+    settings = load_settings(files=[], environ={},
+                             overrides={"queue_runner": {"build_cgroup": str(tmp_path)}})
+    assert settings.queue_runner.build_cgroup == str(tmp_path)
