@@ -7,13 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test setup system venv lint typecheck pytest api-docs bench clean
+.PHONY: run test setup system venv lint typecheck docs-check pytest api-docs bench clean
 
 run: setup
 	CIRCUS_CONFIG_FILE="$(CIRCUS_CONFIG_FILE)" CIRCUS_STATE_DIR="$(CIRCUS_STATE_DIR)" \
 		$(BIN)/circus up
 
-test: setup lint typecheck pytest
+test: setup lint typecheck docs-check pytest
 
 setup: system venv
 
@@ -34,6 +34,13 @@ lint:
 
 typecheck:
 	$(BIN)/mypy
+
+# docs/API.md is generated from the OpenAPI document; fails when they drift
+docs-check:
+	$(BIN)/circus-admin dev api-docs --check
+
+api-docs:
+	$(BIN)/circus-admin dev api-docs
 
 pytest:
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -76,6 +76,11 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": timedelta(seconds=settings.gc.cleanup_interval),
             "options": {"queue": MAINTENANCE_QUEUE},
         },
+        "cache-retention": {
+            "task": "circus.cache.tasks.retention",
+            "schedule": timedelta(seconds=settings.gc.cleanup_interval),
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.gc.cleanup_interval},
+        },
         "notifications-retry": {
             "task": "circus.notifications.tasks.retry_due",
             "schedule": timedelta(seconds=30),

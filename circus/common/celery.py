@@ -20,6 +20,7 @@ TASK_MODULES = (
     "circus.queue_runner.tasks",
     "circus.notifications.tasks",
     "circus.maintenance",
+    "circus.cache.tasks",
 )
 
 

@@ -340,13 +340,26 @@ class QueueRunnerSettings(SettingsModel):
     lease_secs: Positive = 60
     #: derivations one local worker may realise in a single nix-store call
     batch_size: Positive = 16
+    #: a queued step nobody claimed for this long gets its wake-up message again
+    republish_secs: Positive = 30
+    #: order equal-priority steps by how many builds wait for them (critical path)
+    critical_path_first: bool = False
+    #: cgroup directory (v1 memory or v2) local builds are moved into: memory limits
+    #: and exact OOM accounting for builds only (the daemon stays outside)
+    build_cgroup: str | None = None
+    #: unstepped builds the dispatcher turns into steps per transaction
+    dispatch_batch_size: Positive = 2000
     rpc: RpcSettings = RpcSettings()
     ephemeral_pools: list[EphemeralPoolSettings] = []
 
     def problems(self) -> list[Problem]:
         names = [p.name for p in self.ephemeral_pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        return [Problem("ephemeral_pools", f"duplicate pool name {n!r}") for n in dupes]
+        found = [Problem("ephemeral_pools", f"duplicate pool name {n!r}") for n in dupes]
+        if self.build_cgroup and not Path(self.build_cgroup, "cgroup.procs").is_file():
+            found.append(Problem("build_cgroup",
+                                 f"not a cgroup directory (no cgroup.procs): {self.build_cgroup}"))
+        return found
 
 
 class NixSettings(SettingsModel):
@@ -379,6 +392,11 @@ class CacheSettings(SettingsModel):
     public_url: str | None = None
     priority: Positive = 30
     narinfo_cache_size: Positive = 65536
+    #: seconds a served narinfo (or a miss) stays in the server's in-process cache
+    narinfo_cache_ttl_secs: Positive = 60
+    negative_cache_ttl_secs: NonNegative = 5
+    #: a narinfo row younger than this is never removed by retention (publish in flight)
+    retention_grace_secs: NonNegative = 3600
 
 
 class SigningSettings(SettingsModel):
@@ -413,6 +431,8 @@ class CacheUploadSettings(SettingsModel):
     retries: NonNegative = 3
     fail_build_on_upload_error: bool = False
     compression: Compression = Compression.zstd
+    #: lifetime of the presigned GET URLs /nix-cache redirects NAR downloads to
+    presign_expiry_secs: Positive = 300
     s3: S3Settings = S3Settings()
 
     def problems(self) -> list[Problem]:

@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 
 from circus.common.config import Settings, load_settings
 from circus.common.db import make_engine, make_session_factory
-from circus.server import errors, health
+from circus.server import cache, errors, health
 from circus.server.context import ServerContext, close_db_session
 
 
@@ -24,4 +24,20 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.teardown_appcontext(close_db_session)
     errors.init_app(app)
     app.register_blueprint(health.blueprint)
+    # the API and its collaborators (auth, security, metrics, public endpoints)
+    from circus.common.celery import create_celery_app
+    from circus.server import api, auth, metrics, public, security
+
+    if settings.broker.url:
+        # services enqueue() tasks after commit through it (absent: docs generation)
+        app.extensions["celery"] = create_celery_app(settings, name="circus-server",
+                                                     engine=engine)
+    auth.init_app(app, settings)
+    limiter = security.init_app(app, settings)
+    api.init_app(app)
+    security.limit_view(app, limiter, "users.login", settings.server.rate_limit_login)
+    app.register_blueprint(public.blueprint)
+    metrics.init_app(app)
+    # last: its narinfo fast path wraps the finished WSGI app
+    cache.init_app(app)
     return app

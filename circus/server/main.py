@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="overrides server.host")
     parser.add_argument("--port", type=int, help="overrides server.port")
     parser.add_argument("--dev", action="store_true", help="Flask's development server")
+    parser.add_argument("--skip-declarative", action="store_true",
+                        help="do not apply [declarative] at start")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -25,6 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings)
     from circus.server.app import create_app
 
+    if not args.skip_declarative:
+        from circus.common.errors import CircusError
+        from circus.declarative import apply_settings
+
+        try:
+            # before workers fork: one applier, and no inherited connections
+            apply_settings(settings)
+        except CircusError as exc:
+            print(f"error in [declarative]: {exc.message}", file=sys.stderr)
+            return 2
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     app = create_app(settings)

@@ -10,7 +10,7 @@ from circus.common.models.builds import (
     BuildProduct,
     FailedPath,
 )
-from circus.common.models.cache import NarInfo
+from circus.common.models.cache import NarInfo, NarInfoProject
 from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
 from circus.common.models.machines import BuilderSession, RemoteBuilder
 from circus.common.models.operations import AuditLog, News, NotificationTask, ServiceHeartbeat
@@ -23,7 +23,7 @@ from circus.common.models.projects import (
     ProjectMember,
     WebhookConfig,
 )
-from circus.common.models.steps import BuildStep, Step, StepDependency
+from circus.common.models.steps import BuildStep, QueueClass, Step, StepDependency
 from circus.common.models.users import ApiKey, StarredJob, User, UserSession
 
 __all__ = [
@@ -46,11 +46,13 @@ __all__ = [
     "Jobset",
     "JobsetInput",
     "NarInfo",
+    "NarInfoProject",
     "News",
     "NotificationConfig",
     "NotificationTask",
     "Project",
     "ProjectMember",
+    "QueueClass",
     "RemoteBuilder",
     "ServiceHeartbeat",
     "StarredJob",

@@ -25,7 +25,7 @@ class NarInfo(Base):
     file_size: Mapped[int | None]
     compression: Mapped[Compression] = mapped_column(enum_column(Compression, "compression"))
     #: relative URL of the NAR (``nar/<filehash>.nar.zst``)
-    url: Mapped[str]
+    url: Mapped[str] = mapped_column(index=True)
     #: where the file lives: ``local`` (cache_dir) or ``s3``
     storage: Mapped[str] = mapped_column(server_default="local", default="local")
     deriver: Mapped[str | None]
@@ -38,3 +38,18 @@ class NarInfo(Base):
                                                    index=True)
     created_at: Mapped[CreatedAt]
     last_fetched_at: Mapped[datetime | None]
+
+
+class NarInfoProject(Base):
+    """Which projects' caches serve a path: every path of the closure of a project's builds.
+
+    One path can belong to several projects (shared dependencies), so this is a
+    link table rather than ``narinfo_cache.project_id`` (the first publisher).
+    """
+
+    __tablename__ = "narinfo_projects"
+
+    store_path: Mapped[str] = mapped_column(
+        ForeignKey("narinfo_cache.store_path", ondelete="CASCADE"), primary_key=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True, index=True)

@@ -1,0 +1,46 @@
+"""API keys: ``Authorization: Bearer <secret>``; the database keeps only SHA-256."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from circus.auth.actor import Actor
+from circus.auth.tokens import digest, new_secret
+from circus.common.enums import ActorKind
+from circus.common.models import ApiKey, User
+from circus.common.models.base import utcnow
+
+PREFIX_LENGTH = 12
+_TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+def generate() -> str:
+    return new_secret("circus")
+
+
+def prefix_of(secret: str) -> str:
+    return secret[:PREFIX_LENGTH]
+
+
+def authenticate(session: Session, secret: str, remote_addr: str | None = None
+                 ) -> Actor | None:
+    """The actor a bearer token stands for; ``None`` when unknown, revoked or disabled.
+
+    Revocation takes effect on the next request: every request looks the key up.
+    """
+    row = session.execute(
+        select(ApiKey, User).outerjoin(User, User.id == ApiKey.owner_id)
+        .where(ApiKey.key_hash == digest(secret), ApiKey.revoked_at.is_(None))).first()
+    if row is None:
+        return None
+    key, owner = row.tuple()
+    if owner is not None and not owner.enabled:
+        return None
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > _TOUCH_INTERVAL:
+        key.last_used_at = now
+    return Actor(ActorKind.api_key, name=f"key:{key.name}", role=key.role,
+                 user_id=key.owner_id, api_key_id=key.id, remote_addr=remote_addr)

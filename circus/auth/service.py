@@ -1,0 +1,185 @@
+"""Users and API keys: the one write path for the API, dashboard, CLI and config."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from circus import audit
+from circus.auth import api_keys, passwords
+from circus.auth.actor import Actor
+from circus.auth.permissions import Action, require_authenticated, require_permission
+from circus.auth.sessions import end_user_sessions
+from circus.auth.tokens import digest
+from circus.common.enums import Role, UserType
+from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from circus.common.models import ApiKey, User
+from circus.common.models.base import utcnow
+from circus.rows import apply_changes, insert_unique
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+USER_FIELDS = ("email", "full_name", "role", "enabled")
+
+
+def get_user(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"no user with id {user_id}")
+    return user
+
+
+def find_user(session: Session, username: str) -> User | None:
+    return session.scalar(select(User).where(User.username == username))
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < passwords.MIN_LENGTH:
+        raise InvalidInput("password too short",
+                           {"password": [f"must be at least {passwords.MIN_LENGTH} characters"]})
+
+
+def create_user(session: Session, actor: Actor, *, username: str, password: str | None = None,
+                email: str | None = None, full_name: str | None = None,
+                role: Role = Role.read_only, enabled: bool = True,
+                managed: bool = False) -> User:
+    require_permission(session, actor, Action.user_manage)
+    if not USERNAME_RE.match(username):
+        raise InvalidInput("invalid username", {"username": [
+            "letters, digits and . _ @ - only, starting with a letter or digit, at most 128"]})
+    if find_user(session, username) is not None:
+        raise Conflict(f"user {username!r} already exists", {"username": username})
+    if password is not None:
+        check_password_strength(password)
+    user = User(username=username, email=email, full_name=full_name, role=role,
+                enabled=enabled, user_type=UserType.local, managed_declaratively=managed,
+                password_hash=passwords.hash_password(password) if password else None)
+    insert_unique(session, user, f"user {username!r} already exists")
+    audit.record(session, actor, "user.create", f"user:{username}",
+                 {"role": role.value, "enabled": enabled})
+    return user
+
+
+def update_user(session: Session, actor: Actor, user_id: int, changes: dict[str, Any]) -> User:
+    require_permission(session, actor, Action.user_manage)
+    user = get_user(session, user_id)
+    applied = apply_changes(user, changes, USER_FIELDS)
+    if "password" in changes and changes["password"] is not None:
+        check_password_strength(changes["password"])
+        user.password_hash = passwords.hash_password(changes["password"])
+        end_user_sessions(session, user.id)
+        applied["password"] = "changed"
+    if applied.get("enabled") is False:
+        end_user_sessions(session, user.id)
+    audit.record(session, actor, "user.update", f"user:{user.username}", applied)
+    return user
+
+
+def delete_user(session: Session, actor: Actor, user_id: int) -> None:
+    require_permission(session, actor, Action.user_manage)
+    user = get_user(session, user_id)
+    if actor.user_id == user.id:
+        raise Conflict("you cannot delete yourself")
+    session.delete(user)
+    audit.record(session, actor, "user.delete", f"user:{user.username}")
+
+
+def update_me(session: Session, actor: Actor, changes: dict[str, Any]) -> User:
+    user = current_user_row(session, actor)
+    applied = apply_changes(user, changes, ("email", "full_name"))
+    audit.record(session, actor, "me.update", f"user:{user.username}", applied)
+    return user
+
+
+def change_password(session: Session, actor: Actor, current: str, new: str) -> None:
+    user = current_user_row(session, actor)
+    if user.password_hash and not passwords.verify_password(user.password_hash, current):
+        raise PermissionDenied("current password is wrong", {"current_password": ["wrong"]})
+    check_password_strength(new)
+    user.password_hash = passwords.hash_password(new)
+    end_user_sessions(session, user.id)
+    audit.record(session, actor, "me.password", f"user:{user.username}")
+
+
+def current_user_row(session: Session, actor: Actor) -> User:
+    require_authenticated(actor)
+    if actor.user_id is None:
+        raise NotFound("this API key has no owner user", {"hint": "use a user's key or log in"})
+    return get_user(session, actor.user_id)
+
+
+def authenticate_password(session: Session, username: str, password: str) -> User | None:
+    """The enabled local user with this password, else ``None`` (same time either way)."""
+    user = find_user(session, username)
+    if user is None or not user.enabled:
+        passwords.verify_password(None, password)
+        return None
+    if not passwords.verify_password(user.password_hash, password):
+        return None
+    if passwords.needs_rehash(user.password_hash or ""):
+        user.password_hash = passwords.hash_password(password)
+    return user
+
+
+# ---------------------------------------------------------------------------
+# API keys
+
+
+def create_api_key(session: Session, actor: Actor, *, name: str, role: Role | None = None,
+                   owner_id: int | None = None, secret: str | None = None,
+                   managed: bool = False) -> tuple[ApiKey, str]:
+    """Create a key; returns it with its secret, which is never shown again.
+
+    Anyone authenticated may make keys for themselves with their own role or
+    ``read-only``; admins may make keys of any role for anyone (or no one).
+    """
+    require_authenticated(actor)
+    name = name.strip()
+    if not name or len(name) > 128:
+        raise InvalidInput("invalid key name", {"name": ["1 to 128 characters"]})
+    if actor.is_admin:
+        role = role or Role.read_only
+        if owner_id is not None:
+            get_user(session, owner_id)
+    else:
+        if owner_id is not None and owner_id != actor.user_id:
+            raise PermissionDenied("only admins create keys for other users")
+        if actor.user_id is None:
+            raise PermissionDenied("a key without an owner cannot create keys")
+        owner_id = actor.user_id
+        role = role or actor.role or Role.read_only
+        if role not in (actor.role, Role.read_only):
+            raise PermissionDenied(f"you cannot create a key with role {role.value}",
+                                   {"role": [f"must be {actor.role} or read-only"]})
+    secret = secret or api_keys.generate()
+    key = ApiKey(name=name, key_hash=digest(secret), key_prefix=api_keys.prefix_of(secret),
+                 role=role, owner_id=owner_id, managed_declaratively=managed)
+    insert_unique(session, key, "a key with this secret already exists")
+    audit.record(session, actor, "api_key.create", f"api_key:{key.id}",
+                 {"name": name, "role": role.value, "owner_id": owner_id})
+    return key, secret
+
+
+def list_api_keys_query(actor: Actor, *, all_keys: bool = False) -> Any:
+    require_authenticated(actor)
+    query = select(ApiKey).order_by(ApiKey.id)
+    if not (actor.is_admin and all_keys):
+        query = query.where(ApiKey.owner_id == actor.user_id)
+    return query
+
+
+def revoke_api_key(session: Session, actor: Actor, key_id: int) -> ApiKey:
+    require_authenticated(actor)
+    key = session.get(ApiKey, key_id)
+    if key is None or (not actor.is_admin and key.owner_id != actor.user_id):
+        raise NotFound(f"no API key with id {key_id}")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    audit.record(session, actor, "api_key.revoke", f"api_key:{key.id}", {"name": key.name})
+    return key
+
+
+def count_users(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(User)) or 0)

@@ -1,0 +1,1 @@
+"""circus-admin: the command-line client of the REST API."""

@@ -1,0 +1,1 @@
+"""Build machines managed by people: SSH remote builders."""

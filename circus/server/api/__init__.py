@@ -1,0 +1,70 @@
+"""The REST API under /api/v1 (flask-smorest) and its OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from flask_smorest import Api
+
+from circus import __version__
+from circus.server.api import (
+    admin,
+    buildfiles,
+    builds,
+    channels,
+    evaluations,
+    misc,
+    projects,
+    users,
+)
+from circus.server.api.base import IdConverter, NameConverter, id_schema, name_schema
+from circus.server.api.schemas.common import ErrorSchema
+from circus.server.api.schemas.users import LoginSchema
+
+BLUEPRINTS = (projects.blp, evaluations.blp, builds.blp, buildfiles.blp, channels.blp,
+              users.blp, admin.blp, misc.blp)
+
+
+class CircusApi(Api):  # type: ignore[misc]
+    ERROR_SCHEMA = ErrorSchema
+
+    def _register_error_handlers(self) -> None:
+        # circus.server.errors renders every error as {"error", "details"} already
+        pass
+
+
+def spec_options() -> dict[str, Any]:
+    return {
+        "info": {"description": "Circus REST API. Authenticate with `Authorization: Bearer "
+                                "<api key>` (or a session cookie plus `X-CSRFToken` for "
+                                "mutations). Lists answer `{items, total, limit, offset}`; "
+                                "errors answer `{error, details}`."},
+        "components": {"securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "an API key created with POST /api/v1/api-keys"},
+            "session": {"type": "apiKey", "in": "cookie", "name": "circus_session"},
+        }},
+        "security": [{"bearer": []}, {"session": []}],
+    }
+
+
+def init_app(app: Flask) -> CircusApi:
+    app.config.update(
+        API_TITLE="Circus",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/api/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+        API_SPEC_OPTIONS=spec_options(),
+    )
+    app.url_map.converters["id"] = IdConverter
+    app.url_map.converters["name"] = NameConverter
+    api = CircusApi(app)
+    api.register_converter(IdConverter, id_schema)
+    api.register_converter(NameConverter, name_schema)
+    # request bodies documented by hand (the login form) reference it by name
+    api.spec.components.schema("Login", schema=LoginSchema)
+    for blp in BLUEPRINTS:
+        api.register_blueprint(blp)
+    return api

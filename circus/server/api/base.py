@@ -1,0 +1,101 @@
+"""Blueprint, argument parser, path converters and pagination for /api/v1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flask_smorest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from webargs.flaskparser import FlaskParser
+from werkzeug.routing import BaseConverter, IntegerConverter, Map
+
+from circus.server.api.schemas.common import MAX_ID
+
+PREFIX = "/api/v1"
+
+
+class Parser(FlaskParser):
+    # invalid input is a 400 naming the field (SPEC: errors carry the right 4xx)
+    DEFAULT_VALIDATION_STATUS = 400
+
+
+View = Callable[..., Any]
+Decorator = Callable[[View], View]
+
+
+class Blueprint(flask_smorest.Blueprint):  # type: ignore[misc]
+    """flask-smorest's blueprint with a 400 parser and typed decorators (for mypy)."""
+
+    ARGUMENTS_PARSER = Parser()
+
+    def get(self, rule: str, **options: Any) -> Decorator:
+        return super().get(rule, **options)  # type: ignore[no-any-return]
+
+    def post(self, rule: str, **options: Any) -> Decorator:
+        return super().post(rule, **options)  # type: ignore[no-any-return]
+
+    def put(self, rule: str, **options: Any) -> Decorator:
+        return super().put(rule, **options)  # type: ignore[no-any-return]
+
+    def delete(self, rule: str, **options: Any) -> Decorator:
+        return super().delete(rule, **options)  # type: ignore[no-any-return]
+
+    def arguments(self, schema: Any, **options: Any) -> Decorator:
+        return super().arguments(schema, **options)  # type: ignore[no-any-return]
+
+    def response(self, status_code: int, schema: Any = None, **options: Any) -> Decorator:
+        return super().response(status_code, schema, **options)  # type: ignore[no-any-return]
+
+    def doc(self, **kwargs: Any) -> Decorator:
+        return super().doc(**kwargs)  # type: ignore[no-any-return]
+
+
+class IdConverter(IntegerConverter):
+    """A row id: digits that fit a bigint (anything else is a 404, never a DB error)."""
+
+    def __init__(self, map: Map, *args: Any, **kwargs: Any) -> None:
+        super().__init__(map, min=0, max=MAX_ID)
+
+
+class NameConverter(BaseConverter):
+    """A project/jobset/channel reference: a numeric id or a name."""
+
+    regex = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+
+
+def id_schema(converter: Any) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 0, "maximum": MAX_ID}
+
+
+def name_schema(converter: Any) -> dict[str, Any]:
+    return {"type": "string", "pattern": "^" + NameConverter.regex + "$",
+            "description": "numeric id or name"}
+
+
+def paginate(session: Session, query: Any, args: dict[str, Any], *,
+             scalars: bool = True, cursor_column: Any = None) -> dict[str, Any]:
+    """One page of ``query`` plus the total count.
+
+    With ``cursor_column`` (an id the query is ordered by, descending) the caller
+    may pass ``cursor`` instead of ``offset``: keyset pagination, as fast on page
+    1000 as on page 1; ``next_cursor`` names the next page.
+    """
+    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+    cursor = args.get("cursor") if cursor_column is not None else None
+    if cursor is not None:
+        limited = query.where(cursor_column < cursor).limit(args["limit"])
+    else:
+        limited = query.limit(args["limit"]).offset(args["offset"])
+    items: list[Any]
+    if scalars:
+        items = list(session.scalars(limited).all())
+    else:
+        items = [tuple(row) for row in session.execute(limited).all()]
+    page = {"items": items, "total": int(total or 0), "limit": args["limit"],
+            "offset": args["offset"] if cursor is None else 0}
+    if cursor_column is not None:
+        full = len(items) == args["limit"]
+        page["next_cursor"] = getattr(items[-1], "id", None) if full and scalars else None
+    return page

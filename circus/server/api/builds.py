@@ -1,0 +1,182 @@
+"""/api/v1/builds: list, recent, stats, show, actions, steps, relations."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from circus import audit
+from circus.auth.permissions import Action, require_permission
+from circus.common.enums import BuildStatus, StepState
+from circus.common.models import Build, BuildConstituent, BuildDependency, BuildStep, Step
+from circus.queue_runner import service as queue_runner
+from circus.server.api.base import Blueprint, paginate
+from circus.server.api.queries import filter_builds, get_build
+from circus.server.api.schemas.builds import (
+    BuildFilterSchema,
+    BuildSchema,
+    BuildStatsSchema,
+    RecentArgsSchema,
+    StatsArgsSchema,
+    StepSchema,
+)
+from circus.server.api.schemas.common import PageArgs, page_of
+from circus.server.auth import current_actor
+from circus.server.context import db_session
+
+blp = Blueprint("builds", __name__, url_prefix="/api/v1/builds",
+                description="Builds, their steps, logs and products")
+
+B = "/<id:build_id>"
+UNFINISHED = (BuildStatus.pending, BuildStatus.running)
+
+
+@blp.get("")
+@blp.arguments(BuildFilterSchema, location="query")
+@blp.response(200, page_of(BuildSchema))
+def list_builds(args: dict[str, Any]) -> Any:
+    query = filter_builds(select(Build), args).order_by(Build.id.desc())
+    return paginate(db_session(), query, args, cursor_column=Build.id)
+
+
+@blp.get("/recent")
+@blp.arguments(RecentArgsSchema, location="query")
+@blp.response(200, BuildSchema(many=True))
+def recent(args: dict[str, Any]) -> Any:
+    """The most recently finished builds."""
+    query = filter_builds(select(Build), {**args, "finished": True}).where(
+        Build.completed_at.is_not(None)).order_by(Build.completed_at.desc(), Build.id.desc())
+    return list(db_session().scalars(query.limit(args["limit"])))
+
+
+@blp.get("/stats")
+@blp.arguments(StatsArgsSchema, location="query")
+@blp.response(200, BuildStatsSchema)
+def stats(args: dict[str, Any]) -> Any:
+    session = db_session()
+    rows = session.execute(filter_builds(
+        select(Build.status, func.count()).group_by(Build.status), args))
+    by_status = {status.name: count for status, count in rows}
+    duration = session.scalar(filter_builds(
+        select(func.avg(func.extract("epoch", Build.completed_at - Build.started_at)))
+        .where(Build.completed_at.is_not(None), Build.started_at.is_not(None)), args))
+    steps = {state.value: count for state, count in session.execute(
+        select(Step.state, func.count()).where(Step.state != StepState.done)
+        .group_by(Step.state))}
+    total = sum(by_status.values())
+    pending = by_status.get("pending", 0)
+    running = by_status.get("running", 0)
+    succeeded = by_status.get("succeeded", 0)
+    return {"total": total, "by_status": by_status, "queued": pending, "running": running,
+            "finished": total - pending - running, "succeeded": succeeded,
+            "failed": total - pending - running - succeeded,
+            "avg_duration_seconds": float(duration) if duration is not None else None,
+            "steps_by_state": steps}
+
+
+@blp.get(B)
+@blp.response(200, BuildSchema)
+def get_build_view(build_id: int) -> Any:
+    return get_build(db_session(), build_id)
+
+
+def _act(build_id: int, action: Action, audit_action: str, call: Any) -> Build:
+    session = db_session()
+    actor = current_actor()
+    build = get_build(session, build_id)
+    require_permission(session, actor, action, build.project_id)
+    result: Build = call(session)
+    audit.record(session, actor, audit_action, f"build:{build_id}")
+    session.commit()
+    return result
+
+
+@blp.post(B + "/cancel")
+@blp.response(200, BuildSchema)
+def cancel(build_id: int) -> Any:
+    return _act(build_id, Action.build_cancel, "build.cancel",
+                lambda s: queue_runner.cancel_build(s, build_id,
+                                                    reason=f"cancelled by {current_actor().label}"))
+
+
+@blp.post(B + "/restart")
+@blp.response(200, BuildSchema)
+def restart(build_id: int) -> Any:
+    return _act(build_id, Action.build_restart, "build.restart",
+                lambda s: queue_runner.restart_build(s, build_id))
+
+
+@blp.post(B + "/bump")
+@blp.response(200, BuildSchema)
+def bump(build_id: int) -> Any:
+    return _act(build_id, Action.build_bump, "build.bump",
+                lambda s: queue_runner.bump_build(s, build_id))
+
+
+@blp.put(B + "/keep/<any(true,false):keep>")
+@blp.response(200, BuildSchema)
+def keep(build_id: int, keep: str) -> Any:
+    flag = keep == "true"
+    return _act(build_id, Action.build_keep, f"build.{'keep' if flag else 'unkeep'}",
+                lambda s: queue_runner.set_keep(s, build_id, flag))
+
+
+# ---------------------------------------------------------------------------
+# steps and relations
+
+
+def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
+    rows = session.execute(
+        select(BuildStep, Step).join(Step, Step.id == BuildStep.step_id)
+        .where(BuildStep.build_id == build_id).order_by(BuildStep.step_nr))
+    return [SimpleNamespace(
+        step_id=step.id, build_id=bs.build_id, step_nr=bs.step_nr, drv_path=bs.drv_path,
+        is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
+        machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
+        propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
+        finished_at=step.finished_at, log_size=step.log_size, has_log=bool(step.log_path),
+    ) for bs, step in rows]
+
+
+@blp.get(B + "/steps")
+@blp.response(200, StepSchema(many=True))
+def steps(build_id: int) -> Any:
+    session = db_session()
+    get_build(session, build_id)
+    return build_steps(session, build_id)
+
+
+def _related(build_id: int, args: dict[str, Any], query: Any) -> Any:
+    session = db_session()
+    get_build(session, build_id)
+    return paginate(session, select(Build).where(Build.id.in_(query)).order_by(Build.id), args)
+
+
+@blp.get(B + "/constituents")
+@blp.arguments(PageArgs, location="query")
+@blp.response(200, page_of(BuildSchema))
+def constituents(args: dict[str, Any], build_id: int) -> Any:
+    """Builds an aggregate job consists of."""
+    return _related(build_id, args, select(BuildConstituent.constituent_id).where(
+        BuildConstituent.aggregate_id == build_id))
+
+
+@blp.get(B + "/dependencies")
+@blp.arguments(PageArgs, location="query")
+@blp.response(200, page_of(BuildSchema))
+def dependencies(args: dict[str, Any], build_id: int) -> Any:
+    """Builds of the same evaluation whose outputs this build needs."""
+    return _related(build_id, args, select(BuildDependency.dependency_id).where(
+        BuildDependency.build_id == build_id))
+
+
+@blp.get(B + "/dependents")
+@blp.arguments(PageArgs, location="query")
+@blp.response(200, page_of(BuildSchema))
+def dependents(args: dict[str, Any], build_id: int) -> Any:
+    """Builds that need this build's outputs."""
+    return _related(build_id, args, select(BuildDependency.build_id).where(
+        BuildDependency.dependency_id == build_id))

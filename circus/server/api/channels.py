@@ -1,0 +1,61 @@
+"""/api/v1/channels: channels point at an evaluation of a jobset (Hydra channels)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+
+from circus.common.models import Channel
+from circus.projects import service
+from circus.server.api.base import Blueprint, paginate
+from circus.server.api.schemas.common import PageArgs, page_of
+from circus.server.api.schemas.projects import ChannelCreateSchema, ChannelSchema
+from circus.server.auth import current_actor
+from circus.server.context import db_session
+
+blp = Blueprint("channels", __name__, url_prefix="/api/v1/channels", description="Channels")
+
+
+@blp.get("")
+@blp.arguments(PageArgs, location="query")
+@blp.response(200, page_of(ChannelSchema))
+def list_channels(args: dict[str, Any]) -> Any:
+    return paginate(db_session(), select(Channel).order_by(Channel.name), args)
+
+
+@blp.post("")
+@blp.arguments(ChannelCreateSchema)
+@blp.response(201, ChannelSchema)
+def create_channel(data: dict[str, Any]) -> Any:
+    session = db_session()
+    jobset = service.get_jobset_by_id(session, data["jobset_id"])
+    channel = service.create_channel(session, current_actor(), jobset, name=data["name"])
+    session.commit()
+    return channel
+
+
+@blp.get("/<name:channel>")
+@blp.response(200, ChannelSchema)
+def get_channel(channel: str) -> Any:
+    return service.get_channel(db_session(), channel)
+
+
+@blp.delete("/<name:channel>")
+@blp.response(204)
+def delete_channel(channel: str) -> ResponseReturnValue:
+    session = db_session()
+    service.delete_channel(session, current_actor(), service.get_channel(session, channel))
+    session.commit()
+    return ""
+
+
+@blp.post("/<name:channel>/promote/<id:evaluation_id>")
+@blp.response(200, ChannelSchema)
+def promote(channel: str, evaluation_id: int) -> Any:
+    session = db_session()
+    row = service.promote_channel(session, current_actor(), service.get_channel(session, channel),
+                                  evaluation_id)
+    session.commit()
+    return row

@@ -1,0 +1,104 @@
+"""/api/v1/evaluations: list, show (with eval errors), trigger, cancel, compare."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from circus import audit
+from circus.auth.permissions import Action, require_permission
+from circus.common.enums import TriggerKind
+from circus.common.models import Evaluation
+from circus.evaluator import service as evaluator
+from circus.projects import service as projects
+from circus.server.api.base import Blueprint, paginate
+from circus.server.api.queries import build_counts, filter_evaluations, get_evaluation
+from circus.server.api.schemas.builds import (
+    CompareArgsSchema,
+    ComparisonSchema,
+    EvaluationDetailSchema,
+    EvaluationFilterSchema,
+    EvaluationSchema,
+    TriggerSchema,
+)
+from circus.server.api.schemas.common import page_of
+from circus.server.auth import current_actor
+from circus.server.context import db_session
+
+blp = Blueprint("evaluations", __name__, url_prefix="/api/v1/evaluations",
+                description="Evaluations of jobsets")
+
+
+def _with_counts(evaluations: list[Evaluation]) -> list[Evaluation]:
+    counts = build_counts(db_session(), (e.id for e in evaluations))
+    for evaluation in evaluations:
+        evaluation.build_counts = counts.get(evaluation.id, {})  # type: ignore[attr-defined]
+    return evaluations
+
+
+@blp.get("")
+@blp.arguments(EvaluationFilterSchema, location="query")
+@blp.response(200, page_of(EvaluationSchema))
+def list_evaluations(args: dict[str, Any]) -> Any:
+    query = filter_evaluations(select(Evaluation), args).options(
+        selectinload(Evaluation.jobset)).order_by(Evaluation.id.desc())
+    page = paginate(db_session(), query, args, cursor_column=Evaluation.id)
+    page["items"] = _with_counts(page["items"])
+    return page
+
+
+@blp.get("/<id:evaluation_id>")
+@blp.response(200, EvaluationDetailSchema)
+def get_evaluation_view(evaluation_id: int) -> Any:
+    return _with_counts([get_evaluation(db_session(), evaluation_id)])[0]
+
+
+@blp.post("/trigger")
+@blp.arguments(TriggerSchema)
+@blp.response(202, EvaluationSchema)
+def trigger(data: dict[str, Any]) -> Any:
+    """Queue an evaluation now (or answer with the jobset's pending/running one)."""
+    session = db_session()
+    actor = current_actor()
+    if "jobset_id" in data:
+        jobset = projects.get_jobset_by_id(session, data["jobset_id"])
+    else:
+        project = projects.get_project(session, data["project"])
+        jobset = projects.get_jobset(session, project, data["jobset"])
+    require_permission(session, actor, Action.evaluation_trigger, jobset.project_id)
+    evaluation, created = evaluator.trigger(session, jobset.id, TriggerKind.manual,
+                                            requested_by=actor.label)
+    session.flush()
+    audit.record(session, actor, "evaluation.trigger", f"jobset:{jobset.id}",
+                 {"evaluation_id": evaluation.id, "created": created})
+    session.commit()
+    return _with_counts([evaluation])[0]
+
+
+@blp.post("/<id:evaluation_id>/cancel")
+@blp.response(200, EvaluationSchema)
+def cancel(evaluation_id: int) -> ResponseReturnValue:
+    session = db_session()
+    actor = current_actor()
+    evaluation = get_evaluation(session, evaluation_id)
+    require_permission(session, actor, Action.evaluation_cancel, evaluation.jobset.project_id)
+    evaluation = evaluator.cancel_evaluation(session, evaluation_id)
+    audit.record(session, actor, "evaluation.cancel", f"evaluation:{evaluation_id}")
+    session.commit()
+    return _with_counts([evaluation])[0]  # type: ignore[return-value]
+
+
+@blp.get("/<id:evaluation_id>/compare")
+@blp.arguments(CompareArgsSchema, location="query")
+@blp.response(200, ComparisonSchema)
+def compare(args: dict[str, Any], evaluation_id: int) -> Any:
+    session = db_session()
+    get_evaluation(session, evaluation_id)
+    get_evaluation(session, args["to"])
+    result = evaluator.compare(session, evaluation_id, args["to"])
+    return {"evaluation_id": evaluation_id, "other_id": args["to"], "new_jobs": result.new_jobs,
+            "removed_jobs": result.removed_jobs, "changed_jobs": result.changed_jobs,
+            "unchanged_count": result.unchanged_count}

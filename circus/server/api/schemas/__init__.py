@@ -1,0 +1,1 @@
+"""Marshmallow schemas of every API request and response."""

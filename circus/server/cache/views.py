@@ -1,0 +1,101 @@
+"""``/nix-cache`` and ``/projects/<name>/nix-cache``: a Nix binary cache over HTTP.
+
+Every user-supplied part of a URL is checked against a strict pattern before
+anything else happens; only names Circus itself produced ever reach the
+database or the filesystem, and a NAR file is opened only after the database
+confirmed that this cache serves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Blueprint, Response, current_app, redirect, send_file
+from flask.typing import ResponseReturnValue
+
+from circus.cache.files import NAR_URL, LocalFiles
+from circus.cache.s3 import S3Error, S3Store
+from circus.common.errors import InvalidInput, NotFound, Unavailable
+from circus.common.nix import storepath
+from circus.common.nix.narinfo import CONTENT_TYPE, cache_info
+from circus.server.cache.lookup import CacheIndex
+from circus.server.context import settings
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("cache", __name__)
+
+PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAR_TYPE = "application/x-nix-nar"
+#: NAR files are content-addressed: a name never changes meaning
+NAR_CACHE_CONTROL = "public, max-age=31536000, immutable"
+S3_OR_CONFIG_ERRORS: tuple[type[Exception], ...] = (*S3Error, ValueError)
+
+
+def index() -> CacheIndex:
+    found: CacheIndex = current_app.extensions["circus_cache"]
+    return found
+
+
+def _project(name: str | None) -> str | None:
+    if name is not None and PROJECT_NAME.fullmatch(name) is None:
+        raise NotFound("no such project cache")
+    return name
+
+
+def narinfo_response(body: bytes) -> Response:
+    response = Response(body, mimetype=CONTENT_TYPE)
+    response.headers["Cache-Control"] = f"public, max-age={settings().cache.narinfo_cache_ttl_secs}"
+    return response
+
+
+@blueprint.get("/nix-cache/nix-cache-info")
+@blueprint.get("/projects/<project>/nix-cache/nix-cache-info")
+def nix_cache_info(project: str | None = None) -> ResponseReturnValue:
+    _project(project)
+    return Response(cache_info(settings().cache.priority), mimetype="text/x-nix-cache-info")
+
+
+@blueprint.get("/nix-cache/<name>.narinfo")
+@blueprint.get("/projects/<project>/nix-cache/<name>.narinfo")
+def narinfo(name: str, project: str | None = None) -> ResponseReturnValue:
+    if not storepath.is_hash_part(name):
+        raise InvalidInput("malformed store path hash", {"hash": name[:64]})
+    body = index().narinfo(name, _project(project))
+    if body is None:
+        raise NotFound("no such path in this cache")
+    return narinfo_response(body)
+
+
+@blueprint.get("/nix-cache/nar/<name>")
+@blueprint.get("/projects/<project>/nix-cache/nar/<name>")
+def nar(name: str, project: str | None = None) -> ResponseReturnValue:
+    url = f"nar/{name}"
+    if NAR_URL.fullmatch(url) is None:
+        raise InvalidInput("malformed NAR file name", {"name": name[:80]})
+    location = index().nar(url, _project(project))
+    if location is None:
+        raise NotFound("no such NAR in this cache")
+    config = settings()
+    if "local" in location.storages:
+        path = LocalFiles(config.cache.cache_dir).path_of(url)
+        if path is not None and path.is_file():
+            response = send_file(path, mimetype=NAR_TYPE, conditional=True, etag=False,
+                                 max_age=None)
+            response.headers["Cache-Control"] = NAR_CACHE_CONTROL
+            return response
+        if location.storages == {"local"}:
+            log.error("cache: %s is recorded but missing from %s", url, config.cache.cache_dir)
+            raise NotFound("no such NAR in this cache")
+    if not config.cache_upload.store_uri:
+        raise Unavailable("this NAR is stored in S3, but no cache_upload.store_uri is set")
+    try:
+        target = S3Store(config.cache_upload).presigned_get(
+            url, config.cache_upload.presign_expiry_secs)
+    except S3_OR_CONFIG_ERRORS as exc:
+        log.error("cache: cannot presign %s: %s", url, exc)
+        raise Unavailable("cannot reach the S3 cache right now") from None
+    moved = redirect(target, code=302)
+    moved.headers["Cache-Control"] = "no-store"
+    return moved

@@ -1,0 +1,84 @@
+"""Reading build logs: whole (decompressing zstd) and followed while a step runs.
+
+Writers (the queue runner) keep a running step's log as a plain file under
+``logs.log_dir`` and compress it with zstd once the step finishes, updating
+``steps.log_path``. Readers therefore decide by content (zstd magic), never by
+name, and re-read ``log_path`` when a followed step finishes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+CHUNK = 64 * 1024
+
+
+def resolve(log_dir: str, log_path: str | None) -> Path | None:
+    """The log file of a step; relative paths are inside ``log_dir``. None if missing."""
+    if not log_path:
+        return None
+    path = Path(log_path)
+    if not path.is_absolute():
+        path = Path(log_dir) / path
+    return path if path.is_file() else None
+
+
+def is_compressed(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) == ZSTD_MAGIC
+
+
+def read_chunks(path: Path) -> Iterator[bytes]:
+    """The whole log, decompressed, in chunks (never all in memory)."""
+    with path.open("rb") as raw:
+        if raw.read(4) == ZSTD_MAGIC:
+            raw.seek(0)
+            reader: BinaryIO = zstandard.ZstdDecompressor().stream_reader(raw)
+        else:
+            raw.seek(0)
+            reader = raw
+        while chunk := reader.read(CHUNK):
+            yield chunk
+
+
+def follow(locate: Callable[[], tuple[Path | None, bool]], *, poll: float = 0.25,
+           timeout: float = 3600.0) -> Iterator[bytes]:
+    """Yield a growing plain log as it grows, until the step is done.
+
+    ``locate()`` returns ``(current log file, step finished)``. When the step
+    finishes, the rest of its final log (which may now be compressed) is
+    yielded from the offset already sent.
+    """
+    sent = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path, finished = locate()
+        if path is not None and not is_compressed(path):
+            size = os.path.getsize(path)
+            if size > sent:
+                with path.open("rb") as handle:
+                    handle.seek(sent)
+                    while sent < size and (chunk := handle.read(min(CHUNK, size - sent))):
+                        sent += len(chunk)
+                        yield chunk
+        if finished:
+            if path is not None and is_compressed(path):
+                yield from _skip(read_chunks(path), sent)
+            return
+        time.sleep(poll)
+
+
+def _skip(chunks: Iterator[bytes], offset: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        if offset >= len(chunk):
+            offset -= len(chunk)
+            continue
+        yield chunk[offset:]
+        offset = 0

@@ -1,0 +1,68 @@
+"""Security headers, CORS allowlist and per-IP rate limits.
+
+Rate limits use flask-limiter with in-memory storage: each server process
+counts on its own (with N gunicorn workers a client may get up to N times the
+configured rate). That is enough to stop password guessing and runaway
+scripts without adding a dependency on Redis for the web tier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, request
+from flask_cors import CORS
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+from circus.common.config import Settings
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+# the dashboard serves its own scripts and styles; nothing is loaded from elsewhere
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' "
+                           "'unsafe-inline'; frame-ancestors 'none'; base-uri 'self'; "
+                           "form-action 'self'")
+
+
+def init_app(app: Flask, settings: Settings) -> Limiter:
+    secure = settings.server.force_secure_cookies
+
+    @app.after_request
+    def add_security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        if secure:
+            response.headers.setdefault("Strict-Transport-Security",
+                                        "max-age=31536000; includeSubDomains")
+        return response
+
+    origins = settings.server.allowed_origins
+    if origins:
+        CORS(app, resources={r"/api/*": {"origins": origins}}, supports_credentials=False,
+             allow_headers=["Authorization", "Content-Type", "X-CSRFToken"],
+             expose_headers=["Retry-After"], max_age=600)
+
+    limiter = Limiter(
+        key_func=get_remote_address,
+        app=app,
+        storage_uri="memory://",
+        enabled=settings.server.rate_limit_enabled,
+        application_limits=[settings.server.rate_limit_api],
+        application_limits_exempt_when=lambda: not request.path.startswith("/api/"),
+        headers_enabled=True,
+    )
+    return limiter
+
+
+def limit_view(app: Flask, limiter: Limiter, endpoint: str, rate: str) -> None:
+    """Put an extra limit on one registered endpoint (login: password guessing)."""
+    view: Callable[..., Any] = app.view_functions[endpoint]
+    app.view_functions[endpoint] = limiter.limit(rate)(view)

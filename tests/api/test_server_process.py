@@ -1,0 +1,71 @@
+"""The API served by a real ``circus-server`` (gunicorn) process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import Engine
+
+from tests.api.live import ADMIN_KEY, LiveServer, live_server
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine, database_url: str, redis_url: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with live_server(engine, database_url, redis_url,
+                     tmp_path_factory.mktemp("live-api")) as running:
+        yield running
+
+
+def test_declarative_admin_key_works_and_reads_need_a_key(server: LiveServer) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert requests.get(server.url + "/api/v1/projects", timeout=10).status_code == 401
+    response = requests.get(server.url + "/api/v1/me", headers=admin, timeout=10)
+    assert response.status_code == 200
+    assert response.json()["username"] == "root"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    document = requests.get(server.url + "/api/v1/openapi.json", timeout=10).json()
+    assert "/api/v1/projects" in document["paths"]
+
+
+def test_crud_and_revocation_over_http(server: LiveServer) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    created = requests.post(server.url + "/api/v1/projects", headers=admin, timeout=10,
+                            json={"name": "live", "repository_url": "file:///nowhere"})
+    assert created.status_code == 201
+    duplicate = requests.post(server.url + "/api/v1/projects", headers=admin, timeout=10,
+                              json={"name": "live"})
+    assert duplicate.status_code == 409
+    assert duplicate.json()["error"] == "project 'live' already exists"
+    key = requests.post(server.url + "/api/v1/api-keys", headers=admin, timeout=10,
+                        json={"name": "temp", "role": "read-only"}).json()
+    temp = {"Authorization": f"Bearer {key['key']}"}
+    assert requests.get(server.url + "/api/v1/projects", headers=temp,
+                        timeout=10).json()["total"] == 1
+    assert requests.delete(f"{server.url}/api/v1/api-keys/{key['id']}", headers=admin,
+                           timeout=10).status_code == 204
+    assert requests.get(server.url + "/api/v1/projects", headers=temp,
+                        timeout=10).status_code == 401
+    audit = requests.get(server.url + "/api/v1/admin/audit-log?action=api_key.revoke",
+                         headers=admin, timeout=10).json()
+    assert audit["items"][0]["remote_addr"] == "127.0.0.1"
+    assert audit["items"][0]["actor"] == "key:live-admin"
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert "circus_builds" in metrics
+
+
+def test_invalid_declarative_config_stops_the_server(engine: Engine, database_url: str,
+                                                     redis_url: str, tmp_path: Path) -> None:
+    from tests.api.live import server_env
+    from tests.helpers.daemons import Daemon, circus_command
+
+    env = server_env(database_url, redis_url, tmp_path, 1, {
+        "projects": [{"name": "p", "owner": "nobody"}]})
+    daemon = Daemon("bad-server", [circus_command("circus-server")], tmp_path, env=env)
+    daemon.start()
+    assert daemon.process is not None
+    assert daemon.process.wait(60) == 2
+    assert "nobody" in daemon.log()
