@@ -72,6 +72,11 @@ class AgentSection(SettingsModel):
     work_dir: str = "/var/lib/circus-agent"
     machine_id_file: str | None = None
     max_log_size: Positive = 64 * 1024 * 1024
+    #: binary caches Nix may use on this host (unset: nix.conf's; empty: none)
+    substituters: list[str] | None = None
+    trusted_public_keys: list[str] | None = None
+    #: extra nix.conf settings for every Nix call of the agent (``NIX_CONFIG``)
+    nix_config: dict[str, str] = {}
     tls: AgentTlsSettings = AgentTlsSettings()
     ephemeral: AgentEphemeralSettings = AgentEphemeralSettings()
 

@@ -54,7 +54,10 @@ class Agent:
         self.draining = False
         self.stop_requested = asyncio.Event()
         self.environment = JobEnvironment(
-            nix_env=nix_environ([]), max_log_size=config.max_log_size, cores=config.cores)
+            nix_env=nix_environ(config.substituters, config.trusted_public_keys,
+                                extra=config.nix_config),
+            max_log_size=config.max_log_size, cores=config.cores,
+            system_features=sorted(set(config.features) | set(config.mandatory_features)))
 
     # -- lifecycle ------------------------------------------------------------
 

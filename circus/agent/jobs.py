@@ -70,6 +70,14 @@ class JobEnvironment:
     nix_env: dict[str, str]
     max_log_size: int
     cores: int
+    #: features this agent advertises; Nix must accept derivations requiring them
+    system_features: list[str] = field(default_factory=list)
+
+    def nix_args(self, extra: list[str]) -> list[str]:
+        args = list(extra)
+        if self.system_features:
+            args += ["--option", "system-features", " ".join(sorted(self.system_features))]
+        return args
 
 
 async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
@@ -122,7 +130,8 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
         max_silent=assignment.maxSilentTime or None,
         max_log_size=min(int(assignment.maxLogSize or environment.max_log_size),
                          environment.max_log_size),
-        on_log=send_log, extra_args=list(assignment.extraNixArgs), cores=environment.cores,
+        on_log=send_log, extra_args=environment.nix_args(list(assignment.extraNixArgs)),
+        cores=environment.cores,
         cancel=job.cancel, output_paths=expected)
     try:
         await log_sink.close()

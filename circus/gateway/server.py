@@ -39,9 +39,13 @@ class ConnectedAgent:
     builder: Any
     #: steps currently assigned to this agent
     in_flight: set[int] = field(default_factory=set)
+    #: steps whose result the agent reported (being recorded: never handed back)
+    reported: set[int] = field(default_factory=set)
     heartbeat: dict[str, Any] = field(default_factory=dict)
     heartbeat_at: float = 0.0
     closed: bool = False
+    #: futures resolved when the connection goes (results still awaited)
+    closed_waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     @property
     def worker_name(self) -> str:

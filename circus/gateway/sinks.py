@@ -61,7 +61,7 @@ class StepSinks:
 
 def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping[str, str],
                input_closure: list[str], on_log: Callable[[int], None] | None = None,
-               ) -> StepSinks:
+               on_report: Callable[[], None] | None = None) -> StepSinks:
     proto = schema()
     result: asyncio.Future[ReportedResult] = asyncio.get_running_loop().create_future()
     state: dict[str, Any] = {"log_bytes": 0, "truncated": False, "imported": [],
@@ -129,6 +129,8 @@ def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping
             if state["import_error"]:
                 reported.outcome = "importFailure"
                 reported.error_message = f"importing outputs failed: {state['import_error']}"
+            if on_report is not None:
+                on_report()
             result.set_result(reported)
 
     class InputSourceImpl(proto.InputSource.Server):  # type: ignore[misc,name-defined]

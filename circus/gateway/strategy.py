@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from circus.common.enums import SchedulingStrategy
+from circus.queue_runner.capabilities import Capabilities
 
 
 @dataclass(frozen=True)
@@ -13,9 +14,7 @@ class Candidate:
     """What the choice needs to know about one connected agent."""
 
     key: str
-    systems: tuple[str, ...]
-    supported_features: frozenset[str]
-    mandatory_features: frozenset[str]
+    capabilities: Capabilities
     speed_factor: float
     cpu_count: int
     max_jobs: int
@@ -25,21 +24,6 @@ class Candidate:
     #: seconds since the last heartbeat, None before the first
     heartbeat_age: float | None
     disabled: bool = False
-
-
-def can_build(system: str, required: Iterable[str], systems: Sequence[str],
-              supported: frozenset[str], mandatory: frozenset[str]) -> bool:
-    """Hydra's rule: the system matches, every required feature is supported or mandatory,
-    and every mandatory feature is required."""
-    needed = frozenset(required)
-    if system != "builtin" and system not in systems:
-        return False
-    return needed <= (supported | mandatory) and mandatory <= needed
-
-
-def parse_queue_class(queue_class: str) -> tuple[str, list[str]]:
-    system, _, features = queue_class.partition(".")
-    return system, [f for f in features.split("+") if f]
 
 
 def under_pressure(candidate: Candidate, threshold: float, heartbeat_ttl: float) -> bool:
@@ -66,12 +50,11 @@ def choose(candidates: Iterable[Candidate], queue_class: str, *,
            strategy: SchedulingStrategy, psi_threshold: float, heartbeat_ttl: float,
            ) -> Candidate | None:
     """The best agent that may take a step of ``queue_class`` now, or None."""
-    system, features = parse_queue_class(queue_class)
     eligible = [
         c for c in candidates
         if not c.disabled
         and c.current_jobs < c.max_jobs
-        and can_build(system, features, c.systems, c.supported_features, c.mandatory_features)
+        and c.capabilities.can_serve(queue_class)
         and not under_pressure(c, psi_threshold, heartbeat_ttl)
     ]
     if not eligible:

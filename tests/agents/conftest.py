@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.gateway.runtime import GatewayThread
 from tests.helpers.daemons import Daemon, circus_command
+from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
 
 TOKEN = "agent-token-" + "s" * 40
 TOKEN_DIGEST = hashlib.sha256(TOKEN.encode()).hexdigest()
@@ -24,13 +25,17 @@ def write_agent_config(directory: Path, port: int, token: str = TOKEN, **extra: 
     directory.mkdir(parents=True, exist_ok=True)
     lines = ["[agent]", f'runner_url = "tcp://127.0.0.1:{port}"', f'auth_token = "{token}"',
              f'work_dir = "{directory / "work"}"', "heartbeat_interval_secs = 0.5",
-             "reconnect_delay_secs = 0.2"]
+             "reconnect_delay_secs = 0.2", "substituters = []"]
     ephemeral = extra.pop("ephemeral", None)
     for key, value in extra.items():
         lines.append(f"{key} = {_toml(value)}")
     if ephemeral:
         lines.append("[agent.ephemeral]")
         lines += [f"{key} = {_toml(value)}" for key, value in ephemeral.items()]
+    # Agents on one test host share the kernel's users: with nixbld build users,
+    # Nix in one agent's private store would kill another agent's builder when
+    # it cleans up "its" build user. Real agents are separate machines.
+    lines += ["[agent.nix_config]", '"build-users-group" = ""']
     path = directory / "agent.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

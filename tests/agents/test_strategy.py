@@ -2,14 +2,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-
 from circus.common.enums import SchedulingStrategy
-from circus.gateway.strategy import Candidate, can_build, choose, parse_queue_class
+from circus.gateway.strategy import Candidate, choose
+from circus.queue_runner.capabilities import Capabilities
 
-BASE = Candidate(key="a", systems=("x86_64-linux",), supported_features=frozenset(),
-                 mandatory_features=frozenset(), speed_factor=1.0, cpu_count=2, max_jobs=2,
-                 current_jobs=0, pressure=(0.0, 0.0, 0.0), heartbeat_age=1.0)
+BASE = Candidate(key="a", capabilities=Capabilities(frozenset({"x86_64-linux"})),
+                 speed_factor=1.0, cpu_count=2, max_jobs=2, current_jobs=0,
+                 pressure=(0.0, 0.0, 0.0), heartbeat_age=1.0)
 
 
 def pick(candidates: list[Candidate], queue_class: str = "x86_64-linux",
@@ -17,28 +16,6 @@ def pick(candidates: list[Candidate], queue_class: str = "x86_64-linux",
     chosen = choose(candidates, queue_class, strategy=strategy, psi_threshold=80,
                     heartbeat_ttl=60)
     return chosen.key if chosen else None
-
-
-@pytest.mark.parametrize(("system", "required", "supported", "mandatory", "ok"), [
-    ("x86_64-linux", [], [], [], True),
-    ("aarch64-linux", [], [], [], False),
-    ("builtin", [], [], [], True),
-    ("x86_64-linux", ["kvm"], [], [], False),
-    ("x86_64-linux", ["kvm"], ["kvm"], [], True),
-    ("x86_64-linux", ["kvm"], [], ["kvm"], True),
-    ("x86_64-linux", [], ["kvm"], ["kvm"], False),  # a kvm-only machine takes kvm steps only
-    ("x86_64-linux", ["kvm", "big-parallel"], ["big-parallel"], ["kvm"], True),
-])
-def test_capability_rule(system: str, required: list[str], supported: list[str],
-                         mandatory: list[str], ok: bool) -> None:
-    assert can_build(system, required, ["x86_64-linux"], frozenset(supported),
-                     frozenset(mandatory)) is ok
-
-
-def test_queue_class_parsing() -> None:
-    assert parse_queue_class("x86_64-linux") == ("x86_64-linux", [])
-    assert parse_queue_class("x86_64-linux.big-parallel+kvm") == ("x86_64-linux",
-                                                                  ["big-parallel", "kvm"])
 
 
 def test_speed_factor_wins() -> None:
@@ -66,7 +43,8 @@ def test_psi_gate_and_stale_heartbeats() -> None:
 
 
 def test_mandatory_features_route_exclusively() -> None:
-    kvm = replace(BASE, key="kvm", mandatory_features=frozenset({"kvm"}), speed_factor=9.0)
+    kvm = replace(BASE, key="kvm", speed_factor=9.0, capabilities=Capabilities(
+        frozenset({"x86_64-linux"}), mandatory_features=frozenset({"kvm"})))
     plain = replace(BASE, key="plain")
     assert pick([kvm, plain], "x86_64-linux") == "plain"
     assert pick([kvm, plain], "x86_64-linux.kvm") == "kvm"

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VMSTAT = Path("/proc/vmstat")
+from circus.common.nix.oom import host_oom_kills
+
 LOG_CHUNK = 64 * 1024
 
 _TIMEOUT_RE = re.compile(r"timed out after \d+ seconds")
@@ -36,17 +37,6 @@ class Outcome(enum.Enum):
     aborted = "aborted"
     #: stopped on request (cancel/abort)
     cancelled = "cancelled"
-
-
-def oom_kill_count(vmstat: Path = VMSTAT) -> int | None:
-    """The kernel's system-wide OOM-kill counter, or None where it is not exposed."""
-    try:
-        for line in vmstat.read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 @dataclass
@@ -129,7 +119,7 @@ async def realise(
     argv = build_argv([drv_path], timeout=timeout, max_silent=max_silent,
                       extra_args=extra_args, cores=cores)
     started = time.time()
-    oom_before = oom_kill_count()
+    oom_before = host_oom_kills()
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL, env=dict(env), start_new_session=True)
@@ -181,7 +171,7 @@ async def realise(
     tail_text = tail.decode(errors="replace")
     outcome, message = classify(
         returncode, tail_text, log_limit_hit=log_limit_hit, cancelled=cancelled,
-        oom_before=oom_before, oom_after=oom_kill_count(),
+        oom_before=oom_before, oom_after=host_oom_kills(),
         failed_marker=returncode == 0 and has_failed_marker(output_paths))
     return RealiseResult(outcome, returncode, started, time.time(), log_bytes,
                          "\n".join(tail_text.splitlines()[-40:]), message)
