@@ -13,7 +13,7 @@ from circus.common.nix.realise import Outcome, RealiseResult, realise
 from circus.common.nix.transfer import (
     Importer,
     StoreError,
-    closure,
+    dependency_order,
     derivation_outputs,
     export_chunks,
     invalid_paths,
@@ -90,7 +90,18 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
     error = ""
     outputs: list[dict[str, Any]] = []
 
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = round((now - mark) * 1000, 1)
+        mark = now
+
     async def report() -> None:
+        phase("outputs")
+        log.debug("step %s %s in %s ms", job.step_id, outcome, phases)
         await result_sink.report(
             outcome=outcome, exitCode=exit_code,
             times={"startedAt": started, "finishedAt": time.time()},
@@ -98,19 +109,23 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
 
     # 1. inputs the agent lacks come from the runner
     try:
-        missing = await invalid_paths(list(assignment.inputClosure), env)
+        wanted = list(assignment.inputClosure)
+        if job.drv_path not in wanted:
+            wanted.append(job.drv_path)
+        missing = await invalid_paths(wanted, env)
         if missing:
             sink, imported = make_import_sink(env)
             await inputs.fetch(missing, sink)
-            await imported
-        still_missing = await invalid_paths([job.drv_path], env)
-        if still_missing:
-            raise StoreError(f"{job.drv_path} is not in the store after import")
+            arrived = set(await imported)
+            unarrived = [p for p in missing if p not in arrived]
+            if unarrived:
+                raise StoreError(f"{unarrived[0]} is not in the store after the import")
     except (StoreError, OSError) as exc:
         outcome, error = "importFailure", f"could not fetch inputs: {exc}"
         await report()
         return
 
+    phase("inputs")
     # 2. build, streaming the log
     pending = bytearray()
 
@@ -137,6 +152,7 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
         await log_sink.close()
     except Exception:  # the log is best effort; the result is what counts
         log.warning("could not close the log of step %s", job.step_id, exc_info=True)
+    phase("build")
     exit_code = result.returncode if result.returncode is not None else -1
     outcome = WIRE_OUTCOME[result.outcome]
     error = result.error_message or ""
@@ -144,16 +160,17 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
     # 3. outputs travel to the runner (only what it lacks)
     if result.outcome in (Outcome.success, Outcome.failed_with_output):
         try:
-            output_paths = await derivation_outputs(job.drv_path, env)
-            needed = await closure(output_paths, env)
+            names = _output_names(job.drv_path)
+            output_paths = list(names) or await derivation_outputs(job.drv_path, env)
+            # one Nix call: the closure with its references, ordered dependencies first
+            infos = await path_infos(output_paths, env, recursive=True)
+            needed = dependency_order(infos)
             lacking = set((await output_sink.missing(needed)).missing)
             to_send = [p for p in needed if p in lacking]
             if to_send:
                 async for chunk in export_chunks(to_send, env):
                     await output_sink.write(chunk)
             await output_sink.close()
-            infos = await path_infos(output_paths, env)
-            names = _output_names(job.drv_path, output_paths)
             outputs = [{"name": names.get(p, "out"), "path": p, "narHash": infos[p].nar_hash,
                         "narSize": infos[p].nar_size, "closureSize": infos[p].closure_size}
                        for p in output_paths]
@@ -162,11 +179,12 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
     await report()
 
 
-def _output_names(drv_path: str, output_paths: list[str]) -> dict[str, str]:
+def _output_names(drv_path: str) -> dict[str, str]:
+    """Output path → output name, read from the .drv (no Nix call)."""
     from circus.common.nix.derivation import read_derivation
 
     try:
         drv = read_derivation(drv_path)
     except (OSError, ValueError):
         return {}
-    return {path: name for name, path in drv.output_paths.items() if path in output_paths}
+    return {path: name for name, path in drv.output_paths.items()}

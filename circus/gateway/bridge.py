@@ -177,10 +177,8 @@ class Bridge:
         try:
             drv = read_derivation(step.drv_path)
             inputs = await closure([step.drv_path], self.nix_env, include_outputs=True)
-            # only what is valid here can travel; outputs of this step are not yet
+            # the step's own outputs are what the agent is to make
             inputs = [p for p in inputs if p not in set(drv.output_paths.values())]
-            missing = set(await invalid_paths(inputs, self.nix_env))
-            inputs = [p for p in inputs if p not in missing]
         except (OSError, ValueError, StoreError) as exc:
             await self.finish(agent, step, StepOutcome(
                 step.id, BuildStatus.aborted, error_message=f"cannot prepare the step: {exc}",
@@ -244,8 +242,12 @@ class Bridge:
         if outcome.status in (BuildStatus.succeeded, BuildStatus.failed_with_output):
             try:
                 drv = read_derivation(step.drv_path)
-                still_missing = await invalid_paths(list(drv.output_paths.values()),
-                                                    self.nix_env)
+                wanted = list(drv.output_paths.values())
+                known = set(result.imported) | set(result.already_valid) if result else set()
+                # what the transfer proved valid needs no Nix call to check again
+                still_missing = [p for p in wanted if p not in known]
+                if still_missing:
+                    still_missing = await invalid_paths(still_missing, self.nix_env)
             except (OSError, ValueError, StoreError) as exc:
                 still_missing, drv = ["?"], None
                 outcome.error_message = str(exc)

@@ -42,6 +42,8 @@ class ReportedResult:
     finished_at: float
     outputs: list[ReportedOutput] = field(default_factory=list)
     error_message: str = ""
+    #: paths the agent asked about that were already valid here (``OutputSink.missing``)
+    already_valid: list[str] = field(default_factory=list)
     #: bytes of log received, and whether the runner-side log cap cut it
     log_bytes: int = 0
     log_truncated: bool = False
@@ -65,7 +67,7 @@ def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping
     proto = schema()
     result: asyncio.Future[ReportedResult] = asyncio.get_running_loop().create_future()
     state: dict[str, Any] = {"log_bytes": 0, "truncated": False, "imported": [],
-                             "import_error": None}
+                             "import_error": None, "already_valid": []}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = log_path.open("ab")
     importer = Importer(nix_env)
@@ -93,7 +95,9 @@ def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping
     class OutputSinkImpl(proto.OutputSink.Server):  # type: ignore[misc,name-defined]
         async def missing(self, paths: Any, _context: Any, **kwargs: Any) -> list[str]:
             wanted = check_list("paths", paths, 100_000, MAX_STORE_PATH)
-            return await invalid_paths(wanted, nix_env)
+            missing = await invalid_paths(wanted, nix_env)
+            state["already_valid"] = sorted(set(wanted) - set(missing))
+            return missing
 
         async def write(self, chunk: bytes, _context: Any, **kwargs: Any) -> None:
             try:
@@ -125,7 +129,8 @@ def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping
                 outputs=[ReportedOutput(o.name, o.path, o.narHash, int(o.narSize),
                                         int(o.closureSize)) for o in outputs],
                 error_message=str(errorMessage), log_bytes=state["log_bytes"],
-                log_truncated=state["truncated"], imported=list(state["imported"]))
+                log_truncated=state["truncated"], imported=list(state["imported"]),
+                already_valid=list(state["already_valid"]))
             if state["import_error"]:
                 reported.outcome = "importFailure"
                 reported.error_message = f"importing outputs failed: {state['import_error']}"

@@ -64,10 +64,15 @@ class PathInfo:
     deriver: str | None
 
 
-async def path_infos(paths: Sequence[str], env: Mapping[str, str]) -> dict[str, PathInfo]:
+async def path_infos(paths: Sequence[str], env: Mapping[str, str], recursive: bool = False
+                     ) -> dict[str, PathInfo]:
+    """Facts about ``paths`` (and, ``recursive``, their whole closure)."""
     if not paths:
         return {}
-    out = await _run(["nix", "path-info", "--json", "--closure-size", *paths], env)
+    argv = ["nix", "path-info", "--json", "--closure-size", *paths]
+    if recursive:
+        argv.insert(3, "--recursive")
+    out = await _run(argv, env)
     infos: dict[str, PathInfo] = {}
     data = json.loads(out)
     # Nix 2.8 prints a list of objects; newer versions an object keyed by path
@@ -77,6 +82,31 @@ async def path_infos(paths: Sequence[str], env: Mapping[str, str]) -> dict[str, 
                                int(info.get("closureSize", 0)), list(info.get("references", [])),
                                info.get("deriver"))
     return infos
+
+
+def dependency_order(infos: Mapping[str, PathInfo]) -> list[str]:
+    """The paths of ``infos`` with every path after its references (import order)."""
+    ordered: list[str] = []
+    seen: set[str] = set()
+
+    def visit(path: str) -> None:
+        stack = [(path, iter(sorted(infos[path].references)))]
+        seen.add(path)
+        while stack:
+            current, refs = stack[-1]
+            for ref in refs:
+                if ref in infos and ref not in seen and ref != current:
+                    seen.add(ref)
+                    stack.append((ref, iter(sorted(infos[ref].references))))
+                    break
+            else:
+                stack.pop()
+                ordered.append(current)
+
+    for path in sorted(infos):
+        if path not in seen:
+            visit(path)
+    return ordered
 
 
 async def export_chunks(paths: Sequence[str], env: Mapping[str, str]) -> AsyncIterator[bytes]:
