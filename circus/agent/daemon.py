@@ -194,6 +194,8 @@ class Agent:
             registered = await runner.register(self.agent_info(), self.builder())
         except capnp.KjException as exc:
             raise RegistrationRefused(_remote_reason(exc)) from None
+        self.environment.runner = runner
+        self.environment.machine_id = self.machine_id
         log.info("registered with %s as %s (machine id %s, session %s)",
                  version.server, self.name, self.machine_id, registered.sessionId)
         session = registered.session

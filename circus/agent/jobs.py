@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from circus.agent.upload import UploadFailed, upload_outputs
 from circus.common.nix.realise import Outcome, RealiseResult, realise
 from circus.common.nix.transfer import (
     Importer,
@@ -72,6 +73,9 @@ class JobEnvironment:
     cores: int
     #: features this agent advertises; Nix must accept derivations requiring them
     system_features: list[str] = field(default_factory=list)
+    #: the Runner capability of the current connection (presigned uploads)
+    runner: Any = None
+    machine_id: str = ""
 
     def nix_args(self, extra: list[str]) -> list[str]:
         args = list(extra)
@@ -176,6 +180,16 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
                        for p in output_paths]
         except (StoreError, OSError) as exc:
             outcome, error = "postProcessFailure", f"could not send outputs: {exc}"
+        presign = assignment.presign
+        if outputs and presign.enabled and environment.runner is not None:
+            try:
+                await upload_outputs(environment.runner, environment.machine_id, job.build_id,
+                                     infos, output_paths, presign.compression or "zstd",
+                                     presign.level or 3)
+            except (UploadFailed, OSError) as exc:
+                log.warning("step %s: %s", job.step_id, exc)
+                if presign.failBuildOnUploadError:
+                    outcome, error = "uploadFailure", str(exc)
     await report()
 
 

@@ -184,9 +184,13 @@ class Bridge:
                 step.id, BuildStatus.aborted, error_message=f"cannot prepare the step: {exc}",
                 retry=True), None)
             return
-        build_id = await self.gateway.db(lambda s: s.execute(text(
-            "SELECT min(build_id) FROM build_steps WHERE step_id = :id"),
-            {"id": step.id}).scalar())
+        # the build whose own derivation this is (its outputs may be uploaded straight
+        # to S3), else any build waiting for it
+        build_id, toplevel = await self.gateway.db(lambda s: s.execute(text(
+            "SELECT build_id, is_toplevel FROM build_steps WHERE step_id = :id "
+            "ORDER BY is_toplevel DESC, build_id LIMIT 1"), {"id": step.id}).one_or_none()
+            or (None, False))
+        upload = self.settings.cache_upload
         log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
         sinks = make_sinks(step.id, log_path, self.runner.max_log_size, self.nix_env, inputs,
                            on_report=lambda: agent.reported.add(step.id))
@@ -198,6 +202,9 @@ class Bridge:
             "extraNixArgs": list(self.runner.extra_nix_build_args),
             "expectedOutputs": sorted(drv.output_paths.values()),
             "inputClosure": inputs,
+            "presign": {"enabled": bool(upload.enabled and toplevel and self.settings.signing.key),
+                        "compression": upload.compression.value, "level": 3,
+                        "failBuildOnUploadError": upload.fail_build_on_upload_error},
             "cacheSubstituter": self.runner.rpc.cache_substituter or "",
             "cachePublicKey": self.runner.rpc.cache_public_key or "",
         }

@@ -19,10 +19,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus import __version__
 from circus.common.config import Settings
+from circus.common.errors import CircusError
 from circus.gateway import sessions as session_rows
 from circus.gateway.auth import client_cert_cn, server_ssl_context, token_accepted
 from circus.protocol import protocol_version, schema
-from circus.protocol.limits import TRAVERSAL_LIMIT_WORDS, LimitExceeded, check_agent_info
+from circus.protocol.limits import (
+    MAX_PRESIGN_REQUESTS,
+    MAX_STORE_PATH,
+    TRAVERSAL_LIMIT_WORDS,
+    LimitExceeded,
+    check_agent_info,
+    check_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +213,47 @@ class Gateway:
 
         return RunnerImpl()
 
+    def _registered(self, registered: list[ConnectedAgent], machine_id: str) -> ConnectedAgent:
+        for agent in registered:
+            if agent.facts.machine_id == machine_id and not agent.closed:
+                return agent
+        raise Refused("refused: no agent with this machine id is registered on this connection")
+
     async def presign(self, registered: list[ConnectedAgent], machine_id: str, build_id: int,
                       paths: Any) -> list[dict[str, str]]:
-        raise Refused("refused: presigned uploads are not configured on this runner")
+        from circus.cache import presign
+
+        agent = self._registered(registered, machine_id)
+        if len(paths) > MAX_PRESIGN_REQUESTS:
+            raise Refused(f"refused: more than {MAX_PRESIGN_REQUESTS} presign requests")
+        requests = [presign.UploadRequest(check_text("storePath", p.storePath, MAX_STORE_PATH),
+                                          p.narHash, int(p.narSize)) for p in paths]
+        try:
+            answers = await self.db(lambda s: presign.mint(
+                s, self.settings, build_id, requests, session_id=agent.connection_id))
+        except CircusError as exc:
+            return [{"storePath": r.store_path, "error": exc.message} for r in requests]
+        return [{"storePath": a.store_path, "narUrl": a.nar_url, "narPath": a.nar_path,
+                 "compression": a.compression, "error": a.error or ""} for a in answers]
 
     async def upload_complete(self, registered: list[ConnectedAgent], machine_id: str,
                               build_id: int, nar_info: Any) -> tuple[bool, str]:
-        return False, "presigned uploads are not configured on this runner"
+        from circus.cache import presign
+
+        agent = self._registered(registered, machine_id)
+        report = presign.UploadReport(
+            store_path=nar_info.storePath, nar_hash=nar_info.narHash,
+            nar_size=int(nar_info.narSize), compression=nar_info.compression,
+            nar_path=nar_info.narPath, file_hash=nar_info.fileHash or None,
+            file_size=int(nar_info.fileSize) if nar_info.fileSize else None,
+            references=tuple(nar_info.references), deriver=nar_info.deriver or None,
+            ca=nar_info.ca or None)
+        try:
+            await self.db(lambda s: presign.verify_and_record(
+                s, self.settings, build_id, report, session_id=agent.connection_id))
+        except CircusError as exc:
+            return False, exc.message
+        return True, ""
 
     async def handle_connection(self, stream: Any, protocol: Any) -> None:
         import capnp

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
 from tests.agents.conftest import TOKEN_DIGEST, agent_in_own_store, store_has, write_agent_config
+from tests.conftest import KeyPair, S3Server
 from tests.helpers.daemons import Daemon, wait_until
 from tests.helpers.net import free_port, wait_for_port
 from tests.queue_runner.daemons import runner_daemon
@@ -249,3 +250,38 @@ def test_load_200_builds_across_three_agents(
     assert unfinished == 0
     assert set(per_agent) == {"a1", "a2", "a3"}
     assert sum(per_agent.values()) == count
+
+
+def test_agent_uploads_outputs_to_s3_through_presigned_urls(
+        runner_config: Callable[..., dict[str, Any]], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str, tmp_path: Path, s3_server: S3Server,
+        cache_key: KeyPair) -> None:
+    drvs = instantiate(["plain1", "top"], nonce, nix_env, expr=JOBS)
+    port = free_port()
+    config = runner_config(
+        queue_runner={"rpc": {"bind": f"127.0.0.1:{port}", "allow_plaintext": True,
+                              "auth_tokens": [TOKEN_DIGEST]}},
+        signing={"enabled": True, "key": cache_key.secret},
+        cache={"cache_dir": str(tmp_path / "cache")},
+        cache_upload=s3_server.upload_settings(f"agents-{nonce[:8]}"))
+    with runner_daemon("qr-s3", config, tmp_path, workers=0) as runner, ExitStack() as stack:
+        wait_for_port(port, timeout=30)
+        agent = start_agent(stack, tmp_path, port, "uploader")
+        wait_until(lambda: connected(committed_db) == ["uploader"], timeout=30,
+                   message="agent connected")
+        with committed_db() as session:
+            builds = make_builds(session, drvs)
+        result = wait_builds(committed_db, [b.id for b in builds.values()])
+        print(runner.log()[-3000:])
+        agent_log = agent.log()
+    assert set(result.values()) == {BuildStatus.succeeded}
+    with committed_db() as session:
+        rows = session.execute(text(
+            "SELECT n.store_path, n.storage, n.sig, n.build_id FROM narinfo_cache n "
+            "JOIN build_outputs o ON o.path = n.store_path WHERE o.build_id = ANY(:ids)"),
+            {"ids": [b.id for b in builds.values()]}).all()
+    # the agent uploaded each build's output itself; the runner verified, signed, recorded
+    assert len(rows) == 2
+    assert {r.storage for r in rows} == {"s3"}
+    assert all(r.sig and r.sig.startswith("circus-test-cache-1:") for r in rows)
+    assert agent_log.count("uploaded /nix/store/") == 2

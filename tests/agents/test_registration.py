@@ -146,3 +146,36 @@ def test_agent_imports_no_database_driver(tmp_path: Path) -> None:
                           env={**os.environ})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_sessions_and_metrics_show_connected_agents(
+        gateway: GatewayThread, tmp_path: Path, committed_db: sessionmaker[Session],
+        gateway_settings: Settings) -> None:
+    from circus.auth import service as auth_service
+    from circus.auth.actor import Actor
+    from circus.common.enums import Role
+    from circus.server.app import create_app
+
+    config = agent_config(tmp_path, gateway.port, name="visible", max_jobs=2)
+    with Daemon("agent", [circus_command("circus-agent"), "--config", str(config)],
+                tmp_path):
+        def seen() -> bool:
+            with committed_db() as s:
+                row = s.scalars(select(BuilderSession)).first()
+                return row is not None and row.connected and row.load1 is not None
+
+        wait_until(seen, timeout=20, message="agent connected with a heartbeat")
+        with committed_db() as session:
+            _, secret = auth_service.create_api_key(session, Actor.system("test"),
+                                                    name="ops", role=Role.admin)
+            session.commit()
+        client = create_app(gateway_settings).test_client()
+        headers = {"Authorization": f"Bearer {secret}"}
+        listed = client.get("/api/v1/admin/builders/sessions/connected", headers=headers)
+        metrics = client.get("/metrics").get_data(as_text=True)
+    assert listed.status_code == 200
+    assert [s["name"] for s in listed.get_json()["items"]] == ["visible"]
+    assert listed.get_json()["items"][0]["max_jobs"] == 2
+    assert 'circus_agent_current_jobs{agent="visible"} 0.0' in metrics
+    assert 'circus_agent_load1{agent="visible"}' in metrics
+    assert "circus_agents_connected 1.0" in metrics
