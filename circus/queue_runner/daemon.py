@@ -30,6 +30,8 @@ from circus.common.celery import create_celery_app
 from circus.common.config import Settings
 from circus.common.db import make_engine, make_session_factory
 from circus.common.heartbeat import HeartbeatThread
+from circus.gateway.bridge import Bridge, WakeupConsumer
+from circus.gateway.runtime import GatewayThread
 from circus.queue_runner import gcroots
 from circus.queue_runner.capabilities import Capabilities, local_capabilities
 from circus.queue_runner.derivations import DrvCache
@@ -128,6 +130,15 @@ class QueueRunner:
                                      on_gc=self.gc_requested.set) if dispatcher else None
         self.reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler",
                                            daemon=True)
+        self.gateway: GatewayThread | None = None
+        self.wakeups: WakeupConsumer | None = None
+        if settings.queue_runner.rpc.bind:
+            # agents: another consumer of the same class queues and leases
+            self.gateway = GatewayThread(settings, self.factory,
+                                         alongside=lambda _: self.bridge.run())
+            self.bridge = Bridge(self.gateway.gateway, settings, self.publisher.publish,
+                                 self.post.submit)
+            self.wakeups = WakeupConsumer(self.bridge, settings.require_broker_url())
         service = f"{QUEUE_RUNNER_KIND}-{name}@{socket.gethostname()}" if name else None
         self.heartbeat = HeartbeatThread(
             self.factory, QUEUE_RUNNER_KIND, details=self._details, service=service,
@@ -147,6 +158,9 @@ class QueueRunner:
             "stats": {**{k: round(v, 3) for k, v in self.builder.stats.items()},
                       "post_batches": self.post.batches},
             "celery_hostname": self.hostname,
+            **({"gateway": {"port": self.gateway.port if self.gateway.started.is_set() else None,
+                            "agents": len(self.gateway.gateway.agents),
+                            "assigned": self.bridge.assigned}} if self.gateway else {}),
         }
 
     def _reconcile_loop(self) -> None:
@@ -187,6 +201,12 @@ class QueueRunner:
         if self.dispatcher is not None:
             self.dispatcher.start()
         self.reconciler.start()
+        if self.gateway is not None:
+            self.gateway.start()
+            if not self.gateway.started.wait(30) or self.gateway.failed is not None:
+                raise RuntimeError(f"the agent gateway did not start: {self.gateway.failed}")
+            assert self.wakeups is not None
+            self.wakeups.start()
         try:
             if self.workers > 0:
                 return self._run_worker()
@@ -224,6 +244,11 @@ class QueueRunner:
 
     def shutdown(self) -> None:
         self.stop.set()
+        if self.wakeups is not None:
+            self.wakeups.stop()
+        if self.gateway is not None:
+            # hands every agent's in-flight steps back to the queue
+            self.gateway.stop()
         if self.dispatcher is not None:
             self.dispatcher.join(10)
         self.reconciler.join(10)

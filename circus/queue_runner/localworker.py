@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix.environment import current_system
+from circus.common.nix.oom import oom_counter
 from circus.queue_runner import procs, store
 from circus.queue_runner.capabilities import BUILTIN_SYSTEM, Capabilities
 from circus.queue_runner.derivations import DrvCache
@@ -42,7 +43,6 @@ from circus.queue_runner.nixrun import (
     Started,
     Target,
 )
-from circus.queue_runner.oom import oom_counter
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
 from circus.queue_runner.sqlutil import in_transaction

@@ -35,6 +35,17 @@ class QueueCollector(Collector):
         builds = GaugeMetricFamily("circus_builds", "Builds by status", labels=["status"])
         agents = GaugeMetricFamily("circus_agents_connected", "Connected agents")
         agent_jobs = GaugeMetricFamily("circus_agent_jobs", "Jobs running on agents")
+        per_agent = {
+            "jobs": GaugeMetricFamily("circus_agent_current_jobs",
+                                      "Jobs running on a connected agent", labels=["agent"]),
+            "load": GaugeMetricFamily("circus_agent_load1", "1-minute load average of an agent",
+                                      labels=["agent"]),
+            "psi": GaugeMetricFamily("circus_agent_pressure_avg10",
+                                     "PSI avg10 of an agent", labels=["agent", "resource"]),
+            "builds": GaugeMetricFamily("circus_agent_builds",
+                                        "Steps an agent finished, by result",
+                                        labels=["agent", "result"]),
+        }
         backlog = GaugeMetricFamily("circus_notification_backlog",
                                     "Notification tasks not yet completed", labels=["status"])
         try:
@@ -57,6 +68,17 @@ class QueueCollector(Collector):
                     .where(BuilderSession.connected.is_(True))).one()
                 agents.add_metric([], connected[0])
                 agent_jobs.add_metric([], connected[1])
+                for agent in session.scalars(select(BuilderSession)
+                                             .where(BuilderSession.connected.is_(True))):
+                    per_agent["jobs"].add_metric([agent.name], agent.current_jobs)
+                    per_agent["load"].add_metric([agent.name], agent.load1 or 0.0)
+                    for resource in ("cpu", "mem", "io"):
+                        value = getattr(agent, f"{resource}_psi_avg10")
+                        if value is not None:
+                            per_agent["psi"].add_metric([agent.name, resource], value)
+                    per_agent["builds"].add_metric([agent.name, "succeeded"],
+                                                   agent.builds_succeeded)
+                    per_agent["builds"].add_metric([agent.name, "failed"], agent.builds_failed)
                 for task_status, count in session.execute(
                         select(NotificationTask.status, func.count())
                         .where(NotificationTask.status != NotificationTaskStatus.completed)
@@ -64,7 +86,7 @@ class QueueCollector(Collector):
                     backlog.add_metric([task_status.value], count)
         except Exception:
             return
-        yield from (depth, steps, builds, agents, agent_jobs, backlog)
+        yield from (depth, steps, builds, agents, agent_jobs, *per_agent.values(), backlog)
 
 
 def init_app(app: Flask) -> PrometheusMetrics:

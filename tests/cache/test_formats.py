@@ -20,8 +20,8 @@ from circus.common.nix.environment import nix_environ
 from circus.common.nix.hashes import Sha256
 from circus.common.nix.narinfo import NarInfo, NarInfoError
 from circus.common.nix.signing import PublicKey, SecretKey, generate_key_pair
-from tests.cache.conftest import KeyPair
 from tests.cache.support import nix_build, simple_expr
+from tests.conftest import KeyPair
 
 NIX_ENV = nix_environ([])
 

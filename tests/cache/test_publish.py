@@ -19,8 +19,8 @@ from circus.common.nix import nar
 from circus.common.nix.environment import nix_environ
 from circus.common.nix.hashes import Sha256
 from circus.common.nix.signing import PublicKey
-from tests.cache.conftest import KeyPair
 from tests.cache.support import closure_expr, make_build, nix_build, simple_expr
+from tests.conftest import KeyPair
 
 
 def rows(db: Session) -> dict[str, NarInfo]:

@@ -17,8 +17,8 @@ from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, TriggerKind
 from circus.common.models import Channel, Evaluation, EvaluationBuild, Jobset, Project
 from circus.common.models import NarInfo as NarInfoRow
-from tests.cache.conftest import S3Server
 from tests.cache.support import Built, closure_expr, make_build, nix_build, simple_expr
+from tests.conftest import S3Server
 
 
 def age_rows(session: Session, seconds: int = 7200) -> None:

@@ -27,7 +27,6 @@ from circus.common.nix.compression import compressor
 from circus.common.nix.hashes import Sha256
 from circus.common.nix.narinfo import NarInfo
 from circus.common.nix.signing import PublicKey
-from tests.cache.conftest import KeyPair, S3Server
 from tests.cache.support import (
     Built,
     closure_expr,
@@ -38,6 +37,7 @@ from tests.cache.support import (
     simple_expr,
     store_has,
 )
+from tests.conftest import KeyPair, S3Server
 from tests.helpers.net import free_port
 
 

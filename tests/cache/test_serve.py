@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
-from tests.cache.conftest import KeyPair
 from tests.cache.support import (
     closure_expr,
     make_build,
@@ -24,6 +23,7 @@ from tests.cache.support import (
     simple_expr,
     store_has,
 )
+from tests.conftest import KeyPair
 
 
 @pytest.mark.parametrize("compression", ["zstd", "xz", "none"])

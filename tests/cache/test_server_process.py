@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
-from tests.cache.conftest import KeyPair
 from tests.cache.support import closure_expr, make_build, nix_build, nix_copy, store_has
+from tests.conftest import KeyPair
 from tests.helpers.daemons import Daemon, circus_command
 from tests.helpers.net import free_port, wait_for_http
 

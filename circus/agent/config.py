@@ -1,0 +1,128 @@
+"""The agent's own configuration file (SPEC §11, ``[agent]``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator
+
+from circus.common.configbase import (
+    Problem,
+    SettingsModel,
+    at_least,
+    deep_merge,
+    env_overrides,
+    read_toml,
+    validate_sections,
+)
+
+Positive = Annotated[int, AfterValidator(at_least(1))]
+NonNegative = Annotated[int, AfterValidator(at_least(0))]
+
+
+class AgentTlsSettings(SettingsModel):
+    #: CA bundle to verify the gateway's certificate (default: system CAs)
+    ca_file: str | None = None
+    #: client certificate for mTLS
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: expected server name (default: the runner_url host)
+    server_name: str | None = None
+
+    def problems(self) -> list[Problem]:
+        found = []
+        if bool(self.cert_file) != bool(self.key_file):
+            found.append(Problem("cert_file", "cert_file and key_file must be set together"))
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, key)
+            if value and not Path(value).is_file():
+                found.append(Problem(key, f"file does not exist: {value}"))
+        return found
+
+
+class AgentEphemeralSettings(SettingsModel):
+    enabled: bool = False
+    #: stop after this many builds (0: no limit)
+    max_builds: NonNegative = 0
+    max_idle_secs: NonNegative = 120
+    #: stop after this long (0: no limit)
+    max_lifetime_secs: NonNegative = 0
+
+
+class AgentSection(SettingsModel):
+    secret_fields = ("auth_token",)
+
+    name: str | None = None
+    #: ``tls://host:port`` or, when the gateway allows it, ``tcp://host:port``
+    runner_url: str
+    auth_token: str | None = None
+    systems: list[str] | None = None
+    features: list[str] = []
+    mandatory_features: list[str] = []
+    max_jobs: Positive = 1
+    #: cores per build (``--cores``); 0 = all
+    cores: NonNegative = 0
+    speed_factor: Annotated[float, AfterValidator(at_least(0.001))] = 1.0
+    reconnect_delay_secs: Annotated[float, AfterValidator(at_least(0.1))] = 5.0
+    heartbeat_interval_secs: Annotated[float, AfterValidator(at_least(0.1))] = 10.0
+    work_dir: str = "/var/lib/circus-agent"
+    machine_id_file: str | None = None
+    max_log_size: Positive = 64 * 1024 * 1024
+    #: binary caches Nix may use on this host (unset: nix.conf's; empty: none)
+    substituters: list[str] | None = None
+    trusted_public_keys: list[str] | None = None
+    #: extra nix.conf settings for every Nix call of the agent (``NIX_CONFIG``)
+    nix_config: dict[str, str] = {}
+    tls: AgentTlsSettings = AgentTlsSettings()
+    ephemeral: AgentEphemeralSettings = AgentEphemeralSettings()
+
+    def problems(self) -> list[Problem]:
+        found = []
+        parts = urlsplit(self.runner_url)
+        if parts.scheme not in ("tls", "tcp") or not parts.hostname or not parts.port:
+            found.append(Problem("runner_url",
+                                 f"must be tls://host:port or tcp://host:port "
+                                 f"(got {self.runner_url!r})"))
+        if not self.auth_token:
+            found.append(Problem("auth_token", "is required (or auth_token_file)"))
+        return found
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.runner_url).scheme == "tls"
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.runner_url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.runner_url).port or 0
+
+
+class AgentSettings(SettingsModel):
+    agent: AgentSection
+
+
+def load_agent_settings(files: list[Path] | None = None,
+                        environ: Mapping[str, str] | None = None,
+                        overrides: Mapping[str, Any] | None = None) -> AgentSettings:
+    """Defaults < the config file(s) < ``CIRCUS_AGENT__*`` variables < ``overrides``."""
+    environ = os.environ if environ is None else environ
+    if files is None:
+        files = [Path(environ["CIRCUS_AGENT_CONFIG_FILE"])] \
+            if environ.get("CIRCUS_AGENT_CONFIG_FILE") else []
+    raw: dict[str, Any] = {}
+    for path in files:
+        raw = deep_merge(raw, read_toml(path))
+    env = env_overrides(environ, "CIRCUS_")
+    if "agent" in env:
+        raw = deep_merge(raw, {"agent": env["agent"]})
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    raw.setdefault("agent", {})
+    return validate_sections(AgentSettings, raw)

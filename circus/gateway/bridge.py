@@ -1,0 +1,430 @@
+"""Agents as consumers of the class queues, through the same leases as local workers.
+
+A wake-up token on ``build.<class>`` (consumed here for every class some
+connected agent can serve) or the periodic sweep makes the bridge *fill* that
+class: while an agent with a free slot can take it (capability rule, PSI gate,
+strategy), claim one step for that agent (``leases.claim_steps``) and push it
+with ``Builder.assign``. The agent's result goes through ``outcomes.finish_steps``
+like a local build's; leases are renewed for everything in flight, and a
+disconnect hands the agent's steps back at once (``leases.release_steps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu import Connection, Queue
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from celeryconfig import BUILD_QUEUE_PREFIX, build_queue_name
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus
+from circus.common.nix.derivation import read_derivation
+from circus.common.nix.transfer import StoreError, closure, invalid_paths
+from circus.gateway import sessions as session_rows
+from circus.gateway.server import ConnectedAgent, Gateway
+from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
+from circus.gateway.strategy import Candidate, choose
+from circus.queue_runner.capabilities import Capabilities
+from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
+from circus.queue_runner.logs import compress_file, log_path_for
+from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
+from circus.queue_runner.products import read_output_result
+from circus.queue_runner.wakeups import Publish, publish_after_commit
+
+log = logging.getLogger(__name__)
+
+#: how the agent's outcome shows as a step status; ``None`` = infrastructure, retried
+STATUS_OF_OUTCOME: dict[str, BuildStatus | None] = {
+    "success": BuildStatus.succeeded,
+    "buildFailure": BuildStatus.failed,
+    "failedWithOutput": BuildStatus.failed_with_output,
+    "timedOut": BuildStatus.timeout,
+    "logLimitExceeded": BuildStatus.log_limit_exceeded,
+    "oomKilled": BuildStatus.oom_killed,
+    "aborted": None,
+    "preparingFailure": None,
+    "importFailure": None,
+    "uploadFailure": None,
+    "postProcessFailure": None,
+}
+
+SWEEP_SECS = 1.0
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+class Bridge:
+    def __init__(self, gateway: Gateway, settings: Settings, publish: Publish | None,
+                 on_built: Callable[[FinishReport], None] | None = None) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.publish = publish
+        self.on_built = on_built
+        self.runner = settings.queue_runner
+        self.nix_env = settings.nix_environ()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._filling: set[str] = set()
+        #: every class steps were ever queued in (``queue_classes``), refreshed by the sweep
+        self.known_classes: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.assigned = 0
+        gateway.on_disconnect.append(self.release_agent)
+        gateway.on_agent_change.append(self.kick_all)
+
+    # ------------------------------------------------------------ who can build
+
+    def candidates(self) -> list[Candidate]:
+        now = asyncio.get_running_loop().time()
+        found = []
+        for agent in self.gateway.agents.values():
+            beat = agent.heartbeat
+            pressure = None
+            if "cpu_psi_avg10" in beat:
+                pressure = (beat["cpu_psi_avg10"], beat["mem_psi_avg10"], beat["io_psi_avg10"])
+            facts = agent.facts
+            found.append(Candidate(
+                key=agent.connection_id, capabilities=capabilities_of(agent),
+                speed_factor=facts.speed_factor, cpu_count=facts.cpu_count,
+                max_jobs=facts.max_jobs, current_jobs=len(agent.in_flight),
+                pressure=pressure,
+                heartbeat_age=(now - agent.heartbeat_at) if agent.heartbeat_at else None))
+        return found
+
+    def servable_classes(self, known: list[str]) -> list[str]:
+        """Known classes some connected agent with a free slot could take."""
+        agents = [a for a in self.gateway.agents.values() if a.free_slots > 0]
+        return [c for c in known if any(capabilities_of(a).can_serve(c) for a in agents)]
+
+    # ------------------------------------------------------------ filling
+
+    def kick(self, queue_class: str) -> None:
+        """Fill ``queue_class`` (callable from the loop; see :meth:`kick_threadsafe`)."""
+        if queue_class in self._filling:
+            return
+        task = asyncio.ensure_future(self.fill(queue_class))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def kick_threadsafe(self, queue_class: str) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.kick, queue_class)
+
+    def kick_all(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = asyncio.ensure_future(self.sweep())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def sweep(self) -> None:
+        """Fill every class that has queued steps an agent could take."""
+        if not any(a.free_slots for a in self.gateway.agents.values()):
+            return
+        queued, self.known_classes = await self.gateway.db(lambda s: (
+            list(s.execute(text(
+                "SELECT DISTINCT queue_class FROM steps WHERE state = 'queued'")).scalars()),
+            list(s.execute(text("SELECT name FROM queue_classes")).scalars())))
+        for queue_class in self.servable_classes(queued):
+            self.kick(queue_class)
+
+    async def fill(self, queue_class: str) -> None:
+        self._filling.add(queue_class)
+        try:
+            while True:
+                chosen = choose(self.candidates(), queue_class,
+                                strategy=self.runner.scheduling_strategy,
+                                psi_threshold=self.runner.psi_threshold,
+                                heartbeat_ttl=float(self.runner.rpc.heartbeat_ttl_secs))
+                if chosen is None:
+                    return
+                agent = self.gateway.agents.get(chosen.key)
+                if agent is None:
+                    return
+                claimed: list[ClaimedStep] = await self.gateway.db(
+                    self._claimer(agent, queue_class))
+                if not claimed:
+                    return
+                step = claimed[0]
+                agent.in_flight.add(step.id)
+                await self.assign(agent, step)
+        finally:
+            self._filling.discard(queue_class)
+
+    def _claimer(self, agent: ConnectedAgent, queue_class: str
+                 ) -> Callable[[Session], list[ClaimedStep]]:
+        def claim(session: Session) -> list[ClaimedStep]:
+            # one step per assignment: an agent builds one derivation per slot
+            return claim_steps(session, worker_name(agent), queue_class, 1,
+                               lease_secs=self.runner.lease_secs, machine=agent.facts.name,
+                               lookahead=False)
+
+        return claim
+
+    async def assign(self, agent: ConnectedAgent, step: ClaimedStep) -> None:
+        worker = worker_name(agent)
+        try:
+            drv = read_derivation(step.drv_path)
+            inputs = await closure([step.drv_path], self.nix_env, include_outputs=True)
+            # the step's own outputs are what the agent is to make
+            inputs = [p for p in inputs if p not in set(drv.output_paths.values())]
+        except (OSError, ValueError, StoreError) as exc:
+            await self.finish(agent, step, StepOutcome(
+                step.id, BuildStatus.aborted, error_message=f"cannot prepare the step: {exc}",
+                retry=True), None)
+            return
+        # the build whose own derivation this is (its outputs may be uploaded straight
+        # to S3), else any build waiting for it
+        build_id, toplevel = await self.gateway.db(lambda s: s.execute(text(
+            "SELECT build_id, is_toplevel FROM build_steps WHERE step_id = :id "
+            "ORDER BY is_toplevel DESC, build_id LIMIT 1"), {"id": step.id}).one_or_none()
+            or (None, False))
+        upload = self.settings.cache_upload
+        log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
+        sinks = make_sinks(step.id, log_path, self.runner.max_log_size, self.nix_env, inputs,
+                           on_report=lambda: agent.reported.add(step.id))
+        assignment = {
+            "buildId": int(build_id or 0), "stepId": step.id, "drvPath": step.drv_path,
+            "maxLogSize": self.runner.max_log_size,
+            "maxSilentTime": step.max_silent or self.runner.max_silent_time,
+            "buildTimeout": step.timeout or self.runner.build_timeout,
+            "extraNixArgs": list(self.runner.extra_nix_build_args),
+            "expectedOutputs": sorted(drv.output_paths.values()),
+            "inputClosure": inputs,
+            "presign": {"enabled": bool(upload.enabled and toplevel and self.settings.signing.key),
+                        "compression": upload.compression.value, "level": 3,
+                        "failBuildOnUploadError": upload.fail_build_on_upload_error},
+            "cacheSubstituter": self.runner.rpc.cache_substituter or "",
+            "cachePublicKey": self.runner.rpc.cache_public_key or "",
+        }
+        try:
+            response = await agent.builder.assign(assignment, sinks.log_sink, sinks.result_sink,
+                                                  sinks.output_sink, sinks.input_source)
+        except Exception as exc:  # the connection broke under us
+            log.warning("could not assign step %s to %s: %s", step.id, agent.facts.name, exc)
+            await self.hand_back(agent, [step.id])
+            return
+        if not response.accepted:
+            log.info("agent %s declined step %s: %s", agent.facts.name, step.id,
+                     response.reason)
+            await self.hand_back(agent, [step.id])
+            return
+        self.assigned += 1
+        log.info("step %s (%s) assigned to %s", step.id, step.drv_path, agent.facts.name)
+        task = asyncio.ensure_future(self.complete(agent, step, sinks, worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def complete(self, agent: ConnectedAgent, step: ClaimedStep, sinks: StepSinks,
+                       worker: str) -> None:
+        gone = asyncio.get_running_loop().create_future()
+        agent.closed_waiters.append(gone)
+        result = await wait_result(sinks, gone)
+        if result is None and sinks.result.done():
+            result = sinks.result.result()
+        if result is None:
+            return  # disconnected before reporting: release_agent handed the step back
+        await self.finish(agent, step, outcome_from(step, result, agent), result)
+
+    async def finish(self, agent: ConnectedAgent, step: ClaimedStep, outcome: StepOutcome,
+                     result: ReportedResult | None) -> None:
+        agent.in_flight.discard(step.id)
+        agent.reported.discard(step.id)
+        log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
+        if log_path.exists():
+            final = await asyncio.to_thread(self._final_log, log_path)
+            outcome.log_path, outcome.log_size = str(final), (result.log_bytes if result else 0)
+        output_result = None
+        if outcome.status in (BuildStatus.succeeded, BuildStatus.failed_with_output):
+            try:
+                drv = read_derivation(step.drv_path)
+                wanted = list(drv.output_paths.values())
+                known = set(result.imported) | set(result.already_valid) if result else set()
+                # what the transfer proved valid needs no Nix call to check again
+                still_missing = [p for p in wanted if p not in known]
+                if still_missing:
+                    still_missing = await invalid_paths(still_missing, self.nix_env)
+            except (OSError, ValueError, StoreError) as exc:
+                still_missing, drv = ["?"], None
+                outcome.error_message = str(exc)
+            if still_missing or drv is None:
+                outcome.status, outcome.retry = BuildStatus.aborted, True
+                outcome.error_message = "the agent reported success but the outputs did not " \
+                    "arrive in the runner's store"
+            else:
+                output_result = await asyncio.to_thread(read_output_result, drv.output_paths)
+
+        def work(session: Session) -> FinishReport:
+            report = finish_steps(session, self.settings, worker_name(agent), [outcome],
+                                  {step.id: output_result} if output_result else {})
+            publish_after_commit(session, self.publish, report.queued)
+            session_rows.record_result(session, agent.session_id,
+                                       outcome.status is BuildStatus.succeeded)
+            return report
+
+        try:
+            report: FinishReport = await self.gateway.db(work)
+        except Exception:
+            log.exception("could not record the result of step %s; its lease will lapse",
+                          step.id)
+            return
+        if self.on_built is not None and report.builds.finished:
+            self.on_built(report)
+        self.kick(step.queue_class)
+        self.kick_all()
+
+    def _final_log(self, path: Any) -> Any:
+        return compress_file(path) if self.settings.logs.compress and path.stat().st_size \
+            else path
+
+    async def hand_back(self, agent: ConnectedAgent, step_ids: list[int]) -> None:
+        for step_id in step_ids:
+            agent.in_flight.discard(step_id)
+
+        def work(session: Session) -> None:
+            queued = release_steps(session, worker_name(agent), step_ids)
+            publish_after_commit(session, self.publish, queued)
+
+        await self.gateway.db(work)
+
+    async def release_agent(self, agent: ConnectedAgent) -> None:
+        """A disconnect: everything the agent held returns to the queue at once."""
+        for waiter in agent.closed_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        # a reported result is recorded even when the agent left right after sending it
+        unreported = sorted(agent.in_flight - agent.reported)
+        if unreported:
+            await self.hand_back(agent, unreported)
+
+    # ------------------------------------------------------------ leases
+
+    async def renew_leases(self) -> None:
+        for agent in list(self.gateway.agents.values()):
+            ids = sorted(agent.in_flight)
+            if not ids:
+                continue
+            kept: set[int] = await self.gateway.db(self._renewer(agent, ids))
+            for step_id in set(ids) - kept:
+                # cancelled by a user, or taken over: stop it on the agent
+                agent.in_flight.discard(step_id)
+                log.info("step %s no longer held by %s; aborting it there", step_id,
+                         agent.facts.name)
+                try:
+                    await agent.builder.abort(step_id)
+                except Exception:
+                    log.debug("abort of step %s failed", step_id, exc_info=True)
+
+    def _renewer(self, agent: ConnectedAgent, ids: list[int]) -> Callable[[Session], set[int]]:
+        def renew(session: Session) -> set[int]:
+            return renew_lease(session, worker_name(agent), ids, self.runner.lease_secs)
+
+        return renew
+
+    async def run(self) -> None:
+        """Periodic work on the gateway's loop: lease renewal and the sweep."""
+        self.loop = asyncio.get_running_loop()
+        renew_every = max(0.5, self.runner.lease_secs / 3)
+        last_renew = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_renew >= renew_every:
+                    await self.renew_leases()
+                    last_renew = time.monotonic()
+                await self.sweep()
+            except Exception:
+                log.exception("agent bridge round failed")
+            await asyncio.sleep(SWEEP_SECS)
+
+
+def worker_name(agent: ConnectedAgent) -> str:
+    # per connection: a stale connection can never finish a step a newer one holds
+    return f"agent:{agent.facts.name}:{agent.connection_id[:12]}"
+
+
+def capabilities_of(agent: ConnectedAgent) -> Capabilities:
+    facts = agent.facts
+    return Capabilities(frozenset(facts.systems), frozenset(facts.supported_features),
+                        frozenset(facts.mandatory_features))
+
+
+def outcome_from(step: ClaimedStep, result: ReportedResult, agent: ConnectedAgent
+                 ) -> StepOutcome:
+    status = STATUS_OF_OUTCOME.get(result.outcome)
+    if result.log_truncated and status is BuildStatus.succeeded:
+        status = BuildStatus.log_limit_exceeded
+    return StepOutcome(
+        step.id, status or BuildStatus.aborted,
+        exit_code=result.exit_code if result.exit_code >= 0 else None,
+        error_message=result.error_message or None,
+        started_at=_utc(result.started_at) if result.started_at else None,
+        finished_at=_utc(result.finished_at) if result.finished_at else None,
+        machine=agent.facts.name, retry=status is None)
+
+
+class WakeupConsumer(threading.Thread):
+    """Consumes the class queues agents can serve; each token kicks the bridge."""
+
+    def __init__(self, bridge: Bridge, broker_url: str) -> None:
+        super().__init__(name="agent-wakeups", daemon=True)
+        self.bridge = bridge
+        self.broker_url = broker_url
+        self.stopped = threading.Event()
+        self.classes: list[str] = []
+        self.tokens = 0
+
+    def wanted(self) -> list[str]:
+        known = list(self.bridge.known_classes)
+        return sorted(self.bridge.servable_classes(known))
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self._consume()
+            except Exception:
+                log.warning("wake-up consumer lost the broker; retrying", exc_info=True)
+                self.stopped.wait(1.0)
+
+    def _consume(self) -> None:
+        with Connection(self.broker_url, connect_timeout=5) as connection:
+            while not self.stopped.is_set():
+                classes = self.wanted()
+                if not classes:
+                    self.stopped.wait(0.5)
+                    continue
+                queues = [Queue(build_queue_name(c)) for c in classes]
+                with connection.Consumer(queues, callbacks=[self._on_message],
+                                         accept=["json"], prefetch_count=4):
+                    self.classes = classes
+                    deadline = time.monotonic() + 2.0
+                    while time.monotonic() < deadline and not self.stopped.is_set():
+                        try:
+                            connection.drain_events(timeout=0.5)
+                        except TimeoutError:
+                            pass
+                        if self.wanted() != classes:
+                            break
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        self.tokens += 1
+        routing_key = str(message.delivery_info.get("routing_key") or "")
+        queue_class = routing_key.removeprefix(BUILD_QUEUE_PREFIX)
+        if not queue_class and isinstance(body, list) and body and body[0]:
+            queue_class = str(body[0][0])
+        message.ack()
+        if queue_class:
+            self.bridge.kick_threadsafe(queue_class)
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,306 @@
+"""The Cap'n Proto server agents dial: registration, sessions, heartbeats.
+
+Runs its own asyncio loop (with pycapnp's KJ loop) in a thread of the queue
+runner. Database work is synchronous SQLAlchemy, moved off the loop with
+``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus import __version__
+from circus.common.config import Settings
+from circus.common.errors import CircusError
+from circus.gateway import sessions as session_rows
+from circus.gateway.auth import client_cert_cn, server_ssl_context, token_accepted
+from circus.protocol import protocol_version, schema
+from circus.protocol.limits import (
+    MAX_PRESIGN_REQUESTS,
+    MAX_STORE_PATH,
+    TRAVERSAL_LIMIT_WORDS,
+    LimitExceeded,
+    check_agent_info,
+    check_text,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """Raised inside ``register``: the agent sees the message as the reason."""
+
+
+@dataclass
+class ConnectedAgent:
+    session_id: int
+    connection_id: str
+    facts: session_rows.AgentFacts
+    builder: Any
+    #: steps currently assigned to this agent
+    in_flight: set[int] = field(default_factory=set)
+    #: steps whose result the agent reported (being recorded: never handed back)
+    reported: set[int] = field(default_factory=set)
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    heartbeat_at: float = 0.0
+    closed: bool = False
+    #: futures resolved when the connection goes (results still awaited)
+    closed_waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    @property
+    def worker_name(self) -> str:
+        return f"agent:{self.facts.name}"
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.facts.max_jobs - len(self.in_flight))
+
+
+@dataclass
+class PeerInfo:
+    address: str
+    tls: bool
+    client_cn: str | None
+
+
+class Gateway:
+    """State shared by all connections; the scheduler reads ``agents``."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.rpc = settings.queue_runner.rpc
+        self.name = f"gateway@{socket.gethostname()}"
+        self.agents: dict[str, ConnectedAgent] = {}  # by connection id
+        self.on_agent_change: list[Callable[[], None]] = []
+        self.on_disconnect: list[Callable[[ConnectedAgent], Any]] = []
+        self.server: asyncio.base_events.Server | None = None
+
+    # -- database helpers (run in threads) ------------------------------------
+
+    def _in_transaction(self, work: Callable[[Session], Any]) -> Any:
+        with self.session_factory() as session, session.begin():
+            return work(session)
+
+    async def db(self, work: Callable[[Session], Any]) -> Any:
+        return await asyncio.to_thread(self._in_transaction, work)
+
+    # -- registration ----------------------------------------------------------
+
+    def check_registration(self, info: Any, peer: PeerInfo) -> None:
+        try:
+            check_agent_info(info.name, info.hostname, info.authToken, info.systems,
+                             info.supportedFeatures, info.mandatoryFeatures)
+        except LimitExceeded as exc:
+            raise Refused(f"refused: {exc}") from None
+        if info.protoVersion != protocol_version():
+            raise Refused(f"refused: protocol version {info.protoVersion} is not supported "
+                          f"(gateway speaks {protocol_version()})")
+        if not peer.tls and not self.rpc.allow_plaintext:
+            raise Refused("refused: credentials over plaintext TCP are not allowed "
+                          "(use TLS or set queue_runner.rpc.allow_plaintext)")
+        if self.rpc.tls.pin_cn and peer.client_cn != self.rpc.tls.pin_cn:
+            raise Refused("refused: client certificate CN does not match")
+        if not info.authToken or not token_accepted(info.authToken, self.rpc.auth_tokens):
+            raise Refused("refused: invalid agent token")
+        if not info.name or not info.machineId or not info.systems:
+            raise Refused("refused: name, machineId and systems are required")
+
+    async def register(self, info: Any, builder: Any, peer: PeerInfo
+                       ) -> ConnectedAgent:
+        try:
+            self.check_registration(info, peer)
+        except Refused as exc:
+            log.warning("agent %r from %s %s", str(info.name)[:128], peer.address, exc)
+            raise
+        facts = session_rows.AgentFacts(
+            machine_id=info.machineId, name=info.name, hostname=info.hostname,
+            systems=list(info.systems), supported_features=list(info.supportedFeatures),
+            mandatory_features=list(info.mandatoryFeatures),
+            speed_factor=float(info.speedFactor or 1.0), cpu_count=int(info.cpuCount or 1),
+            max_jobs=max(1, int(info.maxJobs or 1)), proto_version=int(info.protoVersion),
+            ephemeral=bool(info.ephemeral))
+        connection_id = uuid.uuid4().hex
+        session_id = await self.db(
+            lambda s: session_rows.record_connect(s, facts, connection_id, self.name))
+        # a newer connection of the same agent replaces an older one still open
+        for old in [a for a in self.agents.values() if a.facts.name == facts.name]:
+            log.info("agent %s reconnected; dropping its previous connection", facts.name)
+            await self.drop(old)
+        agent = ConnectedAgent(session_id, connection_id, facts, builder)
+        self.agents[connection_id] = agent
+        log.info("agent %s registered from %s (%s, max_jobs=%d)", facts.name, peer.address,
+                 ",".join(facts.systems), facts.max_jobs)
+        self._changed()
+        return agent
+
+    async def drop(self, agent: ConnectedAgent) -> None:
+        """Forget a connection: its in-flight steps go back to the queue at once."""
+        if agent.closed:
+            return
+        agent.closed = True
+        self.agents.pop(agent.connection_id, None)
+        await self.db(lambda s: session_rows.record_disconnect(
+            s, agent.session_id, agent.connection_id))
+        for callback in self.on_disconnect:
+            result = callback(agent)
+            if asyncio.iscoroutine(result):
+                await result
+        log.info("agent %s disconnected (%d step(s) handed back)", agent.facts.name,
+                 len(agent.in_flight))
+        self._changed()
+
+    def _changed(self) -> None:
+        for callback in self.on_agent_change:
+            callback()
+
+    async def heartbeat(self, agent: ConnectedAgent, beat: Any) -> bool:
+        values: dict[str, Any] = {
+            "load1": beat.load1, "load5": beat.load5, "load15": beat.load15,
+            "mem_total": beat.memTotal, "mem_used": beat.memUsed,
+            "store_free": beat.storeFree, "build_dir_free": beat.buildDirFree,
+            "current_jobs": beat.currentJobs,
+        }
+        if beat.hasPressure:
+            values.update({
+                "cpu_psi_avg10": beat.cpu.avg10, "mem_psi_avg10": beat.mem.avg10,
+                "io_psi_avg10": beat.io.avg10, "cpu_psi_avg60": beat.cpu.avg60,
+                "mem_psi_avg60": beat.mem.avg60, "io_psi_avg60": beat.io.avg60,
+            })
+        agent.heartbeat = values
+        agent.heartbeat_at = asyncio.get_running_loop().time()
+        return bool(await self.db(lambda s: session_rows.record_heartbeat(
+            s, agent.session_id, agent.connection_id, values)))
+
+    # -- serving ---------------------------------------------------------------
+
+    def bootstrap(self, peer: PeerInfo, registered: list[ConnectedAgent]) -> Any:
+        gateway = self
+        proto = schema()
+
+        class AgentSessionImpl(proto.AgentSession.Server):  # type: ignore[misc,name-defined]
+            def __init__(self, agent: ConnectedAgent) -> None:
+                self.agent = agent
+
+            async def heartbeat(self, beat: Any, _context: Any, **kwargs: Any) -> bool:
+                return await gateway.heartbeat(self.agent, beat)
+
+        class RunnerImpl(proto.Runner.Server):  # type: ignore[misc,name-defined]
+            async def version(self, _context: Any, **kwargs: Any) -> tuple[int, str]:
+                return protocol_version(), f"circus {__version__}"
+
+            async def register(self, info: Any, builder: Any, _context: Any, **kwargs: Any
+                               ) -> tuple[Any, str]:
+                agent = await gateway.register(info, builder, peer)
+                registered.append(agent)
+                return AgentSessionImpl(agent), agent.connection_id
+
+            async def requestPresignedUrls(self, machineId: str, buildId: int,
+                                           paths: Any, _context: Any, **kwargs: Any) -> Any:
+                return await gateway.presign(registered, machineId, buildId, paths)
+
+            async def notifyUploadComplete(self, machineId: str, buildId: int,
+                                           narInfo: Any, _context: Any, **kwargs: Any) -> Any:
+                return await gateway.upload_complete(registered, machineId, buildId, narInfo)
+
+        return RunnerImpl()
+
+    def _registered(self, registered: list[ConnectedAgent], machine_id: str) -> ConnectedAgent:
+        for agent in registered:
+            if agent.facts.machine_id == machine_id and not agent.closed:
+                return agent
+        raise Refused("refused: no agent with this machine id is registered on this connection")
+
+    async def presign(self, registered: list[ConnectedAgent], machine_id: str, build_id: int,
+                      paths: Any) -> list[dict[str, str]]:
+        from circus.cache import presign
+
+        agent = self._registered(registered, machine_id)
+        if len(paths) > MAX_PRESIGN_REQUESTS:
+            raise Refused(f"refused: more than {MAX_PRESIGN_REQUESTS} presign requests")
+        requests = [presign.UploadRequest(check_text("storePath", p.storePath, MAX_STORE_PATH),
+                                          p.narHash, int(p.narSize)) for p in paths]
+        try:
+            answers = await self.db(lambda s: presign.mint(
+                s, self.settings, build_id, requests, session_id=agent.connection_id))
+        except CircusError as exc:
+            return [{"storePath": r.store_path, "error": exc.message} for r in requests]
+        return [{"storePath": a.store_path, "narUrl": a.nar_url, "narPath": a.nar_path,
+                 "compression": a.compression, "error": a.error or ""} for a in answers]
+
+    async def upload_complete(self, registered: list[ConnectedAgent], machine_id: str,
+                              build_id: int, nar_info: Any) -> tuple[bool, str]:
+        from circus.cache import presign
+
+        agent = self._registered(registered, machine_id)
+        report = presign.UploadReport(
+            store_path=nar_info.storePath, nar_hash=nar_info.narHash,
+            nar_size=int(nar_info.narSize), compression=nar_info.compression,
+            nar_path=nar_info.narPath, file_hash=nar_info.fileHash or None,
+            file_size=int(nar_info.fileSize) if nar_info.fileSize else None,
+            references=tuple(nar_info.references), deriver=nar_info.deriver or None,
+            ca=nar_info.ca or None)
+        try:
+            await self.db(lambda s: presign.verify_and_record(
+                s, self.settings, build_id, report, session_id=agent.connection_id))
+        except CircusError as exc:
+            return False, exc.message
+        return True, ""
+
+    async def handle_connection(self, stream: Any, protocol: Any) -> None:
+        import capnp
+
+        transport = protocol.transport
+        peername = transport.get_extra_info("peername") if transport else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        peer = PeerInfo(
+            address=f"{peername[0]}:{peername[1]}" if peername else "?",
+            tls=ssl_object is not None,
+            client_cn=client_cert_cn(ssl_object.getpeercert()) if ssl_object else None)
+        if len(self.agents) >= self.rpc.max_connections:
+            log.warning("refusing connection from %s: max_connections reached", peer.address)
+            stream.close()
+            return
+        registered: list[ConnectedAgent] = []
+        server = capnp.TwoPartyServer(stream, bootstrap=self.bootstrap(peer, registered),
+                                      traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
+        try:
+            await server.on_disconnect()
+        except Exception:  # a broken connection ends like a closed one
+            log.debug("connection from %s ended with an error", peer.address, exc_info=True)
+        finally:
+            for agent in registered:
+                await self.drop(agent)
+
+    async def serve(self, host: str, port: int) -> None:
+        import capnp
+
+        loop = asyncio.get_running_loop()
+
+        def protocol_factory() -> Any:
+            holder: dict[str, Any] = {}
+
+            def on_connect(stream: Any) -> Any:
+                return self.handle_connection(stream, holder["protocol"])
+
+            holder["protocol"] = capnp.AsyncIoStream._connect(on_connect)
+            return holder["protocol"]
+
+        await self.db(lambda s: session_rows.mark_all_disconnected(s, self.name))
+        self.server = await loop.create_server(
+            protocol_factory, host, port, ssl=server_ssl_context(self.rpc))
+        log.info("agent gateway listening on %s:%s (%s)", host, port,
+                 "TLS" if self.rpc.tls.enabled else "plain TCP")
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])

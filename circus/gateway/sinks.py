@@ -1,0 +1,163 @@
+"""Runner-side capabilities handed to an agent with each assignment.
+
+``LogSink`` appends to the step's log file (the same file local builds write,
+so the API's live tail works for agents too); ``OutputSink`` tells the agent
+which output paths this store lacks and imports what it streams;
+``InputSource`` streams the inputs the agent lacks; ``ResultSink`` accepts the
+one result report and hands it to the queue runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from circus.common.nix.transfer import Importer, StoreError, export_chunks, invalid_paths
+from circus.protocol import schema
+from circus.protocol.limits import MAX_LOG_CHUNK, MAX_STORE_PATH, LimitExceeded, check_list
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportedOutput:
+    name: str
+    path: str
+    nar_hash: str
+    nar_size: int
+    closure_size: int
+
+
+@dataclass
+class ReportedResult:
+    """What an agent said about one step (its ``ResultSink.report``)."""
+
+    outcome: str
+    exit_code: int
+    started_at: float
+    finished_at: float
+    outputs: list[ReportedOutput] = field(default_factory=list)
+    error_message: str = ""
+    #: paths the agent asked about that were already valid here (``OutputSink.missing``)
+    already_valid: list[str] = field(default_factory=list)
+    #: bytes of log received, and whether the runner-side log cap cut it
+    log_bytes: int = 0
+    log_truncated: bool = False
+    imported: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepSinks:
+    """The capabilities of one assignment and what they collected."""
+
+    log_sink: Any
+    output_sink: Any
+    result_sink: Any
+    input_source: Any
+    result: asyncio.Future[ReportedResult]
+
+
+def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping[str, str],
+               input_closure: list[str], on_log: Callable[[int], None] | None = None,
+               on_report: Callable[[], None] | None = None) -> StepSinks:
+    proto = schema()
+    result: asyncio.Future[ReportedResult] = asyncio.get_running_loop().create_future()
+    state: dict[str, Any] = {"log_bytes": 0, "truncated": False, "imported": [],
+                             "import_error": None, "already_valid": []}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = log_path.open("ab")
+    importer = Importer(nix_env)
+    allowed_inputs = set(input_closure)
+
+    class LogSinkImpl(proto.LogSink.Server):  # type: ignore[misc,name-defined]
+        async def write(self, chunk: bytes, _context: Any, **kwargs: Any) -> None:
+            data = bytes(chunk)
+            if len(data) > MAX_LOG_CHUNK:
+                raise LimitExceeded("log chunk larger than 1 MiB")
+            room = max_log_size - state["log_bytes"]
+            if room <= 0:
+                state["truncated"] = True
+                return
+            data = data[:room]
+            log_file.write(data)
+            log_file.flush()
+            state["log_bytes"] += len(data)
+            if on_log is not None:
+                on_log(len(data))
+
+        async def close(self, _context: Any, **kwargs: Any) -> None:
+            log_file.close()
+
+    class OutputSinkImpl(proto.OutputSink.Server):  # type: ignore[misc,name-defined]
+        async def missing(self, paths: Any, _context: Any, **kwargs: Any) -> list[str]:
+            wanted = check_list("paths", paths, 100_000, MAX_STORE_PATH)
+            missing = await invalid_paths(wanted, nix_env)
+            state["already_valid"] = sorted(set(wanted) - set(missing))
+            return missing
+
+        async def write(self, chunk: bytes, _context: Any, **kwargs: Any) -> None:
+            try:
+                await importer.write(bytes(chunk))
+            except (StoreError, OSError, BrokenPipeError) as exc:
+                state["import_error"] = str(exc)
+                raise
+
+        async def close(self, _context: Any, **kwargs: Any) -> None:
+            try:
+                state["imported"] = await importer.close()
+            except StoreError as exc:
+                state["import_error"] = str(exc)
+                raise
+
+    class ResultSinkImpl(proto.ResultSink.Server):  # type: ignore[misc,name-defined]
+        async def report(self, outcome: Any, exitCode: int, times: Any,
+                         outputs: Any, errorMessage: str, _context: Any, **kwargs: Any
+                         ) -> None:
+            if result.done():
+                # exactly once: a second report is a protocol violation, ignored
+                log.warning("step %s: duplicate result report ignored", step_id)
+                return
+            if not log_file.closed:
+                log_file.close()
+            reported = ReportedResult(
+                outcome=str(outcome), exit_code=int(exitCode),
+                started_at=float(times.startedAt), finished_at=float(times.finishedAt),
+                outputs=[ReportedOutput(o.name, o.path, o.narHash, int(o.narSize),
+                                        int(o.closureSize)) for o in outputs],
+                error_message=str(errorMessage), log_bytes=state["log_bytes"],
+                log_truncated=state["truncated"], imported=list(state["imported"]),
+                already_valid=list(state["already_valid"]))
+            if state["import_error"]:
+                reported.outcome = "importFailure"
+                reported.error_message = f"importing outputs failed: {state['import_error']}"
+            if on_report is not None:
+                on_report()
+            result.set_result(reported)
+
+    class InputSourceImpl(proto.InputSource.Server):  # type: ignore[misc,name-defined]
+        async def fetch(self, paths: Any, sink: Any, _context: Any, **kwargs: Any) -> None:
+            wanted = [str(p) for p in paths]
+            # only what the assignment named: an agent cannot read arbitrary store paths
+            if not set(wanted) <= allowed_inputs:
+                raise LimitExceeded("fetch asked for paths outside the input closure")
+            order = [p for p in input_closure if p in set(wanted)]
+            async for chunk in export_chunks(order, nix_env):
+                await sink.write(chunk)
+            await sink.close()
+
+    return StepSinks(LogSinkImpl(), OutputSinkImpl(), ResultSinkImpl(), InputSourceImpl(),
+                     result)
+
+
+async def wait_result(sinks: StepSinks, disconnected: Awaitable[Any]) -> ReportedResult | None:
+    """The agent's report, or None when the connection went away first."""
+    lost = asyncio.ensure_future(disconnected)
+    done, _ = await asyncio.wait({sinks.result, lost}, return_when=asyncio.FIRST_COMPLETED)
+    lost.cancel()
+    if sinks.result in done:
+        return sinks.result.result()
+    return None
