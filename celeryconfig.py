@@ -71,20 +71,10 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": timedelta(seconds=settings.evaluator.poll_interval),
             "options": {"queue": EVAL_QUEUE, "expires": settings.evaluator.poll_interval},
         },
-        "gc-cleanup": {
-            "task": "circus.maintenance.gc_cleanup",
-            "schedule": timedelta(seconds=settings.gc.cleanup_interval),
-            "options": {"queue": MAINTENANCE_QUEUE},
-        },
         "cache-retention": {
             "task": "circus.cache.tasks.retention",
             "schedule": timedelta(seconds=settings.gc.cleanup_interval),
             "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.gc.cleanup_interval},
-        },
-        "notifications-retry": {
-            "task": "circus.notifications.tasks.retry_due",
-            "schedule": timedelta(seconds=30),
-            "options": {"queue": NOTIFY_QUEUE, "expires": 30},
         },
     }
 

@@ -18,8 +18,6 @@ from circus.common.db import after_commit, make_engine, make_session_factory
 TASK_MODULES = (
     "circus.evaluator.tasks",
     "circus.queue_runner.tasks",
-    "circus.notifications.tasks",
-    "circus.maintenance",
     "circus.cache.tasks",
 )
 
@@ -85,12 +83,7 @@ def create_celery_app(settings: Settings, *, name: str = "circus",
     import importlib
 
     for module in TASK_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            # components land one by one; a missing task module is not an error
-            if exc.name is None or not module.startswith(exc.name):
-                raise
+        importlib.import_module(module)
     return app
 
 
