@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -11,7 +12,18 @@ from sqlalchemy.orm import Session
 
 from circus.common.enums import BuildStatus
 from circus.common.errors import NotFound
-from circus.common.models import Build, Evaluation, EvaluationBuild, Jobset
+from circus.common.models import (
+    Build,
+    BuilderSession,
+    BuildOutput,
+    BuildStep,
+    Evaluation,
+    EvaluationBuild,
+    Jobset,
+    Project,
+    RemoteBuilder,
+    Step,
+)
 
 
 def filter_builds(query: Any, args: dict[str, Any]) -> Any:
@@ -81,3 +93,89 @@ def get_build(session: Session, build_id: int) -> Build:
     if build is None:
         raise NotFound(f"no build with id {build_id}")
     return build
+
+
+def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
+    """Every step a build waited for, in order, with the step's state (one query)."""
+    rows = session.execute(
+        select(BuildStep, Step).join(Step, Step.id == BuildStep.step_id)
+        .where(BuildStep.build_id == build_id).order_by(BuildStep.step_nr))
+    return [SimpleNamespace(
+        step_id=step.id, build_id=bs.build_id, step_nr=bs.step_nr, drv_path=bs.drv_path,
+        is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
+        machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
+        propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
+        finished_at=step.finished_at, log_size=step.log_size, has_log=bool(step.log_path),
+    ) for bs, step in rows]
+
+
+def search(session: Session, q: str, limit: int) -> dict[str, Any]:
+    """Projects, jobsets, jobs, builds (by id or drv path) and store paths matching ``q``."""
+    q = q.strip()
+    projects = session.scalars(select(Project).where(or_(
+        Project.name.icontains(q, autoescape=True),
+        Project.description.icontains(q, autoescape=True))).order_by(Project.name).limit(limit))
+    jobsets = session.scalars(select(Jobset).where(Jobset.name.icontains(q, autoescape=True))
+                              .order_by(Jobset.name).limit(limit))
+    jobs = session.execute(
+        select(Build.jobset_id, Build.job_name, func.max(Build.id), func.min(Build.project_id))
+        .where(Build.job_name.icontains(q, autoescape=True))
+        .group_by(Build.jobset_id, Build.job_name).order_by(Build.job_name).limit(limit))
+    builds: list[dict[str, Any]] = []
+    if q.isdigit() and len(q) < 19:
+        build = session.get(Build, int(q))
+        if build is not None:
+            builds.append(_build_hit(build))
+    if q.startswith("/nix/store/") or len(q) >= 8:
+        builds += [_build_hit(b) for b in session.scalars(
+            select(Build).where(Build.drv_path.startswith(q if q.startswith("/") else
+                                                          f"/nix/store/{q}", autoescape=True))
+            .order_by(Build.id.desc()).limit(limit))]
+    paths: Any = session.execute(
+        select(BuildOutput.path, BuildOutput.build_id).where(
+            BuildOutput.path.startswith(q if q.startswith("/") else f"/nix/store/{q}",
+                                        autoescape=True))
+        .order_by(BuildOutput.build_id.desc()).limit(limit)) if len(q) >= 3 else []
+    return {
+        "query": q,
+        "projects": [{"kind": "project", "id": p.id, "name": p.name, "project_id": p.id}
+                     for p in projects],
+        "jobsets": [{"kind": "jobset", "id": j.id, "name": j.name, "project_id": j.project_id,
+                     "jobset_id": j.id} for j in jobsets],
+        "jobs": [{"kind": "job", "id": None, "name": name, "jobset_id": jobset_id,
+                  "project_id": project_id, "build_id": build_id}
+                 for jobset_id, name, build_id, project_id in jobs],
+        "builds": builds[:limit],
+        "store_paths": [{"kind": "store_path", "id": None, "name": path, "build_id": build_id}
+                        for path, build_id in paths],
+    }
+
+
+def _build_hit(build: Build) -> dict[str, Any]:
+    return {"kind": "build", "id": build.id, "name": build.job_name, "build_id": build.id,
+            "project_id": build.project_id, "jobset_id": build.jobset_id}
+
+
+def systems_summary(session: Session) -> list[dict[str, Any]]:
+    """Per system: queued, running, succeeded and failed builds, and machines serving it."""
+    rows = session.execute(select(Build.system, Build.status, func.count())
+                           .group_by(Build.system, Build.status))
+    table: dict[str, dict[str, int]] = {}
+
+    def entry(system: str) -> dict[str, int]:
+        return table.setdefault(system, {"pending": 0, "running": 0, "succeeded": 0,
+                                         "failed": 0, "machines": 0})
+
+    for system, status, count in rows:
+        if status in (BuildStatus.pending, BuildStatus.running, BuildStatus.succeeded):
+            entry(system)[status.name] += count
+        else:
+            entry(system)["failed"] += count
+    machines: list[list[str]] = [list(s) for s in session.scalars(
+        select(RemoteBuilder.systems).where(RemoteBuilder.enabled.is_(True)))]
+    machines += [list(s) for s in session.scalars(
+        select(BuilderSession.systems).where(BuilderSession.connected.is_(True)))]
+    for systems_of_machine in machines:
+        for system in systems_of_machine:
+            entry(system)["machines"] += 1
+    return [{"system": s, **v} for s, v in sorted(table.items())]
