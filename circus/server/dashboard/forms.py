@@ -102,3 +102,8 @@ SECRET_FIELDS = frozenset({"password", "current_password", "new_password", "new_
 def split_list(raw: str) -> list[str]:
     """``a, b c`` → ``["a", "b", "c"]`` (systems and features fields)."""
     return [part for part in raw.replace(",", " ").split() if part]
+
+
+def query_text(name: str, limit: int = 256) -> str:
+    """A free-text query argument, trimmed, bounded, without NUL (PostgreSQL refuses it)."""
+    return request.args.get(name, "").replace("\x00", "").strip()[:limit]

@@ -33,7 +33,7 @@ from circus.server.auth import current_actor
 from circus.server.context import db_session, settings
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
-from circus.server.dashboard.forms import Form, split_list
+from circus.server.dashboard.forms import Form, query_text, split_list
 from circus.server.dashboard.pagination import paginate
 
 BUILDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
@@ -74,7 +74,7 @@ def admin_users() -> ResponseReturnValue:
 def _users_page(form: Form) -> ResponseReturnValue:
     session = db_session()
     query = select(User).order_by(User.username)
-    q = request.args.get("q", "").strip()[:128]
+    q = query_text("q", 128)
     if q:
         query = query.where(User.username.icontains(q, autoescape=True))
     return render_template("admin/users.html", users=paginate(session, query, 50), q=q,
@@ -227,10 +227,9 @@ def admin_retry_notification(task_id: int) -> ResponseReturnValue:
 @page("admin")
 def admin_audit() -> ResponseReturnValue:
     query = select(AuditLog).order_by(AuditLog.id.desc())
-    filters = {name: request.args.get(name, "").strip()[:256]
-               for name in ("action", "actor", "target")}
+    filters = {name: query_text(name) for name in ("action", "actor", "target")}
     for name, value in filters.items():
-        if value and "\x00" not in value:
+        if value:
             query = query.where(getattr(AuditLog, name) == value)
     return render_template("admin/audit.html", entries=paginate(db_session(), query, 50),
                            filters=filters, json=json)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import flash, redirect, render_template, request, url_for
+from flask import flash, redirect, render_template, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
@@ -20,7 +20,7 @@ from circus.server.context import db_session, settings
 from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
-from circus.server.dashboard.forms import Form
+from circus.server.dashboard.forms import Form, query_text
 from circus.server.dashboard.pagination import page_number, paginate
 
 MATRIX_EVALUATIONS = 10
@@ -177,7 +177,7 @@ def jobset(project: str, jobset: str) -> ResponseReturnValue:
     columns = list(reversed(list(session.scalars(
         select(Evaluation).where(Evaluation.jobset_id == row.id, Evaluation.hidden.is_(False))
         .order_by(Evaluation.id.desc()).limit(MATRIX_EVALUATIONS)))))
-    job_filter = request.args.get("job", "").strip()[:200]
+    job_filter = query_text("job", 200)
     jobs_page = page_number("jobs_page")
     matrix = queries.job_matrix(session, columns, job_filter=job_filter,
                                 offset=(jobs_page - 1) * MATRIX_JOBS, limit=MATRIX_JOBS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import flash, redirect, render_template, request, url_for
+from flask import flash, redirect, render_template, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
@@ -22,7 +22,7 @@ from circus.server.context import db_session
 from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
-from circus.server.dashboard.forms import Form
+from circus.server.dashboard.forms import Form, query_text
 from circus.server.dashboard.pagination import paginate
 
 STEPS_SHOWN = 100
@@ -66,8 +66,8 @@ def metrics() -> ResponseReturnValue:
 @blueprint.get("/search")
 @page("search")
 def search() -> ResponseReturnValue:
-    q = request.args.get("q", "").strip()[:256]
-    if not q or "\x00" in q:
+    q = query_text("q")
+    if not q:
         return render_template("search.html", q=q, results=None, projects={}, jobsets={})
     session = db_session()
     results = search_query(session, q, 50)
