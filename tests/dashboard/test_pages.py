@@ -155,3 +155,44 @@ def test_hidden_projects_are_invisible_to_non_admins(as_admin: Browser, as_viewe
     assert "/project/demo" not in html(as_viewer.get("/projects"))
     assert "demo-unstable" not in html(as_viewer.get("/channels"))
     assert as_admin.get("/project/demo").status_code == 200
+
+
+def test_machines_page_shows_workers_agents_and_builders(as_viewer: Browser, rows: Rows,
+                                                        world: World) -> None:
+    from datetime import timedelta
+
+    from circus.common.models import BuilderSession, RemoteBuilder, ServiceHeartbeat
+    from circus.common.models.base import utcnow
+
+    now = utcnow()
+    rows.db.add_all([
+        ServiceHeartbeat(service="queue-runner@build1", kind="queue-runner", hostname="build1",
+                         pid=42, version="0.1.0", started_at=now - timedelta(hours=1),
+                         last_heartbeat=now, details={
+                             "workers": 4, "running_batches": 1, "dispatcher": True,
+                             "capabilities": [{"systems": ["x86_64-linux"],
+                                               "supported_features": ["kvm"],
+                                               "mandatory_features": []}]}),
+        ServiceHeartbeat(service="evaluator@old", kind="evaluator", hostname="old",
+                         version="0.0.9", started_at=now - timedelta(days=2),
+                         last_heartbeat=now - timedelta(hours=3), details={}),
+        BuilderSession(machine_id="m-1", name="arm-box", hostname="arm.example",
+                       systems=["aarch64-linux"], supported_features=["big-parallel"],
+                       mandatory_features=[], proto_version=1, connected=True, cpu_count=16,
+                       max_jobs=8, current_jobs=3, load1=2.5, load5=2.0, load15=1.5,
+                       cpu_psi_avg10=12.5, mem_psi_avg10=0.0, io_psi_avg10=3.25,
+                       mem_total=16 << 30, mem_used=4 << 30, store_free=100 << 30,
+                       builds_succeeded=10, builds_failed=2, last_seen=now),
+        RemoteBuilder(name="ssh-box", ssh_uri="ssh://nix@ssh-box", systems=["x86_64-linux"],
+                      supported_features=[], mandatory_features=[], max_jobs=2,
+                      consecutive_failures=3, disabled_until=now + timedelta(minutes=5),
+                      last_failure="connection refused"),
+    ])
+    rows.db.commit()
+    page = html(as_viewer.get("/machines"))
+    for text in ("queue-runner@build1", "4 workers, 1 building", "x86_64-linux · kvm",
+                 "runs the dispatcher", "evaluator@old", "stale", "arm-box", "3/8",
+                 "2.50 / 2.00 / 1.50", "12.5% / 0.0% / 3.2%", "4.0 GiB of 16.0 GiB",
+                 "100.0 GiB", "ssh-box", "backing off", "connection refused",
+                 "<code>localhost</code>: 1 step"):
+        assert text in page, text

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select, union
 from sqlalchemy.orm import Session, lazyload
 
 from circus.common.enums import BuildStatus, StepState
-from circus.common.heartbeat import freshness
+from circus.common.heartbeat import STALE_AFTER, freshness
 from circus.common.models import (
     Build,
     BuildConstituent,
@@ -34,6 +34,7 @@ from circus.common.models import (
     Project,
     ProjectMember,
     RemoteBuilder,
+    ServiceHeartbeat,
     Step,
     User,
 )
@@ -436,6 +437,28 @@ def running_by_machine(session: Session) -> dict[str, int]:
     return {machine or worker or "?": count for machine, worker, count in session.execute(
         select(Step.machine, Step.worker, func.count()).where(Step.state == StepState.running)
         .group_by(Step.machine, Step.worker))}
+
+
+@dataclass
+class Daemon:
+    row: ServiceHeartbeat
+    fresh: bool
+    age_seconds: float
+
+    @property
+    def capabilities(self) -> list[dict[str, Any]]:
+        """Local build workers of a queue runner, as its heartbeat describes them."""
+        found = self.row.details.get("capabilities") if isinstance(self.row.details, dict) \
+            else None
+        return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
+
+
+def daemons(session: Session) -> list[Daemon]:
+    now = utcnow()
+    return [Daemon(row, now - row.last_heartbeat < STALE_AFTER,
+                   (now - row.last_heartbeat).total_seconds())
+            for row in session.scalars(select(ServiceHeartbeat).order_by(
+                ServiceHeartbeat.kind, ServiceHeartbeat.service))]
 
 
 def remote_builders(session: Session) -> list[RemoteBuilder]:

@@ -11,7 +11,6 @@ from sqlalchemy import select
 from circus.auth.permissions import Action, allowed_actions
 from circus.common.enums import StepState
 from circus.common.errors import CircusError
-from circus.common.heartbeat import freshness
 from circus.common.models import Jobset, News, Project
 from circus.common.models.base import utcnow
 from circus.server import actions
@@ -45,7 +44,7 @@ def queue() -> ResponseReturnValue:
 def machines() -> ResponseReturnValue:
     session = db_session()
     return render_template(
-        "machines.html", daemons=freshness(session),
+        "machines.html", daemons=queries.daemons(session),
         builders=queries.remote_builders(session),
         agents=queries.agent_sessions(session, 200),
         running=queries.running_by_machine(session), now=utcnow())
