@@ -63,3 +63,25 @@ document.addEventListener("DOMContentLoaded", () => {
     followLog(pre);
   }
 });
+
+// Relative times ("5 min ago") stay true on a page left open; the exact time is the tooltip.
+function relative(seconds) {
+  const future = seconds < 0;
+  seconds = Math.abs(seconds);
+  if (seconds < 10) return "just now";
+  for (const [unit, size] of [["day", 86400], ["h", 3600], ["min", 60], ["s", 1]]) {
+    if (seconds >= size) {
+      const count = Math.floor(seconds / size);
+      const label = count + " " + unit + (unit === "day" && count !== 1 ? "s" : "");
+      return future ? "in " + label : label + " ago";
+    }
+  }
+  return "just now";
+}
+
+window.setInterval(() => {
+  for (const element of document.querySelectorAll("time[datetime]")) {
+    const moment = Date.parse(element.getAttribute("datetime"));
+    if (!Number.isNaN(moment)) element.textContent = relative((Date.now() - moment) / 1000);
+  }
+}, 30000);
