@@ -30,6 +30,25 @@ def resolve(log_dir: str, log_path: str | None) -> Path | None:
     return path if path.is_file() else None
 
 
+def running_log(log_dir: str, drv_path: str, step_id: int) -> Path | None:
+    """The plain log a running step is writing, before ``steps.log_path`` names it.
+
+    The queue runner records ``log_path`` when the step finishes; while it runs
+    the log lives at ``<log_dir>/<first 2 chars of the drv name>/<drv name>-<step>.log``
+    (``circus.queue_runner.logs.log_path_for``).
+    """
+    base = os.path.basename(drv_path)
+    if not base or base.startswith(".") or "/" in base or "\x00" in base:
+        return None
+    path = Path(log_dir) / base[:2] / f"{base}-{step_id}.log"
+    return path if path.is_file() else None
+
+
+def step_log(log_dir: str, log_path: str | None, drv_path: str, step_id: int) -> Path | None:
+    """A step's log file: the recorded one, else the one it is writing right now."""
+    return resolve(log_dir, log_path) or running_log(log_dir, drv_path, step_id)
+
+
 def is_compressed(path: Path) -> bool:
     with path.open("rb") as handle:
         return handle.read(4) == ZSTD_MAGIC

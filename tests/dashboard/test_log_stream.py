@@ -75,3 +75,33 @@ def test_running_build_page_offers_the_stream_from_where_the_page_stops(
     assert "step 1 of 3" in page
     finished = as_viewer.get(f"/build/{world.failed.id}").get_data(as_text=True)
     assert "data-stream" not in finished
+
+
+def test_a_running_step_is_followed_before_its_log_path_is_recorded(
+        as_viewer: Browser, world: World, rows: Rows) -> None:
+    """The queue runner names a step's log in the database when the step finishes;
+    while it runs, the log is at the queue runner's conventional path."""
+    from pathlib import Path
+
+    build = rows.build(world.evaluation, "young", BuildStatus.running)
+    step = rows.step(build, state=StepState.running)
+    rows.db.commit()
+    base = Path(step.drv_path).name
+    path = rows.log_dir / base[:2] / f"{base}-{step.id}.log"
+    path.parent.mkdir(parents=True)
+    path.write_text("compiling\nlinking\n")
+    page = as_viewer.get(f"/build/{build.id}").get_data(as_text=True)
+    assert "compiling\nlinking" in page
+    assert f'data-step="{step.id}" data-offset="18"' in page
+    assert as_viewer.get(f"/build/{build.id}/log").get_data(as_text=True) == "compiling\nlinking\n"
+    # the API's log endpoint finds it the same way
+    from circus.auth import service
+    from circus.common.enums import Role
+    from tests.dashboard.factories import SYSTEM
+
+    _, secret = service.create_api_key(rows.db, SYSTEM, name="reader", role=Role.read_only)
+    rows.db.commit()
+    api = as_viewer.client.get(f"/api/v1/builds/{build.id}/log",
+                               headers={"Authorization": f"Bearer {secret}"})
+    assert api.status_code == 200
+    assert api.get_data(as_text=True) == "compiling\nlinking\n"

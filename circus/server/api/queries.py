@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from circus.common.enums import BuildStatus
+from circus.common.enums import BuildStatus, StepState
 from circus.common.errors import NotFound
 from circus.common.models import (
     Build,
@@ -105,7 +105,9 @@ def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
         is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
         machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
         propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
-        finished_at=step.finished_at, log_size=step.log_size, has_log=bool(step.log_path),
+        finished_at=step.finished_at, log_size=step.log_size,
+        # a running step writes its log before log_path records it
+        has_log=bool(step.log_path) or step.state is StepState.running,
     ) for bs, step in rows]
 
 

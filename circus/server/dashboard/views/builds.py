@@ -46,7 +46,8 @@ def _failed(step: Any) -> bool:
 
 def _initial_log_step(steps: list[Any], asked: int | None) -> Any:
     """Which step's log the page opens with: the one asked for; else the step being built
-    now; else the build's own step if it wrote a log; else the dependency that failed."""
+    now; else the build's own step (its latest attempt) if it wrote a log; else the
+    dependency that failed."""
     if asked is not None:
         for step in steps:
             if step.step_id == asked:
@@ -57,7 +58,7 @@ def _initial_log_step(steps: list[Any], asked: int | None) -> Any:
         return max(running, key=lambda s: (s.is_toplevel, s.step_nr))
     own = [s for s in steps if s.is_toplevel and s.has_log]
     if own:
-        return own[0]
+        return own[-1]
     failed = [s for s in steps if _failed(s) and s.has_log]
     return failed[-1] if failed else None
 
@@ -82,9 +83,10 @@ def build(build_id: int) -> ResponseReturnValue:
     log_step = _initial_log_step(steps, _int_arg("step"))
     log_text, log_offset, log_truncated = "", 0, False
     if log_step is not None:
-        path = logfiles.resolve(settings().logs.log_dir,
-                                session.scalar(select(Step.log_path).where(
-                                    Step.id == log_step.step_id)))
+        path = logfiles.step_log(settings().logs.log_dir,
+                                 session.scalar(select(Step.log_path).where(
+                                     Step.id == log_step.step_id)),
+                                 log_step.drv_path, log_step.step_id)
         if path is not None:
             data, log_offset = logfiles.tail(path, LOG_TAIL_BYTES)
             log_truncated = log_offset > len(data)
@@ -98,6 +100,9 @@ def build(build_id: int) -> ResponseReturnValue:
         failed_steps=[s for s in steps if _failed(s) and not s.propagated_from_step_id],
         log_step=log_step, log_text=log_text, log_offset=log_offset,
         log_truncated=log_truncated, live=not row.status.is_finished,
+        # the build records its machine when it finishes; meanwhile its step knows
+        machine=row.machine or next((s.machine for s in reversed(steps)
+                                     if s.is_toplevel and s.machine), None),
         products=queries.products(session, build_id), metrics=queries.metrics(session, build_id),
         constituents=(queries.related_builds(session, build_id, "constituents")
                       if row.is_aggregate else []),
@@ -164,7 +169,7 @@ def log(build_id: int) -> ResponseReturnValue:
     """The whole log of the build's own step (or of ``?step=``), as plain text."""
     _build_page(build_id)
     step = _step_of(build_id, _int_arg("step"))
-    path = logfiles.resolve(settings().logs.log_dir, step.log_path)
+    path = logfiles.step_log(settings().logs.log_dir, step.log_path, step.drv_path, step.id)
     if path is None:
         raise NotFound(f"no log file for build {build_id}")
     return Response(logfiles.read_chunks(path), mimetype="text/plain",
@@ -233,11 +238,13 @@ class LogTail:
 
     def locate(self) -> tuple[Path | None, bool]:
         with self.factory() as session:
-            row = session.execute(select(Step.log_path, Step.state).where(
+            row = session.execute(select(Step.log_path, Step.drv_path, Step.state).where(
                 Step.id == self.step_id)).first()
         if row is None:
             return None, True
-        return logfiles.resolve(self.log_dir, row[0]), row[1] is StepState.done
+        log_path, drv_path, state = row
+        return (logfiles.step_log(self.log_dir, log_path, drv_path, self.step_id),
+                state is StepState.done)
 
     def events(self, offset: int, timeout: float) -> Iterator[str]:
         step_id = self.step_id
