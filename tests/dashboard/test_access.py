@@ -190,3 +190,18 @@ def test_build_actions_follow_permissions(app: Flask, as_viewer: Browser, world:
     assert "Evaluate now" not in as_viewer.get("/jobset/demo/main").get_data(as_text=True)
     forbidden = as_viewer.post("/jobset/demo/main/trigger", page="/jobset/demo/main")
     assert forbidden.status_code == 403
+
+
+class TestLoginRateLimit:
+    @pytest.fixture
+    def dash_overrides(self) -> dict[str, Any]:
+        return {"server": {"rate_limit_login": "3/minute"}}
+
+    def test_password_guessing_is_slowed_down(self, anonymous: Browser,
+                                              users: dict[str, User]) -> None:
+        statuses = [anonymous.post("/login", {"username": "vic", "password": "guess"}
+                                   ).status_code for _ in range(4)]
+        assert statuses == [401, 401, 401, 429]
+        page = anonymous.post("/login", {"username": "vic", "password": PASSWORD})
+        assert page.status_code == 429
+        assert "Too Many Requests" in page.get_data(as_text=True)
