@@ -1,0 +1,121 @@
+"""The nix-eval-jobs evaluation program (used whenever it is on ``PATH``).
+
+A short probe with ``nix-instantiate`` runs first: it picks ``hydraJobs`` or
+``checks`` and turns a missing attribute, a non-attribute-set or a broken
+expression into a readable error before nix-eval-jobs starts its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from circus.evaluator import proc
+from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
+from circus.evaluator.program import (
+    EvalFailed,
+    EvalResult,
+    EvalSpec,
+    EvalStopped,
+    JobSink,
+    Progress,
+    error_text,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "nix-eval-jobs"
+
+
+def available() -> str | None:
+    return shutil.which(PROGRAM)
+
+
+def probe(spec: EvalSpec, should_stop: Callable[[], bool] | None = None) -> list[str]:
+    """Check the jobset's root and return the attribute path to evaluate."""
+    expr_file = spec.run_dir / "probe.nix"
+    expr_file.write_text(f"""
+let r = {spec.root_expression()};
+in
+  if !(builtins.isAttrs r.root) then
+    throw "${{r.rootName}} is a ${{builtins.typeOf r.root}}, not an attribute set of jobs"
+  else if (r.root.type or null) == "derivation" then
+    throw "${{r.rootName}} is a single derivation, not an attribute set of jobs"
+  else r.attrPath
+""")
+    out: list[str] = []
+
+    def on_stdout(line: str) -> bool:
+        out.append(line)
+        return True
+
+    try:
+        finished = proc.stream(
+            ["nix-instantiate", "--eval", "--strict", "--json", *spec.nix_options(),
+             str(expr_file)],
+            env=spec.env, cwd=str(spec.run_dir), deadline=spec.deadline,
+            should_stop=should_stop, on_stdout=on_stdout)
+    except proc.Stopped as stop:
+        raise EvalStopped(stop.reason, stop.tail) from None
+    if finished.returncode != 0:
+        raise EvalFailed(error_text(finished.stderr_tail), finished.stderr_tail)
+    value = json.loads("\n".join(out) or "null")
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def command(spec: EvalSpec, attr_path: list[str], program: str) -> list[str]:
+    argv = [program, "--gc-roots-dir", str(spec.gc_roots_dir),
+            "--workers", str(spec.workers), "--max-memory-size", str(spec.max_memory_size),
+            "--meta", "--constituents", "--force-recurse"]
+    if spec.flake_ref is not None:
+        argv += ["--flake", f"{spec.flake_ref}#{attr_name(attr_path)}"]
+    else:
+        assert spec.file is not None
+        for arg in spec.args:
+            if arg.kind == "str":
+                argv += ["--argstr", arg.name, arg.value]
+            else:
+                argv += ["--arg", arg.name, arg.value]
+        argv.append(spec.file)
+    return argv + spec.nix_options()
+
+
+def evaluate(spec: EvalSpec, progress: Progress, sink: JobSink, *, program: str,
+             should_stop: Callable[[], bool] | None = None) -> EvalResult:
+    """Evaluate ``spec``; jobs go to ``sink`` as they come (the caller closes it)."""
+    attr_path = probe(spec, should_stop)
+    jobs: list[Job] = []
+    errors: list[JobError] = []
+
+    def on_stdout(line: str) -> bool:
+        line = line.strip()
+        if not line.startswith("{"):
+            return True
+        try:
+            record: dict[str, Any] = json.loads(line)
+            item = job_from_record(record)
+        except (ValueError, RecordError) as exc:
+            log.warning("ignoring a line of %s: %s", PROGRAM, exc)
+            return True
+        if isinstance(item, JobError):
+            errors.append(item)
+        else:
+            jobs.append(item)
+            sink.submit(item)
+        progress.done += 1
+        progress.total = progress.done
+        return False
+
+    spec.gc_roots_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        finished = proc.stream(command(spec, attr_path, program), env=spec.env,
+                               cwd=str(spec.run_dir), deadline=spec.deadline,
+                               should_stop=should_stop, on_stdout=on_stdout)
+    except proc.Stopped as stop:
+        raise EvalStopped(stop.reason, stop.tail) from None
+    if finished.returncode != 0:
+        raise EvalFailed(error_text(finished.stderr_tail), finished.stderr_tail)
+    return EvalResult(jobs=jobs, errors=errors, attr_path=attr_path, program=PROGRAM)

@@ -1,0 +1,122 @@
+"""Run an evaluation program while reading its output line by line.
+
+The program runs in its own process group; a deadline, a cancellation check or
+any error kills the whole group, and so does the program's normal exit (nothing
+it spawned outlives it).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+LineHandler = Callable[[str], bool]
+"""Called with each line (without the newline); returns True to keep it in the tail."""
+
+TAIL_LINES = 60
+
+
+class Stopped(Exception):
+    """The run was stopped before the program finished."""
+
+    def __init__(self, reason: str, tail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # "timeout" | "cancelled"
+        self.tail = tail
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout_tail: str
+    stderr_tail: str
+
+
+def _pump(stream: IO[str], handler: LineHandler | None,
+          tail: collections.deque[str], errors: list[BaseException]) -> None:
+    try:
+        for line in stream:
+            line = line.rstrip("\n")
+            keep = handler(line) if handler is not None else True
+            if keep:
+                tail.append(line)
+    except BaseException as exc:  # report to the caller's thread
+        errors.append(exc)
+        # keep draining so the program never blocks on a full pipe
+        for _ in stream:
+            pass
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stream(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+           cwd: str | None = None, deadline: float | None = None,
+           should_stop: Callable[[], bool] | None = None,
+           on_stdout: LineHandler | None = None, on_stderr: LineHandler | None = None,
+           poll_interval: float = 0.5) -> Finished:
+    """Run ``argv``, feeding its lines to the handlers; raise :class:`Stopped`.
+
+    ``deadline`` is a ``time.monotonic()`` value. ``should_stop`` is polled every
+    ``poll_interval`` seconds (it may query the database).
+    """
+    process = subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(env) if env is not None else None, cwd=cwd,
+        text=True, errors="replace", bufsize=1 << 16, start_new_session=True)
+    out_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    err_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    errors: list[BaseException] = []
+    assert process.stdout is not None
+    assert process.stderr is not None
+    pumps = [
+        threading.Thread(target=_pump, args=(process.stdout, on_stdout, out_tail, errors),
+                         daemon=True, name="eval-stdout"),
+        threading.Thread(target=_pump, args=(process.stderr, on_stderr, err_tail, errors),
+                         daemon=True, name="eval-stderr"),
+    ]
+    for pump in pumps:
+        pump.start()
+    stopped: str | None = None
+    try:
+        while True:
+            try:
+                process.wait(timeout=poll_interval)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped = "timeout"
+            elif errors:
+                stopped = "error"
+            elif should_stop is not None and should_stop():
+                stopped = "cancelled"
+            if stopped:
+                kill_group(process.pid)
+                process.wait()
+                break
+    except BaseException:
+        kill_group(process.pid)
+        process.wait()
+        raise
+    finally:
+        # whatever the program started goes with it
+        kill_group(process.pid)
+    for pump in pumps:
+        pump.join(timeout=30)
+    if errors:
+        raise errors[0]
+    if stopped:
+        raise Stopped(stopped, "\n".join(err_tail))
+    return Finished(process.returncode, "\n".join(out_tail), "\n".join(err_tail))

@@ -1,0 +1,117 @@
+"""The nix-eval-jobs path, with a stand-in on PATH replaying recorded output."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from circus.common.config import Settings
+from circus.common.enums import EvaluationStatus, InputType
+from circus.evaluator import execution
+from tests.conftest import FIXTURES
+from tests.evaluator.conftest import World, completed
+from tests.helpers.gitrepo import GitRepo
+
+RECORDING = FIXTURES / "nix" / "nix-eval-jobs"
+
+
+@pytest.fixture
+def fake_nix_eval_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       nix_env: dict[str, str]) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(RECORDING / "nix-eval-jobs", bin_dir / "nix-eval-jobs")
+    args = tmp_path / "nix-eval-jobs.args"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("CIRCUS_FAKE_NEJ_ARGS", str(args))
+    monkeypatch.setenv("CIRCUS_FAKE_NEJ_OUTPUT", str(RECORDING / "hydra-jobs.jsonl"))
+    # the recorded .drv paths must exist, as they did when the output was recorded
+    subprocess.run(["nix-instantiate", str(RECORDING / "jobs.nix"), "-A", "hello",
+                    "-A", "nested.kvm", "-A", '"nested"."dotted.attr"', "-A", "tarball",
+                    "-A", "all"], env=nix_env, check=True, capture_output=True)
+    return args
+
+
+@pytest.fixture
+def recorded_repo(git_repo: Callable[..., GitRepo]) -> GitRepo:
+    repo = git_repo("recorded")
+    repo.commit({name: (RECORDING / name).read_text() for name in ("flake.nix", "jobs.nix")})
+    return repo
+
+
+def test_nix_eval_jobs_output_becomes_builds(world: World, recorded_repo: GitRepo,
+                                             fake_nix_eval_jobs: Path) -> None:
+    evaluation = completed(world.evaluate(world.jobset(recorded_repo.url)))
+
+    argv = fake_nix_eval_jobs.read_text().splitlines()
+    settings = world.settings.evaluator
+    roots = str(execution.gc_roots_dir(world.settings, evaluation.id))
+    assert argv[:2] == ["--gc-roots-dir", roots]
+    assert argv[argv.index("--workers") + 1] == str(settings.workers)
+    assert argv[argv.index("--max-memory-size") + 1] == str(settings.max_memory_size)
+    for flag in ("--meta", "--constituents", "--force-recurse"):
+        assert flag in argv
+    flake = argv[argv.index("--flake") + 1]
+    assert flake.endswith(f"&rev={recorded_repo.head()}#hydraJobs")
+    assert argv[argv.index("allow-import-from-derivation") + 1] == "false"
+
+    builds = world.builds(evaluation.id)
+    assert set(builds) == {"hello", "nested.kvm", 'nested."dotted.attr"', "tarball", "all"}
+    assert {e.job_name: e.message for e in evaluation.errors} == {
+        "broken": "error: this job is broken"}
+    hello = builds["hello"]
+    assert hello.output_map == {"out": "/nix/store/9wwm9cp1inwpx47kcmzfwl41ik5j51j1-hello"}
+    assert (hello.meta_license, hello.meta_homepage, hello.meta_maintainers) == (
+        "GPL-3.0-or-later", "https://example.org/hello", "Alice")
+    assert (hello.timeout, hello.max_silent, hello.priority) == (1200, 300, 10)
+    # facts nix-eval-jobs does not print come from the .drv files
+    assert builds["nested.kvm"].required_features == ["kvm"]
+    assert builds["tarball"].is_fod
+    assert builds["all"].is_aggregate
+    assert not hello.is_aggregate
+    assert Path(roots, Path(hello.drv_path).name).is_symlink()
+
+
+def test_classic_jobsets_get_their_arguments_on_the_command_line(
+        world: World, recorded_repo: GitRepo, fake_nix_eval_jobs: Path) -> None:
+    jobset_id = world.jobset(recorded_repo.url, flake=False, expression="jobs.nix",
+                             inputs=[("greeting", InputType.string, "hi there"),
+                                     ("enable", InputType.boolean, "false")])
+    evaluation = completed(world.evaluate(jobset_id))
+    argv = fake_nix_eval_jobs.read_text().splitlines()
+    assert "--flake" not in argv
+    at = argv.index("--argstr")
+    assert argv[at:at + 3] == ["--argstr", "greeting", "hi there"]
+    at = argv.index("--arg")
+    assert argv[at:at + 3] == ["--arg", "enable", "false"]
+    source = evaluation.inputs["repository"]["store_path"]
+    assert f"{source}/jobs.nix" in argv
+    assert len(world.builds(evaluation.id)) == 5
+
+
+def test_a_hanging_nix_eval_jobs_is_killed_with_its_children(
+        world: World, recorded_repo: GitRepo, fake_nix_eval_jobs: Path,
+        monkeypatch: pytest.MonkeyPatch, make_settings: Callable[..., Settings]) -> None:
+    marker = f"1000.{random.randrange(10**6):06d}"
+    monkeypatch.setenv("CIRCUS_FAKE_NEJ_HANG", marker)
+    evaluation_id = world.trigger(world.jobset(recorded_repo.url))
+    settings = make_settings(evaluator={"nix_timeout": 3})
+    assert world.run(evaluation_id, settings).status == "timed_out"
+    assert fake_nix_eval_jobs.exists()  # the stand-in did start (and then hung)
+    assert world.evaluation(evaluation_id).status is EvaluationStatus.timed_out
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and marker.encode() in _cmdline(p)]
+    assert leftovers == []
+
+
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return b""
