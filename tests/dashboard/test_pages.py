@@ -196,3 +196,10 @@ def test_machines_page_shows_workers_agents_and_builders(as_viewer: Browser, row
                  "100.0 GiB", "ssh-box", "backing off", "connection refused",
                  "<code>localhost</code>: 1 step"):
         assert text in page, text
+
+
+def test_compare_with_the_previous_evaluation(as_admin: Browser, world: World) -> None:
+    page = html(as_admin.get(f"/eval/{world.evaluation.id}?compare={world.old.id}"))
+    assert "5 new, 1 removed, 0 changed, 1 unchanged jobs." in page
+    removed = page[page.index("<h3>Removed jobs</h3>"):]
+    assert "removed-job" in removed[:removed.index("</div>")]
