@@ -154,7 +154,11 @@ def test_hidden_projects_are_invisible_to_non_admins(as_admin: Browser, as_viewe
     assert as_viewer.get(f"/build/{world.failed.id}").status_code == 404
     assert "/project/demo" not in html(as_viewer.get("/projects"))
     assert "demo-unstable" not in html(as_viewer.get("/channels"))
+    assert f"/build/{world.failed.id}" not in html(as_viewer.get("/"))
+    assert f"/eval/{world.evaluation.id}" not in html(as_viewer.get("/"))
+    assert "/jobset/demo/main" not in html(as_viewer.get("/search?q=main"))
     assert as_admin.get("/project/demo").status_code == 200
+    assert f"/build/{world.failed.id}" in html(as_admin.get("/"))
 
 
 def test_machines_page_shows_workers_agents_and_builders(as_viewer: Browser, rows: Rows,

@@ -39,6 +39,7 @@ from circus.common.models import (
     User,
 )
 from circus.common.models.base import utcnow
+from circus.server.api.queries import build_counts
 
 # ---------------------------------------------------------------------------
 # builds in lists
@@ -64,15 +65,22 @@ def listed(rows: Iterable[Any]) -> list[ListedBuild]:
     return [ListedBuild(build, project, jobset) for build, project, jobset in rows]
 
 
-def recent_finished(session: Session, limit: int) -> list[ListedBuild]:
+def _visible(include_hidden: bool) -> list[Any]:
+    """Conditions hiding hidden projects' rows from everyone but admins."""
+    return [] if include_hidden else [Project.hidden.is_(False)]
+
+
+def recent_finished(session: Session, limit: int, *, include_hidden: bool
+                    ) -> list[ListedBuild]:
     query = build_list(Build.completed_at.is_not(None), Build.status.not_in(
-        [BuildStatus.pending, BuildStatus.running])).order_by(
+        [BuildStatus.pending, BuildStatus.running]), *_visible(include_hidden)).order_by(
         Build.completed_at.desc(), Build.id.desc()).limit(limit)
     return listed(session.execute(query))
 
 
-def running_builds(session: Session, limit: int) -> list[ListedBuild]:
-    query = build_list(Build.status == BuildStatus.running).order_by(
+def running_builds(session: Session, limit: int, *, include_hidden: bool
+                   ) -> list[ListedBuild]:
+    query = build_list(Build.status == BuildStatus.running, *_visible(include_hidden)).order_by(
         Build.started_at.desc().nulls_last(), Build.id.desc()).limit(limit)
     return listed(session.execute(query))
 
@@ -108,15 +116,15 @@ def evaluation_list(*where: Any) -> Any:
 
 
 def with_counts(session: Session, rows: Sequence[Any]) -> list[ListedEvaluation]:
-    from circus.server.api.queries import build_counts
-
     counts = build_counts(session, (row[0].id for row in rows))
     return [ListedEvaluation(evaluation, project, jobset, counts.get(evaluation.id, {}))
             for evaluation, project, jobset in rows]
 
 
-def recent_evaluations(session: Session, limit: int) -> list[ListedEvaluation]:
-    rows = session.execute(evaluation_list().order_by(Evaluation.id.desc()).limit(limit)).all()
+def recent_evaluations(session: Session, limit: int, *, include_hidden: bool
+                       ) -> list[ListedEvaluation]:
+    rows = session.execute(evaluation_list(*_visible(include_hidden))
+                           .order_by(Evaluation.id.desc()).limit(limit)).all()
     return with_counts(session, rows)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import render_template
 from flask.typing import ResponseReturnValue
 
+from circus.server.auth import current_actor
 from circus.server.context import db_session
 from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
@@ -15,11 +16,12 @@ from circus.server.dashboard.blueprint import blueprint
 @page("home")
 def home() -> ResponseReturnValue:
     session = db_session()
+    admin = current_actor().is_admin
     return render_template(
         "home.html",
-        running=queries.running_builds(session, 10),
-        finished=queries.recent_finished(session, 15),
-        evaluations=queries.recent_evaluations(session, 10),
+        running=queries.running_builds(session, 10, include_hidden=admin),
+        finished=queries.recent_finished(session, 15, include_hidden=admin),
+        evaluations=queries.recent_evaluations(session, 10, include_hidden=admin),
         queue=queries.queue_summary(session),
         machines=queries.machine_summary(session),
         news=queries.latest_news(session, 3),
