@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, union
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, lazyload
 
-from circus.common.enums import BuildStatus, StepState
+from circus.common.enums import BuildStatus, EvaluationStatus, StepState
 from circus.common.heartbeat import STALE_AFTER, freshness
 from circus.common.models import (
     Build,
@@ -229,15 +229,6 @@ def members(session: Session, project_id: int) -> list[tuple[User, ProjectMember
 # jobsets: the matrix of jobs by evaluations
 
 
-def member_builds(evaluation_ids: list[int]) -> Any:
-    """(eid, build_id) of every build of these evaluations: created or linked."""
-    return union(
-        select(EvaluationBuild.evaluation_id.label("eid"), EvaluationBuild.build_id)
-        .where(EvaluationBuild.evaluation_id.in_(evaluation_ids)),
-        select(Build.evaluation_id.label("eid"), Build.id.label("build_id"))
-        .where(Build.evaluation_id.in_(evaluation_ids))).subquery()
-
-
 @dataclass
 class Matrix:
     evaluations: list[Evaluation]
@@ -247,25 +238,28 @@ class Matrix:
     cells: dict[tuple[str, int], tuple[int, BuildStatus]]
 
 
-def job_matrix(session: Session, evaluations: list[Evaluation], *, job_filter: str,
-               offset: int, limit: int) -> Matrix:
-    """Jobs (a page of them, by name) by the given evaluations: three queries."""
-    ids = [e.id for e in evaluations]
-    if not ids:
+def job_matrix(session: Session, jobset_id: int, evaluations: list[Evaluation], *,
+               job_filter: str, offset: int, limit: int) -> Matrix:
+    """A page of jobs (those of the newest completed evaluation shown, by name) by the
+    given evaluations: three cheap queries even for 50,000 jobs."""
+    if not evaluations:
         return Matrix([], [], 0, {})
-    members_ = member_builds(ids)
-    names = (select(Build.job_name).join(members_, members_.c.build_id == Build.id)
-             .distinct())
+    completed = [e for e in evaluations if e.status is EvaluationStatus.completed]
+    rows_of = (completed or evaluations)[-1].id
+    names = (select(Build.job_name).join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
+             .where(EvaluationBuild.evaluation_id == rows_of))
     if job_filter:
         names = names.where(Build.job_name.icontains(job_filter, autoescape=True))
     total = int(session.scalar(select(func.count()).select_from(names.subquery())) or 0)
     jobs = list(session.scalars(names.order_by(Build.job_name).offset(offset).limit(limit)))
     cells: dict[tuple[str, int], tuple[int, BuildStatus]] = {}
     if jobs:
+        # the jobset's (jobset_id, job_name) index finds the few builds of these jobs
         for eid, job, build_id, status in session.execute(
-                select(members_.c.eid, Build.job_name, Build.id, Build.status)
-                .join(members_, members_.c.build_id == Build.id)
-                .where(Build.job_name.in_(jobs))):
+                select(EvaluationBuild.evaluation_id, Build.job_name, Build.id, Build.status)
+                .join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
+                .where(Build.jobset_id == jobset_id, Build.job_name.in_(jobs),
+                       EvaluationBuild.evaluation_id.in_([e.id for e in evaluations]))):
             cells[(job, eid)] = (build_id, status)
     return Matrix(evaluations, jobs, total, cells)
 

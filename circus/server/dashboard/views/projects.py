@@ -179,8 +179,9 @@ def jobset(project: str, jobset: str) -> ResponseReturnValue:
         .order_by(Evaluation.id.desc()).limit(MATRIX_EVALUATIONS)))))
     job_filter = query_text("job", 200)
     jobs_page = page_number("jobs_page")
-    matrix = queries.job_matrix(session, columns, job_filter=job_filter,
-                                offset=(jobs_page - 1) * MATRIX_JOBS, limit=MATRIX_JOBS)
+    matrix = queries.job_matrix(session, row.id, columns, job_filter=job_filter,
+                                offset=(jobs_page - 1) * MATRIX_JOBS,
+                                limit=MATRIX_JOBS)
     inputs = list(session.scalars(select(JobsetInput).where(JobsetInput.jobset_id == row.id)
                                   .order_by(JobsetInput.name)))
     return render_template(
