@@ -492,12 +492,19 @@ def average_duration(session: Session, since: datetime) -> float | None:
 
 
 def daily_finished(session: Session, days: int) -> list[tuple[datetime, int, int]]:
-    """(day, succeeded, failed) finished builds per day, oldest first."""
-    since = utcnow() - timedelta(days=days)
-    day = func.date_trunc("day", Build.completed_at)
-    rows = session.execute(
+    """(day, succeeded, failed) finished builds for each of the last ``days`` days (UTC),
+    oldest first, quiet days included."""
+    today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+    first = today - timedelta(days=days - 1)
+    day = func.date_trunc("day", func.timezone("UTC", Build.completed_at))
+    counts = {d.date(): (ok, failed) for d, ok, failed in session.execute(
         select(day, func.count().filter(Build.status == BuildStatus.succeeded),
                func.count().filter(and_(Build.status != BuildStatus.succeeded,
                                         Build.status != BuildStatus.cancelled)))
-        .where(Build.completed_at >= since).group_by(day).order_by(day))
-    return [(d, ok, failed) for d, ok, failed in rows]
+        .where(Build.completed_at >= first).group_by(day))}
+    out = []
+    for offset in range(days):
+        moment = first + timedelta(days=offset)
+        ok, failed = counts.get(moment.date(), (0, 0))
+        out.append((moment, ok, failed))
+    return out

@@ -58,7 +58,7 @@ def metrics() -> ResponseReturnValue:
     return render_template(
         "metrics.html", totals=queries.status_totals(session),
         systems=systems_summary(session), days=days,
-        peak=max((ok + failed for _, ok, failed in days), default=0),
+        peak=max(max((ok + failed for _, ok, failed in days), default=0), 1),
         average=queries.average_duration(session, utcnow() - timedelta(days=7)))
 
 
