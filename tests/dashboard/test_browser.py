@@ -252,3 +252,26 @@ def test_page_access_for_anonymous_read_only_and_admin(chromium: Any, server: Li
     for path in ("/queue", "/stats", "/admin", "/admin/audit", "/projects"):
         assert status(page, path) == 200, path
     admin.close()
+
+
+def test_pages_and_forms_work_without_javascript(chromium: Any, server: LiveServer,
+                                                 world: World) -> None:
+    browser = chromium.new_context(base_url=server.url, java_script_enabled=False)
+    browser.set_default_timeout(15_000)
+    page = browser.new_page()
+    page.goto(f"/build/{world.dependency_failed.id}")
+    page.wait_for_url("**/login**")
+    log_in(page, "viewer")
+    page.wait_for_url(f"**/build/{world.dependency_failed.id}")
+    assert "out of cheese" in page.locator("#log-text").inner_text()
+    page.click(".crumbs >> text=evaluation")
+    page.click("nav.tabs >> text=Succeeded")
+    assert page.locator("table.builds tbody tr").count() == 2
+    page.goto("/settings")
+    page.fill("#f-name", "no-js")
+    page.click("text=Create API key")
+    assert page.locator("#new-api-key").inner_text().startswith("circus")
+    page.goto("/settings")
+    page.click("tr[data-key=no-js] >> text=Revoke")
+    assert "revoked" in page.locator("tr[data-key=no-js]").inner_text()
+    browser.close()
