@@ -340,13 +340,26 @@ class QueueRunnerSettings(SettingsModel):
     lease_secs: Positive = 60
     #: derivations one local worker may realise in a single nix-store call
     batch_size: Positive = 16
+    #: a queued step nobody claimed for this long gets its wake-up message again
+    republish_secs: Positive = 30
+    #: order equal-priority steps by how many builds wait for them (critical path)
+    critical_path_first: bool = False
+    #: cgroup directory (v1 memory or v2) local builds are moved into: memory limits
+    #: and exact OOM accounting for builds only (the daemon stays outside)
+    build_cgroup: str | None = None
+    #: unstepped builds the dispatcher turns into steps per transaction
+    dispatch_batch_size: Positive = 2000
     rpc: RpcSettings = RpcSettings()
     ephemeral_pools: list[EphemeralPoolSettings] = []
 
     def problems(self) -> list[Problem]:
         names = [p.name for p in self.ephemeral_pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        return [Problem("ephemeral_pools", f"duplicate pool name {n!r}") for n in dupes]
+        found = [Problem("ephemeral_pools", f"duplicate pool name {n!r}") for n in dupes]
+        if self.build_cgroup and not Path(self.build_cgroup, "cgroup.procs").is_file():
+            found.append(Problem("build_cgroup",
+                                 f"not a cgroup directory (no cgroup.procs): {self.build_cgroup}"))
+        return found
 
 
 class NixSettings(SettingsModel):

@@ -23,11 +23,11 @@ STALE_AFTER = timedelta(seconds=60)
 
 
 def beat(session: Session, kind: str, details: dict[str, Any] | None = None,
-         started_at: datetime | None = None) -> None:
+         started_at: datetime | None = None, service: str | None = None) -> None:
     hostname = socket.gethostname()
     now = datetime.now(UTC)
     values = {
-        "service": f"{kind}@{hostname}",
+        "service": service or f"{kind}@{hostname}",
         "kind": kind,
         "hostname": hostname,
         "pid": os.getpid(),
@@ -64,10 +64,12 @@ class HeartbeatThread(threading.Thread):
     """Writes a heartbeat every ``interval`` seconds until stopped."""
 
     def __init__(self, factory: sessionmaker[Session], kind: str, interval: float = 10.0,
-                 details: Any = None) -> None:
+                 details: Any = None, service: str | None = None) -> None:
         super().__init__(name=f"heartbeat-{kind}", daemon=True)
         self.factory = factory
         self.kind = kind
+        #: row key; defaults to ``<kind>@<hostname>`` (set it when one host runs several)
+        self.service = service
         self.interval = interval
         self.details = details
         self.stopped = threading.Event()
@@ -80,7 +82,7 @@ class HeartbeatThread(threading.Thread):
                 with self.factory() as session, session.begin():
                     details = self.details() if callable(self.details) else self.details
                     beat(session, self.kind, details,
-                         started_at=self.started_at if first else None)
+                         started_at=self.started_at if first else None, service=self.service)
                 first = False
             except Exception:  # a missed heartbeat must not kill the daemon
                 log.warning("could not write the %s heartbeat", self.kind, exc_info=True)

@@ -1,34 +1,36 @@
-"""``circus-queue-runner`` (skeleton: heartbeat only until the dispatcher lands)."""
+"""``circus-queue-runner``: dispatcher, reconciler and local build workers."""
 
 from __future__ import annotations
 
-import signal
+import argparse
 import sys
-import threading
 
 from circus.common.config import ConfigError, load_settings
-from circus.common.db import make_engine, make_session_factory
-from circus.common.heartbeat import HeartbeatThread
 from circus.common.logging import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="circus-queue-runner", description=__doc__)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local build slots (default: queue_runner.workers; 0: none)")
+    parser.add_argument("--no-dispatcher", action="store_true",
+                        help="build only; another process dispatches")
+    parser.add_argument("--name", default=None,
+                        help="instance name when one host runs several queue runners")
+    args = parser.parse_args(argv)
     try:
         settings = load_settings()
         settings.require_database_url()
+        settings.require_broker_url()
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
     setup_logging(settings)
-    factory = make_session_factory(make_engine(settings, application_name="circus-queue-runner"))
-    heartbeat = HeartbeatThread(factory, "queue-runner")
-    heartbeat.start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    heartbeat.stop()
-    return 0
+    from circus.queue_runner.daemon import QueueRunner
+
+    runner = QueueRunner(settings, dispatcher=not args.no_dispatcher, workers=args.workers,
+                         name=args.name)
+    return runner.run()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from circus.common.models.projects import (
     ProjectMember,
     WebhookConfig,
 )
-from circus.common.models.steps import BuildStep, Step, StepDependency
+from circus.common.models.steps import BuildStep, QueueClass, Step, StepDependency
 from circus.common.models.users import ApiKey, StarredJob, User, UserSession
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "NotificationTask",
     "Project",
     "ProjectMember",
+    "QueueClass",
     "RemoteBuilder",
     "ServiceHeartbeat",
     "StarredJob",

@@ -51,6 +51,8 @@ class Step(Base):
     max_silent: Mapped[int | None]
     created_at: Mapped[CreatedAt]
     queued_at: Mapped[datetime | None]
+    #: last time a wake-up message for it was published (the reconciler re-publishes)
+    published_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     #: who holds it while running (worker name, ``ssh:<builder>``, ``agent:<machine id>``)
@@ -113,3 +115,21 @@ class BuildStep(Base):
         UniqueConstraint("build_id", "step_nr"),
         Index("ix_build_steps_build_id_step_id", "build_id", "step_id", unique=True),
     )
+
+
+class QueueClass(Base):
+    """A queue class seen by the dispatcher: ``<system>[.<f1>+<f2>...]`` (sorted features).
+
+    Consumers (local workers, SSH workers, the agent gateway) poll this small
+    table to subscribe to new classes they can serve; the reconciler records
+    when nobody could serve a class, to fail its steps after ``unsupported_timeout``.
+    """
+
+    __tablename__ = "queue_classes"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    system: Mapped[str]
+    required_features: Mapped[TextList]
+    created_at: Mapped[CreatedAt]
+    #: since when no live consumer could serve it (None: servable)
+    unsupported_since: Mapped[datetime | None]

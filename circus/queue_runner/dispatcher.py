@@ -1,0 +1,145 @@
+"""The dispatcher loop: LISTEN for new builds, step them, publish wake-ups.
+
+The evaluator commits builds with ``pg_notify('circus_builds', <evaluation id>)``;
+the dispatcher wakes on the notification (sub-second first dispatch) and also
+polls every ``poll_interval`` (a notification sent while it was down is not
+lost work: unstepped builds are found by the scan). The same connection
+listens on ``circus_gc`` (``set_keep``) to re-sync GC roots promptly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus.common.config import Settings
+from circus.queue_runner.derivations import DrvCache
+from circus.queue_runner.outcomes import FinishReport
+from circus.queue_runner.service import BUILDS_CHANNEL, GC_CHANNEL
+from circus.queue_runner.sqlutil import in_transaction
+from circus.queue_runner.stepper import StepReport, step_builds
+from circus.queue_runner.wakeups import Publish, publish_after_commit
+
+log = logging.getLogger(__name__)
+
+#: the first batch after a wake-up is small, so its steps start building while the
+#: rest of a large evaluation is still being stepped (first dispatch < 1 s)
+FIRST_BATCH = 50
+
+
+class Listener:
+    """A dedicated autocommit connection LISTENing on some channels."""
+
+    def __init__(self, engine: Engine, channels: list[str]) -> None:
+        self.engine = engine
+        self.channels = channels
+        self.connection: Any = None
+
+    def open(self) -> None:
+        raw = self.engine.raw_connection()
+        raw.detach()  # ours for good: never handed back to the pool mid-LISTEN
+        connection: Any = raw.dbapi_connection
+        connection.autocommit = True
+        cursor = connection.cursor()
+        for channel in self.channels:
+            cursor.execute(f'LISTEN "{channel}"')
+        cursor.close()
+        self.connection = connection
+
+    def close(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except Exception:
+                log.debug("closing the LISTEN connection failed", exc_info=True)
+            self.connection = None
+
+    def wait(self, timeout: float) -> set[str]:
+        """Channels notified within ``timeout`` seconds (empty set: timed out)."""
+        if self.connection is None:
+            self.open()
+        ready, _, _ = select.select([self.connection], [], [], timeout)
+        if not ready:
+            return set()
+        self.connection.poll()
+        channels = {n.channel for n in self.connection.notifies}
+        self.connection.notifies.clear()
+        return channels
+
+
+class Dispatcher(threading.Thread):
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], engine: Engine,
+                 cache: DrvCache, stop: threading.Event, *, publish: Publish | None,
+                 on_classes: Callable[[list[str]], None] | None = None,
+                 on_built: Callable[[FinishReport], None] | None = None,
+                 on_gc: Callable[[], None] | None = None) -> None:
+        super().__init__(name="dispatcher", daemon=True)
+        self.settings = settings
+        self.factory = factory
+        self.cache = cache
+        self.stop = stop
+        self.publish = publish
+        self.on_classes = on_classes
+        self.on_built = on_built
+        self.on_gc = on_gc
+        self.listener = Listener(engine, [BUILDS_CHANNEL, GC_CHANNEL])
+        self.stepped = 0
+
+    def run(self) -> None:
+        interval = float(self.settings.queue_runner.poll_interval)
+        while not self.stop.is_set():
+            self.dispatch_pending()
+            deadline = time.monotonic() + interval
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                try:
+                    channels = self.listener.wait(min(1.0, deadline - time.monotonic()))
+                except Exception:
+                    log.warning("lost the LISTEN connection; polling until it is back",
+                                exc_info=True)
+                    self.listener.close()
+                    self.stop.wait(1.0)
+                    continue
+                if GC_CHANNEL in channels and self.on_gc is not None:
+                    self.on_gc()
+                if BUILDS_CHANNEL in channels:
+                    break
+        self.listener.close()
+
+    def dispatch_pending(self) -> int:
+        """Step every unstepped build (in batches); returns how many builds were stepped."""
+        total = 0
+        full = self.settings.queue_runner.dispatch_batch_size
+        limit = min(FIRST_BATCH, full)
+        while not self.stop.is_set():
+            try:
+                report = in_transaction(self.factory, functools.partial(self._batch, limit=limit))
+            except Exception:
+                log.exception("dispatching failed; retrying in %ss",
+                              self.settings.queue_runner.poll_interval)
+                return total
+            total += report.builds
+            if report.new_classes and self.on_classes is not None:
+                self.on_classes(report.new_classes)
+            if report.finished.finished and self.on_built is not None:
+                self.on_built(FinishReport(builds=report.finished))
+            if report.builds:
+                log.info("stepped %d build(s): %d new step(s), %d queued", report.builds,
+                         report.new_steps, sum(report.queued.values()))
+            if report.builds < limit:
+                break
+            limit = full
+        self.stepped += total
+        return total
+
+    def _batch(self, session: Session, limit: int) -> StepReport:
+        report = step_builds(session, self.settings, self.cache, limit=limit)
+        publish_after_commit(session, self.publish, report.queued)
+        return report

@@ -1,0 +1,243 @@
+"""Claiming steps and holding them with a lease (DESIGN §3).
+
+The database, not the broker, decides who builds what. A consumer woken by a
+message claims the best queued steps of its class with one conditional
+``UPDATE ... FOR UPDATE SKIP LOCKED``; zero rows means someone else got there
+first. While it builds it renews a lease; the reconciler hands back steps
+whose lease lapsed (worker killed, host gone), so nothing depends on the
+broker redelivering a message (Redis' ``visibility_timeout``).
+
+Order within a class: priority (``bump`` raises it), then jobset fair share
+(running steps per ``scheduling_shares``), then optionally the number of
+builds waiting (critical path), then age.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus
+from circus.queue_runner.outcomes import (
+    ALL_DEPS_SUCCEEDED,
+    FinishReport,
+    StepOutcome,
+    finish_steps,
+)
+
+
+@dataclass(frozen=True)
+class ClaimedStep:
+    id: int
+    drv_path: str
+    system: str
+    queue_class: str
+    timeout: int | None
+    max_silent: int | None
+    attempts: int
+    #: claimed ahead of its dependencies, which this claim also holds
+    lookahead: bool
+    started_at: datetime | None
+
+
+_RETURNING = ("RETURNING steps.id, steps.drv_path, steps.system, steps.queue_class, "
+              "steps.timeout, steps.max_silent, steps.attempts, steps.started_at")
+
+
+def _order(critical_path: bool) -> str:
+    parts = ["s.priority DESC",
+             "COALESCE(r.n, 0)::float8 / GREATEST(COALESCE(j.scheduling_shares, 100), 1)"]
+    if critical_path:
+        parts.append("s.dependents DESC")
+    parts.append("s.id")
+    return ", ".join(parts)
+
+
+def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
+                lease_secs: int, machine: str | None = None, lookahead: bool = True,
+                critical_path: bool = False, batch_limit: int | None = None
+                ) -> list[ClaimedStep]:
+    """Claim up to ``limit`` queued steps of ``queue_class`` for ``worker`` (running, leased).
+
+    Claimed steps share their timeouts, so one Nix invocation can build them.
+    With ``lookahead``, pending steps of the same class whose unfinished
+    dependencies are all in this claim are claimed too, up to ``batch_limit``
+    steps in all (default ``limit``): Nix builds a chain in one invocation
+    instead of one round trip per link.
+    """
+    batch_limit = max(limit, batch_limit or limit)
+    params = {"cls": queue_class, "worker": worker, "lease": float(lease_secs),
+              "machine": machine or worker}
+    first = session.execute(text(f"""
+        WITH r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
+                   GROUP BY jobset_id)
+        SELECT s.id, s.timeout, s.max_silent, s.attempts FROM steps s
+        LEFT JOIN r ON r.jobset_id = s.jobset_id
+        LEFT JOIN jobsets j ON j.id = s.jobset_id
+        WHERE s.state = 'queued' AND s.queue_class = :cls
+          AND (s.not_before IS NULL OR s.not_before <= now())
+        ORDER BY {_order(critical_path)}
+        LIMIT 1
+        FOR UPDATE OF s SKIP LOCKED
+    """), params).first()
+    if first is None:
+        return []
+    if first.attempts:
+        # a retried step is built alone: if it is what broke its last batch (killed
+        # nix-store, crashed the worker), it cannot take innocent steps down with it
+        limit, batch_limit, lookahead = 1, 1, False
+    params.update({"timeout": first.timeout, "max_silent": first.max_silent,
+                   "limit": max(1, limit), "first": first.id})
+    rows = session.execute(text(f"""
+        WITH r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
+                   GROUP BY jobset_id),
+        pick AS (
+            SELECT s.id FROM steps s
+            LEFT JOIN r ON r.jobset_id = s.jobset_id
+            LEFT JOIN jobsets j ON j.id = s.jobset_id
+            WHERE s.state = 'queued' AND s.queue_class = :cls
+              AND (s.not_before IS NULL OR s.not_before <= now())
+              AND s.timeout IS NOT DISTINCT FROM :timeout
+              AND s.max_silent IS NOT DISTINCT FROM :max_silent
+              AND (s.attempts = 0 OR s.id = :first)
+            ORDER BY {_order(critical_path)}
+            LIMIT :limit
+            FOR UPDATE OF s SKIP LOCKED
+        )
+        UPDATE steps SET state = 'running', worker = :worker, machine = :machine,
+                         lease_until = now() + make_interval(secs => :lease),
+                         started_at = now()
+        FROM pick WHERE steps.id = pick.id AND steps.state = 'queued'
+        {_RETURNING}
+    """), params).all()
+    claimed = [_claimed(row, lookahead=False) for row in rows]
+    held = [c.id for c in claimed]
+    frontier = list(held)
+    while lookahead and frontier and len(held) < batch_limit:
+        more = session.execute(text(f"""
+            WITH cand AS (
+                SELECT DISTINCT p.id FROM step_dependencies e JOIN steps p ON p.id = e.step_id
+                WHERE e.depends_on_id = ANY(:frontier) AND p.state = 'pending'
+                  AND p.queue_class = :cls
+                  AND p.timeout IS NOT DISTINCT FROM :timeout
+                  AND p.max_silent IS NOT DISTINCT FROM :max_silent
+                  AND p.attempts = 0
+                  AND NOT EXISTS (
+                      SELECT 1 FROM step_dependencies e2 JOIN steps d ON d.id = e2.depends_on_id
+                      WHERE e2.step_id = p.id AND NOT (d.state = 'done' AND d.status = 2)
+                        AND NOT (d.id = ANY(:held)))
+            ),
+            pick AS (
+                SELECT s.id FROM steps s JOIN cand ON cand.id = s.id
+                WHERE s.state = 'pending'
+                ORDER BY s.priority DESC, s.id
+                LIMIT :room
+                FOR UPDATE OF s SKIP LOCKED
+            )
+            UPDATE steps SET state = 'running', worker = :worker, machine = :machine,
+                             lease_until = now() + make_interval(secs => :lease),
+                             started_at = now()
+            FROM pick WHERE steps.id = pick.id AND steps.state = 'pending'
+            {_RETURNING}
+        """), {**params, "frontier": frontier, "held": held,
+               "room": batch_limit - len(held)}).all()
+        frontier = [row.id for row in more]
+        held.extend(frontier)
+        claimed.extend(_claimed(row, lookahead=True) for row in more)
+    if claimed:
+        # builds waiting for a step that started are running
+        session.execute(text("""
+            UPDATE builds SET status = 1, started_at = COALESCE(started_at, now())
+            WHERE status = 0
+              AND id IN (SELECT build_id FROM build_steps WHERE step_id = ANY(:ids))
+        """), {"ids": held})
+    return claimed
+
+
+def _claimed(row: object, lookahead: bool) -> ClaimedStep:
+    return ClaimedStep(row.id, row.drv_path, row.system, row.queue_class,  # type: ignore[attr-defined]
+                       row.timeout, row.max_silent, row.attempts,  # type: ignore[attr-defined]
+                       lookahead, row.started_at)  # type: ignore[attr-defined]
+
+
+def renew_lease(session: Session, worker: str, step_ids: list[int], lease_secs: int
+                ) -> set[int]:
+    """Extend the lease on steps ``worker`` still holds; returns those ids.
+
+    A step missing from the answer was taken away (cancelled, or handed to
+    another worker after the lease lapsed): its builder must be stopped.
+    """
+    if not step_ids:
+        return set()
+    rows = session.execute(text("""
+        UPDATE steps SET lease_until = now() + make_interval(secs => :lease)
+        WHERE id = ANY(:ids) AND state = 'running' AND worker = :worker
+        RETURNING id
+    """), {"ids": step_ids, "worker": worker, "lease": float(lease_secs)}).scalars().all()
+    return set(rows)
+
+
+def release_steps(session: Session, worker: str, step_ids: list[int]) -> Counter[str]:
+    """Hand steps back without counting an attempt (shutdown, batch interrupted).
+
+    A step returns to ``queued`` when its dependencies all succeeded, else to
+    ``pending`` (a look-ahead step whose dependency was handed back with it).
+    Returns queue class -> steps queued again (publish wake-ups after commit).
+    """
+    if not step_ids:
+        return Counter()
+    rows = session.execute(text(f"""
+        UPDATE steps AS s SET
+            state = CASE WHEN {ALL_DEPS_SUCCEEDED.format(alias="s")}
+                         THEN 'queued' ELSE 'pending' END,
+            worker = NULL, lease_until = NULL, started_at = NULL, machine = NULL,
+            queued_at = now(), published_at = now()
+        WHERE s.id = ANY(:ids) AND s.state = 'running' AND s.worker = :worker
+        RETURNING s.state, s.queue_class
+    """), {"ids": step_ids, "worker": worker}).all()
+    return Counter(cls for state, cls in rows if state == "queued")
+
+
+def expire_leases(session: Session, settings: Settings) -> FinishReport:
+    """Steps whose holder stopped renewing: back to the queue, or ``aborted`` after
+    ``max_retries`` attempts. Attempts count, so a derivation that kills its
+    worker every time cannot loop forever."""
+    runner = settings.queue_runner
+    report = FinishReport()
+    # A look-ahead step (its dependency was in the same lapsed batch) did not fail
+    # itself: it always goes back to pending and follows its dependency's fate.
+    requeued = session.execute(text(f"""
+        WITH lapsed AS (
+            SELECT s.id FROM steps s
+            WHERE s.state = 'running' AND s.lease_until < now()
+              AND (s.attempts < :max_retries OR NOT {ALL_DEPS_SUCCEEDED.format(alias="s")})
+            ORDER BY s.id FOR UPDATE SKIP LOCKED
+        )
+        UPDATE steps AS s SET
+            state = CASE WHEN {ALL_DEPS_SUCCEEDED.format(alias="s")}
+                         THEN 'queued' ELSE 'pending' END,
+            error_message = 'lease of ' || COALESCE(s.worker, '?') || ' expired',
+            worker = NULL, lease_until = NULL, started_at = NULL, machine = NULL,
+            attempts = s.attempts + 1, queued_at = now(), published_at = now()
+        FROM lapsed WHERE s.id = lapsed.id
+        RETURNING s.id, s.state, s.queue_class
+    """), {"max_retries": runner.max_retries}).all()
+    report.requeued.extend(row.id for row in requeued)
+    report.queued.update(row.queue_class for row in requeued if row.state == "queued")
+    exhausted = session.execute(text("""
+        SELECT id, worker FROM steps
+        WHERE state = 'running' AND lease_until < now() AND attempts >= :max_retries
+        ORDER BY id FOR UPDATE SKIP LOCKED
+    """), {"max_retries": runner.max_retries}).all()
+    if exhausted:
+        outcomes = [StepOutcome(row.id, BuildStatus.aborted,
+                                error_message=f"worker {row.worker} stopped renewing its lease "
+                                              f"{runner.max_retries + 1} times")
+                    for row in exhausted]
+        report.merge(finish_steps(session, settings, None, outcomes))
+    return report

@@ -1,0 +1,456 @@
+"""The local build worker: claims steps of a class and realises them on this host.
+
+A Celery wake-up message (``tasks.wake``) calls :meth:`LocalBuilder.serve` in a
+pool thread. It claims a batch (``leases.claim_steps``), runs one
+``nix-store --realise`` for it (``nixrun``), reports each step as soon as Nix
+says it ended (``outcomes.finish_steps``, batched per ~50 ms), renews the lease
+meanwhile, and claims again until the class is empty. How the step was built
+is invisible to the layers below: SSH workers and the agent gateway use the
+same claim/renew/finish functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus
+from circus.common.nix.environment import current_system
+from circus.queue_runner import procs, store
+from circus.queue_runner.capabilities import BUILTIN_SYSTEM, Capabilities
+from circus.queue_runner.derivations import DrvCache
+from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
+from circus.queue_runner.logs import log_path_for
+from circus.queue_runner.nixrun import (
+    Exited,
+    Finished,
+    Kind,
+    NixRun,
+    RunOptions,
+    Started,
+    Target,
+)
+from circus.queue_runner.oom import oom_counter
+from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
+from circus.queue_runner.products import OutputResult, read_output_result
+from circus.queue_runner.sqlutil import in_transaction
+from circus.queue_runner.wakeups import Publish, publish_after_commit
+
+log = logging.getLogger(__name__)
+
+#: finished steps are reported together when they end within this window
+FLUSH_DELAY = 0.05
+#: a worker keeps claiming from its class this long before yielding its thread
+DRAIN_BUDGET = 60.0
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+@dataclass
+class _Pending:
+    outcome: StepOutcome
+    result: OutputResult | None
+    outputs: Mapping[str, str] = field(default_factory=dict)
+
+
+class LocalBuilder:
+    """Everything a local worker thread needs; one instance per daemon."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session],
+                 capabilities: Capabilities, *, publish: Publish | None = None,
+                 on_built: Callable[[FinishReport], None] | None = None,
+                 stop: threading.Event | None = None, cache: DrvCache | None = None,
+                 name: str | None = None, slots: int | None = None) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.capabilities = capabilities
+        self.publish = publish
+        self.on_built = on_built
+        self.stop = stop or threading.Event()
+        self.cache = cache or DrvCache()
+        self.hostname = socket.gethostname()
+        self.name = name or f"local:{self.hostname}:{os.getpid()}"
+        self.slots = slots or settings.queue_runner.workers
+        self.active: dict[str, NixRun] = {}
+        self._lock = threading.Lock()
+        #: seconds spent and counts per phase (heartbeat details, benchmarks)
+        self.stats: dict[str, float] = {}
+
+    def _account(self, phase: str, started: float, count: int = 1) -> None:
+        with self._lock:
+            key = f"{phase}_secs"
+            self.stats[key] = self.stats.get(key, 0.0) + time.monotonic() - started
+            self.stats[phase] = self.stats.get(phase, 0) + count
+
+    # ------------------------------------------------------------------ serving
+
+    def worker_name(self) -> str:
+        return f"{self.name}:{threading.current_thread().name}"
+
+    def serve(self, queue_class: str) -> int:
+        """Claim and build steps of ``queue_class`` until none is left; returns how many."""
+        if not self.capabilities.can_serve(queue_class):
+            log.warning("woken for %s, which this worker cannot build", queue_class)
+            return 0
+        worker = self.worker_name()
+        built = 0
+        deadline = time.monotonic() + DRAIN_BUDGET
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            claimed = in_transaction(self.factory, lambda s: self._claim(s, worker, queue_class))
+            self._account("claims", started)
+            if not claimed:
+                break
+            log.debug("%s claimed %s", worker, [c.id for c in claimed])
+            started = time.monotonic()
+            self.build(worker, claimed)
+            self._account("batches", started)
+            self._account("steps", started, len(claimed))
+            built += len(claimed)
+        return built
+
+    def _claim(self, session: Session, worker: str, queue_class: str) -> list[ClaimedStep]:
+        runner = self.settings.queue_runner
+        waiting = session.execute(text(
+            "SELECT count(*) FROM steps WHERE state = 'queued' AND queue_class = :cls"),
+            {"cls": queue_class}).scalar_one()
+        if not waiting:
+            return []
+        # share what is ready with the other slots; look-ahead fills the batch up
+        share = max(1, min(runner.batch_size, math.ceil(waiting / self.slots)))
+        return claim_steps(session, worker, queue_class, share,
+                           lease_secs=runner.lease_secs, machine=self.hostname,
+                           lookahead=True, critical_path=runner.critical_path_first,
+                           batch_limit=runner.batch_size)
+
+    # ------------------------------------------------------------------ building
+
+    def build(self, worker: str, claimed: list[ClaimedStep]) -> None:
+        targets: list[Target] = []
+        unreadable: list[StepOutcome] = []
+        for step in claimed:
+            try:
+                info = self.cache.get(step.drv_path)
+            except (OSError, ValueError) as exc:
+                unreadable.append(StepOutcome(step.id, BuildStatus.aborted,
+                                              error_message=f"cannot read derivation: {exc}"))
+                continue
+            targets.append(Target(step.id, step.drv_path, info.output_paths,
+                                  log_path_for(self.settings.logs.log_dir, step.drv_path,
+                                               step.id), frozenset(info.input_drvs)))
+            if step.attempts:
+                # a worker that held it before died: its builder may still be running
+                killed = procs.kill_builders_of(info.output_paths)
+                if killed:
+                    log.info("killed %d leftover builder(s) of %s", killed, step.drv_path)
+        if unreadable:
+            self._flush(worker, [_Pending(o, None) for o in unreadable])
+        if targets:
+            _Batch(self, worker, targets, claimed[0]).run()
+
+    def run_options(self, timeout: int | None, max_silent: int | None) -> RunOptions:
+        runner = self.settings.queue_runner
+        caps = self.capabilities
+        host = current_system()
+        return RunOptions(
+            env=self.settings.nix_environ(),
+            timeout=timeout or runner.build_timeout,
+            max_silent=max_silent or runner.max_silent_time,
+            max_log_size=runner.max_log_size,
+            extra_args=list(runner.extra_nix_build_args),
+            system_features=sorted(caps.supported_features | caps.mandatory_features),
+            extra_platforms=sorted(caps.systems - {host, BUILTIN_SYSTEM}),
+            build_cgroup=runner.build_cgroup,
+        )
+
+    def _flush(self, worker: str, items: list[_Pending]) -> FinishReport:
+        runner = self.settings.queue_runner
+        if runner.max_output_size:
+            self._check_output_sizes(items)
+        outcomes = [item.outcome for item in items]
+        results = {item.outcome.step_id: item.result for item in items if item.result}
+
+        def work(session: Session) -> FinishReport:
+            report = finish_steps(session, self.settings, worker, outcomes, results)
+            publish_after_commit(session, self.publish, report.queued)
+            return report
+
+        started = time.monotonic()
+        report = in_transaction(self.factory, work)
+        self._account("flushes", started)
+        if self.on_built is not None and report.builds.finished:
+            self.on_built(report)
+        return report
+
+    def _check_output_sizes(self, items: list[_Pending]) -> None:
+        limit = self.settings.queue_runner.max_output_size
+        built = [i for i in items if i.outcome.status in (BuildStatus.succeeded,
+                                                          BuildStatus.failed_with_output)]
+        if not built:
+            return
+        try:
+            sizes = store.path_sizes([p for i in built for p in i.outputs.values()],
+                                     self.settings.nix_environ())
+        except store.StoreError:
+            log.warning("could not measure output sizes", exc_info=True)
+            return
+        for item in built:
+            too_big = [p for p in item.outputs.values()
+                       if p in sizes and sizes[p].nar_size > limit]
+            if too_big:
+                item.outcome.status = BuildStatus.nar_size_limit_exceeded
+                item.outcome.error_message = (f"output {too_big[0]} is larger than "
+                                              f"max_output_size ({limit} bytes)")
+
+
+class _Batch:
+    """One nix-store invocation and the bookkeeping around it."""
+
+    def __init__(self, builder: LocalBuilder, worker: str, targets: list[Target],
+                 first: ClaimedStep) -> None:
+        self.builder = builder
+        self.settings = builder.settings
+        self.worker = worker
+        self.targets = {t.drv_path: t for t in targets}
+        self.by_step = {t.step_id: t for t in targets}
+        self.held = set(self.by_step)
+        self.started: dict[str, float] = {}
+        self.pending: list[_Pending] = []
+        self.first_pending = 0.0
+        self.options = builder.run_options(first.timeout, first.max_silent)
+        self.run_: NixRun | None = None
+        runner = self.settings.queue_runner
+        self.renew_every = max(0.5, min(2.0, runner.lease_secs / 3))
+        self.last_renewed = time.monotonic()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            run = NixRun(list(self.targets.values()), self.options,
+                         oom_counter(self.options.build_cgroup)).start()
+        except OSError as exc:
+            self._settle_all(f"could not start nix-store: {exc}", retry=True)
+            return
+        self.run_ = run
+        with self.builder._lock:
+            self.builder.active[self.worker] = run
+        stopping = False
+        exited: Exited | None = None
+        try:
+            while exited is None:
+                try:
+                    event = run.events.get(timeout=FLUSH_DELAY)
+                except queue.Empty:
+                    event = None
+                if isinstance(event, Started):
+                    self.started[event.drv_path] = event.at
+                elif isinstance(event, Finished):
+                    self._finished(event)
+                elif isinstance(event, Exited):
+                    exited = event
+                    self.builder._account("nix_runs", started)
+                    break
+                now = time.monotonic()
+                if self.pending and now - self.first_pending >= FLUSH_DELAY:
+                    self._flush()
+                if now - self.last_renewed >= self.renew_every and not self._renew(run):
+                    return
+                if self.builder.stop.is_set() and not stopping:
+                    stopping = True
+                    run.kill()
+        except BaseException:
+            # a bug or an interrupt here must not leave Nix building steps nobody reports:
+            # stop it and hand the steps back
+            log.exception("batch of %d step(s) interrupted", len(self.targets))
+            run.kill()
+            self.pending.clear()
+            self._release()
+            raise
+        finally:
+            with self.builder._lock:
+                self.builder.active.pop(self.worker, None)
+        if self.pending:
+            self._flush()
+        if stopping:
+            self._release()
+            return
+        started = time.monotonic()
+        self._settle_after_exit(exited)
+        self.builder._account("settles", started)
+
+    # ---------------------------------------------------------------- outcomes
+
+    def _finished(self, event: Finished) -> None:
+        target = self.targets.get(event.drv_path)
+        if target is None or target.step_id not in self.held:
+            return
+        self.held.discard(target.step_id)
+        status, result, error = self._classify(event, target)
+        propagated_from = None
+        if status is BuildStatus.dependency_failed:
+            propagated_from = self._failed_input(target)
+        self._add(target, status, result, event.exit_code, error or event.message, event.at,
+                  propagated_from)
+
+    def _classify(self, event: Finished, target: Target
+                  ) -> tuple[BuildStatus, OutputResult | None, str | None]:
+        if event.kind is Kind.built:
+            result = read_output_result(target.outputs)
+            if result.failed_marker:
+                return BuildStatus.failed_with_output, result, \
+                    "the builder created nix-support/failed"
+            return BuildStatus.succeeded, result, None
+        if event.kind is Kind.timeout:
+            return BuildStatus.timeout, None, None
+        if event.kind is Kind.log_limit:
+            return BuildStatus.log_limit_exceeded, None, None
+        if event.kind is Kind.dependency_failed:
+            return BuildStatus.dependency_failed, None, None
+        if event.kind is Kind.signal:
+            if event.signal == 9 and event.oom_kills:
+                return BuildStatus.oom_killed, None, \
+                    "the builder was killed by the kernel's OOM killer"
+            return BuildStatus.failed, None, None
+        return BuildStatus.failed, None, None
+
+    def _failed_input(self, target: Target) -> int | None:
+        try:
+            inputs = self.builder.cache.get(target.drv_path).input_drvs
+        except (OSError, ValueError):
+            return None
+        for drv in inputs:
+            dep = self.targets.get(drv)
+            if dep is not None and dep.step_id not in self.held:
+                return dep.step_id
+        return None
+
+    def _add(self, target: Target, status: BuildStatus, result: OutputResult | None,
+             exit_code: int | None, error: str | None, at: float,
+             propagated_from: int | None = None) -> None:
+        assert self.run_ is not None
+        log_path, log_size = self.run_.logs[target.drv_path].finalize(
+            self.settings.logs.compress)
+        started = self.started.get(target.drv_path)
+        outcome = StepOutcome(
+            target.step_id, status, exit_code=exit_code, error_message=error,
+            log_path=log_path, log_size=log_size,
+            started_at=_utc(started) if started else None, finished_at=_utc(at),
+            machine=self.builder.hostname, propagated_from=propagated_from)
+        if not self.pending:
+            self.first_pending = time.monotonic()
+        self.pending.append(_Pending(outcome, result, target.outputs))
+
+    def _flush(self) -> None:
+        items, self.pending = self.pending, []
+        try:
+            self.builder._flush(self.worker, items)
+        except Exception:
+            # the steps stay running under our name; if we cannot report them, the
+            # lease lapses and the reconciler re-queues them
+            log.exception("could not record %d finished step(s)", len(items))
+
+    def _renew(self, run: NixRun) -> bool:
+        runner = self.settings.queue_runner
+        ids = sorted(self.held)
+        try:
+            kept = in_transaction(self.builder.factory,
+                                  lambda s: renew_lease(s, self.worker, ids, runner.lease_secs))
+        except Exception:
+            log.warning("could not renew the lease on %d step(s)", len(ids), exc_info=True)
+            if time.monotonic() - self.last_renewed > runner.lease_secs * 0.8:
+                # fence ourselves: another worker may take these steps any moment
+                log.error("lease about to lapse without renewal; stopping the build")
+                run.kill()
+                run.wait(10)
+                return False
+            return True
+        self.last_renewed = time.monotonic()
+        lost = set(ids) - kept
+        for step_id in sorted(lost):
+            # cancelled, or taken over: stop that builder only, the batch goes on
+            self.held.discard(step_id)
+            target = self.by_step[step_id]
+            run.kill_derivation(target.drv_path)
+            if self.run_ is not None:
+                self.run_.logs[target.drv_path].close()
+            log.info("step %d was taken away (cancelled or lease lost); its builder stopped",
+                     step_id)
+        if self.targets and not self.held and not self.pending:
+            run.kill()
+        return True
+
+    def _release(self) -> None:
+        ids = sorted(self.held)
+        if not ids:
+            return
+        for step_id in ids:
+            assert self.run_ is not None
+            self.run_.logs[self.by_step[step_id].drv_path].finalize(False)
+
+        def work(session: Session) -> None:
+            queued = release_steps(session, self.worker, ids)
+            publish_after_commit(session, self.builder.publish, queued)
+
+        try:
+            in_transaction(self.builder.factory, work)
+        except Exception:
+            log.exception("could not hand back %d step(s); their leases will lapse", len(ids))
+        self.held.clear()
+
+    def _settle_after_exit(self, exited: Exited | None) -> None:
+        unsettled = [self.by_step[i] for i in sorted(self.held)]
+        if not unsettled:
+            return
+        error = "\n".join((exited.errors if exited else [])[-20:]) or \
+            f"nix-store exited with status {exited.returncode if exited else '?'}"
+        try:
+            invalid = store.invalid_paths(
+                [p for t in unsettled for p in t.outputs.values()], self.options.env)
+        except store.StoreError as exc:
+            invalid = {p for t in unsettled for p in t.outputs.values()}
+            error = f"{error}\n{exc}"
+        now = time.time()
+        for target in unsettled:
+            self.held.discard(target.step_id)
+            if not any(p in invalid for p in target.outputs.values()):
+                self._finished_valid(target, now)
+            else:
+                # Nix ended without saying what happened to it: an infrastructure problem
+                self._add_abort(target, error, now)
+        if self.pending:
+            self._flush()
+
+    def _finished_valid(self, target: Target, at: float) -> None:
+        result = read_output_result(target.outputs)
+        status = BuildStatus.failed_with_output if result.failed_marker else \
+            BuildStatus.succeeded
+        self._add(target, status, result, None, None, at)
+
+    def _add_abort(self, target: Target, error: str, at: float) -> None:
+        self._add(target, BuildStatus.aborted, None, None, error, at)
+        self.pending[-1].outcome.retry = True
+
+    def _settle_all(self, error: str, retry: bool) -> None:
+        now = time.time()
+        for step_id in sorted(self.held):
+            target = self.by_step[step_id]
+            outcome = StepOutcome(step_id, BuildStatus.aborted, error_message=error,
+                                  finished_at=_utc(now), machine=self.builder.hostname,
+                                  retry=retry)
+            self.pending.append(_Pending(outcome, None, target.outputs))
+        self.held.clear()
+        self._flush()

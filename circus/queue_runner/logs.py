@@ -1,0 +1,115 @@
+"""Per-step build logs.
+
+While a step runs its log is a plain file that grows (the API's SSE tail
+follows it): ``<log_dir>/<first 2 chars of the drv hash>/<drv basename>-<step id>.log``.
+When the step finishes the file is compressed to ``.log.zst`` (``logs.compress``)
+and ``steps.log_path`` names the final file. Writing stops at the size limit.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+TRUNCATED_MARKER = b"\n[circus: log truncated: the build exceeded the log size limit]\n"
+
+
+def log_path_for(log_dir: str | Path, drv_path: str, step_id: int) -> Path:
+    base = os.path.basename(drv_path)
+    return Path(log_dir) / base[:2] / f"{base}-{step_id}.log"
+
+
+class StepLog:
+    """A step's log being written; bytes beyond ``limit`` are counted, not stored."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        #: bytes the builder produced (also those beyond the limit)
+        self.size = 0
+        self._handle: BinaryIO | None = None
+        self._truncated = False
+        self._closed = False
+        # the Nix reader thread writes while the worker thread may finalize
+        self._lock = threading.Lock()
+
+    @property
+    def over_limit(self) -> bool:
+        return self.size > self.limit
+
+    def _open(self) -> BinaryIO:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # unbuffered enough for a live tail: flushed per line below
+            self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+        return self._handle
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            before = self.size
+            self.size += len(data)
+            handle = self._open()
+            if before < self.limit:
+                handle.write(data[: self.limit - before])
+                handle.flush()
+            if self.size > self.limit and not self._truncated:
+                self._truncated = True
+                handle.write(TRUNCATED_MARKER)
+                handle.flush()
+
+    def touch(self) -> None:
+        """Create the file (a build with no output still has a log)."""
+        with self._lock:
+            if not self._closed:
+                self._open()
+
+    def note(self, text: str) -> None:
+        """A line from Circus or Nix itself (not counted against the builder's limit)."""
+        with self._lock:
+            if self._closed:
+                return
+            handle = self._open()
+            handle.write(text.encode(errors="replace") + b"\n")
+            handle.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+    def finalize(self, compress: bool) -> tuple[str | None, int]:
+        """Close, compress when asked; returns (final path, builder bytes)."""
+        self.close()
+        if not self.path.exists():
+            return None, self.size
+        if not compress or self.path.stat().st_size == 0:
+            # nothing to compress: an empty log stays a (plain) empty file
+            return str(self.path), self.size
+        return str(compress_file(self.path)), self.size
+
+
+def compress_file(path: Path) -> Path:
+    target = path.with_name(path.name + ".zst")
+    partial = path.with_name(path.name + ".zst.partial")
+    with open(path, "rb") as source, open(partial, "wb") as sink:
+        zstandard.ZstdCompressor(level=3).copy_stream(source, sink)
+    partial.replace(target)
+    path.unlink()
+    return target
+
+
+def read_log(path: str | Path) -> bytes:
+    """A whole log, plain or zstd-compressed."""
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix == ".zst":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data

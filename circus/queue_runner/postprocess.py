@@ -1,0 +1,117 @@
+"""Work after a build succeeded that must not slow the builders down.
+
+Closure sizes (one ``nix path-info`` for many builds) and GC roots are
+recorded by a background thread a moment after the build finished; nothing
+depends on them to make progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus.common.config import Settings
+from circus.common.nix.process import run
+from circus.queue_runner import gcroots, store
+from circus.queue_runner.outcomes import FinishReport
+
+log = logging.getLogger(__name__)
+
+
+def closure_sizes(builds: Mapping[int, list[str]], env: Mapping[str, str]) -> dict[int, int]:
+    """Bytes in the closure of each build's outputs."""
+    sizes = store.path_sizes([p for paths in builds.values() for p in paths], env)
+    found: dict[int, int] = {}
+    for build_id, paths in builds.items():
+        if not paths or any(p not in sizes for p in paths):
+            continue
+        if len(paths) == 1:
+            found[build_id] = sizes[paths[0]].closure_size
+            continue
+        # several outputs share most of their closure: measure the union
+        done = run(["nix-store", "--query", "--requisites", *paths], env=env, timeout=120)
+        if done.returncode != 0:
+            continue
+        requisites = done.stdout.split()
+        union = store.path_sizes(requisites, env)
+        found[build_id] = sum(s.nar_size for s in union.values())
+    return found
+
+
+def record_closure_sizes(session: Session, sizes: Mapping[int, int]) -> None:
+    if sizes:
+        session.execute(text("""
+            UPDATE builds AS b SET closure_size = v.size
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:sizes AS bigint[])) AS v(id, size)
+            WHERE b.id = v.id
+        """), {"ids": list(sizes), "sizes": list(sizes.values())})
+
+
+class PostProcessor:
+    """A thread that handles succeeded builds in batches."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session],
+                 gather_secs: float = 1.0) -> None:
+        self.settings = settings
+        self.factory = factory
+        #: wait this long after the first build to handle many with one Nix call each
+        self.gather_secs = gather_secs
+        self.batches = 0
+        self._queue: queue.Queue[dict[int, list[str]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="post-processor", daemon=True)
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def start(self) -> PostProcessor:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, report: FinishReport) -> None:
+        if report.builds.succeeded:
+            self.idle.clear()
+            self._queue.put(dict(report.builds.succeeded))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = dict(item)
+            time.sleep(self.gather_secs)
+            stop = False
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.update(more)
+            self.batches += 1
+            try:
+                self.process(batch)
+            except Exception:
+                log.exception("post-processing %d build(s) failed", len(batch))
+            if self._queue.empty():
+                self.idle.set()
+            if stop:
+                return
+
+    def process(self, builds: Mapping[int, list[str]]) -> None:
+        env = self.settings.nix_environ()
+        sizes = closure_sizes(builds, env)
+        with self.factory() as session, session.begin():
+            record_closure_sizes(session, sizes)
+        if self.settings.gc.enabled:
+            gcroots.add_roots(self.settings, [p for paths in builds.values() for p in paths])

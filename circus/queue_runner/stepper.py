@@ -1,0 +1,424 @@
+"""Turning pending builds into steps (the dispatcher's batch).
+
+One batch, one transaction:
+
+1. take unstepped pending builds (``FOR UPDATE SKIP LOCKED``) under a
+   transaction-level advisory lock, so two dispatchers never interleave;
+2. ask Nix once which derivations of their closures must be built
+   (``nix-store -r --dry-run``: not valid and not substitutable);
+3. walk the closures with the parsed-derivation cache; a build whose closure
+   holds a derivation of the failed-path cache fails at once
+   (``cached_failure``, or ``dependency_failed`` for a dependency); a build with
+   nothing to build finishes at once;
+4. insert steps (``ON CONFLICT DO NOTHING`` against the partial unique index,
+   then re-select the active ones, locking them so they cannot finish before
+   the new edges are committed), edges and ``build_steps`` in bulk;
+5. steps whose dependencies all succeeded become ``queued``; the caller
+   publishes their wake-ups after commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus
+from circus.common.nix.derivation import DerivationParseError
+from circus.queue_runner import store
+from circus.queue_runner.capabilities import queue_class_name
+from circus.queue_runner.derivations import DrvCache, DrvInfo
+from circus.queue_runner.outcomes import DoneStep, after_steps_done
+from circus.queue_runner.products import read_output_result
+from circus.queue_runner.results import (
+    BuildFinal,
+    BuildsReport,
+    finish_aggregates,
+    finish_builds,
+)
+
+log = logging.getLogger(__name__)
+
+#: pg_advisory_xact_lock key of the dispatcher ("CQRD")
+DISPATCH_LOCK = 0x43515244
+
+
+@dataclass
+class StepReport:
+    builds: int = 0
+    new_steps: int = 0
+    queued: Counter[str] = field(default_factory=Counter)
+    new_classes: list[str] = field(default_factory=list)
+    finished: BuildsReport = field(default_factory=BuildsReport)
+
+
+@dataclass
+class _Build:
+    id: int
+    drv_path: str
+    priority: int
+    jobset_id: int | None
+    timeout: int | None
+    max_silent: int | None
+    is_aggregate: bool
+
+
+def step_builds(session: Session, settings: Settings, cache: DrvCache, limit: int = 2000
+                ) -> StepReport:
+    """Step up to ``limit`` unstepped builds (call in a transaction; commit after)."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK})
+    builds = [_Build(*row) for row in session.execute(text("""
+        SELECT id, drv_path, priority, jobset_id, timeout, max_silent, is_aggregate
+        FROM builds WHERE status = 0 AND stepped_at IS NULL
+        ORDER BY priority DESC, id LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    """), {"limit": limit}).all()]
+    report = StepReport(builds=len(builds))
+    if not builds:
+        return report
+    env = settings.nix_environ()
+    finals: list[BuildFinal] = []
+    aggregates_done: list[int] = []
+
+    usable: list[_Build] = []
+    for build in builds:
+        problem = _drv_problem(cache, build.drv_path)
+        if problem:
+            finals.append(BuildFinal(build.id, BuildStatus.aborted, problem))
+        else:
+            usable.append(build)
+    to_build = _to_build(usable, env, finals)
+    usable = [b for b in usable if b.id not in {f.build_id for f in finals}]
+
+    closures: dict[int, list[str]] = {}
+    for build in usable:
+        try:
+            closures[build.id] = _closure(cache, build.drv_path, to_build)
+        except (OSError, DerivationParseError) as exc:
+            finals.append(BuildFinal(build.id, BuildStatus.aborted,
+                                     f"cannot read a derivation of the closure: {exc}"))
+    usable = [b for b in usable if b.id in closures]
+    cached = _cached_failures(session, settings, {d for c in closures.values() for d in c})
+
+    live: list[_Build] = []
+    cached_for: dict[int, str] = {}
+    for build in usable:
+        closure = closures[build.id]
+        if not closure:
+            info = cache.get(build.drv_path)
+            result = read_output_result(info.output_paths)
+            if result.failed_marker:
+                finals.append(BuildFinal(build.id, BuildStatus.failed_with_output,
+                                         "outputs already valid; nix-support/failed exists",
+                                         result=result))
+            elif build.is_aggregate:
+                aggregates_done.append(build.id)
+            else:
+                finals.append(BuildFinal(build.id, BuildStatus.succeeded, result=result))
+            continue
+        hit = next((d for d in closure if d in cached), None)
+        if hit is not None:
+            cached_for[build.id] = hit
+            toplevel = hit == build.drv_path
+            status = BuildStatus.cached_failure if toplevel else BuildStatus.dependency_failed
+            message = (f"{hit} failed recently ({cached[hit].name}); restart to build again"
+                       if toplevel else f"dependency {hit} is a cached failure")
+            finals.append(BuildFinal(build.id, status, message))
+            continue
+        live.append(build)
+
+    _ensure_outputs(session, cache, [b for b in builds if b.id not in
+                                     {f.build_id for f in finals if f.status is
+                                      BuildStatus.aborted}])
+    if cached_for:
+        _record_cached_failures(session, cache, usable, cached_for, cached)
+    if live:
+        _create_steps(session, settings, cache, live, closures, report)
+    session.execute(text("UPDATE builds SET stepped_at = now() WHERE id = ANY(:ids)"),
+                    {"ids": [b.id for b in builds]})
+    report.finished.merge(finish_builds(session, settings, finals))
+    if aggregates_done:
+        report.finished.merge(finish_aggregates(session, settings, aggregates_done))
+    return report
+
+
+def _drv_problem(cache: DrvCache, drv_path: str) -> str | None:
+    if not os.path.exists(drv_path):
+        return f"derivation {drv_path} is not in the store"
+    try:
+        cache.get(drv_path)
+    except (OSError, DerivationParseError) as exc:
+        return f"cannot read derivation {drv_path}: {exc}"
+    return None
+
+
+def _to_build(builds: list[_Build], env: dict[str, str], finals: list[BuildFinal]) -> set[str]:
+    if not builds:
+        return set()
+    try:
+        return store.missing([b.drv_path for b in builds], env).to_build
+    except store.StoreError:
+        # one bad derivation fails the whole call: find it by asking one by one
+        to_build: set[str] = set()
+        for build in builds:
+            try:
+                to_build |= store.missing([build.drv_path], env).to_build
+            except store.StoreError as exc:
+                finals.append(BuildFinal(build.id, BuildStatus.aborted, str(exc)))
+        return to_build
+
+
+def _closure(cache: DrvCache, root: str, to_build: set[str]) -> list[str]:
+    """Derivations of ``root``'s closure that must be built, root first."""
+    if root not in to_build:
+        return []
+    seen = {root}
+    order = [root]
+    stack = [root]
+    while stack:
+        for dep in cache.get(stack.pop()).input_drvs:
+            if dep in to_build and dep not in seen:
+                seen.add(dep)
+                order.append(dep)
+                stack.append(dep)
+    return order
+
+
+def _cached_failures(session: Session, settings: Settings, drvs: set[str]
+                     ) -> dict[str, BuildStatus]:
+    runner = settings.queue_runner
+    if not runner.failed_paths_cache or not drvs:
+        return {}
+    rows = session.execute(text("""
+        SELECT drv_path, status FROM failed_paths
+        WHERE drv_path = ANY(:drvs) AND failed_at > now() - make_interval(secs => :ttl)
+    """), {"drvs": sorted(drvs), "ttl": float(runner.failed_paths_ttl)}).all()
+    return {drv: BuildStatus(status) for drv, status in rows}
+
+
+def _ensure_outputs(session: Session, cache: DrvCache, builds: list[_Build]) -> None:
+    """``build_outputs`` rows from the derivation when the evaluator left none."""
+    rows = [(b.id, name, path) for b in builds
+            for name, path in cache.get(b.drv_path).outputs]
+    if rows:
+        session.execute(text("""
+            INSERT INTO build_outputs (build_id, name, path)
+            SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:names AS text[]),
+                                 CAST(:paths AS text[]))
+            ON CONFLICT DO NOTHING
+        """), {"ids": [r[0] for r in rows], "names": [r[1] for r in rows],
+               "paths": [r[2] for r in rows]})
+
+
+def _record_cached_failures(session: Session, cache: DrvCache, builds: list[_Build],
+                            cached_for: dict[int, str], cached: dict[str, BuildStatus]) -> None:
+    """A finished ``cached_failure`` step per failed derivation, linked to each build
+    (so users see which derivation it was and a restart knows what to clear)."""
+    drvs = sorted(set(cached_for.values()))
+    infos = [cache.get(d) for d in drvs]
+    ids = session.execute(text("""
+        INSERT INTO steps (drv_path, system, required_features, queue_class, state, status,
+                           is_fod, created_at, finished_at, error_message)
+        SELECT v.drv, v.system, string_to_array(v.features, ' '), v.cls, 'done', :status,
+               v.is_fod, now(), now(), 'in the failed-path cache'
+        FROM unnest(CAST(:drvs AS text[]), CAST(:systems AS text[]),
+                    CAST(:features AS text[]), CAST(:classes AS text[]),
+                    CAST(:fods AS boolean[])) AS v(drv, system, features, cls, is_fod)
+        RETURNING id, drv_path
+    """), {"drvs": drvs, "systems": [i.system for i in infos],
+           "features": [" ".join(i.required_features) for i in infos],
+           "classes": [queue_class_name(i.system, i.required_features) for i in infos],
+           "fods": [i.is_fod for i in infos],
+           "status": int(BuildStatus.cached_failure)}).all()
+    step_of = {drv: step_id for step_id, drv in ids}
+    by_id = {b.id: b for b in builds}
+    links = [(build_id, step_of[drv], drv, drv == by_id[build_id].drv_path)
+             for build_id, drv in sorted(cached_for.items())]
+    _insert_build_steps(session, links)
+
+
+def _insert_build_steps(session: Session, links: list[tuple[int, int, str, bool]]) -> None:
+    """Rows (build, step, drv, is_toplevel), numbered after the build's earlier steps."""
+    if not links:
+        return
+    base: dict[int, int] = dict(session.execute(text("""
+        SELECT build_id, max(step_nr) FROM build_steps WHERE build_id = ANY(:ids)
+        GROUP BY build_id
+    """), {"ids": sorted({link[0] for link in links})}).tuples().all())
+    counters: Counter[int] = Counter()
+    rows = []
+    for build_id, step_id, drv, toplevel in links:
+        counters[build_id] += 1
+        rows.append((build_id, (base.get(build_id) or 0) + counters[build_id], step_id, drv,
+                     toplevel))
+    session.execute(text("""
+        INSERT INTO build_steps (build_id, step_nr, step_id, drv_path, is_toplevel, created_at)
+        SELECT v.build_id, v.nr, v.step_id, v.drv, v.toplevel, now()
+        FROM unnest(CAST(:builds AS bigint[]), CAST(:nrs AS bigint[]),
+                    CAST(:steps AS bigint[]), CAST(:drvs AS text[]),
+                    CAST(:toplevels AS boolean[])) AS v(build_id, nr, step_id, drv, toplevel)
+        ON CONFLICT (build_id, step_id) DO NOTHING
+    """), {"builds": [r[0] for r in rows], "nrs": [r[1] for r in rows],
+           "steps": [r[2] for r in rows], "drvs": [r[3] for r in rows],
+           "toplevels": [r[4] for r in rows]})
+
+
+def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: list[_Build],
+                  closures: dict[int, list[str]], report: StepReport) -> None:
+    needed: dict[str, DrvInfo] = {}
+    owner: dict[str, _Build] = {}
+    priority: Counter[str] = Counter()
+    dependents: Counter[str] = Counter()
+    for build in sorted(live, key=lambda b: b.id):
+        for drv in closures[build.id]:
+            if drv not in needed:
+                needed[drv] = cache.get(drv)
+                owner[drv] = build
+            priority[drv] = max(priority.get(drv, build.priority), build.priority)
+            dependents[drv] += 1
+    drvs = sorted(needed)
+    classes = {d: queue_class_name(needed[d].system, needed[d].required_features) for d in drvs}
+    report.new_classes = _register_classes(session, needed, classes)
+
+    step_of: dict[str, int] = {}
+    created: set[int] = set()
+    remaining = drvs
+    for _ in range(5):
+        if not remaining:
+            break
+        inserted = session.execute(text("""
+            INSERT INTO steps (drv_path, system, required_features, queue_class, state, priority,
+                               jobset_id, dependents, is_fod, timeout, max_silent, created_at)
+            SELECT v.drv, v.system, string_to_array(v.features, ' '), v.cls,
+                   'pending', v.priority, v.jobset_id, v.dependents, v.is_fod, v.timeout,
+                   v.max_silent, now()
+            FROM unnest(CAST(:drvs AS text[]), CAST(:systems AS text[]),
+                        CAST(:features AS text[]), CAST(:classes AS text[]),
+                        CAST(:priorities AS integer[]), CAST(:jobsets AS bigint[]),
+                        CAST(:dependents AS integer[]), CAST(:fods AS boolean[]),
+                        CAST(:timeouts AS integer[]), CAST(:silents AS integer[]))
+                 AS v(drv, system, features, cls, priority, jobset_id, dependents, is_fod,
+                      timeout, max_silent)
+            ORDER BY v.drv
+            ON CONFLICT (drv_path) WHERE state <> 'done' DO NOTHING
+            RETURNING id, drv_path
+        """), {
+            "drvs": remaining,
+            "systems": [needed[d].system for d in remaining],
+            "features": [" ".join(needed[d].required_features) for d in remaining],
+            "classes": [classes[d] for d in remaining],
+            "priorities": [priority[d] for d in remaining],
+            "jobsets": [owner[d].jobset_id for d in remaining],
+            "dependents": [dependents[d] for d in remaining],
+            "fods": [needed[d].is_fod for d in remaining],
+            "timeouts": [owner[d].timeout for d in remaining],
+            "silents": [owner[d].max_silent for d in remaining],
+        }).all()
+        for step_id, drv in inserted:
+            step_of[drv] = step_id
+            created.add(step_id)
+        others = [d for d in remaining if d not in step_of]
+        if others:
+            # Reuse the active steps. FOR SHARE: a worker finishing one of them waits
+            # for this commit, so it sees the new edges and queues the new dependents.
+            # A step that finished meanwhile no longer matches; the loop inserts anew.
+            for step_id, drv in session.execute(text("""
+                SELECT id, drv_path FROM steps
+                WHERE drv_path = ANY(:drvs) AND state <> 'done'
+                ORDER BY id FOR SHARE
+            """), {"drvs": others}).all():
+                step_of[drv] = step_id
+        remaining = [d for d in remaining if d not in step_of]
+    if remaining:
+        raise RuntimeError(f"could not create steps for {len(remaining)} derivations")
+    report.new_steps = len(created)
+
+    reused = sorted(set(step_of.values()) - created)
+    reused_drvs = [d for d in drvs if step_of[d] not in created]
+    if reused:
+        session.execute(text("""
+            UPDATE steps AS s SET priority = GREATEST(s.priority, v.priority),
+                                  dependents = s.dependents + v.dependents
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:priorities AS integer[]),
+                        CAST(:dependents AS integer[])) AS v(id, priority, dependents)
+            WHERE s.id = v.id
+        """), {"ids": [step_of[d] for d in reused_drvs],
+               "priorities": [priority[d] for d in reused_drvs],
+               "dependents": [dependents[d] for d in reused_drvs]})
+
+    edges = sorted({(step_of[d], step_of[i]) for d in drvs if step_of[d] in created
+                    for i in needed[d].input_drvs if i in step_of})
+    if edges:
+        session.execute(text("""
+            INSERT INTO step_dependencies (step_id, depends_on_id)
+            SELECT * FROM unnest(CAST(:a AS bigint[]), CAST(:b AS bigint[]))
+            ON CONFLICT DO NOTHING
+        """), {"a": [e[0] for e in edges], "b": [e[1] for e in edges]})
+
+    links = [(b.id, step_of[d], d, d == b.drv_path) for b in live for d in closures[b.id]]
+    _insert_build_steps(session, links)
+
+    if created:
+        _already_built(session, settings, cache, sorted(created), report)
+        queued = session.execute(text("""
+            UPDATE steps AS s SET state = 'queued', queued_at = now(), published_at = now()
+            WHERE s.id = ANY(:ids) AND s.state = 'pending' AND NOT EXISTS (
+                SELECT 1 FROM step_dependencies e JOIN steps d ON d.id = e.depends_on_id
+                WHERE e.step_id = s.id AND NOT (d.state = 'done' AND d.status = 2))
+            RETURNING s.queue_class
+        """), {"ids": sorted(created)}).scalars().all()
+        report.queued.update(queued)
+    session.execute(text("""
+        UPDATE builds SET status = 1, started_at = COALESCE(started_at, now())
+        WHERE id = ANY(:ids) AND status = 0 AND EXISTS (
+            SELECT 1 FROM build_steps bs JOIN steps s ON s.id = bs.step_id
+            WHERE bs.build_id = builds.id AND s.state = 'running')
+    """), {"ids": [b.id for b in live]})
+
+
+def _already_built(session: Session, settings: Settings, cache: DrvCache, created: list[int],
+                   report: StepReport) -> None:
+    """New steps whose derivation another step built after Nix's answer: succeeded.
+
+    The other step was still active when this batch asked Nix, and finished
+    before the insert (which waited for it). Checked after the insert, so the
+    race has no window.
+    """
+    rows = session.execute(text("""
+        UPDATE steps AS s SET state = 'done', status = 2, finished_at = now(),
+                              error_message = 'built meanwhile by another step'
+        WHERE s.id = ANY(:ids) AND s.state = 'pending' AND EXISTS (
+            SELECT 1 FROM steps o
+            WHERE o.drv_path = s.drv_path AND o.id <> s.id AND o.state = 'done'
+              AND o.status = 2 AND o.finished_at >= now())
+        RETURNING s.id, s.drv_path, s.is_fod
+    """), {"ids": created}).all()
+    if not rows:
+        return
+    done = [DoneStep(r.id, BuildStatus.succeeded, r.drv_path, r.is_fod) for r in rows]
+    results = {r.id: read_output_result(cache.get(r.drv_path).output_paths) for r in rows}
+    finished = after_steps_done(session, settings, done, results)
+    report.queued.update(finished.queued)
+    report.finished.merge(finished.builds)
+
+
+def _register_classes(session: Session, needed: dict[str, DrvInfo], classes: dict[str, str]
+                      ) -> list[str]:
+    names = sorted(set(classes.values()))
+    first = {cls: next(d for d in sorted(needed) if classes[d] == cls) for cls in names}
+    rows = session.execute(text("""
+        INSERT INTO queue_classes (name, system, required_features, created_at)
+        SELECT v.name, v.system, string_to_array(v.features, ' '), now()
+        FROM unnest(CAST(:names AS text[]), CAST(:systems AS text[]), CAST(:features AS text[]))
+             AS v(name, system, features)
+        ON CONFLICT (name) DO NOTHING
+        RETURNING name
+    """), {"names": names, "systems": [needed[first[c]].system for c in names],
+           "features": [" ".join(needed[first[c]].required_features) for c in names]}
+    ).scalars().all()
+    return list(rows)

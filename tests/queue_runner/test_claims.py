@@ -1,0 +1,226 @@
+"""Claim order, conditional finishing, leases and release — on real PostgreSQL, no Nix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus
+from circus.queue_runner.leases import claim_steps, expire_leases, release_steps, renew_lease
+from circus.queue_runner.outcomes import StepOutcome, finish_steps
+from circus.queue_runner.reconciler import reconcile
+from tests.queue_runner.factories import make_jobset
+
+CLS = "x86_64-linux"
+
+
+def add_step(session: Session, drv: str, *, state: str = "queued", priority: int = 0,
+             jobset_id: int | None = None, deps: list[int] | None = None, cls: str = CLS,
+             dependents: int = 0, timeout: int | None = None) -> int:
+    step_id = session.execute(text("""
+        INSERT INTO steps (drv_path, system, queue_class, state, priority, jobset_id, dependents,
+                           timeout, queued_at, published_at)
+        VALUES (:drv, 'x86_64-linux', :cls, :state, :p, :j, :n, :t, now(), now())
+        RETURNING id
+    """), {"drv": f"/nix/store/{drv:0>32}-x.drv", "cls": cls, "state": state, "p": priority,
+           "j": jobset_id, "n": dependents, "t": timeout}).scalar_one()
+    for dep in deps or []:
+        session.execute(text("INSERT INTO step_dependencies VALUES (:s, :d)"),
+                        {"s": step_id, "d": dep})
+    return int(step_id)
+
+
+def state_of(session: Session, step_id: int) -> tuple[str, int | None, str | None]:
+    row = session.execute(text("SELECT state, status, worker FROM steps WHERE id = :id"),
+                          {"id": step_id}).one()
+    return row.state, row.status, row.worker
+
+
+def claim(session: Session, worker: str, limit: int = 10, **kw: object) -> list[int]:
+    return [c.id for c in claim_steps(session, worker, CLS, limit, lease_secs=60, **kw)]
+
+
+def test_priority_then_fair_share_then_age(committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s:
+        busy = make_jobset(s, "busy", shares=100).id
+        idle = make_jobset(s, "idle", shares=100).id
+        # the busy jobset already has two steps running
+        add_step(s, "r1", state="running", jobset_id=busy)
+        add_step(s, "r2", state="running", jobset_id=busy)
+        old_busy = add_step(s, "a1", jobset_id=busy)
+        new_idle = add_step(s, "a2", jobset_id=idle)
+        bumped = add_step(s, "a3", jobset_id=busy, priority=5)
+        s.commit()
+        assert claim(s, "w1", limit=1) == [bumped]
+        assert claim(s, "w1", limit=1) == [new_idle]
+        assert claim(s, "w1", limit=1) == [old_busy]
+        s.commit()
+
+
+def test_shares_weigh_running_steps(committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s:
+        big = make_jobset(s, "big", shares=1000).id
+        small = make_jobset(s, "small", shares=10).id
+        add_step(s, "r1", state="running", jobset_id=big)
+        add_step(s, "r2", state="running", jobset_id=small)
+        first = add_step(s, "b1", jobset_id=small)
+        second = add_step(s, "b2", jobset_id=big)
+        s.commit()
+        # 1/1000 running per share beats 1/10: the big jobset goes first despite its age
+        assert claim(s, "w", limit=1) == [second]
+        assert claim(s, "w", limit=1) == [first]
+
+
+def test_critical_path_order_is_optional(committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s:
+        few = add_step(s, "c1", dependents=1)
+        many = add_step(s, "c2", dependents=9)
+        s.commit()
+        assert claim(s, "w", limit=1, critical_path=True) == [many]
+        assert claim(s, "w", limit=1, critical_path=True) == [few]
+
+
+def test_claims_never_overlap_and_respect_timeouts(committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s:
+        plain = [add_step(s, f"p{i}") for i in range(3)]
+        odd = add_step(s, "t1", timeout=5)
+        s.commit()
+        with committed_db() as other:
+            mine = claim(s, "w1", limit=2)
+            theirs = claim(other, "w2", limit=5)  # while w1's claim is uncommitted
+            other.commit()
+        s.commit()
+        assert len(mine) == 2
+        assert not set(mine) & set(theirs)
+        # one batch shares its timeouts: the odd one is claimed alone
+        assert set(mine) | set(theirs) == set(plain)
+        assert claim(s, "w3") == [odd]
+
+
+def test_lookahead_claims_chains_held_by_the_same_worker(committed_db: sessionmaker[Session]
+                                                         ) -> None:
+    with committed_db() as s:
+        a = add_step(s, "l1")
+        b = add_step(s, "l2", state="pending", deps=[a])
+        c = add_step(s, "l3", state="pending", deps=[b])
+        other = add_step(s, "l4", state="running")
+        blocked = add_step(s, "l5", state="pending", deps=[b, other])
+        s.commit()
+        got = claim(s, "w", limit=10)
+        assert got == [a, b, c]
+        assert state_of(s, blocked)[0] == "pending"
+        # finishing the chain's head queues nothing inside the claim, and the blocked one
+        # still waits for the step someone else is building
+        report = finish_steps(s, Settings(), "w", [StepOutcome(a, BuildStatus.succeeded)])
+        assert sum(report.queued.values()) == 0
+        s.commit()
+
+
+def test_finishing_is_conditional_on_holding_the_step(committed_db: sessionmaker[Session],
+                                                      settings: Settings) -> None:
+    with committed_db() as s:
+        step = add_step(s, "f1")
+        s.commit()
+        assert claim(s, "w1") == [step]
+        s.commit()
+        stolen = finish_steps(s, settings, "w2", [StepOutcome(step, BuildStatus.failed)])
+        assert stolen.finished == []
+        done = finish_steps(s, settings, "w1", [StepOutcome(step, BuildStatus.succeeded)])
+        again = finish_steps(s, settings, "w1", [StepOutcome(step, BuildStatus.failed)])
+        s.commit()
+        assert done.finished == [step]
+        assert again.finished == []
+        assert state_of(s, step) == ("done", int(BuildStatus.succeeded), "w1")
+
+
+def test_success_queues_dependents_and_failure_propagates(committed_db: sessionmaker[Session],
+                                                          settings: Settings) -> None:
+    with committed_db() as s:
+        a = add_step(s, "d1")
+        b = add_step(s, "d2")
+        both = add_step(s, "d3", state="pending", deps=[a, b])
+        only_a = add_step(s, "d4", state="pending", deps=[a])
+        after = add_step(s, "d5", state="pending", deps=[only_a])
+        s.commit()
+        claim(s, "w", lookahead=False)
+        s.commit()
+        report = finish_steps(s, settings, "w", [StepOutcome(a, BuildStatus.succeeded)])
+        assert report.queued[CLS] == 1
+        assert state_of(s, only_a)[0] == "queued"
+        assert state_of(s, both)[0] == "pending"
+        finish_steps(s, settings, "w", [StepOutcome(b, BuildStatus.timeout)])
+        assert state_of(s, both)[:2] == ("done", int(BuildStatus.dependency_failed))
+        assert state_of(s, after)[0] == "pending"
+        s.commit()
+
+
+def test_aborted_steps_retry_until_attempts_run_out(committed_db: sessionmaker[Session],
+                                                    make_settings: Callable[..., Settings]
+                                                    ) -> None:
+    settings = make_settings(queue_runner={"max_retries": 1, "retry_backoff_secs": 0})
+    with committed_db() as s:
+        step = add_step(s, "x1")
+        s.commit()
+        for expected in ("queued", "done"):
+            assert claim(s, "w") == [step]
+            finish_steps(s, settings, "w", [StepOutcome(step, BuildStatus.aborted,
+                                                        error_message="infra", retry=True)])
+            s.commit()
+            assert state_of(s, step)[0] == expected
+        assert state_of(s, step)[1] == int(BuildStatus.aborted)
+
+
+def test_release_and_expiry(committed_db: sessionmaker[Session],
+                            make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(queue_runner={"max_retries": 1})
+    with committed_db() as s:
+        head = add_step(s, "e1")
+        tail = add_step(s, "e2", state="pending", deps=[head])
+        s.commit()
+        assert claim(s, "w") == [head, tail]
+        queued = release_steps(s, "w", [head, tail])
+        s.commit()
+        assert queued[CLS] == 1
+        assert state_of(s, head) == ("queued", None, None)
+        assert state_of(s, tail) == ("pending", None, None)
+        assert claim(s, "w2") == [head, tail]
+        assert renew_lease(s, "w2", [head, tail], 60) == {head, tail}
+        assert renew_lease(s, "w1", [head], 60) == set()
+        s.execute(text("UPDATE steps SET lease_until = now() - interval '1 second'"))
+        s.commit()
+        report = expire_leases(s, settings)
+        s.commit()
+        assert sorted(report.requeued) == [head, tail]
+        assert state_of(s, head)[0] == "queued"
+        # a retried step is built alone (it may be what broke the batch)
+        assert claim(s, "w3") == [head]
+        s.execute(text("UPDATE steps SET lease_until = now() - interval '1 second'"))
+        s.commit()
+        expire_leases(s, settings)
+        s.commit()
+        # the second lapse exceeds max_retries: aborted, and the dependent fails with it
+        assert state_of(s, head)[:2] == ("done", int(BuildStatus.aborted))
+        assert state_of(s, tail)[:2] == ("done", int(BuildStatus.dependency_failed))
+
+
+def test_reconciler_republishes_and_repairs(committed_db: sessionmaker[Session],
+                                            make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(queue_runner={"republish_secs": 1})
+    with committed_db() as s:
+        done = add_step(s, "g1", state="running")
+        s.execute(text("UPDATE steps SET state = 'done', status = 2 WHERE id = :id"), {"id": done})
+        stuck = add_step(s, "g2", state="pending", deps=[done])
+        stale = add_step(s, "g3")
+        s.execute(text("UPDATE steps SET published_at = now() - interval '1 minute' "
+                       "WHERE id = :id"), {"id": stale})
+        s.commit()
+        report = reconcile(s, settings)
+        s.commit()
+        assert report.ran
+        assert report.repaired == 1
+        assert state_of(s, stuck)[0] == "queued"
+        assert report.republished[CLS] == 1
+        assert report.to_publish[CLS] == 2

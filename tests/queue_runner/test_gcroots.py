@@ -1,0 +1,74 @@
+"""GC roots for the newest keep_nr evaluations and kept builds; closure sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus.queue_runner.gcroots import existing_roots, nix_base32, sync_roots
+from circus.queue_runner.postprocess import PostProcessor
+from circus.queue_runner.service import set_keep
+from tests.queue_runner.conftest import Driver
+from tests.queue_runner.factories import instantiate, make_builds, make_jobset
+
+
+def test_nix_base32_matches_nix(nix_env: dict[str, str]) -> None:
+    for data in (b"", b"circus", b"/tmp/some/link"):
+        digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+        expected = subprocess.run(["nix-hash", "--type", "sha1", "--to-base32", digest],
+                                  capture_output=True, text=True, env=nix_env,
+                                  check=True).stdout.strip()
+        assert nix_base32(bytes.fromhex(digest)) == expected
+
+
+def test_roots_follow_keep_nr_and_keep(driver: Callable[..., Driver],
+                                       committed_db: sessionmaker[Session],
+                                       nix_env: dict[str, str], nonce: str) -> None:
+    run = driver()
+    old = instantiate(["base", "left"], nonce + "old", nix_env)
+    new = instantiate(["base"], nonce + "new", nix_env)
+    with committed_db() as session:
+        jobset = make_jobset(session, "gc", keep_nr=1)
+        first = make_builds(session, old, jobset=jobset)
+        second = make_builds(session, new, jobset=jobset)
+    ids = [b.id for b in [*first.values(), *second.values()]]
+    run.run(ids)
+    settings = run.settings
+    outputs = {job: Path(subprocess.run(["nix-store", "-q", "--outputs", drv],
+                                        capture_output=True, text=True, env=nix_env,
+                                        check=True).stdout.strip())
+               for job, drv in [("old-left", old["left"]), ("new-base", new["base"])]}
+
+    post = PostProcessor(settings, committed_db)
+    post.process({b.id: [str(outputs["new-base"])] for b in second.values()})
+    with committed_db() as session:
+        size = session.execute(text("SELECT closure_size FROM builds WHERE id = :id"),
+                               {"id": second["base"].id}).scalar_one()
+        assert size is not None
+        assert size > 0
+        set_keep(session, first["left"].id, True)
+        session.commit()
+        sync_roots(session, settings)
+        session.commit()
+    roots = existing_roots(settings)
+    # only the newest evaluation (keep_nr = 1) and the kept build are rooted
+    assert set(roots) == {str(outputs["new-base"]), str(outputs["old-left"])}
+    for path, link in roots.items():
+        assert os.readlink(link) == path
+    listed = subprocess.run(["nix-store", "--gc", "--print-roots"], capture_output=True,
+                            text=True, env=nix_env, check=True).stdout
+    assert str(roots[str(outputs["old-left"])]) in listed  # Nix sees the indirect root
+
+    with committed_db() as session:
+        set_keep(session, first["left"].id, False)
+        session.commit()
+        report = sync_roots(session, settings)
+        session.commit()
+    assert report.removed == 1
+    assert set(existing_roots(settings)) == {str(outputs["new-base"])}
