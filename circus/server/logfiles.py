@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from circus.queue_runner.logs import log_path_for
+
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 64 * 1024
 
@@ -31,16 +33,11 @@ def resolve(log_dir: str, log_path: str | None) -> Path | None:
 
 
 def running_log(log_dir: str, drv_path: str, step_id: int) -> Path | None:
-    """The plain log a running step is writing, before ``steps.log_path`` names it.
-
-    The queue runner records ``log_path`` when the step finishes; while it runs
-    the log lives at ``<log_dir>/<first 2 chars of the drv name>/<drv name>-<step>.log``
-    (``circus.queue_runner.logs.log_path_for``).
-    """
-    base = os.path.basename(drv_path)
-    if not base or base.startswith(".") or "/" in base or "\x00" in base:
+    """The plain log a running step is writing, before ``steps.log_path`` names it
+    (the queue runner records ``log_path`` when the step finishes)."""
+    if not drv_path or "\x00" in drv_path:
         return None
-    path = Path(log_dir) / base[:2] / f"{base}-{step_id}.log"
+    path = log_path_for(log_dir, drv_path, step_id)
     return path if path.is_file() else None
 
 

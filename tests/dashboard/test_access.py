@@ -205,3 +205,39 @@ class TestLoginRateLimit:
         page = anonymous.post("/login", {"username": "vic", "password": PASSWORD})
         assert page.status_code == 429
         assert "Too Many Requests" in page.get_data(as_text=True)
+
+
+def test_build_actions_change_the_build(app: Flask, world: World, rows: Rows,
+                                        users: dict[str, User]) -> None:
+    from circus.common.enums import BuildStatus
+    from circus.common.models import Build
+
+    member = Browser(app.test_client()).login("mel")
+
+    def act(build: Build, action: str) -> str:
+        page = f"/build/{build.id}"
+        response = member.post(f"{page}/{action}", page=page)
+        assert response.status_code == 302
+        assert response.location == page
+        return member.get(page).get_data(as_text=True)
+
+    page = act(world.failed, "restart")
+    assert f"Build {world.failed.id} restarted." in page
+    rows.db.refresh(world.failed)
+    assert world.failed.status is BuildStatus.pending
+    page = act(world.running, "cancel")
+    assert "cancelled" in page
+    rows.db.refresh(world.running)
+    assert world.running.status is BuildStatus.cancelled
+    act(world.queued, "bump")
+    rows.db.refresh(world.queued)
+    assert world.queued.priority > 0
+    act(world.succeeded, "keep")
+    rows.db.refresh(world.succeeded)
+    assert world.succeeded.keep is True
+    # cancelling a finished build is a conflict, shown as a message on the page
+    page = act(world.succeeded, "cancel")
+    assert "already finished" in page
+    assert [a.action for a in rows.db.query(AuditLog).filter(
+        AuditLog.action.like("build.%")).order_by(AuditLog.id)] == [
+        "build.restart", "build.cancel", "build.bump", "build.keep"]

@@ -9,12 +9,9 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from circus.common.enums import BuildStatus, StepState
-from circus.common.models import Build, Step
-from circus.common.models.base import utcnow
 from circus.common.nix.environment import nix_environ
 from tests.api.live import ADMIN_KEY, LiveServer, live_server
 from tests.dashboard.conftest import PASSWORD
@@ -147,41 +144,6 @@ def test_log_in_and_walk_project_jobset_evaluation_build(
     assert width <= NARROW["width"] + 1
     shot(small, screenshots, "build-narrow")
     narrow.close()
-
-
-def test_log_tail_follows_a_running_build(chromium: Any, server: LiveServer, world: World,
-                                          engine: Engine, screenshots: Path) -> None:
-    from playwright.sync_api import expect
-
-    browser = context(chromium, server)
-    page = browser.new_page()
-    page.goto("/login")
-    log_in(page, "viewer")
-    page.wait_for_url("**/")
-    page.goto(f"/build/{world.running.id}")
-    log = page.locator("#log-text")
-    assert "step 1 of 3" in log.inner_text()
-    log_dir = Path(server.env["CIRCUS_LOGS__LOG_DIR"])
-    with Session(engine) as session:
-        log_path = session.get(Step, world.running_step.id).log_path  # type: ignore[union-attr]
-    with (log_dir / str(log_path)).open("a") as handle:
-        handle.write("step 2 of 3\n")
-        handle.flush()
-        expect(log).to_contain_text("step 2 of 3")
-        handle.write("step 3 of 3\n")
-    expect(log).to_contain_text("step 3 of 3")
-    # nothing was shown twice
-    assert log.inner_text().count("step 1 of 3") == 1
-    shot(page, screenshots, "build-running")
-    # the build finishes: the page reloads by itself and shows the outcome
-    with Session(engine) as session, session.begin():
-        session.execute(update(Step).where(Step.id == world.running_step.id).values(
-            state=StepState.done, status=BuildStatus.succeeded, finished_at=utcnow()))
-        session.execute(update(Build).where(Build.id == world.running.id).values(
-            status=BuildStatus.succeeded, completed_at=utcnow()))
-    page.wait_for_selector("#build-status >> text=succeeded")
-    assert "step 3 of 3" in page.locator("#log-text").inner_text()
-    browser.close()
 
 
 def test_create_and_revoke_an_api_key(chromium: Any, server: LiveServer, world: World,

@@ -1,12 +1,13 @@
-"""The whole system through the dashboard: a real evaluation of a git flake.
+"""The whole system through the dashboard: a real evaluation and real builds.
 
-``circus-server`` and ``circus-evaluator`` run as daemons; Chromium creates a
-project and a jobset from the forms and asks for an evaluation. (The builds part —
-watching a log live, restarting a failed build — joins when the queue runner lands.)
+``circus-server``, ``circus-evaluator`` and ``circus-queue-runner`` run as
+daemons; Chromium creates a project and a jobset from the forms, asks for an
+evaluation, watches a build's log live, and restarts a failed build.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -60,7 +61,10 @@ FLAKE = """
     };
 }
 """
-RUNNER = {"CIRCUS_EVALUATOR__POLL_INTERVAL": "1", "CIRCUS_EVALUATOR__NIX_TIMEOUT": "120"}
+RUNNER = {"CIRCUS_QUEUE_RUNNER__POLL_INTERVAL": "1", "CIRCUS_QUEUE_RUNNER__LEASE_SECS": "5",
+          "CIRCUS_QUEUE_RUNNER__REPUBLISH_SECS": "2", "CIRCUS_QUEUE_RUNNER__WORKERS": "2",
+          "CIRCUS_QUEUE_RUNNER__BATCH_SIZE": "1", "CIRCUS_QUEUE_RUNNER__LOCAL_FEATURES": "[]",
+          "CIRCUS_EVALUATOR__POLL_INTERVAL": "1", "CIRCUS_EVALUATOR__NIX_TIMEOUT": "120"}
 
 
 @dataclass
@@ -85,6 +89,8 @@ def system(engine: Engine, database_url: str, redis_url: str, nix_env: dict[str,
     with live_server(engine, database_url, redis_url, state, USERS, **RUNNER) as server:
         env = {**server.env, **nix_env}
         daemons = [Daemon("evaluator", [circus_command("circus-evaluator")],
+                          state / "daemon-logs", env=env, cwd=state),
+                   Daemon("queue-runner", [circus_command("circus-queue-runner")],
                           state / "daemon-logs", env=env, cwd=state)]
         for daemon in daemons:
             daemon.start()
@@ -106,8 +112,8 @@ def reload_until(page: Any, selector: str, timeout: float = 90, what: str = "") 
         page.reload()
 
 
-def test_create_a_jobset_and_evaluate_it_from_the_pages(chromium: Any, system: System,
-                                                        screenshots: Path) -> None:
+def test_evaluate_watch_a_build_live_and_restart_a_failed_one(
+        chromium: Any, system: System, screenshots: Path) -> None:
     from playwright.sync_api import expect
 
     browser = context(chromium, system.server)
@@ -142,7 +148,46 @@ def test_create_a_jobset_and_evaluate_it_from_the_pages(chromium: Any, system: S
     assert sorted(rows.locator("td.job").all_inner_texts()) == ["flaky", "slow", "tarball"]
     shot(page, screenshots, "e2e-evaluation")
 
-    # the jobset shows the evaluation in its matrix; asking again finds nothing new
+    # the slow build: its log grows on the page while it runs
+    page.click("table.builds tr:has-text('slow') a[href^='/build/']")
+    reload_until(page, "#build-status >> text=running", what="the running slow build")
+    log = page.locator("#log-text")
+    expect(log).to_contain_text("tick 3")
+    expect(log).to_contain_text("tick 8")
+    # nothing is shown twice (the page's text, then the stream from where it stopped)
+    assert re.findall(r"^tick 2$", log.inner_text(), re.M) == ["tick 2"]
+    shot(page, screenshots, "e2e-build-running")
+    (system.flags / "release").touch()
+    # when it finishes the page reloads itself with the outcome
+    expect(page.locator("#build-status")).to_contain_text("succeeded", timeout=60_000)
+    expect(log).to_contain_text("released")
+
+    # the failed build: restart it from its page once the weather changed
+    page.click(".crumbs >> text=evaluation")
+    page.click("nav.tabs >> text=Failed")
+    page.click("table.builds tr:has-text('flaky') a[href^='/build/']")
+    reload_until(page, "#build-status >> text=failed", what="the failed flaky build")
+    expect(log).to_contain_text("FAIL: it rains")
+    shot(page, screenshots, "e2e-build-failed")
+    (system.flags / "sunny").touch()
+    page.click("button:text-is('Restart')")
+    expect(page.locator(".flash")).to_contain_text("restarted")
+    expect(page.locator("#build-status")).to_contain_text("succeeded", timeout=60_000)
+    expect(log).to_contain_text("sunny today")
+    # both attempts stay listed; the audit log names who restarted it
+    expect(page.locator("table.steps tbody tr")).to_have_count(2)
+
+    # the tarball: its product downloads, its metric is shown
+    page.click(".crumbs >> text=evaluation")
+    page.click("nav.tabs >> text=Succeeded")
+    page.click("table.builds tr:has-text('tarball') a[href^='/build/']")
+    expect(page.locator("text=tarball-size")).to_be_visible()
+    with page.expect_download() as download:
+        page.click("a:text('demo.tar.gz')")
+    assert Path(download.value.path()).read_text().startswith("release ")
+    shot(page, screenshots, "e2e-build-product")
+
+    # re-evaluating the unchanged flake reuses every build
     page.click(".crumbs >> a:text-is('main')")
     expect(page.locator("table.matrix th.job")).to_have_count(3)
     page.click("button:text('Evaluate now')")
@@ -150,4 +195,10 @@ def test_create_a_jobset_and_evaluate_it_from_the_pages(chromium: Any, system: S
     reload_until(page, "h1 >> text=completed", what="the second evaluation")
     page.click("nav.tabs >> text=All")
     expect(page.locator("table.builds tbody tr .tag:text('reused')")).to_have_count(3)
+    page.goto("/admin/audit?action=build.restart")
+    expect(page.locator("table tbody tr")).to_have_count(1)
+    assert "root" in page.locator("table tbody tr").inner_text()
+    page.goto("/machines")
+    expect(page.locator("text=queue-runner")).not_to_have_count(0)
+    shot(page, screenshots, "e2e-machines")
     browser.close()
