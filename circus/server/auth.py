@@ -117,6 +117,30 @@ def log_in(user: User) -> str:
     return str(generate_csrf())
 
 
+def password_login(username: str, password: str) -> User | None:
+    """Check a local password; on success start a session. Audited either way.
+
+    The one login path of the API (``POST /api/v1/auth/login``) and the dashboard.
+    """
+    from circus import audit
+    from circus.auth.service import authenticate_password
+
+    session = db_session()
+    user = authenticate_password(session, username, password)
+    if user is None:
+        audit.record(session, Actor(ActorKind.anonymous, name=username,
+                                    remote_addr=request.remote_addr),
+                     "auth.login_failed", f"user:{username}")
+        session.commit()
+        return None
+    log_in(user)
+    audit.record(session, Actor(ActorKind.user, name=user.username, user_id=user.id,
+                                remote_addr=request.remote_addr), "auth.login",
+                 f"user:{user.username}")
+    session.commit()
+    return user
+
+
 def log_out() -> None:
     if current_user.is_authenticated:
         end_session(db_session(), current_user.token)
