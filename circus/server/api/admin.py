@@ -15,7 +15,6 @@ from circus import __version__, audit
 from circus.auth.permissions import Action, require_permission
 from circus.common.config import ConfigError, Settings, load_settings
 from circus.common.configbase import SettingsModel, validate_sections
-from circus.common.enums import NotificationTaskStatus
 from circus.common.errors import Conflict, InvalidInput, NotFound
 from circus.common.heartbeat import freshness
 from circus.common.models import (
@@ -30,8 +29,8 @@ from circus.common.models import (
     Step,
     User,
 )
-from circus.common.models.base import utcnow
 from circus.machines import service as machines
+from circus.notifications import service as notifications
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.schemas.admin import (
     AuditFilterSchema,
@@ -168,20 +167,11 @@ def notification_tasks(args: dict[str, Any]) -> Any:
 @blp.post("/notification-tasks/<id:task_id>/retry")
 @blp.response(200, NotificationTaskSchema)
 def retry_notification(task_id: int) -> Any:
-    """Put a failed (or stuck) task back to pending with a fresh attempt budget."""
+    """Put a failed (or stuck) task back to pending with a fresh attempt budget; it is
+    delivered right away."""
     _admin()
     session = db_session()
-    task = session.get(NotificationTask, task_id)
-    if task is None:
-        raise NotFound(f"no notification task {task_id}")
-    if task.status is NotificationTaskStatus.completed:
-        raise Conflict("the task already completed")
-    task.status = NotificationTaskStatus.pending
-    task.attempts = 0
-    task.next_retry_at = utcnow()
-    task.last_error = None
-    audit.record(session, current_actor(), "notification_task.retry",
-                 f"notification_task:{task_id}")
+    task = notifications.retry(session, current_actor(), task_id)
     session.commit()
     return task
 
