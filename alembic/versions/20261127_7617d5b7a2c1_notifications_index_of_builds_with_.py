@@ -8,8 +8,8 @@ Create Date: 2026-11-27 08:08:01.829352+00:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 
+from alembic import op
 
 revision: str = "7617d5b7a2c1"
 down_revision: str | None = "6d07a247dc50"

@@ -57,7 +57,8 @@ def test_collector_makes_one_task_per_wanting_config_and_clears_the_stamp(
     payload = tasks_of(db, failed)[0].payload
     assert payload["event"] == "finished"
     assert payload["commit"] == SHA
-    assert payload["project"] == "widget" and payload["jobset"] == "main"
+    assert payload["project"] == "widget"
+    assert payload["jobset"] == "main"
     assert payload["build"]["url"] == f"{BASE_URL}/build/{failed.id}"
     assert payload["build"]["status"] == "failed"
     assert payload["build"]["error_message"] == "builder failed with exit code 3"
@@ -93,8 +94,10 @@ def test_github_status_for_each_event(db: Session, rows: Rows, stub: HttpStub,
     assert seen == [("pending", "queued"), ("pending", "building"),
                     ("success", "build succeeded")]
     task = db.get(NotificationTask, task_id)
-    assert task is not None and task.status is NotificationTaskStatus.completed
-    assert task.attempts == 1 and task.config_id == config.id
+    assert task is not None
+    assert task.status is NotificationTaskStatus.completed
+    assert task.attempts == 1
+    assert task.config_id == config.id
 
 
 def test_failures_back_off_and_end_failed_after_max_attempts(
@@ -124,7 +127,8 @@ def test_failures_back_off_and_end_failed_after_max_attempts(
             assert outcome == "failed"
             assert task.status is NotificationTaskStatus.failed
             assert task.completed_at is not None
-    assert 9 <= delays[0] <= 11 and 14 <= delays[1] <= 16  # 10 s, then 20 s capped at 15
+    assert 9 <= delays[0] <= 11
+    assert 14 <= delays[1] <= 16
     assert task.attempts == 3
     assert "answered 502" in (task.last_error or "")
     assert "gh-secret-token" not in (task.last_error or "")
@@ -146,7 +150,8 @@ def test_a_rejected_token_fails_at_once(db: Session, rows: Rows, stub: HttpStub,
     stub.answer("/github", 401)
     assert service.deliver(db, settings, task_id, 0) == "failed"
     task = db.get(NotificationTask, task_id)
-    assert task is not None and task.attempts == 1
+    assert task is not None
+    assert task.attempts == 1
     assert task.status is NotificationTaskStatus.failed
 
 
@@ -168,7 +173,8 @@ def test_an_older_commit_status_is_skipped_and_waits_for_one_in_flight(
     assert service.deliver(db, settings, status_new, 0) == "completed"
     assert service.deliver(db, settings, status_old, 0) == "superseded"
     old = db.get(NotificationTask, status_old)
-    assert old is not None and old.status is NotificationTaskStatus.completed
+    assert old is not None
+    assert old.status is NotificationTaskStatus.completed
     assert "superseded" in (old.last_error or "")
     assert [r.json()["state"] for r in stub.under("/github")] == ["success"]
     # webhooks get every event, in any order
@@ -192,7 +198,8 @@ def test_an_older_commit_status_is_skipped_and_waits_for_one_in_flight(
     waiting = db.get(NotificationTask, final)
     assert waiting is not None
     db.refresh(waiting)
-    assert waiting.status is NotificationTaskStatus.pending and waiting.attempts == 0
+    assert waiting.status is NotificationTaskStatus.pending
+    assert waiting.attempts == 0
 
 
 def test_retry_due_resends_due_tasks_and_recovers_lost_ones(
@@ -226,7 +233,8 @@ def test_retry_due_resends_due_tasks_and_recovers_lost_ones(
     assert resent == [due, lost]
     assert notify_queue.messages() == [(DELIVER_TASK, [due, 1]), (DELIVER_TASK, [lost, 1])]
     states = dict(db.execute(text("SELECT id, status FROM notification_tasks")).all())
-    assert states[exhausted] == "failed" and states[lost] == "pending"
+    assert states[exhausted] == "failed"
+    assert states[lost] == "pending"
     # enqueued once: the next scan leaves them alone (their message is on its way)
     assert service.retry_due(db, settings) == []
 
