@@ -70,7 +70,7 @@ COLLECT_BATCH = 2000
 
 def validate_config(type: NotificationType, config: Mapping[str, Any]) -> None:
     """Raise ``InvalidInput`` naming every problem of a notification config."""
-    problems = config_problems(type, config) + _jobs_problem(config)
+    problems = config_problems(type, config) + _jobs_problem(config) + _events_problem(config)
     if problems:
         raise InvalidInput(f"invalid {type.value} notification config: " + "; ".join(problems),
                            {"config": problems})
@@ -87,6 +87,24 @@ def _jobs_problem(config: Mapping[str, Any]) -> list[str]:
     except re.error as exc:
         return [f"jobs is not a valid regular expression: {exc}"]
     return []
+
+
+EVENTS = frozenset(e.value for e in Event)
+
+
+def _events_problem(config: Mapping[str, Any]) -> list[str]:
+    events = config.get("events")
+    if events is None:
+        return []
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events) \
+            or not set(events) <= EVENTS:
+        return ["events must be a list of " + ", ".join(sorted(EVENTS))]
+    return []
+
+
+def _event_wanted(config: Mapping[str, Any], event: Event) -> bool:
+    events = config.get("events")
+    return not isinstance(events, list) or event.value in events
 
 
 def _job_matches(config: Mapping[str, Any], job_name: str) -> bool:
@@ -166,7 +184,8 @@ def collect_events(session: Session, settings: Settings, *, limit: int = COLLECT
         payload = build_payload(settings, row, outputs.get(row["id"], {}), event, now)
         for config in configs[row["project_id"]]:
             target = TARGETS[config.type]
-            if not _job_matches(config.config, row["job_name"]):
+            if not _job_matches(config.config, row["job_name"]) or \
+                    not _event_wanted(config.config, event):
                 continue
             if not target.wants(settings, config.config, event, status):
                 continue

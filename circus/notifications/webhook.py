@@ -26,31 +26,20 @@ from circus.notifications.base import (
     url_problem,
 )
 
-EVENTS = {e.value for e in Event}
-
 
 class JsonWebhook:
-    """Config keys: ``url`` (required), ``secret``/``secret_file``, ``events`` (subset of
-    queued, started, finished; default all), ``on_failure_only`` (finished events of
-    failed builds only)."""
+    """Config keys: ``url`` (required), ``secret``/``secret_file``, ``on_failure_only``
+    (finished events of failed builds only); ``events`` and ``jobs`` as for every type."""
 
     type = NotificationType.webhook
     supersedes = False
 
     def problems(self, config: Mapping[str, Any]) -> list[str]:
-        found = url_problem(config, "url", required=True) + string_problem(
+        return url_problem(config, "url", required=True) + string_problem(
             config, "secret", "secret_file") + bool_problem(config, "on_failure_only")
-        events = config.get("events")
-        if events is not None and (not isinstance(events, list) or
-                                   not set(map(str, events)) <= EVENTS):
-            found.append("events must be a list of " + ", ".join(sorted(EVENTS)))
-        return found
 
     def wants(self, settings: Settings, config: Mapping[str, Any], event: Event,
               status: BuildStatus) -> bool:
-        events = config.get("events")
-        if isinstance(events, list) and event.value not in map(str, events):
-            return False
         if flag(config, "on_failure_only", False):
             return is_failure(status)
         return True
