@@ -16,10 +16,9 @@ from sqlalchemy.orm import Session
 from circus import audit
 from circus.auth.actor import Actor
 from circus.auth.permissions import Action, require_permission
-from circus.common.enums import NotificationTaskStatus, TriggerKind
-from circus.common.errors import Conflict, InvalidInput, NotFound
-from circus.common.models import Build, Evaluation, Jobset, News, NotificationTask
-from circus.common.models.base import utcnow
+from circus.common.enums import TriggerKind
+from circus.common.errors import InvalidInput, NotFound
+from circus.common.models import Build, Evaluation, Jobset, News
 from circus.evaluator import service as evaluator
 from circus.queue_runner import service as queue_runner
 
@@ -85,22 +84,6 @@ def cancel_evaluation(session: Session, actor: Actor, evaluation_id: int) -> Eva
     evaluation = evaluator.cancel_evaluation(session, evaluation_id)
     audit.record(session, actor, "evaluation.cancel", f"evaluation:{evaluation_id}")
     return evaluation
-
-
-def retry_notification_task(session: Session, actor: Actor, task_id: int) -> NotificationTask:
-    """Put a failed (or stuck) task back to pending with a fresh attempt budget."""
-    require_permission(session, actor, Action.admin_access)
-    task = session.get(NotificationTask, task_id)
-    if task is None:
-        raise NotFound(f"no notification task {task_id}")
-    if task.status is NotificationTaskStatus.completed:
-        raise Conflict("the task already completed")
-    task.status = NotificationTaskStatus.pending
-    task.attempts = 0
-    task.next_retry_at = utcnow()
-    task.last_error = None
-    audit.record(session, actor, "notification_task.retry", f"notification_task:{task_id}")
-    return task
 
 
 def create_news(session: Session, actor: Actor, *, title: str, contents: str) -> News:

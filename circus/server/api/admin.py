@@ -24,7 +24,8 @@ from circus.common.models import (
     User,
 )
 from circus.machines import service as machines
-from circus.server import actions, configfile
+from circus.notifications import service as notifications
+from circus.server import configfile
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.schemas.admin import (
     AuditFilterSchema,
@@ -158,9 +159,11 @@ def notification_tasks(args: dict[str, Any]) -> Any:
 @blp.post("/notification-tasks/<id:task_id>/retry")
 @blp.response(200, NotificationTaskSchema)
 def retry_notification(task_id: int) -> Any:
-    """Put a failed (or stuck) task back to pending with a fresh attempt budget."""
+    """Put a failed (or stuck) task back to pending with a fresh attempt budget; it is
+    delivered right away."""
+    _admin()
     session = db_session()
-    task = actions.retry_notification_task(session, current_actor(), task_id)
+    task = notifications.retry(session, current_actor(), task_id)
     session.commit()
     return task
 

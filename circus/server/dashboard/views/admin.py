@@ -28,7 +28,8 @@ from circus.common.models import (
     User,
 )
 from circus.machines import service as machines
-from circus.server import actions, configfile
+from circus.notifications import service as notifications
+from circus.server import configfile
 from circus.server.auth import current_actor
 from circus.server.context import db_session, settings
 from circus.server.dashboard.access import page
@@ -212,7 +213,7 @@ def admin_notifications() -> ResponseReturnValue:
 @page("admin")
 def admin_retry_notification(task_id: int) -> ResponseReturnValue:
     session = db_session()
-    actions.retry_notification_task(session, current_actor(), task_id)
+    notifications.retry(session, current_actor(), task_id)
     session.commit()
     flash(f"Notification task {task_id} will be retried.", "ok")
     return redirect(url_for("dashboard.admin_notifications",
