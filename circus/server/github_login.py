@@ -52,11 +52,21 @@ def _client() -> Any:
 def start(target: str | None) -> ResponseReturnValue:
     """Redirect to GitHub's authorize page; ``target`` is where to land afterwards."""
     client = _client()
-    redirect_uri = url_for("users.github_callback", _external=True)
+    redirect_uri = callback_url()
     found = client.create_authorization_url(redirect_uri)
     # the return URL is kept with the state: two logins in two tabs do not mix them up
     client.save_authorize_data(redirect_uri=redirect_uri, next=safe_next(target), **found)
     return redirect(found["url"])
+
+
+def callback_url() -> str:
+    """The callback's absolute URL: under ``server.base_url`` when set (behind a
+    TLS-terminating proxy the request's own URL would say ``http://<backend>``, which
+    GitHub refuses as not the registered callback)."""
+    base = settings().server.base_url
+    if base:
+        return base.rstrip("/") + url_for("users.github_callback")
+    return url_for("users.github_callback", _external=True)
 
 
 def pending_target() -> str:

@@ -244,3 +244,11 @@ def test_login_page_button_starts_the_flow(make_client: MakeClient, github: Gith
     assert href == "/api/v1/auth/github?next=/projects"
     response = back_at_circus(client, at_github(start(client, "/projects")))
     assert response.headers["Location"] == "/projects"
+
+
+def test_callback_url_follows_the_public_base_url(make_client: MakeClient, github: GithubStub
+                                                  ) -> None:
+    client = make_client(oauth={"github": github.settings()},
+                         server={"base_url": "https://ci.example.org/circus/"})
+    query = parse_qs(urlsplit(start(client)).query)
+    assert query["redirect_uri"] == ["https://ci.example.org/circus/api/v1/auth/github/callback"]
