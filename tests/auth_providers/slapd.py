@@ -39,6 +39,8 @@ ROBOT_PASSWORD = "robot-password"
 @dataclass
 class Slapd:
     uri: str
+    #: the same server over TLS from the first byte
+    ldaps_uri: str
     ca_file: Path
     other_ca_file: Path
     daemon: Daemon
@@ -110,14 +112,16 @@ def start_slapd(directory: Path) -> Slapd:
     (directory / "data.ldif").write_text(_ldif())
     subprocess.run(["slapadd", "-f", str(config), "-l", str(directory / "data.ldif")],
                    check=True, capture_output=True)
-    port = free_port()
-    uri = f"ldap://127.0.0.1:{port}/"
+    port, tls_port = free_port(), free_port()
+    uri, ldaps_uri = f"ldap://127.0.0.1:{port}/", f"ldaps://127.0.0.1:{tls_port}/"
     # -d 0: stay in the foreground (the Daemon owns the process group), log nothing
-    daemon = Daemon("slapd", ["slapd", "-f", str(config), "-h", uri, "-d", "0"], directory)
+    daemon = Daemon("slapd", ["slapd", "-f", str(config), "-h", f"{uri} {ldaps_uri}",
+                              "-d", "0"], directory)
     daemon.start()
     try:
         wait_for_port(port, timeout=30)
+        wait_for_port(tls_port, timeout=30)
     except TimeoutError as exc:
         daemon.stop()
         raise AssertionError(f"slapd did not start:\n{daemon.log()}") from exc
-    return Slapd(uri, directory / "ca.pem", directory / "other-ca.pem", daemon)
+    return Slapd(uri, ldaps_uri, directory / "ca.pem", directory / "other-ca.pem", daemon)

@@ -142,6 +142,16 @@ def test_dn_injection_is_escaped_and_never_binds_as_another_entry(
     assert db.scalars(select(UserSession)).all() == []
 
 
+def test_ldaps_with_the_test_ca(make_client: MakeClient, slapd: Slapd) -> None:
+    good = make_client(server={"ldap": ldap_section(
+        slapd, uri=slapd.ldaps_uri, tls_ca_file=str(slapd.ca_file))})
+    status, body = ldap_login(good, "carol", "carol-password")
+    assert status == 200, body
+    # the system's CAs do not know the test CA
+    untrusted = make_client(server={"ldap": ldap_section(slapd, uri=slapd.ldaps_uri)})
+    assert ldap_login(untrusted, "carol", "carol-password")[0] == 503
+
+
 def test_start_tls_with_the_test_ca(make_client: MakeClient, slapd: Slapd) -> None:
     good = make_client(server={"ldap": ldap_section(
         slapd, start_tls=True, tls_ca_file=str(slapd.ca_file))})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -63,3 +64,34 @@ def test_ldap_login_over_http_with_start_tls(server: LiveServer) -> None:
                           json={"username": "carol", "password": "nope"})
     assert wrong.status_code == 401
     assert wrong.json() == {"error": "invalid username or password", "details": None}
+
+
+def test_login_page_in_chromium(server: LiveServer, github: GithubStub, chromium: Any,
+                                screenshots: Path) -> None:
+    github.reset(GithubAccount(id=777, login="clicker"))
+    browser = chromium.new_context(base_url=server.url)
+    browser.set_default_timeout(15_000)
+    try:
+        page = browser.new_page()
+        page.goto("/projects")
+        assert "/login" in page.url
+        assert page.input_value("#f-method") == "ldap"
+        page.screenshot(path=str(screenshots / "login-ldap-github.png"), full_page=True)
+        # the directory account, through the form
+        page.fill("#f-username", "erin")
+        page.fill("#f-password", "erin-password")
+        page.click("form.form button[type=submit]")
+        page.wait_for_url(server.url + "/projects")
+        assert page.locator("header .who").inner_text().startswith("erin")
+        # another browser: the GitHub button, GitHub's approval, back on the page asked for
+        other = browser.browser.new_context(base_url=server.url)
+        try:
+            page = other.new_page()
+            page.goto("/projects")
+            page.click("text=Sign in with GitHub")
+            page.wait_for_url(server.url + "/projects")
+            assert page.locator("header .who").inner_text().startswith("clicker")
+        finally:
+            other.close()
+    finally:
+        browser.close()
