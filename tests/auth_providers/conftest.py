@@ -16,9 +16,6 @@ from tests.api.conftest import Keys, make_app
 from tests.auth_providers.github_stub import GithubStub
 from tests.auth_providers.slapd import TEMPLATE, Slapd, start_slapd
 
-# headless Chromium and the screenshot folder of the dashboard tests
-from tests.dashboard.conftest import chromium, screenshots  # noqa: F401
-
 
 @pytest.fixture(scope="session")
 def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tests.api.live import LiveServer, live_server
 from tests.auth_providers.conftest import ldap_section
 from tests.auth_providers.github_stub import GithubAccount, GithubStub
 from tests.auth_providers.slapd import Slapd
+from tests.dashboard.conftest import CHROMIUM_ARGS, SCREENSHOTS
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +68,39 @@ def test_ldap_login_over_http_with_start_tls(server: LiveServer) -> None:
     assert wrong.json() == {"error": "invalid username or password", "details": None}
 
 
-def test_login_page_in_chromium(server: LiveServer, github: GithubStub, chromium: Any,
-                                screenshots: Path) -> None:
+def in_chromium(script: Callable[[Any], None]) -> None:
+    """Run ``script(browser)`` with a headless Chromium of its own, in a thread of its own.
+
+    Playwright's sync API refuses to start while another instance (the dashboard
+    tests' session-wide browser) holds this thread, so ours gets a separate one.
+    """
+    def run() -> None:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                                 headless=True, args=CHROMIUM_ARGS)
+            try:
+                script(browser)
+            finally:
+                browser.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(run).result()
+
+
+def test_login_page_in_chromium(server: LiveServer, github: GithubStub) -> None:
     github.reset(GithubAccount(id=777, login="clicker"))
-    browser = chromium.new_context(base_url=server.url)
-    browser.set_default_timeout(15_000)
-    try:
+
+    def script(chromium: Any) -> None:
+        browser = chromium.new_context(base_url=server.url)
+        browser.set_default_timeout(15_000)
         page = browser.new_page()
         page.goto("/projects")
         assert "/login" in page.url
         assert page.input_value("#f-method") == "ldap"
-        page.screenshot(path=str(screenshots / "login-ldap-github.png"), full_page=True)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "login-ldap-github.png"), full_page=True)
         # the directory account, through the form
         page.fill("#f-username", "erin")
         page.fill("#f-password", "erin-password")
@@ -84,14 +108,12 @@ def test_login_page_in_chromium(server: LiveServer, github: GithubStub, chromium
         page.wait_for_url(server.url + "/projects")
         assert page.locator("header .who").inner_text().startswith("erin")
         # another browser: the GitHub button, GitHub's approval, back on the page asked for
-        other = browser.browser.new_context(base_url=server.url)
-        try:
-            page = other.new_page()
-            page.goto("/projects")
-            page.click("text=Sign in with GitHub")
-            page.wait_for_url(server.url + "/projects")
-            assert page.locator("header .who").inner_text().startswith("clicker")
-        finally:
-            other.close()
-    finally:
-        browser.close()
+        other = chromium.new_context(base_url=server.url)
+        other.set_default_timeout(15_000)
+        page = other.new_page()
+        page.goto("/projects")
+        page.click("text=Sign in with GitHub")
+        page.wait_for_url(server.url + "/projects")
+        assert page.locator("header .who").inner_text().startswith("clicker")
+
+    in_chromium(script)
