@@ -65,6 +65,10 @@ def create_user(session: Session, actor: Actor, *, username: str, password: str 
 def update_user(session: Session, actor: Actor, user_id: int, changes: dict[str, Any]) -> User:
     require_permission(session, actor, Action.user_manage)
     user = get_user(session, user_id)
+    if changes.get("password") is not None and user.user_type is not UserType.local:
+        raise InvalidInput(f"{user.username} logs in through {user.user_type.value}: "
+                           "a local password would never be checked",
+                           {"password": ["not for GitHub or LDAP users"]})
     applied = apply_changes(user, changes, USER_FIELDS)
     if "password" in changes and changes["password"] is not None:
         check_password_strength(changes["password"])
@@ -95,6 +99,9 @@ def update_me(session: Session, actor: Actor, changes: dict[str, Any]) -> User:
 
 def change_password(session: Session, actor: Actor, current: str, new: str) -> None:
     user = current_user_row(session, actor)
+    if user.user_type is not UserType.local:
+        raise InvalidInput(f"your password is managed by {user.user_type.value}, not by Circus",
+                           {"new_password": [f"change it at {user.user_type.value}"]})
     if user.password_hash and not passwords.verify_password(user.password_hash, current):
         raise PermissionDenied("current password is wrong", {"current_password": ["wrong"]})
     check_password_strength(new)
@@ -111,9 +118,12 @@ def current_user_row(session: Session, actor: Actor) -> User:
 
 
 def authenticate_password(session: Session, username: str, password: str) -> User | None:
-    """The enabled local user with this password, else ``None`` (same time either way)."""
+    """The enabled local user with this password, else ``None`` (same time either way).
+
+    GitHub and LDAP users never log in with a local password: their provider decides.
+    """
     user = find_user(session, username)
-    if user is None or not user.enabled:
+    if user is None or not user.enabled or user.user_type is not UserType.local:
         passwords.verify_password(None, password)
         return None
     if not passwords.verify_password(user.password_hash, password):

@@ -103,6 +103,10 @@ class LdapSettings(SettingsModel):
     uri: str = ""
     #: DN template, ``{username}`` is escaped against DN injection
     bind_dn_template: str = ""
+    #: optional service account (with ``bind_password``) that reads a user's entry
+    #: (mail, display name) after the user's own bind, for directories whose ACLs
+    #: do not let users read their own entry
+    bind_dn: str | None = None
     bind_password: str | None = None
     tls_ca_file: str | None = None
     start_tls: bool = False
@@ -117,6 +121,8 @@ class LdapSettings(SettingsModel):
                 found.append(Problem("uri", problem))
             if "{username}" not in self.bind_dn_template:
                 found.append(Problem("bind_dn_template", "must contain {username}"))
+            if self.bind_password and not self.bind_dn:
+                found.append(Problem("bind_dn", "is required when bind_password is set"))
         return found
 
 

@@ -26,16 +26,18 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.register_blueprint(health.blueprint)
     # the API and its collaborators (auth, security, metrics, public endpoints)
     from circus.common.celery import create_celery_app
-    from circus.server import api, auth, metrics, public, security
+    from circus.server import api, auth, github_login, metrics, public, security
 
     if settings.broker.url:
         # services enqueue() tasks after commit through it (absent: docs generation)
         app.extensions["celery"] = create_celery_app(settings, name="circus-server",
                                                      engine=engine)
     auth.init_app(app, settings)
+    github_login.init_app(app, settings)
     limiter = security.init_app(app, settings)
     api.init_app(app)
-    security.limit_view(app, limiter, "users.login", settings.server.rate_limit_login)
+    for endpoint in ("users.login", "users.ldap_login", "users.github_callback"):
+        security.limit_view(app, limiter, endpoint, settings.server.rate_limit_login)
     app.register_blueprint(public.blueprint)
     metrics.init_app(app)
     # the web pages at / (they call the same services as the API)

@@ -21,10 +21,11 @@ from flask_wtf.csrf import CSRFProtect, generate_csrf
 
 from circus.auth import api_keys
 from circus.auth.actor import Actor
+from circus.auth.external import ExternalIdentity
 from circus.auth.sessions import create_session, end_session, load_session
 from circus.common.config import Settings
-from circus.common.enums import ActorKind
-from circus.common.errors import Unauthenticated
+from circus.common.enums import ActorKind, Role
+from circus.common.errors import CircusError, NotFound, Unauthenticated
 from circus.common.models import User
 from circus.server.context import db_session, settings
 
@@ -32,7 +33,9 @@ csrf = CSRFProtect()
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
 #: readable without credentials even when ``require_api_key_for_reads`` is on
-PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/auth/csrf"})
+PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/auth/csrf",
+                              # the GitHub login flow: whoever is not logged in yet
+                              "/api/v1/auth/github", "/api/v1/auth/github/callback"})
 #: POSTs that authenticate themselves (forge webhooks: HMAC signature or GitLab's token)
 #: and that forges send cross-site, possibly form-encoded: no CSRF token can exist
 SELF_AUTHENTICATED_ENDPOINTS = frozenset({"webhooks.receive"})
@@ -142,6 +145,61 @@ def password_login(username: str, password: str) -> User | None:
                  f"user:{user.username}")
     session.commit()
     return user
+
+
+def ldap_login(username: str, password: str) -> User:
+    """Log in through the LDAP directory (``server.ldap``); raises on failure. Audited.
+
+    The one LDAP login path of the API (``POST /api/v1/auth/ldap``) and the dashboard.
+    """
+    from circus.auth import ldap
+
+    config = settings().server.ldap
+    if not config.enabled:
+        raise NotFound("LDAP login is not enabled on this server",
+                       {"hint": "set server.ldap.enabled, uri and bind_dn_template"})
+    try:
+        identity = ldap.authenticate(config, username, password)
+    except CircusError as exc:
+        record_failed_login(username, "ldap", exc.message)
+        raise
+    return external_login(identity, config.default_role)
+
+
+def external_login(identity: ExternalIdentity, default_role: Role) -> User:
+    """Start a session for the user a provider vouched for (created on first login).
+
+    Shared by LDAP and GitHub; a refused login (disabled user) is audited and raised.
+    """
+    from circus import audit
+    from circus.auth.external import sign_in
+
+    session = db_session()
+    provider = identity.user_type.value
+    try:
+        user = sign_in(session, identity, default_role=default_role,
+                       remote_addr=request.remote_addr)
+    except CircusError as exc:
+        session.rollback()
+        record_failed_login(identity.username, provider, exc.message)
+        raise
+    log_in(user)
+    audit.record(session, Actor(ActorKind.user, name=user.username, user_id=user.id,
+                                remote_addr=request.remote_addr), "auth.login",
+                 f"user:{user.username}", {"provider": provider})
+    session.commit()
+    return user
+
+
+def record_failed_login(name: str | None, provider: str, reason: str) -> None:
+    """Audit a refused login (committed at once: the request fails afterwards)."""
+    from circus import audit
+
+    session = db_session()
+    audit.record(session, Actor(ActorKind.anonymous, name=name, remote_addr=request.remote_addr),
+                 "auth.login_failed", f"user:{name}" if name else provider,
+                 {"provider": provider, "reason": reason})
+    session.commit()
 
 
 def log_out() -> None:

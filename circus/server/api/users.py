@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
+from flask import flash, redirect, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import generate_csrf
 from marshmallow import EXCLUDE, ValidationError
@@ -15,9 +15,11 @@ from circus.auth import service
 from circus.auth.actor import Actor
 from circus.auth.permissions import Action, require_authenticated, require_permission
 from circus.common.enums import ActorKind
-from circus.common.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from circus.common.errors import CircusError, Conflict, InvalidInput, NotFound, Unauthenticated
 from circus.common.models import ApiKey, Project, ProjectMember, StarredJob, User
 from circus.projects.service import get_jobset_by_id
+from circus.server import auth
+from circus.server import github_login as github_flow
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.schemas.common import PageArgs, page_of
 from circus.server.api.schemas.users import (
@@ -26,6 +28,8 @@ from circus.server.api.schemas.users import (
     ApiKeyFilterSchema,
     ApiKeySchema,
     CsrfSchema,
+    GithubCallbackSchema,
+    GithubStartSchema,
     LoginResultSchema,
     LoginSchema,
     MeSchema,
@@ -38,7 +42,7 @@ from circus.server.api.schemas.users import (
     UserSchema,
     UserUpdateSchema,
 )
-from circus.server.auth import current_actor, log_out, password_login
+from circus.server.auth import current_actor, log_out
 from circus.server.context import db_session
 
 blp = Blueprint("users", __name__, url_prefix="/api/v1",
@@ -241,6 +245,18 @@ _LOGIN_BODY = {"required": True, "content": {
     for media in ("application/json", "application/x-www-form-urlencoded")}}
 
 
+def _login_form() -> dict[str, Any]:
+    """Username and password from JSON or a form post (400 naming what is wrong)."""
+    raw = request.get_json(silent=True) if request.is_json else request.form.to_dict()
+    try:
+        data: dict[str, Any] = LoginSchema(unknown=EXCLUDE).load(
+            raw if isinstance(raw, dict) else {})
+    except ValidationError as exc:
+        messages: Any = exc.messages
+        raise InvalidInput("invalid input: " + ", ".join(messages), {"json": messages}) from exc
+    return data
+
+
 @blp.post("/auth/login")
 @blp.doc(requestBody=_LOGIN_BODY)
 @blp.response(200, LoginResultSchema)
@@ -249,17 +265,62 @@ def login() -> Any:
 
     Takes JSON or a form post (a form post needs the ``csrf_token`` field).
     """
-    raw = request.get_json(silent=True) if request.is_json else request.form.to_dict()
-    try:
-        data = LoginSchema(unknown=EXCLUDE).load(raw if isinstance(raw, dict) else {})
-    except ValidationError as exc:
-        messages: Any = exc.messages
-        raise InvalidInput("invalid input: " + ", ".join(messages), {"json": messages}) from exc
-    user = password_login(data["username"], data["password"])
+    data = _login_form()
+    user = auth.password_login(data["username"], data["password"])
     if user is None:
         raise Unauthenticated("invalid username or password")
     token = generate_csrf()
     return {"user": user, "csrf_token": token}
+
+
+@blp.post("/auth/ldap")
+@blp.doc(requestBody=_LOGIN_BODY)
+@blp.response(200, LoginResultSchema)
+def ldap_login() -> Any:
+    """Log in with an LDAP directory account (``server.ldap``): a session like ``/auth/login``.
+
+    The first login creates a user (``user_type`` ldap, ``server.ldap.default_role``).
+    401 for a wrong username or password, 403 for a disabled user, 503 when the
+    directory cannot be reached, 404 when LDAP is not enabled.
+    """
+    data = _login_form()
+    user = auth.ldap_login(data["username"], data["password"])
+    return {"user": user, "csrf_token": generate_csrf()}
+
+
+@blp.get("/auth/github")
+@blp.arguments(GithubStartSchema, location="query")
+@blp.response(302, description="to GitHub's authorization page")
+def github_login(args: dict[str, Any]) -> ResponseReturnValue:
+    """Start a GitHub login (``oauth.github``): redirects to GitHub, which comes back to
+    the callback. ``next`` is a path on this site to land on afterwards."""
+    return github_flow.start(args.get("next"))
+
+
+@blp.get("/auth/github/callback")
+@blp.arguments(GithubCallbackSchema, location="query")
+@blp.response(302, description="logged in: to `next` (default `/`)")
+def github_callback(args: dict[str, Any]) -> ResponseReturnValue:
+    """Where GitHub sends the browser back: checks ``state``, exchanges ``code``, logs in.
+
+    The first login creates a user (``user_type`` github, ``oauth.github.default_role``).
+    Failures answer JSON errors; a browser (``Accept: text/html``) is sent back to the
+    login page with the message instead.
+    """
+    target = github_flow.pending_target()
+    try:
+        github_flow.finish()
+    except CircusError as exc:
+        if not _browser():
+            raise
+        flash(f"GitHub login failed: {exc.message}", "error")
+        return redirect(url_for("dashboard.login", next=target))
+    return redirect(target)
+
+
+def _browser() -> bool:
+    accept = request.accept_mimetypes
+    return accept.best_match(["application/json", "text/html"]) == "text/html"
 
 
 @blp.post("/auth/logout")

@@ -16,6 +16,8 @@ class UserSchema(ma.Schema):
     full_name = fields.String(allow_none=True)
     role = fields.Enum(Role, by_value=True, required=True)
     user_type = fields.Enum(UserType, by_value=True, required=True)
+    external_id = fields.String(allow_none=True, metadata={
+        "description": "the account at the provider: GitHub user id, LDAP DN"})
     enabled = fields.Boolean(required=True)
     managed_declaratively = fields.Boolean(required=True)
     has_password = fields.Function(lambda u: u.password_hash is not None,
@@ -71,6 +73,22 @@ class LoginSchema(ma.Schema):
 class LoginResultSchema(ma.Schema):
     user = fields.Nested(UserSchema, required=True)
     csrf_token = fields.String(required=True)
+
+
+class GithubStartSchema(ma.Schema):
+    next = Str(max_length=2048, metadata={"description": "a path on this site to land on"})
+
+
+class GithubCallbackSchema(ma.Schema):
+    """What GitHub appends to the callback URL (more may come: ignored)."""
+
+    class Meta:
+        unknown = ma.EXCLUDE
+
+    code = Str(max_length=1024)
+    state = Str(max_length=1024)
+    error = Str(max_length=256)
+    error_description = Str(max_length=1024)
 
 
 class CsrfSchema(ma.Schema):

@@ -10,8 +10,8 @@ from circus import audit
 from circus.auth import service
 from circus.common.enums import ActorKind, Role
 from circus.common.errors import CircusError, InvalidInput, PermissionDenied
-from circus.common.models import ApiKey
-from circus.server.auth import current_actor, log_out, password_login
+from circus.common.models import ApiKey, User
+from circus.server.auth import current_actor, ldap_login, log_out, password_login
 from circus.server.context import db_session, settings
 from circus.server.dashboard.access import page, safe_next
 from circus.server.dashboard.blueprint import blueprint
@@ -27,7 +27,8 @@ def login() -> ResponseReturnValue:
     target = safe_next(request.args.get("next"))
     if current_actor().is_authenticated:
         return redirect(target)
-    return _login_page(Form({"username": "", "next": target}))
+    method = "ldap" if settings().server.ldap.enabled else "local"
+    return _login_page(Form({"username": "", "next": target, "method": method}))
 
 
 def _login_page(form: Form) -> ResponseReturnValue:
@@ -39,19 +40,33 @@ def _login_page(form: Form) -> ResponseReturnValue:
 @blueprint.post("/login")
 @page("login")
 def login_submit() -> ResponseReturnValue:
-    form = Form.posted("username", "password", "next")
+    form = Form.posted("username", "password", "next", "method")
     form.values["next"] = safe_next(form.get("next"))
+    ldap = settings().server.ldap.enabled and form.get("method") == "ldap"
+    form.values["method"] = "ldap" if ldap else "local"
     form.require("username", "password")
     if len(form.get("username")) > 128 or len(form.get("password")) > 4096:
         form.add("username", "too long")
     if form.ok:
-        user = password_login(form.get("username"), form.get("password"))
+        user: User | None = None
+        if ldap:
+            try:
+                user = ldap_login(form.get("username"), form.get("password"))
+            except CircusError as exc:
+                form.message, form.status = _sentence(exc.message), exc.http_status
+                return _login_page(form)
+        else:
+            user = password_login(form.get("username"), form.get("password"))
         if user is not None:
             flash(f"Logged in as {user.username}.", "ok")
             return redirect(form.get("next"))
         form.message = "Invalid username or password."
         form.status = 401
     return _login_page(form)
+
+
+def _sentence(message: str) -> str:
+    return message[:1].upper() + message[1:] + ("" if message.endswith(".") else ".")
 
 
 @blueprint.post("/logout")
