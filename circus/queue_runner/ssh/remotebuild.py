@@ -1,0 +1,196 @@
+"""``nix-store --realise`` on an SSH builder, read by the same parser as local builds.
+
+The builder runs the very command a local worker runs (``nixrun.nix_argv``:
+``--log-format internal-json``, ``--timeout``, ``--max-silent-time``,
+``max-build-log-size``, ``extra_nix_build_args``), so log lines, failure
+reasons and statuses are recognised by the same code. Around it a small
+shell script:
+
+- keeps the channel's stdin as a *dead man's switch*: when it reaches EOF —
+  Circus closed it (cancel, lease lost, shutdown) or the connection died —
+  ``nix-store`` gets SIGTERM (it then kills its builders; Nix ``setsid``s them,
+  so killing the process group would not), SIGKILL after a grace period;
+- prints the kernel's ``oom_kill`` counter before and after (an
+  ``oom_killed`` status needs it to have moved) and, after a success, the
+  closure of the outputs (what the runner may lack).
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from paramiko.channel import Channel
+from paramiko.ssh_exception import SSHException
+
+from circus.queue_runner.nixrun import NixRun, RunOptions, Target, nix_argv
+from circus.queue_runner.ssh.connection import Remote
+
+#: seconds between SIGTERM and SIGKILL of a remote nix-store being stopped
+KILL_GRACE = 5
+#: after asking the builder to stop, the channel is closed if it has not ended by then
+CLOSE_AFTER = KILL_GRACE + 5.0
+
+
+def build_script(argv: list[str], outputs: list[str]) -> str:
+    nix = " ".join(shlex.quote(a) for a in argv)
+    outs = " ".join(shlex.quote(o) for o in outputs)
+    return f"""exec 3<&0 0</dev/null
+oom() {{ sed -n 's/^oom_kill //p' /proc/vmstat 2>/dev/null; }}
+echo "circus:oom-before $(oom)"
+{nix} >/dev/null &
+pid=$!
+{{ read -r line; kill -TERM $pid; sleep {KILL_GRACE}; kill -KILL $pid; }} <&3 >/dev/null 2>&1 &
+watcher=$!
+wait $pid
+rc=$?
+kill $watcher 2>/dev/null
+echo "circus:oom-after $(oom)"
+echo "circus:exit $rc"
+if [ $rc -eq 0 ]; then
+  nix-store --query --requisites {outs} | sed 's/^/circus:closure /'
+fi
+exit $rc
+"""
+
+
+@dataclass
+class ScriptReport:
+    """What the wrapper printed on stdout."""
+
+    oom_before: int | None = None
+    oom_after: int | None = None
+    exit_code: int | None = None
+    #: the outputs' closure in the builder's store, dependencies first
+    closure: list[str] | None = None
+
+    @property
+    def oom_kills(self) -> int | None:
+        if self.oom_before is None or self.oom_after is None:
+            return None
+        return self.oom_after - self.oom_before
+
+
+def parse_report(stdout: bytes) -> ScriptReport:
+    report = ScriptReport()
+    for raw in stdout.decode(errors="replace").splitlines():
+        tag, _, value = raw.partition(" ")
+        value = value.strip()
+        if tag == "circus:closure" and value:
+            report.closure = [*(report.closure or []), value]
+        elif tag in ("circus:oom-before", "circus:oom-after", "circus:exit"):
+            try:
+                number = int(value)
+            except ValueError:
+                continue
+            if tag == "circus:oom-before":
+                report.oom_before = number
+            elif tag == "circus:oom-after":
+                report.oom_after = number
+            else:
+                report.exit_code = number
+    return report
+
+
+class ChannelProcess:
+    """A channel running :func:`build_script`, shaped like a ``subprocess.Popen``."""
+
+    pid = -1
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._stderr = channel.makefile_stderr("rb")
+        self.stdout = b""
+        #: monotonic time of the last byte from the builder (dead-link watchdog)
+        self.last_data = time.monotonic()
+
+    @property
+    def stderr(self) -> Iterator[bytes]:
+        """Lines of Nix's stderr (``NixRun._read`` iterates them once)."""
+        return self._lines()
+
+    def _lines(self) -> Iterator[bytes]:
+        while True:
+            try:
+                line = self._stderr.readline()
+            except (SSHException, OSError, EOFError):
+                return
+            if not line:
+                return
+            self.last_data = time.monotonic()
+            yield line
+
+    def poll(self) -> int | None:
+        return int(self.channel.exit_status) if self.channel.exit_status_ready() else None
+
+    def wait(self) -> int:
+        try:
+            self.stdout = self.channel.makefile("rb").read()
+        except (SSHException, OSError, EOFError):
+            pass
+        self.channel.status_event.wait()
+        # -1: the channel closed without an exit status (connection lost, or we closed it)
+        return int(self.channel.exit_status)
+
+
+class RemoteNixRun(NixRun):
+    """A :class:`NixRun` whose ``nix-store`` runs on an SSH builder."""
+
+    def __init__(self, remote: Remote, targets: list[Target], options: RunOptions) -> None:
+        super().__init__(targets, options, None)
+        self.remote = remote
+        self.channel: Channel | None = None
+        self._closer: threading.Timer | None = None
+
+    def _spawn(self, drvs: list[str]) -> ChannelProcess:
+        outputs = sorted({p for t in self.targets.values() for p in t.outputs.values()})
+        self.channel = self.remote.open(build_script(nix_argv(drvs, self.options), outputs))
+        return ChannelProcess(self.channel)
+
+    @property
+    def report(self) -> ScriptReport:
+        process = self.process
+        return parse_report(process.stdout if isinstance(process, ChannelProcess) else b"")
+
+    @property
+    def last_data(self) -> float:
+        process = self.process
+        return process.last_data if isinstance(process, ChannelProcess) else time.monotonic()
+
+    def kill(self) -> None:
+        """Stop the remote build: EOF on its stdin, then close the channel if need be."""
+        self.killed = True
+        channel = self.channel
+        if channel is None or channel.closed:
+            return
+        try:
+            channel.shutdown_write()
+        except (SSHException, OSError, EOFError):
+            channel.close()
+            return
+        if self._closer is None:
+            self._closer = threading.Timer(CLOSE_AFTER, channel.close)
+            self._closer.daemon = True
+            self._closer.start()
+
+    def abandon(self) -> None:
+        """Close the channel now (the connection looks dead)."""
+        self.killed = True
+        if self.channel is not None:
+            self.channel.close()
+
+    def kill_derivation(self, drv_path: str) -> int:
+        # one derivation per remote run: stopping it is stopping the run
+        if drv_path in self.targets:
+            self.kill()
+            return 1
+        return 0
+
+    def finish(self) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
+        if self.channel is not None:
+            self.channel.close()

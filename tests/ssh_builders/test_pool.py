@@ -1,0 +1,174 @@
+"""The SSH worker in this process against real sshd builders with their own stores."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus
+from circus.queue_runner import procs
+from circus.queue_runner.logs import read_log
+from circus.queue_runner.reconciler import live_consumers
+from circus.queue_runner.service import cancel_build
+from circus.queue_runner.ssh.pool import SshBuilders
+from tests.helpers.daemons import wait_until
+from tests.queue_runner.conftest import Driver
+from tests.queue_runner.factories import instantiate, make_builds
+from tests.ssh_builders.conftest import JOBS, SshHost, add_builders, ssh_settings
+
+
+@contextmanager
+def running_pool(settings: Settings, factory: sessionmaker[Session]
+                 ) -> Iterator[tuple[SshBuilders, Driver]]:
+    """The SSH worker thread plus a dispatcher driven from the test."""
+    pool = SshBuilders(settings, factory, wakeups=False, instance="test")
+    driver = Driver(settings, factory)
+    pool.start()
+    try:
+        yield pool, driver
+    finally:
+        pool.stop.set()
+        pool.join(30)
+
+
+def step_until(driver: Driver, predicate: Callable[[], bool], timeout: float = 60,
+               message: str = "condition") -> None:
+    def check() -> bool:
+        driver.step()
+        return predicate()
+
+    wait_until(check, timeout=timeout, interval=0.1, message=message)
+
+
+def finished(driver: Driver, ids: list[int]) -> Callable[[], bool]:
+    return lambda: all(s.is_finished for s in driver.statuses(ids).values())
+
+
+def step_row(factory: sessionmaker[Session], drv: str) -> Any:
+    with factory() as session:
+        return session.execute(text(
+            "SELECT * FROM steps WHERE drv_path = :d ORDER BY id DESC LIMIT 1"),
+            {"d": drv}).mappings().one()
+
+
+def builder_row(factory: sessionmaker[Session], name: str) -> Any:
+    with factory() as session:
+        return session.execute(text("SELECT * FROM remote_builders WHERE name = :n"),
+                               {"n": name}).mappings().one()
+
+
+def valid_here(path: str) -> bool:
+    return subprocess.run(["nix-store", "--check-validity", path],
+                          capture_output=True).returncode == 0
+
+
+def test_failure_statuses_and_cancel_kill_the_remote_build(
+        qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
+        ssh_host: Callable[[str], SshHost], nix_env: dict[str, str], nonce: str) -> None:
+    host = ssh_host("b1")
+    add_builders(committed_db, host.row(max_jobs=3))
+    settings = qr_settings(queue_runner=ssh_settings())
+    drvs = instantiate(["fails", "sleeper"], nonce, nix_env, expr=JOBS)
+    with running_pool(settings, committed_db) as (pool, driver):
+        with committed_db() as session:
+            builds = make_builds(session, drvs)
+        ids = {job: b.id for job, b in builds.items()}
+        step_until(driver, lambda: driver.statuses([ids["fails"]])[ids["fails"]].is_finished,
+                   message="failing build finished")
+        # the sleeper runs on the builder: cancelling the build stops it there
+        with committed_db() as session:
+            outputs = dict(session.execute(text(
+                "SELECT name, path FROM build_outputs WHERE build_id = :b"),
+                {"b": ids["sleeper"]}).all())
+        wait_until(lambda: procs.builders_of(outputs), timeout=30,
+                   message="the sleeper's builder runs")
+        with committed_db() as session:
+            cancel_build(session, ids["sleeper"])
+            session.commit()
+        wait_until(lambda: not procs.builders_of(outputs), timeout=20,
+                   message="the remote builder was killed")
+        wait_until(lambda: not pool.running_steps(), timeout=20, message="slot freed")
+    failed = step_row(committed_db, drvs["fails"])
+    assert BuildStatus(failed["status"]) is BuildStatus.failed
+    assert failed["exit_code"] == 3
+    assert failed["machine"] == "b1"
+    assert b"about to fail" in read_log(failed["log_path"])
+    assert driver.statuses([ids["sleeper"]])[ids["sleeper"]] is BuildStatus.cancelled
+    assert builder_row(committed_db, "b1")["consecutive_failures"] == 0
+
+
+def test_host_keys_unreachable_builders_and_back_off(
+        qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
+        ssh_host: Callable[[str], SshHost], nix_env: dict[str, str], nonce: str,
+        tmp_path: Path) -> None:
+    host = ssh_host("real")
+    other_key = subprocess.run(["ssh-keygen", "-y", "-f", str(host.client_key)],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    add_builders(
+        committed_db,
+        # the right machine, but the key given is another one
+        host.row(name="wrongkey", public_host_key=f"127.0.0.1 {other_key}",
+                 mandatory_features=["special"], supported_features=["special"]),
+        # nobody listens there
+        host.row(name="gone", ssh_uri="root@127.0.0.1:1", mandatory_features=["special"],
+                 supported_features=["special"]),
+        # no key at all while ssh_require_host_key is on: refused without trying
+        host.row(name="nokey", public_host_key=None, mandatory_features=["special"],
+                 supported_features=["special"]))
+    settings = qr_settings(queue_runner=ssh_settings(ssh_backoff_secs=1,
+                                                     unsupported_timeout=30))
+    drvs = instantiate(["special"], nonce, nix_env, expr=JOBS)
+    with running_pool(settings, committed_db) as (_pool, driver):
+        with committed_db() as session:
+            make_builds(session, drvs)
+        step_until(driver, lambda: builder_row(committed_db, "gone")["consecutive_failures"]
+                   >= 2 and builder_row(committed_db, "wrongkey")["consecutive_failures"] >= 1,
+                   timeout=30, message="both builders failed")
+        wrong = builder_row(committed_db, "wrongkey")
+        gone = builder_row(committed_db, "gone")
+        nokey = builder_row(committed_db, "nokey")
+    assert "host key mismatch" in wrong["last_failure"], wrong["last_failure"]
+    assert "SHA256:" in wrong["last_failure"]
+    assert "cannot connect" in gone["last_failure"], gone["last_failure"]
+    assert gone["disabled_until"] is not None
+    assert "no public_host_key" in nokey["last_failure"], nokey["last_failure"]
+    # nothing was built, no attempt counted: the step waits for a machine
+    step = step_row(committed_db, drvs["special"])
+    assert step["state"] == "queued"
+    assert step["attempts"] == 0
+    assert not host.has(drvs["special"])
+
+
+def test_reconciler_counts_builders_in_short_back_off_only(
+        qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
+        ssh_host: Callable[[str], SshHost]) -> None:
+    host = ssh_host("r")
+    add_builders(committed_db,
+                 host.row(name="resting", systems=["sys-a"]),
+                 host.row(name="down", systems=["sys-b"]),
+                 host.row(name="nokey", systems=["sys-c"], public_host_key=None))
+    with committed_db() as session:
+        session.execute(text("""
+            UPDATE remote_builders SET consecutive_failures = 3,
+                disabled_until = now() + CASE name WHEN 'resting' THEN interval '10 s'
+                                                   ELSE interval '1 hour' END
+            WHERE name IN ('resting', 'down')"""))
+        session.commit()
+    settings = qr_settings(queue_runner={"unsupported_timeout": 60})
+    with committed_db() as session:
+        systems = {s for caps in live_consumers(session, settings=settings)
+                   for s in caps.systems}
+    assert "sys-a" in systems
+    assert "sys-b" not in systems
+    assert "sys-c" not in systems
+    lax = qr_settings(queue_runner={"unsupported_timeout": 60, "ssh_require_host_key": False})
+    with committed_db() as session:
+        systems = {s for caps in live_consumers(session, settings=lax) for s in caps.systems}
+    assert "sys-c" in systems
