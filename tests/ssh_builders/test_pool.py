@@ -8,11 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
+from circus.common.models import RemoteBuilder
 from circus.queue_runner import procs
 from circus.queue_runner.logs import read_log
 from circus.queue_runner.reconciler import live_consumers
@@ -89,6 +90,8 @@ def test_failure_statuses_and_cancel_kill_the_remote_build(
                 {"b": ids["sleeper"]}).all())
         wait_until(lambda: procs.builders_of(outputs), timeout=30,
                    message="the sleeper's builder runs")
+        with committed_db() as session:
+            assert session.scalars(select(RemoteBuilder)).one().current_jobs == 1
         with committed_db() as session:
             cancel_build(session, ids["sleeper"])
             session.commit()

@@ -79,7 +79,7 @@ def parse_host_keys(text: str) -> list[PKey]:
             continue
         if tokens[0].startswith("@"):
             raise HostKeyFormatError(f"line {number}: {tokens[0]} is not supported")
-        if len(tokens) == 1:
+        if len(tokens) == 1 and not _is_key_type(tokens[0]):
             tokens = _hydra_form(tokens[0], number)
         index = next((i for i, t in enumerate(tokens) if _is_key_type(t)), None)
         if index is None or index + 1 >= len(tokens):
