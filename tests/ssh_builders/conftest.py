@@ -77,8 +77,9 @@ def current_system() -> str:
     return system()
 
 
-def start_sshd(directory: Path, name: str) -> SshHost:
-    """sshd on a free port in a private mount namespace whose /nix is ``directory/nix``."""
+def start_sshd(directory: Path, name: str, read_only_store: bool = False) -> SshHost:
+    """sshd on a free port in a private mount namespace whose /nix is ``directory/nix``
+    (``read_only_store``: mounted read-only, a builder whose Nix cannot work)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "nix").mkdir(exist_ok=True)
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
@@ -103,7 +104,10 @@ def start_sshd(directory: Path, name: str) -> SshHost:
     ]) + "\n")
     inner = " ".join(shlex.quote(a) for a in [SSHD, "-D", "-e", "-f", str(config),
                                                "-p", str(port)])
-    script = f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix && exec {inner}"
+    mount = f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix"
+    if read_only_store:
+        mount += " && mount -o remount,bind,ro /nix"
+    script = f"{mount} && exec {inner}"
     daemon = Daemon(f"sshd-{name}", ["unshare", "--mount", "--propagation", "private",
                                      "sh", "-c", script], directory).start()
     deadline = time.monotonic() + 20
@@ -116,11 +120,11 @@ def start_sshd(directory: Path, name: str) -> SshHost:
 
 
 @pytest.fixture
-def ssh_host(tmp_path: Path) -> Iterator[Callable[[str], SshHost]]:
+def ssh_host(tmp_path: Path) -> Iterator[Callable[..., SshHost]]:
     started: list[SshHost] = []
 
-    def make(name: str) -> SshHost:
-        host = start_sshd(tmp_path / f"builder-{name}", name)
+    def make(name: str, read_only_store: bool = False) -> SshHost:
+        host = start_sshd(tmp_path / f"builder-{name}", name, read_only_store)
         started.append(host)
         return host
 

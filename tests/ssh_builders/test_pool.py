@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, text
@@ -70,48 +69,70 @@ def valid_here(path: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_failure_statuses_and_cancel_kill_the_remote_build(
+def outputs_of(factory: sessionmaker[Session], build_id: int) -> dict[str, str]:
+    with factory() as session:
+        return dict(session.execute(text(
+            "SELECT name, path FROM build_outputs WHERE build_id = :b"), {"b": build_id}).all())
+
+
+def test_statuses_cancel_and_shutdown_stop_the_remote_build(
         qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
         ssh_host: Callable[[str], SshHost], nix_env: dict[str, str], nonce: str) -> None:
     host = ssh_host("b1")
-    add_builders(committed_db, host.row(max_jobs=3))
-    settings = qr_settings(queue_runner=ssh_settings())
-    drvs = instantiate(["fails", "sleeper"], nonce, nix_env, expr=JOBS)
+    add_builders(committed_db, host.row(max_jobs=5))
+    with committed_db() as session:
+        # an earlier failure: the builder's next verdict ends it
+        session.execute(text("UPDATE remote_builders SET consecutive_failures = 2, "
+                             "disabled_until = now() - interval '1 s'"))
+        session.commit()
+    settings = qr_settings(queue_runner=ssh_settings(max_log_size=4096))
+    jobs = ["fails", "chatty", "slow", "sleeper", "sleeper2"]
+    drvs = instantiate(jobs, nonce, nix_env, expr=JOBS)
     with running_pool(settings, committed_db) as (pool, driver):
         with committed_db() as session:
-            builds = make_builds(session, drvs)
+            builds = make_builds(session, {j: drvs[j] for j in jobs if j != "slow"})
+            builds.update(make_builds(session, {"slow": drvs["slow"]}, timeout=2))
         ids = {job: b.id for job, b in builds.items()}
-        step_until(driver, lambda: driver.statuses([ids["fails"]])[ids["fails"]].is_finished,
-                   message="failing build finished")
-        # the sleeper runs on the builder: cancelling the build stops it there
+        sleepers = {job: outputs_of(committed_db, ids[job]) for job in ("sleeper", "sleeper2")}
+        step_until(driver, finished(driver, [ids[j] for j in ("fails", "chatty", "slow")]),
+                   message="fails, chatty and slow finished")
+        wait_until(lambda: all(procs.builders_of(o) for o in sleepers.values()), timeout=30,
+                   message="both sleepers build")
         with committed_db() as session:
-            outputs = dict(session.execute(text(
-                "SELECT name, path FROM build_outputs WHERE build_id = :b"),
-                {"b": ids["sleeper"]}).all())
-        wait_until(lambda: procs.builders_of(outputs), timeout=30,
-                   message="the sleeper's builder runs")
-        with committed_db() as session:
-            assert session.scalars(select(RemoteBuilder)).one().current_jobs == 1
+            assert session.scalars(select(RemoteBuilder)).one().current_jobs == 2
+        # cancelling a build stops its builder on the remote machine
         with committed_db() as session:
             cancel_build(session, ids["sleeper"])
             session.commit()
-        wait_until(lambda: not procs.builders_of(outputs), timeout=20,
-                   message="the remote builder was killed")
-        wait_until(lambda: not pool.running_steps(), timeout=20, message="slot freed")
+        wait_until(lambda: not procs.builders_of(sleepers["sleeper"]), timeout=20,
+                   message="the cancelled build was killed on the builder")
+        wait_until(lambda: len(pool.running_steps()) == 1, timeout=20, message="slot freed")
+    # leaving the context stopped the runner: the other sleeper was stopped and handed back
+    assert not procs.builders_of(sleepers["sleeper2"])
+    handed_back = step_row(committed_db, drvs["sleeper2"])
+    assert handed_back["state"] == "queued"
+    assert handed_back["attempts"] == 0
+    expected = {"fails": BuildStatus.failed, "chatty": BuildStatus.log_limit_exceeded,
+                "slow": BuildStatus.timeout}
+    for job, status in expected.items():
+        row = step_row(committed_db, drvs[job])
+        assert BuildStatus(row["status"]) is status, (job, row["error_message"])
+        assert row["machine"] == "b1"
     failed = step_row(committed_db, drvs["fails"])
-    assert BuildStatus(failed["status"]) is BuildStatus.failed
     assert failed["exit_code"] == 3
-    assert failed["machine"] == "b1"
     assert b"about to fail" in read_log(failed["log_path"])
+    chatty = read_log(step_row(committed_db, drvs["chatty"])["log_path"])
+    assert chatty.startswith(b"chatty-line-of-text")
+    assert len(chatty) < 8192
     assert driver.statuses([ids["sleeper"]])[ids["sleeper"]] is BuildStatus.cancelled
     assert builder_row(committed_db, "b1")["consecutive_failures"] == 0
 
 
 def test_host_keys_unreachable_builders_and_back_off(
         qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
-        ssh_host: Callable[[str], SshHost], nix_env: dict[str, str], nonce: str,
-        tmp_path: Path) -> None:
+        ssh_host: Callable[..., SshHost], nix_env: dict[str, str], nonce: str) -> None:
     host = ssh_host("real")
+    broken = ssh_host("broken", read_only_store=True)
     other_key = subprocess.run(["ssh-keygen", "-y", "-f", str(host.client_key)],
                                capture_output=True, text=True, check=True).stdout.strip()
     add_builders(
@@ -124,28 +145,35 @@ def test_host_keys_unreachable_builders_and_back_off(
                  supported_features=["special"]),
         # no key at all while ssh_require_host_key is on: refused without trying
         host.row(name="nokey", public_host_key=None, mandatory_features=["special"],
-                 supported_features=["special"]))
+                 supported_features=["special"]),
+        # reachable, but its Nix cannot work (read-only /nix)
+        broken.row(name="nonix", mandatory_features=["other"], supported_features=["other"]))
     settings = qr_settings(queue_runner=ssh_settings(ssh_backoff_secs=1,
                                                      unsupported_timeout=30))
-    drvs = instantiate(["special"], nonce, nix_env, expr=JOBS)
+    drvs = instantiate(["special", "other"], nonce, nix_env, expr=JOBS)
     with running_pool(settings, committed_db) as (_pool, driver):
         with committed_db() as session:
             make_builds(session, drvs)
         step_until(driver, lambda: builder_row(committed_db, "gone")["consecutive_failures"]
-                   >= 2 and builder_row(committed_db, "wrongkey")["consecutive_failures"] >= 1,
-                   timeout=30, message="both builders failed")
+                   >= 2 and all(builder_row(committed_db, name)["consecutive_failures"] >= 1
+                                for name in ("wrongkey", "nonix")),
+                   timeout=30, message="the builders failed")
         wrong = builder_row(committed_db, "wrongkey")
         gone = builder_row(committed_db, "gone")
         nokey = builder_row(committed_db, "nokey")
+        nonix = builder_row(committed_db, "nonix")
     assert "host key mismatch" in wrong["last_failure"], wrong["last_failure"]
     assert "SHA256:" in wrong["last_failure"]
     assert "cannot connect" in gone["last_failure"], gone["last_failure"]
     assert gone["disabled_until"] is not None
     assert "no public_host_key" in nokey["last_failure"], nokey["last_failure"]
-    # nothing was built, no attempt counted: the step waits for a machine
-    step = step_row(committed_db, drvs["special"])
-    assert step["state"] == "queued"
-    assert step["attempts"] == 0
+    assert "nix-store --check-validity on nonix failed" in nonix["last_failure"]
+    assert "Read-only file system" in nonix["last_failure"], nonix["last_failure"]
+    # nothing was built, no attempt counted: the steps wait for a machine
+    for job in ("special", "other"):
+        step = step_row(committed_db, drvs[job])
+        assert step["state"] == "queued", job
+        assert step["attempts"] == 0, job
     assert not host.has(drvs["special"])
 
 

@@ -98,6 +98,8 @@ class BuilderHandle:
         self.others = 0
         self.cpu_count: int | None = None
         self.rest_until = _rest_until(row.rest_secs)
+        #: disabled or deleted while steps still ran on it: takes no new ones
+        self.retired = False
 
     @property
     def id(self) -> int:
@@ -121,7 +123,8 @@ class BuilderHandle:
         return (now if now is not None else time.monotonic()) < self.rest_until
 
     def usable(self, now: float) -> bool:
-        return self.remote is not None and self.problem is None and not self.resting(now)
+        return (self.remote is not None and self.problem is None and not self.retired
+                and not self.resting(now))
 
     def free_slot(self) -> int | None:
         for slot in range(self.row.max_jobs):
@@ -268,6 +271,7 @@ class SshBuilders(threading.Thread):
                     handle = self.handles[row.id] = BuilderHandle(row)
                     self._configure(handle)
                 else:
+                    handle.retired = False
                     changed = handle.row.connection_config != row.connection_config
                     handle.row = row
                     handle.rest_until = _rest_until(row.rest_secs)
@@ -277,6 +281,7 @@ class SshBuilders(threading.Thread):
                 handle.others = max(0, int(running.get(row.name, 0)) - ours)
             for gone in set(self.handles) - seen:
                 handle = self.handles[gone]
+                handle.retired = True
                 if not handle.steps:
                     # disabled or deleted: running steps finish, then the connection goes
                     if handle.remote is not None:

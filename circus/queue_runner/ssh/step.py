@@ -152,6 +152,7 @@ class SshStep(threading.Thread):
             self._after_gone()
         except Exception as exc:
             log.exception("step %s on %s failed unexpectedly", self.claimed.id, self.handle.name)
+            self.interrupt()
             self._finish(_Verdict(self._abort(f"SSH worker error: {exc}")))
         finally:
             self.keeper.done.set()
@@ -176,13 +177,14 @@ class SshStep(threading.Thread):
         try:
             self.remote.connect()
             self.pool.learn_cpu_count(self.handle, self.remote)
+            missing = transfer.remote_invalid(self.remote, inputs)
         except RemoteError as exc:
-            # nothing happened to the step: back to the queue, no attempt counted
+            # unreachable, or no working Nix there: nothing happened to the step, it
+            # returns to the queue with no attempt counted
             self.pool.builder_failed(self.handle, str(exc))
             self._hand_back()
             return
         try:
-            missing = transfer.remote_invalid(self.remote, inputs)
             transfer.send(self.remote, missing, self.nix_env, self.gone)
         except transfer.Cancelled:
             raise StepGone() from None
@@ -273,7 +275,11 @@ class SshStep(threading.Thread):
             step_log.close()
             raise StepGone()
         assert exited is not None
-        verdict = self._judge(run, finished, exited, dead_link)
+        try:
+            verdict = self._judge(run, finished, exited, dead_link)
+        except BaseException:
+            step_log.close()
+            raise
         if verdict.outcome.status is BuildStatus.aborted and verdict.outcome.error_message:
             step_log.note(f"circus: {verdict.outcome.error_message}")
         log_path, log_size = step_log.finalize(self.settings.logs.compress)

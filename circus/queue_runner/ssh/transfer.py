@@ -17,11 +17,14 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
+from paramiko.channel import Channel
 from paramiko.ssh_exception import SSHException
 
 from circus.queue_runner.ssh.connection import Remote, RemoteError
 
 CHUNK = 256 * 1024
+#: paths per export stream (an argument list stays far below ARG_MAX)
+CHUNK_PATHS = 2000
 #: a transfer with no progress for this long is given up (dead connection)
 IDLE_TIMEOUT = 300.0
 
@@ -53,10 +56,14 @@ def remote_invalid(remote: Remote, paths: Sequence[str]) -> list[str]:
 
 def send(remote: Remote, paths: Sequence[str], env: Mapping[str, str],
          cancelled: Callable[[], bool] = lambda: False) -> None:
-    """Copy ``paths`` (dependencies first, each one's references valid there or in the
-    list) into the builder's store."""
-    if not paths:
-        return
+    """Copy ``paths`` (dependencies first, each one's references valid there or earlier
+    in the list) into the builder's store."""
+    for start in range(0, len(paths), CHUNK_PATHS):
+        _send_chunk(remote, paths[start:start + CHUNK_PATHS], env, cancelled)
+
+
+def _send_chunk(remote: Remote, paths: Sequence[str], env: Mapping[str, str],
+                cancelled: Callable[[], bool]) -> None:
     export = subprocess.Popen(["nix-store", "--export", *paths], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env))
     assert export.stdout is not None and export.stderr is not None
@@ -64,11 +71,17 @@ def send(remote: Remote, paths: Sequence[str], env: Mapping[str, str],
     try:
         channel = remote.open("nix-store --import >/dev/null")
         channel.settimeout(IDLE_TIMEOUT)
-        while chunk := export.stdout.read(CHUNK):
-            if cancelled():
-                raise Cancelled()
-            channel.sendall(chunk)
-        channel.shutdown_write()
+        try:
+            while chunk := export.stdout.read(CHUNK):
+                if cancelled():
+                    raise Cancelled()
+                channel.sendall(chunk)
+            channel.shutdown_write()
+        except (SSHException, OSError, EOFError) as exc:
+            # the import may have died first: its stderr says why
+            raise TransferError(f"sending inputs to {remote.name} failed: "
+                                f"{_remote_reason(channel) or exc or type(exc).__name__}"
+                                ) from None
         stderr = channel.makefile_stderr("rb").read()
         returncode = channel.recv_exit_status()
     except (SSHException, OSError, EOFError) as exc:
@@ -89,12 +102,29 @@ def send(remote: Remote, paths: Sequence[str], env: Mapping[str, str],
         raise TransferError(f"nix-store --import on {remote.name} failed: {text}")
 
 
+def _remote_reason(channel: Channel) -> str:
+    """What a command that stopped reading wrote to stderr (best effort, brief wait)."""
+    try:
+        channel.settimeout(5.0)
+        channel.status_event.wait(5.0)
+        data: bytes = channel.makefile_stderr("rb").read()
+    except (SSHException, OSError, EOFError):
+        return ""
+    return data.decode(errors="replace").strip()[-2000:]
+
+
 def fetch(remote: Remote, paths: Sequence[str], env: Mapping[str, str],
           cancelled: Callable[[], bool] = lambda: False) -> list[str]:
     """Copy ``paths`` (dependencies first) from the builder into the runner's store;
     returns the paths ``nix-store --import`` reported."""
-    if not paths:
-        return []
+    imported: list[str] = []
+    for start in range(0, len(paths), CHUNK_PATHS):
+        imported += _fetch_chunk(remote, paths[start:start + CHUNK_PATHS], env, cancelled)
+    return imported
+
+
+def _fetch_chunk(remote: Remote, paths: Sequence[str], env: Mapping[str, str],
+                 cancelled: Callable[[], bool]) -> list[str]:
     channel = remote.open("nix-store --export $(cat)")
     importer = subprocess.Popen(["nix-store", "--import"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env))
