@@ -50,12 +50,21 @@ def update_builder(session: Session, actor: Actor, builder: RemoteBuilder,
     require_permission(session, actor, Action.builder_manage)
     _check(changes)
     applied = apply_changes(builder, changes, BUILDER_FIELDS)
-    if applied.get("enabled") is True:
-        # an admin re-enabling a builder forgives its past failures
-        builder.consecutive_failures = 0
-        builder.disabled_until = None
+    forgive_if_changed(builder, applied)
     audit.record(session, actor, "builder.update", f"builder:{builder.name}", applied)
     return builder
+
+
+#: changing one of these is fixing the builder's configuration
+CONNECTION_FIELDS = frozenset({"ssh_uri", "ssh_key_file", "public_host_key"})
+
+
+def forgive_if_changed(builder: RemoteBuilder, applied: dict[str, Any]) -> None:
+    """Re-enabling a builder, or changing how to reach it, ends its back-off: the
+    failures it records were an older configuration's."""
+    if applied.get("enabled") is True or CONNECTION_FIELDS & set(applied):
+        builder.consecutive_failures = 0
+        builder.disabled_until = None
 
 
 def delete_builder(session: Session, actor: Actor, builder: RemoteBuilder) -> None:

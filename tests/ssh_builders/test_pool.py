@@ -10,9 +10,11 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from circus.auth.actor import Actor
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.models import RemoteBuilder
+from circus.machines import service as machines
 from circus.queue_runner import procs
 from circus.queue_runner.logs import read_log
 from circus.queue_runner.reconciler import live_consumers
@@ -203,3 +205,21 @@ def test_reconciler_counts_builders_in_short_back_off_only(
     with committed_db() as session:
         systems = {s for caps in live_consumers(session, settings=lax) for s in caps.systems}
     assert "sys-c" in systems
+
+
+def test_fixing_a_builders_connection_ends_its_back_off(
+        committed_db: sessionmaker[Session], ssh_host: Callable[..., SshHost]) -> None:
+    host = ssh_host("fixme")
+    add_builders(committed_db, host.row(public_host_key=None))
+    with committed_db() as session:
+        session.execute(text("UPDATE remote_builders SET consecutive_failures = 5, "
+                             "disabled_until = now() + interval '1 hour'"))
+        session.commit()
+        row = session.scalars(select(RemoteBuilder)).one()
+        machines.update_builder(session, Actor.system(), row, {"max_jobs": 4})
+        assert row.consecutive_failures == 5  # not a connection change
+        machines.update_builder(session, Actor.system(), row,
+                                {"public_host_key": host.host_key})
+        session.commit()
+        assert row.consecutive_failures == 0
+        assert row.disabled_until is None
