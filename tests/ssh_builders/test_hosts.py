@@ -17,7 +17,7 @@ from circus.queue_runner.ssh.hosts import (
     parse_host_keys,
     parse_ssh_uri,
 )
-from circus.queue_runner.ssh.remotebuild import build_script, parse_report
+from circus.queue_runner.ssh.remotebuild import IMPORT_FAILED, ScriptReport, build_script
 from tests.ssh_builders.conftest import keygen
 
 
@@ -87,37 +87,60 @@ def test_remote_environment_is_quoted() -> None:
     assert done.stdout == config
 
 
-def test_wrapper_reports_exit_oom_and_closure(tmp_path: Path) -> None:
-    """The wrapper's shell logic, with stand-ins for nix-store: exit status, the OOM
-    counter and the closure after a success; EOF on stdin stops the build."""
+def report_of(stderr: bytes) -> ScriptReport:
+    report = ScriptReport()
+    for line in stderr.splitlines():
+        if line.startswith(b"circus:"):
+            report.read(line)
+    return report
+
+
+def test_wrapper_imports_builds_exports_and_stops_on_eof(tmp_path: Path) -> None:
+    """The wrapper's shell logic, with a stand-in for nix-store: inputs arrive on stdin,
+    the outputs leave on stdout after a success, the exit status and the OOM counter
+    are reported, and EOF on stdin stops the build."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nix-store").write_text(
-        "#!/bin/sh\nif [ \"$1\" = --query ]; then echo /nix/store/aaa-dep; echo $3; exit 0; fi\n"
-        "echo building >&2\nexec sleep \"$2\"\n")
+        "#!/bin/sh\n"
+        "case \"$1\" in\n"
+        "  --import) read -r line; [ \"$line\" = bad ] && exit 1; echo \"got $line\" >&2;;\n"
+        "  --export) shift; echo \"stream of $*\";;\n"
+        "  *) echo building >&2; exec sleep \"$3\";;\n"
+        "esac\n")
     (fake / "nix-store").chmod(0o755)
     env = f"PATH={shlex.quote(str(fake))}:/usr/bin:/bin"
 
-    def start(seconds: int) -> tuple[subprocess.Popen[bytes], int]:
-        script = build_script(["nix-store", "--realise", str(seconds)], ["/nix/store/bbb-out"])
+    def start(seconds: int, inputs: bytes | None = None
+              ) -> tuple[subprocess.Popen[bytes], int]:
+        script = build_script(["nix-store", "--realise", "x.drv", str(seconds)],
+                              ["/nix/store/bbb-out"], import_inputs=inputs is not None)
         read_end, write_end = os.pipe()
         process = subprocess.Popen(["sh", "-c", f"export {env}\n{script}"], stdin=read_end,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         os.close(read_end)
+        if inputs is not None:
+            os.write(write_end, inputs)
         return process, write_end
 
-    quick, switch = start(0)
+    quick, switch = start(0, b"payload\n")
     out, err = quick.communicate(timeout=30)
     os.close(switch)
     assert quick.returncode == 0
-    report = parse_report(out)
+    assert out == b"stream of /nix/store/bbb-out\n"
+    report = report_of(err)
     assert report.exit_code == 0
-    assert report.closure == ["/nix/store/aaa-dep", "/nix/store/bbb-out"]
     assert report.oom_kills == 0
+    assert b"got payload" in err
     assert b"building" in err
+    refused, switch = start(0, b"bad\n")
+    out, err = refused.communicate(timeout=30)
+    os.close(switch)
+    assert refused.returncode == IMPORT_FAILED
+    assert report_of(err).import_failed
+    assert b"building" not in err
     slow, switch = start(60)
     os.close(switch)  # EOF: what a closed channel or a lost connection looks like
-    out, _ = slow.communicate(timeout=20)
-    report = parse_report(out)
-    assert report.exit_code == 143  # SIGTERM
-    assert report.closure is None
+    out, err = slow.communicate(timeout=20)
+    assert report_of(err).exit_code == 143  # SIGTERM
+    assert out == b""

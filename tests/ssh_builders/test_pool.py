@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -14,11 +15,13 @@ from circus.auth.actor import Actor
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.models import RemoteBuilder
+from circus.common.nix.derivation import read_derivation
 from circus.machines import service as machines
 from circus.queue_runner import procs
 from circus.queue_runner.logs import read_log
 from circus.queue_runner.reconciler import live_consumers
 from circus.queue_runner.service import cancel_build
+from circus.queue_runner.ssh import remotebuild
 from circus.queue_runner.ssh.pool import SshBuilders
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.conftest import Driver
@@ -169,14 +172,18 @@ def test_host_keys_unreachable_builders_and_back_off(
     assert "cannot connect" in gone["last_failure"], gone["last_failure"]
     assert gone["disabled_until"] is not None
     assert "no public_host_key" in nokey["last_failure"], nokey["last_failure"]
-    assert "nix-store --check-validity on nonix failed" in nonix["last_failure"]
+    assert "could not copy the inputs to nonix" in nonix["last_failure"]
     assert "Read-only file system" in nonix["last_failure"], nonix["last_failure"]
-    # nothing was built, no attempt counted: the steps wait for a machine
-    for job in ("special", "other"):
-        step = step_row(committed_db, drvs[job])
-        assert step["state"] == "queued", job
-        assert step["attempts"] == 0, job
+    # never connected: nothing was built, no attempt counted, the step waits for a machine
+    step = step_row(committed_db, drvs["special"])
+    assert step["state"] == "queued"
+    assert step["attempts"] == 0
     assert not host.has(drvs["special"])
+    # given to a builder that failed to take its inputs: retried (attempts count)
+    step = step_row(committed_db, drvs["other"])
+    assert step["state"] == "queued"
+    assert step["attempts"] >= 1
+    assert "Read-only file system" in step["error_message"]
 
 
 def test_reconciler_counts_builders_in_short_back_off_only(
@@ -223,3 +230,30 @@ def test_fixing_a_builders_connection_ends_its_back_off(
         session.commit()
         assert row.consecutive_failures == 0
         assert row.disabled_until is None
+
+
+def test_outputs_are_fetched_when_the_stream_back_fails(
+        qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
+        ssh_host: Callable[..., SshHost], nix_env: dict[str, str], nonce: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Normally outputs return on the build command's stdout; when that stream does not
+    arrive, the runner asks for the closure and fetches what it lacks."""
+    original = remotebuild.build_script
+
+    def without_export(argv: list[str], outputs: list[str], import_inputs: bool) -> str:
+        return original(argv, outputs, import_inputs).replace("nix-store --export", "true")
+
+    monkeypatch.setattr(remotebuild, "build_script", without_export)
+    host = ssh_host("b")
+    add_builders(committed_db, host.row())
+    settings = qr_settings(queue_runner=ssh_settings())
+    drvs = instantiate(["top", "dep"], nonce, nix_env, expr=JOBS)
+    with running_pool(settings, committed_db) as (_pool, driver):
+        with committed_db() as session:
+            builds = make_builds(session, {"top": drvs["top"]})
+        step_until(driver, finished(driver, [builds["top"].id]), message="top finished")
+    assert driver.statuses([builds["top"].id])[builds["top"].id] is BuildStatus.succeeded
+    for job in ("top", "dep"):
+        out = read_derivation(drvs[job]).output_paths["out"]
+        assert valid_here(out), job
+        assert host.has(out), job

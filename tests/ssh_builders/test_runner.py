@@ -69,7 +69,9 @@ def test_runner_builds_a_dag_on_ssh_builders(
         assert not any(b"second line" in p.read_bytes() for p in logs.rglob("*talker*.log"))
         wait_until(lambda: all(s.is_finished for s in statuses(committed_db, ids).values()),
                    timeout=90, interval=0.25, message="builds finished")
-        print(runner.log()[-3000:])
+        log = runner.log()
+        print(log[-3000:])
+    assert "Traceback" not in log
     result = {job: statuses(committed_db, [b.id])[b.id] for job, b in builds.items()}
     assert result == {"top": BuildStatus.succeeded, "uses": BuildStatus.succeeded,
                       "fails": BuildStatus.failed, "talker": BuildStatus.succeeded,

@@ -61,6 +61,8 @@ SWEEP_SECS = 1.0
 REFRESH_SECS = 1.0
 #: pg_advisory_xact_lock key space of per-builder claims ("CSSH")
 CLAIM_LOCK = 0x43535348
+#: store paths remembered per builder (about 10 MB of memory at most)
+MAX_KNOWN_PATHS = 100_000
 #: how long shutdown waits for running steps to stop and hand their steps back
 SHUTDOWN_WAIT = 20.0
 
@@ -100,6 +102,9 @@ class BuilderHandle:
         self.rest_until = _rest_until(row.rest_secs)
         #: disabled or deleted while steps still ran on it: takes no new ones
         self.retired = False
+        #: store paths the builder is known to have (sent, checked or built there);
+        #: forgotten after any failure of the builder (it may have lost its store)
+        self.known: set[str] = set()
 
     @property
     def id(self) -> int:
@@ -349,6 +354,7 @@ class SshBuilders(threading.Thread):
             log.exception("could not record a failure of SSH builder %s", handle.name)
             state = None
         with self._lock:
+            handle.known.clear()
             if state is not None:
                 handle.rest_until = _rest_until(state.rest_secs)
                 handle.row = _with_failures(handle.row, state.consecutive_failures)
@@ -361,6 +367,16 @@ class SshBuilders(threading.Thread):
             if handle.row.consecutive_failures or handle.resting():
                 handle.row = _with_failures(handle.row, 0)
                 handle.rest_until = 0.0
+
+    def unknown_paths(self, handle: BuilderHandle, paths: list[str]) -> list[str]:
+        with self._lock:
+            return [p for p in paths if p not in handle.known]
+
+    def learn_valid(self, handle: BuilderHandle, paths: list[str]) -> None:
+        with self._lock:
+            if len(handle.known) + len(paths) > MAX_KNOWN_PATHS:
+                handle.known.clear()
+            handle.known.update(paths)
 
     def learn_cpu_count(self, handle: BuilderHandle, remote: Remote) -> None:
         """Cores of the builder (``cpu_core_count_with_speed_factor``), asked once."""

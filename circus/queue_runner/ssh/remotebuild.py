@@ -4,15 +4,20 @@ The builder runs the very command a local worker runs (``nixrun.nix_argv``:
 ``--log-format internal-json``, ``--timeout``, ``--max-silent-time``,
 ``max-build-log-size``, ``extra_nix_build_args``), so log lines, failure
 reasons and statuses are recognised by the same code. Around it a small
-shell script:
+shell script, one channel per step:
 
-- keeps the channel's stdin as a *dead man's switch*: when it reaches EOF —
-  Circus closed it (cancel, lease lost, shutdown) or the connection died —
-  ``nix-store`` gets SIGTERM (it then kills its builders; Nix ``setsid``s them,
-  so killing the process group would not), SIGKILL after a grace period;
-- prints the kernel's ``oom_kill`` counter before and after (an
-  ``oom_killed`` status needs it to have moved) and, after a success, the
-  closure of the outputs (what the runner may lack).
+1. imports the inputs the runner streams into its stdin (when there are any);
+2. keeps stdin open as a *dead man's switch*: when it reaches EOF — Circus
+   closed it (cancel, lease lost, shutdown) or the connection died —
+   ``nix-store`` gets SIGTERM (it then kills its builders; Nix ``setsid``s
+   them, so killing the process group would not), SIGKILL after a grace
+   period;
+3. after a success, exports the outputs on stdout; the runner imports the
+   stream as it arrives (the rest of their closure came from the runner, so
+   it is there — when it is not, the caller falls back to asking);
+4. reports on stderr, in ``circus:`` lines the parser never sees: the kernel's
+   ``oom_kill`` counter before and after the build (an ``oom_killed`` status
+   needs it to have moved) and the exit status.
 """
 
 from __future__ import annotations
@@ -20,27 +25,37 @@ from __future__ import annotations
 import shlex
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from paramiko.channel import Channel
 from paramiko.ssh_exception import SSHException
 
 from circus.queue_runner.nixrun import NixRun, RunOptions, Target, nix_argv
 from circus.queue_runner.ssh.connection import Remote
+from circus.queue_runner.ssh.transfer import LocalImport, pump
 
 #: seconds between SIGTERM and SIGKILL of a remote nix-store being stopped
 KILL_GRACE = 5
 #: after asking the builder to stop, the channel is closed if it has not ended by then
 CLOSE_AFTER = KILL_GRACE + 5.0
+#: exit statuses of the wrapper itself
+IMPORT_FAILED = 97
+EXPORT_FAILED = 98
+MARK = b"circus:"
 
 
-def build_script(argv: list[str], outputs: list[str]) -> str:
+def build_script(argv: list[str], outputs: list[str], import_inputs: bool) -> str:
     nix = " ".join(shlex.quote(a) for a in argv)
     outs = " ".join(shlex.quote(o) for o in outputs)
+    importing = ""
+    if import_inputs:
+        importing = (f"nix-store --import <&3 >/dev/null || "
+                     f"{{ mark import-failed; exit {IMPORT_FAILED}; }}\n")
     return f"""exec 3<&0 0</dev/null
+mark() {{ echo "circus:$*" >&2; }}
 oom() {{ sed -n 's/^oom_kill //p' /proc/vmstat 2>/dev/null; }}
-echo "circus:oom-before $(oom)"
+{importing}mark oom-before $(oom)
 {nix} >/dev/null &
 pid=$!
 {{ read -r line; kill -TERM $pid; sleep {KILL_GRACE}; kill -KILL $pid; }} <&3 >/dev/null 2>&1 &
@@ -48,10 +63,10 @@ watcher=$!
 wait $pid
 rc=$?
 kill $watcher 2>/dev/null
-echo "circus:oom-after $(oom)"
-echo "circus:exit $rc"
+mark oom-after $(oom)
+mark exit $rc
 if [ $rc -eq 0 ]; then
-  nix-store --query --requisites {outs} | sed 's/^/circus:closure /'
+  nix-store --export {outs} || exit {EXPORT_FAILED}
 fi
 exit $rc
 """
@@ -59,13 +74,15 @@ exit $rc
 
 @dataclass
 class ScriptReport:
-    """What the wrapper printed on stdout."""
+    """What the wrapper said about the run."""
 
     oom_before: int | None = None
     oom_after: int | None = None
     exit_code: int | None = None
-    #: the outputs' closure in the builder's store, dependencies first
-    closure: list[str] | None = None
+    import_failed: bool = False
+    #: output paths imported into the runner's store from the wrapper's stdout
+    imported: list[str] = field(default_factory=list)
+    import_error: str | None = None
 
     @property
     def oom_kills(self) -> int | None:
@@ -73,26 +90,21 @@ class ScriptReport:
             return None
         return self.oom_after - self.oom_before
 
-
-def parse_report(stdout: bytes) -> ScriptReport:
-    report = ScriptReport()
-    for raw in stdout.decode(errors="replace").splitlines():
-        tag, _, value = raw.partition(" ")
-        value = value.strip()
-        if tag == "circus:closure" and value:
-            report.closure = [*(report.closure or []), value]
-        elif tag in ("circus:oom-before", "circus:oom-after", "circus:exit"):
-            try:
-                number = int(value)
-            except ValueError:
-                continue
-            if tag == "circus:oom-before":
-                report.oom_before = number
-            elif tag == "circus:oom-after":
-                report.oom_after = number
-            else:
-                report.exit_code = number
-    return report
+    def read(self, line: bytes) -> None:
+        tag, _, value = line[len(MARK):].decode(errors="replace").strip().partition(" ")
+        if tag == "import-failed":
+            self.import_failed = True
+            return
+        try:
+            number = int(value)
+        except ValueError:
+            return
+        if tag == "oom-before":
+            self.oom_before = number
+        elif tag == "oom-after":
+            self.oom_after = number
+        elif tag == "exit":
+            self.exit_code = number
 
 
 class ChannelProcess:
@@ -100,10 +112,12 @@ class ChannelProcess:
 
     pid = -1
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, local_env: Mapping[str, str]) -> None:
         self.channel = channel
         self._stderr = channel.makefile_stderr("rb")
-        self.stdout = b""
+        self.report = ScriptReport()
+        self._outputs = LocalImport(local_env)
+        self._pump = pump(channel, self._outputs)
         #: monotonic time of the last byte from the builder (dead-link watchdog)
         self.last_data = time.monotonic()
 
@@ -121,16 +135,18 @@ class ChannelProcess:
             if not line:
                 return
             self.last_data = time.monotonic()
+            if line.startswith(MARK):
+                self.report.read(line)
+                continue
             yield line
 
     def poll(self) -> int | None:
         return int(self.channel.exit_status) if self.channel.exit_status_ready() else None
 
     def wait(self) -> int:
-        try:
-            self.stdout = self.channel.makefile("rb").read()
-        except (SSHException, OSError, EOFError):
-            pass
+        self._pump.join()
+        self.report.imported = self._outputs.imported
+        self.report.import_error = self._outputs.error
         self.channel.status_event.wait()
         # -1: the channel closed without an exit status (connection lost, or we closed it)
         return int(self.channel.exit_status)
@@ -139,21 +155,25 @@ class ChannelProcess:
 class RemoteNixRun(NixRun):
     """A :class:`NixRun` whose ``nix-store`` runs on an SSH builder."""
 
-    def __init__(self, remote: Remote, targets: list[Target], options: RunOptions) -> None:
+    def __init__(self, remote: Remote, targets: list[Target], options: RunOptions,
+                 local_env: Mapping[str, str], import_inputs: bool = False) -> None:
         super().__init__(targets, options, None)
         self.remote = remote
+        self.local_env = local_env
+        self.import_inputs = import_inputs
         self.channel: Channel | None = None
         self._closer: threading.Timer | None = None
 
     def _spawn(self, drvs: list[str]) -> ChannelProcess:
         outputs = sorted({p for t in self.targets.values() for p in t.outputs.values()})
-        self.channel = self.remote.open(build_script(nix_argv(drvs, self.options), outputs))
-        return ChannelProcess(self.channel)
+        script = build_script(nix_argv(drvs, self.options), outputs, self.import_inputs)
+        self.channel = self.remote.open(script)
+        return ChannelProcess(self.channel, self.local_env)
 
     @property
     def report(self) -> ScriptReport:
         process = self.process
-        return parse_report(process.stdout if isinstance(process, ChannelProcess) else b"")
+        return process.report if isinstance(process, ChannelProcess) else ScriptReport()
 
     @property
     def last_data(self) -> float:

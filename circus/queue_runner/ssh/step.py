@@ -133,6 +133,14 @@ class SshStep(threading.Thread):
         self.keeper = LeaseKeeper(self)
         self.nix_env = pool.nix_env
         self.run_: RemoteNixRun | None = None
+        #: milliseconds per phase (debug log, benchmarks)
+        self.phases: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round((now - self._mark) * 1000, 1)
+        self._mark = now
 
     # ------------------------------------------------------------ control
 
@@ -171,35 +179,53 @@ class SshStep(threading.Thread):
             return
         try:
             inputs = self._input_closure(info)
+            self.phase("closure")
         except (store.StoreError, OSError, ValueError) as exc:
             self._finish(_Verdict(self._abort(f"cannot compute the input closure: {exc}")))
             return
         try:
             self.remote.connect()
             self.pool.learn_cpu_count(self.handle, self.remote)
-            missing = transfer.remote_invalid(self.remote, inputs)
+            missing = self._missing_inputs(inputs)
+            self.phase("connect_check")
         except RemoteError as exc:
             # unreachable, or no working Nix there: nothing happened to the step, it
             # returns to the queue with no attempt counted
             self.pool.builder_failed(self.handle, str(exc))
             self._hand_back()
             return
-        try:
-            transfer.send(self.remote, missing, self.nix_env, self.gone)
-        except transfer.Cancelled:
-            raise StepGone() from None
-        except RemoteError as exc:
-            if self.gone():
+        if len(missing) > transfer.CHUNK_PATHS:
+            # too many for one stream into the build command: import them first
+            try:
+                transfer.send(self.remote, missing, self.nix_env, self.gone)
+            except transfer.Cancelled:
                 raise StepGone() from None
-            self._finish(_Verdict(self._abort(f"could not copy the inputs to "
-                                              f"{self.handle.name}: {exc}"),
-                                  builder_failure=str(exc)))
-            return
+            except RemoteError as exc:
+                if self.gone():
+                    raise StepGone() from None
+                self._finish(_Verdict(self._abort(f"could not copy the inputs to "
+                                                  f"{self.handle.name}: {exc}"),
+                                      builder_failure=str(exc)))
+                return
+            self.pool.learn_valid(self.handle, missing)
+            missing = []
         if self.gone():
             raise StepGone()
-        verdict = self._build(info)
+        verdict = self._build(info, missing)
         if verdict is not None:
             self._finish(verdict)
+
+    def _missing_inputs(self, inputs: list[str]) -> list[str]:
+        """Inputs to send: those the builder lacks. Paths it is known to have are not
+        asked about; a few small files are sent rather than asked about (importing a
+        path it has is a no-op)."""
+        unknown = self.pool.unknown_paths(self.handle, inputs)
+        if not unknown or transfer.small_files(unknown):
+            return unknown
+        missing = transfer.remote_invalid(self.remote, unknown)
+        lacking = set(missing)
+        self.pool.learn_valid(self.handle, [p for p in unknown if p not in lacking])
+        return missing
 
     def _input_closure(self, info: DrvInfo) -> list[str]:
         """The ``.drv`` closure and the closure of the input outputs it uses (all valid
@@ -227,20 +253,34 @@ class SshStep(threading.Thread):
             # the builder row is the admin's word on what the machine supports
             system_features=sorted(caps.supported_features | caps.mandatory_features))
 
-    def _build(self, info: DrvInfo) -> _Verdict | None:
-        """Realise the step on the builder; None when it was handed back unbuilt."""
+    def _build(self, info: DrvInfo, send: list[str]) -> _Verdict | None:
+        """Send ``send``, realise the step on the builder and bring the outputs back;
+        None when it was handed back unbuilt."""
         step = self.claimed
         target = Target(step.id, step.drv_path, info.output_paths,
                         log_path_for(self.settings.logs.log_dir, step.drv_path, step.id))
         options = self._options()
-        run = RemoteNixRun(self.remote, [target], options)
+        run = RemoteNixRun(self.remote, [target], options, self.nix_env,
+                           import_inputs=bool(send))
         try:
             run.start()
+            self.phase("start")
         except RemoteError as exc:
             self.pool.builder_failed(self.handle, str(exc))
             self._hand_back()
             return None
         self.run_ = run
+        send_error: str | None = None
+        if send:
+            try:
+                assert run.channel is not None
+                transfer.stream_export(run.channel, send, self.nix_env, self.gone)
+                self.phase("send")
+            except transfer.Cancelled:
+                run.kill()
+            except RemoteError as exc:
+                send_error = str(exc)
+                run.abandon()
         if self.gone():
             run.kill()
         started: float | None = None
@@ -269,6 +309,7 @@ class SshStep(threading.Thread):
                             f"{now - run.last_data:.0f} s: connection presumed dead"
                 run.abandon()
         run.wait(30)
+        self.phase("build")
         run.finish()
         step_log = run.logs[step.drv_path]
         if self.gone():
@@ -276,7 +317,7 @@ class SshStep(threading.Thread):
             raise StepGone()
         assert exited is not None
         try:
-            verdict = self._judge(run, finished, exited, dead_link)
+            verdict = self._judge(run, finished, exited, dead_link or send_error, send)
         except BaseException:
             step_log.close()
             raise
@@ -289,10 +330,16 @@ class SshStep(threading.Thread):
         return verdict
 
     def _judge(self, run: RemoteNixRun, finished: Finished | None, exited: Exited,
-               dead_link: str | None) -> _Verdict:
+               broken: str | None, sent: list[str]) -> _Verdict:
         step = self.claimed
         report = run.report
         name = self.handle.name
+        if report.import_failed or (broken and sent and finished is None):
+            detail = "\n".join(exited.errors[-10:]) or broken or "the import failed"
+            error = f"could not copy the inputs to {name}: {detail}"
+            return _Verdict(self._abort(error), builder_failure=error)
+        if sent:
+            self.pool.learn_valid(self.handle, sent)
         if finished is not None and finished.kind is not Kind.built:
             if finished.kind is Kind.dependency_failed:
                 # its inputs were copied there: Nix wanting to build one is the builder's fault
@@ -303,10 +350,10 @@ class SshStep(threading.Thread):
                 step.id, status, exit_code=finished.exit_code,
                 error_message=reason or finished.message, finished_at=_utc(finished.at),
                 machine=name))
-        if (finished is not None or exited.returncode == 0) and report.closure:
-            return self._collect(report.closure)
-        if dead_link:
-            error = dead_link
+        if finished is not None or report.exit_code == 0:
+            return self._collect(run)
+        if broken:
+            error = broken
         elif exited.returncode < 0:
             error = f"the connection to {name} was lost during the build"
         else:
@@ -314,15 +361,23 @@ class SshStep(threading.Thread):
                 f"nix-store on {name} exited with status {exited.returncode}"
         return _Verdict(self._abort(error), builder_failure=error)
 
-    def _collect(self, closure: list[str]) -> _Verdict:
-        """Bring the outputs home and check them."""
+    def _collect(self, run: RemoteNixRun) -> _Verdict:
+        """Bring the outputs home (normally already streamed back) and check them."""
         step = self.claimed
         outputs = self.pool.cache.get(step.drv_path).output_paths
+        report = run.report
+        self.pool.learn_valid(self.handle, list(outputs.values()))
         try:
-            lacking = store.invalid_paths(closure, self.nix_env)
-            transfer.fetch(self.remote, [p for p in closure if p in lacking], self.nix_env,
-                           self.gone)
-            missing = store.invalid_paths(outputs.values(), self.nix_env)
+            if report.import_error is None and set(outputs.values()) <= set(report.imported):
+                missing: set[str] = set()
+            else:
+                # the stream did not make it (a reference the runner lacks, a lost
+                # connection): ask for the closure, fetch what the runner lacks
+                closure = transfer.remote_closure(self.remote, list(outputs.values()))
+                lacking = store.invalid_paths(closure, self.nix_env)
+                transfer.fetch(self.remote, [p for p in closure if p in lacking],
+                               self.nix_env, self.gone)
+                missing = store.invalid_paths(outputs.values(), self.nix_env)
         except transfer.Cancelled:
             raise StepGone() from None
         except RemoteError as exc:
@@ -381,7 +436,10 @@ class SshStep(threading.Thread):
             return report
 
         try:
+            self.phase("collect")
             report = in_transaction(self.pool.factory, work)
+            self.phase("finish")
+            log.debug("step %s on %s: %s ms", self.claimed.id, self.handle.name, self.phases)
         except Exception:
             # the step stays running under our name; its lease lapses and it is re-queued
             log.exception("could not record the result of step %s", self.claimed.id)
