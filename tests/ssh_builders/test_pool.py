@@ -19,14 +19,15 @@ from circus.common.nix.derivation import read_derivation
 from circus.machines import service as machines
 from circus.queue_runner import procs
 from circus.queue_runner.logs import read_log
-from circus.queue_runner.reconciler import live_consumers
+from circus.queue_runner.reconciler import live_consumers, reconcile
 from circus.queue_runner.service import cancel_build
+from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.ssh import remotebuild
 from circus.queue_runner.ssh.pool import SshBuilders
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import instantiate, make_builds
-from tests.ssh_builders.conftest import JOBS, SshHost, add_builders, ssh_settings
+from tests.ssh_builders.conftest import JOBS, SshHost, add_builders, keygen, ssh_settings
 
 
 @contextmanager
@@ -257,3 +258,29 @@ def test_outputs_are_fetched_when_the_stream_back_fails(
         out = read_derivation(drvs[job]).output_paths["out"]
         assert valid_here(out), job
         assert host.has(out), job
+
+
+def test_a_refused_builder_leaves_its_steps_unsupported(
+        qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
+        ssh_host: Callable[..., SshHost], nix_env: dict[str, str], nonce: str) -> None:
+    """Once its back-off outlasts ``unsupported_timeout``, a builder no longer keeps its
+    classes alive: steps only it could take end ``unsupported_system``."""
+    host = ssh_host("mitm")
+    impostor = keygen(host.directory / "impostor")
+    add_builders(committed_db, host.row(public_host_key=impostor, mandatory_features=["special"],
+                                        supported_features=["special"]))
+    settings = qr_settings(queue_runner=ssh_settings(ssh_backoff_secs=3,
+                                                     unsupported_timeout=1))
+    drvs = instantiate(["special"], nonce, nix_env, expr=JOBS)
+    with running_pool(settings, committed_db) as (_pool, driver):
+        with committed_db() as session:
+            build = make_builds(session, drvs)["special"]
+
+        def reconciled() -> bool:
+            in_transaction(committed_db, lambda s: reconcile(s, settings))
+            return driver.statuses([build.id])[build.id].is_finished
+
+        step_until(driver, reconciled, timeout=30, message="the build finished")
+    assert driver.statuses([build.id])[build.id] is BuildStatus.unsupported_system
+    assert "host key mismatch" in builder_row(committed_db, "mitm")["last_failure"]
+    assert not host.has(drvs["special"])

@@ -116,9 +116,12 @@ class ChannelProcess:
         self.channel = channel
         self._stderr = channel.makefile_stderr("rb")
         self.report = ScriptReport()
-        self._outputs = LocalImport(local_env)
-        self._pump = pump(channel, self._outputs)
         #: monotonic time of the last byte from the builder (dead-link watchdog)
+        self.last_data = time.monotonic()
+        self._outputs = LocalImport(local_env)
+        self._pump = pump(channel, self._outputs, self._alive)
+
+    def _alive(self) -> None:
         self.last_data = time.monotonic()
 
     @property
@@ -179,6 +182,11 @@ class RemoteNixRun(NixRun):
     def last_data(self) -> float:
         process = self.process
         return process.last_data if isinstance(process, ChannelProcess) else time.monotonic()
+
+    def touch(self) -> None:
+        """The builder just showed it is alive (it took our input stream)."""
+        if isinstance(self.process, ChannelProcess):
+            self.process.last_data = time.monotonic()
 
     def kill(self) -> None:
         """Stop the remote build: EOF on its stdin, then close the channel if need be."""

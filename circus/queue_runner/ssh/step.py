@@ -275,6 +275,7 @@ class SshStep(threading.Thread):
             try:
                 assert run.channel is not None
                 transfer.stream_export(run.channel, send, self.nix_env, self.gone)
+                run.touch()
                 self.phase("send")
             except transfer.Cancelled:
                 run.kill()
@@ -287,7 +288,6 @@ class SshStep(threading.Thread):
         finished: Finished | None = None
         exited: Exited | None = None
         dead_link: str | None = None
-        deadline = time.monotonic() + options.timeout + DEAD_LINK_SLACK
         while exited is None:
             try:
                 event = run.events.get(timeout=EVENT_POLL)
@@ -303,8 +303,8 @@ class SshStep(threading.Thread):
             now = time.monotonic()
             if self.gone() and not run.killed:
                 run.kill()
-            elif not run.killed and (now - run.last_data > options.max_silent + DEAD_LINK_SLACK
-                                     or now > deadline):
+            elif not run.killed and now - run.last_data > options.max_silent + DEAD_LINK_SLACK:
+                # Nix would have ended a silent build by now: the link is dead
                 dead_link = f"no word from {self.handle.name} for " \
                             f"{now - run.last_data:.0f} s: connection presumed dead"
                 run.abandon()

@@ -203,13 +203,15 @@ class LocalImport:
         self.imported = out.decode().split()
 
 
-def pump(channel: Channel, sink: LocalImport) -> threading.Thread:
+def pump(channel: Channel, sink: LocalImport,
+         on_data: Callable[[], None] = lambda: None) -> threading.Thread:
     """Copy the channel's stdout into ``sink`` in a thread (until EOF)."""
 
     def run() -> None:
         complete = True
         try:
             while chunk := channel.recv(CHUNK):
+                on_data()
                 sink.write(chunk)
         except (SSHException, OSError, EOFError):
             complete = False
