@@ -12,6 +12,7 @@ from circus.auth.actor import Actor
 from circus.auth.permissions import Action, require_permission
 from circus.common.errors import Conflict, InvalidInput, NotFound
 from circus.common.models import RemoteBuilder
+from circus.queue_runner.ssh.hosts import HostKeyFormatError, parse_host_keys, parse_ssh_uri
 from circus.rows import apply_changes, insert_unique
 
 BUILDER_FIELDS = ("ssh_uri", "systems", "max_jobs", "speed_factor", "supported_features",
@@ -27,15 +28,27 @@ def get_builder(session: Session, builder_id: int) -> RemoteBuilder:
 
 def _check(values: dict[str, Any]) -> None:
     uri = values.get("ssh_uri")
-    if uri is not None and not (uri.startswith(("ssh://", "ssh-ng://")) or "://" not in uri):
-        raise InvalidInput("invalid ssh_uri", {"ssh_uri": [
-            "user@host, ssh://user@host[:port] or ssh-ng://user@host"]})
+    if uri is not None:
+        try:
+            parse_ssh_uri(uri)
+        except ValueError as exc:
+            raise InvalidInput("invalid ssh_uri", {"ssh_uri": [
+                f"{exc}; use user@host, ssh://user@host[:port] or ssh-ng://user@host"]}
+            ) from None
+    key = values.get("public_host_key")
+    if key is not None and key.strip():
+        try:
+            parse_host_keys(key)
+        except HostKeyFormatError as exc:
+            raise InvalidInput("invalid public_host_key", {"public_host_key": [
+                f"{exc}; give 'ssh-ed25519 AAAA...' or a known_hosts line "
+                "(ssh-keyscan <host>)"]}) from None
 
 
 def create_builder(session: Session, actor: Actor, *, name: str, ssh_uri: str,
                    managed: bool = False, **values: Any) -> RemoteBuilder:
     require_permission(session, actor, Action.builder_manage)
-    _check({"ssh_uri": ssh_uri})
+    _check({"ssh_uri": ssh_uri, **values})
     if session.scalar(select(RemoteBuilder.id).where(RemoteBuilder.name == name)) is not None:
         raise Conflict(f"builder {name!r} already exists", {"name": name})
     row = RemoteBuilder(name=name, ssh_uri=ssh_uri, managed_declaratively=managed,
