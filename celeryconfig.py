@@ -65,6 +65,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
+    notify = settings.notifications
     return {
         "evaluator-tick": {
             "task": "circus.evaluator.tasks.tick",
@@ -75,6 +76,22 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": "circus.cache.tasks.retention",
             "schedule": timedelta(seconds=settings.gc.cleanup_interval),
             "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.gc.cleanup_interval},
+        },
+        # build events -> notification tasks, and due retries (both cheap when idle)
+        "notifications-collect": {
+            "task": "circus.notifications.tasks.collect_events",
+            "schedule": timedelta(seconds=notify.collect_interval),
+            "options": {"queue": NOTIFY_QUEUE, "expires": notify.collect_interval},
+        },
+        "notifications-retry-due": {
+            "task": "circus.notifications.tasks.retry_due",
+            "schedule": timedelta(seconds=notify.collect_interval),
+            "options": {"queue": NOTIFY_QUEUE, "expires": notify.collect_interval},
+        },
+        "notifications-cleanup": {
+            "task": "circus.notifications.tasks.cleanup",
+            "schedule": timedelta(seconds=notify.cleanup_interval),
+            "options": {"queue": NOTIFY_QUEUE, "expires": notify.cleanup_interval},
         },
     }
 

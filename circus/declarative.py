@@ -45,6 +45,7 @@ from circus.common.models import (
 )
 from circus.common.models.base import utcnow
 from circus.machines import service as machines
+from circus.notifications.service import validate_config
 from circus.rows import apply_changes
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,11 @@ class Applier:
             NotificationConfig.managed_declaratively.is_(True)).order_by(NotificationConfig.id)))
         for spec in item.notifications:
             target = f"project:{project.name}/notification:{spec.type.value}"
+            try:
+                validate_config(spec.type, spec.config)
+            except InvalidInput as exc:
+                raise InvalidInput(f"declarative project {project.name!r}: {exc.message}",
+                                   exc.details) from None
             match = next((r for r in rows if r.type == spec.type and r.config == spec.config),
                          None)
             if match is None:

@@ -105,3 +105,18 @@ def require_authenticated(actor: Actor) -> None:
     if not actor.is_authenticated:
         raise Unauthenticated("authentication required",
                               {"hint": "send Authorization: Bearer <api key> or log in"})
+
+
+def allowed_actions(session: Session, actor: Actor, project_id: int | None = None
+                    ) -> frozenset[Action]:
+    """Everything the actor may do (in a project): one member lookup for a whole page."""
+    if not actor.is_authenticated:
+        return frozenset()
+    if actor.is_admin:
+        return frozenset(Action)
+    granted = set(GLOBAL_GRANTS[actor.role]) if actor.role is not None else set()
+    if project_id is not None:
+        role = project_role(session, actor, project_id)
+        if role is not None:
+            granted |= MEMBER_GRANTS[role]
+    return frozenset(granted)

@@ -19,6 +19,7 @@ TASK_MODULES = (
     "circus.evaluator.tasks",
     "circus.queue_runner.tasks",
     "circus.cache.tasks",
+    "circus.notifications.tasks",
 )
 
 

@@ -467,6 +467,9 @@ class EmailSettings(SettingsModel):
     from_address: str = "circus@localhost"
     to: list[str] = []
     on_failure_only: bool = True
+    #: CA bundle for verifying the SMTP server's certificate (system store when unset)
+    ca_file: str | None = None
+    timeout: Positive = 30
 
 
 class SlackSettings(SettingsModel):
@@ -478,20 +481,40 @@ class SlackSettings(SettingsModel):
 
 
 class NotificationSettings(SettingsModel):
-    secret_fields = ("github_token", "gitea_token", "gitlab_token")
+    secret_fields = ("github_token", "gitea_token", "forgejo_token", "gitlab_token")
 
     github_token: str | None = None
     github_api_url: str = "https://api.github.com"
     gitea_token: str | None = None
+    #: Gitea base URL; when unset, derived from each project's repository URL
     gitea_url: str | None = None
+    #: Forgejo speaks Gitea's API: these default to the gitea_* values
+    forgejo_token: str | None = None
+    forgejo_url: str | None = None
     gitlab_token: str | None = None
     gitlab_url: str = "https://gitlab.com"
     max_attempts: Positive = 5
     retry_base_secs: Positive = 10
     retry_max_secs: Positive = 3600
     retention_days: Positive = 30
+    #: seconds between turning build events into notification tasks (and retry scans)
+    collect_interval: Annotated[float, AfterValidator(at_least(0.1))] = 2.0
+    #: seconds between deleting tasks older than ``retention_days``
+    cleanup_interval: Positive = 3600
+    #: timeout of each HTTP request to a forge, Slack or a webhook
+    http_timeout: Positive = 10
     email: EmailSettings = EmailSettings()
     slack: SlackSettings = SlackSettings()
+
+    def problems(self) -> list[Problem]:
+        found = []
+        for key in ("github_api_url", "gitea_url", "forgejo_url", "gitlab_url"):
+            value = getattr(self, key)
+            if value and _url_problem(value, ("http", "https")):
+                found.append(Problem(key, _url_problem(value, ("http", "https")) or ""))
+        if self.retry_max_secs < self.retry_base_secs:
+            found.append(Problem("retry_max_secs", "must be at least retry_base_secs"))
+        return found
 
 
 class GithubOAuthSettings(SettingsModel):

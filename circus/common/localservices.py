@@ -9,6 +9,7 @@ their data under the given directory so a second start reuses it.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import pwd
 import shutil
@@ -62,9 +63,22 @@ class PrivatePostgres:
     def __init__(self, directory: Path, port: int = 5432) -> None:
         self.directory = directory.resolve()
         self.port = port
-        self.data_dir = self.directory / "data"
-        self.socket_dir = self.directory / "run"
-        self.log_file = self.directory / "postgres.log"
+        self._locate(self.directory)
+
+    def _locate(self, home: Path) -> None:
+        self.home = home
+        self.data_dir = home / "data"
+        self.socket_dir = home / "run"
+        self.log_file = home / "postgres.log"
+
+    def _fallback_home(self) -> Path:
+        """Where the cluster lives when the postgres user cannot reach ``directory``.
+
+        A checkout under /root (mode 0700) is the usual case. The place is derived
+        from the requested directory, so the next start finds the same cluster.
+        """
+        digest = hashlib.sha256(str(self.directory).encode()).hexdigest()[:16]
+        return Path("/var/lib/circus") / f"postgres-{digest}"
 
     def url(self, database: str = "postgres") -> str:
         host = quote(str(self.socket_dir), safe="")
@@ -79,12 +93,19 @@ class PrivatePostgres:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        for path in (self.directory, self.socket_dir):
+        _chown_to_postgres(self.directory)
+        if not _postgres_can_reach(self.directory):
+            fallback = self._fallback_home()
+            self._locate(fallback)
+            (self.directory / "LOCATION").write_text(
+                f"PostgreSQL data lives in {fallback}: the postgres user cannot reach "
+                f"{self.directory}\n")
+        for path in (self.home, self.socket_dir):
             path.mkdir(parents=True, exist_ok=True)
             _chown_to_postgres(path)
-        if not _postgres_can_reach(self.directory):
+        if not _postgres_can_reach(self.home):
             raise ServiceError(
-                f"the postgres user cannot reach {self.directory}; choose a state directory "
+                f"the postgres user cannot reach {self.home}; choose a state directory "
                 "outside private home directories (e.g. --state-dir /var/lib/circus)")
         if not (self.data_dir / "PG_VERSION").exists():
             initdb = [str(_pg_bindir() / "initdb"), "-D", str(self.data_dir), "-U",

@@ -35,3 +35,6 @@ def setup_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.tracing.level.upper())
+    # urllib3 logs request paths at DEBUG; a Slack webhook URL's path is its secret
+    logging.getLogger("urllib3.connectionpool").setLevel(
+        max(logging.INFO, root.level))

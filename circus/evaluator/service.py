@@ -136,7 +136,7 @@ def cancel_evaluation(session: Session, evaluation_id: int) -> Evaluation:
         update(Build)
         .where(Build.id.in_(created), Build.status == BuildStatus.pending)
         .values(status=BuildStatus.cancelled, completed_at=now,
-                error_message="evaluation cancelled"),
+                error_message="evaluation cancelled", notification_pending_since=now),
         execution_options={"synchronize_session": False})
     session.refresh(evaluation)
     return evaluation

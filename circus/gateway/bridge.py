@@ -54,6 +54,7 @@ STATUS_OF_OUTCOME: dict[str, BuildStatus | None] = {
 }
 
 SWEEP_SECS = 1.0
+DECLINE_PAUSE_SECS = 5.0
 
 
 def _utc(timestamp: float) -> datetime:
@@ -94,7 +95,8 @@ class Bridge:
                 speed_factor=facts.speed_factor, cpu_count=facts.cpu_count,
                 max_jobs=facts.max_jobs, current_jobs=len(agent.in_flight),
                 pressure=pressure,
-                heartbeat_age=(now - agent.heartbeat_at) if agent.heartbeat_at else None))
+                heartbeat_age=(now - agent.heartbeat_at) if agent.heartbeat_at else None,
+                disabled=agent.paused_until > now))
         return found
 
     def servable_classes(self, known: list[str]) -> list[str]:
@@ -215,6 +217,8 @@ class Bridge:
         if not response.accepted:
             log.info("agent %s declined step %s: %s", agent.facts.name, step.id,
                      response.reason)
+            # a draining or full agent would decline again at once: leave it alone a while
+            agent.paused_until = asyncio.get_running_loop().time() + DECLINE_PAUSE_SECS
             await self.hand_back(agent, [step.id])
             return
         self.assigned += 1

@@ -51,6 +51,8 @@ class ConnectedAgent:
     reported: set[int] = field(default_factory=set)
     heartbeat: dict[str, Any] = field(default_factory=dict)
     heartbeat_at: float = 0.0
+    #: loop time until which the agent gets no new work (it declined an assignment)
+    paused_until: float = 0.0
     closed: bool = False
     #: futures resolved when the connection goes (results still awaited)
     closed_waiters: list[asyncio.Future[None]] = field(default_factory=list)

@@ -32,6 +32,7 @@ from circus.common.models import (
     User,
     WebhookConfig,
 )
+from circus.notifications.service import validate_config
 from circus.rows import apply_changes, insert_unique
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -301,6 +302,7 @@ def create_notification(session: Session, actor: Actor, project: Project, *,
                         type: NotificationType, config: dict[str, Any], enabled: bool = True,
                         managed: bool = False) -> NotificationConfig:
     require_permission(session, actor, Action.hooks_manage, project.id)
+    validate_config(type, config)
     row = NotificationConfig(project_id=project.id, type=type, config=config, enabled=enabled,
                              managed_declaratively=managed)
     session.add(row)

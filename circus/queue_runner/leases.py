@@ -152,7 +152,8 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     if claimed:
         # builds waiting for a step that started are running
         session.execute(text("""
-            UPDATE builds SET status = 1, started_at = COALESCE(started_at, now())
+            UPDATE builds SET status = 1, started_at = COALESCE(started_at, now()),
+                              notification_pending_since = now()
             WHERE status = 0
               AND id IN (SELECT build_id FROM build_steps WHERE step_id = ANY(:ids))
         """), {"ids": held})

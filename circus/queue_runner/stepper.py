@@ -139,8 +139,11 @@ def step_builds(session: Session, settings: Settings, cache: DrvCache, limit: in
         _record_cached_failures(session, cache, usable, cached_for, cached)
     if live:
         _create_steps(session, settings, cache, live, closures, report)
-    session.execute(text("UPDATE builds SET stepped_at = now() WHERE id = ANY(:ids)"),
-                    {"ids": [b.id for b in builds]})
+    # stepped = queued: the notification collector reports it (and anything later)
+    session.execute(text("""
+        UPDATE builds SET stepped_at = now(), notification_pending_since = now()
+        WHERE id = ANY(:ids)
+    """), {"ids": [b.id for b in builds]})
     report.finished.merge(finish_builds(session, settings, finals))
     if aggregates_done:
         report.finished.merge(finish_aggregates(session, settings, aggregates_done))
@@ -374,7 +377,8 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
         """), {"ids": sorted(created)}).scalars().all()
         report.queued.update(queued)
     session.execute(text("""
-        UPDATE builds SET status = 1, started_at = COALESCE(started_at, now())
+        UPDATE builds SET status = 1, started_at = COALESCE(started_at, now()),
+                          notification_pending_since = now()
         WHERE id = ANY(:ids) AND status = 0 AND EXISTS (
             SELECT 1 FROM build_steps bs JOIN steps s ON s.id = bs.step_id
             WHERE bs.build_id = builds.id AND s.state = 'running')

@@ -38,6 +38,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     security.limit_view(app, limiter, "users.login", settings.server.rate_limit_login)
     app.register_blueprint(public.blueprint)
     metrics.init_app(app)
+    # the web pages at / (they call the same services as the API)
+    from circus.server import dashboard
+
+    dashboard.init_app(app)
+    security.limit_view(app, limiter, "dashboard.login_submit", settings.server.rate_limit_login)
     # last: its narinfo fast path wraps the finished WSGI app
     cache.init_app(app)
     return app

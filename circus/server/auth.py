@@ -33,6 +33,9 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
 #: readable without credentials even when ``require_api_key_for_reads`` is on
 PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/auth/csrf"})
+#: POSTs that authenticate themselves (forge webhooks: HMAC signature or GitLab's token)
+#: and that forges send cross-site, possibly form-encoded: no CSRF token can exist
+SELF_AUTHENTICATED_ENDPOINTS = frozenset({"webhooks.receive"})
 
 
 class SessionUser(UserMixin):  # type: ignore[misc]
@@ -117,6 +120,30 @@ def log_in(user: User) -> str:
     return str(generate_csrf())
 
 
+def password_login(username: str, password: str) -> User | None:
+    """Check a local password; on success start a session. Audited either way.
+
+    The one login path of the API (``POST /api/v1/auth/login``) and the dashboard.
+    """
+    from circus import audit
+    from circus.auth.service import authenticate_password
+
+    session = db_session()
+    user = authenticate_password(session, username, password)
+    if user is None:
+        audit.record(session, Actor(ActorKind.anonymous, name=username,
+                                    remote_addr=request.remote_addr),
+                     "auth.login_failed", f"user:{username}")
+        session.commit()
+        return None
+    log_in(user)
+    audit.record(session, Actor(ActorKind.user, name=user.username, user_id=user.id,
+                                remote_addr=request.remote_addr), "auth.login",
+                 f"user:{user.username}")
+    session.commit()
+    return user
+
+
 def log_out() -> None:
     if current_user.is_authenticated:
         end_session(db_session(), current_user.token)
@@ -133,6 +160,8 @@ def _csrf_guard() -> None:
     (``<form>`` can send those cross-site; JSON bodies need CORS preflight).
     """
     if request.method not in UNSAFE_METHODS or bearer_token() is not None:
+        return
+    if request.method == "POST" and request.endpoint in SELF_AUTHENTICATED_ENDPOINTS:
         return
     if request.mimetype in FORM_TYPES or "_user_id" in session:
         csrf.protect()

@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from circus.queue_runner.logs import log_path_for
+
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 64 * 1024
 
@@ -28,6 +30,20 @@ def resolve(log_dir: str, log_path: str | None) -> Path | None:
     if not path.is_absolute():
         path = Path(log_dir) / path
     return path if path.is_file() else None
+
+
+def running_log(log_dir: str, drv_path: str, step_id: int) -> Path | None:
+    """The plain log a running step is writing, before ``steps.log_path`` names it
+    (the queue runner records ``log_path`` when the step finishes)."""
+    if not drv_path or "\x00" in drv_path:
+        return None
+    path = log_path_for(log_dir, drv_path, step_id)
+    return path if path.is_file() else None
+
+
+def step_log(log_dir: str, log_path: str | None, drv_path: str, step_id: int) -> Path | None:
+    """A step's log file: the recorded one, else the one it is writing right now."""
+    return resolve(log_dir, log_path) or running_log(log_dir, drv_path, step_id)
 
 
 def is_compressed(path: Path) -> bool:
@@ -49,14 +65,15 @@ def read_chunks(path: Path) -> Iterator[bytes]:
 
 
 def follow(locate: Callable[[], tuple[Path | None, bool]], *, poll: float = 0.25,
-           timeout: float = 3600.0) -> Iterator[bytes]:
+           timeout: float = 3600.0, start: int = 0) -> Iterator[bytes]:
     """Yield a growing plain log as it grows, until the step is done.
 
     ``locate()`` returns ``(current log file, step finished)``. When the step
     finishes, the rest of its final log (which may now be compressed) is
-    yielded from the offset already sent.
+    yielded from the offset already sent. ``start`` skips bytes the reader
+    already has (offsets are of the uncompressed log).
     """
-    sent = 0
+    sent = max(0, start)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path, finished = locate()
@@ -82,3 +99,26 @@ def _skip(chunks: Iterator[bytes], offset: int) -> Iterator[bytes]:
             continue
         yield chunk[offset:]
         offset = 0
+
+
+def tail(path: Path, limit: int) -> tuple[bytes, int]:
+    """The last ``limit`` bytes of a log (decompressed) and the log's whole length.
+
+    A plain (running) log is read from its end; a compressed one is streamed
+    through, keeping only the last ``limit`` bytes in memory.
+    """
+    if not is_compressed(path):
+        size = os.path.getsize(path)
+        begin = max(0, size - limit)
+        with path.open("rb") as handle:
+            handle.seek(begin)
+            data = handle.read(size - begin)
+        return data, begin + len(data)
+    kept = bytearray()
+    total = 0
+    for chunk in read_chunks(path):
+        total += len(chunk)
+        kept += chunk
+        if len(kept) > 2 * limit:
+            del kept[:-limit]
+    return bytes(kept[-limit:]), total

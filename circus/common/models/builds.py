@@ -61,6 +61,8 @@ class Build(Base):
     closure_size: Mapped[int | None]
     #: machine, SSH builder or agent that built the top-level derivation
     machine: Mapped[str | None]
+    #: set (to the transaction time) whenever the build is queued (stepped), starts or
+    #: finishes; the notification collector turns it into notification tasks and clears it
     notification_pending_since: Mapped[datetime | None]
 
     evaluation: Mapped[Evaluation] = relationship()
@@ -80,6 +82,9 @@ class Build(Base):
         # the dispatcher's scan for builds that still need their steps computed
         Index("ix_builds_unstepped", "id",
               postgresql_where=text("status = 0 AND stepped_at IS NULL")),
+        # the notification collector's scan for builds with an unreported status change
+        Index("ix_builds_notification_pending", "notification_pending_since",
+              postgresql_where=text("notification_pending_since IS NOT NULL")),
     )
 
     @property

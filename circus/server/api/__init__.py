@@ -17,13 +17,14 @@ from circus.server.api import (
     misc,
     projects,
     users,
+    webhooks,
 )
 from circus.server.api.base import IdConverter, NameConverter, id_schema, name_schema
 from circus.server.api.schemas.common import ErrorSchema
 from circus.server.api.schemas.users import LoginSchema
 
 BLUEPRINTS = (projects.blp, evaluations.blp, builds.blp, buildfiles.blp, channels.blp,
-              users.blp, admin.blp, misc.blp)
+              users.blp, admin.blp, misc.blp, webhooks.blp)
 
 
 class CircusApi(Api):  # type: ignore[misc]
@@ -60,9 +61,11 @@ def init_app(app: Flask) -> CircusApi:
     )
     app.url_map.converters["id"] = IdConverter
     app.url_map.converters["name"] = NameConverter
+    app.url_map.converters["forge"] = webhooks.ForgeConverter
     api = CircusApi(app)
     api.register_converter(IdConverter, id_schema)
     api.register_converter(NameConverter, name_schema)
+    api.register_converter(webhooks.ForgeConverter, webhooks.forge_schema)
     # request bodies documented by hand (the login form) reference it by name
     api.spec.components.schema("Login", schema=LoginSchema)
     for blp in BLUEPRINTS:

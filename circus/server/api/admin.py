@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tomllib
-from pathlib import Path
 from typing import Any
 
 from flask.typing import ResponseReturnValue
-from pydantic import BaseModel
 from sqlalchemy import func, select, text
 
-from circus import __version__, audit
+from circus import __version__
 from circus.auth.permissions import Action, require_permission
-from circus.common.config import ConfigError, Settings, load_settings
-from circus.common.configbase import SettingsModel, validate_sections
-from circus.common.enums import NotificationTaskStatus
-from circus.common.errors import Conflict, InvalidInput, NotFound
+from circus.common.errors import NotFound
 from circus.common.heartbeat import freshness
 from circus.common.models import (
     AuditLog,
@@ -30,8 +23,9 @@ from circus.common.models import (
     Step,
     User,
 )
-from circus.common.models.base import utcnow
 from circus.machines import service as machines
+from circus.notifications import service as notifications
+from circus.server import configfile
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.schemas.admin import (
     AuditFilterSchema,
@@ -54,9 +48,6 @@ from circus.server.context import db_session, settings
 
 blp = Blueprint("admin", __name__, url_prefix="/api/v1/admin",
                 description="Administration (admin role)")
-
-REDACTED = "<redacted>"
-
 
 def _admin(action: Action = Action.admin_access) -> None:
     require_permission(db_session(), current_actor(), action)
@@ -168,20 +159,11 @@ def notification_tasks(args: dict[str, Any]) -> Any:
 @blp.post("/notification-tasks/<id:task_id>/retry")
 @blp.response(200, NotificationTaskSchema)
 def retry_notification(task_id: int) -> Any:
-    """Put a failed (or stuck) task back to pending with a fresh attempt budget."""
+    """Put a failed (or stuck) task back to pending with a fresh attempt budget; it is
+    delivered right away."""
     _admin()
     session = db_session()
-    task = session.get(NotificationTask, task_id)
-    if task is None:
-        raise NotFound(f"no notification task {task_id}")
-    if task.status is NotificationTaskStatus.completed:
-        raise Conflict("the task already completed")
-    task.status = NotificationTaskStatus.pending
-    task.attempts = 0
-    task.next_retry_at = utcnow()
-    task.last_error = None
-    audit.record(session, current_actor(), "notification_task.retry",
-                 f"notification_task:{task_id}")
+    task = notifications.retry(session, current_actor(), task_id)
     session.commit()
     return task
 
@@ -232,41 +214,13 @@ def system() -> Any:
                          "gateway": config.queue_runner.rpc.bind}}
 
 
-def redact(model: BaseModel) -> dict[str, Any]:
-    """The settings as JSON with every secret (and database URL) replaced."""
-    out: dict[str, Any] = {}
-    secret = model.secret_fields if isinstance(model, SettingsModel) else ()
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if name in secret and value:
-            out[name] = REDACTED if not isinstance(value, list) else [REDACTED] * len(value)
-        else:
-            out[name] = _redact_value(value)
-    return out
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return redact(value)
-    if isinstance(value, list):
-        return [_redact_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _redact_value(v) for k, v in value.items()}
-    if hasattr(value, "value") and not isinstance(value, bool | int | float | str):
-        return value.value
-    return value
-
-
-def _config_file() -> str | None:
-    return os.environ.get("CIRCUS_CONFIG_FILE")
-
-
 @blp.get("/config")
 @blp.response(200, ConfigSchema)
 def get_config() -> Any:
     _admin()
-    return {"config": redact(settings()), "editable": settings().server.config_editor_enabled,
-            "config_file": _config_file()}
+    return {"config": configfile.redact(settings()),
+            "editable": settings().server.config_editor_enabled,
+            "config_file": configfile.config_file()}
 
 
 @blp.put("/config")
@@ -277,30 +231,7 @@ def put_config(data: dict[str, Any]) -> Any:
 
     Only when ``server.config_editor_enabled``; other settings take effect on restart.
     """
-    _admin()
-    if not settings().server.config_editor_enabled:
-        raise Conflict("the configuration editor is disabled",
-                       {"hint": "set server.config_editor_enabled = true"})
-    path = _config_file()
-    if not path:
-        raise Conflict("the server was started without CIRCUS_CONFIG_FILE; nothing to write")
-    try:
-        raw = tomllib.loads(data["toml"])
-        validate_sections(Settings, raw)
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidInput("not valid TOML", {"toml": [str(exc)]}) from exc
-    except ConfigError as exc:
-        raise InvalidInput("invalid configuration",
-                           {"toml": [str(p) for p in exc.problems]}) from exc
-    target = Path(path)
-    temporary = target.with_name(target.name + ".new")
-    temporary.write_text(data["toml"])
-    temporary.replace(target)
-    from circus.declarative import apply_declarative
-
     session = db_session()
-    summary = apply_declarative(session, load_settings(files=[target]),
-                                actor=current_actor())
-    audit.record(session, current_actor(), "config.update", f"file:{target}")
+    result = configfile.replace(session, current_actor(), settings(), data["toml"])
     session.commit()
-    return {"written": str(target), "declarative": summary, "restart_required": True}
+    return result

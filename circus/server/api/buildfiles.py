@@ -46,8 +46,8 @@ def _locate(step_id: int) -> tuple[Path | None, bool]:
         step = session.get(Step, step_id)
         if step is None:
             return None, True
-        return (logfiles.resolve(settings().logs.log_dir, step.log_path),
-                step.state is StepState.done)
+        return (logfiles.step_log(settings().logs.log_dir, step.log_path, step.drv_path,
+                                  step.id), step.state is StepState.done)
 
 
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}

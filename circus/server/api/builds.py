@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from circus import audit
-from circus.auth.permissions import Action, require_permission
 from circus.common.enums import BuildStatus, StepState
-from circus.common.models import Build, BuildConstituent, BuildDependency, BuildStep, Step
-from circus.queue_runner import service as queue_runner
+from circus.common.models import Build, BuildConstituent, BuildDependency, Step
+from circus.server.actions import BuildAction, act_on_build
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.queries import filter_builds, get_build
+from circus.server.api.queries import build_steps, filter_builds, get_build
 from circus.server.api.schemas.builds import (
     BuildFilterSchema,
     BuildSchema,
@@ -83,62 +79,39 @@ def get_build_view(build_id: int) -> Any:
     return get_build(db_session(), build_id)
 
 
-def _act(build_id: int, action: Action, audit_action: str, call: Any) -> Build:
+def _act(build_id: int, action: BuildAction) -> Build:
     session = db_session()
-    actor = current_actor()
-    build = get_build(session, build_id)
-    require_permission(session, actor, action, build.project_id)
-    result: Build = call(session)
-    audit.record(session, actor, audit_action, f"build:{build_id}")
+    build = act_on_build(session, current_actor(), build_id, action)
     session.commit()
-    return result
+    return build
 
 
 @blp.post(B + "/cancel")
 @blp.response(200, BuildSchema)
 def cancel(build_id: int) -> Any:
-    return _act(build_id, Action.build_cancel, "build.cancel",
-                lambda s: queue_runner.cancel_build(s, build_id,
-                                                    reason=f"cancelled by {current_actor().label}"))
+    return _act(build_id, BuildAction.cancel)
 
 
 @blp.post(B + "/restart")
 @blp.response(200, BuildSchema)
 def restart(build_id: int) -> Any:
-    return _act(build_id, Action.build_restart, "build.restart",
-                lambda s: queue_runner.restart_build(s, build_id))
+    return _act(build_id, BuildAction.restart)
 
 
 @blp.post(B + "/bump")
 @blp.response(200, BuildSchema)
 def bump(build_id: int) -> Any:
-    return _act(build_id, Action.build_bump, "build.bump",
-                lambda s: queue_runner.bump_build(s, build_id))
+    return _act(build_id, BuildAction.bump)
 
 
 @blp.put(B + "/keep/<any(true,false):keep>")
 @blp.response(200, BuildSchema)
 def keep(build_id: int, keep: str) -> Any:
-    flag = keep == "true"
-    return _act(build_id, Action.build_keep, f"build.{'keep' if flag else 'unkeep'}",
-                lambda s: queue_runner.set_keep(s, build_id, flag))
+    return _act(build_id, BuildAction.keep if keep == "true" else BuildAction.unkeep)
 
 
 # ---------------------------------------------------------------------------
 # steps and relations
-
-
-def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
-    rows = session.execute(
-        select(BuildStep, Step).join(Step, Step.id == BuildStep.step_id)
-        .where(BuildStep.build_id == build_id).order_by(BuildStep.step_nr))
-    return [SimpleNamespace(
-        step_id=step.id, build_id=bs.build_id, step_nr=bs.step_nr, drv_path=bs.drv_path,
-        is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
-        machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
-        propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
-        finished_at=step.finished_at, log_size=step.log_size, has_log=bool(step.log_path),
-    ) for bs, step in rows]
 
 
 @blp.get(B + "/steps")

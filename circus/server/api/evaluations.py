@@ -8,12 +8,10 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from circus import audit
-from circus.auth.permissions import Action, require_permission
-from circus.common.enums import TriggerKind
 from circus.common.models import Evaluation
 from circus.evaluator import service as evaluator
 from circus.projects import service as projects
+from circus.server import actions
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.queries import build_counts, filter_evaluations, get_evaluation
 from circus.server.api.schemas.builds import (
@@ -68,12 +66,7 @@ def trigger(data: dict[str, Any]) -> Any:
     else:
         project = projects.get_project(session, data["project"])
         jobset = projects.get_jobset(session, project, data["jobset"])
-    require_permission(session, actor, Action.evaluation_trigger, jobset.project_id)
-    evaluation, created = evaluator.trigger(session, jobset.id, TriggerKind.manual,
-                                            requested_by=actor.label)
-    session.flush()
-    audit.record(session, actor, "evaluation.trigger", f"jobset:{jobset.id}",
-                 {"evaluation_id": evaluation.id, "created": created})
+    evaluation, _ = actions.trigger_evaluation(session, actor, jobset)
     session.commit()
     return _with_counts([evaluation])[0]
 
@@ -82,11 +75,7 @@ def trigger(data: dict[str, Any]) -> Any:
 @blp.response(200, EvaluationSchema)
 def cancel(evaluation_id: int) -> ResponseReturnValue:
     session = db_session()
-    actor = current_actor()
-    evaluation = get_evaluation(session, evaluation_id)
-    require_permission(session, actor, Action.evaluation_cancel, evaluation.jobset.project_id)
-    evaluation = evaluator.cancel_evaluation(session, evaluation_id)
-    audit.record(session, actor, "evaluation.cancel", f"evaluation:{evaluation_id}")
+    evaluation = actions.cancel_evaluation(session, current_actor(), evaluation_id)
     session.commit()
     return _with_counts([evaluation])[0]  # type: ignore[return-value]
 

@@ -6,22 +6,15 @@ from datetime import timedelta
 from typing import Any
 
 from flask.typing import ResponseReturnValue
-from sqlalchemy import Float, cast, func, or_, select
+from sqlalchemy import Float, cast, func, select
 
-from circus import audit
-from circus.auth.permissions import Action, require_permission
-from circus.common.enums import BuildStatus
-from circus.common.errors import NotFound
 from circus.common.models import (
     Build,
-    BuilderSession,
-    BuildOutput,
-    Jobset,
     News,
-    Project,
-    RemoteBuilder,
 )
 from circus.common.models.base import utcnow
+from circus.server import actions
+from circus.server.api import queries
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.schemas.admin import (
     NewsCreateSchema,
@@ -45,50 +38,7 @@ blp = Blueprint("misc", __name__, url_prefix="/api/v1",
 @blp.response(200, SearchResultSchema)
 def search(args: dict[str, Any]) -> Any:
     """Projects, jobsets, jobs, builds (by id) and store paths matching ``q``."""
-    session = db_session()
-    q, limit = args["q"].strip(), args["limit"]
-    projects = session.scalars(select(Project).where(or_(
-        Project.name.icontains(q, autoescape=True),
-        Project.description.icontains(q, autoescape=True))).order_by(Project.name).limit(limit))
-    jobsets = session.scalars(select(Jobset).where(Jobset.name.icontains(q, autoescape=True))
-                              .order_by(Jobset.name).limit(limit))
-    jobs = session.execute(
-        select(Build.jobset_id, Build.job_name, func.max(Build.id), func.min(Build.project_id))
-        .where(Build.job_name.icontains(q, autoescape=True))
-        .group_by(Build.jobset_id, Build.job_name).order_by(Build.job_name).limit(limit))
-    builds: list[dict[str, Any]] = []
-    if q.isdigit() and len(q) < 19:
-        build = session.get(Build, int(q))
-        if build is not None:
-            builds.append(_build_hit(build))
-    if q.startswith("/nix/store/") or len(q) >= 8:
-        builds += [_build_hit(b) for b in session.scalars(
-            select(Build).where(Build.drv_path.startswith(q if q.startswith("/") else
-                                                          f"/nix/store/{q}", autoescape=True))
-            .order_by(Build.id.desc()).limit(limit))]
-    paths: Any = session.execute(
-        select(BuildOutput.path, BuildOutput.build_id).where(
-            BuildOutput.path.startswith(q if q.startswith("/") else f"/nix/store/{q}",
-                                        autoescape=True))
-        .order_by(BuildOutput.build_id.desc()).limit(limit)) if len(q) >= 3 else []
-    return {
-        "query": q,
-        "projects": [{"kind": "project", "id": p.id, "name": p.name, "project_id": p.id}
-                     for p in projects],
-        "jobsets": [{"kind": "jobset", "id": j.id, "name": j.name, "project_id": j.project_id,
-                     "jobset_id": j.id} for j in jobsets],
-        "jobs": [{"kind": "job", "id": None, "name": name, "jobset_id": jobset_id,
-                  "project_id": project_id, "build_id": build_id}
-                 for jobset_id, name, build_id, project_id in jobs],
-        "builds": builds[:limit],
-        "store_paths": [{"kind": "store_path", "id": None, "name": path, "build_id": build_id}
-                        for path, build_id in paths],
-    }
-
-
-def _build_hit(build: Build) -> dict[str, Any]:
-    return {"kind": "build", "id": build.id, "name": build.job_name, "build_id": build.id,
-            "project_id": build.project_id, "jobset_id": build.jobset_id}
+    return queries.search(db_session(), args["q"], args["limit"])
 
 
 # ---------------------------------------------------------------------------
@@ -107,12 +57,8 @@ def list_news(args: dict[str, Any]) -> Any:
 @blp.response(201, NewsSchema)
 def create_news(data: dict[str, Any]) -> Any:
     session = db_session()
-    actor = current_actor()
-    require_permission(session, actor, Action.news_manage)
-    item = News(title=data["title"], contents=data["contents"], author_id=actor.user_id)
-    session.add(item)
-    session.flush()
-    audit.record(session, actor, "news.create", f"news:{item.id}", {"title": item.title})
+    item = actions.create_news(session, current_actor(), title=data["title"],
+                               contents=data["contents"])
     session.commit()
     return item
 
@@ -121,13 +67,7 @@ def create_news(data: dict[str, Any]) -> Any:
 @blp.response(204)
 def delete_news(news_id: int) -> ResponseReturnValue:
     session = db_session()
-    actor = current_actor()
-    require_permission(session, actor, Action.news_manage)
-    item = session.get(News, news_id)
-    if item is None:
-        raise NotFound(f"no news item {news_id}")
-    session.delete(item)
-    audit.record(session, actor, "news.delete", f"news:{news_id}")
+    actions.delete_news(session, current_actor(), news_id)
     session.commit()
     return ""
 
@@ -140,26 +80,7 @@ def delete_news(news_id: int) -> ResponseReturnValue:
 @blp.response(200, SystemsMetricsSchema)
 def systems() -> Any:
     """Per system: queued, running, succeeded and failed builds, and machines serving it."""
-    session = db_session()
-    rows = session.execute(select(Build.system, Build.status, func.count())
-                           .group_by(Build.system, Build.status))
-    table: dict[str, dict[str, int]] = {}
-    for system, status, count in rows:
-        entry = table.setdefault(system, {"pending": 0, "running": 0, "succeeded": 0,
-                                          "failed": 0, "machines": 0})
-        if status in (BuildStatus.pending, BuildStatus.running, BuildStatus.succeeded):
-            entry[status.name] += count
-        else:
-            entry["failed"] += count
-    machines: list[list[str]] = [list(s) for s in session.scalars(
-        select(RemoteBuilder.systems).where(RemoteBuilder.enabled.is_(True)))]
-    machines += [list(s) for s in session.scalars(
-        select(BuilderSession.systems).where(BuilderSession.connected.is_(True)))]
-    for systems_of_machine in machines:
-        for system in systems_of_machine:
-            table.setdefault(system, {"pending": 0, "running": 0, "succeeded": 0, "failed": 0,
-                                      "machines": 0})["machines"] += 1
-    return {"systems": [{"system": s, **v} for s, v in sorted(table.items())]}
+    return {"systems": queries.systems_summary(db_session())}
 
 
 def _series(args: dict[str, Any], value: Any, grouped_by_status: bool) -> dict[str, Any]:

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from circus.common.enums import BuildStatus
+from circus.common.enums import BuildStatus, StepState
 from circus.common.errors import NotFound
-from circus.common.models import Build, Evaluation, EvaluationBuild, Jobset
+from circus.common.models import (
+    Build,
+    BuilderSession,
+    BuildOutput,
+    BuildStep,
+    Evaluation,
+    EvaluationBuild,
+    Jobset,
+    Project,
+    RemoteBuilder,
+    Step,
+)
 
 
 def filter_builds(query: Any, args: dict[str, Any]) -> Any:
@@ -51,19 +63,21 @@ def filter_evaluations(query: Any, args: dict[str, Any]) -> Any:
 
 
 def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, dict[str, int]]:
-    """Builds of each evaluation by status name, in one query."""
+    """Builds of each evaluation by status name, in one query.
+
+    Membership is ``evaluation_builds``: the importer writes a row for every build of
+    an evaluation, new or reused (a union with ``builds.evaluation_id`` cost twice as
+    much for the same answer).
+    """
     ids = list(evaluation_ids)
     counts: dict[int, dict[str, int]] = defaultdict(dict)
     if not ids:
         return counts
-    members = (select(EvaluationBuild.evaluation_id.label("eid"), EvaluationBuild.build_id)
-               .where(EvaluationBuild.evaluation_id.in_(ids))
-               .union(select(Build.evaluation_id.label("eid"), Build.id)
-                      .where(Build.evaluation_id.in_(ids)))).subquery()
     rows = session.execute(
-        select(members.c.eid, Build.status, func.count())
-        .join(Build, Build.id == members.c.build_id)
-        .group_by(members.c.eid, Build.status))
+        select(EvaluationBuild.evaluation_id, Build.status, func.count())
+        .join(Build, Build.id == EvaluationBuild.build_id)
+        .where(EvaluationBuild.evaluation_id.in_(ids))
+        .group_by(EvaluationBuild.evaluation_id, Build.status))
     for eid, status, count in rows:
         counts[eid][status.name] = count
     return counts
@@ -81,3 +95,91 @@ def get_build(session: Session, build_id: int) -> Build:
     if build is None:
         raise NotFound(f"no build with id {build_id}")
     return build
+
+
+def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
+    """Every step a build waited for, in order, with the step's state (one query)."""
+    rows = session.execute(
+        select(BuildStep, Step).join(Step, Step.id == BuildStep.step_id)
+        .where(BuildStep.build_id == build_id).order_by(BuildStep.step_nr))
+    return [SimpleNamespace(
+        step_id=step.id, build_id=bs.build_id, step_nr=bs.step_nr, drv_path=bs.drv_path,
+        is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
+        machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
+        propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
+        finished_at=step.finished_at, log_size=step.log_size,
+        # a running step writes its log before log_path records it
+        has_log=bool(step.log_path) or step.state is StepState.running,
+    ) for bs, step in rows]
+
+
+def search(session: Session, q: str, limit: int) -> dict[str, Any]:
+    """Projects, jobsets, jobs, builds (by id or drv path) and store paths matching ``q``."""
+    q = q.strip()
+    projects = session.scalars(select(Project).where(or_(
+        Project.name.icontains(q, autoescape=True),
+        Project.description.icontains(q, autoescape=True))).order_by(Project.name).limit(limit))
+    jobsets = session.scalars(select(Jobset).where(Jobset.name.icontains(q, autoescape=True))
+                              .order_by(Jobset.name).limit(limit))
+    jobs = session.execute(
+        select(Build.jobset_id, Build.job_name, func.max(Build.id), func.min(Build.project_id))
+        .where(Build.job_name.icontains(q, autoescape=True))
+        .group_by(Build.jobset_id, Build.job_name).order_by(Build.job_name).limit(limit))
+    builds: list[dict[str, Any]] = []
+    if q.isdigit() and len(q) < 19:
+        build = session.get(Build, int(q))
+        if build is not None:
+            builds.append(_build_hit(build))
+    if q.startswith("/nix/store/") or len(q) >= 8:
+        builds += [_build_hit(b) for b in session.scalars(
+            select(Build).where(Build.drv_path.startswith(q if q.startswith("/") else
+                                                          f"/nix/store/{q}", autoescape=True))
+            .order_by(Build.id.desc()).limit(limit))]
+    paths: Any = session.execute(
+        select(BuildOutput.path, BuildOutput.build_id).where(
+            BuildOutput.path.startswith(q if q.startswith("/") else f"/nix/store/{q}",
+                                        autoescape=True))
+        .order_by(BuildOutput.build_id.desc()).limit(limit)) if len(q) >= 3 else []
+    return {
+        "query": q,
+        "projects": [{"kind": "project", "id": p.id, "name": p.name, "project_id": p.id}
+                     for p in projects],
+        "jobsets": [{"kind": "jobset", "id": j.id, "name": j.name, "project_id": j.project_id,
+                     "jobset_id": j.id} for j in jobsets],
+        "jobs": [{"kind": "job", "id": None, "name": name, "jobset_id": jobset_id,
+                  "project_id": project_id, "build_id": build_id}
+                 for jobset_id, name, build_id, project_id in jobs],
+        "builds": builds[:limit],
+        "store_paths": [{"kind": "store_path", "id": None, "name": path, "build_id": build_id}
+                        for path, build_id in paths],
+    }
+
+
+def _build_hit(build: Build) -> dict[str, Any]:
+    return {"kind": "build", "id": build.id, "name": build.job_name, "build_id": build.id,
+            "project_id": build.project_id, "jobset_id": build.jobset_id}
+
+
+def systems_summary(session: Session) -> list[dict[str, Any]]:
+    """Per system: queued, running, succeeded and failed builds, and machines serving it."""
+    rows = session.execute(select(Build.system, Build.status, func.count())
+                           .group_by(Build.system, Build.status))
+    table: dict[str, dict[str, int]] = {}
+
+    def entry(system: str) -> dict[str, int]:
+        return table.setdefault(system, {"pending": 0, "running": 0, "succeeded": 0,
+                                         "failed": 0, "machines": 0})
+
+    for system, status, count in rows:
+        if status in (BuildStatus.pending, BuildStatus.running, BuildStatus.succeeded):
+            entry(system)[status.name] += count
+        else:
+            entry(system)["failed"] += count
+    machines: list[list[str]] = [list(s) for s in session.scalars(
+        select(RemoteBuilder.systems).where(RemoteBuilder.enabled.is_(True)))]
+    machines += [list(s) for s in session.scalars(
+        select(BuilderSession.systems).where(BuilderSession.connected.is_(True)))]
+    for systems_of_machine in machines:
+        for system in systems_of_machine:
+            entry(system)["machines"] += 1
+    return [{"system": s, **v} for s, v in sorted(table.items())]

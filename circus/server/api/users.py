@@ -38,7 +38,7 @@ from circus.server.api.schemas.users import (
     UserSchema,
     UserUpdateSchema,
 )
-from circus.server.auth import current_actor, log_in, log_out
+from circus.server.auth import current_actor, log_out, password_login
 from circus.server.context import db_session
 
 blp = Blueprint("users", __name__, url_prefix="/api/v1",
@@ -255,18 +255,10 @@ def login() -> Any:
     except ValidationError as exc:
         messages: Any = exc.messages
         raise InvalidInput("invalid input: " + ", ".join(messages), {"json": messages}) from exc
-    session = db_session()
-    user = service.authenticate_password(session, data["username"], data["password"])
-    actor = Actor(ActorKind.anonymous, name=data["username"], remote_addr=request.remote_addr)
+    user = password_login(data["username"], data["password"])
     if user is None:
-        audit.record(session, actor, "auth.login_failed", f"user:{data['username']}")
-        session.commit()
         raise Unauthenticated("invalid username or password")
-    token = log_in(user)
-    audit.record(session, Actor(ActorKind.user, name=user.username, user_id=user.id,
-                                remote_addr=request.remote_addr), "auth.login",
-                 f"user:{user.username}")
-    session.commit()
+    token = generate_csrf()
     return {"user": user, "csrf_token": token}
 
 

@@ -1,0 +1,1 @@
+"""Outbound notifications: commit statuses, webhooks, Slack and email for build events."""

@@ -1,0 +1,321 @@
+"""What every notification target shares: events, the interface, errors, HTTP, repositories.
+
+A target (one module per kind: github, gitea, gitlab, webhook, slack, email)
+turns one *delivery* — a build event snapshot plus the project's notification
+config — into one request to the outside world. Targets never touch the
+database; :mod:`circus.notifications.service` does (claim, back-off, outcome).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import requests
+
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus, NotificationType
+
+
+class Event(StrEnum):
+    """What happened to the build (the payload's ``event``)."""
+
+    #: the queue runner computed its steps: it waits for a builder
+    queued = "queued"
+    #: one of its steps started
+    started = "started"
+    #: it reached a final status (``payload.build.status``)
+    finished = "finished"
+
+    @classmethod
+    def of(cls, status: BuildStatus) -> Event:
+        if status is BuildStatus.pending:
+            return cls.queued
+        if status is BuildStatus.running:
+            return cls.started
+        return cls.finished
+
+
+class DeliveryError(Exception):
+    """A delivery failed. ``permanent``: retrying cannot help (bad config, 4xx answer)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One notification to send: the event snapshot and the config it goes to."""
+
+    settings: Settings
+    #: the ``notification_configs`` row's JSON (may carry tokens: never log it)
+    config: Mapping[str, Any]
+    #: the event snapshot made by the collector (see ``service.build_payload``)
+    payload: Mapping[str, Any]
+
+    @property
+    def event(self) -> Event:
+        return Event(self.payload["event"])
+
+    @property
+    def build(self) -> Mapping[str, Any]:
+        build: Mapping[str, Any] = self.payload["build"]
+        return build
+
+    @property
+    def status(self) -> BuildStatus:
+        return BuildStatus(int(self.build["status_code"]))
+
+    @property
+    def commit(self) -> str:
+        commit = self.payload.get("commit")
+        if not commit:
+            raise DeliveryError("the evaluation recorded no commit hash", permanent=True)
+        return str(commit)
+
+    @property
+    def target_url(self) -> str:
+        return str(self.build["url"])
+
+    @property
+    def context(self) -> str:
+        """The status check's name: ``circus/<project>/<jobset>/<job>`` (prefix configurable)."""
+        prefix = str(self.config.get("context") or "circus")
+        payload = self.payload
+        return f"{prefix}/{payload['project']}/{payload['jobset']}/{self.build['job_name']}"
+
+    @property
+    def description(self) -> str:
+        return describe(self.event, self.status)
+
+    def repository(self) -> Repository:
+        """The config's ``repository`` (``owner/name`` or a URL), else the project's URL."""
+        configured = self.config.get("repository")
+        if configured:
+            text = str(configured)
+            if "://" not in text and not text.startswith("git@") and ":" not in text:
+                return Repository(None, None, text.strip("/"))
+            return parse_repository(text)
+        url = self.payload.get("repository_url") or ""
+        if not url:
+            raise DeliveryError("the project has no repository_url and the config names no "
+                                "repository", permanent=True)
+        return parse_repository(str(url))
+
+    def secret(self, key: str, default: str | None) -> str | None:
+        """A config secret (``key`` or ``<key>_file``), else ``default`` (the global one)."""
+        value = self.config.get(key)
+        if value:
+            return str(value)
+        path = self.config.get(f"{key}_file")
+        if path:
+            try:
+                return Path(str(path)).read_text().strip()
+            except OSError as exc:
+                raise DeliveryError(f"cannot read {key}_file: {exc.strerror}",
+                                    permanent=True) from None
+        return default
+
+
+class Target(Protocol):
+    """A kind of notification (one per :class:`NotificationType`)."""
+
+    type: NotificationType
+    #: a newer event replaces an older one (commit statuses): stale tasks are skipped
+    #: and deliveries for one (build, config) never overlap
+    supersedes: bool
+
+    def problems(self, config: Mapping[str, Any]) -> list[str]:
+        """What is wrong with a config (checked when it is created through the API)."""
+        ...
+
+    def wants(self, settings: Settings, config: Mapping[str, Any], event: Event,
+              status: BuildStatus) -> bool:
+        """Whether this event is worth a notification (filters such as on_failure_only)."""
+        ...
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Send it; raise :class:`DeliveryError` on failure."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# statuses
+
+
+def describe(event: Event, status: BuildStatus) -> str:
+    if event is Event.queued:
+        return "queued"
+    if event is Event.started:
+        return "building"
+    return {
+        BuildStatus.succeeded: "build succeeded",
+        BuildStatus.failed: "build failed",
+        BuildStatus.dependency_failed: "a dependency failed to build",
+        BuildStatus.aborted: "build aborted",
+        BuildStatus.cancelled: "build cancelled",
+        BuildStatus.failed_with_output: "build failed (with output)",
+        BuildStatus.timeout: "build timed out",
+        BuildStatus.cached_failure: "build failed (cached failure)",
+        BuildStatus.unsupported_system: "no builder supports this system",
+        BuildStatus.log_limit_exceeded: "build log limit exceeded",
+        BuildStatus.nar_size_limit_exceeded: "output size limit exceeded",
+        BuildStatus.non_deterministic: "build is not deterministic",
+        BuildStatus.oom_killed: "build was killed (out of memory)",
+    }.get(status, status.name)
+
+
+def is_infrastructure(status: BuildStatus) -> bool:
+    """Outcomes that say nothing about the code (forges call these ``error``)."""
+    return status in (BuildStatus.aborted, BuildStatus.cancelled,
+                      BuildStatus.unsupported_system)
+
+
+def commit_state(event: Event, status: BuildStatus) -> str:
+    """GitHub, Gitea and Forgejo states: pending, success, failure, error."""
+    if event is not Event.finished:
+        return "pending"
+    if status is BuildStatus.succeeded:
+        return "success"
+    return "error" if is_infrastructure(status) else "failure"
+
+
+def is_failure(status: BuildStatus) -> bool:
+    return status.is_finished and status is not BuildStatus.succeeded
+
+
+def flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key)
+    return default if value is None else bool(value)
+
+
+# ---------------------------------------------------------------------------
+# config checks
+
+
+def url_problem(config: Mapping[str, Any], key: str, *, required: bool = False) -> list[str]:
+    value = config.get(key)
+    if value is None:
+        return [f"{key} is required"] if required else []
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("http", "https") \
+            or not urlsplit(value).netloc:
+        return [f"{key} must be an http(s) URL"]
+    return []
+
+
+def string_problem(config: Mapping[str, Any], *keys: str) -> list[str]:
+    return [f"{key} must be a string" for key in keys
+            if key in config and not isinstance(config[key], str)]
+
+
+def bool_problem(config: Mapping[str, Any], *keys: str) -> list[str]:
+    return [f"{key} must be true or false" for key in keys
+            if key in config and not isinstance(config[key], bool)]
+
+
+# ---------------------------------------------------------------------------
+# repositories
+
+
+@dataclass(frozen=True)
+class Repository:
+    """Where a repository lives: ``scheme://host`` (when known) and its path on the forge."""
+
+    scheme: str | None
+    host: str | None
+    #: ``owner/name`` (GitLab: ``group/subgroup/name``)
+    path: str
+
+    @property
+    def web_base(self) -> str | None:
+        """``https://host`` of the forge (for Gitea/Forgejo API URLs)."""
+        if self.host is None:
+            return None
+        return f"{self.scheme if self.scheme in ('http', 'https') else 'https'}://{self.host}"
+
+    def owner_and_name(self) -> tuple[str, str]:
+        parts = self.path.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise DeliveryError(f"repository {self.path!r} is not owner/name", permanent=True)
+        return parts[0], parts[1]
+
+
+_SCP = re.compile(r"^(?:[^@/]+@)?(?P<host>[^:/]+):(?P<path>[^/].*)$")
+_SHORTHANDS = {"github": "github.com", "gitlab": "gitlab.com", "sourcehut": "git.sr.ht"}
+
+
+def parse_repository(url: str) -> Repository:
+    """``https://host/o/n(.git)``, ``git+https://…``, ``ssh://git@host/o/n``,
+    ``git@host:o/n.git``, ``github:o/n`` → :class:`Repository`."""
+    text = url.strip()
+    if text.startswith("git+"):
+        text = text[4:]
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme in _SHORTHANDS and not rest.startswith("//"):
+        path = rest.split("?", 1)[0].strip("/")
+        return Repository("https", _SHORTHANDS[scheme], _clean(path))
+    if "://" in text:
+        parts = urlsplit(text)
+        host = parts.hostname
+        if host is None:
+            raise DeliveryError(f"cannot tell the forge from repository URL {url!r}",
+                                permanent=True)
+        if parts.port and parts.scheme in ("http", "https"):
+            host = f"{host}:{parts.port}"
+        return Repository(parts.scheme, host, _clean(parts.path))
+    match = _SCP.match(text)
+    if match:
+        return Repository("ssh", match["host"], _clean(match["path"]))
+    raise DeliveryError(f"cannot tell the forge from repository URL {url!r}", permanent=True)
+
+
+def _clean(path: str) -> str:
+    path = path.strip("/")
+    if path.endswith(".git"):
+        path = path[:-4]
+    if not path:
+        raise DeliveryError("the repository URL names no repository", permanent=True)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+
+#: answers worth retrying even though they are 4xx
+RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+
+
+def post(label: str, url: str, *, settings: Settings, json: Any = None,
+         data: bytes | None = None, headers: Mapping[str, str] | None = None,
+         params: Mapping[str, str] | None = None) -> requests.Response:
+    """POST and raise :class:`DeliveryError` unless the answer is 2xx.
+
+    Errors name ``label`` and the host, never the URL: webhook URLs (Slack's) are
+    secrets themselves, and tokens travel in headers that are never echoed.
+    """
+    host = urlsplit(url).netloc.rpartition("@")[2]
+    try:
+        response = requests.post(url, json=json, data=data, headers=dict(headers or {}),
+                                 params=params, timeout=settings.notifications.http_timeout,
+                                 allow_redirects=False)
+    except requests.Timeout:
+        raise DeliveryError(f"{label} ({host}): no answer within "
+                            f"{settings.notifications.http_timeout} s") from None
+    except requests.RequestException as exc:
+        raise DeliveryError(f"{label} ({host}): request failed ({type(exc).__name__})") from None
+    if 200 <= response.status_code < 300:
+        return response
+    body = response.text[:300].strip().replace("\n", " ")
+    message = f"{label} ({host}) answered {response.status_code}: {body}"
+    status = response.status_code
+    # GitHub's rate limits are 403s with a Retry-After or an exhausted quota
+    rate_limited = status == 403 and (response.headers.get("Retry-After") is not None or
+                                      response.headers.get("X-RateLimit-Remaining") == "0")
+    permanent = 400 <= status < 500 and status not in RETRYABLE_4XX and not rate_limited
+    raise DeliveryError(message, permanent=permanent)

@@ -1,0 +1,52 @@
+"""Celery tasks of notifications: thin shells around :mod:`circus.notifications.service`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from celery import shared_task
+
+from circus.common.celery import DbTask
+from circus.notifications import service
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: collector transactions per run at most (each takes service.COLLECT_BATCH builds)
+MAX_BATCHES = 10
+
+
+def _task(name: str) -> Callable[[F], F]:
+    return cast(Callable[[F], F],
+                shared_task(base=DbTask, bind=True, name=name, ignore_result=True))
+
+
+@_task("circus.notifications.tasks.deliver")
+def deliver(self: DbTask, task_id: int, attempt: int | None = None) -> str:
+    return service.deliver(self.session, self.settings, task_id, attempt)
+
+
+@_task("circus.notifications.tasks.collect_events")
+def collect_events(self: DbTask) -> int:
+    created = 0
+    for _ in range(MAX_BATCHES):
+        result = service.collect_events(self.session, self.settings)
+        self.session.commit()
+        created += len(result.task_ids)
+        if result.builds < service.COLLECT_BATCH:
+            break
+    return created
+
+
+@_task("circus.notifications.tasks.retry_due")
+def retry_due(self: DbTask) -> int:
+    due = service.retry_due(self.session, self.settings)
+    self.session.commit()
+    return len(due)
+
+
+@_task("circus.notifications.tasks.cleanup")
+def cleanup(self: DbTask) -> int:
+    deleted = service.cleanup(self.session, self.settings)
+    self.session.commit()
+    return deleted

@@ -1,0 +1,238 @@
+"""How values look on every page: status badges, times, durations, sizes, paths.
+
+One table per kind of status, so a colour and an icon mean the same thing
+everywhere. Every badge carries its text too (colour is never the only cue).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Flask, request, url_for
+from markupsafe import Markup, escape
+
+from circus.common.enums import BuildStatus, EvaluationStatus, NotificationTaskStatus, StepState
+
+#: css class, icon, label
+Style = tuple[str, str, str]
+
+_FAILED = "failed"
+BUILD_STYLES: dict[BuildStatus, Style] = {
+    BuildStatus.pending: ("queued", "◷", "queued"),
+    BuildStatus.running: ("running", "▶", "running"),
+    BuildStatus.succeeded: ("ok", "✔", "succeeded"),
+    BuildStatus.failed: (_FAILED, "✘", "failed"),
+    BuildStatus.dependency_failed: ("depfailed", "⚠", "dependency failed"),
+    BuildStatus.aborted: ("aborted", "!", "aborted"),
+    BuildStatus.cancelled: ("cancelled", "⊘", "cancelled"),
+    BuildStatus.failed_with_output: (_FAILED, "✘", "failed with output"),
+    BuildStatus.timeout: (_FAILED, "⌛", "timed out"),
+    BuildStatus.cached_failure: ("depfailed", "✘", "cached failure"),
+    BuildStatus.unsupported_system: ("aborted", "∅", "unsupported system"),
+    BuildStatus.log_limit_exceeded: (_FAILED, "✘", "log limit exceeded"),
+    BuildStatus.nar_size_limit_exceeded: (_FAILED, "✘", "output too large"),
+    BuildStatus.non_deterministic: (_FAILED, "≠", "non-deterministic"),
+    BuildStatus.oom_killed: (_FAILED, "✘", "out of memory"),
+}
+EVALUATION_STYLES: dict[EvaluationStatus, Style] = {
+    EvaluationStatus.pending: ("queued", "◷", "pending"),
+    EvaluationStatus.running: ("running", "▶", "evaluating"),
+    EvaluationStatus.completed: ("ok", "✔", "completed"),
+    EvaluationStatus.failed: (_FAILED, "✘", "failed"),
+    EvaluationStatus.cancelled: ("cancelled", "⊘", "cancelled"),
+    EvaluationStatus.timed_out: (_FAILED, "⌛", "timed out"),
+}
+STEP_STYLES: dict[StepState, Style] = {
+    StepState.pending: ("queued", "◷", "waiting"),
+    StepState.queued: ("queued", "◷", "runnable"),
+    StepState.running: ("running", "▶", "building"),
+}
+TASK_STYLES: dict[NotificationTaskStatus, Style] = {
+    NotificationTaskStatus.pending: ("queued", "◷", "pending"),
+    NotificationTaskStatus.running: ("running", "▶", "running"),
+    NotificationTaskStatus.completed: ("ok", "✔", "sent"),
+    NotificationTaskStatus.failed: (_FAILED, "✘", "failed"),
+}
+
+
+def _badge(style: Style, extra: str = "") -> Markup:
+    css, icon, label = style
+    return Markup('<span class="status s-{css}{extra}"><span class="icon" aria-hidden="true">'
+                  '{icon}</span> {label}</span>').format(css=css, icon=icon, label=label,
+                                                         extra=extra)
+
+
+def build_badge(status: BuildStatus | int | None) -> Markup:
+    if status is None:
+        return Markup("")
+    return _badge(BUILD_STYLES[BuildStatus(status)])
+
+
+def build_icon(status: BuildStatus | int) -> Markup:
+    """Just the icon (for dense tables such as the job matrix), label as tooltip."""
+    css, icon, label = BUILD_STYLES[BuildStatus(status)]
+    return Markup('<span class="status icon-only s-{css}" title="{label}">'
+                  '<span aria-hidden="true">{icon}</span>'
+                  '<span class="sr">{label}</span></span>').format(css=css, icon=icon,
+                                                                  label=label)
+
+
+def evaluation_badge(status: EvaluationStatus) -> Markup:
+    return _badge(EVALUATION_STYLES[status])
+
+
+def step_badge(state: StepState, status: BuildStatus | None) -> Markup:
+    if state is StepState.done and status is not None:
+        return build_badge(status)
+    return _badge(STEP_STYLES.get(state, ("queued", "◷", state.value)))
+
+
+def task_badge(status: NotificationTaskStatus) -> Markup:
+    return _badge(TASK_STYLES[status])
+
+
+def status_class(status: BuildStatus | int) -> str:
+    return "s-" + BUILD_STYLES[BuildStatus(status)][0]
+
+
+# ---------------------------------------------------------------------------
+# times, durations, sizes
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def ago(moment: datetime | None, now: datetime | None = None) -> Markup:
+    """``<time>`` with a relative text ("5 min ago") and the exact UTC time as tooltip."""
+    if moment is None:
+        return Markup('<span class="muted">—</span>')
+    moment = _aware(moment)
+    now = now or datetime.now(UTC)
+    delta = (now - moment).total_seconds()
+    text = relative(delta)
+    exact = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return Markup('<time datetime="{iso}" title="{exact}">{text}</time>').format(
+        iso=moment.isoformat(), exact=exact, text=text)
+
+
+def build_when(build: Any) -> Markup:
+    """When a build finished; for an unfinished one, when it started or was queued."""
+    if build.completed_at is not None:
+        return ago(build.completed_at)
+    if build.started_at is not None:
+        return Markup("started ") + ago(build.started_at)
+    return Markup("queued ") + ago(build.created_at)
+
+
+def relative(seconds: float) -> str:
+    future = seconds < 0
+    seconds = abs(seconds)
+    if seconds < 10:
+        return "just now"
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size:
+            count = int(seconds // size)
+            label = f"{count} {unit}{'s' if unit == 'day' and count != 1 else ''}"
+            return f"in {label}" if future else f"{label} ago"
+    return "just now"
+
+
+def duration(value: float | timedelta | None) -> str:
+    """``2h 5m``, ``3m 12s``, ``4.2s``; empty for unknown."""
+    if value is None:
+        return ""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds < 0:
+        return ""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def between(start: datetime | None, end: datetime | None, *, running: bool = False) -> str:
+    """Duration from ``start`` to ``end`` (or to now while ``running``)."""
+    if start is None:
+        return ""
+    if end is None:
+        if not running:
+            return ""
+        end = datetime.now(UTC)
+    return duration(_aware(end) - _aware(start))
+
+
+def filesize(value: int | None) -> str:
+    if value is None:
+        return ""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def store_name(path: str | None) -> str:
+    """``/nix/store/<hash>-hello-1.0.drv`` → ``hello-1.0.drv``."""
+    if not path:
+        return ""
+    base = path.rsplit("/", 1)[-1]
+    digest, dash, name = base.partition("-")
+    return name if dash and len(digest) == 32 else base
+
+
+def short_rev(rev: str | None) -> str:
+    return (rev or "")[:12]
+
+
+def percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}%"
+
+
+# ---------------------------------------------------------------------------
+
+
+def page_url(number: int) -> str:
+    """This page with ``page=number`` and every other query argument kept."""
+    args: dict[str, Any] = dict(request.view_args or {})
+    args.update(request.args.to_dict())
+    args["page"] = number
+    assert request.endpoint is not None
+    return url_for(request.endpoint, **args)
+
+
+def with_args(**changes: Any) -> str:
+    """This page with some query arguments changed (``None`` removes one)."""
+    args: dict[str, Any] = dict(request.view_args or {})
+    args.update(request.args.to_dict())
+    args.pop("page", None)
+    for key, value in changes.items():
+        if value is None:
+            args.pop(key, None)
+        else:
+            args[key] = value
+    assert request.endpoint is not None
+    return url_for(request.endpoint, **args)
+
+
+def init_app(app: Flask) -> None:
+    app.jinja_env.filters.update(ago=ago, duration=duration, filesize=filesize,
+                                 store_name=store_name, short_rev=short_rev, percent=percent,
+                                 pair=lambda value: (value, value),
+                                 status_from_name=BuildStatus.from_name)
+    app.jinja_env.globals.update(
+        build_badge=build_badge, build_icon=build_icon, build_when=build_when,
+        evaluation_badge=evaluation_badge,
+        step_badge=step_badge, task_badge=task_badge, status_class=status_class,
+        between=between, page_url=page_url, with_args=with_args, escape=escape)

@@ -1,0 +1,234 @@
+"""Projects, a project, a jobset (evaluations and the job matrix), a job, channels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import flash, redirect, render_template, url_for
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+
+from circus.auth.permissions import Action, allowed_actions
+from circus.common.enums import InputType, JobsetState, TriggerMode
+from circus.common.errors import CircusError, NotFound
+from circus.common.models import Build, Evaluation, Jobset, JobsetInput, Project
+from circus.projects import service
+from circus.server import actions
+from circus.server.api.queries import build_counts
+from circus.server.auth import current_actor
+from circus.server.context import db_session, settings
+from circus.server.dashboard import queries
+from circus.server.dashboard.access import page
+from circus.server.dashboard.blueprint import blueprint
+from circus.server.dashboard.forms import Form, query_text
+from circus.server.dashboard.pagination import page_number, paginate
+
+MATRIX_EVALUATIONS = 10
+MATRIX_JOBS = 50
+
+
+def _visible(project: Project) -> Project:
+    """Hidden projects exist only for admins (everyone else gets a 404, as for the API's
+    public endpoints)."""
+    if project.hidden and not current_actor().is_admin:
+        raise NotFound(f"no project {project.name}")
+    return project
+
+
+def _project(ref: str) -> Project:
+    return _visible(service.get_project(db_session(), ref))
+
+
+# ---------------------------------------------------------------------------
+# projects
+
+
+PROJECT_FIELDS = ("name", "description", "repository_url")
+
+
+@blueprint.get("/projects")
+@page("projects")
+def projects() -> ResponseReturnValue:
+    return _projects_page(Form())
+
+
+def _projects_page(form: Form) -> ResponseReturnValue:
+    session = db_session()
+    actor = current_actor()
+    query = select(Project).order_by(Project.name)
+    if not actor.is_admin:
+        query = query.where(Project.hidden.is_(False))
+    listed = paginate(session, query, 50)
+    return render_template(
+        "projects.html", projects=listed,
+        overview=queries.project_overview(session, [p.id for p in listed.items]),
+        can_create=Action.project_create in allowed_actions(session, actor),
+        form=form), form.status
+
+
+@blueprint.post("/projects")
+@page("projects")
+def create_project() -> ResponseReturnValue:
+    form = Form.posted(*PROJECT_FIELDS)
+    form.require("name")
+    if form.ok:
+        session = db_session()
+        try:
+            project = service.create_project(
+                session, current_actor(), name=form.get("name"),
+                description=form.get("description"), repository_url=form.get("repository_url"),
+                allowed_schemes=settings().server.allowed_url_schemes)
+            session.commit()
+        except CircusError as exc:
+            session.rollback()
+            form.fail(exc)
+        else:
+            flash(f"Project {project.name} created.", "ok")
+            return redirect(url_for("dashboard.project", project=project.name))
+    return _projects_page(form)
+
+
+@blueprint.get("/project/<name:project>")
+@page("project")
+def project(project: str) -> ResponseReturnValue:
+    return _project_page(_project(project), Form())
+
+
+def _project_page(row: Project, form: Form) -> ResponseReturnValue:
+    session = db_session()
+    actor = current_actor()
+    jobsets = list(session.scalars(select(Jobset).where(Jobset.project_id == row.id)
+                                   .order_by(Jobset.name)))
+    if not actor.is_admin:
+        jobsets = [j for j in jobsets if not j.hidden]
+    latest = queries.latest_evaluations(session, [j.id for j in jobsets])
+    counts = build_counts(session, [e.id for e in latest.values()])
+    summary = {jobset_id: queries.ListedEvaluation(e, row.name, "", counts.get(e.id, {}))
+               for jobset_id, e in latest.items()}
+    recent = queries.listed(session.execute(
+        queries.build_list(Build.project_id == row.id).order_by(Build.id.desc()).limit(10)))
+    owner = row.owner
+    return render_template(
+        "project.html", project=row, jobsets=jobsets, latest=summary, owner=owner,
+        channels=queries.channel_list(session, project_id=row.id),
+        members=queries.members(session, row.id), recent=recent,
+        can=allowed_actions(session, actor, row.id), form=form,
+        states=list(JobsetState), trigger_modes=list(TriggerMode)), form.status
+
+
+JOBSET_FIELDS = ("name", "description", "nix_expression", "branch", "flake_mode", "state",
+                 "trigger_mode", "check_interval", "scheduling_shares", "keep_nr")
+
+
+@blueprint.post("/project/<name:project>/jobsets")
+@page("project")
+def create_jobset(project: str) -> ResponseReturnValue:
+    row = _project(project)
+    form = Form.posted(*JOBSET_FIELDS)
+    form.require("name")
+    numbers = {name: form.integer(name, minimum=1 if name == "scheduling_shares" else 0)
+               for name in ("check_interval", "scheduling_shares", "keep_nr")}
+    state, mode = form.get("state") or "enabled", form.get("trigger_mode") or "source_change"
+    if state not in JobsetState.__members__:
+        form.add("state", "unknown state")
+    if mode not in TriggerMode.__members__:
+        form.add("trigger_mode", "unknown trigger mode")
+    if form.ok:
+        session = db_session()
+        values: dict[str, Any] = {k: v for k, v in numbers.items() if v is not None}
+        try:
+            jobset = service.create_jobset(
+                session, current_actor(), row, name=form.get("name"),
+                description=form.get("description"),
+                nix_expression=form.get("nix_expression") or "hydraJobs",
+                branch=form.get("branch") or None,
+                flake_mode=form.get("flake_mode") != "false",
+                state=JobsetState(state), trigger_mode=TriggerMode(mode), **values)
+            session.commit()
+        except CircusError as exc:
+            session.rollback()
+            form.fail(exc)
+        else:
+            flash(f"Jobset {jobset.name} created.", "ok")
+            return redirect(url_for("dashboard.jobset", project=row.name, jobset=jobset.name))
+    return _project_page(row, form)
+
+
+# ---------------------------------------------------------------------------
+# jobsets
+
+
+def _jobset(project: str, jobset: str) -> tuple[Project, Jobset]:
+    row = _project(project)
+    found = service.get_jobset(db_session(), row, jobset)
+    if found.hidden and not current_actor().is_admin:
+        raise NotFound(f"no jobset {jobset} in project {row.name}")
+    return row, found
+
+
+@blueprint.get("/jobset/<name:project>/<name:jobset>")
+@page("jobset")
+def jobset(project: str, jobset: str) -> ResponseReturnValue:
+    session = db_session()
+    project_row, row = _jobset(project, jobset)
+    evaluations = paginate(session, queries.evaluation_list(Evaluation.jobset_id == row.id)
+                           .order_by(Evaluation.id.desc()), 10, scalars=False)
+    listed = queries.with_counts(session, evaluations.items)
+    columns = list(reversed(list(session.scalars(
+        select(Evaluation).where(Evaluation.jobset_id == row.id, Evaluation.hidden.is_(False))
+        .order_by(Evaluation.id.desc()).limit(MATRIX_EVALUATIONS)))))
+    job_filter = query_text("job", 200)
+    jobs_page = page_number("jobs_page")
+    matrix = queries.job_matrix(session, row.id, columns, job_filter=job_filter,
+                                offset=(jobs_page - 1) * MATRIX_JOBS,
+                                limit=MATRIX_JOBS)
+    inputs = list(session.scalars(select(JobsetInput).where(JobsetInput.jobset_id == row.id)
+                                  .order_by(JobsetInput.name)))
+    return render_template(
+        "jobset.html", project=project_row, jobset=row, evaluations=evaluations,
+        listed=listed, matrix=matrix, job_filter=job_filter, jobs_page=jobs_page,
+        jobs_pages=max(1, -(-matrix.total_jobs // MATRIX_JOBS)), inputs=inputs,
+        channels=queries.channel_list(session, jobset_id=row.id),
+        can=allowed_actions(session, current_actor(), project_row.id),
+        input_types=list(InputType))
+
+
+@blueprint.post("/jobset/<name:project>/<name:jobset>/trigger")
+@page("jobset")
+def trigger(project: str, jobset: str) -> ResponseReturnValue:
+    session = db_session()
+    _, row = _jobset(project, jobset)
+    evaluation, created = actions.trigger_evaluation(session, current_actor(), row)
+    session.commit()
+    flash(f"Evaluation {evaluation.id} queued." if created
+          else f"Evaluation {evaluation.id} is already queued or running.", "ok")
+    return redirect(url_for("dashboard.evaluation", evaluation_id=evaluation.id))
+
+
+@blueprint.get("/job/<name:project>/<name:jobset>/<path:job>")
+@page("jobset")
+def job(project: str, jobset: str, job: str) -> ResponseReturnValue:
+    session = db_session()
+    project_row, row = _jobset(project, jobset)
+    builds = paginate(session, queries.build_list(Build.jobset_id == row.id,
+                                                  Build.job_name == job)
+                      .order_by(Build.id.desc()), 50, scalars=False)
+    if builds.total == 0:
+        raise NotFound(f"no job {job} in jobset {project_row.name}/{row.name}")
+    return render_template("job.html", project=project_row, jobset=row, job=job,
+                           builds=builds, listed=queries.listed(builds.items))
+
+
+# ---------------------------------------------------------------------------
+# channels
+
+
+@blueprint.get("/channels")
+@page("channels")
+def channels() -> ResponseReturnValue:
+    session = db_session()
+    rows = queries.channel_list(session)
+    if not current_actor().is_admin:
+        hidden = set(session.scalars(select(Project.name).where(Project.hidden.is_(True))))
+        rows = [c for c in rows if c.project not in hidden]
+    return render_template("channels.html", channels=rows)

@@ -1,0 +1,1 @@
+"""Inbound forge webhooks: verify the delivery, then trigger evaluations."""

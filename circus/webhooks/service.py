@@ -1,0 +1,148 @@
+"""Receiving a forge delivery: find the hook, verify it, trigger evaluations, audit.
+
+Pushes trigger every enabled jobset of the project on the pushed branch (a
+jobset without a branch follows the repository's default branch, when the
+forge names it). Pull/merge requests (opened, new commits, reopened) create
+pull-request evaluations of the jobsets on the request's base branch, pinned
+to the head commit. Every accepted delivery writes one audit row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from circus import audit
+from circus.auth.actor import Actor
+from circus.auth.sealing import unseal
+from circus.common.config import Settings
+from circus.common.enums import ActorKind, ForgeType, JobsetState, TriggerKind
+from circus.common.errors import Conflict, NotFound, PermissionDenied
+from circus.common.models import Jobset, Project, WebhookConfig
+from circus.evaluator import service as evaluator
+from circus.projects import service as projects
+from circus.webhooks import events, signatures
+from circus.webhooks.events import ForgeEvent
+
+
+@dataclass
+class Received:
+    event: str
+    #: triggered, ignored or pong
+    action: str
+    message: str
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def find_hook(session: Session, project_ref: str, forge: str) -> tuple[Project, WebhookConfig]:
+    """The project's enabled webhook for ``forge`` (one 404 for every reason: the
+    caller is unauthenticated, so it learns nothing about which projects exist)."""
+    missing = NotFound(f"no enabled {forge} webhook for project {project_ref}")
+    try:
+        forge_type = ForgeType(forge)
+        project = projects.get_project(session, project_ref)
+    except (ValueError, NotFound):
+        raise missing from None
+    hook = session.scalar(select(WebhookConfig).where(
+        WebhookConfig.project_id == project.id, WebhookConfig.forge_type == forge_type,
+        WebhookConfig.enabled.is_(True)))
+    if hook is None:
+        raise missing
+    return project, hook
+
+
+def receive(session: Session, settings: Settings, *, project_ref: str, forge: str,
+            headers: Mapping[str, str], body: bytes, remote_addr: str | None) -> Received:
+    """Handle one delivery (caller commits). ``headers`` has lower-case names.
+
+    Raises ``NotFound`` (no such enabled hook), ``Unauthenticated``/``PermissionDenied``
+    (signature), ``InvalidInput`` (malformed body).
+    """
+    project, hook = find_hook(session, project_ref, forge)
+    secret = unseal(settings.server.secret_key or "", hook.secret_encrypted) \
+        if hook.secret_encrypted else None
+    if not secret:
+        raise PermissionDenied(
+            "this webhook has no usable secret (none set, or server.secret_key changed): "
+            "deliveries cannot be verified, so none is accepted")
+    signatures.verify(hook.forge_type, secret, headers, body)
+    event = events.parse(hook.forge_type, headers, body)
+    delivery = (headers.get("x-github-delivery") or headers.get("x-gitea-delivery")
+                or headers.get("x-forgejo-delivery") or headers.get("x-gitlab-event-uuid"))
+    actor = Actor(ActorKind.system, name=f"webhook:{hook.forge_type.value}",
+                  remote_addr=remote_addr)
+    requested_by = f"{hook.forge_type.value} webhook" + (f" {delivery}" if delivery else "")
+    if event.kind == "ping":
+        result = Received(event.name, "pong", "pong")
+    elif event.kind == "push":
+        result = _push(session, project, event, requested_by)
+    elif event.kind == "pull_request":
+        result = _pull_request(session, project, event, requested_by)
+    else:
+        result = Received(event.name, "ignored", event.reason or "ignored")
+    audit.record(session, actor, "webhook.receive",
+                 f"project:{project.name}/webhook:{hook.forge_type.value}",
+                 {"event": event.name, "delivery": delivery, "action": result.action,
+                  "branch": event.branch or event.base_branch, "commit": event.commit,
+                  "pull_request": event.pr_number,
+                  "evaluations": [e["evaluation_id"] for e in result.evaluations
+                                  if e.get("evaluation_id") is not None]})
+    return result
+
+
+def _jobsets_on(session: Session, project: Project, branch: str, default_branch: str | None
+                ) -> list[Jobset]:
+    jobsets = session.scalars(select(Jobset).where(
+        Jobset.project_id == project.id, Jobset.state != JobsetState.disabled)
+        .order_by(Jobset.id)).all()
+    return [j for j in jobsets
+            if j.branch == branch or (not j.branch and default_branch == branch)]
+
+
+def _trigger(session: Session, jobset: Jobset, requested_by: str,
+             pull_request: evaluator.PullRequest | None = None) -> dict[str, Any]:
+    try:
+        evaluation, created = evaluator.trigger(session, jobset.id, TriggerKind.webhook,
+                                                requested_by=requested_by,
+                                                pull_request=pull_request)
+    except Conflict as exc:
+        return {"jobset": jobset.name, "jobset_id": jobset.id, "evaluation_id": None,
+                "created": False, "message": exc.message}
+    session.flush()
+    return {"jobset": jobset.name, "jobset_id": jobset.id, "evaluation_id": evaluation.id,
+            "created": created,
+            "message": "evaluation queued" if created else
+            "the jobset already has a pending or running evaluation"}
+
+
+def _push(session: Session, project: Project, event: ForgeEvent, requested_by: str
+          ) -> Received:
+    assert event.branch is not None
+    jobsets = _jobsets_on(session, project, event.branch, event.default_branch)
+    if not jobsets:
+        return Received(event.name, "ignored",
+                        f"no enabled jobset of {project.name} builds branch {event.branch}")
+    results = [_trigger(session, jobset, requested_by) for jobset in jobsets]
+    return Received(event.name, "triggered",
+                    f"push to {event.branch}: {len(results)} jobset(s)", results)
+
+
+def _pull_request(session: Session, project: Project, event: ForgeEvent, requested_by: str
+                  ) -> Received:
+    assert event.base_branch is not None and event.head_branch is not None
+    assert event.pr_number is not None and event.pr_action is not None
+    jobsets = _jobsets_on(session, project, event.base_branch, event.default_branch)
+    if not jobsets:
+        return Received(event.name, "ignored",
+                        f"no enabled jobset of {project.name} builds branch "
+                        f"{event.base_branch}, the request's base")
+    pull_request = evaluator.PullRequest(event.pr_number, event.head_branch,
+                                         event.base_branch, event.pr_action,
+                                         head_sha=event.commit)
+    results = [_trigger(session, jobset, requested_by, pull_request) for jobset in jobsets]
+    return Received(event.name, "triggered",
+                    f"pull request #{event.pr_number}: {len(results)} jobset(s)", results)

@@ -1,0 +1,209 @@
+"""Every page renders, links its objects together, and handles bad input (test client)."""
+
+from __future__ import annotations
+
+import re
+
+from circus.common.enums import BuildStatus
+from tests.dashboard.conftest import Browser
+from tests.dashboard.factories import Rows, World
+
+
+def html(response: object) -> str:
+    return response.get_data(as_text=True)  # type: ignore[attr-defined, no-any-return]
+
+
+def links(page: str) -> set[str]:
+    return set(re.findall(r'href="([^"#]+)', page))
+
+
+def test_every_page_renders_for_an_admin(as_admin: Browser, world: World) -> None:
+    w = world
+    paths = ["/", "/projects", "/project/demo", "/jobset/demo/main", "/job/demo/main/tests",
+             f"/eval/{w.evaluation.id}", f"/eval/{w.evaluation.id}?status=all",
+             f"/build/{w.succeeded.id}", f"/build/{w.failed.id}",
+             f"/build/{w.dependency_failed.id}", f"/build/{w.running.id}",
+             f"/build/{w.queued.id}", "/queue", "/machines", "/stats", "/channels",
+             "/search?q=demo", "/search?q=tests", f"/search?q={w.failed.id}", "/news",
+             "/settings", "/admin", "/admin/users", "/admin/builders", "/admin/notifications",
+             "/admin/notifications?status=failed", "/admin/audit", "/admin/config"]
+    for path in paths:
+        response = as_admin.get(path)
+        assert response.status_code == 200, (path, html(response)[:2000])
+        assert response.mimetype == "text/html"
+
+
+def test_objects_link_to_each_other(as_admin: Browser, world: World) -> None:
+    w = world
+    build = f"/build/{w.failed.id}"
+    evaluation = f"/eval/{w.evaluation.id}"
+    # project → jobset → evaluation → build, and back up through the crumbs
+    assert "/jobset/demo/main" in links(html(as_admin.get("/project/demo")))
+    assert evaluation in links(html(as_admin.get("/jobset/demo/main")))
+    evaluation_page = html(as_admin.get(evaluation))
+    assert build in links(evaluation_page)
+    assert {"/project/demo", "/jobset/demo/main"} <= links(evaluation_page)
+    build_page = html(as_admin.get(build))
+    assert {evaluation, "/jobset/demo/main", "/project/demo", "/job/demo/main/tests"} <= \
+        links(build_page)
+    # the job matrix links every cell to its build
+    matrix = html(as_admin.get("/jobset/demo/main"))
+    for made in (w.succeeded, w.failed, w.running, w.queued):
+        assert f"/build/{made.id}" in links(matrix)
+    # the job page lists the job's builds; home shows recent builds and evaluations
+    assert build in links(html(as_admin.get("/job/demo/main/tests")))
+    home = html(as_admin.get("/"))
+    assert {build, evaluation, f"/build/{w.running.id}"} <= links(home)
+
+
+def test_status_badges_are_consistent(as_admin: Browser, world: World) -> None:
+    evaluation = html(as_admin.get(f"/eval/{world.evaluation.id}?status=all"))
+    build = html(as_admin.get(f"/build/{world.failed.id}"))
+    badge = '<span class="status s-failed"><span class="icon" aria-hidden="true">✘</span> failed'
+    assert badge in evaluation
+    assert badge in build
+    assert "s-depfailed" in evaluation
+    assert "dependency failed" in evaluation
+
+
+def test_evaluation_groups_builds_and_shows_eval_errors(as_admin: Browser,
+                                                       world: World) -> None:
+    page = html(as_admin.get(f"/eval/{world.evaluation.id}"))
+    # failures first, with counts per group
+    assert re.search(r'aria-current="true" class="tab t-failed">Failed <span class="n">2', page)
+    assert f"/build/{world.failed.id}" in page
+    assert f"/build/{world.succeeded.id}" not in page
+    assert "attribute &#39;nope&#39; missing" in page
+    succeeded = html(as_admin.get(f"/eval/{world.evaluation.id}?status=succeeded"))
+    assert f"/build/{world.succeeded.id}" in succeeded
+    # the build reused from the older evaluation is listed and marked
+    assert "reused" in succeeded
+    # an unknown group falls back to the default
+    assert as_admin.get(f"/eval/{world.evaluation.id}?status=bogus").status_code == 200
+
+
+def test_build_page_shows_the_failed_dependency_and_its_log(as_admin: Browser,
+                                                           world: World) -> None:
+    page = html(as_admin.get(f"/build/{world.dependency_failed.id}"))
+    assert "What failed" in page
+    assert "a dependency" in page
+    assert "because <code>dep.drv</code> failed" in page
+    assert "out of cheese" in page
+    succeeded = html(as_admin.get(f"/build/{world.succeeded.id}"))
+    assert f"/build/{world.succeeded.id}/download/" in succeeded
+    assert "closure-size" in succeeded
+    assert "2.0 KiB" in succeeded
+
+
+def test_long_logs_show_their_end_and_the_whole_log_is_a_click_away(
+        as_admin: Browser, world: World, rows: Rows) -> None:
+    lines = [f"line {i:06d}" for i in range(20000)]
+    build = rows.build(world.evaluation, "chatty", BuildStatus.failed)
+    rows.step(build, log="\n".join(lines) + "\n")
+    rows.db.commit()
+    page = html(as_admin.get(f"/build/{build.id}"))
+    assert "Showing the end of the log." in page
+    assert "line 019999" in page
+    assert "line 000001" not in page
+    whole = as_admin.get(f"/build/{build.id}/log")
+    assert whole.mimetype == "text/plain"
+    assert html(whole).splitlines() == lines
+
+
+def test_pagination_of_an_evaluation_with_many_builds(as_admin: Browser, world: World,
+                                                      rows: Rows) -> None:
+    for i in range(130):
+        rows.build(world.evaluation, f"many-{i:03d}", BuildStatus.succeeded)
+    rows.db.commit()
+    base = f"/eval/{world.evaluation.id}?status=succeeded"
+    first = html(as_admin.get(base))
+    assert "1\u2013100 of 132" in first
+    assert "many-000" in first
+    second = html(as_admin.get(base + "&page=2"))
+    assert "101\u2013132 of 132" in second
+    assert "many-129" in second
+    assert "many-000" not in second
+    # nonsense page numbers are page 1 or an empty last page, never an error
+    for bad in ("abc", "-1", "0", "99999999999999999999", "9999999"):
+        assert as_admin.get(base + f"&page={bad}").status_code == 200
+
+
+def test_bad_urls_and_input_answer_html_errors(as_admin: Browser, world: World) -> None:
+    for path, code in (("/build/999999999", 404), ("/eval/999999999", 404),
+                       ("/project/nope", 404), ("/jobset/demo/nope", 404),
+                       ("/job/demo/main/no-such-job", 404),
+                       (f"/build/{world.failed.id}?step=99999", 404),
+                       (f"/build/{world.failed.id}/download/99999", 404),
+                       (f"/eval/{world.evaluation.id}?compare=x", 400),
+                       (f"/eval/{world.evaluation.id}?compare=99999999", 404)):
+        response = as_admin.get(path)
+        assert response.status_code == code, path
+        assert response.mimetype == "text/html", path
+        assert "<h1>" in html(response)
+    for path in ("/search?q=%00", "/search?q=" + "x" * 5000, "/jobset/demo/main?job=%00x",
+                 "/jobset/demo/main?jobs_page=99999999999", "/admin/audit?action=%00",
+                 "/admin/users?q=%25_"):
+        assert as_admin.get(path).status_code == 200, path
+
+
+def test_hidden_projects_are_invisible_to_non_admins(as_admin: Browser, as_viewer: Browser,
+                                                    world: World, rows: Rows) -> None:
+    world.project.hidden = True
+    rows.db.commit()
+    assert as_viewer.get("/project/demo").status_code == 404
+    assert as_viewer.get(f"/build/{world.failed.id}").status_code == 404
+    assert "/project/demo" not in html(as_viewer.get("/projects"))
+    assert "demo-unstable" not in html(as_viewer.get("/channels"))
+    assert f"/build/{world.failed.id}" not in html(as_viewer.get("/"))
+    assert f"/eval/{world.evaluation.id}" not in html(as_viewer.get("/"))
+    assert "/jobset/demo/main" not in html(as_viewer.get("/search?q=main"))
+    assert as_admin.get("/project/demo").status_code == 200
+    assert f"/build/{world.failed.id}" in html(as_admin.get("/"))
+
+
+def test_machines_page_shows_workers_agents_and_builders(as_viewer: Browser, rows: Rows,
+                                                        world: World) -> None:
+    from datetime import timedelta
+
+    from circus.common.models import BuilderSession, RemoteBuilder, ServiceHeartbeat
+    from circus.common.models.base import utcnow
+
+    now = utcnow()
+    rows.db.add_all([
+        ServiceHeartbeat(service="queue-runner@build1", kind="queue-runner", hostname="build1",
+                         pid=42, version="0.1.0", started_at=now - timedelta(hours=1),
+                         last_heartbeat=now, details={
+                             "workers": 4, "running_batches": 1, "dispatcher": True,
+                             "capabilities": [{"systems": ["x86_64-linux"],
+                                               "supported_features": ["kvm"],
+                                               "mandatory_features": []}]}),
+        ServiceHeartbeat(service="evaluator@old", kind="evaluator", hostname="old",
+                         version="0.0.9", started_at=now - timedelta(days=2),
+                         last_heartbeat=now - timedelta(hours=3), details={}),
+        BuilderSession(machine_id="m-1", name="arm-box", hostname="arm.example",
+                       systems=["aarch64-linux"], supported_features=["big-parallel"],
+                       mandatory_features=[], proto_version=1, connected=True, cpu_count=16,
+                       max_jobs=8, current_jobs=3, load1=2.5, load5=2.0, load15=1.5,
+                       cpu_psi_avg10=12.5, mem_psi_avg10=0.0, io_psi_avg10=3.25,
+                       mem_total=16 << 30, mem_used=4 << 30, store_free=100 << 30,
+                       builds_succeeded=10, builds_failed=2, last_seen=now),
+        RemoteBuilder(name="ssh-box", ssh_uri="ssh://nix@ssh-box", systems=["x86_64-linux"],
+                      supported_features=[], mandatory_features=[], max_jobs=2,
+                      consecutive_failures=3, disabled_until=now + timedelta(minutes=5),
+                      last_failure="connection refused"),
+    ])
+    rows.db.commit()
+    page = html(as_viewer.get("/machines"))
+    for text in ("queue-runner@build1", "4 workers, 1 building", "x86_64-linux · kvm",
+                 "runs the dispatcher", "evaluator@old", "stale", "arm-box", "3/8",
+                 "2.50 / 2.00 / 1.50", "12.5% / 0.0% / 3.2%", "4.0 GiB of 16.0 GiB",
+                 "100.0 GiB", "ssh-box", "backing off", "connection refused",
+                 "<code>localhost</code>: 1 step"):
+        assert text in page, text
+
+
+def test_compare_with_the_previous_evaluation(as_admin: Browser, world: World) -> None:
+    page = html(as_admin.get(f"/eval/{world.evaluation.id}?compare={world.old.id}"))
+    assert "5 new, 1 removed, 0 changed, 1 unchanged jobs." in page
+    removed = page[page.index("<h3>Removed jobs</h3>"):]
+    assert "removed-job" in removed[:removed.index("</div>")]

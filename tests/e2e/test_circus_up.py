@@ -1,0 +1,114 @@
+"""``circus up`` (what ``make run`` starts): a working instance from nothing, reused after."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.daemons import Daemon, circus_command, wait_until
+from tests.helpers.net import free_port
+
+
+class Client:
+    """A logged-in browser-like client of the instance's REST API."""
+
+    def __init__(self, base: str, password: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.post("/api/v1/auth/login", {"username": "admin", "password": password})
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with self.opener.open(request, timeout=10) as response:
+            return json.load(response)
+
+    def get(self, path: str) -> Any:
+        with self.opener.open(self.base + path, timeout=10) as response:
+            return json.load(response)
+
+
+def start(state: Path, port: int, log_dir: Path) -> tuple[Daemon, str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
+    env["CIRCUS_SERVER__PORT"] = str(port)
+    started = time.monotonic()
+    daemon = Daemon(f"circus-up-{len(list(log_dir.glob('circus-up-*.log')))}",
+                    [circus_command("circus"), "up", "--state-dir", str(state)], log_dir,
+                    env=env, cwd=state.parent).start()
+    wait_until(lambda: "Circus is running." in daemon.log() or not daemon.alive(),
+               timeout=180, message="circus up ready")
+    assert daemon.alive(), daemon.log()
+    match = re.search(r"login:\s+admin / (\S+)", daemon.log())
+    assert match, daemon.log()
+    return daemon, match.group(1), time.monotonic() - started
+
+
+def demo_state(client: Client) -> tuple[str, list[str]]:
+    evaluations = client.get("/api/v1/evaluations?limit=5")["items"]
+    builds = client.get("/api/v1/builds?limit=50")["items"]
+    status = evaluations[0]["status"] if evaluations else "none"
+    return status, sorted(f"{b['job_name']}:{b['status']}" for b in builds)
+
+
+def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
+    # /tmp/... is reachable by the postgres user; pytest's base dir may not be
+    root = Path(tmp_path)
+    root.chmod(0o755)
+    state = root / "state"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    daemon, password, first_start = start(state, port, root)
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=10) as response:
+            health = json.load(response)
+        assert response.status == 200
+        assert health["database"]["ok"]
+        assert health["broker"]["ok"]
+        client = Client(base, password)
+        projects = [p["name"] for p in client.get("/api/v1/projects")["items"]]
+        assert projects == ["demo"]
+        wanted = ["greeting:succeeded", "hello:succeeded", "release:succeeded",
+                  "slow:succeeded"]
+        wait_until(lambda: demo_state(client) == ("completed", wanted), timeout=120,
+                   interval=1, message="demo evaluated and built")
+        assert {"evaluator", "queue-runner"} <= {d["kind"] for d in health["daemons"]}
+        # the binary cache serves what the demo built, signed with the instance's key
+        with urllib.request.urlopen(base + "/nix-cache/nix-cache-info", timeout=10) as r:
+            assert b"StoreDir: /nix/store" in r.read()
+    finally:
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(60) == 0, daemon.log()[-3000:]
+    assert "stopping Circus" in daemon.log()
+    # nothing of the instance is left running (PostgreSQL may live outside the state
+    # directory when the postgres user cannot reach it, as under pytest's 0700 base)
+    places = [str(state)]
+    location = state / "postgres" / "LOCATION"
+    if location.exists():
+        places.append(location.read_text().split()[4])
+    for place in places:
+        leftovers = subprocess.run(["pgrep", "-f", place], capture_output=True, text=True)
+        assert leftovers.stdout.strip() == "", (place, leftovers.stdout)
+
+    # a second start reuses the state: same admin, same database
+    again, password_again, second_start = start(state, port, root)
+    try:
+        assert password_again == password
+        client = Client(base, password)
+        status, builds = demo_state(client)
+        assert status == "completed"
+        assert builds == wanted
+    finally:
+        assert again.process is not None
+        again.process.send_signal(signal.SIGTERM)
+        assert again.process.wait(60) == 0
+    print(f"circus up: first start {first_start:.1f} s, second start {second_start:.1f} s")
