@@ -44,6 +44,7 @@ from circus.common.models import (
     WebhookConfig,
 )
 from circus.common.models.base import utcnow
+from circus.machines import service as machines
 from circus.notifications.service import validate_config
 from circus.rows import apply_changes
 
@@ -76,10 +77,11 @@ class Applier:
         getattr(self.summary, kind).append(target)
         audit.record(self.session, self.actor, f"declarative.{kind}", target, changes or {})
 
-    def changed(self, target: str, row: Any, values: dict[str, Any]) -> None:
+    def changed(self, target: str, row: Any, values: dict[str, Any]) -> dict[str, Any]:
         applied = apply_changes(row, values, values.keys())
         if applied:
             self.note("updated", target, applied)
+        return applied
 
     # -- users -------------------------------------------------------------
 
@@ -164,7 +166,8 @@ class Applier:
                                                **values))
                 self.note("created", target)
                 continue
-            self.changed(target, row, {**values, "managed_declaratively": True})
+            applied = self.changed(target, row, {**values, "managed_declaratively": True})
+            machines.forgive_if_changed(row, applied)
         for row in self.session.scalars(select(RemoteBuilder).where(
                 RemoteBuilder.managed_declaratively.is_(True), RemoteBuilder.enabled.is_(True))):
             if row.name not in names:

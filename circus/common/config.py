@@ -339,7 +339,17 @@ class QueueRunnerSettings(SettingsModel):
     local_features: list[str] | None = None
     local_mandatory_features: list[str] = []
     extra_nix_build_args: list[str] = []
+    #: refuse SSH builders without a ``public_host_key`` (a given key is always checked)
     ssh_require_host_key: bool = True
+    #: seconds an SSH builder has to accept a connection
+    ssh_connect_timeout: Positive = 10
+    #: a failing SSH builder rests this long after a failure, doubling with each further one
+    ssh_backoff_secs: Positive = 30
+    ssh_backoff_max_secs: Positive = 3600
+    #: PATH for commands on SSH builders; unset keeps the login shell's PATH
+    ssh_remote_path: str | None = None
+    #: extra nix.conf settings for Nix on SSH builders (sent as ``NIX_CONFIG``)
+    ssh_nix_config: dict[str, str] = {}
     max_retries: NonNegative = 3
     retry_backoff_secs: NonNegative = 10
     #: a worker renews its claim on a step this often; a lapsed lease returns the step

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kombu import Connection, Queue
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from celeryconfig import BUILD_QUEUE_PREFIX, build_queue_name
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import read_derivation
@@ -31,12 +28,12 @@ from circus.common.nix.transfer import StoreError, closure, invalid_paths
 from circus.gateway import sessions as session_rows
 from circus.gateway.server import ConnectedAgent, Gateway
 from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
-from circus.gateway.strategy import Candidate, choose
 from circus.queue_runner.capabilities import Capabilities
 from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
 from circus.queue_runner.logs import compress_file, log_path_for
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import read_output_result
+from circus.queue_runner.strategy import Candidate, choose
 from circus.queue_runner.wakeups import Publish, publish_after_commit
 
 log = logging.getLogger(__name__)
@@ -375,60 +372,3 @@ def outcome_from(step: ClaimedStep, result: ReportedResult, agent: ConnectedAgen
         started_at=_utc(result.started_at) if result.started_at else None,
         finished_at=_utc(result.finished_at) if result.finished_at else None,
         machine=agent.facts.name, retry=status is None)
-
-
-class WakeupConsumer(threading.Thread):
-    """Consumes the class queues agents can serve; each token kicks the bridge."""
-
-    def __init__(self, bridge: Bridge, broker_url: str) -> None:
-        super().__init__(name="agent-wakeups", daemon=True)
-        self.bridge = bridge
-        self.broker_url = broker_url
-        self.stopped = threading.Event()
-        self.classes: list[str] = []
-        self.tokens = 0
-
-    def wanted(self) -> list[str]:
-        known = list(self.bridge.known_classes)
-        return sorted(self.bridge.servable_classes(known))
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                self._consume()
-            except Exception:
-                log.warning("wake-up consumer lost the broker; retrying", exc_info=True)
-                self.stopped.wait(1.0)
-
-    def _consume(self) -> None:
-        with Connection(self.broker_url, connect_timeout=5) as connection:
-            while not self.stopped.is_set():
-                classes = self.wanted()
-                if not classes:
-                    self.stopped.wait(0.5)
-                    continue
-                queues = [Queue(build_queue_name(c)) for c in classes]
-                with connection.Consumer(queues, callbacks=[self._on_message],
-                                         accept=["json"], prefetch_count=4):
-                    self.classes = classes
-                    deadline = time.monotonic() + 2.0
-                    while time.monotonic() < deadline and not self.stopped.is_set():
-                        try:
-                            connection.drain_events(timeout=0.5)
-                        except TimeoutError:
-                            pass
-                        if self.wanted() != classes:
-                            break
-
-    def _on_message(self, body: Any, message: Any) -> None:
-        self.tokens += 1
-        routing_key = str(message.delivery_info.get("routing_key") or "")
-        queue_class = routing_key.removeprefix(BUILD_QUEUE_PREFIX)
-        if not queue_class and isinstance(body, list) and body and body[0]:
-            queue_class = str(body[0][0])
-        message.ack()
-        if queue_class:
-            self.bridge.kick_threadsafe(queue_class)
-
-    def stop(self) -> None:
-        self.stopped.set()

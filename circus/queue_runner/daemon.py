@@ -3,13 +3,15 @@
 Threads: the dispatcher (LISTEN/poll → steps → wake-ups), the reconciler
 (leases, lost messages, unsupported classes, GC roots), the class watcher
 (subscribes the local Celery consumer to new classes it can serve), the
-wake-up publisher, the post-processor (closure sizes, GC roots) and the
-heartbeat. The main thread runs a Celery worker (thread pool,
-``queue_runner.workers`` slots) consuming the class queues ``build.<class>``.
+wake-up publisher, the post-processor (closure sizes, GC roots), the SSH
+builders (``ssh.pool``, a thread per remote build) and the heartbeat. The
+main thread runs a Celery worker (thread pool, ``queue_runner.workers``
+slots) consuming the class queues ``build.<class>``.
 
 SIGTERM: Celery's warm shutdown starts; the stop event makes every running
-batch kill its ``nix-store`` and hand its unfinished steps back (they return
-to the queue without counting an attempt), then the process exits.
+batch kill its ``nix-store`` (SSH builds: their remote ``nix-store``) and hand
+its unfinished steps back (they return to the queue without counting an
+attempt), then the process exits.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from circus.common.celery import create_celery_app
 from circus.common.config import Settings
 from circus.common.db import make_engine, make_session_factory
 from circus.common.heartbeat import HeartbeatThread
-from circus.gateway.bridge import Bridge, WakeupConsumer
+from circus.gateway.bridge import Bridge
 from circus.gateway.runtime import GatewayThread
 from circus.queue_runner import gcroots
 from circus.queue_runner.capabilities import Capabilities, local_capabilities
@@ -40,7 +42,8 @@ from circus.queue_runner.localworker import LocalBuilder
 from circus.queue_runner.postprocess import PostProcessor
 from circus.queue_runner.reconciler import QUEUE_RUNNER_KIND, ReconcileReport, reconcile
 from circus.queue_runner.sqlutil import in_transaction
-from circus.queue_runner.wakeups import WakeupPublisher, publish_after_commit
+from circus.queue_runner.ssh.pool import SshBuilders
+from circus.queue_runner.wakeups import WakeupConsumer, WakeupPublisher, publish_after_commit
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,8 @@ class ClassWatcher(threading.Thread):
 
 class QueueRunner:
     def __init__(self, settings: Settings, *, dispatcher: bool = True,
-                 workers: int | None = None, name: str | None = None) -> None:
+                 workers: int | None = None, name: str | None = None,
+                 ssh_builders: bool = True) -> None:
         self.settings = settings
         self.workers = settings.queue_runner.workers if workers is None else workers
         self.instance = name
@@ -130,6 +134,11 @@ class QueueRunner:
                                      on_gc=self.gc_requested.set) if dispatcher else None
         self.reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler",
                                            daemon=True)
+        # SSH builders (remote_builders): another consumer of the class queues
+        self.ssh = SshBuilders(settings, self.factory, publish=self.publisher.publish,
+                               on_built=self.post.submit, stop=self.stop, cache=self.cache,
+                               instance=f"{socket.gethostname()}:{name or os.getpid()}"
+                               ) if ssh_builders else None
         self.gateway: GatewayThread | None = None
         self.wakeups: WakeupConsumer | None = None
         if settings.queue_runner.rpc.bind:
@@ -138,7 +147,8 @@ class QueueRunner:
                                          alongside=lambda _: self.bridge.run())
             self.bridge = Bridge(self.gateway.gateway, settings, self.publisher.publish,
                                  self.post.submit)
-            self.wakeups = WakeupConsumer(self.bridge, settings.require_broker_url())
+            self.wakeups = WakeupConsumer(self.bridge, settings.require_broker_url(),
+                                          name="agent-wakeups")
         service = f"{QUEUE_RUNNER_KIND}-{name}@{socket.gethostname()}" if name else None
         self.heartbeat = HeartbeatThread(
             self.factory, QUEUE_RUNNER_KIND, details=self._details, service=service,
@@ -158,6 +168,7 @@ class QueueRunner:
             "stats": {**{k: round(v, 3) for k, v in self.builder.stats.items()},
                       "post_batches": self.post.batches},
             "celery_hostname": self.hostname,
+            **({"ssh": self.ssh.details()} if self.ssh is not None else {}),
             **({"gateway": {"port": self.gateway.port if self.gateway.started.is_set() else None,
                             "agents": len(self.gateway.gateway.agents),
                             "assigned": self.bridge.assigned}} if self.gateway else {}),
@@ -201,6 +212,8 @@ class QueueRunner:
         if self.dispatcher is not None:
             self.dispatcher.start()
         self.reconciler.start()
+        if self.ssh is not None:
+            self.ssh.start()
         if self.gateway is not None:
             self.gateway.start()
             if not self.gateway.started.wait(30) or self.gateway.failed is not None:
@@ -249,6 +262,9 @@ class QueueRunner:
         if self.gateway is not None:
             # hands every agent's in-flight steps back to the queue
             self.gateway.stop()
+        if self.ssh is not None and self.ssh.is_alive():
+            # stops every remote build and hands its step back
+            self.ssh.join(30)
         if self.dispatcher is not None:
             self.dispatcher.join(10)
         self.reconciler.join(10)

@@ -42,6 +42,7 @@ from circus.queue_runner.nixrun import (
     RunOptions,
     Started,
     Target,
+    failure_status,
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
@@ -314,18 +315,8 @@ class _Batch:
                 return BuildStatus.failed_with_output, result, \
                     "the builder created nix-support/failed"
             return BuildStatus.succeeded, result, None
-        if event.kind is Kind.timeout:
-            return BuildStatus.timeout, None, None
-        if event.kind is Kind.log_limit:
-            return BuildStatus.log_limit_exceeded, None, None
-        if event.kind is Kind.dependency_failed:
-            return BuildStatus.dependency_failed, None, None
-        if event.kind is Kind.signal:
-            if event.signal == 9 and event.oom_kills:
-                return BuildStatus.oom_killed, None, \
-                    "the builder was killed by the kernel's OOM killer"
-            return BuildStatus.failed, None, None
-        return BuildStatus.failed, None, None
+        status, error = failure_status(event.kind, event.signal, event.oom_kills)
+        return status, None, error
 
     def _failed_input(self, target: Target) -> int | None:
         try:

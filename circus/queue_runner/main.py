@@ -1,4 +1,4 @@
-"""``circus-queue-runner``: dispatcher, reconciler and local build workers."""
+"""``circus-queue-runner``: dispatcher, reconciler, local build workers and SSH builders."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="local build slots (default: queue_runner.workers; 0: none)")
     parser.add_argument("--no-dispatcher", action="store_true",
                         help="build only; another process dispatches")
+    parser.add_argument("--no-ssh-builders", action="store_true",
+                        help="do not build on remote_builders (another process does)")
     parser.add_argument("--name", default=None,
                         help="instance name when one host runs several queue runners")
     args = parser.parse_args(argv)
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from circus.queue_runner.daemon import QueueRunner
 
     runner = QueueRunner(settings, dispatcher=not args.no_dispatcher, workers=args.workers,
-                         name=args.name)
+                         name=args.name, ssh_builders=not args.no_ssh_builders)
     return runner.run()
 
 

@@ -28,11 +28,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
+from circus.common.enums import BuildStatus
 from circus.queue_runner import procs
 from circus.queue_runner.logs import StepLog
 
@@ -140,7 +142,23 @@ def classify(message: str) -> tuple[Kind, int | None, int | None]:
     return Kind.failed, None, None
 
 
-def build_argv(drvs: list[str], options: RunOptions) -> list[str]:
+def failure_status(kind: Kind, signal: int | None, oom_kills: int | None
+                   ) -> tuple[BuildStatus, str | None]:
+    """The step status of a derivation Nix reported as not built (any kind but ``built``),
+    with an error message when the kind alone does not explain it."""
+    if kind is Kind.timeout:
+        return BuildStatus.timeout, None
+    if kind is Kind.log_limit:
+        return BuildStatus.log_limit_exceeded, None
+    if kind is Kind.dependency_failed:
+        return BuildStatus.dependency_failed, None
+    if kind is Kind.signal and signal == 9 and oom_kills:
+        return BuildStatus.oom_killed, "the builder was killed by the kernel's OOM killer"
+    return BuildStatus.failed, None
+
+
+def nix_argv(drvs: list[str], options: RunOptions) -> list[str]:
+    """The ``nix-store --realise`` command itself (also what runs on SSH builders)."""
     argv = ["nix-store", "--realise", *drvs, "--keep-going", "--max-jobs", "1",
             "--log-format", "internal-json",
             "--timeout", str(options.timeout),
@@ -151,6 +169,12 @@ def build_argv(drvs: list[str], options: RunOptions) -> list[str]:
     if options.extra_platforms:
         argv += ["--option", "extra-platforms", " ".join(options.extra_platforms)]
     argv += options.extra_args
+    return argv
+
+
+def build_argv(drvs: list[str], options: RunOptions) -> list[str]:
+    """:func:`nix_argv` as the local workers run it (build cgroup, death signal)."""
+    argv = nix_argv(drvs, options)
     if options.build_cgroup:
         # move the shell into the build cgroup before it becomes nix-store, so every
         # builder is born there (OOM accounting, limits)
@@ -161,6 +185,21 @@ def build_argv(drvs: list[str], options: RunOptions) -> list[str]:
         # nix-store dies with the worker thread that started it (kill -9 of the worker)
         argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
     return argv
+
+
+class NixProcess(Protocol):
+    """What :class:`NixRun` needs of the process it reads (local, or a channel on an
+    SSH builder)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def stderr(self) -> Iterable[bytes] | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int: ...
 
 
 class NixRun:
@@ -190,7 +229,7 @@ class NixRun:
         self._reported: set[str] = set()
         self._errors: list[str] = []
         self._lock = threading.Lock()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: NixProcess | None = None
         self._reader: threading.Thread | None = None
         self.killed = False
         #: successes reported while Nix ran (the rest is settled after it exits)
@@ -199,13 +238,16 @@ class NixRun:
     # ----------------------------------------------------------------- control
 
     def start(self) -> NixRun:
-        argv = build_argv(roots(list(self.targets.values())), self.options)
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=dict(self.options.env), start_new_session=True)
+        self.process = self._spawn(roots(list(self.targets.values())))
         self._reader = threading.Thread(target=self._read, name="nix-reader", daemon=True)
         self._reader.start()
         return self
+
+    def _spawn(self, drvs: list[str]) -> NixProcess:
+        return subprocess.Popen(
+            build_argv(drvs, self.options), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(self.options.env),
+            start_new_session=True)
 
     @property
     def pid(self) -> int:

@@ -57,8 +57,18 @@ class ReconcileReport:
         return counts
 
 
-def live_consumers(session: Session, now: datetime | None = None) -> list[Capabilities]:
-    """Capabilities of every consumer that could take a step now or soon."""
+def live_consumers(session: Session, now: datetime | None = None,
+                   settings: Settings | None = None) -> list[Capabilities]:
+    """Capabilities of every consumer that could take a step now or soon.
+
+    An enabled SSH builder counts while its back-off ends within
+    ``unsupported_timeout``: a builder that failed a few times (rebooting,
+    a network blip) keeps its classes alive, one whose back-off has grown
+    longer than that (down for good, wrong host key) does not, and its steps
+    go ``unsupported_system`` a timeout later unless another machine turns up.
+    A builder without ``public_host_key`` never counts while
+    ``ssh_require_host_key`` is on: it is refused without being tried.
+    """
     now = now or datetime.now(UTC)
     found: list[Capabilities] = []
     for details in session.execute(text("""
@@ -67,13 +77,18 @@ def live_consumers(session: Session, now: datetime | None = None) -> list[Capabi
     """), {"kind": QUEUE_RUNNER_KIND, "fresh": now - STALE_AFTER}).scalars():
         for caps in (details or {}).get("capabilities", []):
             found.append(Capabilities.from_json(caps))
+    runner = settings.queue_runner if settings is not None else None
     for systems, supported, mandatory in session.execute(text("""
         SELECT systems, supported_features, mandatory_features FROM remote_builders
         WHERE enabled
+          AND (disabled_until IS NULL
+               OR disabled_until <= now() + make_interval(secs => :patience))
+          AND (NOT :require_key OR coalesce(btrim(public_host_key), '') <> '')
         UNION ALL
         SELECT systems, supported_features, mandatory_features FROM builder_sessions
         WHERE connected
-    """)).all():
+    """), {"patience": float(runner.unsupported_timeout if runner else 0),
+           "require_key": bool(runner.ssh_require_host_key if runner else False)}).all():
         found.append(Capabilities(frozenset(systems), frozenset(supported),
                                   frozenset(mandatory)))
     return found
@@ -135,7 +150,7 @@ def _republish(session: Session, settings: Settings) -> Counter[str]:
 
 def _fail_unsupported(session: Session, settings: Settings, report: FinishReport,
                       local: list[Capabilities]) -> int:
-    consumers = [*local, *live_consumers(session)]
+    consumers = [*local, *live_consumers(session, settings=settings)]
     waiting = session.execute(text("""
         SELECT DISTINCT queue_class FROM steps WHERE state IN ('pending', 'queued')
     """)).scalars().all()

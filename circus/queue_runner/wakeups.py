@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
+from kombu import Connection, Queue
 from sqlalchemy.orm import Session
 
-from celeryconfig import build_queue_name
+from celeryconfig import BUILD_QUEUE_PREFIX, build_queue_name
 from circus.common.db import after_commit
 
 log = logging.getLogger(__name__)
@@ -97,3 +99,80 @@ def publish_after_commit(session: Session, publish: Publish | None,
         return
     snapshot = dict(counts)
     after_commit(session, lambda: publish(snapshot))
+
+
+class Wakeable(Protocol):
+    """A consumer outside Celery's worker (agent bridge, SSH builders) fed by tokens."""
+
+    #: every class steps were ever queued in (``queue_classes``), kept fresh by the consumer
+    known_classes: list[str]
+
+    def servable_classes(self, known: list[str]) -> list[str]:
+        """The classes of ``known`` this consumer could take a step of right now."""
+        ...
+
+    def kick_threadsafe(self, queue_class: str) -> None:
+        """Try to claim steps of ``queue_class`` (called from the consumer thread)."""
+        ...
+
+
+class WakeupConsumer(threading.Thread):
+    """Consumes the class queues ``target`` can serve now; each token kicks it.
+
+    The subscription follows ``target.servable_classes`` (re-checked every
+    couple of seconds), so a consumer with no free slot takes no tokens away
+    from the others.
+    """
+
+    def __init__(self, target: Wakeable, broker_url: str, name: str = "wakeups") -> None:
+        super().__init__(name=name, daemon=True)
+        self.target = target
+        self.broker_url = broker_url
+        self.stopped = threading.Event()
+        self.classes: list[str] = []
+        self.tokens = 0
+
+    def wanted(self) -> list[str]:
+        known = list(self.target.known_classes)
+        return sorted(self.target.servable_classes(known))
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self._consume()
+            except Exception:
+                log.warning("%s: lost the broker; retrying", self.name, exc_info=True)
+                self.stopped.wait(1.0)
+
+    def _consume(self) -> None:
+        with Connection(self.broker_url, connect_timeout=5) as connection:
+            while not self.stopped.is_set():
+                classes = self.wanted()
+                if not classes:
+                    self.stopped.wait(0.5)
+                    continue
+                queues = [Queue(build_queue_name(c)) for c in classes]
+                with connection.Consumer(queues, callbacks=[self._on_message],
+                                         accept=["json"], prefetch_count=4):
+                    self.classes = classes
+                    deadline = time.monotonic() + 2.0
+                    while time.monotonic() < deadline and not self.stopped.is_set():
+                        try:
+                            connection.drain_events(timeout=0.5)
+                        except TimeoutError:
+                            pass
+                        if self.wanted() != classes:
+                            break
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        self.tokens += 1
+        routing_key = str(message.delivery_info.get("routing_key") or "")
+        queue_class = routing_key.removeprefix(BUILD_QUEUE_PREFIX)
+        if not queue_class and isinstance(body, list) and body and body[0]:
+            queue_class = str(body[0][0])
+        message.ack()
+        if queue_class:
+            self.target.kick_threadsafe(queue_class)
+
+    def stop(self) -> None:
+        self.stopped.set()

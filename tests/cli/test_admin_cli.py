@@ -85,13 +85,26 @@ def test_users_keys_and_permissions(server: LiveServer) -> None:
     ok(server, "users", "delete", "erin")
 
 
-def test_builders_builds_notifications_config(server: LiveServer) -> None:
+def test_builders_builds_notifications_config(server: LiveServer, tmp_path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    host_key = (tmp_path / "k.pub").read_text().strip()
+    keyscan = tmp_path / "fast.keys"
+    keyscan.write_text(f"fast {host_key}\n")
+    bad = admin(server, "builders", "add", "slow", "ssh://nix@slow", "--public-host-key",
+                "ssh-ed25519 notakey")
+    assert bad.returncode != 0
+    assert "public_host_key" in bad.stderr
     ok(server, "builders", "add", "fast", "ssh://nix@fast", "--systems", "x86_64-linux",
-       "--max-jobs", "4", "--features", "kvm")
+       "--max-jobs", "4", "--features", "kvm", "--ssh-key-file", "/run/keys/fast",
+       "--public-host-key", f"@{keyscan}")
     ok(server, "builders", "disable", "fast")
     builders = json.loads(ok(server, "--json", "builders", "list"))
     assert [(b["name"], b["enabled"], b["supported_features"]) for b in builders] == [
         ("fast", False, ["kvm"])]
+    assert builders[0]["public_host_key"] == f"fast {host_key}"
+    assert builders[0]["ssh_key_file"] == "/run/keys/fast"
+    assert builders[0]["current_jobs"] == 0
     ok(server, "builders", "remove", "fast")
     assert ok(server, "builders", "sessions", "--connected").strip() == "(none)"
     assert admin(server, "builders", "session", "nope").returncode == 4

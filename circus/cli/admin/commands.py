@@ -20,7 +20,8 @@ EVAL_COLUMNS = ("id", "jobset_id", "status", "trigger_kind", "commit_hash", "cre
                 "build_counts")
 USER_COLUMNS = ("id", "username", "role", "enabled", "user_type", "email", "last_login_at")
 KEY_COLUMNS = ("id", "name", "key_prefix", "role", "owner_id", "last_used_at", "revoked_at")
-BUILDER_COLUMNS = ("id", "name", "ssh_uri", "systems", "max_jobs", "speed_factor", "enabled")
+BUILDER_COLUMNS = ("id", "name", "ssh_uri", "systems", "max_jobs", "speed_factor", "enabled",
+                   "current_jobs", "consecutive_failures", "last_failure")
 SESSION_COLUMNS = ("machine_id", "name", "hostname", "systems", "connected", "current_jobs",
                    "load1", "last_seen")
 TASK_COLUMNS = ("id", "type", "status", "attempts", "build_id", "last_error", "created_at")
@@ -162,6 +163,16 @@ def _builder_id(client: Client, ref: str) -> int:
     raise NotFound(f"no builder {ref}")
 
 
+def _text_or_file(value: str) -> str:
+    """``@path`` means the contents of the file (a key from ``ssh-keyscan``)."""
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text().strip()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {value[1:]}: {exc.strerror}") from None
+
+
 def builders(args: argparse.Namespace, client: Client, out: Output) -> int:
     base = "/api/v1/admin/builders"
     if args.action == "list":
@@ -170,6 +181,10 @@ def builders(args: argparse.Namespace, client: Client, out: Output) -> int:
         body = {"name": args.name, "ssh_uri": args.ssh_uri, "systems": args.systems,
                 "max_jobs": args.max_jobs, "speed_factor": args.speed_factor,
                 "supported_features": args.features, "mandatory_features": args.mandatory}
+        if args.ssh_key_file:
+            body["ssh_key_file"] = args.ssh_key_file
+        if args.public_host_key:
+            body["public_host_key"] = _text_or_file(args.public_host_key)
         out.data(client.post(base, body), BUILDER_COLUMNS)
     elif args.action in ("enable", "disable"):
         out.data(client.put(f"{base}/{_builder_id(client, args.name)}",

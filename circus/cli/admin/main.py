@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--speed-factor", dest="speed_factor", type=float, default=1.0)
     add.add_argument("--features", nargs="*", default=[])
     add.add_argument("--mandatory", nargs="*", default=[])
+    add.add_argument("--ssh-key-file", dest="ssh_key_file",
+                     help="private key the queue runner logs in with")
+    add.add_argument("--public-host-key", dest="public_host_key",
+                     help="the builder's host key ('ssh-ed25519 AAAA...' or a known_hosts "
+                          "line); @FILE reads it from a file, e.g. ssh-keyscan output")
     for name in ("enable", "disable", "remove"):
         sub.add_parser(name).add_argument("name", help="builder name or id")
     sub.add_parser("sessions", help="agent sessions").add_argument(

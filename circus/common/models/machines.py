@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Float, Index, text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Float, Index, column, func, select, table, text
+from sqlalchemy.orm import Mapped, column_property, mapped_column
 
 from circus.common.enums import AuthKind
 from circus.common.models.base import (
@@ -17,6 +18,9 @@ from circus.common.models.base import (
     TextList,
     enum_column,
 )
+
+#: the columns of ``steps`` the running-jobs count needs (no import cycle with steps.py)
+_steps = table("steps", column("state"), column("worker"), column("machine"))
 
 
 class RemoteBuilder(Base):
@@ -38,6 +42,12 @@ class RemoteBuilder(Base):
     last_failure: Mapped[str | None]
     managed_declaratively: Mapped[BoolFalse]
     created_at: Mapped[CreatedAt]
+    #: steps running on it now, by any queue runner (read-only, computed)
+    current_jobs: Mapped[int] = column_property(
+        select(func.count()).select_from(_steps)
+        .where(_steps.c.state == "running", _steps.c.worker.like("ssh:%"),
+               _steps.c.machine == cast(Any, name).column)
+        .correlate_except(_steps).scalar_subquery())
 
 
 class BuilderSession(Base):

@@ -26,6 +26,8 @@ class BuilderSchema(ma.Schema):
     last_failure = fields.String(allow_none=True)
     managed_declaratively = fields.Boolean(required=True)
     created_at = fields.DateTime(required=True)
+    #: steps building on it now (all queue runners)
+    current_jobs = fields.Integer(required=True)
 
 
 _FEATURES = fields.List(Str(max_length=128, min_length=1), validate=validate.Length(max=128))

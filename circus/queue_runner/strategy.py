@@ -1,4 +1,7 @@
-"""Which agent gets a step: the capability rule, the PSI gate and the strategy (SPEC §4)."""
+"""Which machine gets a step: the capability rule, the PSI gate and the strategy (SPEC §4).
+
+Shared by the agent gateway (connected agents) and the SSH worker (remote builders).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from circus.queue_runner.capabilities import Capabilities
 
 @dataclass(frozen=True)
 class Candidate:
-    """What the choice needs to know about one connected agent."""
+    """What the choice needs to know about one machine (agent or SSH builder)."""
 
     key: str
     capabilities: Capabilities
@@ -49,7 +52,7 @@ def score(candidate: Candidate, strategy: SchedulingStrategy) -> float:
 def choose(candidates: Iterable[Candidate], queue_class: str, *,
            strategy: SchedulingStrategy, psi_threshold: float, heartbeat_ttl: float,
            ) -> Candidate | None:
-    """The best agent that may take a step of ``queue_class`` now, or None."""
+    """The best machine that may take a step of ``queue_class`` now, or None."""
     eligible = [
         c for c in candidates
         if not c.disabled
@@ -59,5 +62,5 @@ def choose(candidates: Iterable[Candidate], queue_class: str, *,
     ]
     if not eligible:
         return None
-    # ties go to the least busy agent, then a stable order
+    # ties go to the least busy machine, then a stable order
     return max(eligible, key=lambda c: (score(c, strategy), -c.current_jobs, c.key))

@@ -1,0 +1,1 @@
+"""SSH builders (``remote_builders``): the queue runner builds on them over SSH."""

@@ -1,0 +1,470 @@
+"""One step on an SSH builder: inputs there, build there, outputs back, finish.
+
+1. the input closure (the ``.drv`` closure plus the outputs the derivation
+   uses, all valid in the runner's store) goes to the builder, only what its
+   store lacks;
+2. ``nix-store --realise`` runs there (``remotebuild``); the log streams into
+   the step's log file, so the API's live tail works as for local builds;
+3. after a success the outputs' closure comes back, only what the runner's
+   store lacks, and the outputs must then be valid here;
+4. the step finishes through ``outcomes.finish_steps``, the one write path of
+   every consumer.
+
+A lease keeper renews the claim meanwhile; when the step is taken away
+(cancelled, lease lost) or the runner stops, the remote build is stopped,
+and on shutdown the step is handed back without counting an attempt.
+Builder problems (unreachable, host key, transfers, Nix itself failing) put
+the builder into back-off; a step that did not start is handed back, one
+that did ends ``aborted`` and is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session
+
+from circus.common.enums import BuildStatus
+from circus.common.nix.derivation import read_derivation
+from circus.common.nix.process import run as run_process
+from circus.queue_runner import store
+from circus.queue_runner.derivations import DrvInfo
+from circus.queue_runner.leases import ClaimedStep, release_steps, renew_lease
+from circus.queue_runner.logs import log_path_for
+from circus.queue_runner.nixrun import (
+    Exited,
+    Finished,
+    Kind,
+    RunOptions,
+    Started,
+    Target,
+    failure_status,
+)
+from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
+from circus.queue_runner.products import OutputResult, read_output_result
+from circus.queue_runner.sqlutil import in_transaction
+from circus.queue_runner.ssh import health, transfer
+from circus.queue_runner.ssh.connection import Remote, RemoteError
+from circus.queue_runner.ssh.remotebuild import RemoteNixRun
+from circus.queue_runner.wakeups import publish_after_commit
+
+if TYPE_CHECKING:
+    from circus.queue_runner.ssh.pool import BuilderHandle, SshBuilders
+
+log = logging.getLogger(__name__)
+
+#: seconds beyond Nix's own timeouts before a silent channel counts as a dead link
+DEAD_LINK_SLACK = 120.0
+EVENT_POLL = 0.25
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+class StepGone(Exception):
+    """The step was taken away or the runner is stopping: stop work, report nothing."""
+
+
+@dataclass
+class _Verdict:
+    outcome: StepOutcome
+    result: OutputResult | None = None
+    #: the builder misbehaved (counts towards its back-off)
+    builder_failure: str | None = None
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews one step's lease; tells the step when it is lost."""
+
+    def __init__(self, step: SshStep) -> None:
+        super().__init__(name=f"lease-{step.claimed.id}", daemon=True)
+        self.step = step
+        self.lost = threading.Event()
+        self.done = threading.Event()
+        runner = step.settings.queue_runner
+        self.lease_secs = runner.lease_secs
+        self.every = max(0.5, min(2.0, runner.lease_secs / 3))
+
+    def run(self) -> None:
+        last_ok = time.monotonic()
+        step = self.step
+        while not self.done.wait(self.every):
+            try:
+                kept = in_transaction(step.pool.factory, lambda s: renew_lease(
+                    s, step.worker, [step.claimed.id], self.lease_secs))
+            except Exception:
+                log.warning("could not renew the lease on step %s", step.claimed.id,
+                            exc_info=True)
+                if time.monotonic() - last_ok < self.lease_secs * 0.8:
+                    continue
+                # fence ourselves: another worker may take the step any moment
+                log.error("lease on step %s about to lapse; stopping its build",
+                          step.claimed.id)
+                kept = set()
+            if step.claimed.id in kept:
+                last_ok = time.monotonic()
+                continue
+            log.info("step %s was taken away (cancelled or lease lost); stopping it on %s",
+                     step.claimed.id, step.handle.name)
+            self.lost.set()
+            step.interrupt()
+            return
+
+
+class SshStep(threading.Thread):
+    def __init__(self, pool: SshBuilders, handle: BuilderHandle, slot: int, worker: str,
+                 claimed: ClaimedStep, remote: Remote) -> None:
+        super().__init__(name=f"ssh-{handle.name}-{slot}", daemon=True)
+        self.pool = pool
+        self.settings = pool.settings
+        self.handle = handle
+        self.slot = slot
+        self.worker = worker
+        self.claimed = claimed
+        self.remote = remote
+        self.keeper = LeaseKeeper(self)
+        self.nix_env = pool.nix_env
+        self.run_: RemoteNixRun | None = None
+        #: milliseconds per phase (debug log, benchmarks)
+        self.phases: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round((now - self._mark) * 1000, 1)
+        self._mark = now
+
+    # ------------------------------------------------------------ control
+
+    def gone(self) -> bool:
+        return self.keeper.lost.is_set() or self.pool.stop.is_set()
+
+    def interrupt(self) -> None:
+        run = self.run_
+        if run is not None:
+            run.kill()
+
+    def run(self) -> None:
+        try:
+            self.keeper.start()
+            self._run()
+        except StepGone:
+            self._after_gone()
+        except Exception as exc:
+            log.exception("step %s on %s failed unexpectedly", self.claimed.id, self.handle.name)
+            self.interrupt()
+            self._finish(_Verdict(self._abort(f"SSH worker error: {exc}")))
+        finally:
+            self.keeper.done.set()
+            self.pool.step_done(self)
+
+    # ------------------------------------------------------------ phases
+
+    def _run(self) -> None:
+        step = self.claimed
+        try:
+            info = self.pool.cache.get(step.drv_path)
+        except (OSError, ValueError) as exc:
+            self._finish(_Verdict(StepOutcome(step.id, BuildStatus.aborted,
+                                              error_message=f"cannot read derivation: {exc}",
+                                              machine=self.handle.name)))
+            return
+        try:
+            inputs = self._input_closure(info)
+            self.phase("closure")
+        except (store.StoreError, OSError, ValueError) as exc:
+            self._finish(_Verdict(self._abort(f"cannot compute the input closure: {exc}")))
+            return
+        try:
+            self.remote.connect()
+            self.pool.learn_cpu_count(self.handle, self.remote)
+            missing = self._missing_inputs(inputs)
+            self.phase("connect_check")
+        except RemoteError as exc:
+            # unreachable, or no working Nix there: nothing happened to the step, it
+            # returns to the queue with no attempt counted
+            self.pool.builder_failed(self.handle, str(exc))
+            self._hand_back()
+            return
+        if len(missing) > transfer.CHUNK_PATHS:
+            # too many for one stream into the build command: import them first
+            try:
+                transfer.send(self.remote, missing, self.nix_env, self.gone)
+            except transfer.Cancelled:
+                raise StepGone() from None
+            except RemoteError as exc:
+                if self.gone():
+                    raise StepGone() from None
+                self._finish(_Verdict(self._abort(f"could not copy the inputs to "
+                                                  f"{self.handle.name}: {exc}"),
+                                      builder_failure=str(exc)))
+                return
+            self.pool.learn_valid(self.handle, missing)
+            missing = []
+        if self.gone():
+            raise StepGone()
+        verdict = self._build(info, missing)
+        if verdict is not None:
+            self._finish(verdict)
+
+    def _missing_inputs(self, inputs: list[str]) -> list[str]:
+        """Inputs to send: those the builder lacks. Paths it is known to have are not
+        asked about; a few small files are sent rather than asked about (importing a
+        path it has is a no-op)."""
+        unknown = self.pool.unknown_paths(self.handle, inputs)
+        if not unknown or transfer.small_files(unknown):
+            return unknown
+        missing = transfer.remote_invalid(self.remote, unknown)
+        lacking = set(missing)
+        self.pool.learn_valid(self.handle, [p for p in unknown if p not in lacking])
+        return missing
+
+    def _input_closure(self, info: DrvInfo) -> list[str]:
+        """The ``.drv`` closure and the closure of the input outputs it uses (all valid
+        here: the step is queued only once its dependencies succeeded), dependencies
+        first."""
+        drv = read_derivation(info.drv_path)
+        roots = [info.drv_path]
+        for input_drv, names in sorted(drv.input_drvs.items()):
+            outputs = self.pool.cache.get(input_drv).output_paths
+            roots += [outputs[n] for n in names if n in outputs]
+        done = run_process(["nix-store", "--query", "--requisites", *roots], env=self.nix_env,
+                           timeout=store.TIMEOUT)
+        if done.returncode != 0 or done.timed_out:
+            raise store.StoreError(f"nix-store --query --requisites failed: "
+                                   f"{done.stderr.strip()[-2000:]}")
+        return done.stdout.split()
+
+    def _options(self) -> RunOptions:
+        runner = self.settings.queue_runner
+        caps = self.handle.capabilities
+        return RunOptions(
+            env={}, timeout=self.claimed.timeout or runner.build_timeout,
+            max_silent=self.claimed.max_silent or runner.max_silent_time,
+            max_log_size=runner.max_log_size, extra_args=list(runner.extra_nix_build_args),
+            # the builder row is the admin's word on what the machine supports
+            system_features=sorted(caps.supported_features | caps.mandatory_features))
+
+    def _build(self, info: DrvInfo, send: list[str]) -> _Verdict | None:
+        """Send ``send``, realise the step on the builder and bring the outputs back;
+        None when it was handed back unbuilt."""
+        step = self.claimed
+        target = Target(step.id, step.drv_path, info.output_paths,
+                        log_path_for(self.settings.logs.log_dir, step.drv_path, step.id))
+        options = self._options()
+        run = RemoteNixRun(self.remote, [target], options, self.nix_env,
+                           import_inputs=bool(send))
+        try:
+            run.start()
+            self.phase("start")
+        except RemoteError as exc:
+            self.pool.builder_failed(self.handle, str(exc))
+            self._hand_back()
+            return None
+        self.run_ = run
+        send_error: str | None = None
+        if send:
+            try:
+                assert run.channel is not None
+                transfer.stream_export(run.channel, send, self.nix_env, self.gone)
+                run.touch()
+                self.phase("send")
+            except transfer.Cancelled:
+                run.kill()
+            except RemoteError as exc:
+                send_error = str(exc)
+                run.abandon()
+        if self.gone():
+            run.kill()
+        started: float | None = None
+        finished: Finished | None = None
+        exited: Exited | None = None
+        dead_link: str | None = None
+        while exited is None:
+            try:
+                event = run.events.get(timeout=EVENT_POLL)
+            except queue.Empty:
+                event = None
+            if isinstance(event, Started):
+                started = event.at
+            elif isinstance(event, Finished):
+                finished = finished or event
+            elif isinstance(event, Exited):
+                exited = event
+                break
+            now = time.monotonic()
+            if self.gone() and not run.killed:
+                run.kill()
+            elif not run.killed and now - run.last_data > options.max_silent + DEAD_LINK_SLACK:
+                # Nix would have ended a silent build by now: the link is dead
+                dead_link = f"no word from {self.handle.name} for " \
+                            f"{now - run.last_data:.0f} s: connection presumed dead"
+                run.abandon()
+        run.wait(30)
+        self.phase("build")
+        run.finish()
+        step_log = run.logs[step.drv_path]
+        if self.gone():
+            step_log.close()
+            raise StepGone()
+        assert exited is not None
+        try:
+            verdict = self._judge(run, finished, exited, dead_link or send_error, send)
+        except BaseException:
+            step_log.close()
+            raise
+        if verdict.outcome.status is BuildStatus.aborted and verdict.outcome.error_message:
+            step_log.note(f"circus: {verdict.outcome.error_message}")
+        log_path, log_size = step_log.finalize(self.settings.logs.compress)
+        outcome = verdict.outcome
+        outcome.log_path, outcome.log_size = log_path, log_size
+        outcome.started_at = _utc(started) if started else outcome.started_at
+        return verdict
+
+    def _judge(self, run: RemoteNixRun, finished: Finished | None, exited: Exited,
+               broken: str | None, sent: list[str]) -> _Verdict:
+        step = self.claimed
+        report = run.report
+        name = self.handle.name
+        if report.import_failed or (broken and sent and finished is None):
+            detail = "\n".join(exited.errors[-10:]) or broken or "the import failed"
+            error = f"could not copy the inputs to {name}: {detail}"
+            return _Verdict(self._abort(error), builder_failure=error)
+        if sent:
+            self.pool.learn_valid(self.handle, sent)
+        if finished is not None and finished.kind is not Kind.built:
+            if finished.kind is Kind.dependency_failed:
+                # its inputs were copied there: Nix wanting to build one is the builder's fault
+                problem = f"{name} could not use the inputs copied to it: {finished.message}"
+                return _Verdict(self._abort(problem), builder_failure=problem)
+            status, reason = failure_status(finished.kind, finished.signal, report.oom_kills)
+            return _Verdict(StepOutcome(
+                step.id, status, exit_code=finished.exit_code,
+                error_message=reason or finished.message, finished_at=_utc(finished.at),
+                machine=name))
+        if finished is not None or report.exit_code == 0:
+            return self._collect(run)
+        if broken:
+            error = broken
+        elif exited.returncode < 0:
+            error = f"the connection to {name} was lost during the build"
+        else:
+            error = "\n".join(exited.errors[-20:]) or \
+                f"nix-store on {name} exited with status {exited.returncode}"
+        return _Verdict(self._abort(error), builder_failure=error)
+
+    def _collect(self, run: RemoteNixRun) -> _Verdict:
+        """Bring the outputs home (normally already streamed back) and check them."""
+        step = self.claimed
+        outputs = self.pool.cache.get(step.drv_path).output_paths
+        report = run.report
+        self.pool.learn_valid(self.handle, list(outputs.values()))
+        try:
+            if report.import_error is None and set(outputs.values()) <= set(report.imported):
+                missing: set[str] = set()
+            else:
+                # the stream did not make it (a reference the runner lacks, a lost
+                # connection): ask for the closure, fetch what the runner lacks
+                closure = transfer.remote_closure(self.remote, list(outputs.values()))
+                lacking = store.invalid_paths(closure, self.nix_env)
+                transfer.fetch(self.remote, [p for p in closure if p in lacking],
+                               self.nix_env, self.gone)
+                missing = store.invalid_paths(outputs.values(), self.nix_env)
+        except transfer.Cancelled:
+            raise StepGone() from None
+        except RemoteError as exc:
+            if self.gone():
+                raise StepGone() from None
+            error = f"could not copy the outputs from {self.handle.name}: {exc}"
+            return _Verdict(self._abort(error), builder_failure=str(exc))
+        except store.StoreError as exc:
+            return _Verdict(self._abort(f"cannot check the outputs in the runner's store: {exc}"))
+        if missing:
+            problem = f"{sorted(missing)[0]} is not valid in the runner's store after the copy"
+            return _Verdict(self._abort(problem), builder_failure=problem)
+        result = read_output_result(outputs)
+        status = BuildStatus.failed_with_output if result.failed_marker else BuildStatus.succeeded
+        marker = "the builder created nix-support/failed" if result.failed_marker else None
+        outcome = StepOutcome(step.id, status, error_message=marker, finished_at=_utc(time.time()),
+                              machine=self.handle.name)
+        self._check_size(outcome, outputs.values())
+        return _Verdict(outcome, result)
+
+    def _check_size(self, outcome: StepOutcome, outputs: Iterable[str]) -> None:
+        limit = self.settings.queue_runner.max_output_size
+        if not limit:
+            return
+        paths = list(outputs)
+        try:
+            sizes = store.path_sizes(paths, self.nix_env)
+        except store.StoreError:
+            log.warning("could not measure output sizes", exc_info=True)
+            return
+        too_big = [p for p in paths if p in sizes and sizes[p].nar_size > limit]
+        if too_big:
+            outcome.status = BuildStatus.nar_size_limit_exceeded
+            outcome.error_message = (f"output {too_big[0]} is larger than max_output_size "
+                                     f"({limit} bytes)")
+
+    # ------------------------------------------------------------ reporting
+
+    def _abort(self, error: str) -> StepOutcome:
+        return StepOutcome(self.claimed.id, BuildStatus.aborted, error_message=error,
+                           finished_at=_utc(time.time()), machine=self.handle.name, retry=True)
+
+    def _finish(self, verdict: _Verdict) -> None:
+        if verdict.builder_failure:
+            self.pool.builder_failed(self.handle, verdict.builder_failure)
+        outcome = verdict.outcome
+        results = {outcome.step_id: verdict.result} if verdict.result else {}
+        # the builder did its part when Nix gave a verdict on the derivation
+        healthy = outcome.status is not BuildStatus.aborted
+
+        def work(session: Session) -> FinishReport:
+            report = finish_steps(session, self.settings, self.worker, [outcome], results)
+            if healthy and self.handle.failing:
+                health.record_success(session, self.handle.id)
+            publish_after_commit(session, self.pool.publish, report.queued)
+            return report
+
+        try:
+            self.phase("collect")
+            report = in_transaction(self.pool.factory, work)
+            self.phase("finish")
+            log.debug("step %s on %s: %s ms", self.claimed.id, self.handle.name, self.phases)
+        except Exception:
+            # the step stays running under our name; its lease lapses and it is re-queued
+            log.exception("could not record the result of step %s", self.claimed.id)
+            return
+        if healthy:
+            self.pool.builder_ok(self.handle)
+        if report.finished:
+            log.info("step %s (%s) on %s: %s", self.claimed.id, self.claimed.drv_path,
+                     self.handle.name, outcome.status.name)
+        self.pool.kick_classes(report.queued)
+        if self.pool.on_built is not None and report.builds.finished:
+            self.pool.on_built(report)
+
+    def _hand_back(self) -> None:
+        def work(session: Session) -> None:
+            queued = release_steps(session, self.worker, [self.claimed.id])
+            publish_after_commit(session, self.pool.publish, queued)
+
+        try:
+            in_transaction(self.pool.factory, work)
+        except Exception:
+            log.exception("could not hand back step %s; its lease will lapse", self.claimed.id)
+
+    def _after_gone(self) -> None:
+        if self.keeper.lost.is_set():
+            return  # not ours any more
+        # the runner is stopping: the step returns to the queue, no attempt counted
+        self._hand_back()
