@@ -179,3 +179,56 @@ def test_sessions_and_metrics_show_connected_agents(
     assert 'circus_agent_current_jobs{agent="visible"} 0.0' in metrics
     assert 'circus_agent_load1{agent="visible"}' in metrics
     assert "circus_agents_connected 1.0" in metrics
+
+
+async def _two_connections(port: int, closed_first: asyncio.Event,
+                           checked: asyncio.Event) -> tuple[str, str]:
+    """Register 'twin' twice, then close the first connection; returns both session ids."""
+    import capnp
+
+    proto = schema()
+
+    class NullBuilder(proto.Builder.Server):  # type: ignore[misc,name-defined]
+        pass
+
+    info = {"hostname": "h", "name": "twin", "machineId": "t" * 32,
+            "systems": ["x86_64-linux"], "supportedFeatures": [], "mandatoryFeatures": [],
+            "speedFactor": 1.0, "cpuCount": 1, "maxJobs": 1,
+            "protoVersion": protocol_version(), "authToken": TOKEN, "ephemeral": False,
+            "agentVersion": "test"}
+    streams, ids = [], []
+    for _ in range(2):
+        stream = await capnp.AsyncIoStream.create_connection(host="127.0.0.1", port=port)
+        runner = capnp.TwoPartyClient(stream).bootstrap().cast_as(proto.Runner)
+        ids.append(str((await runner.register(info, NullBuilder())).sessionId))
+        streams.append(stream)
+    streams[0].close()  # the old connection goes away late, after the reconnect
+    await asyncio.sleep(0.5)  # time for the gateway to notice and record it
+    closed_first.set()
+    await checked.wait()
+    streams[1].close()
+    return ids[0], ids[1]
+
+
+def test_a_stale_disconnect_never_evicts_the_newer_session(
+        gateway: GatewayThread, committed_db: sessionmaker[Session]) -> None:
+    import capnp
+
+    def row() -> tuple[bool, str | None]:
+        with committed_db() as s:
+            found = s.scalars(select(BuilderSession).where(BuilderSession.name == "twin")).one()
+            return found.connected, found.connection_id
+
+    seen: list[tuple[bool, str | None]] = []
+
+    async def run() -> tuple[str, str]:
+        closed_first, checked = asyncio.Event(), asyncio.Event()
+        task = asyncio.ensure_future(_two_connections(gateway.port, closed_first, checked))
+        await closed_first.wait()
+        seen.append(await asyncio.to_thread(row))
+        checked.set()
+        return await task
+
+    first, second = asyncio.run(capnp.run(run()))
+    assert first != second
+    assert seen == [(True, second)]
