@@ -356,6 +356,15 @@ def main() -> int:
             print(f"  {name:18s} {statistics.median(values):9.0f} MiB/s   {ratios}")
         print(f"\npublic key: {public}")
         return 0
+    except BaseException:
+        # what the servers said is the first thing to look at when a run fails
+        for daemon in daemons:
+            errors = [line for line in daemon.log().splitlines()
+                      if "Error" in line or "error" in line or "Traceback" in line]
+            if errors:
+                print(f"--- {daemon.name}: {len(errors)} error line(s), last ones:",
+                      *errors[-15:], sep="\n", file=sys.stderr)
+        raise
     finally:
         for daemon in daemons:
             daemon.stop()

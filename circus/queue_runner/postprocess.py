@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
 from circus.common.nix.process import run
 from circus.queue_runner import gcroots, store
 from circus.queue_runner.outcomes import FinishReport
+from circus.queue_runner.results import publishes_inline
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,21 @@ def record_closure_sizes(session: Session, sizes: Mapping[int, int]) -> None:
             FROM unnest(CAST(:ids AS bigint[]), CAST(:sizes AS bigint[])) AS v(id, size)
             WHERE b.id = v.id
         """), {"ids": list(sizes), "sizes": list(sizes.values())})
+
+
+def publish_later(factory: sessionmaker[Session], settings: Settings, build_ids: list[int]
+                  ) -> None:
+    """Publish succeeded builds' outputs to the binary cache, one savepoint each."""
+    if not (settings.cache.enabled or settings.cache_upload.enabled):
+        return
+    with factory() as session, session.begin():
+        for build_id in build_ids:
+            try:
+                with session.begin_nested():
+                    publish_outputs(session, settings, build_id)
+            except Exception:
+                # the build stays succeeded; its outputs are just not in the cache
+                log.exception("build %d: publishing its outputs failed", build_id)
 
 
 class PostProcessor:
@@ -109,6 +126,8 @@ class PostProcessor:
                 return
 
     def process(self, builds: Mapping[int, list[str]]) -> None:
+        if not publishes_inline(self.settings):
+            publish_later(self.factory, self.settings, sorted(builds))
         env = self.settings.nix_environ()
         sizes = closure_sizes(builds, env)
         with self.factory() as session, session.begin():

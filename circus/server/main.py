@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from gunicorn.app.base import BaseApplication
 
+    from circus.server.context import server_context
+
+    def post_fork(server: Any, worker: Any) -> None:
+        # A pooled connection opened before the fork would be shared by every worker:
+        # two processes talking over one socket corrupt each other's results
+        # ("error with status PGRES_TUPLES_OK and no message from the libpq").
+        server_context(app).engine.dispose(close=False)
+
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             options: dict[str, Any] = {
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loglevel": settings.tracing.level.lower(),
                 # one shared control socket path would make instances on a host collide
                 "control_socket_disable": True,
+                "post_fork": post_fork,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)

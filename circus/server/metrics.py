@@ -28,7 +28,9 @@ class QueueCollector(Collector):
     def __init__(self, factory: Callable[[], sessionmaker[Session]]) -> None:
         self.factory = factory
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily,
+                                 GaugeMetricFamily, GaugeMetricFamily,
+                                 dict[str, GaugeMetricFamily], GaugeMetricFamily]:
         depth = GaugeMetricFamily("circus_queue_depth",
                                   "Runnable (queued) steps per queue class", labels=["queue"])
         steps = GaugeMetricFamily("circus_steps", "Unfinished steps by state", labels=["state"])
@@ -48,6 +50,17 @@ class QueueCollector(Collector):
         }
         backlog = GaugeMetricFamily("circus_notification_backlog",
                                     "Notification tasks not yet completed", labels=["status"])
+        return depth, steps, builds, agents, agent_jobs, per_agent, backlog
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Registering a collector describes it (without describe(): collects it). No
+        # query may run then: it would open a pooled connection in gunicorn's master,
+        # and every forked worker would share that socket.
+        depth, steps, builds, agents, agent_jobs, per_agent, backlog = self._families()
+        yield from (depth, steps, builds, agents, agent_jobs, *per_agent.values(), backlog)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth, steps, builds, agents, agent_jobs, per_agent, backlog = self._families()
         try:
             with self.factory()() as session:
                 for queue, count in session.execute(

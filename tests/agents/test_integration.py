@@ -79,6 +79,14 @@ def machine_of(factory: sessionmaker[Session], drv: str) -> str | None:
             {"d": drv}).scalar()
 
 
+def published(factory: sessionmaker[Session], build_ids: list[int]) -> int:
+    """How many of these builds' outputs the binary cache has recorded."""
+    with factory() as session:
+        return int(session.execute(text(
+            "SELECT count(*) FROM build_outputs o JOIN narinfo_cache n ON n.store_path = o.path "
+            "WHERE o.build_id = ANY(:ids)"), {"ids": build_ids}).scalar_one())
+
+
 def valid_here(path: str) -> bool:
     return subprocess.run(["nix-store", "--check-validity", path],
                           capture_output=True).returncode == 0
@@ -108,6 +116,8 @@ def test_capability_routing_strategy_logs_and_outputs(
         assert not any(b"second line" in p.read_bytes()
                        for p in talker_log.rglob("*talker*.log"))
         result = wait_builds(committed_db, list(ids.values()))
+        wait_until(lambda: published(committed_db, list(ids.values())) == len(jobs),
+                   timeout=30, message="outputs published to the cache")
         print(runner.log()[-4000:])
     assert set(result.values()) == {BuildStatus.succeeded}, result
     # a kvm step goes only to the kvm agent, big-parallel only where it is supported,
@@ -124,14 +134,14 @@ def test_capability_routing_strategy_logs_and_outputs(
         outputs = dict(session.execute(text(
             "SELECT b.job_name, o.path FROM builds b JOIN build_outputs o ON o.build_id = b.id "
             "WHERE b.id = ANY(:ids)"), {"ids": list(ids.values())}).all())
+        logs = session.execute(text(
+            "SELECT log_path FROM steps WHERE drv_path = :d"), {"d": drvs["talker"]}).scalar()
         cached = set(session.execute(text(
             "SELECT store_path FROM narinfo_cache WHERE store_path = ANY(:p)"),
             {"p": list(outputs.values())}).scalars())
-        logs = session.execute(text(
-            "SELECT log_path FROM steps WHERE drv_path = :d"), {"d": drvs["talker"]}).scalar()
+    assert cached == set(outputs.values())
     for job, path in outputs.items():
         assert valid_here(path), job
-    assert cached == set(outputs.values())
     assert Path(outputs["top"]).read_text() == f"dep-{nonce}\ntop\n"
     # the dependency was built once (by some agent) and shipped to the top's builder
     top_machine = machine_of(committed_db, drvs["top"])

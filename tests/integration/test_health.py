@@ -41,3 +41,18 @@ def test_health_is_503_when_the_database_is_down(make_settings: object) -> None:
     response = app.test_client().get("/health")
     assert response.status_code == 503
     assert response.get_json()["database"]["ok"] is False
+
+
+def test_creating_the_app_opens_no_database_connection(settings: Settings) -> None:
+    """gunicorn forks workers after create_app: a pooled connection opened before the
+    fork would be shared by every worker and corrupt their results under load."""
+    from sqlalchemy import event
+
+    engine = make_engine(settings)
+    opened: list[object] = []
+    event.listen(engine, "connect", lambda *args: opened.append(args))
+    app = create_app(settings, engine=engine)
+    assert opened == []
+    assert app.test_client().get("/metrics").status_code == 200
+    assert len(opened) == 1
+    engine.dispose()
