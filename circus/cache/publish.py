@@ -16,6 +16,7 @@ build's project. Running it twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,33 +71,50 @@ def publish_outputs(session: Session, settings: Settings, build_id: int) -> Publ
     then. Otherwise a failed upload leaves the path served from local disk, and
     the next publish touching it tries the upload again.
     """
-    build = session.get(Build, build_id)
-    if build is None:
+    if session.get(Build, build_id) is None:
         raise NotFound(f"build {build_id} not found")
-    result = PublishResult()
-    if not (settings.cache.enabled or settings.cache_upload.enabled):
-        return result
-    project = session.get(Project, build.project_id)
-    if project is None or not project.cache_enabled:
-        return result
-    outputs = list(session.scalars(
-        select(BuildOutput.path).where(BuildOutput.build_id == build_id)))
-    if not outputs:
-        return result
+    return publish_builds(session, settings, [build_id])[build_id]
+
+
+def publish_builds(session: Session, settings: Settings, build_ids: list[int]
+                   ) -> dict[int, PublishResult]:
+    """:func:`publish_outputs` for many builds at once: one Nix call for all closures."""
+    results = {build_id: PublishResult() for build_id in build_ids}
+    if not (settings.cache.enabled or settings.cache_upload.enabled) or not build_ids:
+        return results
+    project_of = dict(session.execute(
+        select(Build.id, Build.project_id).join(Project, Project.id == Build.project_id)
+        .where(Build.id.in_(build_ids), Project.cache_enabled)).tuples().all())
+    outputs_of: dict[int, list[str]] = defaultdict(list)
+    for owner, path in session.execute(
+            select(BuildOutput.build_id, BuildOutput.path)
+            .where(BuildOutput.build_id.in_(list(project_of)))
+            .order_by(BuildOutput.build_id, BuildOutput.name)).tuples():
+        outputs_of[owner].append(path)
+    all_outputs = sorted({p for paths in outputs_of.values() for p in paths})
+    if not all_outputs:
+        return results
     env = settings.nix_environ()
+    invalid = PublishResult()
     try:
-        infos = _closure(outputs, env, result)
+        infos = _closure(all_outputs, env, invalid)
     except pathinfo.PathInfoError as exc:
-        # the build's result stands; its outputs are just not in the cache
-        log.error("cache: cannot publish build %s: %s", build_id, exc)
-        result.errors.update({p: str(exc) for p in outputs if p not in result.errors})
-        return result
+        # the builds' results stand; their outputs are just not in the cache
+        log.error("cache: cannot publish build(s) %s: %s", sorted(outputs_of), exc)
+        for build_id, paths in outputs_of.items():
+            results[build_id].errors.update({p: str(exc) for p in paths})
+        return results
+    by_path = {info.path: info for info in infos}
+    closure_of = {build_id: _closure_in(by_path, paths)
+                  for build_id, paths in outputs_of.items()}
+    for build_id, paths in outputs_of.items():
+        results[build_id].errors.update(
+            {p: e for p, e in invalid.errors.items() if p in paths})
 
     records.lock_shared(session)
     key = signing_key(settings)
-    closure_paths = [info.path for info in infos]
     existing = {row.store_path: row for row in session.execute(
-        select(NarInfoRow).where(NarInfoRow.store_path.in_(closure_paths))).scalars()}
+        select(NarInfoRow).where(NarInfoRow.store_path.in_(list(by_path)))).scalars()}
 
     uploader = _Uploader(settings) if settings.cache_upload.enabled else None
     files = LocalFiles(settings.cache.cache_dir)
@@ -123,17 +141,25 @@ def publish_outputs(session: Session, settings: Settings, build_id: int) -> Publ
 
     outcomes = _run_parallel(process_one, missing, _workers(settings, len(missing)))
 
+    # a path new to the cache is attributed to the first build (by id) that needs it
+    first_owner = {}
+    for build_id in sorted(closure_of, reverse=True):
+        first_owner.update(dict.fromkeys(closure_of[build_id], build_id))
     values: list[dict[str, Any]] = []
     uploaded: list[NarInfo] = []
+    added: set[str] = set()
     for info, outcome in zip(missing, outcomes, strict=True):
         if isinstance(outcome, str):
             log.error("cache: not publishing %s: %s", info.path, outcome)
-            result.errors[info.path] = outcome
+            for build_id, paths in closure_of.items():
+                if info.path in paths:
+                    results[build_id].errors[info.path] = outcome
             continue
         narinfo, storage = outcome
-        values.append(records.to_values(narinfo, storage=storage, build_id=build_id,
-                                        project_id=build.project_id))
-        result.added.append(info.path)
+        owner = first_owner[info.path]
+        values.append(records.to_values(narinfo, storage=storage, build_id=owner,
+                                        project_id=project_of[owner]))
+        added.add(info.path)
         if storage == "s3":
             uploaded.append(narinfo)
 
@@ -153,18 +179,36 @@ def publish_outputs(session: Session, settings: Settings, build_id: int) -> Publ
     records.insert_rows(session, values)
     if key is not None:
         _sign_existing(session, key, existing.values())
-    added = set(result.added)
-    recorded = [p for p in closure_paths if p in existing or p in added]
-    records.link_projects(session, recorded, build.project_id)
+    signed: list[int] = []
+    for build_id, paths in closure_of.items():
+        result = results[build_id]
+        recorded = [p for p in paths if p in existing or p in added]
+        records.link_projects(session, recorded, project_of[build_id])
+        result.published = recorded
+        result.added = [p for p in paths if p in added]
+        if key is not None and all(o in recorded for o in outputs_of[build_id]):
+            result.signed = True
+            signed.append(build_id)
     if uploader is not None:
         # the local copy of an uploaded NAR is dropped unless a local row still uses it
         _drop_uploaded_local_files(session, files, uploaded)
-    result.published = recorded
-    if key is not None and all(o in recorded for o in outputs):
-        session.execute(update(Build).where(Build.id == build_id).values(signed=True))
-        result.signed = True
+    if signed:
+        session.execute(update(Build).where(Build.id.in_(signed)).values(signed=True))
     session.flush()
-    return result
+    return results
+
+
+def _closure_in(by_path: dict[str, pathinfo.PathInfo], roots: list[str]) -> list[str]:
+    """The closure of ``roots`` within ``by_path``, in ``by_path``'s order."""
+    seen: set[str] = set()
+    stack = [p for p in roots if p in by_path]
+    while stack:
+        path = stack.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        stack.extend(r for r in by_path[path].references if r in by_path and r not in seen)
+    return [p for p in by_path if p in seen]
 
 
 def _closure(outputs: list[str], env: dict[str, str], result: PublishResult

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from circus.cache.publish import publish_outputs
+from circus.cache.publish import publish_builds
 from circus.common.config import Settings
 from circus.common.nix.process import run
 from circus.queue_runner import gcroots, store
@@ -57,14 +57,22 @@ def record_closure_sizes(session: Session, sizes: Mapping[int, int]) -> None:
 
 def publish_later(factory: sessionmaker[Session], settings: Settings, build_ids: list[int]
                   ) -> None:
-    """Publish succeeded builds' outputs to the binary cache, one savepoint each."""
+    """Publish succeeded builds' outputs to the binary cache: all at once (one Nix
+    call), or one savepoint per build when the batch fails."""
     if not (settings.cache.enabled or settings.cache_upload.enabled):
         return
     with factory() as session, session.begin():
+        try:
+            with session.begin_nested():
+                publish_builds(session, settings, build_ids)
+            return
+        except Exception:
+            log.warning("publishing %d build(s) together failed; one by one now",
+                        len(build_ids), exc_info=True)
         for build_id in build_ids:
             try:
                 with session.begin_nested():
-                    publish_outputs(session, settings, build_id)
+                    publish_builds(session, settings, [build_id])
             except Exception:
                 # the build stays succeeded; its outputs are just not in the cache
                 log.exception("build %d: publishing its outputs failed", build_id)

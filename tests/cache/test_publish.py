@@ -11,7 +11,7 @@ import zstandard
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from circus.cache.publish import publish_outputs
+from circus.cache.publish import publish_builds, publish_outputs
 from circus.cache.records import from_row
 from circus.common.config import Settings
 from circus.common.models import Build, NarInfo, NarInfoProject
@@ -141,3 +141,31 @@ def test_nar_hash_of_published_paths_matches_the_python_writer(
     for path, row in rows(db).items():
         digest = nar.hash_path(path)
         assert (digest.nar_hash.nix, digest.nar_size) == (row.nar_hash, row.nar_size)
+
+
+def test_many_builds_publish_together_with_shared_closures(
+        db: Session, cache_settings: Callable[..., Settings], nonce: str) -> None:
+    """What the queue runner's post-processor does after a batch of builds finished."""
+    settings = cache_settings()
+    shared = nix_build(closure_expr(nonce, blob_kib=1))
+    other = nix_build(simple_expr(nonce, "other"))
+    first = make_build(db, shared, project="alpha", job="a")
+    second = make_build(db, shared, project="beta", job="b")
+    third = make_build(db, other, project="alpha", job="c")
+    results = publish_builds(db, settings, [third.id, first.id, second.id])
+    recorded = rows(db)
+    shared_closure = set(results[first.id].published)
+    assert set(results[second.id].published) == shared_closure
+    assert results[third.id].published == [other.outputs["out"]]
+    assert set(recorded) == shared_closure | {other.outputs["out"]}
+    # a path new to the cache belongs to the first build that needed it
+    assert {recorded[p].build_id for p in shared_closure} == {first.id}
+    assert recorded[other.outputs["out"]].build_id == third.id
+    assert all(results[b].signed for b in (first.id, second.id, third.id))
+    assert set(results[first.id].added) == shared_closure
+    assert results[second.id].added == results[first.id].added
+    links = set(db.execute(select(NarInfoProject.store_path, NarInfoProject.project_id)))
+    assert {(p, second.project_id) for p in shared_closure} <= links
+    assert {(p, first.project_id) for p in shared_closure} <= links
+    db.expire_all()
+    assert all(db.get(Build, b).signed for b in (first.id, second.id, third.id))  # type: ignore[union-attr]
