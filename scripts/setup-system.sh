@@ -36,6 +36,14 @@ if [ "$(id -u)" -eq 0 ]; then
     mkdir -p /etc/nix
     echo 'sandbox = false' >> /etc/nix/nix.conf
   fi
+  # Nix as root builds as members of `build-users-group` (nixbld); a group
+  # without members fails every build ("has no members"), so create the build
+  # users the way Nix's own installer does.
   getent group nixbld >/dev/null || groupadd -r nixbld
+  for n in $(seq 1 8); do
+    id "nixbld$n" >/dev/null 2>&1 || useradd --system --no-create-home \
+      --home-dir /var/empty --gid nixbld --groups nixbld \
+      --shell /usr/sbin/nologin --comment "Nix build user $n" "nixbld$n"
+  done
   mkdir -p /run/sshd
 fi
