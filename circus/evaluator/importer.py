@@ -220,6 +220,8 @@ class BuildImporter:
         #: new builds: (job, id), for the links written by finish()
         self.created: list[tuple[Job, int]] = []
         self.reused = 0
+        #: reused builds, whose status the new evaluation's commit should get too
+        self.reused_ids: list[int] = []
 
     def add(self, jobs: Sequence[Job]) -> None:
         new_jobs: list[Job] = []
@@ -238,6 +240,7 @@ class BuildImporter:
             self._remember(job, build_id)
             self.created.append((job, build_id))
         self.reused += len(reused)
+        self.reused_ids += reused
         pairs = list(zip(new_jobs, ids, strict=True))
         _copy(self.session, "builds", BUILD_COLUMNS, self._build_lines(pairs))
         _copy(self.session, "build_outputs", ("build_id", "name", "path"),
@@ -304,6 +307,14 @@ class BuildImporter:
               dependency_lines())
         _copy(self.session, "evaluation_errors", ("evaluation_id", "job_name", "message"),
               (f"{self.eval_id}\t{_text(e.name)}\t{_text(e.message)}\n" for e in errors))
+        if self.reused_ids:
+            # the notification collector reports these builds' current status to this
+            # evaluation's commit as well (only projects with notifications pay for it)
+            self.session.execute(text(
+                "UPDATE builds SET notification_pending_since = now() "
+                "WHERE id = ANY(:ids) AND EXISTS (SELECT 1 FROM notification_configs c "
+                "WHERE c.project_id = builds.project_id AND c.enabled)"),
+                {"ids": self.reused_ids})
         # the queue runner LISTENs here; the notification is delivered on commit
         self.session.execute(text("SELECT pg_notify(:channel, :payload)"),
                              {"channel": NOTIFY_CHANNEL, "payload": str(self.eval_id)})

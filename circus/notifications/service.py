@@ -58,6 +58,8 @@ DELIVER_TASK = "circus.notifications.tasks.deliver"
 LEASE_SECS = 300
 #: an enqueued task is not enqueued again by the scan for this long (lost messages)
 REDELIVER_SECS = 60
+#: the newest commits (evaluations) a build's events are reported to
+COMMITS_PER_BUILD = 5
 #: how long a commit status waits for an older one of the same build still in flight
 DEFER_SECS = 1
 #: builds taken per collector transaction
@@ -159,18 +161,31 @@ def collect_events(session: Session, settings: Settings, *, limit: int = COLLECT
     ids = sorted(row.id for row in picked if row.project_id in configs)
     if not ids:
         return result
+    # one event per build and commit: a build reused by newer evaluations reports to
+    # their commits too (Hydra's GitHub status plugin does the same), newest first
     rows = session.execute(text("""
         SELECT b.id, b.status, b.job_name, b.system, b.drv_path, b.started_at,
-               b.completed_at, b.error_message, b.is_aggregate, b.evaluation_id,
+               b.completed_at, b.error_message, b.is_aggregate, e.evaluation_id,
                b.jobset_id, b.project_id, e.commit_hash, e.pr_number, e.pr_head_branch,
                e.pr_base_branch, j.name AS jobset, p.name AS project, p.repository_url
         FROM builds b
-        JOIN evaluations e ON e.id = b.evaluation_id
         JOIN jobsets j ON j.id = b.jobset_id
         JOIN projects p ON p.id = b.project_id
+        JOIN LATERAL (
+            SELECT * FROM (
+                SELECT DISTINCT ON (coalesce(ev.commit_hash, ev.id::text))
+                       ev.id AS evaluation_id, ev.commit_hash, ev.pr_number,
+                       ev.pr_head_branch, ev.pr_base_branch
+                FROM evaluations ev
+                WHERE ev.id = b.evaluation_id OR ev.id IN (
+                    SELECT eb.evaluation_id FROM evaluation_builds eb
+                    WHERE eb.build_id = b.id)
+                ORDER BY coalesce(ev.commit_hash, ev.id::text), ev.id DESC
+            ) per_commit ORDER BY evaluation_id DESC LIMIT :fan_out
+        ) e ON true
         WHERE b.id = ANY(:ids)
-        ORDER BY b.id
-    """), {"ids": ids}).mappings().all()
+        ORDER BY b.id, e.evaluation_id
+    """), {"ids": ids, "fan_out": COMMITS_PER_BUILD}).mappings().all()
     outputs: dict[int, dict[str, str]] = {}
     for build_id, name, path in session.execute(text(
             "SELECT build_id, name, path FROM build_outputs WHERE build_id = ANY(:ids)"),
@@ -297,8 +312,12 @@ def deliver(session: Session, settings: Settings, task_id: int, attempt: int | N
     now = utcnow()
     if target.supersedes and task.build_id is not None:
         _sibling_lock(session, task.build_id, config.id)
+        # statuses of one build on one commit replace each other; other commits' do not
+        commit = task.payload.get("commit")
+        same_commit = NotificationTask.payload["commit"].as_string()
         siblings = select(NotificationTask.id).where(
-            NotificationTask.build_id == task.build_id, NotificationTask.config_id == config.id)
+            NotificationTask.build_id == task.build_id, NotificationTask.config_id == config.id,
+            same_commit.is_(None) if commit is None else same_commit == commit)
         newer = session.scalar(siblings.where(NotificationTask.id > task.id)
                                .order_by(NotificationTask.id.desc()).limit(1))
         if newer is not None:

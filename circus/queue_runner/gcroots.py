@@ -1,7 +1,8 @@
 """GC roots for build outputs worth keeping.
 
 Kept: outputs of succeeded builds (``succeeded``, ``failed_with_output``) that
-belong to one of the newest ``keep_nr`` evaluations of their jobset, to a
+belong to one of the newest ``keep_nr`` evaluations of their jobset (of those,
+evaluations older than ``gc.max_age_days`` only when they are the newest), to a
 channel's evaluation, or are marked ``keep``. Each is a symlink
 ``<gc.gc_roots_dir>/<store path basename>``. When the directory lies under
 ``/nix/var/nix/gcroots`` the symlink alone protects the path; elsewhere each
@@ -135,16 +136,21 @@ def existing_roots(settings: Settings) -> dict[str, Path]:
     return found
 
 
-def wanted_roots(session: Session) -> set[str]:
+def wanted_roots(session: Session, max_age_days: int = 0) -> set[str]:
+    """Outputs to keep rooted. With ``max_age_days`` > 0 an evaluation older than that
+    leaves the ``keep_nr`` window, except each jobset's newest one (a jobset that has
+    not changed for months still has its outputs in the cache)."""
     rows = session.execute(text("""
         WITH ranked AS (
-            SELECT e.id, e.jobset_id,
+            SELECT e.id, e.jobset_id, e.created_at,
                    row_number() OVER (PARTITION BY e.jobset_id ORDER BY e.id DESC) AS rn
             FROM evaluations e
             WHERE e.status NOT IN ('failed', 'cancelled', 'timed_out')
         ),
         kept_evals AS (
-            SELECT r.id FROM ranked r JOIN jobsets j ON j.id = r.jobset_id WHERE r.rn <= j.keep_nr
+            SELECT r.id FROM ranked r JOIN jobsets j ON j.id = r.jobset_id
+            WHERE r.rn <= j.keep_nr AND (r.rn = 1 OR :max_age_days = 0
+                  OR r.created_at >= now() - make_interval(days => :max_age_days))
             UNION
             SELECT evaluation_id FROM channels WHERE evaluation_id IS NOT NULL
         ),
@@ -159,7 +165,7 @@ def wanted_roots(session: Session) -> set[str]:
         SELECT DISTINCT o.path FROM build_outputs o
         JOIN builds b ON b.id = o.build_id
         WHERE b.status IN (2, 7) AND b.id IN (SELECT id FROM kept_builds)
-    """)).scalars().all()
+    """), {"max_age_days": max_age_days}).scalars().all()
     return set(rows)
 
 
@@ -178,7 +184,7 @@ def sync_roots(session: Session, settings: Settings) -> SyncReport:
                           {"key": GC_LOCK}).scalar_one()
     if not got:
         return report
-    wanted = wanted_roots(session)
+    wanted = wanted_roots(session, settings.gc.max_age_days)
     existing = existing_roots(settings)
     stale = [path for path in existing if path not in wanted]
     report.removed = remove_roots(settings, stale)

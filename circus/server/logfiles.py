@@ -63,6 +63,9 @@ def read_chunks(path: Path) -> Iterator[bytes]:
         while chunk := reader.read(CHUNK):
             yield chunk
 
+#: seconds of silence after which :func:`follow` yields an empty keep-alive chunk
+IDLE_HEARTBEAT = 15.0
+
 
 def follow(locate: Callable[[], tuple[Path | None, bool]], *, poll: float = 0.25,
            timeout: float = 3600.0, start: int = 0) -> Iterator[bytes]:
@@ -71,11 +74,15 @@ def follow(locate: Callable[[], tuple[Path | None, bool]], *, poll: float = 0.25
     ``locate()`` returns ``(current log file, step finished)``. When the step
     finishes, the rest of its final log (which may now be compressed) is
     yielded from the offset already sent. ``start`` skips bytes the reader
-    already has (offsets are of the uncompressed log).
+    already has (offsets are of the uncompressed log). After ``IDLE_HEARTBEAT``
+    seconds without output an empty chunk is yielded, so a stream over a quiet build can
+    send a keep-alive before proxies and clients give up on it.
     """
     sent = max(0, start)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    now = time.monotonic()
+    deadline = now + timeout
+    last_yield = now
+    while (now := time.monotonic()) < deadline:
         path, finished = locate()
         if path is not None and not is_compressed(path):
             size = os.path.getsize(path)
@@ -84,7 +91,11 @@ def follow(locate: Callable[[], tuple[Path | None, bool]], *, poll: float = 0.25
                     handle.seek(sent)
                     while sent < size and (chunk := handle.read(min(CHUNK, size - sent))):
                         sent += len(chunk)
+                        last_yield = now
                         yield chunk
+        if not finished and now - last_yield >= IDLE_HEARTBEAT:
+            last_yield = now
+            yield b""
         if finished:
             if path is not None and is_compressed(path):
                 yield from _skip(read_chunks(path), sent)

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 from pathlib import Path
 
+import pytest
 import zstandard
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
@@ -241,3 +242,32 @@ def test_products_download_and_traversal(client: FlaskClient, admin: dict[str, s
     other = world.build(world.evaluation(world.jobset(world.project("q"))), "q")
     assert client.get(f"/api/v1/builds/{other.id}/products/{file_product.id}/download",
                       headers=admin).status_code == 404
+
+
+def test_sse_tail_sends_keep_alives_while_a_build_is_quiet(
+        client: FlaskClient, admin: dict[str, str], world: World, db: Session,
+        api_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from circus.server import logfiles
+
+    # a short idle interval stands in for the 15 s a real stream waits
+    monkeypatch.setattr(logfiles, "IDLE_HEARTBEAT", 0.2)
+    log_dir = Path(api_settings.logs.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "quiet.log").write_text("compiling\n")
+    build = world.build(world.evaluation(world.jobset(world.project())), "q",
+                        BuildStatus.running)
+    step = add_step(db, build.id, build.drv_path, log_path="quiet.log",
+                    state=StepState.running)
+    response = client.get(f"/api/v1/builds/{build.id}/log/stream", headers=admin,
+                          buffered=False)
+    events = iter(response.response)
+    assert next(events).decode() == "data: compiling\n\n"
+    # nothing is written: the stream stays alive with comments, not silence
+    assert next(events).decode() == ": keep-alive\n\n"
+    assert next(events).decode() == ": keep-alive\n\n"
+    step.state = StepState.done
+    step.status = BuildStatus.succeeded
+    db.commit()
+    rest = b"".join(events).decode()
+    response.close()
+    assert rest.endswith("event: end\ndata: succeeded\n\n")

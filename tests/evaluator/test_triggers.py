@@ -319,3 +319,45 @@ def test_drv_roots_live_until_the_builds_are_done(world: World, flake_repo: GitR
     with world.factory() as session:
         assert schedule.prune_gc_roots(session, world.settings) == [evaluation.id]
     assert not roots.exists()
+
+
+def test_reused_builds_report_their_status_to_the_new_commit(
+        world: World, flake_repo: GitRepo) -> None:
+    from circus.common.enums import NotificationType
+    from circus.common.models import NotificationConfig, NotificationTask
+    from circus.notifications import service as notifications
+
+    notified = world.jobset(flake_repo.url)
+    quiet = world.jobset(flake_repo.url)
+    with world.factory() as session, session.begin():
+        project_id = session.get_one(Jobset, notified).project_id
+        session.add(NotificationConfig(project_id=project_id,
+                                       type=NotificationType.webhook,
+                                       config={"url": "http://127.0.0.1:9/hook"}))
+    firsts = [world.evaluate(j) for j in (notified, quiet)]
+    for first in firsts:
+        finish_builds(world.factory, first.id)
+    with world.factory() as session, session.begin():
+        notifications.collect_events(session, world.settings)  # the first round's events
+        session.execute(text("DELETE FROM notification_tasks"))
+
+    flake = (flake_repo.path / "flake.nix").read_text()
+    flake_repo.commit({"flake.nix": flake.replace('mk "plain" { }', 'mk "plain" { v = 2; }')})
+    seconds = [world.evaluate(j) for j in (notified, quiet)]
+    assert [s.builds_reused for s in seconds] == [7, 7]
+    with world.factory() as session, session.begin():
+        stamped = dict(session.execute(text(
+            "SELECT jobset_id, count(*) FROM builds WHERE notification_pending_since "
+            "IS NOT NULL AND status = :ok GROUP BY jobset_id"),
+            {"ok": int(BuildStatus.succeeded)}).tuples().all())
+        # only the project with notifications pays for the stamps
+        assert stamped == {notified: 7}
+        notifications.collect_events(session, world.settings)
+        tasks = list(session.scalars(select(NotificationTask)))
+    new_commit = [t.payload for t in tasks if t.payload["commit"] == flake_repo.head()]
+    # the seven unchanged jobs report "succeeded" on the new commit, as part of the new
+    # evaluation (the changed job's own events come from the queue runner later)
+    assert sorted(p["build"]["status"] for p in new_commit) == ["succeeded"] * 7
+    assert {p["evaluation_id"] for p in new_commit} == {seconds[0].id}
+    assert {p["build"]["job_name"] for p in new_commit} == \
+        set(world.builds(seconds[0].id)) - {"nested.plain"}

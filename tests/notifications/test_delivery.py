@@ -261,3 +261,32 @@ def test_cleanup_deletes_old_finished_tasks(db: Session, rows: Rows,
     assert service.cleanup(db, settings) == 2
     left = set(db.scalars(select(NotificationTask.id)))
     assert left == {old_pending, recent_done}
+
+
+def test_a_reused_build_reports_to_every_commit_that_contains_it(
+        db: Session, rows: Rows, stub: HttpStub, notify_settings: Callable[..., Settings],
+        notify_queue: Queue) -> None:
+    from circus.common.models import EvaluationBuild
+
+    settings = notify_settings()
+    project = rows.project()
+    rows.config(project, GH)
+    jobset = rows.jobset(project)
+    build = rows.build(rows.evaluation(jobset), "hello", stamped=False)
+    newer = "b" * 40
+    later = rows.evaluation(jobset, commit=newer)
+    db.add(EvaluationBuild(evaluation_id=later.id, build_id=build.id, is_new=False))
+    rows.stamp(build, BuildStatus.succeeded)
+    task_ids = service.collect_events(db, settings).task_ids
+    db.commit()
+    assert len(task_ids) == 2
+    # statuses on different commits never supersede each other, whatever the order
+    for task_id in reversed(task_ids):
+        assert service.deliver(db, settings, task_id, 0) == "completed"
+    posted = {r.path.rsplit("/", 1)[1]: r.json() for r in stub.under("/github")}
+    assert set(posted) == {SHA, newer}
+    assert {body["state"] for body in posted.values()} == {"success"}
+    assert {body["context"] for body in posted.values()} == {"circus/widget/main/hello"}
+    payloads = {db.get(NotificationTask, t).payload["commit"]: db.get(  # type: ignore[union-attr]
+        NotificationTask, t).payload["evaluation_id"] for t in task_ids}  # type: ignore[union-attr]
+    assert payloads == {SHA: build.evaluation_id, newer: later.id}

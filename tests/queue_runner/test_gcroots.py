@@ -72,3 +72,36 @@ def test_roots_follow_keep_nr_and_keep(driver: Callable[..., Driver],
         session.commit()
     assert report.removed == 1
     assert set(existing_roots(settings)) == {str(outputs["new-base"])}
+
+
+def test_max_age_days_releases_old_evaluations_but_never_the_newest(
+        committed_db: sessionmaker[Session], nix_env: dict[str, str], nonce: str) -> None:
+    from circus.common.enums import BuildStatus
+    from circus.queue_runner.gcroots import wanted_roots
+
+    with committed_db() as session:
+        jobset = make_jobset(session, "aged", keep_nr=3)
+        evaluations = [make_builds(session, instantiate(["base"], f"{nonce}{n}", nix_env),
+                                   jobset=jobset, notify=False,
+                                   status=BuildStatus.succeeded)["base"] for n in range(3)]
+        outputs = [b.outputs[0].path for b in evaluations]
+        oldest, middle, newest = (b.evaluation_id for b in evaluations)
+        session.execute(text("UPDATE evaluations SET created_at = now() - interval '40 days' "
+                             "WHERE id IN (:a, :b)"), {"a": oldest, "b": middle})
+        session.commit()
+        # no age limit: the keep_nr window alone decides
+        assert wanted_roots(session, 0) >= set(outputs)
+        # 30 days: the two old evaluations leave the window
+        wanted = wanted_roots(session, 30)
+        assert outputs[2] in wanted
+        assert not wanted & {outputs[0], outputs[1]}
+        # a kept build stays whatever its age
+        session.execute(text("UPDATE builds SET keep = true WHERE id = :id"),
+                        {"id": evaluations[0].id})
+        # and when even the newest evaluation is old, it keeps its roots
+        session.execute(text("UPDATE evaluations SET created_at = now() - interval '90 days' "
+                             "WHERE id = :id"), {"id": newest})
+        session.commit()
+        wanted = wanted_roots(session, 30)
+        assert {outputs[0], outputs[2]} <= wanted
+        assert outputs[1] not in wanted

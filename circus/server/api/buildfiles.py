@@ -18,6 +18,7 @@ from circus.server import logfiles
 from circus.server.api.base import Blueprint
 from circus.server.api.queries import get_build
 from circus.server.api.schemas.builds import DownloadArgsSchema, LogArgsSchema, ProductSchema
+from circus.server.auth import current_actor
 from circus.server.context import db_session, server_context, settings
 
 blp = Blueprint("build-files", __name__, url_prefix="/api/v1/builds",
@@ -29,7 +30,7 @@ STORE_DIR = "/nix/store"
 
 def _log_step_id(build_id: int, step_id: int | None) -> int:
     session = db_session()
-    get_build(session, build_id)
+    get_build(session, build_id, current_actor())
     query = select(BuildStep.step_id).where(BuildStep.build_id == build_id)
     query = (query.where(BuildStep.step_id == step_id) if step_id is not None
              else query.where(BuildStep.is_toplevel.is_(True)))
@@ -111,7 +112,7 @@ def log_stream(args: dict[str, Any], build_id: int) -> Response:
 @blp.response(200, ProductSchema(many=True))
 def products(build_id: int) -> Any:
     session = db_session()
-    get_build(session, build_id)
+    get_build(session, build_id, current_actor())
     return list(session.scalars(select(BuildProduct).where(BuildProduct.build_id == build_id)
                                 .order_by(BuildProduct.id)))
 
@@ -147,7 +148,7 @@ def product_file(product: BuildProduct, outputs: list[str], sub: str | None) -> 
                                 "schema": {"type": "string", "format": "binary"}}}}})
 def download(args: dict[str, Any], build_id: int, product_id: int) -> Response:
     session = db_session()
-    get_build(session, build_id)
+    get_build(session, build_id, current_actor())
     product = session.get(BuildProduct, product_id)
     if product is None or product.build_id != build_id:
         raise NotFound(f"build {build_id} has no product {product_id}")

@@ -34,7 +34,7 @@ UNFINISHED = (BuildStatus.pending, BuildStatus.running)
 @blp.arguments(BuildFilterSchema, location="query")
 @blp.response(200, page_of(BuildSchema))
 def list_builds(args: dict[str, Any]) -> Any:
-    query = filter_builds(select(Build), args).order_by(Build.id.desc())
+    query = filter_builds(select(Build), args, current_actor()).order_by(Build.id.desc())
     return paginate(db_session(), query, args, cursor_column=Build.id)
 
 
@@ -43,7 +43,7 @@ def list_builds(args: dict[str, Any]) -> Any:
 @blp.response(200, BuildSchema(many=True))
 def recent(args: dict[str, Any]) -> Any:
     """The most recently finished builds."""
-    query = filter_builds(select(Build), {**args, "finished": True}).where(
+    query = filter_builds(select(Build), {**args, "finished": True}, current_actor()).where(
         Build.completed_at.is_not(None)).order_by(Build.completed_at.desc(), Build.id.desc())
     return list(db_session().scalars(query.limit(args["limit"])))
 
@@ -53,12 +53,13 @@ def recent(args: dict[str, Any]) -> Any:
 @blp.response(200, BuildStatsSchema)
 def stats(args: dict[str, Any]) -> Any:
     session = db_session()
+    actor = current_actor()
     rows = session.execute(filter_builds(
-        select(Build.status, func.count()).group_by(Build.status), args))
+        select(Build.status, func.count()).group_by(Build.status), args, actor))
     by_status = {status.name: count for status, count in rows}
     duration = session.scalar(filter_builds(
         select(func.avg(func.extract("epoch", Build.completed_at - Build.started_at)))
-        .where(Build.completed_at.is_not(None), Build.started_at.is_not(None)), args))
+        .where(Build.completed_at.is_not(None), Build.started_at.is_not(None)), args, actor))
     steps = {state.value: count for state, count in session.execute(
         select(Step.state, func.count()).where(Step.state != StepState.done)
         .group_by(Step.state))}
@@ -76,7 +77,7 @@ def stats(args: dict[str, Any]) -> Any:
 @blp.get(B)
 @blp.response(200, BuildSchema)
 def get_build_view(build_id: int) -> Any:
-    return get_build(db_session(), build_id)
+    return get_build(db_session(), build_id, current_actor())
 
 
 def _act(build_id: int, action: BuildAction) -> Build:
@@ -118,13 +119,13 @@ def keep(build_id: int, keep: str) -> Any:
 @blp.response(200, StepSchema(many=True))
 def steps(build_id: int) -> Any:
     session = db_session()
-    get_build(session, build_id)
+    get_build(session, build_id, current_actor())
     return build_steps(session, build_id)
 
 
 def _related(build_id: int, args: dict[str, Any], query: Any) -> Any:
     session = db_session()
-    get_build(session, build_id)
+    get_build(session, build_id, current_actor())
     return paginate(session, select(Build).where(Build.id.in_(query)).order_by(Build.id), args)
 
 

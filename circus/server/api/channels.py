@@ -7,6 +7,7 @@ from typing import Any
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
+from circus.auth.visibility import only_visible, require_visible
 from circus.common.models import Channel
 from circus.projects import service
 from circus.server.api.base import Blueprint, paginate
@@ -22,7 +23,8 @@ blp = Blueprint("channels", __name__, url_prefix="/api/v1/channels", description
 @blp.arguments(PageArgs, location="query")
 @blp.response(200, page_of(ChannelSchema))
 def list_channels(args: dict[str, Any]) -> Any:
-    return paginate(db_session(), select(Channel).order_by(Channel.name), args)
+    query = only_visible(select(Channel), Channel.project_id, current_actor())
+    return paginate(db_session(), query.order_by(Channel.name), args)
 
 
 @blp.post("")
@@ -39,7 +41,10 @@ def create_channel(data: dict[str, Any]) -> Any:
 @blp.get("/<name:channel>")
 @blp.response(200, ChannelSchema)
 def get_channel(channel: str) -> Any:
-    return service.get_channel(db_session(), channel)
+    session = db_session()
+    row = service.get_channel(session, channel)
+    require_visible(session, current_actor(), row.project_id, f"channel {channel}")
+    return row
 
 
 @blp.delete("/<name:channel>")

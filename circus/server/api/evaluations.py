@@ -41,7 +41,7 @@ def _with_counts(evaluations: list[Evaluation]) -> list[Evaluation]:
 @blp.arguments(EvaluationFilterSchema, location="query")
 @blp.response(200, page_of(EvaluationSchema))
 def list_evaluations(args: dict[str, Any]) -> Any:
-    query = filter_evaluations(select(Evaluation), args).options(
+    query = filter_evaluations(select(Evaluation), args, current_actor()).options(
         selectinload(Evaluation.jobset)).order_by(Evaluation.id.desc())
     page = paginate(db_session(), query, args, cursor_column=Evaluation.id)
     page["items"] = _with_counts(page["items"])
@@ -51,7 +51,7 @@ def list_evaluations(args: dict[str, Any]) -> Any:
 @blp.get("/<id:evaluation_id>")
 @blp.response(200, EvaluationDetailSchema)
 def get_evaluation_view(evaluation_id: int) -> Any:
-    return _with_counts([get_evaluation(db_session(), evaluation_id)])[0]
+    return _with_counts([get_evaluation(db_session(), evaluation_id, current_actor())])[0]
 
 
 @blp.post("/trigger")
@@ -85,8 +85,9 @@ def cancel(evaluation_id: int) -> ResponseReturnValue:
 @blp.response(200, ComparisonSchema)
 def compare(args: dict[str, Any], evaluation_id: int) -> Any:
     session = db_session()
-    get_evaluation(session, evaluation_id)
-    get_evaluation(session, args["to"])
+    actor = current_actor()
+    get_evaluation(session, evaluation_id, actor)
+    get_evaluation(session, args["to"], actor)
     result = evaluator.compare(session, evaluation_id, args["to"])
     return {"evaluation_id": evaluation_id, "other_id": args["to"], "new_jobs": result.new_jobs,
             "removed_jobs": result.removed_jobs, "changed_jobs": result.changed_jobs,

@@ -38,7 +38,7 @@ blp = Blueprint("misc", __name__, url_prefix="/api/v1",
 @blp.response(200, SearchResultSchema)
 def search(args: dict[str, Any]) -> Any:
     """Projects, jobsets, jobs, builds (by id) and store paths matching ``q``."""
-    return queries.search(db_session(), args["q"], args["limit"])
+    return queries.search(db_session(), current_actor(), args["q"], args["limit"])
 
 
 # ---------------------------------------------------------------------------

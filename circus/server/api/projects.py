@@ -7,7 +7,9 @@ from typing import Any
 from flask import request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from circus.auth.visibility import only_visible, require_visible
 from circus.common.models import (
     Build,
     Channel,
@@ -52,6 +54,13 @@ P = "/<name:project>"
 J = P + "/jobsets/<name:jobset>"
 
 
+def _project(session: Session, ref: str) -> Project:
+    """The project named ``ref``, a 404 when it is hidden from the caller."""
+    row = service.get_project(session, ref)
+    require_visible(session, current_actor(), row.id, f"project {ref}")
+    return row
+
+
 def _schemes() -> list[str]:
     return settings().server.allowed_url_schemes
 
@@ -64,7 +73,7 @@ def _schemes() -> list[str]:
 @blp.arguments(ProjectFilterSchema, location="query")
 @blp.response(200, page_of(ProjectSchema))
 def list_projects(args: dict[str, Any]) -> Any:
-    query = select(Project).order_by(Project.name)
+    query = only_visible(select(Project), Project.id, current_actor()).order_by(Project.name)
     if "q" in args:
         query = query.where(Project.name.icontains(args["q"], autoescape=True))
     if "enabled" in args:
@@ -86,7 +95,7 @@ def create_project(data: dict[str, Any]) -> Any:
 @blp.get(P)
 @blp.response(200, ProjectSchema)
 def get_project(project: str) -> Any:
-    return service.get_project(db_session(), project)
+    return _project(db_session(), project)
 
 
 @blp.put(P)
@@ -94,7 +103,7 @@ def get_project(project: str) -> Any:
 @blp.response(200, ProjectSchema)
 def update_project(data: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.update_project(session, current_actor(), service.get_project(session, project),
+    row = service.update_project(session, current_actor(), _project(session, project),
                                  data, allowed_schemes=_schemes())
     session.commit()
     return row
@@ -104,7 +113,7 @@ def update_project(data: dict[str, Any], project: str) -> Any:
 @blp.response(204)
 def delete_project(project: str) -> ResponseReturnValue:
     session = db_session()
-    service.delete_project(session, current_actor(), service.get_project(session, project))
+    service.delete_project(session, current_actor(), _project(session, project))
     session.commit()
     return ""
 
@@ -114,8 +123,9 @@ def delete_project(project: str) -> ResponseReturnValue:
 @blp.response(200, page_of(BuildSchema))
 def project_builds(args: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
-    query = filter_builds(select(Build), {**args, "project_id": row.id}).order_by(Build.id.desc())
+    row = _project(session, project)
+    query = filter_builds(select(Build), {**args, "project_id": row.id},
+                          current_actor()).order_by(Build.id.desc())
     return paginate(session, query, args, cursor_column=Build.id)
 
 
@@ -128,7 +138,7 @@ def project_builds(args: dict[str, Any], project: str) -> Any:
 @blp.response(200, page_of(JobsetSchema))
 def list_jobsets(args: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
+    row = _project(session, project)
     query = select(Jobset).where(Jobset.project_id == row.id).order_by(Jobset.name)
     return paginate(session, query, args)
 
@@ -138,7 +148,7 @@ def list_jobsets(args: dict[str, Any], project: str) -> Any:
 @blp.response(201, JobsetSchema)
 def create_jobset(data: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
+    row = _project(session, project)
     jobset = service.create_jobset(session, current_actor(), row, **data)
     session.commit()
     return jobset
@@ -148,7 +158,7 @@ def create_jobset(data: dict[str, Any], project: str) -> Any:
 @blp.response(200, JobsetSchema)
 def get_jobset(project: str, jobset: str) -> Any:
     session = db_session()
-    return service.get_jobset(session, service.get_project(session, project), jobset)
+    return service.get_jobset(session, _project(session, project), jobset)
 
 
 @blp.put(J)
@@ -156,7 +166,7 @@ def get_jobset(project: str, jobset: str) -> Any:
 @blp.response(200, JobsetSchema)
 def update_jobset(data: dict[str, Any], project: str, jobset: str) -> Any:
     session = db_session()
-    row = service.get_jobset(session, service.get_project(session, project), jobset)
+    row = service.get_jobset(session, _project(session, project), jobset)
     row = service.update_jobset(session, current_actor(), row, data)
     session.commit()
     return row
@@ -166,7 +176,7 @@ def update_jobset(data: dict[str, Any], project: str, jobset: str) -> Any:
 @blp.response(204)
 def delete_jobset(project: str, jobset: str) -> ResponseReturnValue:
     session = db_session()
-    row = service.get_jobset(session, service.get_project(session, project), jobset)
+    row = service.get_jobset(session, _project(session, project), jobset)
     service.delete_jobset(session, current_actor(), row)
     session.commit()
     return ""
@@ -177,7 +187,7 @@ def delete_jobset(project: str, jobset: str) -> ResponseReturnValue:
 @blp.response(200, page_of(InputSchema))
 def list_inputs(args: dict[str, Any], project: str, jobset: str) -> Any:
     session = db_session()
-    row = service.get_jobset(session, service.get_project(session, project), jobset)
+    row = service.get_jobset(session, _project(session, project), jobset)
     query = select(JobsetInput).where(JobsetInput.jobset_id == row.id).order_by(JobsetInput.name)
     return paginate(session, query, args)
 
@@ -187,7 +197,7 @@ def list_inputs(args: dict[str, Any], project: str, jobset: str) -> Any:
 @blp.response(201, InputSchema)
 def create_input(data: dict[str, Any], project: str, jobset: str) -> Any:
     session = db_session()
-    row = service.get_jobset(session, service.get_project(session, project), jobset)
+    row = service.get_jobset(session, _project(session, project), jobset)
     created = service.add_input(session, current_actor(), row, **data)
     session.commit()
     return created
@@ -197,7 +207,7 @@ def create_input(data: dict[str, Any], project: str, jobset: str) -> Any:
 @blp.response(200, InputSchema)
 def get_input(project: str, jobset: str, input_name: str) -> Any:
     session = db_session()
-    row = service.get_jobset(session, service.get_project(session, project), jobset)
+    row = service.get_jobset(session, _project(session, project), jobset)
     return service.get_input(session, row, input_name)
 
 
@@ -205,7 +215,7 @@ def get_input(project: str, jobset: str, input_name: str) -> Any:
 @blp.response(204)
 def delete_input(project: str, jobset: str, input_name: str) -> ResponseReturnValue:
     session = db_session()
-    row = service.get_jobset(session, service.get_project(session, project), jobset)
+    row = service.get_jobset(session, _project(session, project), jobset)
     service.delete_input(session, current_actor(), row, input_name)
     session.commit()
     return ""
@@ -227,7 +237,7 @@ def _with_url(hook: WebhookConfig, project: Project) -> WebhookConfig:
 @blp.response(200, page_of(WebhookSchema))
 def list_webhooks(args: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
+    row = _project(session, project)
     _require_hooks_reader(row)
     query = select(WebhookConfig).where(WebhookConfig.project_id == row.id).order_by(
         WebhookConfig.id)
@@ -241,7 +251,7 @@ def list_webhooks(args: dict[str, Any], project: str) -> Any:
 @blp.response(201, WebhookSchema)
 def create_webhook(data: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
+    row = _project(session, project)
     hook = service.create_webhook(session, current_actor(), row,
                                   server_key=settings().server.secret_key or "", **data)
     session.commit()
@@ -252,7 +262,7 @@ def create_webhook(data: dict[str, Any], project: str) -> Any:
 @blp.response(204)
 def delete_webhook(project: str, webhook_id: int) -> ResponseReturnValue:
     session = db_session()
-    service.delete_webhook(session, current_actor(), service.get_project(session, project),
+    service.delete_webhook(session, current_actor(), _project(session, project),
                            webhook_id)
     session.commit()
     return ""
@@ -263,7 +273,7 @@ def delete_webhook(project: str, webhook_id: int) -> ResponseReturnValue:
 @blp.response(200, page_of(NotificationConfigSchema))
 def list_notifications(args: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
+    row = _project(session, project)
     # notification configs hold tokens and addresses: maintainers only
     _require_hooks_reader(row)
     query = select(NotificationConfig).where(NotificationConfig.project_id == row.id).order_by(
@@ -277,7 +287,7 @@ def list_notifications(args: dict[str, Any], project: str) -> Any:
 def create_notification(data: dict[str, Any], project: str) -> Any:
     session = db_session()
     row = service.create_notification(session, current_actor(),
-                                      service.get_project(session, project), **data)
+                                      _project(session, project), **data)
     session.commit()
     return row
 
@@ -286,7 +296,7 @@ def create_notification(data: dict[str, Any], project: str) -> Any:
 @blp.response(204)
 def delete_notification(project: str, config_id: int) -> ResponseReturnValue:
     session = db_session()
-    service.delete_notification(session, current_actor(), service.get_project(session, project),
+    service.delete_notification(session, current_actor(), _project(session, project),
                                 config_id)
     session.commit()
     return ""
@@ -307,7 +317,7 @@ def _require_hooks_reader(project: Project) -> None:
 @blp.response(200, page_of(ChannelSchema))
 def list_project_channels(args: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
+    row = _project(session, project)
     query = select(Channel).where(Channel.project_id == row.id).order_by(Channel.name)
     return paginate(session, query, args)
 
@@ -317,7 +327,7 @@ def list_project_channels(args: dict[str, Any], project: str) -> Any:
 @blp.response(200, page_of(MemberSchema))
 def list_members(args: dict[str, Any], project: str) -> Any:
     session = db_session()
-    row = service.get_project(session, project)
+    row = _project(session, project)
     query = (select(ProjectMember, User.username).join(User, User.id == ProjectMember.user_id)
              .where(ProjectMember.project_id == row.id).order_by(User.username))
     page = paginate(session, query, args, scalars=False)
@@ -336,7 +346,7 @@ def _member(member: ProjectMember, username: str) -> dict[str, Any]:
 @blp.response(201, MemberSchema)
 def add_member(data: dict[str, Any], project: str) -> Any:
     session = db_session()
-    member = service.set_member(session, current_actor(), service.get_project(session, project),
+    member = service.set_member(session, current_actor(), _project(session, project),
                                 **data)
     session.commit()
     user = session.get(User, member.user_id)
@@ -347,7 +357,7 @@ def add_member(data: dict[str, Any], project: str) -> Any:
 @blp.response(204)
 def remove_member(project: str, user_id: int) -> ResponseReturnValue:
     session = db_session()
-    service.remove_member(session, current_actor(), service.get_project(session, project),
+    service.remove_member(session, current_actor(), _project(session, project),
                           user_id)
     session.commit()
     return ""

@@ -10,6 +10,13 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from circus.auth.actor import Actor
+from circus.auth.visibility import (
+    can_see_project,
+    hidden_project_ids,
+    only_visible,
+    require_visible,
+)
 from circus.common.enums import BuildStatus, StepState
 from circus.common.errors import NotFound
 from circus.common.models import (
@@ -26,7 +33,8 @@ from circus.common.models import (
 )
 
 
-def filter_builds(query: Any, args: dict[str, Any]) -> Any:
+def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
+    query = only_visible(query, Build.project_id, actor)
     if "project_id" in args:
         query = query.where(Build.project_id == args["project_id"])
     if "jobset_id" in args:
@@ -49,7 +57,11 @@ def filter_builds(query: Any, args: dict[str, Any]) -> Any:
     return query
 
 
-def filter_evaluations(query: Any, args: dict[str, Any]) -> Any:
+def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor) -> Any:
+    hidden = hidden_project_ids(actor)
+    if hidden is not None:
+        query = query.where(Evaluation.jobset_id.not_in(
+            select(Jobset.id).where(Jobset.project_id.in_(hidden))))
     if "jobset_id" in args:
         query = query.where(Evaluation.jobset_id == args["jobset_id"])
     if "project_id" in args:
@@ -83,17 +95,20 @@ def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, d
     return counts
 
 
-def get_evaluation(session: Session, evaluation_id: int) -> Evaluation:
+def get_evaluation(session: Session, evaluation_id: int, actor: Actor) -> Evaluation:
     evaluation = session.get(Evaluation, evaluation_id)
     if evaluation is None:
         raise NotFound(f"no evaluation with id {evaluation_id}")
+    require_visible(session, actor, evaluation.jobset.project_id,
+                    f"evaluation with id {evaluation_id}")
     return evaluation
 
 
-def get_build(session: Session, build_id: int) -> Build:
+def get_build(session: Session, build_id: int, actor: Actor) -> Build:
     build = session.get(Build, build_id)
     if build is None:
         raise NotFound(f"no build with id {build_id}")
+    require_visible(session, actor, build.project_id, f"build with id {build_id}")
     return build
 
 
@@ -113,32 +128,37 @@ def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
     ) for bs, step in rows]
 
 
-def search(session: Session, q: str, limit: int) -> dict[str, Any]:
-    """Projects, jobsets, jobs, builds (by id or drv path) and store paths matching ``q``."""
+def search(session: Session, actor: Actor, q: str, limit: int) -> dict[str, Any]:
+    """Projects, jobsets, jobs, builds (by id or drv path) and store paths matching ``q``
+    (in projects ``actor`` may see)."""
     q = q.strip()
-    projects = session.scalars(select(Project).where(or_(
+    projects = session.scalars(only_visible(select(Project), Project.id, actor).where(or_(
         Project.name.icontains(q, autoescape=True),
         Project.description.icontains(q, autoescape=True))).order_by(Project.name).limit(limit))
-    jobsets = session.scalars(select(Jobset).where(Jobset.name.icontains(q, autoescape=True))
+    jobsets = session.scalars(only_visible(select(Jobset), Jobset.project_id, actor)
+                              .where(Jobset.name.icontains(q, autoescape=True))
                               .order_by(Jobset.name).limit(limit))
     jobs = session.execute(
-        select(Build.jobset_id, Build.job_name, func.max(Build.id), func.min(Build.project_id))
+        only_visible(select(Build.jobset_id, Build.job_name, func.max(Build.id),
+                            func.min(Build.project_id)), Build.project_id, actor)
         .where(Build.job_name.icontains(q, autoescape=True))
         .group_by(Build.jobset_id, Build.job_name).order_by(Build.job_name).limit(limit))
     builds: list[dict[str, Any]] = []
     if q.isdigit() and len(q) < 19:
         build = session.get(Build, int(q))
-        if build is not None:
+        if build is not None and can_see_project(session, actor, build.project_id):
             builds.append(_build_hit(build))
     if q.startswith("/nix/store/") or len(q) >= 8:
+        prefix = q if q.startswith("/") else f"/nix/store/{q}"
         builds += [_build_hit(b) for b in session.scalars(
-            select(Build).where(Build.drv_path.startswith(q if q.startswith("/") else
-                                                          f"/nix/store/{q}", autoescape=True))
+            only_visible(select(Build), Build.project_id, actor)
+            .where(Build.drv_path.startswith(prefix, autoescape=True))
             .order_by(Build.id.desc()).limit(limit))]
     paths: Any = session.execute(
-        select(BuildOutput.path, BuildOutput.build_id).where(
-            BuildOutput.path.startswith(q if q.startswith("/") else f"/nix/store/{q}",
-                                        autoescape=True))
+        only_visible(select(BuildOutput.path, BuildOutput.build_id)
+                     .join(Build, Build.id == BuildOutput.build_id), Build.project_id, actor)
+        .where(BuildOutput.path.startswith(q if q.startswith("/") else f"/nix/store/{q}",
+                                           autoescape=True))
         .order_by(BuildOutput.build_id.desc()).limit(limit)) if len(q) >= 3 else []
     return {
         "query": q,

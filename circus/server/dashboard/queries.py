@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, lazyload
 
+from circus.auth.actor import Actor
+from circus.auth.visibility import hidden_project_ids
 from circus.common.enums import BuildStatus, EvaluationStatus, StepState
 from circus.common.heartbeat import STALE_AFTER, freshness
 from circus.common.models import (
@@ -65,22 +67,21 @@ def listed(rows: Iterable[Any]) -> list[ListedBuild]:
     return [ListedBuild(build, project, jobset) for build, project, jobset in rows]
 
 
-def _visible(include_hidden: bool) -> list[Any]:
-    """Conditions hiding hidden projects' rows from everyone but admins."""
-    return [] if include_hidden else [Project.hidden.is_(False)]
+def _visible(actor: Actor) -> list[Any]:
+    """Conditions hiding the rows of projects hidden from ``actor``."""
+    hidden = hidden_project_ids(actor)
+    return [] if hidden is None else [Project.id.not_in(hidden)]
 
 
-def recent_finished(session: Session, limit: int, *, include_hidden: bool
-                    ) -> list[ListedBuild]:
+def recent_finished(session: Session, limit: int, *, actor: Actor) -> list[ListedBuild]:
     query = build_list(Build.completed_at.is_not(None), Build.status.not_in(
-        [BuildStatus.pending, BuildStatus.running]), *_visible(include_hidden)).order_by(
+        [BuildStatus.pending, BuildStatus.running]), *_visible(actor)).order_by(
         Build.completed_at.desc(), Build.id.desc()).limit(limit)
     return listed(session.execute(query))
 
 
-def running_builds(session: Session, limit: int, *, include_hidden: bool
-                   ) -> list[ListedBuild]:
-    query = build_list(Build.status == BuildStatus.running, *_visible(include_hidden)).order_by(
+def running_builds(session: Session, limit: int, *, actor: Actor) -> list[ListedBuild]:
+    query = build_list(Build.status == BuildStatus.running, *_visible(actor)).order_by(
         Build.started_at.desc().nulls_last(), Build.id.desc()).limit(limit)
     return listed(session.execute(query))
 
@@ -121,9 +122,9 @@ def with_counts(session: Session, rows: Sequence[Any]) -> list[ListedEvaluation]
             for evaluation, project, jobset in rows]
 
 
-def recent_evaluations(session: Session, limit: int, *, include_hidden: bool
+def recent_evaluations(session: Session, limit: int, *, actor: Actor
                        ) -> list[ListedEvaluation]:
-    rows = session.execute(evaluation_list(*_visible(include_hidden))
+    rows = session.execute(evaluation_list(*_visible(actor))
                            .order_by(Evaluation.id.desc()).limit(limit)).all()
     return with_counts(session, rows)
 
@@ -206,7 +207,10 @@ class ListedChannel:
 
 
 def channel_list(session: Session, project_id: int | None = None,
-                 jobset_id: int | None = None) -> list[ListedChannel]:
+                 jobset_id: int | None = None, *, actor: Actor | None = None
+                 ) -> list[ListedChannel]:
+    """Channels (of a project or jobset), without those of projects hidden from ``actor``
+    (callers showing one project's channels have checked its visibility already)."""
     query = (select(Channel, Project.name, Jobset.name, Evaluation)
              .join(Project, Project.id == Channel.project_id)
              .join(Jobset, Jobset.id == Channel.jobset_id)
@@ -216,6 +220,8 @@ def channel_list(session: Session, project_id: int | None = None,
         query = query.where(Channel.project_id == project_id)
     if jobset_id is not None:
         query = query.where(Channel.jobset_id == jobset_id)
+    if actor is not None:
+        query = query.where(*_visible(actor))
     return [ListedChannel(*row) for row in session.execute(query)]
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.auth.permissions import allowed_actions
+from circus.auth.visibility import can_see_project
 from circus.common.enums import BuildStatus, StepState
 from circus.common.errors import Conflict, NotFound
 from circus.common.models import Build, BuildOutput, BuildProduct, Step
@@ -34,8 +35,9 @@ B = "/build/<id:build_id>"
 
 
 def _build_page(build_id: int) -> queries.BuildPage:
-    found = queries.build_page(db_session(), build_id)
-    if found is None or (found.project.hidden and not current_actor().is_admin):
+    session = db_session()
+    found = queries.build_page(session, build_id)
+    if found is None or not can_see_project(session, current_actor(), found.project.id):
         raise NotFound(f"no build with id {build_id}")
     return found
 

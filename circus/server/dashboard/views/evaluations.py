@@ -7,6 +7,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import func, select
 
 from circus.auth.permissions import allowed_actions
+from circus.auth.visibility import can_see_project
 from circus.common.errors import NotFound
 from circus.common.models import Evaluation, EvaluationError
 from circus.evaluator import service as evaluator
@@ -33,7 +34,7 @@ def evaluation(evaluation_id: int) -> ResponseReturnValue:
     if row is None:
         raise NotFound(f"no evaluation with id {evaluation_id}")
     evaluation_row, project_name, jobset_name = row
-    if evaluation_row.jobset.project.hidden and not current_actor().is_admin:
+    if not can_see_project(session, current_actor(), evaluation_row.jobset.project_id):
         raise NotFound(f"no evaluation with id {evaluation_id}")
     counts = build_counts(session, [evaluation_id]).get(evaluation_id, {})
     groups = queries.group_counts(counts)

@@ -16,12 +16,12 @@ from circus.server.dashboard.blueprint import blueprint
 @page("home")
 def home() -> ResponseReturnValue:
     session = db_session()
-    admin = current_actor().is_admin
+    actor = current_actor()
     return render_template(
         "home.html",
-        running=queries.running_builds(session, 10, include_hidden=admin),
-        finished=queries.recent_finished(session, 15, include_hidden=admin),
-        evaluations=queries.recent_evaluations(session, 10, include_hidden=admin),
+        running=queries.running_builds(session, 10, actor=actor),
+        finished=queries.recent_finished(session, 15, actor=actor),
+        evaluations=queries.recent_evaluations(session, 10, actor=actor),
         queue=queries.queue_summary(session),
         machines=queries.machine_summary(session),
         news=queries.latest_news(session, 3),

@@ -9,6 +9,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
 from circus.auth.permissions import Action, allowed_actions
+from circus.auth.visibility import only_visible, require_visible
 from circus.common.enums import InputType, JobsetState, TriggerMode
 from circus.common.errors import CircusError, NotFound
 from circus.common.models import Build, Evaluation, Jobset, JobsetInput, Project
@@ -27,16 +28,12 @@ MATRIX_EVALUATIONS = 10
 MATRIX_JOBS = 50
 
 
-def _visible(project: Project) -> Project:
-    """Hidden projects exist only for admins (everyone else gets a 404, as for the API's
-    public endpoints)."""
-    if project.hidden and not current_actor().is_admin:
-        raise NotFound(f"no project {project.name}")
-    return project
-
-
 def _project(ref: str) -> Project:
-    return _visible(service.get_project(db_session(), ref))
+    """The project, a 404 when it is hidden from the viewer (as in the API)."""
+    session = db_session()
+    project = service.get_project(session, ref)
+    require_visible(session, current_actor(), project.id, f"project {ref}")
+    return project
 
 
 # ---------------------------------------------------------------------------
@@ -55,9 +52,7 @@ def projects() -> ResponseReturnValue:
 def _projects_page(form: Form) -> ResponseReturnValue:
     session = db_session()
     actor = current_actor()
-    query = select(Project).order_by(Project.name)
-    if not actor.is_admin:
-        query = query.where(Project.hidden.is_(False))
+    query = only_visible(select(Project), Project.id, actor).order_by(Project.name)
     listed = paginate(session, query, 50)
     return render_template(
         "projects.html", projects=listed,
@@ -227,8 +222,5 @@ def job(project: str, jobset: str, job: str) -> ResponseReturnValue:
 @page("channels")
 def channels() -> ResponseReturnValue:
     session = db_session()
-    rows = queries.channel_list(session)
-    if not current_actor().is_admin:
-        hidden = set(session.scalars(select(Project.name).where(Project.hidden.is_(True))))
-        rows = [c for c in rows if c.project not in hidden]
+    rows = queries.channel_list(session, actor=current_actor())
     return render_template("channels.html", channels=rows)

@@ -69,21 +69,17 @@ def search() -> ResponseReturnValue:
     if not q:
         return render_template("search.html", q=q, results=None, projects={}, jobsets={})
     session = db_session()
-    results = search_query(session, q, 50)
+    results = search_query(session, current_actor(), q, 50)
     kinds = ("projects", "jobsets", "jobs", "builds")
     project_ids = {r["project_id"] for kind in kinds for r in results[kind]}
-    projects = {pid: (name, hidden) for pid, name, hidden in session.execute(
-        select(Project.id, Project.name, Project.hidden).where(Project.id.in_(project_ids)))
-    } if project_ids else {}
-    if not current_actor().is_admin:
-        for kind in kinds:
-            results[kind] = [r for r in results[kind] if not projects[r["project_id"]][1]]
+    projects = dict(session.execute(select(Project.id, Project.name).where(
+        Project.id.in_(project_ids))).tuples().all()) if project_ids else {}
     jobset_ids = {r["jobset_id"] for kind in ("jobsets", "jobs", "builds")
                   for r in results[kind]}
     jobsets = dict(session.execute(select(Jobset.id, Jobset.name).where(
         Jobset.id.in_(jobset_ids))).tuples().all()) if jobset_ids else {}
     return render_template("search.html", q=q, results=results,
-                           projects={pid: name for pid, (name, _) in projects.items()},
+                           projects=projects,
                            jobsets=jobsets)
 
 

@@ -1,0 +1,42 @@
+"""Run every benchmark in turn (``make bench``), or the ones named on the command line.
+
+Each benchmark measures its own baseline in the same run and prints its ratios;
+they run one after another because each wants the machine's two cores to itself.
+
+Usage: ``.venv/bin/python bench/run_all.py [eval_import build_overhead ...]``
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+#: cheapest first, so a broken setup shows early
+ORDER = ["cache_serve", "dashboard_pages", "eval_import", "build_overhead", "ssh_overhead",
+         "agent_overhead"]
+
+
+def main(argv: list[str]) -> int:
+    unknown = [name for name in argv if name not in ORDER]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(ORDER)}",
+              file=sys.stderr)
+        return 2
+    failed = []
+    for name in argv or ORDER:
+        print(f"\n=== {name}", flush=True)
+        start = time.monotonic()
+        code = subprocess.call([sys.executable, str(HERE / f"{name}.py")])
+        print(f"=== {name}: exit {code} after {time.monotonic() - start:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
