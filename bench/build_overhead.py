@@ -103,6 +103,8 @@ def baseline(expr: Path, shape: dict[str, int], env: dict[str, str]) -> float:
 
 
 BASELINE_CPU: list[float] = []
+#: more CIRCUS_* settings for the runner (``--set cache.enabled=false``)
+EXTRA_ENV: dict[str, str] = {}
 
 
 class Instance:
@@ -137,8 +139,10 @@ class Instance:
             "CIRCUS_NIX__SUBSTITUTERS": "[]",
             "CIRCUS_LOGS__LOG_DIR": str(self.state / "logs"),
             "CIRCUS_GC__GC_ROOTS_DIR": str(self.state / "gcroots"),
+            "CIRCUS_CACHE__CACHE_DIR": str(self.state / "cache"),
             "CIRCUS_TRACING__LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         })
+        env.update(EXTRA_ENV)
         for key, value in self.runner_overrides.items():
             env[f"CIRCUS_QUEUE_RUNNER__{key.upper()}"] = \
                 json.dumps(value) if isinstance(value, (list, bool)) else str(value)
@@ -304,9 +308,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="another runner setting, e.g. cache.enabled=false")
     parser.add_argument("--keep-state", action="store_true", help="keep logs and databases")
     parser.add_argument("--critical-path", choices=["off", "on", "both"], default="off")
     args = parser.parse_args()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        EXTRA_ENV["CIRCUS_" + key.upper().replace(".", "__")] = value
     shape = {"chains": args.chains, "length": args.length, "fans": args.fans}
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     env = nix_environ([])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -218,8 +218,13 @@ def done_steps(session: Session, step_ids: list[int]) -> list[DoneStep]:
 
 
 def after_steps_done(session: Session, settings: Settings, rows: list[DoneStep],
-                     results: Mapping[int, OutputResult]) -> FinishReport:
-    """Consequences of steps that just became done (in this transaction)."""
+                     results: Mapping[int, OutputResult],
+                     queue_only: Collection[int] | None = None) -> FinishReport:
+    """Consequences of steps that just became done (in this transaction).
+
+    ``queue_only`` limits the dependents queued to those steps (a dispatcher
+    catching up on steps a worker already finished).
+    """
     report = FinishReport()
     succeeded = [r.id for r in rows if r.status is BuildStatus.succeeded]
     failed: list[tuple[int, BuildStatus, str, bool]] = [
@@ -227,7 +232,7 @@ def after_steps_done(session: Session, settings: Settings, rows: list[DoneStep],
         if r.status is not BuildStatus.succeeded]
     drv_results = {r.drv_path: results[r.id] for r in rows if r.id in results}
     if succeeded:
-        report.queued.update(queue_ready_dependents(session, succeeded))
+        report.queued.update(queue_ready_dependents(session, succeeded, queue_only))
     touched = [r.id for r in rows]
     if failed:
         _remember_failures(session, settings, failed)
@@ -242,15 +247,20 @@ def after_steps_done(session: Session, settings: Settings, rows: list[DoneStep],
     return report
 
 
-def queue_ready_dependents(session: Session, step_ids: list[int]) -> Counter[str]:
-    """Pending dependents of ``step_ids`` whose dependencies all succeeded → queued."""
+def queue_ready_dependents(session: Session, step_ids: list[int],
+                           only: Collection[int] | None = None) -> Counter[str]:
+    """Pending dependents of ``step_ids`` (of those, only ``only``) whose dependencies all
+    succeeded → queued."""
+    # NO KEY UPDATE: the lock an UPDATE of non-key columns takes; it does not wait for
+    # the key-share locks a dispatcher's new edges hold on these rows
     locked = session.execute(text("""
         SELECT s.id FROM steps s
         WHERE s.id IN (SELECT e.step_id FROM step_dependencies e
                        WHERE e.depends_on_id = ANY(:ids))
           AND s.state = 'pending'
-        ORDER BY s.id FOR UPDATE OF s
-    """), {"ids": step_ids}).scalars().all()
+          AND (CAST(:only AS bigint[]) IS NULL OR s.id = ANY(CAST(:only AS bigint[])))
+        ORDER BY s.id FOR NO KEY UPDATE OF s
+    """), {"ids": step_ids, "only": None if only is None else sorted(only)}).scalars().all()
     if not locked:
         return Counter()
     classes = session.execute(text(f"""
@@ -273,7 +283,7 @@ def propagate_failure(session: Session, step_id: int, status: BuildStatus, drv_p
         )
         SELECT s.id FROM steps s
         WHERE s.id IN (SELECT id FROM dependents) AND s.state = 'pending'
-        ORDER BY s.id FOR UPDATE OF s
+        ORDER BY s.id FOR NO KEY UPDATE OF s
     """), {"id": step_id}).scalars().all()
     if not locked:
         return []

@@ -11,10 +11,11 @@ One batch, one transaction:
    (``cached_failure``, or ``dependency_failed`` for a dependency); a build with
    nothing to build finishes at once;
 4. insert steps (``ON CONFLICT DO NOTHING`` against the partial unique index,
-   then re-select the active ones, locking them so they cannot finish before
-   the new edges are committed), edges and ``build_steps`` in bulk;
-5. steps whose dependencies all succeeded become ``queued``; the caller
-   publishes their wake-ups after commit.
+   then re-select the active ones), edges and ``build_steps`` in bulk;
+5. steps whose dependencies all succeeded become ``queued``;
+6. lock the reused active steps so they cannot finish before the new edges are
+   committed, and apply the consequences of those that finished meanwhile
+   (:func:`_hold_reused_steps`); the caller publishes wake-ups after commit.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from circus.common.nix.derivation import DerivationParseError
 from circus.queue_runner import store
 from circus.queue_runner.capabilities import queue_class_name
 from circus.queue_runner.derivations import DrvCache, DrvInfo
-from circus.queue_runner.outcomes import DoneStep, after_steps_done
+from circus.queue_runner.outcomes import DoneStep, after_steps_done, done_steps
 from circus.queue_runner.products import read_output_result
 from circus.queue_runner.results import (
     BuildFinal,
@@ -327,13 +328,11 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
             created.add(step_id)
         others = [d for d in remaining if d not in step_of]
         if others:
-            # Reuse the active steps. FOR SHARE: a worker finishing one of them waits
-            # for this commit, so it sees the new edges and queues the new dependents.
+            # Reuse the active steps (locked only at the end: _hold_reused_steps).
             # A step that finished meanwhile no longer matches; the loop inserts anew.
             for step_id, drv in session.execute(text("""
                 SELECT id, drv_path FROM steps
                 WHERE drv_path = ANY(:drvs) AND state <> 'done'
-                ORDER BY id FOR SHARE
             """), {"drvs": others}).all():
                 step_of[drv] = step_id
         remaining = [d for d in remaining if d not in step_of]
@@ -341,18 +340,7 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
         raise RuntimeError(f"could not create steps for {len(remaining)} derivations")
     report.new_steps = len(created)
 
-    reused = sorted(set(step_of.values()) - created)
     reused_drvs = [d for d in drvs if step_of[d] not in created]
-    if reused:
-        session.execute(text("""
-            UPDATE steps AS s SET priority = GREATEST(s.priority, v.priority),
-                                  dependents = s.dependents + v.dependents
-            FROM unnest(CAST(:ids AS bigint[]), CAST(:priorities AS integer[]),
-                        CAST(:dependents AS integer[])) AS v(id, priority, dependents)
-            WHERE s.id = v.id
-        """), {"ids": [step_of[d] for d in reused_drvs],
-               "priorities": [priority[d] for d in reused_drvs],
-               "dependents": [dependents[d] for d in reused_drvs]})
 
     edges = sorted({(step_of[d], step_of[i]) for d in drvs if step_of[d] in created
                     for i in needed[d].input_drvs if i in step_of})
@@ -376,6 +364,9 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
             RETURNING s.queue_class
         """), {"ids": sorted(created)}).scalars().all()
         report.queued.update(queued)
+    if reused_drvs:
+        _hold_reused_steps(session, settings, cache, reused_drvs, step_of, priority, dependents,
+                           created, report)
     session.execute(text("""
         UPDATE builds SET status = 1, started_at = COALESCE(started_at, now()),
                           notification_pending_since = now()
@@ -383,6 +374,48 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
             SELECT 1 FROM build_steps bs JOIN steps s ON s.id = bs.step_id
             WHERE bs.build_id = builds.id AND s.state = 'running')
     """), {"ids": [b.id for b in live]})
+
+
+def _hold_reused_steps(session: Session, settings: Settings, cache: DrvCache,
+                       reused_drvs: list[str], step_of: dict[str, int],
+                       priority: Counter[str], dependents: Counter[str], created: set[int],
+                       report: StepReport) -> None:
+    """Lock the reused active steps until commit, and catch up on those that finished.
+
+    The lock (FOR SHARE) makes a worker finishing one of them wait for this
+    commit, so it sees the new edges and ``build_steps`` and settles the new
+    builds too. It is taken last, so workers finishing shared steps wait only for
+    the end of this transaction, not for the bulk inserts before it (650 ms of
+    stalled workers per 450-build batch in ``bench/build_overhead.py``). A step
+    that finished before the lock was taken did so without seeing this batch's
+    rows: its consequences for them (queue dependents, propagate a failure,
+    settle builds) are applied here; each of those updates is conditional, so
+    what the worker already did is not done twice. Only this batch's new steps are
+    queued here: the worker queued the others, and locking rows other workers may
+    hold while this transaction holds the shared locks could deadlock.
+    """
+    ids = sorted({step_of[d] for d in reused_drvs})
+    alive = set(session.execute(text("""
+        SELECT id FROM steps WHERE id = ANY(:ids) AND state <> 'done' ORDER BY id FOR SHARE
+    """), {"ids": ids}).scalars())
+    session.execute(text("""
+        UPDATE steps AS s SET priority = GREATEST(s.priority, v.priority),
+                              dependents = s.dependents + v.dependents
+        FROM unnest(CAST(:ids AS bigint[]), CAST(:priorities AS integer[]),
+                    CAST(:dependents AS integer[])) AS v(id, priority, dependents)
+        WHERE s.id = v.id AND s.state <> 'done'
+    """), {"ids": [step_of[d] for d in reused_drvs],
+           "priorities": [priority[d] for d in reused_drvs],
+           "dependents": [dependents[d] for d in reused_drvs]})
+    finished = [i for i in ids if i not in alive]
+    if not finished:
+        return
+    done = done_steps(session, finished)
+    results = {d.id: read_output_result(cache.get(d.drv_path).output_paths) for d in done
+               if d.status is BuildStatus.succeeded}
+    caught_up = after_steps_done(session, settings, done, results, queue_only=created)
+    report.queued.update(caught_up.queued)
+    report.finished.merge(caught_up.builds)
 
 
 def _already_built(session: Session, settings: Settings, cache: DrvCache, created: list[int],
