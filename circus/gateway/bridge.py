@@ -140,9 +140,15 @@ class Bridge:
 
     async def fill(self, queue_class: str) -> None:
         self._filling.add(queue_class)
+        #: set once a trusted-only agent found nothing it may take in this class
+        untrusted_left = False
         try:
             while True:
-                chosen = choose(self.candidates(), queue_class,
+                candidates = self.candidates()
+                if untrusted_left:
+                    candidates = [c for c in candidates if c.key in self.gateway.agents
+                                  and not self.gateway.agents[c.key].trusted_only]
+                chosen = choose(candidates, queue_class,
                                 strategy=self.runner.scheduling_strategy,
                                 psi_threshold=self.runner.psi_threshold,
                                 heartbeat_ttl=float(self.runner.rpc.heartbeat_ttl_secs))
@@ -154,6 +160,10 @@ class Bridge:
                 claimed: list[ClaimedStep] = await self.gateway.db(
                     self._claimer(agent, queue_class))
                 if not claimed:
+                    if agent.trusted_only and not untrusted_left:
+                        # what is left may be for pull requests only: other agents
+                        untrusted_left = True
+                        continue
                     return
                 step = claimed[0]
                 agent.in_flight.add(step.id)
@@ -167,7 +177,7 @@ class Bridge:
             # one step per assignment: an agent builds one derivation per slot
             return claim_steps(session, worker_name(agent), queue_class, 1,
                                lease_secs=self.runner.lease_secs, machine=agent.facts.name,
-                               lookahead=False)
+                               lookahead=False, trusted_only=agent.trusted_only)
 
         return claim
 

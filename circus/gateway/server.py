@@ -65,6 +65,11 @@ class ConnectedAgent:
     def free_slots(self) -> int:
         return max(0, self.facts.max_jobs - len(self.in_flight))
 
+    @property
+    def trusted_only(self) -> bool:
+        """Ephemeral agents (CI runners) never build for pull requests alone (SPEC §5)."""
+        return self.facts.ephemeral
+
 
 @dataclass
 class PeerInfo:

@@ -49,6 +49,14 @@ _RETURNING = ("RETURNING steps.id, steps.drv_path, steps.system, steps.queue_cla
               "steps.timeout, steps.max_silent, steps.attempts, steps.started_at")
 
 
+#: a step some evaluation of a branch (not a pull request) waits for
+_TRUSTED = """
+    AND EXISTS (SELECT 1 FROM build_steps bs
+                JOIN evaluation_builds eb ON eb.build_id = bs.build_id
+                JOIN evaluations e ON e.id = eb.evaluation_id
+                WHERE bs.step_id = s.id AND e.pr_number IS NULL)"""
+
+
 def _order(critical_path: bool) -> str:
     parts = ["s.priority DESC",
              "COALESCE(r.n, 0)::float8 / GREATEST(COALESCE(j.scheduling_shares, 100), 1)"]
@@ -60,8 +68,8 @@ def _order(critical_path: bool) -> str:
 
 def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
                 lease_secs: int, machine: str | None = None, lookahead: bool = True,
-                critical_path: bool = False, batch_limit: int | None = None
-                ) -> list[ClaimedStep]:
+                critical_path: bool = False, batch_limit: int | None = None,
+                trusted_only: bool = False) -> list[ClaimedStep]:
     """Claim up to ``limit`` queued steps of ``queue_class`` for ``worker`` (running, leased).
 
     Claimed steps share their timeouts, so one Nix invocation can build them.
@@ -69,8 +77,14 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     dependencies are all in this claim are claimed too, up to ``batch_limit``
     steps in all (default ``limit``): Nix builds a chain in one invocation
     instead of one round trip per link.
+
+    ``trusted_only`` (ephemeral agents): only steps some branch evaluation needs;
+    a step wanted by pull-request evaluations alone is left to other builders.
     """
     batch_limit = max(limit, batch_limit or limit)
+    trusted = _TRUSTED if trusted_only else ""
+    # look-ahead picks dependents without this check
+    lookahead = lookahead and not trusted_only
     params = {"cls": queue_class, "worker": worker, "lease": float(lease_secs),
               "machine": machine or worker}
     first = session.execute(text(f"""
@@ -80,7 +94,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
         LEFT JOIN r ON r.jobset_id = s.jobset_id
         LEFT JOIN jobsets j ON j.id = s.jobset_id
         WHERE s.state = 'queued' AND s.queue_class = :cls
-          AND (s.not_before IS NULL OR s.not_before <= now())
+          AND (s.not_before IS NULL OR s.not_before <= now()) {trusted}
         ORDER BY {_order(critical_path)}
         LIMIT 1
         FOR UPDATE OF s SKIP LOCKED
@@ -104,7 +118,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
               AND (s.not_before IS NULL OR s.not_before <= now())
               AND s.timeout IS NOT DISTINCT FROM :timeout
               AND s.max_silent IS NOT DISTINCT FROM :max_silent
-              AND (s.attempts = 0 OR s.id = :first)
+              AND (s.attempts = 0 OR s.id = :first) {trusted}
             ORDER BY {_order(critical_path)}
             LIMIT :limit
             FOR UPDATE OF s SKIP LOCKED

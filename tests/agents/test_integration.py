@@ -226,6 +226,37 @@ def test_ephemeral_agent_exits_after_max_builds(
     assert "max_builds (2) reached" in agent.log()
 
 
+def test_ephemeral_agents_never_build_for_pull_requests_alone(
+        gateway_runner: Callable[..., Any], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
+    drvs = instantiate(["plain1", "plain2"], nonce, nix_env, expr=JOBS)
+    with gateway_runner() as (_, port), ExitStack() as stack:
+        start_agent(stack, tmp_path, port, "ci-runner", "--ephemeral",
+                    ephemeral={"max_builds": 10, "max_idle_secs": 120})
+        wait_until(lambda: connected(committed_db) != [], timeout=30, message="agent up")
+        with committed_db() as session:
+            pull_request = make_builds(session, {"pr": drvs["plain1"]}, pr_number=7)["pr"]
+            branch = make_builds(session, {"main": drvs["plain2"]})["main"]
+        assert wait_builds(committed_db, [branch.id]) == {branch.id: BuildStatus.succeeded}
+        assert (machine_of(committed_db, drvs["plain2"]) or "").startswith("ci-runner")
+        # the pull request's step stays queued while only the ephemeral agent is there
+        # (the bridge retries it every sweep, SWEEP_SECS)
+        import time
+
+        time.sleep(3)
+        assert finished(committed_db, [pull_request.id]) == {
+            pull_request.id: BuildStatus.pending}
+        with committed_db() as session:
+            state = session.execute(text("SELECT state FROM steps WHERE drv_path = :d"),
+                                    {"d": drvs["plain1"]}).scalar_one()
+        assert state == "queued"
+        # a persistent agent takes it
+        start_agent(stack, tmp_path, port, "persistent")
+        assert wait_builds(committed_db, [pull_request.id]) == {
+            pull_request.id: BuildStatus.succeeded}
+        assert machine_of(committed_db, drvs["plain1"]) == "persistent"
+
+
 def test_load_200_builds_across_three_agents(
         gateway_runner: Callable[..., Any], committed_db: sessionmaker[Session],
         nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:

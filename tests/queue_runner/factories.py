@@ -68,9 +68,10 @@ def make_jobset(session: Session, name: str = "qr", shares: int = 100, keep_nr: 
     return jobset
 
 
-def make_evaluation(session: Session, jobset: Jobset) -> Evaluation:
+def make_evaluation(session: Session, jobset: Jobset, pr_number: int | None = None
+                    ) -> Evaluation:
     evaluation = Evaluation(jobset_id=jobset.id, trigger_kind=TriggerKind.manual,
-                            status=EvaluationStatus.completed)
+                            status=EvaluationStatus.completed, pr_number=pr_number)
     session.add(evaluation)
     session.flush()
     return evaluation
@@ -94,10 +95,11 @@ def make_build(session: Session, evaluation: Evaluation, job_name: str, drv_path
 
 
 def make_builds(session: Session, drvs: Mapping[str, str], jobset: Jobset | None = None,
-                notify: bool = True, **fields: object) -> dict[str, Build]:
+                notify: bool = True, pr_number: int | None = None, **fields: object
+                ) -> dict[str, Build]:
     """One evaluation with a build per job, committed like the evaluator does."""
     jobset = jobset or make_jobset(session)
-    evaluation = make_evaluation(session, jobset)
+    evaluation = make_evaluation(session, jobset, pr_number)
     builds = {job: make_build(session, evaluation, job, drv, **fields)
               for job, drv in drvs.items()}
     if notify:
