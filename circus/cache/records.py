@@ -63,7 +63,10 @@ def to_values(info: NarInfo, *, storage: str, build_id: int | None,
 def insert_rows(session: Session, values: list[dict[str, Any]]) -> None:
     """Record rows; a path recorded concurrently by someone else is left as it is."""
     if values:
-        session.execute(insert(NarInfoRow).values(values).on_conflict_do_nothing())
+        # executemany form: one compiled statement, batched by SQLAlchemy
+        # ("insertmanyvalues"); a multi-row VALUES is compiled anew for every
+        # row count, which cost the queue runner ~1 ms of CPU per path
+        session.execute(insert(NarInfoRow).on_conflict_do_nothing(), values)
 
 
 def link_projects(session: Session, paths: list[str], project_id: int) -> None:
