@@ -108,6 +108,75 @@ def test_project_caches_serve_only_their_projects_paths(
         assert not store_has(tmp_path / "beta", other)
 
 
+def test_a_hidden_projects_cache_is_private(
+        committed_db: sessionmaker[Session], cache_settings: Callable[..., Settings],
+        cache_key: KeyPair, tmp_path: Path, nonce: str) -> None:
+    from sqlalchemy import text
+
+    from circus.auth.actor import Actor
+    from circus.auth.service import create_api_key, create_user
+    from circus.common.enums import MemberRole, Role
+    from circus.common.models import ProjectMember
+
+    settings = cache_settings()
+    secret = nix_build(simple_expr(nonce, body="secret"))
+    shared = nix_build(simple_expr(nonce, body="shared"))
+    system = Actor.system("test")
+    with committed_db.begin() as session:
+        publish_outputs(session, settings, make_build(session, secret, project="vault").id)
+        # one path built by the hidden project and by a visible one stays shared
+        publish_outputs(session, settings, make_build(session, shared, project="vault",
+                                                      job="both").id)
+        publish_outputs(session, settings, make_build(session, shared, project="open").id)
+        session.execute(text("UPDATE projects SET hidden = true WHERE name = 'vault'"))
+        insider = create_user(session, system, username="insider", role=Role.read_only)
+        outsider = create_user(session, system, username="outsider", role=Role.read_only)
+        vault = session.execute(text("SELECT id FROM projects WHERE name = 'vault'")).scalar_one()
+        session.add(ProjectMember(project_id=vault, user_id=insider.id, role=MemberRole.member))
+        _, member_key = create_api_key(session, system, name="in", role=Role.read_only,
+                                       owner_id=insider.id)
+        _, other_key = create_api_key(session, system, name="out", role=Role.read_only,
+                                      owner_id=outsider.id)
+    out, both = secret.outputs["out"], shared.outputs["out"]
+    hash_of = lambda p: Path(p).name[:32]  # noqa: E731
+    with serve(settings) as base:
+        private = f"{base}/projects/vault/nix-cache"
+        # the shared cache no longer announces what only the hidden project built
+        assert requests.get(f"{base}/nix-cache/{hash_of(out)}.narinfo",
+                            timeout=10).status_code == 404
+        assert requests.get(f"{base}/nix-cache/{hash_of(both)}.narinfo",
+                            timeout=10).status_code == 200
+        anonymous = requests.get(f"{private}/{hash_of(out)}.narinfo", timeout=10)
+        assert anonymous.status_code == 401
+        assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
+        assert requests.get(f"{private}/nix-cache-info", timeout=10).status_code == 401
+        assert requests.get(f"{private}/{hash_of(out)}.narinfo", auth=("x", other_key),
+                            timeout=10).status_code == 404
+        assert requests.get(f"{private}/{hash_of(out)}.narinfo", auth=("x", "bogus"),
+                            timeout=10).status_code == 401
+        for _ in range(2):  # the second answer would come from the LRU if it were kept
+            assert requests.get(f"{private}/{hash_of(out)}.narinfo", timeout=10
+                                ).status_code == 401
+            assert requests.get(f"{private}/{hash_of(out)}.narinfo", auth=("x", member_key),
+                                timeout=10).status_code == 200
+        bearer = requests.get(f"{private}/{hash_of(out)}.narinfo", timeout=10,
+                              headers={"Authorization": f"Bearer {member_key}"})
+        assert bearer.status_code == 200
+
+        # a real Nix client: credentials from a netrc file, as Nix users configure them
+        refused = nix_copy(private, [out], cache_key.public, tmp_path / "anon")
+        assert refused.returncode != 0
+        netrc = tmp_path / "netrc"
+        netrc.write_text(f"machine 127.0.0.1 login circus password {member_key}\n")
+        copied = subprocess.run(
+            ["nix", "copy", "--from", private, "--to", str(tmp_path / "member"), out,
+             "--option", "trusted-public-keys", cache_key.public,
+             "--option", "netrc-file", str(netrc)],
+            capture_output=True, text=True, env=nix_client_env(tmp_path), timeout=120)
+        assert copied.returncode == 0, copied.stderr
+        assert store_has(tmp_path / "member", out)
+
+
 def test_fixed_output_paths_carry_their_content_address(
         committed_db: sessionmaker[Session], cache_settings: Callable[..., Settings],
         other_key: KeyPair, tmp_path: Path, nonce: str) -> None:

@@ -58,10 +58,18 @@ class TtlLru(Generic[V]):
         return len(self._items)
 
 
-_NARINFO_SQL = text("""
-    SELECT store_path, url, compression, nar_hash, nar_size, "references", file_hash,
-           file_size, deriver, sig, ca
-    FROM narinfo_cache WHERE hash_part = :hash_part
+#: the shared cache serves what visible projects built; a path only hidden projects
+#: link to is served by their own (authenticated) caches alone
+_SHARED = """
+    AND NOT (EXISTS (SELECT 1 FROM narinfo_projects np JOIN projects p ON p.id = np.project_id
+                     WHERE np.store_path = n.store_path AND p.hidden)
+             AND NOT EXISTS (SELECT 1 FROM narinfo_projects np
+                             JOIN projects p ON p.id = np.project_id
+                             WHERE np.store_path = n.store_path AND NOT p.hidden))"""
+_NARINFO_SQL = text(f"""
+    SELECT n.store_path, n.url, n.compression, n.nar_hash, n.nar_size, n."references",
+           n.file_hash, n.file_size, n.deriver, n.sig, n.ca
+    FROM narinfo_cache n WHERE n.hash_part = :hash_part {_SHARED}
 """)
 _PROJECT_NARINFO_SQL = text("""
     SELECT n.store_path, n.url, n.compression, n.nar_hash, n.nar_size, n."references",
@@ -71,7 +79,8 @@ _PROJECT_NARINFO_SQL = text("""
     JOIN projects p ON p.id = np.project_id
     WHERE n.hash_part = :hash_part AND p.name = :project AND p.cache_enabled
 """)
-_NAR_SQL = text("SELECT DISTINCT storage FROM narinfo_cache WHERE url = :url")
+_NAR_SQL = text(f"SELECT DISTINCT n.storage FROM narinfo_cache n WHERE n.url = :url {_SHARED}")
+_PROJECT_SQL = text("SELECT id, hidden FROM projects WHERE name = :name")
 _PROJECT_NAR_SQL = text("""
     SELECT DISTINCT n.storage FROM narinfo_cache n
     JOIN narinfo_projects np ON np.store_path = n.store_path
@@ -99,9 +108,20 @@ class CacheIndex:
         """The cached answer (text, or None for a known miss) or ``_ABSENT``."""
         return self.narinfos.get((project, hash_part))
 
-    def narinfo(self, hash_part: str, project: str | None = None) -> bytes | None:
-        """The narinfo text for a (validated) hash part, or None when not served."""
-        cached = self.narinfos.get((project, hash_part))
+    def project(self, name: str) -> tuple[int, bool] | None:
+        """(id, hidden) of a project, from the database (callers checking access)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_PROJECT_SQL, {"name": name}).first()
+        return (int(row.id), bool(row.hidden)) if row is not None else None
+
+    def narinfo(self, hash_part: str, project: str | None = None, *,
+                remember: bool = True) -> bytes | None:
+        """The narinfo text for a (validated) hash part, or None when not served.
+
+        ``remember=False`` (a private cache) keeps the answer out of the LRU, so the
+        WSGI fast path, which checks no credentials, never serves it.
+        """
+        cached = self.narinfos.get((project, hash_part)) if remember else _ABSENT
         if cached is not _ABSENT:
             return cached  # type: ignore[return-value]
         with self.engine.connect() as conn:
@@ -111,10 +131,12 @@ class CacheIndex:
                 row = conn.execute(_PROJECT_NARINFO_SQL, {
                     "hash_part": hash_part, "project": project}).mappings().first()
         if row is None:
-            self.narinfos.put((project, hash_part), None, self.negative_ttl)
+            if remember:
+                self.narinfos.put((project, hash_part), None, self.negative_ttl)
             return None
         body = records.from_row(row).render().encode()
-        self.narinfos.put((project, hash_part), body, self.ttl)
+        if remember:
+            self.narinfos.put((project, hash_part), body, self.ttl)
         return body
 
     def nar(self, url: str, project: str | None = None) -> NarLocation | None:

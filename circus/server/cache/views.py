@@ -4,23 +4,35 @@ Every user-supplied part of a URL is checked against a strict pattern before
 anything else happens; only names Circus itself produced ever reach the
 database or the filesystem, and a NAR file is opened only after the database
 confirmed that this cache serves it.
+
+The cache of a hidden project is private: it answers only callers who may see
+the project (an API key as ``Authorization: Bearer`` or as the password of HTTP
+Basic credentials, which is what Nix sends from a ``netrc-file``); the shared
+``/nix-cache`` does not serve paths that only hidden projects built.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import re
 
-from flask import Blueprint, Response, current_app, redirect, send_file
+from flask import Blueprint, Response, abort, current_app, redirect, request, send_file
 from flask.typing import ResponseReturnValue
 
+from circus.auth import api_keys
+from circus.auth.actor import Actor
+from circus.auth.visibility import require_visible
 from circus.cache.files import NAR_URL, LocalFiles
 from circus.cache.s3 import S3Error, S3Store
 from circus.common.errors import InvalidInput, NotFound, Unavailable
 from circus.common.nix import storepath
 from circus.common.nix.narinfo import CONTENT_TYPE, cache_info
+from circus.server.auth import current_actor
 from circus.server.cache.lookup import CacheIndex
-from circus.server.context import settings
+from circus.server.context import db_session, settings
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +50,44 @@ def index() -> CacheIndex:
     return found
 
 
-def _project(name: str | None) -> str | None:
-    if name is not None and PROJECT_NAME.fullmatch(name) is None:
+def _project(name: str | None) -> tuple[str | None, bool]:
+    """The project of a per-project cache URL (checked) and whether its cache is private."""
+    if name is None:
+        return None, False
+    if PROJECT_NAME.fullmatch(name) is None:
         raise NotFound("no such project cache")
-    return name
+    found = index().project(name)
+    if found is None:
+        raise NotFound("no such project cache")
+    project_id, hidden = found
+    if hidden:
+        actor = _caller()
+        if not actor.is_authenticated:
+            body = json.dumps({"error": "this project's cache needs credentials",
+                               "details": {"hint": "an API key as the password of a netrc "
+                                                   "entry, or Authorization: Bearer"}})
+            abort(Response(body, 401, mimetype="application/json", headers={
+                "WWW-Authenticate": 'Basic realm="Circus binary cache"'}))
+        require_visible(db_session(), actor, project_id, "project cache")
+    return name, hidden
+
+
+def _caller() -> Actor:
+    """Who is asking: an API key as Basic password (Nix's netrc), else as the API does."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return current_actor()
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidInput("malformed Basic credentials") from None
+    found = api_keys.authenticate(db_session(), decoded.partition(":")[2],
+                                  request.remote_addr)
+    if found is None:
+        abort(Response(json.dumps({"error": "invalid or revoked API key", "details": None}),
+                       401, mimetype="application/json",
+                       headers={"WWW-Authenticate": 'Basic realm="Circus binary cache"'}))
+    return found
 
 
 def narinfo_response(body: bytes) -> Response:
@@ -62,7 +108,8 @@ def nix_cache_info(project: str | None = None) -> ResponseReturnValue:
 def narinfo(name: str, project: str | None = None) -> ResponseReturnValue:
     if not storepath.is_hash_part(name):
         raise InvalidInput("malformed store path hash", {"hash": name[:64]})
-    body = index().narinfo(name, _project(project))
+    project_name, private = _project(project)
+    body = index().narinfo(name, project_name, remember=not private)
     if body is None:
         raise NotFound("no such path in this cache")
     return narinfo_response(body)
@@ -74,7 +121,7 @@ def nar(name: str, project: str | None = None) -> ResponseReturnValue:
     url = f"nar/{name}"
     if NAR_URL.fullmatch(url) is None:
         raise InvalidInput("malformed NAR file name", {"name": name[:80]})
-    location = index().nar(url, _project(project))
+    location = index().nar(url, _project(project)[0])
     if location is None:
         raise NotFound("no such NAR in this cache")
     config = settings()
