@@ -60,6 +60,9 @@ class AgentSection(SettingsModel):
     #: ``tls://host:port`` or, when the gateway allows it, ``tcp://host:port``
     runner_url: str
     auth_token: str | None = None
+    #: instead of ``auth_token``: present a GitHub Actions ID token for this audience
+    #: (the gateway's ``queue_runner.rpc.oidc.audiences``)
+    oidc_audience: str | None = None
     systems: list[str] | None = None
     features: list[str] = []
     mandatory_features: list[str] = []
@@ -87,8 +90,9 @@ class AgentSection(SettingsModel):
             found.append(Problem("runner_url",
                                  f"must be tls://host:port or tcp://host:port "
                                  f"(got {self.runner_url!r})"))
-        if not self.auth_token:
-            found.append(Problem("auth_token", "is required (or auth_token_file)"))
+        if not self.auth_token and not self.oidc_audience:
+            found.append(Problem("auth_token",
+                                 "is required (or auth_token_file, or oidc_audience)"))
         return found
 
     @property

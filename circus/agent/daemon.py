@@ -21,6 +21,7 @@ from circus import __version__
 from circus.agent.config import AgentSection
 from circus.agent.identity import agent_name, ephemeral_machine_id, persistent_machine_id
 from circus.agent.jobs import Job, JobEnvironment, run_job
+from circus.agent.oidc import OidcTokenUnavailable, github_actions_token
 from circus.agent.sysinfo import host_status
 from circus.common.nix.environment import current_system, nix_environ
 from circus.protocol import protocol_version, schema
@@ -144,6 +145,13 @@ class Agent:
             context.load_cert_chain(tls.cert_file, tls.key_file)
         return context
 
+    def credential(self) -> str:
+        """The configured token, else a fresh GitHub Actions ID token (they expire)."""
+        if self.config.auth_token:
+            return self.config.auth_token
+        assert self.config.oidc_audience
+        return github_actions_token(self.config.oidc_audience)
+
     def agent_info(self) -> dict[str, Any]:
         return {
             "hostname": socket.gethostname(),
@@ -156,7 +164,7 @@ class Agent:
             "cpuCount": os.cpu_count() or 1,
             "maxJobs": self.config.max_jobs,
             "protoVersion": protocol_version(),
-            "authToken": self.config.auth_token or "",
+            "authToken": self.credential(),
             "ephemeral": self.ephemeral,
             "agentVersion": __version__,
         }
@@ -191,7 +199,9 @@ class Agent:
             raise RegistrationRefused(
                 f"gateway speaks protocol {version.proto}, this agent {protocol_version()}")
         try:
-            registered = await runner.register(self.agent_info(), self.builder())
+            # the info may need an HTTP request (a fresh OIDC token): off the loop
+            info = await asyncio.to_thread(self.agent_info)
+            registered = await runner.register(info, self.builder())
         except capnp.KjException as exc:
             raise RegistrationRefused(_remote_reason(exc)) from None
         self.environment.runner = runner
@@ -221,6 +231,9 @@ class Agent:
                 await self.session_once()
             except RegistrationRefused as exc:
                 log.error("the gateway refused this agent: %s", exc)
+                return 3
+            except OidcTokenUnavailable as exc:
+                log.error("no credential for the gateway: %s", exc)
                 return 3
             except (OSError, capnp.KjException, EOFError) as exc:
                 log.warning("connection to %s lost: %s", self.config.runner_url, exc)

@@ -177,7 +177,8 @@ class Bridge:
             # one step per assignment: an agent builds one derivation per slot
             return claim_steps(session, worker_name(agent), queue_class, 1,
                                lease_secs=self.runner.lease_secs, machine=agent.facts.name,
-                               lookahead=False, trusted_only=agent.trusted_only)
+                               lookahead=False, trusted_only=agent.trusted_only,
+                               project_ids=agent.project_ids)
 
         return claim
 

@@ -15,13 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus import __version__
 from circus.common.config import Settings
+from circus.common.enums import AuthKind
 from circus.common.errors import CircusError
+from circus.common.models import Project
+from circus.common.repository import RepositoryUrlError, parse_repository
 from circus.gateway import sessions as session_rows
 from circus.gateway.auth import client_cert_cn, server_ssl_context, token_accepted
+from circus.gateway.oidc import OidcIdentity, OidcRejected, OidcVerifier, looks_like_jwt
 from circus.protocol import protocol_version, schema
 from circus.protocol.limits import (
     MAX_PRESIGN_REQUESTS,
@@ -56,6 +61,8 @@ class ConnectedAgent:
     closed: bool = False
     #: futures resolved when the connection goes (results still awaited)
     closed_waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    #: OIDC agents: the projects of the token's repository, the only ones they build for
+    project_ids: list[int] | None = None
 
     @property
     def worker_name(self) -> str:
@@ -67,8 +74,9 @@ class ConnectedAgent:
 
     @property
     def trusted_only(self) -> bool:
-        """Ephemeral agents (CI runners) never build for pull requests alone (SPEC §5)."""
-        return self.facts.ephemeral
+        """Ephemeral and OIDC agents (CI runners) never build for pull requests alone
+        (SPEC §5)."""
+        return self.facts.ephemeral or self.facts.auth_kind is AuthKind.oidc
 
 
 @dataclass
@@ -76,6 +84,18 @@ class PeerInfo:
     address: str
     tls: bool
     client_cn: str | None
+
+
+def projects_of_repository(session: Session, repository: str) -> list[int]:
+    """Ids of the projects whose repository URL names ``owner/name`` (any host)."""
+    found = []
+    for project_id, url in session.execute(select(Project.id, Project.repository_url)):
+        try:
+            if url and parse_repository(url).path.lower() == repository.lower():
+                found.append(int(project_id))
+        except RepositoryUrlError:
+            continue
+    return found
 
 
 class Gateway:
@@ -90,6 +110,7 @@ class Gateway:
         self.on_agent_change: list[Callable[[], None]] = []
         self.on_disconnect: list[Callable[[ConnectedAgent], Any]] = []
         self.server: asyncio.base_events.Server | None = None
+        self.oidc = OidcVerifier(self.rpc.oidc) if self.rpc.oidc.enabled else None
 
     # -- database helpers (run in threads) ------------------------------------
 
@@ -116,15 +137,25 @@ class Gateway:
                           "(use TLS or set queue_runner.rpc.allow_plaintext)")
         if self.rpc.tls.pin_cn and peer.client_cn != self.rpc.tls.pin_cn:
             raise Refused("refused: client certificate CN does not match")
-        if not info.authToken or not token_accepted(info.authToken, self.rpc.auth_tokens):
-            raise Refused("refused: invalid agent token")
         if not info.name or not info.machineId or not info.systems:
             raise Refused("refused: name, machineId and systems are required")
+
+    async def authenticate(self, token: str) -> OidcIdentity | None:
+        """A configured bearer token (None), or a GitHub Actions ID token (its identity)."""
+        if token and self.oidc is not None and looks_like_jwt(token):
+            try:
+                return await asyncio.to_thread(self.oidc.verify, token)
+            except OidcRejected as exc:
+                raise Refused(f"refused: {exc}") from None
+        if not token or not token_accepted(token, self.rpc.auth_tokens):
+            raise Refused("refused: invalid agent token")
+        return None
 
     async def register(self, info: Any, builder: Any, peer: PeerInfo
                        ) -> ConnectedAgent:
         try:
             self.check_registration(info, peer)
+            identity = await self.authenticate(str(info.authToken))
         except Refused as exc:
             log.warning("agent %r from %s %s", str(info.name)[:128], peer.address, exc)
             raise
@@ -134,7 +165,8 @@ class Gateway:
             mandatory_features=list(info.mandatoryFeatures),
             speed_factor=float(info.speedFactor or 1.0), cpu_count=int(info.cpuCount or 1),
             max_jobs=max(1, int(info.maxJobs or 1)), proto_version=int(info.protoVersion),
-            ephemeral=bool(info.ephemeral))
+            ephemeral=bool(info.ephemeral),
+            auth_kind=AuthKind.token if identity is None else AuthKind.oidc)
         connection_id = uuid.uuid4().hex
         session_id = await self.db(
             lambda s: session_rows.record_connect(s, facts, connection_id, self.name))
@@ -143,9 +175,14 @@ class Gateway:
             log.info("agent %s reconnected; dropping its previous connection", facts.name)
             await self.drop(old)
         agent = ConnectedAgent(session_id, connection_id, facts, builder)
+        if identity is not None:
+            agent.project_ids = await self.db(
+                lambda s: projects_of_repository(s, identity.repository))
         self.agents[connection_id] = agent
-        log.info("agent %s registered from %s (%s, max_jobs=%d)", facts.name, peer.address,
-                 ",".join(facts.systems), facts.max_jobs)
+        log.info("agent %s registered from %s (%s, max_jobs=%d%s)", facts.name, peer.address,
+                 ",".join(facts.systems), facts.max_jobs,
+                 "" if identity is None else f", OIDC: {identity.repository} "
+                 f"{identity.subject}, projects {agent.project_ids}")
         self._changed()
         return agent
 

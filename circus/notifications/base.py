@@ -8,7 +8,6 @@ database; :mod:`circus.notifications.service` does (claim, back-off, outcome).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -18,8 +17,10 @@ from urllib.parse import urlsplit
 
 import requests
 
+from circus.common import repository
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, NotificationType
+from circus.common.repository import Repository, RepositoryUrlError
 
 
 class Event(StrEnum):
@@ -223,65 +224,13 @@ def bool_problem(config: Mapping[str, Any], *keys: str) -> list[str]:
 # repositories
 
 
-@dataclass(frozen=True)
-class Repository:
-    """Where a repository lives: ``scheme://host`` (when known) and its path on the forge."""
-
-    scheme: str | None
-    host: str | None
-    #: ``owner/name`` (GitLab: ``group/subgroup/name``)
-    path: str
-
-    @property
-    def web_base(self) -> str | None:
-        """``https://host`` of the forge (for Gitea/Forgejo API URLs)."""
-        if self.host is None:
-            return None
-        return f"{self.scheme if self.scheme in ('http', 'https') else 'https'}://{self.host}"
-
-    def owner_and_name(self) -> tuple[str, str]:
-        parts = self.path.split("/")
-        if len(parts) != 2 or not all(parts):
-            raise DeliveryError(f"repository {self.path!r} is not owner/name", permanent=True)
-        return parts[0], parts[1]
-
-
-_SCP = re.compile(r"^(?:[^@/]+@)?(?P<host>[^:/]+):(?P<path>[^/].*)$")
-_SHORTHANDS = {"github": "github.com", "gitlab": "gitlab.com", "sourcehut": "git.sr.ht"}
-
-
 def parse_repository(url: str) -> Repository:
-    """``https://host/o/n(.git)``, ``git+https://…``, ``ssh://git@host/o/n``,
-    ``git@host:o/n.git``, ``github:o/n`` → :class:`Repository`."""
-    text = url.strip()
-    if text.startswith("git+"):
-        text = text[4:]
-    scheme, sep, rest = text.partition(":")
-    if sep and scheme in _SHORTHANDS and not rest.startswith("//"):
-        path = rest.split("?", 1)[0].strip("/")
-        return Repository("https", _SHORTHANDS[scheme], _clean(path))
-    if "://" in text:
-        parts = urlsplit(text)
-        host = parts.hostname
-        if host is None:
-            raise DeliveryError(f"cannot tell the forge from repository URL {url!r}",
-                                permanent=True)
-        if parts.port and parts.scheme in ("http", "https"):
-            host = f"{host}:{parts.port}"
-        return Repository(parts.scheme, host, _clean(parts.path))
-    match = _SCP.match(text)
-    if match:
-        return Repository("ssh", match["host"], _clean(match["path"]))
-    raise DeliveryError(f"cannot tell the forge from repository URL {url!r}", permanent=True)
-
-
-def _clean(path: str) -> str:
-    path = path.strip("/")
-    if path.endswith(".git"):
-        path = path[:-4]
-    if not path:
-        raise DeliveryError("the repository URL names no repository", permanent=True)
-    return path
+    """:func:`circus.common.repository.parse_repository`, failing as a permanent
+    delivery error (no retry can fix a URL)."""
+    try:
+        return repository.parse_repository(url)
+    except RepositoryUrlError as exc:
+        raise DeliveryError(str(exc), permanent=True) from None
 
 
 # ---------------------------------------------------------------------------

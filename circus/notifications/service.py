@@ -48,6 +48,7 @@ from circus.common.enums import BuildStatus, NotificationTaskStatus, Notificatio
 from circus.common.errors import Conflict, InvalidInput, NotFound
 from circus.common.models import NotificationConfig, NotificationTask
 from circus.common.models.base import utcnow
+from circus.common.repository import RepositoryUrlError
 from circus.notifications.base import Delivery, DeliveryError, Event
 from circus.notifications.targets import TARGETS, config_problems
 
@@ -345,6 +346,8 @@ def deliver(session: Session, settings: Settings, task_id: int, attempt: int | N
         target.deliver(delivery)
     except DeliveryError as exc:
         error = exc
+    except RepositoryUrlError as exc:  # "owner/name" expected: retrying cannot help
+        error = DeliveryError(str(exc), permanent=True)
     except Exception as exc:
         # a bug in a target must not lose the task: it is retried like a network error
         log.exception("notification task %d (%s): delivery raised", task_id, kind)

@@ -15,8 +15,10 @@ builds waiting (critical path), then age.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -49,12 +51,22 @@ _RETURNING = ("RETURNING steps.id, steps.drv_path, steps.system, steps.queue_cla
               "steps.timeout, steps.max_silent, steps.attempts, steps.started_at")
 
 
-#: a step some evaluation of a branch (not a pull request) waits for
-_TRUSTED = """
+def _trusted(project_ids: Sequence[int] | None) -> str:
+    """A step some evaluation of a branch (not a pull request) waits for, in one of
+    ``project_ids`` when given."""
+    if project_ids is None:
+        return """
     AND EXISTS (SELECT 1 FROM build_steps bs
                 JOIN evaluation_builds eb ON eb.build_id = bs.build_id
                 JOIN evaluations e ON e.id = eb.evaluation_id
                 WHERE bs.step_id = s.id AND e.pr_number IS NULL)"""
+    return """
+    AND EXISTS (SELECT 1 FROM build_steps bs
+                JOIN builds b ON b.id = bs.build_id
+                JOIN evaluation_builds eb ON eb.build_id = bs.build_id
+                JOIN evaluations e ON e.id = eb.evaluation_id
+                WHERE bs.step_id = s.id AND e.pr_number IS NULL
+                  AND b.project_id = ANY(CAST(:projects AS bigint[])))"""
 
 
 def _order(critical_path: bool) -> str:
@@ -69,7 +81,8 @@ def _order(critical_path: bool) -> str:
 def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
                 lease_secs: int, machine: str | None = None, lookahead: bool = True,
                 critical_path: bool = False, batch_limit: int | None = None,
-                trusted_only: bool = False) -> list[ClaimedStep]:
+                trusted_only: bool = False, project_ids: Sequence[int] | None = None
+                ) -> list[ClaimedStep]:
     """Claim up to ``limit`` queued steps of ``queue_class`` for ``worker`` (running, leased).
 
     Claimed steps share their timeouts, so one Nix invocation can build them.
@@ -78,15 +91,17 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     steps in all (default ``limit``): Nix builds a chain in one invocation
     instead of one round trip per link.
 
-    ``trusted_only`` (ephemeral agents): only steps some branch evaluation needs;
-    a step wanted by pull-request evaluations alone is left to other builders.
+    ``trusted_only`` (ephemeral and OIDC agents): only steps some branch
+    evaluation needs (of one of ``project_ids``, when given); a step wanted by
+    pull-request evaluations alone is left to other builders.
     """
     batch_limit = max(limit, batch_limit or limit)
-    trusted = _TRUSTED if trusted_only else ""
+    trusted = _trusted(project_ids) if trusted_only else ""
     # look-ahead picks dependents without this check
     lookahead = lookahead and not trusted_only
-    params = {"cls": queue_class, "worker": worker, "lease": float(lease_secs),
-              "machine": machine or worker}
+    params: dict[str, Any] = {"cls": queue_class, "worker": worker,
+                              "lease": float(lease_secs), "machine": machine or worker,
+                              "projects": list(project_ids or [])}
     first = session.execute(text(f"""
         WITH r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
                    GROUP BY jobset_id)

@@ -31,11 +31,12 @@ def gateway_runner(runner_config: Callable[..., dict[str, Any]], tmp_path: Path
     """A queue runner with the gateway and no local workers: agents build everything."""
 
     @contextmanager
-    def start(**runner: Any) -> Iterator[tuple[Daemon, int]]:
+    def start(rpc: dict[str, Any] | None = None, **runner: Any
+              ) -> Iterator[tuple[Daemon, int]]:
         port = free_port()
         config = runner_config(queue_runner={
             "rpc": {"bind": f"127.0.0.1:{port}", "allow_plaintext": True,
-                    "auth_tokens": [TOKEN_DIGEST]},
+                    "auth_tokens": [TOKEN_DIGEST], **(rpc or {})},
             "unsupported_timeout": 30, **runner},
             cache={"cache_dir": str(tmp_path / "cache")})
         with runner_daemon("qr-gateway", config, tmp_path, workers=0) as daemon:
@@ -255,6 +256,52 @@ def test_ephemeral_agents_never_build_for_pull_requests_alone(
         assert wait_builds(committed_db, [pull_request.id]) == {
             pull_request.id: BuildStatus.succeeded}
         assert machine_of(committed_db, drvs["plain1"]) == "persistent"
+
+
+def test_an_oidc_agent_builds_only_its_repositorys_trusted_jobs(
+        gateway_runner: Callable[..., Any], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
+    from tests.helpers.oidc_issuer import REQUEST_TOKEN, oidc_issuer
+    from tests.queue_runner.factories import make_jobset
+
+    drvs = instantiate(["plain1", "plain2", "dep"], nonce, nix_env, expr=JOBS)
+    with oidc_issuer() as issuer, ExitStack() as stack:
+        rpc = {"oidc": {"issuer": issuer.url, "audiences": ["circus"],
+                        "allowed_repositories": ["acme/widget", "acme/other"]}}
+        _, port = stack.enter_context(gateway_runner(rpc=rpc))
+        with committed_db() as session:
+            widget, other = make_jobset(session, "widget"), make_jobset(session, "other")
+            session.execute(text(
+                "UPDATE projects SET repository_url = CASE name "
+                "WHEN 'widget' THEN 'https://github.com/acme/widget.git' "
+                "ELSE 'git@github.com:acme/other.git' END"))
+            session.commit()
+        # the agent asks "GitHub" for its ID token, as in a workflow job
+        os.environ.update({"ACTIONS_ID_TOKEN_REQUEST_URL": f"{issuer.url}/token?v=1",
+                           "ACTIONS_ID_TOKEN_REQUEST_TOKEN": REQUEST_TOKEN})
+        try:
+            start_agent(stack, tmp_path, port, "gh-runner", token="",
+                        oidc_audience="circus")
+        finally:
+            del os.environ["ACTIONS_ID_TOKEN_REQUEST_URL"]
+            del os.environ["ACTIONS_ID_TOKEN_REQUEST_TOKEN"]
+        wait_until(lambda: connected(committed_db) == ["gh-runner"], timeout=30,
+                   message="OIDC agent registered")
+        with committed_db() as session:
+            mine = make_builds(session, {"main": drvs["plain1"]}, jobset=widget)["main"]
+            pull = make_builds(session, {"pr": drvs["plain2"]}, jobset=widget,
+                               pr_number=3)["pr"]
+            theirs = make_builds(session, {"x": drvs["dep"]}, jobset=other)["x"]
+            kind = session.execute(text("SELECT auth_kind FROM builder_sessions")).scalar()
+        assert kind == "oidc"
+        assert wait_builds(committed_db, [mine.id]) == {mine.id: BuildStatus.succeeded}
+        import time
+
+        time.sleep(3)
+        # another repository's job and the pull request's stay for other builders
+        assert finished(committed_db, [pull.id, theirs.id]) == {
+            pull.id: BuildStatus.pending, theirs.id: BuildStatus.pending}
+        assert "/token" in issuer.requests
 
 
 def test_load_200_builds_across_three_agents(
