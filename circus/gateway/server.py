@@ -140,6 +140,13 @@ class Gateway:
         if not info.name or not info.machineId or not info.systems:
             raise Refused("refused: name, machineId and systems are required")
 
+    def pool_of(self, name: str) -> str | None:
+        """The ephemeral pool whose launches are named ``<pool>-…`` (autoscale.py)."""
+        for pool in self.settings.queue_runner.ephemeral_pools:
+            if name.startswith(f"{pool.name}-"):
+                return pool.name
+        return None
+
     async def authenticate(self, token: str) -> OidcIdentity | None:
         """A configured bearer token (None), or a GitHub Actions ID token (its identity)."""
         if token and self.oidc is not None and looks_like_jwt(token):
@@ -166,7 +173,8 @@ class Gateway:
             speed_factor=float(info.speedFactor or 1.0), cpu_count=int(info.cpuCount or 1),
             max_jobs=max(1, int(info.maxJobs or 1)), proto_version=int(info.protoVersion),
             ephemeral=bool(info.ephemeral),
-            auth_kind=AuthKind.token if identity is None else AuthKind.oidc)
+            auth_kind=AuthKind.token if identity is None else AuthKind.oidc,
+            pool=self.pool_of(str(info.name)) if info.ephemeral else None)
         connection_id = uuid.uuid4().hex
         session_id = await self.db(
             lambda s: session_rows.record_connect(s, facts, connection_id, self.name))

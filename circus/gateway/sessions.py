@@ -28,6 +28,8 @@ class AgentFacts:
     proto_version: int
     ephemeral: bool
     auth_kind: AuthKind = AuthKind.token
+    #: the ephemeral pool that launched it (its name starts with "<pool>-")
+    pool: str | None = None
 
 
 def record_connect(session: Session, facts: AgentFacts, connection_id: str,
@@ -40,7 +42,8 @@ def record_connect(session: Session, facts: AgentFacts, connection_id: str,
         "mandatory_features": facts.mandatory_features, "speed_factor": facts.speed_factor,
         "cpu_count": facts.cpu_count, "max_jobs": facts.max_jobs,
         "proto_version": facts.proto_version, "ephemeral": facts.ephemeral,
-        "auth_kind": facts.auth_kind.value, "connection_id": connection_id, "gateway": gateway,
+        "auth_kind": facts.auth_kind.value, "pool": facts.pool,
+        "connection_id": connection_id, "gateway": gateway,
         "connected": True, "connected_at": now, "last_seen": now, "current_jobs": 0,
     }
     statement = insert(BuilderSession).values(values).on_conflict_do_update(

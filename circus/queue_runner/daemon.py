@@ -16,6 +16,7 @@ attempt), then the process exits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -32,8 +33,10 @@ from circus.common.celery import create_celery_app
 from circus.common.config import Settings
 from circus.common.db import make_engine, make_session_factory
 from circus.common.heartbeat import HeartbeatThread
+from circus.gateway.autoscale import Autoscaler
 from circus.gateway.bridge import Bridge
 from circus.gateway.runtime import GatewayThread
+from circus.gateway.server import Gateway
 from circus.queue_runner import gcroots
 from circus.queue_runner.capabilities import Capabilities, local_capabilities
 from circus.queue_runner.derivations import DrvCache
@@ -141,18 +144,28 @@ class QueueRunner:
                                ) if ssh_builders else None
         self.gateway: GatewayThread | None = None
         self.wakeups: WakeupConsumer | None = None
+        self.autoscaler: Autoscaler | None = None
         if settings.queue_runner.rpc.bind:
             # agents: another consumer of the same class queues and leases
-            self.gateway = GatewayThread(settings, self.factory,
-                                         alongside=lambda _: self.bridge.run())
+            self.gateway = GatewayThread(settings, self.factory, alongside=self._gateway_work)
             self.bridge = Bridge(self.gateway.gateway, settings, self.publisher.publish,
                                  self.post.submit)
+            # GitHub Actions pools: launch agents when their queued work needs them
+            self.autoscaler = (Autoscaler(self.gateway.gateway, settings)
+                               if settings.queue_runner.ephemeral_pools else None)
             self.wakeups = WakeupConsumer(self.bridge, settings.require_broker_url(),
                                           name="agent-wakeups")
         service = f"{QUEUE_RUNNER_KIND}-{name}@{socket.gethostname()}" if name else None
         self.heartbeat = HeartbeatThread(
             self.factory, QUEUE_RUNNER_KIND, details=self._details, service=service,
             interval=float(min(10, settings.queue_runner.poll_interval)))
+
+    async def _gateway_work(self, gateway: Gateway) -> None:
+        """What runs on the gateway's loop next to the server: the bridge, autoscaling."""
+        work = [self.bridge.run()]
+        if self.autoscaler is not None:
+            work.append(self.autoscaler.run())
+        await asyncio.gather(*work)
 
     # ------------------------------------------------------------------ threads
 

@@ -51,9 +51,9 @@ _RETURNING = ("RETURNING steps.id, steps.drv_path, steps.system, steps.queue_cla
               "steps.timeout, steps.max_silent, steps.attempts, steps.started_at")
 
 
-def _trusted(project_ids: Sequence[int] | None) -> str:
-    """A step some evaluation of a branch (not a pull request) waits for, in one of
-    ``project_ids`` when given."""
+def trusted_condition(project_ids: Sequence[int] | None) -> str:
+    """SQL: step ``s`` is one some evaluation of a branch (not a pull request) waits
+    for, in one of the projects ``:projects`` when ``project_ids`` is given."""
     if project_ids is None:
         return """
     AND EXISTS (SELECT 1 FROM build_steps bs
@@ -96,7 +96,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
     pull-request evaluations alone is left to other builders.
     """
     batch_limit = max(limit, batch_limit or limit)
-    trusted = _trusted(project_ids) if trusted_only else ""
+    trusted = trusted_condition(project_ids) if trusted_only else ""
     # look-ahead picks dependents without this check
     lookahead = lookahead and not trusted_only
     params: dict[str, Any] = {"cls": queue_class, "worker": worker,
