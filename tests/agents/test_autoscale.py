@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,12 +61,24 @@ def pool_settings(make_settings: Callable[..., Settings], issuer: OidcIssuer,
             **pool}]})
 
 
+@contextmanager
+def gateway_thread(settings: Settings, factory: sessionmaker[Session]
+                   ) -> Iterator[GatewayThread]:
+    thread = GatewayThread(settings, factory)
+    thread.start()
+    assert thread.started.wait(20)
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
 def queue_work(committed_db: sessionmaker[Session], settings: Settings, nix_env: dict[str, str],
                nonce: str) -> None:
     """Three queued branch steps of acme/widget; a pull request's and another project's
     steps, which the pool's agents could never take."""
     drvs = instantiate(["plain1", "plain2", "dep", "slow", "talker"], nonce, nix_env,
-                       expr=__import__("pathlib").Path(__file__).parent / "fixtures/jobs.nix")
+                       expr=Path(__file__).parent / "fixtures" / "jobs.nix")
     with committed_db() as session:
         widget, other = make_jobset(session, "widget"), make_jobset(session, "other")
         session.execute(text("UPDATE projects SET repository_url = CASE name WHEN 'widget' "
@@ -82,14 +96,10 @@ def queue_work(committed_db: sessionmaker[Session], settings: Settings, nix_env:
 
 def test_a_pool_launches_agents_for_its_queued_work(
         make_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
-        issuer: OidcIssuer, github: HttpStub, nix_env: dict[str, str], nonce: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        issuer: OidcIssuer, github: HttpStub, nix_env: dict[str, str], nonce: str) -> None:
     settings = pool_settings(make_settings, issuer, github, max_inflight=10)
     queue_work(committed_db, settings, nix_env, nonce)
-    thread = GatewayThread(settings, committed_db)
-    thread.start()
-    assert thread.started.wait(20)
-    try:
+    with gateway_thread(settings, committed_db) as thread:
         scaler = Autoscaler(thread.gateway, settings)
         with committed_db() as session:
             queued = session.execute(text(
@@ -123,21 +133,15 @@ def test_a_pool_launches_agents_for_its_queued_work(
         # raw_register drops its connection at once: 3 steps, 2 launches in flight
         assert thread.call(scaler.round()) == {"gh": 1}
         assert len(github.under(WORKFLOW)) == 4
-    finally:
-        thread.stop()
 
 
 def test_cooldown_expiry_and_github_errors(
         make_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
-        issuer: OidcIssuer, github: HttpStub, nix_env: dict[str, str], nonce: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        issuer: OidcIssuer, github: HttpStub, nix_env: dict[str, str], nonce: str) -> None:
     settings = pool_settings(make_settings, issuer, github, max_inflight=1,
                              scale_up_cooldown_secs=3600, inflight_ttl_secs=1)
     queue_work(committed_db, settings, nix_env, nonce)
-    thread = GatewayThread(settings, committed_db)
-    thread.start()
-    assert thread.started.wait(20)
-    try:
+    with gateway_thread(settings, committed_db) as thread:
         scaler = Autoscaler(thread.gateway, settings)
         github.answer(WORKFLOW, 422, times=1)
         assert thread.call(scaler.round()) == {"gh": 0}   # GitHub refused: nothing in flight
@@ -149,5 +153,3 @@ def test_cooldown_expiry_and_github_errors(
         scaler.state["gh"].last_launch = float("-inf")
         assert thread.call(scaler.round()) == {"gh": 1}
         assert len(github.under(WORKFLOW)) == 3
-    finally:
-        thread.stop()
