@@ -52,6 +52,55 @@ def test_create_project_and_jobset(as_admin: Browser, rows: Rows) -> None:
     assert rows.db.query(AuditLog).filter_by(action="jobset.create").count() == 1
 
 
+def test_edit_project_and_jobset_settings(as_admin: Browser, as_viewer: Browser,
+                                          world: World, rows: Rows) -> None:
+    page = as_admin.get("/jobset/demo/main").get_data(as_text=True)
+    # the settings form starts from the jobset's current values
+    assert "Jobset settings" in page
+    assert re.search(r'<option value="source_change" selected>', page)
+    saved = as_admin.post("/jobset/demo/main/settings", {
+        "description": "nightly", "nix_expression": "checks", "branch": "next",
+        "flake_mode": "true", "state": "one_at_a_time", "trigger_mode": "interval",
+        "check_interval": "900", "scheduling_shares": "7", "keep_nr": "4"},
+        page="/jobset/demo/main")
+    assert saved.status_code == 302
+    assert saved.location == "/jobset/demo/main"
+    jobset = rows.db.query(Jobset).filter_by(name="main").one()
+    rows.db.refresh(jobset)
+    assert (jobset.description, jobset.nix_expression, jobset.branch, jobset.state.value,
+            jobset.trigger_mode.value, jobset.check_interval, jobset.scheduling_shares,
+            jobset.keep_nr) == ("nightly", "checks", "next", "one_at_a_time", "interval", 900,
+                                7, 4)
+    assert rows.db.query(AuditLog).filter_by(action="jobset.update").count() == 1
+    bad = as_admin.post("/jobset/demo/main/settings", {"check_interval": "-1",
+                                                       "state": "enabled"},
+                        page="/jobset/demo/main")
+    assert bad.status_code == 400
+    assert errors_under(bad.get_data(as_text=True), "check_interval") == ["must be at least 0"]
+
+    project = as_admin.post("/project/demo/settings", {
+        "description": "the demo", "repository_url": "https://example.org/demo.git",
+        "enabled": "true", "hidden": "true", "cache_enabled": "false"}, page="/project/demo")
+    assert project.status_code == 302
+    row = rows.db.query(Project).filter_by(name="demo").one()
+    rows.db.refresh(row)
+    assert (row.description, row.repository_url, row.hidden, row.cache_enabled) == (
+        "the demo", "https://example.org/demo.git", True, False)
+    scheme = as_admin.post("/project/demo/settings", {"repository_url": "ftp://x"},
+                           page="/project/demo")
+    assert scheme.status_code == 400
+    assert errors_under(scheme.get_data(as_text=True), "repository_url")
+
+    # a read-only user sees no settings and cannot post them
+    row.hidden = False
+    rows.db.commit()
+    assert "Project settings" not in as_viewer.get("/project/demo").get_data(as_text=True)
+    assert as_viewer.post("/project/demo/settings", {"description": "x"},
+                          page="/project/demo").status_code == 403
+    assert as_viewer.post("/jobset/demo/main/settings", {"state": "enabled"},
+                          page="/jobset/demo/main").status_code == 403
+
+
 def test_bad_project_and_jobset_input_is_shown_inline(as_admin: Browser, world: World,
                                                     rows: Rows) -> None:
     response = as_admin.post("/projects", {"name": "bad name!", "description": "kept",

@@ -89,7 +89,44 @@ def project(project: str) -> ResponseReturnValue:
     return _project_page(_project(project), Form())
 
 
-def _project_page(row: Project, form: Form) -> ResponseReturnValue:
+PROJECT_SETTINGS = ("description", "repository_url", "enabled", "hidden", "cache_enabled")
+
+
+def _project_settings(row: Project) -> Form:
+    return Form({"description": row.description or "", "repository_url":
+                 row.repository_url or "", **{name: _flag(getattr(row, name))
+                                              for name in ("enabled", "hidden",
+                                                           "cache_enabled")}})
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+@blueprint.post("/project/<name:project>/settings")
+@page("project")
+def update_project(project: str) -> ResponseReturnValue:
+    row = _project(project)
+    form = Form.posted(*PROJECT_SETTINGS)
+    flags = {name: form.get(name) == "true" for name in ("enabled", "hidden", "cache_enabled")
+             if form.get(name) in ("true", "false")}
+    session = db_session()
+    try:
+        service.update_project(session, current_actor(), row, {
+            "description": form.get("description"),
+            "repository_url": form.get("repository_url"), **flags},
+            allowed_schemes=settings().server.allowed_url_schemes)
+        session.commit()
+    except CircusError as exc:
+        session.rollback()
+        form.fail(exc)
+        return _project_page(_project(project), Form(), settings_form=form)
+    flash(f"Project {row.name} saved.", "ok")
+    return redirect(url_for("dashboard.project", project=row.name))
+
+
+def _project_page(row: Project, form: Form, settings_form: Form | None = None
+                  ) -> ResponseReturnValue:
     session = db_session()
     actor = current_actor()
     jobsets = list(session.scalars(select(Jobset).where(Jobset.project_id == row.id)
@@ -108,11 +145,32 @@ def _project_page(row: Project, form: Form) -> ResponseReturnValue:
         channels=queries.channel_list(session, project_id=row.id),
         members=queries.members(session, row.id), recent=recent,
         can=allowed_actions(session, actor, row.id), form=form,
-        states=list(JobsetState), trigger_modes=list(TriggerMode)), form.status
+        settings_form=settings_form or _project_settings(row),
+        states=list(JobsetState), trigger_modes=list(TriggerMode)), \
+        settings_form.status if settings_form is not None else form.status
 
 
 JOBSET_FIELDS = ("name", "description", "nix_expression", "branch", "flake_mode", "state",
                  "trigger_mode", "check_interval", "scheduling_shares", "keep_nr")
+
+
+def _jobset_values(form: Form) -> dict[str, Any]:
+    """The jobset settings of a create or settings form (errors go into ``form``)."""
+    numbers = {name: form.integer(name, minimum=1 if name == "scheduling_shares" else 0)
+               for name in ("check_interval", "scheduling_shares", "keep_nr")}
+    state, mode = form.get("state") or "enabled", form.get("trigger_mode") or "source_change"
+    if state not in JobsetState.__members__:
+        form.add("state", "unknown state")
+    if mode not in TriggerMode.__members__:
+        form.add("trigger_mode", "unknown trigger mode")
+    if not form.ok:
+        return {}
+    return {"description": form.get("description"),
+            "nix_expression": form.get("nix_expression") or "hydraJobs",
+            "branch": form.get("branch") or None,
+            "flake_mode": form.get("flake_mode") != "false",
+            "state": JobsetState(state), "trigger_mode": TriggerMode(mode),
+            **{k: v for k, v in numbers.items() if v is not None}}
 
 
 @blueprint.post("/project/<name:project>/jobsets")
@@ -121,24 +179,12 @@ def create_jobset(project: str) -> ResponseReturnValue:
     row = _project(project)
     form = Form.posted(*JOBSET_FIELDS)
     form.require("name")
-    numbers = {name: form.integer(name, minimum=1 if name == "scheduling_shares" else 0)
-               for name in ("check_interval", "scheduling_shares", "keep_nr")}
-    state, mode = form.get("state") or "enabled", form.get("trigger_mode") or "source_change"
-    if state not in JobsetState.__members__:
-        form.add("state", "unknown state")
-    if mode not in TriggerMode.__members__:
-        form.add("trigger_mode", "unknown trigger mode")
+    values = _jobset_values(form)
     if form.ok:
         session = db_session()
-        values: dict[str, Any] = {k: v for k, v in numbers.items() if v is not None}
         try:
-            jobset = service.create_jobset(
-                session, current_actor(), row, name=form.get("name"),
-                description=form.get("description"),
-                nix_expression=form.get("nix_expression") or "hydraJobs",
-                branch=form.get("branch") or None,
-                flake_mode=form.get("flake_mode") != "false",
-                state=JobsetState(state), trigger_mode=TriggerMode(mode), **values)
+            jobset = service.create_jobset(session, current_actor(), row,
+                                           name=form.get("name"), **values)
             session.commit()
         except CircusError as exc:
             session.rollback()
@@ -164,8 +210,42 @@ def _jobset(project: str, jobset: str) -> tuple[Project, Jobset]:
 @blueprint.get("/jobset/<name:project>/<name:jobset>")
 @page("jobset")
 def jobset(project: str, jobset: str) -> ResponseReturnValue:
-    session = db_session()
     project_row, row = _jobset(project, jobset)
+    return _jobset_page(project_row, row, _jobset_settings(row))
+
+
+def _jobset_settings(row: Jobset) -> Form:
+    return Form({"description": row.description or "", "nix_expression": row.nix_expression,
+                 "branch": row.branch or "", "flake_mode": _flag(row.flake_mode),
+                 "state": row.state.name, "trigger_mode": row.trigger_mode.name,
+                 "check_interval": str(row.check_interval),
+                 "scheduling_shares": str(row.scheduling_shares), "keep_nr": str(row.keep_nr)})
+
+
+@blueprint.post("/jobset/<name:project>/<name:jobset>/settings")
+@page("jobset")
+def update_jobset(project: str, jobset: str) -> ResponseReturnValue:
+    project_row, row = _jobset(project, jobset)
+    form = Form.posted(*JOBSET_FIELDS[1:])
+    values = _jobset_values(form)
+    if form.ok:
+        session = db_session()
+        try:
+            service.update_jobset(session, current_actor(), row, values)
+            session.commit()
+        except CircusError as exc:
+            session.rollback()
+            form.fail(exc)
+        else:
+            flash(f"Jobset {row.name} saved.", "ok")
+            return redirect(url_for("dashboard.jobset", project=project_row.name,
+                                    jobset=row.name))
+    return _jobset_page(*_jobset(project, jobset), form)
+
+
+def _jobset_page(project_row: Project, row: Jobset, settings_form: Form
+                 ) -> ResponseReturnValue:
+    session = db_session()
     evaluations = paginate(session, queries.evaluation_list(Evaluation.jobset_id == row.id)
                            .order_by(Evaluation.id.desc()), 10, scalars=False)
     listed = queries.with_counts(session, evaluations.items)
@@ -185,7 +265,7 @@ def jobset(project: str, jobset: str) -> ResponseReturnValue:
         jobs_pages=max(1, -(-matrix.total_jobs // MATRIX_JOBS)), inputs=inputs,
         channels=queries.channel_list(session, jobset_id=row.id),
         can=allowed_actions(session, current_actor(), project_row.id),
-        input_types=list(InputType))
+        input_types=list(InputType), settings_form=settings_form), settings_form.status
 
 
 @blueprint.post("/jobset/<name:project>/<name:jobset>/trigger")
