@@ -185,7 +185,9 @@ def make_settings(tmp_path: Path, database_url: str, redis_url: str,
         base: dict[str, Any] = {
             "database": {"url": database_url},
             "broker": {"url": redis_url},
-            "server": {"secret_key": "test-secret-key-" + "x" * 32},
+            # per app: tests share one Redis, and their logins must not share a budget
+            "server": {"secret_key": "test-secret-key-" + "x" * 32,
+                       "rate_limit_storage": "memory://"},
             "nix": {"substituters": []},
             "evaluator": {"work_dir": str(tmp_path / "evaluator")},
             "logs": {"log_dir": str(tmp_path / "logs")},

@@ -157,6 +157,9 @@ class ServerSettings(SettingsModel):
     rate_limit_login: str = "10/minute"
     rate_limit_api: str = "1200/minute"
     rate_limit_enabled: bool = True
+    #: where request counts live: unset = the broker's Redis (one budget across every
+    #: server process and host), else ``memory://`` (per process) or a redis:// URL
+    rate_limit_storage: str | None = None
     allowed_url_schemes: list[str] = ["https", "http", "ssh", "git", "file"]
     force_secure_cookies: bool = False
     require_api_key_for_reads: bool = True
@@ -177,6 +180,11 @@ class ServerSettings(SettingsModel):
                 found.append(Problem(f"page_access.{page}", f"unknown page (known: {known})"))
         if self.base_url and _url_problem(self.base_url, ("http", "https")):
             found.append(Problem("base_url", _url_problem(self.base_url, ("http", "https")) or ""))
+        storage = self.rate_limit_storage
+        if storage is not None and not storage.startswith(
+                ("memory://", "redis://", "rediss://", "redis+unix://")):
+            found.append(Problem("rate_limit_storage", "must be memory:// or a redis:// URL "
+                                 f"(got {storage.split('://')[0]!r})"))
         for limit, key in ((self.rate_limit_login, "rate_limit_login"),
                            (self.rate_limit_api, "rate_limit_api")):
             if not _is_rate(limit):

@@ -53,13 +53,28 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     limiter = Limiter(
         key_func=get_remote_address,
         app=app,
-        storage_uri="memory://",
+        storage_uri=settings.server.rate_limit_storage or limits_storage(settings.broker.url),
+        # Redis gone: count in this process rather than fail requests
+        swallow_errors=True,
+        in_memory_fallback_enabled=True,
+        key_prefix="circus-limits",
         enabled=settings.server.rate_limit_enabled,
         application_limits=[settings.server.rate_limit_api],
         application_limits_exempt_when=lambda: not request.path.startswith("/api/"),
         headers_enabled=True,
     )
     return limiter
+
+
+def limits_storage(broker_url: str | None) -> str:
+    """Count requests in the broker's Redis, so every server process (and host) shares
+    one budget per client; in process memory when the broker is not Redis."""
+    if broker_url and broker_url.startswith(("redis://", "rediss://")):
+        return broker_url
+    if broker_url and broker_url.startswith("redis+socket://"):
+        # kombu's name for a Unix socket; the limits library calls it redis+unix
+        return "redis+unix://" + broker_url[len("redis+socket://"):]
+    return "memory://"
 
 
 def limit_view(app: Flask, limiter: Limiter, endpoint: str, rate: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 from flask.testing import FlaskClient
@@ -187,6 +188,28 @@ def test_api_is_rate_limited(make_settings: Callable[..., Settings], engine: Eng
     statuses = [client.get("/api/v1/projects", headers=headers).status_code for _ in range(6)]
     assert statuses == [200] * 5 + [429]
     assert client.get("/health").status_code in (200, 503)
+
+
+def test_rate_limits_are_shared_by_every_server_process(
+        make_settings: Callable[..., Settings], engine: Engine, db: Session, keys: Keys,
+        redis_url: str) -> None:
+    """Two apps (two gunicorn workers, or two hosts) count one budget in the broker's
+    Redis; the test's own address keeps it apart from other tests' counts."""
+    import redis
+
+    from circus.server.security import limits_storage
+
+    settings = make_settings(server={"rate_limit_api": "4/minute", "rate_limit_storage": None})
+    first, second = (make_app(settings, engine, db).test_client() for _ in range(2))
+    headers = keys.headers()
+    address = {"REMOTE_ADDR": f"127.0.{secrets.randbelow(250)}.{secrets.randbelow(250) + 2}"}
+    statuses = [client.get("/api/v1/projects", headers=headers, environ_base=address)
+                .status_code for client in (first, second, first, second, first)]
+    assert statuses == [200, 200, 200, 200, 429]
+    assert limits_storage(redis_url).startswith("redis")
+    assert limits_storage("amqp://guest@localhost//") == "memory://"
+    client = redis.Redis.from_url(redis_url.replace("redis+socket://", "unix://"))
+    assert client.keys("*circus-limits*")
 
 
 def test_security_headers_cors_and_body_limit(make_settings: Callable[..., Settings],
