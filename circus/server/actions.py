@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from circus import audit
 from circus.auth.actor import Actor
 from circus.auth.permissions import Action, require_permission
+from circus.auth.visibility import require_visible
 from circus.common.enums import TriggerKind
 from circus.common.errors import InvalidInput, NotFound
 from circus.common.models import Build, Evaluation, Jobset, News
@@ -50,6 +51,8 @@ BUILD_PERMISSIONS: dict[BuildAction, Action] = {
 
 def act_on_build(session: Session, actor: Actor, build_id: int, action: BuildAction) -> Build:
     build = _build(session, build_id)
+    # a hidden project's build does not exist for outsiders, whatever their role
+    require_visible(session, actor, build.project_id, f"build with id {build_id}")
     require_permission(session, actor, BUILD_PERMISSIONS[action], build.project_id)
     calls: dict[BuildAction, Callable[[], Build]] = {
         BuildAction.cancel: lambda: queue_runner.cancel_build(
@@ -80,6 +83,8 @@ def cancel_evaluation(session: Session, actor: Actor, evaluation_id: int) -> Eva
     evaluation = session.get(Evaluation, evaluation_id)
     if evaluation is None:
         raise NotFound(f"no evaluation with id {evaluation_id}")
+    require_visible(session, actor, evaluation.jobset.project_id,
+                    f"evaluation with id {evaluation_id}")
     require_permission(session, actor, Action.evaluation_cancel, evaluation.jobset.project_id)
     evaluation = evaluator.cancel_evaluation(session, evaluation_id)
     audit.record(session, actor, "evaluation.cancel", f"evaluation:{evaluation_id}")

@@ -92,6 +92,14 @@ def test_outsiders_see_nothing_of_a_hidden_project(
             assert response.json is not None
             assert "error" in response.json, path
         assert not any(listed(client, headers, secret).values()), headers
+        # actions too: a 404, not a 403 that would confirm the build exists
+        for action in ("restart", "cancel", "bump"):
+            response = client.post(f"/api/v1/builds/{secret.build_id}/{action}",
+                                   headers=headers)
+            assert response.status_code == 404, (action, headers, response.status_code)
+        response = client.post(f"/api/v1/evaluations/{secret.evaluation_id}/cancel",
+                               headers=headers)
+        assert response.status_code == 404
         # the public project next to it stays visible
         builds = client.get("/api/v1/builds", headers=headers).json["items"]
         assert [b["id"] for b in builds] == [secret.public_build_id]
