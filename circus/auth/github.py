@@ -15,11 +15,13 @@ import requests
 from circus.auth.external import ExternalIdentity
 from circus.common.config import GithubOAuthSettings
 from circus.common.enums import UserType
-from circus.common.errors import Unauthenticated, Unavailable
+from circus.common.errors import PermissionDenied, Unauthenticated, Unavailable
 
 CLIENT_NAME = "github"
 #: the profile and the (private) email addresses, nothing else
 SCOPE = "read:user user:email"
+#: with ``allowed_organizations``: also the user's organization memberships
+ORG_SCOPE = "read:org"
 #: seconds for each request to GitHub (token exchange, API)
 TIMEOUT = 10.0
 API_HEADERS = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28",
@@ -33,7 +35,8 @@ def register_client(registry: Any, config: GithubOAuthSettings) -> None:
         authorize_url=config.authorize_url, access_token_url=config.access_token_url,
         api_base_url=config.api_url.rstrip("/") + "/",
         # GitHub documents the client credentials in the token request's body
-        client_kwargs={"scope": SCOPE, "token_endpoint_auth_method": "client_secret_post",
+        client_kwargs={"scope": f"{SCOPE} {ORG_SCOPE}" if config.allowed_organizations
+                       else SCOPE, "token_endpoint_auth_method": "client_secret_post",
                        "default_timeout": TIMEOUT})
 
 
@@ -59,6 +62,23 @@ def fetch_identity(api_url: str, access_token: str, *, timeout: float = TIMEOUT
     return ExternalIdentity(user_type=UserType.github, external_id=str(user_id),
                             username=login, email=email or None,
                             full_name=name[:256] if isinstance(name, str) and name else None)
+
+
+def require_organization(api_url: str, access_token: str, allowed: list[str], login: str,
+                         *, timeout: float = TIMEOUT) -> None:
+    """Refuse the login unless the user belongs to one of the ``allowed`` organizations
+    (``GET /user/orgs``, which lists private memberships with the read:org scope)."""
+    base = api_url.rstrip("/")
+    with requests.Session() as http:
+        http.headers.update(API_HEADERS)
+        http.headers["Authorization"] = f"Bearer {access_token}"
+        orgs = _get(http, f"{base}/user/orgs?per_page=100", timeout)
+    member_of = {str(o.get("login", "")).lower() for o in orgs if isinstance(o, dict)} \
+        if isinstance(orgs, list) else set()
+    if not member_of & {org.lower() for org in allowed}:
+        raise PermissionDenied(
+            f"GitHub user {login} is not a member of an organization allowed here",
+            {"allowed_organizations": list(allowed)})
 
 
 def _primary_email(http: requests.Session, base: str, timeout: float) -> str | None:

@@ -541,6 +541,8 @@ class GithubOAuthSettings(SettingsModel):
     access_token_url: str = "https://github.com/login/oauth/access_token"
     api_url: str = "https://api.github.com"
     default_role: Role = Role.read_only
+    #: when set, only members of one of these GitHub organizations may log in
+    allowed_organizations: list[str] = []
 
     def problems(self) -> list[Problem]:
         found = []

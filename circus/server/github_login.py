@@ -100,11 +100,15 @@ def finish() -> User:
     access_token = token.get("access_token") if isinstance(token, dict) else None
     if not isinstance(access_token, str) or not access_token:
         raise _failed(Unauthenticated("GitHub answered without an access token"))
+    config = settings().oauth.github
     try:
-        identity = github.fetch_identity(settings().oauth.github.api_url, access_token)
+        identity = github.fetch_identity(config.api_url, access_token)
+        if config.allowed_organizations:
+            github.require_organization(config.api_url, access_token,
+                                        config.allowed_organizations, identity.username)
     except CircusError as exc:
         raise _failed(exc) from exc
-    return external_login(identity, settings().oauth.github.default_role)
+    return external_login(identity, config.default_role)
 
 
 def _failed(error: CircusError) -> CircusError:

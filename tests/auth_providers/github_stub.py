@@ -32,6 +32,8 @@ class GithubAccount:
     #: the public email on the profile (None: private, only in /user/emails)
     email: str | None = None
     emails: list[dict[str, Any]] = field(default_factory=list)
+    #: organizations (logins) the user belongs to, as /user/orgs lists them
+    orgs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -96,7 +98,7 @@ class GithubStub:
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         if parts.path == "/login/oauth/authorize":
             self._authorize(handler, query)
-        elif parts.path in ("/api/user", "/api/user/emails"):
+        elif parts.path in ("/api/user", "/api/user/emails", "/api/user/orgs"):
             token = handler.headers.get("Authorization", "").removeprefix("Bearer ")
             account = self.state.tokens.get(token)
             if account is None:
@@ -105,6 +107,9 @@ class GithubStub:
                 self._json(handler, 200, {"id": account.id, "login": account.login,
                                           "name": account.name, "email": account.email,
                                           "type": "User"})
+            elif parts.path == "/api/user/orgs":
+                self._json(handler, 200, [{"login": org, "id": i}
+                                          for i, org in enumerate(account.orgs)])
             else:
                 self._json(handler, 200, account.emails)
         else:

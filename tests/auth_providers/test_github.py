@@ -252,3 +252,31 @@ def test_callback_url_follows_the_public_base_url(make_client: MakeClient, githu
                          server={"base_url": "https://ci.example.org/circus/"})
     query = parse_qs(urlsplit(start(client)).query)
     assert query["redirect_uri"] == ["https://ci.example.org/circus/api/v1/auth/github/callback"]
+
+
+def test_allowed_organizations_restrict_who_may_log_in(
+        make_client: MakeClient, github: GithubStub, db: Session) -> None:
+    from dataclasses import replace
+
+    restricted = {"allowed_organizations": ["Acme"]}
+    github.reset(replace(OCTOCAT, orgs=["other-org"]))
+    client = github_client(make_client, github, **restricted)
+    authorize = start(client)
+    # the membership needs the read:org scope
+    assert "read:org" in parse_qs(urlsplit(authorize).query)["scope"][0].split()
+    refused = back_at_circus(client, at_github(authorize))
+    assert refused.status_code == 403
+    assert refused.get_json()["error"] == (
+        "GitHub user octocat is not a member of an organization allowed here")
+    assert db.scalar(select(User).where(User.username == "octocat")) is None
+    assert client.get("/api/v1/me").status_code == 401
+    assert ("GET", "/api/user/orgs") in github.state.requests
+
+    github.reset(replace(OCTOCAT, orgs=["other-org", "acme"]))  # org names ignore case
+    member = github_client(make_client, github, **restricted)
+    assert login(member).status_code == 302
+    assert member.get("/api/v1/me").get_json()["username"] == "octocat"
+    # without the setting, nobody's organizations are asked for
+    github.reset(OCTOCAT)
+    open_client = github_client(make_client, github)
+    assert "read:org" not in parse_qs(urlsplit(start(open_client)).query)["scope"][0]
