@@ -39,6 +39,8 @@ class ExternalIdentity:
     username: str
     email: str | None = None
     full_name: str | None = None
+    #: a role the provider decides (LDAP group mapping): applied at every login
+    role: Role | None = None
 
 
 def find_external_user(session: Session, user_type: UserType, external_id: str) -> User | None:
@@ -58,7 +60,7 @@ def sign_in(session: Session, identity: ExternalIdentity, *, default_role: Role,
     user = find_external_user(session, identity.user_type, identity.external_id)
     if user is None:
         try:
-            user = _create(session, identity, default_role, remote_addr)
+            user = _create(session, identity, identity.role or default_role, remote_addr)
         except Conflict:
             # a concurrent first login of the same account won the race: use its row
             user = find_external_user(session, identity.user_type, identity.external_id)
@@ -67,6 +69,12 @@ def sign_in(session: Session, identity: ExternalIdentity, *, default_role: Role,
     if not user.enabled:
         raise PermissionDenied("this account is disabled",
                                {"hint": "ask an administrator to enable it"})
+    if identity.role is not None and user.role is not identity.role:
+        audit.record(session, Actor.system(f"{identity.user_type.value}-login"), "user.update",
+                     f"user:{user.username}", {"role": identity.role.value,
+                                               "previous_role": user.role.value,
+                                               "reason": "directory groups"})
+        user.role = identity.role
     if identity.email and not user.email:
         user.email = identity.email
     if identity.full_name and not user.full_name:

@@ -18,10 +18,11 @@ from typing import Any
 
 import ldap
 import ldap.dn
+import ldap.filter
 
 from circus.auth.external import ExternalIdentity
 from circus.common.config import LdapSettings
-from circus.common.enums import UserType
+from circus.common.enums import Role, UserType
 from circus.common.errors import InvalidInput, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,30 @@ def authenticate(config: LdapSettings, username: str, password: str) -> External
         except ldap.LDAPError as exc:
             raise _unavailable(exc) from exc
         entry_dn, attrs = _read_entry(conn, config, dn)
+        role = group_role(conn, config, entry_dn, username) if config.group_roles else None
     finally:
         _unbind(conn)
     return ExternalIdentity(user_type=UserType.ldap, external_id=normalise_dn(entry_dn),
                             username=username, email=_first(attrs, "mail"),
-                            full_name=_first(attrs, "displayName") or _first(attrs, "cn"))
+                            full_name=_first(attrs, "displayName") or _first(attrs, "cn"),
+                            role=role)
+
+
+def group_role(conn: Any, config: LdapSettings, entry_dn: str, username: str) -> Role:
+    """The role of the first ``group_roles`` group the user is a member of, else
+    ``default_role`` (searched as the service account when one is configured)."""
+    query = config.group_filter.replace("{dn}", ldap.filter.escape_filter_chars(entry_dn)) \
+        .replace("{username}", ldap.filter.escape_filter_chars(username))
+    try:
+        found = conn.search_s(config.group_search_base, ldap.SCOPE_SUBTREE, query, ["1.1"])
+    except ldap.LDAPError as exc:
+        # a role decided without the groups could grant or remove rights wrongly
+        raise _unavailable(exc) from exc
+    member_of = {normalise_dn(str(group_dn)) for group_dn, _ in found if group_dn}
+    for group, role in config.group_roles.items():
+        if normalise_dn(group) in member_of:
+            return role
+    return config.default_role
 
 
 def connect(config: LdapSettings) -> Any:

@@ -112,10 +112,19 @@ class LdapSettings(SettingsModel):
     start_tls: bool = False
     default_role: Role = Role.read_only
     timeout: Positive = 10
+    #: group DN → role; the first group (in this order) the user belongs to decides
+    #: the role at every login, no group → ``default_role``
+    group_roles: dict[str, Role] = {}
+    group_search_base: str | None = None
+    #: ``{dn}`` is the user's entry DN, ``{username}`` the login name (both escaped)
+    group_filter: str = "(|(member={dn})(uniqueMember={dn})(memberUid={username}))"
 
     def problems(self) -> list[Problem]:
         found = []
         if self.enabled:
+            if self.group_roles and not self.group_search_base:
+                found.append(Problem("group_search_base",
+                                     "is required when group_roles is set"))
             problem = _url_problem(self.uri, ("ldap", "ldaps", "ldapi"))
             if problem:
                 found.append(Problem("uri", problem))

@@ -31,6 +31,9 @@ PEOPLE_ENTRIES = {
     "dave": ("dave-password", "Dave Lister", "dave@example.org"),
     "erin": ("erin-password", "Erin Brockovich", "erin@example.org"),
 }
+GROUPS = f"ou=groups,{BASE}"
+#: group cn → members (uids)
+GROUP_ENTRIES = {"circus-admins": ["alice", "erin"], "circus-restarters": ["alice", "bob"]}
 #: an entry *below* alice: what an unescaped ``robot,uid=alice`` would bind as
 ROBOT_DN = f"uid=robot,uid=alice,{PEOPLE}"
 ROBOT_PASSWORD = "robot-password"
@@ -76,6 +79,10 @@ def _ldif() -> str:
                        f"cn: {cn}\nsn: {cn.split()[-1]}\nmail: {mail}\nuserPassword: {password}")
     entries.append(f"dn: {ROBOT_DN}\nobjectClass: inetOrgPerson\nuid: robot\ncn: Robot\n"
                    f"sn: Robot\nuserPassword: {ROBOT_PASSWORD}")
+    entries.append(f"dn: {GROUPS}\nobjectClass: organizationalUnit\nou: groups")
+    for cn, members in GROUP_ENTRIES.items():
+        entries.append(f"dn: cn={cn},{GROUPS}\nobjectClass: groupOfNames\ncn: {cn}\n" + "\n".join(
+            f"member: uid={uid},{PEOPLE}" for uid in members))
     return "\n\n".join(entries) + "\n"
 
 

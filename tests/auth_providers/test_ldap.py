@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import ldap
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,11 +20,14 @@ from circus.common.models import AuditLog, User, UserSession
 from tests.api.conftest import Keys
 from tests.auth_providers.conftest import ldap_section
 from tests.auth_providers.slapd import (
+    GROUPS,
     PEOPLE,
     READER_DN,
     READER_PASSWORD,
     ROBOT_DN,
     ROBOT_PASSWORD,
+    ROOT_DN,
+    ROOT_PASSWORD,
     TEMPLATE,
     Slapd,
 )
@@ -288,3 +292,51 @@ def test_dashboard_login_form_offers_ldap(make_client: MakeClient, slapd: Slapd)
     # without LDAP the form has no choice and posts are local logins
     plain = make_client().get("/login").get_data(as_text=True)
     assert 'name="method"' not in plain
+
+
+def test_directory_groups_decide_the_role_at_every_login(
+        make_client: MakeClient, slapd: Slapd, db: Session) -> None:
+    groups = {f"cn=circus-admins,{GROUPS}": "admin",
+              # DNs compare without regard to case, as the directory does
+              f"CN=Circus-Restarters,{GROUPS.upper()}": "restart-jobs"}
+    section = ldap_section(slapd, group_roles=groups, group_search_base=GROUPS)
+
+    def role_after_login(uid: str) -> Role:
+        # a fresh browser each time (a logged-in one would need a CSRF token)
+        status, _ = ldap_login(make_client(server={"ldap": section}), uid, f"{uid}-password")
+        assert status == 200
+        user = db.scalar(select(User).where(User.username == uid))
+        assert user is not None
+        db.refresh(user)
+        return user.role
+
+    # the first listed group wins; no group: default_role
+    assert role_after_login("alice") is Role.admin
+    assert role_after_login("bob") is Role.restart_jobs
+    assert role_after_login("carol") is Role.read_only
+
+    root = ldap.initialize(slapd.uri)
+    root.simple_bind_s(ROOT_DN, ROOT_PASSWORD)
+    admins = f"cn=circus-admins,{GROUPS}".encode()
+    alice = f"uid=alice,{PEOPLE}".encode()
+    root.modify_s(admins.decode(), [(ldap.MOD_DELETE, "member", [alice])])
+    try:
+        # removed from the admins in the directory: the next login drops the role
+        assert role_after_login("alice") is Role.restart_jobs
+        change = db.scalar(select(AuditLog).where(AuditLog.action == "user.update",
+                                                  AuditLog.target == "user:alice"))
+        assert change is not None
+        assert change.details["previous_role"] == "admin"
+    finally:
+        root.modify_s(admins.decode(), [(ldap.MOD_ADD, "member", [alice])])
+        root.unbind_s()
+
+
+def test_group_roles_need_a_search_base() -> None:
+    from circus.common.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError,
+                       match=r"server\.ldap\.group_search_base: is required when group_roles"):
+        load_settings(files=[], environ={}, overrides={"server": {"ldap": {
+            "enabled": True, "uri": "ldap://x", "bind_dn_template": TEMPLATE,
+            "group_roles": {"cn=g,dc=x": "admin"}}}})
