@@ -389,6 +389,18 @@ class QueueRunnerSettings(SettingsModel):
         names = [p.name for p in self.ephemeral_pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
         found = [Problem("ephemeral_pools", f"duplicate pool name {n!r}") for n in dupes]
+        if self.ephemeral_pools and not (self.rpc.bind and self.rpc.oidc.enabled):
+            # launched agents register with their job's OIDC token at this gateway
+            found.append(Problem("ephemeral_pools",
+                                 "need the gateway (rpc.bind) with rpc.oidc configured"))
+        for i, pool in enumerate(self.ephemeral_pools):
+            if self.rpc.oidc.enabled and pool.oidc_audience not in self.rpc.oidc.audiences:
+                found.append(Problem(f"ephemeral_pools[{i}].oidc_audience",
+                                     f"{pool.oidc_audience!r} is not one of rpc.oidc.audiences"))
+            if self.rpc.oidc.enabled and pool.repository.lower() not in {
+                    r.lower() for r in self.rpc.oidc.allowed_repositories}:
+                found.append(Problem(f"ephemeral_pools[{i}].repository",
+                                     "is not in rpc.oidc.allowed_repositories"))
         if self.build_cgroup and not Path(self.build_cgroup, "cgroup.procs").is_file():
             found.append(Problem("build_cgroup",
                                  f"not a cgroup directory (no cgroup.procs): {self.build_cgroup}"))

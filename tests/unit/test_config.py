@@ -124,6 +124,15 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
      "runner_url = 'tcp://runner:7000'\noidc_audience = 'circus'\ngithub_token = 't'", {},
      "queue_runner.ephemeral_pools[0].runner_url: must use TLS for GitHub pools "
      "(got 'tcp://runner:7000')"),
+    ("[[queue_runner.ephemeral_pools]]\nname = 'gh'\nrepository = 'o/r'\nworkflow = 'w.yml'\n"
+     "runner_url = 'tls://runner:7000'\noidc_audience = 'circus'\ngithub_token = 't'", {},
+     "queue_runner.ephemeral_pools: need the gateway (rpc.bind) with rpc.oidc configured"),
+    ("[queue_runner.rpc]\nbind = '0.0.0.0:7000'\n[queue_runner.rpc.oidc]\n"
+     "issuer = 'https://token.actions.githubusercontent.com'\naudiences = ['circus']\n"
+     "allowed_repositories = ['o/r']\n[[queue_runner.ephemeral_pools]]\nname = 'gh'\n"
+     "repository = 'o/other'\nworkflow = 'w.yml'\nrunner_url = 'tls://runner:7000'\n"
+     "oidc_audience = 'ci'\ngithub_token = 't'", {},
+     "queue_runner.ephemeral_pools[0].oidc_audience: 'ci' is not one of rpc.oidc.audiences"),
     ("[signing]\nenabled = true", {},
      "signing.key: is required when signing.enabled (or key_file)"),
     ("[cache_upload]\nenabled = true\nstore_uri = 'file:///tmp'\n[signing]\nenabled = true\n"
