@@ -328,3 +328,38 @@ def test_config_page_is_read_only_by_default(as_admin: Browser) -> None:
     assert "&lt;redacted&gt;" in page
     response = as_admin.post("/admin/config", {"toml": "x = 1"}, page="/admin/config")
     assert response.status_code == 409
+
+
+def test_add_and_remove_jobset_inputs(as_admin: Browser, as_viewer: Browser, world: World,
+                                      rows: Rows) -> None:
+    from circus.common.models import JobsetInput
+
+    page = as_admin.get("/jobset/demo/main").get_data(as_text=True)
+    assert "Add an input" in page
+    added = as_admin.post("/jobset/demo/main/inputs", {
+        "name": "nixpkgs", "input_type": "git",
+        "value": "https://example.org/nixpkgs.git release"}, page="/jobset/demo/main")
+    assert added.status_code == 302
+    row = rows.db.query(JobsetInput).filter_by(name="nixpkgs").one()
+    assert (row.input_type.value, row.value) == ("git", "https://example.org/nixpkgs.git release")
+    assert "https://example.org/nixpkgs.git release" in as_admin.get(
+        "/jobset/demo/main").get_data(as_text=True)
+    # bad input comes back inline, the values kept
+    bad = as_admin.post("/jobset/demo/main/inputs", {"name": "flag", "input_type": "boolean",
+                                                      "value": "maybe"}, page="/jobset/demo/main")
+    assert bad.status_code == 400
+    assert errors_under(bad.get_data(as_text=True), "value") == ["must be true or false"]
+    duplicate = as_admin.post("/jobset/demo/main/inputs", {"name": "nixpkgs",
+                                                            "input_type": "string"},
+                              page="/jobset/demo/main")
+    assert duplicate.status_code == 409
+    # read-only users see the inputs but cannot change them
+    viewer_page = as_viewer.get("/jobset/demo/main").get_data(as_text=True)
+    assert "nixpkgs" in viewer_page
+    assert "Add an input" not in viewer_page
+    assert as_viewer.post("/jobset/demo/main/inputs/nixpkgs/delete",
+                          page="/jobset/demo/main").status_code == 403
+    removed = as_admin.post("/jobset/demo/main/inputs/nixpkgs/delete", page="/jobset/demo/main")
+    assert removed.status_code == 302
+    assert rows.db.query(JobsetInput).filter_by(name="nixpkgs").count() == 0
+    assert rows.db.query(AuditLog).filter_by(action="input.delete").count() == 1

@@ -243,8 +243,48 @@ def update_jobset(project: str, jobset: str) -> ResponseReturnValue:
     return _jobset_page(*_jobset(project, jobset), form)
 
 
-def _jobset_page(project_row: Project, row: Jobset, settings_form: Form
-                 ) -> ResponseReturnValue:
+INPUT_FIELDS = ("name", "input_type", "value")
+
+
+@blueprint.post("/jobset/<name:project>/<name:jobset>/inputs")
+@page("jobset")
+def add_input(project: str, jobset: str) -> ResponseReturnValue:
+    project_row, row = _jobset(project, jobset)
+    form = Form.posted(*INPUT_FIELDS)
+    form.require("name")
+    kind = form.get("input_type")
+    if kind not in InputType.__members__:
+        form.add("input_type", "unknown input type")
+    if form.ok:
+        session = db_session()
+        try:
+            service.add_input(session, current_actor(), row, name=form.get("name"),
+                              input_type=InputType[kind], value=form.get("value"))
+            session.commit()
+        except CircusError as exc:
+            session.rollback()
+            form.fail(exc)
+        else:
+            flash(f"Input {form.get('name')} added.", "ok")
+            return redirect(url_for("dashboard.jobset", project=project_row.name,
+                                    jobset=row.name))
+    project_row, row = _jobset(project, jobset)
+    return _jobset_page(project_row, row, _jobset_settings(row), input_form=form)
+
+
+@blueprint.post("/jobset/<name:project>/<name:jobset>/inputs/<name:input_name>/delete")
+@page("jobset")
+def delete_input(project: str, jobset: str, input_name: str) -> ResponseReturnValue:
+    project_row, row = _jobset(project, jobset)
+    session = db_session()
+    service.delete_input(session, current_actor(), row, input_name)
+    session.commit()
+    flash(f"Input {input_name} removed.", "ok")
+    return redirect(url_for("dashboard.jobset", project=project_row.name, jobset=row.name))
+
+
+def _jobset_page(project_row: Project, row: Jobset, settings_form: Form,
+                 input_form: Form | None = None) -> ResponseReturnValue:
     session = db_session()
     evaluations = paginate(session, queries.evaluation_list(Evaluation.jobset_id == row.id)
                            .order_by(Evaluation.id.desc()), 10, scalars=False)
@@ -265,7 +305,9 @@ def _jobset_page(project_row: Project, row: Jobset, settings_form: Form
         jobs_pages=max(1, -(-matrix.total_jobs // MATRIX_JOBS)), inputs=inputs,
         channels=queries.channel_list(session, jobset_id=row.id),
         can=allowed_actions(session, current_actor(), project_row.id),
-        input_types=list(InputType), settings_form=settings_form), settings_form.status
+        input_types=list(InputType), settings_form=settings_form,
+        input_form=input_form or Form({"input_type": InputType.git.name})), \
+        input_form.status if input_form is not None else settings_form.status
 
 
 @blueprint.post("/jobset/<name:project>/<name:jobset>/trigger")
