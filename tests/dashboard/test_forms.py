@@ -363,3 +363,32 @@ def test_add_and_remove_jobset_inputs(as_admin: Browser, as_viewer: Browser, wor
     assert removed.status_code == 302
     assert rows.db.query(JobsetInput).filter_by(name="nixpkgs").count() == 0
     assert rows.db.query(AuditLog).filter_by(action="input.delete").count() == 1
+
+
+def test_project_members_from_the_project_page(as_admin: Browser, as_viewer: Browser,
+                                               world: World, rows: Rows) -> None:
+    from circus.common.models import ProjectMember
+
+    viewer = rows.db.query(User).filter_by(username="vic").one()
+    project = rows.db.query(Project).filter_by(name="demo").one()
+    added = as_admin.post("/project/demo/members", {"username": "vic",
+                                                    "role": "maintainer"},
+                          page="/project/demo")
+    assert added.status_code == 302
+    member = rows.db.get(ProjectMember, (project.id, viewer.id))
+    assert member is not None
+    assert member.role.value == "maintainer"
+    # as a maintainer the viewer now sees the project's settings, not the member form
+    page = as_viewer.get("/project/demo").get_data(as_text=True)
+    assert "Project settings" in page
+    assert "Add a member" not in page
+    unknown = as_admin.post("/project/demo/members", {"username": "nobody", "role": "member"},
+                            page="/project/demo")
+    assert unknown.status_code == 400
+    assert errors_under(unknown.get_data(as_text=True), "username") == ["no such user"]
+    assert as_viewer.post(f"/project/demo/members/{viewer.id}/delete",
+                          page="/project/demo").status_code == 403
+    removed = as_admin.post(f"/project/demo/members/{viewer.id}/delete", page="/project/demo")
+    assert removed.status_code == 302
+    rows.db.expire_all()
+    assert rows.db.get(ProjectMember, (project.id, viewer.id)) is None

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from circus.auth.permissions import Action, allowed_actions
 from circus.auth.visibility import only_visible, require_visible
-from circus.common.enums import InputType, JobsetState, TriggerMode
+from circus.common.enums import InputType, JobsetState, MemberRole, TriggerMode
 from circus.common.errors import CircusError, NotFound
 from circus.common.models import Build, Evaluation, Jobset, JobsetInput, Project
 from circus.projects import service
@@ -125,8 +125,45 @@ def update_project(project: str) -> ResponseReturnValue:
     return redirect(url_for("dashboard.project", project=row.name))
 
 
-def _project_page(row: Project, form: Form, settings_form: Form | None = None
-                  ) -> ResponseReturnValue:
+@blueprint.post("/project/<name:project>/members")
+@page("project")
+def set_member(project: str) -> ResponseReturnValue:
+    row = _project(project)
+    form = Form.posted("username", "role")
+    form.require("username")
+    if form.get("role") not in MemberRole.__members__:
+        form.add("role", "unknown role")
+    if form.ok:
+        session = db_session()
+        try:
+            service.set_member(session, current_actor(), row, username=form.get("username"),
+                               role=MemberRole[form.get("role")])
+            session.commit()
+        except NotFound:
+            session.rollback()
+            form.add("username", "no such user")
+        except CircusError as exc:
+            session.rollback()
+            form.fail(exc)
+        else:
+            flash(f"{form.get('username')} is now a {form.get('role')} of {row.name}.", "ok")
+            return redirect(url_for("dashboard.project", project=row.name))
+    return _project_page(_project(project), Form(), member_form=form)
+
+
+@blueprint.post("/project/<name:project>/members/<int:user_id>/delete")
+@page("project")
+def remove_member(project: str, user_id: int) -> ResponseReturnValue:
+    row = _project(project)
+    session = db_session()
+    service.remove_member(session, current_actor(), row, user_id)
+    session.commit()
+    flash("Member removed.", "ok")
+    return redirect(url_for("dashboard.project", project=row.name))
+
+
+def _project_page(row: Project, form: Form, settings_form: Form | None = None,
+                  member_form: Form | None = None) -> ResponseReturnValue:
     session = db_session()
     actor = current_actor()
     jobsets = list(session.scalars(select(Jobset).where(Jobset.project_id == row.id)
@@ -146,8 +183,9 @@ def _project_page(row: Project, form: Form, settings_form: Form | None = None
         members=queries.members(session, row.id), recent=recent,
         can=allowed_actions(session, actor, row.id), form=form,
         settings_form=settings_form or _project_settings(row),
+        member_form=member_form or Form({"role": MemberRole.member.name}),
         states=list(JobsetState), trigger_modes=list(TriggerMode)), \
-        settings_form.status if settings_form is not None else form.status
+        max(f.status for f in (form, settings_form, member_form) if f is not None)
 
 
 JOBSET_FIELDS = ("name", "description", "nix_expression", "branch", "flake_mode", "state",
