@@ -1,8 +1,11 @@
-"""LDAP logins: a simple bind as ``bind_dn_template`` with ``{username}`` filled in.
+"""LDAP logins: a simple bind as ``bind_dn_template`` with ``{username}`` filled in,
+or (``user_search_base``) as the one entry ``user_filter`` finds.
 
 The username is escaped with ``ldap.dn.escape_dn_chars`` before it goes into the
 DN, so ``admin,dc=evil`` or ``x+uid=admin`` name a (non-existent) entry below
-the template's base instead of another entry. An empty password is refused
+the template's base instead of another entry; in a search filter it is escaped
+with ``ldap.filter.escape_filter_chars`` (``*`` matches nothing but a ``*``).
+A search that finds no entry or several is a failed login. An empty password is refused
 before the directory is asked: to LDAP a simple bind without a password is an
 anonymous bind, which many servers accept.
 
@@ -46,9 +49,10 @@ def authenticate(config: LdapSettings, username: str, password: str) -> External
         raise Unauthenticated(BAD_CREDENTIALS)
     if len(username) > MAX_USERNAME or len(password) > MAX_PASSWORD or "\x00" in username:
         raise InvalidInput("username or password too long or malformed")
-    dn = bind_dn(config, username)
     conn = connect(config)
     try:
+        dn = find_user_dn(conn, config, username) if config.user_search_base \
+            else bind_dn(config, username)
         try:
             conn.simple_bind_s(dn, password)
         except (ldap.INVALID_CREDENTIALS, ldap.INVALID_DN_SYNTAX, ldap.NO_SUCH_OBJECT,
@@ -82,6 +86,27 @@ def group_role(conn: Any, config: LdapSettings, entry_dn: str, username: str) ->
         if normalise_dn(group) in member_of:
             return role
     return config.default_role
+
+
+def find_user_dn(conn: Any, config: LdapSettings, username: str) -> str:
+    """Search-then-bind: the one entry ``user_filter`` finds under ``user_search_base``
+    (searched as the service account, or anonymously without one)."""
+    query = config.user_filter.replace("{username}", ldap.filter.escape_filter_chars(username))
+    try:
+        if config.bind_dn and config.bind_password:
+            conn.simple_bind_s(config.bind_dn, config.bind_password)
+        found = conn.search_s(config.user_search_base, ldap.SCOPE_SUBTREE, query, ["1.1"])
+    except ldap.INVALID_CREDENTIALS as exc:
+        raise Unavailable("the directory refused Circus's service account (server.ldap.bind_dn"
+                          " and bind_password)") from exc
+    except ldap.LDAPError as exc:
+        raise _unavailable(exc) from exc
+    entries = [str(dn) for dn, _ in found if dn]
+    if len(entries) != 1:
+        # none, or ambiguous: both are a failed login, said the same way
+        log.info("LDAP search for %r found %d entries", username, len(entries))
+        raise Unauthenticated(BAD_CREDENTIALS)
+    return entries[0]
 
 
 def connect(config: LdapSettings) -> Any:

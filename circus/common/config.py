@@ -103,6 +103,11 @@ class LdapSettings(SettingsModel):
     uri: str = ""
     #: DN template, ``{username}`` is escaped against DN injection
     bind_dn_template: str = ""
+    #: instead of the template: find the user's DN under this base with
+    #: ``user_filter`` (as ``bind_dn``, or anonymously), then bind as it
+    user_search_base: str | None = None
+    #: ``{username}`` is escaped against filter injection
+    user_filter: str = "(uid={username})"
     #: optional service account (with ``bind_password``) that reads a user's entry
     #: (mail, display name) after the user's own bind, for directories whose ACLs
     #: do not let users read their own entry
@@ -128,8 +133,11 @@ class LdapSettings(SettingsModel):
             problem = _url_problem(self.uri, ("ldap", "ldaps", "ldapi"))
             if problem:
                 found.append(Problem("uri", problem))
-            if "{username}" not in self.bind_dn_template:
-                found.append(Problem("bind_dn_template", "must contain {username}"))
+            if self.user_search_base is None and "{username}" not in self.bind_dn_template:
+                found.append(Problem("bind_dn_template",
+                                     "must contain {username} (or set user_search_base)"))
+            if self.user_search_base is not None and "{username}" not in self.user_filter:
+                found.append(Problem("user_filter", "must contain {username}"))
             if self.bind_password and not self.bind_dn:
                 found.append(Problem("bind_dn", "is required when bind_password is set"))
         return found

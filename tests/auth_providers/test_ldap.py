@@ -340,3 +340,30 @@ def test_group_roles_need_a_search_base() -> None:
         load_settings(files=[], environ={}, overrides={"server": {"ldap": {
             "enabled": True, "uri": "ldap://x", "bind_dn_template": TEMPLATE,
             "group_roles": {"cn=g,dc=x": "admin"}}}})
+
+
+def test_search_then_bind_finds_the_entry_first(make_client: MakeClient, slapd: Slapd,
+                                                db: Session) -> None:
+    def status(username: str, password: str, **ldap_config: object) -> int:
+        section = {**ldap_section(slapd), "bind_dn_template": "",
+                   "user_search_base": PEOPLE, **ldap_config}
+        return ldap_login(make_client(server={"ldap": section}), username, password)[0]
+
+    # anonymous search by uid: the same user as a template bind would give
+    assert status("alice", "alice-password") == 200
+    alice = db.scalar(select(User).where(User.username == "alice"))
+    assert alice is not None
+    assert alice.external_id == f"uid=alice,{PEOPLE}".lower()
+    # by an attribute only the service account may read (mail), logging in with it
+    reader = {"user_filter": "(mail={username})", "bind_dn": READER_DN,
+              "bind_password": READER_PASSWORD}
+    assert status("bob@example.org", "bob-password", **reader) == 200
+    bob = db.scalar(select(User).where(User.external_id == f"uid=bob,{PEOPLE}".lower()))
+    assert bob is not None
+    assert status("bob@example.org", "wrong", **reader) == 401
+    assert status("nobody", "x") == 401
+    # the filter is escaped: '*' is no wildcard
+    assert status("*", "alice-password") == 401
+    # a filter that matches several entries is no login either
+    assert status("alice", "alice-password",
+                  user_filter="(|(uid={username})(objectClass=inetOrgPerson))") == 401
