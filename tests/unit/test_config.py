@@ -153,7 +153,7 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
      "server.rate_limit_api: must look like '10/minute' (got 'lots')"),
     ("[evaluator]\nworkers = 0", {}, "evaluator.workers: must be at least 1 (got 0)"),
     ("[server.ldap]\nenabled = true\nuri = 'ldap://localhost'\nbind_dn_template = 'uid=x'", {},
-     "server.ldap.bind_dn_template: must contain {username}"),
+     "server.ldap.bind_dn_template: must contain {username} (or set user_search_base)"),
     ("[oauth.github]\nenabled = true\nclient_id = 'abc'", {},
      "oauth.github.client_secret: is required when oauth.github.enabled"),
     ("[[declarative.projects]]\nname = 'p'\n[[declarative.projects.channels]]\nname = 'c'\n"
