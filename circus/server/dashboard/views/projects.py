@@ -151,7 +151,7 @@ def set_member(project: str) -> ResponseReturnValue:
     return _project_page(_project(project), Form(), member_form=form)
 
 
-@blueprint.post("/project/<name:project>/members/<int:user_id>/delete")
+@blueprint.post("/project/<name:project>/members/<id:user_id>/delete")
 @page("project")
 def remove_member(project: str, user_id: int) -> ResponseReturnValue:
     row = _project(project)
