@@ -7,12 +7,15 @@ form comes back with each reason under its field and the values kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import request
+from sqlalchemy.orm import Session
 
 from circus.common.errors import CircusError, InvalidInput
+from circus.server.context import db_session
 
 
 @dataclass
@@ -79,6 +82,21 @@ class Form:
             self.add(name, f"must be at least {minimum}")
             return None
         return value
+
+    def run(self, work: Callable[[Session], object]) -> bool:
+        """If the form is valid, make the change (a service call) and commit; a service
+        error is rolled back and shown in the form. True when the change was made."""
+        if not self.ok:
+            return False
+        session = db_session()
+        try:
+            work(session)
+            session.commit()
+        except CircusError as exc:
+            session.rollback()
+            self.fail(exc)
+            return False
+        return True
 
     def fail(self, error: CircusError) -> None:
         """Put a service error under the fields it names (or above the form)."""

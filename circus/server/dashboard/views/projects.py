@@ -66,20 +66,13 @@ def _projects_page(form: Form) -> ResponseReturnValue:
 def create_project() -> ResponseReturnValue:
     form = Form.posted(*PROJECT_FIELDS)
     form.require("name")
-    if form.ok:
-        session = db_session()
-        try:
-            project = service.create_project(
-                session, current_actor(), name=form.get("name"),
-                description=form.get("description"), repository_url=form.get("repository_url"),
-                allowed_schemes=settings().server.allowed_url_schemes)
-            session.commit()
-        except CircusError as exc:
-            session.rollback()
-            form.fail(exc)
-        else:
-            flash(f"Project {project.name} created.", "ok")
-            return redirect(url_for("dashboard.project", project=project.name))
+    name = form.get("name")
+    if form.run(lambda session: service.create_project(
+            session, current_actor(), name=name, description=form.get("description"),
+            repository_url=form.get("repository_url"),
+            allowed_schemes=settings().server.allowed_url_schemes)):
+        flash(f"Project {name} created.", "ok")
+        return redirect(url_for("dashboard.project", project=name))
     return _projects_page(form)
 
 
@@ -110,19 +103,13 @@ def update_project(project: str) -> ResponseReturnValue:
     form = Form.posted(*PROJECT_SETTINGS)
     flags = {name: form.get(name) == "true" for name in ("enabled", "hidden", "cache_enabled")
              if form.get(name) in ("true", "false")}
-    session = db_session()
-    try:
-        service.update_project(session, current_actor(), row, {
+    if form.run(lambda session: service.update_project(session, current_actor(), row, {
             "description": form.get("description"),
             "repository_url": form.get("repository_url"), **flags},
-            allowed_schemes=settings().server.allowed_url_schemes)
-        session.commit()
-    except CircusError as exc:
-        session.rollback()
-        form.fail(exc)
-        return _project_page(_project(project), Form(), settings_form=form)
-    flash(f"Project {row.name} saved.", "ok")
-    return redirect(url_for("dashboard.project", project=row.name))
+            allowed_schemes=settings().server.allowed_url_schemes)):
+        flash(f"Project {row.name} saved.", "ok")
+        return redirect(url_for("dashboard.project", project=row.name))
+    return _project_page(_project(project), Form(), settings_form=form)
 
 
 @blueprint.post("/project/<name:project>/members")
@@ -218,19 +205,12 @@ def create_jobset(project: str) -> ResponseReturnValue:
     form = Form.posted(*JOBSET_FIELDS)
     form.require("name")
     values = _jobset_values(form)
-    if form.ok:
-        session = db_session()
-        try:
-            jobset = service.create_jobset(session, current_actor(), row,
-                                           name=form.get("name"), **values)
-            session.commit()
-        except CircusError as exc:
-            session.rollback()
-            form.fail(exc)
-        else:
-            flash(f"Jobset {jobset.name} created.", "ok")
-            return redirect(url_for("dashboard.jobset", project=row.name, jobset=jobset.name))
-    return _project_page(row, form)
+    name = form.get("name")
+    if form.run(lambda session: service.create_jobset(session, current_actor(), row,
+                                                      name=name, **values)):
+        flash(f"Jobset {name} created.", "ok")
+        return redirect(url_for("dashboard.jobset", project=row.name, jobset=name))
+    return _project_page(_project(project), form)
 
 
 # ---------------------------------------------------------------------------
@@ -266,18 +246,10 @@ def update_jobset(project: str, jobset: str) -> ResponseReturnValue:
     project_row, row = _jobset(project, jobset)
     form = Form.posted(*JOBSET_FIELDS[1:])
     values = _jobset_values(form)
-    if form.ok:
-        session = db_session()
-        try:
-            service.update_jobset(session, current_actor(), row, values)
-            session.commit()
-        except CircusError as exc:
-            session.rollback()
-            form.fail(exc)
-        else:
-            flash(f"Jobset {row.name} saved.", "ok")
-            return redirect(url_for("dashboard.jobset", project=project_row.name,
-                                    jobset=row.name))
+    if form.run(lambda session: service.update_jobset(session, current_actor(), row, values)):
+        flash(f"Jobset {row.name} saved.", "ok")
+        return redirect(url_for("dashboard.jobset", project=project_row.name,
+                                jobset=row.name))
     return _jobset_page(*_jobset(project, jobset), form)
 
 
@@ -293,19 +265,12 @@ def add_input(project: str, jobset: str) -> ResponseReturnValue:
     kind = form.get("input_type")
     if kind not in InputType.__members__:
         form.add("input_type", "unknown input type")
-    if form.ok:
-        session = db_session()
-        try:
-            service.add_input(session, current_actor(), row, name=form.get("name"),
-                              input_type=InputType[kind], value=form.get("value"))
-            session.commit()
-        except CircusError as exc:
-            session.rollback()
-            form.fail(exc)
-        else:
-            flash(f"Input {form.get('name')} added.", "ok")
-            return redirect(url_for("dashboard.jobset", project=project_row.name,
-                                    jobset=row.name))
+    if form.run(lambda session: service.add_input(
+            session, current_actor(), row, name=form.get("name"), input_type=InputType[kind],
+            value=form.get("value"))):
+        flash(f"Input {form.get('name')} added.", "ok")
+        return redirect(url_for("dashboard.jobset", project=project_row.name,
+                                jobset=row.name))
     project_row, row = _jobset(project, jobset)
     return _jobset_page(project_row, row, _jobset_settings(row), input_form=form)
 
