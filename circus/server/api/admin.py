@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask.typing import ResponseReturnValue
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from circus import __version__
 from circus.auth.permissions import Action, require_permission
@@ -13,20 +13,15 @@ from circus.common.errors import NotFound
 from circus.common.heartbeat import freshness
 from circus.common.models import (
     AuditLog,
-    Build,
     BuilderSession,
-    Evaluation,
-    Jobset,
     NotificationTask,
-    Project,
     RemoteBuilder,
-    Step,
-    User,
 )
 from circus.machines import service as machines
 from circus.notifications import service as notifications
 from circus.server import configfile
 from circus.server.api.base import Blueprint, paginate
+from circus.server.api.queries import system_counts
 from circus.server.api.schemas.admin import (
     AuditFilterSchema,
     AuditLogSchema,
@@ -192,17 +187,7 @@ def audit_log(args: dict[str, Any]) -> Any:
 def system() -> Any:
     _admin()
     session = db_session()
-    counts = {}
-    for name, model in (("projects", Project), ("jobsets", Jobset), ("evaluations", Evaluation),
-                        ("builds", Build), ("users", User), ("remote_builders", RemoteBuilder)):
-        counts[name] = int(session.scalar(select(func.count()).select_from(model)) or 0)
-    counts["builds_pending"] = int(session.scalar(
-        select(func.count()).select_from(Build).where(Build.status == 0)) or 0)
-    counts["steps_active"] = int(session.scalar(
-        select(func.count()).select_from(Step).where(Step.state != "done")) or 0)
-    counts["agents_connected"] = int(session.scalar(
-        select(func.count()).select_from(BuilderSession).where(
-            BuilderSession.connected.is_(True))) or 0)
+    counts = system_counts(session)
     version = session.scalar(text("SHOW server_version"))
     config = settings()
     return {"version": __version__, "database": {"ok": True, "server_version": version},

@@ -30,6 +30,7 @@ from circus.common.models import (
     Project,
     RemoteBuilder,
     Step,
+    User,
 )
 
 
@@ -178,6 +179,22 @@ def search(session: Session, actor: Actor, q: str, limit: int) -> dict[str, Any]
 def _build_hit(build: Build) -> dict[str, Any]:
     return {"kind": "build", "id": build.id, "name": build.job_name, "build_id": build.id,
             "project_id": build.project_id, "jobset_id": build.jobset_id}
+
+
+def system_counts(session: Session) -> dict[str, int]:
+    """Rows per main table and the live work (the admin overview of API and dashboard)."""
+    counts = {}
+    for name, model in (("projects", Project), ("jobsets", Jobset), ("evaluations", Evaluation),
+                        ("builds", Build), ("users", User), ("remote_builders", RemoteBuilder)):
+        counts[name] = int(session.scalar(select(func.count()).select_from(model)) or 0)
+    counts["builds_pending"] = int(session.scalar(
+        select(func.count()).select_from(Build).where(Build.status == BuildStatus.pending)) or 0)
+    counts["steps_active"] = int(session.scalar(
+        select(func.count()).select_from(Step).where(Step.state != StepState.done)) or 0)
+    counts["agents_connected"] = int(session.scalar(
+        select(func.count()).select_from(BuilderSession).where(
+            BuilderSession.connected.is_(True))) or 0)
+    return counts
 
 
 def systems_summary(session: Session) -> list[dict[str, Any]]:

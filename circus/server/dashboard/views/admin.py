@@ -17,19 +17,14 @@ from circus.common.errors import CircusError
 from circus.common.heartbeat import freshness
 from circus.common.models import (
     AuditLog,
-    Build,
-    BuilderSession,
-    Evaluation,
-    Jobset,
     NotificationTask,
-    Project,
     RemoteBuilder,
-    Step,
     User,
 )
 from circus.machines import service as machines
 from circus.notifications import service as notifications
 from circus.server import configfile
+from circus.server.api.queries import system_counts
 from circus.server.auth import current_actor
 from circus.server.context import db_session, settings
 from circus.server.dashboard.access import page
@@ -37,6 +32,10 @@ from circus.server.dashboard.blueprint import blueprint
 from circus.server.dashboard.forms import Form, query_text, split_list
 from circus.server.dashboard.pagination import paginate
 
+#: system_counts keys shown on the admin page, with their labels
+ADMIN_TILES = (("projects", "projects"), ("jobsets", "jobsets"), ("evaluations", "evaluations"),
+               ("builds", "builds"), ("users", "users"), ("remote_builders", "SSH builders"),
+               ("steps_active", "active steps"), ("agents_connected", "connected agents"))
 BUILDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 
 
@@ -44,15 +43,8 @@ BUILDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 @page("admin")
 def admin() -> ResponseReturnValue:
     session = db_session()
-    counts = {}
-    for name, model in (("projects", Project), ("jobsets", Jobset), ("evaluations", Evaluation),
-                        ("builds", Build), ("users", User), ("SSH builders", RemoteBuilder)):
-        counts[name] = int(session.scalar(select(func.count()).select_from(model)) or 0)
-    counts["active steps"] = int(session.scalar(
-        select(func.count()).select_from(Step).where(Step.state != "done")) or 0)
-    counts["connected agents"] = int(session.scalar(
-        select(func.count()).select_from(BuilderSession).where(
-            BuilderSession.connected.is_(True))) or 0)
+    found = system_counts(session)
+    counts = {label: found[key] for key, label in ADMIN_TILES}
     failed_tasks = int(session.scalar(select(func.count()).select_from(NotificationTask).where(
         NotificationTask.status == NotificationTaskStatus.failed)) or 0)
     return render_template("admin/index.html", counts=counts, daemons=freshness(session),
