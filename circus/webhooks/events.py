@@ -125,25 +125,16 @@ def parse(forge: ForgeType, headers: Mapping[str, str], body: bytes) -> ForgeEve
     return _gitea(forge, headers, body)
 
 
+#: pull-request actions that bring new commits (GitHub spells it "synchronize")
+_GITHUB_PR_ACTIONS = ("opened", "synchronize", "reopened")
+_GITEA_PR_ACTIONS = ("opened", "synchronized", "reopened")
+
+
 def _github(headers: Mapping[str, str], body: bytes) -> ForgeEvent:
     name = headers.get("x-github-event")
     if not name:
         raise InvalidInput("missing X-GitHub-Event header")
-    payload = decode_body(headers, body)
-    if name == "ping":
-        return ForgeEvent("ping", name)
-    if name == "push":
-        return _push(name, payload, "repository.default_branch")
-    if name == "pull_request":
-        action = _get(payload, "action", str)
-        if action not in ("opened", "synchronize", "reopened"):
-            return _ignored(name, f"pull request action {action!r}")
-        return _pull_request(name, _get(payload, "number", int), action,
-                             _get(payload, "pull_request.head.ref", str),
-                             _get(payload, "pull_request.head.sha", str),
-                             _get(payload, "pull_request.base.ref", str),
-                             _opt(payload, "repository.default_branch"))
-    return _ignored(name, f"event {name!r} is not handled")
+    return _github_style(name, decode_body(headers, body), _GITHUB_PR_ACTIONS)
 
 
 def _gitea(forge: ForgeType, headers: Mapping[str, str], body: bytes) -> ForgeEvent:
@@ -151,14 +142,19 @@ def _gitea(forge: ForgeType, headers: Mapping[str, str], body: bytes) -> ForgeEv
     name = name or headers.get("x-gitea-event")
     if not name:
         raise InvalidInput(f"missing X-{forge.value.capitalize()}-Event header")
-    payload = decode_body(headers, body)
+    return _github_style(name, decode_body(headers, body), _GITEA_PR_ACTIONS)
+
+
+def _github_style(name: str, payload: Mapping[str, Any], pr_actions: tuple[str, ...]
+                  ) -> ForgeEvent:
+    """GitHub's event payloads, which Gitea and Forgejo copy."""
     if name == "ping":
         return ForgeEvent("ping", name)
     if name == "push":
         return _push(name, payload, "repository.default_branch")
     if name == "pull_request":
         action = _get(payload, "action", str)
-        if action not in ("opened", "synchronized", "reopened"):
+        if action not in pr_actions:
             return _ignored(name, f"pull request action {action!r}")
         return _pull_request(name, _get(payload, "number", int), action,
                              _get(payload, "pull_request.head.ref", str),
