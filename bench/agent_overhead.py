@@ -149,52 +149,58 @@ def circus(instance: Instance, expr: Path, count: int, env: dict[str, str]) -> f
     return elapsed
 
 
+def compare_with_local(remote: Instance, label: str, kind: str, state: Path, count: int,
+                        rounds: int) -> None:
+    """Rounds of nix-store -j2, local workers and ``remote`` on fresh flat derivations;
+    prints the medians and the remote's overhead per step per slot (concurrency 2)."""
+    env = nix_environ([])
+    expr = state / "flat.nix"
+    expr.write_text(FLAT)
+    local = Instance(state / "local", {"workers": 2, "poll_interval": 1})
+    rows = []
+    try:
+        for instance in (local, remote):
+            instance.start()
+            instance.start_runner()
+        for round_nr in range(rounds):
+            base = nix_build(expr, count, env)
+            t_local = circus(local, expr, count, env)
+            t_remote = circus(remote, expr, count, env)
+            rows.append((base, t_local, t_remote))
+            print(f"  round {round_nr + 1}: nix-store -j2 {base:.2f} s | local workers "
+                  f"{t_local:.2f} s | {label} {t_remote:.2f} s")
+    finally:
+        for instance in (local, remote):
+            try:
+                instance.stop()
+            except Exception as exc:
+                print(f"stopping failed: {exc}", file=sys.stderr)
+        shutil.rmtree(state, ignore_errors=True)
+    base = statistics.median(r[0] for r in rows)
+    t_local = statistics.median(r[1] for r in rows)
+    t_remote = statistics.median(r[2] for r in rows)
+    print(f"\n{count} independent derivations, medians of {len(rows)} round(s), "
+          "concurrency 2:")
+    print(f"  nix-store -j2 {base:.2f} s ({base / count * 1000:.1f} ms/step)")
+    print(f"  local workers {t_local:.2f} s ({t_local / count * 1000:.1f} ms/step, "
+          f"{t_local / base:.2f}x nix)")
+    print(f"  {kind:<13} {t_remote:.2f} s ({t_remote / count * 1000:.1f} ms/step, "
+          f"{t_remote / base:.2f}x nix, {t_remote / t_local:.2f}x local)")
+    print(f"  {kind} overhead over local workers: "
+          f"{(t_remote - t_local) / count * 1000 * 2:.1f} ms per step per slot")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--count", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-bench-agents-", dir="/tmp"))
     state.chmod(0o755)
-    expr = state / "flat.nix"
-    expr.write_text(FLAT)
-    local = Instance(state / "local", {"workers": 2, "poll_interval": 1})
-    agents = GatewayInstance(state / "agents", agents=2)
-    rows = []
-    try:
-        for instance in (local, agents):
-            instance.start()
-            instance.start_runner()
-        for round_nr in range(args.rounds):
-            base = nix_build(expr, args.count, env)
-            t_local = circus(local, expr, args.count, env)
-            t_agents = circus(agents, expr, args.count, env)
-            rows.append((base, t_local, t_agents))
-            print(f"  round {round_nr + 1}: nix-store -j2 {base:.2f} s | local workers "
-                  f"{t_local:.2f} s | 2 agents {t_agents:.2f} s")
-    finally:
-        for instance in (local, agents):
-            try:
-                instance.stop()
-            except Exception as exc:
-                print(f"stopping failed: {exc}", file=sys.stderr)
-        shutil.rmtree(state, ignore_errors=True)
-    n = args.count
-    base = statistics.median(r[0] for r in rows)
-    t_local = statistics.median(r[1] for r in rows)
-    t_agents = statistics.median(r[2] for r in rows)
-    print(f"\n{n} independent derivations, medians of {len(rows)} round(s), concurrency 2:")
-    print(f"  nix-store -j2 {base:.2f} s ({base / n * 1000:.1f} ms/step)")
-    print(f"  local workers {t_local:.2f} s ({t_local / n * 1000:.1f} ms/step, "
-          f"{t_local / base:.2f}x nix)")
-    print(f"  agents        {t_agents:.2f} s ({t_agents / n * 1000:.1f} ms/step, "
-          f"{t_agents / base:.2f}x nix, {t_agents / t_local:.2f}x local)")
-    print(f"  agent dispatch overhead over local workers: "
-          f"{(t_agents - t_local) / n * 1000 * 2:.1f} ms per step per slot")
+    compare_with_local(GatewayInstance(state / "agents", agents=2), "2 agents", "agents",
+                       state, args.count, args.rounds)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,8 +15,6 @@ cost per step over local workers. Run: ``.venv/bin/python bench/ssh_overhead.py 
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from agent_overhead import FLAT, circus, nix_build  # noqa: E402
+from agent_overhead import compare_with_local  # noqa: E402
 from build_overhead import Instance  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-from circus.common.nix.environment import current_system, nix_environ  # noqa: E402
+from circus.common.nix.environment import current_system  # noqa: E402
 from tests.ssh_builders.conftest import SshHost, start_sshd  # noqa: E402
 
 
@@ -80,46 +78,11 @@ def main() -> int:
     parser.add_argument("-n", "--count", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-bench-ssh-", dir="/tmp"))
     state.chmod(0o755)
-    expr = state / "flat.nix"
-    expr.write_text(FLAT)
-    local = Instance(state / "local", {"workers": 2, "poll_interval": 1})
-    ssh = SshInstance(state / "ssh", max_jobs=2)
-    rows = []
-    try:
-        for instance in (local, ssh):
-            instance.start()
-            instance.start_runner()
-        for round_nr in range(args.rounds):
-            base = nix_build(expr, args.count, env)
-            t_local = circus(local, expr, args.count, env)
-            t_ssh = circus(ssh, expr, args.count, env)
-            rows.append((base, t_local, t_ssh))
-            print(f"  round {round_nr + 1}: nix-store -j2 {base:.2f} s | local workers "
-                  f"{t_local:.2f} s | SSH builder (2 jobs) {t_ssh:.2f} s")
-    finally:
-        for instance in (local, ssh):
-            try:
-                instance.stop()
-            except Exception as exc:
-                print(f"stopping failed: {exc}", file=sys.stderr)
-        shutil.rmtree(state, ignore_errors=True)
-    n = args.count
-    base = statistics.median(r[0] for r in rows)
-    t_local = statistics.median(r[1] for r in rows)
-    t_ssh = statistics.median(r[2] for r in rows)
-    print(f"\n{n} independent derivations, medians of {len(rows)} round(s), concurrency 2:")
-    print(f"  nix-store -j2 {base:.2f} s ({base / n * 1000:.1f} ms/step)")
-    print(f"  local workers {t_local:.2f} s ({t_local / n * 1000:.1f} ms/step, "
-          f"{t_local / base:.2f}x nix)")
-    print(f"  SSH builder   {t_ssh:.2f} s ({t_ssh / n * 1000:.1f} ms/step, "
-          f"{t_ssh / base:.2f}x nix, {t_ssh / t_local:.2f}x local)")
-    print(f"  SSH overhead over local workers: "
-          f"{(t_ssh - t_local) / n * 1000 * 2:.1f} ms per step per slot")
+    compare_with_local(SshInstance(state / "ssh", max_jobs=2), "SSH builder (2 jobs)", "SSH",
+                       state, args.count, args.rounds)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
