@@ -103,16 +103,23 @@ class CacheIndex:
         self.negative_ttl = settings.negative_cache_ttl_secs
         self.narinfos: TtlLru[bytes | None] = TtlLru(settings.narinfo_cache_size)
         self.nars: TtlLru[NarLocation | None] = TtlLru(max(1024, settings.narinfo_cache_size // 4))
+        self.projects: TtlLru[tuple[int, bool] | None] = TtlLru(1024)
 
     def cached_narinfo(self, hash_part: str, project: str | None = None) -> bytes | object | None:
         """The cached answer (text, or None for a known miss) or ``_ABSENT``."""
         return self.narinfos.get((project, hash_part))
 
     def project(self, name: str) -> tuple[int, bool] | None:
-        """(id, hidden) of a project, from the database (callers checking access)."""
+        """(id, hidden) of a project (callers checking access); kept as long as a narinfo
+        answer, so a per-project cache request costs no extra query when it is known."""
+        cached = self.projects.get(name)
+        if cached is not _ABSENT:
+            return cached  # type: ignore[return-value]
         with self.engine.connect() as conn:
             row = conn.execute(_PROJECT_SQL, {"name": name}).first()
-        return (int(row.id), bool(row.hidden)) if row is not None else None
+        found = (int(row.id), bool(row.hidden)) if row is not None else None
+        self.projects.put(name, found, self.ttl if found else self.negative_ttl)
+        return found
 
     def narinfo(self, hash_part: str, project: str | None = None, *,
                 remember: bool = True) -> bytes | None:
