@@ -289,9 +289,10 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
     classes = {d: queue_class_name(needed[d].system, needed[d].required_features) for d in drvs}
     report.new_classes = _register_classes(session, needed, classes)
 
-    step_of: dict[str, int] = {}
+    # derivations another step built after Nix's answer need no step of their own
+    step_of: dict[str, int] = _reusable_steps(session, drvs, active=False)
     created: set[int] = set()
-    remaining = drvs
+    remaining = [d for d in drvs if d not in step_of]
     for _ in range(5):
         if not remaining:
             break
@@ -328,13 +329,10 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
             created.add(step_id)
         others = [d for d in remaining if d not in step_of]
         if others:
-            # Reuse the active steps (locked only at the end: _hold_reused_steps).
-            # A step that finished meanwhile no longer matches; the loop inserts anew.
-            for step_id, drv in session.execute(text("""
-                SELECT id, drv_path FROM steps
-                WHERE drv_path = ANY(:drvs) AND state <> 'done'
-            """), {"drvs": others}).all():
-                step_of[drv] = step_id
+            # Reuse the active steps (locked only at the end: _hold_reused_steps), or
+            # one that built the derivation since this batch asked Nix (it counts as
+            # finished there); a step that failed meanwhile makes the loop insert anew.
+            step_of.update(_reusable_steps(session, others))
         remaining = [d for d in remaining if d not in step_of]
     if remaining:
         raise RuntimeError(f"could not create steps for {len(remaining)} derivations")
@@ -374,6 +372,19 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
             SELECT 1 FROM build_steps bs JOIN steps s ON s.id = bs.step_id
             WHERE bs.build_id = builds.id AND s.state = 'running')
     """), {"ids": [b.id for b in live]})
+
+
+def _reusable_steps(session: Session, drvs: list[str], *, active: bool = True
+                    ) -> dict[str, int]:
+    """drv → a step to reuse: an active one (when ``active``), else one that succeeded
+    since this transaction began (after this batch's ``--dry-run``)."""
+    return dict(session.execute(text("""
+        SELECT DISTINCT ON (drv_path) drv_path, id FROM steps
+        WHERE drv_path = ANY(:drvs)
+          AND ((:active AND state <> 'done')
+               OR (state = 'done' AND status = 2 AND finished_at >= now()))
+        ORDER BY drv_path, state = 'done', id DESC
+    """), {"drvs": drvs, "active": active}).tuples().all())
 
 
 def _hold_reused_steps(session: Session, settings: Settings, cache: DrvCache,
