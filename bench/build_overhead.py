@@ -112,8 +112,8 @@ class Instance:
 
     def __init__(self, state: Path, runner: dict[str, Any]) -> None:
         self.state = state
-        self.pg = PrivatePostgres(state / "pg")
-        self.redis = PrivateRedis(state / "redis")
+        self.pg = PrivatePostgres(state / "pg", durable=False)
+        self.redis = PrivateRedis(state / "redis", durable=False)
         self.runner_overrides = runner
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -250,7 +250,7 @@ def main() -> int:
     try:
         server_url = os.environ.get("CIRCUS_BENCH_DATABASE_URL")
         if not server_url:
-            postgres = PrivatePostgres(Path(f"/tmp/circus-bench-pg-{os.getpid()}"))
+            postgres = PrivatePostgres(Path(f"/tmp/circus-bench-pg-{os.getpid()}"), durable=False)
             postgres.start()
             server_url = postgres.url("postgres")
         upgrade(server_url)

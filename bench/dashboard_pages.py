@@ -71,7 +71,7 @@ def database() -> Iterator[str]:
         return
     directory = Path(tempfile.mkdtemp(prefix="circus-bench-pg-", dir="/tmp"))
     directory.chmod(0o755)
-    server = PrivatePostgres(directory)
+    server = PrivatePostgres(directory, durable=False)
     server.start()
     try:
         yield server.url("postgres")

@@ -164,7 +164,7 @@ def main(argv: list[str]) -> int:
     server: PrivatePostgres | None = None
     server_url = os.environ.get("CIRCUS_BENCH_DATABASE_URL")
     if not server_url:
-        server = PrivatePostgres(Path(f"/tmp/circus-bench-pg-{os.getpid()}"))
+        server = PrivatePostgres(Path(f"/tmp/circus-bench-pg-{os.getpid()}"), durable=False)
         server.start()
         server_url = server.url("postgres")
     name = f"circus_bench_{uuid.uuid4().hex[:8]}"

@@ -44,7 +44,7 @@ def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         return
     # /tmp is reachable for the postgres user; pytest's root-owned 0700 base dir is not
     directory = Path(f"/tmp/circus-test-pg-{os.getpid()}-{secrets.token_hex(3)}")
-    server = PrivatePostgres(directory)
+    server = PrivatePostgres(directory, durable=False)
     server.start()
     try:
         yield server.url("postgres")
@@ -147,7 +147,7 @@ def redis_url() -> Iterator[str]:
         yield configured
         return
     directory = Path(f"/tmp/circus-test-redis-{os.getpid()}-{secrets.token_hex(3)}")
-    server = PrivateRedis(directory)
+    server = PrivateRedis(directory, durable=False)
     server.start()
     try:
         yield server.url

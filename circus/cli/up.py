@@ -3,24 +3,30 @@
 Starts private PostgreSQL and Redis under the state directory when the config
 names none, runs migrations, applies declarative config, starts the server, the
 evaluator (beat + worker) and the queue runner, prints the dashboard URL and the
-admin login, and stops everything on Ctrl-C / SIGTERM. A second run reuses the
-state directory (database, secrets, demo repository).
+admin login, restarts a daemon that exits (``circus.cli.supervise``), and stops
+everything on Ctrl-C / SIGTERM. A second run reuses the state directory
+(database, secrets, demo repository); a run while another instance holds the
+state directory is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from circus.cli.supervise import CrashLoop, Supervisor
 from circus.common.config import ConfigError, Settings, load_settings
 from circus.common.configbase import deep_merge, env_overrides, read_toml
 from circus.common.localservices import PrivatePostgres, PrivateRedis, ServiceError
@@ -98,7 +104,8 @@ class Instance:
         self.environ = environ
         self.postgres: PrivatePostgres | None = None
         self.redis: PrivateRedis | None = None
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.supervisor: Supervisor | None = None
+        self.status_file = state / "supervisor.json"
 
     def prepare(self) -> tuple[Settings, dict[str, str]]:
         """Start private services as needed; returns settings and the children's env."""
@@ -157,30 +164,29 @@ class Instance:
                 demo_declarative(repo, password_file)["users"])
             env["CIRCUS_DECLARATIVE__PROJECTS"] = json.dumps(
                 demo_declarative(repo, password_file)["projects"])
+        env[env_name("server.supervisor_status_file")] = str(self.status_file)
         child_env = {**self.environ, **env}
         settings = load_settings(environ=child_env)
         return settings, child_env
 
-    def start(self, settings: Settings, env: dict[str, str]) -> None:
+    def start(self, settings: Settings, env: dict[str, str], say: Callable[[str], None]) -> None:
         from circus.cli.migrate import upgrade
 
-        print("applying database migrations", flush=True)
+        say("applying database migrations")
         upgrade(settings.require_database_url())
         logs = self.state / "daemon-logs"
         logs.mkdir(exist_ok=True)
         bindir = Path(sys.executable).parent
+        self.supervisor = Supervisor(env, self.status_file, say)
         for name in DAEMONS:
-            log = (logs / f"{name}.log").open("ab")
-            self.children.append(subprocess.Popen(
-                [str(bindir / name)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-            log.close()
+            self.supervisor.add(name, [str(bindir / name)], logs / f"{name}.log")
+        self.supervisor.start_all()
 
     def wait_healthy(self, url: str, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(child.poll() is not None for child in self.children):
-                return False
+            if self.supervisor is not None:
+                self.supervisor.poll()
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as response:  # noqa: S310
                     if response.status == 200:
@@ -191,23 +197,63 @@ class Instance:
         return False
 
     def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                try:
-                    os.killpg(child.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 30
-        for child in self.children:
-            try:
-                child.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
+        if self.supervisor is not None:
+            self.supervisor.stop_all()
         if self.redis is not None:
             self.redis.stop()
         if self.postgres is not None:
             self.postgres.stop()
+
+
+class Output:
+    """What ``circus up`` says, on stdout and in daemon-logs/circus-up.log.
+
+    A reader that went away (``make run | tee log``, then Ctrl-C) must not keep the
+    instance from shutting down cleanly: a broken stdout is swapped for /dev/null.
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log_path.open("a", encoding="utf-8")
+
+    def __call__(self, message: str, error: bool = False) -> None:
+        self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self.log.flush()
+        stream = sys.stderr if error else sys.stdout
+        try:
+            print(message, file=stream, flush=True)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
+def take_state_lock(state: Path) -> tuple[int, str] | int:
+    """Hold ``state/circus-up.lock`` for the instance's life; (pid, URL) of a holder."""
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / "circus-up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+        os.close(fd)
+        pid = int(holder[0]) if holder and holder[0].isdigit() else 0
+        return pid, holder[1] if len(holder) > 1 else "(starting)"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} (starting)\n".encode(), 0)
+    return fd
+
+
+def port_problem(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return (f"port {port} on {host} is taken by another program ({exc.strerror}); "
+                    "stop it or choose another port (CIRCUS_SERVER__PORT / server.port)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="where private services, secrets and data live (default ./.circus)")
     args = parser.parse_args(argv)
     state = Path(args.state_dir).resolve()
+    lock = take_state_lock(state)
+    if isinstance(lock, tuple):
+        pid, url = lock
+        print(f"error: another Circus instance (pid {pid}, {url}) is using {state}",
+              file=sys.stderr)
+        return 1
+    say = Output(state / "daemon-logs" / "circus-up.log")
     instance = Instance(state, dict(os.environ))
 
     stop_requested = False
@@ -226,37 +279,46 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)
     try:
         settings, env = instance.prepare()
-        instance.start(settings, env)
+        host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host  # noqa: S104
+        url = f"http://{host}:{settings.server.port}"
+        taken = port_problem(settings.server.host, settings.server.port)
+        if taken:
+            say(f"error: {taken}", error=True)
+            instance.stop()
+            return 1
+        os.pwrite(lock, f"{os.getpid()} {url}\n".encode(), 0)
+        instance.start(settings, env, say)
     except (ConfigError, ServiceError) as exc:
-        print(exc.render() if isinstance(exc, ConfigError) else f"error: {exc}", file=sys.stderr)
+        say(exc.render() if isinstance(exc, ConfigError) else f"error: {exc}", error=True)
         instance.stop()
         return 2
 
-    host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host  # noqa: S104
-    url = f"http://{host}:{settings.server.port}"
-    if not instance.wait_healthy(url):
-        print(f"Circus did not become healthy; see logs in {state / 'daemon-logs'}",
-              file=sys.stderr)
-        instance.stop()
-        return 1
-    password = (state / "admin-password").read_text().strip()
-    print(f"""
+    try:
+        if not instance.wait_healthy(url):
+            say(f"Circus did not become healthy; see logs in {state / 'daemon-logs'}",
+                error=True)
+            instance.stop()
+            return 1
+        password = (state / "admin-password").read_text().strip()
+        say(f"""
 Circus is running.
   dashboard:  {url}/
   API:        {url}/api/v1   (OpenAPI: {url}/api/v1/openapi.json)
   cache:      {url}/nix-cache
   login:      admin / {password}
   state:      {state}  (daemon logs in {state / 'daemon-logs'})
-Press Ctrl-C to stop.""", flush=True)
-    while not stop_requested:
-        for child in instance.children:
-            if child.poll() is not None:
-                print(f"a daemon exited with {child.returncode}; stopping "
-                      f"(logs in {state / 'daemon-logs'})", file=sys.stderr)
-                stop_requested = True
-        time.sleep(0.5)
-    print("stopping Circus ...", flush=True)
+Press Ctrl-C to stop.""")
+        assert instance.supervisor is not None
+        while not stop_requested:
+            instance.supervisor.poll()
+            time.sleep(0.5)
+    except CrashLoop as exc:
+        say(f"error: {exc}", error=True)
+        instance.stop()
+        return 1
+    say("stopping Circus ...")
     instance.stop()
     return 0

@@ -185,6 +185,8 @@ class ServerSettings(SettingsModel):
     workers: Positive = 2
     ldap: LdapSettings = LdapSettings()
     page_access: dict[str, PageAccess] = {}
+    #: set by ``circus up``: its daemons' restart counts, shown by ``/health``
+    supervisor_status_file: str | None = None
 
     def problems(self) -> list[Problem]:
         found = []

@@ -8,6 +8,7 @@ their data under the given directory so a second start reuses it.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -34,6 +36,22 @@ def _pg_bindir() -> Path:
     if found:
         return Path(found).resolve().parent
     raise ServiceError("PostgreSQL server binaries not found (apt install postgresql)")
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when its parent dies, even by kill -9.
+
+    ``circus up`` starts its daemons with it so none outlives it as an orphan that keeps
+    the port and the queue. libc is loaded here, in the parent: the child, between fork
+    and exec, only makes the one system call.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def set_parent_death_signal() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+    return set_parent_death_signal
 
 
 def _as_postgres(argv: list[str]) -> list[str]:
@@ -60,9 +78,12 @@ def _postgres_can_reach(path: Path) -> bool:
 class PrivatePostgres:
     """A PostgreSQL cluster in ``directory`` reachable through a socket in it."""
 
-    def __init__(self, directory: Path, port: int = 5432) -> None:
+    def __init__(self, directory: Path, port: int = 5432, durable: bool = True) -> None:
         self.directory = directory.resolve()
         self.port = port
+        #: PostgreSQL's crash-safe defaults; only test harnesses and benchmarks, whose
+        #: data is thrown away, may ask for fsync off (a power cut then corrupts it)
+        self.durable = durable
         self._locate(self.directory)
 
     def _locate(self, home: Path) -> None:
@@ -109,7 +130,8 @@ class PrivatePostgres:
                 "outside private home directories (e.g. --state-dir /var/lib/circus)")
         if not (self.data_dir / "PG_VERSION").exists():
             initdb = [str(_pg_bindir() / "initdb"), "-D", str(self.data_dir), "-U",
-                      POSTGRES_USER, "-A", "trust", "-E", "UTF8", "--no-sync"]
+                      POSTGRES_USER, "-A", "trust", "-E", "UTF8",
+                      *([] if self.durable else ["--no-sync"])]
             done = subprocess.run(_as_postgres(initdb), capture_output=True, text=True)
             if done.returncode != 0:
                 raise ServiceError(f"initdb failed: {done.stderr.strip()}")
@@ -120,8 +142,9 @@ class PrivatePostgres:
         if pid_file.exists():
             pid_file.unlink()
         options = (f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
-                   f"-c port={self.port} -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off -c max_connections=300")
+                   f"-c port={self.port} -c max_connections=300")
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         started = self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file), "-o", options)
         if started.returncode != 0:
             log = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
@@ -147,8 +170,11 @@ class PrivatePostgres:
 class PrivateRedis:
     """A Redis server on a Unix socket in ``directory`` (no TCP port)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, durable: bool = True) -> None:
         self.directory = directory.resolve()
+        #: an append-only file synced every second: queued Celery messages and rate-limit
+        #: counters survive a crash (the build queue itself lives in PostgreSQL)
+        self.durable = durable
         self.socket = self.directory / "redis.sock"
         self.pid_file = self.directory / "redis.pid"
         self.process: subprocess.Popen[bytes] | None = None
@@ -168,10 +194,12 @@ class PrivateRedis:
             self.socket.unlink()
         self.process = subprocess.Popen(
             [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             "--save", "", "--appendonly", "yes" if self.durable else "no",
+             "--appendfsync", "everysec", "--dir", str(self.directory),
              "--pidfile", str(self.pid_file), "--daemonize", "no",
              "--logfile", str(self.directory / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + 20
         while not self.socket.exists():

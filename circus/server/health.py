@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, jsonify
@@ -27,6 +29,17 @@ def check_broker(url: str | None) -> dict[str, Any]:
         return {"ok": False, "error": str(exc)}
 
 
+def supervisor_status(path: str | None) -> dict[str, Any] | None:
+    """Restart counts of ``circus up``'s daemons (its status file), when run by it."""
+    if not path:
+        return None
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
 @blueprint.get("/health")
 def health() -> ResponseReturnValue:
     report: dict[str, Any] = {"version": __version__}
@@ -39,6 +52,9 @@ def health() -> ResponseReturnValue:
         report["database"] = {"ok": False, "error": str(exc).splitlines()[0]}
         report["daemons"] = []
     report["broker"] = check_broker(settings().broker.url)
+    supervisor = supervisor_status(settings().server.supervisor_status_file)
+    if supervisor is not None:
+        report["supervisor"] = supervisor
     healthy = report["database"]["ok"] and report["broker"]["ok"]
     report["status"] = "ok" if healthy else "unavailable"
     if healthy and not all(d["fresh"] for d in report["daemons"]):

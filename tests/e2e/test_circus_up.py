@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -112,3 +113,112 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
         again.process.send_signal(signal.SIGTERM)
         assert again.process.wait(60) == 0
     print(f"circus up: first start {first_start:.1f} s, second start {second_start:.1f} s")
+
+
+def _pids_of(state: Path) -> dict[str, int]:
+    status = json.loads((state / "supervisor.json").read_text())
+    return {name: info["pid"] for name, info in status["daemons"].items() if info["pid"]}
+
+
+def _health(base: str) -> Any:
+    with urllib.request.urlopen(base + "/health", timeout=10) as response:
+        return json.load(response)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
+
+
+def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Path) -> None:
+    root = Path(tmp_path)
+    root.chmod(0o755)
+    state = root / "state"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
+    env["CIRCUS_SERVER__PORT"] = str(port)
+    # stdout is a pipe whose reader goes away later (make run | tee log, then Ctrl-C)
+    up = subprocess.Popen([circus_command("circus"), "up", "--state-dir", str(state)],
+                          env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    assert up.stdout is not None
+    seen = ""
+    try:
+        deadline = time.monotonic() + 180
+        while "Circus is running." not in seen and time.monotonic() < deadline:
+            line = up.stdout.readline().decode(errors="replace")
+            if not line:
+                break
+            seen += line
+        assert "Circus is running." in seen, seen
+
+        # kill -9 of one daemon: restarted, and /health counts the restart
+        before = _pids_of(state)
+        os.killpg(before["circus-queue-runner"], signal.SIGKILL)
+        wait_until(lambda: _pids_of(state).get("circus-queue-runner") not in
+                   (None, before["circus-queue-runner"]), timeout=30,
+                   message="queue runner restarted")
+        supervisor = _health(base)["supervisor"]["daemons"]
+        assert supervisor["circus-queue-runner"]["restarts"] == 1
+        assert supervisor["circus-queue-runner"]["last_exit"] == -signal.SIGKILL
+        assert supervisor["circus-server"]["restarts"] == 0
+        assert up.poll() is None
+
+        # a second instance on the same state directory says who holds it, in one line
+        second = subprocess.run([circus_command("circus"), "up", "--state-dir", str(state)],
+                                env=env, cwd=root, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert f"pid {up.pid}" in second.stderr, second.stderr
+        assert base in second.stderr
+
+        # the pipe's reader goes away; Ctrl-C still stops everything cleanly
+        daemons = _pids_of(state)
+        up.stdout.close()
+        os.kill(up.pid, signal.SIGINT)
+        assert up.wait(60) == 0
+        for name, pid in daemons.items():
+            assert not _alive(pid), name
+        assert "stopping Circus" in (state / "daemon-logs" / "circus-up.log").read_text()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+    # a program on the port is named as such
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        refused = subprocess.run([circus_command("circus"), "up", "--state-dir", str(state)],
+                                 env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert f"port {port} on 127.0.0.1 is taken" in refused.stderr, refused.stderr
+
+    # kill -9 of circus up itself takes its daemons down (no orphans holding the port)
+    daemon, _, _ = start(state, port, root)
+    try:
+        daemons = _pids_of(state)
+        assert set(daemons) == {"circus-server", "circus-evaluator", "circus-queue-runner"}
+        # the private PostgreSQL keeps Postgres's crash-safe defaults
+        home = state / "postgres"
+        if (home / "LOCATION").exists():
+            home = Path((home / "LOCATION").read_text().split()[4].rstrip(":"))
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            shown = subprocess.run(["psql", "-h", str(home / "run"), "-U", "postgres", "-d",
+                                    "circus", "-tAc", f"SHOW {setting}"],
+                                   capture_output=True, text=True, check=True)
+            assert shown.stdout.strip() == "on", setting
+        daemon.kill(signal.SIGKILL)
+        wait_until(lambda: not any(_alive(pid) for pid in daemons.values()), timeout=60,
+                   message="daemons gone after kill -9 of circus up")
+    finally:
+        daemon.stop()
+    # and the next start works (the port is free again)
+    again, _, _ = start(state, port, root)
+    again.stop()

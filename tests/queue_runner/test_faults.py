@@ -137,7 +137,7 @@ def test_redis_restart_mid_run(runner_config: Callable[..., dict[str, Any]],
                                nonce: str, tmp_path: Path) -> None:
     # a short path: Unix socket names are limited to ~100 bytes
     directory = Path(f"/tmp/circus-qr-redis-{secrets.token_hex(4)}")
-    redis = PrivateRedis(directory)
+    redis = PrivateRedis(directory, durable=False)
     redis.start()
     try:
         drvs = dag_jobs(nonce, nix_env, chains=3, length=6, fans=2, work="0.2")
