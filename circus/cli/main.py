@@ -1,4 +1,4 @@
-"""``circus``: the umbrella command (``circus up``)."""
+"""``circus``: the umbrella command (``circus up``, ``circus backup``, ``circus restore``)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="circus", description="Circus, a Nix CI system")
-    parser.add_argument("command", choices=["up"], help="up: start a single-machine instance")
+    parser.add_argument("command", choices=["up", "backup", "restore"],
+                        help="up: start a single-machine instance; backup DIR / restore DIR: "
+                             "its database, secrets, logs and cache")
     args, rest = parser.parse_known_args(argv)
     if args.command == "up":
         from circus.cli.up import main as up_main
 
         return up_main(rest)
+    if args.command in ("backup", "restore"):
+        from circus.cli.backup import main as backup_main
+
+        return backup_main(args.command, rest)
     return 2
 
 

@@ -98,6 +98,16 @@ def demo_declarative(repo: Path, admin_password_file: Path) -> dict[str, Any]:
     }
 
 
+def state_defaults(state: Path) -> dict[str, str]:
+    """Where an instance keeps its files under the state directory unless configured."""
+    return {
+        "evaluator.work_dir": str(state / "evaluator"),
+        "logs.log_dir": str(state / "logs"),
+        "cache.cache_dir": str(state / "cache"),
+        "gc.gc_roots_dir": str(state / "gcroots"),
+    }
+
+
 class Instance:
     def __init__(self, state: Path, environ: dict[str, str]) -> None:
         self.state = state
@@ -126,13 +136,7 @@ class Instance:
             self.redis.start()
             env[env_name("broker.url")] = self.redis.url
 
-        defaults = {
-            "evaluator.work_dir": str(state / "evaluator"),
-            "logs.log_dir": str(state / "logs"),
-            "cache.cache_dir": str(state / "cache"),
-            "gc.gc_roots_dir": str(state / "gcroots"),
-        }
-        for key, value in defaults.items():
+        for key, value in state_defaults(state).items():
             if not is_set(raw, key):
                 env[env_name(key)] = value
         if not is_set(raw, "server.secret_key"):

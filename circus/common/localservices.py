@@ -28,7 +28,7 @@ class ServiceError(RuntimeError):
     pass
 
 
-def _pg_bindir() -> Path:
+def pg_bindir() -> Path:
     for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
         if Path(candidate, "initdb").exists():
             return Path(candidate)
@@ -106,7 +106,7 @@ class PrivatePostgres:
         return f"postgresql://{POSTGRES_USER}@/{database}?host={host}&port={self.port}"
 
     def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [str(_pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), *args]
+        argv = [str(pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), *args]
         return subprocess.run(_as_postgres(argv), capture_output=True, text=True)
 
     def is_running(self) -> bool:
@@ -129,7 +129,7 @@ class PrivatePostgres:
                 f"the postgres user cannot reach {self.home}; choose a state directory "
                 "outside private home directories (e.g. --state-dir /var/lib/circus)")
         if not (self.data_dir / "PG_VERSION").exists():
-            initdb = [str(_pg_bindir() / "initdb"), "-D", str(self.data_dir), "-U",
+            initdb = [str(pg_bindir() / "initdb"), "-D", str(self.data_dir), "-U",
                       POSTGRES_USER, "-A", "trust", "-E", "UTF8",
                       *([] if self.durable else ["--no-sync"])]
             done = subprocess.run(_as_postgres(initdb), capture_output=True, text=True)
@@ -155,7 +155,7 @@ class PrivatePostgres:
             self._pg_ctl("stop", "-m", "fast", "-w", "-t", "30")
 
     def create_database(self, name: str) -> None:
-        psql = shutil.which("psql") or str(_pg_bindir() / "psql")
+        psql = shutil.which("psql") or str(pg_bindir() / "psql")
         exists = subprocess.run(
             [psql, "-h", str(self.socket_dir), "-p", str(self.port), "-U", POSTGRES_USER,
              "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],

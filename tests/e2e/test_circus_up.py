@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
+from tests.cache.support import nix_copy, store_has
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port
 
@@ -36,6 +38,22 @@ class Client:
         with self.opener.open(self.base + path, timeout=10) as response:
             return json.load(response)
 
+    def text(self, path: str) -> str | None:
+        """The body, or None for a 404."""
+        try:
+            with self.opener.open(self.base + path, timeout=10) as response:
+                return str(response.read().decode())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+
+def circus_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
+    return subprocess.run([circus_command("circus"), *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=180)
+
 
 def start(state: Path, port: int, log_dir: Path) -> tuple[Daemon, str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
@@ -50,6 +68,11 @@ def start(state: Path, port: int, log_dir: Path) -> tuple[Daemon, str, float]:
     match = re.search(r"login:\s+admin / (\S+)", daemon.log())
     assert match, daemon.log()
     return daemon, match.group(1), time.monotonic() - started
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in directory.rglob("*") if p.is_file()}
 
 
 def demo_state(client: Client) -> tuple[str, list[str]]:
@@ -82,6 +105,10 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
         wait_until(lambda: demo_state(client) == ("completed", wanted), timeout=120,
                    interval=1, message="demo evaluated and built")
         assert {"evaluator", "queue-runner"} <= {d["kind"] for d in health["daemons"]}
+        demo_builds = client.get("/api/v1/builds?limit=50")["items"]
+        hello = next(b for b in demo_builds if b["job_name"] == "hello")
+        # outputs already in the store (an earlier run on this machine) have no log
+        logs = {b["id"]: client.text(f"/api/v1/builds/{b['id']}/log") for b in demo_builds}
         # the binary cache serves what the demo built, signed with the instance's key
         with urllib.request.urlopen(base + "/nix-cache/nix-cache-info", timeout=10) as r:
             assert b"StoreDir: /nix/store" in r.read()
@@ -100,14 +127,34 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
         leftovers = subprocess.run(["pgrep", "-f", place], capture_output=True, text=True)
         assert leftovers.stdout.strip() == "", (place, leftovers.stdout)
 
-    # a second start reuses the state: same admin, same database
-    again, password_again, second_start = start(state, port, root)
+    # backed up, then restored into a fresh state directory
+    backup_dir = root / "backup"
+    done = circus_cli("backup", str(backup_dir), "--state-dir", str(state), cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert backup_dir.stat().st_mode & 0o777 == 0o700   # it holds the signing key
+    restored = root / "restored"
+    done = circus_cli("restore", str(backup_dir), "--state-dir", str(restored), cwd=root)
+    assert done.returncode == 0, done.stderr
+    refused = circus_cli("restore", str(backup_dir), "--state-dir", str(restored), cwd=root)
+    assert refused.returncode == 1
+    assert "already holds a database" in refused.stderr
+
+    # the restored instance has the same admin, database, logs and signed cache
+    again, password_again, second_start = start(restored, port, root)
     try:
         assert password_again == password
         client = Client(base, password)
         status, builds = demo_state(client)
         assert status == "completed"
         assert builds == wanted
+        assert {b: client.text(f"/api/v1/builds/{b}/log") for b in logs} == logs
+        assert _tree(restored / "logs") == _tree(state / "logs")
+        out = hello["outputs"]["out"]
+        public_key = (restored / "signing-key.pub").read_text().strip()
+        assert public_key == (state / "signing-key.pub").read_text().strip()
+        copied = nix_copy(base + "/nix-cache", [out], public_key, root / "client" / "store")
+        assert copied.returncode == 0, copied.stderr
+        assert store_has(root / "client" / "store", out)
     finally:
         assert again.process is not None
         again.process.send_signal(signal.SIGTERM)
