@@ -110,7 +110,27 @@ class PrivatePostgres:
         return subprocess.run(_as_postgres(argv), capture_output=True, text=True)
 
     def is_running(self) -> bool:
-        return self.data_dir.exists() and self._pg_ctl("status").returncode == 0
+        if not self.data_dir.exists():
+            return False
+        self._wait_for_killed_postmaster()
+        return self._pg_ctl("status").returncode == 0
+
+    def _wait_for_killed_postmaster(self, timeout: float = 20.0) -> None:
+        """A postmaster killed a moment ago stays a zombie until reaped, and pg_ctl and
+        the socket lock count it as running: wait until it is gone."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+            except (OSError, IndexError):
+                return
+            if state != "Z":
+                return
+            time.sleep(0.1)
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,11 +27,14 @@ class Client:
     def __init__(self, base: str, password: str) -> None:
         self.base = base
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.csrf = ""
         self.post("/api/v1/auth/login", {"username": "admin", "password": password})
+        self.csrf = self.get("/api/v1/auth/csrf")["csrf_token"]
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  "X-CSRFToken": self.csrf})
         with self.opener.open(request, timeout=10) as response:
             return json.load(response)
 
@@ -248,17 +252,14 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
     assert f"port {port} on 127.0.0.1 is taken" in refused.stderr, refused.stderr
 
     # kill -9 of circus up itself takes its daemons down (no orphans holding the port)
-    daemon, _, _ = start(state, port, root)
+    daemon, password, _ = start(state, port, root)
     try:
         daemons = _pids_of(state)
         assert set(daemons) == {"circus-server", "circus-evaluator", "circus-queue-runner"}
         # the private PostgreSQL keeps Postgres's crash-safe defaults
-        home = state / "postgres"
-        if (home / "LOCATION").exists():
-            home = Path((home / "LOCATION").read_text().split()[4].rstrip(":"))
         for setting in ("fsync", "synchronous_commit", "full_page_writes"):
-            shown = subprocess.run(["psql", "-h", str(home / "run"), "-U", "postgres", "-d",
-                                    "circus", "-tAc", f"SHOW {setting}"],
+            shown = subprocess.run(["psql", "-h", str(_postgres_home(state) / "run"), "-U",
+                                    "postgres", "-d", "circus", "-tAc", f"SHOW {setting}"],
                                    capture_output=True, text=True, check=True)
             assert shown.stdout.strip() == "on", setting
         daemon.kill(signal.SIGKILL)
@@ -266,6 +267,61 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
                    message="daemons gone after kill -9 of circus up")
     finally:
         daemon.stop()
-    # and the next start works (the port is free again)
+
+    # kill -9 of everything (daemons, Redis, PostgreSQL, circus up) during a build:
+    # the next start has everything and finishes the build, once
+    crashed, _, _ = start(state, port, root)
+    nonce = secrets.token_hex(4)
+    try:
+        client = Client(base, password)
+        _add_sleeping_job(state / "demo-repo", nonce)
+        client.post("/api/v1/evaluations/trigger", {"project": "demo", "jobset": "main"})
+        wait_until(lambda: _crash_builds(client) and _crash_builds(client)[0]["status"]
+                   == "running", timeout=120, interval=0.5, message="the new job building")
+        for pid in _pids_of(state).values():
+            os.killpg(pid, signal.SIGKILL)
+        os.kill(int((state / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+        home = _postgres_home(state)
+        os.kill(int((home / "data" / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        crashed.kill(signal.SIGKILL)
+        wait_until(lambda: subprocess.run(["pgrep", "-f", str(home / "data")],
+                                          capture_output=True).returncode != 0,
+                   timeout=60, message="PostgreSQL gone")
+    finally:
+        crashed.stop()
     again, _, _ = start(state, port, root)
-    again.stop()
+    try:
+        client = Client(base, password)
+        assert [p["name"] for p in client.get("/api/v1/projects")["items"]] == ["demo"]
+        wait_until(lambda: _crash_builds(client)[0]["finished"], timeout=120, interval=1,
+                   message="the interrupted build finished after the restart")
+        builds = _crash_builds(client)
+        assert len(builds) == 1
+        assert builds[0]["status"] == "succeeded"
+        with open(builds[0]["outputs"]["out"]) as out:
+            assert out.read().strip() == nonce
+    finally:
+        again.stop()
+
+
+def _postgres_home(state: Path) -> Path:
+    """Where ``circus up``'s PostgreSQL lives (elsewhere when postgres cannot reach state)."""
+    home = state / "postgres"
+    if (home / "LOCATION").exists():
+        return Path((home / "LOCATION").read_text().split()[4].rstrip(":"))
+    return home
+
+
+def _add_sleeping_job(repo: Path, nonce: str) -> None:
+    flake = repo / "flake.nix"
+    flake.write_text(flake.read_text().replace(
+        "inherit greeting hello slow;",
+        f'inherit greeting hello slow;\n        crash = shell "crash-{nonce}" '
+        f"''sleep 8; echo {nonce} > $out'' {{ }};"))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+    subprocess.run(["git", "commit", "-qam", "a job to crash in"], cwd=repo, env=env, check=True)
+
+
+def _crash_builds(client: Client) -> list[Any]:
+    return list(client.get("/api/v1/builds?job_name=crash&limit=10")["items"])
