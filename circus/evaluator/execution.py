@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState, TriggerMode
 from circus.common.models import Evaluation, Jobset
+from circus.common.nix.environment import evaluation_environ
 from circus.evaluator import fallback, nixevaljobs
 from circus.evaluator.importer import BuildImporter, ImportStats
 from circus.evaluator.inputs import (
@@ -69,6 +70,13 @@ def gc_roots_dir(settings: Settings, evaluation_id: int) -> Path:
 
 def run_dir(settings: Settings, evaluation_id: int) -> Path:
     return Path(settings.evaluator.work_dir) / "runs" / f"eval-{evaluation_id}"
+
+
+def nix_home(settings: Settings) -> Path:
+    """HOME of evaluation's Nix processes (their fetcher caches), never the server's."""
+    home = Path(settings.evaluator.work_dir) / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    return home
 
 
 @dataclass
@@ -190,7 +198,7 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
         allow_ifd=ev.allow_ifd, workers=ev.workers, max_memory_size=ev.max_memory_size,
         run_dir=run_dir(settings, evaluation.id),
         gc_roots_dir=gc_roots_dir(settings, evaluation.id),
-        env=settings.nix_environ(),
+        env=evaluation_environ(settings.nix_environ(), nix_home(settings)),
         deadline=time.monotonic() + ev.nix_timeout,
     )
     source = resolution.source
