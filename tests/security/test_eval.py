@@ -1,0 +1,349 @@
+"""Issue 12 §2: evaluation is isolated by default.
+
+The attacks are Nix code in real git repositories, evaluated by the real
+evaluator: ``circus-evaluator`` next to a ``circus-server`` (both started as
+users start them, on their defaults), and, for the one property that needs
+restricted mode off, the evaluation worker's code in this process. A unique
+marker is planted in a server file, the server's config file, its secret key
+and its environment; it must never come back through the API.
+
+The in-process test comes first: its fixtures empty the tables, which the
+module's live server must not see while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from circus.common.config import Settings
+from circus.common.enums import BuildStatus, EvaluationStatus
+from circus.common.models import User
+from circus.common.nix.environment import current_system, nix_environ
+from circus.evaluator import execution
+from tests.api.live import ADMIN_KEY, LiveServer, live_server
+from tests.dashboard.factories import Rows
+from tests.evaluator.conftest import (  # noqa: F401 (fixtures)
+    World,
+    celery_app,
+    eval_settings,
+    factory,
+    world,
+)
+from tests.helpers.daemons import Daemon, circus_command
+from tests.helpers.gitrepo import GitRepo
+
+MARKER = f"circus-server-secret-{uuid.uuid4().hex}"
+#: what /etc/passwd starts with on every Linux
+PASSWD_CONTENT = "root:x:0:0"
+MALLORY_KEY = "mallory-create-projects-key-0123456789"
+USERS = {"users": [{"username": "root", "role": "admin"},
+                   {"username": "mallory", "role": "create-projects"}],
+         "api_keys": [{"name": "live-admin", "key": ADMIN_KEY, "role": "admin",
+                       "owner": "root"},
+                      {"name": "mallory", "key": MALLORY_KEY, "role": "create-projects",
+                       "owner": "mallory"}]}
+FINISHED = {"completed", "failed", "timed_out", "cancelled"}
+
+
+def leaky_release(secret_file: Path, secret_nix: Path, config_file: Path) -> str:
+    """A classic jobset that tries every way to read the server into its errors."""
+    system = current_system()
+    return f"""{{ ... }}:
+let
+  leak = what: throw "leaked: ${{what}}";
+in {{
+  passwd = leak (builtins.readFile /etc/passwd);
+  secretFile = leak (builtins.readFile {secret_file});
+  serverConfig = leak (builtins.readFile {config_file});
+  importSecret = leak (import {secret_nix});
+  listEtc = leak (builtins.toJSON (builtins.attrNames (builtins.readDir /etc)));
+  procEnviron = leak (builtins.readFile /proc/self/environ);
+  environment = leak "key=${{builtins.getEnv "CIRCUS_SERVER__SECRET_KEY"}}|db=${{
+    builtins.getEnv "CIRCUS_DATABASE__URL"}}|home=${{builtins.getEnv "HOME"}}|";
+  own = derivation {{
+    name = "own-" + builtins.unsafeDiscardStringContext (builtins.readFile ./own.txt);
+    system = "{system}"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ];
+  }};
+}}
+"""
+
+
+def leaky_flake(secret_file: Path) -> str:
+    return f"""{{
+  outputs = {{ self }}: {{
+    hydraJobs = {{
+      passwd = throw "leaked: ${{builtins.readFile /etc/passwd}}";
+      secretFile = throw "leaked: ${{builtins.readFile {secret_file}}}";
+      environment = throw "leaked: key=${{builtins.getEnv "CIRCUS_SERVER__SECRET_KEY"}}|";
+    }};
+  }};
+}}
+"""
+
+
+# ---------------------------------------------------------------------------
+# the scrubbed environment (restricted mode off, so getEnv answers)
+
+
+def test_nix_sees_none_of_the_servers_environment_even_unrestricted(
+        world: World, git_repo: Callable[..., GitRepo],  # noqa: F811
+        make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    server_home = tmp_path / "server-home"
+    server_home.mkdir()
+    monkeypatch.setenv("CIRCUS_SERVER__SECRET_KEY", MARKER)
+    monkeypatch.setenv("CIRCUS_DATABASE__URL", f"postgresql://circus:{MARKER}@db/circus")
+    monkeypatch.setenv("GITHUB_TOKEN", MARKER)
+    monkeypatch.setenv("HOME", str(server_home))
+    repo = git_repo("env")
+    repo.commit({"release.nix": """{ ... }: {
+  environment = throw "leaked: key=${builtins.getEnv "CIRCUS_SERVER__SECRET_KEY"}|db=${
+    builtins.getEnv "CIRCUS_DATABASE__URL"}|token=${builtins.getEnv "GITHUB_TOKEN"}|home=${
+    builtins.getEnv "HOME"}|path=${builtins.getEnv "PATH"}";
+}"""})
+    settings = make_settings(evaluator={"restrict_eval": False, "nix_timeout": 120})
+    evaluation = world.evaluate(world.jobset(repo.url, flake=False, expression="release.nix"),
+                                settings)
+    assert evaluation.status is EvaluationStatus.completed, evaluation.error_message
+    [error] = evaluation.errors
+    message = error.message
+    assert MARKER not in message
+    assert str(server_home) not in message
+    assert "key=|db=|token=|" in message
+    # getEnv does work here (PATH is kept), and HOME is the evaluator's own
+    assert "|path=|" not in message
+    assert f"home={execution.nix_home(settings)}|" in message
+
+
+# ---------------------------------------------------------------------------
+# a live server and evaluator on their defaults
+
+
+@dataclass
+class System:
+    server: LiveServer
+    evaluator: Daemon
+    state: Path
+    secret_file: Path
+    secret_nix: Path
+    config_file: Path
+    #: evaluator.allowed_path_inputs
+    shared: Path
+    engine: Engine
+
+    def api(self, method: str, path: str, key: str = ADMIN_KEY,
+            json_body: Any = None) -> requests.Response:
+        return requests.request(method, self.server.url + path, json=json_body, timeout=30,
+                                headers={"Authorization": f"Bearer {key}"})
+
+    def ok(self, method: str, path: str, json_body: Any = None, key: str = ADMIN_KEY) -> Any:
+        response = self.api(method, path, key, json_body)
+        assert response.status_code < 300, (method, path, response.status_code, response.text)
+        return response.json() if response.content else None
+
+    def project(self, name: str, url: str, key: str = ADMIN_KEY) -> None:
+        self.ok("POST", "/api/v1/projects", {"name": name, "repository_url": url}, key)
+
+    def jobset(self, project: str, *, key: str = ADMIN_KEY, **values: Any) -> int:
+        body = {"name": "main", "branch": "main", **values}
+        created = self.ok("POST", f"/api/v1/projects/{project}/jobsets", body, key)
+        return int(created["id"])
+
+    def evaluate(self, jobset_id: int) -> dict[str, Any]:
+        started = self.ok("POST", "/api/v1/evaluations/trigger", {"jobset_id": jobset_id})
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            evaluation: dict[str, Any] = self.ok("GET", f"/api/v1/evaluations/{started['id']}")
+            if evaluation["status"] in FINISHED:
+                return evaluation
+            assert self.evaluator.alive(), self.evaluator.log()[-3000:]
+            time.sleep(0.3)
+        raise AssertionError(f"evaluation {started['id']} did not finish:\n"
+                             + self.evaluator.log()[-3000:])
+
+    def everything_about(self, evaluation: dict[str, Any], key: str = ADMIN_KEY) -> str:
+        """Every API answer that shows what an evaluation produced (to ``key``)."""
+        texts = [json.dumps(evaluation)]
+        for path in (f"/api/v1/evaluations/{evaluation['id']}",
+                     f"/api/v1/evaluations?jobset_id={evaluation['jobset_id']}",
+                     f"/api/v1/builds?evaluation_id={evaluation['id']}",
+                     "/api/v1/projects",
+                     "/api/v1/builds/recent"):
+            texts.append(self.api("GET", path, key).text)
+        return "\n".join(texts)
+
+
+@pytest.fixture(scope="module")
+def system(engine: Engine, database_url: str, redis_url: str, nix_env: dict[str, str],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    state = tmp_path_factory.mktemp("evalsec")
+    secret_file = state / "server-secret.txt"
+    secret_file.write_text(MARKER)
+    secret_nix = state / "secret.nix"
+    secret_nix.write_text(f'"{MARKER}"')
+    config_file = state / "circus.toml"
+    config_file.write_text(f"# {MARKER}\n[evaluator]\nnix_timeout = 120\n")
+    shared = state / "shared"
+    shared.mkdir()
+    extra = {"CIRCUS_CONFIG_FILE": str(config_file),
+             "CIRCUS_SERVER__SECRET_KEY": f"{MARKER}-key",
+             # no scheduled evaluations: only the test's triggers
+             "CIRCUS_EVALUATOR__POLL_INTERVAL": "3600",
+             "CIRCUS_EVALUATOR__ALLOWED_PATH_INPUTS": json.dumps([str(shared)])}
+    with live_server(engine, database_url, redis_url, state, USERS, **extra) as server:
+        evaluator = Daemon("evaluator", [circus_command("circus-evaluator")],
+                           state / "daemon-logs", env={**nix_env, **server.env}, cwd=state)
+        evaluator.start()
+        try:
+            yield System(server, evaluator, state, secret_file, secret_nix, config_file,
+                         shared, engine)
+        finally:
+            evaluator.stop()
+
+
+def test_a_classic_jobset_cannot_read_server_files_or_environment(system: System) -> None:
+    nonce = uuid.uuid4().hex
+    repo = GitRepo(system.state / f"leaky-{nonce[:8]}")
+    repo.commit({"release.nix": leaky_release(system.secret_file, system.secret_nix,
+                                              system.config_file),
+                 "own.txt": nonce})
+    system.project("leaky-classic", repo.url)
+    jobset_id = system.jobset("leaky-classic", flake_mode=False, nix_expression="release.nix")
+
+    evaluation = system.evaluate(jobset_id)
+
+    assert evaluation["status"] == "completed", evaluation
+    errors = {e["job_name"]: e["message"] for e in evaluation["errors"]}
+    for job, path in (("passwd", "/etc/passwd"), ("secretFile", str(system.secret_file)),
+                      ("serverConfig", str(system.config_file)),
+                      ("importSecret", str(system.secret_nix)), ("listEtc", "/etc"),
+                      ("procEnviron", "/proc/self/environ")):
+        assert f"access to absolute path '{path}' is forbidden in restricted mode" in (
+            errors[job]), (job, errors[job])
+    assert "leaked: key=|db=|home=|" in errors["environment"]
+    # the positive control: a file of its own input is read
+    builds = system.ok("GET", f"/api/v1/builds?evaluation_id={evaluation['id']}")["items"]
+    assert [b["job_name"] for b in builds] == ["own"]
+    assert builds[0]["drv_path"].endswith(f"-own-{nonce}.drv")
+    shown = system.everything_about(evaluation)
+    assert MARKER not in shown
+    assert PASSWD_CONTENT not in shown
+
+
+def test_a_flake_cannot_read_server_files_or_environment(system: System) -> None:
+    repo = GitRepo(system.state / f"leaky-flake-{uuid.uuid4().hex[:8]}")
+    repo.commit({"flake.nix": leaky_flake(system.secret_file)})
+    system.project("leaky-flake", repo.url)
+    evaluation = system.evaluate(system.jobset("leaky-flake", flake_mode=True))
+
+    assert evaluation["status"] == "completed", evaluation
+    errors = {e["job_name"]: e["message"] for e in evaluation["errors"]}
+    assert "access to absolute path '/etc/passwd' is forbidden" in errors["passwd"]
+    assert f"access to absolute path '{system.secret_file}' is forbidden" in (
+        errors["secretFile"])
+    assert "leaked: key=|" in errors["environment"]
+    shown = system.everything_about(evaluation)
+    assert MARKER not in shown
+    assert PASSWD_CONTENT not in shown
+
+
+def _refused(response: requests.Response, field: str) -> None:
+    assert response.status_code == 403, response.text
+    body = response.json()
+    assert body["error"] == "server paths need an admin", body
+    assert "evaluator.allowed_path_inputs" in json.dumps(body["details"][field]), body
+
+
+def test_a_non_admin_cannot_name_server_paths(system: System) -> None:
+    projects = "/api/v1/projects"
+    for url in ("file:///etc", "/etc", "git+file:///etc", f"file://{system.shared}/../"):
+        _refused(system.api("POST", projects, MALLORY_KEY,
+                            {"name": "m-repo", "repository_url": url}), "repository_url")
+    assert system.api("GET", projects + "/m-repo").status_code == 404
+
+    system.project("m-inputs", "https://example.org/m.git", MALLORY_KEY)
+    system.jobset("m-inputs", key=MALLORY_KEY, flake_mode=False)
+    inputs = projects + "/m-inputs/jobsets/main/inputs"
+    for kind, value in (("path", "/etc"), ("path", str(system.secret_file)),
+                        ("path", f"{system.shared}/../server-secret.txt"),
+                        ("git", "file:///etc main"), ("git", "/srv/repo")):
+        _refused(system.api("POST", inputs, MALLORY_KEY,
+                            {"name": "x", "input_type": kind, "value": value}), "value")
+    # a symlink inside the allowed directory does not lead out of it
+    (system.shared / "escape").symlink_to(system.state)
+    _refused(system.api("POST", inputs, MALLORY_KEY, {
+        "name": "x", "input_type": "path", "value": f"{system.shared}/escape"}), "value")
+    updated = system.api("PUT", projects + "/m-inputs", MALLORY_KEY,
+                         {"repository_url": "file:///etc"})
+    _refused(updated, "repository_url")
+    assert system.ok("GET", inputs)["total"] == 0
+
+    # the allowlist, and admins, may
+    (system.shared / "data").mkdir()
+    system.ok("POST", inputs, {"name": "shared", "input_type": "path",
+                               "value": str(system.shared / "data")}, MALLORY_KEY)
+    system.ok("POST", inputs, {"name": "etc", "input_type": "path", "value": "/etc"})
+    assert system.api("GET", projects + "/m-inputs").json()["repository_url"].startswith(
+        "https://")
+
+
+def _real_output(nonce: str) -> str:
+    expr = (f'derivation {{ name = "circus-vault-{nonce}"; builder = "/bin/sh"; '
+            'system = builtins.currentSystem; args = ["-c" "echo vault > $out"]; }')
+    return subprocess.run(["nix-build", "--no-out-link", "-E", expr], capture_output=True,
+                          text=True, env=nix_environ([]), check=True).stdout.strip()
+
+
+def test_a_build_input_cannot_read_a_hidden_projects_builds(system: System) -> None:
+    nonce = uuid.uuid4().hex
+    with Session(system.engine, expire_on_commit=False) as session:
+        rows = Rows(session, system.state / "logs")
+        root = session.query(User).filter_by(username="root").one()
+        vault = rows.project("vault", hidden=True, owner_id=root.id)
+        evaluation = rows.evaluation(rows.jobset(vault))
+        rows.build(evaluation, "secret", BuildStatus.succeeded,
+                   outputs={"out": _real_output(nonce)})
+        session.commit()
+    repo = GitRepo(system.shared / f"uses-vault-{nonce[:8]}")
+    repo.commit({"release.nix": f"""{{ dep, ... }}: {{
+  uses = derivation {{
+    name = "uses-" + builtins.unsafeDiscardStringContext (baseNameOf dep.outPath);
+    system = "{current_system()}"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }};
+}}"""})
+    build_input = {"name": "dep", "input_type": "build", "value": "vault:main:secret"}
+
+    # mallory's project (its repository is in the allowed directory)
+    system.project("m-thief", repo.url, MALLORY_KEY)
+    stolen = system.jobset("m-thief", key=MALLORY_KEY, flake_mode=False,
+                           nix_expression="release.nix")
+    system.ok("POST", "/api/v1/projects/m-thief/jobsets/main/inputs", build_input,
+              MALLORY_KEY)
+    refused = system.evaluate(stolen)
+    assert refused["status"] == "failed", refused
+    assert refused["error_message"] == (
+        "input 'dep': no successful build of 'vault:main:secret' (no project 'vault' "
+        "visible to the owner of project 'm-thief')")
+    assert refused["errors"] == []
+    assert nonce not in system.everything_about(refused, MALLORY_KEY)
+
+    # the positive control: the same jobset in an admin's project reads the build
+    system.project("a-reader", repo.url)
+    allowed = system.jobset("a-reader", flake_mode=False, nix_expression="release.nix")
+    system.ok("POST", "/api/v1/projects/a-reader/jobsets/main/inputs", build_input)
+    evaluation = system.evaluate(allowed)
+    assert evaluation["status"] == "completed", evaluation
+    builds = system.ok("GET", f"/api/v1/builds?evaluation_id={evaluation['id']}")["items"]
+    assert [b["job_name"] for b in builds] == ["uses"]
+    assert f"circus-vault-{nonce}" in builds[0]["drv_path"]
