@@ -218,7 +218,10 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
         spec.attr_path = [part.strip('"') for part in _split_attr(expression)]
         spec.fallback_to_checks = spec.attr_path == ["hydraJobs"]
         if ev.restrict_eval:
-            spec.allowed_uris.append(f"git+file://{mirror.path}")
+            # the exact locked reference: Nix matches allowed-uris as prefixes, and the
+            # mirror's path as a prefix let `fetchTree "git+file://<mirror>/../<any>"`
+            # read any repository on the server
+            spec.allowed_uris.append(spec.flake_ref)
         return spec
     if source is None or source.store_path is None:
         raise EvalFailed("the jobset's expression input has no source")

@@ -32,6 +32,7 @@ from circus.common.enums import BuildStatus, EvaluationStatus
 from circus.common.models import User
 from circus.common.nix.environment import current_system, nix_environ
 from circus.evaluator import execution
+from circus.evaluator.git import Mirror
 from tests.api.live import ADMIN_KEY, LiveServer, live_server
 from tests.dashboard.factories import Rows
 from tests.evaluator.conftest import (  # noqa: F401 (fixtures)
@@ -80,12 +81,14 @@ in {{
 """
 
 
-def leaky_flake(secret_file: Path) -> str:
+def leaky_flake(secret_file: Path, escape: str) -> str:
     return f"""{{
   outputs = {{ self }}: {{
     hydraJobs = {{
       passwd = throw "leaked: ${{builtins.readFile /etc/passwd}}";
       secretFile = throw "leaked: ${{builtins.readFile {secret_file}}}";
+      otherRepository = throw "leaked: ${{builtins.readFile
+        "${{builtins.fetchTree "{escape}"}}/secret.txt"}}";
       environment = throw "leaked: key=${{builtins.getEnv "CIRCUS_SERVER__SECRET_KEY"}}|";
     }};
   }};
@@ -243,8 +246,15 @@ def test_a_classic_jobset_cannot_read_server_files_or_environment(system: System
 
 
 def test_a_flake_cannot_read_server_files_or_environment(system: System) -> None:
+    # a repository on the server that is no input of the flake
+    private = GitRepo(system.state / f"private-{uuid.uuid4().hex[:8]}")
+    private.commit({"secret.txt": MARKER})
     repo = GitRepo(system.state / f"leaky-flake-{uuid.uuid4().hex[:8]}")
-    repo.commit({"flake.nix": leaky_flake(system.secret_file)})
+    # the flake's own mirror is where Nix may fetch from: walk out of it
+    mirror = Mirror.for_url(system.server.env["CIRCUS_EVALUATOR__WORK_DIR"], repo.url,
+                            timeout=30, allowed_schemes=["file"]).path
+    escape = f"git+file://{mirror}/../../../{private.path.relative_to(system.state)}"
+    repo.commit({"flake.nix": leaky_flake(system.secret_file, escape)})
     system.project("leaky-flake", repo.url)
     evaluation = system.evaluate(system.jobset("leaky-flake", flake_mode=True))
 
@@ -254,6 +264,8 @@ def test_a_flake_cannot_read_server_files_or_environment(system: System) -> None
     assert f"access to absolute path '{system.secret_file}' is forbidden" in (
         errors["secretFile"])
     assert "leaked: key=|" in errors["environment"]
+    assert f"access to URI '{escape}' is forbidden in restricted mode" in (
+        errors["otherRepository"])
     shown = system.everything_about(evaluation)
     assert MARKER not in shown
     assert PASSWD_CONTENT not in shown
