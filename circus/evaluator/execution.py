@@ -229,6 +229,9 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
     if ".." in Path(relative).parts:
         raise EvalFailed(f"the expression path {relative!r} leaves its input")
     expr_file = Path(source.store_path) / relative
+    if not expr_file.resolve().is_relative_to(Path(source.store_path).resolve()):
+        # a symlink out of the input (whether its target exists is none of its business)
+        raise EvalFailed(f"the expression path {relative!r} leaves its input")
     if not expr_file.exists():
         where = (f"input {jobset.nix_expression_input!r}" if jobset.nix_expression_input
                  else "the project's repository")

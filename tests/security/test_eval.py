@@ -58,7 +58,8 @@ USERS = {"users": [{"username": "root", "role": "admin"},
 FINISHED = {"completed", "failed", "timed_out", "cancelled"}
 
 
-def leaky_release(secret_file: Path, secret_nix: Path, config_file: Path) -> str:
+def leaky_release(secret_file: Path, secret_nix: Path, config_file: Path, private: Path
+                  ) -> str:
     """A classic jobset that tries every way to read the server into its errors."""
     system = current_system()
     return f"""{{ ... }}:
@@ -71,6 +72,10 @@ in {{
   importSecret = leak (import {secret_nix});
   listEtc = leak (builtins.toJSON (builtins.attrNames (builtins.readDir /etc)));
   procEnviron = leak (builtins.readFile /proc/self/environ);
+  # a symlink in the repository, pointing at the server file
+  symlink = leak (builtins.readFile ./link);
+  fetchGit = leak (builtins.readFile "${{builtins.fetchGit "file://{private}"}}/secret.txt");
+  fetchurl = leak (builtins.readFile (builtins.fetchurl "file:///etc/passwd"));
   environment = leak "key=${{builtins.getEnv "CIRCUS_SERVER__SECRET_KEY"}}|db=${{
     builtins.getEnv "CIRCUS_DATABASE__URL"}}|home=${{builtins.getEnv "HOME"}}|";
   own = derivation {{
@@ -218,9 +223,13 @@ def system(engine: Engine, database_url: str, redis_url: str, nix_env: dict[str,
 
 def test_a_classic_jobset_cannot_read_server_files_or_environment(system: System) -> None:
     nonce = uuid.uuid4().hex
+    private = GitRepo(system.state / f"private-{nonce[:8]}")
+    private.commit({"secret.txt": MARKER})
     repo = GitRepo(system.state / f"leaky-{nonce[:8]}")
+    (repo.path / "link").symlink_to(system.secret_file)
+    (repo.path / "expression.nix").symlink_to(system.secret_nix)
     repo.commit({"release.nix": leaky_release(system.secret_file, system.secret_nix,
-                                              system.config_file),
+                                              system.config_file, private.path),
                  "own.txt": nonce})
     system.project("leaky-classic", repo.url)
     jobset_id = system.jobset("leaky-classic", flake_mode=False, nix_expression="release.nix")
@@ -232,9 +241,12 @@ def test_a_classic_jobset_cannot_read_server_files_or_environment(system: System
     for job, path in (("passwd", "/etc/passwd"), ("secretFile", str(system.secret_file)),
                       ("serverConfig", str(system.config_file)),
                       ("importSecret", str(system.secret_nix)), ("listEtc", "/etc"),
-                      ("procEnviron", "/proc/self/environ")):
+                      ("procEnviron", "/proc/self/environ"), ("fetchGit", str(private.path)),
+                      ("fetchurl", "/etc/passwd")):
         assert f"access to absolute path '{path}' is forbidden in restricted mode" in (
             errors[job]), (job, errors[job])
+    assert (f"access to canonical path '{system.secret_file}' is forbidden in restricted "
+            "mode") in errors["symlink"]
     assert "leaked: key=|db=|home=|" in errors["environment"]
     # the positive control: a file of its own input is read
     builds = system.ok("GET", f"/api/v1/builds?evaluation_id={evaluation['id']}")["items"]
@@ -243,6 +255,15 @@ def test_a_classic_jobset_cannot_read_server_files_or_environment(system: System
     shown = system.everything_about(evaluation)
     assert MARKER not in shown
     assert PASSWD_CONTENT not in shown
+
+    # the jobset's expression itself a symlink to a server file (whose parse error
+    # would show its text; Nix refuses it too, but the evaluator does not even ask)
+    linked = system.jobset("leaky-classic", name="linked", flake_mode=False,
+                           nix_expression="expression.nix")
+    refused = system.evaluate(linked)
+    assert refused["status"] == "failed", refused
+    assert refused["error_message"] == "the expression path 'expression.nix' leaves its input"
+    assert MARKER not in system.everything_about(refused)
 
 
 def test_a_flake_cannot_read_server_files_or_environment(system: System) -> None:
