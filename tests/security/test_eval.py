@@ -13,7 +13,9 @@ module's live server must not see while it runs.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -27,6 +29,7 @@ import requests
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from circus.common import localsource
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, EvaluationStatus
 from circus.common.models import User
@@ -49,8 +52,10 @@ MARKER = f"circus-server-secret-{uuid.uuid4().hex}"
 #: what /etc/passwd starts with on every Linux
 PASSWD_CONTENT = "root:x:0:0"
 MALLORY_KEY = "mallory-create-projects-key-0123456789"
+MALLORY_PASSWORD = "mallory-password-" + "x" * 8
 USERS = {"users": [{"username": "root", "role": "admin"},
-                   {"username": "mallory", "role": "create-projects"}],
+                   {"username": "mallory", "role": "create-projects",
+                    "password": MALLORY_PASSWORD}],
          "api_keys": [{"name": "live-admin", "key": ADMIN_KEY, "role": "admin",
                        "owner": "root"},
                       {"name": "mallory", "key": MALLORY_KEY, "role": "create-projects",
@@ -330,6 +335,37 @@ def test_a_non_admin_cannot_name_server_paths(system: System) -> None:
     system.ok("POST", inputs, {"name": "etc", "input_type": "path", "value": "/etc"})
     assert system.api("GET", projects + "/m-inputs").json()["repository_url"].startswith(
         "https://")
+
+
+def _csrf(page: requests.Response) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found, page.text[:2000]
+    return found.group(1)
+
+
+def test_the_dashboard_refuses_server_paths_to_a_non_admin(system: System) -> None:
+    system.project("m-dash", "https://example.org/d.git", MALLORY_KEY)
+    system.jobset("m-dash", key=MALLORY_KEY, flake_mode=False)
+    browser = requests.Session()
+    url = system.server.url
+    login = browser.post(url + "/login", timeout=30, data={
+        "username": "mallory", "password": MALLORY_PASSWORD, "next": "/",
+        "csrf_token": _csrf(browser.get(url + "/login", timeout=30))})
+    assert login.status_code == 200, login.text[:2000]
+    assert "mallory" in login.text, login.text[:2000]
+    token = _csrf(browser.get(url + "/jobset/m-dash/main", timeout=30))
+
+    added = browser.post(url + "/jobset/m-dash/main/inputs", timeout=30, data={
+        "name": "etc", "input_type": "path", "value": "/etc", "csrf_token": token})
+    assert added.status_code == 403, added.text[:2000]
+    assert localsource.refusal("/etc") in html.unescape(added.text)
+    settings = browser.post(url + "/project/m-dash/settings", timeout=30, data={
+        "description": "", "repository_url": "file:///etc", "csrf_token": token})
+    assert settings.status_code == 403, settings.text[:2000]
+    assert localsource.refusal("file:///etc") in html.unescape(settings.text)
+    assert system.ok("GET", "/api/v1/projects/m-dash/jobsets/main/inputs")["total"] == 0
+    assert system.ok("GET", "/api/v1/projects/m-dash")["repository_url"] == (
+        "https://example.org/d.git")
 
 
 def _real_output(nonce: str) -> str:
