@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import subprocess
 import time
@@ -138,6 +139,38 @@ def test_nix_sees_none_of_the_servers_environment_even_unrestricted(
     # getEnv does work here (PATH is kept), and HOME is the evaluator's own
     assert "|path=|" not in message
     assert f"home={execution.nix_home(settings)}|" in message
+
+
+def test_nix_eval_jobs_runs_restricted_in_the_scrubbed_environment(
+        world: World, git_repo: Callable[..., GitRepo],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The other evaluation program: a stand-in records how it is started."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "seen"
+    fake = bin_dir / "nix-eval-jobs"
+    fake.write_text(f"#!/bin/sh\nenv > {seen}.env\nprintf '%s\\n' \"$@\" > {seen}.args\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("CIRCUS_SERVER__SECRET_KEY", MARKER)
+    monkeypatch.setenv("CIRCUS_DATABASE__URL", f"postgresql://circus:{MARKER}@db/circus")
+    repo = git_repo("nej")
+    repo.commit({"flake.nix": '{ outputs = { self }: { hydraJobs = { }; }; }',
+                 "release.nix": "{ ... }: { }"})
+    for flake in (True, False):
+        evaluation = world.evaluate(world.jobset(repo.url, flake=flake,
+                                                 expression="hydraJobs" if flake
+                                                 else "release.nix"))
+        assert evaluation.status is EvaluationStatus.completed, evaluation.error_message
+        argv = Path(f"{seen}.args").read_text().splitlines()
+        options = {argv[i + 1]: argv[i + 2] for i, arg in enumerate(argv) if arg == "--option"}
+        assert options["restrict-eval"] == "true", argv
+        if flake:
+            assert options["allowed-uris"] == evaluation.flake_ref, argv
+        environ = Path(f"{seen}.env").read_text()
+        assert MARKER not in environ
+        assert "CIRCUS_" not in environ
+        assert f"HOME={execution.nix_home(world.settings)}\n" in environ
 
 
 # ---------------------------------------------------------------------------
@@ -381,8 +414,8 @@ def test_a_build_input_cannot_read_a_hidden_projects_builds(system: System) -> N
         rows = Rows(session, system.state / "logs")
         root = session.query(User).filter_by(username="root").one()
         vault = rows.project("vault", hidden=True, owner_id=root.id)
-        evaluation = rows.evaluation(rows.jobset(vault))
-        rows.build(evaluation, "secret", BuildStatus.succeeded,
+        vault_evaluation = rows.evaluation(rows.jobset(vault))
+        rows.build(vault_evaluation, "secret", BuildStatus.succeeded,
                    outputs={"out": _real_output(nonce)})
         session.commit()
     repo = GitRepo(system.shared / f"uses-vault-{nonce[:8]}")
