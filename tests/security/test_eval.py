@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from circus.common import localsource
@@ -62,6 +62,7 @@ USERS = {"users": [{"username": "root", "role": "admin"},
                       {"name": "mallory", "key": MALLORY_KEY, "role": "create-projects",
                        "owner": "mallory"}]}
 FINISHED = {"completed", "failed", "timed_out", "cancelled"}
+STORED_TABLES = ("evaluations", "evaluation_errors", "jobsets", "builds", "build_outputs")
 
 
 def leaky_release(secret_file: Path, secret_nix: Path, config_file: Path, private: Path
@@ -219,6 +220,13 @@ class System:
         raise AssertionError(f"evaluation {started['id']} did not finish:\n"
                              + self.evaluator.log()[-3000:])
 
+    def stored(self) -> str:
+        """What the database holds about evaluations and their results, as text."""
+        with self.engine.connect() as conn:
+            return "\n".join(
+                str(row[0]) for table in STORED_TABLES
+                for row in conn.execute(text(f"SELECT t::text FROM {table} t")))
+
     def everything_about(self, evaluation: dict[str, Any], key: str = ADMIN_KEY) -> str:
         """Every API answer that shows what an evaluation produced (to ``key``)."""
         texts = [json.dumps(evaluation)]
@@ -293,6 +301,8 @@ def test_a_classic_jobset_cannot_read_server_files_or_environment(system: System
     shown = system.everything_about(evaluation)
     assert MARKER not in shown
     assert PASSWD_CONTENT not in shown
+    assert MARKER not in system.stored()
+    assert PASSWD_CONTENT not in system.stored()
 
     # the jobset's expression itself a symlink to a server file (whose parse error
     # would show its text; Nix refuses it too, but the evaluator does not even ask)
@@ -302,6 +312,7 @@ def test_a_classic_jobset_cannot_read_server_files_or_environment(system: System
     assert refused["status"] == "failed", refused
     assert refused["error_message"] == "the expression path 'expression.nix' leaves its input"
     assert MARKER not in system.everything_about(refused)
+    assert MARKER not in system.stored()
 
 
 def test_a_flake_cannot_read_server_files_or_environment(system: System) -> None:
@@ -328,6 +339,8 @@ def test_a_flake_cannot_read_server_files_or_environment(system: System) -> None
     shown = system.everything_about(evaluation)
     assert MARKER not in shown
     assert PASSWD_CONTENT not in shown
+    assert MARKER not in system.stored()
+    assert PASSWD_CONTENT not in system.stored()
 
 
 def _refused(response: requests.Response, field: str) -> None:
