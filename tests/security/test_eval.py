@@ -452,6 +452,13 @@ def test_a_build_input_cannot_read_a_hidden_projects_builds(system: System) -> N
         "visible to the owner of project 'm-thief')")
     assert refused["errors"] == []
     assert nonce not in system.everything_about(refused, MALLORY_KEY)
+    # ... word for word what a project that does not exist gets
+    missing = system.jobset("m-thief", name="missing", key=MALLORY_KEY, flake_mode=False,
+                            nix_expression="release.nix")
+    system.ok("POST", "/api/v1/projects/m-thief/jobsets/missing/inputs",
+              {**build_input, "value": "nosuch:main:secret"}, MALLORY_KEY)
+    assert system.evaluate(missing)["error_message"] == refused["error_message"].replace(
+        "vault", "nosuch")
 
     # the positive control: the same jobset in an admin's project reads the build
     system.project("a-reader", repo.url)
