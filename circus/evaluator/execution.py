@@ -217,11 +217,13 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
         expression = (jobset.nix_expression or "").strip() or "hydraJobs"
         spec.attr_path = [part.strip('"') for part in _split_attr(expression)]
         spec.fallback_to_checks = spec.attr_path == ["hydraJobs"]
-        if ev.restrict_eval:
-            # the exact locked reference: Nix matches allowed-uris as prefixes, and the
-            # mirror's path as a prefix let `fetchTree "git+file://<mirror>/../<any>"`
-            # read any repository on the server
-            spec.allowed_uris.append(spec.flake_ref)
+        # flakes stay pure whatever evaluator.restrict_eval says (nix-eval-jobs evaluates
+        # them in pure mode; the walker's getFlake gets the closest, restricted mode),
+        # allowed the exact locked reference: Nix matches allowed-uris as prefixes, and
+        # the mirror's path let `fetchTree "git+file://<mirror>/../<any>"` read any
+        # repository on the server
+        spec.restrict_eval = True
+        spec.allowed_uris.append(spec.flake_ref)
         return spec
     if source is None or source.store_path is None:
         raise EvalFailed("the jobset's expression input has no source")

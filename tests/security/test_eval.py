@@ -142,6 +142,22 @@ def test_nix_sees_none_of_the_servers_environment_even_unrestricted(
     assert f"home={execution.nix_home(settings)}|" in message
 
 
+def test_flakes_stay_restricted_when_classic_jobsets_are_not(
+        world: World, git_repo: Callable[..., GitRepo],  # noqa: F811
+        make_settings: Callable[..., Settings]) -> None:
+    repo = git_repo("flake-unrestricted")
+    repo.commit({"flake.nix": """{ outputs = { self }: { hydraJobs = {
+  passwd = throw "leaked: ${builtins.readFile /etc/passwd}";
+}; }; }"""})
+    settings = make_settings(evaluator={"restrict_eval": False, "nix_timeout": 120})
+    evaluation = world.evaluate(world.jobset(repo.url), settings)
+    assert evaluation.status is EvaluationStatus.completed, evaluation.error_message
+    [error] = evaluation.errors
+    assert PASSWD_CONTENT not in error.message
+    assert "access to absolute path '/etc/passwd' is forbidden in restricted mode" in (
+        error.message)
+
+
 def test_nix_eval_jobs_runs_restricted_in_the_scrubbed_environment(
         world: World, git_repo: Callable[..., GitRepo],  # noqa: F811
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
