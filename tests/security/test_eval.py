@@ -31,7 +31,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from circus.common import localsource
-from circus.common.config import Settings
+from circus.common.config import EvaluatorSettings, Settings, load_settings
+from circus.common.configbase import ConfigError
 from circus.common.enums import BuildStatus, EvaluationStatus
 from circus.common.models import User
 from circus.common.nix.environment import current_system, nix_environ
@@ -106,6 +107,16 @@ def leaky_flake(secret_file: Path, escape: str) -> str:
   }};
 }}
 """
+
+
+def test_restricted_evaluation_is_the_default_and_the_allowlist_is_validated() -> None:
+    assert EvaluatorSettings().restrict_eval is True
+    assert EvaluatorSettings().allowed_path_inputs == []
+    with pytest.raises(ConfigError) as raised:
+        load_settings(files=[], environ={}, overrides={
+            "evaluator": {"allowed_path_inputs": ["/srv/ok", "srv/relative"]}})
+    assert [(p.path, p.message) for p in raised.value.problems] == [
+        ("evaluator.allowed_path_inputs.1", "must be an absolute path (got 'srv/relative')")]
 
 
 # ---------------------------------------------------------------------------
