@@ -21,6 +21,7 @@ from circus import audit
 from circus.auth import api_keys, passwords, sealing
 from circus.auth.actor import Actor
 from circus.auth.tokens import digest
+from circus.common import localsource
 from circus.common.config import (
     DeclarativeApiKey,
     DeclarativeBuilder,
@@ -29,7 +30,7 @@ from circus.common.config import (
     DeclarativeUser,
     Settings,
 )
-from circus.common.enums import JobsetState, UserType
+from circus.common.enums import InputType, JobsetState, UserType
 from circus.common.errors import InvalidInput
 from circus.common.models import (
     ApiKey,
@@ -46,6 +47,7 @@ from circus.common.models import (
 from circus.common.models.base import utcnow
 from circus.machines import service as machines
 from circus.notifications.service import validate_config
+from circus.projects.service import check_server_path
 from circus.rows import apply_changes
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,9 @@ class Applier:
                   "enabled": item.enabled, "hidden": item.hidden,
                   "cache_enabled": item.cache_enabled,
                   "owner_id": self.user_id(item.owner, f"projects.{item.name}.owner")}
+        check_server_path(self.actor, localsource.repository_path(item.repository_url),
+                          item.repository_url, self.settings.evaluator.allowed_path_inputs,
+                          f"projects.{item.name}.repository_url")
         project = self.session.scalar(select(Project).where(Project.name == item.name))
         if project is None:
             project = Project(name=item.name, managed_declaratively=True, **values)
@@ -238,6 +243,13 @@ class Applier:
         existing = {i.name: i for i in self.session.scalars(
             select(JobsetInput).where(JobsetInput.jobset_id == jobset.id))}
         for spec in declared:
+            kind = InputType(spec.type)
+            path = (spec.value if kind is InputType.path
+                    else localsource.git_input_path(spec.value) if kind is InputType.git
+                    else None)
+            check_server_path(self.actor, path, spec.value,
+                              self.settings.evaluator.allowed_path_inputs,
+                              f"{target}/input:{spec.name}.value")
             row = existing.pop(spec.name, None)
             if row is None:
                 self.session.add(JobsetInput(jobset_id=jobset.id, name=spec.name,

@@ -231,9 +231,18 @@ class EvaluatorSettings(SettingsModel):
     #: nix-eval-jobs --max-memory-size, MiB
     max_memory_size: Positive = 4096
     work_dir: str = "/var/lib/circus/evaluator"
-    restrict_eval: bool = False
+    #: Nix's restrict-eval: the expression reads only its inputs' store paths and
+    #: ``allowed_uris`` (no /etc, no server files, ``builtins.getEnv`` sees nothing)
+    restrict_eval: bool = True
     allowed_uris: list[str] = []
     allow_ifd: bool = False
+    #: directories non-admins may name in ``path`` inputs and ``file://`` repositories
+    #: (admins may name any); empty: only admins may use the server's disk
+    allowed_path_inputs: list[str] = []
+
+    def problems(self) -> list[Problem]:
+        return [Problem(f"allowed_path_inputs.{i}", f"must be an absolute path (got {d!r})")
+                for i, d in enumerate(self.allowed_path_inputs) if not d.startswith("/")]
 
 
 class RpcTlsSettings(SettingsModel):

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState, TriggerMode
 from circus.common.models import Evaluation, Jobset
+from circus.common.nix.environment import evaluation_environ
 from circus.evaluator import fallback, nixevaljobs
 from circus.evaluator.importer import BuildImporter, ImportStats
 from circus.evaluator.inputs import (
@@ -69,6 +70,13 @@ def gc_roots_dir(settings: Settings, evaluation_id: int) -> Path:
 
 def run_dir(settings: Settings, evaluation_id: int) -> Path:
     return Path(settings.evaluator.work_dir) / "runs" / f"eval-{evaluation_id}"
+
+
+def nix_home(settings: Settings) -> Path:
+    """HOME of evaluation's Nix processes (their fetcher caches), never the server's."""
+    home = Path(settings.evaluator.work_dir) / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    return home
 
 
 @dataclass
@@ -190,7 +198,7 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
         allow_ifd=ev.allow_ifd, workers=ev.workers, max_memory_size=ev.max_memory_size,
         run_dir=run_dir(settings, evaluation.id),
         gc_roots_dir=gc_roots_dir(settings, evaluation.id),
-        env=settings.nix_environ(),
+        env=evaluation_environ(settings.nix_environ(), nix_home(settings)),
         deadline=time.monotonic() + ev.nix_timeout,
     )
     source = resolution.source
@@ -209,8 +217,13 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
         expression = (jobset.nix_expression or "").strip() or "hydraJobs"
         spec.attr_path = [part.strip('"') for part in _split_attr(expression)]
         spec.fallback_to_checks = spec.attr_path == ["hydraJobs"]
-        if ev.restrict_eval:
-            spec.allowed_uris.append(f"git+file://{mirror.path}")
+        # flakes stay pure whatever evaluator.restrict_eval says (nix-eval-jobs evaluates
+        # them in pure mode; the walker's getFlake gets the closest, restricted mode),
+        # allowed the exact locked reference: Nix matches allowed-uris as prefixes, and
+        # the mirror's path let `fetchTree "git+file://<mirror>/../<any>"` read any
+        # repository on the server
+        spec.restrict_eval = True
+        spec.allowed_uris.append(spec.flake_ref)
         return spec
     if source is None or source.store_path is None:
         raise EvalFailed("the jobset's expression input has no source")
@@ -218,6 +231,9 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
     if ".." in Path(relative).parts:
         raise EvalFailed(f"the expression path {relative!r} leaves its input")
     expr_file = Path(source.store_path) / relative
+    if not expr_file.resolve().is_relative_to(Path(source.store_path).resolve()):
+        # a symlink out of the input (whether its target exists is none of its business)
+        raise EvalFailed(f"the expression path {relative!r} leaves its input")
     if not expr_file.exists():
         where = (f"input {jobset.nix_expression_input!r}" if jobset.nix_expression_input
                  else "the project's repository")

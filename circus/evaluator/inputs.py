@@ -28,9 +28,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from circus.auth.actor import Actor
+from circus.auth.visibility import can_see_project
 from circus.common.config import Settings
-from circus.common.enums import BuildStatus, InputType
-from circus.common.models import Build, Jobset, Project
+from circus.common.enums import ActorKind, BuildStatus, InputType
+from circus.common.models import Build, Jobset, Project, User
 from circus.common.nix import process
 from circus.evaluator.git import GitError, Mirror
 from circus.evaluator.program import ClassicArg, nix_string
@@ -147,16 +149,32 @@ def _add_to_store(settings: Settings, path: Path) -> str:
     return done.stdout.strip()
 
 
-def _resolve_build_input(session: Session, name: str, value: str) -> ResolvedInput:
+def owner_actor(session: Session, project: Project) -> Actor:
+    """Whose eyes a jobset reads other projects' builds with: its project's owner."""
+    owner = session.get(User, project.owner_id) if project.owner_id is not None else None
+    if owner is None or not owner.enabled:
+        return Actor.anonymous()
+    return Actor(ActorKind.user, name=owner.username, role=owner.role, user_id=owner.id)
+
+
+def _resolve_build_input(session: Session, name: str, value: str, project: Project
+                         ) -> ResolvedInput:
     try:
         project_name, jobset_name, job = value.split(":", 2)
     except ValueError:
         raise InputError(f"input {name!r}: a build input is <project>:<jobset>:<job>, "
                          f"got {value!r}") from None
+    source = session.scalar(select(Project).where(Project.name == project_name))
+    # a project hidden from the jobset's owner does not exist for the jobset (the same
+    # message as for a missing one, so nothing tells the two apart)
+    if source is None or (source.id != project.id and not can_see_project(
+            session, owner_actor(session, project), source.id)):
+        raise InputError(f"input {name!r}: no successful build of {value!r} (no project "
+                         f"{project_name!r} visible to the owner of project {project.name!r})")
     build = session.scalars(
         select(Build).join(Jobset, Jobset.id == Build.jobset_id)
         .join(Project, Project.id == Build.project_id)
-        .where(Project.name == project_name, Jobset.name == jobset_name,
+        .where(Project.id == source.id, Jobset.name == jobset_name,
                Build.job_name == job, Build.status == BuildStatus.succeeded)
         .order_by(Build.id.desc()).limit(1)).first()
     if build is None:
@@ -170,8 +188,8 @@ def _resolve_build_input(session: Session, name: str, value: str) -> ResolvedInp
                          outputs=outputs)
 
 
-def _resolve_input(session: Session, settings: Settings, name: str, kind: InputType,
-                   value: str, pinned: str | None) -> ResolvedInput:
+def _resolve_input(session: Session, settings: Settings, project: Project, name: str,
+                   kind: InputType, value: str, pinned: str | None) -> ResolvedInput:
     if kind is InputType.git:
         url, branch = _parse_git_value(value)
         return _fetch_git(settings, name, url, branch, pinned)
@@ -190,7 +208,7 @@ def _resolve_input(session: Session, settings: Settings, name: str, kind: InputT
                              revision=Path(store_path).name.split("-", 1)[0],
                              store_path=store_path)
     if kind is InputType.build:
-        return _resolve_build_input(session, name, value)
+        return _resolve_build_input(session, name, value, project)
     # string and nix: the value is everything
     return ResolvedInput(name=name, type=kind.value, value=value)
 
@@ -212,8 +230,8 @@ def resolve(session: Session, settings: Settings, jobset: Jobset, *,
                           branch or jobset.branch, revision)
     if not jobset.flake_mode:
         for item in jobset.inputs:
-            inputs.append(_resolve_input(session, settings, item.name, item.input_type,
-                                         item.value, item.revision))
+            inputs.append(_resolve_input(session, settings, project, item.name,
+                                         item.input_type, item.value, item.revision))
         if jobset.nix_expression_input:
             source = next((i for i in inputs if i.name == jobset.nix_expression_input), None)
             if source is None:

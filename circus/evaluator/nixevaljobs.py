@@ -55,7 +55,8 @@ in
     try:
         finished = proc.stream(
             ["nix-instantiate", "--eval", "--strict", "--json", *spec.nix_options(),
-             str(expr_file)],
+             # restricted mode reads only -I paths: this one holds just probe.nix
+             "-I", f"circus-run={spec.run_dir}", str(expr_file)],
             env=spec.env, cwd=str(spec.run_dir), deadline=spec.deadline,
             should_stop=should_stop, on_stdout=on_stdout)
     except proc.Stopped as stop:

@@ -19,8 +19,9 @@ from circus import audit
 from circus.auth import sealing
 from circus.auth.actor import Actor
 from circus.auth.permissions import Action, require_permission
+from circus.common import localsource
 from circus.common.enums import ForgeType, InputType, JobsetState, MemberRole, NotificationType
-from circus.common.errors import Conflict, InvalidInput, NotFound
+from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from circus.common.models import (
     Channel,
     Evaluation,
@@ -61,6 +62,15 @@ def check_repository_url(url: str, allowed_schemes: Sequence[str]) -> None:
     if scheme not in allowed_schemes:
         raise InvalidInput("repository URL scheme not allowed", {"repository_url": [
             f"scheme must be one of {', '.join(allowed_schemes)} (got {url!r})"]})
+
+
+def check_server_path(actor: Actor, path: str | None, location: str,
+                      allowed_paths: Sequence[str], field: str) -> None:
+    """``path`` inputs and ``file://`` repositories read the server's disk: a 403
+    unless ``actor`` is an admin or ``path`` is under ``evaluator.allowed_path_inputs``."""
+    if path is None or actor.is_admin or localsource.is_allowed(path, allowed_paths):
+        return
+    raise PermissionDenied("server paths need an admin", {field: [localsource.refusal(location)]})
 
 
 # ---------------------------------------------------------------------------
@@ -120,10 +130,12 @@ def create_project(session: Session, actor: Actor, *, name: str, description: st
                    repository_url: str = "", enabled: bool = True, hidden: bool = False,
                    cache_enabled: bool = True, owner_id: int | None = None,
                    allowed_schemes: Sequence[str] = ("https", "http", "ssh", "git", "file"),
-                   managed: bool = False) -> Project:
+                   managed: bool = False, allowed_paths: Sequence[str] = ()) -> Project:
     require_permission(session, actor, Action.project_create)
     check_name(name)
     check_repository_url(repository_url, allowed_schemes)
+    check_server_path(actor, localsource.repository_path(repository_url), repository_url,
+                      allowed_paths, "repository_url")
     if session.scalar(select(Project.id).where(Project.name == name)) is not None:
         raise Conflict(f"project {name!r} already exists", {"name": name})
     if owner_id is not None:
@@ -140,10 +152,14 @@ def create_project(session: Session, actor: Actor, *, name: str, description: st
 
 def update_project(session: Session, actor: Actor, project: Project, changes: dict[str, Any],
                    allowed_schemes: Sequence[str] = ("https", "http", "ssh", "git", "file"),
-                   ) -> Project:
+                   allowed_paths: Sequence[str] = ()) -> Project:
     require_permission(session, actor, Action.project_update, project.id)
     if "repository_url" in changes:
-        check_repository_url(changes["repository_url"], allowed_schemes)
+        url = changes["repository_url"]
+        check_repository_url(url, allowed_schemes)
+        if url != project.repository_url:  # an admin's choice stays editable
+            check_server_path(actor, localsource.repository_path(url), url, allowed_paths,
+                              "repository_url")
     if changes.get("owner_id") is not None:
         _user(session, changes["owner_id"])
     applied = apply_changes(project, changes, PROJECT_FIELDS)
@@ -239,12 +255,19 @@ def get_input(session: Session, jobset: Jobset, name: str) -> JobsetInput:
 
 
 def add_input(session: Session, actor: Actor, jobset: Jobset, *, name: str,
-              input_type: InputType, value: str = "", revision: str | None = None
-              ) -> JobsetInput:
+              input_type: InputType, value: str = "", revision: str | None = None,
+              allowed_paths: Sequence[str] = ()) -> JobsetInput:
     require_permission(session, actor, Action.jobset_manage, jobset.project_id)
     check_name(name)
     if input_type is InputType.boolean and value not in ("true", "false"):
         raise InvalidInput("invalid boolean input", {"value": ["must be true or false"]})
+    if input_type is InputType.path:
+        if not value.startswith("/"):
+            raise InvalidInput("invalid path input", {"value": ["must be an absolute path"]})
+        check_server_path(actor, value, value, allowed_paths, "value")
+    elif input_type is InputType.git:
+        check_server_path(actor, localsource.git_input_path(value), value, allowed_paths,
+                          "value")
     if session.scalar(select(JobsetInput.id).where(JobsetInput.jobset_id == jobset.id,
                                                    JobsetInput.name == name)) is not None:
         raise Conflict(f"input {name!r} already exists", {"name": name})

@@ -29,8 +29,10 @@ def fake_nix_eval_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     shutil.copy(RECORDING / "nix-eval-jobs", bin_dir / "nix-eval-jobs")
     args = tmp_path / "nix-eval-jobs.args"
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("CIRCUS_FAKE_NEJ_ARGS", str(args))
-    monkeypatch.setenv("CIRCUS_FAKE_NEJ_OUTPUT", str(RECORDING / "hydra-jobs.jsonl"))
+    # read by the stand-in from its own directory (evaluation scrubs the environment)
+    (bin_dir / "fake.env").write_text(
+        f"CIRCUS_FAKE_NEJ_ARGS='{args}'\n"
+        f"CIRCUS_FAKE_NEJ_OUTPUT='{RECORDING / 'hydra-jobs.jsonl'}'\n")
     # the recorded .drv paths must exist, as they did when the output was recorded
     subprocess.run(["nix-instantiate", str(RECORDING / "jobs.nix"), "-A", "hello",
                     "-A", "nested.kvm", "-A", '"nested"."dotted.attr"', "-A", "tarball",
@@ -99,7 +101,8 @@ def test_a_hanging_nix_eval_jobs_is_killed_with_its_children(
         world: World, recorded_repo: GitRepo, fake_nix_eval_jobs: Path,
         monkeypatch: pytest.MonkeyPatch, make_settings: Callable[..., Settings]) -> None:
     marker = f"1000.{random.randrange(10**6):06d}"
-    monkeypatch.setenv("CIRCUS_FAKE_NEJ_HANG", marker)
+    with (fake_nix_eval_jobs.parent / "bin" / "fake.env").open("a") as env:
+        env.write(f"CIRCUS_FAKE_NEJ_HANG='{marker}'\n")
     evaluation_id = world.trigger(world.jobset(recorded_repo.url))
     settings = make_settings(evaluator={"nix_timeout": 3})
     assert world.run(evaluation_id, settings).status == "timed_out"

@@ -61,6 +61,32 @@ def nix_environ(
     return env
 
 
+#: what evaluation's Nix processes keep of the server's environment: where the
+#: tools and the store are, locale and TLS roots; nothing of Circus's own
+#: configuration (CIRCUS_*, database and broker URLs, keys, tokens) or HOME
+EVALUATION_ENV_KEEP = frozenset({
+    "PATH", "NIX_CONFIG", "NIX_REMOTE", "NIX_STORE_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR",
+    "NIX_CONF_DIR", "NIX_USER_CONF_FILES", "NIX_DAEMON_SOCKET_PATH", "NIX_SSL_CERT_FILE",
+    "SSL_CERT_FILE", "TMPDIR", "TZ", "LANG", "LC_ALL", "LC_CTYPE", "LOCALE_ARCHIVE",
+})
+
+
+def evaluation_environ(env: Mapping[str, str], home: Path) -> dict[str, str]:
+    """``env`` (a :func:`nix_environ` result) scrubbed for Nix running untrusted code.
+
+    Only :data:`EVALUATION_ENV_KEEP` survives; ``HOME`` (Nix's caches) is ``home``,
+    and the search path is empty (``NIX_PATH`` and nix.conf's ``nix-path``), so the
+    expression sees only the ``-I`` entries of its inputs.
+    """
+    scrubbed = {key: value for key, value in env.items() if key in EVALUATION_ENV_KEEP}
+    scrubbed["HOME"] = str(home)
+    scrubbed["XDG_CACHE_HOME"] = str(home / ".cache")
+    scrubbed["NIX_PATH"] = ""
+    inherited = scrubbed.get("NIX_CONFIG")
+    scrubbed["NIX_CONFIG"] = f"{inherited}\nnix-path =" if inherited else "nix-path ="
+    return scrubbed
+
+
 @functools.cache
 def nix_version() -> tuple[int, int, int]:
     out = subprocess.run(["nix-store", "--version"], capture_output=True, text=True,

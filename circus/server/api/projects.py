@@ -65,6 +65,10 @@ def _schemes() -> list[str]:
     return settings().server.allowed_url_schemes
 
 
+def _allowed_paths() -> list[str]:
+    return settings().evaluator.allowed_path_inputs
+
+
 # ---------------------------------------------------------------------------
 # projects
 
@@ -87,7 +91,7 @@ def list_projects(args: dict[str, Any]) -> Any:
 def create_project(data: dict[str, Any]) -> Any:
     session = db_session()
     project = service.create_project(session, current_actor(), allowed_schemes=_schemes(),
-                                     **data)
+                                     allowed_paths=_allowed_paths(), **data)
     session.commit()
     return project
 
@@ -104,7 +108,8 @@ def get_project(project: str) -> Any:
 def update_project(data: dict[str, Any], project: str) -> Any:
     session = db_session()
     row = service.update_project(session, current_actor(), _project(session, project),
-                                 data, allowed_schemes=_schemes())
+                                 data, allowed_schemes=_schemes(),
+                                 allowed_paths=_allowed_paths())
     session.commit()
     return row
 
@@ -198,7 +203,8 @@ def list_inputs(args: dict[str, Any], project: str, jobset: str) -> Any:
 def create_input(data: dict[str, Any], project: str, jobset: str) -> Any:
     session = db_session()
     row = service.get_jobset(session, _project(session, project), jobset)
-    created = service.add_input(session, current_actor(), row, **data)
+    created = service.add_input(session, current_actor(), row,
+                                allowed_paths=_allowed_paths(), **data)
     session.commit()
     return created
 

@@ -70,7 +70,8 @@ def create_project() -> ResponseReturnValue:
     if form.run(lambda session: service.create_project(
             session, current_actor(), name=name, description=form.get("description"),
             repository_url=form.get("repository_url"),
-            allowed_schemes=settings().server.allowed_url_schemes)):
+            allowed_schemes=settings().server.allowed_url_schemes,
+            allowed_paths=settings().evaluator.allowed_path_inputs)):
         flash(f"Project {name} created.", "ok")
         return redirect(url_for("dashboard.project", project=name))
     return _projects_page(form)
@@ -106,7 +107,8 @@ def update_project(project: str) -> ResponseReturnValue:
     if form.run(lambda session: service.update_project(session, current_actor(), row, {
             "description": form.get("description"),
             "repository_url": form.get("repository_url"), **flags},
-            allowed_schemes=settings().server.allowed_url_schemes)):
+            allowed_schemes=settings().server.allowed_url_schemes,
+            allowed_paths=settings().evaluator.allowed_path_inputs)):
         flash(f"Project {row.name} saved.", "ok")
         return redirect(url_for("dashboard.project", project=row.name))
     return _project_page(_project(project), Form(), settings_form=form)
@@ -267,7 +269,7 @@ def add_input(project: str, jobset: str) -> ResponseReturnValue:
         form.add("input_type", "unknown input type")
     if form.run(lambda session: service.add_input(
             session, current_actor(), row, name=form.get("name"), input_type=InputType[kind],
-            value=form.get("value"))):
+            value=form.get("value"), allowed_paths=settings().evaluator.allowed_path_inputs)):
         flash(f"Input {form.get('name')} added.", "ok")
         return redirect(url_for("dashboard.jobset", project=project_row.name,
                                 jobset=row.name))
