@@ -79,7 +79,7 @@ class StepSinks:
 def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping[str, str],
                input_closure: list[str], on_log: Callable[[int], None] | None = None,
                on_report: Callable[[], None] | None = None, *,
-               outputs: Collection[str] = (),
+               outputs: Collection[str],
                leased: Callable[[], bool] = lambda: True,
                lease_held: Callable[[], Awaitable[bool]] | None = None) -> StepSinks:
     """The capabilities of one assignment.
