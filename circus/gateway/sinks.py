@@ -141,6 +141,12 @@ def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping
                 wanted = checked_paths(check_list("paths", paths, 100_000, MAX_STORE_PATH))
             except StoreError as exc:
                 raise Refused(str(exc)) from None
+            # an output's closure is the outputs plus (some of) the step's inputs; the
+            # agent learns nothing about any other path of this store
+            stray = [p for p in wanted if p not in allowed_outputs and p not in allowed_inputs]
+            if stray:
+                raise Refused(f"refused: {stray[0]} is neither an output nor an input of "
+                              f"step {step_id}")
             missing = await invalid_paths(wanted, nix_env)
             state["already_valid"] = sorted(set(wanted) - set(missing))
             return missing

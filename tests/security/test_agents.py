@@ -130,18 +130,22 @@ def test_output_stream_with_a_path_that_is_not_the_steps_output_is_discarded(
             (output,) = job.expected_outputs
             # the real output (with any content) plus a path the step does not make
             stream = export_of([(output, b"trojan\n"), (evil, b"evil\n")])
-            missing = (await job.output_sink.missing([output, evil])).missing
+            probe = await refusal(job.output_sink.missing([output, evil]))
+            missing = (await job.output_sink.missing([output])).missing
             for offset in range(0, len(stream), 4096):
                 await job.output_sink.write(stream[offset:offset + 4096])
             closed = await refusal(job.output_sink.close())
             await agent.report(job)
-            return {"job": job, "missing": list(missing), "closed": closed}
+            return {"job": job, "missing": list(missing), "closed": closed, "probe": probe}
         finally:
             agent.close()
 
     result = run_agent(attack)
     job = result["job"]
-    assert result["missing"] == [job.expected_outputs[0], evil]
+    # asking about a path beyond the step's outputs and inputs is refused as well
+    assert f"refused: {evil} is neither an output nor an input of step {job.step_id}" in \
+        result["probe"]
+    assert result["missing"] == job.expected_outputs
     assert f"refused: {evil} is not an output of step {job.step_id}" in result["closed"]
     wait_until(lambda: step_row(committed_db, job.step_id).state == "done", timeout=20,
                message="step finished")
