@@ -184,8 +184,8 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
         if outputs and presign.enabled and environment.runner is not None:
             try:
                 await upload_outputs(environment.runner, environment.machine_id, job.build_id,
-                                     infos, output_paths, presign.compression or "zstd",
-                                     presign.level or 3)
+                                     job.step_id, infos, output_paths,
+                                     presign.compression or "zstd", presign.level or 3)
             except (UploadFailed, OSError) as exc:
                 log.warning("step %s: %s", job.step_id, exc)
                 if presign.failBuildOnUploadError:

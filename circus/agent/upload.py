@@ -67,13 +67,13 @@ def put(url: str, packed: PackedNar, timeout: float = 600) -> None:
                 raise UploadFailed(f"upload answered HTTP {response.status}")
 
 
-async def upload_outputs(runner: Any, machine_id: str, build_id: int,
+async def upload_outputs(runner: Any, machine_id: str, build_id: int, step_id: int,
                          infos: Mapping[str, PathInfo], outputs: list[str],
                          compression: str, level: int) -> list[str]:
     """Upload ``outputs``; returns the paths the runner recorded. Raises UploadFailed."""
     requests = [{"storePath": p, "narHash": infos[p].nar_hash, "narSize": infos[p].nar_size}
                 for p in outputs]
-    answer = await runner.requestPresignedUrls(machine_id, build_id, requests)
+    answer = await runner.requestPresignedUrls(machine_id, build_id, requests, step_id)
     recorded = []
     with tempfile.TemporaryDirectory(prefix="circus-upload-") as scratch:
         for url in answer.urls:
@@ -92,7 +92,8 @@ async def upload_outputs(runner: Any, machine_id: str, build_id: int,
                 "storePath": url.storePath, "narHash": info.nar_hash, "narSize": info.nar_size,
                 "fileHash": packed.file_hash, "fileSize": packed.file_size,
                 "compression": url.compression or compression, "narPath": url.narPath,
-                "references": info.references, "deriver": info.deriver or "", "ca": ""})
+                "references": info.references, "deriver": info.deriver or "", "ca": ""},
+                step_id)
             if not done.ok:
                 raise UploadFailed(f"{url.storePath}: the runner rejected the upload: "
                                    f"{done.error}")

@@ -305,6 +305,11 @@ class RpcSettings(SettingsModel):
     #: SHA-256 hex digests of accepted agent tokens
     auth_tokens: list[str] = []
     max_connections: Positive = 256
+    #: connections not registered yet, at most; more are closed at once (the
+    #: gateway port may face the network: silence must not hold sockets open)
+    max_unregistered: Positive = 16
+    #: seconds a new connection has to register before it is closed
+    register_timeout_secs: Annotated[float, AfterValidator(at_least(0.1))] = 10.0
     heartbeat_ttl_secs: Positive = 60
     presign_expiry_secs: Positive = 900
     allow_plaintext: bool = False

@@ -29,7 +29,13 @@ from circus.gateway import sessions as session_rows
 from circus.gateway.server import ConnectedAgent, Gateway
 from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
 from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
+from circus.queue_runner.leases import (
+    ClaimedStep,
+    claim_steps,
+    holds_lease,
+    release_steps,
+    renew_lease,
+)
 from circus.queue_runner.logs import compress_file, log_path_for
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import read_output_result
@@ -202,8 +208,20 @@ class Bridge:
             or (None, False))
         upload = self.settings.cache_upload
         log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
+        outputs = frozenset(drv.output_paths.values())
+        agent.outputs[step.id] = outputs
+
+        def leased() -> bool:
+            return not agent.closed and step.id in agent.in_flight \
+                and step.id not in agent.reported
+
+        async def lease_held() -> bool:
+            return leased() and bool(await self.gateway.db(
+                lambda s: holds_lease(s, worker, step.id)))
+
         sinks = make_sinks(step.id, log_path, self.runner.max_log_size, self.nix_env, inputs,
-                           on_report=lambda: agent.reported.add(step.id))
+                           on_report=lambda: agent.reported.add(step.id), outputs=outputs,
+                           leased=leased, lease_held=lease_held)
         assignment = {
             "buildId": int(build_id or 0), "stepId": step.id, "drvPath": step.drv_path,
             "maxLogSize": self.runner.max_log_size,
@@ -253,6 +271,7 @@ class Bridge:
                      result: ReportedResult | None) -> None:
         agent.in_flight.discard(step.id)
         agent.reported.discard(step.id)
+        agent.outputs.pop(step.id, None)
         log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
         if log_path.exists():
             final = await asyncio.to_thread(self._final_log, log_path)
@@ -303,6 +322,7 @@ class Bridge:
     async def hand_back(self, agent: ConnectedAgent, step_ids: list[int]) -> None:
         for step_id in step_ids:
             agent.in_flight.discard(step_id)
+            agent.outputs.pop(step_id, None)
 
         def work(session: Session) -> None:
             queued = release_steps(session, worker_name(agent), step_ids)
@@ -331,6 +351,7 @@ class Bridge:
             for step_id in set(ids) - kept:
                 # cancelled by a user, or taken over: stop it on the agent
                 agent.in_flight.discard(step_id)
+                agent.outputs.pop(step_id, None)
                 log.info("step %s no longer held by %s; aborting it there", step_id,
                          agent.facts.name)
                 try:
@@ -361,8 +382,7 @@ class Bridge:
 
 
 def worker_name(agent: ConnectedAgent) -> str:
-    # per connection: a stale connection can never finish a step a newer one holds
-    return f"agent:{agent.facts.name}:{agent.connection_id[:12]}"
+    return agent.lease_holder
 
 
 def capabilities_of(agent: ConnectedAgent) -> Capabilities:
@@ -373,6 +393,10 @@ def capabilities_of(agent: ConnectedAgent) -> Capabilities:
 
 def outcome_from(step: ClaimedStep, result: ReportedResult, agent: ConnectedAgent
                  ) -> StepOutcome:
+    if result.refused:
+        # the agent sent what the step does not make: no other attempt, nothing published
+        return StepOutcome(step.id, BuildStatus.aborted, error_message=result.refused,
+                           machine=agent.facts.name, retry=False)
     status = STATUS_OF_OUTCOME.get(result.outcome)
     if result.log_truncated and status is BuildStatus.succeeded:
         status = BuildStatus.log_limit_exceeded

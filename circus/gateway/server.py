@@ -25,7 +25,7 @@ from circus.common.errors import CircusError
 from circus.common.models import Project
 from circus.common.repository import RepositoryUrlError, parse_repository
 from circus.gateway import sessions as session_rows
-from circus.gateway.auth import client_cert_cn, server_ssl_context, token_accepted
+from circus.gateway.auth import client_cert_cn, server_ssl_context, token_accepted, token_digest
 from circus.gateway.oidc import OidcIdentity, OidcRejected, OidcVerifier, looks_like_jwt
 from circus.protocol import protocol_version, schema
 from circus.protocol.limits import (
@@ -36,12 +36,17 @@ from circus.protocol.limits import (
     check_agent_info,
     check_text,
 )
+from circus.queue_runner.leases import holds_lease, waits_for
 
 log = logging.getLogger(__name__)
 
 
 class Refused(Exception):
-    """Raised inside ``register``: the agent sees the message as the reason."""
+    """Raised inside a gateway call: the agent sees the message as the reason."""
+
+
+def not_leased(step_id: int) -> str:
+    return f"refused: step {step_id} is not leased to this agent"
 
 
 @dataclass
@@ -63,6 +68,24 @@ class ConnectedAgent:
     closed_waiters: list[asyncio.Future[None]] = field(default_factory=list)
     #: OIDC agents: the projects of the token's repository, the only ones they build for
     project_ids: list[int] | None = None
+    #: who it authenticated as: a token's digest, or the OIDC repository and subject
+    credential: str = ""
+    #: the output paths of each step in flight, the only paths it may upload or send
+    outputs: dict[int, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def lease_holder(self) -> str:
+        """The ``worker`` of the steps it holds; per connection, so a stale connection
+        can never finish (or upload for) a step a newer one holds."""
+        return f"agent:{self.facts.name}:{self.connection_id[:12]}"
+
+    def leased_outputs(self, step_id: int) -> frozenset[str]:
+        """The outputs of ``step_id`` if this session holds it (not yet reported), else
+        :class:`Refused`. The database lease is checked as well where it matters
+        (:meth:`Gateway.require_lease`)."""
+        if self.closed or step_id not in self.in_flight or step_id in self.reported:
+            raise Refused(not_leased(step_id))
+        return self.outputs.get(step_id, frozenset())
 
     @property
     def worker_name(self) -> str:
@@ -98,6 +121,20 @@ def projects_of_repository(session: Session, repository: str) -> list[int]:
     return found
 
 
+class _Unregistered:
+    """One connection counted in ``Gateway.unregistered`` until it registers or goes."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.counted = True
+        gateway.unregistered += 1
+
+    def release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.gateway.unregistered -= 1
+
+
 class Gateway:
     """State shared by all connections; the scheduler reads ``agents``."""
 
@@ -111,6 +148,10 @@ class Gateway:
         self.on_disconnect: list[Callable[[ConnectedAgent], Any]] = []
         self.server: asyncio.base_events.Server | None = None
         self.oidc = OidcVerifier(self.rpc.oidc) if self.rpc.oidc.enabled else None
+        #: connections that have not registered (yet)
+        self.unregistered = 0
+        #: agent names being registered right now, with their credential
+        self._registering: dict[str, str] = {}
 
     # -- database helpers (run in threads) ------------------------------------
 
@@ -166,6 +207,32 @@ class Gateway:
         except Refused as exc:
             log.warning("agent %r from %s %s", str(info.name)[:128], peer.address, exc)
             raise
+        credential = (token_digest(str(info.authToken)) if identity is None
+                      else f"oidc:{identity.repository}:{identity.subject}")
+        self._claim_name(str(info.name), credential, peer)
+        try:
+            return await self._register(info, builder, peer, identity, credential)
+        finally:
+            self._registering.pop(str(info.name), None)
+
+    def _claim_name(self, name: str, credential: str, peer: PeerInfo) -> None:
+        """Refuse a name a connected agent holds under another credential.
+
+        The same credential may take the name over (an agent reconnecting before
+        its old connection timed out); another one would evict a working agent.
+        """
+        holders = [a.credential for a in self.agents.values() if a.facts.name == name]
+        if name in self._registering:
+            holders.append(self._registering[name])
+        if any(holder != credential for holder in holders):
+            log.warning("agent %r from %s refused: the name is connected with another "
+                        "credential", name[:128], peer.address)
+            raise Refused(f"refused: an agent named {name!r} is already connected "
+                          "with another credential")
+        self._registering[name] = credential
+
+    async def _register(self, info: Any, builder: Any, peer: PeerInfo,
+                        identity: OidcIdentity | None, credential: str) -> ConnectedAgent:
         facts = session_rows.AgentFacts(
             machine_id=info.machineId, name=info.name, hostname=info.hostname,
             systems=list(info.systems), supported_features=list(info.supportedFeatures),
@@ -182,7 +249,8 @@ class Gateway:
         for old in [a for a in self.agents.values() if a.facts.name == facts.name]:
             log.info("agent %s reconnected; dropping its previous connection", facts.name)
             await self.drop(old)
-        agent = ConnectedAgent(session_id, connection_id, facts, builder)
+        agent = ConnectedAgent(session_id, connection_id, facts, builder,
+                               credential=credential)
         if identity is not None:
             agent.project_ids = await self.db(
                 lambda s: projects_of_repository(s, identity.repository))
@@ -234,7 +302,8 @@ class Gateway:
 
     # -- serving ---------------------------------------------------------------
 
-    def bootstrap(self, peer: PeerInfo, registered: list[ConnectedAgent]) -> Any:
+    def bootstrap(self, peer: PeerInfo, registered: list[ConnectedAgent],
+                  on_register: Callable[[], None] = lambda: None) -> Any:
         gateway = self
         proto = schema()
 
@@ -253,15 +322,19 @@ class Gateway:
                                ) -> tuple[Any, str]:
                 agent = await gateway.register(info, builder, peer)
                 registered.append(agent)
+                on_register()
                 return AgentSessionImpl(agent), agent.connection_id
 
             async def requestPresignedUrls(self, machineId: str, buildId: int,
-                                           paths: Any, _context: Any, **kwargs: Any) -> Any:
-                return await gateway.presign(registered, machineId, buildId, paths)
+                                           paths: Any, stepId: int, _context: Any,
+                                           **kwargs: Any) -> Any:
+                return await gateway.presign(registered, machineId, buildId, paths, stepId)
 
             async def notifyUploadComplete(self, machineId: str, buildId: int,
-                                           narInfo: Any, _context: Any, **kwargs: Any) -> Any:
-                return await gateway.upload_complete(registered, machineId, buildId, narInfo)
+                                           narInfo: Any, stepId: int, _context: Any,
+                                           **kwargs: Any) -> Any:
+                return await gateway.upload_complete(registered, machineId, buildId, narInfo,
+                                                     stepId)
 
         return RunnerImpl()
 
@@ -271,28 +344,61 @@ class Gateway:
                 return agent
         raise Refused("refused: no agent with this machine id is registered on this connection")
 
+    @staticmethod
+    def require_lease(session: Session, agent: ConnectedAgent, step_id: int,
+                      build_id: int) -> None:
+        """The database agrees that ``agent`` holds ``step_id``, which ``build_id`` needs."""
+        if not holds_lease(session, agent.lease_holder, step_id):
+            raise Refused(not_leased(step_id))
+        if not waits_for(session, build_id, step_id):
+            raise Refused(f"refused: build {build_id} does not need step {step_id}")
+
     async def presign(self, registered: list[ConnectedAgent], machine_id: str, build_id: int,
-                      paths: Any) -> list[dict[str, str]]:
+                      paths: Any, step_id: int) -> list[dict[str, str]]:
+        """Upload URLs for outputs of a step this session holds (of a build needing it)."""
         from circus.cache import presign
 
         agent = self._registered(registered, machine_id)
+        outputs = agent.leased_outputs(step_id)
         if len(paths) > MAX_PRESIGN_REQUESTS:
             raise Refused(f"refused: more than {MAX_PRESIGN_REQUESTS} presign requests")
         requests = [presign.UploadRequest(check_text("storePath", p.storePath, MAX_STORE_PATH),
                                           p.narHash, int(p.narSize)) for p in paths]
+        ours = [r for r in requests if r.store_path in outputs]
+
+        def mint(session: Session) -> list[presign.PresignedUpload]:
+            self.require_lease(session, agent, step_id, build_id)
+            return presign.mint(session, self.settings, build_id, ours,
+                                session_id=agent.connection_id) if ours else []
+
         try:
-            answers = await self.db(lambda s: presign.mint(
-                s, self.settings, build_id, requests, session_id=agent.connection_id))
+            minted = iter(await self.db(mint))
+            failed = ""
         except CircusError as exc:
-            return [{"storePath": r.store_path, "error": exc.message} for r in requests]
-        return [{"storePath": a.store_path, "narUrl": a.nar_url, "narPath": a.nar_path,
-                 "compression": a.compression, "error": a.error or ""} for a in answers]
+            minted, failed = iter(()), exc.message
+        answers = []
+        for request in requests:
+            if request.store_path not in outputs:
+                answers.append({"storePath": request.store_path,
+                                "error": f"not an output of step {step_id}"})
+            elif failed:
+                answers.append({"storePath": request.store_path, "error": failed})
+            else:
+                a = next(minted)
+                answers.append({"storePath": a.store_path, "narUrl": a.nar_url,
+                                "narPath": a.nar_path, "compression": a.compression,
+                                "error": a.error or ""})
+        return answers
 
     async def upload_complete(self, registered: list[ConnectedAgent], machine_id: str,
-                              build_id: int, nar_info: Any) -> tuple[bool, str]:
+                              build_id: int, nar_info: Any, step_id: int) -> tuple[bool, str]:
+        """Verify and record an upload for an output of a step this session holds."""
         from circus.cache import presign
 
         agent = self._registered(registered, machine_id)
+        if nar_info.storePath not in agent.leased_outputs(step_id):
+            raise Refused(f"refused: {str(nar_info.storePath)[:200]!r} is not an output of "
+                          f"step {step_id}")
         report = presign.UploadReport(
             store_path=nar_info.storePath, nar_hash=nar_info.narHash,
             nar_size=int(nar_info.narSize), compression=nar_info.compression,
@@ -300,9 +406,13 @@ class Gateway:
             file_size=int(nar_info.fileSize) if nar_info.fileSize else None,
             references=tuple(nar_info.references), deriver=nar_info.deriver or None,
             ca=nar_info.ca or None)
+        def record(session: Session) -> None:
+            self.require_lease(session, agent, step_id, build_id)
+            presign.verify_and_record(session, self.settings, build_id, report,
+                                      session_id=agent.connection_id)
+
         try:
-            await self.db(lambda s: presign.verify_and_record(
-                s, self.settings, build_id, report, session_id=agent.connection_id))
+            await self.db(record)
         except CircusError as exc:
             return False, exc.message
         return True, ""
@@ -321,14 +431,33 @@ class Gateway:
             log.warning("refusing connection from %s: max_connections reached", peer.address)
             stream.close()
             return
+        if self.unregistered >= self.rpc.max_unregistered:
+            log.warning("refusing connection from %s: %d connections have not registered yet "
+                        "(queue_runner.rpc.max_unregistered)", peer.address, self.unregistered)
+            stream.close()
+            return
         registered: list[ConnectedAgent] = []
-        server = capnp.TwoPartyServer(stream, bootstrap=self.bootstrap(peer, registered),
-                                      traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
+        pending = _Unregistered(self)
+        server = capnp.TwoPartyServer(
+            stream, bootstrap=self.bootstrap(peer, registered, pending.release),
+            traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
+        disconnected = asyncio.ensure_future(server.on_disconnect())
         try:
-            await server.on_disconnect()
+            # until it registers, a connection only costs us: it gets a few seconds
+            done, _ = await asyncio.wait({disconnected},
+                                         timeout=self.rpc.register_timeout_secs)
+            if not done and not registered:
+                log.warning("closing connection from %s: no registration within %ss",
+                            peer.address, self.rpc.register_timeout_secs)
+                stream.close()
+            pending.release()
+            await disconnected
         except Exception:  # a broken connection ends like a closed one
             log.debug("connection from %s ended with an error", peer.address, exc_info=True)
         finally:
+            pending.release()
+            if not disconnected.done():
+                disconnected.cancel()
             for agent in registered:
                 await self.drop(agent)
 

@@ -158,8 +158,12 @@ struct NarInfoUpload {
 interface Runner {
   version @0 () -> (proto :UInt32, server :Text);
   register @1 (info :AgentInfo, builder :Builder) -> (session :AgentSession, sessionId :Text);
-  requestPresignedUrls @2 (machineId :Text, buildId :UInt64, paths :List(PresignRequest))
+  # uploads are for outputs of a step leased to this session (stepId), of a
+  # build that needs it (buildId); anything else is refused
+  requestPresignedUrls @2 (machineId :Text, buildId :UInt64, paths :List(PresignRequest),
+                           stepId :UInt64)
       -> (urls :List(PresignedUrl));
-  notifyUploadComplete @3 (machineId :Text, buildId :UInt64, narInfo :NarInfoUpload)
+  notifyUploadComplete @3 (machineId :Text, buildId :UInt64, narInfo :NarInfoUpload,
+                           stepId :UInt64)
       -> (ok :Bool, error :Text);
 }

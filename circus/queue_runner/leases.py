@@ -212,6 +212,20 @@ def renew_lease(session: Session, worker: str, step_ids: list[int], lease_secs: 
     return set(rows)
 
 
+def holds_lease(session: Session, worker: str, step_id: int) -> bool:
+    """Is ``step_id`` running under ``worker``'s lease right now?"""
+    return session.execute(text(
+        "SELECT 1 FROM steps WHERE id = :id AND state = 'running' AND worker = :worker"),
+        {"id": step_id, "worker": worker}).first() is not None
+
+
+def waits_for(session: Session, build_id: int, step_id: int) -> bool:
+    """Does build ``build_id`` need step ``step_id``?"""
+    return session.execute(text(
+        "SELECT 1 FROM build_steps WHERE build_id = :build AND step_id = :step"),
+        {"build": build_id, "step": step_id}).first() is not None
+
+
 def release_steps(session: Session, worker: str, step_ids: list[int]) -> Counter[str]:
     """Hand steps back without counting an attempt (shutdown, batch interrupted).
 

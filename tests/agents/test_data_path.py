@@ -43,7 +43,9 @@ async def assign(thread: GatewayThread, drv: str, log_path: Path, **job: Any
     gateway = thread.gateway
     agent = next(iter(gateway.agents.values()))
     closure = input_closure(drv)
-    sinks = make_sinks(1, log_path, 1024 * 1024, nix_environ([]), closure)
+    outputs = subprocess.run(["nix-store", "--query", "--outputs", drv], capture_output=True,
+                             text=True, env=nix_environ([]), check=True).stdout.split()
+    sinks = make_sinks(1, log_path, 1024 * 1024, nix_environ([]), closure, outputs=outputs)
     assignment = {"buildId": 1, "stepId": 1, "drvPath": drv, "maxLogSize": 1024 * 1024,
                   "maxSilentTime": 0, "buildTimeout": 0, "extraNixArgs": [],
                   "expectedOutputs": [], "inputClosure": closure, **job}

@@ -135,7 +135,7 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-class _Reader:
+class Reader:
     """Reads exactly what is asked, hashing and counting every byte."""
 
     def __init__(self, source: Readable | BinaryIO, limit: int | None,
@@ -205,15 +205,20 @@ def read(source: Readable | BinaryIO, *, limit: int | None = None,
     ``observe`` sees every byte (used to scan for references). Data after the
     archive's end is an error.
     """
-    reader = _Reader(source, limit, observe)
-    reader.expect(MAGIC)
-    _read_node(reader, chunk_size, depth=0)
+    reader = Reader(source, limit, observe)
+    read_archive(reader, chunk_size)
     if source.read(1):
         raise NarFormatError("trailing data after the NAR")
     return NarDigest(Sha256(reader.digest.digest()), reader.size)
 
 
-def _read_node(reader: _Reader, chunk_size: int, depth: int) -> None:
+def read_archive(reader: Reader, chunk_size: int = CHUNK_SIZE) -> None:
+    """Validate one NAR from ``reader``, stopping right after it (a stream may go on)."""
+    reader.expect(MAGIC)
+    _read_node(reader, chunk_size, depth=0)
+
+
+def _read_node(reader: Reader, chunk_size: int, depth: int) -> None:
     if depth > 256:
         raise NarFormatError("NAR nesting too deep")
     reader.expect(b"(")

@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
+
+from circus.common.nix import storepath
 
 CHUNK = 256 * 1024
 
 
 class StoreError(RuntimeError):
     pass
+
+
+def checked_paths(paths: Iterable[str]) -> list[str]:
+    """``paths`` as a list, each one checked to be a store path.
+
+    Every path handed to a Nix command goes through here and then after ``--``:
+    paths come from the other side of the agent protocol, and ``--option …`` or
+    ``/etc/passwd`` must never reach an argument list.
+    """
+    found = list(paths)
+    for path in found:
+        if not storepath.is_store_path(path):
+            raise StoreError(f"refused: {path[:200]!r} is not a store path")
+    return found
 
 
 async def _run(argv: Sequence[str], env: Mapping[str, str], stdin: bytes | None = None
@@ -34,7 +51,8 @@ async def invalid_paths(paths: Sequence[str], env: Mapping[str, str]) -> list[st
     """The subset of ``paths`` that is not valid in this store (order kept)."""
     if not paths:
         return []
-    out = await _run(["nix-store", "--check-validity", "--print-invalid", *paths], env)
+    out = await _run(["nix-store", "--check-validity", "--print-invalid", "--",
+                      *checked_paths(paths)], env)
     invalid = set(out.split())
     return [p for p in paths if p in invalid]
 
@@ -44,14 +62,15 @@ async def closure(paths: Sequence[str], env: Mapping[str, str],
     """Requisites of ``paths`` in dependency order (dependencies first)."""
     if not paths:
         return []
-    argv = ["nix-store", "--query", "--requisites", *paths]
+    argv = ["nix-store", "--query", "--requisites"]
     if include_outputs:
-        argv.insert(3, "--include-outputs")
-    return (await _run(argv, env)).split()
+        argv.append("--include-outputs")
+    return (await _run([*argv, "--", *checked_paths(paths)], env)).split()
 
 
 async def derivation_outputs(drv_path: str, env: Mapping[str, str]) -> list[str]:
-    return (await _run(["nix-store", "--query", "--outputs", drv_path], env)).split()
+    return (await _run(["nix-store", "--query", "--outputs", "--",
+                        *checked_paths([drv_path])], env)).split()
 
 
 @dataclass(frozen=True)
@@ -69,10 +88,10 @@ async def path_infos(paths: Sequence[str], env: Mapping[str, str], recursive: bo
     """Facts about ``paths`` (and, ``recursive``, their whole closure)."""
     if not paths:
         return {}
-    argv = ["nix", "path-info", "--json", "--closure-size", *paths]
+    argv = ["nix", "path-info", "--json", "--closure-size"]
     if recursive:
-        argv.insert(3, "--recursive")
-    out = await _run(argv, env)
+        argv.append("--recursive")
+    out = await _run([*argv, "--", *checked_paths(paths)], env)
     infos: dict[str, PathInfo] = {}
     data = json.loads(out)
     # Nix 2.8 prints a list of objects; newer versions an object keyed by path
@@ -111,8 +130,9 @@ def dependency_order(infos: Mapping[str, PathInfo]) -> list[str]:
 
 async def export_chunks(paths: Sequence[str], env: Mapping[str, str]) -> AsyncIterator[bytes]:
     """``nix-store --export`` of ``paths`` (give them dependencies first), in chunks."""
+    argv = ["nix-store", "--export", "--", *checked_paths(paths)]
     process = await asyncio.create_subprocess_exec(
-        "nix-store", "--export", *paths, stdout=asyncio.subprocess.PIPE,
+        *argv, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=dict(env))
     assert process.stdout is not None and process.stderr is not None
     try:
@@ -127,6 +147,17 @@ async def export_chunks(paths: Sequence[str], env: Mapping[str, str]) -> AsyncIt
     if process.returncode != 0:
         err = await process.stderr.read()
         raise StoreError(f"nix-store --export failed: {err.decode(errors='replace').strip()}")
+
+
+async def import_file(source: IO[bytes], env: Mapping[str, str]) -> list[str]:
+    """``nix-store --import`` of an export stream already on disk; the imported paths."""
+    process = await asyncio.create_subprocess_exec(
+        "nix-store", "--import", stdin=source, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=dict(env))
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise StoreError(f"nix-store --import failed: {err.decode(errors='replace').strip()}")
+    return out.decode().split()
 
 
 class Importer:

@@ -1,0 +1,75 @@
+"""The ``nix-store --export`` stream: which store paths it would add, read before importing.
+
+An export is, per path, ``1``, the path's NAR, the magic ``NIXE``, the path,
+its references, its deriver and ``0`` (no legacy signature); a final ``0``
+ends it. The path's name comes *after* its NAR, so a stream has to be read in
+full (from a file it was spooled to) before anyone can say what importing it
+would add to the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import IO
+
+from circus.common.nix import nar, storepath
+
+EXPORT_MAGIC = 0x4558494E
+#: more references than any real path has; a bound for a hostile stream
+MAX_REFERENCES = 100_000
+
+
+class ExportFormatError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportedPath:
+    path: str
+    references: tuple[str, ...]
+    deriver: str | None
+
+
+def read_entries(source: IO[bytes]) -> list[ExportedPath]:
+    """Validate the export stream in ``source`` and list the paths it carries (in order).
+
+    Raises :class:`ExportFormatError` for anything ``nix-store --import`` should
+    not be shown: a malformed NAR, a name that is not a store path, trailing bytes.
+    """
+    reader = nar.Reader(source, None, None)
+    entries = []
+    try:
+        while True:
+            more = reader.u64()
+            if more == 0:
+                break
+            if more != 1:
+                raise ExportFormatError(f"bad export entry marker {more}")
+            nar.read_archive(reader)
+            if reader.u64() != EXPORT_MAGIC:
+                raise ExportFormatError("missing export magic after a NAR")
+            path = _store_path(reader)
+            count = reader.u64()
+            if count > MAX_REFERENCES:
+                raise ExportFormatError(f"{count} references")
+            references = tuple(_store_path(reader) for _ in range(count))
+            deriver_text = reader.token().decode(errors="replace")
+            deriver = _checked(deriver_text) if deriver_text else None
+            if reader.u64() != 0:  # a legacy signature: Nix ignores it; so do we
+                reader.token()
+            entries.append(ExportedPath(path, references, deriver))
+    except nar.NarFormatError as exc:
+        raise ExportFormatError(str(exc)) from None
+    if source.read(1):
+        raise ExportFormatError("trailing data after the export")
+    return entries
+
+
+def _store_path(reader: nar.Reader) -> str:
+    return _checked(reader.token().decode(errors="replace"))
+
+
+def _checked(path: str) -> str:
+    if not storepath.is_store_path(path):
+        raise ExportFormatError(f"{path[:200]!r} is not a store path")
+    return path
