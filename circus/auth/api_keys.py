@@ -36,7 +36,8 @@ def authenticate(session: Session, secret: str, remote_addr: str | None = None
         .where(ApiKey.key_hash == digest(secret), ApiKey.revoked_at.is_(None))).first()
     if row is None:
         return None
-    key, owner = row.tuple()
+    key: ApiKey = row[0]
+    owner: User | None = row[1]
     if owner is not None and not owner.enabled:
         return None
     now = utcnow()
