@@ -328,7 +328,7 @@ def create_notification(session: Session, actor: Actor, project: Project, *,
                         type: NotificationType, config: dict[str, Any], enabled: bool = True,
                         managed: bool = False) -> NotificationConfig:
     require_permission(session, actor, Action.hooks_manage, project.id)
-    validate_config(type, config)
+    validate_config(type, config, server_side=managed)
     row = NotificationConfig(project_id=project.id, type=type, config=config, enabled=enabled,
                              managed_declaratively=managed)
     session.add(row)

@@ -59,7 +59,8 @@ def test_build_statuses_reach_github_email_and_retries(
         "logs": {"log_dir": str(tmp_path / "logs")},
         "gc": {"gc_roots_dir": str(tmp_path / "gcroots")},
         "evaluator": {"work_dir": str(tmp_path / "evaluator")},
-        "server": {"base_url": BASE, "secret_key": "e2e-secret-key-" + "x" * 32},
+        "server": {"base_url": BASE, "secret_key": "e2e-secret-key-" + "x" * 32,
+                   "outbound_allowlist": ["127.0.0.1"]},
         # no runner builds at first: unsupported_timeout must not fail the queued steps
         "queue_runner": {**TEST_RUNNER, "unsupported_timeout": 600},
         "notifications": {
