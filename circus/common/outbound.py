@@ -119,6 +119,8 @@ def is_public(address: IPAddress) -> bool:
 
 
 def describe(address: IPAddress) -> str:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return describe(address.ipv4_mapped)
     if address in METADATA:
         return "a cloud metadata address"
     for attribute, label in (("is_loopback", "a loopback"), ("is_link_local", "a link-local"),
