@@ -87,7 +87,10 @@ def test_build_statuses_reach_github_email_and_retries(
                                     type=NotificationType.github_status, config={})
         broken = NotificationConfig(project_id=jobset.project_id,
                                     type=NotificationType.github_status,
-                                    config={"api_url": stub.url + "/broken"})
+                                    # another URL: the server's token is not sent
+                                    # there, so this config brings its own
+                                    config={"api_url": stub.url + "/broken",
+                                            "token": "broken-token"})
         email = NotificationConfig(project_id=jobset.project_id, type=NotificationType.email,
                                    config={"to": ["dev@example.org"], "on_failure_only": True})
         session.add_all([github, broken, email])
