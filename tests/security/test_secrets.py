@@ -237,8 +237,12 @@ def test_notification_targets_on_private_addresses_are_refused(world: World) -> 
                          {"webhook_url": f"http://127.0.0.1:{port}/slack"})
     allowed = notification(world, "ssrf", "webhook",
                            {"url": world.local(world.listener, "/allowed")})
+    # an allowed host answering with a redirect (to anywhere): not followed
+    world.listener.answer("/redirect", 302)
+    redirect = notification(world, "ssrf", "webhook",
+                            {"url": world.local(world.listener, "/redirect")})
     build_id = finish_a_build(world, project_id, jobset_id)
-    tasks = settled(world, build_id, [*ids.values(), slack, allowed])
+    tasks = settled(world, build_id, [*ids.values(), slack, allowed, redirect])
 
     expected = {"loopback": "a loopback address", "metadata": "a cloud metadata address",
                 "private": "a private address", "ipv6 loopback": "a loopback address",
@@ -251,8 +255,10 @@ def test_notification_targets_on_private_addresses_are_refused(world: World) -> 
         assert "server.outbound_allowlist" in task["last_error"]
     assert tasks[slack]["status"] == "failed"
     assert "refused:" in tasks[slack]["last_error"]
-    assert [r.path for r in world.listener.requests if r.path != "/allowed"
-            and not r.path.startswith(("/own", "/steal"))] == []
+    assert tasks[redirect]["status"] == "failed"
+    assert "answered 302: redirects are not followed" in tasks[redirect]["last_error"]
+    assert [r.path for r in world.listener.requests
+            if not r.path.startswith(("/allowed", "/redirect", "/own", "/steal"))] == []
     # positive control: the allow-listed host name reaches the same listener
     assert tasks[allowed]["status"] == "completed", tasks[allowed]
     assert len(world.listener.under("/allowed")) == 1
