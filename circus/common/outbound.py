@@ -111,16 +111,33 @@ def entry_problem(entry: str) -> str | None:
     return None
 
 
+#: IPv6 prefixes that carry an IPv4 address a gateway may deliver to (NAT64)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, NAT64, 6to4), if any."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
+
+
 def is_public(address: IPAddress) -> bool:
     """A public unicast address (what a user-chosen URL may reach without the allowlist)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return is_public(address.ipv4_mapped)
+    inner = embedded_ipv4(address)
+    if inner is not None and not is_public(inner):
+        return False
     return address.is_global and not address.is_multicast and address not in METADATA
 
 
 def describe(address: IPAddress) -> str:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return describe(address.ipv4_mapped)
+    inner = embedded_ipv4(address)
+    if inner is not None and not is_public(inner):
+        return describe(inner)
     if address in METADATA:
         return "a cloud metadata address"
     for attribute, label in (("is_loopback", "a loopback"), ("is_link_local", "a link-local"),
