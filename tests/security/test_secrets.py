@@ -230,6 +230,9 @@ def test_notification_targets_on_private_addresses_are_refused(world: World) -> 
         "private": "http://10.255.255.1/internal",
         "ipv6 loopback": f"http://[::1]:{port}/v6",
         "mapped": f"http://[::ffff:127.0.0.1]:{port}/mapped",
+        # judged after resolution, not by how the URL spells the host
+        "short form": f"http://127.1:{port}/short",
+        "decimal": f"http://2130706433:{port}/decimal",
     }
     ids = {name: notification(world, "ssrf", "webhook", {"url": url})
            for name, url in attacks.items()}
@@ -246,7 +249,8 @@ def test_notification_targets_on_private_addresses_are_refused(world: World) -> 
 
     expected = {"loopback": "a loopback address", "metadata": "a cloud metadata address",
                 "private": "a private address", "ipv6 loopback": "a loopback address",
-                "mapped": "a loopback address"}
+                "mapped": "a loopback address", "short form": "a loopback address",
+                "decimal": "a loopback address"}
     for name, config_id in ids.items():
         task = tasks[config_id]
         assert task["status"] == "failed", (name, task)
