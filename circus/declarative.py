@@ -344,7 +344,7 @@ class Applier:
         for spec in item.notifications:
             target = f"project:{project.name}/notification:{spec.type.value}"
             try:
-                validate_config(spec.type, spec.config)
+                validate_config(spec.type, spec.config, server_side=True)
             except InvalidInput as exc:
                 raise InvalidInput(f"declarative project {project.name!r}: {exc.message}",
                                    exc.details) from None

@@ -17,6 +17,12 @@ class Actor:
     user_id: int | None = None
     api_key_id: int | None = None
     remote_addr: str | None = None
+    #: an API key narrower than its owner (its role is not the owner's current one):
+    #: it cannot do what only the whole account may (set a first password)
+    limited: bool = False
+    #: a read-only key of an owner who has more: no writes at all, not even with the
+    #: owner's project memberships or on the owner's own account
+    read_only: bool = False
 
     @classmethod
     def anonymous(cls, remote_addr: str | None = None) -> Actor:

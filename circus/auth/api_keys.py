@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
 from circus.auth.tokens import digest, new_secret
-from circus.common.enums import ActorKind
+from circus.common.enums import ActorKind, Role
 from circus.common.models import ApiKey, User
 from circus.common.models.base import utcnow
 
@@ -36,11 +36,34 @@ def authenticate(session: Session, secret: str, remote_addr: str | None = None
         .where(ApiKey.key_hash == digest(secret), ApiKey.revoked_at.is_(None))).first()
     if row is None:
         return None
-    key, owner = row.tuple()
+    key: ApiKey = row[0]
+    owner: User | None = row[1]
     if owner is not None and not owner.enabled:
         return None
     now = utcnow()
     if key.last_used_at is None or now - key.last_used_at > _TOUCH_INTERVAL:
         key.last_used_at = now
-    return Actor(ActorKind.api_key, name=f"key:{key.name}", role=key.role,
-                 user_id=key.owner_id, api_key_id=key.id, remote_addr=remote_addr)
+    if owner is None:
+        # only admins make keys without an owner: nobody's account to be bounded by,
+        # no memberships; a read-only one is granted nothing by its role already
+        return Actor(ActorKind.api_key, name=f"key:{key.name}", role=key.role,
+                     api_key_id=key.id, remote_addr=remote_addr)
+    full = key.role is owner.role
+    return Actor(ActorKind.api_key, name=f"key:{key.name}",
+                 role=effective_role(key.role, owner.role), user_id=key.owner_id,
+                 api_key_id=key.id, remote_addr=remote_addr, limited=not full,
+                 read_only=key.role is Role.read_only and not full)
+
+
+def effective_role(key_role: Role, owner_role: Role) -> Role:
+    """What a key may do globally: never more than its owner's *current* role.
+
+    The owner's role is read on every request, so demoting the owner demotes every
+    key at once. Roles other than ``admin`` grant disjoint actions, so the
+    intersection of two different ones is ``read-only``.
+    """
+    if key_role is owner_role or owner_role is Role.admin:
+        return key_role
+    if key_role is Role.admin:
+        return owner_role
+    return Role.read_only

@@ -2,8 +2,10 @@
 
 Global roles (users and API keys) grant actions everywhere; project member
 roles grant actions inside one project. ``admin`` may do everything. An API
-key acts with its own role and, unless it is ``read-only``, with its owner's
-project memberships (a read-only key stays read-only even for a maintainer).
+key acts with its own role bounded by its owner's current one
+(:func:`circus.auth.api_keys.effective_role`) and, unless it is a read-only key
+of an owner who has more (``Actor.read_only``), with its owner's project
+memberships; such a read-only key changes nothing at all.
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ MEMBER_GRANTS: dict[MemberRole, frozenset[Action]] = {
 
 
 def project_role(session: Session, actor: Actor, project_id: int) -> MemberRole | None:
-    """The actor's member role in a project (the owner counts as its admin)."""
-    if actor.user_id is None:
+    """The actor's member role in a project (the owner counts as its admin).
+
+    A read-only key has none: its owner's memberships do not come with it.
+    """
+    if actor.user_id is None or actor.read_only:
         return None
     role = session.scalar(select(ProjectMember.role).where(
         ProjectMember.project_id == project_id, ProjectMember.user_id == actor.user_id))
@@ -76,7 +81,7 @@ def project_role(session: Session, actor: Actor, project_id: int) -> MemberRole 
 
 def allowed(session: Session, actor: Actor, action: Action, project_id: int | None = None
             ) -> bool:
-    if not actor.is_authenticated:
+    if not actor.is_authenticated or actor.read_only:
         return False
     if actor.is_admin:
         return True
@@ -107,10 +112,18 @@ def require_authenticated(actor: Actor) -> None:
                               {"hint": "send Authorization: Bearer <api key> or log in"})
 
 
+def require_writable(actor: Actor) -> None:
+    """Refuse every change made with a read-only key (its owner's own account included)."""
+    require_authenticated(actor)
+    if actor.read_only:
+        raise PermissionDenied(f"{actor.label} is a read-only API key",
+                               {"hint": "use a key with its owner's role, or log in"})
+
+
 def allowed_actions(session: Session, actor: Actor, project_id: int | None = None
                     ) -> frozenset[Action]:
     """Everything the actor may do (in a project): one member lookup for a whole page."""
-    if not actor.is_authenticated:
+    if not actor.is_authenticated or actor.read_only:
         return frozenset()
     if actor.is_admin:
         return frozenset(Action)

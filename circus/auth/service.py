@@ -11,7 +11,12 @@ from sqlalchemy.orm import Session
 from circus import audit
 from circus.auth import api_keys, passwords
 from circus.auth.actor import Actor
-from circus.auth.permissions import Action, require_authenticated, require_permission
+from circus.auth.permissions import (
+    Action,
+    require_authenticated,
+    require_permission,
+    require_writable,
+)
 from circus.auth.sessions import end_user_sessions
 from circus.auth.tokens import digest
 from circus.common.enums import Role, UserType
@@ -91,6 +96,7 @@ def delete_user(session: Session, actor: Actor, user_id: int) -> None:
 
 
 def update_me(session: Session, actor: Actor, changes: dict[str, Any]) -> User:
+    require_writable(actor)
     user = current_user_row(session, actor)
     applied = apply_changes(user, changes, ("email", "full_name"))
     audit.record(session, actor, "me.update", f"user:{user.username}", applied)
@@ -98,10 +104,17 @@ def update_me(session: Session, actor: Actor, changes: dict[str, Any]) -> User:
 
 
 def change_password(session: Session, actor: Actor, current: str, new: str) -> None:
+    require_writable(actor)
     user = current_user_row(session, actor)
     if user.user_type is not UserType.local:
         raise InvalidInput(f"your password is managed by {user.user_type.value}, not by Circus",
                            {"new_password": [f"change it at {user.user_type.value}"]})
+    if not user.password_hash and actor.limited:
+        # a first password logs in as the whole account: only a caller that can already
+        # do everything the account can (a session, a key with the owner's role) sets it
+        raise PermissionDenied(
+            f"{actor.label} has less than {user.username}'s role and cannot set the "
+            "account's first password", {"hint": "log in, or use a key with your role"})
     if user.password_hash and not passwords.verify_password(user.password_hash, current):
         raise PermissionDenied("current password is wrong", {"current_password": ["wrong"]})
     check_password_strength(new)
@@ -143,9 +156,10 @@ def create_api_key(session: Session, actor: Actor, *, name: str, role: Role | No
     """Create a key; returns it with its secret, which is never shown again.
 
     Anyone authenticated may make keys for themselves with their own role or
-    ``read-only``; admins may make keys of any role for anyone (or no one).
+    ``read-only``; admins may make keys of any role for anyone (or no one). A
+    read-only key makes none.
     """
-    require_authenticated(actor)
+    require_writable(actor)
     name = name.strip()
     if not name or len(name) > 128:
         raise InvalidInput("invalid key name", {"name": ["1 to 128 characters"]})
@@ -181,7 +195,7 @@ def list_api_keys_query(actor: Actor, *, all_keys: bool = False) -> Any:
 
 
 def revoke_api_key(session: Session, actor: Actor, key_id: int) -> ApiKey:
-    require_authenticated(actor)
+    require_writable(actor)
     key = session.get(ApiKey, key_id)
     if key is None or (not actor.is_admin and key.owner_id != actor.user_id):
         raise NotFound(f"no API key with id {key_id}")

@@ -187,9 +187,19 @@ class ServerSettings(SettingsModel):
     page_access: dict[str, PageAccess] = {}
     #: set by ``circus up``: its daemons' restart counts, shown by ``/health``
     supervisor_status_file: str | None = None
+    #: host names, IP addresses or CIDR networks that notification and webhook targets
+    #: may reach although they are not public (loopback, private, link-local, metadata);
+    #: see circus/common/outbound.py
+    outbound_allowlist: list[str] = []
 
     def problems(self) -> list[Problem]:
+        from circus.common.outbound import entry_problem
+
         found = []
+        for i, entry in enumerate(self.outbound_allowlist):
+            problem = entry_problem(entry)
+            if problem:
+                found.append(Problem(f"outbound_allowlist[{i}]", problem))
         for origin in self.allowed_origins:
             if origin != "*" and _url_problem(origin, ("http", "https")):
                 found.append(Problem("allowed_origins", f"not an http(s) origin: {origin!r}"))

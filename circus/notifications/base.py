@@ -8,6 +8,7 @@ database; :mod:`circus.notifications.service` does (claim, back-off, outcome).
 
 from __future__ import annotations
 
+import json as jsonlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -15,9 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import requests
-
-from circus.common import repository
+from circus.common import outbound, repository
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, NotificationType
 from circus.common.repository import Repository, RepositoryUrlError
@@ -59,6 +58,9 @@ class Delivery:
     config: Mapping[str, Any]
     #: the event snapshot made by the collector (see ``service.build_payload``)
     payload: Mapping[str, Any]
+    #: whether ``*_file`` keys may be read: only for configs an admin wrote on the
+    #: server side (declarative config), never for ones made through the API
+    files_allowed: bool = True
 
     @property
     def event(self) -> Event:
@@ -116,12 +118,55 @@ class Delivery:
             return str(value)
         path = self.config.get(f"{key}_file")
         if path:
+            if not self.files_allowed:
+                raise DeliveryError(f"{key}_file is only allowed in server-side (declarative) "
+                                    "configs", permanent=True)
             try:
                 return Path(str(path)).read_text().strip()
             except OSError as exc:
                 raise DeliveryError(f"cannot read {key}_file: {exc.strerror}",
                                     permanent=True) from None
         return default
+
+
+    def forge_token(self, label: str, url: str, default_url: str | None,
+                    global_token: str | None) -> str:
+        """The token for a forge request to ``url``: the config's own, else the server's
+        ``global_token`` — but that one only when ``url`` is the server's configured
+        ``default_url`` for this forge, never a URL the project chose."""
+        own = self.secret("token", None)
+        if own:
+            return own
+        if global_token and default_url and same_base(url, default_url):
+            return global_token
+        if global_token:
+            raise DeliveryError(
+                f"the server's {label} token is only sent to its configured URL "
+                f"({default_url or 'none configured'}); a config with another URL must "
+                "give its own token", permanent=True)
+        raise DeliveryError(f"no {label} token (notifications settings or the config's "
+                            "token)", permanent=True)
+
+
+def same_base(url: str, base: str) -> bool:
+    """Whether two base URLs name the same place (scheme, host, port and path)."""
+    def normal(value: str) -> tuple[str, str, int | None, str]:
+        parts = urlsplit(value.strip())
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(scheme)
+        except ValueError:
+            port = -1
+        return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+    return normal(url) == normal(base)
+
+
+def file_key_problems(config: Mapping[str, Any]) -> list[str]:
+    """``*_file`` keys read files of the server: not for configs made through the API."""
+    return [f"{key}: names a file on the server, which only server-side (declarative) "
+            f"configs may do; give the value itself ({key.removesuffix('_file')})"
+            for key in sorted(config) if key.endswith("_file")]
 
 
 class Target(Protocol):
@@ -241,28 +286,40 @@ RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
 
 def post(label: str, url: str, *, settings: Settings, json: Any = None,
-         data: bytes | None = None, headers: Mapping[str, str] | None = None,
-         params: Mapping[str, str] | None = None) -> requests.Response:
-    """POST and raise :class:`DeliveryError` unless the answer is 2xx.
+         data: bytes | None = None, headers: Mapping[str, str] | None = None
+         ) -> outbound.Response:
+    """POST through the guarded client and raise :class:`DeliveryError` unless the answer
+    is 2xx. Destinations that are not public addresses are refused (permanently) unless
+    ``server.outbound_allowlist`` names them; redirects are not followed.
 
     Errors name ``label`` and the host, never the URL: webhook URLs (Slack's) are
     secrets themselves, and tokens travel in headers that are never echoed.
     """
     host = urlsplit(url).netloc.rpartition("@")[2]
+    send = dict(headers or {})
+    if json is not None:
+        data = jsonlib.dumps(json).encode()
+        send.setdefault("Content-Type", "application/json")
+    timeout = settings.notifications.http_timeout
     try:
-        response = requests.post(url, json=json, data=data, headers=dict(headers or {}),
-                                 params=params, timeout=settings.notifications.http_timeout,
-                                 allow_redirects=False)
-    except requests.Timeout:
-        raise DeliveryError(f"{label} ({host}): no answer within "
-                            f"{settings.notifications.http_timeout} s") from None
-    except requests.RequestException as exc:
-        raise DeliveryError(f"{label} ({host}): request failed ({type(exc).__name__})") from None
-    if 200 <= response.status_code < 300:
+        response = outbound.post(url, allowlist=outbound.Allowlist.parse(
+            settings.server.outbound_allowlist), timeout=timeout, body=data or b"",
+            headers=send)
+    except outbound.OutboundError as exc:
+        if exc.timeout:
+            raise DeliveryError(f"{label} ({host}): no answer within {timeout} s") from None
+        if exc.refused:
+            raise DeliveryError(f"{label} ({host}): {exc}", permanent=True) from None
+        raise DeliveryError(f"{label} ({host}): {exc}") from None
+    status = response.status
+    if 200 <= status < 300:
         return response
+    if 300 <= status < 400:
+        raise DeliveryError(f"{label} ({host}) answered {status}: redirects are not followed",
+                            permanent=True)
+    # admins see this (the notification tasks are theirs only); nobody else does
     body = response.text[:300].strip().replace("\n", " ")
-    message = f"{label} ({host}) answered {response.status_code}: {body}"
-    status = response.status_code
+    message = f"{label} ({host}) answered {status}: {body}"
     # GitHub's rate limits are 403s with a Retry-After or an exhausted quota
     rate_limited = status == 403 and (response.headers.get("Retry-After") is not None or
                                       response.headers.get("X-RateLimit-Remaining") == "0")

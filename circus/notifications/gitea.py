@@ -49,15 +49,14 @@ class GiteaStatus:
 
     def deliver(self, delivery: Delivery) -> None:
         default_token, default_url = self._defaults(delivery)
-        token = delivery.secret("token", default_token)
-        if not token:
-            raise DeliveryError(f"no {self.label} token (notifications settings or the "
-                                "config's token)", permanent=True)
         repository = delivery.repository()
         owner, name = repository.owner_and_name()
         base = delivery.config.get("url") or default_url or repository.web_base
         if not base:
             raise DeliveryError(f"no {self.label} URL: set the config's url", permanent=True)
+        # without a configured URL the base comes from the project's repository URL: the
+        # server's token is not sent there
+        token = delivery.forge_token(self.label, str(base), default_url, default_token)
         post(f"{self.label} status",
              f"{str(base).rstrip('/')}/api/v1/repos/{owner}/{name}/statuses/{delivery.commit}",
              settings=delivery.settings,

@@ -9,7 +9,6 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus, NotificationType
 from circus.notifications.base import (
     Delivery,
-    DeliveryError,
     Event,
     commit_state,
     post,
@@ -36,12 +35,10 @@ class GithubStatus:
 
     def deliver(self, delivery: Delivery) -> None:
         settings = delivery.settings.notifications
-        token = delivery.secret("token", settings.github_token)
-        if not token:
-            raise DeliveryError("no GitHub token (notifications.github_token or the config's "
-                                "token)", permanent=True)
-        owner, name = delivery.repository().owner_and_name()
         api = str(delivery.config.get("api_url") or settings.github_api_url).rstrip("/")
+        token = delivery.forge_token("GitHub", api, settings.github_api_url,
+                                     settings.github_token)
+        owner, name = delivery.repository().owner_and_name()
         post("GitHub status", f"{api}/repos/{owner}/{name}/statuses/{delivery.commit}",
              settings=delivery.settings,
              headers={"Authorization": f"Bearer {token}",

@@ -10,7 +10,6 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus, NotificationType
 from circus.notifications.base import (
     Delivery,
-    DeliveryError,
     Event,
     is_infrastructure,
     post,
@@ -53,14 +52,11 @@ class GitlabStatus:
 
     def deliver(self, delivery: Delivery) -> None:
         settings = delivery.settings.notifications
-        token = delivery.secret("token", settings.gitlab_token)
-        if not token:
-            raise DeliveryError("no GitLab token (notifications.gitlab_token or the config's "
-                                "token)", permanent=True)
+        base = str(delivery.config.get("url") or settings.gitlab_url).rstrip("/")
+        token = delivery.forge_token("GitLab", base, settings.gitlab_url, settings.gitlab_token)
         configured = delivery.config.get("repository")
         project = str(configured) if isinstance(configured, int) else \
             delivery.repository().path
-        base = str(delivery.config.get("url") or settings.gitlab_url).rstrip("/")
         state = gitlab_state(delivery.event, delivery.status)
         description = delivery.description
         if state == "failed" and is_infrastructure(delivery.status):

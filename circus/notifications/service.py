@@ -27,9 +27,12 @@ while an older sibling is being delivered: statuses arrive in order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
+import re._constants as sre_constants  # type: ignore[import-not-found]
+import re._parser as sre_parse  # type: ignore[import-not-found]
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -49,7 +52,7 @@ from circus.common.errors import Conflict, InvalidInput, NotFound
 from circus.common.models import NotificationConfig, NotificationTask
 from circus.common.models.base import utcnow
 from circus.common.repository import RepositoryUrlError
-from circus.notifications.base import Delivery, DeliveryError, Event
+from circus.notifications.base import Delivery, DeliveryError, Event, file_key_problems
 from circus.notifications.targets import TARGETS, config_problems
 
 log = logging.getLogger(__name__)
@@ -71,12 +74,26 @@ COLLECT_BATCH = 2000
 # configs
 
 
-def validate_config(type: NotificationType, config: Mapping[str, Any]) -> None:
-    """Raise ``InvalidInput`` naming every problem of a notification config."""
+def validate_config(type: NotificationType, config: Mapping[str, Any], *,
+                    server_side: bool = False) -> None:
+    """Raise ``InvalidInput`` naming every problem of a notification config.
+
+    ``server_side``: written by an admin in the server's (declarative) config, so it
+    may name files of the server (``token_file``); configs made through the API may not.
+    """
     problems = config_problems(type, config) + _jobs_problem(config) + _events_problem(config)
+    if not server_side:
+        problems += file_key_problems(config)
     if problems:
         raise InvalidInput(f"invalid {type.value} notification config: " + "; ".join(problems),
                            {"config": problems})
+
+
+#: longest ``jobs`` filter accepted (job names are attribute paths, not essays)
+JOBS_MAX_LENGTH = 256
+#: unbounded quantifiers (``*``, ``+``, ``{n,}``) one filter may hold: each one more
+#: multiplies the worst case by the name's length (``.*a.*b.*c`` is three)
+JOBS_MAX_UNBOUNDED = 4
 
 
 def _jobs_problem(config: Mapping[str, Any]) -> list[str]:
@@ -85,11 +102,67 @@ def _jobs_problem(config: Mapping[str, Any]) -> list[str]:
         return []
     if not isinstance(jobs, str):
         return ["jobs must be a regular expression (string)"]
+    problem = job_filter_problem(jobs)
+    return [problem] if problem else []
+
+
+def job_filter_problem(pattern: str) -> str | None:
+    """Why a ``jobs`` filter is refused: too long, invalid, or able to backtrack
+    catastrophically. Python's ``re`` backtracks, and the filters are run by the
+    collector for every build event, so a filter like ``(a+)+$`` could stall
+    notifications for everyone. Refused: nested repetition (a repeated group that
+    itself repeats or alternates, the classic exponential shapes), back-references,
+    and more than ``JOBS_MAX_UNBOUNDED`` unbounded quantifiers (polynomial blow-up).
+    """
+    if len(pattern) > JOBS_MAX_LENGTH:
+        return f"jobs must be at most {JOBS_MAX_LENGTH} characters"
     try:
-        re.compile(jobs)
-    except re.error as exc:
-        return [f"jobs is not a valid regular expression: {exc}"]
-    return []
+        tree = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"jobs is not a valid regular expression: {exc}"
+    unbounded = 0
+
+    def walk(items: Any, repeated: bool) -> str | None:
+        nonlocal unbounded
+        for op, value in items:
+            if op in (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT,
+                      sre_constants.POSSESSIVE_REPEAT):
+                _low, high, sub = value
+                many = high == sre_constants.MAXREPEAT or high > 1
+                if high == sre_constants.MAXREPEAT:
+                    unbounded += 1
+                if many and repeated and op is not sre_constants.POSSESSIVE_REPEAT:
+                    return ("jobs must not nest repetitions (such as (a+)+): matching "
+                            "could take exponential time")
+                found = walk(sub, repeated or (many and op is not
+                                               sre_constants.POSSESSIVE_REPEAT))
+            elif op is sre_constants.BRANCH:
+                if repeated:
+                    return ("jobs must not repeat an alternation (such as (a|aa)+): "
+                            "matching could take exponential time")
+                found = next((p for p in (walk(branch, repeated) for branch in value[1])
+                              if p), None)
+            elif op in (sre_constants.GROUPREF, sre_constants.GROUPREF_EXISTS):
+                return "jobs must not use back-references"
+            elif op is sre_constants.SUBPATTERN:
+                found = walk(value[-1], repeated)
+            elif op is sre_constants.ATOMIC_GROUP:
+                found = walk(value, False)
+            elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+                found = walk(value[1], repeated)
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    problem = walk(tree, False)
+    if problem:
+        return problem
+    if unbounded > JOBS_MAX_UNBOUNDED:
+        return (f"jobs may use at most {JOBS_MAX_UNBOUNDED} unbounded quantifiers "
+                "(*, +, {n,})")
+    return None
 
 
 EVENTS = frozenset(e.value for e in Event)
@@ -114,10 +187,16 @@ def _job_matches(config: Mapping[str, Any], job_name: str) -> bool:
     pattern = config.get("jobs")
     if not isinstance(pattern, str) or not pattern:
         return True
-    try:
-        return re.fullmatch(pattern, job_name) is not None
-    except re.error:
+    # configs saved before the filters were checked (or written to the database by
+    # hand) are checked here too: an unsafe filter matches nothing
+    if _unsafe_filter(pattern):
         return False
+    return re.fullmatch(pattern, job_name) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _unsafe_filter(pattern: str) -> bool:
+    return job_filter_problem(pattern) is not None
 
 
 # ---------------------------------------------------------------------------
@@ -338,7 +417,8 @@ def deliver(session: Session, settings: Settings, task_id: int, attempt: int | N
     task.attempts += 1
     task.next_retry_at = now + timedelta(seconds=LEASE_SECS)
     claimed, kind = task.attempts, task.type.value
-    delivery = Delivery(settings, dict(config.config), dict(task.payload))
+    delivery = Delivery(settings, dict(config.config), dict(task.payload),
+                        files_allowed=config.managed_declaratively)
     session.commit()
 
     error: DeliveryError | None = None

@@ -160,6 +160,9 @@ def update_project(session: Session, actor: Actor, project: Project, changes: di
         if url != project.repository_url:  # an admin's choice stays editable
             check_server_path(actor, localsource.repository_path(url), url, allowed_paths,
                               "repository_url")
+    if "owner_id" in changes and changes["owner_id"] != project.owner_id:
+        # the owner counts as the project's admin: choosing it is managing members
+        require_permission(session, actor, Action.member_manage, project.id)
     if changes.get("owner_id") is not None:
         _user(session, changes["owner_id"])
     applied = apply_changes(project, changes, PROJECT_FIELDS)
@@ -325,7 +328,7 @@ def create_notification(session: Session, actor: Actor, project: Project, *,
                         type: NotificationType, config: dict[str, Any], enabled: bool = True,
                         managed: bool = False) -> NotificationConfig:
     require_permission(session, actor, Action.hooks_manage, project.id)
-    validate_config(type, config)
+    validate_config(type, config, server_side=managed)
     row = NotificationConfig(project_id=project.id, type=type, config=config, enabled=enabled,
                              managed_declaratively=managed)
     session.add(row)

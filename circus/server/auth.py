@@ -22,6 +22,7 @@ from flask_wtf.csrf import CSRFProtect, generate_csrf
 from circus.auth import api_keys
 from circus.auth.actor import Actor
 from circus.auth.external import ExternalIdentity
+from circus.auth.permissions import require_writable
 from circus.auth.sessions import create_session, end_session, load_session
 from circus.common.config import Settings
 from circus.common.enums import ActorKind, Role
@@ -79,6 +80,7 @@ def init_app(app: Flask, config: Settings) -> None:
     csrf.init_app(app)
     app.before_request(_csrf_guard)
     app.before_request(_read_guard)
+    app.before_request(_write_guard)
 
 
 def bearer_token() -> str | None:
@@ -223,6 +225,19 @@ def _csrf_guard() -> None:
         return
     if request.mimetype in FORM_TYPES or "_user_id" in session:
         csrf.protect()
+
+
+def _write_guard() -> None:
+    """A read-only API key changes nothing: every unsafe API request made with one is a 403.
+
+    The services check it too (``require_writable``, ``allowed``); this catches the few
+    self-service views that write without a service permission check (stars).
+    """
+    if request.method not in UNSAFE_METHODS or bearer_token() is None \
+            or not request.path.startswith("/api/") \
+            or request.endpoint in SELF_AUTHENTICATED_ENDPOINTS:
+        return
+    require_writable(current_actor())
 
 
 def _read_guard() -> None:

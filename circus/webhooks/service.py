@@ -9,11 +9,12 @@ to the head commit. Every accepted delivery writes one audit row.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from circus import audit
@@ -28,11 +29,14 @@ from circus.projects import service as projects
 from circus.webhooks import events, signatures
 from circus.webhooks.events import ForgeEvent
 
+#: how long a delivery id is remembered: a replay within it is answered "duplicate"
+REPLAY_WINDOW_DAYS = 30
+
 
 @dataclass
 class Received:
     event: str
-    #: triggered, ignored or pong
+    #: triggered, ignored, pong or duplicate
     action: str
     message: str
     evaluations: list[dict[str, Any]] = field(default_factory=list)
@@ -76,6 +80,11 @@ def receive(session: Session, settings: Settings, *, project_ref: str, forge: st
     actor = Actor(ActorKind.system, name=f"webhook:{hook.forge_type.value}",
                   remote_addr=remote_addr)
     requested_by = f"{hook.forge_type.value} webhook" + (f" {delivery}" if delivery else "")
+    target = f"project:{project.name}/webhook:{hook.forge_type.value}"
+    if delivery and _already_received(session, hook.id, target, delivery[:200]):
+        # a replayed (or redelivered) delivery: signed, but it must not trigger twice
+        return Received(event.name, "duplicate",
+                        f"delivery {delivery[:200]} was already received: ignored")
     if event.kind == "ping":
         result = Received(event.name, "pong", "pong")
     elif event.kind == "push":
@@ -84,14 +93,34 @@ def receive(session: Session, settings: Settings, *, project_ref: str, forge: st
         result = _pull_request(session, project, event, requested_by)
     else:
         result = Received(event.name, "ignored", event.reason or "ignored")
-    audit.record(session, actor, "webhook.receive",
-                 f"project:{project.name}/webhook:{hook.forge_type.value}",
-                 {"event": event.name, "delivery": delivery, "action": result.action,
+    audit.record(session, actor, "webhook.receive", target,
+                 {"event": event.name, "delivery": delivery and delivery[:200],
+                  "action": result.action,
                   "branch": event.branch or event.base_branch, "commit": event.commit,
                   "pull_request": event.pr_number,
                   "evaluations": [e["evaluation_id"] for e in result.evaluations
                                   if e.get("evaluation_id") is not None]})
     return result
+
+
+def _already_received(session: Session, hook_id: int, target: str, delivery: str) -> bool:
+    """Whether this hook accepted a delivery with this id within ``REPLAY_WINDOW_DAYS``.
+
+    The accepted deliveries' audit rows are the record (no extra table); a
+    transaction-scoped advisory lock per (hook, delivery id) makes two copies sent
+    at once wait for each other, so the second sees the first's committed row.
+    """
+    digest = hashlib.blake2b(f"webhook:{hook_id}:{delivery}".encode(), digest_size=8).digest()
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                    {"key": int.from_bytes(digest, "big", signed=True)})
+    return session.execute(text("""
+        SELECT 1 FROM audit_log
+        WHERE action = 'webhook.receive' AND target = :target
+          AND details->>'delivery' = :delivery
+          AND at > now() - make_interval(days => :days)
+        LIMIT 1
+    """), {"target": target, "delivery": delivery, "days": REPLAY_WINDOW_DAYS}).first() \
+        is not None
 
 
 def _jobsets_on(session: Session, project: Project, branch: str, default_branch: str | None

@@ -67,8 +67,9 @@ def notify_settings(make_settings: Callable[..., Settings], stub: HttpStub
             "max_attempts": 3, "retry_base_secs": 1, "retry_max_secs": 2,
             **overrides.pop("notifications", {}),
         }
+        # the stubs listen on loopback, which the outbound guard refuses unless listed
         server = {"base_url": BASE_URL, "rate_limit_api": "100000/minute",
-                  **overrides.pop("server", {})}
+                  "outbound_allowlist": ["127.0.0.1"], **overrides.pop("server", {})}
         return make_settings(notifications=notifications, server=server, **overrides)
 
     return make

@@ -59,7 +59,8 @@ def test_build_statuses_reach_github_email_and_retries(
         "logs": {"log_dir": str(tmp_path / "logs")},
         "gc": {"gc_roots_dir": str(tmp_path / "gcroots")},
         "evaluator": {"work_dir": str(tmp_path / "evaluator")},
-        "server": {"base_url": BASE, "secret_key": "e2e-secret-key-" + "x" * 32},
+        "server": {"base_url": BASE, "secret_key": "e2e-secret-key-" + "x" * 32,
+                   "outbound_allowlist": ["127.0.0.1"]},
         # no runner builds at first: unsupported_timeout must not fail the queued steps
         "queue_runner": {**TEST_RUNNER, "unsupported_timeout": 600},
         "notifications": {
@@ -86,7 +87,10 @@ def test_build_statuses_reach_github_email_and_retries(
                                     type=NotificationType.github_status, config={})
         broken = NotificationConfig(project_id=jobset.project_id,
                                     type=NotificationType.github_status,
-                                    config={"api_url": stub.url + "/broken"})
+                                    # another URL: the server's token is not sent
+                                    # there, so this config brings its own
+                                    config={"api_url": stub.url + "/broken",
+                                            "token": "broken-token"})
         email = NotificationConfig(project_id=jobset.project_id, type=NotificationType.email,
                                    config={"to": ["dev@example.org"], "on_failure_only": True})
         session.add_all([github, broken, email])

@@ -18,6 +18,7 @@ class TriggeredSchema(ma.Schema):
 class WebhookReceivedSchema(ma.Schema):
     event = fields.String(required=True, metadata={"description": "the forge's event name"})
     action = fields.String(required=True, metadata={
-        "description": "triggered, ignored or pong"})
+        "description": "triggered, ignored, pong, or duplicate (a delivery id already "
+        "received: nothing done)"})
     message = fields.String(required=True)
     evaluations = fields.List(fields.Nested(TriggeredSchema), required=True)
