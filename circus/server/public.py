@@ -23,6 +23,7 @@ from circus.common.errors import NotFound
 from circus.common.models import Build, Channel, EvaluationBuild, Jobset, Project
 from circus.common.models import Evaluation as EvaluationRow
 from circus.server.context import db_session, settings
+from circus.server.security import build_output
 
 blueprint = Blueprint("public", __name__)
 
@@ -55,12 +56,14 @@ def _text(body: str | bytes, mimetype: str = "text/plain") -> Response:
 
 
 @blueprint.get("/channel/<name:name>/git-revision")
+@build_output()
 def git_revision(name: str) -> ResponseReturnValue:
     _, evaluation = _channel(name)
     return _text(evaluation.commit_hash or "")
 
 
 @blueprint.get("/channel/<name:name>/binary-cache-url")
+@build_output()
 def binary_cache_url(name: str) -> ResponseReturnValue:
     _channel(name)
     config = settings()
@@ -70,6 +73,7 @@ def binary_cache_url(name: str) -> ResponseReturnValue:
 
 
 @blueprint.get("/channel/<name:name>/store-paths.xz")
+@build_output()
 def store_paths(name: str) -> ResponseReturnValue:
     _, evaluation = _channel(name)
     paths = sorted({o.path for b in _succeeded_builds(evaluation.id) for o in b.outputs})
@@ -104,6 +108,7 @@ def channel_expression(builds: list[Build]) -> str:
 
 
 @blueprint.get("/channel/<name:name>/nixexprs.tar.xz")
+@build_output()
 def nixexprs(name: str) -> ResponseReturnValue:
     channel, evaluation = _channel(name)
     body = channel_expression(_succeeded_builds(evaluation.id)).encode()

@@ -8,8 +8,9 @@ scripts without adding a dependency on Redis for the web tier.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, Response, request
 from flask_cors import CORS
@@ -29,6 +30,40 @@ SECURITY_HEADERS = {
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' "
                            "'unsafe-inline'; frame-ancestors 'none'; base-uri 'self'; "
                            "form-action 'self'")
+#: bytes a build produced (products, logs, channel files, NARs) are untrusted: a sandboxed
+#: document has an opaque origin and runs no script, so an HTML or SVG product cannot act
+#: with the viewer's session even when it is shown inline on our origin
+BUILD_OUTPUT_CSP = "sandbox"
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+def make_inert(response: Response, *, attachment: bool = False) -> Response:
+    """Mark ``response`` as carrying build output: never sniffed, never active content;
+    ``attachment`` also tells browsers to save it rather than show it."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = BUILD_OUTPUT_CSP
+    if attachment and not response.headers.get("Content-Disposition", "").startswith(
+            "attachment"):
+        response.headers["Content-Disposition"] = "attachment"
+    return response
+
+
+def build_output(*, attachment: bool = False) -> Callable[[View], View]:
+    """Decorate a view whose response body is (or quotes) bytes a build produced.
+
+    Errors raised by the view are rendered as JSON by ``circus.server.errors`` and do
+    not pass through here; every successful answer does.
+    """
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            result = view(*args, **kwargs)
+            if isinstance(result, Response):
+                make_inert(result, attachment=attachment)
+            return result
+        return wrapped  # type: ignore[return-value]
+    return decorate
 
 
 def init_app(app: Flask, settings: Settings) -> Limiter:

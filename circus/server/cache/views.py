@@ -33,6 +33,7 @@ from circus.common.nix.narinfo import CONTENT_TYPE, cache_info
 from circus.server.auth import current_actor
 from circus.server.cache.lookup import CacheIndex
 from circus.server.context import db_session, settings
+from circus.server.security import build_output
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def narinfo(name: str, project: str | None = None) -> ResponseReturnValue:
 
 @blueprint.get("/nix-cache/nar/<name>")
 @blueprint.get("/projects/<project>/nix-cache/nar/<name>")
+@build_output()
 def nar(name: str, project: str | None = None) -> ResponseReturnValue:
     url = f"nar/{name}"
     if NAR_URL.fullmatch(url) is None:

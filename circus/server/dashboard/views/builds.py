@@ -28,6 +28,7 @@ from circus.server.context import db_session, server_context, settings
 from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
+from circus.server.security import build_output
 
 #: how much of a log the build page shows (the whole log is one click away)
 LOG_TAIL_BYTES = 64 * 1024
@@ -167,6 +168,7 @@ def _step_of(build_id: int, step_id: int | None) -> Step:
 
 @blueprint.get(B + "/log")
 @page("build")
+@build_output()
 def log(build_id: int) -> ResponseReturnValue:
     """The whole log of the build's own step (or of ``?step=``), as plain text."""
     _build_page(build_id)
@@ -194,6 +196,7 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 @blueprint.get(B + "/log/stream")
 @page("build")
+@build_output()
 def log_stream(build_id: int) -> ResponseReturnValue:
     """Server-sent events for the build page's live log.
 
@@ -281,6 +284,7 @@ class LogTail:
 @blueprint.get(B + "/download/<id:product_id>")
 @blueprint.get(B + "/download/<id:product_id>/<path:sub>")
 @page("build")
+@build_output()
 def download(build_id: int, product_id: int, sub: str | None = None) -> ResponseReturnValue:
     session = db_session()
     _build_page(build_id)
@@ -292,8 +296,5 @@ def download(build_id: int, product_id: int, sub: str | None = None) -> Response
     path = product_file(product, outputs, sub)
     mimetype = (product.content_type if not product.is_directory else None) or \
         mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    response = send_file(path, mimetype=mimetype, download_name=path.name, conditional=True)
-    # products are made by builds, i.e. untrusted: an HTML manual may be viewed, but in a
-    # sandbox (its own origin, no scripts) so it cannot act on the viewer's session
-    response.headers["Content-Security-Policy"] = "sandbox"
-    return response
+    # an HTML manual may be viewed here, in a sandbox (see build_output)
+    return send_file(path, mimetype=mimetype, download_name=path.name, conditional=True)
