@@ -91,17 +91,26 @@ def _caller() -> Actor:
     return found
 
 
-def narinfo_response(body: bytes) -> Response:
+#: what a hidden project's cache answers with: only the asking client may keep it, never a
+#: shared proxy or CDN (it would serve the private path to everyone after)
+PRIVATE_CACHE_CONTROL = "private, no-store"
+
+
+def narinfo_response(body: bytes, private: bool = False) -> Response:
     response = Response(body, mimetype=CONTENT_TYPE)
-    response.headers["Cache-Control"] = f"public, max-age={settings().cache.narinfo_cache_ttl_secs}"
+    response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL if private else \
+        f"public, max-age={settings().cache.narinfo_cache_ttl_secs}"
     return response
 
 
 @blueprint.get("/nix-cache/nix-cache-info")
 @blueprint.get("/projects/<project>/nix-cache/nix-cache-info")
 def nix_cache_info(project: str | None = None) -> ResponseReturnValue:
-    _project(project)
-    return Response(cache_info(settings().cache.priority), mimetype="text/x-nix-cache-info")
+    private = _project(project)[1]
+    response = Response(cache_info(settings().cache.priority), mimetype="text/x-nix-cache-info")
+    if private:
+        response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL
+    return response
 
 
 @blueprint.get("/nix-cache/<name>.narinfo")
@@ -113,7 +122,7 @@ def narinfo(name: str, project: str | None = None) -> ResponseReturnValue:
     body = index().narinfo(name, project_name, remember=not private)
     if body is None:
         raise NotFound("no such path in this cache")
-    return narinfo_response(body)
+    return narinfo_response(body, private)
 
 
 @blueprint.get("/nix-cache/nar/<name>")
@@ -123,7 +132,8 @@ def nar(name: str, project: str | None = None) -> ResponseReturnValue:
     url = f"nar/{name}"
     if NAR_URL.fullmatch(url) is None:
         raise InvalidInput("malformed NAR file name", {"name": name[:80]})
-    location = index().nar(url, _project(project)[0])
+    project_name, private = _project(project)
+    location = index().nar(url, project_name)
     if location is None:
         raise NotFound("no such NAR in this cache")
     config = settings()
@@ -132,7 +142,8 @@ def nar(name: str, project: str | None = None) -> ResponseReturnValue:
         if path is not None and path.is_file():
             response = send_file(path, mimetype=NAR_TYPE, conditional=True, etag=False,
                                  max_age=None)
-            response.headers["Cache-Control"] = NAR_CACHE_CONTROL
+            response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL if private \
+                else NAR_CACHE_CONTROL
             return response
         if location.storages == {"local"}:
             log.error("cache: %s is recorded but missing from %s", url, config.cache.cache_dir)
