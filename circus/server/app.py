@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.register_blueprint(health.blueprint)
     # the API and its collaborators (auth, security, metrics, public endpoints)
     from circus.common.celery import create_celery_app
-    from circus.server import api, auth, github_login, metrics, public, security
+    from circus.server import api, auth, github_login, metrics, public, security, streams
 
     if settings.broker.url:
         # services enqueue() tasks after commit through it (absent: docs generation)
@@ -36,15 +36,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     github_login.init_app(app, settings)
     limiter = security.init_app(app, settings)
     api.init_app(app)
-    for endpoint in ("users.login", "users.ldap_login", "users.github_callback"):
-        security.limit_view(app, limiter, endpoint, settings.server.rate_limit_login)
+    streams.init_app(app, settings)
     app.register_blueprint(public.blueprint)
     metrics.init_app(app)
     # the web pages at / (they call the same services as the API)
     from circus.server import dashboard
 
     dashboard.init_app(app)
-    security.limit_view(app, limiter, "dashboard.login_submit", settings.server.rate_limit_login)
+    security.limit_login(app, limiter, settings)
     # last: its narinfo fast path wraps the finished WSGI app
     cache.init_app(app)
     return app

@@ -14,13 +14,13 @@ from sqlalchemy import select
 from circus.common.enums import StepState
 from circus.common.errors import InvalidInput, NotFound, PermissionDenied
 from circus.common.models import BuildOutput, BuildProduct, BuildStep, Step
-from circus.server import logfiles
+from circus.server import logfiles, streams
 from circus.server.api.base import Blueprint
 from circus.server.api.queries import get_build
 from circus.server.api.schemas.builds import DownloadArgsSchema, LogArgsSchema, ProductSchema
 from circus.server.auth import current_actor
 from circus.server.context import db_session, server_context, settings
-from circus.server.security import build_output
+from circus.server.security import build_output, client_address
 
 blp = Blueprint("build-files", __name__, url_prefix="/api/v1/builds",
                 description="Build logs and products")
@@ -102,9 +102,11 @@ def log_stream(args: dict[str, Any], build_id: int) -> Response:
 
     # release the request's connection: the stream may last as long as the build
     db_session().close()
-    body = sse_events(logfiles.follow(lambda: _locate(step_id), timeout=timeout), final)
-    return Response(stream_with_context(body), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return streams.capped(client_address(), lambda: Response(
+        stream_with_context(sse_events(logfiles.follow(lambda: _locate(step_id),
+                                                       timeout=timeout), final)),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}))
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from circus.auth.visibility import can_see_project
 from circus.common.enums import BuildStatus, StepState
 from circus.common.errors import Conflict, NotFound
 from circus.common.models import Build, BuildOutput, BuildProduct, Step
-from circus.server import logfiles
+from circus.server import logfiles, streams
 from circus.server.actions import BuildAction, act_on_build
 from circus.server.api.buildfiles import product_file
 from circus.server.api.queries import build_steps
@@ -28,7 +28,7 @@ from circus.server.context import db_session, server_context, settings
 from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
-from circus.server.security import build_output
+from circus.server.security import build_output, client_address
 
 #: how much of a log the build page shows (the whole log is one click away)
 LOG_TAIL_BYTES = 64 * 1024
@@ -228,8 +228,8 @@ def log_stream(build_id: int) -> ResponseReturnValue:
     # the generator outlives the request context: hand it what it needs
     tail = LogTail(server_context().session_factory, settings().logs.log_dir, build_id,
                    followed)
-    return Response(tail.events(offset, timeout), mimetype="text/event-stream",
-                    headers=headers)
+    return streams.capped(client_address(), lambda: Response(
+        tail.events(offset, timeout), mimetype="text/event-stream", headers=headers))
 
 
 @dataclass
