@@ -9,6 +9,7 @@ walk over every GET route of the app finds any route that serves them raw withou
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,65 @@ def test_no_get_route_serves_build_output_raw(world: World) -> None:
                 assert inert_problem(response) is None or response.status_code != 200, url
     assert not unfilled, f"routes this test cannot fill: {unfilled}"
     assert not raw, f"routes serving build output as active content: {raw}"
+
+
+def titles_in_chromium(base_url: str, paths: list[str]) -> dict[str, str]:
+    """Log in as root in headless Chromium, open each path and read ``document.title``
+    (the malicious script sets it to 'pwned'); first, as a control, the same HTML
+    rendered without our headers. Playwright's event loop lives and dies in its own
+    thread, so none is left set in the test's."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.dashboard.conftest import CHROMIUM_ARGS
+    from tests.security.web_support import HTML, PASSWORD
+
+    result: dict[str, str] = {}
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                                     headless=True, args=CHROMIUM_ARGS)
+                try:
+                    context = browser.new_context(base_url=base_url)
+                    context.set_default_timeout(15_000)
+                    page = context.new_page()
+                    page.set_content(HTML)
+                    result["control"] = page.title()
+                    page.goto("/login")
+                    page.fill("#f-username", "root")
+                    page.fill("#f-password", PASSWORD)
+                    page.click("form.form button[type=submit]")
+                    page.wait_for_url("**/")
+                    for path in paths:
+                        page.goto(path)
+                        page.wait_for_timeout(300)
+                        result[path] = page.title()
+                        result[path + " text"] = page.locator("h1").all_inner_texts()[0] \
+                            if page.locator("h1").count() else ""
+                finally:
+                    browser.close()
+        except BaseException as exc:  # handed to the test's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="chromium-check", daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the Chromium check hung"
+    if failure:
+        raise failure[0]
+    return result
+
+
+def test_chromium_runs_no_script_of_a_product_viewed_on_the_dashboard(world: World) -> None:
+    ids = world.ids
+    paths = [f"/build/{ids['build_id']}/download/{ids['product_id']}",
+             # inside the directory its relative <script src='evil.js'> is same-origin
+             f"/build/{ids['build_id']}/download/{ids['directory_product_id']}/index.html",
+             f"/build/{ids['build_id']}/download/{ids['svg_product_id']}"]
+    seen = titles_in_chromium(world.server.url, paths)
+    assert seen.pop("control") == "pwned"  # the check sees script that runs
+    # the manual was shown (not an error page), and its scripts did not run
+    assert seen[paths[0] + " text"] == seen[paths[1] + " text"] == "manual", seen
+    assert [seen[path] for path in paths] == ["", "", ""], seen
