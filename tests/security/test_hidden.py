@@ -50,7 +50,9 @@ def world(engine: Engine, database_url: str, redis_url: str, cache_key: KeyPair,
     visible = build_malicious_output(uuid.uuid4().hex)
     with world_server(engine, database_url, redis_url, state,
                       CIRCUS_SIGNING__ENABLED="true",
-                      CIRCUS_SIGNING__KEY=cache_key.secret) as made:
+                      CIRCUS_SIGNING__KEY=cache_key.secret,
+                      # the metrics page is admin-only by default; open it to be attacked
+                      CIRCUS_SERVER__PAGE_ACCESS='{"metrics": "authenticated"}') as made:
         log_dir = Path(made.settings.logs.log_dir)
         with Session(engine, expire_on_commit=False) as session:
             hidden = populate_project(session, log_dir, built, name=f"hush-{nonce[:8]}",
@@ -133,6 +135,20 @@ def test_metrics_time_series_of_a_hidden_project_or_jobset_is_404(world: World) 
     total = sum(sum(p["values"].values()) for p in everything["series"])
     seen = sum(sum(p["values"].values()) for p in outside["series"])
     assert total == seen + 1  # the hidden project's one finished build
+    # per-system counts and the dashboard's metrics page count only visible builds too
+    def system_total(key: str) -> int:
+        systems = get(world, "/api/v1/metrics/systems", key=key).json()["systems"]
+        return sum(s["pending"] + s["running"] + s["succeeded"] + s["failed"] for s in systems)
+
+    assert system_total(ADMIN_KEY) == system_total(OUTSIDER_KEY) + 2
+
+    def page_total(key: str) -> int:
+        page = get(world, "/stats", key=key)
+        assert page.status_code == 200
+        by_status = page.text.split("Builds by status")[1].split("<h2>")[0]
+        return sum(int(n) for n in re.findall(r'<td class="num">(\d+)</td>', by_status))
+
+    assert page_total(ADMIN_KEY) == page_total(OUTSIDER_KEY) + 2
 
 
 def test_badges_of_a_hidden_job_are_those_of_a_job_that_does_not_exist(world: World) -> None:

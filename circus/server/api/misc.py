@@ -84,7 +84,7 @@ def delete_news(news_id: int) -> ResponseReturnValue:
 @blp.response(200, SystemsMetricsSchema)
 def systems() -> Any:
     """Per system: queued, running, succeeded and failed builds, and machines serving it."""
-    return {"systems": queries.systems_summary(db_session())}
+    return {"systems": queries.systems_summary(db_session(), current_actor())}
 
 
 def _series(args: dict[str, Any], value: Any, grouped_by_status: bool) -> dict[str, Any]:
