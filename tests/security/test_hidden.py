@@ -175,6 +175,22 @@ def test_starring_a_hidden_job_is_404(world: World) -> None:
     assert starred.json()["error"] == f"no jobset with id {ids['jobset_id']}"
 
 
+def test_a_channel_on_a_hidden_jobset_cannot_be_made_or_changed_by_an_outsider(
+        world: World) -> None:
+    ids = world.ids
+    made = post(world, "/api/v1/channels", json={"jobset_id": ids["jobset_id"],
+                                                 "name": "sneaky"})
+    assert_not_found(made)
+    assert made.json()["error"] == f"no jobset with id {ids['jobset_id']}"
+    for method, path in (("DELETE", f"/api/v1/channels/{ids['channel']}"),
+                         ("POST", f"/api/v1/channels/{ids['channel']}/promote/"
+                                  f"{ids['other_evaluation_id']}")):
+        answer = requests.request(method, world.server.url + path, timeout=10,
+                                  headers=bearer(OUTSIDER_KEY))
+        assert_not_found(answer)  # not 403 naming the project's id
+        assert answer.json() == {"error": f"no channel {ids['channel']}", "details": None}
+
+
 def _github(world: World, project: str, signature: str | None) -> requests.Response:
     body = json.dumps({"zen": "hi", "hook_id": 1}).encode()
     headers = {"X-GitHub-Event": "ping", "X-GitHub-Delivery": str(uuid.uuid4()),
@@ -264,7 +280,8 @@ GHOST = {"project": "ghost-project", "project_id": 10**9, "jobset": "main",
 #: arguments of admin-only records (users, keys, builders...): the same in both requests
 NEUTRAL = {"builder_id": 1, "machine_id": "none", "task_id": 1, "news_id": 1, "key_id": 1,
            "user_id": 1, "input_name": "none", "sub": "doc/index.html",
-           "filename": "circus.css"}
+           "filename": "circus.css", "config_id": 1, "webhook_id": 1, "forge": "github",
+           "keep": "true", "action": "keep"}
 #: query strings routes take an object by (the rest of the route is filled from the path)
 QUERIES = {
     "evaluations.compare": "to={other_evaluation_id}",
@@ -326,4 +343,33 @@ def test_every_get_route_answers_an_outsider_as_if_the_hidden_project_did_not_ex
                 leaks.append((hidden_url, hidden.status_code, "body shows", leaked))
     assert not unfilled, f"routes this test cannot fill: {unfilled}"
     assert not leaks, "routes that tell a hidden project from a missing one:\n" + \
+        "\n".join(map(str, leaks))
+
+
+def test_every_mutation_answers_an_outsider_as_if_the_hidden_project_did_not_exist(
+        world: World) -> None:
+    """POST, PUT and DELETE routes with the hidden project's ids and with ids that exist
+    nowhere: the same status (a 403 where a missing object gives 404 would confirm that
+    the object exists). Runs last: a route that wrongly acts would change the world."""
+    ids = world.ids
+    unfilled, leaks = [], []
+    app = app_for(world.settings)
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        for method in sorted((rule.methods or set()) - {"GET", "HEAD", "OPTIONS"}):
+            hidden_url = route_url(rule.endpoint, rule.rule, ids)
+            ghost_url = route_url(rule.endpoint, rule.rule, {**ids, **GHOST})
+            if hidden_url is None or ghost_url is None:
+                unfilled.append(rule.rule)
+                continue
+            if rule.endpoint == "evaluations.trigger":
+                continue  # takes its jobset in the body: the trigger test above
+            hidden = requests.request(method, world.server.url + hidden_url, json={},
+                                      headers=bearer(OUTSIDER_KEY), timeout=10)
+            ghost = requests.request(method, world.server.url + ghost_url, json={},
+                                     headers=bearer(OUTSIDER_KEY), timeout=10)
+            if hidden.status_code != ghost.status_code:
+                leaks.append((method, hidden_url, hidden.status_code, ghost.status_code,
+                              hidden.text[:120]))
+    assert not unfilled, f"routes this test cannot fill: {unfilled}"
+    assert not leaks, "mutations that tell a hidden project from a missing one:\n" + \
         "\n".join(map(str, leaks))
