@@ -319,8 +319,9 @@ def route_url(endpoint: str, rule: str, ids: dict[str, Any]) -> str | None:
     return url + ("?" + query.format(**values) if query else "")
 
 
+@pytest.mark.parametrize("who", ["outsider", "anonymous"])
 def test_every_get_route_answers_an_outsider_as_if_the_hidden_project_did_not_exist(
-        world: World) -> None:
+        world: World, who: str) -> None:
     """Each GET route, once with the hidden project's ids and once with ids that exist
     nowhere: same status, and nothing of the hidden project in the body. A route whose
     arguments this test cannot fill fails it."""
@@ -333,8 +334,9 @@ def test_every_get_route_answers_an_outsider_as_if_the_hidden_project_did_not_ex
         if hidden_url is None or ghost_url is None:
             unfilled.append(rule)
             continue
-        with get(world, hidden_url, stream=True) as hidden, \
-                get(world, ghost_url, stream=True) as ghost:
+        key = OUTSIDER_KEY if who == "outsider" else None
+        with get(world, hidden_url, key, stream=True, allow_redirects=False) as hidden, \
+                get(world, ghost_url, key, stream=True, allow_redirects=False) as ghost:
             body = hidden.raw.read(512 * 1024).decode(errors="replace")
             if hidden.status_code != ghost.status_code:
                 leaks.append((hidden_url, hidden.status_code, ghost_url, ghost.status_code))

@@ -7,8 +7,10 @@ confirmed that this cache serves it.
 
 The cache of a hidden project is private: it answers only callers who may see
 the project (an API key as ``Authorization: Bearer`` or as the password of HTTP
-Basic credentials, which is what Nix sends from a ``netrc-file``); the shared
-``/nix-cache`` does not serve paths that only hidden projects built.
+Basic credentials, which is what Nix sends from a ``netrc-file``), with
+``Cache-Control: private``; anonymous callers get the same 401 for a project that does
+not exist, so the answer never tells the two apart. The shared ``/nix-cache`` does not
+serve paths that only hidden projects built.
 """
 
 from __future__ import annotations
@@ -58,10 +60,9 @@ def _project(name: str | None) -> tuple[str | None, bool]:
     if PROJECT_NAME.fullmatch(name) is None:
         raise NotFound("no such project cache")
     found = index().project(name)
-    if found is None:
-        raise NotFound("no such project cache")
-    project_id, hidden = found
-    if hidden:
+    if found is None or found[1]:
+        # a missing project asks anonymous callers for credentials just like a hidden one
+        # does: a 404 here would tell them which of the two a name is
         actor = _caller()
         if not actor.is_authenticated:
             body = json.dumps({"error": "this project's cache needs credentials",
@@ -69,8 +70,10 @@ def _project(name: str | None) -> tuple[str | None, bool]:
                                                    "entry, or Authorization: Bearer"}})
             abort(Response(body, 401, mimetype="application/json", headers={
                 "WWW-Authenticate": 'Basic realm="Circus binary cache"'}))
-        require_visible(db_session(), actor, project_id, "project cache")
-    return name, hidden
+        if found is None:
+            raise NotFound("no such project cache")
+        require_visible(db_session(), actor, found[0], "project cache")
+    return name, found[1]
 
 
 def _caller() -> Actor:
