@@ -8,6 +8,7 @@ proxy: the header is ignored).
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -145,6 +146,16 @@ def test_failed_logins_for_one_account_from_many_addresses_are_throttled(
     assert throttled.headers["Content-Type"].startswith("application/json")
     assert "Retry-After" in throttled.headers
     assert login(proxied, "Outsider", PASSWORD, "198.51.100.100").status_code == 429
+    # the dashboard's form draws on the same budget
+    browser = requests.Session()
+    form = browser.get(proxied.server.url + "/login", timeout=10)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None
+    page = browser.post(proxied.server.url + "/login", timeout=10, allow_redirects=False,
+                        data={"csrf_token": token.group(1), "username": "outsider",
+                              "password": PASSWORD},
+                        headers={"X-Forwarded-For": "198.51.100.101"})
+    assert page.status_code == 429, page.text[:300]
     # other accounts are not affected, and successful logins do not count
     for _ in range(6):
         assert login(proxied, "member", PASSWORD, "198.51.100.1").status_code == 200
