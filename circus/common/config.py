@@ -201,6 +201,10 @@ class ServerSettings(SettingsModel):
     max_log_streams: Positive = 16
     #: live log streams open at once from one client address
     max_log_streams_per_client: Positive = 4
+    #: an origin of its own (another host name for this server), e.g.
+    #: ``https://ci-files.example.org``: products viewed in a browser are served only
+    #: there, by signed short-lived links, never beside the session cookie
+    products_origin: str | None = None
 
     def problems(self) -> list[Problem]:
         found = []
@@ -220,6 +224,16 @@ class ServerSettings(SettingsModel):
             if page not in DEFAULT_PAGE_ACCESS:
                 known = ", ".join(sorted(DEFAULT_PAGE_ACCESS))
                 found.append(Problem(f"page_access.{page}", f"unknown page (known: {known})"))
+        if self.products_origin:
+            problem = _url_problem(self.products_origin, ("http", "https"))
+            parts = urlsplit(self.products_origin)
+            if problem is None and (parts.path.strip("/") or parts.query):
+                problem = f"must be an origin, without a path (got {self.products_origin!r})"
+            if problem is None and self.base_url and \
+                    urlsplit(self.base_url).netloc.lower() == parts.netloc.lower():
+                problem = "must be another host than server.base_url"
+            if problem:
+                found.append(Problem("products_origin", problem))
         if self.base_url and _url_problem(self.base_url, ("http", "https")):
             found.append(Problem("base_url", _url_problem(self.base_url, ("http", "https")) or ""))
         storage = self.rate_limit_storage

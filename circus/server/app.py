@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 
 from circus.common.config import Settings, load_settings
 from circus.common.db import make_engine, make_session_factory
-from circus.server import cache, errors, health
+from circus.server import cache, errors, health, usercontent
 from circus.server.context import ServerContext, close_db_session
 
 
@@ -24,6 +24,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.teardown_appcontext(close_db_session)
     errors.init_app(app)
     app.register_blueprint(health.blueprint)
+    # first: its check (which origin serves what) runs before any other before_request
+    usercontent.init_app(app, settings)
     # the API and its collaborators (auth, security, metrics, public endpoints)
     from circus.common.celery import create_celery_app
     from circus.server import api, auth, github_login, metrics, public, security, streams

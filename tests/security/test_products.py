@@ -250,3 +250,60 @@ def test_chromium_runs_no_script_of_a_product_viewed_on_the_dashboard(world: Wor
     # the manual was shown (not an error page), and its scripts did not run
     assert seen[paths[0] + " text"] == seen[paths[1] + " text"] == "manual", seen
     assert [seen[path] for path in paths] == ["", "", ""], seen
+
+
+# ---------------------------------------------------------------------------
+# server.products_origin: products viewed in a browser come from another origin
+
+FILES_HOST = "files.circus.test"
+
+
+@pytest.fixture(scope="module")
+def split(engine: Engine, database_url: str, redis_url: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """A second server with ``server.products_origin`` set; the products origin is the
+    same process reached under another host name. (Starting it empties the database:
+    the test using it is the module's last.)"""
+    with world_server(engine, database_url, redis_url, tmp_path_factory.mktemp("split"),
+                      CIRCUS_SERVER__PRODUCTS_ORIGIN=f"http://{FILES_HOST}") as made:
+        with Session(engine, expire_on_commit=False) as session:
+            made.ids = populate_project(session, Path(made.settings.logs.log_dir),
+                                        build_malicious_output(uuid.uuid4().hex),
+                                        name="docs", hidden=False)
+            session.commit()
+        yield made
+
+
+def on_files_host(world: World, path: str) -> requests.Response:
+    return requests.get(world.server.url + path, headers={"Host": FILES_HOST}, timeout=10,
+                        allow_redirects=False)
+
+
+def test_products_origin_serves_products_by_signed_link_and_nothing_else(
+        split: World) -> None:
+    ids = split.ids
+    asked = requests.get(
+        f"{split.server.url}/build/{ids['build_id']}/download/{ids['directory_product_id']}",
+        headers=bearer(ADMIN_KEY), timeout=10, allow_redirects=False)
+    assert asked.status_code == 302
+    location = asked.headers["Location"]
+    assert location.startswith(f"http://{FILES_HOST}/files/")
+    path = location[len(f"http://{FILES_HOST}"):]
+    page = on_files_host(split, path)
+    assert page.status_code == 200, page.text[:300]
+    assert RAW_SCRIPT in page.content
+    assert inert_problem(page) is None
+    # the manual's relative links stay inside the same grant
+    script = on_files_host(split, path + "evil.js")
+    assert script.status_code == 200
+    assert "set-cookie" not in {k.lower() for k in script.headers}
+    # a forged or altered grant is no grant
+    grant = path.split("/")[2]
+    for forged in (grant[:-2] + ("AA" if not grant.endswith("AA") else "BB"), "x", ""):
+        refused = on_files_host(split, f"/files/{forged}/index.html")
+        assert refused.status_code == 404
+    # the products origin serves nothing that carries a session, the main one no files
+    for other in ("/", "/api/v1/me", f"/build/{ids['build_id']}", "/login"):
+        assert on_files_host(split, other).status_code == 404, other
+    main = requests.get(split.server.url + path, headers=bearer(ADMIN_KEY), timeout=10)
+    assert main.status_code == 404

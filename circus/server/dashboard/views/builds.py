@@ -29,6 +29,7 @@ from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
 from circus.server.security import build_output, client_address
+from circus.server.usercontent import product_link
 
 #: how much of a log the build page shows (the whole log is one click away)
 LOG_TAIL_BYTES = 64 * 1024
@@ -294,6 +295,9 @@ def download(build_id: int, product_id: int, sub: str | None = None) -> Response
     outputs = list(session.scalars(select(BuildOutput.path).where(
         BuildOutput.build_id == build_id)))
     path = product_file(product, outputs, sub)
+    if settings().server.products_origin:
+        # viewed from an origin without our session (see circus.server.usercontent)
+        return redirect(product_link(build_id, product_id, sub), code=302)
     mimetype = (product.content_type if not product.is_directory else None) or \
         mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     # an HTML manual may be viewed here, in a sandbox (see build_output)
