@@ -9,6 +9,7 @@ proxy: the header is ignored).
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ from sqlalchemy.orm import Session
 from circus.common.enums import StepState
 from circus.common.models import Step
 from circus.server.logfiles import step_log
-from tests.api.live import ADMIN_KEY
-from tests.helpers.daemons import wait_until
+from tests.api.live import ADMIN_KEY, server_env
+from tests.helpers.daemons import circus_command, wait_until
+from tests.helpers.net import free_port
 from tests.security.web_support import (
     PASSWORD,
     World,
@@ -176,3 +178,23 @@ def test_without_trusted_proxies_x_forwarded_for_is_ignored(direct: World) -> No
         assert login(direct, f"nobody{n}", "wrong", f"192.0.2.{n + 1}").status_code == 401
     throttled = login(direct, "nobody9", "wrong", "192.0.2.200")
     assert throttled.status_code == 429, throttled.text
+
+
+def test_circus_server_refuses_bad_proxy_stream_and_origin_settings(
+        database_url: str, redis_url: str, tmp_path: Path) -> None:
+    """Misconfiguration is caught at start, every problem named by its key path."""
+    env = server_env(database_url, redis_url, tmp_path, free_port(),
+                     CIRCUS_SERVER__TRUSTED_PROXIES='["10.0.0.0/8", "proxy.example"]',
+                     CIRCUS_SERVER__MAX_LOG_STREAMS="32",
+                     CIRCUS_SERVER__RATE_LIMIT_LOGIN_ACCOUNT="lots",
+                     CIRCUS_SERVER__PRODUCTS_ORIGIN="https://files.example.org/sub")
+    done = subprocess.run([circus_command("circus-server")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    for expected in ("server.trusted_proxies.1: not an IP address or network: "
+                     "'proxy.example'",
+                     "server.max_log_streams: must be below 32",
+                     "server.rate_limit_login_account: must look like '10/minute'",
+                     "server.products_origin: must be an origin, without a path"):
+        assert expected in done.stderr, done.stderr
+    assert "trusted_proxies.0" not in done.stderr
