@@ -6,6 +6,7 @@ reads files or the environment at import time.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -159,6 +160,10 @@ DEFAULT_PAGE_ACCESS: dict[str, PageAccess] = {
 }
 
 
+#: threads of each gunicorn worker (``circus-server``): one per request in flight
+SERVER_THREADS = 32
+
+
 class ServerSettings(SettingsModel):
     secret_fields = ("secret_key",)
 
@@ -172,6 +177,9 @@ class ServerSettings(SettingsModel):
     max_body_size: Positive = 10 * 1024 * 1024
     allowed_origins: list[str] = []
     rate_limit_login: str = "10/minute"
+    #: failed logins per account name, whatever address they come from (password
+    #: spraying from many addresses); counted in the same storage as the other limits
+    rate_limit_login_account: str = "30/hour"
     rate_limit_api: str = "1200/minute"
     rate_limit_enabled: bool = True
     #: where request counts live: unset = the broker's Redis (one budget across every
@@ -191,6 +199,18 @@ class ServerSettings(SettingsModel):
     #: may reach although they are not public (loopback, private, link-local, metadata);
     #: see circus/common/outbound.py
     outbound_allowlist: list[str] = []
+    #: reverse proxies (addresses or networks) whose ``X-Forwarded-For`` names the real
+    #: client; empty: the header is ignored and the peer address is the client
+    trusted_proxies: list[str] = []
+    #: live log streams (server-sent events) open at once, per server process: each holds
+    #: one of its SERVER_THREADS threads, so the rest stay free for other requests
+    max_log_streams: Positive = 16
+    #: live log streams open at once from one client address
+    max_log_streams_per_client: Positive = 4
+    #: an origin of its own (another host name for this server), e.g.
+    #: ``https://ci-files.example.org``: products viewed in a browser are served only
+    #: there, by signed short-lived links, never beside the session cookie
+    products_origin: str | None = None
 
     def problems(self) -> list[Problem]:
         from circus.common.outbound import entry_problem
@@ -199,7 +219,16 @@ class ServerSettings(SettingsModel):
         for i, entry in enumerate(self.outbound_allowlist):
             problem = entry_problem(entry)
             if problem:
-                found.append(Problem(f"outbound_allowlist[{i}]", problem))
+                found.append(Problem(f"outbound_allowlist.{i}", problem))
+        for index, proxy in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                found.append(Problem(f"trusted_proxies.{index}",
+                                     f"not an IP address or network: {proxy!r}"))
+        if self.max_log_streams >= SERVER_THREADS:
+            found.append(Problem("max_log_streams", f"must be below {SERVER_THREADS} (the "
+                                 "threads of a server process), or streams starve the rest"))
         for origin in self.allowed_origins:
             if origin != "*" and _url_problem(origin, ("http", "https")):
                 found.append(Problem("allowed_origins", f"not an http(s) origin: {origin!r}"))
@@ -207,6 +236,16 @@ class ServerSettings(SettingsModel):
             if page not in DEFAULT_PAGE_ACCESS:
                 known = ", ".join(sorted(DEFAULT_PAGE_ACCESS))
                 found.append(Problem(f"page_access.{page}", f"unknown page (known: {known})"))
+        if self.products_origin:
+            problem = _url_problem(self.products_origin, ("http", "https"))
+            parts = urlsplit(self.products_origin)
+            if problem is None and (parts.path.strip("/") or parts.query):
+                problem = f"must be an origin, without a path (got {self.products_origin!r})"
+            if problem is None and self.base_url and \
+                    urlsplit(self.base_url).netloc.lower() == parts.netloc.lower():
+                problem = "must be another host than server.base_url"
+            if problem:
+                found.append(Problem("products_origin", problem))
         if self.base_url and _url_problem(self.base_url, ("http", "https")):
             found.append(Problem("base_url", _url_problem(self.base_url, ("http", "https")) or ""))
         storage = self.rate_limit_storage
@@ -215,6 +254,7 @@ class ServerSettings(SettingsModel):
             found.append(Problem("rate_limit_storage", "must be memory:// or a redis:// URL "
                                  f"(got {storage.split('://')[0]!r})"))
         for limit, key in ((self.rate_limit_login, "rate_limit_login"),
+                           (self.rate_limit_login_account, "rate_limit_login_account"),
                            (self.rate_limit_api, "rate_limit_api")):
             if not _is_rate(limit):
                 found.append(Problem(key, f"must look like '10/minute' (got {limit!r})"))

@@ -70,6 +70,8 @@ def act_on_build(session: Session, actor: Actor, build_id: int, action: BuildAct
 def trigger_evaluation(session: Session, actor: Actor, jobset: Jobset
                        ) -> tuple[Evaluation, bool]:
     """Queue an evaluation now (or return the jobset's pending/running one)."""
+    # by id or by name: a hidden project's jobset does not exist for outsiders
+    require_visible(session, actor, jobset.project_id, f"jobset with id {jobset.id}")
     require_permission(session, actor, Action.evaluation_trigger, jobset.project_id)
     evaluation, created = evaluator.trigger(session, jobset.id, TriggerKind.manual,
                                             requested_by=actor.label)

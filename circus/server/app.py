@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 
 from circus.common.config import Settings, load_settings
 from circus.common.db import make_engine, make_session_factory
-from circus.server import cache, errors, health
+from circus.server import cache, errors, health, usercontent
 from circus.server.context import ServerContext, close_db_session
 
 
@@ -24,9 +24,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.teardown_appcontext(close_db_session)
     errors.init_app(app)
     app.register_blueprint(health.blueprint)
+    # first: its check (which origin serves what) runs before any other before_request
+    usercontent.init_app(app, settings)
     # the API and its collaborators (auth, security, metrics, public endpoints)
     from circus.common.celery import create_celery_app
-    from circus.server import api, auth, github_login, metrics, public, security
+    from circus.server import api, auth, github_login, metrics, public, security, streams
 
     if settings.broker.url:
         # services enqueue() tasks after commit through it (absent: docs generation)
@@ -36,15 +38,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     github_login.init_app(app, settings)
     limiter = security.init_app(app, settings)
     api.init_app(app)
-    for endpoint in ("users.login", "users.ldap_login", "users.github_callback"):
-        security.limit_view(app, limiter, endpoint, settings.server.rate_limit_login)
+    streams.init_app(app, settings)
     app.register_blueprint(public.blueprint)
     metrics.init_app(app)
     # the web pages at / (they call the same services as the API)
     from circus.server import dashboard
 
     dashboard.init_app(app)
-    security.limit_view(app, limiter, "dashboard.login_submit", settings.server.rate_limit_login)
+    security.limit_login(app, limiter, settings)
     # last: its narinfo fast path wraps the finished WSGI app
     cache.init_app(app)
     return app

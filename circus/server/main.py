@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from circus.common.config import ConfigError, load_settings
+from circus.common.config import SERVER_THREADS, ConfigError, load_settings
 from circus.common.logging import setup_logging
 
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 "bind": f"{host}:{port}",
                 "workers": settings.server.workers,
                 "worker_class": "gthread",
-                # SSE log tails hold a thread each
-                "threads": 32,
+                # SSE log tails hold a thread each (at most server.max_log_streams)
+                "threads": SERVER_THREADS,
                 "timeout": settings.server.request_timeout,
                 "graceful_timeout": 10,
                 "accesslog": None,

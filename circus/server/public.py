@@ -2,7 +2,9 @@
 
 ``/channel/<name>/…`` serves what ``nix-channel --add`` and Hydra's channel
 consumers fetch; ``/job/<project>/<jobset>/<job>/badge|shield|latest`` serves
-README badges. They are public (like Hydra's), except for hidden projects.
+README badges. They are public (like Hydra's), except for hidden projects: those follow
+the one visibility rule (:mod:`circus.auth.visibility`) like every other route, so an
+outsider's badge of a hidden job is the badge of a job that does not exist.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import lzma
 import tarfile
 import time
 from html import escape
+from typing import Any
 
 from flask import Blueprint, Response, redirect, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import or_, select
+from sqlalchemy import Select, or_, select
 
+from circus.auth.visibility import can_see_project, only_visible
 from circus.common.enums import BuildStatus
 from circus.common.errors import NotFound
 from circus.common.models import Build, Channel, EvaluationBuild, Jobset, Project
 from circus.common.models import Evaluation as EvaluationRow
+from circus.server.auth import current_actor
 from circus.server.context import db_session, settings
+from circus.server.security import build_output
 
 blueprint = Blueprint("public", __name__)
 
@@ -32,8 +38,7 @@ def _channel(name: str) -> tuple[Channel, EvaluationRow]:
     channel = session.scalar(select(Channel).where(Channel.name == name))
     if channel is None:
         raise NotFound(f"no channel {name}")
-    project = session.get(Project, channel.project_id)
-    if project is None or project.hidden:
+    if not can_see_project(session, current_actor(), channel.project_id):
         raise NotFound(f"no channel {name}")
     evaluation = session.get(EvaluationRow, channel.evaluation_id) if channel.evaluation_id \
         else None
@@ -55,12 +60,14 @@ def _text(body: str | bytes, mimetype: str = "text/plain") -> Response:
 
 
 @blueprint.get("/channel/<name:name>/git-revision")
+@build_output()
 def git_revision(name: str) -> ResponseReturnValue:
     _, evaluation = _channel(name)
     return _text(evaluation.commit_hash or "")
 
 
 @blueprint.get("/channel/<name:name>/binary-cache-url")
+@build_output()
 def binary_cache_url(name: str) -> ResponseReturnValue:
     _channel(name)
     config = settings()
@@ -70,6 +77,7 @@ def binary_cache_url(name: str) -> ResponseReturnValue:
 
 
 @blueprint.get("/channel/<name:name>/store-paths.xz")
+@build_output()
 def store_paths(name: str) -> ResponseReturnValue:
     _, evaluation = _channel(name)
     paths = sorted({o.path for b in _succeeded_builds(evaluation.id) for o in b.outputs})
@@ -104,6 +112,7 @@ def channel_expression(builds: list[Build]) -> str:
 
 
 @blueprint.get("/channel/<name:name>/nixexprs.tar.xz")
+@build_output()
 def nixexprs(name: str) -> ResponseReturnValue:
     channel, evaluation = _channel(name)
     body = channel_expression(_succeeded_builds(evaluation.id)).encode()
@@ -130,18 +139,26 @@ SHIELD_COLOURS = {"succeeded": "brightgreen", "failed": "red", "pending": "yello
                   "unknown": "lightgrey"}
 
 
+def _job_builds(project: str, jobset: str, job: str) -> Select[Any]:
+    """The job's builds, none when its project is hidden from the caller."""
+    query: Select[Any] = only_visible(
+        select(Build).join(Jobset, Jobset.id == Build.jobset_id)
+        .join(Project, Project.id == Jobset.project_id)
+        .where(Project.name == project, Jobset.name == jobset, Build.job_name == job),
+        Project.id, current_actor())
+    return query
+
+
 def _latest(project: str, jobset: str, job: str, *, succeeded_only: bool = False
             ) -> Build | None:
     session = db_session()
-    query = (select(Build).join(Jobset, Jobset.id == Build.jobset_id)
-             .join(Project, Project.id == Jobset.project_id)
-             .where(Project.name == project, Project.hidden.is_(False), Jobset.name == jobset,
-                    Build.job_name == job))
+    query = _job_builds(project, jobset, job)
     if succeeded_only:
         query = query.where(Build.status == BuildStatus.succeeded)
     else:
         query = query.where(Build.status.not_in([BuildStatus.pending, BuildStatus.running]))
-    return session.scalar(query.order_by(Build.id.desc()).limit(1))
+    found: Build | None = session.scalar(query.order_by(Build.id.desc()).limit(1))
+    return found
 
 
 def _state(project: str, jobset: str, job: str) -> str:
@@ -149,12 +166,7 @@ def _state(project: str, jobset: str, job: str) -> str:
         return "unknown"
     build = _latest(project, jobset, job)
     if build is None:
-        session = db_session()
-        pending = session.scalar(
-            select(Build.id).join(Jobset, Jobset.id == Build.jobset_id)
-            .join(Project, Project.id == Jobset.project_id)
-            .where(Project.name == project, Jobset.name == jobset, Build.job_name == job)
-            .limit(1))
+        pending = db_session().scalar(_job_builds(project, jobset, job).limit(1))
         return "pending" if pending is not None else "unknown"
     return "succeeded" if build.status is BuildStatus.succeeded else "failed"
 

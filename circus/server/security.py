@@ -8,13 +8,14 @@ scripts without adding a dependency on Redis for the web tier.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from flask_cors import CORS
 from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 
 from circus.common.config import Settings
 
@@ -29,10 +30,98 @@ SECURITY_HEADERS = {
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' "
                            "'unsafe-inline'; frame-ancestors 'none'; base-uri 'self'; "
                            "form-action 'self'")
+#: bytes a build produced (products, logs, channel files, NARs) are untrusted: a sandboxed
+#: document has an opaque origin and runs no script, so an HTML or SVG product cannot act
+#: with the viewer's session even when it is shown inline on our origin
+BUILD_OUTPUT_CSP = "sandbox"
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+def make_inert(response: Response, *, attachment: bool = False) -> Response:
+    """Mark ``response`` as carrying build output: never sniffed, never active content;
+    ``attachment`` also tells browsers to save it rather than show it."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = BUILD_OUTPUT_CSP
+    if attachment and not response.headers.get("Content-Disposition", "").startswith(
+            "attachment"):
+        response.headers["Content-Disposition"] = "attachment"
+    return response
+
+
+def build_output(*, attachment: bool = False) -> Callable[[View], View]:
+    """Decorate a view whose response body is (or quotes) bytes a build produced.
+
+    Errors raised by the view are rendered as JSON by ``circus.server.errors`` and do
+    not pass through here; every successful answer does.
+    """
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            result = view(*args, **kwargs)
+            if isinstance(result, Response):
+                make_inert(result, attachment=attachment)
+            return result
+        return wrapped  # type: ignore[return-value]
+    return decorate
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(proxies: list[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+
+
+def real_client(peer: str, forwarded_for: str, trusted: tuple[Network, ...]) -> str:
+    """The client's address: the peer's, unless the peer is a trusted proxy; then the
+    right-most ``X-Forwarded-For`` entry that is not a trusted proxy itself (entries to
+    its left were written by the client and prove nothing)."""
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # garbage where an address belongs: trust nothing after it
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def client_address() -> str:
+    """The address rate limits and stream caps count this request against."""
+    trusted: tuple[Network, ...] = current_app.extensions.get("circus_trusted_proxies", ())
+    return real_client(request.remote_addr or "", request.headers.get("X-Forwarded-For", ""),
+                       trusted)
+
+
+#: the endpoints that take a username and password
+LOGIN_ENDPOINTS = ("users.login", "users.ldap_login", "dashboard.login_submit")
+
+
+def login_account() -> str:
+    """The account name a login request names (lower-cased), for the per-account limit."""
+    raw: Any = request.get_json(silent=True) if request.is_json else request.form
+    name = raw.get("username") if isinstance(raw, dict) or hasattr(raw, "getlist") else None
+    return "account:" + (name.strip().lower()[:128] if isinstance(name, str) else "")
+
+
+def failed_login(response: Response) -> bool:
+    return response.status_code in (401, 403)
 
 
 def init_app(app: Flask, settings: Settings) -> Limiter:
     secure = settings.server.force_secure_cookies
+    app.extensions["circus_trusted_proxies"] = trusted_networks(settings.server.trusted_proxies)
 
     @app.after_request
     def add_security_headers(response: Response) -> Response:
@@ -51,7 +140,7 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
              expose_headers=["Retry-After"], max_age=600)
 
     limiter = Limiter(
-        key_func=get_remote_address,
+        key_func=client_address,
         app=app,
         storage_uri=settings.server.rate_limit_storage or limits_storage(settings.broker.url),
         # Redis gone: count in this process rather than fail requests
@@ -77,7 +166,15 @@ def limits_storage(broker_url: str | None) -> str:
     return "memory://"
 
 
-def limit_view(app: Flask, limiter: Limiter, endpoint: str, rate: str) -> None:
-    """Put an extra limit on one registered endpoint (login: password guessing)."""
-    view: Callable[..., Any] = app.view_functions[endpoint]
-    app.view_functions[endpoint] = limiter.limit(rate)(view)
+def limit_login(app: Flask, limiter: Limiter, settings: Settings) -> None:
+    """Login throttling: per client address on each login endpoint, and failed attempts
+    per account name across all password logins (a password sprayed at one account from
+    many addresses, or over the API, the dashboard and LDAP in turn, shares one budget)."""
+    per_account = limiter.shared_limit(settings.server.rate_limit_login_account,
+                                       scope="login-account", key_func=login_account,
+                                       deduct_when=failed_login)
+    for endpoint in (*LOGIN_ENDPOINTS, "users.github_callback"):
+        view: Callable[..., Any] = limiter.limit(settings.server.rate_limit_login)(
+            app.view_functions[endpoint])
+        app.view_functions[endpoint] = per_account(view) if endpoint in LOGIN_ENDPOINTS \
+            else view

@@ -22,7 +22,7 @@ from circus.auth.actor import Actor
 from circus.auth.sealing import unseal
 from circus.common.config import Settings
 from circus.common.enums import ActorKind, ForgeType, JobsetState, TriggerKind
-from circus.common.errors import Conflict, NotFound, PermissionDenied
+from circus.common.errors import Conflict, NotFound, PermissionDenied, Unauthenticated
 from circus.common.models import Jobset, Project, WebhookConfig
 from circus.evaluator import service as evaluator
 from circus.projects import service as projects
@@ -67,13 +67,20 @@ def receive(session: Session, settings: Settings, *, project_ref: str, forge: st
     (signature), ``InvalidInput`` (malformed body).
     """
     project, hook = find_hook(session, project_ref, forge)
-    secret = unseal(settings.server.secret_key or "", hook.secret_encrypted) \
-        if hook.secret_encrypted else None
-    if not secret:
-        raise PermissionDenied(
-            "this webhook has no usable secret (none set, or server.secret_key changed): "
-            "deliveries cannot be verified, so none is accepted")
-    signatures.verify(hook.forge_type, secret, headers, body)
+    try:
+        secret = unseal(settings.server.secret_key or "", hook.secret_encrypted) \
+            if hook.secret_encrypted else None
+        if not secret:
+            raise PermissionDenied(
+                "this webhook has no usable secret (none set, or server.secret_key changed): "
+                "deliveries cannot be verified, so none is accepted")
+        signatures.verify(hook.forge_type, secret, headers, body)
+    except (Unauthenticated, PermissionDenied):
+        # only who holds the secret learns that a hidden project exists: everyone else
+        # gets the answer of a project without this webhook
+        if project.hidden:
+            raise NotFound(f"no enabled {forge} webhook for project {project_ref}") from None
+        raise
     event = events.parse(hook.forge_type, headers, body)
     delivery = (headers.get("x-github-delivery") or headers.get("x-gitea-delivery")
                 or headers.get("x-forgejo-delivery") or headers.get("x-gitlab-event-uuid"))

@@ -14,12 +14,13 @@ from sqlalchemy import select
 from circus.common.enums import StepState
 from circus.common.errors import InvalidInput, NotFound, PermissionDenied
 from circus.common.models import BuildOutput, BuildProduct, BuildStep, Step
-from circus.server import logfiles
+from circus.server import logfiles, streams
 from circus.server.api.base import Blueprint
 from circus.server.api.queries import get_build
 from circus.server.api.schemas.builds import DownloadArgsSchema, LogArgsSchema, ProductSchema
 from circus.server.auth import current_actor
 from circus.server.context import db_session, server_context, settings
+from circus.server.security import build_output, client_address
 
 blp = Blueprint("build-files", __name__, url_prefix="/api/v1/builds",
                 description="Build logs and products")
@@ -57,6 +58,7 @@ _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 @blp.get(B + "/log")
 @blp.arguments(LogArgsSchema, location="query")
 @blp.doc(responses={"200": {"description": "the whole log, decompressed", "content": _TEXT}})
+@build_output()
 def log(args: dict[str, Any], build_id: int) -> Response:
     step_id = _log_step_id(build_id, args.get("step"))
     path, _ = _locate(step_id)
@@ -88,6 +90,7 @@ def sse_events(chunks: Iterator[bytes], final: Any) -> Iterator[str]:
 @blp.doc(responses={"200": {"description": "server-sent events: log lines as they are "
                             "written, then an `end` event with the step status",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+@build_output()
 def log_stream(args: dict[str, Any], build_id: int) -> Response:
     step_id = _log_step_id(build_id, args.get("step"))
     timeout = float(settings().server.request_timeout) * 60
@@ -99,9 +102,11 @@ def log_stream(args: dict[str, Any], build_id: int) -> Response:
 
     # release the request's connection: the stream may last as long as the build
     db_session().close()
-    body = sse_events(logfiles.follow(lambda: _locate(step_id), timeout=timeout), final)
-    return Response(stream_with_context(body), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return streams.capped(client_address(), lambda: Response(
+        stream_with_context(sse_events(logfiles.follow(lambda: _locate(step_id),
+                                                       timeout=timeout), final)),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}))
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +151,7 @@ def product_file(product: BuildProduct, outputs: list[str], sub: str | None) -> 
 @blp.doc(responses={"200": {"description": "the product file",
                             "content": {"application/octet-stream": {
                                 "schema": {"type": "string", "format": "binary"}}}}})
+@build_output(attachment=True)
 def download(args: dict[str, Any], build_id: int, product_id: int) -> Response:
     session = db_session()
     get_build(session, build_id, current_actor())
@@ -157,4 +163,6 @@ def download(args: dict[str, Any], build_id: int, product_id: int) -> Response:
     path = product_file(product, outputs, args.get("path"))
     mimetype = (product.content_type if not product.is_directory else None) or \
         mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return send_file(path, mimetype=mimetype, download_name=path.name, conditional=True)
+    # API clients save products; the dashboard's download shows them inline (sandboxed)
+    return send_file(path, mimetype=mimetype, download_name=path.name, conditional=True,
+                     as_attachment=True)

@@ -19,6 +19,15 @@ from circus.server.context import db_session
 blp = Blueprint("channels", __name__, url_prefix="/api/v1/channels", description="Channels")
 
 
+def _channel(channel: str) -> Channel:
+    """The channel named ``channel``, a 404 when its project is hidden from the caller
+    (before any permission check: a 403 would confirm that it exists)."""
+    session = db_session()
+    row = service.get_channel(session, channel)
+    require_visible(session, current_actor(), row.project_id, f"channel {channel}")
+    return row
+
+
 @blp.get("")
 @blp.arguments(PageArgs, location="query")
 @blp.response(200, page_of(ChannelSchema))
@@ -33,6 +42,7 @@ def list_channels(args: dict[str, Any]) -> Any:
 def create_channel(data: dict[str, Any]) -> Any:
     session = db_session()
     jobset = service.get_jobset_by_id(session, data["jobset_id"])
+    require_visible(session, current_actor(), jobset.project_id, f"jobset with id {jobset.id}")
     channel = service.create_channel(session, current_actor(), jobset, name=data["name"])
     session.commit()
     return channel
@@ -41,17 +51,14 @@ def create_channel(data: dict[str, Any]) -> Any:
 @blp.get("/<name:channel>")
 @blp.response(200, ChannelSchema)
 def get_channel(channel: str) -> Any:
-    session = db_session()
-    row = service.get_channel(session, channel)
-    require_visible(session, current_actor(), row.project_id, f"channel {channel}")
-    return row
+    return _channel(channel)
 
 
 @blp.delete("/<name:channel>")
 @blp.response(204)
 def delete_channel(channel: str) -> ResponseReturnValue:
     session = db_session()
-    service.delete_channel(session, current_actor(), service.get_channel(session, channel))
+    service.delete_channel(session, current_actor(), _channel(channel))
     session.commit()
     return ""
 
@@ -60,7 +67,6 @@ def delete_channel(channel: str) -> ResponseReturnValue:
 @blp.response(200, ChannelSchema)
 def promote(channel: str, evaluation_id: int) -> Any:
     session = db_session()
-    row = service.promote_channel(session, current_actor(), service.get_channel(session, channel),
-                                  evaluation_id)
+    row = service.promote_channel(session, current_actor(), _channel(channel), evaluation_id)
     session.commit()
     return row

@@ -8,9 +8,13 @@ from typing import Any
 from flask.typing import ResponseReturnValue
 from sqlalchemy import Float, cast, func, select
 
+from circus.auth.visibility import only_visible, require_visible
+from circus.common.errors import NotFound
 from circus.common.models import (
     Build,
+    Jobset,
     News,
+    Project,
 )
 from circus.common.models.base import utcnow
 from circus.server import actions
@@ -80,18 +84,30 @@ def delete_news(news_id: int) -> ResponseReturnValue:
 @blp.response(200, SystemsMetricsSchema)
 def systems() -> Any:
     """Per system: queued, running, succeeded and failed builds, and machines serving it."""
-    return {"systems": queries.systems_summary(db_session())}
+    return {"systems": queries.systems_summary(db_session(), current_actor())}
 
 
 def _series(args: dict[str, Any], value: Any, grouped_by_status: bool) -> dict[str, Any]:
     session = db_session()
+    actor = current_actor()
     since = utcnow() - timedelta(days=args["days"])
     bucket = func.date_trunc(args["bucket"], Build.completed_at)
     columns = [bucket, Build.status, value] if grouped_by_status else [bucket, value]
-    query = select(*columns).where(Build.completed_at >= since)
+    query = only_visible(select(*columns).where(Build.completed_at >= since),
+                         Build.project_id, actor)
+    # a filter naming a project or jobset the caller cannot see is a 404, as for one
+    # that does not exist (an empty series would tell the two apart)
     if "project_id" in args:
+        if session.get(Project, args["project_id"]) is None:
+            raise NotFound(f"no project with id {args['project_id']}")
+        require_visible(session, actor, args["project_id"],
+                        f"project with id {args['project_id']}")
         query = query.where(Build.project_id == args["project_id"])
     if "jobset_id" in args:
+        jobset = session.get(Jobset, args["jobset_id"])
+        if jobset is None:
+            raise NotFound(f"no jobset with id {args['jobset_id']}")
+        require_visible(session, actor, jobset.project_id, f"jobset with id {jobset.id}")
         query = query.where(Build.jobset_id == args["jobset_id"])
     query = query.group_by(*columns[:-1]).order_by(bucket)
     points: dict[Any, dict[str, float]] = {}

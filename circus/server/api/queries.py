@@ -197,9 +197,11 @@ def system_counts(session: Session) -> dict[str, int]:
     return counts
 
 
-def systems_summary(session: Session) -> list[dict[str, Any]]:
-    """Per system: queued, running, succeeded and failed builds, and machines serving it."""
-    rows = session.execute(select(Build.system, Build.status, func.count())
+def systems_summary(session: Session, actor: Actor) -> list[dict[str, Any]]:
+    """Per system: queued, running, succeeded and failed builds ``actor`` may see, and
+    machines serving it."""
+    rows = session.execute(only_visible(select(Build.system, Build.status, func.count()),
+                                        Build.project_id, actor)
                            .group_by(Build.system, Build.status))
     table: dict[str, dict[str, int]] = {}
 

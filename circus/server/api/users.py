@@ -14,9 +14,10 @@ from circus import audit
 from circus.auth import service
 from circus.auth.actor import Actor
 from circus.auth.permissions import Action, require_authenticated, require_permission
+from circus.auth.visibility import only_visible, require_visible
 from circus.common.enums import ActorKind
 from circus.common.errors import CircusError, Conflict, InvalidInput, NotFound, Unauthenticated
-from circus.common.models import ApiKey, Project, ProjectMember, StarredJob, User
+from circus.common.models import ApiKey, Jobset, Project, ProjectMember, StarredJob, User
 from circus.projects.service import get_jobset_by_id
 from circus.server import auth
 from circus.server import github_login as github_flow
@@ -153,7 +154,9 @@ def change_password(data: dict[str, Any]) -> ResponseReturnValue:
 def starred(args: dict[str, Any]) -> Any:
     session = db_session()
     user = service.current_user_row(session, current_actor())
-    query = select(StarredJob).where(StarredJob.user_id == user.id).order_by(StarredJob.id)
+    query = only_visible(select(StarredJob).join(Jobset, Jobset.id == StarredJob.jobset_id)
+                         .where(StarredJob.user_id == user.id), Jobset.project_id,
+                         current_actor()).order_by(StarredJob.id)
     return paginate(session, query, args)
 
 
@@ -164,7 +167,8 @@ def star(data: dict[str, Any]) -> Any:
     session = db_session()
     actor = current_actor()
     user = service.current_user_row(session, actor)
-    get_jobset_by_id(session, data["jobset_id"])
+    jobset = get_jobset_by_id(session, data["jobset_id"])
+    require_visible(session, actor, jobset.project_id, f"jobset with id {jobset.id}")
     existing = session.scalar(select(StarredJob).where(
         StarredJob.user_id == user.id, StarredJob.jobset_id == data["jobset_id"],
         StarredJob.job_name == data["job_name"]))

@@ -7,8 +7,10 @@ confirmed that this cache serves it.
 
 The cache of a hidden project is private: it answers only callers who may see
 the project (an API key as ``Authorization: Bearer`` or as the password of HTTP
-Basic credentials, which is what Nix sends from a ``netrc-file``); the shared
-``/nix-cache`` does not serve paths that only hidden projects built.
+Basic credentials, which is what Nix sends from a ``netrc-file``), with
+``Cache-Control: private``; anonymous callers get the same 401 for a project that does
+not exist, so the answer never tells the two apart. The shared ``/nix-cache`` does not
+serve paths that only hidden projects built.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from circus.common.nix.narinfo import CONTENT_TYPE, cache_info
 from circus.server.auth import current_actor
 from circus.server.cache.lookup import CacheIndex
 from circus.server.context import db_session, settings
+from circus.server.security import build_output
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,9 @@ def _project(name: str | None) -> tuple[str | None, bool]:
     if PROJECT_NAME.fullmatch(name) is None:
         raise NotFound("no such project cache")
     found = index().project(name)
-    if found is None:
-        raise NotFound("no such project cache")
-    project_id, hidden = found
-    if hidden:
+    if found is None or found[1]:
+        # a missing project asks anonymous callers for credentials just like a hidden one
+        # does: a 404 here would tell them which of the two a name is
         actor = _caller()
         if not actor.is_authenticated:
             body = json.dumps({"error": "this project's cache needs credentials",
@@ -68,8 +70,10 @@ def _project(name: str | None) -> tuple[str | None, bool]:
                                                    "entry, or Authorization: Bearer"}})
             abort(Response(body, 401, mimetype="application/json", headers={
                 "WWW-Authenticate": 'Basic realm="Circus binary cache"'}))
-        require_visible(db_session(), actor, project_id, "project cache")
-    return name, hidden
+        if found is None:
+            raise NotFound("no such project cache")
+        require_visible(db_session(), actor, found[0], "project cache")
+    return name, found[1]
 
 
 def _caller() -> Actor:
@@ -90,17 +94,26 @@ def _caller() -> Actor:
     return found
 
 
-def narinfo_response(body: bytes) -> Response:
+#: what a hidden project's cache answers with: only the asking client may keep it, never a
+#: shared proxy or CDN (it would serve the private path to everyone after)
+PRIVATE_CACHE_CONTROL = "private, no-store"
+
+
+def narinfo_response(body: bytes, private: bool = False) -> Response:
     response = Response(body, mimetype=CONTENT_TYPE)
-    response.headers["Cache-Control"] = f"public, max-age={settings().cache.narinfo_cache_ttl_secs}"
+    response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL if private else \
+        f"public, max-age={settings().cache.narinfo_cache_ttl_secs}"
     return response
 
 
 @blueprint.get("/nix-cache/nix-cache-info")
 @blueprint.get("/projects/<project>/nix-cache/nix-cache-info")
 def nix_cache_info(project: str | None = None) -> ResponseReturnValue:
-    _project(project)
-    return Response(cache_info(settings().cache.priority), mimetype="text/x-nix-cache-info")
+    private = _project(project)[1]
+    response = Response(cache_info(settings().cache.priority), mimetype="text/x-nix-cache-info")
+    if private:
+        response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL
+    return response
 
 
 @blueprint.get("/nix-cache/<name>.narinfo")
@@ -112,16 +125,18 @@ def narinfo(name: str, project: str | None = None) -> ResponseReturnValue:
     body = index().narinfo(name, project_name, remember=not private)
     if body is None:
         raise NotFound("no such path in this cache")
-    return narinfo_response(body)
+    return narinfo_response(body, private)
 
 
 @blueprint.get("/nix-cache/nar/<name>")
 @blueprint.get("/projects/<project>/nix-cache/nar/<name>")
+@build_output()
 def nar(name: str, project: str | None = None) -> ResponseReturnValue:
     url = f"nar/{name}"
     if NAR_URL.fullmatch(url) is None:
         raise InvalidInput("malformed NAR file name", {"name": name[:80]})
-    location = index().nar(url, _project(project)[0])
+    project_name, private = _project(project)
+    location = index().nar(url, project_name)
     if location is None:
         raise NotFound("no such NAR in this cache")
     config = settings()
@@ -130,7 +145,8 @@ def nar(name: str, project: str | None = None) -> ResponseReturnValue:
         if path is not None and path.is_file():
             response = send_file(path, mimetype=NAR_TYPE, conditional=True, etag=False,
                                  max_age=None)
-            response.headers["Cache-Control"] = NAR_CACHE_CONTROL
+            response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL if private \
+                else NAR_CACHE_CONTROL
             return response
         if location.storages == {"local"}:
             log.error("cache: %s is recorded but missing from %s", url, config.cache.cache_dir)

@@ -46,7 +46,10 @@ def csrf_error(exc: CSRFError) -> ResponseReturnValue:
 
 @blueprint.errorhandler(HTTPException)
 def http_error(exc: HTTPException) -> ResponseReturnValue:
-    return error_page(exc.code or 500, exc.name, exc.description or exc.name)
+    page = error_page(exc.code or 500, exc.name, exc.description or exc.name)
+    # a 429 (live log streams) says when to come back
+    retry = [(k, v) for k, v in exc.get_headers() if k == "Retry-After"]
+    return (*page, retry) if retry and isinstance(page, tuple) else page
 
 
 @blueprint.errorhandler(DataError)

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, lazyload
 
 from circus.auth.actor import Actor
-from circus.auth.visibility import hidden_project_ids
+from circus.auth.visibility import hidden_project_ids, only_visible
 from circus.common.enums import BuildStatus, EvaluationStatus, StepState
 from circus.common.heartbeat import STALE_AFTER, freshness
 from circus.common.models import (
@@ -485,29 +485,32 @@ def agent_sessions(session: Session, limit: int) -> list[BuilderSession]:
 # metrics
 
 
-def status_totals(session: Session) -> dict[str, int]:
+def status_totals(session: Session, actor: Actor) -> dict[str, int]:
     return {status.name: count for status, count in session.execute(
-        select(Build.status, func.count()).group_by(Build.status))}
+        only_visible(select(Build.status, func.count()), Build.project_id, actor)
+        .group_by(Build.status))}
 
 
-def average_duration(session: Session, since: datetime) -> float | None:
-    value = session.scalar(
+def average_duration(session: Session, since: datetime, actor: Actor) -> float | None:
+    value = session.scalar(only_visible(
         select(func.avg(func.extract("epoch", Build.completed_at - Build.started_at)))
-        .where(Build.completed_at >= since, Build.started_at.is_not(None)))
+        .where(Build.completed_at >= since, Build.started_at.is_not(None)),
+        Build.project_id, actor))
     return float(value) if value is not None else None
 
 
-def daily_finished(session: Session, days: int) -> list[tuple[datetime, int, int]]:
-    """(day, succeeded, failed) finished builds for each of the last ``days`` days (UTC),
-    oldest first, quiet days included."""
+def daily_finished(session: Session, days: int, actor: Actor
+                   ) -> list[tuple[datetime, int, int]]:
+    """(day, succeeded, failed) finished builds ``actor`` may see for each of the last
+    ``days`` days (UTC), oldest first, quiet days included."""
     today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
     first = today - timedelta(days=days - 1)
     day = func.date_trunc("day", func.timezone("UTC", Build.completed_at))
-    counts = {d.date(): (ok, failed) for d, ok, failed in session.execute(
+    counts = {d.date(): (ok, failed) for d, ok, failed in session.execute(only_visible(
         select(day, func.count().filter(Build.status == BuildStatus.succeeded),
                func.count().filter(and_(Build.status != BuildStatus.succeeded,
                                         Build.status != BuildStatus.cancelled)))
-        .where(Build.completed_at >= first).group_by(day))}
+        .where(Build.completed_at >= first), Build.project_id, actor).group_by(day))}
     out = []
     for offset in range(days):
         moment = first + timedelta(days=offset)

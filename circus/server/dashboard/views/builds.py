@@ -19,7 +19,7 @@ from circus.auth.visibility import can_see_project
 from circus.common.enums import BuildStatus, StepState
 from circus.common.errors import Conflict, NotFound
 from circus.common.models import Build, BuildOutput, BuildProduct, Step
-from circus.server import logfiles
+from circus.server import logfiles, streams
 from circus.server.actions import BuildAction, act_on_build
 from circus.server.api.buildfiles import product_file
 from circus.server.api.queries import build_steps
@@ -28,6 +28,8 @@ from circus.server.context import db_session, server_context, settings
 from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
+from circus.server.security import build_output, client_address
+from circus.server.usercontent import product_link
 
 #: how much of a log the build page shows (the whole log is one click away)
 LOG_TAIL_BYTES = 64 * 1024
@@ -167,6 +169,7 @@ def _step_of(build_id: int, step_id: int | None) -> Step:
 
 @blueprint.get(B + "/log")
 @page("build")
+@build_output()
 def log(build_id: int) -> ResponseReturnValue:
     """The whole log of the build's own step (or of ``?step=``), as plain text."""
     _build_page(build_id)
@@ -194,6 +197,7 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 @blueprint.get(B + "/log/stream")
 @page("build")
+@build_output()
 def log_stream(build_id: int) -> ResponseReturnValue:
     """Server-sent events for the build page's live log.
 
@@ -225,8 +229,8 @@ def log_stream(build_id: int) -> ResponseReturnValue:
     # the generator outlives the request context: hand it what it needs
     tail = LogTail(server_context().session_factory, settings().logs.log_dir, build_id,
                    followed)
-    return Response(tail.events(offset, timeout), mimetype="text/event-stream",
-                    headers=headers)
+    return streams.capped(client_address(), lambda: Response(
+        tail.events(offset, timeout), mimetype="text/event-stream", headers=headers))
 
 
 @dataclass
@@ -281,6 +285,7 @@ class LogTail:
 @blueprint.get(B + "/download/<id:product_id>")
 @blueprint.get(B + "/download/<id:product_id>/<path:sub>")
 @page("build")
+@build_output()
 def download(build_id: int, product_id: int, sub: str | None = None) -> ResponseReturnValue:
     session = db_session()
     _build_page(build_id)
@@ -290,10 +295,10 @@ def download(build_id: int, product_id: int, sub: str | None = None) -> Response
     outputs = list(session.scalars(select(BuildOutput.path).where(
         BuildOutput.build_id == build_id)))
     path = product_file(product, outputs, sub)
+    if settings().server.products_origin:
+        # viewed from an origin without our session (see circus.server.usercontent)
+        return redirect(product_link(build_id, product_id, sub), code=302)
     mimetype = (product.content_type if not product.is_directory else None) or \
         mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    response = send_file(path, mimetype=mimetype, download_name=path.name, conditional=True)
-    # products are made by builds, i.e. untrusted: an HTML manual may be viewed, but in a
-    # sandbox (its own origin, no scripts) so it cannot act on the viewer's session
-    response.headers["Content-Security-Policy"] = "sandbox"
-    return response
+    # an HTML manual may be viewed here, in a sandbox (see build_output)
+    return send_file(path, mimetype=mimetype, download_name=path.name, conditional=True)

@@ -57,7 +57,9 @@ def evaluation(evaluation_id: int) -> ResponseReturnValue:
         if not raw_other.isdigit() or len(raw_other) > 18:
             abort(400, "compare= takes an evaluation id")
         other = int(raw_other)
-        if session.get(Evaluation, other) is None:
+        other_row = session.get(Evaluation, other)
+        if other_row is None or not can_see_project(session, current_actor(),
+                                                    other_row.jobset.project_id):
             raise NotFound(f"no evaluation with id {other}")
         try:
             comparison = evaluator.compare(session, evaluation_id, other)

@@ -54,12 +54,13 @@ def machines() -> ResponseReturnValue:
 @page("metrics")
 def metrics() -> ResponseReturnValue:
     session = db_session()
-    days = queries.daily_finished(session, 14)
+    actor = current_actor()
+    days = queries.daily_finished(session, 14, actor)
     return render_template(
-        "metrics.html", totals=queries.status_totals(session),
-        systems=systems_summary(session), days=days,
+        "metrics.html", totals=queries.status_totals(session, actor),
+        systems=systems_summary(session, actor), days=days,
         peak=max(max((ok + failed for _, ok, failed in days), default=0), 1),
-        average=queries.average_duration(session, utcnow() - timedelta(days=7)))
+        average=queries.average_duration(session, utcnow() - timedelta(days=7), actor))
 
 
 @blueprint.get("/search")
