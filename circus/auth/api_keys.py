@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
@@ -42,7 +42,7 @@ def authenticate(session: Session, secret: str, remote_addr: str | None = None
         return None
     now = utcnow()
     if key.last_used_at is None or now - key.last_used_at > _TOUCH_INTERVAL:
-        key.last_used_at = now
+        touch(session, key.id, now)
     if owner is None:
         # only admins make keys without an owner: nobody's account to be bounded by,
         # no memberships; a read-only one is granted nothing by its role already
@@ -53,6 +53,26 @@ def authenticate(session: Session, secret: str, remote_addr: str | None = None
                  role=effective_role(key.role, owner.role), user_id=key.owner_id,
                  api_key_id=key.id, remote_addr=remote_addr, limited=not full,
                  read_only=key.role is Role.read_only and not full)
+
+
+def touch(session: Session, key_id: int, now: datetime) -> None:
+    """Record that a key was used: at most once a minute, in its own short transaction.
+
+    Not in the request's transaction: that would hold the key's row lock until the
+    request ends (every request with one shared key then waits for the previous
+    one), and a read request's rollback would undo it. A row another request is
+    touching right now is skipped, never waited for.
+    """
+    with session.get_bind().engine.connect() as connection:
+        locked = connection.execute(
+            select(ApiKey.id).where(
+                ApiKey.id == key_id,
+                or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - _TOUCH_INTERVAL))
+            .with_for_update(skip_locked=True)).first()
+        if locked is not None:
+            connection.execute(update(ApiKey).where(ApiKey.id == key_id)
+                               .values(last_used_at=now))
+        connection.commit()
 
 
 def effective_role(key_role: Role, owner_role: Role) -> Role:

@@ -69,3 +69,31 @@ def test_invalid_declarative_config_stops_the_server(engine: Engine, database_ur
     assert daemon.process is not None
     assert daemon.process.wait(60) == 2
     assert "nobody" in daemon.log()
+
+
+def test_requests_sharing_a_key_never_wait_for_each_other(server: LiveServer,
+                                                           engine: Engine) -> None:
+    from sqlalchemy import select, update
+
+    from circus.common.models import ApiKey
+
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    created = requests.post(server.url + "/api/v1/api-keys", headers=admin, timeout=10,
+                            json={"name": "shared-by-ci", "role": "read-only"}).json()
+    shared = {"Authorization": f"Bearer {created['key']}"}
+    # a read request records the use (it used to be rolled back with the request)
+    assert requests.get(server.url + "/api/v1/projects", headers=shared,
+                        timeout=10).status_code == 200
+    with engine.connect() as connection:
+        used = connection.scalar(select(ApiKey.last_used_at).where(ApiKey.id == created["id"]))
+    assert used is not None
+    # another request holds the key's row (touching it, or a slow one): this one must not
+    # queue behind it
+    with engine.connect() as connection:
+        connection.execute(update(ApiKey).where(ApiKey.id == created["id"])
+                           .values(last_used_at=None))
+        connection.commit()
+        connection.execute(select(ApiKey).where(ApiKey.id == created["id"]).with_for_update())
+        answer = requests.get(server.url + "/api/v1/projects", headers=shared, timeout=5)
+        assert answer.status_code == 200
+        connection.rollback()
