@@ -29,6 +29,7 @@ from circus.common.enums import ActorKind, Role
 from circus.common.errors import CircusError, NotFound, Unauthenticated
 from circus.common.models import User
 from circus.server.context import db_session, settings
+from circus.server.security import client_address
 
 csrf = CSRFProtect()
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -96,7 +97,7 @@ def current_actor() -> Actor:
     actor: Actor | None = g.get("_circus_actor")
     if actor is not None:
         return actor
-    remote = request.remote_addr
+    remote = client_address()
     token = bearer_token()
     if token is not None:
         found = api_keys.authenticate(db_session(), token, remote)
@@ -115,7 +116,7 @@ def current_actor() -> Actor:
 
 def log_in(user: User) -> str:
     """Start a session for ``user`` in this response's cookie; returns a CSRF token."""
-    token = create_session(db_session(), user, remote_addr=request.remote_addr,
+    token = create_session(db_session(), user, remote_addr=client_address(),
                            lifetime=timedelta(hours=settings().server.session_lifetime_hours))
     db_session().commit()
     session.clear()
@@ -137,13 +138,13 @@ def password_login(username: str, password: str) -> User | None:
     user = authenticate_password(session, username, password)
     if user is None:
         audit.record(session, Actor(ActorKind.anonymous, name=username,
-                                    remote_addr=request.remote_addr),
+                                    remote_addr=client_address()),
                      "auth.login_failed", f"user:{username}")
         session.commit()
         return None
     log_in(user)
     audit.record(session, Actor(ActorKind.user, name=user.username, user_id=user.id,
-                                remote_addr=request.remote_addr), "auth.login",
+                                remote_addr=client_address()), "auth.login",
                  f"user:{user.username}")
     session.commit()
     return user
@@ -180,14 +181,14 @@ def external_login(identity: ExternalIdentity, default_role: Role) -> User:
     provider = identity.user_type.value
     try:
         user = sign_in(session, identity, default_role=default_role,
-                       remote_addr=request.remote_addr)
+                       remote_addr=client_address())
     except CircusError as exc:
         session.rollback()
         record_failed_login(identity.username, provider, exc.message)
         raise
     log_in(user)
     audit.record(session, Actor(ActorKind.user, name=user.username, user_id=user.id,
-                                remote_addr=request.remote_addr), "auth.login",
+                                remote_addr=client_address()), "auth.login",
                  f"user:{user.username}", {"provider": provider})
     session.commit()
     return user
@@ -198,7 +199,7 @@ def record_failed_login(name: str | None, provider: str, reason: str) -> None:
     from circus import audit
 
     session = db_session()
-    audit.record(session, Actor(ActorKind.anonymous, name=name, remote_addr=request.remote_addr),
+    audit.record(session, Actor(ActorKind.anonymous, name=name, remote_addr=client_address()),
                  "auth.login_failed", f"user:{name}" if name else provider,
                  {"provider": provider, "reason": reason})
     session.commit()

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from circus.common.enums import StepState
-from circus.common.models import Step
+from circus.common.models import AuditLog, Step
 from circus.server.logfiles import step_log
 from tests.api.live import ADMIN_KEY, server_env
 from tests.helpers.daemons import circus_command, wait_until
@@ -138,7 +138,7 @@ def login(world: World, username: str, password: str, client: str) -> requests.R
 
 
 def test_failed_logins_for_one_account_from_many_addresses_are_throttled(
-        proxied: World) -> None:
+        proxied: World, engine: Engine) -> None:
     for n in range(5):
         refused = login(proxied, "outsider", "wrong-password", f"198.51.100.{n + 1}")
         assert refused.status_code == 401, refused.text
@@ -161,6 +161,15 @@ def test_failed_logins_for_one_account_from_many_addresses_are_throttled(
     # other accounts are not affected, and successful logins do not count
     for _ in range(6):
         assert login(proxied, "member", PASSWORD, "198.51.100.1").status_code == 200
+    # the audit log names the client the trusted proxy forwarded for, not the proxy
+    assert {"198.51.100.1", "198.51.100.5"} <= failed_login_addresses(engine, "outsider")
+    assert "127.0.0.1" not in failed_login_addresses(engine, "outsider")
+
+
+def failed_login_addresses(engine: Engine, name: str) -> set[str | None]:
+    with Session(engine) as session:
+        return set(session.scalars(select(AuditLog.remote_addr).where(
+            AuditLog.action == "auth.login_failed", AuditLog.target == f"user:{name}")))
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +180,16 @@ def direct(engine: Engine, database_url: str, redis_url: str,
         yield made
 
 
-def test_without_trusted_proxies_x_forwarded_for_is_ignored(direct: World) -> None:
+def test_without_trusted_proxies_x_forwarded_for_is_ignored(direct: World,
+                                                            engine: Engine) -> None:
     """The default: a client cannot dodge the per-address limit by naming other
     addresses in X-Forwarded-For."""
     for n in range(3):
         assert login(direct, f"nobody{n}", "wrong", f"192.0.2.{n + 1}").status_code == 401
     throttled = login(direct, "nobody9", "wrong", "192.0.2.200")
     assert throttled.status_code == 429, throttled.text
+    # nor can it write another address into the audit log
+    assert failed_login_addresses(engine, "nobody0") == {"127.0.0.1"}
 
 
 def test_circus_server_refuses_bad_proxy_stream_and_origin_settings(

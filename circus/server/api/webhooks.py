@@ -16,6 +16,7 @@ from circus.common.enums import ForgeType
 from circus.server.api.base import Blueprint
 from circus.server.api.schemas.webhooks import WebhookReceivedSchema
 from circus.server.context import db_session, settings
+from circus.server.security import client_address
 from circus.webhooks import service
 
 blp = Blueprint("webhooks", __name__, url_prefix="/api/v1/webhooks",
@@ -55,6 +56,6 @@ def receive(project: str, forge: str) -> Any:
     result = service.receive(
         session, settings(), project_ref=project, forge=forge,
         headers={name.lower(): value for name, value in request.headers.items()},
-        body=request.get_data(cache=True), remote_addr=request.remote_addr)
+        body=request.get_data(cache=True), remote_addr=client_address())
     session.commit()
     return result

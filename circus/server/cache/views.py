@@ -35,7 +35,7 @@ from circus.common.nix.narinfo import CONTENT_TYPE, cache_info
 from circus.server.auth import current_actor
 from circus.server.cache.lookup import CacheIndex
 from circus.server.context import db_session, settings
-from circus.server.security import build_output
+from circus.server.security import build_output, client_address
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _caller() -> Actor:
     except (binascii.Error, UnicodeDecodeError):
         raise InvalidInput("malformed Basic credentials") from None
     found = api_keys.authenticate(db_session(), decoded.partition(":")[2],
-                                  request.remote_addr)
+                                  client_address())
     if found is None:
         abort(Response(json.dumps({"error": "invalid or revoked API key", "details": None}),
                        401, mimetype="application/json",
