@@ -161,8 +161,10 @@ class PrivatePostgres:
         pid_file = self.data_dir / "postmaster.pid"
         if pid_file.exists():
             pid_file.unlink()
+        # trust authentication on the socket: only its owner (and root, whose daemons use
+        # it) may connect, never a build user running a pull request's derivation
         options = (f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
-                   f"-c port={self.port} -c max_connections=300")
+                   f"-c unix_socket_permissions=0700 -c port={self.port} -c max_connections=300")
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         started = self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file), "-o", options)
