@@ -33,6 +33,8 @@ from circus.common.localservices import PrivatePostgres, PrivateRedis, ServiceEr
 
 DEMO_SOURCE = Path(__file__).resolve().parents[2] / "examples" / "demo"
 DAEMONS = ("circus-server", "circus-evaluator", "circus-queue-runner")
+#: seconds between checks that the private PostgreSQL and Redis still run
+SERVICE_CHECK_INTERVAL = 3.0
 
 
 def user_raw_config(environ: dict[str, str]) -> dict[str, Any]:
@@ -200,6 +202,14 @@ class Instance:
             time.sleep(0.3)
         return False
 
+    def restart_dead_services(self, say: Callable[[str], None]) -> None:
+        """Start the private Redis or PostgreSQL again when one died (the daemons
+        reconnect by themselves)."""
+        for name, service in (("Redis", self.redis), ("PostgreSQL", self.postgres)):
+            if service is not None and not service.is_running():
+                say(f"the private {name} is not running; starting it again")
+                service.start()
+
     def stop(self) -> None:
         if self.supervisor is not None:
             self.supervisor.stop_all()
@@ -316,10 +326,14 @@ Circus is running.
   state:      {state}  (daemon logs in {state / 'daemon-logs'})
 Press Ctrl-C to stop.""")
         assert instance.supervisor is not None
+        services_checked = time.monotonic()
         while not stop_requested:
             instance.supervisor.poll()
+            if time.monotonic() - services_checked > SERVICE_CHECK_INTERVAL:
+                instance.restart_dead_services(say)
+                services_checked = time.monotonic()
             time.sleep(0.5)
-    except CrashLoop as exc:
+    except (CrashLoop, ServiceError) as exc:
         say(f"error: {exc}", error=True)
         instance.stop()
         return 1

@@ -207,7 +207,7 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._alive():
+        if self.is_running():
             return
         binary = shutil.which("redis-server")
         if binary is None:
@@ -229,6 +229,12 @@ class PrivateRedis:
                 raise ServiceError("redis-server did not start; see "
                                    f"{self.directory / 'redis.log'}")
             time.sleep(0.05)
+
+    def is_running(self) -> bool:
+        if self.process is not None:
+            # our child: a killed one is a zombie until polled, which os.kill(pid, 0) misses
+            return self.process.poll() is None
+        return self._alive()
 
     def _alive(self) -> bool:
         try:

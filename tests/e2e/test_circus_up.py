@@ -176,6 +176,14 @@ def _health(base: str) -> Any:
         return json.load(response)
 
 
+def _health_ok(base: str) -> bool:
+    try:
+        health = _health(base)
+    except OSError:
+        return False
+    return bool(health["database"]["ok"] and health["broker"]["ok"])
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -219,6 +227,17 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
         assert supervisor["circus-queue-runner"]["restarts"] == 1
         assert supervisor["circus-queue-runner"]["last_exit"] == -signal.SIGKILL
         assert supervisor["circus-server"]["restarts"] == 0
+        assert up.poll() is None
+
+        # kill -9 of the private Redis and PostgreSQL: started again, the daemons reconnect
+        os.kill(int((state / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+        home = _postgres_home(state)
+        os.kill(int((home / "data" / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        log = state / "daemon-logs" / "circus-up.log"
+        wait_until(lambda: "private Redis is not running; starting it again" in log.read_text()
+                   and "private PostgreSQL is not running; starting it again" in log.read_text(),
+                   timeout=60, message="private services restarted")
+        wait_until(lambda: _health_ok(base), timeout=60, message="healthy again")
         assert up.poll() is None
 
         # a second instance on the same state directory says who holds it, in one line
