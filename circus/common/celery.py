@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any, cast
@@ -11,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import celeryconfig
+from circus.common import logcontext
 from circus.common.config import Settings
 from circus.common.db import after_commit, make_engine, make_session_factory
 
@@ -33,6 +35,15 @@ class CircusContext:
 
 
 _local = threading.local()
+
+
+def task_ids(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, object]:
+    """The build/step/evaluation ids among a task's arguments, by parameter name."""
+    try:
+        named = inspect.signature(run).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        named = kwargs
+    return {key: named[key] for key in logcontext.KEYS if isinstance(named.get(key), int)}
 
 
 class DbTask(Task):  # type: ignore[misc]
@@ -59,6 +70,11 @@ class DbTask(Task):  # type: ignore[misc]
             session = self.circus.session_factory()
             _local.session = session
         return session
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # tasks take ids: log lines written while one runs carry them
+        with logcontext.bound(**task_ids(self.run, args, kwargs)):
+            return super().__call__(*args, **kwargs)
 
     def after_return(self, *args: Any, **kwargs: Any) -> None:
         session: Session | None = getattr(_local, "session", None)

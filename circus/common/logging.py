@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime
 
 from circus.common.config import Settings
+from circus.common.logcontext import KEYS, ContextFilter
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,7 +19,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("request_id", "build_id", "step_id", "evaluation_id"):
+        for key in KEYS:
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
@@ -28,10 +29,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
     if settings.tracing.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.tracing.level.upper())

@@ -97,3 +97,26 @@ def test_requests_sharing_a_key_never_wait_for_each_other(server: LiveServer,
         answer = requests.get(server.url + "/api/v1/projects", headers=shared, timeout=5)
         assert answer.status_code == 200
         connection.rollback()
+
+
+def test_json_logs_carry_the_request_id_that_the_response_names(
+        engine: Engine, database_url: str, redis_url: str, tmp_path: Path) -> None:
+    import json
+
+    with live_server(engine, database_url, redis_url, tmp_path,
+                     CIRCUS_TRACING__FORMAT="json") as running:
+        chosen = requests.get(running.url + "/api/v1/projects", timeout=10,
+                              headers={"X-Request-ID": "ci-run-42"})
+        assert chosen.headers["X-Request-ID"] == "ci-run-42"
+        # a header that would forge log lines is replaced, not echoed
+        hostile = requests.get(running.url + "/api/v1/projects", timeout=10,
+                               headers={"X-Request-ID": "x" * 80})
+        made = hostile.headers["X-Request-ID"]
+        assert len(made) == 32
+        assert made != "x" * 80
+        lines = [json.loads(line) for line in running.daemon.log().splitlines()
+                 if line.startswith("{")]
+    access = {line["request_id"]: line["message"] for line in lines
+              if line.get("logger") == "circus.server.access"}
+    assert access["ci-run-42"].startswith("GET /api/v1/projects 401")
+    assert access[made].startswith("GET /api/v1/projects 401")
