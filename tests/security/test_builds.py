@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,13 @@ from circus.common.config import load_settings
 from circus.common.configbase import ConfigError
 from circus.common.enums import BuildStatus
 from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS
+from tests.agents.conftest import TOKEN_DIGEST, agent_in_own_store, write_agent_config
 from tests.helpers.daemons import wait_until
+from tests.helpers.net import free_port, wait_for_port
 from tests.queue_runner.conftest import runner_config  # noqa: F401 (fixture)
 from tests.queue_runner.daemons import runner_daemon
 from tests.queue_runner.factories import instantiate, make_builds
+from tests.ssh_builders.conftest import SshHost, add_builders, ssh_host, ssh_settings  # noqa: F401
 
 #: the pull request's "build": legitimate work plus everything it can reach of the host
 MALICIOUS_DEFAULT_NIX = r"""
@@ -126,15 +130,45 @@ def _output(factory: sessionmaker[Session], build_id: int) -> Path:
 
 
 def build_pr(config: dict[str, Any], drv: str, factory: sessionmaker[Session],
-             log_dir: Path) -> tuple[BuildStatus, Path, str]:
-    """The real queue runner builds ``drv`` as a pull request's job."""
-    with runner_daemon("qr-sandbox", config, log_dir) as daemon:
+             log_dir: Path, workers: int | None = None,
+             agent: Callable[[], Any] | None = None) -> tuple[BuildStatus, Path, str]:
+    """The real queue runner builds ``drv`` as a pull request's job (``agent``: started
+    once the runner is up, it enters a context that keeps an agent running)."""
+    with runner_daemon("qr-sandbox", config, log_dir, workers=workers) as daemon, \
+            ExitStack() as stack:
+        if agent is not None:
+            stack.enter_context(agent())
         with factory() as session:
             build = make_builds(session, {"default": drv}, pr_number=7)["default"]
         wait_until(lambda: _status(factory, build.id).is_finished, timeout=90, interval=0.2,
                    message=f"build finished\n{daemon.log()[-3000:]}")
         log = daemon.log()
     return _status(factory, build.id), _output(factory, build.id), log
+
+
+def assert_sandboxed(attack: Attack, out: Path) -> None:
+    assert (out / "result").read_text() == "legit work\n"
+    seen = {name: (out / name).read_text() for name in ("secret", "passwd", "root", "network")}
+    # the planted server file is not there at all
+    assert attack.secret not in "".join(seen.values())
+    assert "No such file or directory" in seen["secret"], seen["secret"]
+    # /etc is Nix's own (build users only), not the host's
+    assert _host_only_passwd_line() not in seen["passwd"], seen["passwd"]
+    root = set(seen["root"].split())
+    assert not root & {"var", "home", "run", "root", "srv", "work", "opt"}, root
+    # no way out: the sandbox's loopback is its own
+    assert "connected" not in seen["network"], seen["network"]
+    refused = ("ConnectionRefusedError", "Network is unreachable")
+    assert any(reason in seen["network"] for reason in refused), seen["network"]
+    assert attack.connections() == 0
+
+
+def assert_not_sandboxed(attack: Attack, out: Path) -> None:
+    assert attack.secret in (out / "secret").read_text()
+    assert _host_only_passwd_line() in (out / "passwd").read_text()
+    assert "var" in (out / "root").read_text().split()
+    assert "connected" in (out / "network").read_text()
+    assert attack.connections() == 1
 
 
 def _host_only_passwd_line() -> str:
@@ -157,20 +191,7 @@ def test_a_pull_request_build_sees_no_server_files_and_no_network(
     print(f"sandboxed build: {time.monotonic() - started:.1f} s")
 
     assert status is BuildStatus.succeeded, log[-3000:]
-    assert (out / "result").read_text() == "legit work\n"
-    seen = {name: (out / name).read_text() for name in ("secret", "passwd", "root", "network")}
-    # the planted server file is not there at all
-    assert attack.secret not in "".join(seen.values())
-    assert "No such file or directory" in seen["secret"], seen["secret"]
-    # /etc is Nix's own (build users only), not the host's
-    assert _host_only_passwd_line() not in seen["passwd"], seen["passwd"]
-    root = set(seen["root"].split())
-    assert not root & {"var", "home", "run", "root", "srv", "work", "opt"}, root
-    # no way out: the sandbox's loopback is its own
-    assert "connected" not in seen["network"], seen["network"]
-    refused = ("ConnectionRefusedError", "Network is unreachable")
-    assert any(reason in seen["network"] for reason in refused), seen["network"]
-    assert attack.connections() == 0
+    assert_sandboxed(attack, out)
 
 
 def test_control_the_same_build_unsandboxed_sees_the_server(
@@ -183,11 +204,49 @@ def test_control_the_same_build_unsandboxed_sees_the_server(
     print(f"unsandboxed build: {time.monotonic() - started:.1f} s")
 
     assert status is BuildStatus.succeeded, log[-3000:]
-    assert attack.secret in (out / "secret").read_text()
-    assert _host_only_passwd_line() in (out / "passwd").read_text()
-    assert "var" in (out / "root").read_text().split()
-    assert "connected" in (out / "network").read_text()
-    assert attack.connections() == 1
+    assert_not_sandboxed(attack, out)
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["default", "control-unsandboxed"])
+def test_an_ssh_builder_builds_the_pull_request_in_the_sandbox(
+        sandbox: bool, attack: Attack, runner_config: Callable[..., dict[str, Any]],  # noqa: F811
+        ssh_host: Callable[[str], SshHost], committed_db: sessionmaker[Session],  # noqa: F811
+        nix_env: dict[str, str], tmp_path: Path) -> None:
+    """The runner's ``[nix]`` sandbox reaches Nix on the builder (its NIX_CONFIG)."""
+    builder = ssh_host("remote")
+    add_builders(committed_db, builder.row())
+    drv = attack.instantiate(nix_env)
+    config = runner_config(queue_runner=ssh_settings(),
+                           nix={} if sandbox else {"sandbox": False})
+    status, out, log = build_pr(config, drv, committed_db, tmp_path / "daemon", workers=0)
+    assert status is BuildStatus.succeeded, log[-3000:]
+    assert builder.has(str(out))  # built there, not here
+    (assert_sandboxed if sandbox else assert_not_sandboxed)(attack, out)
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["default", "control-unsandboxed"])
+def test_an_agent_builds_the_pull_request_in_the_sandbox(
+        sandbox: bool, attack: Attack, runner_config: Callable[..., dict[str, Any]],  # noqa: F811
+        committed_db: sessionmaker[Session], nix_env: dict[str, str], tmp_path: Path) -> None:
+    """The agent's own ``sandbox`` setting (default true), not the server's, decides."""
+    drv = attack.instantiate(nix_env)
+    port = free_port()
+    config = runner_config(queue_runner={
+        "rpc": {"bind": f"127.0.0.1:{port}", "allow_plaintext": True,
+                "auth_tokens": [TOKEN_DIGEST]}, "unsupported_timeout": 30},
+        cache={"cache_dir": str(tmp_path / "cache")})
+    directory = tmp_path / "agent"
+
+    def agent() -> Any:
+        wait_for_port(port, timeout=30)
+        extra = {} if sandbox else {"sandbox": False}
+        path = write_agent_config(directory, port, name="agent", **extra)
+        return agent_in_own_store("agent", directory, path)
+
+    status, out, log = build_pr(config, drv, committed_db, tmp_path / "daemon", workers=0,
+                                agent=agent)
+    assert status is BuildStatus.succeeded, log[-3000:]
+    (assert_sandboxed if sandbox else assert_not_sandboxed)(attack, out)
 
 
 def test_sandbox_paths_are_validated_with_key_paths(tmp_path: Path) -> None:
