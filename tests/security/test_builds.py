@@ -239,7 +239,7 @@ def test_an_agent_builds_the_pull_request_in_the_sandbox(
 
     def agent() -> Any:
         wait_for_port(port, timeout=30)
-        extra = {} if sandbox else {"sandbox": False}
+        extra: dict[str, Any] = {} if sandbox else {"sandbox": False}
         path = write_agent_config(directory, port, name="agent", **extra)
         return agent_in_own_store("agent", directory, path)
 
