@@ -29,7 +29,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Debian's nix-bin runs single-user as root without a daemon; its nix.conf
-# already disables the sandbox, which /bin/sh builders need here.
+# disables the sandbox for ad-hoc Nix calls. Circus itself passes
+# `sandbox = true` and `sandbox-paths` (the /bin/sh builders' needs) to every
+# build it starts (`[nix] sandbox`), whatever this file says.
 if [ "$(id -u)" -eq 0 ]; then
   mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
   if ! grep -qs '^sandbox' /etc/nix/nix.conf; then

@@ -19,6 +19,7 @@ from circus.common.configbase import (
     read_toml,
     validate_sections,
 )
+from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS, sandbox_path_problem
 
 Positive = Annotated[int, AfterValidator(at_least(1))]
 NonNegative = Annotated[int, AfterValidator(at_least(0))]
@@ -80,6 +81,10 @@ class AgentSection(SettingsModel):
     trusted_public_keys: list[str] | None = None
     #: extra nix.conf settings for every Nix call of the agent (``NIX_CONFIG``)
     nix_config: dict[str, str] = {}
+    #: builds run in Nix's sandbox: no host files but the store and ``sandbox_paths``
+    #: (read-only), no network; false only when every build is trusted code
+    sandbox: bool = True
+    sandbox_paths: list[str] = list(DEFAULT_SANDBOX_PATHS)
     tls: AgentTlsSettings = AgentTlsSettings()
     ephemeral: AgentEphemeralSettings = AgentEphemeralSettings()
 
@@ -90,6 +95,10 @@ class AgentSection(SettingsModel):
             found.append(Problem("runner_url",
                                  f"must be tls://host:port or tcp://host:port "
                                  f"(got {self.runner_url!r})"))
+        for i, entry in enumerate(self.sandbox_paths):
+            problem = sandbox_path_problem(entry)
+            if problem:
+                found.append(Problem(f"sandbox_paths.{i}", problem))
         if not self.auth_token and not self.oidc_audience:
             found.append(Problem("auth_token",
                                  "is required (or auth_token_file, or oidc_audience)"))

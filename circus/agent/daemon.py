@@ -23,7 +23,7 @@ from circus.agent.identity import agent_name, ephemeral_machine_id, persistent_m
 from circus.agent.jobs import Job, JobEnvironment, run_job
 from circus.agent.oidc import OidcTokenUnavailable, github_actions_token
 from circus.agent.sysinfo import host_status
-from circus.common.nix.environment import current_system, nix_environ
+from circus.common.nix.environment import current_system, nix_environ, sandbox_options
 from circus.protocol import protocol_version, schema
 from circus.protocol.limits import TRAVERSAL_LIMIT_WORDS
 
@@ -56,7 +56,8 @@ class Agent:
         self.stop_requested = asyncio.Event()
         self.environment = JobEnvironment(
             nix_env=nix_environ(config.substituters, config.trusted_public_keys,
-                                extra=config.nix_config),
+                                extra={**sandbox_options(config.sandbox, config.sandbox_paths),
+                                       **config.nix_config}),
             max_log_size=config.max_log_size, cores=config.cores,
             system_features=sorted(set(config.features) | set(config.mandatory_features)))
 

@@ -38,6 +38,11 @@ from circus.common.enums import (
     SchedulingStrategy,
     TriggerMode,
 )
+from circus.common.nix.environment import (
+    DEFAULT_SANDBOX_PATHS,
+    sandbox_options,
+    sandbox_path_problem,
+)
 
 __all__ = ["ConfigError", "Problem", "Settings", "load_settings"]
 
@@ -487,6 +492,23 @@ class NixSettings(SettingsModel):
     trusted_public_keys: list[str] | None = None
     #: flake registry file; unset means an empty local one (never GitHub's)
     flake_registry: str | None = None
+    #: every build Circus starts (local, SSH builders) runs in Nix's sandbox: no host
+    #: files but the store and ``sandbox_paths``, no network; false only for trusted code
+    sandbox: bool = True
+    #: host paths a sandboxed build sees read-only (``path``, ``target=source``, ``path?``
+    #: when it may be missing); never /etc, /var, /home, /run or /tmp
+    sandbox_paths: list[str] = list(DEFAULT_SANDBOX_PATHS)
+
+    def problems(self) -> list[Problem]:
+        found = []
+        for i, entry in enumerate(self.sandbox_paths):
+            problem = sandbox_path_problem(entry)
+            if problem:
+                found.append(Problem(f"sandbox_paths.{i}", problem))
+        return found
+
+    def sandbox_options(self) -> dict[str, str]:
+        return sandbox_options(self.sandbox, self.sandbox_paths)
 
 
 class GcSettings(SettingsModel):
@@ -819,7 +841,7 @@ class Settings(SettingsModel):
         from circus.common.nix.environment import nix_environ
 
         return nix_environ(self.nix.substituters, self.nix.trusted_public_keys,
-                           self.nix.flake_registry, extra)
+                           self.nix.flake_registry, {**self.nix.sandbox_options(), **(extra or {})})
 
     def require_database_url(self) -> str:
         if not self.database.url:

@@ -7,6 +7,7 @@ evaluation, watches a build's log live, and restarts a failed build.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from circus.common.nix.environment import current_system
+from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS, current_system
 from tests.api.live import LiveServer, live_server
 from tests.dashboard.test_browser import USERS, context, log_in, shot
 from tests.helpers.daemons import Daemon, circus_command
@@ -86,7 +87,10 @@ def system(engine: Engine, database_url: str, redis_url: str, nix_env: dict[str,
     repo = GitRepo(state / "repo")
     repo.commit({"flake.nix": FLAKE.replace("@SYSTEM@", current_system())
                  .replace("@NONCE@", nonce).replace("@STATE@", str(flags))}, "jobs")
-    with live_server(engine, database_url, redis_url, state, USERS, **RUNNER) as server:
+    # the builds run in Nix's sandbox: the flags directory is the one host path they see
+    sandbox_paths = json.dumps([*DEFAULT_SANDBOX_PATHS, str(flags)])
+    with live_server(engine, database_url, redis_url, state, USERS, **RUNNER,
+                     CIRCUS_NIX__SANDBOX_PATHS=sandbox_paths) as server:
         env = {**server.env, **nix_env}
         daemons = [Daemon("evaluator", [circus_command("circus-evaluator")],
                           state / "daemon-logs", env=env, cwd=state),

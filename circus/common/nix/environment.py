@@ -4,6 +4,11 @@ Nix's defaults reach out to the network (cache.nixos.org, the flake registry on
 GitHub). Circus pins both through ``NIX_CONFIG``: substituters come from the
 ``[nix]`` config section (empty means none), and the flake registry is a local
 file, so an offline machine never stalls on DNS.
+
+Builds run in Nix's sandbox (:func:`sandbox_options`): a derivation from a pull
+request sees only the store paths it depends on and ``sandbox-paths`` (by
+default what ``builder = "/bin/sh"`` derivations need of the host, read-only),
+no /etc, /var, /home, /run or /tmp of the host, and no network.
 """
 
 from __future__ import annotations
@@ -27,6 +32,36 @@ def default_registry_path() -> Path:
         tmp.write_text(json.dumps(EMPTY_REGISTRY))
         tmp.replace(path)
     return path
+
+
+#: host directories a build sees (read-only) by default: the shell, coreutils
+#: and the libraries they link; ``?`` marks a directory that may be missing
+DEFAULT_SANDBOX_PATHS = ("/bin", "/usr/bin", "/usr/lib", "/lib?", "/lib64?")
+
+
+def sandbox_path_problem(entry: str) -> str | None:
+    """Why ``entry`` is not a ``sandbox-paths`` entry (``path``, ``target=source``,
+    either with a trailing ``?`` for optional), or None."""
+    if not entry or any(c.isspace() for c in entry):
+        return f"must be a non-empty path without whitespace (got {entry!r})"
+    target, _, source = entry.removesuffix("?").partition("=")
+    for part in (target, source) if source or "=" in entry else (target,):
+        if not part.startswith("/"):
+            return f"must be an absolute path or target=source of absolute paths (got {entry!r})"
+    return None
+
+
+def sandbox_options(enabled: bool, paths: Sequence[str] = DEFAULT_SANDBOX_PATHS,
+                    ) -> dict[str, str]:
+    """nix.conf settings that put every build in Nix's sandbox (or, disabled, outside).
+
+    ``sandbox-fallback = false``: where the sandbox cannot be set up, builds fail
+    rather than silently running unsandboxed.
+    """
+    if not enabled:
+        return {"sandbox": "false"}
+    return {"sandbox": "true", "sandbox-fallback": "false",
+            "sandbox-paths": " ".join(paths)}
 
 
 def nix_config_text(

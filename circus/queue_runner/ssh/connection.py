@@ -10,8 +10,10 @@ as they are written.
 
 Every command runs as ``exec /bin/sh -c '<script>'`` under a prelude that
 sets ``PATH`` (``queue_runner.ssh_remote_path``) and ``NIX_CONFIG``
-(``[nix]`` substituters and ``queue_runner.ssh_nix_config``), so the remote
-login's dotfiles matter as little as possible.
+(``[nix]`` substituters and sandbox, then ``queue_runner.ssh_nix_config``), so
+the remote login's dotfiles matter as little as possible. A builder whose Nix
+talks to a daemon as an untrusted user ignores ``sandbox`` and ``sandbox-paths``
+from the client: there the builder's own nix.conf decides.
 """
 
 from __future__ import annotations

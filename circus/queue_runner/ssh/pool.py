@@ -162,7 +162,7 @@ class SshBuilders(threading.Thread):
         self.prelude = remote_prelude(
             self.runner.ssh_remote_path,
             remote_nix_config(nix.substituters, nix.trusted_public_keys,
-                              self.runner.ssh_nix_config))
+                              {**nix.sandbox_options(), **self.runner.ssh_nix_config}))
         self.handles: dict[int, BuilderHandle] = {}
         self.known_classes: list[str] = []
         self._lock = threading.RLock()
