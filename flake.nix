@@ -19,8 +19,9 @@
         argon2-cffi cryptography zstandard gunicorn requests flask-limiter flask-cors
         flask-wtf
       ];
-      # what circus/agent (and the circus.common / circus.protocol modules it imports) needs
-      agentDeps = ps: with ps; [ pycapnp pydantic cryptography zstandard joserfc requests ];
+      # what circus/agent and the circus.common / circus.protocol modules it imports load
+      # (tests/deploy/test_flake.py imports them all and compares)
+      agentDeps = ps: with ps; [ pycapnp pydantic zstandard ];
 
       mkCircus = pkgs: { pname, deps, agentOnly ? false }:
         pkgs.python3Packages.buildPythonApplication {

@@ -159,10 +159,11 @@ let
         collectAll = m: let loaded = load m; in
           [ loaded ] ++ b.concatMap collectAll (loaded.imports or [ ]);
         all = b.concatMap collectAll modules;
-        structured = m: m ? options || m ? config || m ? imports;
+        # a module with neither `options` nor `config` is all config (but its imports)
+        structured = m: m ? options || m ? config;
         declOf = m: if structured m then m.options or { } else { };
         defOf = m: if structured m then m.config or { }
-          else removeAttrs m [ "_file" "key" "meta" ];
+          else removeAttrs m [ "_file" "key" "meta" "imports" "disabledModules" ];
         mergeDecls = a: c: a // b.mapAttrs (n: v:
           if a ? ${n} && !(v._type or null == "option") && !(a.${n}._type or null == "option")
           then mergeDecls a.${n} v
