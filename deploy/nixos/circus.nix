@@ -60,7 +60,8 @@ let
 
   daemons = lib.filter (d: d.enable) [
     { name = "circus-server"; enable = cfg.server.enable; description = "Circus server: REST API, dashboard, binary cache"; }
-    { name = "circus-evaluator"; enable = cfg.evaluator.enable; description = "Circus evaluator: jobset evaluations"; }
+    { name = "circus-evaluator"; enable = cfg.evaluator.enable; description = "Circus evaluator: jobset evaluations";
+      args = lib.optionalString (!cfg.evaluator.beat) " --no-beat"; }
     { name = "circus-queue-runner"; enable = cfg.queueRunner.enable; description = "Circus queue runner: dispatcher, build workers, agent gateway"; }
   ];
 
@@ -128,6 +129,14 @@ in
       type = types.bool;
       default = true;
       description = "Run circus-evaluator on this host.";
+    };
+    evaluator.beat = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run the evaluator's scheduler (Celery beat). Exactly one evaluator of an
+        installation may: set false on the others (they run `--no-beat`).
+      '';
     };
     queueRunner.enable = mkOption {
       type = types.bool;
@@ -313,7 +322,7 @@ in
           inherit environment;
           serviceConfig = hardening // {
             Type = "simple";
-            ExecStart = "${cfg.package}/bin/${d.name}";
+            ExecStart = "${cfg.package}/bin/${d.name}${d.args or ""}";
             Restart = "on-failure";
             RestartSec = 5;
             # SIGTERM: the queue runner hands running builds back; the others stop at once

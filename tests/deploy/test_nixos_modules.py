@@ -289,6 +289,14 @@ def test_one_daemon_per_host(tmp_path: Path) -> None:
     assert set(units) == {"circus-server", "circus-migrate"}
     assert units["circus-migrate"]["before"] == ["circus-server.service"]
 
+    # a second evaluator host: workers only, the scheduler runs elsewhere
+    result = evaluate(tmp_path, circus(tmp_path, server={"enable": False},
+                                       queueRunner={"enable": False}, evaluator={"beat": False}))
+    units = result["config"]["systemd"]["services"]
+    assert set(units) == {"circus-evaluator", "circus-migrate"}
+    assert units["circus-evaluator"]["serviceConfig"]["ExecStart"] == \
+        f"{PACKAGE['outPath']}/bin/circus-evaluator --no-beat"
+
 
 def test_disabled_module_defines_no_units(tmp_path: Path) -> None:
     user = {"services": {"circus": {"enable": False}}}
