@@ -296,7 +296,9 @@ in
         circus-migrate = {
           description = "Circus database migrations (before the daemons start)";
           wantedBy = [ "multi-user.target" ];
-          after = [ "network-online.target" ] ++ localServices;
+          # postgresql-setup.service (recent NixOS) creates the role and database
+          after = [ "network-online.target" ] ++ localServices
+            ++ lib.optional cfg.database.createLocally "postgresql-setup.service";
           wants = [ "network-online.target" ];
           requires = lib.optional cfg.database.createLocally "postgresql.service";
           before = map (d: "${d.name}.service") daemons;

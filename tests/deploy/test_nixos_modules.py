@@ -104,6 +104,7 @@ def test_daemons_run_the_package_after_migrations_and_postgresql(
     assert migrate["serviceConfig"]["RemainAfterExit"] is True
     assert "postgresql.service" in migrate["after"]
     assert "postgresql.service" in migrate["requires"]
+    assert "postgresql-setup.service" in migrate["after"]
     assert set(migrate["before"]) == {f"{d}.service" for d in DAEMONS}
 
 
