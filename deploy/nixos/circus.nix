@@ -69,13 +69,20 @@ let
     lib.optional cfg.database.createLocally "postgresql.service"
     ++ lib.optional cfg.redis.createLocally "redis-circus.service";
 
-  # ProtectSystem=strict makes the file system read-only but for these paths
+  # ProtectSystem=strict makes the file system read-only but for the state directory
+  # and these: the GC roots and any configured directory outside /var/lib/circus
+  # (which must exist)
+  gcRootsDir = lib.attrByPath [ "gc" "gc_roots_dir" ] "/nix/var/nix/gcroots/circus" cfg.settings;
+  writablePaths = [ gcRootsDir ] ++ builtins.filter
+    (dir: dir != null && !(lib.hasPrefix "/var/lib/circus/" dir) && dir != "/var/lib/circus")
+    (map get [ [ "evaluator" "work_dir" ] [ "logs" "log_dir" ] [ "cache" "cache_dir" ] ]);
+
   hardening = {
     User = cfg.user;
     Group = cfg.group;
     StateDirectory = "circus";
     StateDirectoryMode = "0750";
-    ReadWritePaths = [ "/nix/var/nix/gcroots/circus" ];
+    ReadWritePaths = writablePaths;
     ProtectSystem = "strict";
     ProtectHome = true;
     PrivateTmp = true;
@@ -286,7 +293,7 @@ in
       environment.etc."circus/circus.toml".source = settingsFile;
 
       # the gcroots directory Circus keeps evaluations alive with
-      systemd.tmpfiles.rules = [ "d /nix/var/nix/gcroots/circus 0755 ${cfg.user} ${cfg.group} - -" ];
+      systemd.tmpfiles.rules = [ "d ${gcRootsDir} 0755 ${cfg.user} ${cfg.group} - -" ];
 
       # builds go through the Nix daemon: the daemons' user imports and builds derivations
       nix.settings.trusted-users = [ cfg.user ];

@@ -121,6 +121,7 @@ def test_units_are_hardened_and_run_as_the_dedicated_user(default_eval: tuple[An
         assert sc["NoNewPrivileges"] is True, name
         assert sc["CapabilityBoundingSet"] == "", name
         assert sc["StateDirectory"] == "circus", name
+        assert sc["ReadWritePaths"] == ["/nix/var/nix/gcroots/circus"], name
         if name != "circus-migrate":
             assert sc["Restart"] == "on-failure", name
     user = config["users"]["users"]["circus"]
@@ -297,6 +298,17 @@ def test_one_daemon_per_host(tmp_path: Path) -> None:
     assert set(units) == {"circus-evaluator", "circus-migrate"}
     assert units["circus-evaluator"]["serviceConfig"]["ExecStart"] == \
         f"{PACKAGE['outPath']}/bin/circus-evaluator --no-beat"
+
+
+def test_directories_outside_the_state_directory_are_writable(tmp_path: Path) -> None:
+    result = evaluate(tmp_path, circus(tmp_path, settings={
+        "logs": {"log_dir": "/srv/circus/logs"}, "gc": {"gc_roots_dir": "/nix/var/nix/gcroots/ci"},
+        "cache": {"cache_dir": "/var/lib/circus/nar-cache"}}))
+    for unit in result["config"]["systemd"]["services"].values():
+        assert unit["serviceConfig"]["ReadWritePaths"] == [
+            "/nix/var/nix/gcroots/ci", "/srv/circus/logs"]
+    assert result["config"]["systemd"]["tmpfiles"]["rules"] == [
+        "d /nix/var/nix/gcroots/ci 0755 circus circus - -"]
 
 
 def test_disabled_module_defines_no_units(tmp_path: Path) -> None:
