@@ -28,10 +28,11 @@ from circus.cache.files import NAR_URL, LocalFiles
 from circus.cache.s3 import S3Error, S3Store
 from circus.common.config import Settings
 from circus.common.models import NarInfo as NarInfoRow
+from circus.common.statussql import UNFINISHED
 
 log = logging.getLogger(__name__)
 
-_DELETE_UNROOTED = text("""
+_DELETE_UNROOTED = text(f"""
 WITH RECURSIVE
 ranked AS (
     SELECT e.id, j.keep_nr,
@@ -45,7 +46,7 @@ root_evaluations AS (
     UNION SELECT id FROM evaluations WHERE status IN ('pending', 'running')
 ),
 root_builds AS (
-    SELECT id FROM builds WHERE keep OR status IN (0, 1)
+    SELECT id FROM builds WHERE keep OR status IN {UNFINISHED}
     UNION SELECT eb.build_id FROM evaluation_builds eb
           JOIN root_evaluations r ON r.id = eb.evaluation_id
     UNION SELECT b.id FROM builds b JOIN root_evaluations r ON r.id = b.evaluation_id

@@ -17,6 +17,7 @@ from circus.common.celery import enqueue
 from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState
 from circus.common.models import Evaluation, Jobset, Project
+from circus.common.statussql import UNFINISHED
 from circus.evaluator.execution import JOBSET_LOCK, jobset_lock_key
 from circus.evaluator.service import CHECK_TASK, EVALUATE_TASK
 
@@ -127,7 +128,7 @@ def prune_gc_roots(session: Session, settings: Settings) -> list[int]:
         "SELECT e.id FROM evaluations e WHERE e.id = ANY(:ids) AND ("
         " e.status IN ('pending', 'running') OR EXISTS ("
         "  SELECT 1 FROM evaluation_builds eb JOIN builds b ON b.id = eb.build_id"
-        "  WHERE eb.evaluation_id = e.id AND b.status IN (0, 1)))"),
+        f"  WHERE eb.evaluation_id = e.id AND b.status IN {UNFINISHED}))"),
         {"ids": list(found)}).scalars()}
     pruned = []
     for evaluation_id, entry in sorted(found.items()):

@@ -26,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
+from circus.common.statussql import WITH_OUTPUTS
 from circus.queue_runner import store
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def wanted_roots(session: Session, max_age_days: int = 0) -> set[str]:
     """Outputs to keep rooted. With ``max_age_days`` > 0 an evaluation older than that
     leaves the ``keep_nr`` window, except each jobset's newest one (a jobset that has
     not changed for months still has its outputs in the cache)."""
-    rows = session.execute(text("""
+    rows = session.execute(text(f"""
         WITH ranked AS (
             SELECT e.id, e.jobset_id, e.created_at,
                    row_number() OVER (PARTITION BY e.jobset_id ORDER BY e.id DESC) AS rn
@@ -164,7 +165,7 @@ def wanted_roots(session: Session, max_age_days: int = 0) -> set[str]:
         )
         SELECT DISTINCT o.path FROM build_outputs o
         JOIN builds b ON b.id = o.build_id
-        WHERE b.status IN (2, 7) AND b.id IN (SELECT id FROM kept_builds)
+        WHERE b.status IN {WITH_OUTPUTS} AND b.id IN (SELECT id FROM kept_builds)
     """), {"max_age_days": max_age_days}).scalars().all()
     return set(rows)
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
+from circus.common.statussql import PENDING, RUNNING, SUCCEEDED
 from circus.queue_runner.outcomes import (
     ALL_DEPS_SUCCEEDED,
     FinishReport,
@@ -158,7 +159,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
                   AND p.attempts = 0
                   AND NOT EXISTS (
                       SELECT 1 FROM step_dependencies e2 JOIN steps d ON d.id = e2.depends_on_id
-                      WHERE e2.step_id = p.id AND NOT (d.state = 'done' AND d.status = 2)
+                      WHERE e2.step_id = p.id AND NOT (d.state = 'done' AND d.status = {SUCCEEDED})
                         AND NOT (d.id = ANY(:held)))
             ),
             pick AS (
@@ -180,10 +181,10 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
         claimed.extend(_claimed(row, lookahead=True) for row in more)
     if claimed:
         # builds waiting for a step that started are running
-        session.execute(text("""
-            UPDATE builds SET status = 1, started_at = COALESCE(started_at, now()),
+        session.execute(text(f"""
+            UPDATE builds SET status = {RUNNING}, started_at = COALESCE(started_at, now()),
                               notification_pending_since = now()
-            WHERE status = 0
+            WHERE status = {PENDING}
               AND id IN (SELECT build_id FROM build_steps WHERE step_id = ANY(:ids))
         """), {"ids": held})
     return claimed

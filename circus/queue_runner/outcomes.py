@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
+from circus.common.statussql import SUCCEEDED, UNFINISHED
 from circus.queue_runner.products import OutputResult
 from circus.queue_runner.results import BuildsReport, settle_builds_of_steps
 
@@ -49,9 +50,9 @@ CACHEABLE_FAILURES = frozenset({
 PROPAGATES_AS = {BuildStatus.unsupported_system: BuildStatus.unsupported_system}
 
 # a step's dependencies all succeeded
-ALL_DEPS_SUCCEEDED = """NOT EXISTS (
+ALL_DEPS_SUCCEEDED = f"""NOT EXISTS (
     SELECT 1 FROM step_dependencies e JOIN steps d ON d.id = e.depends_on_id
-    WHERE e.step_id = {alias}.id AND NOT (d.state = 'done' AND d.status = 2))"""
+    WHERE e.step_id = {{alias}}.id AND NOT (d.state = 'done' AND d.status = {SUCCEEDED}))"""
 
 
 @dataclass
@@ -333,13 +334,13 @@ def drop_orphan_steps(session: Session, settings: Settings, build_ids: list[int]
 
     Running steps are left to finish: their outputs may serve a later build.
     """
-    locked = session.execute(text("""
+    locked = session.execute(text(f"""
         SELECT s.id FROM steps s
         WHERE s.id IN (SELECT step_id FROM build_steps WHERE build_id = ANY(:builds))
           AND s.state IN ('pending', 'queued')
           AND NOT EXISTS (
               SELECT 1 FROM build_steps bs JOIN builds b ON b.id = bs.build_id
-              WHERE bs.step_id = s.id AND b.status IN (0, 1))
+              WHERE bs.step_id = s.id AND b.status IN {UNFINISHED})
         ORDER BY s.id FOR UPDATE OF s
     """), {"builds": build_ids}).scalars().all()
     if not locked:

@@ -21,11 +21,11 @@ from circus.cache.publish import UploadError, publish_outputs
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.models import BuildMetric, BuildProduct
+from circus.common.statussql import UNFINISHED
 from circus.queue_runner.products import OutputResult
 
 log = logging.getLogger(__name__)
 
-UNFINISHED = (int(BuildStatus.pending), int(BuildStatus.running))
 
 
 @dataclass
@@ -60,13 +60,13 @@ def settle_builds_of_steps(session: Session, settings: Settings, step_ids: Itera
     ids = sorted(set(step_ids))
     if not ids:
         return BuildsReport()
-    rows = session.execute(text("""
+    rows = session.execute(text(f"""
         SELECT b.id, b.is_aggregate, s.status, s.error_message, s.machine, s.started_at,
                s.drv_path
         FROM build_steps bs
         JOIN builds b ON b.id = bs.build_id
         JOIN steps s ON s.id = bs.step_id
-        WHERE bs.step_id = ANY(:ids) AND bs.is_toplevel AND b.status IN (0, 1)
+        WHERE bs.step_id = ANY(:ids) AND bs.is_toplevel AND b.status IN {UNFINISHED}
           AND s.state = 'done'
         ORDER BY b.id
         FOR UPDATE OF b
@@ -103,7 +103,7 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
         if publishes_inline(settings):
             _publish(session, settings, succeeded)
     # one statement: the update, the outputs (GC roots) and whether an aggregate waits
-    updated = session.execute(text("""
+    updated = session.execute(text(f"""
         UPDATE builds AS b SET
             status = v.status,
             error_message = v.error_message,
@@ -115,7 +115,7 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
                     CAST(:errors AS text[]), CAST(:machines AS text[]),
                     CAST(:started AS timestamptz[]))
              AS v(id, status, error_message, machine, started_at)
-        WHERE b.id = v.id AND b.status IN (0, 1)
+        WHERE b.id = v.id AND b.status IN {UNFINISHED}
         RETURNING b.id, b.status,
             (SELECT array_agg(o.path ORDER BY o.name) FROM build_outputs o
              WHERE o.build_id = b.id) AS outputs,
@@ -231,9 +231,9 @@ def finish_aggregates(session: Session, settings: Settings | None,
     ids = sorted(set(aggregate_ids))
     if not ids:
         return BuildsReport()
-    aggregates = session.execute(text("""
+    aggregates = session.execute(text(f"""
         SELECT id FROM builds
-        WHERE id = ANY(:ids) AND is_aggregate AND status IN (0, 1) AND stepped_at IS NOT NULL
+        WHERE id = ANY(:ids) AND is_aggregate AND status IN {UNFINISHED} AND stepped_at IS NOT NULL
         ORDER BY id FOR UPDATE
     """), {"ids": ids}).scalars().all()
     if not aggregates:

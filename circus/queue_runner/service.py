@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from circus.common.enums import BuildStatus
 from circus.common.errors import Conflict, NotFound
 from circus.common.models import Build
+from circus.common.statussql import PENDING, SUCCEEDED, UNFINISHED
 from circus.queue_runner.results import finish_aggregates
 
 #: NOTIFY channels the queue runner listens on
@@ -47,9 +48,9 @@ def cancel_evaluation_builds(session: Session, evaluation_id: int, *,
 
     The evaluator's ``cancel_evaluation`` calls this.
     """
-    ids = session.execute(text("""
+    ids = session.execute(text(f"""
         SELECT id FROM builds
-        WHERE status IN (0, 1)
+        WHERE status IN {UNFINISHED}
           AND (evaluation_id = :eid
                OR id IN (SELECT build_id FROM evaluation_builds WHERE evaluation_id = :eid))
         ORDER BY id
@@ -63,9 +64,9 @@ def cancel_builds(session: Session, build_ids: list[int], *, reason: str | None 
     """Cancel unfinished builds and every step only they were waiting for."""
     if not build_ids:
         return []
-    cancelled = session.execute(text("""
+    cancelled = session.execute(text(f"""
         WITH locked AS (
-            SELECT id FROM builds WHERE id = ANY(:ids) AND status IN (0, 1)
+            SELECT id FROM builds WHERE id = ANY(:ids) AND status IN {UNFINISHED}
             ORDER BY id FOR UPDATE
         )
         UPDATE builds SET status = :status, completed_at = now(), error_message = :reason,
@@ -79,9 +80,9 @@ def cancel_builds(session: Session, build_ids: list[int], *, reason: str | None 
         return []
     # Lock first, check in a later statement: a dispatcher linking a new build to one
     # of these steps holds it FOR SHARE; once it committed, this statement sees the link.
-    unneeded = """NOT EXISTS (
+    unneeded = f"""NOT EXISTS (
         SELECT 1 FROM build_steps bs JOIN builds b ON b.id = bs.build_id
-        WHERE bs.step_id = s.id AND b.status IN (0, 1))"""
+        WHERE bs.step_id = s.id AND b.status IN {UNFINISHED})"""
     locked = session.execute(text(f"""
         SELECT s.id FROM steps s
         WHERE s.id IN (SELECT step_id FROM build_steps WHERE build_id = ANY(:ids))
@@ -113,10 +114,10 @@ def restart_build(session: Session, build_id: int) -> Build:
         raise Conflict(f"build {build_id} has not finished ({build.status.name})")
     # dependents that waited for one of this build's failed steps (shared steps, or the
     # step a failure was propagated from), or that depend on it as a build
-    dependents = session.execute(text("""
+    dependents = session.execute(text(f"""
         WITH failed AS (
             SELECT bs.step_id FROM build_steps bs JOIN steps s ON s.id = bs.step_id
-            WHERE bs.build_id = :id AND s.state = 'done' AND s.status <> 2
+            WHERE bs.build_id = :id AND s.state = 'done' AND s.status <> {SUCCEEDED}
         )
         SELECT DISTINCT b.id FROM builds b
         WHERE b.status = :depfailed AND b.id <> :id AND (
@@ -133,12 +134,12 @@ def restart_build(session: Session, build_id: int) -> Build:
 
 def restart_builds(session: Session, build_ids: list[int]) -> list[int]:
     """Reset finished builds to pending (the dispatcher steps them again)."""
-    restarted = session.execute(text("""
+    restarted = session.execute(text(f"""
         WITH locked AS (
-            SELECT id FROM builds WHERE id = ANY(:ids) AND status NOT IN (0, 1)
+            SELECT id FROM builds WHERE id = ANY(:ids) AND status NOT IN {UNFINISHED}
             ORDER BY id FOR UPDATE
         )
-        UPDATE builds SET status = 0, stepped_at = NULL, started_at = NULL,
+        UPDATE builds SET status = {PENDING}, stepped_at = NULL, started_at = NULL,
                           completed_at = NULL, error_message = NULL, machine = NULL,
                           closure_size = NULL, notification_pending_since = NULL,
                           retry_count = retry_count + 1
@@ -164,10 +165,10 @@ def bump_build(session: Session, build_id: int) -> Build:
     build = _locked_build(session, build_id)
     if build.status.is_finished:
         raise Conflict(f"build {build_id} already finished ({build.status.name})")
-    top = session.execute(text("""
+    top = session.execute(text(f"""
         SELECT GREATEST(
             COALESCE((SELECT max(priority) FROM steps WHERE state <> 'done'), 0),
-            COALESCE((SELECT max(priority) FROM builds WHERE status IN (0, 1)), 0))
+            COALESCE((SELECT max(priority) FROM builds WHERE status IN {UNFINISHED}), 0))
     """)).scalar_one()
     priority = max(int(top) + 1, build.priority + 1)
     session.execute(text("UPDATE builds SET priority = :p WHERE id = :id"),

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import DerivationParseError
+from circus.common.statussql import PENDING, RUNNING, SUCCEEDED
 from circus.queue_runner import store
 from circus.queue_runner.capabilities import queue_class_name
 from circus.queue_runner.derivations import DrvCache, DrvInfo
@@ -73,9 +74,9 @@ def step_builds(session: Session, settings: Settings, cache: DrvCache, limit: in
                 ) -> StepReport:
     """Step up to ``limit`` unstepped builds (call in a transaction; commit after)."""
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK})
-    builds = [_Build(*row) for row in session.execute(text("""
+    builds = [_Build(*row) for row in session.execute(text(f"""
         SELECT id, drv_path, priority, jobset_id, timeout, max_silent, is_aggregate
-        FROM builds WHERE status = 0 AND stepped_at IS NULL
+        FROM builds WHERE status = {PENDING} AND stepped_at IS NULL
         ORDER BY priority DESC, id LIMIT :limit
         FOR UPDATE SKIP LOCKED
     """), {"limit": limit}).all()]
@@ -354,21 +355,21 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
 
     if created:
         _already_built(session, settings, cache, sorted(created), report)
-        queued = session.execute(text("""
+        queued = session.execute(text(f"""
             UPDATE steps AS s SET state = 'queued', queued_at = now(), published_at = now()
             WHERE s.id = ANY(:ids) AND s.state = 'pending' AND NOT EXISTS (
                 SELECT 1 FROM step_dependencies e JOIN steps d ON d.id = e.depends_on_id
-                WHERE e.step_id = s.id AND NOT (d.state = 'done' AND d.status = 2))
+                WHERE e.step_id = s.id AND NOT (d.state = 'done' AND d.status = {SUCCEEDED}))
             RETURNING s.queue_class
         """), {"ids": sorted(created)}).scalars().all()
         report.queued.update(queued)
     if reused_drvs:
         _hold_reused_steps(session, settings, cache, reused_drvs, step_of, priority, dependents,
                            created, report)
-    session.execute(text("""
-        UPDATE builds SET status = 1, started_at = COALESCE(started_at, now()),
+    session.execute(text(f"""
+        UPDATE builds SET status = {RUNNING}, started_at = COALESCE(started_at, now()),
                           notification_pending_since = now()
-        WHERE id = ANY(:ids) AND status = 0 AND EXISTS (
+        WHERE id = ANY(:ids) AND status = {PENDING} AND EXISTS (
             SELECT 1 FROM build_steps bs JOIN steps s ON s.id = bs.step_id
             WHERE bs.build_id = builds.id AND s.state = 'running')
     """), {"ids": [b.id for b in live]})
@@ -378,11 +379,11 @@ def _reusable_steps(session: Session, drvs: list[str], *, active: bool = True
                     ) -> dict[str, int]:
     """drv → a step to reuse: an active one (when ``active``), else one that succeeded
     since this transaction began (after this batch's ``--dry-run``)."""
-    return dict(session.execute(text("""
+    return dict(session.execute(text(f"""
         SELECT DISTINCT ON (drv_path) drv_path, id FROM steps
         WHERE drv_path = ANY(:drvs)
           AND ((:active AND state <> 'done')
-               OR (state = 'done' AND status = 2 AND finished_at >= now()))
+               OR (state = 'done' AND status = {SUCCEEDED} AND finished_at >= now()))
         ORDER BY drv_path, state = 'done', id DESC
     """), {"drvs": drvs, "active": active}).tuples().all())
 
@@ -437,13 +438,13 @@ def _already_built(session: Session, settings: Settings, cache: DrvCache, create
     before the insert (which waited for it). Checked after the insert, so the
     race has no window.
     """
-    rows = session.execute(text("""
-        UPDATE steps AS s SET state = 'done', status = 2, finished_at = now(),
+    rows = session.execute(text(f"""
+        UPDATE steps AS s SET state = 'done', status = {SUCCEEDED}, finished_at = now(),
                               error_message = 'built meanwhile by another step'
         WHERE s.id = ANY(:ids) AND s.state = 'pending' AND EXISTS (
             SELECT 1 FROM steps o
             WHERE o.drv_path = s.drv_path AND o.id <> s.id AND o.state = 'done'
-              AND o.status = 2 AND o.finished_at >= now())
+              AND o.status = {SUCCEEDED} AND o.finished_at >= now())
         RETURNING s.id, s.drv_path, s.is_fod
     """), {"ids": created}).all()
     if not rows:

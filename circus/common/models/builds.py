@@ -17,6 +17,7 @@ from circus.common.models.base import (
     IntPK,
     TextList,
 )
+from circus.common.statussql import PENDING
 
 if TYPE_CHECKING:
     from circus.common.models.evaluations import Evaluation
@@ -81,7 +82,7 @@ class Build(Base):
         Index("ix_builds_completed_at", text("completed_at DESC")),
         # the dispatcher's scan for builds that still need their steps computed
         Index("ix_builds_unstepped", "id",
-              postgresql_where=text("status = 0 AND stepped_at IS NULL")),
+              postgresql_where=text(f"status = {PENDING} AND stepped_at IS NULL")),
         # the notification collector's scan for builds with an unreported status change
         Index("ix_builds_notification_pending", "notification_pending_since",
               postgresql_where=text("notification_pending_since IS NOT NULL")),
