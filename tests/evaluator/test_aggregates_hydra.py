@@ -20,6 +20,7 @@ from circus.common.nix.environment import current_system
 from tests.evaluator.conftest import World, completed
 from tests.evaluator.test_nix_eval_jobs import RECORDING
 from tests.helpers.gitrepo import GitRepo
+from tests.queue_runner.conftest import Driver, driver, qr_settings  # noqa: F401
 
 PRELUDE = """
 let
@@ -131,6 +132,34 @@ def test_aggregate_cycles_are_rejected_at_evaluation(
     # an aggregate merely depending on a cycle waits for it (and will fail with it)
     assert builds["outside"].status is BuildStatus.pending
     assert builds["leaf"].status is BuildStatus.pending
+
+
+def test_the_queue_runner_finishes_every_aggregate_of_a_cyclic_jobset(
+        world: World, git_repo: Callable[..., GitRepo], nonce: str,
+        driver: Callable[..., Driver]) -> None:  # noqa: F811
+    jobset_id = _jobset(world, git_repo, nonce, """{
+      leaf = mk "leaf" { };
+      a = agg "a" [ "b" "leaf" ];
+      b = agg "b" [ "a" ];
+      outside = agg "outside" [ "a" "leaf" ];
+      release = glob "release" [ "l*" ];
+    }""")
+    builds = world.builds(completed(world.evaluate(jobset_id)).id)
+    ids = {name: build.id for name, build in builds.items()}
+    # no hang: every build ends, the cycle's aggregates were never queued
+    statuses = driver().run(list(ids.values()), timeout=60)
+    assert statuses[ids["leaf"]] is BuildStatus.succeeded
+    assert statuses[ids["release"]] is BuildStatus.succeeded
+    assert statuses[ids["a"]] is statuses[ids["b"]] is BuildStatus.failed
+    assert statuses[ids["outside"]] is BuildStatus.dependency_failed
+    with world.factory() as session:
+        rows = dict(session.execute(select(Build.job_name, Build.error_message).where(
+            Build.id.in_(ids.values()))).tuples().all())
+        stepped = session.scalars(select(Build.job_name).where(
+            Build.id.in_(ids.values()), Build.stepped_at.is_not(None))).all()
+    assert rows["a"] == "Dependency cycle: a <-> b"
+    assert rows["outside"] == "constituents failed: a"
+    assert sorted(stepped) == ["leaf", "outside", "release"]
 
 
 def test_jobs_sharing_a_derivation_link_the_lowest_job_name(
