@@ -15,8 +15,10 @@ import pytest
 from sqlalchemy import select
 
 from circus.common.enums import BuildStatus
+from circus.common.errors import Conflict
 from circus.common.models import Build, BuildConstituent
 from circus.common.nix.environment import current_system
+from circus.queue_runner.service import restart_build, restart_builds
 from tests.evaluator.conftest import World, completed
 from tests.evaluator.test_nix_eval_jobs import RECORDING
 from tests.helpers.gitrepo import GitRepo
@@ -160,6 +162,15 @@ def test_the_queue_runner_finishes_every_aggregate_of_a_cyclic_jobset(
     assert rows["a"] == "Dependency cycle: a <-> b"
     assert rows["outside"] == "constituents failed: a"
     assert sorted(stepped) == ["leaf", "outside", "release"]
+
+    # restarting would build the aggregates and wait on the cycle again: refused
+    with world.factory() as session, pytest.raises(Conflict) as refused:
+        restart_build(session, ids["a"])
+    assert str(refused.value) == (
+        f"build {ids['a']} is an aggregate that failed at evaluation "
+        "(Dependency cycle: a <-> b): fix the jobset and evaluate it again")
+    with world.factory() as session, session.begin():
+        assert restart_builds(session, [ids["a"], ids["b"], ids["leaf"]]) == [ids["leaf"]]
 
 
 def test_jobs_sharing_a_derivation_link_the_lowest_job_name(
