@@ -20,6 +20,7 @@ def one_of(*statuses: BuildStatus) -> str:
 PENDING = literal(BuildStatus.pending)
 RUNNING = literal(BuildStatus.running)
 SUCCEEDED = literal(BuildStatus.succeeded)
+FAILED = literal(BuildStatus.failed)
 #: a build still to be decided (queued or building)
 UNFINISHED = one_of(BuildStatus.pending, BuildStatus.running)
 #: finished builds whose outputs exist (worth a GC root)

@@ -9,7 +9,10 @@ Reuse (Hydra semantics): a job whose derivation equals the one of the same job i
 the previous evaluation of the jobset links to that build (``evaluation_builds``
 with ``is_new = false``) instead of queueing a duplicate, unless the jobset is in
 ``interval`` mode, which asks for fresh builds every time, or the old build was
-cancelled or aborted.
+cancelled or aborted. An aggregate naming its constituents is written last, once
+every job is known (:mod:`circus.evaluator.aggregates` resolves the names and
+globs); it is reused only when it links to the same jobs with the same derivations,
+and one whose constituents are wrong fails at once with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from circus.common.enums import BuildStatus, EvaluationStatus
 from circus.common.models import Evaluation, Jobset
+from circus.evaluator import aggregates
 from circus.evaluator.jobs import Job, JobError
 
 NOTIFY_CHANNEL = "circus_builds"
@@ -216,7 +220,13 @@ class BuildImporter:
                      "cancelled": int(BuildStatus.cancelled)})
                 self.previous = {name: (build_id, drv) for name, build_id, drv in rows}
         self.build_of_job: dict[str, int] = {}
-        self.build_of_drv: dict[str, int] = {}
+        #: every job reported so far, by name
+        self.jobs: dict[str, Job] = {}
+        #: aggregates naming their constituents, written by finish()
+        self.deferred: list[Job] = []
+        #: drv path -> (job name, build id) of the lowest job name with that derivation,
+        #: so links to a derivation several jobs share do not depend on arrival order
+        self.build_of_drv: dict[str, tuple[str, int]] = {}
         #: new builds: (job, id), for the links written by finish()
         self.created: list[tuple[Job, int]] = []
         self.reused = 0
@@ -225,22 +235,31 @@ class BuildImporter:
 
     def add(self, jobs: Sequence[Job]) -> None:
         new_jobs: list[Job] = []
-        reused: list[int] = []
+        reused: list[tuple[Job, int]] = []
         for job in jobs:
-            if job.name in self.build_of_job:
+            if job.name in self.jobs:
                 continue  # reported twice (a restarted run): keep the first
+            if job.named_constituents:
+                # what it links to depends on the other jobs: decided in finish()
+                self.jobs[job.name] = job
+                self.deferred.append(job)
+                continue
             old = self.previous.get(job.name)
             if old is not None and old[1] == job.drv_path:
-                reused.append(old[0])
-                self._remember(job, old[0])
+                reused.append((job, old[0]))
             else:
                 new_jobs.append(job)
+        self._write(new_jobs, reused)
+
+    def _write(self, new_jobs: Sequence[Job], reused: Sequence[tuple[Job, int]]) -> None:
+        for job, build_id in reused:
+            self._remember(job, build_id)
         ids = _allocate_ids(self.session, len(new_jobs))
         for job, build_id in zip(new_jobs, ids, strict=True):
             self._remember(job, build_id)
             self.created.append((job, build_id))
         self.reused += len(reused)
-        self.reused_ids += reused
+        self.reused_ids += [build_id for _, build_id in reused]
         pairs = list(zip(new_jobs, ids, strict=True))
         _copy(self.session, "builds", BUILD_COLUMNS, self._build_lines(pairs))
         _copy(self.session, "build_outputs", ("build_id", "name", "path"),
@@ -249,11 +268,50 @@ class BuildImporter:
         eval_id = self.eval_id
         _copy(self.session, "evaluation_builds", ("evaluation_id", "build_id", "is_new"),
               itertools.chain((f"{eval_id}\t{i}\tt\n" for i in ids),
-                              (f"{eval_id}\t{i}\tf\n" for i in reused)))
+                              (f"{eval_id}\t{i}\tf\n" for _, i in reused)))
+
+    def _add_deferred(self, resolved: dict[str, aggregates.Resolution]) -> None:
+        """Write the aggregates naming their constituents, once every job is known.
+
+        One is reused only when it would be the same aggregate: same derivation, no
+        error, and links to the same jobs with the same derivations as before (a
+        named constituent is not part of the aggregate's derivation, unlike Hydra's
+        rewritten aggregates, so a changed constituent means a new aggregate build).
+        """
+        name_of_drv = {drv: name for drv, (name, _) in self.build_of_drv.items()}
+        candidates: dict[int, Job] = {}
+        new_jobs: list[Job] = []
+        for job in self.deferred:
+            old = self.previous.get(job.name)
+            if old is not None and old[1] == job.drv_path and not resolved[job.name].errors:
+                candidates[old[0]] = job
+            else:
+                new_jobs.append(job)
+        before: dict[int, set[tuple[str, str]]] = {i: set() for i in candidates}
+        if candidates:
+            for aggregate_id, name, drv in self.session.execute(text(
+                    "SELECT c.aggregate_id, b.job_name, b.drv_path FROM build_constituents c "
+                    "JOIN builds b ON b.id = c.constituent_id WHERE c.aggregate_id = ANY(:ids)"),
+                    {"ids": sorted(candidates)}):
+                before[aggregate_id].add((name, drv))
+        reused: list[tuple[Job, int]] = []
+        for old_id, job in candidates.items():
+            names = {name_of_drv[d] for d in job.constituents if d in name_of_drv}
+            names |= resolved[job.name].members
+            names.discard(job.name)
+            now = {(n, self.jobs[n].drv_path) for n in names}
+            if now == before[old_id]:
+                reused.append((job, old_id))
+            else:
+                new_jobs.append(job)
+        self._write(new_jobs, reused)
 
     def _remember(self, job: Job, build_id: int) -> None:
         self.build_of_job[job.name] = build_id
-        self.build_of_drv.setdefault(job.drv_path, build_id)
+        self.jobs[job.name] = job
+        known = self.build_of_drv.get(job.drv_path)
+        if known is None or job.name < known[0]:
+            self.build_of_drv[job.drv_path] = (job.name, build_id)
 
     def _build_lines(self, pairs: list[tuple[Job, int]]) -> Iterator[str]:
         prefix, max_retries = self.prefix, self.max_retries
@@ -279,15 +337,22 @@ class BuildImporter:
                    f"{tail}\n")
 
     def finish(self, errors: Sequence[JobError]) -> ImportStats:
-        build_of_drv, build_of_job = self.build_of_drv, self.build_of_job
+        resolved = aggregates.resolve(self.jobs, {e.name: e.message for e in errors})
+        self._add_deferred(resolved)
+        build_of_drv = {drv: build_id for drv, (_, build_id) in self.build_of_drv.items()}
+        build_of_job = self.build_of_job
+        failed: dict[int, str] = {}
 
         def constituent_lines() -> Iterator[str]:
             for job, build_id in self.created:
                 if not job.is_aggregate:
                     continue
                 members = {build_of_drv[d] for d in job.constituents if d in build_of_drv}
-                members |= {build_of_job[n] for n in job.named_constituents
-                            if n in build_of_job}
+                resolution = resolved.get(job.name)
+                if resolution is not None:
+                    members |= {build_of_job[n] for n in resolution.members}
+                    if resolution.errors:
+                        failed[build_id] = "\n".join(resolution.errors)
                 members.discard(build_id)
                 for member in sorted(members):
                     yield f"{build_id}\t{member}\n"
@@ -303,6 +368,16 @@ class BuildImporter:
 
         _copy(self.session, "build_constituents", ("aggregate_id", "constituent_id"),
               constituent_lines())
+        if failed:
+            # Hydra records these on the aggregate: it fails now, never queued
+            ids = sorted(failed)
+            self.session.execute(text(
+                "UPDATE builds AS b SET status = :failed, error_message = v.message, "
+                "started_at = now(), completed_at = now(), notification_pending_since = now() "
+                "FROM unnest(CAST(:ids AS bigint[]), CAST(:messages AS text[])) "
+                "AS v(id, message) WHERE b.id = v.id"),
+                {"failed": int(BuildStatus.failed), "ids": ids,
+                 "messages": [failed[i] for i in ids]})
         _copy(self.session, "build_dependencies", ("build_id", "dependency_id"),
               dependency_lines())
         _copy(self.session, "evaluation_errors", ("evaluation_id", "job_name", "message"),

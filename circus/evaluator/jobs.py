@@ -45,6 +45,8 @@ class Job:
     #: drv paths of an aggregate's constituents, and constituents named by job
     constituents: list[str] = field(default_factory=list)
     named_constituents: list[str] = field(default_factory=list)
+    #: ``_hydraGlobConstituents``: the named constituents are fnmatch patterns
+    glob_constituents: bool = False
     #: from the program when it says; otherwise filled in from the .drv
     required_features: list[str] | None = None
     facts: DrvFacts | None = None
@@ -118,6 +120,7 @@ def job_from_record(record: dict[str, Any]) -> Job | JobError:
         meta=meta if isinstance(meta, dict) else {},
         constituents=[c for c in constituents if isinstance(c, str)] if constituents else [],
         named_constituents=[c for c in named if isinstance(c, str)] if named else [],
+        glob_constituents=record.get("globConstituents") is True,
         required_features=_strings(features) if features is not None else None,
     )
 

@@ -65,7 +65,8 @@ let
       let cs = v.constituents or [ ]; in {
         constituents = map (c: c.drvPath) (filter (c: !(isString c)) cs);
         namedConstituents = filter isString cs;
-      }
+      } // (if (v._hydraGlobConstituents or false) == true
+            then { globConstituents = true; } else { })
     else { };
 
   # the JSON record of a job; no key may be called outPath (toJSON would coerce it)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from circus.common.enums import BuildStatus
 from circus.common.errors import Conflict, NotFound
 from circus.common.models import Build
-from circus.common.statussql import PENDING, SUCCEEDED, UNFINISHED
+from circus.common.statussql import FAILED, PENDING, SUCCEEDED, UNFINISHED
 from circus.queue_runner.results import finish_aggregates
 
 #: NOTIFY channels the queue runner listens on
@@ -112,6 +112,11 @@ def restart_build(session: Session, build_id: int) -> Build:
     build = _locked_build(session, build_id)
     if not build.status.is_finished:
         raise Conflict(f"build {build_id} has not finished ({build.status.name})")
+    if failed_at_evaluation(build):
+        # building it again would ignore what is wrong with its constituents
+        reason = (build.error_message or "").splitlines()[0] if build.error_message else ""
+        raise Conflict(f"build {build_id} is an aggregate that failed at evaluation "
+                       f"({reason}): fix the jobset and evaluate it again")
     # dependents that waited for one of this build's failed steps (shared steps, or the
     # step a failure was propagated from), or that depend on it as a build
     dependents = session.execute(text(f"""
@@ -132,11 +137,19 @@ def restart_build(session: Session, build_id: int) -> Build:
     return build
 
 
+def failed_at_evaluation(build: Build) -> bool:
+    """An aggregate the evaluator failed (bad constituents, a cycle): never queued."""
+    return (build.is_aggregate and build.status is BuildStatus.failed
+            and build.stepped_at is None)
+
+
 def restart_builds(session: Session, build_ids: list[int]) -> list[int]:
-    """Reset finished builds to pending (the dispatcher steps them again)."""
+    """Reset finished builds to pending (the dispatcher steps them again); aggregates
+    that failed at evaluation stay failed."""
     restarted = session.execute(text(f"""
         WITH locked AS (
             SELECT id FROM builds WHERE id = ANY(:ids) AND status NOT IN {UNFINISHED}
+              AND NOT (is_aggregate AND status = {FAILED} AND stepped_at IS NULL)
             ORDER BY id FOR UPDATE
         )
         UPDATE builds SET status = {PENDING}, stepped_at = NULL, started_at = NULL,

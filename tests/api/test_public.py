@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import lzma
 import subprocess
 import tarfile
@@ -72,3 +73,42 @@ def test_badges(client: FlaskClient, world: World) -> None:
     assert latest.status_code == 302
     assert latest.headers["Location"] == f"/api/v1/builds/{good.id}"
     assert client.get("/job/proj/main/bad/latest").status_code == 404
+
+
+def test_channel_nested_jobs_are_installable_with_nix_env(
+        client: FlaskClient, world: World, db: Session, tmp_path: Path,
+        nix_env: dict[str, str]) -> None:
+    project = world.project()
+    jobset = world.jobset(project)
+    evaluation = world.evaluation(jobset)
+    for job, path in (("hello", "hello"), ("packageset.nested", "nested"),
+                      ("packageset.deeper.leaf", "leaf"),
+                      ('packageset."dotted.name"', "dotted")):
+        world.build(evaluation, job, BuildStatus.succeeded, nix_name=f"{path}-1.0",
+                    outputs={"out": f"/nix/store/{path[0] * 32}-{path}"})
+    db.add(Channel(project_id=project.id, jobset_id=jobset.id, name="nested",
+                   evaluation_id=evaluation.id))
+    db.commit()
+
+    data = client.get("/channel/nested/nixexprs.tar.xz").data
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        archive.extractall(tmp_path, filter="data")
+    expression = (tmp_path / "nested" / "default.nix").read_text()
+    assert '"packageset.nested"' not in expression  # nested sets, not dotted names
+    out = subprocess.run(["nix-env", "-qaP", "--json", "--out-path", "-f",
+                          str(tmp_path / "nested")],
+                         env=nix_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    assert {attr: item["name"] for attr, item in listed.items()} == {
+        "hello": "hello-1.0",
+        "packageset.nested": "nested-1.0",
+        "packageset.deeper.leaf": "leaf-1.0",
+    }
+    assert listed["packageset.nested"]["outputs"] == {"out": f"/nix/store/{'n' * 32}-nested"}
+    # nix-env skips names that are not plain identifiers; the job is still in the set
+    out = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "-E",
+                          f'(import {tmp_path}/nested {{}}).packageset."dotted.name".outPath'],
+                         env=nix_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f'"/nix/store/{"d" * 32}-dotted"'
