@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -121,11 +122,22 @@ def db(engine: Engine) -> Iterator[Session]:
 
 
 def truncate_all(engine: Engine) -> None:
+    from sqlalchemy.exc import OperationalError
+
     from circus.common.models import Base
 
     names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    # a daemon of the test may still be stopping and reading these tables: PostgreSQL
+    # then picks one side of the lock cycle to fail, possibly ours; try again
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+            return
+        except OperationalError as exc:
+            if "deadlock detected" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture
