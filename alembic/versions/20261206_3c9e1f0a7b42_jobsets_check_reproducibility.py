@@ -1,4 +1,4 @@
-"""jobsets: check_reproducibility (rebuild succeeded builds with nix-store --check)
+"""jobsets.check_reproducibility, builds.repeats: reproducibility checks (nix-store --check)
 
 Revision ID: 3c9e1f0a7b42
 Revises: 7617d5b7a2c1
@@ -20,7 +20,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("jobsets", sa.Column("check_reproducibility", sa.Boolean(),
                                        server_default="false", nullable=False))
+    op.add_column("builds", sa.Column("repeats", sa.BigInteger(), server_default="0",
+                                      nullable=False))
 
 
 def downgrade() -> None:
+    op.drop_column("builds", "repeats")
     op.drop_column("jobsets", "check_reproducibility")

@@ -1,11 +1,11 @@
 """Reproducibility checks: rebuild a succeeded derivation with ``nix-store --check``.
 
-A jobset with ``check_reproducibility`` has its builds checked after they
-succeed. The step finishes first (its dependents are released at once), then
-the worker that built it rebuilds it with Nix's own ``--check``; outputs that
-differ turn the build into ``non_deterministic`` (the differing output named in
-its error message), which notifies like any status change. A matching rebuild
-leaves the build as it was.
+A jobset with ``check_reproducibility``, or a job with ``meta.hydra.repeats``
+> 0, has its builds checked after they succeed. The step finishes first (its
+dependents are released at once), then the worker that built it rebuilds it
+with Nix's own ``--check``; outputs that differ turn the build into
+``non_deterministic`` (the differing output named in its error message), which
+notifies like any status change. A matching rebuild leaves the build as it was.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ class CheckTarget:
 
 
 def builds_to_check(session: Session, step_ids: list[int]) -> dict[int, list[int]]:
-    """Step id → succeeded builds (of jobsets asking for it) whose top-level step it is."""
+    """Step id → succeeded builds whose top-level step it is and that ask for a check.
+
+    A build asks when its jobset has ``check_reproducibility`` or its job has
+    ``meta.hydra.repeats`` > 0 (one ``--check`` rebuild however large the number).
+    """
     if not step_ids:
         return {}
     rows = session.execute(text("""
@@ -44,7 +48,7 @@ def builds_to_check(session: Session, step_ids: list[int]) -> dict[int, list[int
         JOIN builds b ON b.id = bs.build_id
         JOIN jobsets j ON j.id = b.jobset_id
         WHERE bs.step_id = ANY(:ids) AND bs.is_toplevel AND NOT b.is_aggregate
-          AND b.status = :succeeded AND j.check_reproducibility
+          AND b.status = :succeeded AND (j.check_reproducibility OR b.repeats > 0)
         ORDER BY bs.step_id, b.id
     """), {"ids": sorted(step_ids), "succeeded": int(BuildStatus.succeeded)}).all()
     found: dict[int, list[int]] = {}

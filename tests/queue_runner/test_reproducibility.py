@@ -73,3 +73,16 @@ def test_without_the_option_nothing_is_checked(
     build_id = builds["random"].id
     assert run.run([build_id])[build_id] is BuildStatus.succeeded
     assert run.builder.stats.get("repro_checks", 0) == 0
+
+
+def test_meta_hydra_repeats_asks_for_a_check(
+        driver: Callable[..., Driver], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str) -> None:
+    run = driver()
+    drvs = instantiate(["random"], nonce, nix_env, expr=REPRO)
+    with committed_db() as session:
+        # the jobset does not ask; the job's meta.hydra.repeats (imported as repeats) does
+        builds = make_builds(session, drvs, repeats=1)
+    build_id = builds["random"].id
+    assert run.run([build_id])[build_id] is BuildStatus.non_deterministic
+    assert run.builder.stats["repro_checks"] == 1
