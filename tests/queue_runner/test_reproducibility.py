@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from circus.common.enums import BuildStatus
+from circus.common.enums import BuildStatus, NotificationType
+from circus.common.models import NotificationConfig, NotificationTask
+from circus.notifications.service import collect_events
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds, make_jobset
 
@@ -30,6 +32,9 @@ def test_mismatch_is_non_deterministic_and_dependents_not_held(
     with committed_db() as session:
         jobset = make_jobset(session)
         jobset.check_reproducibility = True
+        session.add(NotificationConfig(project_id=jobset.project_id,
+                                       type=NotificationType.webhook,
+                                       config={"url": "http://127.0.0.1:9/hook"}))
         builds = make_builds(session, drvs, jobset=jobset)
         random_out = session.execute(text(
             "SELECT path FROM build_outputs WHERE build_id = :id AND name = 'out'"),
@@ -59,6 +64,12 @@ def test_mismatch_is_non_deterministic_and_dependents_not_held(
             SELECT s.status FROM steps s JOIN build_steps bs ON bs.step_id = s.id
             WHERE bs.build_id = :id AND bs.is_toplevel"""), {"id": ids["random"]}).scalar_one()
     assert finished["dependent"] is not None
+    # the status change is notified like any other
+    with committed_db() as session, session.begin():
+        collect_events(session, run.settings)
+        payloads = [t.payload for t in session.scalars(
+            select(NotificationTask).where(NotificationTask.build_id == ids["random"]))]
+    assert [p["build"]["status"] for p in payloads] == ["non_deterministic"]
     # the step itself succeeded (its dependents used its output); only the build is marked
     assert BuildStatus(step_status) is BuildStatus.succeeded
 
