@@ -386,9 +386,11 @@ class _Batch:
         try:
             report = self.builder._flush(self.worker, items)
             finished = set(report.finished)
+            # only what Nix built here (not substituted): a check rebuilds it locally
             self.built.extend(self.by_step[i.outcome.step_id] for i in items
                               if i.outcome.status is BuildStatus.succeeded
-                              and i.outcome.step_id in finished)
+                              and i.outcome.step_id in finished
+                              and self.by_step[i.outcome.step_id].drv_path in self.started)
         except Exception:
             # the steps stay running under our name; if we cannot report them, the
             # lease lapses and the reconciler re-queues them
