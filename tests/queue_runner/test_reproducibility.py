@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -10,13 +12,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.enums import BuildStatus, NotificationType
 from circus.common.models import NotificationConfig, NotificationTask
 from circus.notifications.service import collect_events
+from tests.helpers.daemons import wait_until
 from tests.queue_runner.conftest import Driver
+from tests.queue_runner.daemons import runner_daemon
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds, make_jobset
 
 REPRO = FIXTURES / "repro.nix"
 
 
-def _rows(factory: sessionmaker[Session], ids: list[int]) -> dict[int, dict[str, object]]:
+def _rows(factory: sessionmaker[Session], ids: list[int]) -> dict[int, dict[str, Any]]:
     with factory() as session:
         rows = session.execute(text(
             "SELECT id, status, error_message, notification_pending_since FROM builds "
@@ -97,3 +101,27 @@ def test_meta_hydra_repeats_asks_for_a_check(
     build_id = builds["random"].id
     assert run.run([build_id])[build_id] is BuildStatus.non_deterministic
     assert run.builder.stats["repro_checks"] == 1
+
+
+def test_the_daemon_checks_after_releasing_dependents(
+        runner_config: Callable[..., dict[str, Any]], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
+    drvs = instantiate(["random", "stable", "dependent"], nonce, nix_env, expr=REPRO)
+    with runner_daemon("qr-repro", runner_config(queue_runner={"workers": 2}),
+                       tmp_path) as daemon:
+        wait_until(lambda: "ready." in daemon.log(), timeout=30, message="worker ready")
+        with committed_db() as session:
+            jobset = make_jobset(session)
+            jobset.check_reproducibility = True
+            builds = make_builds(session, drvs, jobset=jobset)
+        ids = {job: b.id for job, b in builds.items()}
+        try:
+            wait_until(lambda: _rows(committed_db, [ids["random"]])[ids["random"]]["status"]
+                       == BuildStatus.non_deterministic, timeout=60, interval=0.2,
+                       message="the random build found non-deterministic")
+        finally:
+            print(daemon.log()[-4000:])
+    rows = _rows(committed_db, list(ids.values()))
+    assert BuildStatus(rows[ids["dependent"]]["status"]) is BuildStatus.succeeded
+    assert BuildStatus(rows[ids["stable"]]["status"]) is BuildStatus.succeeded
+    assert "output out (" in str(rows[ids["random"]]["error_message"])
