@@ -710,6 +710,8 @@ class DeclarativeJobset(SettingsModel):
     check_interval: NonNegative = 60
     scheduling_shares: Positive = 100
     keep_nr: NonNegative = 3
+    #: rebuild succeeded builds with ``nix-store --check`` (mismatch: non_deterministic)
+    check_reproducibility: bool = False
     inputs: list[DeclarativeInput] = []
 
 

@@ -154,6 +154,12 @@ def _int(value: Any) -> int | None:
     return None
 
 
+def _repeats(hydra: Any) -> int:
+    """``meta.hydra.repeats`` (Hydra's per-job reproducibility setting); 0 when absent."""
+    repeats = _int(hydra.get("repeats")) if isinstance(hydra, dict) else None
+    return max(0, min(repeats or 0, 100))
+
+
 def _description(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -190,7 +196,7 @@ def _allocate_ids(session: Session, count: int) -> list[int]:
 BUILD_COLUMNS = ("id", "evaluation_id", "jobset_id", "project_id", "job_name", "drv_path",
                  "system", "priority", "max_retries", "is_aggregate", "is_fod",
                  "required_features", "nix_name", "meta_description", "meta_license",
-                 "meta_homepage", "meta_maintainers", "timeout", "max_silent")
+                 "meta_homepage", "meta_maintainers", "timeout", "max_silent", "repeats")
 
 
 class BuildImporter:
@@ -325,10 +331,11 @@ class BuildImporter:
                     _opt(_homepage(meta.get("homepage"))),
                     _opt(_maintainers(meta.get("maintainers"))),
                     _opt_int(_int(meta.get("timeout"))),
-                    _opt_int(_int(meta.get("maxSilent")))))
+                    _opt_int(_int(meta.get("maxSilent"))),
+                    str(_repeats(meta.get("hydra")))))
             else:
                 priority = 0
-                tail = "\\N\t\\N\t\\N\t\\N\t\\N\t\\N"
+                tail = "\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t0"
             features = job.features
             yield (f"{build_id}\t{prefix}{_text(job.name)}\t{job.drv_path}\t"
                    f"{_text(job.system)}\t{priority}\t{max_retries}\t"

@@ -41,7 +41,7 @@ PROJECT_FIELDS = ("description", "repository_url", "enabled", "hidden", "cache_e
                   "owner_id")
 JOBSET_FIELDS = ("description", "nix_expression", "nix_expression_input", "flake_mode", "branch",
                  "state", "trigger_mode", "check_interval", "scheduling_shares", "keep_nr",
-                 "hidden")
+                 "hidden", "check_reproducibility")
 
 
 def check_name(name: str, field: str = "name") -> None:

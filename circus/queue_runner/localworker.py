@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,6 +47,11 @@ from circus.queue_runner.nixrun import (
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
+from circus.queue_runner.reproducibility import (
+    builds_to_check,
+    check_derivation,
+    mark_non_deterministic,
+)
 from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.wakeups import Publish, publish_after_commit
 
@@ -197,6 +203,31 @@ class LocalBuilder:
             self.on_built(report)
         return report
 
+    def check_reproducibility(self, built: list[Target]) -> None:
+        """Rebuild with ``--check`` the succeeded steps whose builds ask for it."""
+        wanted = in_transaction(self.factory, lambda s: builds_to_check(
+            s, [t.step_id for t in built]))
+        for target in built:
+            build_ids = wanted.get(target.step_id)
+            if not build_ids or self.stop.is_set():
+                continue
+            started = time.monotonic()
+            try:
+                mismatch = check_derivation(target.drv_path, target.outputs,
+                                            self.settings.nix_environ(),
+                                            self.settings.queue_runner.build_timeout)
+            except RuntimeError as exc:
+                log.warning("reproducibility check of %s not made: %s", target.drv_path, exc)
+                continue
+            finally:
+                self._account("repro_checks", started)
+            if mismatch is None:
+                log.info("%s is reproducible (builds %s)", target.drv_path, build_ids)
+                continue
+            changed = in_transaction(self.factory, partial(mark_non_deterministic,
+                                                           build_ids=build_ids, message=mismatch))
+            log.info("%s: builds %s are non-deterministic", target.drv_path, changed)
+
     def _check_output_sizes(self, items: list[_Pending]) -> None:
         limit = self.settings.queue_runner.max_output_size
         built = [i for i in items if i.outcome.status in (BuildStatus.succeeded,
@@ -237,6 +268,8 @@ class _Batch:
         runner = self.settings.queue_runner
         self.renew_every = max(0.5, min(2.0, runner.lease_secs / 3))
         self.last_renewed = time.monotonic()
+        #: steps that succeeded (candidates for a reproducibility check after the batch)
+        self.built: list[Target] = []
 
     def run(self) -> None:
         started = time.monotonic()
@@ -292,6 +325,9 @@ class _Batch:
         started = time.monotonic()
         self._settle_after_exit(exited)
         self.builder._account("settles", started)
+        if self.built:
+            # dependents were released when these steps finished; the check comes after
+            self.builder.check_reproducibility(self.built)
 
     # ---------------------------------------------------------------- outcomes
 
@@ -348,7 +384,13 @@ class _Batch:
     def _flush(self) -> None:
         items, self.pending = self.pending, []
         try:
-            self.builder._flush(self.worker, items)
+            report = self.builder._flush(self.worker, items)
+            finished = set(report.finished)
+            # only what Nix built here (not substituted): a check rebuilds it locally
+            self.built.extend(self.by_step[i.outcome.step_id] for i in items
+                              if i.outcome.status is BuildStatus.succeeded
+                              and i.outcome.step_id in finished
+                              and self.by_step[i.outcome.step_id].drv_path in self.started)
         except Exception:
             # the steps stay running under our name; if we cannot report them, the
             # lease lapses and the reconciler re-queues them

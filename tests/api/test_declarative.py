@@ -33,7 +33,8 @@ def declaration(tmp_path: Path) -> dict[str, Any]:
             "owner": "admin",
             "jobsets": [{"name": "main", "branch": "main", "check_interval": 30,
                          "inputs": [{"name": "nixpkgs", "type": "string", "value": "x"}]},
-                        {"name": "pr", "state": "one_at_a_time"}],
+                        {"name": "pr", "state": "one_at_a_time",
+                         "check_reproducibility": True}],
             "channels": [{"name": "demo-main", "jobset": "main"}],
             "members": [{"username": "dev", "role": "maintainer"}],
             "webhooks": [{"forge_type": "github", "secret": "hook-secret"}],
@@ -66,6 +67,8 @@ def test_applying_twice_leaves_the_same_database(
     db.commit()
     assert again == {"created": [], "updated": [], "disabled": [], "removed": []}
     assert snapshot(db) == before
+    assert db.scalar(select(Jobset.check_reproducibility).where(Jobset.name == "pr")) is True
+    assert db.scalar(select(Jobset.check_reproducibility).where(Jobset.name == "main")) is False
 
     admin = db.scalar(select(User).where(User.username == "admin"))
     assert admin is not None

@@ -210,3 +210,17 @@ def test_project_builds_list(client: FlaskClient, admin: dict[str, str], world: 
     body = client.get("/api/v1/projects/proj/builds", headers=admin).get_json()
     assert [b["job_name"] for b in body["items"]] == ["a"]
     assert JobsetState.enabled.value == "enabled"
+
+
+def test_jobset_check_reproducibility(client: FlaskClient, admin: dict[str, str]) -> None:
+    create_project(client, admin)
+    url = "/api/v1/projects/demo/jobsets"
+    response = client.post(url, headers=admin, json={"name": "main"})
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["check_reproducibility"] is False
+    response = client.put(url + "/main", headers=admin, json={"check_reproducibility": True})
+    assert response.status_code == 200, response.get_json()
+    assert client.get(url + "/main", headers=admin).get_json()["check_reproducibility"] is True
+    response = client.put(url + "/main", headers=admin, json={"check_reproducibility": "maybe"})
+    assert response.status_code == 400
+    assert "check_reproducibility" in str(response.get_json())

@@ -61,7 +61,8 @@ def test_edit_project_and_jobset_settings(as_admin: Browser, as_viewer: Browser,
     saved = as_admin.post("/jobset/demo/main/settings", {
         "description": "nightly", "nix_expression": "checks", "branch": "next",
         "flake_mode": "true", "state": "one_at_a_time", "trigger_mode": "interval",
-        "check_interval": "900", "scheduling_shares": "7", "keep_nr": "4"},
+        "check_interval": "900", "scheduling_shares": "7", "keep_nr": "4",
+        "check_reproducibility": "true"},
         page="/jobset/demo/main")
     assert saved.status_code == 302
     assert saved.location == "/jobset/demo/main"
@@ -71,6 +72,7 @@ def test_edit_project_and_jobset_settings(as_admin: Browser, as_viewer: Browser,
             jobset.trigger_mode.value, jobset.check_interval, jobset.scheduling_shares,
             jobset.keep_nr) == ("nightly", "checks", "next", "one_at_a_time", "interval", 900,
                                 7, 4)
+    assert jobset.check_reproducibility is True
     assert rows.db.query(AuditLog).filter_by(action="jobset.update").count() == 1
     bad = as_admin.post("/jobset/demo/main/settings", {"check_interval": "-1",
                                                        "state": "enabled"},

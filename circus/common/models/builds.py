@@ -51,6 +51,8 @@ class Build(Base):
     #: seconds, from meta.timeout / meta.maxSilent (None: config default)
     timeout: Mapped[int | None]
     max_silent: Mapped[int | None]
+    #: from meta.hydra.repeats: > 0 asks for a reproducibility check (nix-store --check)
+    repeats: Mapped[int] = mapped_column(server_default="0", default=0)
     created_at: Mapped[CreatedAt]
     #: when the queue runner turned the build into steps (None: not yet)
     stepped_at: Mapped[datetime | None]

@@ -83,6 +83,8 @@ class Jobset(Base):
     scheduling_shares: Mapped[int] = mapped_column(server_default="100", default=100)
     keep_nr: Mapped[int] = mapped_column(server_default="3", default=3)
     hidden: Mapped[BoolFalse]
+    #: rebuild succeeded builds with ``nix-store --check``; a mismatch: non_deterministic
+    check_reproducibility: Mapped[BoolFalse]
     last_checked_at: Mapped[datetime | None]
     #: what the last check did: evaluated, unchanged, busy, error
     last_check_outcome: Mapped[str | None]

@@ -77,6 +77,7 @@ class JobsetSchema(ma.Schema):
     scheduling_shares = fields.Integer(required=True)
     keep_nr = fields.Integer(required=True)
     hidden = fields.Boolean(required=True)
+    check_reproducibility = fields.Boolean(required=True)
     last_checked_at = fields.DateTime(allow_none=True)
     last_check_outcome = fields.String(allow_none=True)
     error_message = fields.String(allow_none=True)
@@ -103,6 +104,7 @@ class JobsetUpdateSchema(ma.Schema):
     scheduling_shares = fields.Integer(validate=_SHARES)
     keep_nr = fields.Integer(validate=_KEEP)
     hidden = fields.Boolean()
+    check_reproducibility = fields.Boolean()
 
 
 class JobsetCreateSchema(JobsetUpdateSchema):

@@ -178,7 +178,8 @@ def _project_page(row: Project, form: Form, settings_form: Form | None = None,
 
 
 JOBSET_FIELDS = ("name", "description", "nix_expression", "branch", "flake_mode", "state",
-                 "trigger_mode", "check_interval", "scheduling_shares", "keep_nr")
+                 "trigger_mode", "check_interval", "scheduling_shares", "keep_nr",
+                 "check_reproducibility")
 
 
 def _jobset_values(form: Form) -> dict[str, Any]:
@@ -197,6 +198,7 @@ def _jobset_values(form: Form) -> dict[str, Any]:
             "branch": form.get("branch") or None,
             "flake_mode": form.get("flake_mode") != "false",
             "state": JobsetState(state), "trigger_mode": TriggerMode(mode),
+            "check_reproducibility": form.get("check_reproducibility") == "true",
             **{k: v for k, v in numbers.items() if v is not None}}
 
 
@@ -239,7 +241,8 @@ def _jobset_settings(row: Jobset) -> Form:
                  "branch": row.branch or "", "flake_mode": _flag(row.flake_mode),
                  "state": row.state.name, "trigger_mode": row.trigger_mode.name,
                  "check_interval": str(row.check_interval),
-                 "scheduling_shares": str(row.scheduling_shares), "keep_nr": str(row.keep_nr)})
+                 "scheduling_shares": str(row.scheduling_shares), "keep_nr": str(row.keep_nr),
+                 "check_reproducibility": _flag(row.check_reproducibility)})
 
 
 @blueprint.post("/jobset/<name:project>/<name:jobset>/settings")
