@@ -22,6 +22,7 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.models import BuildMetric, BuildProduct
 from circus.common.statussql import UNFINISHED
+from circus.projects.channels import advance_channels_of_builds
 from circus.queue_runner.products import OutputResult
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,9 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
             WHERE constituent_id = ANY(:ids)
         """), {"ids": members}).scalars().all()
         report.merge(finish_aggregates(session, settings, list(candidates)))
+    # a finished build can make an evaluation good: automatic channels follow it
+    # (aggregates finished just above already did this for their own builds)
+    advance_channels_of_builds(session, sorted(done))
     return report
 
 
