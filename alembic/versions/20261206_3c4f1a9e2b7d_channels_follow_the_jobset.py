@@ -22,7 +22,7 @@ def upgrade() -> None:
         "mode", sa.Enum("manual", "automatic", name="channel_mode", native_enum=False,
                         create_constraint=True, length=32),
         server_default="manual", nullable=False))
-    op.add_column("channels", sa.Column("aggregate_job", sa.String(), nullable=True))
+    op.add_column("channels", sa.Column("aggregate_job", sa.Text(), nullable=True))
     op.add_column("channels", sa.Column("moved_at", sa.DateTime(timezone=True), nullable=True))
 
 
