@@ -47,6 +47,7 @@ from circus.common.models import (
 from circus.common.models.base import utcnow
 from circus.machines import service as machines
 from circus.notifications.service import validate_config
+from circus.projects import service
 from circus.projects.service import check_server_path
 from circus.rows import apply_changes
 
@@ -270,8 +271,9 @@ class Applier:
             jobset_id = jobsets[spec.jobset].id
             row = self.session.scalar(select(Channel).where(Channel.name == spec.name))
             if row is None:
-                self.session.add(Channel(name=spec.name, project_id=project.id,
-                                         jobset_id=jobset_id, managed_declaratively=True))
+                service.create_channel(self.session, self.actor, jobsets[spec.jobset],
+                                       name=spec.name, mode=spec.mode,
+                                       aggregate_job=spec.aggregate_job, managed=True)
                 self.note("created", f"channel:{spec.name}")
             elif row.project_id != project.id:
                 raise InvalidInput(f"declarative channel {spec.name!r} belongs to another "
@@ -279,6 +281,8 @@ class Applier:
             else:
                 self.changed(f"channel:{spec.name}", row,
                              {"jobset_id": jobset_id, "managed_declaratively": True})
+                service.update_channel(self.session, self.actor, row,
+                                       {"mode": spec.mode, "aggregate_job": spec.aggregate_job})
         for row in self.session.scalars(select(Channel).where(
                 Channel.project_id == project.id, Channel.managed_declaratively.is_(True))):
             if row.name not in names:

@@ -27,6 +27,7 @@ from circus.common.configbase import (
     validate_sections,
 )
 from circus.common.enums import (
+    ChannelMode,
     Compression,
     ForgeType,
     InputType,
@@ -718,6 +719,10 @@ class DeclarativeJobset(SettingsModel):
 class DeclarativeChannel(SettingsModel):
     name: str
     jobset: str
+    #: manual: moved only by promote; automatic: follows the newest good evaluation
+    mode: ChannelMode = ChannelMode.manual
+    #: automatic mode: only this job (a release aggregate) must have succeeded
+    aggregate_job: Annotated[str, Field(min_length=1, max_length=255)] | None = None
 
 
 class DeclarativeMember(SettingsModel):

@@ -71,6 +71,13 @@ class EvaluationStatus(StrEnum):
         return self not in (EvaluationStatus.pending, EvaluationStatus.running)
 
 
+class ChannelMode(StrEnum):
+    """How a channel moves: only by promote, or by itself to the newest good evaluation."""
+
+    manual = "manual"
+    automatic = "automatic"
+
+
 class TriggerKind(StrEnum):
     source_change = "source_change"
     manual = "manual"

@@ -46,6 +46,7 @@ from circus.evaluator.program import (
     JobSink,
     Progress,
 )
+from circus.projects.channels import advance_channels
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +401,8 @@ def _commit_builds(session: Session, importer: BuildImporter, evaluation_id: int
     session.execute(update(Evaluation).where(Evaluation.id == evaluation_id)
                     .values(builds_new=stats.new, builds_reused=stats.reused))
     session.execute(update(Jobset).where(Jobset.id == jobset.id).values(**values))
+    # an evaluation of builds that all succeeded already is good at once
+    advance_channels(session, jobset.id)
     session.commit()
     log.info("evaluation %s: %d new builds, %d reused, %d errors in %.1f s (%s)",
              evaluation_id, stats.new, stats.reused, stats.errors, eval_time, result.program)

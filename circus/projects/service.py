@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,7 +21,14 @@ from circus.auth import sealing
 from circus.auth.actor import Actor
 from circus.auth.permissions import Action, require_permission
 from circus.common import localsource
-from circus.common.enums import ForgeType, InputType, JobsetState, MemberRole, NotificationType
+from circus.common.enums import (
+    ChannelMode,
+    ForgeType,
+    InputType,
+    JobsetState,
+    MemberRole,
+    NotificationType,
+)
 from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from circus.common.models import (
     Channel,
@@ -34,6 +42,7 @@ from circus.common.models import (
     WebhookConfig,
 )
 from circus.notifications.service import validate_config
+from circus.projects import channels
 from circus.rows import apply_changes, insert_unique
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -354,15 +363,41 @@ def delete_notification(session: Session, actor: Actor, project: Project, config
 
 
 def create_channel(session: Session, actor: Actor, jobset: Jobset, *, name: str,
-                   managed: bool = False) -> Channel:
+                   mode: ChannelMode | str = ChannelMode.manual,
+                   aggregate_job: str | None = None, managed: bool = False) -> Channel:
     require_permission(session, actor, Action.jobset_manage, jobset.project_id)
     check_name(name)
+    mode, aggregate_job = channels.check_settings(mode, aggregate_job)
     if session.scalar(select(Channel.id).where(Channel.name == name)) is not None:
         raise Conflict(f"channel {name!r} already exists", {"name": name})
     channel = Channel(project_id=jobset.project_id, jobset_id=jobset.id, name=name,
-                      managed_declaratively=managed)
+                      mode=mode, aggregate_job=aggregate_job, managed_declaratively=managed)
     insert_unique(session, channel, f"channel {name!r} already exists", {"name": name})
-    audit.record(session, actor, "channel.create", f"channel:{name}", {"jobset_id": jobset.id})
+    audit.record(session, actor, "channel.create", f"channel:{name}",
+                 {"jobset_id": jobset.id, "mode": mode, "aggregate_job": aggregate_job})
+    channels.advance_channels(session, jobset.id)
+    return channel
+
+
+def update_channel(session: Session, actor: Actor, channel: Channel, changes: dict[str, Any],
+                   *, jobset: Jobset | None = None) -> Channel:
+    """Change how the channel moves (``mode``, ``aggregate_job`` in ``changes``; absent
+    keys stay) and, declaratively, its jobset. An automatic channel catches up at once."""
+    require_permission(session, actor, Action.jobset_manage, channel.project_id)
+    new_mode, new_job = channels.check_settings(changes.get("mode", channel.mode),
+                                                changes.get("aggregate_job",
+                                                            channel.aggregate_job))
+    values: dict[str, Any] = {"mode": new_mode, "aggregate_job": new_job}
+    if jobset is not None:
+        if jobset.project_id != channel.project_id:
+            raise InvalidInput("the jobset belongs to another project",
+                               {"jobset_id": [f"not a jobset of project {channel.project_id}"]})
+        values["jobset_id"] = jobset.id
+    changed = apply_changes(channel, values, values.keys())
+    if changed:
+        audit.record(session, actor, "channel.update", f"channel:{channel.name}", changed)
+        session.flush()
+    channels.advance_channels(session, channel.jobset_id)
     return channel
 
 
@@ -383,6 +418,7 @@ def promote_channel(session: Session, actor: Actor, channel: Channel, evaluation
         raise InvalidInput("the evaluation belongs to another jobset",
                            {"evaluation_id": [f"not an evaluation of jobset {channel.jobset_id}"]})
     channel.evaluation_id = evaluation.id
+    channel.moved_at = datetime.now(UTC)
     audit.record(session, actor, "channel.promote", f"channel:{channel.name}",
                  {"evaluation_id": evaluation.id})
     return channel

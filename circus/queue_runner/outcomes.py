@@ -220,11 +220,13 @@ def done_steps(session: Session, step_ids: list[int]) -> list[DoneStep]:
 
 def after_steps_done(session: Session, settings: Settings, rows: list[DoneStep],
                      results: Mapping[int, OutputResult],
-                     queue_only: Collection[int] | None = None) -> FinishReport:
+                     queue_only: Collection[int] | None = None, *,
+                     advance: bool = True) -> FinishReport:
     """Consequences of steps that just became done (in this transaction).
 
     ``queue_only`` limits the dependents queued to those steps (a dispatcher
-    catching up on steps a worker already finished).
+    catching up on steps a worker already finished). ``advance``: see
+    :func:`~circus.queue_runner.results.finish_builds`.
     """
     report = FinishReport()
     succeeded = [r.id for r in rows if r.status is BuildStatus.succeeded]
@@ -241,7 +243,8 @@ def after_steps_done(session: Session, settings: Settings, rows: list[DoneStep],
             if status is BuildStatus.cancelled:
                 continue
             touched.extend(propagate_failure(session, step_id, status, drv_path))
-    report.builds = settle_builds_of_steps(session, settings, touched, drv_results)
+    report.builds = settle_builds_of_steps(session, settings, touched, drv_results,
+                                           advance=advance)
     failed_builds = [b for b, status in report.builds.finished if not status.is_success]
     if failed_builds:
         report.merge(drop_orphan_steps(session, settings, failed_builds))

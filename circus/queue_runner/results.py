@@ -22,6 +22,7 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.models import BuildMetric, BuildProduct
 from circus.common.statussql import UNFINISHED
+from circus.projects.channels import advance_channels_of_builds
 from circus.queue_runner.products import OutputResult
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class BuildsReport:
 
 
 def settle_builds_of_steps(session: Session, settings: Settings, step_ids: Iterable[int],
-                           results: Mapping[str, OutputResult]) -> BuildsReport:
+                           results: Mapping[str, OutputResult], *, advance: bool = True
+                           ) -> BuildsReport:
     """Finish the unfinished builds whose top-level step is one of ``step_ids`` (all done).
 
     ``results`` maps drv paths of steps that produced outputs to what was read
@@ -80,17 +82,22 @@ def settle_builds_of_steps(session: Session, settings: Settings, step_ids: Itera
             continue
         finals.append(BuildFinal(build_id, status, error, machine, started_at,
                                  results.get(drv_path)))
-    report = finish_builds(session, settings, finals)
+    report = finish_builds(session, settings, finals, advance=False)
     if aggregates:
-        report.merge(finish_aggregates(session, settings, aggregates))
+        report.merge(finish_aggregates(session, settings, aggregates, advance=False))
+    if advance:
+        advance_channels_of_builds(session, [build_id for build_id, _ in report.finished])
     return report
 
 
-def finish_builds(session: Session, settings: Settings | None, finals: list[BuildFinal]
-                  ) -> BuildsReport:
+def finish_builds(session: Session, settings: Settings | None, finals: list[BuildFinal],
+                  *, advance: bool = True) -> BuildsReport:
     """Record final statuses (only for builds still unfinished) and their results.
 
     ``settings`` may be None only when no build can succeed here (cancellation).
+    With ``advance``, automatic channels then follow (:func:`advance_channels_of_builds`);
+    a caller that finishes more builds in the same transaction passes False and
+    advances once at the end, so channel rows are always locked after build rows.
     """
     report = BuildsReport()
     if not finals:
@@ -141,7 +148,10 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
             SELECT DISTINCT aggregate_id FROM build_constituents
             WHERE constituent_id = ANY(:ids)
         """), {"ids": members}).scalars().all()
-        report.merge(finish_aggregates(session, settings, list(candidates)))
+        report.merge(finish_aggregates(session, settings, list(candidates), advance=False))
+    if advance:
+        # a finished build can make an evaluation good: automatic channels follow it
+        advance_channels_of_builds(session, [build_id for build_id, _ in report.finished])
     return report
 
 
@@ -221,7 +231,7 @@ def _record_results(session: Session, finals: list[BuildFinal]) -> None:
 
 
 def finish_aggregates(session: Session, settings: Settings | None,
-                      aggregate_ids: Iterable[int]) -> BuildsReport:
+                      aggregate_ids: Iterable[int], *, advance: bool = True) -> BuildsReport:
     """Finish aggregates whose own derivation and constituents are all finished.
 
     The aggregate's own part is its top-level step of the current generation
@@ -280,4 +290,4 @@ def finish_aggregates(session: Session, settings: Settings | None,
         else:
             finals.append(BuildFinal(aggregate_id, BuildStatus.succeeded, None, machine,
                                      started))
-    return finish_builds(session, settings, finals)
+    return finish_builds(session, settings, finals, advance=advance)

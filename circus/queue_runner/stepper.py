@@ -32,6 +32,7 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import DerivationParseError
 from circus.common.statussql import PENDING, RUNNING, SUCCEEDED
+from circus.projects.channels import advance_channels_of_builds
 from circus.queue_runner import store
 from circus.queue_runner.capabilities import queue_class_name
 from circus.queue_runner.derivations import DrvCache, DrvInfo
@@ -146,9 +147,11 @@ def step_builds(session: Session, settings: Settings, cache: DrvCache, limit: in
         UPDATE builds SET stepped_at = now(), notification_pending_since = now()
         WHERE id = ANY(:ids)
     """), {"ids": [b.id for b in builds]})
-    report.finished.merge(finish_builds(session, settings, finals))
+    report.finished.merge(finish_builds(session, settings, finals, advance=False))
     if aggregates_done:
-        report.finished.merge(finish_aggregates(session, settings, aggregates_done))
+        report.finished.merge(finish_aggregates(session, settings, aggregates_done,
+                                                advance=False))
+    advance_channels_of_builds(session, [build_id for build_id, _ in report.finished.finished])
     return report
 
 
@@ -425,7 +428,8 @@ def _hold_reused_steps(session: Session, settings: Settings, cache: DrvCache,
     done = done_steps(session, finished)
     results = {d.id: read_output_result(cache.get(d.drv_path).output_paths) for d in done
                if d.status is BuildStatus.succeeded}
-    caught_up = after_steps_done(session, settings, done, results, queue_only=created)
+    caught_up = after_steps_done(session, settings, done, results, queue_only=created,
+                                 advance=False)
     report.queued.update(caught_up.queued)
     report.finished.merge(caught_up.builds)
 
@@ -451,7 +455,7 @@ def _already_built(session: Session, settings: Settings, cache: DrvCache, create
         return
     done = [DoneStep(r.id, BuildStatus.succeeded, r.drv_path, r.is_fod) for r in rows]
     results = {r.id: read_output_result(cache.get(r.drv_path).output_paths) for r in rows}
-    finished = after_steps_done(session, settings, done, results)
+    finished = after_steps_done(session, settings, done, results, advance=False)
     report.queued.update(finished.queued)
     report.finished.merge(finished.builds)
 

@@ -9,6 +9,7 @@ from sqlalchemy import CheckConstraint, ForeignKey, Index, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from circus.common.enums import (
+    ChannelMode,
     ForgeType,
     InputType,
     JobsetState,
@@ -148,6 +149,14 @@ class Channel(Base):
                                            index=True)
     evaluation_id: Mapped[int | None] = mapped_column(
         ForeignKey("evaluations.id", ondelete="SET NULL"), index=True)
+    #: manual: moved only by promote; automatic: follows the newest good evaluation
+    mode: Mapped[ChannelMode] = mapped_column(
+        enum_column(ChannelMode, "channel_mode"), default=ChannelMode.manual,
+        server_default=ChannelMode.manual.value)
+    #: automatic mode: only this (aggregate) job must have succeeded, not every build
+    aggregate_job: Mapped[str | None]
+    #: when the channel last moved (promote or automatic advance)
+    moved_at: Mapped[datetime | None]
     managed_declaratively: Mapped[BoolFalse]
     created_at: Mapped[CreatedAt]
     updated_at: Mapped[UpdatedAt]

@@ -12,7 +12,11 @@ from circus.common.models import Channel
 from circus.projects import service
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.schemas.common import PageArgs, page_of
-from circus.server.api.schemas.projects import ChannelCreateSchema, ChannelSchema
+from circus.server.api.schemas.projects import (
+    ChannelCreateSchema,
+    ChannelSchema,
+    ChannelUpdateSchema,
+)
 from circus.server.auth import current_actor
 from circus.server.context import db_session
 
@@ -43,9 +47,21 @@ def create_channel(data: dict[str, Any]) -> Any:
     session = db_session()
     jobset = service.get_jobset_by_id(session, data["jobset_id"])
     require_visible(session, current_actor(), jobset.project_id, f"jobset with id {jobset.id}")
-    channel = service.create_channel(session, current_actor(), jobset, name=data["name"])
+    channel = service.create_channel(session, current_actor(), jobset, name=data["name"],
+                                     mode=data["mode"], aggregate_job=data["aggregate_job"])
     session.commit()
     return channel
+
+
+@blp.put("/<name:channel>")
+@blp.arguments(ChannelUpdateSchema)
+@blp.response(200, ChannelSchema)
+def update_channel(data: dict[str, Any], channel: str) -> Any:
+    """Switch between manual and automatic mode, set or clear the aggregate job."""
+    session = db_session()
+    row = service.update_channel(session, current_actor(), _channel(channel), data)
+    session.commit()
+    return row
 
 
 @blp.get("/<name:channel>")

@@ -6,6 +6,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from circus.common.enums import (
+    ChannelMode,
     ForgeType,
     InputType,
     JobsetState,
@@ -187,6 +188,11 @@ class ChannelSchema(ma.Schema):
     project_id = fields.Integer(required=True)
     jobset_id = fields.Integer(required=True)
     evaluation_id = fields.Integer(allow_none=True)
+    mode = fields.Enum(ChannelMode, by_value=True, required=True, metadata={
+        "description": "manual: moved only by promote; automatic: follows the newest "
+                       "evaluation whose builds all succeeded (or whose aggregate_job did)"})
+    aggregate_job = fields.String(allow_none=True)
+    moved_at = fields.DateTime(allow_none=True)
     managed_declaratively = fields.Boolean(required=True)
     created_at = fields.DateTime(required=True)
     updated_at = fields.DateTime(required=True)
@@ -195,3 +201,10 @@ class ChannelSchema(ma.Schema):
 class ChannelCreateSchema(ma.Schema):
     name = Name(required=True)
     jobset_id = Id(required=True)
+    mode = fields.Enum(ChannelMode, by_value=True, load_default=ChannelMode.manual)
+    aggregate_job = Str(max_length=255, min_length=1, allow_none=True, load_default=None)
+
+
+class ChannelUpdateSchema(ma.Schema):
+    mode = fields.Enum(ChannelMode, by_value=True)
+    aggregate_job = Str(max_length=255, min_length=1, allow_none=True)

@@ -351,6 +351,33 @@ def job(project: str, jobset: str, job: str) -> ResponseReturnValue:
 @blueprint.get("/channels")
 @page("channels")
 def channels() -> ResponseReturnValue:
+    return _channels_page()
+
+
+def _channels_page(form: Form | None = None, form_channel: str | None = None
+                   ) -> ResponseReturnValue:
     session = db_session()
-    rows = queries.channel_list(session, actor=current_actor())
-    return render_template("channels.html", channels=rows)
+    actor = current_actor()
+    rows = queries.channel_list(session, actor=actor)
+    manageable = {row.channel.project_id for row in rows
+                  if Action.jobset_manage in allowed_actions(session, actor,
+                                                             row.channel.project_id)}
+    return render_template("channels.html", channels=rows, manageable=manageable,
+                           channel_form=form or Form(), form_channel=form_channel), \
+        form.status if form is not None else 200
+
+
+@blueprint.post("/channels/<name:channel>/settings")
+@page("channels")
+def update_channel(channel: str) -> ResponseReturnValue:
+    """Manual or automatic mode, and the aggregate job an automatic channel waits for."""
+    session = db_session()
+    row = service.get_channel(session, channel)
+    require_visible(session, current_actor(), row.project_id, f"channel {channel}")
+    form = Form.posted("mode", "aggregate_job")
+    changes = {"mode": form.get("mode"), "aggregate_job": form.get("aggregate_job") or None}
+    if form.run(lambda session: service.update_channel(session, current_actor(), row,
+                                                       changes)):
+        flash(f"Channel {row.name} saved.", "ok")
+        return redirect(url_for("dashboard.channels"))
+    return _channels_page(form, row.name)
