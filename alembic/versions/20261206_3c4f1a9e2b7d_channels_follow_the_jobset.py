@@ -1,7 +1,7 @@
 """channels: automatic mode (follow the newest good evaluation), aggregate job, moved_at
 
 Revision ID: 3c4f1a9e2b7d
-Revises: 7617d5b7a2c1
+Revises: 3c9e1f0a7b42
 Create Date: 2026-12-06 03:40:00.000000+00:00
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "3c4f1a9e2b7d"
-down_revision: str | None = "7617d5b7a2c1"
+down_revision: str | None = "3c9e1f0a7b42"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
