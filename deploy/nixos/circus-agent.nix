@@ -168,7 +168,7 @@ in
         CIRCUS_AGENT_CONFIG_FILE = "/etc/circus/agent.toml";
         NIX_REMOTE = "daemon";
       };
-      serviceConfig = {
+      serviceConfig = import ./hardening.nix // {
         Type = "simple";
         ExecStart = "${cfg.package}/bin/circus-agent";
         User = cfg.user;
@@ -180,22 +180,6 @@ in
         # SIGTERM drains: running builds finish (or are handed back), then the agent exits
         KillSignal = "SIGTERM";
         TimeoutStopSec = 3600;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        NoNewPrivileges = true;
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        SystemCallArchitectures = "native";
-        UMask = "0027";
       };
     };
   };

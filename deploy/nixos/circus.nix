@@ -77,28 +77,12 @@ let
     (dir: dir != null && !(lib.hasPrefix "/var/lib/circus/" dir) && dir != "/var/lib/circus")
     (map get [ [ "evaluator" "work_dir" ] [ "logs" "log_dir" ] [ "cache" "cache_dir" ] ]);
 
-  hardening = {
+  hardening = import ./hardening.nix // {
     User = cfg.user;
     Group = cfg.group;
     StateDirectory = "circus";
     StateDirectoryMode = "0750";
     ReadWritePaths = writablePaths;
-    ProtectSystem = "strict";
-    ProtectHome = true;
-    PrivateTmp = true;
-    PrivateDevices = true;
-    NoNewPrivileges = true;
-    CapabilityBoundingSet = "";
-    AmbientCapabilities = "";
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectControlGroups = true;
-    RestrictSUIDSGID = true;
-    LockPersonality = true;
-    RestrictNamespaces = true;
-    RestrictRealtime = true;
-    SystemCallArchitectures = "native";
-    UMask = "0027";
   };
 
   environment = {
