@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from circus.common.localservices import PrivatePostgres  # noqa: E402
+
 CIRCUS = Path(sys.executable).parent / "circus"
 
 FLAKE = r"""{
@@ -118,12 +122,10 @@ def commit_round(repo: Path, round_no: int, jobs: int) -> None:
 
 def build_rows(state: Path) -> list[tuple[str, float, float | None, bool]]:
     """(job name, created, started, finished) of every soak build, from the database."""
-    home = state / "postgres"
-    if (home / "LOCATION").exists():
-        home = Path((home / "LOCATION").read_text().split()[4].rstrip(":"))
+    socket_dir = PrivatePostgres(state / "postgres").socket_dir
     query = ("SELECT nix_name, extract(epoch from created_at), extract(epoch from started_at), "
              "completed_at IS NOT NULL FROM builds WHERE nix_name LIKE 'soak-%'")
-    done = subprocess.run(["psql", "-h", str(home / "run"), "-U", "postgres", "-d", "circus",
+    done = subprocess.run(["psql", "-h", str(socket_dir), "-U", "postgres", "-d", "circus",
                            "-tA", "-F", "\t", "-c", query], capture_output=True, text=True,
                           check=True)
     rows = []

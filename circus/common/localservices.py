@@ -84,7 +84,9 @@ class PrivatePostgres:
         #: PostgreSQL's crash-safe defaults; only test harnesses and benchmarks, whose
         #: data is thrown away, may ask for fsync off (a power cut then corrupts it)
         self.durable = durable
-        self._locate(self.directory)
+        # an earlier start may have put the cluster elsewhere (see _fallback_home)
+        moved = (self.directory / "LOCATION").exists()
+        self._locate(self._fallback_home() if moved else self.directory)
 
     def _locate(self, home: Path) -> None:
         self.home = home

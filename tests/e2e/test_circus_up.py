@@ -16,6 +16,7 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
+from circus.common.localservices import PrivatePostgres
 from tests.cache.support import nix_copy, store_has
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port
@@ -123,11 +124,7 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
     assert "stopping Circus" in daemon.log()
     # nothing of the instance is left running (PostgreSQL may live outside the state
     # directory when the postgres user cannot reach it, as under pytest's 0700 base)
-    places = [str(state)]
-    location = state / "postgres" / "LOCATION"
-    if location.exists():
-        places.append(location.read_text().split()[4])
-    for place in places:
+    for place in {str(state), str(PrivatePostgres(state / "postgres").home)}:
         leftovers = subprocess.run(["pgrep", "-f", place], capture_output=True, text=True)
         assert leftovers.stdout.strip() == "", (place, leftovers.stdout)
 
@@ -325,10 +322,7 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
 
 def _postgres_home(state: Path) -> Path:
     """Where ``circus up``'s PostgreSQL lives (elsewhere when postgres cannot reach state)."""
-    home = state / "postgres"
-    if (home / "LOCATION").exists():
-        return Path((home / "LOCATION").read_text().split()[4].rstrip(":"))
-    return home
+    return PrivatePostgres(state / "postgres").home
 
 
 def _add_sleeping_job(repo: Path, nonce: str) -> None:
