@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from types import MappingProxyType
 
 KEYS = ("request_id", "build_id", "step_id", "evaluation_id")
@@ -28,14 +28,24 @@ def current() -> Mapping[str, object]:
     return _current.get()
 
 
+def push(**ids: object) -> Token[Mapping[str, object]]:
+    """From now on log lines carry ``ids`` too (None values are left out); undo with
+    :func:`pop` — for hooks that open and close in different calls (Flask's)."""
+    return _current.set({**_current.get(), **{k: v for k, v in ids.items() if v is not None}})
+
+
+def pop(token: Token[Mapping[str, object]]) -> None:
+    _current.reset(token)
+
+
 @contextmanager
 def bound(**ids: object) -> Iterator[None]:
     """Log lines within the block carry ``ids`` (None values are left out)."""
-    token = _current.set({**_current.get(), **{k: v for k, v in ids.items() if v is not None}})
+    token = push(**ids)
     try:
         yield
     finally:
-        _current.reset(token)
+        pop(token)
 
 
 def request_id_from(header: str | None) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from flask import Flask, Response, g, request
 
@@ -20,8 +19,7 @@ def init_app(app: Flask) -> None:
     def open_request() -> None:
         g.request_id = logcontext.request_id_from(request.headers.get("X-Request-ID"))
         g.request_started = time.monotonic()
-        g.log_context = logcontext.bound(request_id=g.request_id)
-        g.log_context.__enter__()
+        g.log_context = logcontext.push(request_id=g.request_id)
 
     @app.after_request
     def name_request(response: Response) -> Response:
@@ -35,7 +33,7 @@ def init_app(app: Flask) -> None:
 
     @app.teardown_request
     def close_request(exc: BaseException | None) -> None:
-        context: Any = g.pop("log_context", None)
-        if context is not None:
-            context.__exit__(None, None, None)
+        token = g.pop("log_context", None)
+        if token is not None:
+            logcontext.pop(token)
 
