@@ -22,10 +22,11 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from circus.cli.up import is_set, state_defaults, take_state_lock, user_raw_config
+from circus.cli.up import configured, state_defaults, take_state_lock, user_raw_config
 from circus.common.localservices import PrivatePostgres, ServiceError, pg_bindir
 
 FORMAT = 1
+DUMP = "database.dump"
 SECRET_FILES = ("secret-key", "signing-key", "signing-key.pub", "admin-password")
 
 
@@ -41,11 +42,12 @@ class Located:
         self.state = state
         self.postgres: PrivatePostgres | None = None
         self.started_postgres = False
-        self.configured_url = None if not is_set(raw, "database.url") else \
-            _dig(raw, "database.url")
+        url_file = configured(raw, "database.url_file")
+        self.configured_url: str | None = configured(raw, "database.url") or (
+            Path(url_file).read_text().strip() if url_file else None)
         defaults = state_defaults(state)
-        self.log_dir = Path(_dig(raw, "logs.log_dir") or defaults["logs.log_dir"])
-        self.cache_dir = Path(_dig(raw, "cache.cache_dir") or defaults["cache.cache_dir"])
+        self.log_dir = Path(configured(raw, "logs.log_dir") or defaults["logs.log_dir"])
+        self.cache_dir = Path(configured(raw, "cache.cache_dir") or defaults["cache.cache_dir"])
 
     def database_url(self) -> str:
         if self.configured_url:
@@ -62,15 +64,6 @@ class Located:
             self.postgres.stop()
 
 
-def _dig(raw: dict[str, Any], dotted: str) -> str | None:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return str(node)
-
-
 def _run(argv: list[str], what: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
@@ -85,7 +78,7 @@ def backup(state: Path, target: Path, environ: dict[str, str]) -> dict[str, Any]
     located = Located(state, environ)
     try:
         _run([str(pg_bindir() / "pg_dump"), "--format=custom", "--no-owner",
-              "--file", str(target / "database.dump"), located.database_url()], "pg_dump")
+              "--file", str(target / DUMP), located.database_url()], "pg_dump")
     finally:
         located.close()
     secrets = [name for name in SECRET_FILES if (state / name).is_file()]
@@ -98,7 +91,7 @@ def backup(state: Path, target: Path, environ: dict[str, str]) -> dict[str, Any]
         if directory.is_dir():
             shutil.copytree(directory, target / what, symlinks=True)
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "database": "database.dump", "state_files": secrets, **copied}
+                "database": DUMP, "state_files": secrets, **copied}
     (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -119,7 +112,7 @@ def restore(source: Path, state: Path, environ: dict[str, str]) -> dict[str, Any
     try:
         _run([str(pg_bindir() / "pg_restore"), "--no-owner", "--single-transaction",
               "--exit-on-error", "--dbname", located.database_url(),
-              str(source / manifest["database"])], "pg_restore")
+              str(source / DUMP)], "pg_restore")
     finally:
         located.close()
         os.close(lock)

@@ -48,14 +48,19 @@ def user_raw_config(environ: dict[str, str]) -> dict[str, Any]:
     return deep_merge(raw, env_overrides(environ, "CIRCUS_"))
 
 
-def is_set(raw: dict[str, Any], dotted: str) -> bool:
+def configured(raw: dict[str, Any], dotted: str) -> Any | None:
+    """The value the user configured at ``dotted`` (None when unset)."""
     node: Any = raw
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            # a *_file variant counts as set
-            return isinstance(node, dict) and f"{part}_file" in node
+            return None
         node = node[part]
-    return True
+    return node
+
+
+def is_set(raw: dict[str, Any], dotted: str) -> bool:
+    # a *_file variant counts as set
+    return configured(raw, dotted) is not None or configured(raw, f"{dotted}_file") is not None
 
 
 def env_name(dotted: str) -> str:
