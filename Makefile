@@ -5,7 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?=
+# two workers, one test file each at a time: files share module-scoped daemons
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: run test setup system venv lint typecheck docs-check pytest api-docs bench clean
 
