@@ -16,10 +16,10 @@ import celeryconfig
 from circus.common.celery import enqueue
 from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState
+from circus.common.messaging import CHECK_TASK, EVALUATE_TASK
 from circus.common.models import Evaluation, Jobset, Project
 from circus.common.statussql import UNFINISHED
 from circus.evaluator.execution import JOBSET_LOCK, jobset_lock_key
-from circus.evaluator.service import CHECK_TASK, EVALUATE_TASK
 
 log = logging.getLogger(__name__)
 

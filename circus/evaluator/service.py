@@ -26,12 +26,11 @@ from circus.common.enums import (
     TriggerMode,
 )
 from circus.common.errors import Conflict, NotFound
+from circus.common.messaging import EVALUATE_TASK
 from circus.common.models import Build, Evaluation, EvaluationBuild, Jobset
 
 log = logging.getLogger(__name__)
 
-EVALUATE_TASK = "circus.evaluator.tasks.evaluate"
-CHECK_TASK = "circus.evaluator.tasks.check"
 ACTIVE = (EvaluationStatus.pending, EvaluationStatus.running)
 
 
