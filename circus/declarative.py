@@ -71,7 +71,7 @@ LOCK_KEY = 0x43697263  # "Circ"
 SECTION = "declarative"
 #: the services' field names that the declarative keys spell differently
 DECLARED_KEYS = {"owner_id": "owner", "input_type": "type", "user_id": "username",
-                 "jobset_id": "jobset", "secret": "key"}
+                 "jobset_id": "jobset"}
 
 
 @dataclass
