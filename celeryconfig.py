@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Queue
 
+from circus.common import messaging
+
 if TYPE_CHECKING:
     from circus.common.config import Settings
 
@@ -70,28 +72,28 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
     notify = settings.notifications
     return {
         "evaluator-tick": {
-            "task": "circus.evaluator.tasks.tick",
+            "task": messaging.EVALUATOR_TICK_TASK,
             "schedule": timedelta(seconds=settings.evaluator.poll_interval),
             "options": {"queue": EVAL_QUEUE, "expires": settings.evaluator.poll_interval},
         },
         "cache-retention": {
-            "task": "circus.cache.tasks.retention",
+            "task": messaging.RETENTION_TASK,
             "schedule": timedelta(seconds=settings.gc.cleanup_interval),
             "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.gc.cleanup_interval},
         },
         # build events -> notification tasks, and due retries (both cheap when idle)
         "notifications-collect": {
-            "task": "circus.notifications.tasks.collect_events",
+            "task": messaging.COLLECT_EVENTS_TASK,
             "schedule": timedelta(seconds=notify.collect_interval),
             "options": {"queue": NOTIFY_QUEUE, "expires": notify.collect_interval},
         },
         "notifications-retry-due": {
-            "task": "circus.notifications.tasks.retry_due",
+            "task": messaging.RETRY_DUE_TASK,
             "schedule": timedelta(seconds=notify.collect_interval),
             "options": {"queue": NOTIFY_QUEUE, "expires": notify.collect_interval},
         },
         "notifications-cleanup": {
-            "task": "circus.notifications.tasks.cleanup",
+            "task": messaging.CLEANUP_NOTIFICATIONS_TASK,
             "schedule": timedelta(seconds=notify.cleanup_interval),
             "options": {"queue": NOTIFY_QUEUE, "expires": notify.cleanup_interval},
         },

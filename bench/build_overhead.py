@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from circus.cli.migrate import upgrade  # noqa: E402
 from circus.common.db import normalise_url  # noqa: E402
 from circus.common.localservices import PrivatePostgres, PrivateRedis  # noqa: E402
+from circus.common.messaging import BUILDS_CHANNEL  # noqa: E402
 from circus.common.nix.environment import nix_environ  # noqa: E402
 
 DAG = r"""
@@ -199,7 +200,8 @@ class Instance:
                 INSERT INTO evaluation_builds (evaluation_id, build_id, is_new)
                 SELECT :e, unnest(CAST(:ids AS bigint[])), true"""),
                          {"e": eval_id, "ids": list(by_job.values())})
-            conn.execute(text("SELECT pg_notify('circus_builds', :e)"), {"e": str(eval_id)})
+            conn.execute(text("SELECT pg_notify(:channel, :e)"),
+                         {"channel": BUILDS_CHANNEL, "e": str(eval_id)})
             trans.commit()
             return time.monotonic(), datetime.now(UTC)
 

@@ -24,6 +24,14 @@ def apply_changes(row: Any, changes: dict[str, Any], fields: Iterable[str]) -> d
     return applied
 
 
+def apply_managed(row: Any, managed: bool | None) -> dict[str, Any]:
+    """Mark ``row`` as the declarative configuration's (``True``) or not; ``None`` leaves
+    the mark alone (every caller but the declarative applier). Returns what changed."""
+    if managed is None:
+        return {}
+    return apply_changes(row, {"managed_declaratively": managed}, ("managed_declaratively",))
+
+
 def insert_unique(session: Session, row: Any, message: str, details: Any = None) -> None:
     """Insert ``row`` in a savepoint; a unique violation (a concurrent twin) is ``Conflict``."""
     try:

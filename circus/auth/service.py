@@ -23,7 +23,7 @@ from circus.common.enums import Role, UserType
 from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from circus.common.models import ApiKey, User
 from circus.common.models.base import utcnow
-from circus.rows import apply_changes, insert_unique
+from circus.rows import apply_changes, apply_managed, insert_unique
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 USER_FIELDS = ("email", "full_name", "role", "enabled")
@@ -67,7 +67,8 @@ def create_user(session: Session, actor: Actor, *, username: str, password: str 
     return user
 
 
-def update_user(session: Session, actor: Actor, user_id: int, changes: dict[str, Any]) -> User:
+def update_user(session: Session, actor: Actor, user_id: int, changes: dict[str, Any], *,
+                managed: bool | None = None) -> User:
     require_permission(session, actor, Action.user_manage)
     user = get_user(session, user_id)
     if changes.get("password") is not None and user.user_type is not UserType.local:
@@ -82,7 +83,9 @@ def update_user(session: Session, actor: Actor, user_id: int, changes: dict[str,
         applied["password"] = "changed"
     if applied.get("enabled") is False:
         end_user_sessions(session, user.id)
-    audit.record(session, actor, "user.update", f"user:{user.username}", applied)
+    applied |= apply_managed(user, managed)
+    if applied:
+        audit.record(session, actor, "user.update", f"user:{user.username}", applied)
     return user
 
 
@@ -184,6 +187,30 @@ def create_api_key(session: Session, actor: Actor, *, name: str, role: Role | No
     audit.record(session, actor, "api_key.create", f"api_key:{key.id}",
                  {"name": name, "role": role.value, "owner_id": owner_id})
     return key, secret
+
+
+def update_api_key(session: Session, actor: Actor, key: ApiKey, *, secret: str, role: Role,
+                   owner_id: int | None, managed: bool | None = None) -> ApiKey:
+    """Give a key another secret, role or owner, reinstating it if it was revoked: how the
+    declarative configuration keeps a declared key as written. Admins only."""
+    require_permission(session, actor, Action.user_manage)
+    if owner_id is not None:
+        get_user(session, owner_id)
+    hashed = digest(secret)
+    if hashed != key.key_hash and session.scalar(
+            select(ApiKey.id).where(ApiKey.key_hash == hashed)) is not None:
+        raise Conflict("a key with this secret already exists")
+    applied = apply_changes(key, {"key_hash": hashed, "key_prefix": api_keys.prefix_of(secret),
+                                  "role": role, "owner_id": owner_id, "revoked_at": None},
+                            ("key_hash", "key_prefix", "role", "owner_id", "revoked_at"))
+    applied |= apply_managed(key, managed)
+    if "key_hash" in applied:
+        applied["key_hash"] = "changed"  # neither the hash nor the prefix is audit material
+        applied.pop("key_prefix", None)
+    if applied:
+        audit.record(session, actor, "api_key.update", f"api_key:{key.id}",
+                     {"name": key.name, **applied})
+    return key
 
 
 def list_api_keys_query(actor: Actor, *, all_keys: bool = False) -> Any:

@@ -28,7 +28,7 @@ from circus.cache.files import NAR_URL, LocalFiles
 from circus.cache.s3 import S3Error, S3Store
 from circus.common.config import Settings
 from circus.common.models import NarInfo as NarInfoRow
-from circus.common.statussql import UNFINISHED
+from circus.common.statussql import EVALUATION_ACTIVE, EVALUATION_COMPLETED, UNFINISHED
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,12 @@ ranked AS (
     SELECT e.id, j.keep_nr,
            row_number() OVER (PARTITION BY e.jobset_id ORDER BY e.id DESC) AS rn
     FROM evaluations e JOIN jobsets j ON j.id = e.jobset_id
-    WHERE e.status = 'completed'
+    WHERE e.status = {EVALUATION_COMPLETED}
 ),
 root_evaluations AS (
     SELECT id FROM ranked WHERE rn <= keep_nr
     UNION SELECT evaluation_id FROM channels WHERE evaluation_id IS NOT NULL
-    UNION SELECT id FROM evaluations WHERE status IN ('pending', 'running')
+    UNION SELECT id FROM evaluations WHERE status IN {EVALUATION_ACTIVE}
 ),
 root_builds AS (
     SELECT id FROM builds WHERE keep OR status IN {UNFINISHED}

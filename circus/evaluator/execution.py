@@ -28,6 +28,7 @@ from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState, TriggerMode
 from circus.common.models import Evaluation, Jobset
 from circus.common.nix.environment import evaluation_environ
+from circus.common.statussql import EVALUATION_PENDING
 from circus.evaluator import fallback, nixevaljobs
 from circus.evaluator.importer import BuildImporter, ImportStats
 from circus.evaluator.inputs import (
@@ -412,5 +413,5 @@ def _commit_builds(session: Session, importer: BuildImporter, evaluation_id: int
 def next_pending(session: Session) -> list[int]:
     """Pending evaluations waiting for a slot, oldest first."""
     rows = session.execute(text(
-        "SELECT id FROM evaluations WHERE status = 'pending' ORDER BY id LIMIT 20"))
+        f"SELECT id FROM evaluations WHERE status = {EVALUATION_PENDING} ORDER BY id LIMIT 20"))
     return [int(r[0]) for r in rows]

@@ -28,11 +28,10 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from circus.common.enums import BuildStatus, EvaluationStatus
+from circus.common.messaging import BUILDS_CHANNEL
 from circus.common.models import Evaluation, Jobset
 from circus.evaluator import aggregates
 from circus.evaluator.jobs import Job, JobError
-
-NOTIFY_CHANNEL = "circus_builds"
 
 
 @dataclass
@@ -399,5 +398,5 @@ class BuildImporter:
                 {"ids": self.reused_ids})
         # the queue runner LISTENs here; the notification is delivered on commit
         self.session.execute(text("SELECT pg_notify(:channel, :payload)"),
-                             {"channel": NOTIFY_CHANNEL, "payload": str(self.eval_id)})
+                             {"channel": BUILDS_CHANNEL, "payload": str(self.eval_id)})
         return ImportStats(new=len(self.created), reused=self.reused, errors=len(errors))

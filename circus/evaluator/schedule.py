@@ -16,10 +16,10 @@ import celeryconfig
 from circus.common.celery import enqueue
 from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState
+from circus.common.messaging import CHECK_TASK, EVALUATE_TASK
 from circus.common.models import Evaluation, Jobset, Project
-from circus.common.statussql import UNFINISHED
+from circus.common.statussql import EVALUATION_ACTIVE, UNFINISHED
 from circus.evaluator.execution import JOBSET_LOCK, jobset_lock_key
-from circus.evaluator.service import CHECK_TASK, EVALUATE_TASK
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def prune_gc_roots(session: Session, settings: Settings) -> list[int]:
         return []
     keep = {int(i) for i in session.execute(text(
         "SELECT e.id FROM evaluations e WHERE e.id = ANY(:ids) AND ("
-        " e.status IN ('pending', 'running') OR EXISTS ("
+        f" e.status IN {EVALUATION_ACTIVE} OR EXISTS ("
         "  SELECT 1 FROM evaluation_builds eb JOIN builds b ON b.id = eb.build_id"
         f"  WHERE eb.evaluation_id = e.id AND b.status IN {UNFINISHED}))"),
         {"ids": list(found)}).scalars()}

@@ -26,12 +26,12 @@ from circus.common.enums import (
     TriggerMode,
 )
 from circus.common.errors import Conflict, NotFound
+from circus.common.messaging import EVALUATE_TASK
 from circus.common.models import Build, Evaluation, EvaluationBuild, Jobset
+from circus.common.statussql import EVALUATION_ACTIVE
 
 log = logging.getLogger(__name__)
 
-EVALUATE_TASK = "circus.evaluator.tasks.evaluate"
-CHECK_TASK = "circus.evaluator.tasks.check"
 ACTIVE = (EvaluationStatus.pending, EvaluationStatus.running)
 
 
@@ -97,7 +97,7 @@ def trigger(session: Session, jobset_id: int, kind: TriggerKind, *,
     new_id = session.execute(
         insert(Evaluation).values(values)
         .on_conflict_do_nothing(index_elements=["jobset_id"],
-                                index_where=text("status IN ('pending', 'running')"))
+                                index_where=text(f"status IN {EVALUATION_ACTIVE}"))
         .returning(Evaluation.id)).scalar()
     if new_id is None:
         existing = active_evaluation(session, jobset_id)

@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 from celery import shared_task
 
 import celeryconfig
+from circus.common import messaging
 from circus.common.celery import DbTask, enqueue
 from circus.evaluator import execution, schedule, service
 
@@ -23,7 +24,7 @@ def _task(name: str) -> Callable[[F], F]:
                 shared_task(base=DbTask, bind=True, name=name, ignore_result=True))
 
 
-@_task("circus.evaluator.tasks.tick")
+@_task(messaging.EVALUATOR_TICK_TASK)
 def tick(self: DbTask) -> dict[str, Any]:
     session = self.session
     report = schedule.tick(session, self.settings)
@@ -31,7 +32,7 @@ def tick(self: DbTask) -> dict[str, Any]:
     return {"checks": len(report.checks), "reaped": report.reaped}
 
 
-@_task("circus.evaluator.tasks.check")
+@_task(messaging.CHECK_TASK)
 def check(self: DbTask, jobset_id: int) -> str:
     session = self.session
     outcome = service.check_jobset(session, self.settings, jobset_id)
@@ -39,7 +40,7 @@ def check(self: DbTask, jobset_id: int) -> str:
     return outcome
 
 
-@_task("circus.evaluator.tasks.evaluate")
+@_task(messaging.EVALUATE_TASK)
 def evaluate(self: DbTask, evaluation_id: int) -> str:
     outcome = execution.execute(self.circus.session_factory, self.settings, evaluation_id,
                                 task_id=self.request.id)
@@ -47,6 +48,6 @@ def evaluate(self: DbTask, evaluation_id: int) -> str:
         # a slot is free: start the oldest evaluation waiting for one
         session = self.session
         for waiting in execution.next_pending(session)[:1]:
-            enqueue(session, service.EVALUATE_TASK, waiting, queue=celeryconfig.EVAL_QUEUE)
+            enqueue(session, messaging.EVALUATE_TASK, waiting, queue=celeryconfig.EVAL_QUEUE)
         session.commit()
     return outcome.status

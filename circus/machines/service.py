@@ -13,7 +13,7 @@ from circus.auth.permissions import Action, require_permission
 from circus.common.errors import Conflict, InvalidInput, NotFound
 from circus.common.models import RemoteBuilder
 from circus.queue_runner.ssh.hosts import HostKeyFormatError, parse_host_keys, parse_ssh_uri
-from circus.rows import apply_changes, insert_unique
+from circus.rows import apply_changes, apply_managed, insert_unique
 
 BUILDER_FIELDS = ("ssh_uri", "systems", "max_jobs", "speed_factor", "supported_features",
                   "mandatory_features", "ssh_key_file", "public_host_key", "enabled")
@@ -59,12 +59,14 @@ def create_builder(session: Session, actor: Actor, *, name: str, ssh_uri: str,
 
 
 def update_builder(session: Session, actor: Actor, builder: RemoteBuilder,
-                   changes: dict[str, Any]) -> RemoteBuilder:
+                   changes: dict[str, Any], *, managed: bool | None = None) -> RemoteBuilder:
     require_permission(session, actor, Action.builder_manage)
     _check(changes)
     applied = apply_changes(builder, changes, BUILDER_FIELDS)
     forgive_if_changed(builder, applied)
-    audit.record(session, actor, "builder.update", f"builder:{builder.name}", applied)
+    applied |= apply_managed(builder, managed)
+    if applied:
+        audit.record(session, actor, "builder.update", f"builder:{builder.name}", applied)
     return builder
 
 

@@ -49,6 +49,7 @@ from circus.common.celery import enqueue
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, NotificationTaskStatus, NotificationType
 from circus.common.errors import Conflict, InvalidInput, NotFound
+from circus.common.messaging import DELIVER_TASK
 from circus.common.models import NotificationConfig, NotificationTask
 from circus.common.models.base import utcnow
 from circus.common.repository import RepositoryUrlError
@@ -57,7 +58,6 @@ from circus.notifications.targets import TARGETS, config_problems
 
 log = logging.getLogger(__name__)
 
-DELIVER_TASK = "circus.notifications.tasks.deliver"
 #: a running delivery not finished after this long is considered lost (worker died)
 LEASE_SECS = 300
 #: an enqueued task is not enqueued again by the scan for this long (lost messages)

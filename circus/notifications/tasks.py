@@ -7,6 +7,7 @@ from typing import Any, TypeVar, cast
 
 from celery import shared_task
 
+from circus.common import messaging
 from circus.common.celery import DbTask
 from circus.notifications import service
 
@@ -21,12 +22,12 @@ def _task(name: str) -> Callable[[F], F]:
                 shared_task(base=DbTask, bind=True, name=name, ignore_result=True))
 
 
-@_task("circus.notifications.tasks.deliver")
+@_task(messaging.DELIVER_TASK)
 def deliver(self: DbTask, task_id: int, attempt: int | None = None) -> str:
     return service.deliver(self.session, self.settings, task_id, attempt)
 
 
-@_task("circus.notifications.tasks.collect_events")
+@_task(messaging.COLLECT_EVENTS_TASK)
 def collect_events(self: DbTask) -> int:
     created = 0
     for _ in range(MAX_BATCHES):
@@ -38,14 +39,14 @@ def collect_events(self: DbTask) -> int:
     return created
 
 
-@_task("circus.notifications.tasks.retry_due")
+@_task(messaging.RETRY_DUE_TASK)
 def retry_due(self: DbTask) -> int:
     due = service.retry_due(self.session, self.settings)
     self.session.commit()
     return len(due)
 
 
-@_task("circus.notifications.tasks.cleanup")
+@_task(messaging.CLEANUP_NOTIFICATIONS_TASK)
 def cleanup(self: DbTask) -> int:
     deleted = service.cleanup(self.session, self.settings)
     self.session.commit()

@@ -1,8 +1,10 @@
 """Projects, jobsets, inputs, channels, members, webhook and notification configs.
 
 Every function takes the session first and the acting :class:`Actor`, checks
-the actor's permission, makes the change and records one audit row. Callers
-commit.
+the actor's permission, makes the change and records one audit row (an update
+that changes nothing records none). Callers commit. The API, the dashboard and
+the declarative configuration (:mod:`circus.declarative`, as a system actor)
+all write through here; ``managed`` marks the declarative configuration's rows.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from circus.common.models import (
 )
 from circus.notifications.service import validate_config
 from circus.projects import channels
-from circus.rows import apply_changes, insert_unique
+from circus.rows import apply_changes, apply_managed, insert_unique
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROJECT_FIELDS = ("description", "repository_url", "enabled", "hidden", "cache_enabled",
@@ -53,10 +55,13 @@ JOBSET_FIELDS = ("description", "nix_expression", "nix_expression_input", "flake
                  "hidden", "check_reproducibility")
 
 
+#: what a name may be, as every refusal says it
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128"
+
+
 def check_name(name: str, field: str = "name") -> None:
     if not NAME_RE.match(name or ""):
-        raise InvalidInput(f"invalid {field}", {field: [
-            "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128"]})
+        raise InvalidInput(f"invalid {field}", {field: [NAME_RULE]})
 
 
 def check_repository_url(url: str, allowed_schemes: Sequence[str]) -> None:
@@ -161,7 +166,7 @@ def create_project(session: Session, actor: Actor, *, name: str, description: st
 
 def update_project(session: Session, actor: Actor, project: Project, changes: dict[str, Any],
                    allowed_schemes: Sequence[str] = ("https", "http", "ssh", "git", "file"),
-                   allowed_paths: Sequence[str] = ()) -> Project:
+                   allowed_paths: Sequence[str] = (), managed: bool | None = None) -> Project:
     require_permission(session, actor, Action.project_update, project.id)
     if "repository_url" in changes:
         url = changes["repository_url"]
@@ -182,7 +187,9 @@ def update_project(session: Session, actor: Actor, project: Project, changes: di
             raise Conflict(f"project {new_name!r} already exists", {"name": new_name})
         project.name = new_name
         applied["name"] = new_name
-    audit.record(session, actor, "project.update", f"project:{project.name}", applied)
+    applied |= apply_managed(project, managed)
+    if applied:
+        audit.record(session, actor, "project.update", f"project:{project.name}", applied)
     return project
 
 
@@ -233,8 +240,8 @@ def create_jobset(session: Session, actor: Actor, project: Project, *, name: str
     return jobset
 
 
-def update_jobset(session: Session, actor: Actor, jobset: Jobset, changes: dict[str, Any]
-                  ) -> Jobset:
+def update_jobset(session: Session, actor: Actor, jobset: Jobset, changes: dict[str, Any],
+                  *, managed: bool | None = None) -> Jobset:
     require_permission(session, actor, Action.jobset_manage, jobset.project_id)
     changes = _jobset_values(changes)
     applied = apply_changes(jobset, changes, JOBSET_FIELDS)
@@ -246,7 +253,9 @@ def update_jobset(session: Session, actor: Actor, jobset: Jobset, changes: dict[
             raise Conflict(f"jobset {new_name!r} already exists", {"name": new_name})
         jobset.name = new_name
         applied["name"] = new_name
-    audit.record(session, actor, "jobset.update", f"jobset:{jobset.id}", applied)
+    applied |= apply_managed(jobset, managed)
+    if applied:
+        audit.record(session, actor, "jobset.update", f"jobset:{jobset.id}", applied)
     return jobset
 
 
@@ -266,11 +275,8 @@ def get_input(session: Session, jobset: Jobset, name: str) -> JobsetInput:
     return row
 
 
-def add_input(session: Session, actor: Actor, jobset: Jobset, *, name: str,
-              input_type: InputType, value: str = "", revision: str | None = None,
-              allowed_paths: Sequence[str] = ()) -> JobsetInput:
-    require_permission(session, actor, Action.jobset_manage, jobset.project_id)
-    check_name(name)
+def _check_input(actor: Actor, input_type: InputType, value: str,
+                 allowed_paths: Sequence[str]) -> None:
     if input_type is InputType.boolean and value not in ("true", "false"):
         raise InvalidInput("invalid boolean input", {"value": ["must be true or false"]})
     if input_type is InputType.path:
@@ -280,6 +286,14 @@ def add_input(session: Session, actor: Actor, jobset: Jobset, *, name: str,
     elif input_type is InputType.git:
         check_server_path(actor, localsource.git_input_path(value), value, allowed_paths,
                           "value")
+
+
+def add_input(session: Session, actor: Actor, jobset: Jobset, *, name: str,
+              input_type: InputType, value: str = "", revision: str | None = None,
+              allowed_paths: Sequence[str] = ()) -> JobsetInput:
+    require_permission(session, actor, Action.jobset_manage, jobset.project_id)
+    check_name(name)
+    _check_input(actor, input_type, value, allowed_paths)
     if session.scalar(select(JobsetInput.id).where(JobsetInput.jobset_id == jobset.id,
                                                    JobsetInput.name == name)) is not None:
         raise Conflict(f"input {name!r} already exists", {"name": name})
@@ -288,6 +302,20 @@ def add_input(session: Session, actor: Actor, jobset: Jobset, *, name: str,
     insert_unique(session, row, f"input {name!r} already exists", {"name": name})
     audit.record(session, actor, "input.create", f"jobset:{jobset.id}/input:{name}",
                  {"type": input_type.value, "value": value})
+    return row
+
+
+def update_input(session: Session, actor: Actor, jobset: Jobset, row: JobsetInput, *,
+                 input_type: InputType, value: str, allowed_paths: Sequence[str] = ()
+                 ) -> JobsetInput:
+    """Give an input another type or value, checked as :func:`add_input` checks them."""
+    require_permission(session, actor, Action.jobset_manage, jobset.project_id)
+    _check_input(actor, input_type, value, allowed_paths)
+    applied = apply_changes(row, {"input_type": input_type, "value": value},
+                            ("input_type", "value"))
+    if applied:
+        audit.record(session, actor, "input.update", f"jobset:{jobset.id}/input:{row.name}",
+                     applied)
     return row
 
 
@@ -326,6 +354,27 @@ def create_webhook(session: Session, actor: Actor, project: Project, *, forge_ty
     return row
 
 
+def update_webhook(session: Session, actor: Actor, project: Project, row: WebhookConfig,
+                   changes: dict[str, Any], *, server_key: str, managed: bool | None = None
+                   ) -> WebhookConfig:
+    """Enable or disable a webhook, or (``secret`` in ``changes``) set its secret."""
+    require_permission(session, actor, Action.hooks_manage, project.id)
+    applied = apply_changes(row, changes, ("enabled",))
+    if "secret" in changes:
+        secret = changes["secret"]
+        current = (sealing.unseal(server_key, row.secret_encrypted) if row.secret_encrypted
+                   else None)
+        if current != secret:
+            # sealing is randomised: re-seal only when the secret really changed
+            row.secret_encrypted = sealing.seal(server_key, secret) if secret else None
+            applied["secret"] = "changed"
+    applied |= apply_managed(row, managed)
+    if applied:
+        audit.record(session, actor, "webhook.update",
+                     f"project:{project.name}/webhook:{row.id}", applied)
+    return row
+
+
 def delete_webhook(session: Session, actor: Actor, project: Project, webhook_id: int) -> None:
     require_permission(session, actor, Action.hooks_manage, project.id)
     row = get_webhook(session, project, webhook_id)
@@ -344,6 +393,16 @@ def create_notification(session: Session, actor: Actor, project: Project, *,
     session.flush()
     audit.record(session, actor, "notification.create",
                  f"project:{project.name}/notification:{row.id}", {"type": type.value})
+    return row
+
+
+def update_notification(session: Session, actor: Actor, project: Project,
+                        row: NotificationConfig, *, enabled: bool) -> NotificationConfig:
+    require_permission(session, actor, Action.hooks_manage, project.id)
+    applied = apply_changes(row, {"enabled": enabled}, ("enabled",))
+    if applied:
+        audit.record(session, actor, "notification.update",
+                     f"project:{project.name}/notification:{row.id}", applied)
     return row
 
 
@@ -380,7 +439,7 @@ def create_channel(session: Session, actor: Actor, jobset: Jobset, *, name: str,
 
 
 def update_channel(session: Session, actor: Actor, channel: Channel, changes: dict[str, Any],
-                   *, jobset: Jobset | None = None) -> Channel:
+                   *, jobset: Jobset | None = None, managed: bool | None = None) -> Channel:
     """Change how the channel moves (``mode``, ``aggregate_job`` in ``changes``; absent
     keys stay) and, declaratively, its jobset. An automatic channel catches up at once."""
     require_permission(session, actor, Action.jobset_manage, channel.project_id)
@@ -393,7 +452,7 @@ def update_channel(session: Session, actor: Actor, channel: Channel, changes: di
             raise InvalidInput("the jobset belongs to another project",
                                {"jobset_id": [f"not a jobset of project {channel.project_id}"]})
         values["jobset_id"] = jobset.id
-    changed = apply_changes(channel, values, values.keys())
+    changed = apply_changes(channel, values, values.keys()) | apply_managed(channel, managed)
     if changed:
         audit.record(session, actor, "channel.update", f"channel:{channel.name}", changed)
         session.flush()
@@ -430,17 +489,17 @@ def promote_channel(session: Session, actor: Actor, channel: Channel, evaluation
 
 def set_member(session: Session, actor: Actor, project: Project, *, role: MemberRole,
                user_id: int | None = None, username: str | None = None,
-               managed: bool = False) -> ProjectMember:
-    """Add a member or change their role."""
+               managed: bool | None = None) -> ProjectMember:
+    """Add a member or change their role (and, declaratively, adopt the membership)."""
     require_permission(session, actor, Action.member_manage, project.id)
     user = _user(session, user_id, username)
     member = session.get(ProjectMember, (project.id, user.id))
     if member is None:
         member = ProjectMember(project_id=project.id, user_id=user.id, role=role,
-                               managed_declaratively=managed)
+                               managed_declaratively=bool(managed))
         insert_unique(session, member, "already a member")
-    elif member.role != role:
-        member.role = role
+    elif not apply_changes(member, {"role": role}, ("role",)) | apply_managed(member, managed):
+        return member  # nothing changed: no audit row
     audit.record(session, actor, "member.set", f"project:{project.name}/user:{user.username}",
                  {"role": role.value})
     return member

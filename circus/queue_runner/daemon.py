@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from celeryconfig import build_queue_name
 from circus.common.celery import create_celery_app
 from circus.common.config import Settings
-from circus.common.db import make_engine, make_session_factory
+from circus.common.db import in_transaction, make_engine, make_session_factory
 from circus.common.heartbeat import HeartbeatThread
 from circus.gateway.autoscale import Autoscaler
 from circus.gateway.bridge import Bridge
@@ -44,7 +44,6 @@ from circus.queue_runner.dispatcher import Dispatcher
 from circus.queue_runner.localworker import LocalBuilder
 from circus.queue_runner.postprocess import PostProcessor
 from circus.queue_runner.reconciler import QUEUE_RUNNER_KIND, ReconcileReport, reconcile
-from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.ssh.pool import SshBuilders
 from circus.queue_runner.wakeups import WakeupConsumer, WakeupPublisher, publish_after_commit
 

@@ -21,10 +21,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
+from circus.common.db import in_transaction
+from circus.common.messaging import BUILDS_CHANNEL, GC_CHANNEL
 from circus.queue_runner.derivations import DrvCache
 from circus.queue_runner.outcomes import FinishReport
-from circus.queue_runner.service import BUILDS_CHANNEL, GC_CHANNEL
-from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.stepper import StepReport, step_builds
 from circus.queue_runner.wakeups import Publish, publish_after_commit
 

@@ -26,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
-from circus.common.statussql import WITH_OUTPUTS
+from circus.common.statussql import EVALUATION_UNSUCCESSFUL, WITH_OUTPUTS
 from circus.queue_runner import store
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def wanted_roots(session: Session, max_age_days: int = 0) -> set[str]:
             SELECT e.id, e.jobset_id, e.created_at,
                    row_number() OVER (PARTITION BY e.jobset_id ORDER BY e.id DESC) AS rn
             FROM evaluations e
-            WHERE e.status NOT IN ('failed', 'cancelled', 'timed_out')
+            WHERE e.status NOT IN {EVALUATION_UNSUCCESSFUL}
         ),
         kept_evals AS (
             SELECT r.id FROM ranked r JOIN jobsets j ON j.id = r.jobset_id

@@ -25,9 +25,8 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
-from circus.common.statussql import PENDING, RUNNING, SUCCEEDED
+from circus.common.statussql import PENDING, RUNNING, dependencies_succeeded
 from circus.queue_runner.outcomes import (
-    ALL_DEPS_SUCCEEDED,
     FinishReport,
     StepOutcome,
     finish_steps,
@@ -157,10 +156,7 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
                   AND p.timeout IS NOT DISTINCT FROM :timeout
                   AND p.max_silent IS NOT DISTINCT FROM :max_silent
                   AND p.attempts = 0
-                  AND NOT EXISTS (
-                      SELECT 1 FROM step_dependencies e2 JOIN steps d ON d.id = e2.depends_on_id
-                      WHERE e2.step_id = p.id AND NOT (d.state = 'done' AND d.status = {SUCCEEDED})
-                        AND NOT (d.id = ANY(:held)))
+                  AND {dependencies_succeeded("p", or_held=":held")}
             ),
             pick AS (
                 SELECT s.id FROM steps s JOIN cand ON cand.id = s.id
@@ -238,7 +234,7 @@ def release_steps(session: Session, worker: str, step_ids: list[int]) -> Counter
         return Counter()
     rows = session.execute(text(f"""
         UPDATE steps AS s SET
-            state = CASE WHEN {ALL_DEPS_SUCCEEDED.format(alias="s")}
+            state = CASE WHEN {dependencies_succeeded("s")}
                          THEN 'queued' ELSE 'pending' END,
             worker = NULL, lease_until = NULL, started_at = NULL, machine = NULL,
             queued_at = now(), published_at = now()
@@ -260,11 +256,11 @@ def expire_leases(session: Session, settings: Settings) -> FinishReport:
         WITH lapsed AS (
             SELECT s.id FROM steps s
             WHERE s.state = 'running' AND s.lease_until < now()
-              AND (s.attempts < :max_retries OR NOT {ALL_DEPS_SUCCEEDED.format(alias="s")})
+              AND (s.attempts < :max_retries OR NOT {dependencies_succeeded("s")})
             ORDER BY s.id FOR UPDATE SKIP LOCKED
         )
         UPDATE steps AS s SET
-            state = CASE WHEN {ALL_DEPS_SUCCEEDED.format(alias="s")}
+            state = CASE WHEN {dependencies_succeeded("s")}
                          THEN 'queued' ELSE 'pending' END,
             error_message = 'lease of ' || COALESCE(s.worker, '?') || ' expired',
             worker = NULL, lease_until = NULL, started_at = NULL, machine = NULL,

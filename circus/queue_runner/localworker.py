@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
+from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.common.nix.environment import current_system
 from circus.common.nix.oom import oom_counter
@@ -52,7 +53,6 @@ from circus.queue_runner.reproducibility import (
     check_derivation,
     mark_non_deterministic,
 )
-from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.wakeups import Publish, publish_after_commit
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
-from circus.common.statussql import SUCCEEDED, UNFINISHED
+from circus.common.statussql import UNFINISHED, dependencies_succeeded
 from circus.queue_runner.products import OutputResult
 from circus.queue_runner.results import BuildsReport, settle_builds_of_steps
 
@@ -48,12 +48,6 @@ CACHEABLE_FAILURES = frozenset({
 
 #: how a dependency's failure shows on its dependents
 PROPAGATES_AS = {BuildStatus.unsupported_system: BuildStatus.unsupported_system}
-
-# a step's dependencies all succeeded
-ALL_DEPS_SUCCEEDED = f"""NOT EXISTS (
-    SELECT 1 FROM step_dependencies e JOIN steps d ON d.id = e.depends_on_id
-    WHERE e.step_id = {{alias}}.id AND NOT (d.state = 'done' AND d.status = {SUCCEEDED}))"""
-
 
 @dataclass
 class StepOutcome:
@@ -137,7 +131,7 @@ def _requeue_for_retry(session: Session, settings: Settings, worker: str | None,
     runner = settings.queue_runner
     rows = session.execute(text(f"""
         UPDATE steps AS s SET
-            state = CASE WHEN {ALL_DEPS_SUCCEEDED.format(alias="s")}
+            state = CASE WHEN {dependencies_succeeded("s")}
                          THEN 'queued' ELSE 'pending' END,
             worker = NULL, lease_until = NULL, started_at = NULL, machine = NULL,
             attempts = s.attempts + 1,
@@ -269,7 +263,7 @@ def queue_ready_dependents(session: Session, step_ids: list[int],
         return Counter()
     classes = session.execute(text(f"""
         UPDATE steps AS s SET state = 'queued', queued_at = now(), published_at = now()
-        WHERE s.id = ANY(:ids) AND s.state = 'pending' AND {ALL_DEPS_SUCCEEDED.format(alias="s")}
+        WHERE s.id = ANY(:ids) AND s.state = 'pending' AND {dependencies_succeeded("s")}
         RETURNING s.queue_class
     """), {"ids": list(locked)}).scalars().all()
     return Counter(classes)

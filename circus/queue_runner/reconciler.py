@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.heartbeat import STALE_AFTER
+from circus.common.statussql import dependencies_succeeded
 from circus.queue_runner.capabilities import Capabilities, parse_queue_class
 from circus.queue_runner.leases import expire_leases
 from circus.queue_runner.outcomes import (
-    ALL_DEPS_SUCCEEDED,
     FinishReport,
     after_steps_done,
     done_steps,
@@ -123,7 +123,7 @@ def _queue_stuck_pending(session: Session, report: FinishReport) -> int:
     rows = session.execute(text(f"""
         WITH stuck AS (
             SELECT s.id FROM steps s
-            WHERE s.state = 'pending' AND {ALL_DEPS_SUCCEEDED.format(alias="s")}
+            WHERE s.state = 'pending' AND {dependencies_succeeded("s")}
             ORDER BY s.id FOR UPDATE SKIP LOCKED
         )
         UPDATE steps SET state = 'queued', queued_at = now(), published_at = now()

@@ -13,13 +13,10 @@ from sqlalchemy.orm import Session
 
 from circus.common.enums import BuildStatus
 from circus.common.errors import Conflict, NotFound
+from circus.common.messaging import BUILDS_CHANNEL, GC_CHANNEL
 from circus.common.models import Build
 from circus.common.statussql import FAILED, PENDING, SUCCEEDED, UNFINISHED
 from circus.queue_runner.results import finish_aggregates
-
-#: NOTIFY channels the queue runner listens on
-BUILDS_CHANNEL = "circus_builds"
-GC_CHANNEL = "circus_gc"
 
 
 def _locked_build(session: Session, build_id: int) -> Build:

@@ -31,7 +31,13 @@ from sqlalchemy.orm import Session
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import DerivationParseError
-from circus.common.statussql import PENDING, RUNNING, SUCCEEDED
+from circus.common.statussql import (
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    dependencies_succeeded,
+    step_succeeded,
+)
 from circus.projects.channels import advance_channels_of_builds
 from circus.queue_runner import store
 from circus.queue_runner.capabilities import queue_class_name
@@ -360,9 +366,7 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
         _already_built(session, settings, cache, sorted(created), report)
         queued = session.execute(text(f"""
             UPDATE steps AS s SET state = 'queued', queued_at = now(), published_at = now()
-            WHERE s.id = ANY(:ids) AND s.state = 'pending' AND NOT EXISTS (
-                SELECT 1 FROM step_dependencies e JOIN steps d ON d.id = e.depends_on_id
-                WHERE e.step_id = s.id AND NOT (d.state = 'done' AND d.status = {SUCCEEDED}))
+            WHERE s.id = ANY(:ids) AND s.state = 'pending' AND {dependencies_succeeded("s")}
             RETURNING s.queue_class
         """), {"ids": sorted(created)}).scalars().all()
         report.queued.update(queued)
@@ -386,7 +390,7 @@ def _reusable_steps(session: Session, drvs: list[str], *, active: bool = True
         SELECT DISTINCT ON (drv_path) drv_path, id FROM steps
         WHERE drv_path = ANY(:drvs)
           AND ((:active AND state <> 'done')
-               OR (state = 'done' AND status = {SUCCEEDED} AND finished_at >= now()))
+               OR ({step_succeeded("steps")} AND finished_at >= now()))
         ORDER BY drv_path, state = 'done', id DESC
     """), {"drvs": drvs, "active": active}).tuples().all())
 
@@ -447,8 +451,8 @@ def _already_built(session: Session, settings: Settings, cache: DrvCache, create
                               error_message = 'built meanwhile by another step'
         WHERE s.id = ANY(:ids) AND s.state = 'pending' AND EXISTS (
             SELECT 1 FROM steps o
-            WHERE o.drv_path = s.drv_path AND o.id <> s.id AND o.state = 'done'
-              AND o.status = {SUCCEEDED} AND o.finished_at >= now())
+            WHERE o.drv_path = s.drv_path AND o.id <> s.id AND {step_succeeded("o")}
+              AND o.finished_at >= now())
         RETURNING s.id, s.drv_path, s.is_fod
     """), {"ids": created}).all()
     if not rows:

@@ -7,12 +7,13 @@ from typing import Any
 
 from celery import shared_task
 
+from circus.common import messaging
 from circus.common.celery import DbTask
 
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="circus.queue_runner.tasks.wake", bind=True, base=DbTask,  # type: ignore[untyped-decorator]
+@shared_task(name=messaging.WAKE_TASK, bind=True, base=DbTask,  # type: ignore[untyped-decorator]
              ignore_result=True, acks_late=False)
 def wake(self: DbTask, queue_class: str) -> int:
     """A wake-up token for a class queue: build what is queued there.
@@ -29,7 +30,7 @@ def wake(self: DbTask, queue_class: str) -> int:
     return int(builder.serve(queue_class))
 
 
-@shared_task(name="circus.queue_runner.tasks.gc_cleanup", bind=True, base=DbTask,  # type: ignore[untyped-decorator]
+@shared_task(name=messaging.GC_CLEANUP_TASK, bind=True, base=DbTask,  # type: ignore[untyped-decorator]
              ignore_result=True)
 def gc_cleanup(self: DbTask) -> dict[str, int]:
     """Remove GC roots nothing wants any more, add missing ones."""

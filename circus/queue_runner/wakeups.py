@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session
 
 from celeryconfig import BUILD_QUEUE_PREFIX, build_queue_name
 from circus.common.db import after_commit
+from circus.common.messaging import WAKE_TASK
 
 log = logging.getLogger(__name__)
 
-WAKE_TASK = "circus.queue_runner.tasks.wake"
 #: per class and flush: consumers drain their class in a loop, so a few tokens
 #: wake every idle consumer without flooding the broker with one per step
 MAX_TOKENS_PER_CLASS = 64

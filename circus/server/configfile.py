@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import replace as replace_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +78,18 @@ def replace(session: Session, actor: Actor, settings: Settings, toml_text: str
     target = Path(path)
     temporary = target.with_name(target.name + ".new")
     temporary.write_text(toml_text)
-    temporary.replace(target)
     from circus.declarative import apply_declarative
 
-    summary = apply_declarative(session, load_settings(files=[target]), actor=actor)
+    # applied before the file is replaced: declared objects the services refuse leave
+    # both the file and the database (the caller rolls back) as they were
+    applier = replace_dataclass(Actor.system(f"declarative:{actor.label}"),
+                                remote_addr=actor.remote_addr)
+    try:
+        summary = apply_declarative(session, load_settings(files=[temporary]), actor=applier)
+    except ConfigError as exc:
+        temporary.unlink(missing_ok=True)
+        raise InvalidInput("invalid declarative configuration",
+                           {"toml": [str(p) for p in exc.problems]}) from exc
+    temporary.replace(target)
     audit.record(session, actor, "config.update", f"file:{target}")
     return {"written": str(target), "declarative": summary, "restart_required": True}

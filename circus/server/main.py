@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # before workers fork: one applier, and no inherited connections
             apply_settings(settings)
+        except ConfigError as exc:
+            print(exc.render(), file=sys.stderr)
+            return 2
         except CircusError as exc:
             print(f"error in [declarative]: {exc.message}", file=sys.stderr)
             return 2

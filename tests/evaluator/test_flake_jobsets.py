@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 
 from circus.common.db import normalise_url
 from circus.common.enums import BuildStatus, EvaluationStatus, TriggerKind
+from circus.common.messaging import BUILDS_CHANNEL
 from circus.common.models import BuildConstituent, BuildDependency, EvaluationBuild
 from circus.common.nix.environment import current_system
 from circus.evaluator.jobs import scan_derivation
@@ -24,7 +25,7 @@ def listen(engine: Engine) -> psycopg2.extensions.connection:
     conn = psycopg2.connect(url.set(drivername="postgresql").render_as_string(
         hide_password=False))
     conn.autocommit = True
-    conn.cursor().execute("LISTEN circus_builds")
+    conn.cursor().execute(f"LISTEN {BUILDS_CHANNEL}")
     return conn
 
 

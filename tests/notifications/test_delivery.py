@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, NotificationTaskStatus, NotificationType
+from circus.common.messaging import DELIVER_TASK
 from circus.common.models import Build, NotificationTask
 from circus.common.models.base import utcnow
 from circus.notifications import service
-from circus.notifications.service import DELIVER_TASK
 from tests.notifications.conftest import BASE_URL, SHA, Queue, Rows
 from tests.notifications.stubs import HttpStub
 

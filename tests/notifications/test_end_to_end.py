@@ -28,6 +28,7 @@ from circus.common.enums import (
     Role,
     TriggerKind,
 )
+from circus.common.messaging import BUILDS_CHANNEL
 from circus.common.models import Build, Evaluation, NotificationConfig, NotificationTask
 from circus.server.app import create_app
 from tests.helpers.daemons import Daemon, circus_command, wait_until
@@ -94,7 +95,8 @@ def test_build_statuses_reach_github_email_and_retries(
         email = NotificationConfig(project_id=jobset.project_id, type=NotificationType.email,
                                    config={"to": ["dev@example.org"], "on_failure_only": True})
         session.add_all([github, broken, email])
-        session.execute(text("SELECT pg_notify('circus_builds', :e)"), {"e": str(evaluation.id)})
+        session.execute(text("SELECT pg_notify(:channel, :e)"),
+                        {"channel": BUILDS_CHANNEL, "e": str(evaluation.id)})
         session.commit()
         ok_id, bad_id, broken_id = ok.id, bad.id, broken.id
         context = f"circus/widget/{jobset.name}"

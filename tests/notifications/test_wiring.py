@@ -10,8 +10,7 @@ from sqlalchemy.orm import Session
 
 import celeryconfig
 from circus.common.celery import create_celery_app
-from circus.common.config import Settings
-from circus.common.errors import InvalidInput
+from circus.common.config import ConfigError, Settings
 from circus.declarative import apply_declarative
 
 
@@ -37,5 +36,7 @@ def test_a_bad_declarative_notification_is_a_clear_error(
         db: Session, make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(declarative={"projects": [{
         "name": "x", "notifications": [{"type": "webhook", "config": {"url": "gopher://x"}}]}]})
-    with pytest.raises(InvalidInput, match=r"declarative project 'x'.*url must be an http"):
+    with pytest.raises(ConfigError,
+                       match=r"declarative\.projects\[0\]\.notifications\[0\]\.config: "
+                             r"url must be an http"):
         apply_declarative(db, settings)

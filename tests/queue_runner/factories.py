@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from circus.common.enums import EvaluationStatus, TriggerKind
+from circus.common.messaging import BUILDS_CHANNEL
 from circus.common.models import (
     Build,
     BuildConstituent,
@@ -103,8 +104,8 @@ def make_builds(session: Session, drvs: Mapping[str, str], jobset: Jobset | None
     builds = {job: make_build(session, evaluation, job, drv, **fields)
               for job, drv in drvs.items()}
     if notify:
-        session.execute(text("SELECT pg_notify('circus_builds', :eid)"),
-                        {"eid": str(evaluation.id)})
+        session.execute(text("SELECT pg_notify(:channel, :eid)"),
+                        {"channel": BUILDS_CHANNEL, "eid": str(evaluation.id)})
     session.commit()
     return builds
 

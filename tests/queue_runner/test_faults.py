@@ -178,8 +178,8 @@ def test_concurrent_dispatchers_step_each_build_once(
     """Four dispatcher threads racing over the same evaluations (no daemons)."""
     import threading
 
+    from circus.common.db import in_transaction
     from circus.queue_runner.derivations import DrvCache
-    from circus.queue_runner.sqlutil import in_transaction
     from circus.queue_runner.stepper import step_builds
 
     settings = qr_settings()

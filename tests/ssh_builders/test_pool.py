@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.auth.actor import Actor
 from circus.common.config import Settings
+from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.common.models import RemoteBuilder
 from circus.common.nix.derivation import read_derivation
@@ -21,7 +22,6 @@ from circus.queue_runner import procs
 from circus.queue_runner.logs import read_log
 from circus.queue_runner.reconciler import live_consumers, reconcile
 from circus.queue_runner.service import cancel_build
-from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.ssh import remotebuild
 from circus.queue_runner.ssh.pool import SshBuilders
 from tests.helpers.daemons import wait_until

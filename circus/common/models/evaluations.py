@@ -10,6 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from circus.common.enums import EvaluationStatus, TriggerKind
 from circus.common.models.base import Base, BoolFalse, CreatedAt, IntPK, JsonDict, enum_column
+from circus.common.statussql import EVALUATION_ACTIVE
 
 if TYPE_CHECKING:
     from circus.common.models.projects import Jobset
@@ -66,7 +67,7 @@ class Evaluation(Base):
         Index("ix_evaluations_status", "status"),
         # at most one unfinished evaluation per jobset: two concurrent triggers converge
         Index("uq_evaluations_one_active_per_jobset", "jobset_id", unique=True,
-              postgresql_where=text("status IN ('pending', 'running')")),
+              postgresql_where=text(f"status IN {EVALUATION_ACTIVE}")),
     )
 
     @property

@@ -33,11 +33,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
+from circus.common.db import in_transaction
 from circus.queue_runner.capabilities import Capabilities
 from circus.queue_runner.derivations import DrvCache
 from circus.queue_runner.leases import ClaimedStep, claim_steps
 from circus.queue_runner.outcomes import FinishReport
-from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.ssh import health
 from circus.queue_runner.ssh.connection import (
     Remote,

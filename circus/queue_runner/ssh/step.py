@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
+from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.process import run as run_process
@@ -49,7 +50,6 @@ from circus.queue_runner.nixrun import (
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
-from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.ssh import health, transfer
 from circus.queue_runner.ssh.connection import Remote, RemoteError
 from circus.queue_runner.ssh.remotebuild import RemoteNixRun

@@ -14,13 +14,15 @@ from circus.common.enums import (
     NotificationType,
     TriggerMode,
 )
+from circus.projects.service import NAME_RULE
 from circus.server.api.schemas.common import Id, PageArgs, Str
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 def Name(**kwargs: object) -> Str:
-    return Str(max_length=128, min_length=1, validate=[validate.Regexp(NAME)], **kwargs)
+    return Str(max_length=128, min_length=1,
+               validate=[validate.Regexp(NAME, error=NAME_RULE)], **kwargs)
 
 
 class ProjectSchema(ma.Schema):
