@@ -123,7 +123,7 @@ def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
         is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
         machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
         propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
-        finished_at=step.finished_at, log_size=step.log_size,
+        finished_at=step.finished_at, log_size=step.log_size, log_path=step.log_path,
         # a running step writes its log before log_path records it
         has_log=bool(step.log_path) or step.state is StepState.running,
     ) for bs, step in rows]
