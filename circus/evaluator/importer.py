@@ -349,17 +349,26 @@ class BuildImporter:
         build_of_drv = {drv: build_id for drv, (_, build_id) in self.build_of_drv.items()}
         build_of_job = self.build_of_job
         failed: dict[int, str] = {}
+        build_of_output: dict[str, int] = {}
+        if any(job.constituent_outputs for job, _ in self.created):
+            # constituents known only by output path (read from an aggregate's .drv)
+            build_of_output = {path: build_of_drv[job.drv_path] for job in self.jobs.values()
+                               for path in job.outputs.values()}
 
         def constituent_lines() -> Iterator[str]:
             for job, build_id in self.created:
                 if not job.is_aggregate:
                     continue
                 members = {build_of_drv[d] for d in job.constituents if d in build_of_drv}
+                members |= {build_of_output[p] for p in job.constituent_outputs
+                            if p in build_of_output}
+                problems = list(job.constituent_errors)
                 resolution = resolved.get(job.name)
                 if resolution is not None:
                     members |= {build_of_job[n] for n in resolution.members}
-                    if resolution.errors:
-                        failed[build_id] = "\n".join(resolution.errors)
+                    problems += resolution.errors
+                if problems:
+                    failed[build_id] = "\n".join(problems)
                 members.discard(build_id)
                 for member in sorted(members):
                     yield f"{build_id}\t{member}\n"
