@@ -160,6 +160,14 @@ def _repeats(hydra: Any) -> int:
     return max(0, min(repeats or 0, 100))
 
 
+def _outputs_to_install(value: Any, outputs: dict[str, str]) -> str:
+    """``meta.outputsToInstall`` as a COPY array (outputs the job has, in its order), or NULL."""
+    if not isinstance(value, list):
+        return "\\N"
+    names = [v for v in dict.fromkeys(value) if isinstance(v, str) and v in outputs]
+    return _array(names) if names else "\\N"
+
+
 def _description(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -196,7 +204,8 @@ def _allocate_ids(session: Session, count: int) -> list[int]:
 BUILD_COLUMNS = ("id", "evaluation_id", "jobset_id", "project_id", "job_name", "drv_path",
                  "system", "priority", "max_retries", "is_aggregate", "is_fod",
                  "required_features", "nix_name", "meta_description", "meta_license",
-                 "meta_homepage", "meta_maintainers", "timeout", "max_silent", "repeats")
+                 "meta_homepage", "meta_maintainers", "timeout", "max_silent", "repeats",
+                 "outputs_to_install")
 
 
 class BuildImporter:
@@ -332,10 +341,11 @@ class BuildImporter:
                     _opt(_maintainers(meta.get("maintainers"))),
                     _opt_int(_int(meta.get("timeout"))),
                     _opt_int(_int(meta.get("maxSilent"))),
-                    str(_repeats(meta.get("hydra")))))
+                    str(_repeats(meta.get("hydra"))),
+                    _outputs_to_install(meta.get("outputsToInstall"), job.outputs)))
             else:
                 priority = 0
-                tail = "\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t0"
+                tail = "\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t0\t\\N"
             features = job.features
             yield (f"{build_id}\t{prefix}{_text(job.name)}\t{job.drv_path}\t"
                    f"{_text(job.system)}\t{priority}\t{max_retries}\t"
