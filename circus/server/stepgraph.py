@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from circus.common.enums import BuildStatus
+from circus.common.enums import BuildStatus, StepState
+from circus.common.models import BuildStep, Step
 from circus.server import logfiles
-from circus.server.api.queries import build_steps
 
 #: how much of the failed step's log the failure summary carries
 FAILURE_LOG_TAIL_BYTES = 4 * 1024
@@ -49,6 +49,22 @@ class StepGraph:
         """The build's own step of its latest attempt."""
         own = [s for s in self.steps if s.is_toplevel]
         return max(own, key=lambda s: s.step_nr) if own else None
+
+
+def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
+    """Every step a build waited for, in order, with the step's state (one query)."""
+    rows = session.execute(
+        select(BuildStep, Step).join(Step, Step.id == BuildStep.step_id)
+        .where(BuildStep.build_id == build_id).order_by(BuildStep.step_nr))
+    return [SimpleNamespace(
+        step_id=step.id, build_id=bs.build_id, step_nr=bs.step_nr, drv_path=bs.drv_path,
+        is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
+        machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
+        propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
+        finished_at=step.finished_at, log_size=step.log_size, log_path=step.log_path,
+        # a running step writes its log before log_path records it
+        has_log=bool(step.log_path) or step.state is StepState.running,
+    ) for bs, step in rows]
 
 
 def step_graph(session: Session, build_id: int) -> StepGraph:
