@@ -13,10 +13,10 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
+from circus.common.nix.process import run as run_process
 from circus.evaluator import proc
 from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
 from circus.evaluator.program import (
@@ -42,9 +42,8 @@ def available() -> str | None:
 def _flags(program: str, mtime_ns: int) -> frozenset[str]:
     """The long options ``program --help`` lists (cached per binary and version)."""
     try:
-        found = subprocess.run([program, "--help"], capture_output=True, text=True,
-                               timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+        found = run_process([program, "--help"], timeout=30)
+    except OSError:
         return frozenset()
     return frozenset(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", found.stdout + found.stderr))
 
