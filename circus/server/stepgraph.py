@@ -24,6 +24,9 @@ from circus.server import logfiles
 
 #: how much of the failed step's log the failure summary carries
 FAILURE_LOG_TAIL_BYTES = 4 * 1024
+#: levels of the drawn tree; deeper steps are cut (each level costs the template
+#: several Python frames, and the steps table lists every step anyway)
+MAX_TREE_DEPTH = 40
 
 
 @dataclass
@@ -103,7 +106,7 @@ class Failure:
         return machine
 
 
-def _failed(step: SimpleNamespace) -> bool:
+def is_failed(step: SimpleNamespace) -> bool:
     return step.status is not None and step.status is not BuildStatus.succeeded
 
 
@@ -134,7 +137,7 @@ def failure(graph: StepGraph, log_dir: str) -> Failure | None:
     dependent); the path to it is the shortest chain of edges.
     """
     top = graph.top()
-    if top is None or not _failed(top):
+    if top is None or not is_failed(top):
         return None
     by_id = graph.by_id
     origin = by_id.get(top.propagated_from_step_id or top.step_id, top)
@@ -152,28 +155,34 @@ def failure(graph: StepGraph, log_dir: str) -> Failure | None:
 @dataclass
 class TreeNode:
     """One step in the tree the build page draws; a step reached a second time is a
-    reference (``repeat``) to where it was drawn first, without its children."""
+    reference (``repeat``) to where it was drawn first, without its children; a step
+    below ``MAX_TREE_DEPTH`` levels is drawn without them too (``cut``)."""
 
     step: SimpleNamespace
     repeat: bool = False
+    cut: bool = False
     on_failure_path: bool = False
     children: list[TreeNode] = field(default_factory=list)
 
 
-def tree(graph: StepGraph, failure_path: list[Any] | None = None) -> list[TreeNode]:
+def tree(graph: StepGraph, failure_path: list[Any] | None = None,
+         max_depth: int = MAX_TREE_DEPTH) -> list[TreeNode]:
     """The graph unfolded depth first from its roots, each step drawn in full once."""
     by_id = graph.by_id
     on_path = {s.step_id for s in failure_path or []}
     drawn: set[int] = set()
 
-    def unfold(step_id: int) -> TreeNode:
+    def unfold(step_id: int, depth: int) -> TreeNode:
         step = by_id[step_id]
+        marked = step_id in on_path
         if step_id in drawn:
-            return TreeNode(step, repeat=True, on_failure_path=step_id in on_path)
-        drawn.add(step_id)
+            return TreeNode(step, repeat=True, on_failure_path=marked)
         deps = sorted(graph.depends_on.get(step_id, []),
                       key=lambda d: (d not in on_path, by_id[d].step_nr))
-        return TreeNode(step, on_failure_path=step_id in on_path,
-                        children=[unfold(d) for d in deps])
+        if deps and depth >= max_depth:
+            return TreeNode(step, cut=True, on_failure_path=marked)
+        drawn.add(step_id)
+        return TreeNode(step, on_failure_path=marked,
+                        children=[unfold(d, depth + 1) for d in deps])
 
-    return [unfold(root.step_id) for root in graph.roots()]
+    return [unfold(root.step_id, 1) for root in graph.roots()]

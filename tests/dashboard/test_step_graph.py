@@ -7,7 +7,8 @@ from sqlalchemy.orm import Session
 
 from circus.common.enums import BuildStatus
 from circus.common.models import BuildStep, Step, StepDependency
-from circus.server.stepgraph import TreeNode, failure, step_graph, tree
+from circus.server.stepgraph import MAX_TREE_DEPTH, TreeNode, failure, step_graph, tree
+from tests.dashboard.conftest import Browser
 from tests.dashboard.factories import Rows, fake_store_path
 
 
@@ -95,3 +96,29 @@ def test_a_build_whose_own_step_failed_is_its_own_failure_path(rows: Rows, db: S
     succeeded = rows.build(evaluation, "fine", BuildStatus.succeeded)
     rows.step(succeeded)
     assert failure(step_graph(db, succeeded.id), str(rows.log_dir)) is None
+
+
+def test_a_deep_chain_is_cut_in_the_drawn_tree(rows: Rows, db: Session,
+                                               as_admin: Browser) -> None:
+    """The page draws MAX_TREE_DEPTH levels and says where the rest is."""
+    project = rows.project()
+    evaluation = rows.evaluation(rows.jobset(project))
+    build = rows.build(evaluation, "deep", BuildStatus.succeeded)
+    chain = [rows.step(build, drv_path=fake_store_path(f"level{i}", ".drv"), toplevel=False)
+             for i in range(MAX_TREE_DEPTH + 10)]
+    top = rows.step(build)
+    for upper, lower in zip([top, *chain], chain, strict=False):
+        _edge(db, upper, lower)
+    db.commit()
+
+    drawn = tree(step_graph(db, build.id))
+    depth, node = 1, drawn[0]
+    while node.children:
+        depth, node = depth + 1, node.children[0]
+    assert depth == MAX_TREE_DEPTH
+    assert node.cut
+
+    page = as_admin.get(f"/build/{build.id}")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert html.count("its dependencies are in the table below") == 1

@@ -28,7 +28,7 @@ from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
 from circus.server.security import build_output, client_address
-from circus.server.stepgraph import failure, step_graph, tree
+from circus.server.stepgraph import failure, is_failed, step_graph, tree
 from circus.server.usercontent import product_link
 
 #: how much of a log the build page shows (the whole log is one click away)
@@ -42,10 +42,6 @@ def _build_page(build_id: int) -> queries.BuildPage:
     if found is None or not can_see_project(session, current_actor(), found.project.id):
         raise NotFound(f"no build with id {build_id}")
     return found
-
-
-def _failed(step: Any) -> bool:
-    return step.status is not None and step.status is not BuildStatus.succeeded
 
 
 def _initial_log_step(steps: list[Any], asked: int | None) -> Any:
@@ -63,7 +59,7 @@ def _initial_log_step(steps: list[Any], asked: int | None) -> Any:
     own = [s for s in steps if s.is_toplevel and s.has_log]
     if own:
         return own[-1]
-    failed = [s for s in steps if _failed(s) and s.has_log]
+    failed = [s for s in steps if is_failed(s) and s.has_log]
     return failed[-1] if failed else None
 
 
@@ -100,7 +96,7 @@ def build(build_id: int) -> ResponseReturnValue:
         "build.html", build=row, evaluation=found.evaluation, jobset=found.jobset,
         project=found.project, steps=steps, causes=causes,
         step_tree=tree(graph, failed.path if failed else None), failure=failed,
-        failed_steps=[s for s in steps if _failed(s) and not s.propagated_from_step_id],
+        failed_steps=[s for s in steps if is_failed(s) and not s.propagated_from_step_id],
         log_step=log_step, log_text=log_text, log_offset=log_offset,
         log_truncated=log_truncated, live=not row.status.is_finished,
         # the build records its machine when it finishes; meanwhile its step knows
