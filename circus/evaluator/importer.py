@@ -159,6 +159,14 @@ def _repeats(hydra: Any) -> int:
     return max(0, min(repeats or 0, 100))
 
 
+def _outputs_to_install(value: Any, outputs: dict[str, str]) -> str:
+    """``meta.outputsToInstall`` as a COPY array (outputs the job has, in its order), or NULL."""
+    if not isinstance(value, list):
+        return "\\N"
+    names = [v for v in dict.fromkeys(value) if isinstance(v, str) and v in outputs]
+    return _array(names) if names else "\\N"
+
+
 def _description(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -195,7 +203,8 @@ def _allocate_ids(session: Session, count: int) -> list[int]:
 BUILD_COLUMNS = ("id", "evaluation_id", "jobset_id", "project_id", "job_name", "drv_path",
                  "system", "priority", "max_retries", "is_aggregate", "is_fod",
                  "required_features", "nix_name", "meta_description", "meta_license",
-                 "meta_homepage", "meta_maintainers", "timeout", "max_silent", "repeats")
+                 "meta_homepage", "meta_maintainers", "timeout", "max_silent", "repeats",
+                 "outputs_to_install")
 
 
 class BuildImporter:
@@ -331,10 +340,11 @@ class BuildImporter:
                     _opt(_maintainers(meta.get("maintainers"))),
                     _opt_int(_int(meta.get("timeout"))),
                     _opt_int(_int(meta.get("maxSilent"))),
-                    str(_repeats(meta.get("hydra")))))
+                    str(_repeats(meta.get("hydra"))),
+                    _outputs_to_install(meta.get("outputsToInstall"), job.outputs)))
             else:
                 priority = 0
-                tail = "\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t0"
+                tail = "\\N\t\\N\t\\N\t\\N\t\\N\t\\N\t0\t\\N"
             features = job.features
             yield (f"{build_id}\t{prefix}{_text(job.name)}\t{job.drv_path}\t"
                    f"{_text(job.system)}\t{priority}\t{max_retries}\t"
@@ -348,17 +358,26 @@ class BuildImporter:
         build_of_drv = {drv: build_id for drv, (_, build_id) in self.build_of_drv.items()}
         build_of_job = self.build_of_job
         failed: dict[int, str] = {}
+        build_of_output: dict[str, int] = {}
+        if any(job.constituent_outputs for job, _ in self.created):
+            # constituents known only by output path (read from an aggregate's .drv)
+            build_of_output = {path: build_of_drv[job.drv_path] for job in self.jobs.values()
+                               for path in job.outputs.values()}
 
         def constituent_lines() -> Iterator[str]:
             for job, build_id in self.created:
                 if not job.is_aggregate:
                     continue
                 members = {build_of_drv[d] for d in job.constituents if d in build_of_drv}
+                members |= {build_of_output[p] for p in job.constituent_outputs
+                            if p in build_of_output}
+                problems = list(job.constituent_errors)
                 resolution = resolved.get(job.name)
                 if resolution is not None:
                     members |= {build_of_job[n] for n in resolution.members}
-                    if resolution.errors:
-                        failed[build_id] = "\n".join(resolution.errors)
+                    problems += resolution.errors
+                if problems:
+                    failed[build_id] = "\n".join(problems)
                 members.discard(build_id)
                 for member in sorted(members):
                     yield f"{build_id}\t{member}\n"

@@ -31,6 +31,10 @@ class DrvFacts:
     required_features: list[str]
     is_aggregate: bool
     input_drvs: list[str]
+    #: an aggregate's ``constituents`` as the builder sees them: output paths of the
+    #: derivations, and job names (patterns with ``_hydraGlobConstituents``)
+    constituents: list[str] = field(default_factory=list)
+    glob_constituents: bool = False
 
 
 @dataclass
@@ -50,12 +54,29 @@ class Job:
     #: from the program when it says; otherwise filled in from the .drv
     required_features: list[str] | None = None
     facts: DrvFacts | None = None
+    #: an aggregate's constituents named by output path (see :meth:`constituents_from_drv`)
+    constituent_outputs: list[str] = field(default_factory=list)
+    #: what the program found wrong with the constituents ("x: does not exist")
+    constituent_errors: list[str] = field(default_factory=list)
+    #: whether the program reported constituents at all (nix-eval-jobs < 2.25 does not)
+    reports_constituents: bool = True
 
     @property
     def is_aggregate(self) -> bool:
         if self.facts is not None and self.facts.is_aggregate:
             return True
         return bool(self.constituents or self.named_constituents)
+
+    def constituents_from_drv(self) -> None:
+        """Take an aggregate's constituents from its .drv when the program did not report
+        them (nix-eval-jobs before ``--constituents``): the ``constituents`` attribute
+        is in the builder's environment, derivations as output paths, names as written."""
+        facts = self.facts
+        if self.reports_constituents or facts is None or not facts.is_aggregate:
+            return
+        self.constituent_outputs = [c for c in facts.constituents if c.startswith("/")]
+        self.named_constituents = [c for c in facts.constituents if not c.startswith("/")]
+        self.glob_constituents = facts.glob_constituents
 
     @property
     def is_fod(self) -> bool:
@@ -96,7 +117,8 @@ def job_from_record(record: dict[str, Any]) -> Job | JobError:
         path = attr.split(".")
     else:
         name = attr_name(path)
-    if "error" in record:
+    aggregate_failed = "error" in record and "constituents" in record and "drvPath" in record
+    if "error" in record and not aggregate_failed:
         return JobError(name, str(record["error"]).strip())
     drv_path = record.get("drvPath")
     if not isinstance(drv_path, str) or not drv_path.endswith(".drv"):
@@ -122,6 +144,11 @@ def job_from_record(record: dict[str, Any]) -> Job | JobError:
         named_constituents=[c for c in named if isinstance(c, str)] if named else [],
         glob_constituents=record.get("globConstituents") is True,
         required_features=_strings(features) if features is not None else None,
+        # nix-eval-jobs >= 2.25 resolves named constituents itself: a broken one leaves
+        # the aggregate's record whole, with one "name: reason" line per problem in error
+        constituent_errors=sorted({line.strip() for line in str(record["error"]).splitlines()
+                                   if line.strip()}) if aggregate_failed else [],
+        reports_constituents="constituents" in record or "namedConstituents" in record,
     )
 
 
@@ -133,6 +160,7 @@ _OUTPUT = re.compile(rb'\("[^"]*","[^"]*","[^"]*","([^"]*)"\)')
 # an input derivation entry: ("/nix/store/...drv",[ -- only inputDrvs have this shape
 _INPUT_DRV = re.compile(rb'\("(/nix/store/[^"]+\.drv)",\[')
 _ENV_FEATURES = re.compile(rb'\("requiredSystemFeatures","((?:[^"\\]|\\.)*)"\)')
+_ENV_CONSTITUENTS = re.compile(rb'\("constituents","((?:[^"\\]|\\.)*)"\)')
 
 
 def scan_derivation(data: bytes | str) -> DrvFacts:
@@ -147,10 +175,16 @@ def scan_derivation(data: bytes | str) -> DrvFacts:
         match = _ENV_FEATURES.search(data)
         if match:
             features = match.group(1).decode().split()
+    is_aggregate = b'("_hydraAggregate","1")' in data
+    constituents: list[str] = []
+    if is_aggregate and (match := _ENV_CONSTITUENTS.search(data)):
+        constituents = match.group(1).decode().split()
     return DrvFacts(
         is_fod=any(m.group(1) for m in _OUTPUT.finditer(outputs)),
         required_features=features,
-        is_aggregate=b'("_hydraAggregate","1")' in data,
+        is_aggregate=is_aggregate,
+        constituents=constituents,
+        glob_constituents=is_aggregate and b'("_hydraGlobConstituents","1")' in data,
         input_drvs=([m.decode() for m in _INPUT_DRV.findall(data)]
                     if b'.drv",[' in data else []),
     )

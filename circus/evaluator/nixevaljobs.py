@@ -7,12 +7,16 @@ expression into a readable error before nix-eval-jobs starts its workers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any
 
+from circus.common.nix.process import run as run_process
 from circus.evaluator import proc
 from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
 from circus.evaluator.program import (
@@ -32,6 +36,26 @@ PROGRAM = "nix-eval-jobs"
 
 def available() -> str | None:
     return shutil.which(PROGRAM)
+
+
+@functools.lru_cache(maxsize=8)
+def _flags(program: str, mtime_ns: int) -> frozenset[str]:
+    """The long options ``program --help`` lists (cached per binary and version)."""
+    try:
+        found = run_process([program, "--help"], timeout=30)
+    except OSError:
+        return frozenset()
+    return frozenset(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", found.stdout + found.stderr))
+
+
+def supports(program: str, flag: str) -> bool:
+    """Whether this nix-eval-jobs knows ``flag``: options were added over its releases
+    (``--constituents`` in 2.25), and an unknown one fails the whole run."""
+    try:
+        mtime_ns = os.stat(program).st_mtime_ns
+    except OSError:
+        return False
+    return flag in _flags(program, mtime_ns)
 
 
 def probe(spec: EvalSpec, should_stop: Callable[[], bool] | None = None) -> list[str]:
@@ -70,7 +94,10 @@ in
 def command(spec: EvalSpec, attr_path: list[str], program: str) -> list[str]:
     argv = [program, "--gc-roots-dir", str(spec.gc_roots_dir),
             "--workers", str(spec.workers), "--max-memory-size", str(spec.max_memory_size),
-            "--meta", "--constituents", "--force-recurse"]
+            "--meta", "--force-recurse"]
+    # without it the aggregates' constituents come from their .drv files (Job.constituents_from_drv)
+    if supports(program, "--constituents"):
+        argv.append("--constituents")
     if spec.flake_ref is not None:
         argv += ["--flake", f"{spec.flake_ref}#{attr_name(attr_path)}"]
     else:

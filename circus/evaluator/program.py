@@ -220,6 +220,7 @@ class JobSink:
                 for job in chunk:
                     if job.facts is None:
                         job.facts = read_facts(job.drv_path)
+                    job.constituents_from_drv()
                 self.jobs.extend(chunk)
                 batch.extend(chunk)
                 # full batches only: nothing commits before the end anyway, and

@@ -47,7 +47,7 @@ let
       builtins.mapAttrs (_: clean (depth + 1)) v
     else v;
   metaFields = [ "description" "license" "homepage" "maintainers" "timeout" "maxSilent"
-                 "schedulingPriority" "hydra" ];
+                 "schedulingPriority" "hydra" "outputsToInstall" ];
   metaOf = v:
     let meta = v.meta or { }; in
     if !(isAttrs meta) || meta == { } then { }

@@ -3,9 +3,11 @@
 A jobset with ``check_reproducibility``, or a job with ``meta.hydra.repeats``
 > 0, has its builds checked after they succeed. The step finishes first (its
 dependents are released at once), then the worker that built it rebuilds it
-with Nix's own ``--check``; outputs that differ turn the build into
-``non_deterministic`` (the differing output named in its error message), which
-notifies like any status change. A matching rebuild leaves the build as it was.
+with Nix's own ``--check`` (an SSH builder's step on that builder, where its
+outputs and inputs still are; agents do not check, see docs/COMPARISON.md); outputs
+that differ turn the build into ``non_deterministic`` (the differing output named in
+its error message), which notifies like any status change. A matching rebuild
+leaves the build as it was.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import text
@@ -64,17 +66,28 @@ def check_derivation(drv_path: str, outputs: Mapping[str, str], env: Mapping[str
     Raises ``RuntimeError`` when the check could not be made (the build is left alone).
     """
     try:
-        done = subprocess.run(["nix-store", "--realise", "--check", drv_path],
-                              capture_output=True, text=True, env=dict(env), timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(check_argv(drv_path), capture_output=True, text=True,
+                              env=dict(env), timeout=timeout, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeError(f"could not run nix-store --check: {exc}") from exc
-    if done.returncode == 0:
+    return judge_check(done.returncode, done.stderr, outputs)
+
+
+def check_argv(drv_path: str, options: Sequence[str] = ()) -> list[str]:
+    """The ``--check`` rebuild, here or on an SSH builder (``options``: its ``--option``s)."""
+    return ["nix-store", "--realise", "--check", *options, drv_path]
+
+
+def judge_check(returncode: int, stderr: str, outputs: Mapping[str, str]) -> str | None:
+    """The mismatch message of a ``--check`` run, or None when it matched.
+
+    Raises ``RuntimeError`` when Nix failed for another reason (no verdict)."""
+    if returncode == 0:
         return None
-    differing = _DIFFERS.findall(done.stderr)
-    if done.returncode != NOT_DETERMINISTIC_EXIT or not differing:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"nix-store --check exited with status {done.returncode}: {tail}")
+    differing = _DIFFERS.findall(stderr)
+    if returncode != NOT_DETERMINISTIC_EXIT or not differing:
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"nix-store --check exited with status {returncode}: {tail}")
     by_path = {path: name for name, path in outputs.items()}
     named = ", ".join(f"{by_path.get(p, '?')} ({p})" for p in differing)
     return f"not reproducible: output {named} differs when rebuilt with nix-store --check"

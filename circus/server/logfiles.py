@@ -133,3 +133,15 @@ def tail(path: Path, limit: int) -> tuple[bytes, int]:
         if len(kept) > 2 * limit:
             del kept[:-limit]
     return bytes(kept[-limit:]), total
+
+
+def tail_text(path: Path, limit: int) -> tuple[str, int, bool]:
+    """The end of a log as text: (text, the log's whole length, whether it was cut).
+
+    A cut tail starts at its first whole line, so readers never see half a line.
+    """
+    data, length = tail(path, limit)
+    truncated = length > len(data)
+    if truncated and b"\n" in data:
+        data = data[data.index(b"\n") + 1:]
+    return data.decode(errors="replace"), length, truncated

@@ -120,7 +120,12 @@ def _derivation(build: Build) -> str | None:
              "outputs = [ " + " ".join(nix_string(o) for o in sorted(outputs)) + " ];"]
     attrs += [f"{nix_string(o)} = {{ outPath = {nix_string(p)}; }};"
               for o, p in sorted(outputs.items())]
-    attrs.append(f"meta = {{ description = {nix_string(build.meta_description or '')}; }};")
+    meta = [f"description = {nix_string(build.meta_description or '')};"]
+    install = [o for o in build.outputs_to_install or [] if o in outputs]
+    if install:
+        # what `nix-env -i` installs (Nix's default without it: outputName only)
+        meta.append("outputsToInstall = [ " + " ".join(nix_string(o) for o in install) + " ];")
+    attrs.append("meta = { " + " ".join(meta) + " };")
     return "{ " + " ".join(attrs) + " }"
 
 

@@ -112,3 +112,58 @@ def test_channel_nested_jobs_are_installable_with_nix_env(
                          env=nix_env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f'"/nix/store/{"d" * 32}-dotted"'
+
+
+def _multi_output(name: str, nix_env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A real derivation with outputs out, bin and dev, built: (drv path, outputs)."""
+    expr = (f'derivation {{ name = "{name}"; system = builtins.currentSystem; '
+            'builder = "/bin/sh"; outputs = [ "out" "bin" "dev" ]; '
+            'args = [ "-c" "echo out > $out; echo bin > $bin; echo dev > $dev" ]; }')
+    drv = subprocess.run(["nix-instantiate", "-E", expr], env=nix_env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    paths = subprocess.run(["nix-store", "--realise", drv], env=nix_env, check=True,
+                           capture_output=True, text=True).stdout.split()
+    return drv, {path.rsplit("-", 1)[1] if path.endswith(("-bin", "-dev")) else "out": path
+                 for path in paths}
+
+
+def test_channels_keep_outputs_to_install_for_nix_env(
+        client: FlaskClient, world: World, db: Session, tmp_path: Path,
+        nix_env: dict[str, str], nonce: str) -> None:
+    """``meta.outputsToInstall`` reaches the channel: ``nix-env -i`` installs those
+    outputs (not dev); a job without it gets Nix's default, every output."""
+    project = world.project()
+    jobset = world.jobset(project)
+    evaluation = world.evaluation(jobset)
+    installed: dict[str, dict[str, str]] = {}
+    for job, chosen in (("tools", ["bin", "out"]), ("plain", None)):
+        drv, outputs = _multi_output(f"{job}-{nonce}-1.0", nix_env)
+        build = world.build(evaluation, job, BuildStatus.succeeded, nix_name=f"{job}-1.0",
+                            outputs=outputs, outputs_to_install=chosen)
+        build.drv_path = drv
+        installed[job] = outputs
+    db.add(Channel(project_id=project.id, jobset_id=jobset.id, name="outputs",
+                   evaluation_id=evaluation.id))
+    db.commit()
+
+    data = client.get("/channel/outputs/nixexprs.tar.xz").data
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        archive.extractall(tmp_path, filter="data")
+    channel = str(tmp_path / "outputs")
+    listed = json.loads(subprocess.run(["nix-env", "-qaP", "--json", "--meta", "-f", channel],
+                                       env=nix_env, check=True, capture_output=True,
+                                       text=True).stdout)
+    assert listed["tools"]["meta"]["outputsToInstall"] == ["bin", "out"]
+    assert "outputsToInstall" not in listed["plain"]["meta"]
+
+    profile = str(tmp_path / "profile")
+    for job in ("tools", "plain"):
+        done = subprocess.run(["nix-env", "-p", profile, "-f", channel, "-iA", job],
+                              env=nix_env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    got = json.loads(subprocess.run(["nix-env", "-p", profile, "-q", "--json", "--out-path"],
+                                    env=nix_env, check=True, capture_output=True,
+                                    text=True).stdout)
+    by_name = {item["pname"]: item["outputs"] for item in got.values()}
+    assert by_name["tools"] == {o: installed["tools"][o] for o in ("bin", "out")}
+    assert by_name["plain"] == installed["plain"]

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from sqlalchemy import Engine
 
 from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS, current_system
-from tests.api.live import LiveServer, live_server
+from tests.api.live import ADMIN_KEY, LiveServer, live_server
+from tests.dashboard.conftest import PASSWORD
 from tests.dashboard.test_browser import USERS, context, log_in, shot
 from tests.helpers.daemons import Daemon, circus_command
 from tests.helpers.gitrepo import GitRepo
@@ -205,4 +207,113 @@ def test_evaluate_watch_a_build_live_and_restart_a_failed_one(
     page.goto("/machines")
     expect(page.locator("text=queue-runner")).not_to_have_count(0)
     shot(page, screenshots, "e2e-machines")
+    browser.close()
+
+
+DAG_FLAKE = """
+{
+  outputs = { self }:
+    let
+      system = "@SYSTEM@";
+      sh = name: script: derivation {
+        inherit name system;
+        builder = "/bin/sh";
+        args = [ "-c" ("export PATH=/usr/bin:/bin; set -e; " + script) ];
+      };
+      leaf = sh "leaf-@NONCE@" ''
+        echo "compiling the leaf"
+        echo "leaf is broken beyond repair"
+        exit 3
+      '';
+      lib = sh "lib-@NONCE@" "echo ${leaf} > $out";
+      tool = sh "tool-@NONCE@" "echo ${leaf} > $out";
+    in {
+      hydraJobs.app = sh "app-@NONCE@" "echo ${lib} ${tool} > $out";
+    };
+}
+"""
+
+
+def wait_for_finished_build(api: requests.Session, url: str, project_id: int,
+                            timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = api.get(f"{url}/api/v1/builds", params={"project_id": project_id},
+                        timeout=10).json()["items"]
+        if items and items[0]["status"] not in ("pending", "running"):
+            return dict(items[0])
+        time.sleep(0.5)
+    raise AssertionError(f"no finished build in project {project_id}")
+
+
+def test_step_graph_of_a_dependency_failed_build(
+        chromium: Any, system: System, screenshots: Path, tmp_path: Path) -> None:
+    """app → {lib, tool} → leaf; the leaf fails: the API gives the edges and the path
+    down to the leaf, the page draws the tree with the leaf once and a reference."""
+    from playwright.sync_api import expect
+
+    nonce = uuid.uuid4().hex
+    repo = GitRepo(tmp_path / "dag")
+    repo.commit({"flake.nix": DAG_FLAKE.replace("@SYSTEM@", current_system())
+                 .replace("@NONCE@", nonce)}, "a failing leaf")
+    url = system.server.url
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
+    project = api.post(f"{url}/api/v1/projects", timeout=10, json={
+        "name": "dag", "repository_url": repo.url, "hidden": True}).json()
+    jobset = api.post(f"{url}/api/v1/projects/{project['id']}/jobsets", timeout=10,
+                      json={"name": "main", "branch": "main"}).json()
+    trigger = api.post(f"{url}/api/v1/evaluations/trigger", timeout=10,
+                       json={"jobset_id": jobset["id"]})
+    assert trigger.status_code == 202, trigger.text
+    build = wait_for_finished_build(api, url, project["id"])
+    assert (build["job_name"], build["status"]) == ("app", "dependency_failed")
+
+    steps = api.get(f"{url}/api/v1/builds/{build['id']}/steps", timeout=10).json()
+    by_name = {s["drv_path"].split("-", 1)[1].removesuffix(f"-{nonce}.drv"): s for s in steps}
+    assert sorted(by_name) == ["app", "leaf", "lib", "tool"]
+    ids = {name: s["id"] for name, s in by_name.items()}
+    edges = {name: sorted(s["depends_on"]) for name, s in by_name.items()}
+    assert edges == {"app": sorted([ids["lib"], ids["tool"]]), "lib": [ids["leaf"]],
+                     "tool": [ids["leaf"]], "leaf": []}
+    assert by_name["leaf"]["status"] == "failed"
+    assert by_name["lib"]["status"] == by_name["app"]["status"] == "dependency_failed"
+
+    found = api.get(f"{url}/api/v1/builds/{build['id']}/steps/failure", timeout=10).json()
+    assert found["failed_step"]["id"] == ids["leaf"]
+    assert found["failed_step"]["exit_code"] == 3
+    assert [s["id"] for s in found["path"]][::2] == [ids["app"], ids["leaf"]]
+    assert found["path"][1]["id"] in (ids["lib"], ids["tool"])
+    assert found["machine"]
+    assert found["machine"] == by_name["leaf"]["machine"]
+    assert "leaf is broken beyond repair" in found["log_tail"]
+
+    # the hidden project's build is not there for someone outside it
+    outsider = requests.Session()
+    login = outsider.post(f"{url}/api/v1/auth/login", timeout=10,
+                          json={"username": "viewer", "password": PASSWORD})
+    assert login.status_code == 200, login.text
+    for path in ("steps", "steps/failure"):
+        response = outsider.get(f"{url}/api/v1/builds/{build['id']}/{path}", timeout=10)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]
+
+    browser = context(chromium, system.server)
+    page = browser.new_page()
+    page.goto("/login")
+    log_in(page, "root")
+    page.wait_for_url("**/")
+    page.goto(f"/build/{build['id']}")
+    tree = page.locator("ul.step-tree")
+    # drawn in full once (under lib), referenced once (under tool)
+    expect(tree.locator(f"li#step-{ids['leaf']}")).to_have_count(1)
+    expect(tree.locator("li.step-ref")).to_have_count(1)
+    assert f"leaf-{nonce}" in tree.locator("li.step-ref").inner_text()
+    failure_path = page.locator("#failure-path").inner_text()
+    assert f"app-{nonce}" in failure_path
+    assert f"leaf-{nonce}" in failure_path
+    assert found["machine"] in failure_path
+    # the failed leaf's log is the one the page opens with
+    assert "leaf is broken beyond repair" in page.locator("#log-text").inner_text()
+    shot(page, screenshots, "e2e-build-step-graph")
     browser.close()

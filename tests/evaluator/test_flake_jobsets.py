@@ -66,6 +66,7 @@ def test_a_flake_jobset_becomes_builds(world: World, flake_repo: GitRepo,
     assert hello.meta_maintainers == "Alice, bob"
     assert (hello.timeout, hello.max_silent, hello.priority) == (600, 60, 50)
     assert hello.repeats == 1
+    assert hello.outputs_to_install == ["out"]
     assert hello.max_retries == world.settings.queue_runner.max_retries
     assert not hello.is_fod
     assert not hello.is_aggregate
@@ -73,6 +74,7 @@ def test_a_flake_jobset_becomes_builds(world: World, flake_repo: GitRepo,
     plain = builds["nested.plain"]
     assert (plain.priority, plain.timeout, plain.max_silent, plain.repeats) == (0, None, None, 0)
     assert plain.meta_description is None
+    assert plain.outputs_to_install is None
     assert sorted(builds["nested.kvm"].required_features) == ["big-parallel", "kvm"]
     assert builds["nested.plain"].required_features == []
     assert builds["fetched"].is_fod

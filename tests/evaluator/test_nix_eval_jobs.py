@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from circus.common.config import Settings
-from circus.common.enums import EvaluationStatus, InputType
+from circus.common.enums import BuildStatus, EvaluationStatus, InputType
 from circus.evaluator import execution
 from tests.conftest import FIXTURES
 from tests.evaluator.conftest import World, completed
@@ -118,3 +118,66 @@ def _cmdline(proc_dir: Path) -> bytes:
         return (proc_dir / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+VERSIONS = RECORDING / "versions"
+#: releases whose nix-eval-jobs has no --constituents (their aggregates' constituents are
+#: read from the .drv files)
+WITHOUT_CONSTITUENTS = {"2.8", "2.12", "2.24"}
+
+
+@pytest.mark.parametrize("version", sorted(p.stem for p in VERSIONS.glob("*.jsonl")))
+def test_every_nix_eval_jobs_version_records_the_same_evaluation(
+        world: World, recorded_repo: GitRepo, fake_nix_eval_jobs: Path, nix_env: dict[str, str],
+        version: str) -> None:
+    """Each release's output shape (see versions/README.md) gives the same builds, errors
+    and aggregate constituents."""
+    subprocess.run(["nix-instantiate", str(VERSIONS / "jobs.nix"), "-A", "all", "-A", "release",
+                    "-A", "gate", "-A", "rewritten"], env=nix_env, check=True,
+                   capture_output=True)
+    with (fake_nix_eval_jobs.parent / "bin" / "fake.env").open("a") as env:
+        env.write(f"CIRCUS_FAKE_NEJ_OUTPUT='{VERSIONS / f'{version}.jsonl'}'\n")
+        if version in WITHOUT_CONSTITUENTS:
+            env.write("CIRCUS_FAKE_NEJ_NEW_FLAGS=''\n")
+    evaluation = completed(world.evaluate(world.jobset(recorded_repo.url)))
+
+    argv = fake_nix_eval_jobs.read_text().splitlines()
+    # an option the release does not know would fail the whole run
+    assert ("--constituents" in argv) is (version not in WITHOUT_CONSTITUENTS)
+    builds = world.builds(evaluation.id)
+    # before attrPath (2.8) a dotted attribute name could not be evaluated at all
+    dotted = set() if version == "2.8" else {'nested."dotted.attr"'}
+    assert set(builds) == {"hello", "nested.kvm", "tarball", "all", "release", "gate"} | dotted
+    assert {e.job_name: e.message for e in evaluation.errors} == {
+        "broken": "error: this job is broken"}
+    assert builds["hello"].meta_license == "GPL-3.0-or-later"
+    assert builds["nested.kvm"].required_features == ["kvm"]
+    assert builds["tarball"].is_fod
+    assert {n for n, b in builds.items() if b.is_aggregate} == {"all", "release", "gate"}
+    members = _constituents(world, evaluation.id)
+    assert members["all"] == members["release"] == ["hello", "nested.kvm"]
+    for name in ("all", "release"):
+        assert builds[name].status is BuildStatus.pending
+    gate = builds["gate"]
+    assert gate.status is BuildStatus.failed
+    assert sorted((gate.error_message or "").splitlines()) == [
+        "broken: error: this job is broken", "missing: does not exist"]
+
+
+def _constituents(world: World, evaluation_id: int) -> dict[str, list[str]]:
+    from sqlalchemy import select
+    from sqlalchemy.orm import aliased
+
+    from circus.common.models import Build, BuildConstituent
+
+    member = aliased(Build)
+    with world.factory() as session:
+        rows = session.execute(
+            select(Build.job_name, member.job_name)
+            .join(BuildConstituent, BuildConstituent.aggregate_id == Build.id)
+            .join(member, member.id == BuildConstituent.constituent_id)
+            .where(Build.evaluation_id == evaluation_id)).all()
+    found: dict[str, list[str]] = {}
+    for aggregate, name in rows:
+        found.setdefault(aggregate, []).append(name)
+    return {k: sorted(v) for k, v in found.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,8 +27,10 @@ from circus.queue_runner.ssh import remotebuild
 from circus.queue_runner.ssh.pool import SshBuilders
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.conftest import Driver
-from tests.queue_runner.factories import instantiate, make_builds
+from tests.queue_runner.factories import FIXTURES, instantiate, make_builds, make_jobset
 from tests.ssh_builders.conftest import JOBS, SshHost, add_builders, keygen, ssh_settings
+
+REPRO = FIXTURES / "repro.nix"
 
 
 @contextmanager
@@ -284,3 +287,33 @@ def test_a_refused_builder_leaves_its_steps_unsupported(
     assert driver.statuses([build.id])[build.id] is BuildStatus.unsupported_system
     assert "host key mismatch" in builder_row(committed_db, "mitm")["last_failure"]
     assert not host.has(drvs["special"])
+
+
+def test_reproducibility_is_checked_on_the_ssh_builder(
+        qr_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
+        ssh_host: Callable[..., SshHost], nix_env: dict[str, str], nonce: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A jobset asking for checks: the builder that built a step rebuilds it with
+    ``--check``; a differing output makes the build non_deterministic, naming it."""
+    caplog.set_level(logging.INFO, logger="circus.queue_runner.ssh.step")
+    host = ssh_host("repro")
+    add_builders(committed_db, host.row())
+    settings = qr_settings(queue_runner=ssh_settings())
+    drvs = instantiate(["random", "stable"], nonce, nix_env, expr=REPRO)
+    with running_pool(settings, committed_db) as (_pool, driver):
+        with committed_db() as session:
+            jobset = make_jobset(session)
+            jobset.check_reproducibility = True
+            builds = make_builds(session, drvs, jobset=jobset)
+        ids = {job: b.id for job, b in builds.items()}
+        step_until(driver, lambda: driver.statuses([ids["random"]])[ids["random"]]
+                   is BuildStatus.non_deterministic, message="random non-deterministic")
+        wait_until(lambda: any(drvs["stable"] in m and "is reproducible on repro" in m
+                               for m in caplog.messages), message="stable checked")
+    assert driver.statuses([ids["stable"]])[ids["stable"]] is BuildStatus.succeeded
+    with committed_db() as session:
+        message = session.execute(text("SELECT error_message FROM builds WHERE id = :id"),
+                                  {"id": ids["random"]}).scalar_one()
+    out = read_derivation(drvs["random"]).output_paths["out"]
+    assert message == (f"not reproducible: output out ({out}) differs when rebuilt with "
+                       "nix-store --check (on repro)")

@@ -53,6 +53,8 @@ class Build(Base):
     max_silent: Mapped[int | None]
     #: from meta.hydra.repeats: > 0 asks for a reproducibility check (nix-store --check)
     repeats: Mapped[int] = mapped_column(server_default="0", default=0)
+    #: meta.outputsToInstall: the outputs ``nix-env -i`` installs from a channel (None: unset)
+    outputs_to_install: Mapped[list[str] | None]
     created_at: Mapped[CreatedAt]
     #: when the queue runner turned the build into steps (None: not yet)
     stepped_at: Mapped[datetime | None]

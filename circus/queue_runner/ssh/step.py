@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shlex
 import threading
 import time
 from collections.abc import Iterable
@@ -50,6 +51,12 @@ from circus.queue_runner.nixrun import (
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
+from circus.queue_runner.reproducibility import (
+    builds_to_check,
+    check_argv,
+    judge_check,
+    mark_non_deterministic,
+)
 from circus.queue_runner.ssh import health, transfer
 from circus.queue_runner.ssh.connection import Remote, RemoteError
 from circus.queue_runner.ssh.remotebuild import RemoteNixRun
@@ -214,6 +221,41 @@ class SshStep(threading.Thread):
         verdict = self._build(info, missing)
         if verdict is not None:
             self._finish(verdict)
+            if verdict.outcome.status is BuildStatus.succeeded:
+                self._check_reproducibility(info)
+
+    def _check_reproducibility(self, info: DrvInfo) -> None:
+        """Rebuild the step with ``--check`` on this builder when its builds ask for it.
+
+        The step is finished already (its dependents were released); the builder still
+        has the inputs and outputs, and the rebuild holds this slot like a build would.
+        """
+        step_id = self.claimed.id
+        wanted = in_transaction(self.pool.factory,
+                                lambda s: builds_to_check(s, [step_id])).get(step_id)
+        if not wanted or self.pool.stop.is_set():
+            return
+        self.keeper.done.set()  # nothing left to lease: the step is done
+        options = self._options()
+        argv = check_argv(info.drv_path, [
+            "--timeout", str(options.timeout), "--max-silent-time", str(options.max_silent),
+            "--option", "system-features", " ".join(options.system_features or [])])
+        try:
+            done = self.remote.run(" ".join(shlex.quote(a) for a in argv),
+                                   timeout=options.timeout + 60)
+            mismatch = judge_check(done.returncode, done.stderr.decode(errors="replace"),
+                                   info.output_paths)
+        except (RemoteError, RuntimeError) as exc:
+            log.warning("reproducibility check of %s on %s not made: %s", info.drv_path,
+                        self.handle.name, exc)
+            return
+        if mismatch is None:
+            log.info("%s is reproducible on %s (builds %s)", info.drv_path, self.handle.name,
+                     wanted)
+            return
+        changed = in_transaction(self.pool.factory, lambda s: mark_non_deterministic(
+            s, wanted, f"{mismatch} (on {self.handle.name})"))
+        log.info("%s: builds %s are non-deterministic", info.drv_path, changed)
 
     def _missing_inputs(self, inputs: list[str]) -> list[str]:
         """Inputs to send: those the builder lacks. Paths it is known to have are not

@@ -7,21 +7,24 @@ from typing import Any
 from sqlalchemy import func, select
 
 from circus.common.enums import BuildStatus, StepState
+from circus.common.errors import NotFound
 from circus.common.models import Build, BuildConstituent, BuildDependency, Step
 from circus.server.actions import BuildAction, act_on_build
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.queries import build_steps, filter_builds, get_build
+from circus.server.api.queries import filter_builds, get_build
 from circus.server.api.schemas.builds import (
     BuildFilterSchema,
     BuildSchema,
     BuildStatsSchema,
+    FailureSchema,
     RecentArgsSchema,
     StatsArgsSchema,
     StepSchema,
 )
 from circus.server.api.schemas.common import PageArgs, page_of
 from circus.server.auth import current_actor
-from circus.server.context import db_session
+from circus.server.context import db_session, settings
+from circus.server.stepgraph import failure, step_graph
 
 blp = Blueprint("builds", __name__, url_prefix="/api/v1/builds",
                 description="Builds, their steps, logs and products")
@@ -118,9 +121,26 @@ def keep(build_id: int, keep: str) -> Any:
 @blp.get(B + "/steps")
 @blp.response(200, StepSchema(many=True))
 def steps(build_id: int) -> Any:
+    """Every step the build waited for; ``depends_on`` gives the edges of the step graph."""
     session = db_session()
     get_build(session, build_id, current_actor())
-    return build_steps(session, build_id)
+    graph = step_graph(session, build_id)
+    return [{**vars(step), "depends_on": graph.depends_on[step.step_id]}
+            for step in graph.steps]
+
+
+@blp.get(B + "/steps/failure")
+@blp.response(200, FailureSchema)
+def step_failure(build_id: int) -> Any:
+    """Why the build's latest attempt failed: the path of steps from its own step down to
+    the step that failed, that step's machine and the end of its log. 404 when the build's
+    own step did not fail."""
+    session = db_session()
+    get_build(session, build_id, current_actor())
+    found = failure(step_graph(session, build_id), settings().logs.log_dir)
+    if found is None:
+        raise NotFound(f"build {build_id} has no failed step")
+    return found
 
 
 def _related(build_id: int, args: dict[str, Any], query: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -23,7 +22,6 @@ from circus.common.models import (
     Build,
     BuilderSession,
     BuildOutput,
-    BuildStep,
     Evaluation,
     EvaluationBuild,
     Jobset,
@@ -111,22 +109,6 @@ def get_build(session: Session, build_id: int, actor: Actor) -> Build:
         raise NotFound(f"no build with id {build_id}")
     require_visible(session, actor, build.project_id, f"build with id {build_id}")
     return build
-
-
-def build_steps(session: Session, build_id: int) -> list[SimpleNamespace]:
-    """Every step a build waited for, in order, with the step's state (one query)."""
-    rows = session.execute(
-        select(BuildStep, Step).join(Step, Step.id == BuildStep.step_id)
-        .where(BuildStep.build_id == build_id).order_by(BuildStep.step_nr))
-    return [SimpleNamespace(
-        step_id=step.id, build_id=bs.build_id, step_nr=bs.step_nr, drv_path=bs.drv_path,
-        is_toplevel=bs.is_toplevel, state=step.state, status=step.status, system=step.system,
-        machine=step.machine, exit_code=step.exit_code, error_message=step.error_message,
-        propagated_from_step_id=bs.propagated_from_step_id, started_at=step.started_at,
-        finished_at=step.finished_at, log_size=step.log_size,
-        # a running step writes its log before log_path records it
-        has_log=bool(step.log_path) or step.state is StepState.running,
-    ) for bs, step in rows]
 
 
 def search(session: Session, actor: Actor, q: str, limit: int) -> dict[str, Any]:

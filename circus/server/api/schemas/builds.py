@@ -162,6 +162,20 @@ class StepSchema(ma.Schema):
     completed_at = fields.DateTime(allow_none=True, attribute="finished_at")
     log_size = fields.Integer(allow_none=True)
     has_log = fields.Boolean(required=True)
+    depends_on = fields.List(fields.Integer(), metadata={
+        "description": "ids of this build's steps this step waited on (the graph's edges)"})
+
+
+class FailureSchema(ma.Schema):
+    failed_step = fields.Nested(StepSchema, required=True, metadata={
+        "description": "the step whose failure failed the build"})
+    path = fields.List(fields.Nested(StepSchema), required=True, metadata={
+        "description": "the build's own step first, down the edges to the failed step"})
+    machine = fields.String(allow_none=True, metadata={
+        "description": "where the failed step ran"})
+    log_tail = fields.String(allow_none=True, metadata={
+        "description": "the end of the failed step's log (None: it wrote none)"})
+    log_truncated = fields.Boolean(required=True)
 
 
 class ProductSchema(ma.Schema):

@@ -22,13 +22,13 @@ from circus.common.models import Build, BuildOutput, BuildProduct, Step
 from circus.server import logfiles, streams
 from circus.server.actions import BuildAction, act_on_build
 from circus.server.api.buildfiles import product_file
-from circus.server.api.queries import build_steps
 from circus.server.auth import current_actor
 from circus.server.context import db_session, server_context, settings
 from circus.server.dashboard import queries
 from circus.server.dashboard.access import page
 from circus.server.dashboard.blueprint import blueprint
 from circus.server.security import build_output, client_address
+from circus.server.stepgraph import failure, is_failed, step_graph, tree
 from circus.server.usercontent import product_link
 
 #: how much of a log the build page shows (the whole log is one click away)
@@ -42,10 +42,6 @@ def _build_page(build_id: int) -> queries.BuildPage:
     if found is None or not can_see_project(session, current_actor(), found.project.id):
         raise NotFound(f"no build with id {build_id}")
     return found
-
-
-def _failed(step: Any) -> bool:
-    return step.status is not None and step.status is not BuildStatus.succeeded
 
 
 def _initial_log_step(steps: list[Any], asked: int | None) -> Any:
@@ -63,7 +59,7 @@ def _initial_log_step(steps: list[Any], asked: int | None) -> Any:
     own = [s for s in steps if s.is_toplevel and s.has_log]
     if own:
         return own[-1]
-    failed = [s for s in steps if _failed(s) and s.has_log]
+    failed = [s for s in steps if is_failed(s) and s.has_log]
     return failed[-1] if failed else None
 
 
@@ -78,7 +74,9 @@ def build(build_id: int) -> ResponseReturnValue:
     session = db_session()
     found = _build_page(build_id)
     row = found.build
-    steps = build_steps(session, build_id)
+    graph = step_graph(session, build_id)
+    steps = graph.steps
+    failed = failure(graph, settings().logs.log_dir)
     by_id = {s.step_id: s for s in steps}
     # "which dependency failed": steps that failed because another step failed point at it
     causes: dict[int, Any] = dict(by_id)
@@ -92,16 +90,13 @@ def build(build_id: int) -> ResponseReturnValue:
                                      Step.id == log_step.step_id)),
                                  log_step.drv_path, log_step.step_id)
         if path is not None:
-            data, log_offset = logfiles.tail(path, LOG_TAIL_BYTES)
-            log_truncated = log_offset > len(data)
-            if log_truncated and b"\n" in data:
-                data = data[data.index(b"\n") + 1:]
-            log_text = data.decode(errors="replace")
+            log_text, log_offset, log_truncated = logfiles.tail_text(path, LOG_TAIL_BYTES)
     can = allowed_actions(session, current_actor(), row.project_id)
     return render_template(
         "build.html", build=row, evaluation=found.evaluation, jobset=found.jobset,
         project=found.project, steps=steps, causes=causes,
-        failed_steps=[s for s in steps if _failed(s) and not s.propagated_from_step_id],
+        step_tree=tree(graph, failed.path if failed else None), failure=failed,
+        failed_steps=[s for s in steps if is_failed(s) and not s.propagated_from_step_id],
         log_step=log_step, log_text=log_text, log_offset=log_offset,
         log_truncated=log_truncated, live=not row.status.is_finished,
         # the build records its machine when it finishes; meanwhile its step knows
