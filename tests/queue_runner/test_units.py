@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from circus.common.nix.store import parse_dry_run
 from circus.queue_runner.capabilities import (
     Capabilities,
     parse_queue_class,
@@ -19,7 +20,6 @@ from circus.queue_runner.logs import StepLog, compress_file, log_path_for, read_
 from circus.queue_runner.nixrun import Kind, RunOptions, build_argv, classify
 from circus.queue_runner.procs import builders_of, kill_tree
 from circus.queue_runner.products import parse_metrics, parse_products
-from circus.queue_runner.store import parse_dry_run
 
 A = "/nix/store/" + "a" * 32
 
