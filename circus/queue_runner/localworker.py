@@ -30,6 +30,7 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix import store
 from circus.common.nix.environment import current_system
+from circus.common.nix.failures import Kind, failure_status
 from circus.common.nix.oom import oom_counter
 from circus.queue_runner import procs
 from circus.queue_runner.capabilities import BUILTIN_SYSTEM, Capabilities
@@ -39,12 +40,10 @@ from circus.queue_runner.logs import log_path_for
 from circus.queue_runner.nixrun import (
     Exited,
     Finished,
-    Kind,
     NixRun,
     RunOptions,
     Started,
     Target,
-    failure_status,
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result

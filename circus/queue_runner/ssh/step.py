@@ -34,17 +34,16 @@ from sqlalchemy.orm import Session
 from circus.common.enums import BuildStatus
 from circus.common.nix import store
 from circus.common.nix.derivation import read_derivation
+from circus.common.nix.failures import Kind, failure_status
 from circus.queue_runner.derivations import DrvInfo
 from circus.queue_runner.leases import ClaimedStep, release_steps, renew_lease
 from circus.queue_runner.logs import log_path_for
 from circus.queue_runner.nixrun import (
     Exited,
     Finished,
-    Kind,
     RunOptions,
     Started,
     Target,
-    failure_status,
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
