@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from circus.common.nix import store
 from circus.common.nix.store import PathInfo, StoreError, aio, parse_path_info, queries
-from tests.cache.support import closure_expr, nix_build
+from tests.cache.support import closure_expr, nix_build, simple_expr
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "nix-path-info"
 TOP = "/nix/store/drrv4f10d4j3bmy0m6f29z7ir4937h5q-circus-fixture-top"
@@ -121,5 +122,8 @@ def test_sync_and_async_ask_the_real_store_alike(nix_env: dict[str, str], nonce:
     recursive = store.path_infos([out], nix_env, recursive=True)
     assert store.dependency_order(recursive) == closure
     assert store.missing([built.drv_path], nix_env).to_build == set()
+    unbuilt = subprocess.run(["nix-instantiate", "-E", simple_expr(nonce)], env=nix_env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert store.missing([unbuilt, built.drv_path], nix_env).to_build == {unbuilt}
     with pytest.raises(StoreError, match="nix path-info failed"):
         store.path_infos([gone], nix_env, recursive=True)
