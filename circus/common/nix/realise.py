@@ -26,7 +26,6 @@ from circus.common.nix.oom import host_oom_kills
 LOG_CHUNK = 64 * 1024
 
 
-
 class Outcome(enum.Enum):
     success = "success"
     failed = "failed"
@@ -95,8 +94,7 @@ def classify(returncode: int | None, tail: str, *, log_limit_hit: bool, cancelle
         return Outcome.oom_killed, message or "killed by the OOM killer"
     if status is BuildStatus.log_limit_exceeded:
         return Outcome.log_limit_exceeded, message or "log limit exceeded"
-    if returncode in (100, 101, 102, 104) or (message and "builder for" in message) \
-            or status is BuildStatus.dependency_failed:
+    if returncode in (100, 101, 102, 104) or (message and "builder for" in message):
         return Outcome.failed, message or f"nix-store exited with {returncode}"
     # Nix could not even start the build (store locked, daemon gone, bad args):
     # an infrastructure problem, worth a retry
