@@ -47,9 +47,9 @@ def run(query: Query[Part, Answer], env: Mapping[str, str], timeout: float = TIM
     for argv in query.argvs:
         done = process.run(argv, env=env, timeout=timeout)
         if done.timed_out:
-            raise query.timeout(argv, timeout)
+            raise queries.timed_out(argv, timeout)
         if done.returncode != 0:
-            raise query.failure(argv, done.stderr)
+            raise queries.failed(argv, done.stderr)
         parts.append(query.parse(done.stderr if query.reads_stderr else done.stdout))
     return query.combine(parts)
 

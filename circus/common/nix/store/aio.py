@@ -24,7 +24,7 @@ async def run(query: Query[Part, Answer], env: Mapping[str, str]) -> Answer:
         out, err = await process.communicate()
         stderr = err.decode(errors="replace")
         if process.returncode != 0:
-            raise query.failure(argv, stderr)
+            raise queries.failed(argv, stderr)
         parts.append(query.parse(stderr if query.reads_stderr else out.decode()))
     return query.combine(parts)
 

@@ -80,11 +80,13 @@ class Query(Generic[Part, Answer]):
     combine: Callable[[list[Part]], Answer]
     reads_stderr: bool = False
 
-    def failure(self, argv: Sequence[str], stderr: str) -> StoreError:
-        return StoreError(f"{_command(argv)} failed: {stderr.strip()[-2000:]}")
 
-    def timeout(self, argv: Sequence[str], seconds: float) -> StoreError:
-        return StoreError(f"{_command(argv)} timed out after {seconds:.0f} s")
+def failed(argv: Sequence[str], stderr: str) -> StoreError:
+    return StoreError(f"{_command(argv)} failed: {stderr.strip()[-2000:]}")
+
+
+def timed_out(argv: Sequence[str], seconds: float) -> StoreError:
+    return StoreError(f"{_command(argv)} timed out after {seconds:.0f} s")
 
 
 def _command(argv: Sequence[str]) -> str:
