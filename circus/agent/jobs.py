@@ -11,15 +11,9 @@ from typing import Any
 
 from circus.agent.upload import UploadFailed, upload_outputs
 from circus.common.nix.realise import Outcome, RealiseResult, realise
-from circus.common.nix.transfer import (
-    Importer,
-    StoreError,
-    dependency_order,
-    derivation_outputs,
-    export_chunks,
-    invalid_paths,
-    path_infos,
-)
+from circus.common.nix.store import StoreError, dependency_order
+from circus.common.nix.store.aio import derivation_outputs, invalid_paths, path_infos
+from circus.common.nix.transfer import Importer, export_chunks
 from circus.protocol import schema
 from circus.protocol.limits import MAX_LOG_CHUNK
 
@@ -167,7 +161,7 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
             names = _output_names(job.drv_path)
             output_paths = list(names) or await derivation_outputs(job.drv_path, env)
             # one Nix call: the closure with its references, ordered dependencies first
-            infos = await path_infos(output_paths, env, recursive=True)
+            infos = await path_infos(output_paths, env, recursive=True, closure_size=True)
             needed = dependency_order(infos)
             lacking = set((await output_sink.missing(needed)).missing)
             to_send = [p for p in needed if p in lacking]
@@ -175,8 +169,8 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
                 async for chunk in export_chunks(to_send, env):
                     await output_sink.write(chunk)
             await output_sink.close()
-            outputs = [{"name": names.get(p, "out"), "path": p, "narHash": infos[p].nar_hash,
-                        "narSize": infos[p].nar_size, "closureSize": infos[p].closure_size}
+            outputs = [{"name": names.get(p, "out"), "path": p, "narHash": infos[p].nar_hash_sri,
+                        "narSize": infos[p].nar_size, "closureSize": infos[p].closure_size or 0}
                        for p in output_paths]
         except (StoreError, OSError) as exc:
             outcome, error = "postProcessFailure", f"could not send outputs: {exc}"

@@ -21,7 +21,7 @@ from typing import Any
 from circus.common.nix import nar
 from circus.common.nix.compression import compressor
 from circus.common.nix.hashes import Sha256
-from circus.common.nix.transfer import PathInfo
+from circus.common.nix.store import PathInfo
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ async def upload_outputs(runner: Any, machine_id: str, build_id: int, step_id: i
                          infos: Mapping[str, PathInfo], outputs: list[str],
                          compression: str, level: int) -> list[str]:
     """Upload ``outputs``; returns the paths the runner recorded. Raises UploadFailed."""
-    requests = [{"storePath": p, "narHash": infos[p].nar_hash, "narSize": infos[p].nar_size}
+    requests = [{"storePath": p, "narHash": infos[p].nar_hash_sri, "narSize": infos[p].nar_size}
                 for p in outputs]
     answer = await runner.requestPresignedUrls(machine_id, build_id, requests, step_id)
     recorded = []
@@ -89,10 +89,10 @@ async def upload_outputs(runner: Any, machine_id: str, build_id: int, step_id: i
                 raise UploadFailed(f"{url.storePath}: upload failed: {exc}") from None
             info = infos[url.storePath]
             done = await runner.notifyUploadComplete(machine_id, build_id, {
-                "storePath": url.storePath, "narHash": info.nar_hash, "narSize": info.nar_size,
+                "storePath": url.storePath, "narHash": info.nar_hash_sri, "narSize": info.nar_size,
                 "fileHash": packed.file_hash, "fileSize": packed.file_size,
                 "compression": url.compression or compression, "narPath": url.narPath,
-                "references": info.references, "deriver": info.deriver or "", "ca": ""},
+                "references": list(info.references), "deriver": info.deriver or "", "ca": ""},
                 step_id)
             if not done.ok:
                 raise UploadFailed(f"{url.storePath}: the runner rejected the upload: "

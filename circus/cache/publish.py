@@ -25,13 +25,14 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from circus.cache import pathinfo, records
+from circus.cache import records
 from circus.cache.files import LocalFiles, PackedNar
 from circus.cache.s3 import S3Error, S3Store
 from circus.common.config import Settings
 from circus.common.errors import NotFound
 from circus.common.models import Build, BuildOutput, Project
 from circus.common.models import NarInfo as NarInfoRow
+from circus.common.nix import store
 from circus.common.nix.nar import NarFormatError
 from circus.common.nix.narinfo import CONTENT_TYPE as NARINFO_TYPE
 from circus.common.nix.narinfo import NarInfo, cache_info
@@ -98,7 +99,7 @@ def publish_builds(session: Session, settings: Settings, build_ids: list[int]
     invalid = PublishResult()
     try:
         infos = _closure(all_outputs, env, invalid)
-    except pathinfo.PathInfoError as exc:
+    except store.StoreError as exc:
         # the builds' results stand; their outputs are just not in the cache
         log.error("cache: cannot publish build(s) %s: %s", sorted(outputs_of), exc)
         for build_id, paths in outputs_of.items():
@@ -122,7 +123,7 @@ def publish_builds(session: Session, settings: Settings, build_ids: list[int]
                    else settings.cache.compression).value
     missing = [info for info in infos if info.path not in existing]
 
-    def process_one(info: pathinfo.PathInfo) -> tuple[NarInfo, str] | str:
+    def process_one(info: store.PathInfo) -> tuple[NarInfo, str] | str:
         try:
             packed = files.pack(info.path, compression, settings.cache.compression_level)
         except (OSError, NarFormatError) as exc:
@@ -198,7 +199,7 @@ def publish_builds(session: Session, settings: Settings, build_ids: list[int]
     return results
 
 
-def _closure_in(by_path: dict[str, pathinfo.PathInfo], roots: list[str]) -> list[str]:
+def _closure_in(by_path: dict[str, store.PathInfo], roots: list[str]) -> list[str]:
     """The closure of ``roots`` within ``by_path``, in ``by_path``'s order."""
     seen: set[str] = set()
     stack = [p for p in roots if p in by_path]
@@ -212,20 +213,26 @@ def _closure_in(by_path: dict[str, pathinfo.PathInfo], roots: list[str]) -> list
 
 
 def _closure(outputs: list[str], env: dict[str, str], result: PublishResult
-             ) -> list[pathinfo.PathInfo]:
+             ) -> list[store.PathInfo]:
     try:
-        return pathinfo.closure(outputs, env)
-    except pathinfo.PathInfoError:
+        return _closure_infos(outputs, env)
+    except store.StoreError:
         # some output is not valid (never built, or collected): publish the others
-        invalid = set(pathinfo.invalid_paths(outputs, env))
+        invalid = set(store.invalid_paths(outputs, env))
         if not invalid:
             raise
         for path in invalid:
             result.errors[path] = "not a valid store path (not built or garbage-collected)"
-        return pathinfo.closure([p for p in outputs if p not in invalid], env)
+        return _closure_infos([p for p in outputs if p not in invalid], env)
 
 
-def _narinfo(info: pathinfo.PathInfo, packed: PackedNar) -> NarInfo:
+def _closure_infos(outputs: list[str], env: dict[str, str]) -> list[store.PathInfo]:
+    """Every path in the closure of ``outputs`` (which must be valid), sorted by path."""
+    infos = store.path_infos(outputs, env, recursive=True)
+    return [infos[path] for path in sorted(infos)]
+
+
+def _narinfo(info: store.PathInfo, packed: PackedNar) -> NarInfo:
     return NarInfo(
         store_path=info.path, url=packed.url, compression=packed.compression,
         nar_hash=info.nar_hash, nar_size=info.nar_size, references=info.references,

@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import read_derivation
-from circus.common.nix.transfer import StoreError, closure, invalid_paths
+from circus.common.nix.store import StoreError
+from circus.common.nix.store.aio import invalid_paths, requisites
 from circus.gateway import sessions as session_rows
 from circus.gateway.server import ConnectedAgent, Gateway
 from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
@@ -192,7 +193,7 @@ class Bridge:
         worker = worker_name(agent)
         try:
             drv = read_derivation(step.drv_path)
-            inputs = await closure([step.drv_path], self.nix_env, include_outputs=True)
+            inputs = await requisites([step.drv_path], self.nix_env, include_outputs=True)
             # the step's own outputs are what the agent is to make
             inputs = [p for p in inputs if p not in set(drv.output_paths.values())]
         except (OSError, ValueError, StoreError) as exc:

@@ -21,13 +21,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from circus.common.nix.export import ExportFormatError, read_entries
-from circus.common.nix.transfer import (
-    StoreError,
-    checked_paths,
-    export_chunks,
-    import_file,
-    invalid_paths,
-)
+from circus.common.nix.store import StoreError, checked_paths
+from circus.common.nix.store.aio import invalid_paths
+from circus.common.nix.transfer import export_chunks, import_file
 from circus.gateway.server import Refused, not_leased
 from circus.protocol import schema
 from circus.protocol.limits import MAX_LOG_CHUNK, MAX_STORE_PATH, LimitExceeded, check_list

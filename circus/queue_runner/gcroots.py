@@ -26,8 +26,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
+from circus.common.nix import store
 from circus.common.statussql import EVALUATION_UNSUCCESSFUL, WITH_OUTPUTS
-from circus.queue_runner import store
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def sync_roots(session: Session, settings: Settings) -> SyncReport:
     missing = sorted(wanted - set(existing))
     if missing:
         try:
-            invalid = store.invalid_paths(missing, settings.nix_environ())
+            invalid = set(store.invalid_paths(missing, settings.nix_environ()))
         except store.StoreError:
             log.warning("could not check which outputs are valid", exc_info=True)
             invalid = set(missing)

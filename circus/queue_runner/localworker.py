@@ -29,9 +29,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
+from circus.common.nix import store
 from circus.common.nix.environment import current_system
+from circus.common.nix.failures import Kind, failure_status
 from circus.common.nix.oom import oom_counter
-from circus.queue_runner import procs, store
+from circus.queue_runner import procs
 from circus.queue_runner.capabilities import BUILTIN_SYSTEM, Capabilities
 from circus.queue_runner.derivations import DrvCache
 from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
@@ -39,12 +41,10 @@ from circus.queue_runner.logs import log_path_for
 from circus.queue_runner.nixrun import (
     Exited,
     Finished,
-    Kind,
     NixRun,
     RunOptions,
     Started,
     Target,
-    failure_status,
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
@@ -235,7 +235,7 @@ class LocalBuilder:
         if not built:
             return
         try:
-            sizes = store.path_sizes([p for i in built for p in i.outputs.values()],
+            sizes = store.path_infos([p for i in built for p in i.outputs.values()],
                                      self.settings.nix_environ())
         except store.StoreError:
             log.warning("could not measure output sizes", exc_info=True)
@@ -451,8 +451,8 @@ class _Batch:
         error = "\n".join((exited.errors if exited else [])[-20:]) or \
             f"nix-store exited with status {exited.returncode if exited else '?'}"
         try:
-            invalid = store.invalid_paths(
-                [p for t in unsettled for p in t.outputs.values()], self.options.env)
+            invalid = set(store.invalid_paths(
+                [p for t in unsettled for p in t.outputs.values()], self.options.env))
         except store.StoreError as exc:
             invalid = {p for t in unsettled for p in t.outputs.values()}
             error = f"{error}\n{exc}"

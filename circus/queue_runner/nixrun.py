@@ -30,11 +30,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from circus.common.enums import BuildStatus
+from circus.common.nix.failures import Kind, classify
 from circus.queue_runner import procs
 from circus.queue_runner.logs import StepLog
 
@@ -50,17 +49,6 @@ LVL_ERROR = 0
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _DRV = re.compile(r"/nix/store/[0-9a-z]{32}-[^'\s\"!]+\.drv")
 _STORE_PATH = re.compile(r"/nix/store/[0-9a-z]{32}-[^'\s\"!/]+")
-_EXIT_CODE = re.compile(r"failed with exit code (\d+)")
-_SIGNAL = re.compile(r"failed due to signal (\d+)")
-
-
-class Kind(StrEnum):
-    built = "built"
-    failed = "failed"
-    timeout = "timeout"
-    log_limit = "log_limit"
-    signal = "signal"
-    dependency_failed = "dependency_failed"
 
 
 @dataclass(frozen=True)
@@ -123,38 +111,6 @@ class Exited:
 
 
 Event = Started | Finished | Exited
-
-
-def classify(message: str) -> tuple[Kind, int | None, int | None]:
-    """Why Nix says a derivation failed: (kind, exit code, signal)."""
-    if "dependencies of derivation" in message or "dependencies couldn't be built" in message:
-        return Kind.dependency_failed, None, None
-    if "timed out after" in message:
-        return Kind.timeout, None, None
-    if "killed after writing more than" in message:
-        return Kind.log_limit, None, None
-    match = _SIGNAL.search(message)
-    if match:
-        return Kind.signal, None, int(match.group(1))
-    match = _EXIT_CODE.search(message)
-    if match:
-        return Kind.failed, int(match.group(1)), None
-    return Kind.failed, None, None
-
-
-def failure_status(kind: Kind, signal: int | None, oom_kills: int | None
-                   ) -> tuple[BuildStatus, str | None]:
-    """The step status of a derivation Nix reported as not built (any kind but ``built``),
-    with an error message when the kind alone does not explain it."""
-    if kind is Kind.timeout:
-        return BuildStatus.timeout, None
-    if kind is Kind.log_limit:
-        return BuildStatus.log_limit_exceeded, None
-    if kind is Kind.dependency_failed:
-        return BuildStatus.dependency_failed, None
-    if kind is Kind.signal and signal == 9 and oom_kills:
-        return BuildStatus.oom_killed, "the builder was killed by the kernel's OOM killer"
-    return BuildStatus.failed, None
 
 
 def nix_argv(drvs: list[str], options: RunOptions) -> list[str]:

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.cache.publish import publish_builds
 from circus.common.config import Settings
-from circus.common.nix.process import run
-from circus.queue_runner import gcroots, store
+from circus.common.nix import store
+from circus.queue_runner import gcroots
 from circus.queue_runner.outcomes import FinishReport
 from circus.queue_runner.results import publishes_inline
 
@@ -28,20 +28,22 @@ log = logging.getLogger(__name__)
 
 def closure_sizes(builds: Mapping[int, list[str]], env: Mapping[str, str]) -> dict[int, int]:
     """Bytes in the closure of each build's outputs."""
-    sizes = store.path_sizes([p for paths in builds.values() for p in paths], env)
+    sizes = store.path_infos([p for paths in builds.values() for p in paths], env,
+                             closure_size=True)
     found: dict[int, int] = {}
     for build_id, paths in builds.items():
         if not paths or any(p not in sizes for p in paths):
             continue
         if len(paths) == 1:
-            found[build_id] = sizes[paths[0]].closure_size
+            if (size := sizes[paths[0]].closure_size) is not None:
+                found[build_id] = size
             continue
         # several outputs share most of their closure: measure the union
-        done = run(["nix-store", "--query", "--requisites", *paths], env=env, timeout=120)
-        if done.returncode != 0:
+        try:
+            requisites = store.requisites(paths, env, timeout=120)
+        except store.StoreError:
             continue
-        requisites = done.stdout.split()
-        union = store.path_sizes(requisites, env)
+        union = store.path_infos(requisites, env)
         found[build_id] = sum(s.nar_size for s in union.values())
     return found
 

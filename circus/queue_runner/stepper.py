@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
+from circus.common.nix import store
 from circus.common.nix.derivation import DerivationParseError
 from circus.common.statussql import (
     PENDING,
@@ -39,7 +40,6 @@ from circus.common.statussql import (
     step_succeeded,
 )
 from circus.projects.channels import advance_channels_of_builds
-from circus.queue_runner import store
 from circus.queue_runner.capabilities import queue_class_name
 from circus.queue_runner.derivations import DrvCache, DrvInfo
 from circus.queue_runner.outcomes import DoneStep, after_steps_done, done_steps

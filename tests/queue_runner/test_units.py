@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from circus.common.nix.failures import Kind, classify
+from circus.common.nix.store import parse_dry_run
 from circus.queue_runner.capabilities import (
     Capabilities,
     parse_queue_class,
     queue_class_name,
 )
 from circus.queue_runner.logs import StepLog, compress_file, log_path_for, read_log
-from circus.queue_runner.nixrun import Kind, RunOptions, build_argv, classify
+from circus.queue_runner.nixrun import RunOptions, build_argv
 from circus.queue_runner.procs import builders_of, kill_tree
 from circus.queue_runner.products import parse_metrics, parse_products
-from circus.queue_runner.store import parse_dry_run
 
 A = "/nix/store/" + "a" * 32
 

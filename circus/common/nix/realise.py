@@ -1,9 +1,11 @@
-"""Realise derivations with ``nix-store --realise`` and classify what happened.
+"""Realise one derivation with ``nix-store --realise`` and classify what happened.
 
-Shared by every place that builds (local workers, agents): timeouts are Nix's
-own (``--timeout``, ``--max-silent-time``), the log cap is ours (the process
-group is killed when the log grows past it), and the outcome follows SPEC §2.
-No database imports: the agent uses this module.
+The agent's builder. Local workers and SSH builders realise batches instead
+(``queue_runner.nixrun``); all three classify failures with
+:mod:`circus.common.nix.failures`. Timeouts are Nix's own (``--timeout``,
+``--max-silent-time``), the log cap is ours (the process group is killed when
+the log grows past it), and the outcome follows SPEC §2. No database imports:
+the agent uses this module.
 """
 
 from __future__ import annotations
@@ -11,19 +13,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from circus.common.enums import BuildStatus
+from circus.common.nix import failures
 from circus.common.nix.oom import host_oom_kills
 
 LOG_CHUNK = 64 * 1024
-
-_TIMEOUT_RE = re.compile(r"timed out after \d+ seconds")
-_SIGNAL_RE = re.compile(r"failed due to signal (\d+)")
 
 
 class Outcome(enum.Enum):
@@ -83,14 +83,17 @@ def classify(returncode: int | None, tail: str, *, log_limit_hit: bool, cancelle
     last_error = next((line for line in reversed(tail.splitlines())
                        if line.startswith("error:")), None)
     message = last_error.removeprefix("error:").strip() if last_error else None
-    if _TIMEOUT_RE.search(tail):
+    # the whole tail: the last error is often only "build of … failed"
+    kind, _, signal_number = failures.classify(tail)
+    oom_kills = oom_after - oom_before if oom_before is not None and oom_after is not None \
+        else None
+    status, _ = failures.failure_status(kind, signal_number, oom_kills)
+    if status is BuildStatus.timeout:
         return Outcome.timed_out, message or "timed out"
-    signal_match = _SIGNAL_RE.search(tail)
-    killed = signal_match is not None and int(signal_match.group(1)) == signal.SIGKILL
-    # SIGKILL alone proves nothing (a builder may kill itself); the kernel's OOM
-    # counter moving during the build is what says "out of memory"
-    if killed and oom_before is not None and oom_after is not None and oom_after > oom_before:
+    if status is BuildStatus.oom_killed:
         return Outcome.oom_killed, message or "killed by the OOM killer"
+    if status is BuildStatus.log_limit_exceeded:
+        return Outcome.log_limit_exceeded, message or "log limit exceeded"
     if returncode in (100, 101, 102, 104) or (message and "builder for" in message):
         return Outcome.failed, message or f"nix-store exited with {returncode}"
     # Nix could not even start the build (store locked, daemon gone, bad args):

@@ -34,20 +34,18 @@ from sqlalchemy.orm import Session
 
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
+from circus.common.nix import store
 from circus.common.nix.derivation import read_derivation
-from circus.common.nix.process import run as run_process
-from circus.queue_runner import store
+from circus.common.nix.failures import Kind, failure_status
 from circus.queue_runner.derivations import DrvInfo
 from circus.queue_runner.leases import ClaimedStep, release_steps, renew_lease
 from circus.queue_runner.logs import log_path_for
 from circus.queue_runner.nixrun import (
     Exited,
     Finished,
-    Kind,
     RunOptions,
     Started,
     Target,
-    failure_status,
 )
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult, read_output_result
@@ -278,12 +276,7 @@ class SshStep(threading.Thread):
         for input_drv, names in sorted(drv.input_drvs.items()):
             outputs = self.pool.cache.get(input_drv).output_paths
             roots += [outputs[n] for n in names if n in outputs]
-        done = run_process(["nix-store", "--query", "--requisites", *roots], env=self.nix_env,
-                           timeout=store.TIMEOUT)
-        if done.returncode != 0 or done.timed_out:
-            raise store.StoreError(f"nix-store --query --requisites failed: "
-                                   f"{done.stderr.strip()[-2000:]}")
-        return done.stdout.split()
+        return store.requisites(roots, self.nix_env)
 
     def _options(self) -> RunOptions:
         runner = self.settings.queue_runner
@@ -416,10 +409,10 @@ class SshStep(threading.Thread):
                 # the stream did not make it (a reference the runner lacks, a lost
                 # connection): ask for the closure, fetch what the runner lacks
                 closure = transfer.remote_closure(self.remote, list(outputs.values()))
-                lacking = store.invalid_paths(closure, self.nix_env)
+                lacking = set(store.invalid_paths(closure, self.nix_env))
                 transfer.fetch(self.remote, [p for p in closure if p in lacking],
                                self.nix_env, self.gone)
-                missing = store.invalid_paths(outputs.values(), self.nix_env)
+                missing = set(store.invalid_paths(outputs.values(), self.nix_env))
         except transfer.Cancelled:
             raise StepGone() from None
         except RemoteError as exc:
@@ -446,7 +439,7 @@ class SshStep(threading.Thread):
             return
         paths = list(outputs)
         try:
-            sizes = store.path_sizes(paths, self.nix_env)
+            sizes = store.path_infos(paths, self.nix_env)
         except store.StoreError:
             log.warning("could not measure output sizes", exc_info=True)
             return

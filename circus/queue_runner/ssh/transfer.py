@@ -16,6 +16,9 @@ closure never exceeds the SSH command length.
 In the common case a step needs no command of its own for transfers: its
 inputs stream into the build command's stdin (``remotebuild``) and its outputs
 come back on its stdout; the commands here are for what does not fit there.
+
+The ``remote_*`` queries run on the builder and ask *its* store; the runner's
+own store is asked through :mod:`circus.common.nix.store` only.
 """
 
 from __future__ import annotations
