@@ -70,7 +70,9 @@ def _utc(timestamp: float) -> datetime:
 
 
 @dataclass
-class _Pending:
+class PendingOutcome:
+    """A step outcome waiting to be reported, with what was read from its outputs."""
+
     outcome: StepOutcome
     result: OutputResult | None
     outputs: Mapping[str, str] = field(default_factory=dict)
@@ -183,7 +185,7 @@ class LocalBuilder:
                     if killed:
                         log.info("killed %d leftover builder(s) of %s", killed, step.drv_path)
             if unreadable:
-                self.report(holder, [_Pending(o, None) for o in unreadable])
+                self.report(holder, [PendingOutcome(o, None) for o in unreadable])
             if targets:
                 _Batch(self, holder, targets, claimed[0]).run()
 
@@ -202,7 +204,7 @@ class LocalBuilder:
             build_cgroup=runner.build_cgroup,
         )
 
-    def report(self, holder: StepHolder, items: list[_Pending]) -> FinishReport | None:
+    def report(self, holder: StepHolder, items: list[PendingOutcome]) -> FinishReport | None:
         """Finish the steps of ``items`` through ``holder``; None when that failed."""
         runner = self.settings.queue_runner
         if runner.max_output_size:
@@ -239,7 +241,7 @@ class LocalBuilder:
                                                            build_ids=build_ids, message=mismatch))
             log.info("%s: builds %s are non-deterministic", target.drv_path, changed)
 
-    def _check_output_sizes(self, items: list[_Pending]) -> None:
+    def _check_output_sizes(self, items: list[PendingOutcome]) -> None:
         limit = self.settings.queue_runner.max_output_size
         built = [i for i in items if i.outcome.status in (BuildStatus.succeeded,
                                                           BuildStatus.failed_with_output)]
@@ -278,7 +280,7 @@ class _Batch:
         #: steps Nix has not settled yet (held, no outcome)
         self.held = set(self.by_step)
         self.started: dict[str, float] = {}
-        self.pending: list[_Pending] = []
+        self.pending: list[PendingOutcome] = []
         self.first_pending = 0.0
         self.options = builder.run_options(first.timeout, first.max_silent)
         self.run_: NixRun | None = None
@@ -394,7 +396,7 @@ class _Batch:
             machine=self.builder.hostname, propagated_from=propagated_from)
         if not self.pending:
             self.first_pending = time.monotonic()
-        self.pending.append(_Pending(outcome, result, target.outputs))
+        self.pending.append(PendingOutcome(outcome, result, target.outputs))
 
     def _flush(self) -> None:
         items, self.pending = self.pending, []
@@ -472,6 +474,6 @@ class _Batch:
             outcome = StepOutcome(step_id, BuildStatus.aborted, error_message=error,
                                   finished_at=_utc(now), machine=self.builder.hostname,
                                   retry=retry)
-            self.pending.append(_Pending(outcome, None, target.outputs))
+            self.pending.append(PendingOutcome(outcome, None, target.outputs))
         self.held.clear()
         self._flush()
