@@ -4,16 +4,17 @@ A wake-up token on ``build.<class>`` (consumed here for every class some
 connected agent can serve) or the periodic sweep makes the bridge *fill* that
 class: while an agent with a free slot can take it (capability rule, PSI gate,
 strategy), claim one step for that agent (``leases.claim_steps``) and push it
-with ``Builder.assign``. The agent's result goes through ``outcomes.finish_steps``
-like a local build's; leases are renewed for everything in flight, and a
-disconnect hands the agent's steps back at once (``leases.release_steps``).
+with ``Builder.assign``. Each connected agent holds its steps through a
+``steps.holder.StepHolder`` (worker ``agent.lease_holder``), like local and SSH
+builders: claims, lease renewal, the result through the one finishing path,
+and a disconnect handing the agent's steps back at once. The holder's calls
+block, so they run in threads (``asyncio.to_thread``) off the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -30,18 +31,13 @@ from circus.gateway import sessions as session_rows
 from circus.gateway.server import ConnectedAgent, Gateway
 from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
 from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.leases import (
-    ClaimedStep,
-    claim_steps,
-    holds_lease,
-    release_steps,
-    renew_lease,
-)
+from circus.queue_runner.leases import ClaimedStep, holds_lease
 from circus.queue_runner.logs import compress_file, log_path_for
-from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
+from circus.queue_runner.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.products import read_output_result
+from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.strategy import Candidate, choose
-from circus.queue_runner.wakeups import Publish, publish_after_commit
+from circus.queue_runner.wakeups import Publish
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +174,26 @@ class Bridge:
         finally:
             self._filling.discard(queue_class)
 
+    def holder_of(self, agent: ConnectedAgent) -> StepHolder:
+        """The holder of ``agent``'s steps (one per connection, as its lease holder)."""
+        if agent.holder is None:
+            agent.holder = StepHolder(
+                self.settings, self.gateway.session_factory, worker_name(agent),
+                publish=self.publish, on_built=self.on_built,
+                # a third of the lease, not every 2 s: one loop renews for every agent,
+                # a transaction each (a cancelled step stops within lease_secs / 3)
+                renew_every=max(0.5, self.runner.lease_secs / 3))
+        return agent.holder
+
     def _claimer(self, agent: ConnectedAgent, queue_class: str
                  ) -> Callable[[Session], list[ClaimedStep]]:
+        holder = self.holder_of(agent)
+
         def claim(session: Session) -> list[ClaimedStep]:
             # one step per assignment: an agent builds one derivation per slot
-            return claim_steps(session, worker_name(agent), queue_class, 1,
-                               lease_secs=self.runner.lease_secs, machine=agent.facts.name,
-                               lookahead=False, trusted_only=agent.trusted_only,
-                               project_ids=agent.project_ids)
+            return holder.claim(session, queue_class, 1, machine=agent.facts.name,
+                                lookahead=False, trusted_only=agent.trusted_only,
+                                project_ids=agent.project_ids)
 
         return claim
 
@@ -296,23 +304,16 @@ class Bridge:
                     "arrive in the runner's store"
             else:
                 output_result = await asyncio.to_thread(read_output_result, drv.output_paths)
+        succeeded = outcome.status is BuildStatus.succeeded
 
-        def work(session: Session) -> FinishReport:
-            report = finish_steps(session, self.settings, worker_name(agent), [outcome],
-                                  {step.id: output_result} if output_result else {})
-            publish_after_commit(session, self.publish, report.queued)
-            session_rows.record_result(session, agent.session_id,
-                                       outcome.status is BuildStatus.succeeded)
-            return report
+        def count_result(session: Session, report: FinishReport) -> None:
+            session_rows.record_result(session, agent.session_id, succeeded)
 
-        try:
-            report: FinishReport = await self.gateway.db(work)
-        except Exception:
-            log.exception("could not record the result of step %s; its lease will lapse",
-                          step.id)
-            return
-        if self.on_built is not None and report.builds.finished:
-            self.on_built(report)
+        report = await asyncio.to_thread(
+            self.holder_of(agent).finish, [outcome],
+            {step.id: output_result} if output_result else {}, also=count_result)
+        if report is None:
+            return  # not recorded: the lease lapses
         self.kick(step.queue_class)
         self.kick_all()
 
@@ -324,12 +325,7 @@ class Bridge:
         for step_id in step_ids:
             agent.in_flight.discard(step_id)
             agent.outputs.pop(step_id, None)
-
-        def work(session: Session) -> None:
-            queued = release_steps(session, worker_name(agent), step_ids)
-            publish_after_commit(session, self.publish, queued)
-
-        await self.gateway.db(work)
+        await asyncio.to_thread(self.holder_of(agent).release, step_ids)
 
     async def release_agent(self, agent: ConnectedAgent) -> None:
         """A disconnect: everything the agent held returns to the queue at once."""
@@ -344,12 +340,13 @@ class Bridge:
     # ------------------------------------------------------------ leases
 
     async def renew_leases(self) -> None:
+        """Renew each connected agent's lease when due; abort what was taken away."""
         for agent in list(self.gateway.agents.values()):
-            ids = sorted(agent.in_flight)
-            if not ids:
+            holder = agent.holder
+            if holder is None or not holder.held or not holder.renew_due():
                 continue
-            kept: set[int] = await self.gateway.db(self._renewer(agent, ids))
-            for step_id in set(ids) - kept:
+            renewal = await asyncio.to_thread(holder.renew)
+            for step_id in sorted(renewal.lost):
                 # cancelled by a user, or taken over: stop it on the agent
                 agent.in_flight.discard(step_id)
                 agent.outputs.pop(step_id, None)
@@ -360,22 +357,12 @@ class Bridge:
                 except Exception:
                     log.debug("abort of step %s failed", step_id, exc_info=True)
 
-    def _renewer(self, agent: ConnectedAgent, ids: list[int]) -> Callable[[Session], set[int]]:
-        def renew(session: Session) -> set[int]:
-            return renew_lease(session, worker_name(agent), ids, self.runner.lease_secs)
-
-        return renew
-
     async def run(self) -> None:
         """Periodic work on the gateway's loop: lease renewal and the sweep."""
         self.loop = asyncio.get_running_loop()
-        renew_every = max(0.5, self.runner.lease_secs / 3)
-        last_renew = 0.0
         while True:
             try:
-                if time.monotonic() - last_renew >= renew_every:
-                    await self.renew_leases()
-                    last_renew = time.monotonic()
+                await self.renew_leases()
                 await self.sweep()
             except Exception:
                 log.exception("agent bridge round failed")

@@ -37,6 +37,7 @@ from circus.protocol.limits import (
     check_text,
 )
 from circus.queue_runner.leases import holds_lease, waits_for
+from circus.queue_runner.steps.holder import StepHolder
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class ConnectedAgent:
     credential: str = ""
     #: the output paths of each step in flight, the only paths it may upload or send
     outputs: dict[int, frozenset[str]] = field(default_factory=dict)
+    #: its steps' leases, claims and results (``Bridge.holder_of``)
+    holder: StepHolder | None = None
 
     @property
     def lease_holder(self) -> str:

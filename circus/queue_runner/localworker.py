@@ -1,12 +1,12 @@
 """The local build worker: claims steps of a class and realises them on this host.
 
 A Celery wake-up message (``tasks.wake``) calls :meth:`LocalBuilder.serve` in a
-pool thread. It claims a batch (``leases.claim_steps``), runs one
-``nix-store --realise`` for it (``nixrun``), reports each step as soon as Nix
-says it ended (``outcomes.finish_steps``, batched per ~50 ms), renews the lease
-meanwhile, and claims again until the class is empty. How the step was built
-is invisible to the layers below: SSH workers and the agent gateway use the
-same claim/renew/finish functions.
+pool thread. Through a ``steps.holder.StepHolder`` (the lease side every kind of
+builder shares) it claims a batch, runs one ``nix-store --realise`` for it
+(``nixrun``), reports each step as soon as Nix says it ended (batched per
+~50 ms), renews the lease meanwhile, and claims again until the class is empty.
+How the step was built is invisible to the layers below: SSH workers and the
+agent gateway hold their steps through the same holder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -36,7 +37,7 @@ from circus.common.nix.oom import oom_counter
 from circus.queue_runner import procs
 from circus.queue_runner.capabilities import BUILTIN_SYSTEM, Capabilities
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
+from circus.queue_runner.leases import ClaimedStep
 from circus.queue_runner.logs import log_path_for
 from circus.queue_runner.nixrun import (
     Exited,
@@ -46,14 +47,15 @@ from circus.queue_runner.nixrun import (
     Started,
     Target,
 )
-from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
+from circus.queue_runner.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.products import OutputResult, read_output_result
 from circus.queue_runner.reproducibility import (
     builds_to_check,
     check_derivation,
     mark_non_deterministic,
 )
-from circus.queue_runner.wakeups import Publish, publish_after_commit
+from circus.queue_runner.steps.holder import StepHolder
+from circus.queue_runner.wakeups import Publish
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,9 @@ def _utc(timestamp: float) -> datetime:
 
 
 @dataclass
-class _Pending:
+class PendingOutcome:
+    """A step outcome waiting to be reported, with what was read from its outputs."""
+
     outcome: StepOutcome
     result: OutputResult | None
     outputs: Mapping[str, str] = field(default_factory=dict)
@@ -97,11 +101,23 @@ class LocalBuilder:
         #: seconds spent and counts per phase (heartbeat details, benchmarks)
         self.stats: dict[str, float] = {}
 
-    def _account(self, phase: str, started: float, count: int = 1) -> None:
+    def account(self, phase: str, started: float, count: int = 1) -> None:
+        """Add the time since ``started`` (monotonic) and ``count`` to ``phase``'s stats."""
         with self._lock:
             key = f"{phase}_secs"
             self.stats[key] = self.stats.get(key, 0.0) + time.monotonic() - started
             self.stats[phase] = self.stats.get(phase, 0) + count
+
+    @contextmanager
+    def running(self, worker: str, run: NixRun) -> Iterator[NixRun]:
+        """Show ``run`` in :attr:`active` (heartbeat details) while it runs."""
+        with self._lock:
+            self.active[worker] = run
+        try:
+            yield run
+        finally:
+            with self._lock:
+                self.active.pop(worker, None)
 
     # ------------------------------------------------------------------ serving
 
@@ -113,24 +129,27 @@ class LocalBuilder:
         if not self.capabilities.can_serve(queue_class):
             log.warning("woken for %s, which this worker cannot build", queue_class)
             return 0
-        worker = self.worker_name()
+        holder = StepHolder(self.settings, self.factory, self.worker_name(),
+                            publish=self.publish, on_built=self.on_built)
         built = 0
         deadline = time.monotonic() + DRAIN_BUDGET
         while not self.stop.is_set() and time.monotonic() < deadline:
             started = time.monotonic()
-            claimed = in_transaction(self.factory, lambda s: self._claim(s, worker, queue_class))
-            self._account("claims", started)
+            claimed = in_transaction(self.factory,
+                                     lambda s: self._claim(s, holder, queue_class))
+            self.account("claims", started)
             if not claimed:
                 break
-            log.debug("%s claimed %s", worker, [c.id for c in claimed])
+            log.debug("%s claimed %s", holder.worker, [c.id for c in claimed])
             started = time.monotonic()
-            self.build(worker, claimed)
-            self._account("batches", started)
-            self._account("steps", started, len(claimed))
+            self.build(holder, claimed)
+            self.account("batches", started)
+            self.account("steps", started, len(claimed))
             built += len(claimed)
         return built
 
-    def _claim(self, session: Session, worker: str, queue_class: str) -> list[ClaimedStep]:
+    def _claim(self, session: Session, holder: StepHolder, queue_class: str
+               ) -> list[ClaimedStep]:
         runner = self.settings.queue_runner
         waiting = session.execute(text(
             "SELECT count(*) FROM steps WHERE state = 'queued' AND queue_class = :cls"),
@@ -139,35 +158,36 @@ class LocalBuilder:
             return []
         # share what is ready with the other slots; look-ahead fills the batch up
         share = max(1, min(runner.batch_size, math.ceil(waiting / self.slots)))
-        return claim_steps(session, worker, queue_class, share,
-                           lease_secs=runner.lease_secs, machine=self.hostname,
-                           lookahead=True, critical_path=runner.critical_path_first,
-                           batch_limit=runner.batch_size)
+        return holder.claim(session, queue_class, share, machine=self.hostname,
+                            lookahead=True, critical_path=runner.critical_path_first,
+                            batch_limit=runner.batch_size)
 
     # ------------------------------------------------------------------ building
 
-    def build(self, worker: str, claimed: list[ClaimedStep]) -> None:
+    def build(self, holder: StepHolder, claimed: list[ClaimedStep]) -> None:
+        """Realise ``claimed`` (held by ``holder``) in one ``nix-store`` invocation."""
         targets: list[Target] = []
         unreadable: list[StepOutcome] = []
-        for step in claimed:
-            try:
-                info = self.cache.get(step.drv_path)
-            except (OSError, ValueError) as exc:
-                unreadable.append(StepOutcome(step.id, BuildStatus.aborted,
-                                              error_message=f"cannot read derivation: {exc}"))
-                continue
-            targets.append(Target(step.id, step.drv_path, info.output_paths,
-                                  log_path_for(self.settings.logs.log_dir, step.drv_path,
-                                               step.id), frozenset(info.input_drvs)))
-            if step.attempts:
-                # a worker that held it before died: its builder may still be running
-                killed = procs.kill_builders_of(info.output_paths)
-                if killed:
-                    log.info("killed %d leftover builder(s) of %s", killed, step.drv_path)
-        if unreadable:
-            self._flush(worker, [_Pending(o, None) for o in unreadable])
-        if targets:
-            _Batch(self, worker, targets, claimed[0]).run()
+        with holder.releasing():
+            for step in claimed:
+                try:
+                    info = self.cache.get(step.drv_path)
+                except (OSError, ValueError) as exc:
+                    unreadable.append(StepOutcome(step.id, BuildStatus.aborted,
+                                                  error_message=f"cannot read derivation: {exc}"))
+                    continue
+                targets.append(Target(step.id, step.drv_path, info.output_paths,
+                                      log_path_for(self.settings.logs.log_dir, step.drv_path,
+                                                   step.id), frozenset(info.input_drvs)))
+                if step.attempts:
+                    # a worker that held it before died: its builder may still be running
+                    killed = procs.kill_builders_of(info.output_paths)
+                    if killed:
+                        log.info("killed %d leftover builder(s) of %s", killed, step.drv_path)
+            if unreadable:
+                self.report(holder, [PendingOutcome(o, None) for o in unreadable])
+            if targets:
+                _Batch(self, holder, targets, claimed[0]).run()
 
     def run_options(self, timeout: int | None, max_silent: int | None) -> RunOptions:
         runner = self.settings.queue_runner
@@ -184,23 +204,16 @@ class LocalBuilder:
             build_cgroup=runner.build_cgroup,
         )
 
-    def _flush(self, worker: str, items: list[_Pending]) -> FinishReport:
+    def report(self, holder: StepHolder, items: list[PendingOutcome]) -> FinishReport | None:
+        """Finish the steps of ``items`` through ``holder``; None when that failed."""
         runner = self.settings.queue_runner
         if runner.max_output_size:
             self._check_output_sizes(items)
         outcomes = [item.outcome for item in items]
         results = {item.outcome.step_id: item.result for item in items if item.result}
-
-        def work(session: Session) -> FinishReport:
-            report = finish_steps(session, self.settings, worker, outcomes, results)
-            publish_after_commit(session, self.publish, report.queued)
-            return report
-
         started = time.monotonic()
-        report = in_transaction(self.factory, work)
-        self._account("flushes", started)
-        if self.on_built is not None and report.builds.finished:
-            self.on_built(report)
+        report = holder.finish(outcomes, results)
+        self.account("flushes", started)
         return report
 
     def check_reproducibility(self, built: list[Target]) -> None:
@@ -220,7 +233,7 @@ class LocalBuilder:
                 log.warning("reproducibility check of %s not made: %s", target.drv_path, exc)
                 continue
             finally:
-                self._account("repro_checks", started)
+                self.account("repro_checks", started)
             if mismatch is None:
                 log.info("%s is reproducible (builds %s)", target.drv_path, build_ids)
                 continue
@@ -228,7 +241,7 @@ class LocalBuilder:
                                                            build_ids=build_ids, message=mismatch))
             log.info("%s: builds %s are non-deterministic", target.drv_path, changed)
 
-    def _check_output_sizes(self, items: list[_Pending]) -> None:
+    def _check_output_sizes(self, items: list[PendingOutcome]) -> None:
         limit = self.settings.queue_runner.max_output_size
         built = [i for i in items if i.outcome.status in (BuildStatus.succeeded,
                                                           BuildStatus.failed_with_output)]
@@ -250,24 +263,27 @@ class LocalBuilder:
 
 
 class _Batch:
-    """One nix-store invocation and the bookkeeping around it."""
+    """One nix-store invocation and the bookkeeping around it.
 
-    def __init__(self, builder: LocalBuilder, worker: str, targets: list[Target],
+    The lease side (renewal, finishing, handing back) is ``holder``'s; what is
+    left here is how a batch is built and which outcome each step gets.
+    """
+
+    def __init__(self, builder: LocalBuilder, holder: StepHolder, targets: list[Target],
                  first: ClaimedStep) -> None:
         self.builder = builder
+        self.holder = holder
         self.settings = builder.settings
-        self.worker = worker
+        self.worker = holder.worker
         self.targets = {t.drv_path: t for t in targets}
         self.by_step = {t.step_id: t for t in targets}
+        #: steps Nix has not settled yet (held, no outcome)
         self.held = set(self.by_step)
         self.started: dict[str, float] = {}
-        self.pending: list[_Pending] = []
+        self.pending: list[PendingOutcome] = []
         self.first_pending = 0.0
         self.options = builder.run_options(first.timeout, first.max_silent)
         self.run_: NixRun | None = None
-        runner = self.settings.queue_runner
-        self.renew_every = max(0.5, min(2.0, runner.lease_secs / 3))
-        self.last_renewed = time.monotonic()
         #: steps that succeeded (candidates for a reproducibility check after the batch)
         self.built: list[Target] = []
 
@@ -280,43 +296,20 @@ class _Batch:
             self._settle_all(f"could not start nix-store: {exc}", retry=True)
             return
         self.run_ = run
-        with self.builder._lock:
-            self.builder.active[self.worker] = run
-        stopping = False
-        exited: Exited | None = None
-        try:
-            while exited is None:
-                try:
-                    event = run.events.get(timeout=FLUSH_DELAY)
-                except queue.Empty:
-                    event = None
-                if isinstance(event, Started):
-                    self.started[event.drv_path] = event.at
-                elif isinstance(event, Finished):
-                    self._finished(event)
-                elif isinstance(event, Exited):
-                    exited = event
-                    self.builder._account("nix_runs", started)
-                    break
-                now = time.monotonic()
-                if self.pending and now - self.first_pending >= FLUSH_DELAY:
-                    self._flush()
-                if now - self.last_renewed >= self.renew_every and not self._renew(run):
-                    return
-                if self.builder.stop.is_set() and not stopping:
-                    stopping = True
-                    run.kill()
-        except BaseException:
-            # a bug or an interrupt here must not leave Nix building steps nobody reports:
-            # stop it and hand the steps back
-            log.exception("batch of %d step(s) interrupted", len(self.targets))
-            run.kill()
-            self.pending.clear()
-            self._release()
-            raise
-        finally:
-            with self.builder._lock:
-                self.builder.active.pop(self.worker, None)
+        with self.builder.running(self.worker, run):
+            try:
+                outcome = self._follow(run, started)
+            except BaseException:
+                # a bug or an interrupt here must not leave Nix building steps nobody
+                # reports: stop it and hand the steps back
+                log.exception("batch of %d step(s) interrupted", len(self.targets))
+                run.kill()
+                self.pending.clear()
+                self._release()
+                raise
+        if outcome is None:
+            return  # fenced: the lease could not be renewed
+        stopping, exited = outcome
         if self.pending:
             self._flush()
         if stopping:
@@ -324,10 +317,34 @@ class _Batch:
             return
         started = time.monotonic()
         self._settle_after_exit(exited)
-        self.builder._account("settles", started)
+        self.builder.account("settles", started)
         if self.built:
             # dependents were released when these steps finished; the check comes after
             self.builder.check_reproducibility(self.built)
+
+    def _follow(self, run: NixRun, started: float) -> tuple[bool, Exited | None] | None:
+        """Follow Nix's events until it exits: (stopping, exit), or None when the
+        lease was lost for good."""
+        stopping = False
+        while True:
+            try:
+                event = run.events.get(timeout=FLUSH_DELAY)
+            except queue.Empty:
+                event = None
+            if isinstance(event, Started):
+                self.started[event.drv_path] = event.at
+            elif isinstance(event, Finished):
+                self._finished(event)
+            elif isinstance(event, Exited):
+                self.builder.account("nix_runs", started)
+                return stopping, event
+            if self.pending and time.monotonic() - self.first_pending >= FLUSH_DELAY:
+                self._flush()
+            if self.holder.renew_due() and not self._renew(run):
+                return None
+            if self.builder.stop.is_set() and not stopping:
+                stopping = True
+                run.kill()
 
     # ---------------------------------------------------------------- outcomes
 
@@ -379,70 +396,43 @@ class _Batch:
             machine=self.builder.hostname, propagated_from=propagated_from)
         if not self.pending:
             self.first_pending = time.monotonic()
-        self.pending.append(_Pending(outcome, result, target.outputs))
+        self.pending.append(PendingOutcome(outcome, result, target.outputs))
 
     def _flush(self) -> None:
         items, self.pending = self.pending, []
-        try:
-            report = self.builder._flush(self.worker, items)
-            finished = set(report.finished)
-            # only what Nix built here (not substituted): a check rebuilds it locally
-            self.built.extend(self.by_step[i.outcome.step_id] for i in items
-                              if i.outcome.status is BuildStatus.succeeded
-                              and i.outcome.step_id in finished
-                              and self.by_step[i.outcome.step_id].drv_path in self.started)
-        except Exception:
-            # the steps stay running under our name; if we cannot report them, the
-            # lease lapses and the reconciler re-queues them
-            log.exception("could not record %d finished step(s)", len(items))
+        report = self.builder.report(self.holder, items)
+        if report is None:
+            return
+        finished = set(report.finished)
+        # only what Nix built here (not substituted): a check rebuilds it locally
+        self.built.extend(self.by_step[i.outcome.step_id] for i in items
+                          if i.outcome.status is BuildStatus.succeeded
+                          and i.outcome.step_id in finished
+                          and self.by_step[i.outcome.step_id].drv_path in self.started)
 
     def _renew(self, run: NixRun) -> bool:
-        runner = self.settings.queue_runner
-        ids = sorted(self.held)
-        try:
-            kept = in_transaction(self.builder.factory,
-                                  lambda s: renew_lease(s, self.worker, ids, runner.lease_secs))
-        except Exception:
-            log.warning("could not renew the lease on %d step(s)", len(ids), exc_info=True)
-            if time.monotonic() - self.last_renewed > runner.lease_secs * 0.8:
-                # fence ourselves: another worker may take these steps any moment
-                log.error("lease about to lapse without renewal; stopping the build")
-                run.kill()
-                run.wait(10)
-                return False
-            return True
-        self.last_renewed = time.monotonic()
-        lost = set(ids) - kept
-        for step_id in sorted(lost):
+        renewal = self.holder.renew()
+        if renewal.fenced:
+            run.kill()
+            run.wait(10)
+            return False
+        for step_id in sorted(renewal.lost & self.held):
             # cancelled, or taken over: stop that builder only, the batch goes on
             self.held.discard(step_id)
             target = self.by_step[step_id]
             run.kill_derivation(target.drv_path)
-            if self.run_ is not None:
-                self.run_.logs[target.drv_path].close()
-            log.info("step %d was taken away (cancelled or lease lost); its builder stopped",
-                     step_id)
+            run.logs[target.drv_path].close()
         if self.targets and not self.held and not self.pending:
             run.kill()
         return True
 
     def _release(self) -> None:
-        ids = sorted(self.held)
-        if not ids:
-            return
-        for step_id in ids:
-            assert self.run_ is not None
+        """Hand back everything still held (shutdown, interruption)."""
+        assert self.run_ is not None
+        for step_id in sorted(self.held):
             self.run_.logs[self.by_step[step_id].drv_path].finalize(False)
-
-        def work(session: Session) -> None:
-            queued = release_steps(session, self.worker, ids)
-            publish_after_commit(session, self.builder.publish, queued)
-
-        try:
-            in_transaction(self.builder.factory, work)
-        except Exception:
-            log.exception("could not hand back %d step(s); their leases will lapse", len(ids))
         self.held.clear()
+        self.holder.release()
 
     def _settle_after_exit(self, exited: Exited | None) -> None:
         unsettled = [self.by_step[i] for i in sorted(self.held)]
@@ -484,6 +474,6 @@ class _Batch:
             outcome = StepOutcome(step_id, BuildStatus.aborted, error_message=error,
                                   finished_at=_utc(now), machine=self.builder.hostname,
                                   retry=retry)
-            self.pending.append(_Pending(outcome, None, target.outputs))
+            self.pending.append(PendingOutcome(outcome, None, target.outputs))
         self.held.clear()
         self._flush()

@@ -1,7 +1,8 @@
 """Finishing steps: the one conditional write path for every consumer.
 
-Local workers, SSH workers and (later) the agent gateway report what happened
-to the steps they hold through :func:`finish_steps`. It only touches steps the
+Local workers, SSH workers and the agent gateway report what happened to the
+steps they hold through :func:`finish_steps`, called by their
+``steps.holder.StepHolder.finish``. It only touches steps the
 caller still holds (``state = 'running' AND worker = <caller>``), so a step is
 never finished twice, even when a worker whose lease lapsed comes back.
 

@@ -4,9 +4,11 @@ One thread keeps the enabled builders' rows fresh and, for every class with
 queued steps (found by a sweep every second, or kicked by a wake-up token or
 a step that just finished), lets ``queue_runner.scheduling_strategy`` pick a
 builder with a free slot that may take the class (``strategy.choose``: the
-capability rule, ``max_jobs``, no back-off), claims one step for it
-(``leases.claim_steps``, worker ``ssh:<builder>:<slot>@<runner instance>``) and
-builds it in a thread of its own (``step.SshStep``).
+capability rule, ``max_jobs``, no back-off), claims one step for it through a
+``steps.holder.StepHolder`` (worker ``ssh:<builder>:<slot>@<runner instance>``)
+and builds it in a thread of its own (``step.SshStep``). Calls go one way: the
+pool starts steps and hears of them through the holder's ``on_finished`` and
+the step's ``on_done``; a step knows its ``builder.Builder``, never the pool.
 
 ``max_jobs`` holds across runner processes: a claim takes a transaction-level
 advisory lock per builder and counts the builder's running steps first.
@@ -23,8 +25,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -34,14 +35,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
 from circus.common.db import in_transaction
-from circus.queue_runner.capabilities import Capabilities
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.leases import ClaimedStep, claim_steps
+from circus.queue_runner.leases import ClaimedStep
 from circus.queue_runner.outcomes import FinishReport
-from circus.queue_runner.ssh import health
+from circus.queue_runner.ssh.builder import Builder, BuilderRow, rest_until
 from circus.queue_runner.ssh.connection import (
     Remote,
-    RemoteError,
     remote_nix_config,
     remote_prelude,
 )
@@ -52,6 +51,7 @@ from circus.queue_runner.ssh.hosts import (
     parse_ssh_uri,
 )
 from circus.queue_runner.ssh.step import SshStep
+from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.strategy import Candidate, choose
 from circus.queue_runner.wakeups import Publish, WakeupConsumer
 
@@ -61,71 +61,23 @@ SWEEP_SECS = 1.0
 REFRESH_SECS = 1.0
 #: pg_advisory_xact_lock key space of per-builder claims ("CSSH")
 CLAIM_LOCK = 0x43535348
-#: store paths remembered per builder (about 10 MB of memory at most)
-MAX_KNOWN_PATHS = 100_000
 #: how long shutdown waits for running steps to stop and hand their steps back
 SHUTDOWN_WAIT = 20.0
 
 
-@dataclass(frozen=True)
-class BuilderRow:
-    id: int
-    name: str
-    ssh_uri: str
-    systems: tuple[str, ...]
-    max_jobs: int
-    speed_factor: float
-    supported_features: tuple[str, ...]
-    mandatory_features: tuple[str, ...]
-    ssh_key_file: str | None
-    public_host_key: str | None
-    consecutive_failures: int
-    #: seconds of back-off left when the row was read
-    rest_secs: float
+class BuilderHandle(Builder):
+    """A builder as the pool uses it: its connection, problem and running steps."""
 
-    @property
-    def connection_config(self) -> tuple[str, str | None, str | None]:
-        return self.ssh_uri, self.ssh_key_file, self.public_host_key
-
-
-class BuilderHandle:
-    """What this runner knows about one builder: its row, connection and running steps."""
-
-    def __init__(self, row: BuilderRow) -> None:
-        self.row = row
+    def __init__(self, row: BuilderRow, settings: Settings, factory: sessionmaker[Session],
+                 lock: threading.RLock) -> None:
+        super().__init__(row, settings, factory, lock)
         self.remote: Remote | None = None
         self.problem: str | None = None
         self.steps: dict[int, SshStep] = {}
         #: running steps of this builder held by other runner processes
         self.others = 0
-        self.cpu_count: int | None = None
-        self.rest_until = _rest_until(row.rest_secs)
         #: disabled or deleted while steps still ran on it: takes no new ones
         self.retired = False
-        #: store paths the builder is known to have (sent, checked or built there);
-        #: forgotten after any failure of the builder (it may have lost its store)
-        self.known: set[str] = set()
-
-    @property
-    def id(self) -> int:
-        return self.row.id
-
-    @property
-    def name(self) -> str:
-        return self.row.name
-
-    @property
-    def capabilities(self) -> Capabilities:
-        row = self.row
-        return Capabilities(frozenset(row.systems), frozenset(row.supported_features),
-                            frozenset(row.mandatory_features))
-
-    @property
-    def failing(self) -> bool:
-        return self.row.consecutive_failures > 0 or self.resting()
-
-    def resting(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.monotonic()) < self.rest_until
 
     def usable(self, now: float) -> bool:
         return (self.remote is not None and self.problem is None and not self.retired
@@ -229,8 +181,9 @@ class SshBuilders(threading.Thread):
             self._kicked.add(queue_class)
         self._wakeup.set()
 
-    def kick_classes(self, classes: Mapping[str, int]) -> None:
-        for queue_class in classes:
+    def _claim_dependents(self, report: FinishReport) -> None:
+        """A step finished: claim its newly queued dependents without a broker round trip."""
+        for queue_class in report.queued:
             self.kick_threadsafe(queue_class)
 
     def servable_classes(self, known: list[str]) -> list[str]:
@@ -273,13 +226,14 @@ class SshBuilders(threading.Thread):
                 seen.add(row.id)
                 handle = self.handles.get(row.id)
                 if handle is None:
-                    handle = self.handles[row.id] = BuilderHandle(row)
+                    handle = self.handles[row.id] = BuilderHandle(row, self.settings,
+                                                                  self.factory, self._lock)
                     self._configure(handle)
                 else:
                     handle.retired = False
                     changed = handle.row.connection_config != row.connection_config
                     handle.row = row
-                    handle.rest_until = _rest_until(row.rest_secs)
+                    handle.rest_until = rest_until(row.rest_secs)
                     if changed:
                         self._configure(handle)
                 ours = sum(1 for s in handle.steps.values() if s.is_alive())
@@ -343,50 +297,7 @@ class SshBuilders(threading.Thread):
             broken = [h for h in self.handles.values() if h.problem and not h.resting(now)]
         for handle in broken:
             assert handle.problem is not None
-            self.builder_failed(handle, handle.problem)
-
-    def builder_failed(self, handle: BuilderHandle, message: str) -> None:
-        """Record an infrastructure failure of the builder: back-off grows."""
-        try:
-            state = in_transaction(self.factory, lambda s: health.record_failure(
-                s, self.settings, handle.id, message))
-        except Exception:
-            log.exception("could not record a failure of SSH builder %s", handle.name)
-            state = None
-        with self._lock:
-            handle.known.clear()
-            if state is not None:
-                handle.rest_until = _rest_until(state.rest_secs)
-                handle.row = _with_failures(handle.row, state.consecutive_failures)
-        log.warning("SSH builder %s failed (%s failure(s) in a row, resting %.0f s): %s",
-                    handle.name, state.consecutive_failures if state else "?",
-                    state.rest_secs if state else 0.0, message)
-
-    def builder_ok(self, handle: BuilderHandle) -> None:
-        with self._lock:
-            if handle.row.consecutive_failures or handle.resting():
-                handle.row = _with_failures(handle.row, 0)
-                handle.rest_until = 0.0
-
-    def unknown_paths(self, handle: BuilderHandle, paths: list[str]) -> list[str]:
-        with self._lock:
-            return [p for p in paths if p not in handle.known]
-
-    def learn_valid(self, handle: BuilderHandle, paths: list[str]) -> None:
-        with self._lock:
-            if len(handle.known) + len(paths) > MAX_KNOWN_PATHS:
-                handle.known.clear()
-            handle.known.update(paths)
-
-    def learn_cpu_count(self, handle: BuilderHandle, remote: Remote) -> None:
-        """Cores of the builder (``cpu_core_count_with_speed_factor``), asked once."""
-        if handle.cpu_count is not None:
-            return
-        try:
-            result = remote.run("nproc 2>/dev/null || getconf _NPROCESSORS_ONLN", timeout=30)
-            handle.cpu_count = max(1, int(result.stdout.decode().split()[0]))
-        except (RemoteError, ValueError, IndexError):
-            handle.cpu_count = handle.row.max_jobs
+            handle.record_failure(handle.problem)
 
     # ------------------------------------------------------------ scheduling
 
@@ -413,14 +324,19 @@ class SshBuilders(threading.Thread):
                 slot = handle.free_slot() if handle is not None else None
             if handle is None or slot is None or handle.remote is None:
                 break
-            worker = f"{worker_prefix(handle.name)}{slot}@{self.instance}"
+            holder = StepHolder(self.settings, self.factory,
+                                f"{worker_prefix(handle.name)}{slot}@{self.instance}",
+                                publish=self.publish, on_built=self.on_built,
+                                on_finished=self._claim_dependents)
             claimed = in_transaction(self.factory, partial(
-                self._claim, handle=handle, worker=worker, queue_class=queue_class))
+                self._claim, handle=handle, holder=holder, queue_class=queue_class))
             if claimed is None:
                 continue  # full through other runners' steps; ``others`` was updated
             if not claimed:
                 break
-            step = SshStep(self, handle, slot, worker, claimed[0], handle.remote)
+            step = SshStep(holder, handle, slot, claimed[0], handle.remote, cache=self.cache,
+                           nix_env=self.nix_env, shutdown=self.stop,
+                           on_done=partial(self.step_done, handle))
             with self._lock:
                 handle.steps[slot] = step
             self.started_steps += 1
@@ -428,8 +344,8 @@ class SshBuilders(threading.Thread):
             started += 1
         return started
 
-    def _claim(self, session: Session, handle: BuilderHandle, worker: str, queue_class: str
-               ) -> list[ClaimedStep] | None:
+    def _claim(self, session: Session, handle: BuilderHandle, holder: StepHolder,
+               queue_class: str) -> list[ClaimedStep] | None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                         {"key": (CLAIM_LOCK << 32) | handle.id})
         prefix = worker_prefix(handle.name)
@@ -441,13 +357,12 @@ class SshBuilders(threading.Thread):
             with self._lock:
                 handle.others = max(handle.others, int(running) - len(handle.steps))
             return None
-        return claim_steps(session, worker, queue_class, 1,
-                           lease_secs=self.runner.lease_secs, machine=handle.name,
-                           lookahead=False, critical_path=self.runner.critical_path_first)
+        return holder.claim(session, queue_class, 1, machine=handle.name, lookahead=False,
+                            critical_path=self.runner.critical_path_first)
 
-    def step_done(self, step: SshStep) -> None:
+    def step_done(self, handle: BuilderHandle, step: SshStep) -> None:
+        """``step``'s thread ends: its slot on ``handle`` is free."""
         with self._lock:
-            handle = step.handle
             if handle.steps.get(step.slot) is step:
                 del handle.steps[step.slot]
         self.kick_threadsafe(step.claimed.queue_class)
@@ -464,11 +379,3 @@ class SshBuilders(threading.Thread):
                 "started_steps": self.started_steps,
             }
 
-
-def _rest_until(rest_secs: float) -> float:
-    """Monotonic end of a back-off (0: not resting)."""
-    return time.monotonic() + rest_secs if rest_secs > 0 else 0.0
-
-
-def _with_failures(row: BuilderRow, failures: int) -> BuilderRow:
-    return replace(row, consecutive_failures=failures)

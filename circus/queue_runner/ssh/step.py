@@ -7,12 +7,12 @@
    the step's log file, so the API's live tail works as for local builds;
 3. after a success the outputs' closure comes back, only what the runner's
    store lacks, and the outputs must then be valid here;
-4. the step finishes through ``outcomes.finish_steps``, the one write path of
-   every consumer.
+4. the step finishes through its ``steps.holder.StepHolder`` (the one write
+   path of every consumer).
 
-A lease keeper renews the claim meanwhile; when the step is taken away
-(cancelled, lease lost) or the runner stops, the remote build is stopped,
-and on shutdown the step is handed back without counting an attempt.
+A ``LeaseKeeper`` thread renews the holder's lease meanwhile; when the step is
+taken away (cancelled, lease lost) or the runner stops, the remote build is
+stopped, and on shutdown the step is handed back without counting an attempt.
 Builder problems (unreachable, host key, transfers, Nix itself failing) put
 the builder into back-off; a step that did not start is handed back, one
 that did ends ``aborted`` and is retried.
@@ -25,10 +25,9 @@ import queue
 import shlex
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
@@ -37,8 +36,8 @@ from circus.common.enums import BuildStatus
 from circus.common.nix import store
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.failures import Kind, failure_status
-from circus.queue_runner.derivations import DrvInfo
-from circus.queue_runner.leases import ClaimedStep, release_steps, renew_lease
+from circus.queue_runner.derivations import DrvCache, DrvInfo
+from circus.queue_runner.leases import ClaimedStep
 from circus.queue_runner.logs import log_path_for
 from circus.queue_runner.nixrun import (
     Exited,
@@ -47,7 +46,7 @@ from circus.queue_runner.nixrun import (
     Started,
     Target,
 )
-from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
+from circus.queue_runner.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.products import OutputResult, read_output_result
 from circus.queue_runner.reproducibility import (
     builds_to_check,
@@ -56,12 +55,10 @@ from circus.queue_runner.reproducibility import (
     mark_non_deterministic,
 )
 from circus.queue_runner.ssh import health, transfer
+from circus.queue_runner.ssh.builder import Builder
 from circus.queue_runner.ssh.connection import Remote, RemoteError
 from circus.queue_runner.ssh.remotebuild import RemoteNixRun
-from circus.queue_runner.wakeups import publish_after_commit
-
-if TYPE_CHECKING:
-    from circus.queue_runner.ssh.pool import BuilderHandle, SshBuilders
+from circus.queue_runner.steps.holder import LeaseKeeper, StepHolder
 
 log = logging.getLogger(__name__)
 
@@ -86,57 +83,26 @@ class _Verdict:
     builder_failure: str | None = None
 
 
-class LeaseKeeper(threading.Thread):
-    """Renews one step's lease; tells the step when it is lost."""
-
-    def __init__(self, step: SshStep) -> None:
-        super().__init__(name=f"lease-{step.claimed.id}", daemon=True)
-        self.step = step
-        self.lost = threading.Event()
-        self.done = threading.Event()
-        runner = step.settings.queue_runner
-        self.lease_secs = runner.lease_secs
-        self.every = max(0.5, min(2.0, runner.lease_secs / 3))
-
-    def run(self) -> None:
-        last_ok = time.monotonic()
-        step = self.step
-        while not self.done.wait(self.every):
-            try:
-                kept = in_transaction(step.pool.factory, lambda s: renew_lease(
-                    s, step.worker, [step.claimed.id], self.lease_secs))
-            except Exception:
-                log.warning("could not renew the lease on step %s", step.claimed.id,
-                            exc_info=True)
-                if time.monotonic() - last_ok < self.lease_secs * 0.8:
-                    continue
-                # fence ourselves: another worker may take the step any moment
-                log.error("lease on step %s about to lapse; stopping its build",
-                          step.claimed.id)
-                kept = set()
-            if step.claimed.id in kept:
-                last_ok = time.monotonic()
-                continue
-            log.info("step %s was taken away (cancelled or lease lost); stopping it on %s",
-                     step.claimed.id, step.handle.name)
-            self.lost.set()
-            step.interrupt()
-            return
-
-
 class SshStep(threading.Thread):
-    def __init__(self, pool: SshBuilders, handle: BuilderHandle, slot: int, worker: str,
-                 claimed: ClaimedStep, remote: Remote) -> None:
-        super().__init__(name=f"ssh-{handle.name}-{slot}", daemon=True)
-        self.pool = pool
-        self.settings = pool.settings
-        self.handle = handle
+    """One claimed step on one builder slot, held by ``holder``; ``on_done`` is
+    called when the thread ends."""
+
+    def __init__(self, holder: StepHolder, builder: Builder, slot: int, claimed: ClaimedStep,
+                 remote: Remote, *, cache: DrvCache, nix_env: dict[str, str],
+                 shutdown: threading.Event, on_done: Callable[[SshStep], None]) -> None:
+        super().__init__(name=f"ssh-{builder.name}-{slot}", daemon=True)
+        self.holder = holder
+        self.settings = holder.settings
+        self.builder = builder
         self.slot = slot
-        self.worker = worker
         self.claimed = claimed
         self.remote = remote
-        self.keeper = LeaseKeeper(self)
-        self.nix_env = pool.nix_env
+        self.cache = cache
+        self.nix_env = nix_env
+        self.shutdown = shutdown
+        self.on_done = on_done
+        self.keeper = LeaseKeeper(holder, lambda _: self.interrupt(),
+                                  name=f"lease-{claimed.id}")
         self.run_: RemoteNixRun | None = None
         #: milliseconds per phase (debug log, benchmarks)
         self.phases: dict[str, float] = {}
@@ -150,7 +116,7 @@ class SshStep(threading.Thread):
     # ------------------------------------------------------------ control
 
     def gone(self) -> bool:
-        return self.keeper.lost.is_set() or self.pool.stop.is_set()
+        return self.keeper.lost.is_set() or self.shutdown.is_set()
 
     def interrupt(self) -> None:
         run = self.run_
@@ -164,23 +130,23 @@ class SshStep(threading.Thread):
         except StepGone:
             self._after_gone()
         except Exception as exc:
-            log.exception("step %s on %s failed unexpectedly", self.claimed.id, self.handle.name)
+            log.exception("step %s on %s failed unexpectedly", self.claimed.id, self.builder.name)
             self.interrupt()
             self._finish(_Verdict(self._abort(f"SSH worker error: {exc}")))
         finally:
-            self.keeper.done.set()
-            self.pool.step_done(self)
+            self.keeper.stop()
+            self.on_done(self)
 
     # ------------------------------------------------------------ phases
 
     def _run(self) -> None:
         step = self.claimed
         try:
-            info = self.pool.cache.get(step.drv_path)
+            info = self.cache.get(step.drv_path)
         except (OSError, ValueError) as exc:
             self._finish(_Verdict(StepOutcome(step.id, BuildStatus.aborted,
                                               error_message=f"cannot read derivation: {exc}",
-                                              machine=self.handle.name)))
+                                              machine=self.builder.name)))
             return
         try:
             inputs = self._input_closure(info)
@@ -190,13 +156,13 @@ class SshStep(threading.Thread):
             return
         try:
             self.remote.connect()
-            self.pool.learn_cpu_count(self.handle, self.remote)
+            self.builder.learn_cpu_count(self.remote)
             missing = self._missing_inputs(inputs)
             self.phase("connect_check")
         except RemoteError as exc:
             # unreachable, or no working Nix there: nothing happened to the step, it
             # returns to the queue with no attempt counted
-            self.pool.builder_failed(self.handle, str(exc))
+            self.builder.record_failure(str(exc))
             self._hand_back()
             return
         if len(missing) > transfer.CHUNK_PATHS:
@@ -209,10 +175,10 @@ class SshStep(threading.Thread):
                 if self.gone():
                     raise StepGone() from None
                 self._finish(_Verdict(self._abort(f"could not copy the inputs to "
-                                                  f"{self.handle.name}: {exc}"),
+                                                  f"{self.builder.name}: {exc}"),
                                       builder_failure=str(exc)))
                 return
-            self.pool.learn_valid(self.handle, missing)
+            self.builder.learn_valid(missing)
             missing = []
         if self.gone():
             raise StepGone()
@@ -259,12 +225,12 @@ class SshStep(threading.Thread):
         """Inputs to send: those the builder lacks. Paths it is known to have are not
         asked about; a few small files are sent rather than asked about (importing a
         path it has is a no-op)."""
-        unknown = self.pool.unknown_paths(self.handle, inputs)
+        unknown = self.builder.unknown_paths(inputs)
         if not unknown or transfer.small_files(unknown):
             return unknown
         missing = transfer.remote_invalid(self.remote, unknown)
         lacking = set(missing)
-        self.pool.learn_valid(self.handle, [p for p in unknown if p not in lacking])
+        self.builder.learn_valid([p for p in unknown if p not in lacking])
         return missing
 
     def _input_closure(self, info: DrvInfo) -> list[str]:
@@ -274,13 +240,13 @@ class SshStep(threading.Thread):
         drv = read_derivation(info.drv_path)
         roots = [info.drv_path]
         for input_drv, names in sorted(drv.input_drvs.items()):
-            outputs = self.pool.cache.get(input_drv).output_paths
+            outputs = self.cache.get(input_drv).output_paths
             roots += [outputs[n] for n in names if n in outputs]
         return store.requisites(roots, self.nix_env)
 
     def _options(self) -> RunOptions:
         runner = self.settings.queue_runner
-        caps = self.handle.capabilities
+        caps = self.builder.capabilities
         return RunOptions(
             env={}, timeout=self.claimed.timeout or runner.build_timeout,
             max_silent=self.claimed.max_silent or runner.max_silent_time,
@@ -301,7 +267,7 @@ class SshStep(threading.Thread):
             run.start()
             self.phase("start")
         except RemoteError as exc:
-            self.pool.builder_failed(self.handle, str(exc))
+            self.builder.record_failure(str(exc))
             self._hand_back()
             return None
         self.run_ = run
@@ -340,7 +306,7 @@ class SshStep(threading.Thread):
                 run.kill()
             elif not run.killed and now - run.last_data > options.max_silent + DEAD_LINK_SLACK:
                 # Nix would have ended a silent build by now: the link is dead
-                dead_link = f"no word from {self.handle.name} for " \
+                dead_link = f"no word from {self.builder.name} for " \
                             f"{now - run.last_data:.0f} s: connection presumed dead"
                 run.abandon()
         run.wait(30)
@@ -368,13 +334,13 @@ class SshStep(threading.Thread):
                broken: str | None, sent: list[str]) -> _Verdict:
         step = self.claimed
         report = run.report
-        name = self.handle.name
+        name = self.builder.name
         if report.import_failed or (broken and sent and finished is None):
             detail = "\n".join(exited.errors[-10:]) or broken or "the import failed"
             error = f"could not copy the inputs to {name}: {detail}"
             return _Verdict(self._abort(error), builder_failure=error)
         if sent:
-            self.pool.learn_valid(self.handle, sent)
+            self.builder.learn_valid(sent)
         if finished is not None and finished.kind is not Kind.built:
             if finished.kind is Kind.dependency_failed:
                 # its inputs were copied there: Nix wanting to build one is the builder's fault
@@ -399,9 +365,9 @@ class SshStep(threading.Thread):
     def _collect(self, run: RemoteNixRun) -> _Verdict:
         """Bring the outputs home (normally already streamed back) and check them."""
         step = self.claimed
-        outputs = self.pool.cache.get(step.drv_path).output_paths
+        outputs = self.cache.get(step.drv_path).output_paths
         report = run.report
-        self.pool.learn_valid(self.handle, list(outputs.values()))
+        self.builder.learn_valid(list(outputs.values()))
         try:
             if report.import_error is None and set(outputs.values()) <= set(report.imported):
                 missing: set[str] = set()
@@ -418,7 +384,7 @@ class SshStep(threading.Thread):
         except RemoteError as exc:
             if self.gone():
                 raise StepGone() from None
-            error = f"could not copy the outputs from {self.handle.name}: {exc}"
+            error = f"could not copy the outputs from {self.builder.name}: {exc}"
             return _Verdict(self._abort(error), builder_failure=str(exc))
         except store.StoreError as exc:
             return _Verdict(self._abort(f"cannot check the outputs in the runner's store: {exc}"))
@@ -429,7 +395,7 @@ class SshStep(threading.Thread):
         status = BuildStatus.failed_with_output if result.failed_marker else BuildStatus.succeeded
         marker = "the builder created nix-support/failed" if result.failed_marker else None
         outcome = StepOutcome(step.id, status, error_message=marker, finished_at=_utc(time.time()),
-                              machine=self.handle.name)
+                              machine=self.builder.name)
         self._check_size(outcome, outputs.values())
         return _Verdict(outcome, result)
 
@@ -453,53 +419,36 @@ class SshStep(threading.Thread):
 
     def _abort(self, error: str) -> StepOutcome:
         return StepOutcome(self.claimed.id, BuildStatus.aborted, error_message=error,
-                           finished_at=_utc(time.time()), machine=self.handle.name, retry=True)
+                           finished_at=_utc(time.time()), machine=self.builder.name, retry=True)
 
     def _finish(self, verdict: _Verdict) -> None:
         if verdict.builder_failure:
-            self.pool.builder_failed(self.handle, verdict.builder_failure)
+            self.builder.record_failure(verdict.builder_failure)
         outcome = verdict.outcome
         results = {outcome.step_id: verdict.result} if verdict.result else {}
         # the builder did its part when Nix gave a verdict on the derivation
         healthy = outcome.status is not BuildStatus.aborted
 
-        def work(session: Session) -> FinishReport:
-            report = finish_steps(session, self.settings, self.worker, [outcome], results)
-            if healthy and self.handle.failing:
-                health.record_success(session, self.handle.id)
-            publish_after_commit(session, self.pool.publish, report.queued)
-            return report
+        def record_health(session: Session, report: FinishReport) -> None:
+            if healthy and self.builder.failing:
+                health.record_success(session, self.builder.id)
 
-        try:
-            self.phase("collect")
-            report = in_transaction(self.pool.factory, work)
-            self.phase("finish")
-            log.debug("step %s on %s: %s ms", self.claimed.id, self.handle.name, self.phases)
-        except Exception:
-            # the step stays running under our name; its lease lapses and it is re-queued
-            log.exception("could not record the result of step %s", self.claimed.id)
+        self.phase("collect")
+        report = self.holder.finish([outcome], results, also=record_health)
+        if report is None:
             return
+        self.phase("finish")
+        log.debug("step %s on %s: %s ms", self.claimed.id, self.builder.name, self.phases)
         if healthy:
-            self.pool.builder_ok(self.handle)
+            self.builder.record_ok()
         if report.finished:
             log.info("step %s (%s) on %s: %s", self.claimed.id, self.claimed.drv_path,
-                     self.handle.name, outcome.status.name)
-        self.pool.kick_classes(report.queued)
-        if self.pool.on_built is not None and report.builds.finished:
-            self.pool.on_built(report)
+                     self.builder.name, outcome.status.name)
 
     def _hand_back(self) -> None:
-        def work(session: Session) -> None:
-            queued = release_steps(session, self.worker, [self.claimed.id])
-            publish_after_commit(session, self.pool.publish, queued)
-
-        try:
-            in_transaction(self.pool.factory, work)
-        except Exception:
-            log.exception("could not hand back step %s; its lease will lapse", self.claimed.id)
+        self.holder.release()
 
     def _after_gone(self) -> None:
-        if self.keeper.lost.is_set():
-            return  # not ours any more
-        # the runner is stopping: the step returns to the queue, no attempt counted
-        self._hand_back()
+        # taken away: nothing is held any more; the runner stopping: the step returns
+        # to the queue, no attempt counted
+        self.holder.release()

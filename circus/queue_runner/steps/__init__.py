@@ -1,0 +1,1 @@
+"""Steps as every kind of builder holds them (claim, lease, finish, release)."""
