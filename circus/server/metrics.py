@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 
 from flask import Flask
 from prometheus_client import CollectorRegistry
@@ -33,7 +34,14 @@ from circus.common.enums import (
     NotificationTaskStatus,
     StepState,
 )
-from circus.common.models import Build, BuilderSession, Evaluation, NotificationTask, Step
+from circus.common.models import (
+    Build,
+    BuilderSession,
+    Evaluation,
+    NotificationTask,
+    ServiceHeartbeat,
+    Step,
+)
 from circus.server.context import server_context
 from circus.server.counters import (
     CACHE_BYTES,
@@ -90,6 +98,11 @@ class Families:
         "circus_cache_errors", "Binary cache requests that failed on the server's side "
         "(a recorded NAR missing, S3 unreachable)", labels=["reason"]))
 
+    heartbeat_age: GaugeMetricFamily = field(default_factory=lambda: GaugeMetricFamily(
+        "circus_daemon_heartbeat_age_seconds",
+        "Seconds since a daemon's last heartbeat (evaluator, queue runner, ...)",
+        labels=["service", "kind"]))
+
     def all(self) -> list[Metric]:
         return [getattr(self, f.name) for f in fields(self)]
 
@@ -116,6 +129,7 @@ class DatabaseCollector(Collector):
                 self._agents(session, families)
                 self._evaluations(session, families)
                 self._cache(session, families)
+                self._heartbeats(session, families)
         except Exception:
             return
         yield from families.all()
@@ -179,6 +193,15 @@ class DatabaseCollector(Collector):
         buckets = [(repr(bound), count) for bound, count in zip(EVALUATION_BUCKETS, within,
                                                                 strict=True)]
         families.evaluation_duration.add_metric([], [*buckets, ("+Inf", total)], seconds)
+
+    @staticmethod
+    def _heartbeats(session: Session, families: Families) -> None:
+        # the evaluator and the queue runner have no endpoint Prometheus scrapes: their
+        # heartbeats say whether they run (an alert on the age, not on `up`)
+        now = datetime.now(UTC)
+        for beat in session.scalars(select(ServiceHeartbeat)):
+            families.heartbeat_age.add_metric(
+                [beat.service, beat.kind], (now - beat.last_heartbeat).total_seconds())
 
     @staticmethod
     def _cache(session: Session, families: Families) -> None:

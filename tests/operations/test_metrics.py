@@ -12,27 +12,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, NotificationType, TriggerKind
+from circus.common.heartbeat import beat
 from circus.common.models import Evaluation, NotificationTask
 from tests.cache.support import make_build, nix_build, simple_expr
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port, wait_for_http
 from tests.helpers.promtool import metric_types, promtool
-
-#: every metric SPEC §"Observability" names, with its Prometheus type
-SPEC_METRICS = {
-    "circus_queue_depth": "gauge",  # per system/feature class
-    "circus_steps": "gauge",  # runnable / running steps
-    "circus_builds": "gauge",  # builds by status
-    "circus_evaluations_total": "counter",  # evaluator errors
-    "circus_evaluation_duration_seconds": "histogram",
-    "circus_agents_connected": "gauge",
-    "circus_agent_load1": "gauge",
-    "circus_cache_requests_total": "counter",  # hits and misses
-    "circus_cache_served_bytes_total": "counter",
-    "circus_cache_errors_total": "counter",
-    "circus_notification_backlog": "gauge",
-    "circus_http_request_duration_seconds": "histogram",  # prometheus-flask-exporter
-}
+from tests.operations.metric_names import SPEC_METRICS
 
 
 def test_metrics_after_an_evaluation_a_build_and_cache_traffic_pass_promtool(
@@ -48,6 +34,7 @@ def test_metrics_after_an_evaluation_a_build_and_cache_traffic_pass_promtool(
         session.add(Evaluation(jobset_id=build.jobset_id, trigger_kind=TriggerKind.manual,
                                status=EvaluationStatus.failed, eval_time=0.4))
         session.add(NotificationTask(type=NotificationType.webhook, payload={}))
+        beat(session, "evaluator", service="evaluator@test")
     config = tmp_path / "circus.toml"
     config.write_text(f"""
 [database]
@@ -115,3 +102,8 @@ cache_dir = "{settings.cache.cache_dir}"
     assert 'circus_evaluation_duration_seconds_count 2.0' in lines
     assert 'circus_evaluation_duration_seconds_sum 12.9' in lines
     assert 'circus_notification_backlog{status="pending"} 1.0' in lines
+    ages = [line for line in lines if line.startswith("circus_daemon_heartbeat_age_seconds{")]
+    assert len(ages) == 1, ages
+    assert ages[0].startswith(
+        'circus_daemon_heartbeat_age_seconds{kind="evaluator",service="evaluator@test"}')
+    assert 0 < float(ages[0].split()[-1]) < 300
