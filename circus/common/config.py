@@ -95,6 +95,10 @@ class BrokerSettings(SettingsModel):
     #: Celery broker; Redis by default, RabbitMQ (amqp://) works through kombu too
     url: str | None = None
     result_backend: str | None = None
+    #: Celery task events from every worker and producer (for Flower's task list from
+    #: the first task on); off, Flower turns them on in the workers it sees, seconds
+    #: after each starts. Costs two broker messages per task.
+    task_events: bool = False
 
     def problems(self) -> list[Problem]:
         if self.url is None:
