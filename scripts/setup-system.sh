@@ -10,9 +10,10 @@ PACKAGES=(
   libpq-dev libldap2-dev libsasl2-dev
   openssh-server openssh-client slapd ldap-utils
   chromium zstd xz-utils wrk
-  prometheus nginx-light
+  prometheus nginx-light systemd
 )
-# installed for their checkers only (promtool check metrics/rules, nginx -t) in tests;
+# installed for their checkers only (promtool check metrics/rules, nginx -t,
+# systemd-analyze verify) in tests;
 # their system services must not run (9090 and 80 would be taken on a CI host)
 TOOL_SERVICES=(prometheus nginx)
 
