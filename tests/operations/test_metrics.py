@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import requests
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.cache.publish import publish_outputs
@@ -14,6 +15,7 @@ from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, NotificationType, TriggerKind
 from circus.common.heartbeat import beat
 from circus.common.models import Evaluation, NotificationTask
+from circus.server.counters import Tally, read_counters
 from tests.cache.support import make_build, nix_build, simple_expr
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port, wait_for_http
@@ -107,3 +109,20 @@ cache_dir = "{settings.cache.cache_dir}"
     assert ages[0].startswith(
         'circus_daemon_heartbeat_age_seconds{kind="evaluator",service="evaluator@test"}')
     assert 0 < float(ages[0].split()[-1]) < 300
+
+
+def test_counts_survive_an_unreachable_database_and_add_up(
+        committed_db: sessionmaker[Session], engine: Engine) -> None:
+    tally = Tally(create_engine("postgresql+psycopg2://circus@127.0.0.1:1/nowhere"))
+    tally.add("cache_requests:nar:hit")
+    tally.add("cache_bytes:nar", 100)
+    tally.flush()  # refused: kept for the next flush
+    tally.add("cache_bytes:nar", 20)
+    tally.engine = engine
+    tally.flush()
+    tally.add("cache_requests:nar:hit")
+    tally.flush()
+    with committed_db() as session:
+        assert read_counters(session, "cache_") == {"cache_requests:nar:hit": 2,
+                                                    "cache_bytes:nar": 120}
+        assert read_counters(session, "cache_bytes:") == {"cache_bytes:nar": 120}
