@@ -173,7 +173,7 @@ class DatabaseCollector(Collector):
                 if value is not None:
                     families.agent_psi.add_metric([agent.name, resource], value)
             families.agent_builds.add_metric([agent.name, "succeeded"],
-                                                agent.builds_succeeded)
+                                             agent.builds_succeeded)
             families.agent_builds.add_metric([agent.name, "failed"], agent.builds_failed)
 
     @staticmethod
