@@ -60,9 +60,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         # No task events by default: every wake-up and delivery would publish two
         # more broker messages (~0.3 s of the runner's CPU per 500 builds). Flower
-        # turns them on in running workers itself (`celery control enable_events`).
-        "worker_send_task_events": False,
-        "task_send_sent_event": False,
+        # turns them on in running workers itself (`celery control enable_events`);
+        # broker.task_events sends them from the start (and "sent" events too).
+        "worker_send_task_events": settings.broker.task_events,
+        "task_send_sent_event": settings.broker.task_events,
         "worker_hijack_root_logger": False,
         "beat_schedule": beat_schedule(settings),
     }

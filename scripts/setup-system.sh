@@ -10,7 +10,12 @@ PACKAGES=(
   libpq-dev libldap2-dev libsasl2-dev
   openssh-server openssh-client slapd ldap-utils
   chromium zstd xz-utils wrk
+  prometheus nginx-light systemd
 )
+# installed for their checkers only (promtool check metrics/rules, nginx -t,
+# systemd-analyze verify) in tests;
+# their system services must not run (9090 and 80 would be taken on a CI host)
+TOOL_SERVICES=(prometheus nginx)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -26,6 +31,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now "${TOOL_SERVICES[@]}" >/dev/null 2>&1 || true
+  fi
 fi
 
 # Debian's nix-bin runs single-user as root without a daemon; its nix.conf

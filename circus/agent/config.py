@@ -1,4 +1,4 @@
-"""The agent's own configuration file (SPEC §11, ``[agent]``)."""
+"""The agent's own configuration file (SPEC §11, ``[agent]`` and ``[tracing]``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from circus.common.configbase import (
     read_toml,
     validate_sections,
 )
+from circus.common.logging import TracingSettings
 from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS, sandbox_path_problem
 
 Positive = Annotated[int, AfterValidator(at_least(1))]
@@ -119,6 +120,8 @@ class AgentSection(SettingsModel):
 
 class AgentSettings(SettingsModel):
     agent: AgentSection
+    #: the same section as the daemons' (level, format text|json)
+    tracing: TracingSettings = TracingSettings()
 
 
 def load_agent_settings(files: list[Path] | None = None,
@@ -133,8 +136,8 @@ def load_agent_settings(files: list[Path] | None = None,
     for path in files:
         raw = deep_merge(raw, read_toml(path))
     env = env_overrides(environ, "CIRCUS_")
-    if "agent" in env:
-        raw = deep_merge(raw, {"agent": env["agent"]})
+    raw = deep_merge(raw, {section: env[section] for section in ("agent", "tracing")
+                           if section in env})
     if overrides:
         raw = deep_merge(raw, overrides)
     raw.setdefault("agent", {})

@@ -23,6 +23,7 @@ from circus.agent.identity import agent_name, ephemeral_machine_id, persistent_m
 from circus.agent.jobs import Job, JobEnvironment, run_job
 from circus.agent.oidc import OidcTokenUnavailable, github_actions_token
 from circus.agent.sysinfo import host_status
+from circus.common import logcontext
 from circus.common.nix.environment import current_system, nix_environ, sandbox_options
 from circus.protocol import protocol_version, schema
 from circus.protocol.limits import TRAVERSAL_LIMIT_WORDS
@@ -110,17 +111,24 @@ class Agent:
                 agent.jobs[entry.step_id] = entry
                 agent.builds_accepted += 1
 
+                ids = {"step_id": entry.step_id, "build_id": entry.build_id,
+                       "drv_path": entry.drv_path}
+
                 async def work() -> None:
-                    try:
-                        await run_job(entry, assignment, logSink, resultSink, outputSink,
-                                      inputs, agent.environment)
-                    except Exception:
-                        log.exception("step %s failed on the agent", entry.step_id)
-                    finally:
-                        agent._job_finished(entry.step_id)
+                    # the task runs in a copy of the context at its creation: ids bound
+                    # here stay with this step's lines, not with other jobs'
+                    with logcontext.bound(**ids):
+                        try:
+                            await run_job(entry, assignment, logSink, resultSink, outputSink,
+                                          inputs, agent.environment)
+                        except Exception:
+                            log.exception("step %s failed on the agent", entry.step_id)
+                        finally:
+                            agent._job_finished(entry.step_id)
 
                 entry.task = asyncio.ensure_future(work())
-                log.info("accepted step %s (%s)", entry.step_id, entry.drv_path)
+                with logcontext.bound(**ids):
+                    log.info("accepted step %s (%s)", entry.step_id, entry.drv_path)
                 agent._check_limits()
                 return True, ""
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
 
 from circus.common.configbase import ConfigError
+from circus.common.logging import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,17 +18,18 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: $CIRCUS_AGENT_CONFIG_FILE)")
     parser.add_argument("--ephemeral", action="store_true",
                         help="fresh identity, unique name, stop after the configured limits")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", help="overrides tracing.level")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from circus.agent.config import load_agent_settings
 
     try:
-        settings = load_agent_settings(files=[args.config] if args.config else None)
+        settings = load_agent_settings(
+            files=[args.config] if args.config else None,
+            overrides={"tracing": {"level": args.log_level}} if args.log_level else None)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
+    setup_logging(settings.tracing)
     import capnp
 
     from circus.agent.daemon import Agent

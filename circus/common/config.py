@@ -39,6 +39,7 @@ from circus.common.enums import (
     SchedulingStrategy,
     TriggerMode,
 )
+from circus.common.logging import TracingSettings
 from circus.common.nix.environment import (
     DEFAULT_SANDBOX_PATHS,
     sandbox_options,
@@ -94,6 +95,10 @@ class BrokerSettings(SettingsModel):
     #: Celery broker; Redis by default, RabbitMQ (amqp://) works through kombu too
     url: str | None = None
     result_backend: str | None = None
+    #: Celery task events from every worker and producer (for Flower's task list from
+    #: the first task on); off, Flower turns them on in the workers it sees, seconds
+    #: after each starts. Costs two broker messages per task.
+    task_events: bool = False
 
     def problems(self) -> list[Problem]:
         if self.url is None:
@@ -674,20 +679,6 @@ class GithubOAuthSettings(SettingsModel):
 
 class OAuthSettings(SettingsModel):
     github: GithubOAuthSettings = GithubOAuthSettings()
-
-
-class TracingSettings(SettingsModel):
-    level: str = "INFO"
-    format: str = "text"
-
-    def problems(self) -> list[Problem]:
-        found = []
-        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            found.append(Problem("level", f"must be one of debug, info, warning, error, critical"
-                                          f" (got {self.level!r})"))
-        if self.format not in ("text", "json"):
-            found.append(Problem("format", f"must be text or json (got {self.format!r})"))
-        return found
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Ids that every log line of the current request or task carries.
 
 A context variable holds them (``request_id``, ``build_id``, ``step_id``,
-``evaluation_id``); a logging filter copies them onto each record, so the JSON
-formatter writes them and text lines end with them. Threads and Celery tasks
+``evaluation_id``, and ``drv_path`` where a step is built); a logging filter
+copies them onto each record, so the JSON formatter writes them and text lines
+end with them. Threads and Celery tasks
 each see their own.
 """
 
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from types import MappingProxyType
 
-KEYS = ("request_id", "build_id", "step_id", "evaluation_id")
+KEYS = ("request_id", "build_id", "step_id", "evaluation_id", "drv_path")
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 _current: ContextVar[Mapping[str, object]] = ContextVar("circus_log_context", default=_EMPTY)
 #: what a client may choose as its request id: short, no spaces or control characters

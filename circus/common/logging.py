@@ -1,4 +1,7 @@
-"""Logging set-up for the daemons: text or JSON lines (``tracing.format``)."""
+"""Logging set-up for the daemons and the agent: text or JSON lines (``tracing``).
+
+No server imports here: the agent configures its logging with this module too.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,22 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from circus.common.config import Settings
+from circus.common.configbase import Problem, SettingsModel
 from circus.common.logcontext import KEYS, ContextFilter
+
+
+class TracingSettings(SettingsModel):
+    level: str = "INFO"
+    format: str = "text"
+
+    def problems(self) -> list[Problem]:
+        found = []
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            found.append(Problem("level", f"must be one of debug, info, warning, error, critical"
+                                          f" (got {self.level!r})"))
+        if self.format not in ("text", "json"):
+            found.append(Problem("format", f"must be text or json (got {self.format!r})"))
+        return found
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,17 +44,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(settings: Settings) -> None:
+def setup_logging(tracing: TracingSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
-    if settings.tracing.format == "json":
+    if tracing.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.tracing.level.upper())
+    root.setLevel(tracing.level.upper())
     # urllib3 logs request paths at DEBUG; a Slack webhook URL's path is its secret
     logging.getLogger("urllib3.connectionpool").setLevel(
         max(logging.INFO, root.level))

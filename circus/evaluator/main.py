@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    setup_logging(settings)
+    setup_logging(settings.tracing)
     app = create_celery_app(settings, name="circus-evaluator")
     work_dir = Path(settings.evaluator.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    setup_logging(settings)
+    setup_logging(settings.tracing)
     from circus.queue_runner.daemon import QueueRunner
 
     runner = QueueRunner(settings, dispatcher=not args.no_dispatcher, workers=args.workers,

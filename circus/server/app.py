@@ -7,7 +7,7 @@ from sqlalchemy import Engine
 
 from circus.common.config import Settings, load_settings
 from circus.common.db import make_engine, make_session_factory
-from circus.server import cache, errors, health, requestids, usercontent
+from circus.server import cache, counters, errors, health, requestids, usercontent
 from circus.server.context import ServerContext, close_db_session
 
 
@@ -21,6 +21,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     engine = engine or make_engine(settings, application_name="circus-server")
     app.extensions["circus"] = ServerContext(settings, engine, make_session_factory(engine))
+    # cache hits and bytes served, summed over worker processes for /metrics
+    counters.init_app(app, engine)
     app.teardown_appcontext(close_db_session)
     # first: every later hook and view logs with the request's id
     requestids.init_app(app)

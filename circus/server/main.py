@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    setup_logging(settings)
+    setup_logging(settings.tracing)
     from circus.server.app import create_app
 
     if not args.skip_declarative:

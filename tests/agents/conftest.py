@@ -27,6 +27,7 @@ def write_agent_config(directory: Path, port: int, token: str = TOKEN, **extra: 
              f'work_dir = "{directory / "work"}"', "heartbeat_interval_secs = 0.5",
              "reconnect_delay_secs = 0.2", "substituters = []"]
     ephemeral = extra.pop("ephemeral", None)
+    tracing = extra.pop("tracing", None)
     for key, value in extra.items():
         lines.append(f"{key} = {_toml(value)}")
     if ephemeral:
@@ -36,6 +37,9 @@ def write_agent_config(directory: Path, port: int, token: str = TOKEN, **extra: 
     # Nix in one agent's private store would kill another agent's builder when
     # it cleans up "its" build user. Real agents are separate machines.
     lines += ["[agent.nix_config]", '"build-users-group" = ""']
+    if tracing:
+        lines.append("[tracing]")
+        lines += [f"{key} = {_toml(value)}" for key, value in tracing.items()]
     path = directory / "agent.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -225,6 +226,33 @@ def test_ephemeral_agent_exits_after_max_builds(
     assert name.startswith("eph-4242-")
     assert succeeded() == 2
     assert "max_builds (2) reached" in agent.log()
+
+
+def test_json_tracing_lines_of_the_agent_carry_the_step(
+        gateway_runner: Callable[..., Any], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
+    drv = instantiate(["plain1"], nonce, nix_env, expr=JOBS)["plain1"]
+    with gateway_runner() as (_, port), ExitStack() as stack:
+        agent = start_agent(stack, tmp_path, port, "traced",
+                            tracing={"format": "json", "level": "debug"})
+        with committed_db() as session:
+            build = make_builds(session, {"plain1": drv})["plain1"]
+        assert wait_builds(committed_db, [build.id]) == {build.id: BuildStatus.succeeded}
+        agent.stop()
+    with committed_db() as session:
+        step_id = session.execute(text("SELECT id FROM steps WHERE drv_path = :d"),
+                                  {"d": drv}).scalar_one()
+    # every line the agent wrote is a JSON object (not one text line in between)
+    lines = [json.loads(line) for line in agent.log().splitlines() if line.strip()]
+    about_step = [line for line in lines if line.get("step_id") == step_id]
+    assert {line["message"] for line in about_step} >= {f"accepted step {step_id} ({drv})"}
+    assert any(line["level"] == "debug" and line["logger"] == "circus.agent.jobs"
+               for line in about_step)
+    assert all(line["build_id"] == build.id and line["drv_path"] == drv
+               for line in about_step)
+    # lines outside a step carry no step's ids
+    registered = next(line for line in lines if line["message"].startswith("registered"))
+    assert "step_id" not in registered
 
 
 def test_ephemeral_agents_never_build_for_pull_requests_alone(

@@ -23,6 +23,9 @@ def test_celery_settings_come_from_the_circus_config(make_settings: Callable[...
                                                       "maintenance"}
     assert conf["beat_schedule"]["evaluator-tick"]["schedule"].total_seconds() == \
         settings.evaluator.poll_interval
+    assert conf["worker_send_task_events"] is conf["task_send_sent_event"] is False
+    events = celeryconfig.celery_settings(make_settings(broker={"task_events": True}))
+    assert events["worker_send_task_events"] is events["task_send_sent_event"] is True
 
 
 def test_base_task_opens_and_closes_a_session(settings: Settings, engine: Engine) -> None:

@@ -13,7 +13,13 @@ from circus.common.models.builds import (
 from circus.common.models.cache import NarInfo, NarInfoProject
 from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
 from circus.common.models.machines import BuilderSession, RemoteBuilder
-from circus.common.models.operations import AuditLog, News, NotificationTask, ServiceHeartbeat
+from circus.common.models.operations import (
+    AuditLog,
+    News,
+    NotificationTask,
+    ServiceCounter,
+    ServiceHeartbeat,
+)
 from circus.common.models.projects import (
     Channel,
     Jobset,
@@ -54,6 +60,7 @@ __all__ = [
     "ProjectMember",
     "QueueClass",
     "RemoteBuilder",
+    "ServiceCounter",
     "ServiceHeartbeat",
     "StarredJob",
     "Step",

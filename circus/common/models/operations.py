@@ -1,4 +1,4 @@
-"""Operational records: notifications, audit log, news, daemon heartbeats."""
+"""Operational records: notifications, audit log, news, daemon heartbeats, counters."""
 
 from __future__ import annotations
 
@@ -80,3 +80,19 @@ class ServiceHeartbeat(Base):
     started_at: Mapped[datetime]
     last_heartbeat: Mapped[datetime]
     details: Mapped[JsonDict]
+
+
+class ServiceCounter(Base):
+    """A monotonic count that server processes add to (cache hits, bytes served).
+
+    Each process keeps its own increments in memory and adds them here every few
+    seconds (``circus.server.counters``), so ``/metrics`` of any process reports the
+    total of all of them.
+    """
+
+    __tablename__ = "service_counters"
+
+    #: e.g. ``cache_requests:narinfo:hit``
+    name: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[int] = mapped_column(server_default="0", default=0)
+

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from circus.common.nix import storepath
 from circus.common.nix.narinfo import CONTENT_TYPE
 from circus.server.cache.lookup import ABSENT, CacheIndex
+from circus.server.counters import Tally, count_cache_request
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -49,9 +50,11 @@ def _parse(path: str) -> tuple[str | None, str] | None:
 
 
 class NarinfoFastPath:
-    def __init__(self, app: WSGIApplication, index: CacheIndex, max_age: int) -> None:
+    def __init__(self, app: WSGIApplication, index: CacheIndex, max_age: int,
+                 counts: Tally) -> None:
         self.app = app
         self.index = index
+        self.counts = counts
         self.cache_control = f"public, max-age={max_age}"
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse
@@ -63,8 +66,11 @@ class NarinfoFastPath:
                 cached: Any = self.index.cached_narinfo(parsed[1], parsed[0])
                 if cached is not ABSENT:
                     if cached is None:
+                        count_cache_request(self.counts, "narinfo", hit=False)
                         return self._send(start_response, "404 NOT FOUND", _NOT_FOUND,
                                           "application/json", method)
+                    count_cache_request(self.counts, "narinfo", hit=True,
+                                        sent=len(cached) if method == "GET" else 0)
                     return self._send(start_response, "200 OK", cached, CONTENT_TYPE, method,
                                       self.cache_control)
         return self.app(environ, start_response)

@@ -35,6 +35,7 @@ from circus.common.nix.narinfo import CONTENT_TYPE, cache_info
 from circus.server.auth import current_actor
 from circus.server.cache.lookup import CacheIndex
 from circus.server.context import db_session, settings
+from circus.server.counters import count_cache_error, count_cache_request, tally
 from circus.server.security import build_output, client_address
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ def narinfo(name: str, project: str | None = None) -> ResponseReturnValue:
         raise InvalidInput("malformed store path hash", {"hash": name[:64]})
     project_name, private = _project(project)
     body = index().narinfo(name, project_name, remember=not private)
+    count_cache_request(tally(), "narinfo", hit=body is not None,
+                        sent=len(body) if body is not None and request.method == "GET" else 0)
     if body is None:
         raise NotFound("no such path in this cache")
     return narinfo_response(body, private)
@@ -137,7 +140,9 @@ def nar(name: str, project: str | None = None) -> ResponseReturnValue:
         raise InvalidInput("malformed NAR file name", {"name": name[:80]})
     project_name, private = _project(project)
     location = index().nar(url, project_name)
+    counts = tally()
     if location is None:
+        count_cache_request(counts, "nar", hit=False)
         raise NotFound("no such NAR in this cache")
     config = settings()
     if "local" in location.storages:
@@ -147,18 +152,26 @@ def nar(name: str, project: str | None = None) -> ResponseReturnValue:
                                  max_age=None)
             response.headers["Cache-Control"] = PRIVATE_CACHE_CONTROL if private \
                 else NAR_CACHE_CONTROL
+            count_cache_request(counts, "nar", hit=True,
+                                sent=(response.content_length or 0)
+                                if request.method == "GET" else 0)
             return response
         if location.storages == {"local"}:
             log.error("cache: %s is recorded but missing from %s", url, config.cache.cache_dir)
+            count_cache_error(counts, "missing_file")
             raise NotFound("no such NAR in this cache")
     if not config.cache_upload.store_uri:
+        count_cache_error(counts, "no_s3_config")
         raise Unavailable("this NAR is stored in S3, but no cache_upload.store_uri is set")
     try:
         target = S3Store(config.cache_upload).presigned_get(
             url, config.cache_upload.presign_expiry_secs)
     except S3_OR_CONFIG_ERRORS as exc:
         log.error("cache: cannot presign %s: %s", url, exc)
+        count_cache_error(counts, "s3")
         raise Unavailable("cannot reach the S3 cache right now") from None
+    # S3 sends the bytes: a hit, but none of them count as served by this server
+    count_cache_request(counts, "nar", hit=True)
     moved = redirect(target, code=302)
     moved.headers["Cache-Control"] = "no-store"
     return moved
