@@ -10,7 +10,7 @@ Create Date: 2026-12-06 05:05:00.000000+00:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from alembic import op
 
@@ -22,6 +22,8 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("evaluations", sa.Column("status_counts", JSONB(), nullable=True))
+    op.add_column("evaluations", sa.Column("unfinished_build_ids", ARRAY(sa.BigInteger()),
+                                           nullable=True))
     # A finished build changing status (a restart, status codes 0 and 1 being pending and
     # running) makes the stored counts of every evaluation holding it wrong: forget them.
     # The update locks those evaluations' rows until the restart commits, which is what
@@ -30,7 +32,7 @@ def upgrade() -> None:
         CREATE FUNCTION evaluations_forget_status_counts() RETURNS trigger
         LANGUAGE plpgsql AS $$
         BEGIN
-            UPDATE evaluations SET status_counts = NULL
+            UPDATE evaluations SET status_counts = NULL, unfinished_build_ids = NULL
             WHERE id IN (SELECT evaluation_id FROM evaluation_builds WHERE build_id = NEW.id);
             RETURN NULL;
         END $$""")
@@ -62,4 +64,5 @@ def downgrade() -> None:
     op.drop_index("ix_builds_jobset_id_id", table_name="builds")
     op.execute("DROP TRIGGER builds_forget_status_counts ON builds")
     op.execute("DROP FUNCTION evaluations_forget_status_counts()")
+    op.drop_column("evaluations", "unfinished_build_ids")
     op.drop_column("evaluations", "status_counts")

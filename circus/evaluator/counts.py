@@ -1,12 +1,17 @@
-"""Builds of evaluations by status: counted once an evaluation has settled, then stored.
+"""Builds of evaluations by status, without counting thousands of builds per list.
 
 An evaluation holds thousands of builds (its ``evaluation_builds``), and lists show
-the counts of dozens of evaluations: counting them on every page cost a hash of all
-builds. Once an evaluation and every build in it have finished the counts no longer
-change, so the first reader stores them on the evaluation (``status_counts``) and
-later ones read one column. A finished build that changes status again (a restart)
-resets the stored counts of every evaluation holding it, in a trigger (see the
-migration ``5d2b8e4f1a90``), so no write path of builds has to remember them.
+the counts of dozens of evaluations: counting them on every page cost a hash join
+over all builds. Once an evaluation has finished (its membership is complete), the
+first reader stores on it the counts of its *finished* builds, which change no more,
+and the ids of the builds still unfinished (``status_counts``,
+``unfinished_build_ids``). Later readers add the live status of those few builds to
+the stored counts; when half of them have finished since, the next reader stores
+again (so the list shrinks and, once everything has finished, is empty).
+
+A finished build that changes status again (a restart) resets what is stored for
+every evaluation holding it, in a trigger (migration ``5d2b8e4f1a90``), so no write
+path of builds has to know about any of this.
 """
 
 from __future__ import annotations
@@ -22,74 +27,91 @@ from circus.common.enums import BuildStatus, EvaluationStatus
 from circus.common.models import Build, Evaluation, EvaluationBuild
 from circus.common.statussql import UNFINISHED
 
-FINISHED_EVALUATIONS = tuple(s.value for s in EvaluationStatus if s.is_finished)
+FINISHED_EVALUATIONS = [s.value for s in EvaluationStatus if s.is_finished]
 
 # After the row locks, in a statement of its own (a snapshot taken after the locks): a
 # restart holds the same row lock (its trigger updates the row) until it commits, so
-# the counts are either stored before it, and reset by it, or counted after it.
+# what is stored is either stored before it, and reset by it, or read after it.
 _STORE = text(f"""
-    UPDATE evaluations e SET status_counts = c.counts
-    FROM (SELECT evaluation_id, jsonb_object_agg(status, n) AS counts
-          FROM (SELECT eb.evaluation_id, b.status, count(*) AS n FROM evaluation_builds eb
-                JOIN builds b ON b.id = eb.build_id WHERE eb.evaluation_id = ANY(:ids)
-                GROUP BY eb.evaluation_id, b.status) AS by_status
-          GROUP BY evaluation_id) AS c
-    WHERE e.id = c.evaluation_id AND e.status_counts IS NULL
-      AND e.status::text = ANY(:finished)
-      AND NOT EXISTS (SELECT 1 FROM evaluation_builds eb JOIN builds b ON b.id = eb.build_id
-                      WHERE eb.evaluation_id = e.id AND b.status IN {UNFINISHED})
+    WITH members AS (
+        SELECT eb.evaluation_id, b.id, b.status FROM evaluation_builds eb
+        JOIN builds b ON b.id = eb.build_id WHERE eb.evaluation_id = ANY(:ids)
+    ), finished AS (
+        SELECT evaluation_id, jsonb_object_agg(status, n) AS counts
+        FROM (SELECT evaluation_id, status, count(*) AS n FROM members
+              WHERE status NOT IN {UNFINISHED} GROUP BY evaluation_id, status) AS by_status
+        GROUP BY evaluation_id
+    ), unfinished AS (
+        SELECT evaluation_id, array_agg(id ORDER BY id) AS ids FROM members
+        WHERE status IN {UNFINISHED} GROUP BY evaluation_id
+    )
+    UPDATE evaluations e
+    SET status_counts = coalesce(f.counts, '{{}}'), unfinished_build_ids = coalesce(u.ids, '{{}}')
+    FROM unnest(CAST(:ids AS bigint[])) AS i(id)
+    LEFT JOIN finished f ON f.evaluation_id = i.id LEFT JOIN unfinished u ON u.evaluation_id = i.id
+    WHERE e.id = i.id AND e.status::text = ANY(:finished)
 """)
 
 
 def status_counts(session: Session, evaluation_ids: Iterable[int]
                   ) -> dict[int, dict[str, int]]:
-    """Builds of each evaluation by status name: stored counts where there are, one
-    grouped query for the rest (whose settled ones are then stored)."""
+    """Builds of each evaluation by status name (at most four statements)."""
     ids = list(evaluation_ids)
     counts: dict[int, dict[str, int]] = defaultdict(dict)
     if not ids:
         return counts
-    missing = []
-    finished = set()
-    for eid, stored, status in session.execute(
-            select(Evaluation.id, Evaluation.status_counts, Evaluation.status)
-            .where(Evaluation.id.in_(ids))):
-        if stored is not None:
-            counts[eid] = _named(stored)
-        else:
+    missing, finished = [], set()
+    pending: dict[int, int] = {}
+    for eid, stored, unfinished, status in session.execute(
+            select(Evaluation.id, Evaluation.status_counts, Evaluation.unfinished_build_ids,
+                   Evaluation.status).where(Evaluation.id.in_(ids))):
+        if stored is None:
             missing.append(eid)
             if status.is_finished:
                 finished.add(eid)
-    if not missing:
-        return counts
-    rows = session.execute(
-        select(EvaluationBuild.evaluation_id, Build.status, func.count())
-        .join(Build, Build.id == EvaluationBuild.build_id)
-        .where(EvaluationBuild.evaluation_id.in_(missing))
-        .group_by(EvaluationBuild.evaluation_id, Build.status))
-    for eid, status, count in rows:
-        counts[eid][status.name] = count
-    settled = [eid for eid in missing if eid in finished and counts[eid] and not (
-        counts[eid].keys() & {BuildStatus.pending.name, BuildStatus.running.name})]
-    if settled:
-        store(session, settled)
+            continue
+        counts[eid] = _named(stored)
+        if unfinished:
+            pending[eid] = len(unfinished)
+    done_since: dict[int, int] = defaultdict(int)
+    if pending:
+        # the builds unfinished when the counts were stored, by their status now
+        live = text("""
+            SELECT e.id, b.status, count(*) FROM evaluations e
+            CROSS JOIN LATERAL unnest(e.unfinished_build_ids) AS u(build_id)
+            JOIN builds b ON b.id = u.build_id
+            WHERE e.id = ANY(:ids) GROUP BY e.id, b.status""")
+        for eid, code, count in session.execute(live, {"ids": list(pending)}):
+            status = BuildStatus(code)
+            counts[eid][status.name] = counts[eid].get(status.name, 0) + count
+            if status.is_finished:
+                done_since[eid] += count
+    if missing:
+        for eid, status, count in session.execute(
+                select(EvaluationBuild.evaluation_id, Build.status, func.count())
+                .join(Build, Build.id == EvaluationBuild.build_id)
+                .where(EvaluationBuild.evaluation_id.in_(missing))
+                .group_by(EvaluationBuild.evaluation_id, Build.status)):
+            counts[eid][status.name] = count
+    stale = [eid for eid, n in pending.items() if done_since[eid] * 2 >= n]
+    if finished or stale:
+        store(session, [*finished, *stale])
     return counts
 
 
 def store(session: Session, evaluation_ids: list[int]) -> None:
-    """Store the counts of settled evaluations, in a short transaction of its own.
+    """Store (again) what ``status_counts`` reads, in a short transaction of its own.
 
-    Not in the caller's (a read request's, rolled back at its end); an evaluation
+    Not in the caller's (a read request's, rolled back at its end). An evaluation
     whose row another transaction holds (a restart of one of its builds) is skipped,
     never waited for: a later reader stores it. Two statements, however many.
     """
     with session.get_bind().engine.connect() as connection:
         locked = list(connection.execute(
-            select(Evaluation.id).where(Evaluation.id.in_(evaluation_ids),
-                                        Evaluation.status_counts.is_(None))
+            select(Evaluation.id).where(Evaluation.id.in_(evaluation_ids))
             .order_by(Evaluation.id).with_for_update(skip_locked=True)).scalars())
         if locked:
-            connection.execute(_STORE, {"ids": locked, "finished": list(FINISHED_EVALUATIONS)})
+            connection.execute(_STORE, {"ids": locked, "finished": FINISHED_EVALUATIONS})
         connection.commit()
 
 

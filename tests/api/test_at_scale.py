@@ -16,16 +16,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common import counting
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, EvaluationStatus
-from circus.common.models import Build, Evaluation, EvaluationBuild
+from circus.common.models import Build, EvaluationBuild
 from circus.server.aggregates import AggregateCache
 from circus.server.app import create_app
 from tests.api.conftest import Keys, World
 
 
 def stored_counts(engine: Engine, evaluation_id: int) -> object:
+    """(counts of finished builds, ids of unfinished ones) stored on the evaluation."""
     with engine.connect() as conn:
-        return conn.execute(text("SELECT status_counts FROM evaluations WHERE id = :id"),
-                            {"id": evaluation_id}).scalar_one()
+        row = conn.execute(text("SELECT status_counts, unfinished_build_ids FROM evaluations "
+                                "WHERE id = :id"), {"id": evaluation_id}).one()
+    return None if row[0] is None else tuple(row)
 
 
 def test_counts_stored_on_settled_evaluations_stay_right_after_a_restart(
@@ -56,8 +58,8 @@ def test_counts_stored_on_settled_evaluations_stay_right_after_a_restart(
 
     assert counts(first_id) == {"succeeded": 1, "failed": 2}
     assert counts(second_id) == {"succeeded": 1, "failed": 1}
-    assert stored_counts(engine, first_id) == {"2": 1, "3": 2}
-    assert stored_counts(engine, second_id) == {"2": 1, "3": 1}
+    assert stored_counts(engine, first_id) == ({"2": 1, "3": 2}, [])
+    assert stored_counts(engine, second_id) == ({"2": 1, "3": 1}, [])
     # an evaluation still running is counted, never stored
     assert counts(running_id) == {"succeeded": 1}
     assert stored_counts(engine, running_id) is None
@@ -75,14 +77,16 @@ def test_counts_stored_on_settled_evaluations_stay_right_after_a_restart(
     assert stored_counts(engine, second_id) is None
     assert counts(first_id) == {"succeeded": 1, "failed": 1, "pending": 1}
     assert counts(second_id) == {"succeeded": 1, "pending": 1}
-    assert stored_counts(engine, first_id) is None
+    # stored again: the finished builds counted, the restarted one to look up
+    assert stored_counts(engine, first_id) == ({"2": 1, "3": 1}, [bad_id])
+    assert counts(first_id) == {"succeeded": 1, "failed": 1, "pending": 1}
 
     # the build finishes (as the queue runner writes it): stored again, right
     with committed_db() as db:
         db.execute(update(Build).where(Build.id == bad_id).values(status=BuildStatus.succeeded))
         db.commit()
     assert counts(first_id) == {"succeeded": 2, "failed": 1}
-    assert stored_counts(engine, first_id) == {"2": 2, "3": 1}
+    assert stored_counts(engine, first_id) == ({"2": 2, "3": 1}, [])
     # a stored figure is what the next reader gets (no row changed since)
     assert counts(first_id) == {"succeeded": 2, "failed": 1}
 
@@ -182,19 +186,27 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_stored_counts_are_never_stored_for_an_evaluation_with_pending_builds(
+def test_counts_of_an_evaluation_with_unfinished_builds_follow_them(
         committed_db: sessionmaker[Session], engine: Engine) -> None:
-    from circus.evaluator.counts import status_counts, store
+    from circus.evaluator.counts import status_counts
 
     with committed_db() as db:
         world = World(db)
         evaluation = world.evaluation(world.jobset(world.project()))
         world.build(evaluation, "a", BuildStatus.succeeded)
-        world.build(evaluation, "b", BuildStatus.pending)
+        waiting = [world.build(evaluation, f"w{n}").id for n in range(4)]
         db.commit()
-        # even when asked to: the statement checks the rows itself
-        store(db, [evaluation.id])
-        assert stored_counts(engine, evaluation.id) is None
         assert status_counts(db, [evaluation.id]) == {evaluation.id: {"succeeded": 1,
-                                                                      "pending": 1}}
-        assert db.get(Evaluation, evaluation.id) is not None
+                                                                      "pending": 4}}
+        assert stored_counts(engine, evaluation.id) == ({"2": 1}, waiting)
+        _set_status(engine, waiting[0], BuildStatus.running)
+        _set_status(engine, waiting[1], BuildStatus.failed)
+        assert status_counts(db, [evaluation.id]) == {evaluation.id: {
+            "succeeded": 1, "pending": 2, "running": 1, "failed": 1}}
+        # fewer than half finished since: the stored list is still good enough
+        assert stored_counts(engine, evaluation.id) == ({"2": 1}, waiting)
+        _set_status(engine, waiting[2], BuildStatus.succeeded)
+        assert status_counts(db, [evaluation.id]) == {evaluation.id: {
+            "succeeded": 2, "pending": 1, "running": 1, "failed": 1}}
+        assert stored_counts(engine, evaluation.id) == ({"2": 2, "3": 1},
+                                                        [waiting[0], waiting[3]])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ForeignKey, Index, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import BigInteger, ForeignKey, Index, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from circus.common.enums import EvaluationStatus, TriggerKind
@@ -46,10 +46,12 @@ class Evaluation(Base):
     attrs_done: Mapped[int | None]
     builds_new: Mapped[int | None]
     builds_reused: Mapped[int | None]
-    #: builds by status code (``{"2": 1990, "3": 10}``) once the evaluation and all its
-    #: builds have finished, so lists need not count them again; NULL until then, and
-    #: reset by a trigger when one of its builds changes status again (a restart)
+    #: once the evaluation has finished: its finished builds by status code (``{"2":
+    #: 1990, "3": 10}``), which change no more, and the ids of its builds unfinished
+    #: then, whose status lists look up; NULL until stored (evaluator/counts.py), and
+    #: reset by a trigger when a finished build changes status again (a restart)
     status_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    unfinished_build_ids: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
     #: who/what asked for it (user, webhook delivery, ...)
     requested_by: Mapped[str | None]
     pr_number: Mapped[int | None]
