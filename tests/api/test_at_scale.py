@@ -210,3 +210,30 @@ def test_counts_of_an_evaluation_with_unfinished_builds_follow_them(
             "succeeded": 2, "pending": 1, "running": 1, "failed": 1}}
         assert stored_counts(engine, evaluation.id) == ({"2": 2, "3": 1},
                                                         [waiting[0], waiting[3]])
+
+
+def test_compare_counts_shared_builds_and_reads_the_others(world: World, db: Session) -> None:
+    from circus.evaluator.service import compare
+
+    jobset = world.jobset(world.project())
+    old, new = world.evaluation(jobset), world.evaluation(jobset)
+    kept = world.build(old, "kept")
+    world.build(old, "changed")
+    world.build(old, "removed")
+    same_drv = world.build(old, "same-drv")
+    db.add(EvaluationBuild(evaluation_id=new.id, build_id=kept.id, is_new=False))
+    world.build(new, "changed")
+    world.build(new, "added")
+    # another build of the same derivation is no change
+    copy = Build(evaluation_id=new.id, jobset_id=jobset.id, project_id=jobset.project_id,
+                 job_name="same-drv", system="x86_64-linux", drv_path=same_drv.drv_path)
+    db.add(copy)
+    db.flush()
+    db.add(EvaluationBuild(evaluation_id=new.id, build_id=copy.id, is_new=True))
+    db.flush()
+    comparison = compare(db, new.id, old.id)
+    assert comparison.new_jobs == ["added"]
+    assert comparison.removed_jobs == ["removed"]
+    assert comparison.changed_jobs == ["changed"]
+    assert comparison.unchanged_count == 2
+    assert compare(db, new.id, new.id).unchanged_count == 4

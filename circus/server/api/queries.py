@@ -41,7 +41,12 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
     if "jobset_id" in args:
         query = query.where(Build.jobset_id == args["jobset_id"])
     if "evaluation_id" in args:
-        query = query.where(Build.id.in_(evaluation_members(args["evaluation_id"])))
+        # membership alone: the importer writes a row for every build of an evaluation,
+        # the ones it created too (``OR builds.evaluation_id = X`` turned the plan into a
+        # scan of all builds); a join, not IN: newest first is then the membership index
+        # read backwards
+        query = query.join(EvaluationBuild, EvaluationBuild.build_id == Build.id).where(
+            EvaluationBuild.evaluation_id == args["evaluation_id"])
     if "job_name" in args:
         query = query.where(Build.job_name == args["job_name"])
     if "status" in args:
@@ -53,17 +58,6 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
         query = query.where(Build.status.not_in(unfinished) if args["finished"]
                             else Build.status.in_(unfinished))
     return query
-
-
-def evaluation_members(evaluation_id: int) -> Any:
-    """Ids of an evaluation's builds, new and reused.
-
-    The importer writes a membership row for every build of an evaluation, the ones
-    it created too: ``OR builds.evaluation_id = X`` gives the same answer and turned
-    the plan into a scan of all builds.
-    """
-    return select(EvaluationBuild.build_id).where(
-        EvaluationBuild.evaluation_id == evaluation_id)
 
 
 def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor) -> Any:

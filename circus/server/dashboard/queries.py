@@ -41,7 +41,7 @@ from circus.common.models import (
     User,
 )
 from circus.common.models.base import utcnow
-from circus.server.api.queries import build_counts, evaluation_members
+from circus.server.api.queries import build_counts
 
 # ---------------------------------------------------------------------------
 # builds in lists
@@ -295,7 +295,8 @@ def group_counts(counts: dict[str, int]) -> dict[str, int]:
 
 def evaluation_builds(evaluation_id: int, group: str) -> Any:
     query = (select(Build).options(lazyload(Build.outputs))
-             .where(Build.id.in_(evaluation_members(evaluation_id))))
+             .join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
+             .where(EvaluationBuild.evaluation_id == evaluation_id))
     statuses = STATUS_GROUPS.get(group)
     if statuses is not None:
         query = query.where(Build.status.in_(statuses))
