@@ -158,8 +158,7 @@ def generate(conn: Connection, scale: float) -> dict[str, int]:
                                      THEN :jobs + job + :jobs * ((r * :per_round - 1 - job) / :jobs)
                                      ELSE job END AS l
                   FROM generate_series(1, :jobsets) js, generate_series(0, :rounds - 1) r,
-                       generate_series(0, :jobs - 1) job) m
-            ORDER BY 1, 2"""),
+                       generate_series(0, :jobs - 1) job) m"""),
             {"jobsets": jobsets, "bpj": builds_per_jobset, "jobs": jobs, "per_round": per_round,
              "rounds": EVALUATIONS_PER_JOBSET})
     conn.execute(text("""
