@@ -53,9 +53,10 @@ def page_number(name: str = "page") -> int:
 
 
 def paginate(session: Session, query: Any, size: int, *, number: int | None = None,
-             scalars: bool = True) -> Page:
+             scalars: bool = True, total: int | None = None) -> Page:
+    """A page of ``query``; ``total`` when the caller knows it already (no COUNT)."""
     number = number if number is not None else page_number()
-    total, exact = count_rows(session, query)
+    total, exact = (total, True) if total is not None else count_rows(session, query)
     limited = query.limit(size).offset((number - 1) * size)
     items: list[Any] = (list(session.scalars(limited)) if scalars
                         else [row.tuple() for row in session.execute(limited)])
