@@ -218,6 +218,9 @@ class ServerSettings(SettingsModel):
     max_log_streams: Positive = 16
     #: live log streams open at once from one client address
     max_log_streams_per_client: Positive = 4
+    #: seconds figures aggregated over all builds (``/builds/stats``, time series) are
+    #: reused by a server process before it recomputes them (in the background); 0: never
+    aggregate_cache_seconds: float = Field(default=10.0, ge=0)
     #: an origin of its own (another host name for this server), e.g.
     #: ``https://ci-files.example.org``: products viewed in a browser are served only
     #: there, by signed short-lived links, never beside the session cookie

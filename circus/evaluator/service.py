@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import and_, case, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 import celeryconfig
 from circus.common.celery import enqueue
@@ -142,26 +142,38 @@ def cancel_evaluation(session: Session, evaluation_id: int) -> Evaluation:
     return evaluation
 
 
-def _jobs_of(session: Session, evaluation_id: int) -> dict[str, str]:
-    rows = session.execute(
-        select(Build.job_name, Build.drv_path)
-        .join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
-        .where(EvaluationBuild.evaluation_id == evaluation_id)).tuples().all()
-    return dict(rows)
-
-
 def compare(session: Session, evaluation_id: int, other_id: int) -> Comparison:
-    """Jobs new in ``evaluation_id``, removed since ``other_id``, or with a changed drv."""
+    """Jobs new in ``evaluation_id``, removed since ``other_id``, or with a changed drv.
+
+    Builds both evaluations hold are only counted (an evaluation holds one build per
+    job): the jobs of the few others are all that is read, not thousands per side.
+    """
     for ident in (evaluation_id, other_id):
         if session.get(Evaluation, ident) is None:
             raise NotFound(f"evaluation {ident} does not exist")
-    new = _jobs_of(session, evaluation_id)
-    old = _jobs_of(session, other_id)
+    mine, theirs = aliased(EvaluationBuild), aliased(EvaluationBuild)
+    shared = int(session.scalar(
+        select(func.count()).select_from(mine)
+        .join(theirs, and_(theirs.build_id == mine.build_id,
+                           theirs.evaluation_id == other_id))
+        .where(mine.evaluation_id == evaluation_id)) or 0)
+    counterpart = case((mine.evaluation_id == evaluation_id, other_id), else_=evaluation_id)
+    sides: dict[int, dict[str, str]] = {evaluation_id: {}, other_id: {}}
+    for eid, job, drv in session.execute(
+            select(mine.evaluation_id, Build.job_name, Build.drv_path)
+            .join(Build, Build.id == mine.build_id)
+            .where(mine.evaluation_id.in_([evaluation_id, other_id]),
+                   ~select(theirs.build_id).where(theirs.build_id == mine.build_id,
+                                                  theirs.evaluation_id == counterpart)
+                   .exists())):
+        sides[eid][job] = drv
+    new, old = sides[evaluation_id], sides[other_id]
+    both = set(new) & set(old)
     return Comparison(
         new_jobs=sorted(set(new) - set(old)),
         removed_jobs=sorted(set(old) - set(new)),
-        changed_jobs=sorted(n for n in set(new) & set(old) if new[n] != old[n]),
-        unchanged_count=sum(1 for n in set(new) & set(old) if new[n] == old[n]),
+        changed_jobs=sorted(n for n in both if new[n] != old[n]),
+        unchanged_count=shared + sum(1 for n in both if new[n] == old[n]),
     )
 
 

@@ -131,7 +131,8 @@ def render_markdown(document: dict[str, Any]) -> str:
             if prop.get("nullable"):
                 kind += ", nullable"
             marker = " *(required)*" if field in required else ""
-            lines.append(f"- `{field}`: {kind}{marker}")
+            about = f" — {prop['description']}" if prop.get("description") else ""
+            lines.append(f"- `{field}`: {kind}{marker}{about}")
         lines.append("")
     return "\n".join(line.rstrip() for line in lines).rstrip() + "\n"
 

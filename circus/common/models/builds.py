@@ -81,7 +81,13 @@ class Build(Base):
         Index("ix_builds_status_priority", "status", text("priority DESC"), "id"),
         Index("ix_builds_jobset_id_job_name", "jobset_id", "job_name", text("id DESC")),
         Index("ix_builds_project_id_id", "project_id", text("id DESC")),
-        Index("ix_builds_drv_path", "drv_path"),
+        # a jobset's builds newest first (API lists, a page of them without a sort)
+        Index("ix_builds_jobset_id_id", "jobset_id", text("id DESC")),
+        # text_pattern_ops: prefix search (LIKE 'x%') under any collation, and equality
+        Index("ix_builds_drv_path", "drv_path", postgresql_ops={"drv_path": "text_pattern_ops"}),
+        # substring search of job names (ILIKE '%x%')
+        Index("ix_builds_job_name_trgm", "job_name", postgresql_using="gin",
+              postgresql_ops={"job_name": "gin_trgm_ops"}),
         Index("ix_builds_system", "system"),
         Index("ix_builds_completed_at", text("completed_at DESC")),
         # the dispatcher's scan for builds that still need their steps computed
@@ -103,9 +109,14 @@ class BuildOutput(Base):
     build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
                                           primary_key=True)
     name: Mapped[str] = mapped_column(primary_key=True)
-    path: Mapped[str] = mapped_column(index=True)
+    path: Mapped[str]
 
     build: Mapped[Build] = relationship(back_populates="outputs")
+
+    __table_args__ = (
+        # text_pattern_ops: store-path prefix search (LIKE 'x%') under any collation
+        Index("ix_build_outputs_path", "path", postgresql_ops={"path": "text_pattern_ops"}),
+    )
 
 
 class BuildDependency(Base):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ForeignKey, Index, text
+from sqlalchemy import BigInteger, ForeignKey, Index, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from circus.common.enums import EvaluationStatus, TriggerKind
@@ -46,6 +47,12 @@ class Evaluation(Base):
     attrs_done: Mapped[int | None]
     builds_new: Mapped[int | None]
     builds_reused: Mapped[int | None]
+    #: once the evaluation has finished: its finished builds by status code (``{"2":
+    #: 1990, "3": 10}``), which change no more, and the ids of its builds unfinished
+    #: then, whose status lists look up; NULL until stored (evaluator/counts.py), and
+    #: reset by a trigger when a finished build changes status again (a restart)
+    status_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    unfinished_build_ids: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
     #: who/what asked for it (user, webhook delivery, ...)
     requested_by: Mapped[str | None]
     pr_number: Mapped[int | None]

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 import flask_smorest
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import BaseConverter, IntegerConverter, Map
 
+from circus.common.counting import count_rows
 from circus.server.api.schemas.common import MAX_ID
 
 PREFIX = "/api/v1"
@@ -76,13 +76,14 @@ def name_schema(converter: Any) -> dict[str, Any]:
 
 def paginate(session: Session, query: Any, args: dict[str, Any], *,
              scalars: bool = True, cursor_column: Any = None) -> dict[str, Any]:
-    """One page of ``query`` plus the total count.
+    """One page of ``query`` plus the total count (exact up to ``EXACT_UP_TO`` rows,
+    estimated beyond: ``total_exact`` says which).
 
     With ``cursor_column`` (an id the query is ordered by, descending) the caller
     may pass ``cursor`` instead of ``offset``: keyset pagination, as fast on page
     1000 as on page 1; ``next_cursor`` names the next page.
     """
-    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+    total, exact = count_rows(session, query)
     cursor = args.get("cursor") if cursor_column is not None else None
     if cursor is not None:
         limited = query.where(cursor_column < cursor).limit(args["limit"])
@@ -93,7 +94,7 @@ def paginate(session: Session, query: Any, args: dict[str, Any], *,
         items = list(session.scalars(limited).all())
     else:
         items = [tuple(row) for row in session.execute(limited).all()]
-    page = {"items": items, "total": int(total or 0), "limit": args["limit"],
+    page = {"items": items, "total": total, "total_exact": exact, "limit": args["limit"],
             "offset": args["offset"] if cursor is None else 0}
     if cursor_column is not None:
         full = len(items) == args["limit"]

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from circus.auth.actor import Actor
 from circus.common.enums import BuildStatus, StepState
 from circus.common.errors import NotFound
 from circus.common.models import Build, BuildConstituent, BuildDependency, Step
 from circus.server.actions import BuildAction, act_on_build
+from circus.server.aggregates import cached
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.queries import filter_builds, get_build
 from circus.server.api.schemas.builds import (
@@ -55,8 +58,13 @@ def recent(args: dict[str, Any]) -> Any:
 @blp.arguments(StatsArgsSchema, location="query")
 @blp.response(200, BuildStatsSchema)
 def stats(args: dict[str, Any]) -> Any:
-    session = db_session()
+    """Builds by status, average duration and active steps (figures up to
+    ``server.aggregate_cache_seconds`` old)."""
     actor = current_actor()
+    return cached("builds.stats", args, actor, lambda session: _stats(session, args, actor))
+
+
+def _stats(session: Session, args: dict[str, Any], actor: Actor) -> dict[str, Any]:
     rows = session.execute(filter_builds(
         select(Build.status, func.count()).group_by(Build.status), args, actor))
     by_status = {status.name: count for status, count in rows}

@@ -7,7 +7,9 @@ from typing import Any
 
 from flask.typing import ResponseReturnValue
 from sqlalchemy import Float, cast, func, select
+from sqlalchemy.orm import Session
 
+from circus.auth.actor import Actor
 from circus.auth.visibility import only_visible, require_visible
 from circus.common.errors import NotFound
 from circus.common.models import (
@@ -18,6 +20,7 @@ from circus.common.models import (
 )
 from circus.common.models.base import utcnow
 from circus.server import actions
+from circus.server.aggregates import cached
 from circus.server.api import queries
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.schemas.admin import (
@@ -87,14 +90,10 @@ def systems() -> Any:
     return {"systems": queries.systems_summary(db_session(), current_actor())}
 
 
-def _series(args: dict[str, Any], value: Any, grouped_by_status: bool) -> dict[str, Any]:
+def _series(name: str, args: dict[str, Any], value: Any, grouped_by_status: bool
+            ) -> dict[str, Any]:
     session = db_session()
     actor = current_actor()
-    since = utcnow() - timedelta(days=args["days"])
-    bucket = func.date_trunc(args["bucket"], Build.completed_at)
-    columns = [bucket, Build.status, value] if grouped_by_status else [bucket, value]
-    query = only_visible(select(*columns).where(Build.completed_at >= since),
-                         Build.project_id, actor)
     # a filter naming a project or jobset the caller cannot see is a 404, as for one
     # that does not exist (an empty series would tell the two apart)
     if "project_id" in args:
@@ -102,12 +101,25 @@ def _series(args: dict[str, Any], value: Any, grouped_by_status: bool) -> dict[s
             raise NotFound(f"no project with id {args['project_id']}")
         require_visible(session, actor, args["project_id"],
                         f"project with id {args['project_id']}")
-        query = query.where(Build.project_id == args["project_id"])
     if "jobset_id" in args:
         jobset = session.get(Jobset, args["jobset_id"])
         if jobset is None:
             raise NotFound(f"no jobset with id {args['jobset_id']}")
         require_visible(session, actor, jobset.project_id, f"jobset with id {jobset.id}")
+    return cached(name, args, actor, lambda session: _compute_series(
+        session, args, actor, value, grouped_by_status))
+
+
+def _compute_series(session: Session, args: dict[str, Any], actor: Actor, value: Any,
+                    grouped_by_status: bool) -> dict[str, Any]:
+    since = utcnow() - timedelta(days=args["days"])
+    bucket = func.date_trunc(args["bucket"], Build.completed_at)
+    columns = [bucket, Build.status, value] if grouped_by_status else [bucket, value]
+    query = only_visible(select(*columns).where(Build.completed_at >= since),
+                         Build.project_id, actor)
+    if "project_id" in args:
+        query = query.where(Build.project_id == args["project_id"])
+    if "jobset_id" in args:
         query = query.where(Build.jobset_id == args["jobset_id"])
     query = query.group_by(*columns[:-1]).order_by(bucket)
     points: dict[Any, dict[str, float]] = {}
@@ -127,7 +139,7 @@ def _series(args: dict[str, Any], value: Any, grouped_by_status: bool) -> dict[s
 @blp.response(200, TimeseriesSchema)
 def builds_series(args: dict[str, Any]) -> Any:
     """Finished builds per time bucket, by status."""
-    return _series(args, func.count(), grouped_by_status=True)
+    return _series("timeseries.builds", args, func.count(), grouped_by_status=True)
 
 
 @blp.get("/metrics/timeseries/duration")
@@ -136,4 +148,4 @@ def builds_series(args: dict[str, Any]) -> Any:
 def duration_series(args: dict[str, Any]) -> Any:
     """Average build duration (seconds) per time bucket."""
     seconds = func.avg(cast(func.extract("epoch", Build.completed_at - Build.started_at), Float))
-    return _series(args, seconds, grouped_by_status=False)
+    return _series("timeseries.duration", args, seconds, grouped_by_status=False)

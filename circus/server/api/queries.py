@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +29,7 @@ from circus.common.models import (
     Step,
     User,
 )
+from circus.evaluator.counts import status_counts
 
 
 def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
@@ -39,10 +39,12 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
     if "jobset_id" in args:
         query = query.where(Build.jobset_id == args["jobset_id"])
     if "evaluation_id" in args:
-        members = select(EvaluationBuild.build_id).where(
+        # membership alone: the importer writes a row for every build of an evaluation,
+        # the ones it created too (``OR builds.evaluation_id = X`` turned the plan into a
+        # scan of all builds); a join, not IN: newest first is then the membership index
+        # read backwards
+        query = query.join(EvaluationBuild, EvaluationBuild.build_id == Build.id).where(
             EvaluationBuild.evaluation_id == args["evaluation_id"])
-        query = query.where(or_(Build.evaluation_id == args["evaluation_id"],
-                                Build.id.in_(members)))
     if "job_name" in args:
         query = query.where(Build.job_name == args["job_name"])
     if "status" in args:
@@ -74,24 +76,8 @@ def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor) -> Any:
 
 
 def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, dict[str, int]]:
-    """Builds of each evaluation by status name, in one query.
-
-    Membership is ``evaluation_builds``: the importer writes a row for every build of
-    an evaluation, new or reused (a union with ``builds.evaluation_id`` cost twice as
-    much for the same answer).
-    """
-    ids = list(evaluation_ids)
-    counts: dict[int, dict[str, int]] = defaultdict(dict)
-    if not ids:
-        return counts
-    rows = session.execute(
-        select(EvaluationBuild.evaluation_id, Build.status, func.count())
-        .join(Build, Build.id == EvaluationBuild.build_id)
-        .where(EvaluationBuild.evaluation_id.in_(ids))
-        .group_by(EvaluationBuild.evaluation_id, Build.status))
-    for eid, status, count in rows:
-        counts[eid][status.name] = count
-    return counts
+    """Builds of each evaluation by status name (stored once the evaluation settled)."""
+    return status_counts(session, evaluation_ids)
 
 
 def get_evaluation(session: Session, evaluation_id: int, actor: Actor) -> Evaluation:
@@ -124,7 +110,8 @@ def search(session: Session, actor: Actor, q: str, limit: int) -> dict[str, Any]
     jobs = session.execute(
         only_visible(select(Build.jobset_id, Build.job_name, func.max(Build.id),
                             func.min(Build.project_id)), Build.project_id, actor)
-        .where(Build.job_name.icontains(q, autoescape=True))
+        # ILIKE, not lower() LIKE: the trigram index on job_name serves it
+        .where(Build.job_name.ilike(f"%{escape_like(q)}%", escape="\\"))
         .group_by(Build.jobset_id, Build.job_name).order_by(Build.job_name).limit(limit))
     builds: list[dict[str, Any]] = []
     if q.isdigit() and len(q) < 19:
@@ -156,6 +143,11 @@ def search(session: Session, actor: Actor, q: str, limit: int) -> dict[str, Any]
         "store_paths": [{"kind": "store_path", "id": None, "name": path, "build_id": build_id}
                         for path, build_id in paths],
     }
+
+
+def escape_like(text: str) -> str:
+    """``text`` matched literally inside a LIKE pattern (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _build_hit(build: Build) -> dict[str, Any]:

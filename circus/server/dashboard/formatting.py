@@ -7,6 +7,7 @@ everywhere. Every badge carries its text too (colour is never the only cue).
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from flask import Flask, request, url_for
@@ -66,12 +67,23 @@ def _badge(style: Style, extra: str = "") -> Markup:
 def build_badge(status: BuildStatus | int | None) -> Markup:
     if status is None:
         return Markup("")
-    return _badge(BUILD_STYLES[BuildStatus(status)])
+    return _build_badge(BuildStatus(status))
+
+
+# a page of builds shows a few statuses hundreds of times: each is formatted once
+@cache
+def _build_badge(status: BuildStatus) -> Markup:
+    return _badge(BUILD_STYLES[status])
 
 
 def build_icon(status: BuildStatus | int) -> Markup:
     """Just the icon (for dense tables such as the job matrix), label as tooltip."""
-    css, icon, label = BUILD_STYLES[BuildStatus(status)]
+    return _build_icon(BuildStatus(status))
+
+
+@cache
+def _build_icon(status: BuildStatus) -> Markup:
+    css, icon, label = BUILD_STYLES[status]
     return Markup('<span class="status icon-only s-{css}" title="{label}">'
                   '<span aria-hidden="true">{icon}</span>'
                   '<span class="sr">{label}</span></span>').format(css=css, icon=icon,

@@ -1,4 +1,4 @@
-"""Numbered pages for long lists: one COUNT and one LIMIT/OFFSET query per list."""
+"""Numbered pages for long lists: one (bounded) COUNT and one LIMIT/OFFSET query per list."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import request
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
+from circus.common.counting import count_rows
 
 #: page numbers beyond this are treated as this (keeps OFFSET inside a bigint)
 MAX_PAGE = 1_000_000
@@ -19,6 +20,8 @@ class Page:
     total: int
     number: int
     size: int
+    #: False: ``total`` is an estimate (see circus.common.counting)
+    exact: bool = True
 
     @property
     def pages(self) -> int:
@@ -50,11 +53,11 @@ def page_number(name: str = "page") -> int:
 
 
 def paginate(session: Session, query: Any, size: int, *, number: int | None = None,
-             scalars: bool = True) -> Page:
+             scalars: bool = True, total: int | None = None) -> Page:
+    """A page of ``query``; ``total`` when the caller knows it already (no COUNT)."""
     number = number if number is not None else page_number()
-    total = int(session.scalar(select(func.count()).select_from(
-        query.order_by(None).subquery())) or 0)
+    total, exact = (total, True) if total is not None else count_rows(session, query)
     limited = query.limit(size).offset((number - 1) * size)
     items: list[Any] = (list(session.scalars(limited)) if scalars
                         else [row.tuple() for row in session.execute(limited)])
-    return Page(items, total, number, size)
+    return Page(items, total, number, size, exact)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, lazyload
 
 from circus.auth.actor import Actor
@@ -294,10 +294,9 @@ def group_counts(counts: dict[str, int]) -> dict[str, int]:
 
 
 def evaluation_builds(evaluation_id: int, group: str) -> Any:
-    members_ = select(EvaluationBuild.build_id).where(
-        EvaluationBuild.evaluation_id == evaluation_id)
     query = (select(Build).options(lazyload(Build.outputs))
-             .where(or_(Build.evaluation_id == evaluation_id, Build.id.in_(members_))))
+             .join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
+             .where(EvaluationBuild.evaluation_id == evaluation_id))
     statuses = STATUS_GROUPS.get(group)
     if statuses is not None:
         query = query.where(Build.status.in_(statuses))

@@ -7,6 +7,8 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from circus.common.counting import EXACT_UP_TO
+
 #: PostgreSQL bigint: larger ids cannot exist, and must not reach the database
 MAX_ID = 2**63 - 1
 MAX_LIMIT = 500
@@ -55,7 +57,11 @@ def page_of(item: type[ma.Schema]) -> type[ma.Schema]:
     if name not in _pages:
         _pages[name] = type(name, (ma.Schema,), {
             "items": fields.List(fields.Nested(item), required=True),
-            "total": fields.Integer(required=True),
+            "total": fields.Integer(required=True, metadata={
+                "description": f"number of items; exact up to {EXACT_UP_TO:,}, beyond that "
+                               "the database's estimate (see total_exact)"}),
+            "total_exact": fields.Boolean(required=True, metadata={
+                "description": "whether total is an exact count"}),
             "limit": fields.Integer(required=True),
             "offset": fields.Integer(required=True),
             "next_cursor": fields.Integer(

@@ -42,8 +42,9 @@ def evaluation(evaluation_id: int) -> ResponseReturnValue:
     if group not in queries.STATUS_GROUPS:
         # the most useful first: what failed, then what is still to do
         group = next((g for g in ("failed", "running", "queued") if groups[g]), "all")
+    # the group's size is in the counts already
     builds = paginate(session, queries.evaluation_builds(evaluation_id, group),
-                      BUILDS_PER_PAGE)
+                      BUILDS_PER_PAGE, total=groups[group])
     errors = list(session.scalars(select(EvaluationError).where(
         EvaluationError.evaluation_id == evaluation_id).order_by(EvaluationError.job_name)
         .limit(ERRORS_SHOWN)))
