@@ -147,6 +147,21 @@ def test_step_logs_are_capped_and_compressed(tmp_path: Path) -> None:
     assert read_log(compress_file(plain)) == b"x" * 100
 
 
+def test_a_step_run_again_after_an_unrecorded_build_keeps_that_builds_log(
+        tmp_path: Path) -> None:
+    path = log_path_for(tmp_path, f"{A}-hello.drv", 7)
+    first = StepLog(path, limit=1000)
+    first.write(b"building hello\n")
+    built, _ = first.finalize(compress=True)
+    # the outcome was never recorded; the second attempt finds the outputs valid
+    # and writes nothing of its own
+    again, size = StepLog(path, limit=1000).finalize(compress=True)
+    assert again == built
+    assert size == len(b"building hello\n")
+    assert read_log(again) == b"building hello\n"
+    assert StepLog(tmp_path / "other.log", limit=10).finalize(compress=True) == (None, 0)
+
+
 def test_builders_are_found_by_their_output_variable_and_killed() -> None:
     out = f"{A}-circus-test-{os.getpid()}"
     env = {**os.environ, "out": out}
