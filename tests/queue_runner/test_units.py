@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -197,3 +198,15 @@ def test_build_cgroup_must_be_a_cgroup(tmp_path: Path) -> None:
     settings = load_settings(files=[], environ={},
                              overrides={"queue_runner": {"build_cgroup": str(tmp_path)}})
     assert settings.queue_runner.build_cgroup == str(tmp_path)
+
+
+def test_a_full_log_disk_stops_the_log_not_the_build() -> None:
+    # /dev/full answers every write with ENOSPC, as a full log filesystem does
+    step_log = StepLog(Path("/dev/full"), limit=1000)
+    step_log.touch()
+    step_log.write(b"building hello\n")
+    step_log.note("a note")
+    step_log.write(b"more\n")
+    assert step_log.broken is not None
+    assert step_log.broken.errno == errno.ENOSPC
+    assert step_log.finalize(compress=True) == ("/dev/full", len(b"building hello\nmore\n"))
