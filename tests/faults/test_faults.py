@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from circus.common.db import normalise_url
@@ -206,7 +207,7 @@ class Instance:
         def reached() -> bool:
             try:
                 return self.terminal(round_) >= count
-            except Exception:  # the database may be the fault
+            except OperationalError:  # the database may be the fault
                 return False
 
         try:
@@ -415,9 +416,10 @@ def test_kill_9_evaluator_during_an_evaluation(instance: Instance) -> None:
     def running() -> list[Any]:
         return instance.sql("SELECT id, started_at FROM evaluations WHERE status = 'running'")
 
-    wait_until(running, timeout=30, interval=0.02, message="the evaluation running")
+    wait_until(running, timeout=30, interval=0.01, message="the evaluation running")
     evaluation = running()[0].id
-    delay = instance.rng.uniform(0.0, 0.3)
+    # an evaluation of this flake takes a few hundred ms
+    delay = instance.rng.uniform(0.0, 0.1)
     time.sleep(delay)
     killed, before = kill_daemon(instance, "circus-evaluator")
     status = instance.sql("SELECT status FROM evaluations WHERE id = :i", i=evaluation)[0][0]
