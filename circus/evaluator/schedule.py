@@ -69,8 +69,9 @@ def due_jobsets(session: Session, now: datetime, limit: int = MAX_CHECKS_PER_TIC
     return ids
 
 
-def reap_orphans(session: Session) -> list[int]:
-    """Fail ``running`` evaluations whose worker died (their jobset lock is free).
+def reap_orphans(session: Session) -> list[tuple[int, int]]:
+    """Fail ``running`` evaluations whose worker died (their jobset lock is free);
+    returns (evaluation id, jobset id) of each.
 
     Their inputs hash is cleared so the next check evaluates the jobset again.
     """
@@ -92,7 +93,7 @@ def reap_orphans(session: Session) -> list[int]:
                                   "(crash or restart); the next check evaluates again")
             .returning(Evaluation.id)).first()
         if done:
-            reaped.append(int(evaluation_id))
+            reaped.append((int(evaluation_id), int(jobset_id)))
     return reaped
 
 
@@ -143,10 +144,15 @@ def tick(session: Session, settings: Settings) -> TickReport:
     """One beat: the caller commits (messages go out after the commit)."""
     report = TickReport()
     now = utcnow()
-    report.reaped = reap_orphans(session)
+    reaped = reap_orphans(session)
+    report.reaped = [evaluation_id for evaluation_id, _ in reaped]
     report.republished = republish_pending(
         session, timedelta(seconds=max(5, settings.evaluator.poll_interval)))
     report.checks = due_jobsets(session, now)
+    # the jobset of an evaluation that died with its evaluator is checked again now, not
+    # a check_interval later (never, for a jobset without one): a triggered evaluation
+    # is not lost to a crash (found by tests/faults)
+    report.checks += sorted({jobset_id for _, jobset_id in reaped} - set(report.checks))
     for jobset_id in report.checks:
         enqueue(session, CHECK_TASK, jobset_id, queue=celeryconfig.EVAL_QUEUE)
     report.pruned_roots = prune_gc_roots(session, settings)

@@ -4,16 +4,22 @@ While a step runs its log is a plain file that grows (the API's SSE tail
 follows it): ``<log_dir>/<first 2 chars of the drv hash>/<drv basename>-<step id>.log``.
 When the step finishes the file is compressed to ``.log.zst`` (``logs.compress``)
 and ``steps.log_path`` names the final file. Writing stops at the size limit.
+
+A log is never worth a build: when the log directory cannot be written (a full
+disk) the log stops there, with a note if one still fits, and the build goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
+
+log = logging.getLogger(__name__)
 
 TRUNCATED_MARKER = b"\n[circus: log truncated: the build exceeded the log size limit]\n"
 
@@ -34,6 +40,8 @@ class StepLog:
         self._handle: BinaryIO | None = None
         self._truncated = False
         self._closed = False
+        #: why writing stopped (the log directory could not be written), if it did
+        self.broken: OSError | None = None
         # the Nix reader thread writes while the worker thread may finalize
         self._lock = threading.Lock()
 
@@ -48,59 +56,107 @@ class StepLog:
             self._handle = open(self.path, "ab")  # noqa: SIM115 - closed in close()
         return self._handle
 
+    def _failed(self, exc: OSError) -> None:
+        """Stop writing (caller holds the lock); the build is not affected."""
+        if self.broken is None:
+            self.broken = exc
+            log.warning("cannot write the build log %s (%s); the rest is lost", self.path, exc)
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except OSError:
+                pass   # what was buffered is lost with the rest
+            self._handle = None
+
     def write(self, data: bytes) -> None:
         with self._lock:
-            if self._closed:
+            if self._closed or self.broken is not None:
+                self.size += len(data)
                 return
             before = self.size
             self.size += len(data)
-            handle = self._open()
-            if before < self.limit:
-                handle.write(data[: self.limit - before])
-                handle.flush()
-            if self.size > self.limit and not self._truncated:
-                self._truncated = True
-                handle.write(TRUNCATED_MARKER)
-                handle.flush()
+            try:
+                handle = self._open()
+                if before < self.limit:
+                    handle.write(data[: self.limit - before])
+                    handle.flush()
+                if self.size > self.limit and not self._truncated:
+                    self._truncated = True
+                    handle.write(TRUNCATED_MARKER)
+                    handle.flush()
+            except OSError as exc:
+                self._failed(exc)
 
     def touch(self) -> None:
         """Create the file (a build with no output still has a log)."""
         with self._lock:
-            if not self._closed:
-                self._open()
+            if not self._closed and self.broken is None:
+                try:
+                    self._open()
+                except OSError as exc:
+                    self._failed(exc)
 
     def note(self, text: str) -> None:
         """A line from Circus or Nix itself (not counted against the builder's limit)."""
         with self._lock:
-            if self._closed:
+            if self._closed or self.broken is not None:
                 return
-            handle = self._open()
-            handle.write(text.encode(errors="replace") + b"\n")
-            handle.flush()
+            try:
+                handle = self._open()
+                handle.write(text.encode(errors="replace") + b"\n")
+                handle.flush()
+            except OSError as exc:
+                self._failed(exc)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             if self._handle is not None:
-                self._handle.close()
+                try:
+                    self._handle.close()
+                except OSError as exc:
+                    self._failed(exc)
                 self._handle = None
+            if self.broken is not None and self.path.exists():
+                # best effort: the space may be back, or not
+                try:
+                    with open(self.path, "ab") as handle:
+                        handle.write(f"\n[circus: log incomplete: {self.broken}]\n".encode())
+                except OSError:
+                    pass
 
     def finalize(self, compress: bool) -> tuple[str | None, int]:
         """Close, compress when asked; returns (final path, builder bytes)."""
         self.close()
         if not self.path.exists():
+            # an earlier attempt of this step built it and wrote this log, but could not
+            # record the outcome (the database was down) and the step was queued again:
+            # Nix now finds the outputs valid and builds nothing, so that attempt's log
+            # is the step's log (found by tests/faults)
+            earlier = self.path.with_name(self.path.name + ".zst")
+            if earlier.exists():
+                return str(earlier), len(read_log(earlier))
             return None, self.size
         if not compress or self.path.stat().st_size == 0:
             # nothing to compress: an empty log stays a (plain) empty file
             return str(self.path), self.size
-        return str(compress_file(self.path)), self.size
+        try:
+            return str(compress_file(self.path)), self.size
+        except OSError as exc:
+            log.warning("cannot compress the build log %s (%s); keeping it plain",
+                        self.path, exc)
+            return str(self.path), self.size
 
 
 def compress_file(path: Path) -> Path:
     target = path.with_name(path.name + ".zst")
     partial = path.with_name(path.name + ".zst.partial")
-    with open(path, "rb") as source, open(partial, "wb") as sink:
-        zstandard.ZstdCompressor(level=3).copy_stream(source, sink)
+    try:
+        with open(path, "rb") as source, open(partial, "wb") as sink:
+            zstandard.ZstdCompressor(level=3).copy_stream(source, sink)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(target)
     path.unlink()
     return target

@@ -4,75 +4,26 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
-from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
 from circus.common.localservices import PrivatePostgres
 from tests.cache.support import nix_copy, store_has
-from tests.helpers.daemons import Daemon, circus_command, wait_until
+from tests.helpers.circus_up import Client, alive, health, health_ok, pids_of, postgres_home, start
+from tests.helpers.daemons import circus_command, wait_until
 from tests.helpers.net import free_port
-
-
-class Client:
-    """A logged-in browser-like client of the instance's REST API."""
-
-    def __init__(self, base: str, password: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.csrf = ""
-        self.post("/api/v1/auth/login", {"username": "admin", "password": password})
-        self.csrf = self.get("/api/v1/auth/csrf")["csrf_token"]
-
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json",
-                                                  "X-CSRFToken": self.csrf})
-        with self.opener.open(request, timeout=10) as response:
-            return json.load(response)
-
-    def get(self, path: str) -> Any:
-        with self.opener.open(self.base + path, timeout=10) as response:
-            return json.load(response)
-
-    def text(self, path: str) -> str | None:
-        """The body, or None for a 404."""
-        try:
-            with self.opener.open(self.base + path, timeout=10) as response:
-                return str(response.read().decode())
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
 
 
 def circus_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
     return subprocess.run([circus_command("circus"), *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=180)
-
-
-def start(state: Path, port: int, log_dir: Path) -> tuple[Daemon, str, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env["CIRCUS_SERVER__PORT"] = str(port)
-    started = time.monotonic()
-    daemon = Daemon(f"circus-up-{len(list(log_dir.glob('circus-up-*.log')))}",
-                    [circus_command("circus"), "up", "--state-dir", str(state)], log_dir,
-                    env=env, cwd=state.parent).start()
-    wait_until(lambda: "Circus is running." in daemon.log() or not daemon.alive(),
-               timeout=180, message="circus up ready")
-    assert daemon.alive(), daemon.log()
-    match = re.search(r"login:\s+admin / (\S+)", daemon.log())
-    assert match, daemon.log()
-    return daemon, match.group(1), time.monotonic() - started
 
 
 def _tree(directory: Path) -> dict[str, bytes]:
@@ -163,34 +114,6 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
     print(f"circus up: first start {first_start:.1f} s, second start {second_start:.1f} s")
 
 
-def _pids_of(state: Path) -> dict[str, int]:
-    status = json.loads((state / "supervisor.json").read_text())
-    return {name: info["pid"] for name, info in status["daemons"].items() if info["pid"]}
-
-
-def _health(base: str) -> Any:
-    with urllib.request.urlopen(base + "/health", timeout=10) as response:
-        return json.load(response)
-
-
-def _health_ok(base: str) -> bool:
-    try:
-        health = _health(base)
-    except OSError:
-        return False
-    return bool(health["database"]["ok"] and health["broker"]["ok"])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
-
-
 def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Path) -> None:
     root = Path(tmp_path)
     root.chmod(0o755)
@@ -215,12 +138,12 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
         assert "Circus is running." in seen, seen
 
         # kill -9 of one daemon: restarted, and /health counts the restart
-        before = _pids_of(state)
+        before = pids_of(state)
         os.killpg(before["circus-queue-runner"], signal.SIGKILL)
-        wait_until(lambda: _pids_of(state).get("circus-queue-runner") not in
+        wait_until(lambda: pids_of(state).get("circus-queue-runner") not in
                    (None, before["circus-queue-runner"]), timeout=30,
                    message="queue runner restarted")
-        supervisor = _health(base)["supervisor"]["daemons"]
+        supervisor = health(base)["supervisor"]["daemons"]
         assert supervisor["circus-queue-runner"]["restarts"] == 1
         assert supervisor["circus-queue-runner"]["last_exit"] == -signal.SIGKILL
         assert supervisor["circus-server"]["restarts"] == 0
@@ -228,13 +151,13 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
 
         # kill -9 of the private Redis and PostgreSQL: started again, the daemons reconnect
         os.kill(int((state / "redis" / "redis.pid").read_text()), signal.SIGKILL)
-        home = _postgres_home(state)
+        home = postgres_home(state)
         os.kill(int((home / "data" / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
         log = state / "daemon-logs" / "circus-up.log"
         wait_until(lambda: "private Redis is not running; starting it again" in log.read_text()
                    and "private PostgreSQL is not running; starting it again" in log.read_text(),
                    timeout=60, message="private services restarted")
-        wait_until(lambda: _health_ok(base), timeout=60, message="healthy again")
+        wait_until(lambda: health_ok(base), timeout=60, message="healthy again")
         assert up.poll() is None
 
         # a second instance on the same state directory says who holds it, in one line
@@ -245,12 +168,12 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
         assert base in second.stderr
 
         # the pipe's reader goes away; Ctrl-C still stops everything cleanly
-        daemons = _pids_of(state)
+        daemons = pids_of(state)
         up.stdout.close()
         os.kill(up.pid, signal.SIGINT)
         assert up.wait(60) == 0
         for name, pid in daemons.items():
-            assert not _alive(pid), name
+            assert not alive(pid), name
         assert "stopping Circus" in (state / "daemon-logs" / "circus-up.log").read_text()
     finally:
         if up.poll() is None:
@@ -270,16 +193,16 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
     # kill -9 of circus up itself takes its daemons down (no orphans holding the port)
     daemon, password, _ = start(state, port, root)
     try:
-        daemons = _pids_of(state)
+        daemons = pids_of(state)
         assert set(daemons) == {"circus-server", "circus-evaluator", "circus-queue-runner"}
         # the private PostgreSQL keeps Postgres's crash-safe defaults
         for setting in ("fsync", "synchronous_commit", "full_page_writes"):
-            shown = subprocess.run(["psql", "-h", str(_postgres_home(state) / "run"), "-U",
+            shown = subprocess.run(["psql", "-h", str(postgres_home(state) / "run"), "-U",
                                     "postgres", "-d", "circus", "-tAc", f"SHOW {setting}"],
                                    capture_output=True, text=True, check=True)
             assert shown.stdout.strip() == "on", setting
         daemon.kill(signal.SIGKILL)
-        wait_until(lambda: not any(_alive(pid) for pid in daemons.values()), timeout=60,
+        wait_until(lambda: not any(alive(pid) for pid in daemons.values()), timeout=60,
                    message="daemons gone after kill -9 of circus up")
     finally:
         daemon.stop()
@@ -294,10 +217,10 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
         client.post("/api/v1/evaluations/trigger", {"project": "demo", "jobset": "main"})
         wait_until(lambda: _crash_builds(client) and _crash_builds(client)[0]["status"]
                    == "running", timeout=120, interval=0.5, message="the new job building")
-        for pid in _pids_of(state).values():
+        for pid in pids_of(state).values():
             os.killpg(pid, signal.SIGKILL)
         os.kill(int((state / "redis" / "redis.pid").read_text()), signal.SIGKILL)
-        home = _postgres_home(state)
+        home = postgres_home(state)
         os.kill(int((home / "data" / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
         crashed.kill(signal.SIGKILL)
         wait_until(lambda: subprocess.run(["pgrep", "-f", str(home / "data")],
@@ -318,11 +241,6 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
             assert out.read().strip() == nonce
     finally:
         again.stop()
-
-
-def _postgres_home(state: Path) -> Path:
-    """Where ``circus up``'s PostgreSQL lives (elsewhere when postgres cannot reach state)."""
-    return PrivatePostgres(state / "postgres").home
 
 
 def _add_sleeping_job(repo: Path, nonce: str) -> None:

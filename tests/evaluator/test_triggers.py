@@ -188,6 +188,9 @@ def test_max_concurrent_evals_defers_and_the_tick_republishes(
     with world.factory() as session, session.begin():
         session.execute(update(Evaluation).where(Evaluation.id == running)
                         .values(status=EvaluationStatus.running))
+        # checked a moment ago: only the reaping makes it due again
+        session.execute(update(Jobset).where(Jobset.id == first)
+                        .values(last_checked_at=datetime.now(UTC)))
     waiting = world.trigger(second)
     settings = world.settings.model_copy(update={
         "evaluator": world.settings.evaluator.model_copy(update={"max_concurrent_evals": 1})})
@@ -199,6 +202,7 @@ def test_max_concurrent_evals_defers_and_the_tick_republishes(
         report = schedule.tick(session, settings)
     # the "running" one has no live worker: reaped; the waiting one is re-sent
     assert report.reaped == [running]
+    assert report.checks == [first]   # evaluated again at once, not a check_interval later
     assert report.republished == [waiting]
     assert world.evaluation(running).status is EvaluationStatus.failed
     assert "stopped" in (world.evaluation(running).error_message or "")

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
 from circus.common.localservices import PrivateRedis
+from tests.helpers.audit import finish_counts, install_finish_audit, remove_finish_audit
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.daemons import runner_daemon
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds
@@ -28,41 +29,16 @@ DAG = FIXTURES / "dag.nix"
 @pytest.fixture
 def finish_audit(engine: Engine, committed_db: sessionmaker[Session]) -> Iterator[None]:
     """Record every transition of a build or step into a finished state."""
-    with engine.begin() as conn:
-        conn.execute(text("""
-            CREATE TABLE qr_test_finishes (kind text, id bigint, status smallint, by text);
-            CREATE FUNCTION qr_test_build_finished() RETURNS trigger AS $$
-            BEGIN INSERT INTO qr_test_finishes VALUES ('build', NEW.id, NEW.status, NEW.machine);
-                  RETURN NEW; END $$ LANGUAGE plpgsql;
-            CREATE FUNCTION qr_test_step_finished() RETURNS trigger AS $$
-            BEGIN INSERT INTO qr_test_finishes VALUES ('step', NEW.id, NEW.status, NEW.worker);
-                  RETURN NEW; END $$ LANGUAGE plpgsql;
-            CREATE TRIGGER qr_test_build_finished AFTER UPDATE OF status ON builds FOR EACH ROW
-                WHEN (OLD.status IN (0, 1) AND NEW.status NOT IN (0, 1))
-                EXECUTE FUNCTION qr_test_build_finished();
-            CREATE TRIGGER qr_test_step_finished AFTER UPDATE OF state ON steps FOR EACH ROW
-                WHEN (OLD.state <> 'done' AND NEW.state = 'done')
-                EXECUTE FUNCTION qr_test_step_finished();
-        """))
+    install_finish_audit(engine)
     try:
         yield
     finally:
-        with engine.begin() as conn:
-            conn.execute(text("""
-                DROP TRIGGER IF EXISTS qr_test_build_finished ON builds;
-                DROP TRIGGER IF EXISTS qr_test_step_finished ON steps;
-                DROP FUNCTION IF EXISTS qr_test_build_finished();
-                DROP FUNCTION IF EXISTS qr_test_step_finished();
-                DROP TABLE IF EXISTS qr_test_finishes;
-            """))
+        remove_finish_audit(engine)
 
 
 def finishes(factory: sessionmaker[Session], kind: str) -> dict[int, int]:
     with factory() as session:
-        rows = session.execute(text(
-            "SELECT id, count(*) FROM qr_test_finishes WHERE kind = :k GROUP BY id"),
-            {"k": kind}).tuples().all()
-    return dict(rows)
+        return finish_counts(session.connection(), kind)
 
 
 def dag_jobs(nonce: str, env: dict[str, str], **args: str | int) -> dict[str, str]:

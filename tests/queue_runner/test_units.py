@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -148,6 +149,21 @@ def test_step_logs_are_capped_and_compressed(tmp_path: Path) -> None:
     assert read_log(compress_file(plain)) == b"x" * 100
 
 
+def test_a_step_run_again_after_an_unrecorded_build_keeps_that_builds_log(
+        tmp_path: Path) -> None:
+    path = log_path_for(tmp_path, f"{A}-hello.drv", 7)
+    first = StepLog(path, limit=1000)
+    first.write(b"building hello\n")
+    built, _ = first.finalize(compress=True)
+    # the outcome was never recorded; the second attempt finds the outputs valid
+    # and writes nothing of its own
+    again, size = StepLog(path, limit=1000).finalize(compress=True)
+    assert again == built
+    assert size == len(b"building hello\n")
+    assert read_log(again) == b"building hello\n"
+    assert StepLog(tmp_path / "other.log", limit=10).finalize(compress=True) == (None, 0)
+
+
 def test_builders_are_found_by_their_output_variable_and_killed() -> None:
     out = f"{A}-circus-test-{os.getpid()}"
     env = {**os.environ, "out": out}
@@ -183,3 +199,15 @@ def test_build_cgroup_must_be_a_cgroup(tmp_path: Path) -> None:
     settings = load_settings(files=[], environ={},
                              overrides={"queue_runner": {"build_cgroup": str(tmp_path)}})
     assert settings.queue_runner.build_cgroup == str(tmp_path)
+
+
+def test_a_full_log_disk_stops_the_log_not_the_build() -> None:
+    # /dev/full answers every write with ENOSPC, as a full log filesystem does
+    step_log = StepLog(Path("/dev/full"), limit=1000)
+    step_log.touch()
+    step_log.write(b"building hello\n")
+    step_log.note("a note")
+    step_log.write(b"more\n")
+    assert step_log.broken is not None
+    assert step_log.broken.errno == errno.ENOSPC
+    assert step_log.finalize(compress=True) == ("/dev/full", len(b"building hello\nmore\n"))
