@@ -1,7 +1,7 @@
 """service_counters: counts server processes add to (cache hits, misses, bytes served)
 
 Revision ID: 5d2a8c7e1f30
-Revises: 3c4f1a9e2b7d
+Revises: 8d2b6c4e1f93
 Create Date: 2026-12-06 05:10:00.000000+00:00
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "5d2a8c7e1f30"
-down_revision: str | None = "3c4f1a9e2b7d"
+down_revision: str | None = "8d2b6c4e1f93"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -3,7 +3,7 @@ search of job names, prefix search of store paths under any collation, a jobset'
 builds by id
 
 Revision ID: 5d2b8e4f1a90
-Revises: 3c4f1a9e2b7d
+Revises: 5d2a8c7e1f30
 Create Date: 2026-12-06 05:05:00.000000+00:00
 """
 
@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from alembic import op
 
 revision: str = "5d2b8e4f1a90"
-down_revision: str | None = "3c4f1a9e2b7d"
+down_revision: str | None = "5d2a8c7e1f30"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
