@@ -380,8 +380,9 @@ def main() -> int:
         for name, values in rps.items():
             # a miss is compared with the static server's misses
             suffix = " miss" if name.endswith(" miss") else ""
-            ratios = "  ".join(f"{statistics.median(values) / statistics.median(rps[b + suffix]):5.2f}"
-                               f" of {b}{suffix}" for b in statics)
+            ratios = "  ".join(
+                f"{statistics.median(values) / statistics.median(rps[b + suffix]):5.2f}"
+                f" of {b}{suffix}" for b in statics)
             print(f"  {name:18s} {statistics.median(values):9.0f}   {ratios}")
         print(f"\nNAR throughput, median of {args.rounds} ({args.nar_mib} MiB, 4 connections):")
         for name, values in mibs.items():
