@@ -16,7 +16,12 @@ Python load generator when wrk is missing) measures, in the same run:
 
 Prints the figures and ratios; asserts nothing.
 
-    .venv/bin/python bench/cache_serve.py [--paths 500] [--nar-mib 128] [--seconds 5]
+With ``--reference <checkout>`` the circus-server of another checkout (the main
+branch, say) is measured in the same run beside this one: on a shared host, the
+only fair before/after.
+
+    .venv/bin/python bench/cache_serve.py [--paths 500] [--nar-mib 128] [--seconds 5] \
+        [--reference ../main]
 """
 
 from __future__ import annotations
@@ -104,10 +109,13 @@ def _publish_all(session: Session, settings: object, build_ids: list[int]) -> No
         publish_outputs(session, settings, build_id)  # type: ignore[arg-type]
 
 
-def start_circus(work: Path, settings_toml: str, port: int) -> Daemon:
+def start_circus(work: Path, settings_toml: str, port: int, code: Path | None = None) -> Daemon:
+    """circus-server with ``settings_toml``; ``code``: another checkout's Circus instead."""
     config = work / f"circus-{port}.toml"
     config.write_text(settings_toml)
     env = {**os.environ, "CIRCUS_CONFIG_FILE": str(config)}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     daemon = Daemon(f"circus-server-{port}", [circus_command("circus-server"), "--port",
                                               str(port)], work, env=env).start()
     _wait_or_stop(daemon, f"http://127.0.0.1:{port}/nix-cache/nix-cache-info")
@@ -264,6 +272,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="circus-server workers")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reference", type=Path, metavar="CHECKOUT",
+                        help="also measure the circus-server of another checkout (e.g. the "
+                             "main branch), in the same run: a before/after on a shared host")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="circus-bench-cache-"))
@@ -312,9 +323,16 @@ def main() -> int:
                 level = "warning"
             """)
 
-        warm_port, cold_port = free_port(), free_port()
-        daemons.append(start_circus(work, toml(65536, args.workers), warm_port))
-        daemons.append(start_circus(work, toml(1, args.workers), cold_port))
+        # (warm, cold) ports of each Circus measured
+        circuses: dict[str, tuple[int, int]] = {}
+        for label, code in (("circus", None), ("reference", args.reference)):
+            if label == "reference" and code is None:
+                continue
+            warm_port, cold_port = free_port(), free_port()
+            daemons.append(start_circus(work, toml(65536, args.workers), warm_port, code))
+            daemons.append(start_circus(work, toml(1, args.workers), cold_port, code))
+            circuses[label] = warm_port, cold_port
+        warm_port = circuses["circus"][0]
         # baselines: nginx when installed, and always a minimal gunicorn sendfile app
         # (the same server stack as circus-server, so it isolates Circus's own overhead)
         statics: dict[str, int] = {}
@@ -328,25 +346,27 @@ def main() -> int:
 
         hashes = [Path(p).name[:32] for p in paths]
         narinfo_urls = {
-            "circus warm": [f"http://127.0.0.1:{warm_port}/nix-cache/{h}.narinfo"
-                            for h in hashes],
-            "circus cold": [f"http://127.0.0.1:{cold_port}/nix-cache/{h}.narinfo"
-                            for h in hashes],
+            **{f"{label} {kind}": [f"http://127.0.0.1:{port}/nix-cache/{h}.narinfo"
+                                   for h in hashes]
+               for label, ports in circuses.items()
+               for kind, port in zip(("warm", "cold"), ports, strict=True)},
             **{name: [f"http://127.0.0.1:{port}/{h}.narinfo" for h in hashes]
                for name, port in statics.items()},
         }
         # hashes nobody published (drawn like real ones, never equal to one of ours)
         missing = [base32.encode(os.urandom(20)) for _ in range(10 * len(hashes))]
         miss_urls = {
-            "circus miss": [f"http://127.0.0.1:{cold_port}/nix-cache/{h}.narinfo"
-                            for h in missing],
+            **{f"{label} miss": [f"http://127.0.0.1:{ports[1]}/nix-cache/{h}.narinfo"
+                                 for h in missing]
+               for label, ports in circuses.items()},
             **{f"{name} miss": [f"http://127.0.0.1:{port}/{h}.narinfo" for h in missing]
                for name, port in statics.items()},
         }
         # every worker process and thread sees each hash at least once
         for _ in range(3):
-            for url in narinfo_urls["circus warm"]:
-                urllib.request.urlopen(url).read()
+            for label in circuses:
+                for url in narinfo_urls[f"{label} warm"]:
+                    urllib.request.urlopen(url).read()
 
         narinfo = urllib.request.urlopen(
             f"http://127.0.0.1:{warm_port}/nix-cache/{Path(big).name[:32]}.narinfo").read()
