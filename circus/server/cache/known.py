@@ -114,6 +114,7 @@ class KnownHashes:
 def _listen(ref: weakref.ref[KnownHashes], stop: threading.Event) -> None:
     """The listener thread: holds the index only weakly, so an index nobody uses any more
     (an app that was dropped) lets its thread and connection end."""
+    failing = False
     while not stop.is_set():
         index = ref()
         if index is None:
@@ -122,6 +123,7 @@ def _listen(ref: weakref.ref[KnownHashes], stop: threading.Event) -> None:
         try:
             listener.open()
             index._load(listener)
+            failing = False
             del index
             while not stop.is_set():
                 received = listener.receive(IDLE_PING_SECS)
@@ -139,8 +141,11 @@ def _listen(ref: weakref.ref[KnownHashes], stop: threading.Event) -> None:
                         index._apply(change)
                 del index
         except Exception:
-            log.warning("narinfo index: lost its database connection; every lookup queries "
-                        "the database until it is back", exc_info=True)
+            # once per outage: it retries every RETRY_SECS
+            log.log(logging.DEBUG if failing else logging.WARNING,
+                    "narinfo index: no database connection; every lookup queries the "
+                    "database until it is back", exc_info=True)
+            failing = True
             index = ref()
             if index is not None:
                 index._live = False
