@@ -7,13 +7,21 @@ Builds N small store paths and one large one, publishes them through
 Python load generator when wrk is missing) measures, in the same run:
 
 - narinfo requests/s, rotating over all N hashes: Circus warm (LRU hits, the
-  WSGI fast path), Circus cold (every request a database lookup through
-  Flask), and the static server;
+  WSGI fast path), Circus cold (a server whose LRU holds one entry, so every
+  request is a first lookup), and the static server;
+- misses (404) requests/s, rotating over 10·N hashes no cache holds, from the
+  cold Circus server and the static server (a client asking for a closure it
+  has to build mostly gets these);
 - NAR throughput (MB/s) of the large path from both.
 
 Prints the figures and ratios; asserts nothing.
 
-    .venv/bin/python bench/cache_serve.py [--paths 500] [--nar-mib 128] [--seconds 5]
+With ``--reference <checkout>`` the circus-server of another checkout (the main
+branch, say) is measured in the same run beside this one: on a shared host, the
+only fair before/after.
+
+    .venv/bin/python bench/cache_serve.py [--paths 500] [--nar-mib 128] [--seconds 5] \
+        [--reference ../main]
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from circus.common.db import make_engine, make_session_factory  # noqa: E402
 from circus.common.enums import BuildStatus, EvaluationStatus, TriggerKind  # noqa: E402
 from circus.common.localservices import PrivatePostgres  # noqa: E402
 from circus.common.models import Build, BuildOutput, Evaluation, Jobset, Project  # noqa: E402
+from circus.common.nix import base32  # noqa: E402
 from circus.common.nix.environment import nix_environ  # noqa: E402
 from circus.common.nix.signing import generate_key_pair  # noqa: E402
 from tests.helpers.daemons import Daemon, circus_command  # noqa: E402
@@ -100,10 +109,13 @@ def _publish_all(session: Session, settings: object, build_ids: list[int]) -> No
         publish_outputs(session, settings, build_id)  # type: ignore[arg-type]
 
 
-def start_circus(work: Path, settings_toml: str, port: int) -> Daemon:
+def start_circus(work: Path, settings_toml: str, port: int, code: Path | None = None) -> Daemon:
+    """circus-server with ``settings_toml``; ``code``: another checkout's Circus instead."""
     config = work / f"circus-{port}.toml"
     config.write_text(settings_toml)
     env = {**os.environ, "CIRCUS_CONFIG_FILE": str(config)}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     daemon = Daemon(f"circus-server-{port}", [circus_command("circus-server"), "--port",
                                               str(port)], work, env=env).start()
     _wait_or_stop(daemon, f"http://127.0.0.1:{port}/nix-cache/nix-cache-info")
@@ -176,16 +188,30 @@ def start_static(work: Path, root: Path, port: int, nginx: str | None) -> Daemon
     return daemon
 
 
-def wrk(urls: list[str], seconds: int, connections: int, work: Path) -> tuple[float, float]:
-    """(requests/s, bytes/s) from wrk rotating over ``urls`` on one host."""
+def wrk(urls: list[str], seconds: int, connections: int, work: Path,
+        expect_status: int = 200) -> tuple[float, float]:
+    """(requests/s, bytes/s) from wrk rotating over ``urls`` on one host; every answer
+    must have ``expect_status``."""
     base = re.match(r"(http://[^/]+)", urls[0]).group(1)  # type: ignore[union-attr]
     paths = [u[len(base):] for u in urls]
-    script = work / f"rotate-{len(paths)}.lua"
-    script.write_text("paths = {" + ",".join(f'"{p}"' for p in paths) + "}\n" + textwrap.dedent("""
+    script = work / f"rotate-{len(paths)}-{expect_status}.lua"
+    script.write_text("paths = {" + ",".join(f'"{p}"' for p in paths) + "}\n"
+                      + f"expected = {expect_status}\n" + textwrap.dedent("""
         counter = 0
+        unexpected = 0
         request = function()
             counter = counter + 1
             return wrk.format("GET", paths[(counter % #paths) + 1])
+        end
+        response = function(status, headers, body)
+            if status ~= expected then unexpected = unexpected + 1 end
+        end
+        threads = {}
+        setup = function(thread) table.insert(threads, thread) end
+        done = function(summary, latency, requests)
+            for _, thread in ipairs(threads) do
+                io.write(string.format("unexpected: %d\\n", thread:get("unexpected")))
+            end
         end
     """))
     done = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
@@ -194,13 +220,14 @@ def wrk(urls: list[str], seconds: int, connections: int, work: Path) -> tuple[fl
     match = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", done.stdout)
     assert match
     scale = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[match.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
-    if errors:
-        raise RuntimeError(f"wrk saw {errors.group(1)} error responses:\n{done.stdout}")
+    # wrk's own "Non-2xx" count cannot check 404s; the script counts other statuses
+    if any(int(n) for n in re.findall(r"unexpected: (\d+)", done.stdout)):
+        raise RuntimeError(f"wrk saw answers other than {expect_status}:\n{done.stdout}")
     return rps, float(match.group(1)) * scale
 
 
-def python_load(urls: list[str], seconds: int, connections: int) -> tuple[float, float]:
+def python_load(urls: list[str], seconds: int, connections: int,
+                expect_status: int = 200) -> tuple[float, float]:
     import http.client
     import threading
     from urllib.parse import urlsplit
@@ -217,6 +244,8 @@ def python_load(urls: list[str], seconds: int, connections: int) -> tuple[float,
             conn.request("GET", urlsplit(urls[i % len(urls)]).path)
             response = conn.getresponse()
             sizes[slot] += len(response.read())
+            if response.status != expect_status:
+                raise RuntimeError(f"{urls[i % len(urls)]}: {response.status}")
             counts[slot] += 1
             i += connections
 
@@ -228,10 +257,11 @@ def python_load(urls: list[str], seconds: int, connections: int) -> tuple[float,
     return sum(counts) / seconds, sum(sizes) / seconds
 
 
-def measure(urls: list[str], seconds: int, connections: int, work: Path) -> tuple[float, float]:
+def measure(urls: list[str], seconds: int, connections: int, work: Path,
+            expect_status: int = 200) -> tuple[float, float]:
     if shutil.which("wrk"):
-        return wrk(urls, seconds, connections, work)
-    return python_load(urls, seconds, min(connections, 8))
+        return wrk(urls, seconds, connections, work, expect_status)
+    return python_load(urls, seconds, min(connections, 8), expect_status)
 
 
 def main() -> int:
@@ -242,6 +272,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="circus-server workers")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reference", type=Path, metavar="CHECKOUT",
+                        help="also measure the circus-server of another checkout (e.g. the "
+                             "main branch), in the same run: a before/after on a shared host")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="circus-bench-cache-"))
@@ -290,9 +323,16 @@ def main() -> int:
                 level = "warning"
             """)
 
-        warm_port, cold_port = free_port(), free_port()
-        daemons.append(start_circus(work, toml(65536, args.workers), warm_port))
-        daemons.append(start_circus(work, toml(1, args.workers), cold_port))
+        # (warm, cold) ports of each Circus measured
+        circuses: dict[str, tuple[int, int]] = {}
+        for label, code in (("circus", None), ("reference", args.reference)):
+            if label == "reference" and code is None:
+                continue
+            warm_port, cold_port = free_port(), free_port()
+            daemons.append(start_circus(work, toml(65536, args.workers), warm_port, code))
+            daemons.append(start_circus(work, toml(1, args.workers), cold_port, code))
+            circuses[label] = warm_port, cold_port
+        warm_port = circuses["circus"][0]
         # baselines: nginx when installed, and always a minimal gunicorn sendfile app
         # (the same server stack as circus-server, so it isolates Circus's own overhead)
         statics: dict[str, int] = {}
@@ -306,17 +346,27 @@ def main() -> int:
 
         hashes = [Path(p).name[:32] for p in paths]
         narinfo_urls = {
-            "circus warm": [f"http://127.0.0.1:{warm_port}/nix-cache/{h}.narinfo"
-                            for h in hashes],
-            "circus cold": [f"http://127.0.0.1:{cold_port}/nix-cache/{h}.narinfo"
-                            for h in hashes],
+            **{f"{label} {kind}": [f"http://127.0.0.1:{port}/nix-cache/{h}.narinfo"
+                                   for h in hashes]
+               for label, ports in circuses.items()
+               for kind, port in zip(("warm", "cold"), ports, strict=True)},
             **{name: [f"http://127.0.0.1:{port}/{h}.narinfo" for h in hashes]
+               for name, port in statics.items()},
+        }
+        # hashes nobody published (drawn like real ones, never equal to one of ours)
+        missing = [base32.encode(os.urandom(20)) for _ in range(10 * len(hashes))]
+        miss_urls = {
+            **{f"{label} miss": [f"http://127.0.0.1:{ports[1]}/nix-cache/{h}.narinfo"
+                                 for h in missing]
+               for label, ports in circuses.items()},
+            **{f"{name} miss": [f"http://127.0.0.1:{port}/{h}.narinfo" for h in missing]
                for name, port in statics.items()},
         }
         # every worker process and thread sees each hash at least once
         for _ in range(3):
-            for url in narinfo_urls["circus warm"]:
-                urllib.request.urlopen(url).read()
+            for label in circuses:
+                for url in narinfo_urls[f"{label} warm"]:
+                    urllib.request.urlopen(url).read()
 
         narinfo = urllib.request.urlopen(
             f"http://127.0.0.1:{warm_port}/nix-cache/{Path(big).name[:32]}.narinfo").read()
@@ -336,6 +386,8 @@ def main() -> int:
         for _ in range(args.rounds):
             for name, urls in narinfo_urls.items():
                 rps.setdefault(name, []).append(measure(urls, s, c, work)[0])
+            for name, urls in miss_urls.items():
+                rps.setdefault(name, []).append(measure(urls, s, c, work, 404)[0])
             for name, url in nar_urls.items():
                 mibs.setdefault(name, []).append(measure([url], s, 4, work)[1] / 2**20)
 
@@ -346,8 +398,11 @@ def main() -> int:
         print(f"\nnarinfo requests/s, median of {args.rounds} ({len(hashes)} hashes, "
               f"{c} connections, {s} s each, circus-server workers={args.workers}):")
         for name, values in rps.items():
-            ratios = "  ".join(f"{statistics.median(values) / statistics.median(rps[b]):5.2f}"
-                               f" of {b}" for b in statics)
+            # a miss is compared with the static server's misses
+            suffix = " miss" if name.endswith(" miss") else ""
+            ratios = "  ".join(
+                f"{statistics.median(values) / statistics.median(rps[b + suffix]):5.2f}"
+                f" of {b}{suffix}" for b in statics)
             print(f"  {name:18s} {statistics.median(values):9.0f}   {ratios}")
         print(f"\nNAR throughput, median of {args.rounds} ({args.nar_mib} MiB, 4 connections):")
         for name, values in mibs.items():

@@ -18,6 +18,11 @@ from circus.common.nix.narinfo import NarInfo
 #: deletes a file that a concurrent publish is about to record
 CACHE_LOCK_KEY = 0x63697263_75736361  # "circusca"
 
+#: the channel narinfo_cache's triggers NOTIFY with the hash parts a statement inserted
+#: (``+h1,h2``), changed (``~...``) or deleted (``-...``), or ``*`` after a TRUNCATE
+#: (migration 581d89a96422); servers keep their index of recorded paths current by it
+NARINFO_CHANNEL = "circus_narinfo"
+
 COLUMNS = ("store_path", "url", "compression", "nar_hash", "nar_size", "references",
            "file_hash", "file_size", "deriver", "sig", "ca")
 

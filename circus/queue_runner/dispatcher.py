@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.messaging import BUILDS_CHANNEL, GC_CHANNEL
+from circus.common.pglisten import Listener
 from circus.queue_runner.derivations import DrvCache
 from circus.queue_runner.outcomes import FinishReport
 from circus.queue_runner.stepper import StepReport, step_builds
@@ -33,46 +32,6 @@ log = logging.getLogger(__name__)
 #: the first batch after a wake-up is small, so its steps start building while the
 #: rest of a large evaluation is still being stepped (first dispatch < 1 s)
 FIRST_BATCH = 50
-
-
-class Listener:
-    """A dedicated autocommit connection LISTENing on some channels."""
-
-    def __init__(self, engine: Engine, channels: list[str]) -> None:
-        self.engine = engine
-        self.channels = channels
-        self.connection: Any = None
-
-    def open(self) -> None:
-        raw = self.engine.raw_connection()
-        raw.detach()  # ours for good: never handed back to the pool mid-LISTEN
-        connection: Any = raw.dbapi_connection
-        connection.autocommit = True
-        cursor = connection.cursor()
-        for channel in self.channels:
-            cursor.execute(f'LISTEN "{channel}"')
-        cursor.close()
-        self.connection = connection
-
-    def close(self) -> None:
-        if self.connection is not None:
-            try:
-                self.connection.close()
-            except Exception:
-                log.debug("closing the LISTEN connection failed", exc_info=True)
-            self.connection = None
-
-    def wait(self, timeout: float) -> set[str]:
-        """Channels notified within ``timeout`` seconds (empty set: timed out)."""
-        if self.connection is None:
-            self.open()
-        ready, _, _ = select.select([self.connection], [], [], timeout)
-        if not ready:
-            return set()
-        self.connection.poll()
-        channels = {n.channel for n in self.connection.notifies}
-        self.connection.notifies.clear()
-        return channels
 
 
 class Dispatcher(threading.Thread):

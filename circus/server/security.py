@@ -119,18 +119,23 @@ def failed_login(response: Response) -> bool:
     return response.status_code in (401, 403)
 
 
+def response_headers(settings: Settings) -> list[tuple[str, str]]:
+    """The headers every answer carries unless its view set its own (Flask's after-request
+    hook and the binary cache's WSGI fast path both send these)."""
+    headers = [*SECURITY_HEADERS.items(), ("Content-Security-Policy", CONTENT_SECURITY_POLICY)]
+    if settings.server.force_secure_cookies:
+        headers.append(("Strict-Transport-Security", "max-age=31536000; includeSubDomains"))
+    return headers
+
+
 def init_app(app: Flask, settings: Settings) -> Limiter:
-    secure = settings.server.force_secure_cookies
     app.extensions["circus_trusted_proxies"] = trusted_networks(settings.server.trusted_proxies)
+    defaults = response_headers(settings)
 
     @app.after_request
     def add_security_headers(response: Response) -> Response:
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in defaults:
             response.headers.setdefault(name, value)
-        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        if secure:
-            response.headers.setdefault("Strict-Transport-Security",
-                                        "max-age=31536000; includeSubDomains")
         return response
 
     origins = settings.server.allowed_origins

@@ -109,6 +109,8 @@ def serve(settings: Settings) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(10)
+        if "circus_cache" in app.extensions:
+            app.extensions["circus_cache"].close()  # its listener and connections
         engine.dispose()
 
 

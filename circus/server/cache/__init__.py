@@ -9,6 +9,7 @@ from circus.server.cache.lookup import CacheIndex
 from circus.server.cache.views import blueprint
 from circus.server.context import server_context
 from circus.server.counters import tally
+from circus.server.security import response_headers
 
 
 def init_app(app: Flask) -> None:
@@ -20,4 +21,5 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(blueprint)
     # cached narinfo answers skip Flask entirely (see fastpath.py for why)
     app.wsgi_app = NarinfoFastPath(app.wsgi_app, index,  # type: ignore[method-assign]
-                                   context.settings.cache.narinfo_cache_ttl_secs, tally(app))
+                                   context.settings.cache.narinfo_cache_ttl_secs, tally(app),
+                                   response_headers(context.settings))
