@@ -195,11 +195,11 @@ class SshStep(threading.Thread):
         has the inputs and outputs, and the rebuild holds this slot like a build would.
         """
         step_id = self.claimed.id
-        wanted = in_transaction(self.pool.factory,
+        wanted = in_transaction(self.holder.factory,
                                 lambda s: builds_to_check(s, [step_id])).get(step_id)
-        if not wanted or self.pool.stop.is_set():
+        if not wanted or self.shutdown.is_set():
             return
-        self.keeper.done.set()  # nothing left to lease: the step is done
+        self.keeper.stop()  # nothing left to lease: the step is done
         options = self._options()
         argv = check_argv(info.drv_path, [
             "--timeout", str(options.timeout), "--max-silent-time", str(options.max_silent),
@@ -211,14 +211,14 @@ class SshStep(threading.Thread):
                                    info.output_paths)
         except (RemoteError, RuntimeError) as exc:
             log.warning("reproducibility check of %s on %s not made: %s", info.drv_path,
-                        self.handle.name, exc)
+                        self.builder.name, exc)
             return
         if mismatch is None:
-            log.info("%s is reproducible on %s (builds %s)", info.drv_path, self.handle.name,
+            log.info("%s is reproducible on %s (builds %s)", info.drv_path, self.builder.name,
                      wanted)
             return
-        changed = in_transaction(self.pool.factory, lambda s: mark_non_deterministic(
-            s, wanted, f"{mismatch} (on {self.handle.name})"))
+        changed = in_transaction(self.holder.factory, lambda s: mark_non_deterministic(
+            s, wanted, f"{mismatch} (on {self.builder.name})"))
         log.info("%s: builds %s are non-deterministic", info.drv_path, changed)
 
     def _missing_inputs(self, inputs: list[str]) -> list[str]:

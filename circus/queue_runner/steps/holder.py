@@ -44,11 +44,10 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
-from circus.common.db import after_commit
+from circus.common.db import after_commit, in_transaction
 from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
 from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
 from circus.queue_runner.products import OutputResult
-from circus.queue_runner.sqlutil import in_transaction
 from circus.queue_runner.wakeups import Publish, publish_after_commit
 
 log = logging.getLogger(__name__)
