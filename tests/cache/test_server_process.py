@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
 from tests.cache.support import closure_expr, make_build, nix_build, nix_copy, store_has
 from tests.conftest import KeyPair
-from tests.helpers.daemons import Daemon, circus_command
-from tests.helpers.net import free_port, wait_for_http
+from tests.helpers.daemons import cache_server
+from tests.helpers.net import wait_for_http
 
 
 def test_circus_server_serves_nix_copy_with_head_and_cached_answers(
@@ -25,22 +24,9 @@ def test_circus_server_serves_nix_copy_with_head_and_cached_answers(
     built = nix_build(closure_expr(nonce, blob_kib=400))
     with committed_db.begin() as session:
         publish_outputs(session, settings, make_build(session, built).id)
-    config = tmp_path / "circus.toml"
-    config.write_text(f"""
-[database]
-url = "{database_url}"
-[broker]
-url = "{redis_url}"
-[server]
-secret_key = "{'s' * 40}"
-workers = 1
-[cache]
-cache_dir = "{settings.cache.cache_dir}"
-""")
-    port = free_port()
-    env = {**os.environ, "CIRCUS_CONFIG_FILE": str(config)}
-    with Daemon("circus-server", [circus_command("circus-server"), "--port", str(port)],
-                tmp_path, env=env) as server:
+    daemon, port = cache_server(tmp_path, database_url=database_url, redis_url=redis_url,
+                                cache_dir=settings.cache.cache_dir, workers=1)
+    with daemon as server:
         base = f"http://127.0.0.1:{port}/nix-cache"
         wait_for_http(f"{base}/nix-cache-info", timeout=60)
         out = built.outputs["out"]

@@ -93,3 +93,27 @@ def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.1,
             return
         time.sleep(interval)
     raise TimeoutError(f"{message} not reached within {timeout}s")
+
+
+def cache_server(tmp_path: Path, *, database_url: str, redis_url: str, cache_dir: Path | str,
+                 workers: int) -> tuple[Daemon, int]:
+    """A ``circus-server`` (gunicorn) serving the binary cache in ``cache_dir``, not yet
+    started (use it as a context manager), and its port."""
+    from tests.helpers.net import free_port
+
+    config = tmp_path / "circus.toml"
+    config.write_text(f"""
+[database]
+url = "{database_url}"
+[broker]
+url = "{redis_url}"
+[server]
+secret_key = "{'s' * 40}"
+workers = {workers}
+[cache]
+cache_dir = "{cache_dir}"
+""")
+    port = free_port()
+    env = {**os.environ, "CIRCUS_CONFIG_FILE": str(config)}
+    return Daemon("circus-server", [circus_command("circus-server"), "--port", str(port)],
+                  tmp_path, env=env), port

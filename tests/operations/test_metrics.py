@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from circus.common.heartbeat import beat
 from circus.common.models import Evaluation, NotificationTask
 from circus.server.counters import Tally, read_counters
 from tests.cache.support import make_build, nix_build, simple_expr
-from tests.helpers.daemons import Daemon, circus_command, wait_until
-from tests.helpers.net import free_port, wait_for_http
+from tests.helpers.daemons import cache_server, wait_until
+from tests.helpers.net import wait_for_http
 from tests.helpers.promtool import metric_types, promtool
 from tests.operations.metric_names import SPEC_METRICS
 
@@ -37,22 +36,9 @@ def test_metrics_after_an_evaluation_a_build_and_cache_traffic_pass_promtool(
                                status=EvaluationStatus.failed, eval_time=0.4))
         session.add(NotificationTask(type=NotificationType.webhook, payload={}))
         beat(session, "evaluator", service="evaluator@test")
-    config = tmp_path / "circus.toml"
-    config.write_text(f"""
-[database]
-url = "{database_url}"
-[broker]
-url = "{redis_url}"
-[server]
-secret_key = "{'s' * 40}"
-workers = 2
-[cache]
-cache_dir = "{settings.cache.cache_dir}"
-""")
-    port = free_port()
-    env = {**os.environ, "CIRCUS_CONFIG_FILE": str(config)}
-    with Daemon("circus-server", [circus_command("circus-server"), "--port", str(port)],
-                tmp_path, env=env):
+    daemon, port = cache_server(tmp_path, database_url=database_url, redis_url=redis_url,
+                                cache_dir=settings.cache.cache_dir, workers=2)
+    with daemon:
         base = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base}/nix-cache/nix-cache-info", timeout=60)
         hash_part = Path(built.outputs["out"]).name[:32]
