@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import EphemeralPoolSettings, Settings
 from circus.gateway.server import Gateway, projects_of_repository
-from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.leases import trusted_condition
+from circus.queue_runner.routing.capabilities import Capabilities
+from circus.queue_runner.steps.leases import trusted_condition
 
 log = logging.getLogger(__name__)
 

@@ -30,14 +30,14 @@ from circus.common.nix.store.aio import invalid_paths, requisites
 from circus.gateway import sessions as session_rows
 from circus.gateway.server import ConnectedAgent, Gateway
 from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
-from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.leases import ClaimedStep, holds_lease
-from circus.queue_runner.logs import compress_file, log_path_for
-from circus.queue_runner.outcomes import FinishReport, StepOutcome
-from circus.queue_runner.products import read_output_result
+from circus.queue_runner.builds.products import read_output_result
+from circus.queue_runner.routing.capabilities import Capabilities
+from circus.queue_runner.routing.strategy import Candidate, choose
+from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.strategy import Candidate, choose
-from circus.queue_runner.wakeups import Publish
+from circus.queue_runner.steps.leases import ClaimedStep, holds_lease
+from circus.queue_runner.steps.logs import compress_file, log_path_for
+from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 
 log = logging.getLogger(__name__)
 

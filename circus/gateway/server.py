@@ -36,8 +36,8 @@ from circus.protocol.limits import (
     check_agent_info,
     check_text,
 )
-from circus.queue_runner.leases import holds_lease, waits_for
 from circus.queue_runner.steps.holder import StepHolder
+from circus.queue_runner.steps.leases import holds_lease, waits_for
 
 log = logging.getLogger(__name__)
 

@@ -37,15 +37,19 @@ from circus.gateway.autoscale import Autoscaler
 from circus.gateway.bridge import Bridge
 from circus.gateway.runtime import GatewayThread
 from circus.gateway.server import Gateway
-from circus.queue_runner import gcroots
-from circus.queue_runner.capabilities import Capabilities, local_capabilities
+from circus.queue_runner.builds import gcroots
+from circus.queue_runner.builds.postprocess import PostProcessor
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.dispatcher import Dispatcher
-from circus.queue_runner.localworker import LocalBuilder
-from circus.queue_runner.postprocess import PostProcessor
-from circus.queue_runner.reconciler import QUEUE_RUNNER_KIND, ReconcileReport, reconcile
+from circus.queue_runner.dispatch.dispatcher import Dispatcher
+from circus.queue_runner.local.worker import LocalBuilder
+from circus.queue_runner.routing.capabilities import Capabilities, local_capabilities
+from circus.queue_runner.routing.wakeups import (
+    WakeupConsumer,
+    WakeupPublisher,
+    publish_after_commit,
+)
 from circus.queue_runner.ssh.pool import SshBuilders
-from circus.queue_runner.wakeups import WakeupConsumer, WakeupPublisher, publish_after_commit
+from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND, ReconcileReport, reconcile
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from circus.common.errors import Conflict, NotFound
 from circus.common.messaging import BUILDS_CHANNEL, GC_CHANNEL
 from circus.common.models import Build
 from circus.common.statussql import FAILED, PENDING, SUCCEEDED, UNFINISHED
-from circus.queue_runner.results import finish_aggregates
+from circus.queue_runner.builds.results import finish_aggregates
 
 
 def _locked_build(session: Session, build_id: int) -> Build:

@@ -34,7 +34,7 @@ def wake(self: DbTask, queue_class: str) -> int:
              ignore_result=True)
 def gc_cleanup(self: DbTask) -> dict[str, int]:
     """Remove GC roots nothing wants any more, add missing ones."""
-    from circus.queue_runner.gcroots import sync_roots
+    from circus.queue_runner.builds.gcroots import sync_roots
 
     with self.session.begin():
         report = sync_roots(self.session, self.settings)

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from circus.queue_runner.logs import log_path_for
+from circus.queue_runner.steps.logs import log_path_for
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 64 * 1024

@@ -17,7 +17,7 @@ from circus.common.db import in_transaction
 from circus.gateway.autoscale import Autoscaler, launches_needed
 from circus.gateway.runtime import GatewayThread
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.stepper import step_builds
+from circus.queue_runner.dispatch.stepper import step_builds
 from tests.agents.test_registration import raw_register
 from tests.helpers.oidc_issuer import OidcIssuer, oidc_issuer
 from tests.notifications.stubs import HttpStub, running

@@ -151,7 +151,7 @@ def test_capability_routing_strategy_logs_and_outputs(
     assert store_has(tmp_path / top_machine, Path(outputs["top"]).read_text() and
                      subprocess.run(["nix-store", "-q", "--outputs", dep_drv],
                                     capture_output=True, text=True).stdout.strip())
-    from circus.queue_runner.logs import read_log
+    from circus.queue_runner.steps.logs import read_log
 
     assert b"second line" in read_log(logs)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from circus.common.enums import SchedulingStrategy
-from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.strategy import Candidate, choose
+from circus.queue_runner.routing.capabilities import Capabilities
+from circus.queue_runner.routing.strategy import Candidate, choose
 
 BASE = Candidate(key="a", capabilities=Capabilities(frozenset({"x86_64-linux"})),
                  speed_factor=1.0, cpu_count=2, max_jobs=2, current_jobs=0,

@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
-from circus.queue_runner.capabilities import local_capabilities
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.localworker import LocalBuilder
-from circus.queue_runner.stepper import step_builds
+from circus.queue_runner.dispatch.stepper import step_builds
+from circus.queue_runner.local.worker import LocalBuilder
+from circus.queue_runner.routing.capabilities import local_capabilities
 
 TEST_RUNNER = {"lease_secs": 5, "retry_backoff_secs": 0, "unsupported_timeout": 2,
                "poll_interval": 1, "republish_secs": 2, "local_features": []}

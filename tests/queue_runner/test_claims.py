@@ -9,9 +9,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
-from circus.queue_runner.leases import claim_steps, expire_leases, release_steps, renew_lease
-from circus.queue_runner.outcomes import StepOutcome, finish_steps
-from circus.queue_runner.reconciler import reconcile
+from circus.queue_runner.steps.leases import claim_steps, expire_leases, release_steps, renew_lease
+from circus.queue_runner.steps.outcomes import StepOutcome, finish_steps
+from circus.queue_runner.steps.reconciler import reconcile
 from tests.queue_runner.factories import make_jobset
 
 CLS = "x86_64-linux"

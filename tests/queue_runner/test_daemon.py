@@ -14,10 +14,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
-from circus.queue_runner import procs
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.logs import read_log
+from circus.queue_runner.local import procs
 from circus.queue_runner.service import cancel_build, restart_build
+from circus.queue_runner.steps.logs import read_log
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.cgroups import memory_cgroup
 from tests.queue_runner.daemons import runner_daemon

@@ -156,7 +156,7 @@ def test_concurrent_dispatchers_step_each_build_once(
 
     from circus.common.db import in_transaction
     from circus.queue_runner.derivations import DrvCache
-    from circus.queue_runner.stepper import step_builds
+    from circus.queue_runner.dispatch.stepper import step_builds
 
     settings = qr_settings()
     drvs = dag_jobs(nonce, nix_env, chains=3, length=4, fans=2)

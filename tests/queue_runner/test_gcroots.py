@@ -11,8 +11,8 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from circus.queue_runner.gcroots import existing_roots, nix_base32, sync_roots
-from circus.queue_runner.postprocess import PostProcessor
+from circus.queue_runner.builds.gcroots import existing_roots, nix_base32, sync_roots
+from circus.queue_runner.builds.postprocess import PostProcessor
 from circus.queue_runner.service import set_keep
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import instantiate, make_builds, make_jobset
@@ -77,7 +77,7 @@ def test_roots_follow_keep_nr_and_keep(driver: Callable[..., Driver],
 def test_max_age_days_releases_old_evaluations_but_never_the_newest(
         committed_db: sessionmaker[Session], nix_env: dict[str, str], nonce: str) -> None:
     from circus.common.enums import BuildStatus
-    from circus.queue_runner.gcroots import wanted_roots
+    from circus.queue_runner.builds.gcroots import wanted_roots
 
     with committed_db() as session:
         jobset = make_jobset(session, "aged", keep_nr=3)

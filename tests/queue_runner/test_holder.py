@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
-from circus.queue_runner.leases import expire_leases
-from circus.queue_runner.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.steps.holder import LeaseKeeper, Renewal, StepHolder
+from circus.queue_runner.steps.leases import expire_leases
+from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.test_claims import CLS, add_step, state_of
 

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
 from circus.common.errors import Conflict, NotFound
-from circus.queue_runner.logs import read_log
 from circus.queue_runner.service import bump_build, cancel_build, restart_build, set_keep
+from circus.queue_runner.steps.logs import read_log
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import add_constituents, instantiate, make_builds
 

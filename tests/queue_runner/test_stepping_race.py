@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
-from circus.queue_runner import stepper
-from circus.queue_runner.leases import claim_steps
-from circus.queue_runner.outcomes import StepOutcome, finish_steps
+from circus.queue_runner.dispatch import stepper
+from circus.queue_runner.steps.leases import claim_steps
+from circus.queue_runner.steps.outcomes import StepOutcome, finish_steps
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import instantiate, make_builds
 

@@ -13,15 +13,15 @@ import pytest
 
 from circus.common.nix.failures import Kind, classify
 from circus.common.nix.store import parse_dry_run
-from circus.queue_runner.capabilities import (
+from circus.queue_runner.builds.products import parse_metrics, parse_products
+from circus.queue_runner.local.nixrun import RunOptions, build_argv
+from circus.queue_runner.local.procs import builders_of, kill_tree
+from circus.queue_runner.routing.capabilities import (
     Capabilities,
     parse_queue_class,
     queue_class_name,
 )
-from circus.queue_runner.logs import StepLog, compress_file, log_path_for, read_log
-from circus.queue_runner.nixrun import RunOptions, build_argv
-from circus.queue_runner.procs import builders_of, kill_tree
-from circus.queue_runner.products import parse_metrics, parse_products
+from circus.queue_runner.steps.logs import StepLog, compress_file, log_path_for, read_log
 
 A = "/nix/store/" + "a" * 32
 

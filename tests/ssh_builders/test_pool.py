@@ -19,12 +19,12 @@ from circus.common.enums import BuildStatus
 from circus.common.models import RemoteBuilder
 from circus.common.nix.derivation import read_derivation
 from circus.machines import service as machines
-from circus.queue_runner import procs
-from circus.queue_runner.logs import read_log
-from circus.queue_runner.reconciler import live_consumers, reconcile
+from circus.queue_runner.local import procs
 from circus.queue_runner.service import cancel_build
 from circus.queue_runner.ssh import remotebuild
 from circus.queue_runner.ssh.pool import SshBuilders
+from circus.queue_runner.steps.logs import read_log
+from circus.queue_runner.steps.reconciler import live_consumers, reconcile
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds, make_jobset

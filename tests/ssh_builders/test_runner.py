@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import read_derivation
-from circus.queue_runner.logs import read_log
+from circus.queue_runner.steps.logs import read_log
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.daemons import runner_daemon
 from tests.queue_runner.factories import instantiate, make_builds

@@ -1,7 +1,7 @@
 """Realise one derivation with ``nix-store --realise`` and classify what happened.
 
 The agent's builder. Local workers and SSH builders realise batches instead
-(``queue_runner.nixrun``); all three classify failures with
+(``queue_runner.local.nixrun``); all three classify failures with
 :mod:`circus.common.nix.failures`. Timeouts are Nix's own (``--timeout``,
 ``--max-silent-time``), the log cap is ours (the process group is killed when
 the log grows past it), and the outcome follows SPEC §2. No database imports:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
 from circus.common.db import in_transaction
-from circus.queue_runner.capabilities import Capabilities
+from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.ssh import health
 from circus.queue_runner.ssh.connection import Remote, RemoteError
 

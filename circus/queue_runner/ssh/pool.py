@@ -36,8 +36,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.leases import ClaimedStep
-from circus.queue_runner.outcomes import FinishReport
+from circus.queue_runner.routing.strategy import Candidate, choose
+from circus.queue_runner.routing.wakeups import Publish, WakeupConsumer
 from circus.queue_runner.ssh.builder import Builder, BuilderRow, rest_until
 from circus.queue_runner.ssh.connection import (
     Remote,
@@ -52,8 +52,8 @@ from circus.queue_runner.ssh.hosts import (
 )
 from circus.queue_runner.ssh.step import SshStep
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.strategy import Candidate, choose
-from circus.queue_runner.wakeups import Publish, WakeupConsumer
+from circus.queue_runner.steps.leases import ClaimedStep
+from circus.queue_runner.steps.outcomes import FinishReport
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from paramiko.channel import Channel
 from paramiko.ssh_exception import SSHException
 
-from circus.queue_runner.nixrun import NixRun, RunOptions, Target, nix_argv
+from circus.queue_runner.local.nixrun import NixRun, RunOptions, Target, nix_argv
 from circus.queue_runner.ssh.connection import Remote
 from circus.queue_runner.ssh.transfer import LocalImport, pump
 

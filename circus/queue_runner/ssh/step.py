@@ -36,29 +36,29 @@ from circus.common.enums import BuildStatus
 from circus.common.nix import store
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.failures import Kind, failure_status
+from circus.queue_runner.builds.products import OutputResult, read_output_result
+from circus.queue_runner.builds.reproducibility import (
+    builds_to_check,
+    check_argv,
+    judge_check,
+    mark_non_deterministic,
+)
 from circus.queue_runner.derivations import DrvCache, DrvInfo
-from circus.queue_runner.leases import ClaimedStep
-from circus.queue_runner.logs import log_path_for
-from circus.queue_runner.nixrun import (
+from circus.queue_runner.local.nixrun import (
     Exited,
     Finished,
     RunOptions,
     Started,
     Target,
 )
-from circus.queue_runner.outcomes import FinishReport, StepOutcome
-from circus.queue_runner.products import OutputResult, read_output_result
-from circus.queue_runner.reproducibility import (
-    builds_to_check,
-    check_argv,
-    judge_check,
-    mark_non_deterministic,
-)
 from circus.queue_runner.ssh import health, transfer
 from circus.queue_runner.ssh.builder import Builder
 from circus.queue_runner.ssh.connection import Remote, RemoteError
 from circus.queue_runner.ssh.remotebuild import RemoteNixRun
 from circus.queue_runner.steps.holder import LeaseKeeper, StepHolder
+from circus.queue_runner.steps.leases import ClaimedStep
+from circus.queue_runner.steps.logs import log_path_for
+from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 
 log = logging.getLogger(__name__)
 

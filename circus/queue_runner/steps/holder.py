@@ -45,10 +45,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
 from circus.common.db import after_commit, in_transaction
-from circus.queue_runner.leases import ClaimedStep, claim_steps, release_steps, renew_lease
-from circus.queue_runner.outcomes import FinishReport, StepOutcome, finish_steps
-from circus.queue_runner.products import OutputResult
-from circus.queue_runner.wakeups import Publish, publish_after_commit
+from circus.queue_runner.builds.products import OutputResult
+from circus.queue_runner.routing.wakeups import Publish, publish_after_commit
+from circus.queue_runner.steps.leases import ClaimedStep, claim_steps, release_steps, renew_lease
+from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome, finish_steps
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.heartbeat import STALE_AFTER
 from circus.common.statussql import dependencies_succeeded
-from circus.queue_runner.capabilities import Capabilities, parse_queue_class
-from circus.queue_runner.leases import expire_leases
-from circus.queue_runner.outcomes import (
+from circus.queue_runner.routing.capabilities import Capabilities, parse_queue_class
+from circus.queue_runner.steps.leases import expire_leases
+from circus.queue_runner.steps.outcomes import (
     FinishReport,
     after_steps_done,
     done_steps,

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from circus.common.enums import SchedulingStrategy
-from circus.queue_runner.capabilities import Capabilities
+from circus.queue_runner.routing.capabilities import Capabilities
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from circus.common.enums import BuildStatus
 from circus.common.models import BuildMetric, BuildProduct
 from circus.common.statussql import UNFINISHED
 from circus.projects.channels import advance_channels_of_builds
-from circus.queue_runner.products import OutputResult
+from circus.queue_runner.builds.products import OutputResult
 
 log = logging.getLogger(__name__)
 

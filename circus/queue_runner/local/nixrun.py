@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Protocol
 
 from circus.common.nix.failures import Kind, classify
-from circus.queue_runner import procs
-from circus.queue_runner.logs import StepLog
+from circus.queue_runner.local import procs
+from circus.queue_runner.steps.logs import StepLog
 
 log = logging.getLogger(__name__)
 

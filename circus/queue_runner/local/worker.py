@@ -34,12 +34,15 @@ from circus.common.nix import store
 from circus.common.nix.environment import current_system
 from circus.common.nix.failures import Kind, failure_status
 from circus.common.nix.oom import oom_counter
-from circus.queue_runner import procs
-from circus.queue_runner.capabilities import BUILTIN_SYSTEM, Capabilities
+from circus.queue_runner.builds.products import OutputResult, read_output_result
+from circus.queue_runner.builds.reproducibility import (
+    builds_to_check,
+    check_derivation,
+    mark_non_deterministic,
+)
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.leases import ClaimedStep
-from circus.queue_runner.logs import log_path_for
-from circus.queue_runner.nixrun import (
+from circus.queue_runner.local import procs
+from circus.queue_runner.local.nixrun import (
     Exited,
     Finished,
     NixRun,
@@ -47,15 +50,12 @@ from circus.queue_runner.nixrun import (
     Started,
     Target,
 )
-from circus.queue_runner.outcomes import FinishReport, StepOutcome
-from circus.queue_runner.products import OutputResult, read_output_result
-from circus.queue_runner.reproducibility import (
-    builds_to_check,
-    check_derivation,
-    mark_non_deterministic,
-)
+from circus.queue_runner.routing.capabilities import BUILTIN_SYSTEM, Capabilities
+from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.wakeups import Publish
+from circus.queue_runner.steps.leases import ClaimedStep
+from circus.queue_runner.steps.logs import log_path_for
+from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 
 log = logging.getLogger(__name__)
 

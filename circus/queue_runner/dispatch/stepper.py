@@ -40,16 +40,16 @@ from circus.common.statussql import (
     step_succeeded,
 )
 from circus.projects.channels import advance_channels_of_builds
-from circus.queue_runner.capabilities import queue_class_name
-from circus.queue_runner.derivations import DrvCache, DrvInfo
-from circus.queue_runner.outcomes import DoneStep, after_steps_done, done_steps
-from circus.queue_runner.products import read_output_result
-from circus.queue_runner.results import (
+from circus.queue_runner.builds.products import read_output_result
+from circus.queue_runner.builds.results import (
     BuildFinal,
     BuildsReport,
     finish_aggregates,
     finish_builds,
 )
+from circus.queue_runner.derivations import DrvCache, DrvInfo
+from circus.queue_runner.routing.capabilities import queue_class_name
+from circus.queue_runner.steps.outcomes import DoneStep, after_steps_done, done_steps
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from circus.common.db import in_transaction
 from circus.common.messaging import BUILDS_CHANNEL, GC_CHANNEL
 from circus.common.pglisten import Listener
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.outcomes import FinishReport
-from circus.queue_runner.stepper import StepReport, step_builds
-from circus.queue_runner.wakeups import Publish, publish_after_commit
+from circus.queue_runner.dispatch.stepper import StepReport, step_builds
+from circus.queue_runner.routing.wakeups import Publish, publish_after_commit
+from circus.queue_runner.steps.outcomes import FinishReport
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from sqlalchemy.orm import Session
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.statussql import UNFINISHED, dependencies_succeeded
-from circus.queue_runner.products import OutputResult
-from circus.queue_runner.results import BuildsReport, settle_builds_of_steps
+from circus.queue_runner.builds.products import OutputResult
+from circus.queue_runner.builds.results import BuildsReport, settle_builds_of_steps
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def after_steps_done(session: Session, settings: Settings, rows: list[DoneStep],
 
     ``queue_only`` limits the dependents queued to those steps (a dispatcher
     catching up on steps a worker already finished). ``advance``: see
-    :func:`~circus.queue_runner.results.finish_builds`.
+    :func:`~circus.queue_runner.builds.results.finish_builds`.
     """
     report = FinishReport()
     succeeded = [r.id for r in rows if r.status is BuildStatus.succeeded]

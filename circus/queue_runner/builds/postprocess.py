@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.cache.publish import publish_builds
 from circus.common.config import Settings
 from circus.common.nix import store
-from circus.queue_runner import gcroots
-from circus.queue_runner.outcomes import FinishReport
-from circus.queue_runner.results import publishes_inline
+from circus.queue_runner.builds import gcroots
+from circus.queue_runner.builds.results import publishes_inline
+from circus.queue_runner.steps.outcomes import FinishReport
 
 log = logging.getLogger(__name__)
 

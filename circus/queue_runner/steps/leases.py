@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.statussql import PENDING, RUNNING, dependencies_succeeded
-from circus.queue_runner.outcomes import (
+from circus.queue_runner.steps.outcomes import (
     FinishReport,
     StepOutcome,
     finish_steps,

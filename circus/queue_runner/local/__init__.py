@@ -1,0 +1,1 @@
+"""Building on this host: the local worker, its ``nix-store --realise`` and its processes."""

@@ -1,0 +1,1 @@
+"""Which consumer may build a step (queue classes, capabilities, strategy) and how it is woken."""
