@@ -4,9 +4,10 @@ Threads: the dispatcher (LISTEN/poll → steps → wake-ups), the reconciler
 (leases, lost messages, unsupported classes, GC roots), the class watcher
 (subscribes the local Celery consumer to new classes it can serve), the
 wake-up publisher, the post-processor (closure sizes, GC roots), the SSH
-builders (``ssh.pool``, a thread per remote build) and the heartbeat. The
-main thread runs a Celery worker (thread pool, ``queue_runner.workers``
-slots) consuming the class queues ``build.<class>``.
+builders (``ssh.pool``, a thread per remote build), the consumers the entry
+point hands in (the agent gateway, ``circus.gateway.consumer``) and the
+heartbeat. The main thread runs a Celery worker (thread pool,
+``queue_runner.workers`` slots) consuming the class queues ``build.<class>``.
 
 SIGTERM: Celery's warm shutdown starts; the stop event makes every running
 batch kill its ``nix-store`` (SSH builds: their remote ``nix-store``) and hand
@@ -16,39 +17,32 @@ attempt), then the process exits.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from celery import signals
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from celeryconfig import build_queue_name
 from circus.common.celery import create_celery_app
 from circus.common.config import Settings
 from circus.common.db import in_transaction, make_engine, make_session_factory
 from circus.common.heartbeat import HeartbeatThread
-from circus.gateway.autoscale import Autoscaler
-from circus.gateway.bridge import Bridge
-from circus.gateway.runtime import GatewayThread
-from circus.gateway.server import Gateway
 from circus.queue_runner.builds import gcroots
 from circus.queue_runner.builds.postprocess import PostProcessor
 from circus.queue_runner.derivations import DrvCache
 from circus.queue_runner.dispatch.dispatcher import Dispatcher
 from circus.queue_runner.local.worker import LocalBuilder
 from circus.queue_runner.routing.capabilities import Capabilities, local_capabilities
-from circus.queue_runner.routing.wakeups import (
-    WakeupConsumer,
-    WakeupPublisher,
-    publish_after_commit,
-)
+from circus.queue_runner.routing.wakeups import Publish, WakeupPublisher, publish_after_commit
 from circus.queue_runner.ssh.pool import SshBuilders
+from circus.queue_runner.steps.outcomes import FinishReport
 from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND, ReconcileReport, reconcile
 
 log = logging.getLogger(__name__)
@@ -109,10 +103,37 @@ class ClassWatcher(threading.Thread):
                 log.info("now consuming class %s", name)
 
 
+class Consumer(Protocol):
+    """Another consumer of the class queues that lives in this process (the agent gateway).
+
+    The daemon receives it as a :class:`ConsumerFactory` instead of importing it,
+    so the consumer may use the step services (``steps``, ``routing``) without an
+    import cycle: it depends on the queue runner, never the other way round.
+    """
+
+    #: its key in the heartbeat's details
+    name: str
+
+    def start(self) -> None:
+        """Start its threads; raise when it cannot serve."""
+
+    def stop(self) -> None:
+        """Stop, handing the steps it holds back to the queue."""
+
+    def details(self) -> dict[str, Any]:
+        """What the heartbeat reports about it."""
+
+
+class ConsumerFactory(Protocol):
+    def __call__(self, settings: Settings, session_factory: sessionmaker[Session], *,
+                 publish: Publish | None,
+                 on_built: Callable[[FinishReport], None] | None) -> Consumer: ...
+
+
 class QueueRunner:
     def __init__(self, settings: Settings, *, dispatcher: bool = True,
                  workers: int | None = None, name: str | None = None,
-                 ssh_builders: bool = True) -> None:
+                 ssh_builders: bool = True, consumers: Sequence[ConsumerFactory] = ()) -> None:
         self.settings = settings
         self.workers = settings.queue_runner.workers if workers is None else workers
         self.instance = name
@@ -145,30 +166,14 @@ class QueueRunner:
                                on_built=self.post.submit, stop=self.stop, cache=self.cache,
                                instance=f"{socket.gethostname()}:{name or os.getpid()}"
                                ) if ssh_builders else None
-        self.gateway: GatewayThread | None = None
-        self.wakeups: WakeupConsumer | None = None
-        self.autoscaler: Autoscaler | None = None
-        if settings.queue_runner.rpc.bind:
-            # agents: another consumer of the same class queues and leases
-            self.gateway = GatewayThread(settings, self.factory, alongside=self._gateway_work)
-            self.bridge = Bridge(self.gateway.gateway, settings, self.publisher.publish,
-                                 self.post.submit)
-            # GitHub Actions pools: launch agents when their queued work needs them
-            self.autoscaler = (Autoscaler(self.gateway.gateway, settings)
-                               if settings.queue_runner.ephemeral_pools else None)
-            self.wakeups = WakeupConsumer(self.bridge, settings.require_broker_url(),
-                                          name="agent-wakeups")
+        # e.g. agents (the gateway): other consumers of the same class queues and leases
+        self.consumers = [make(settings, self.factory, publish=self.publisher.publish,
+                               on_built=self.post.submit) for make in consumers]
+        self.started_consumers: list[Consumer] = []
         service = f"{QUEUE_RUNNER_KIND}-{name}@{socket.gethostname()}" if name else None
         self.heartbeat = HeartbeatThread(
             self.factory, QUEUE_RUNNER_KIND, details=self._details, service=service,
             interval=float(min(10, settings.queue_runner.poll_interval)))
-
-    async def _gateway_work(self, gateway: Gateway) -> None:
-        """What runs on the gateway's loop next to the server: the bridge, autoscaling."""
-        work = [self.bridge.run()]
-        if self.autoscaler is not None:
-            work.append(self.autoscaler.run())
-        await asyncio.gather(*work)
 
     # ------------------------------------------------------------------ threads
 
@@ -185,9 +190,7 @@ class QueueRunner:
                       "post_batches": self.post.batches},
             "celery_hostname": self.hostname,
             **({"ssh": self.ssh.details()} if self.ssh is not None else {}),
-            **({"gateway": {"port": self.gateway.port if self.gateway.started.is_set() else None,
-                            "agents": len(self.gateway.gateway.agents),
-                            "assigned": self.bridge.assigned}} if self.gateway else {}),
+            **{consumer.name: consumer.details() for consumer in self.consumers},
         }
 
     def _reconcile_loop(self) -> None:
@@ -230,12 +233,9 @@ class QueueRunner:
         self.reconciler.start()
         if self.ssh is not None:
             self.ssh.start()
-        if self.gateway is not None:
-            self.gateway.start()
-            if not self.gateway.started.wait(30) or self.gateway.failed is not None:
-                raise RuntimeError(f"the agent gateway did not start: {self.gateway.failed}")
-            assert self.wakeups is not None
-            self.wakeups.start()
+        for consumer in self.consumers:
+            self.started_consumers.append(consumer)  # stopped at shutdown even if start fails
+            consumer.start()
         try:
             if self.workers > 0:
                 return self._run_worker()
@@ -273,11 +273,8 @@ class QueueRunner:
 
     def shutdown(self) -> None:
         self.stop.set()
-        if self.wakeups is not None:
-            self.wakeups.stop()
-        if self.gateway is not None:
-            # hands every agent's in-flight steps back to the queue
-            self.gateway.stop()
+        for consumer in self.started_consumers:
+            consumer.stop()
         if self.ssh is not None and self.ssh.is_alive():
             # stops every remote build and hands its step back
             self.ssh.join(30)

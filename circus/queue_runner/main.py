@@ -1,4 +1,5 @@
-"""``circus-queue-runner``: dispatcher, reconciler, local build workers and SSH builders."""
+"""``circus-queue-runner``: dispatcher, reconciler, local build workers, SSH builders and,
+with ``queue_runner.rpc.bind``, the agent gateway."""
 
 from __future__ import annotations
 
@@ -28,10 +29,18 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return 2
     setup_logging(settings.tracing)
-    from circus.queue_runner.daemon import QueueRunner
+    from circus.queue_runner.daemon import ConsumerFactory, QueueRunner
 
+    consumers: list[ConsumerFactory] = []
+    if settings.queue_runner.rpc.bind:
+        # this entry point wires the process together: the daemon never imports the
+        # gateway, the gateway uses the queue runner's step services
+        from circus.gateway.consumer import AgentGateway
+
+        consumers.append(AgentGateway)
     runner = QueueRunner(settings, dispatcher=not args.no_dispatcher, workers=args.workers,
-                         name=args.name, ssh_builders=not args.no_ssh_builders)
+                         name=args.name, ssh_builders=not args.no_ssh_builders,
+                         consumers=consumers)
     return runner.run()
 
 

@@ -4,6 +4,10 @@
   query the local store.
 - The agent reaches no database, web or task-queue code, not even indirectly.
 - Flask views and Celery tasks import services, not each other.
+- The agent gateway depends on the queue runner's step services, never the
+  reverse: only the queue runner's entry point (which wires the process
+  together) imports the gateway, and the gateway imports neither that entry
+  point nor the daemon.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ AGENT_FORBIDDEN = ("circus.common.models", "circus.common.db", "sqlalchemy", "fl
                    "celery", "ldap", "psycopg2")
 
 WEB = "circus.server"
+
+QUEUE_RUNNER = "circus.queue_runner"
+GATEWAY = "circus.gateway"
+#: the entry point of ``circus-queue-runner``: it hands the gateway to the daemon
+QUEUE_RUNNER_ENTRY = "circus.queue_runner.main"
+#: what the gateway must not import: the process that runs it
+QUEUE_RUNNER_PROCESS = (QUEUE_RUNNER_ENTRY, "circus.queue_runner.daemon")
 
 
 @dataclass
@@ -178,3 +189,24 @@ def test_views_and_tasks_do_not_import_each_other() -> None:
     assert tasks, "no Celery task modules found: the rule checks nothing"
     assert not offenders, "views and tasks import services, not each other:\n" + \
         "\n".join(offenders)
+
+
+def test_the_gateway_uses_the_queue_runner_not_the_reverse() -> None:
+    offenders = []
+    for name in sorted(modules()):
+        if _within(name, QUEUE_RUNNER) and name != QUEUE_RUNNER_ENTRY:
+            via = _reachable(name)
+            offenders += [f"{name} reaches {imported}: {_chain(via, name, imported)}"
+                          for imported in sorted(via) if _within(imported, GATEWAY)]
+        if _within(name, GATEWAY):
+            via = _reachable(name)
+            offenders += [f"{name} reaches {imported}: {_chain(via, name, imported)}"
+                          for imported in sorted(via)
+                          if any(_within(imported, bad) for bad in QUEUE_RUNNER_PROCESS)]
+    # the rule must not pass because the packages stopped meeting at all
+    assert any(_within(imported, QUEUE_RUNNER) for name, module in modules().items()
+               if _within(name, GATEWAY) for imported in module.imports)
+    assert not offenders, (
+        "the gateway is a consumer of the queue runner's step services: no queue-runner "
+        f"module but {QUEUE_RUNNER_ENTRY} may import it, and it must not import the "
+        "queue runner's process (an import cycle):\n" + "\n".join(offenders))

@@ -1,1 +1,2 @@
-"""Steps as every kind of builder holds them (claim, lease, finish, release)."""
+"""Steps from claim to finish, the same for every kind of builder: leases, the holder,
+finishing, the reconciler and per-step logs."""
