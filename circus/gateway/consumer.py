@@ -64,6 +64,10 @@ class AgentGateway:
         self.thread.stop()
 
     def details(self) -> dict[str, Any]:
-        return {"port": self.thread.port if self.thread.started.is_set() else None,
+        server = self.thread.gateway.server
+        # no port before the server listens nor after it closed (the last heartbeat is
+        # written during shutdown)
+        serving = server is not None and bool(server.sockets)
+        return {"port": self.thread.port if serving else None,
                 "agents": len(self.thread.gateway.agents),
                 "assigned": self.bridge.assigned}

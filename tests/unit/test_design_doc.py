@@ -56,7 +56,7 @@ def test_the_hops_are_in_order() -> None:
 def test_a_wrong_name_is_caught() -> None:
     # the resolver is what the first test relies on: it must reject a misspelt name
     for module_name, attribute_path in [("circus.queue_runner.steps.leases", "claim_step"),
-                                        ("circus.queue_runner.leases", "claim_steps")]:
+                                        ("circus.queue_runner.no_such_module", "claim_steps")]:
         try:
             _resolve(module_name, attribute_path)
         except (ImportError, AttributeError):
