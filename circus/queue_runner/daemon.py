@@ -177,12 +177,12 @@ class QueueRunner:
 
     # ------------------------------------------------------------------ threads
 
-    def _consumers(self) -> list[Capabilities]:
+    def _local_capabilities(self) -> list[Capabilities]:
         return [self.capabilities] if self.workers else []
 
     def _details(self) -> dict[str, Any]:
         return {
-            "capabilities": [c.to_json() for c in self._consumers()],
+            "capabilities": [c.to_json() for c in self._local_capabilities()],
             "workers": self.workers,
             "dispatcher": self.dispatcher is not None,
             "running_batches": len(self.builder.active),
@@ -218,7 +218,7 @@ class QueueRunner:
             self.stop.wait(interval if not self.gc_requested.is_set() else 0.1)
 
     def _reconcile_once(self, session: Session) -> ReconcileReport:
-        report = reconcile(session, self.settings, self._consumers())
+        report = reconcile(session, self.settings, self._local_capabilities())
         publish_after_commit(session, self.publisher.publish, report.to_publish)
         return report
 
@@ -234,7 +234,8 @@ class QueueRunner:
         if self.ssh is not None:
             self.ssh.start()
         for consumer in self.consumers:
-            self.started_consumers.append(consumer)  # stopped at shutdown even if start fails
+            # listed first: shutdown() stops it even when its start failed half-way
+            self.started_consumers.append(consumer)
             consumer.start()
         try:
             if self.workers > 0:
