@@ -38,7 +38,10 @@ def gateway_runner(runner_config: Callable[..., dict[str, Any]], tmp_path: Path
         config = runner_config(queue_runner={
             "rpc": {"bind": f"127.0.0.1:{port}", "allow_plaintext": True,
                     "auth_tokens": [TOKEN_DIGEST], **(rpc or {})},
-            "unsupported_timeout": 30, **runner},
+            # the host's load must not decide these tests: on a busy machine the agents
+            # report CPU pressure above the default gate (80 %) and get no work for as
+            # long as it lasts (the gate itself: test_strategy.py)
+            "psi_threshold": 100, "unsupported_timeout": 30, **runner},
             cache={"cache_dir": str(tmp_path / "cache")})
         with runner_daemon("qr-gateway", config, tmp_path, workers=0) as daemon:
             wait_for_port(port, timeout=30)
@@ -52,6 +55,15 @@ def start_agent(stack: ExitStack, tmp_path: Path, port: int, name: str, *args: s
     directory = tmp_path / name
     path = write_agent_config(directory, port, name=name, **config)
     return stack.enter_context(agent_in_own_store(name, directory, path, *args))
+
+
+def gateway_details(factory: sessionmaker[Session]) -> dict[str, Any]:
+    """What the ``qr-gateway`` runner's last heartbeat says about its gateway."""
+    with factory() as session:
+        details = session.execute(text(
+            "SELECT details FROM service_heartbeats WHERE service LIKE :s"),
+            {"s": "queue-runner-qr-gateway@%"}).scalar_one_or_none()
+    return dict((details or {}).get("gateway") or {})
 
 
 def connected(factory: sessionmaker[Session]) -> list[str]:
@@ -120,7 +132,13 @@ def test_capability_routing_strategy_logs_and_outputs(
         result = wait_builds(committed_db, list(ids.values()))
         wait_until(lambda: published(committed_db, list(ids.values())) == len(jobs),
                    timeout=30, message="outputs published to the cache")
+        # the gateway that circus-queue-runner's entry point hands to the daemon reports
+        # in the daemon's heartbeat
+        wait_until(lambda: gateway_details(committed_db).get("assigned", 0) >= len(jobs),
+                   timeout=30, message="the gateway's assignments in the heartbeat")
+        details = gateway_details(committed_db)
         print(runner.log()[-4000:])
+    assert (details["port"], details["agents"]) == (port, 3), details
     assert set(result.values()) == {BuildStatus.succeeded}, result
     # a kvm step goes only to the kvm agent, big-parallel only where it is supported,
     # and plain work prefers the higher speed factor
@@ -376,7 +394,8 @@ def test_agent_uploads_outputs_to_s3_through_presigned_urls(
     port = free_port()
     config = runner_config(
         queue_runner={"rpc": {"bind": f"127.0.0.1:{port}", "allow_plaintext": True,
-                              "auth_tokens": [TOKEN_DIGEST]}},
+                              "auth_tokens": [TOKEN_DIGEST]},
+                      "psi_threshold": 100},  # as in gateway_runner
         signing={"enabled": True, "key": cache_key.secret},
         cache={"cache_dir": str(tmp_path / "cache")},
         cache_upload=s3_server.upload_settings(f"agents-{nonce[:8]}"))
