@@ -14,7 +14,7 @@ Usage (the whole API)::
         # the host reaches the main namespace at host.main_address (services there
         # must listen on 0.0.0.0 or on host.main_address; 127.0.0.1 is the host's own
         # loopback), and the main namespace reaches the host at host.address
-        host.cut()       # link down: packets are lost both ways, sockets stay open
+        host.cut()       # link down: packets are lost both ways, open sockets hang
         host.restore()   # link up again, routes back
 
 Every process started through ``host.command``/``host.run`` runs in the host's
@@ -122,12 +122,26 @@ class NetnsHost:
         """A :class:`Daemon` (not started) running ``argv`` on this host."""
         return Daemon(name, self.command(argv), log_dir, env=env)
 
+    @property
+    def subnet(self) -> str:
+        """The link's /30 (``10.231.x.y/30``)."""
+        head, last = self.main_address.rsplit(".", 1)
+        return f"{head}.{int(last) - 1}/30"
+
     def cut(self) -> None:
-        """Pull the cable: the link goes down; connections hang rather than close."""
+        """Pull the cable: the link goes down and packets to the host vanish.
+
+        Open connections stay open and hang (retransmitting) until ``restore``
+        or their own timeouts; a new connection from the main namespace fails
+        at once (``EINVAL``). The blackhole route keeps packets for the host
+        from leaking out of the machine's default route while the link is down.
+        """
         _checked("link", "set", self.device, "down")
+        _checked("route", "replace", "blackhole", self.subnet)
 
     def restore(self) -> None:
-        """Plug it back in (the host's default route comes back with the link)."""
+        """Plug it back in (the routes of both ends come back with the link)."""
+        _ip("route", "del", "blackhole", self.subnet)
         _checked("link", "set", self.device, "up")
         # the kernel drops a route whose gateway became unreachable while the link was down
         _ip("route", "replace", "default", "via", self.main_address, namespace=self.name)
@@ -158,6 +172,7 @@ def network_host(nix_store: Path | None = None) -> Iterator[NetnsHost]:
     sweep_stale_namespaces()
     namespace = f"{NAMESPACE_PREFIX}{os.getpid()}-{random.randrange(1 << 30)}"
     _checked("netns", "add", namespace)
+    index: int | None = None
     try:
         index, device = _claim_subnet(namespace)
         main, own = _address(index, 1), _address(index, 2)
@@ -173,3 +188,5 @@ def network_host(nix_store: Path | None = None) -> Iterator[NetnsHost]:
     finally:
         # the veth pair goes with the namespace (its peer lives in there)
         _ip("netns", "delete", namespace)
+        if index is not None:
+            _ip("route", "del", "blackhole", NetnsHost("", "", _address(index, 1), "").subnet)

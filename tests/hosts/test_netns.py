@@ -44,12 +44,21 @@ def test_a_host_and_the_main_namespace_talk_over_the_link_which_can_be_cut(
             # main → host: the server sees the main namespace's end of the link
             assert ask(host.address, port, "hello") == f"{host.main_address} says hello"
             # the host's loopback is its own: nothing listens on the main side's port
-            with pytest.raises(OSError):
+            with pytest.raises(ConnectionRefusedError):
                 ask("127.0.0.1", port, "hello")
+            # an open connection hangs while the link is cut, and goes on after
+            held = socket.create_connection((host.address, port), timeout=10)
             host.cut()
-            with pytest.raises(OSError):
+            held.sendall(b"held")
+            held.settimeout(1.5)
+            with pytest.raises(TimeoutError):
+                held.recv(100)
+            with pytest.raises(OSError, match=r"Invalid argument|unreachable|timed out"):
                 ask(host.address, port, "lost", timeout=1.5)
             host.restore()
+            held.settimeout(20)
+            assert held.recv(100).decode() == f"{host.main_address} says held"
+            held.close()
             assert ask(host.address, port, "back") == f"{host.main_address} says back"
         name = host.name
         assert name in namespaces()
@@ -85,9 +94,16 @@ def test_a_host_reaches_a_main_namespace_server_and_has_its_own_nix(tmp_path: Pa
 
 
 def test_the_namespace_is_deleted_after_a_failure_and_stale_ones_are_swept() -> None:
-    with pytest.raises(RuntimeError, match="boom"), network_host() as host:
-        name = host.name
-        raise RuntimeError("boom")
+    names = []
+
+    def fail_inside() -> None:
+        with network_host() as host:
+            names.append(host.name)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_inside()
+    name = names[0]
     assert name not in namespaces()
     # a namespace of a test process that died (pid 2**22 + 1 is above pid_max's default)
     stale = f"circus-{2**22 + 1}-7"
