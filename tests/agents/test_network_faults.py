@@ -129,11 +129,15 @@ def check_exactly_once(factory: sessionmaker[Session], drvs: dict[str, str],
     return per_machine
 
 
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_cut_hosts_steps_are_released_and_finished_by_the_other_host(
         open_gateway: Callable[..., Any], committed_db: sessionmaker[Session],
-        finish_audit: None, nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
+        finish_audit: None, nix_env: dict[str, str], nonce: str, tmp_path: Path,
+        broker: str, request: pytest.FixtureRequest) -> None:
+    # the wake-ups that feed the gateway travel on the broker: both kinds carry them
+    broker_url = request.getfixturevalue("rabbitmq").url if broker == "rabbitmq" else None
     drvs = dag(nonce, nix_env)
-    with open_gateway() as (runner, port), ExitStack() as stack:
+    with open_gateway(broker_url) as (runner, port), ExitStack() as stack:
         cut_agent, cut_host = agent_on_host(stack, tmp_path, port, "far")
         agent_on_host(stack, tmp_path, port, "near")
         wait_until(lambda: connected(committed_db) == ["far", "near"], timeout=60,
@@ -171,6 +175,12 @@ def test_a_cut_hosts_steps_are_released_and_finished_by_the_other_host(
                    message="the cut host's steps finished elsewhere")
         assert {done_step(committed_db, s)[1] for s in lost} == {"near"}
         result = wait_builds(committed_db, ids, timeout=150)
+        if broker == "rabbitmq":
+            # the gateway's wake-up consumer is subscribed to the class queue on the node
+            consumers = dict(line.split() for line in request.getfixturevalue(
+                "rabbitmq").ctl("list_queues", "--quiet", "name", "consumers").splitlines()
+                if line.strip())
+            assert int(consumers.get("build.x86_64-linux", 0)) >= 1, consumers
         # the link comes back: the agent, told its connection is gone, dials again
         cut_host.restore()
         wait_until(lambda: "far" in connected(committed_db), timeout=60,
@@ -183,7 +193,8 @@ def test_a_cut_hosts_steps_are_released_and_finished_by_the_other_host(
     assert f"agent far disconnected ({len(lost)} step(s) handed back: " in log
     assert "no answer to a heartbeat" in agent_log
     assert released_after < HEARTBEAT_TTL + 5
-    print(f"cut host: {len(lost)} step(s) released {released_after:.1f} s after the cut, "
+    print(f"cut host ({broker}): {len(lost)} step(s) released {released_after:.1f} s after "
+          "the cut, "
           "finished elsewhere after "
           f"{', '.join(f'{t:.1f}' for t in sorted(recovered.values()))} s "
           f"(heartbeat TTL {HEARTBEAT_TTL} s, steps of {WORK_SECS} s); steps per host "
