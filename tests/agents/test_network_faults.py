@@ -206,7 +206,7 @@ def test_an_agent_killed_mid_build_on_its_host_loses_no_step(
         finish_audit: None, nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
     drvs = dag(nonce, nix_env)
     with open_gateway() as (_, port), ExitStack() as stack:
-        killed, _ = agent_on_host(stack, tmp_path, port, "doomed")
+        killed, killed_host = agent_on_host(stack, tmp_path, port, "doomed")
         agent_on_host(stack, tmp_path, port, "survivor")
         wait_until(lambda: connected(committed_db) == ["doomed", "survivor"], timeout=60,
                    message="both agents connected")
@@ -219,6 +219,9 @@ def test_an_agent_killed_mid_build_on_its_host_loses_no_step(
         lost = running_on(committed_db, "doomed")
         killed.kill(signal.SIGKILL)
         killed_at = time.monotonic()
+        # nothing of it keeps running on its host (no orphan nix-store or builder)
+        wait_until(lambda: killed_host.pids() == [], timeout=10,
+                   message="no process left on the killed agent's host")
         wait_until(lambda: all(done_step(committed_db, s)[0] == "done" for s in lost),
                    timeout=90, interval=0.2, message="the killed agent's steps finished")
         recovery = time.monotonic() - killed_at

@@ -122,6 +122,10 @@ class NetnsHost:
         """A :class:`Daemon` (not started) running ``argv`` on this host."""
         return Daemon(name, self.command(argv), log_dir, env=env)
 
+    def pids(self) -> list[int]:
+        """The processes running in the host's network namespace."""
+        return [int(p) for p in _ip("netns", "pids", self.name).stdout.split()]
+
     @property
     def subnet(self) -> str:
         """The link's /30 (``10.231.x.y/30``)."""

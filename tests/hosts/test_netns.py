@@ -60,6 +60,8 @@ def test_a_host_and_the_main_namespace_talk_over_the_link_which_can_be_cut(
             assert held.recv(100).decode() == f"{host.main_address} says held"
             held.close()
             assert ask(host.address, port, "back") == f"{host.main_address} says back"
+            assert host.pids() == [server.pid]
+        assert host.pids() == []
         name = host.name
         assert name in namespaces()
     assert name not in namespaces()
