@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
@@ -39,8 +39,8 @@ def two_job_flake(nonce: str) -> str:
 """
 
 
-def test_a_build_triggered_over_the_api_runs_on_a_rabbitmq_broker(
-        tmp_path_factory: Any, rabbitmq: RabbitNode) -> None:
+def test_a_build_triggered_over_the_api_runs_on_a_rabbitmq_broker(rabbitmq: RabbitNode
+                                                                  ) -> None:
     # /tmp: reachable by the postgres user of circus up's private cluster
     root = Path(f"/tmp/circus-rabbit-e2e-{secrets.token_hex(4)}")
     root.mkdir(mode=0o755)
@@ -94,4 +94,6 @@ def test_a_build_triggered_over_the_api_runs_on_a_rabbitmq_broker(
         code = up.process.wait(60)
         log_tail = "\n".join(p.read_text(errors="replace")[-3000:]
                              for p in (state / "daemon-logs").glob("*.log"))
+        if code == 0:
+            shutil.rmtree(root, ignore_errors=True)
     assert code == 0, log_tail
