@@ -180,6 +180,9 @@ def network_host(nix_store: Path | None = None) -> Iterator[NetnsHost]:
     try:
         index, device = _claim_subnet(namespace)
         main, own = _address(index, 1), _address(index, 2)
+        host = NetnsHost(namespace, own, main, device, nix_store)
+        # a test process killed while its host was cut left this behind
+        _ip("route", "del", "blackhole", host.subnet)
         _checked("addr", "add", f"{main}/30", "dev", device)
         _checked("link", "set", device, "up")
         _checked("link", "set", "lo", "up", namespace=namespace)
@@ -188,7 +191,7 @@ def network_host(nix_store: Path | None = None) -> Iterator[NetnsHost]:
         _checked("route", "add", "default", "via", main, namespace=namespace)
         if nix_store is not None:
             nix_store.mkdir(parents=True, exist_ok=True)
-        yield NetnsHost(namespace, own, main, device, nix_store)
+        yield host
     finally:
         # the veth pair goes with the namespace (its peer lives in there)
         _ip("netns", "delete", namespace)
