@@ -49,7 +49,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "broker_transport_options": {"visibility_timeout": 6 * 3600},
+        # a Redis-only option (AMQP brokers redeliver on connection loss instead)
+        "broker_transport_options": ({"visibility_timeout": 6 * 3600}
+                                     if broker_url.startswith("redis") else {}),
         "task_queues": [Queue(name) for name in STATIC_QUEUES],
         "task_default_queue": MAINTENANCE_QUEUE,
         "task_routes": {

@@ -11,11 +11,13 @@ PACKAGES=(
   openssh-server openssh-client slapd ldap-utils
   chromium zstd xz-utils wrk
   prometheus nginx-light systemd
+  rabbitmq-server iproute2 util-linux
 )
 # installed for their checkers only (promtool check metrics/rules, nginx -t,
-# systemd-analyze verify) in tests;
-# their system services must not run (9090 and 80 would be taken on a CI host)
-TOOL_SERVICES=(prometheus nginx)
+# systemd-analyze verify) or for private servers the tests start themselves
+# (rabbitmq-server: a node per test module, tests/helpers/rabbitmq.py);
+# their system services must not run (9090, 80 and 5672 would be taken on a CI host)
+TOOL_SERVICES=(prometheus nginx rabbitmq-server)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

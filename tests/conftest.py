@@ -169,6 +169,27 @@ def redis_url() -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------
+# RabbitMQ: a private node, started only for the tests that ask for it
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[Any]:
+    """A private RabbitMQ node (tests.helpers.rabbitmq.RabbitNode) for the session.
+
+    It listens on 0.0.0.0 so that network-namespace hosts reach it at their
+    ``main_address`` (``node.url_for(host.main_address)``); ``node.url`` is loopback.
+    """
+    from tests.helpers.rabbitmq import private_rabbitmq
+
+    directory = Path(f"/tmp/circus-test-rabbitmq-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        with private_rabbitmq(directory, listen="0.0.0.0") as node:
+            yield node
+    finally:
+        subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+# ---------------------------------------------------------------------------
 # Nix
 
 

@@ -74,6 +74,9 @@ class AgentSection(SettingsModel):
     speed_factor: Annotated[float, AfterValidator(at_least(0.001))] = 1.0
     reconnect_delay_secs: Annotated[float, AfterValidator(at_least(0.1))] = 5.0
     heartbeat_interval_secs: Annotated[float, AfterValidator(at_least(0.1))] = 10.0
+    #: a heartbeat unanswered this long means the connection is dead (a cut network
+    #: never closes it): the agent stops its builds and dials again
+    heartbeat_timeout_secs: Annotated[float, AfterValidator(at_least(0.1))] = 30.0
     work_dir: str = "/var/lib/circus-agent"
     machine_id_file: str | None = None
     max_log_size: Positive = 64 * 1024 * 1024

@@ -220,7 +220,13 @@ class Agent:
         session = registered.session
         try:
             while not self.stop_requested.is_set():
-                await session.heartbeat(self.heartbeat_message())
+                try:
+                    await asyncio.wait_for(session.heartbeat(self.heartbeat_message()),
+                                           timeout=self.config.heartbeat_timeout_secs)
+                except TimeoutError:
+                    raise ConnectionError(
+                        f"no answer to a heartbeat within {self.config.heartbeat_timeout_secs}"
+                        " s (agent.heartbeat_timeout_secs)") from None
                 self._check_limits()
                 try:
                     await asyncio.wait_for(self.stop_requested.wait(),
@@ -231,6 +237,8 @@ class Agent:
             # the runner re-queues in-flight work when we go; stop building it
             for entry in list(self.jobs.values()):
                 entry.cancel.set()
+            # a dead connection (no answer) is not closed by the peer: close our end
+            stream.close()
 
     async def run(self) -> int:
         import capnp

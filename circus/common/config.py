@@ -374,6 +374,8 @@ class RpcSettings(SettingsModel):
     max_unregistered: Positive = 16
     #: seconds a new connection has to register before it is closed
     register_timeout_secs: Annotated[float, AfterValidator(at_least(0.1))] = 10.0
+    #: an agent not heard from for this long is dropped and its steps handed back
+    #: (a host cut off the network never closes its connection)
     heartbeat_ttl_secs: Positive = 60
     presign_expiry_secs: Positive = 900
     allow_plaintext: bool = False

@@ -362,6 +362,8 @@ class Bridge:
         self.loop = asyncio.get_running_loop()
         while True:
             try:
+                # before renewing: a silent agent's leases must lapse, not be renewed
+                await self.gateway.drop_silent()
                 await self.renew_leases()
                 await self.sweep()
             except Exception:

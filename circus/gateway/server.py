@@ -62,6 +62,10 @@ class ConnectedAgent:
     reported: set[int] = field(default_factory=set)
     heartbeat: dict[str, Any] = field(default_factory=dict)
     heartbeat_at: float = 0.0
+    #: loop time the agent was last heard from (registration or heartbeat)
+    heard_at: float = 0.0
+    #: closes the connection (set once registered); a silent agent's is closed for it
+    close_connection: Callable[[], None] | None = None
     #: loop time until which the agent gets no new work (it declined an assignment)
     paused_until: float = 0.0
     closed: bool = False
@@ -257,6 +261,7 @@ class Gateway:
         if identity is not None:
             agent.project_ids = await self.db(
                 lambda s: projects_of_repository(s, identity.repository))
+        agent.heard_at = asyncio.get_running_loop().time()
         self.agents[connection_id] = agent
         log.info("agent %s registered from %s (%s, max_jobs=%d%s)", facts.name, peer.address,
                  ",".join(facts.systems), facts.max_jobs,
@@ -273,13 +278,41 @@ class Gateway:
         self.agents.pop(agent.connection_id, None)
         await self.db(lambda s: session_rows.record_disconnect(
             s, agent.session_id, agent.connection_id))
+        # counted before the callbacks: handing back empties ``in_flight``
+        handed_back = sorted(agent.in_flight - agent.reported)
         for callback in self.on_disconnect:
             result = callback(agent)
             if asyncio.iscoroutine(result):
                 await result
-        log.info("agent %s disconnected (%d step(s) handed back)", agent.facts.name,
-                 len(agent.in_flight))
+        log.info("agent %s disconnected (%d step(s) handed back%s)", agent.facts.name,
+                 len(handed_back), f": {', '.join(map(str, handed_back))}" if handed_back
+                 else "")
         self._changed()
+
+    async def drop_silent(self) -> list[str]:
+        """Drop the agents not heard from for ``heartbeat_ttl_secs``; returns their names.
+
+        A host whose network was cut (or that froze) never closes its connection:
+        TCP would keep it open for many minutes, and its steps, whose leases the
+        bridge renews for every connected agent, would wait that long. Dropping it
+        hands them back at once; the connection is closed, so whatever the agent
+        sends later is refused (its lease holder is per connection).
+        """
+        now = asyncio.get_running_loop().time()
+        ttl = float(self.rpc.heartbeat_ttl_secs)
+        silent = [a for a in self.agents.values() if now - a.heard_at > ttl]
+        for agent in silent:
+            log.warning("agent %s silent for %.1f s (queue_runner.rpc.heartbeat_ttl_secs = "
+                        "%s): dropping its connection", agent.facts.name,
+                        now - agent.heard_at, self.rpc.heartbeat_ttl_secs)
+            await self.drop(agent)
+            if agent.close_connection is not None:
+                try:
+                    agent.close_connection()
+                except Exception:
+                    log.debug("closing %s's connection failed", agent.facts.name,
+                              exc_info=True)
+        return [a.facts.name for a in silent]
 
     def _changed(self) -> None:
         for callback in self.on_agent_change:
@@ -299,7 +332,7 @@ class Gateway:
                 "mem_psi_avg60": beat.mem.avg60, "io_psi_avg60": beat.io.avg60,
             })
         agent.heartbeat = values
-        agent.heartbeat_at = asyncio.get_running_loop().time()
+        agent.heartbeat_at = agent.heard_at = asyncio.get_running_loop().time()
         return bool(await self.db(lambda s: session_rows.record_heartbeat(
             s, agent.session_id, agent.connection_id, values)))
 
@@ -441,8 +474,14 @@ class Gateway:
             return
         registered: list[ConnectedAgent] = []
         pending = _Unregistered(self)
+
+        def on_register() -> None:
+            pending.release()
+            for agent in registered:
+                agent.close_connection = stream.close
+
         server = capnp.TwoPartyServer(
-            stream, bootstrap=self.bootstrap(peer, registered, pending.release),
+            stream, bootstrap=self.bootstrap(peer, registered, on_register),
             traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
         disconnected = asyncio.ensure_future(server.on_disconnect())
         try:

@@ -21,9 +21,11 @@ TOKEN = "agent-token-" + "s" * 40
 TOKEN_DIGEST = hashlib.sha256(TOKEN.encode()).hexdigest()
 
 
-def write_agent_config(directory: Path, port: int, token: str = TOKEN, **extra: Any) -> Path:
+def write_agent_config(directory: Path, port: int, token: str = TOKEN,
+                       address: str = "127.0.0.1", **extra: Any) -> Path:
+    """``address``: where the agent reaches the gateway (a netns host's ``main_address``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    lines = ["[agent]", f'runner_url = "tcp://127.0.0.1:{port}"', f'auth_token = "{token}"',
+    lines = ["[agent]", f'runner_url = "tcp://{address}:{port}"', f'auth_token = "{token}"',
              f'work_dir = "{directory / "work"}"', "heartbeat_interval_secs = 0.5",
              "reconnect_delay_secs = 0.2", "substituters = []"]
     ephemeral = extra.pop("ephemeral", None)

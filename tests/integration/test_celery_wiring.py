@@ -26,6 +26,9 @@ def test_celery_settings_come_from_the_circus_config(make_settings: Callable[...
     assert conf["worker_send_task_events"] is conf["task_send_sent_event"] is False
     events = celeryconfig.celery_settings(make_settings(broker={"task_events": True}))
     assert events["worker_send_task_events"] is events["task_send_sent_event"] is True
+    # visibility_timeout is Redis' own: an AMQP broker gets no transport options
+    assert conf["broker_transport_options"] == {}
+    assert events["broker_transport_options"]["visibility_timeout"] > 0
 
 
 def test_base_task_opens_and_closes_a_session(settings: Settings, engine: Engine) -> None:
