@@ -220,7 +220,7 @@ def process_bytes(argv: list[str], *, timeout: float, env: dict[str, str]) -> by
     import subprocess
 
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(process.dies_with_parent(argv), stdout=out,
+        proc = subprocess.Popen(process.killed_with_parent(argv), stdout=out,
                                 stderr=subprocess.PIPE, env=env, start_new_session=True)
         try:
             _, stderr = proc.communicate(timeout=timeout)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from circus.common.nix.failures import Kind, classify
-from circus.common.nix.process import dies_with_parent
+from circus.common.nix.process import killed_with_parent
 from circus.queue_runner import procs
 from circus.queue_runner.logs import StepLog
 
@@ -137,7 +137,7 @@ def build_argv(drvs: list[str], options: RunOptions) -> list[str]:
         procs_file = str(Path(options.build_cgroup) / "cgroup.procs")
         argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *argv]
     # nix-store dies with the worker thread that started it (kill -9 of the worker)
-    return dies_with_parent(argv)
+    return killed_with_parent(argv)
 
 
 class NixProcess(Protocol):

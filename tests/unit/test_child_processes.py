@@ -1,4 +1,4 @@
-"""Children of a daemon die with it (``process.dies_with_parent``), even by kill -9."""
+"""Children of a daemon die with it (``process.killed_with_parent``), even by kill -9."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from circus.common.nix.process import dies_with_parent
+from circus.common.nix.process import killed_with_parent
 from tests.helpers.daemons import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def _children(parent: int, comm: str) -> list[int]:
 
 
 def test_argv_is_wrapped_in_setpriv() -> None:
-    argv = dies_with_parent(["git", "fetch"])
+    argv = killed_with_parent(["git", "fetch"])
     assert argv[-3:] == ["--", "git", "fetch"]
     assert argv[1:3] == ["--pdeathsig", "KILL"]
 
