@@ -156,7 +156,7 @@ class PostProcessor:
         self.factory = factory
         #: wait this long after the first build to handle many with one Nix call each
         self.gather_secs = gather_secs
-        #: look for due retries this often when idle
+        #: look for due retries this often (between batches, however busy)
         self.retry_poll_secs = retry_poll_secs or min(
             10.0, float(settings.queue_runner.postprocess_retry_secs))
         self.batches = 0
