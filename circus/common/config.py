@@ -459,6 +459,13 @@ class QueueRunnerSettings(SettingsModel):
     ssh_nix_config: dict[str, str] = {}
     max_retries: NonNegative = 3
     retry_backoff_secs: NonNegative = 10
+    #: a succeeded build's post-processing (cache publish, closure size, GC root) not done
+    #: this long after the build finished is tried again (the runner died, or the try
+    #: failed), then after twice as long each time, up to ``postprocess_retry_max_secs``
+    postprocess_retry_secs: Positive = 30
+    postprocess_retry_max_secs: Positive = 3600
+    #: retries before a build's post-processing is given up (logged as an error)
+    postprocess_max_attempts: Positive = 20
     #: a worker renews its claim on a step this often; a lapsed lease returns the step
     lease_secs: Positive = 60
     #: derivations one local worker may realise in a single nix-store call

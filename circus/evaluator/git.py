@@ -220,8 +220,8 @@ def process_bytes(argv: list[str], *, timeout: float, env: dict[str, str]) -> by
     import subprocess
 
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(process.killed_with_parent(argv), stdout=out,
+                                stderr=subprocess.PIPE, env=env, start_new_session=True)
         try:
             _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -2,7 +2,8 @@
 
 The program runs in its own process group; a deadline, a cancellation check or
 any error kills the whole group, and so does the program's normal exit (nothing
-it spawned outlives it).
+it spawned outlives it). It also dies with the evaluator thread that started it,
+even when the evaluator is killed with SIGKILL (:func:`killed_with_parent`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
+
+from circus.common.nix.process import killed_with_parent
 
 LineHandler = Callable[[str], bool]
 """Called with each line (without the newline); returns True to keep it in the tail."""
@@ -72,7 +75,7 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     ``poll_interval`` seconds (it may query the database).
     """
     process = subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        killed_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env=dict(env) if env is not None else None, cwd=cwd,
         text=True, errors="replace", bufsize=1 << 16, start_new_session=True)
     out_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)

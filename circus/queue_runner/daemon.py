@@ -187,7 +187,7 @@ class QueueRunner:
             "dispatcher": self.dispatcher is not None,
             "running_batches": len(self.builder.active),
             "stats": {**{k: round(v, 3) for k, v in self.builder.stats.items()},
-                      "post_batches": self.post.batches},
+                      "post_batches": self.post.batches, "post_retried": self.post.retried},
             "celery_hostname": self.hostname,
             **({"ssh": self.ssh.details()} if self.ssh is not None else {}),
             **{consumer.name: consumer.details() for consumer in self.consumers},

@@ -39,6 +39,7 @@ from circus.common.models import (
     BuilderSession,
     Evaluation,
     NotificationTask,
+    PendingPostprocessing,
     ServiceHeartbeat,
     Step,
 )
@@ -70,6 +71,10 @@ class Families:
     backlog: GaugeMetricFamily = field(default_factory=lambda: GaugeMetricFamily(
         "circus_notification_backlog", "Notification tasks not yet completed",
         labels=["status"]))
+    postprocessing: GaugeMetricFamily = field(default_factory=lambda: GaugeMetricFamily(
+        "circus_postprocessing_pending", "Succeeded builds whose cache publish and closure "
+        "size are still to do: waiting for the first try, or retrying after a failure",
+        labels=["state"]))
     agents: GaugeMetricFamily = field(default_factory=lambda: GaugeMetricFamily(
         "circus_agents_connected", "Connected agents"))
     agent_jobs: GaugeMetricFamily = field(default_factory=lambda: GaugeMetricFamily(
@@ -156,6 +161,11 @@ class DatabaseCollector(Collector):
         for task_status in NotificationTaskStatus:
             if task_status != NotificationTaskStatus.completed:
                 families.backlog.add_metric([task_status.value], backlog.get(task_status, 0))
+        retrying = PendingPostprocessing.attempts > 0
+        waiting, retried = session.execute(select(
+            func.count().filter(~retrying), func.count().filter(retrying))).one()
+        families.postprocessing.add_metric(["waiting"], waiting)
+        families.postprocessing.add_metric(["retrying"], retried)
 
     @staticmethod
     def _agents(session: Session, families: Families) -> None:

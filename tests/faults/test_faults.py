@@ -14,6 +14,9 @@ injected at a random point of that round (seeded; the seed is printed, and
 - no process the instance ran before the fault is left outside ``circus up``'s
   process tree (no orphan ``nix-store``, builder or gunicorn worker of a dead daemon);
 - the logs of finished builds read back intact through the API;
+- every succeeded build is post-processed: its outputs are in the binary cache and
+  no ``pending_postprocessing`` row is left (a fault between the finish and the
+  post-processing only delays it, by ``postprocess_retry_secs``);
 - the API answers a cheap route within 3 times its before-fault median + 200 ms.
 
 The instance's lease, republish and beat intervals are shortened (the production
@@ -23,6 +26,7 @@ in the figures are for these settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -62,11 +66,17 @@ TUNING = {
     "CIRCUS_QUEUE_RUNNER__REPUBLISH_SECS": "3",
     "CIRCUS_QUEUE_RUNNER__POLL_INTERVAL": "2",
     "CIRCUS_QUEUE_RUNNER__RETRY_BACKOFF_SECS": "1",
+    "CIRCUS_QUEUE_RUNNER__POSTPROCESS_RETRY_SECS": "2",
     "CIRCUS_EVALUATOR__POLL_INTERVAL": "2",
 }
 UNFINISHED = (0, 1)
 SUCCEEDED = 2
 ROUND_TIMEOUT = 90.0
+#: post-processing after the round: in-process ~1 s, a retry 2 s after the finish and
+#: then back-off (the database or the queue runner may have been the fault)
+POSTPROCESS_TIMEOUT = 30.0
+#: what the evaluator runs to evaluate a jobset (nix-eval-jobs when installed)
+EVALUATION_PROGRAMS = ("nix-eval-jobs", "nix-instantiate")
 CHEAP_ROUTE = "/api/v1/projects"
 
 
@@ -284,6 +294,13 @@ class Instance:
                       + len(rows) - len({b.drv_path for b in rows}))
         wait_until(lambda: not orphans(before, self.up.pid), timeout=15, interval=0.2,
                    message=f"no orphans after {fault}: {orphans(before, self.up.pid)}")
+        succeeded = [b.id for b in terminal if b.status == SUCCEEDED]
+        try:
+            wait_until(lambda: not self.unpublished(succeeded), timeout=POSTPROCESS_TIMEOUT,
+                       interval=0.2, message=f"post-processing after {fault}")
+        except TimeoutError:
+            pass   # reported by the assertion below
+        unpublished = self.unpublished(succeeded)
         latency = self.latency_ms(7)
         figures = Figures(fault, injected_at, len(rows), lost, duplicates, failed,
                           round(recovery_s, 2), round(round_s, 1), round(latency, 1))
@@ -295,6 +312,7 @@ class Instance:
         assert duplicates == 0, (build_finishes, step_finishes)
         assert all(build_finishes.get(b.id) == 1 for b in terminal)
         assert failed == 0, [tuple(b) for b in terminal if b.status != SUCCEEDED]
+        assert not unpublished, f"not post-processed: {unpublished}\n{self.daemon_logs()}"
         self.check_logs(round_, [b for b in terminal if b.status == SUCCEEDED
                                  and (logs_of is None or b.id in logs_of)])
         for earlier in [r for r in self.rounds[:-1] if r.logs_kept]:
@@ -303,6 +321,17 @@ class Instance:
         assert self.up.alive(), self.daemon_logs()
         assert latency < 3 * self.baseline_ms + 200, (latency, self.baseline_ms)
         return figures
+
+    def unpublished(self, build_ids: list[int]) -> list[tuple[int, str]]:
+        """Builds whose post-processing is pending, or outputs missing from the cache."""
+        return [tuple(row) for row in self.sql("""
+            SELECT build_id, 'pending' FROM pending_postprocessing
+            WHERE build_id = ANY(:ids)
+            UNION ALL
+            SELECT o.build_id, o.path FROM build_outputs o
+            WHERE o.build_id = ANY(:ids)
+              AND NOT EXISTS (SELECT 1 FROM narinfo_cache n WHERE n.store_path = o.path)
+        """, ids=build_ids)]
 
     def check_logs(self, round_: Round, builds: list[Any]) -> None:
         for build in builds:
@@ -411,22 +440,35 @@ def test_kill_9_server(instance: Instance) -> None:
 
 
 def test_kill_9_evaluator_during_an_evaluation(instance: Instance) -> None:
+    """Killed on an observed state: the evaluation program running (a few hundred ms
+    for this flake, less on a faster machine), frozen with SIGSTOP so it cannot finish
+    before the kill. It must die with the evaluator (a parent-death signal: SIGKILL
+    reaches a stopped process); a survivor is an orphan the checks report."""
+    evaluator = pids_of(instance.state)["circus-evaluator"]
     round_ = instance.trigger_round("evaluator")
+    programs: list[tuple[int, str]] = []
 
-    def running() -> list[Any]:
-        return instance.sql("SELECT id, started_at FROM evaluations WHERE status = 'running'")
+    def evaluating() -> bool:
+        programs[:] = [(pid, comm) for pid, (_, comm)
+                       in descendants(evaluator, process_table()).items()
+                       if comm in EVALUATION_PROGRAMS]
+        return bool(programs)
 
-    wait_until(running, timeout=30, interval=0.01, message="the evaluation running")
-    evaluation = running()[0].id
-    # an evaluation of this flake takes a few hundred ms
-    delay = instance.rng.uniform(0.0, 0.1)
+    wait_until(evaluating, timeout=30, interval=0.005, message="the evaluation program")
+    for pid, _ in programs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    evaluation = instance.sql("SELECT id FROM evaluations WHERE status = 'running'")[0].id
+    # the evaluator waits on its frozen program for a random while, then dies
+    delay = instance.rng.uniform(0.0, 0.5)
     time.sleep(delay)
     killed, before = kill_daemon(instance, "circus-evaluator")
     status = instance.sql("SELECT status FROM evaluations WHERE id = :i", i=evaluation)[0][0]
     assert status == "running", "the evaluation finished before the kill"
     recovery = instance.wait_whole(killed)
     instance.check("kill -9 circus-evaluator", round_,
-                   f"{delay * 1000:.0f} ms into evaluation {evaluation}", recovery, before)
+                   f"{programs[0][1]} of evaluation {evaluation} running, frozen "
+                   f"{delay * 1000:.0f} ms", recovery, before)
 
 
 def test_kill_9_queue_runner_during_builds(instance: Instance) -> None:

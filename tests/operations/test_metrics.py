@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -13,7 +14,7 @@ from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, NotificationType, TriggerKind
 from circus.common.heartbeat import beat
-from circus.common.models import Evaluation, NotificationTask
+from circus.common.models import Evaluation, NotificationTask, PendingPostprocessing
 from circus.server.counters import Tally, read_counters
 from tests.cache.support import make_build, nix_build, simple_expr
 from tests.helpers.daemons import cache_server, wait_until
@@ -35,6 +36,9 @@ def test_metrics_after_an_evaluation_a_build_and_cache_traffic_pass_promtool(
         session.add(Evaluation(jobset_id=build.jobset_id, trigger_kind=TriggerKind.manual,
                                status=EvaluationStatus.failed, eval_time=0.4))
         session.add(NotificationTask(type=NotificationType.webhook, payload={}))
+        # a build whose post-processing failed twice
+        session.add(PendingPostprocessing(build_id=build.id, attempts=2,
+                                          not_before=datetime.now(UTC)))
         beat(session, "evaluator", service="evaluator@test")
     daemon, port = cache_server(tmp_path, database_url=database_url, redis_url=redis_url,
                                 cache_dir=settings.cache.cache_dir, workers=2)
@@ -90,6 +94,8 @@ def test_metrics_after_an_evaluation_a_build_and_cache_traffic_pass_promtool(
     assert 'circus_evaluation_duration_seconds_count 2.0' in lines
     assert 'circus_evaluation_duration_seconds_sum 12.9' in lines
     assert 'circus_notification_backlog{status="pending"} 1.0' in lines
+    assert 'circus_postprocessing_pending{state="waiting"} 0.0' in lines
+    assert 'circus_postprocessing_pending{state="retrying"} 1.0' in lines
     ages = [line for line in lines if line.startswith("circus_daemon_heartbeat_age_seconds{")]
     assert len(ages) == 1, ages
     assert ages[0].startswith(

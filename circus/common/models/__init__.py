@@ -9,6 +9,7 @@ from circus.common.models.builds import (
     BuildOutput,
     BuildProduct,
     FailedPath,
+    PendingPostprocessing,
 )
 from circus.common.models.cache import NarInfo, NarInfoProject
 from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
@@ -56,6 +57,7 @@ __all__ = [
     "News",
     "NotificationConfig",
     "NotificationTask",
+    "PendingPostprocessing",
     "Project",
     "ProjectMember",
     "QueueClass",

@@ -168,6 +168,28 @@ class BuildMetric(Base):
     unit: Mapped[str | None]
 
 
+class PendingPostprocessing(Base):
+    """A succeeded build whose post-processing (cache publish, closure size, GC root) is
+    not done yet: written in the transaction that finishes the build, deleted once it
+    is done, so a queue runner killed or a database stopped in between only delays it
+    (``circus.queue_runner.builds.postprocess``)."""
+
+    __tablename__ = "pending_postprocessing"
+
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    since: Mapped[CreatedAt]
+    #: tries that did not finish (the in-process one after the build is not counted)
+    attempts: Mapped[int] = mapped_column(server_default="0", default=0)
+    #: the next retry is due then (back-off; the in-process try comes first)
+    not_before: Mapped[datetime]
+    last_error: Mapped[str | None]
+
+    __table_args__ = (
+        Index("ix_pending_postprocessing_not_before", "not_before"),
+    )
+
+
 class FailedPath(Base):
     """The failed-path cache: a derivation that failed recently fails again at once."""
 

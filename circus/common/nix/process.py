@@ -1,8 +1,16 @@
-"""Run external programs in their own process group, so timeouts kill everything they spawned."""
+"""Run external programs in their own process group, so timeouts kill everything they spawned.
+
+Every long-running child of a daemon (Nix, git) is also started through
+:func:`killed_with_parent`: a daemon killed by SIGKILL (the OOM killer, ``kill -9``)
+cannot kill its children's groups itself, and a child in a session of its own
+gets no signal from anybody else.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -15,6 +23,29 @@ class ProcessResult:
     stdout: str
     stderr: str
     timed_out: bool = False
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
+def killed_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that the kernel sends it SIGKILL when the thread that started it
+    dies (``setpriv --pdeathsig KILL``; unchanged where util-linux's ``setpriv`` is
+    missing, e.g. macOS).
+
+    ``setpriv`` sets the signal and execs the program (same pid), which also works
+    when the caller runs threads, unlike a ``preexec_fn``. The signal is not
+    inherited across fork: a program that forks workers must give them its own
+    (Nix's ``startProcess`` does, nix-eval-jobs' workers included).
+    (``localservices.die_with_parent`` is the in-process form, SIGTERM so a daemon can
+    stop cleanly: ``circus up``'s daemons, and the evaluator's forked Celery beat.)
+    """
+    setpriv = _setpriv()
+    if setpriv is None:
+        return list(argv)
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
 
 
 def kill_process_group(process: subprocess.Popen[bytes] | subprocess.Popen[str],
@@ -33,9 +64,10 @@ def run(
     cwd: str | None = None,
     input_text: str | None = None,
 ) -> ProcessResult:
-    """Run to completion; on timeout the whole process group is killed."""
+    """Run to completion; on timeout the whole process group is killed, and the
+    program dies with the caller (:func:`killed_with_parent`)."""
     process = subprocess.Popen(
-        list(argv),
+        killed_with_parent(argv),
         stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

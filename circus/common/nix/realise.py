@@ -22,6 +22,7 @@ from pathlib import Path
 from circus.common.enums import BuildStatus
 from circus.common.nix import failures
 from circus.common.nix.oom import host_oom_kills
+from circus.common.nix.process import killed_with_parent
 
 LOG_CHUNK = 64 * 1024
 
@@ -124,7 +125,7 @@ async def realise(
     started = time.time()
     oom_before = host_oom_kills()
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        *killed_with_parent(argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL, env=dict(env), start_new_session=True)
     assert process.stdout is not None
     log_bytes = 0

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import IO
 
+from circus.common.nix.process import killed_with_parent
 from circus.common.nix.store import StoreError, checked_paths
 
 CHUNK = 256 * 1024
@@ -21,7 +22,7 @@ async def export_chunks(paths: Sequence[str], env: Mapping[str, str]) -> AsyncIt
     """``nix-store --export`` of ``paths`` (give them dependencies first), in chunks."""
     argv = ["nix-store", "--export", "--", *checked_paths(paths)]
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE,
+        *killed_with_parent(argv), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, env=dict(env))
     assert process.stdout is not None and process.stderr is not None
     try:
@@ -41,8 +42,8 @@ async def export_chunks(paths: Sequence[str], env: Mapping[str, str]) -> AsyncIt
 async def import_file(source: IO[bytes], env: Mapping[str, str]) -> list[str]:
     """``nix-store --import`` of an export stream already on disk; the imported paths."""
     process = await asyncio.create_subprocess_exec(
-        "nix-store", "--import", stdin=source, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=dict(env))
+        *killed_with_parent(["nix-store", "--import"]), stdin=source,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(env))
     out, err = await process.communicate()
     if process.returncode != 0:
         raise StoreError(f"nix-store --import failed: {err.decode(errors='replace').strip()}")
@@ -59,7 +60,7 @@ class Importer:
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            "nix-store", "--import", stdin=asyncio.subprocess.PIPE,
+            *killed_with_parent(["nix-store", "--import"]), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=self.env)
 
     async def write(self, chunk: bytes) -> None:

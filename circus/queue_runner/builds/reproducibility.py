@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from circus.common.enums import BuildStatus
+from circus.common.nix.process import killed_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ def check_derivation(drv_path: str, outputs: Mapping[str, str], env: Mapping[str
     Raises ``RuntimeError`` when the check could not be made (the build is left alone).
     """
     try:
-        done = subprocess.run(check_argv(drv_path), capture_output=True, text=True,
-                              env=dict(env), timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(killed_with_parent(check_argv(drv_path)), capture_output=True,
+                              text=True, env=dict(env), timeout=timeout,
+                              stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RuntimeError(f"could not run nix-store --check: {exc}") from exc
     return judge_check(done.returncode, done.stderr, outputs)

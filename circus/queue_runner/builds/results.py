@@ -142,6 +142,8 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
         report.finished.append((row.id, BuildStatus(row.status)))
         if row.status == BuildStatus.succeeded:
             report.succeeded[row.id] = list(row.outputs or [])
+    if report.succeeded and settings is not None:   # (None raised above)
+        _mark_postprocessing_pending(session, settings, sorted(report.succeeded))
     members = sorted(row.id for row in updated if row.in_aggregate)
     if members:
         candidates = session.execute(text("""
@@ -153,6 +155,20 @@ def finish_builds(session: Session, settings: Settings | None, finals: list[Buil
         # a finished build can make an evaluation good: automatic channels follow it
         advance_channels_of_builds(session, [build_id for build_id, _ in report.finished])
     return report
+
+
+def _mark_postprocessing_pending(session: Session, settings: Settings, build_ids: list[int]
+                                 ) -> None:
+    """The durable side of ``postprocess.PostProcessor``: in the transaction that finishes
+    the builds, so no succeeded build can miss its post-processing; the in-process try
+    comes first, a retry only ``postprocess_retry_secs`` later."""
+    session.execute(text("""
+        INSERT INTO pending_postprocessing (build_id, not_before)
+        SELECT id, now() + make_interval(secs => :delay)
+        FROM unnest(CAST(:ids AS bigint[])) AS id
+        ON CONFLICT (build_id) DO UPDATE SET
+            since = now(), attempts = 0, not_before = EXCLUDED.not_before, last_error = NULL
+    """), {"ids": build_ids, "delay": float(settings.queue_runner.postprocess_retry_secs)})
 
 
 def publishes_inline(settings: Settings) -> bool:

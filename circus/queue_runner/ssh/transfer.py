@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from paramiko.channel import Channel
 from paramiko.ssh_exception import SSHException
 
+from circus.common.nix.process import killed_with_parent
 from circus.queue_runner.ssh.connection import Remote, RemoteError
 
 CHUNK = 256 * 1024
@@ -98,8 +99,9 @@ def remote_closure(remote: Remote, paths: Sequence[str]) -> list[str]:
 def stream_export(channel: Channel, paths: Sequence[str], env: Mapping[str, str],
                   cancelled: Callable[[], bool] = lambda: False) -> None:
     """Write ``nix-store --export <paths>`` into ``channel`` (stdin stays open)."""
-    export = subprocess.Popen(["nix-store", "--export", *paths], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env))
+    export = subprocess.Popen(killed_with_parent(["nix-store", "--export", *paths]),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=dict(env))
     assert export.stdout is not None and export.stderr is not None
     try:
         while chunk := export.stdout.read(CHUNK):
@@ -177,8 +179,8 @@ class LocalImport:
             return
         if self.process is None:
             self.process = subprocess.Popen(
-                ["nix-store", "--import"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=self.env)
+                killed_with_parent(["nix-store", "--import"]), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
         assert self.process.stdin is not None
         self.received += len(chunk)
         try:

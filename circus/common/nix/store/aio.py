@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
+from circus.common.nix.process import killed_with_parent
 from circus.common.nix.store import queries
 from circus.common.nix.store.queries import PathInfo, Query
 
@@ -19,8 +20,8 @@ async def run(query: Query[Part, Answer], env: Mapping[str, str]) -> Answer:
     parts = []
     for argv in query.argvs:
         process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=dict(env))
+            *killed_with_parent(argv), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(env))
         out, err = await process.communicate()
         stderr = err.decode(errors="replace")
         if process.returncode != 0:
