@@ -38,9 +38,10 @@ def gateway_runner(runner_config: Callable[..., dict[str, Any]], tmp_path: Path
         config = runner_config(queue_runner={
             "rpc": {"bind": f"127.0.0.1:{port}", "allow_plaintext": True,
                     "auth_tokens": [TOKEN_DIGEST], **(rpc or {})},
-            "unsupported_timeout": 30, **runner},
+            # no local builds, from the config as an agents-only host writes it
+            "unsupported_timeout": 30, "workers": 0, **runner},
             cache={"cache_dir": str(tmp_path / "cache")})
-        with runner_daemon("qr-gateway", config, tmp_path, workers=0) as daemon:
+        with runner_daemon("qr-gateway", config, tmp_path) as daemon:
             wait_for_port(port, timeout=30)
             yield daemon, port
 
