@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -73,6 +74,8 @@ class ConnectedAgent:
     credential: str = ""
     #: the output paths of each step in flight, the only paths it may upload or send
     outputs: dict[int, frozenset[str]] = field(default_factory=dict)
+    #: the log file of each step in flight (a lost attempt is noted there)
+    log_paths: dict[int, Path] = field(default_factory=dict)
     #: its steps' leases, claims and results (``Bridge.holder_of``)
     holder: StepHolder | None = None
 
@@ -273,12 +276,14 @@ class Gateway:
         self.agents.pop(agent.connection_id, None)
         await self.db(lambda s: session_rows.record_disconnect(
             s, agent.session_id, agent.connection_id))
+        # counted before the callbacks: handing the steps back empties ``in_flight``
+        handed_back = len(agent.in_flight - agent.reported)
         for callback in self.on_disconnect:
             result = callback(agent)
             if asyncio.iscoroutine(result):
                 await result
         log.info("agent %s disconnected (%d step(s) handed back)", agent.facts.name,
-                 len(agent.in_flight))
+                 handed_back)
         self._changed()
 
     def _changed(self) -> None:

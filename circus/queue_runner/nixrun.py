@@ -24,7 +24,6 @@ import json
 import logging
 import queue
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from circus.common.nix.failures import Kind, classify
+from circus.common.nix.process import dying_with_parent
 from circus.queue_runner import procs
 from circus.queue_runner.logs import StepLog
 
@@ -136,11 +136,8 @@ def build_argv(drvs: list[str], options: RunOptions) -> list[str]:
         # builder is born there (OOM accounting, limits)
         procs_file = str(Path(options.build_cgroup) / "cgroup.procs")
         argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *argv]
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        # nix-store dies with the worker thread that started it (kill -9 of the worker)
-        argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
-    return argv
+    # nix-store dies with the worker thread that started it (kill -9 of the worker)
+    return dying_with_parent(argv, "KILL")
 
 
 class NixProcess(Protocol):

@@ -188,10 +188,23 @@ def test_killed_agent_step_is_rebuilt_elsewhere_exactly_once(
             {"d": drvs["slow"]}).all()
         row = session.execute(text(
             "SELECT status, completed_at FROM builds WHERE id = :id"), {"id": build.id}).one()
+        log_path = session.execute(text(
+            "SELECT log_path FROM steps WHERE drv_path = :d"), {"d": drvs["slow"]}).scalar()
     # one step, finished once, by the survivor; the build finished once
     assert [(s.state, s.status, s.machine) for s in steps] == [("done", 2, "second")]
     assert row.completed_at is not None
-    assert "handed back" in runner.log()
+    # counted before the hand-back emptied the agent's steps
+    assert "agent first disconnected (1 step(s) handed back)" in runner.log()
+    # the log holds both attempts, and says where the first one ended
+    from circus.queue_runner.logs import read_log
+
+    lines = read_log(log_path).decode().splitlines()
+    lost = ("circus: this attempt was lost with agent 'first' (it disconnected); "
+            "the step goes back to the queue")
+    assert lost in lines
+    assert lines.count("slow start") == 2
+    assert lines.index("slow start") < lines.index(lost) < len(lines) - 1 - \
+        lines[::-1].index("slow start")
 
 
 def test_ephemeral_agent_exits_after_max_builds(

@@ -18,7 +18,8 @@ def test_an_agents_only_runner_host_is_a_valid_instance(tmp_path: Path,
                "CIRCUS_QUEUE_RUNNER__WORKERS": "0"}
     instance = Instance(tmp_path / "state", environ)
     settings, child_env = instance.prepare()
-    assert instance.postgres is None and instance.redis is None
+    assert instance.postgres is None
+    assert instance.redis is None
     assert settings.queue_runner.workers == 0
     # the daemons read the same value
     assert child_env["CIRCUS_QUEUE_RUNNER__WORKERS"] == "0"

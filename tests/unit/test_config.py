@@ -239,10 +239,11 @@ def test_sha256sum_lines_are_accepted_as_token_digests(tmp_path: Path) -> None:
     with digests.open("w") as handle:
         handle.write("# the build farm's agents\n")
         handle.flush()
-        subprocess.run(["sh", "-c", 'printf %s "$TOKEN" | sha256sum'], env={"TOKEN": token, "PATH": "/usr/bin:/bin"},
-                       stdout=handle, check=True)
+        subprocess.run(["sh", "-c", 'printf %s "$TOKEN" | sha256sum'],
+                       env={"TOKEN": token, "PATH": "/usr/bin:/bin"}, stdout=handle, check=True)
         subprocess.run(["sh", "-c", 'printf %s "$TOKEN" | sha256sum | cut -d" " -f1'],
-                       env={"TOKEN": token + "2", "PATH": "/usr/bin:/bin"}, stdout=handle, check=True)
+                       env={"TOKEN": token + "2", "PATH": "/usr/bin:/bin"}, stdout=handle,
+                       check=True)
     assert digests.read_text().splitlines()[1].endswith("  -")
     settings = load(f'[queue_runner.rpc]\nbind = "0.0.0.0:7000"\n'
                     f'auth_tokens_file = "{digests}"\n', tmp_path)

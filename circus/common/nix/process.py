@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
+def dying_with_parent(argv: Sequence[str], death_signal: str = "KILL") -> list[str]:
+    """``argv`` run so that it gets ``death_signal`` when the thread that started it
+    dies, ``kill -9`` included (``setpriv --pdeathsig``; unchanged without setpriv).
+
+    A process started with ``start_new_session`` is out of reach of its parent's
+    process group: without this, it outlives a killed daemon.
+    """
+    setpriv = _setpriv()
+    if setpriv is None:
+        return list(argv)
+    return [setpriv, "--pdeathsig", death_signal, "--", *argv]
 
 
 @dataclass

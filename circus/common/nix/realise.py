@@ -22,6 +22,7 @@ from pathlib import Path
 from circus.common.enums import BuildStatus
 from circus.common.nix import failures
 from circus.common.nix.oom import host_oom_kills
+from circus.common.nix.process import dying_with_parent
 
 LOG_CHUNK = 64 * 1024
 
@@ -119,8 +120,11 @@ async def realise(
     output_paths: Sequence[str] = (),
 ) -> RealiseResult:
     """Build one derivation, streaming its log to ``on_log`` in chunks."""
-    argv = build_argv([drv_path], timeout=timeout, max_silent=max_silent,
-                      extra_args=extra_args, cores=cores)
+    # SIGTERM, not SIGKILL, when the agent dies (kill -9 included): Nix then kills the
+    # builders it started in their own sessions; a killed nix-store leaves them building
+    # on, and a restarted agent could be given the same step beside them
+    argv = dying_with_parent(build_argv([drv_path], timeout=timeout, max_silent=max_silent,
+                                        extra_args=extra_args, cores=cores), "TERM")
     started = time.time()
     oom_before = host_oom_kills()
     process = await asyncio.create_subprocess_exec(
