@@ -84,6 +84,11 @@ def _heads(conditions: str, critical_path: bool) -> str:
     head of its jobset. Ordering the heads alone, not every queued step, keeps a
     claim at a few index probes per jobset however long the backlog: with 100,000
     queued, sorting them all took ~0.7 s a claim (``bench/dispatch_scale.py``).
+
+    Rows other claims hold locked are skipped. Only while every head of a jobset
+    is being claimed at once can a claim take another jobset's step before that
+    jobset's next one (the order bends for a moment; no step is lost or taken
+    twice); with no head free anywhere, the claim orders every queued step.
     """
     within = "s.priority DESC, s.dependents DESC, s.id" if critical_path \
         else "s.priority DESC, s.id"
