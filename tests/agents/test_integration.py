@@ -391,7 +391,8 @@ def test_agent_uploads_outputs_to_s3_through_presigned_urls(
     port = free_port()
     config = runner_config(
         queue_runner={"rpc": {"bind": f"127.0.0.1:{port}", "allow_plaintext": True,
-                              "auth_tokens": [TOKEN_DIGEST]}},
+                              "auth_tokens": [TOKEN_DIGEST]},
+                      "psi_threshold": 100},  # the loaded test host's pressure: no gate
         signing={"enabled": True, "key": cache_key.secret},
         cache={"cache_dir": str(tmp_path / "cache")},
         cache_upload=s3_server.upload_settings(f"agents-{nonce[:8]}"))
