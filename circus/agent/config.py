@@ -80,8 +80,13 @@ class AgentSection(SettingsModel):
     work_dir: str = "/var/lib/circus-agent"
     machine_id_file: str | None = None
     max_log_size: Positive = 64 * 1024 * 1024
-    #: binary caches Nix may use on this host (unset: nix.conf's; empty: none)
-    substituters: list[str] | None = None
+    #: binary caches the agent's Nix may substitute from. Default: none, whatever
+    #: nix.conf says: inputs come from the runner, and an agent without Internet access
+    #: would otherwise spend seconds per step retrying cache.nixos.org. List the
+    #: runner's cache (``https://ci.example.org/nix-cache``, with its key in
+    #: ``trusted_public_keys``) or others to use them; unset (``null`` via the
+    #: environment) keeps nix.conf's
+    substituters: list[str] | None = []
     trusted_public_keys: list[str] | None = None
     #: extra nix.conf settings for every Nix call of the agent (``NIX_CONFIG``)
     nix_config: dict[str, str] = {}

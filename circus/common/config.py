@@ -361,13 +361,24 @@ class OidcSettings(SettingsModel):
         return found
 
 
+def _digest_of_line(line: str) -> str:
+    """A digest line as ``sha256sum`` writes it (``<hex>  -`` or ``<hex> *file``) is
+    its first word, so ``printf %s "$TOKEN" | sha256sum >> digests`` just works."""
+    words = line.split()
+    return words[0] if words else line
+
+
+#: one accepted agent token's SHA-256 hex digest
+TokenDigest = Annotated[str, AfterValidator(_digest_of_line)]
+
+
 class RpcSettings(SettingsModel):
     secret_fields = ("auth_tokens",)
 
     #: ``host:port`` the agent gateway listens on; empty disables the gateway
     bind: str | None = None
-    #: SHA-256 hex digests of accepted agent tokens
-    auth_tokens: list[str] = []
+    #: SHA-256 hex digests of accepted agent tokens (``sha256sum``'s lines are fine)
+    auth_tokens: list[TokenDigest] = []
     max_connections: Positive = 256
     #: connections not registered yet, at most; more are closed at once (the
     #: gateway port may face the network: silence must not hold sockets open)
@@ -428,8 +439,9 @@ class EphemeralPoolSettings(SettingsModel):
 
 
 class QueueRunnerSettings(SettingsModel):
-    #: concurrent local build workers on the runner host
-    workers: Positive = 2
+    #: concurrent local build workers on the runner host; 0: none (agents, SSH
+    #: builders or Celery build workers on other hosts do every build)
+    workers: NonNegative = 2
     poll_interval: Positive = 5
     build_timeout: Positive = 36000
     max_silent_time: Positive = 3600

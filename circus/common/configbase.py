@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, get_origin
+from typing import Any, ClassVar, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -72,7 +72,8 @@ class SettingsModel(BaseModel):
                 field = cls.model_fields.get(name)
                 if field is not None and get_origin(field.annotation) is list:
                     # list secrets (agent token digests) are one per line
-                    data[name] = [line.strip() for line in content.splitlines() if line.strip()]
+                    data[name] = [line.strip() for line in content.splitlines()
+                                  if line.strip() and not line.lstrip().startswith("#")]
                 else:
                     data[name] = content.rstrip("\n")
             except OSError as exc:
@@ -240,6 +241,38 @@ def collect_problems(model: SettingsModel, prefix: str) -> list[Problem]:
     return found
 
 
+def _problems_of_valid_parts(model_cls: type[SettingsModel], raw: Any, prefix: str
+                             ) -> list[Problem]:
+    """Cross-field problems of the nested tables of an invalid ``model_cls`` that
+    validate on their own (their field errors are already in the parent's)."""
+    if not isinstance(raw, Mapping):
+        return []
+    found: list[Problem] = []
+    for name, field in model_cls.model_fields.items():
+        if name not in raw:
+            continue
+        annotation = field.annotation
+        values: list[tuple[str, Any]] = []
+        sub_cls: type[SettingsModel] | None = None
+        if isinstance(annotation, type) and issubclass(annotation, SettingsModel):
+            sub_cls, values = annotation, [(f"{prefix}.{name}", raw[name])]
+        elif get_origin(annotation) is list and isinstance(raw[name], list):
+            (item,) = get_args(annotation) or (None,)
+            if isinstance(item, type) and issubclass(item, SettingsModel):
+                sub_cls = item
+                values = [(f"{prefix}.{name}[{i}]", v) for i, v in enumerate(raw[name])]
+        if sub_cls is None:
+            continue
+        for path, value in values:
+            try:
+                sub = sub_cls.model_validate(value)
+            except ValidationError:
+                found += _problems_of_valid_parts(sub_cls, value, path)
+            else:
+                found += collect_problems(sub, path)
+    return found
+
+
 def validate_sections(model_cls: type[ModelT], raw: Mapping[str, Any]) -> ModelT:
     """Validate section by section so one broken section does not hide another's problems."""
     problems: list[Problem] = []
@@ -256,6 +289,10 @@ def validate_sections(model_cls: type[ModelT], raw: Mapping[str, Any]) -> ModelT
                 sections[name] = annotation.model_validate(raw[name])
             except ValidationError as exc:
                 problems += problems_from_validation(exc, name)
+                # a bad key must not hide the checks of the section's tables that are
+                # fine on their own (``queue_runner.workers`` and ``queue_runner.rpc``'s
+                # token digests are fixed in one go)
+                problems += _problems_of_valid_parts(annotation, raw[name], name)
             else:
                 problems += collect_problems(sections[name], name)
         else:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -219,6 +220,7 @@ class Bridge:
         log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
         outputs = frozenset(drv.output_paths.values())
         agent.outputs[step.id] = outputs
+        agent.log_paths[step.id] = log_path
 
         def leased() -> bool:
             return not agent.closed and step.id in agent.in_flight \
@@ -281,6 +283,7 @@ class Bridge:
         agent.in_flight.discard(step.id)
         agent.reported.discard(step.id)
         agent.outputs.pop(step.id, None)
+        agent.log_paths.pop(step.id, None)
         log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
         if log_path.exists():
             final = await asyncio.to_thread(self._final_log, log_path)
@@ -325,6 +328,7 @@ class Bridge:
         for step_id in step_ids:
             agent.in_flight.discard(step_id)
             agent.outputs.pop(step_id, None)
+            agent.log_paths.pop(step_id, None)
         await asyncio.to_thread(self.holder_of(agent).release, step_ids)
 
     async def release_agent(self, agent: ConnectedAgent) -> None:
@@ -335,6 +339,11 @@ class Bridge:
         # a reported result is recorded even when the agent left right after sending it
         unreported = sorted(agent.in_flight - agent.reported)
         if unreported:
+            # the next attempt appends to the same log: say where this one ended
+            note = (f"\ncircus: this attempt was lost with agent {agent.facts.name!r} "
+                    "(it disconnected); the step goes back to the queue\n").encode()
+            paths = [agent.log_paths[s] for s in unreported if s in agent.log_paths]
+            await asyncio.to_thread(_append_to_logs, paths, note)
             await self.hand_back(agent, unreported)
 
     # ------------------------------------------------------------ leases
@@ -369,6 +378,15 @@ class Bridge:
             except Exception:
                 log.exception("agent bridge round failed")
             await asyncio.sleep(SWEEP_SECS)
+
+
+def _append_to_logs(paths: list[Path], note: bytes) -> None:
+    for path in paths:
+        try:
+            with path.open("ab") as handle:
+                handle.write(note)
+        except OSError as exc:  # the note is best effort; the hand-back is what counts
+            log.warning("cannot note the lost attempt in %s: %s", path, exc)
 
 
 def worker_name(agent: ConnectedAgent) -> str:

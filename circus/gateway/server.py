@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -77,6 +78,8 @@ class ConnectedAgent:
     credential: str = ""
     #: the output paths of each step in flight, the only paths it may upload or send
     outputs: dict[int, frozenset[str]] = field(default_factory=dict)
+    #: the log file of each step in flight (a lost attempt is noted there)
+    log_paths: dict[int, Path] = field(default_factory=dict)
     #: its steps' leases, claims and results (``Bridge.holder_of``)
     holder: StepHolder | None = None
 

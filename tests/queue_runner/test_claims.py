@@ -60,6 +60,40 @@ def test_priority_then_fair_share_then_age(committed_db: sessionmaker[Session]) 
         s.commit()
 
 
+def test_a_claim_past_every_locked_head_takes_the_next_step(
+        committed_db: sessionmaker[Session]) -> None:
+    """A claim orders the head of each jobset's queue (``HEAD_PER_JOBSET`` steps);
+    when other claims hold all of them, it still finds the next queued step."""
+    from circus.queue_runner.steps.leases import HEAD_PER_JOBSET
+
+    with committed_db() as s:
+        jobset = make_jobset(s, "deep").id
+        ids = [add_step(s, f"d{i}", jobset_id=jobset) for i in range(HEAD_PER_JOBSET + 2)]
+        s.commit()
+    with committed_db() as other, committed_db() as s:
+        # another claim in flight holds every head of the jobset
+        locked = other.execute(text(
+            "SELECT id FROM steps WHERE id = ANY(:ids) ORDER BY id LIMIT :n FOR UPDATE"),
+            {"ids": ids, "n": HEAD_PER_JOBSET}).scalars().all()
+        assert locked == ids[:HEAD_PER_JOBSET]
+        assert claim(s, "w1", limit=1) == [ids[HEAD_PER_JOBSET]]
+        assert claim(s, "w1", limit=1) == [ids[HEAD_PER_JOBSET + 1]]
+        assert claim(s, "w1", limit=1) == []
+        s.commit()
+        other.rollback()
+
+
+def test_steps_of_no_jobset_are_claimed_in_order(committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s:
+        jobset = make_jobset(s, "some").id
+        low = add_step(s, "low", jobset_id=jobset, priority=-1)
+        orphan = add_step(s, "nojobset")
+        s.commit()
+        assert claim(s, "w1", limit=1) == [orphan]
+        assert claim(s, "w1", limit=1) == [low]
+        s.commit()
+
+
 def test_shares_weigh_running_steps(committed_db: sessionmaker[Session]) -> None:
     with committed_db() as s:
         big = make_jobset(s, "big", shares=1000).id

@@ -186,7 +186,7 @@ port = 70000
 bogus = 1
 [queue_runner]
 psi_threshold = 140
-workers = 0
+workers = -1
 [cache]
 compression = "gzip"
 [tracing]
@@ -195,11 +195,71 @@ format = "xml"
     assert problems == [
         "server.port: must be between 0 and 65535 (got 70000)",
         "server.bogus: unknown key",
-        "queue_runner.workers: must be at least 1 (got 0)",
+        "queue_runner.workers: must be at least 0 (got -1)",
         "queue_runner.psi_threshold: must be between 0 and 100 (got 140)",
         "cache.compression: must be 'zstd', 'xz' or 'none' (got 'gzip')",
         "tracing.format: must be text or json (got 'xml')",
     ]
+
+
+def test_a_bad_key_does_not_hide_the_problems_of_a_nested_table(tmp_path: Path) -> None:
+    # the report from following docs/DISTRIBUTED.md: the workers key and the token
+    # digest file were wrong together, and only the first was shown
+    digests = tmp_path / "digests"
+    digests.write_text("not-a-digest\n")
+    problems = problems_of(f"""
+[queue_runner]
+workers = -1
+[queue_runner.rpc]
+bind = "0.0.0.0:7000"
+auth_tokens_file = "{digests}"
+[[queue_runner.ephemeral_pools]]
+name = "p"
+repository = "o/r"
+workflow = "w.yml"
+runner_url = "tcp://ci:7000"
+oidc_audience = "circus"
+github_token = "t"
+""", tmp_path)
+    assert problems == [
+        "queue_runner.workers: must be at least 0 (got -1)",
+        "queue_runner.rpc.auth_tokens[0]: must be a SHA-256 hex digest",
+        "queue_runner.ephemeral_pools[0].runner_url: must use TLS for GitHub pools "
+        "(got 'tcp://ci:7000')",
+    ]
+
+
+def test_sha256sum_lines_are_accepted_as_token_digests(tmp_path: Path) -> None:
+    import hashlib
+    import subprocess
+
+    token = "agent-token-" + "x" * 40
+    digests = tmp_path / "digests"
+    # exactly the documented commands: sha256sum's "<hex>  -" line, and the bare hex
+    with digests.open("w") as handle:
+        handle.write("# the build farm's agents\n")
+        handle.flush()
+        subprocess.run(["sh", "-c", 'printf %s "$TOKEN" | sha256sum'],
+                       env={"TOKEN": token, "PATH": "/usr/bin:/bin"}, stdout=handle, check=True)
+        subprocess.run(["sh", "-c", 'printf %s "$TOKEN" | sha256sum | cut -d" " -f1'],
+                       env={"TOKEN": token + "2", "PATH": "/usr/bin:/bin"}, stdout=handle,
+                       check=True)
+    assert digests.read_text().splitlines()[1].endswith("  -")
+    settings = load(f'[queue_runner.rpc]\nbind = "0.0.0.0:7000"\n'
+                    f'auth_tokens_file = "{digests}"\n', tmp_path)
+    assert settings.queue_runner.rpc.auth_tokens == [
+        hashlib.sha256(token.encode()).hexdigest(),
+        hashlib.sha256((token + "2").encode()).hexdigest()]
+    from circus.gateway.auth import token_accepted
+
+    assert token_accepted(token, settings.queue_runner.rpc.auth_tokens)
+    assert not token_accepted("another", settings.queue_runner.rpc.auth_tokens)
+
+
+def test_no_local_workers_is_a_valid_runner_host(tmp_path: Path) -> None:
+    # agents-only or Celery-build-workers-only runner hosts
+    assert load("[queue_runner]\nworkers = 0\n", tmp_path).queue_runner.workers == 0
+    assert load(environ={"CIRCUS_QUEUE_RUNNER__WORKERS": "0"}).queue_runner.workers == 0
 
 
 def test_error_rendering_lists_every_problem(tmp_path: Path) -> None:

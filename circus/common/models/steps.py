@@ -74,9 +74,10 @@ class Step(Base):
         Index("uq_steps_active_drv_path", "drv_path", unique=True,
               postgresql_where=text("state <> 'done'")),
         Index("ix_steps_drv_path", "drv_path"),
-        # the dispatcher/worker scan: runnable steps of one class in order
-        Index("ix_steps_runnable", "queue_class", text("priority DESC"), "id",
-              postgresql_where=text("state = 'queued'")),
+        # runnable steps of one class; a claim's candidates are the head of each
+        # jobset's queue (leases._heads)
+        Index("ix_steps_queued_by_jobset", "queue_class", "jobset_id", text("priority DESC"),
+              "id", postgresql_where=text("state = 'queued'")),
         Index("ix_steps_state", "state"),
         Index("ix_steps_lease", "lease_until", postgresql_where=text("state = 'running'")),
         CheckConstraint("(state = 'done') = (status IS NOT NULL)", name="status_iff_done"),

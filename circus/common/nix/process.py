@@ -17,6 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
 @dataclass
 class ProcessResult:
     returncode: int
@@ -30,10 +35,12 @@ def _setpriv() -> str | None:
     return shutil.which("setpriv")
 
 
-def killed_with_parent(argv: Sequence[str]) -> list[str]:
-    """``argv`` run so that the kernel sends it SIGKILL when the thread that started it
-    dies (``setpriv --pdeathsig KILL``; unchanged where util-linux's ``setpriv`` is
-    missing, e.g. macOS).
+def killed_with_parent(argv: Sequence[str], death_signal: str = "KILL") -> list[str]:
+    """``argv`` run so that the kernel sends it ``death_signal`` (SIGKILL unless told)
+    when the thread that started it dies, ``kill -9`` included (``setpriv
+    --pdeathsig``; unchanged where util-linux's ``setpriv`` is missing, e.g. macOS).
+    A process started with ``start_new_session`` is out of reach of its parent's
+    process group: without this, it outlives a killed daemon.
 
     ``setpriv`` sets the signal and execs the program (same pid), which also works
     when the caller runs threads, unlike a ``preexec_fn``. The signal is not
@@ -45,7 +52,7 @@ def killed_with_parent(argv: Sequence[str]) -> list[str]:
     setpriv = _setpriv()
     if setpriv is None:
         return list(argv)
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+    return [setpriv, "--pdeathsig", death_signal, "--", *argv]
 
 
 def kill_process_group(process: subprocess.Popen[bytes] | subprocess.Popen[str],

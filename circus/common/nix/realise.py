@@ -120,12 +120,15 @@ async def realise(
     output_paths: Sequence[str] = (),
 ) -> RealiseResult:
     """Build one derivation, streaming its log to ``on_log`` in chunks."""
-    argv = build_argv([drv_path], timeout=timeout, max_silent=max_silent,
-                      extra_args=extra_args, cores=cores)
+    # SIGTERM, not SIGKILL, when the agent dies (kill -9 included): Nix then kills the
+    # builders it started in their own sessions; a killed nix-store leaves them building
+    # on, and a restarted agent could be given the same step beside them
+    argv = killed_with_parent(build_argv([drv_path], timeout=timeout, max_silent=max_silent,
+                                         extra_args=extra_args, cores=cores), "TERM")
     started = time.time()
     oom_before = host_oom_kills()
     process = await asyncio.create_subprocess_exec(
-        *killed_with_parent(argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL, env=dict(env), start_new_session=True)
     assert process.stdout is not None
     log_bytes = 0

@@ -95,7 +95,8 @@ class LocalBuilder:
         self.cache = cache or DrvCache()
         self.hostname = socket.gethostname()
         self.name = name or f"local:{self.hostname}:{os.getpid()}"
-        self.slots = slots or settings.queue_runner.workers
+        # workers = 0 runs no Celery worker; a builder made anyway still has one slot
+        self.slots = slots or max(1, settings.queue_runner.workers)
         self.active: dict[str, NixRun] = {}
         self._lock = threading.Lock()
         #: seconds spent and counts per phase (heartbeat details, benchmarks)
