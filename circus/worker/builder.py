@@ -53,6 +53,9 @@ class RunningStep:
     cancel: asyncio.Event
     #: the server took it away: its outcome is not reported
     lost: bool = False
+    #: its outcome is being reported (the server lets go of it meanwhile: a renewal
+    #: answering "lost" then is no news)
+    reporting: bool = False
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.cancel.set)
@@ -127,6 +130,8 @@ class RemoteBuilder:
         with self._lock:
             found = [self.running[i] for i in step_ids if i in self.running]
         for running in found:
+            if running.reporting:
+                continue
             log.info("step %d was taken away; stopping its build", running.step_id)
             running.lost = True
             running.stop()
@@ -152,6 +157,7 @@ class RemoteBuilder:
         async def finish(**values: Any) -> None:
             report.update(values)
             report.setdefault("finished_at", time.time())
+            running.reporting = True
             if running.lost:
                 return
             if self.stop.is_set() and report["outcome"] in ("cancelled", "aborted"):
