@@ -127,7 +127,7 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
             print(worker.log()[-6000:])
         steps = step_rows(committed_db, list(drvs.values()))
         with committed_db() as session:
-            outputs = dict(session.execute(text(
+            outputs: dict[str, str] = dict(session.execute(text(
                 "SELECT b.job_name, o.path FROM builds b JOIN build_outputs o "
                 "ON o.build_id = b.id WHERE b.id = ANY(:ids)"),
                 {"ids": list(ids.values())}).all())
@@ -153,8 +153,10 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
         assert f"StorePath: {outputs[job]}" in answer.text
         assert "Sig: circus-test-cache-1:" in answer.text
     # the logs streamed to the server, readable through the API
-    assert top_log.status_code == 200 and "building top" in top_log.text
-    assert "first line" in talker_log.text and "second line" in talker_log.text
+    assert top_log.status_code == 200
+    assert "building top" in top_log.text
+    assert "first line" in talker_log.text
+    assert "second line" in talker_log.text
 
 
 def exported_in_private_store(directory: Path, content: str) -> tuple[str, bytes]:
@@ -182,7 +184,8 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         # a wrong token gets nothing, not even the classes
         wrong = api(server, "/heartbeat", token="guess-" + "x" * 40,
                     json={"systems": [system]})
-        assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+        assert wrong.status_code == 401
+        assert "token" in wrong.json()["error"]
         assert api(server, "/claim", token="", json={"queue_class": system}
                    ).status_code == 401
         with committed_db() as session:
@@ -219,17 +222,34 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         assert "not in the input closure" in outside.json()["error"]
         not_store = api(server, f"/steps/{step['id']}/inputs",
                         json={"paths": ["/etc/passwd"]})
-        assert not_store.status_code == 400 and "not a store path" in not_store.json()["error"]
+        assert not_store.status_code == 400
+        assert "not a store path" in not_store.json()["error"]
         inside = api(server, f"/steps/{step['id']}/inputs",
                      json={"paths": [step["drv_path"]]})
-        assert inside.status_code == 200 and step["drv_path"].encode() in inside.content
+        assert inside.status_code == 200
+        assert step["drv_path"].encode() in inside.content
 
         # the same name under another token is refused while the first holds steps
         usurper = api(server, "/claim", token=OTHER_TOKEN,
                       json={"queue_class": system})
-        assert usurper.status_code == 409 and "another credential" in usurper.json()["error"]
+        assert usurper.status_code == 409
+        assert "another credential" in usurper.json()["error"]
         assert api(server, "/heartbeat", token=OTHER_TOKEN,
                    json={"systems": [system]}).status_code == 409
+
+        # malformed requests are 400s that say why, never 500s
+        for answer in (
+                api(server, "/claim", name="no:colons", json={"queue_class": system}),
+                api(server, "/claim", json={"queue_class": "../../etc"}),
+                api(server, "/claim", json={"queue_class": system, "limit": "many"}),
+                api(server, "/renew", json={"step_ids": "all"}),
+                api(server, f"/steps/{step['id']}/inputs", json={"paths": "/nix/store"}),
+                api(server, f"/steps/{step['id']}/finish", json={"outcome": "hacked"}),
+                api(server, f"/steps/{step['id']}/log", data=b"x" * (1024 * 1024 + 1))):
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]
+        assert api(server, "/claim", data=b"{not json",
+                   headers={"Content-Type": "application/json"}).status_code == 400
 
         # an upload carrying a path that is not the step's output: nothing is imported,
         # the step ends aborted without another attempt
@@ -238,8 +258,9 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         assert upload.status_code == 403
         assert "is not an output of step" in upload.json()["error"]
         assert not valid_here(foreign_path)
-        [row] = [s for s in step_rows(committed_db, [step["drv_path"]])]
-        assert row.state == "done" and row.status == BuildStatus.aborted, row
+        [row] = step_rows(committed_db, [step["drv_path"]])
+        assert row.state == "done", row
+        assert row.status == BuildStatus.aborted, row
         assert "is not an output of step" in row.error_message
         # and the worker holds nothing any more
         assert api(server, f"/steps/{step['id']}/log", data=b"late").status_code == 403
