@@ -64,7 +64,8 @@ def server_and_runner(runner_config: Callable[..., dict[str, Any]],  # noqa: F81
 
 
 def worker_in_own_store(name: str, directory: Path, server_url: str, broker_url: str,
-                        token: str = TOKEN, slots: int = 2) -> Daemon:
+                        token: str = TOKEN, slots: int = 2, features: tuple[str, ...] = ()
+                        ) -> Daemon:
     """A circus-worker whose /nix is a private bind mount: paths really have to travel."""
     (directory / "nix").mkdir(parents=True, exist_ok=True)
     config = directory / "worker.toml"
@@ -76,6 +77,7 @@ token = "{token}"
 broker_url = "{broker_url}"
 work_dir = "{directory / 'work'}"
 slots = {slots}
+features = [{", ".join(f'"{f}"' for f in features)}]
 heartbeat_secs = 1.0
 [nix]
 substituters = []
@@ -112,12 +114,16 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
         runner_config: Callable[..., dict[str, Any]],  # noqa: F811
         committed_db: sessionmaker[Session], nix_env: dict[str, str], nonce: str,
         tmp_path: Path, cache_key: KeyPair, redis_url: str) -> None:
-    jobs = ["dep", "top", "plain1", "talker"]
+    # kvmjob's class (x86_64-linux.kvm) appears only when it is dispatched: the worker
+    # learns of it from its heartbeat and subscribes to it
+    jobs = ["dep", "top", "plain1", "talker", "kvmjob"]
     drvs = instantiate(jobs, nonce, nix_env, expr=JOBS)
     with server_and_runner(runner_config, tmp_path, cache_key) as server, \
             ExitStack() as stack:
         worker = stack.enter_context(worker_in_own_store(
-            "w1", tmp_path / "w1", server, redis_url))
+            "w1", tmp_path / "w1", server, redis_url, features=("kvm",)))
+        wait_until(lambda: "circus-worker-w1@" in worker.log() and " ready." in worker.log(),
+                   timeout=60, message="the worker consuming")
         with committed_db() as session:
             builds = make_builds(session, drvs)
         ids = {job: b.id for job, b in builds.items()}
@@ -142,6 +148,7 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
     assert len(steps) == len(jobs)
     assert {s.machine for s in steps} == {"w1"}, steps
     assert worker_log.count("building /nix/store/") == len(jobs)
+    assert "now consuming class x86_64-linux.kvm" in worker_log
     # the worker's store got the inputs it needed (dep's output for top) and built there;
     # the outputs came back to the server's store
     assert store_has(tmp_path / "w1", outputs["dep"])
