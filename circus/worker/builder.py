@@ -150,6 +150,11 @@ class RemoteBuilder:
         running = RunningStep(step_id, asyncio.get_running_loop(), asyncio.Event())
         with self._lock:
             self.running[step_id] = running
+        if self.stop.is_set():
+            # shutdown began between the claim and here (stop_all did not see this step)
+            log.info("step %d: shutting down; handing it back unbuilt", step_id)
+            await asyncio.to_thread(self.api.release, [step_id])
+            return
         log.info("step %d: building %s", step_id, drv_path)
         started = time.time()
         report: dict[str, Any] = {"outcome": "aborted", "started_at": started}
@@ -163,6 +168,7 @@ class RemoteBuilder:
             if self.stop.is_set() and report["outcome"] in ("cancelled", "aborted"):
                 # shutting down: the step goes back without counting an attempt
                 await asyncio.to_thread(self.api.release, [step_id])
+                log.info("step %d: handed back", step_id)
                 return
             try:
                 status = await asyncio.to_thread(self.api.finish, step_id, **report)

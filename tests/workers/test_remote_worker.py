@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -41,12 +42,13 @@ pytestmark = pytest.mark.slow
 
 @contextmanager
 def server_and_runner(runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-                      tmp_path: Path, cache_key: KeyPair) -> Iterator[str]:
+                      tmp_path: Path, cache_key: KeyPair, lease_secs: int = 20
+                      ) -> Iterator[str]:
     """A queue runner without local workers (dispatcher, reconciler) and a circus-server
     (two gunicorn workers) whose /api/v1/workers accepts TOKEN and OTHER_TOKEN; yields
     the server's URL."""
     config = runner_config(
-        queue_runner={"unsupported_timeout": 120, "lease_secs": 20},
+        queue_runner={"unsupported_timeout": 120, "lease_secs": lease_secs},
         signing={"enabled": True, "key": cache_key.secret},
         cache={"cache_dir": str(tmp_path / "cache")},
         remote_workers={"auth_tokens": DIGESTS},
@@ -272,3 +274,53 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         # and the worker holds nothing any more
         assert api(server, f"/steps/{step['id']}/log", data=b"late").status_code == 403
         assert builds
+
+
+def test_a_stopped_worker_hands_its_step_back_and_a_killed_ones_is_re_leased(
+        runner_config: Callable[..., dict[str, Any]],  # noqa: F811
+        committed_db: sessionmaker[Session], nix_env: dict[str, str], nonce: str,
+        tmp_path: Path, cache_key: KeyPair, redis_url: str) -> None:
+    drv = instantiate(["slow"], nonce, nix_env, expr=JOBS)["slow"]
+
+    def running_on() -> str | None:
+        rows = step_rows(committed_db, [drv])  # none until the dispatcher made the step
+        return str(rows[0].machine) if rows and rows[0].state == "running" else None
+
+    def building(attempt: int) -> bool:
+        """The step's log (streamed to the server; attempts append) shows the build's
+        ``attempt``-th start."""
+        rows = step_rows(committed_db, [drv])
+        log = tmp_path / "logs" / Path(drv).name[:2] / f"{Path(drv).name}-{rows[0].id}.log"
+        return log.exists() and log.read_bytes().count(b"slow start") >= attempt
+
+    def attempts() -> int:
+        with committed_db() as session:
+            return int(session.execute(text("SELECT attempts FROM steps WHERE drv_path = :d"),
+                                       {"d": drv}).scalar_one())
+
+    with server_and_runner(runner_config, tmp_path, cache_key, lease_secs=6) as server:
+        with committed_db() as session:
+            [build] = make_builds(session, {"slow": drv}).values()
+        # SIGTERM mid-build: the build stops and the step goes back at once, no attempt
+        with worker_in_own_store("w1", tmp_path / "w1", server, redis_url) as w1:
+            wait_until(lambda: running_on() == "w1" and building(1), timeout=90,
+                       message="slow building on w1")
+            stopped_at = time.monotonic()
+            w1.stop()
+        wait_until(lambda: step_rows(committed_db, [drv])[0].state == "queued", timeout=10,
+                   message="the step handed back")
+        assert time.monotonic() - stopped_at < 10
+        assert attempts() == 0
+        assert "step 1: handed back" in w1.log()
+        # kill -9 mid-build: the lease lapses (6 s) and another worker builds it
+        with worker_in_own_store("w2", tmp_path / "w2", server, redis_url) as w2:
+            wait_until(lambda: running_on() == "w2" and building(2), timeout=90,
+                       message="slow building on w2")
+            w2.kill()
+        with worker_in_own_store("w3", tmp_path / "w3", server, redis_url) as w3:
+            result = wait_builds(committed_db, [build.id], timeout=120)
+            w3_log = w3.log()
+    assert result == {build.id: BuildStatus.succeeded}, w3_log[-3000:]
+    [row] = step_rows(committed_db, [drv])
+    assert row.machine == "w3"
+    assert attempts() == 1  # the lapsed lease counted; the handed-back one did not
