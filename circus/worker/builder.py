@@ -164,6 +164,8 @@ class RemoteBuilder:
             report.setdefault("finished_at", time.time())
             running.reporting = True
             if running.lost:
+                log.info("step %d: stopped (%s); no longer this worker's", step_id,
+                         report["outcome"])
                 return
             if self.stop.is_set() and report["outcome"] in ("cancelled", "aborted"):
                 # shutting down: the step goes back without counting an attempt

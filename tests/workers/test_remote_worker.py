@@ -21,7 +21,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
+from circus.common.nix.derivation import read_derivation
 from circus.common.nix.environment import current_system
+from circus.queue_runner.service import cancel_build
 from tests.agents.conftest import store_has
 from tests.agents.test_integration import valid_here, wait_builds
 from tests.conftest import KeyPair
@@ -324,3 +326,30 @@ def test_a_stopped_worker_hands_its_step_back_and_a_killed_ones_is_re_leased(
     [row] = step_rows(committed_db, [drv])
     assert row.machine == "w3"
     assert attempts() == 1  # the lapsed lease counted; the handed-back one did not
+
+
+def test_a_cancelled_step_stops_building_on_the_worker(
+        runner_config: Callable[..., dict[str, Any]],  # noqa: F811
+        committed_db: sessionmaker[Session], nix_env: dict[str, str], nonce: str,
+        tmp_path: Path, cache_key: KeyPair, redis_url: str) -> None:
+    drv = instantiate(["slow"], nonce, nix_env, expr=JOBS)["slow"]
+    output = read_derivation(drv).output_paths["out"]
+    with server_and_runner(runner_config, tmp_path, cache_key) as server, \
+            worker_in_own_store("w1", tmp_path / "w1", server, redis_url) as worker:
+        with committed_db() as session:
+            [build] = make_builds(session, {"slow": drv}).values()
+        wait_until(lambda: any(b"slow start" in p.read_bytes()
+                               for p in (tmp_path / "logs").rglob("*slow*.log")),
+                   timeout=90, message="slow building on w1")
+        with committed_db() as session:
+            cancel_build(session, build.id, reason="test")
+            session.commit()
+        # the renewal answers "lost" (every <= 2 s) and the worker kills the build
+        wait_until(lambda: "step 1: stopped (cancelled)" in worker.log(), timeout=15,
+                   message="the build stopped on the worker")
+        worker_log = worker.log()
+    assert "step 1 was taken away; stopping its build" in worker_log
+    # killed before the builder wrote its output (it sleeps 6 s first)
+    assert not store_has(tmp_path / "w1", output)
+    [row] = step_rows(committed_db, [drv])
+    assert row.state == "done", row
