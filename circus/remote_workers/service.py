@@ -100,6 +100,10 @@ class RemoteWorker:
         return f"{HOLDER_PREFIX}{self.name}:"
 
 
+def heartbeat_service(worker: RemoteWorker) -> str:
+    return f"remote-worker:{worker.name}"
+
+
 def authenticate(settings: Settings, token: str | None, name: str | None) -> RemoteWorker:
     """The worker behind a request's token and name, or the 4xx saying why not."""
     config = settings.remote_workers
@@ -208,13 +212,28 @@ class RemoteWorkers:
             beat(session, QUEUE_RUNNER_KIND, {
                 "remote_worker": worker.name, "capabilities": [capabilities.to_json()],
                 "workers": slots, "running": running},
-                service=f"remote-worker:{worker.name}")
+                service=heartbeat_service(worker))
             known = session.execute(text("SELECT name FROM queue_classes")).scalars()
             return sorted({*capabilities.base_classes(),
                            *(c for c in known if capabilities.can_serve(c))})
 
         result: list[str] = in_transaction(self.factory, work)
         return result
+
+    def leave(self, worker: RemoteWorker) -> list[int]:
+        """A worker shutting down: its steps go back to the queue (no attempt counted)
+        and its heartbeat row goes, so /health does not call the instance degraded
+        for a worker that left on purpose (one that died stays: that is news)."""
+        released = self.holder(worker).release()
+
+        def work(session: Session) -> None:
+            self.check_name(session, worker)
+            session.execute(text("DELETE FROM service_heartbeats WHERE service = :service"),
+                            {"service": heartbeat_service(worker)})
+
+        in_transaction(self.factory, work)
+        log.info("remote worker %s left (%d step(s) handed back)", worker.name, len(released))
+        return released
 
     # ------------------------------------------------------------ claims
 

@@ -78,6 +78,10 @@ class WorkerApi:
             "POST", "/release", json={"step_ids": sorted(step_ids)})["released"]
         return released
 
+    def leave(self) -> list[int]:
+        released: list[int] = self._json("POST", "/leave")["released"]
+        return released
+
     def log(self, step_id: int, data: bytes) -> bool:
         """Append to the step's log; True when the server's cap cut it."""
         return bool(self._json("POST", f"/steps/{step_id}/log", data=data, headers={

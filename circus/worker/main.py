@@ -114,12 +114,12 @@ class RemoteWorkerDaemon:
             worker.start()
         finally:
             keeper.stop()
-            held = self.builder.held()
-            if held:
-                try:
-                    self.api.release(held)
-                except Exception:
-                    log.warning("could not hand back %s; their leases will lapse", held)
+            try:
+                # whatever is still held goes back; the server forgets the heartbeat
+                self.api.leave()
+            except Exception as exc:
+                log.warning("could not say goodbye to the server (%s); held steps' leases "
+                            "will lapse", exc)
         return int(worker.exitcode or 0)
 
 

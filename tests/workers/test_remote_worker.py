@@ -314,11 +314,18 @@ def test_a_stopped_worker_hands_its_step_back_and_a_killed_ones_is_re_leased(
         assert time.monotonic() - stopped_at < 10
         assert attempts() == 0
         assert "step 1: handed back" in w1.log()
+        # it left on purpose: no stale heartbeat makes /health say "degraded"
+        with committed_db() as session:
+            assert not session.execute(text(
+                "SELECT 1 FROM service_heartbeats WHERE service = 'remote-worker:w1'")).first()
         # kill -9 mid-build: the lease lapses (6 s) and another worker builds it
         with worker_in_own_store("w2", tmp_path / "w2", server, redis_url) as w2:
             wait_until(lambda: running_on() == "w2" and building(2), timeout=90,
                        message="slow building on w2")
             w2.kill()
+        with committed_db() as session:
+            assert session.execute(text(
+                "SELECT 1 FROM service_heartbeats WHERE service = 'remote-worker:w2'")).first()
         with worker_in_own_store("w3", tmp_path / "w3", server, redis_url) as w3:
             result = wait_builds(committed_db, [build.id], timeout=120)
             w3_log = w3.log()

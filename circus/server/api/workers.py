@@ -115,6 +115,15 @@ def release(args: dict[str, Any]) -> Any:
     return {"released": _service().release(_caller(), args["step_ids"])}
 
 
+@blp.post("/leave")
+@blp.response(200, ReleasedSchema)
+@blp.doc(security=_WORKER_AUTH)
+def leave() -> Any:
+    """The worker shuts down: every step it holds goes back to the queue (no attempt
+    counted) and it stops counting as a live builder."""
+    return {"released": _service().leave(_caller())}
+
+
 @blp.post(S + "/log")
 @blp.response(200, LogAnswerSchema)
 @blp.doc(security=_WORKER_AUTH, requestBody={"required": True, "content": _BYTES})
