@@ -40,7 +40,7 @@ from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
-from circus.common.heartbeat import beat
+from circus.common.heartbeat import STALE_AFTER, beat
 from circus.common.nix import store
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.export import ExportRefused, verify_export
@@ -92,8 +92,12 @@ class RemoteWorker:
     credential: str
 
     @property
+    def fingerprint(self) -> str:
+        return self.credential[:FINGERPRINT]
+
+    @property
     def lease_holder(self) -> str:
-        return f"{HOLDER_PREFIX}{self.name}:{self.credential[:FINGERPRINT]}"
+        return f"{HOLDER_PREFIX}{self.name}:{self.fingerprint}"
 
     @property
     def name_prefix(self) -> str:
@@ -178,12 +182,19 @@ class RemoteWorkers:
 
     @staticmethod
     def check_name(session: Session, worker: RemoteWorker) -> None:
-        """Refuse a name that holds steps under another credential."""
+        """Refuse a name that is connected (a fresh heartbeat) or holds steps under
+        another credential; a worker that left (``leave``) or died frees its name."""
         other = session.execute(text("""
             SELECT 1 FROM steps
             WHERE state = 'running' AND starts_with(worker, :prefix) AND worker <> :holder
+            UNION ALL
+            SELECT 1 FROM service_heartbeats
+            WHERE service = :service AND last_heartbeat > now() - :stale
+              AND details ->> 'credential' IS DISTINCT FROM :fingerprint
             LIMIT 1
-        """), {"prefix": worker.name_prefix, "holder": worker.lease_holder}).first()
+        """), {"prefix": worker.name_prefix, "holder": worker.lease_holder,
+               "service": heartbeat_service(worker), "stale": STALE_AFTER,
+               "fingerprint": worker.fingerprint}).first()
         if other is not None:
             log.warning("remote worker %r refused: the name holds steps under another "
                         "credential", worker.name)
@@ -210,7 +221,8 @@ class RemoteWorkers:
         def work(session: Session) -> list[str]:
             self.check_name(session, worker)
             beat(session, QUEUE_RUNNER_KIND, {
-                "remote_worker": worker.name, "capabilities": [capabilities.to_json()],
+                "remote_worker": worker.name, "credential": worker.fingerprint,
+                "capabilities": [capabilities.to_json()],
                 "workers": slots, "running": running},
                 service=heartbeat_service(worker))
             known = session.execute(text("SELECT name FROM queue_classes")).scalars()

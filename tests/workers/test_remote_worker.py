@@ -199,6 +199,13 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         assert "token" in wrong.json()["error"]
         assert api(server, "/claim", token="", json={"queue_class": system}
                    ).status_code == 401
+        # connected (a heartbeat) under TOKEN: the name is taken for every other token
+        assert api(server, "/heartbeat", json={"systems": [system]}).status_code == 200
+        taken = api(server, "/heartbeat", token=OTHER_TOKEN, json={"systems": [system]})
+        assert taken.status_code == 409
+        assert "another credential" in taken.json()["error"]
+        assert api(server, "/heartbeat", token=OTHER_TOKEN, name="w2",
+                   json={"systems": [system]}).status_code == 200
         with committed_db() as session:
             builds = make_builds(session, drvs)
 
