@@ -25,7 +25,7 @@ from circus.common.nix.derivation import read_derivation
 from circus.common.nix.environment import current_system
 from circus.queue_runner.service import cancel_build
 from tests.agents.conftest import store_has
-from tests.agents.test_integration import valid_here, wait_builds
+from tests.agents.test_integration import published, valid_here, wait_builds
 from tests.conftest import KeyPair
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port, wait_for_port
@@ -44,13 +44,13 @@ pytestmark = pytest.mark.slow
 
 @contextmanager
 def server_and_runner(runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-                      tmp_path: Path, cache_key: KeyPair, lease_secs: int = 20
-                      ) -> Iterator[str]:
+                      tmp_path: Path, cache_key: KeyPair, lease_secs: int = 20,
+                      unsupported_timeout: int = 120) -> Iterator[str]:
     """A queue runner without local workers (dispatcher, reconciler) and a circus-server
     (two gunicorn workers) whose /api/v1/workers accepts TOKEN and OTHER_TOKEN; yields
     the server's URL."""
     config = runner_config(
-        queue_runner={"unsupported_timeout": 120, "lease_secs": lease_secs},
+        queue_runner={"unsupported_timeout": unsupported_timeout, "lease_secs": lease_secs},
         signing={"enabled": True, "key": cache_key.secret},
         cache={"cache_dir": str(tmp_path / "cache")},
         remote_workers={"auth_tokens": DIGESTS},
@@ -122,8 +122,10 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
     # learns of it from its heartbeat and subscribes to it
     jobs = ["dep", "top", "plain1", "talker", "kvmjob"]
     drvs = instantiate(jobs, nonce, nix_env, expr=JOBS)
-    with server_and_runner(runner_config, tmp_path, cache_key) as server, \
-            ExitStack() as stack:
+    # the runner has no local workers: only the worker's heartbeat keeps its classes
+    # (and the kvm class) from failing as unsupported after 5 s
+    with server_and_runner(runner_config, tmp_path, cache_key, unsupported_timeout=5
+                           ) as server, ExitStack() as stack:
         worker = stack.enter_context(worker_in_own_store(
             "w1", tmp_path / "w1", server, redis_url, features=("kvm",)))
         wait_until(lambda: "circus-worker-w1@" in worker.log() and " ready." in worker.log(),
@@ -141,9 +143,18 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
                 "SELECT b.job_name, o.path FROM builds b JOIN build_outputs o "
                 "ON o.build_id = b.id WHERE b.id = ANY(:ids)"),
                 {"ids": list(ids.values())}).all())
-        narinfos = {job: requests.get(
-            f"{server}/nix-cache/{Path(path).name.split('-')[0]}.narinfo", timeout=30)
-            for job, path in outputs.items()}
+        # published by the finishing request right after the build counts as finished
+        wait_until(lambda: published(committed_db, list(ids.values())) == len(jobs),
+                   timeout=30, message="outputs published to the cache")
+
+        def narinfo(path: str) -> requests.Response:
+            return requests.get(f"{server}/nix-cache/{Path(path).name.split('-')[0]}.narinfo",
+                                timeout=30)
+
+        # each server process learns of new paths by NOTIFY: a moment at most
+        wait_until(lambda: all(narinfo(p).status_code == 200 for p in outputs.values()),
+                   timeout=10, message="narinfos served")
+        narinfos = {job: narinfo(path) for job, path in outputs.items()}
         top_log = requests.get(f"{server}/api/v1/builds/{ids['top']}/log", timeout=30)
         talker_log = requests.get(f"{server}/api/v1/builds/{ids['talker']}/log", timeout=30)
         worker_log = worker.log()
