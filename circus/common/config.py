@@ -45,6 +45,7 @@ from circus.common.nix.environment import (
     sandbox_options,
     sandbox_path_problem,
 )
+from circus.common.tokens import is_digest
 
 __all__ = ["ConfigError", "Problem", "Settings", "load_settings"]
 
@@ -54,6 +55,12 @@ Positive = Annotated[int, AfterValidator(at_least(1))]
 NonNegative = Annotated[int, AfterValidator(at_least(0))]
 Percent = Annotated[float, AfterValidator(between(0, 100))]
 Port = Annotated[int, AfterValidator(between(0, 65535))]
+
+
+def digest_problems(digests: list[str], key: str = "auth_tokens") -> list[Problem]:
+    """Every entry of a token-digest list that is not a SHA-256 hex digest."""
+    return [Problem(f"{key}[{i}]", "must be a SHA-256 hex digest")
+            for i, digest in enumerate(digests) if not is_digest(digest)]
 
 
 def _url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
@@ -404,10 +411,7 @@ class RpcSettings(SettingsModel):
             if not self.auth_tokens and not self.oidc.enabled:
                 found.append(Problem("auth_tokens",
                                      "must not be empty when the gateway is enabled (or set oidc)"))
-        for i, digest in enumerate(self.auth_tokens):
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
-                found.append(Problem(f"auth_tokens[{i}]", "must be a SHA-256 hex digest"))
-        return found
+        return found + digest_problems(self.auth_tokens)
 
 
 class EphemeralPoolSettings(SettingsModel):
@@ -514,6 +518,25 @@ class QueueRunnerSettings(SettingsModel):
             found.append(Problem("build_cgroup",
                                  f"not a cgroup directory (no cgroup.procs): {self.build_cgroup}"))
         return found
+
+
+class RemoteWorkerSettings(SettingsModel):
+    """The API ``circus-worker`` hosts claim and report through (``/api/v1/workers``)."""
+
+    secret_fields = ("auth_tokens",)
+
+    #: SHA-256 hex digests of accepted worker tokens (``auth_tokens_file``: one per
+    #: line); empty disables the API
+    auth_tokens: list[str] = []
+    #: largest output upload (one step's outputs as a ``nix-store --export`` stream)
+    max_upload_size: Positive = 8 * 1024 * 1024 * 1024
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.auth_tokens)
+
+    def problems(self) -> list[Problem]:
+        return digest_problems(self.auth_tokens)
 
 
 class NixSettings(SettingsModel):
@@ -842,6 +865,7 @@ class Settings(SettingsModel):
     server: ServerSettings = ServerSettings()
     evaluator: EvaluatorSettings = EvaluatorSettings()
     queue_runner: QueueRunnerSettings = QueueRunnerSettings()
+    remote_workers: RemoteWorkerSettings = RemoteWorkerSettings()
     nix: NixSettings = NixSettings()
     gc: GcSettings = GcSettings()
     logs: LogSettings = LogSettings()

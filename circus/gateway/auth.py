@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ssl
-from collections.abc import Sequence
 
 from circus.common.config import RpcSettings
 
+# the digest check is shared with the remote workers' API (circus.remote_workers)
+from circus.common.tokens import token_accepted, token_digest
 
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def token_accepted(token: str, digests: Sequence[str]) -> bool:
-    """Constant-time comparison against every configured digest (no early exit)."""
-    candidate = token_digest(token)
-    accepted = False
-    for digest in digests:
-        accepted |= hmac.compare_digest(candidate, digest.lower())
-    return accepted
+__all__ = ["client_cert_cn", "server_ssl_context", "token_accepted", "token_digest"]
 
 
 def server_ssl_context(rpc: RpcSettings) -> ssl.SSLContext | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from circus.common.nix.export import ExportFormatError, read_entries
+from circus.common.nix.export import ExportRefused, verify_export
 from circus.common.nix.store import StoreError, checked_paths
 from circus.common.nix.store.aio import invalid_paths
 from circus.common.nix.transfer import export_chunks, import_file
@@ -164,16 +164,11 @@ def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping
                 return
             handle = spool[0]
             try:
-                handle.seek(0)
-                entries = await asyncio.to_thread(read_entries, handle)
-            except ExportFormatError as exc:
-                raise refuse(f"refused: the output stream of step {step_id} is not a "
-                             f"valid export: {exc}") from None
-            foreign = [e.path for e in entries if e.path not in allowed_outputs]
-            if foreign:
-                raise refuse(f"refused: {foreign[0]} is not an output of step {step_id}")
+                await asyncio.to_thread(verify_export, handle, allowed_outputs,
+                                        f"step {step_id}")
+            except ExportRefused as exc:
+                raise refuse(str(exc)) from None
             try:
-                handle.seek(0)
                 state["imported"] = await import_file(handle, nix_env)
             except (StoreError, OSError) as exc:
                 state["import_error"] = str(exc)

@@ -41,6 +41,9 @@ PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/auth/csrf",
 #: POSTs that authenticate themselves (forge webhooks: HMAC signature or GitLab's token)
 #: and that forges send cross-site, possibly form-encoded: no CSRF token can exist
 SELF_AUTHENTICATED_ENDPOINTS = frozenset({"webhooks.receive"})
+#: blueprints whose bearer token is not an API key: remote build workers present a
+#: worker token (``remote_workers.auth_tokens``), checked by the service itself
+SELF_AUTHENTICATED_BLUEPRINTS = frozenset({"workers"})
 
 
 class SessionUser(UserMixin):  # type: ignore[misc]
@@ -236,7 +239,8 @@ def _write_guard() -> None:
     """
     if request.method not in UNSAFE_METHODS or bearer_token() is None \
             or not request.path.startswith("/api/") \
-            or request.endpoint in SELF_AUTHENTICATED_ENDPOINTS:
+            or request.endpoint in SELF_AUTHENTICATED_ENDPOINTS \
+            or request.blueprint in SELF_AUTHENTICATED_BLUEPRINTS:
         return
     require_writable(current_actor())
 

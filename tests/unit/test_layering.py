@@ -3,6 +3,8 @@
 - Only the store seam (``circus.common.nix.store``) runs the Nix commands that
   query the local store.
 - The agent reaches no database, web or task-queue code, not even indirectly.
+- The remote Celery worker (``circus-worker``) reaches no database or web code: its
+  host has no database password, everything goes through the server's API.
 - Flask views and Celery tasks import services, not each other.
 - The agent gateway depends on the queue runner's step services, never the
   reverse: only the queue runner's entry point (which wires the process
@@ -33,6 +35,10 @@ STORE_QUERY_ALLOWED = {
 AGENT = "circus.agent"
 AGENT_FORBIDDEN = ("circus.common.models", "circus.common.db", "sqlalchemy", "flask",
                    "celery", "ldap", "psycopg2")
+
+WORKER = "circus.worker"
+WORKER_FORBIDDEN = ("circus.common.models", "circus.common.db", "sqlalchemy", "flask",
+                    "psycopg2", "ldap", "circus.common.celery")
 
 WEB = "circus.server"
 
@@ -172,6 +178,19 @@ def test_the_agent_reaches_no_database_web_or_task_code() -> None:
                       for imported in sorted(via)
                       if any(_within(imported, bad) for bad in AGENT_FORBIDDEN)]
     assert not offenders, "the agent must not import database/web/task code:\n" + \
+        "\n".join(offenders)
+
+
+def test_the_remote_worker_reaches_no_database_or_web_code() -> None:
+    offenders = []
+    names = [name for name in sorted(modules()) if _within(name, WORKER)]
+    assert names, "no circus.worker modules found: the rule checks nothing"
+    for name in names:
+        via = _reachable(name)
+        offenders += [f"{name} reaches {imported}: {_chain(via, name, imported)}"
+                      for imported in sorted(via)
+                      if any(_within(imported, bad) for bad in WORKER_FORBIDDEN)]
+    assert not offenders, "the remote worker must not import database/web code:\n" + \
         "\n".join(offenders)
 
 

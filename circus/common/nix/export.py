@@ -9,6 +9,7 @@ would add to the store.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import IO
 
@@ -73,3 +74,30 @@ def _checked(path: str) -> str:
     if not storepath.is_store_path(path):
         raise ExportFormatError(f"{path[:200]!r} is not a store path")
     return path
+
+
+class ExportRefused(ValueError):
+    """An export that must not be imported; the message is the reason to give."""
+
+
+def verify_export(source: IO[bytes], allowed: Collection[str], owner: str
+                  ) -> list[ExportedPath]:
+    """The paths of the export spooled in ``source``, each one of ``allowed``.
+
+    Whoever receives outputs from a builder on another host (an agent, a remote
+    Celery worker) calls this on the *whole* stream before ``nix-store --import``
+    sees a byte of it: a stray path must never reach the store. ``owner`` names
+    what the paths belong to in the refusal (``step 12``). Leaves ``source`` at
+    its start; raises :class:`ExportRefused`.
+    """
+    source.seek(0)
+    try:
+        entries = read_entries(source)
+    except ExportFormatError as exc:
+        raise ExportRefused(f"refused: the output stream of {owner} is not a valid "
+                            f"export: {exc}") from None
+    foreign = [e.path for e in entries if e.path not in allowed]
+    if foreign:
+        raise ExportRefused(f"refused: {foreign[0]} is not an output of {owner}")
+    source.seek(0)
+    return entries

@@ -9,6 +9,7 @@ the agent uses this module.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import IO
 
@@ -86,3 +87,33 @@ class Importer:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+
+
+def import_file_sync(source: IO[bytes], env: Mapping[str, str], timeout: float = 3600
+                     ) -> list[str]:
+    """:func:`import_file` for threads without an event loop (the server's requests,
+    the remote worker)."""
+    try:
+        done = subprocess.run(["nix-store", "--import"], stdin=source, capture_output=True,
+                              env=dict(env), timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise StoreError(f"nix-store --import took longer than {timeout:.0f}s") from None
+    if done.returncode != 0:
+        raise StoreError(f"nix-store --import failed: "
+                         f"{done.stderr.decode(errors='replace').strip()}")
+    return done.stdout.decode().split()
+
+
+def export_to_file(paths: Sequence[str], sink: IO[bytes], env: Mapping[str, str],
+                   timeout: float = 3600) -> None:
+    """``nix-store --export`` of ``paths`` (dependencies first) into ``sink``."""
+    argv = ["nix-store", "--export", "--", *checked_paths(paths)]
+    try:
+        done = subprocess.run(argv, stdout=sink, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, env=dict(env), timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        raise StoreError(f"nix-store --export took longer than {timeout:.0f}s") from None
+    if done.returncode != 0:
+        raise StoreError(f"nix-store --export failed: "
+                         f"{done.stderr.decode(errors='replace').strip()}")

@@ -105,6 +105,11 @@ class StepHolder:
         with self._lock:
             return step_id in self._held
 
+    def adopt(self, step_ids: Iterable[int]) -> None:
+        """Hold steps the database says this worker holds (a stateless server
+        rebuilds the holder of a remote worker per request from the leases)."""
+        self._hold(step_ids)
+
     def _hold(self, step_ids: Iterable[int]) -> None:
         with self._lock:
             if not self._held:

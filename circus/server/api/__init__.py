@@ -19,13 +19,14 @@ from circus.server.api import (
     projects,
     users,
     webhooks,
+    workers,
 )
 from circus.server.api.base import IdConverter, NameConverter, id_schema, name_schema
 from circus.server.api.schemas.common import ErrorSchema
 from circus.server.api.schemas.users import LoginSchema
 
 BLUEPRINTS = (projects.blp, evaluations.blp, builds.blp, buildfiles.blp, channels.blp,
-              users.blp, admin.blp, misc.blp, webhooks.blp)
+              users.blp, admin.blp, misc.blp, webhooks.blp, workers.blp)
 
 
 class CircusApi(Api):  # type: ignore[misc]
@@ -51,6 +52,9 @@ def spec_options() -> dict[str, Any]:
             "bearer": {"type": "http", "scheme": "bearer",
                        "description": "an API key created with POST /api/v1/api-keys"},
             "session": {"type": "apiKey", "in": "cookie", "name": "circus_session"},
+            "worker": {"type": "http", "scheme": "bearer",
+                       "description": "a remote worker token (remote_workers.auth_tokens), "
+                                      "with the worker's name in X-Circus-Worker"},
         }},
         "security": [{"bearer": []}, {"session": []}],
     }

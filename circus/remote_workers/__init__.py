@@ -1,0 +1,1 @@
+"""Build-only Celery workers on other hosts (``circus-worker``), server side."""

@@ -1,0 +1,410 @@
+"""Claims, leases, logs and store paths of remote Celery workers, through the one StepHolder.
+
+A ``circus-worker`` host has its own Nix store and no database password: it
+consumes the class queues like a local worker, but every write about a step
+goes through the server's ``/api/v1/workers`` routes, which call this module.
+
+Statelessness: the database lease (``state = 'running' AND worker = <lease
+holder>``) is the truth, so any server process may answer any request; each
+call rebuilds the worker's :class:`StepHolder` from it (:meth:`RemoteWorkers.holder`).
+
+The lease holder is ``remote:<name>:<credential fingerprint>``: the name the
+worker gave plus the first 16 hex digits of its token's digest. So a second
+worker using a connected name with another token holds nothing of the first
+one's (every lease check fails), and :meth:`RemoteWorkers.check_name` refuses
+it outright while the first still holds steps. No table is needed for that.
+
+Every route checks, before it touches the store: the step is leased to this
+worker; each path asked for is a store path in the step's input closure; an
+upload is spooled in full and every path in it is one of the step's outputs
+(``nix.export.verify_export``) before ``nix-store --import`` runs, else nothing
+is imported and the step ends aborted without another attempt (as for agents).
+Signing and publishing happen here, after the outputs are valid in the
+server's store (``postprocess.publish_later``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from circus.common.config import Settings
+from circus.common.db import in_transaction
+from circus.common.enums import BuildStatus
+from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from circus.common.heartbeat import STALE_AFTER, beat
+from circus.common.nix import store
+from circus.common.nix.derivation import read_derivation
+from circus.common.nix.export import ExportRefused, verify_export
+from circus.common.nix.transfer import export_to_file, import_file_sync
+from circus.common.tokens import token_accepted, token_digest
+from circus.queue_runner.capabilities import Capabilities
+from circus.queue_runner.leases import holds_lease
+from circus.queue_runner.logs import compress_file, log_path_for
+from circus.queue_runner.outcomes import FinishReport, StepOutcome
+from circus.queue_runner.postprocess import publish_later
+from circus.queue_runner.products import OutputResult, read_output_result
+from circus.queue_runner.reconciler import QUEUE_RUNNER_KIND
+from circus.queue_runner.results import publishes_inline
+from circus.queue_runner.steps.holder import StepHolder
+from circus.queue_runner.wakeups import Publish
+
+log = logging.getLogger(__name__)
+
+HOLDER_PREFIX = "remote:"
+#: worker names: no ``:`` (the lease holder is ``remote:<name>:<fingerprint>``)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+QUEUE_CLASS_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_+.-]{1,512})?")
+#: hex digits of the token digest in the lease holder
+FINGERPRINT = 16
+#: a step's claim answers at most this many (one per free slot)
+MAX_CLAIM = 64
+SPOOL_CHUNK = 1024 * 1024
+
+#: how the worker's outcome shows as a step status; ``None`` = infrastructure, retried
+STATUS_OF_OUTCOME: dict[str, BuildStatus | None] = {
+    "success": BuildStatus.succeeded,
+    "failed": BuildStatus.failed,
+    "failed_with_output": BuildStatus.failed_with_output,
+    "timed_out": BuildStatus.timeout,
+    "log_limit_exceeded": BuildStatus.log_limit_exceeded,
+    "oom_killed": BuildStatus.oom_killed,
+    "aborted": None,
+    "cancelled": None,
+    "import_failure": None,
+    "upload_failure": None,
+}
+
+
+@dataclass(frozen=True)
+class RemoteWorker:
+    """An authenticated caller: the name it gave and its token's digest."""
+
+    name: str
+    credential: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.credential[:FINGERPRINT]
+
+    @property
+    def lease_holder(self) -> str:
+        return f"{HOLDER_PREFIX}{self.name}:{self.fingerprint}"
+
+    @property
+    def name_prefix(self) -> str:
+        return f"{HOLDER_PREFIX}{self.name}:"
+
+
+def heartbeat_service(worker: RemoteWorker) -> str:
+    return f"remote-worker:{worker.name}"
+
+
+def authenticate(settings: Settings, token: str | None, name: str | None) -> RemoteWorker:
+    """The worker behind a request's token and name, or the 4xx saying why not."""
+    config = settings.remote_workers
+    if not config.enabled:
+        raise NotFound("remote workers are not enabled on this server "
+                       "(remote_workers.auth_tokens)")
+    if not token or not token_accepted(token, config.auth_tokens):
+        raise Unauthenticated("invalid worker token")
+    if not name or not NAME_PATTERN.fullmatch(name):
+        raise InvalidInput("the X-Circus-Worker header must name the worker "
+                           f"({NAME_PATTERN.pattern})")
+    return RemoteWorker(name, token_digest(token))
+
+
+@dataclass
+class ClaimedWork:
+    """What a worker needs to build one claimed step on its own store."""
+
+    id: int
+    drv_path: str
+    queue_class: str
+    outputs: dict[str, str]
+    timeout: int
+    max_silent: int
+    max_log_size: int
+    attempts: int
+    #: the step's input closure (the .drv closure and its inputs' outputs), dependencies
+    #: first: the only paths ``inputs`` exports for this step
+    input_closure: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FinishedStep:
+    """A worker's report on one step."""
+
+    step_id: int
+    outcome: str
+    exit_code: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error_message: str | None = None
+    log_bytes: int = 0
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    return datetime.fromtimestamp(timestamp, UTC) if timestamp else None
+
+
+class RemoteWorkers:
+    """The service the ``/api/v1/workers`` routes call (one per request is fine)."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session],
+                 publish: Publish | None = None,
+                 on_built: Callable[[FinishReport], None] | None = None) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.publish = publish
+        self.on_built = on_built or self._publish_outputs
+        self.nix_env = settings.nix_environ()
+
+    # ------------------------------------------------------------ holder
+
+    def holder(self, worker: RemoteWorker) -> StepHolder:
+        """``worker``'s holder, holding what the database says it holds."""
+        holder = StepHolder(self.settings, self.factory, worker.lease_holder,
+                            publish=self.publish, on_built=self.on_built)
+        with self.factory() as session:
+            holder.adopt(session.execute(text(
+                "SELECT id FROM steps WHERE state = 'running' AND worker = :worker"),
+                {"worker": worker.lease_holder}).scalars())
+        return holder
+
+    @staticmethod
+    def check_name(session: Session, worker: RemoteWorker) -> None:
+        """Refuse a name that is connected (a fresh heartbeat) or holds steps under
+        another credential; a worker that left (``leave``) or died frees its name."""
+        other = session.execute(text("""
+            SELECT 1 FROM steps
+            WHERE state = 'running' AND starts_with(worker, :prefix) AND worker <> :holder
+            UNION ALL
+            SELECT 1 FROM service_heartbeats
+            WHERE service = :service AND last_heartbeat > now() - :stale
+              AND details ->> 'credential' IS DISTINCT FROM :fingerprint
+            LIMIT 1
+        """), {"prefix": worker.name_prefix, "holder": worker.lease_holder,
+               "service": heartbeat_service(worker), "stale": STALE_AFTER,
+               "fingerprint": worker.fingerprint}).first()
+        if other is not None:
+            log.warning("remote worker %r refused: the name holds steps under another "
+                        "credential", worker.name)
+            raise Conflict(f"refused: a worker named {worker.name!r} is connected with "
+                           "another credential")
+
+    def require_lease(self, worker: RemoteWorker, step_id: int) -> str:
+        """The step's derivation when ``worker`` holds ``step_id``, else 403."""
+        with self.factory() as session:
+            self.check_name(session, worker)
+            if not holds_lease(session, worker.lease_holder, step_id):
+                raise PermissionDenied(f"refused: step {step_id} is not leased to this worker")
+            drv_path: str = session.execute(text("SELECT drv_path FROM steps WHERE id = :id"),
+                                            {"id": step_id}).scalar_one()
+        return drv_path
+
+    # ------------------------------------------------------------ presence
+
+    def heartbeat(self, worker: RemoteWorker, capabilities: Capabilities, slots: int,
+                  running: int) -> list[str]:
+        """Count the worker as a live consumer of its classes (the reconciler does not
+        fail their steps as unsupported); returns the known classes it can serve."""
+
+        def work(session: Session) -> list[str]:
+            self.check_name(session, worker)
+            beat(session, QUEUE_RUNNER_KIND, {
+                "remote_worker": worker.name, "credential": worker.fingerprint,
+                "capabilities": [capabilities.to_json()],
+                "workers": slots, "running": running},
+                service=heartbeat_service(worker))
+            known = session.execute(text("SELECT name FROM queue_classes")).scalars()
+            return sorted({*capabilities.base_classes(),
+                           *(c for c in known if capabilities.can_serve(c))})
+
+        result: list[str] = in_transaction(self.factory, work)
+        return result
+
+    def leave(self, worker: RemoteWorker) -> list[int]:
+        """A worker shutting down: its steps go back to the queue (no attempt counted)
+        and its heartbeat row goes, so /health does not call the instance degraded
+        for a worker that left on purpose (one that died stays: that is news)."""
+        released = self.holder(worker).release()
+
+        def work(session: Session) -> None:
+            self.check_name(session, worker)
+            session.execute(text("DELETE FROM service_heartbeats WHERE service = :service"),
+                            {"service": heartbeat_service(worker)})
+
+        in_transaction(self.factory, work)
+        log.info("remote worker %s left (%d step(s) handed back)", worker.name, len(released))
+        return released
+
+    # ------------------------------------------------------------ claims
+
+    def claim(self, worker: RemoteWorker, queue_class: str, limit: int) -> list[ClaimedWork]:
+        if not QUEUE_CLASS_PATTERN.fullmatch(queue_class):
+            raise InvalidInput(f"{queue_class[:100]!r} is not a queue class")
+        holder = self.holder(worker)
+        runner = self.settings.queue_runner
+
+        def work(session: Session) -> Any:
+            self.check_name(session, worker)
+            return holder.claim(session, queue_class, max(1, min(limit, MAX_CLAIM)),
+                                machine=worker.name, lookahead=False,
+                                critical_path=runner.critical_path_first)
+
+        claimed = in_transaction(self.factory, work)
+        found: list[ClaimedWork] = []
+        for step in claimed:
+            try:
+                outputs = read_derivation(step.drv_path).output_paths
+                closure = store.requisites([step.drv_path], self.nix_env, include_outputs=True)
+            except (OSError, ValueError, store.StoreError) as exc:
+                holder.finish([StepOutcome(step.id, BuildStatus.aborted, machine=worker.name,
+                                           error_message=f"cannot prepare the step: {exc}",
+                                           retry=True)])
+                continue
+            own = set(outputs.values())
+            found.append(ClaimedWork(
+                step.id, step.drv_path, step.queue_class, dict(outputs),
+                step.timeout or runner.build_timeout,
+                step.max_silent or runner.max_silent_time, runner.max_log_size,
+                step.attempts, [p for p in closure if p not in own]))
+        if found:
+            log.info("remote worker %s claimed %s", worker.name, [c.id for c in found])
+        return found
+
+    def renew(self, worker: RemoteWorker, step_ids: Iterable[int]) -> list[int]:
+        """Extend the lease; returns the asked-for steps no longer held (stop them)."""
+        asked = set(step_ids)
+        holder = self.holder(worker)
+        lost = asked - holder.held
+        renewal = holder.renew()
+        return sorted(lost | (asked & renewal.lost))
+
+    def release(self, worker: RemoteWorker, step_ids: Iterable[int]) -> list[int]:
+        return self.holder(worker).release(list(step_ids))
+
+    # ------------------------------------------------------------ logs
+
+    def append_log(self, worker: RemoteWorker, step_id: int, data: bytes) -> tuple[int, bool]:
+        """Append to the step's log (the file local builds write); returns its size and
+        whether the cap cut this chunk."""
+        drv_path = self.require_lease(worker, step_id)
+        path = log_path_for(self.settings.logs.log_dir, drv_path, step_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        limit = self.settings.queue_runner.max_log_size
+        with path.open("ab") as handle:
+            room = max(0, limit - handle.tell())
+            handle.write(data[:room])
+            return handle.tell(), len(data) > room
+
+    # ------------------------------------------------------------ store paths
+
+    def export_inputs(self, worker: RemoteWorker, step_id: int, paths: list[str]
+                      ) -> IO[bytes]:
+        """A spooled ``nix-store --export`` of ``paths``, each in the step's input closure."""
+        drv_path = self.require_lease(worker, step_id)
+        try:
+            wanted = store.checked_paths(paths)
+        except store.StoreError as exc:
+            raise InvalidInput(str(exc)) from None
+        try:
+            closure = store.requisites([drv_path], self.nix_env, include_outputs=True)
+        except store.StoreError as exc:
+            raise Conflict(f"cannot read the input closure of step {step_id}: {exc}") from None
+        own = set(read_derivation(drv_path).output_paths.values())
+        allowed = [p for p in closure if p not in own]
+        stray = sorted(set(wanted) - set(allowed))
+        if stray:
+            log.warning("remote worker %s asked for %s, outside step %d's input closure",
+                        worker.name, stray[0], step_id)
+            raise PermissionDenied(f"refused: {stray[0]} is not in the input closure of "
+                                   f"step {step_id}")
+        order = [p for p in allowed if p in set(wanted)]
+        spool = tempfile.TemporaryFile(prefix="circus-inputs-")  # noqa: SIM115 - returned
+        try:
+            export_to_file(order, spool, self.nix_env)
+        except store.StoreError:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool
+
+    def import_outputs(self, worker: RemoteWorker, step_id: int, stream: IO[bytes]
+                       ) -> list[str]:
+        """Spool the upload in full, check every path is one of the step's outputs, then
+        import. A foreign path: nothing is imported and the step ends aborted."""
+        drv_path = self.require_lease(worker, step_id)
+        outputs = frozenset(read_derivation(drv_path).output_paths.values())
+        limit = self.settings.remote_workers.max_upload_size
+        with tempfile.TemporaryFile(prefix="circus-outputs-") as spool:
+            size = 0
+            while chunk := stream.read(SPOOL_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidInput(f"the upload is larger than {limit} bytes "
+                                       "(remote_workers.max_upload_size)")
+                spool.write(chunk)
+            try:
+                verify_export(spool, outputs, f"step {step_id}")
+            except ExportRefused as exc:
+                reason = str(exc)
+                log.warning("remote worker %s: %s", worker.name, reason)
+                # what it sent is not what the step makes: no other attempt
+                self.holder(worker).finish([StepOutcome(
+                    step_id, BuildStatus.aborted, error_message=reason, machine=worker.name,
+                    retry=False)])
+                raise PermissionDenied(reason) from None
+            return import_file_sync(spool, self.nix_env)
+
+    # ------------------------------------------------------------ results
+
+    def finish(self, worker: RemoteWorker, report: FinishedStep) -> BuildStatus:
+        """Record the worker's outcome through the holder; returns the status recorded."""
+        drv_path = self.require_lease(worker, report.step_id)
+        status = STATUS_OF_OUTCOME.get(report.outcome)
+        outcome = StepOutcome(
+            report.step_id, status or BuildStatus.aborted, exit_code=report.exit_code,
+            error_message=report.error_message, started_at=_utc(report.started_at),
+            finished_at=_utc(report.finished_at), machine=worker.name, retry=status is None)
+        path = log_path_for(self.settings.logs.log_dir, drv_path, report.step_id)
+        if path.exists():
+            size = path.stat().st_size
+            final = compress_file(path) if self.settings.logs.compress and size else path
+            outcome.log_path, outcome.log_size = str(final), max(size, report.log_bytes)
+        results: dict[int, OutputResult] = {}
+        if outcome.status in (BuildStatus.succeeded, BuildStatus.failed_with_output):
+            outputs = read_derivation(drv_path).output_paths
+            try:
+                missing = store.invalid_paths(outputs.values(), self.nix_env)
+            except store.StoreError as exc:
+                missing = [str(exc)]
+            if missing:
+                outcome.status, outcome.retry = BuildStatus.aborted, True
+                outcome.error_message = ("the worker reported success but the outputs did "
+                                         "not arrive in the server's store")
+            else:
+                results[report.step_id] = read_output_result(outputs)
+        recorded = self.holder(worker).finish([outcome], results)
+        if recorded is None:
+            raise Conflict(f"step {report.step_id}: the outcome could not be recorded; "
+                           "its lease will lapse")
+        log.info("remote worker %s finished step %d: %s", worker.name, report.step_id,
+                 outcome.status.name)
+        return outcome.status
+
+    def _publish_outputs(self, report: FinishReport) -> None:
+        """Sign and publish what the finished builds made (the outputs are in this
+        server's store now), as the queue runner's post-processor does."""
+        succeeded: Mapping[int, list[str]] = report.builds.succeeded
+        if succeeded and not publishes_inline(self.settings):
+            publish_later(self.factory, self.settings, sorted(succeeded))

@@ -1,0 +1,124 @@
+"""Bodies of /api/v1/workers (remote ``circus-worker`` hosts)."""
+
+from __future__ import annotations
+
+import marshmallow as ma
+from marshmallow import fields, validate
+
+from circus.server.api.schemas.common import MAX_ID, Str
+
+#: steps one call may name (a worker holds one per slot)
+MAX_STEPS = 1024
+#: store paths one inputs call may ask for
+MAX_PATHS = 100_000
+
+
+def _step_ids(description: str) -> fields.List[int]:
+    return fields.List(fields.Integer(strict=True, validate=validate.Range(min=0, max=MAX_ID)),
+                       required=True, validate=validate.Length(max=MAX_STEPS),
+                       metadata={"description": description})
+
+
+def _names(description: str) -> fields.List[str]:
+    return fields.List(Str(max_length=128, min_length=1), load_default=list,
+                       validate=validate.Length(max=64), metadata={"description": description})
+
+
+class HeartbeatSchema(ma.Schema):
+    systems = fields.List(Str(max_length=128, min_length=1), required=True,
+                          validate=validate.Length(min=1, max=64),
+                          metadata={"description": "systems it builds (`x86_64-linux`)"})
+    supported_features = _names("features it supports")
+    mandatory_features = _names("features every step it takes must require")
+    slots = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1024),
+                           metadata={"description": "builds it runs at once"})
+    running = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1024),
+                             metadata={"description": "builds it runs now"})
+
+
+class HeartbeatAnswerSchema(ma.Schema):
+    classes = fields.List(fields.String(), required=True,
+                          metadata={"description": "known queue classes it can serve: "
+                                                   "consume `build.<class>` for each"})
+    lease_secs = fields.Integer(required=True,
+                                metadata={"description": "a step not renewed this long is "
+                                                         "handed to another builder"})
+
+
+class ClaimSchema(ma.Schema):
+    queue_class = Str(required=True, max_length=600, min_length=1,
+                      metadata={"description": "the class whose wake-up it received"})
+    limit = fields.Integer(load_default=1, validate=validate.Range(min=1, max=64),
+                           metadata={"description": "steps wanted (its free slots)"})
+
+
+class ClaimedStepSchema(ma.Schema):
+    id = fields.Integer(required=True)
+    drv_path = fields.String(required=True)
+    queue_class = fields.String(required=True)
+    outputs = fields.Dict(keys=fields.String(), values=fields.String(), required=True,
+                          metadata={"description": "output name → store path; the only "
+                                                   "paths an upload may carry"})
+    timeout = fields.Integer(required=True, metadata={"description": "seconds"})
+    max_silent = fields.Integer(required=True, metadata={"description": "seconds"})
+    max_log_size = fields.Integer(required=True, metadata={"description": "bytes"})
+    attempts = fields.Integer(required=True)
+    input_closure = fields.List(fields.String(), required=True,
+                                metadata={"description": "the .drv closure and its inputs' "
+                                                         "outputs, dependencies first: the "
+                                                         "only paths `inputs` exports"})
+
+
+class ClaimAnswerSchema(ma.Schema):
+    steps = fields.List(fields.Nested(ClaimedStepSchema), required=True)
+
+
+class StepIdsSchema(ma.Schema):
+    step_ids = _step_ids("steps it holds")
+
+
+class LostSchema(ma.Schema):
+    lost = fields.List(fields.Integer(), required=True,
+                       metadata={"description": "steps no longer its own: stop their builds"})
+
+
+class ReleasedSchema(ma.Schema):
+    released = fields.List(fields.Integer(), required=True)
+
+
+class LogAnswerSchema(ma.Schema):
+    size = fields.Integer(required=True, metadata={"description": "bytes in the log now"})
+    truncated = fields.Boolean(required=True,
+                               metadata={"description": "the log cap cut this chunk"})
+
+
+class InputsSchema(ma.Schema):
+    paths = fields.List(Str(max_length=1024, min_length=1), required=True,
+                        validate=validate.Length(min=1, max=MAX_PATHS),
+                        metadata={"description": "store paths of the step's input closure "
+                                                 "the worker lacks"})
+
+
+class ImportedSchema(ma.Schema):
+    imported = fields.List(fields.String(), required=True)
+
+
+OUTCOMES = ("success", "failed", "failed_with_output", "timed_out", "log_limit_exceeded",
+            "oom_killed", "aborted", "cancelled", "import_failure", "upload_failure")
+
+
+class FinishSchema(ma.Schema):
+    outcome = fields.String(required=True, validate=validate.OneOf(OUTCOMES))
+    exit_code = fields.Integer(load_default=None, allow_none=True,
+                               validate=validate.Range(min=-1024, max=1024))
+    started_at = fields.Float(load_default=None, allow_none=True,
+                              validate=validate.Range(min=0, max=1e11),
+                              metadata={"description": "Unix time"})
+    finished_at = fields.Float(load_default=None, allow_none=True,
+                               validate=validate.Range(min=0, max=1e11))
+    error_message = Str(load_default=None, allow_none=True, max_length=4000)
+    log_bytes = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**62))
+
+
+class FinishAnswerSchema(ma.Schema):
+    status = fields.String(required=True, metadata={"description": "the step's status"})

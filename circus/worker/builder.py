@@ -1,0 +1,301 @@
+"""The remote worker's builder: what a wake-up on ``build.<class>`` does on this host.
+
+``serve(queue_class)`` (called by the Celery task in a pool thread, like
+``LocalBuilder.serve`` in the queue runner) claims one step at a time through
+the server's API and builds it with this host's Nix:
+
+1. the input closure paths this store lacks come from the server
+   (``nix-store --export`` of paths in the step's closure only) and are imported;
+2. ``nix-store --realise`` runs, its output streamed to the step's log on the server;
+3. the step's outputs go back as one export stream, which the server checks
+   (every path an output of the step) before importing, signing and publishing;
+4. the outcome is reported; the server finishes the step through its StepHolder.
+
+A :class:`LeaseKeeper` thread renews the leases of running steps and stops a
+build whose step was taken away (cancelled, or its lease lapsed while the
+server was unreachable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from circus.common.nix.environment import current_system, nix_environ, sandbox_options
+from circus.common.nix.realise import Outcome, RealiseResult, realise
+from circus.common.nix.store import StoreError, dependency_order
+from circus.common.nix.store.aio import invalid_paths, path_infos
+from circus.common.nix.transfer import export_to_file, import_file
+from circus.queue_runner.capabilities import Capabilities
+from circus.worker.client import ApiError, WorkerApi
+from circus.worker.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+#: the server takes a log chunk of at most 1 MiB per call
+LOG_CHUNK = 256 * 1024
+Failure = (ApiError, requests.RequestException)
+
+
+@dataclass
+class RunningStep:
+    step_id: int
+    loop: asyncio.AbstractEventLoop
+    cancel: asyncio.Event
+    #: the server took it away: its outcome is not reported
+    lost: bool = False
+    #: its outcome is being reported (the server lets go of it meanwhile: a renewal
+    #: answering "lost" then is no news)
+    reporting: bool = False
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.cancel.set)
+
+
+class RemoteBuilder:
+    """One per ``circus-worker`` process; ``serve`` runs in Celery's pool threads."""
+
+    def __init__(self, settings: WorkerSettings, api: WorkerApi,
+                 stop: threading.Event | None = None) -> None:
+        config = settings.worker
+        self.config = config
+        self.api = api
+        self.stop = stop or threading.Event()
+        self.capabilities = Capabilities(frozenset(config.systems or [current_system()]),
+                                         frozenset(config.features),
+                                         frozenset(config.mandatory_features))
+        nix = settings.nix
+        self.nix_env = nix_environ(nix.substituters, nix.trusted_public_keys, extra={
+            **sandbox_options(nix.sandbox, nix.sandbox_paths), **nix.config})
+        features = sorted(set(config.features) | set(config.mandatory_features))
+        self.nix_args = ["--option", "system-features", " ".join(features)] if features else []
+        self.work_dir = Path(config.work_dir)
+        self.running: dict[int, RunningStep] = {}
+        self._lock = threading.Lock()
+        self.built = 0
+
+    # ------------------------------------------------------------ serving
+
+    def serve(self, queue_class: str) -> int:
+        """Claim and build steps of ``queue_class`` until none is left; returns how many."""
+        if not self.capabilities.can_serve(queue_class):
+            log.warning("woken for %s, which this worker cannot build", queue_class)
+            return 0
+        built = 0
+        while not self.stop.is_set():
+            try:
+                steps = self.api.claim(queue_class, 1)
+            except Failure as exc:
+                # the wake-up is lost; the reconciler publishes another one
+                log.warning("could not claim from %s: %s", queue_class, exc)
+                break
+            if not steps:
+                break
+            for step in steps:
+                self.build(step)
+                built += 1
+        return built
+
+    def build(self, step: dict[str, Any]) -> None:
+        step_id = int(step["id"])
+        try:
+            asyncio.run(self._build(step))
+        except BaseException:
+            log.exception("step %d: the build failed unexpectedly; handing it back", step_id)
+            try:
+                self.api.release([step_id])
+            except Failure:
+                log.warning("step %d could not be handed back; its lease will lapse", step_id)
+            raise
+        finally:
+            with self._lock:
+                self.running.pop(step_id, None)
+            self.built += 1
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return sorted(self.running)
+
+    def take_away(self, step_ids: set[int]) -> None:
+        """The server says these are no longer ours: stop their builds."""
+        with self._lock:
+            found = [self.running[i] for i in step_ids if i in self.running]
+        for running in found:
+            if running.reporting:
+                continue
+            log.info("step %d was taken away; stopping its build", running.step_id)
+            running.lost = True
+            running.stop()
+
+    def stop_all(self) -> None:
+        with self._lock:
+            found = list(self.running.values())
+        for running in found:
+            running.stop()
+
+    # ------------------------------------------------------------ one step
+
+    async def _build(self, step: dict[str, Any]) -> None:
+        step_id = int(step["id"])
+        drv_path = str(step["drv_path"])
+        running = RunningStep(step_id, asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self.running[step_id] = running
+        if self.stop.is_set():
+            # shutdown began between the claim and here (stop_all did not see this step)
+            log.info("step %d: shutting down; handing it back unbuilt", step_id)
+            await asyncio.to_thread(self.api.release, [step_id])
+            return
+        log.info("step %d: building %s", step_id, drv_path)
+        started = time.time()
+        report: dict[str, Any] = {"outcome": "aborted", "started_at": started}
+
+        async def finish(**values: Any) -> None:
+            report.update(values)
+            report.setdefault("finished_at", time.time())
+            running.reporting = True
+            if running.lost:
+                log.info("step %d: stopped (%s); no longer this worker's", step_id,
+                         report["outcome"])
+                return
+            if self.stop.is_set() and report["outcome"] in ("cancelled", "aborted"):
+                # shutting down: the step goes back without counting an attempt
+                await asyncio.to_thread(self.api.release, [step_id])
+                log.info("step %d: handed back", step_id)
+                return
+            try:
+                status = await asyncio.to_thread(self.api.finish, step_id, **report)
+                log.info("step %d: %s", step_id, status)
+            except ApiError as exc:
+                log.warning("step %d: the server refused the outcome: %s", step_id, exc)
+
+        # 1. inputs this store lacks
+        try:
+            await self._fetch_inputs(step_id, drv_path, list(step["input_closure"]))
+        except (StoreError, OSError, *Failure) as exc:
+            await finish(outcome="import_failure", error_message=f"could not fetch inputs: {exc}")
+            return
+        # 2. the build, its log streamed to the server
+        log_bytes = 0
+
+        async def send_log(chunk: bytes) -> None:
+            nonlocal log_bytes
+            log_bytes += len(chunk)
+            for start in range(0, len(chunk), LOG_CHUNK):
+                try:
+                    await asyncio.to_thread(self.api.log, step_id, chunk[start:start + LOG_CHUNK])
+                except ApiError as exc:
+                    if exc.status in (403, 409):
+                        running.lost = True
+                        running.stop()
+                    return
+                except requests.RequestException as exc:
+                    # the log is best effort; the outcome is what counts
+                    log.warning("step %d: a log chunk was lost: %s", step_id, exc)
+
+        outputs: dict[str, str] = dict(step["outputs"])
+        result: RealiseResult = await realise(
+            drv_path, env=self.nix_env, timeout=int(step["timeout"]) or None,
+            max_silent=int(step["max_silent"]) or None,
+            max_log_size=int(step["max_log_size"]), on_log=send_log,
+            extra_args=self.nix_args, cores=self.config.cores, cancel=running.cancel,
+            output_paths=list(outputs.values()))
+        values: dict[str, Any] = {
+            "outcome": result.outcome.value, "exit_code": result.returncode,
+            "started_at": result.started_at, "finished_at": result.finished_at,
+            "error_message": (result.error_message or "")[:4000] or None,
+            "log_bytes": log_bytes}
+        # 3. outputs travel to the server, which checks them before importing
+        if result.outcome in (Outcome.success, Outcome.failed_with_output) and not running.lost:
+            try:
+                await self._upload_outputs(step_id, list(outputs.values()))
+            except (StoreError, OSError, *Failure) as exc:
+                values.update(outcome="upload_failure",
+                              error_message=f"could not send the outputs: {exc}")
+        await finish(**values)
+
+    async def _fetch_inputs(self, step_id: int, drv_path: str, closure: list[str]) -> None:
+        wanted = closure if drv_path in closure else [*closure, drv_path]
+        missing = await invalid_paths(wanted, self.nix_env)
+        if not missing:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.work_dir, prefix="inputs-") as spool:
+            await asyncio.to_thread(self.api.fetch_inputs, step_id, missing, spool)
+            spool.seek(0)
+            arrived = set(await import_file(spool, self.nix_env))
+        unarrived = [p for p in missing if p not in arrived]
+        if unarrived:
+            unarrived = await invalid_paths(unarrived, self.nix_env)
+        if unarrived:
+            raise StoreError(f"{unarrived[0]} is not in the store after the import")
+        log.debug("step %d: imported %d input path(s)", step_id, len(missing))
+
+    async def _upload_outputs(self, step_id: int, outputs: list[str]) -> None:
+        infos = await path_infos(outputs, self.nix_env)
+        order = [p for p in dependency_order(infos) if p in set(outputs)]
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.work_dir, prefix="outputs-") as spool:
+            await asyncio.to_thread(export_to_file, order, spool, self.nix_env)
+            spool.seek(0)
+            await asyncio.to_thread(self.api.upload_outputs, step_id, spool)
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews running steps' leases; heartbeats; follows new queue classes."""
+
+    def __init__(self, builder: RemoteBuilder, lease_secs: float,
+                 on_classes: Callable[[list[str]], None]) -> None:
+        super().__init__(name="lease-keeper", daemon=True)
+        self.builder = builder
+        self.on_classes = on_classes
+        self.renew_every = max(0.5, min(2.0, lease_secs / 3))
+        self.lease_secs = lease_secs
+        self._done = threading.Event()
+
+    def heartbeat(self) -> dict[str, Any]:
+        builder = self.builder
+        caps = builder.capabilities
+        return builder.api.heartbeat(sorted(caps.systems), sorted(caps.supported_features),
+                                     sorted(caps.mandatory_features), builder.config.slots,
+                                     len(builder.held()))
+
+    def run(self) -> None:
+        last_renewed = time.monotonic()
+        next_beat = time.monotonic() + self.builder.config.heartbeat_secs
+        while not self._done.wait(self.renew_every):
+            held = self.builder.held()
+            if held:
+                try:
+                    lost = self.builder.api.renew(held)
+                    last_renewed = time.monotonic()
+                    if lost:
+                        self.builder.take_away(lost)
+                except Failure as exc:
+                    log.warning("could not renew %d lease(s): %s", len(held), exc)
+                    if time.monotonic() - last_renewed > self.lease_secs * 0.8:
+                        # another builder may take these steps any moment: stop them
+                        log.error("leases about to lapse without renewal; stopping builds")
+                        self.builder.take_away(set(held))
+            else:
+                last_renewed = time.monotonic()
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.builder.config.heartbeat_secs
+                try:
+                    self.on_classes(list(self.heartbeat()["classes"]))
+                except Failure as exc:
+                    log.warning("heartbeat failed: %s", exc)
+                except Exception:
+                    log.exception("following the queue classes failed")
+
+    def stop(self) -> None:
+        self._done.set()

@@ -1,0 +1,107 @@
+"""The remote worker's own configuration file (``[worker]``, ``[tracing]``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator
+
+from circus.common.configbase import (
+    Problem,
+    SettingsModel,
+    at_least,
+    deep_merge,
+    env_overrides,
+    read_toml,
+    validate_sections,
+)
+from circus.common.logging import TracingSettings
+from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS, sandbox_path_problem
+
+Positive = Annotated[int, AfterValidator(at_least(1))]
+Seconds = Annotated[float, AfterValidator(at_least(0.1))]
+
+
+class WorkerSection(SettingsModel):
+    secret_fields = ("token",)
+
+    #: unique per worker (two workers on one host need distinct names and work dirs);
+    #: default: the host name
+    name: str | None = None
+    #: the circus-server the worker claims through (``https://ci.example.org``)
+    server_url: str
+    #: a token whose SHA-256 digest is in the server's ``remote_workers.auth_tokens``
+    token: str | None = None
+    #: the Celery broker the queue runner publishes wake-ups on
+    broker_url: str
+    systems: list[str] | None = None
+    features: list[str] = []
+    mandatory_features: list[str] = []
+    #: builds at once (Celery pool threads)
+    slots: Positive = 1
+    #: cores per build (``--cores``); 0 = all
+    cores: Annotated[int, AfterValidator(at_least(0))] = 0
+    #: spools for input/output transfers
+    work_dir: str = "/var/lib/circus-worker"
+    #: seconds between heartbeats (and queue-class updates)
+    heartbeat_secs: Seconds = 5.0
+    #: verify the server's TLS certificate against this CA bundle (default: system CAs)
+    ca_file: str | None = None
+    request_timeout_secs: Seconds = 60.0
+
+    def problems(self) -> list[Problem]:
+        found = []
+        if urlsplit(self.server_url).scheme not in ("http", "https"):
+            found.append(Problem("server_url", f"must be an http(s) URL (got "
+                                               f"{self.server_url!r})"))
+        if not self.token:
+            found.append(Problem("token", "is required (or token_file)"))
+        return found
+
+
+class WorkerNixSection(SettingsModel):
+    """Nix on the worker host (its own store)."""
+
+    #: binary caches Nix may use here (unset: nix.conf's; empty: none). Inputs come
+    #: from the server either way.
+    substituters: list[str] | None = None
+    trusted_public_keys: list[str] | None = None
+    #: extra nix.conf settings for every Nix call (``NIX_CONFIG``)
+    config: dict[str, str] = {}
+    sandbox: bool = True
+    sandbox_paths: list[str] = list(DEFAULT_SANDBOX_PATHS)
+
+    def problems(self) -> list[Problem]:
+        return [Problem(f"sandbox_paths.{i}", problem)
+                for i, entry in enumerate(self.sandbox_paths)
+                if (problem := sandbox_path_problem(entry))]
+
+
+class WorkerSettings(SettingsModel):
+    worker: WorkerSection
+    nix: WorkerNixSection = WorkerNixSection()
+    tracing: TracingSettings = TracingSettings()
+
+
+def load_worker_settings(files: list[Path] | None = None,
+                         environ: Mapping[str, str] | None = None,
+                         overrides: Mapping[str, Any] | None = None) -> WorkerSettings:
+    """Defaults < the config file(s) < ``CIRCUS_WORKER__*`` variables < ``overrides``."""
+    environ = os.environ if environ is None else environ
+    if files is None:
+        files = [Path(environ["CIRCUS_WORKER_CONFIG_FILE"])] \
+            if environ.get("CIRCUS_WORKER_CONFIG_FILE") else []
+    raw: dict[str, Any] = {}
+    for path in files:
+        raw = deep_merge(raw, read_toml(path))
+    env = env_overrides(environ, "CIRCUS_")
+    raw = deep_merge(raw, {section: env[section] for section in ("worker", "tracing")
+                           if section in env})
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    raw.setdefault("worker", {})
+    return validate_sections(WorkerSettings, raw)
