@@ -46,16 +46,16 @@ from circus.common.nix.derivation import read_derivation
 from circus.common.nix.export import ExportRefused, verify_export
 from circus.common.nix.transfer import export_to_file, import_file_sync
 from circus.common.tokens import token_accepted, token_digest
-from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.leases import holds_lease
-from circus.queue_runner.logs import compress_file, log_path_for
-from circus.queue_runner.outcomes import FinishReport, StepOutcome
-from circus.queue_runner.postprocess import publish_later
-from circus.queue_runner.products import OutputResult, read_output_result
-from circus.queue_runner.reconciler import QUEUE_RUNNER_KIND
-from circus.queue_runner.results import publishes_inline
+from circus.queue_runner.builds.postprocess import publish_later
+from circus.queue_runner.builds.products import OutputResult, read_output_result
+from circus.queue_runner.builds.results import publishes_inline
+from circus.queue_runner.routing.capabilities import Capabilities
+from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.wakeups import Publish
+from circus.queue_runner.steps.leases import holds_lease
+from circus.queue_runner.steps.logs import compress_file, log_path_for
+from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
+from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND
 
 log = logging.getLogger(__name__)
 

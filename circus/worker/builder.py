@@ -35,7 +35,7 @@ from circus.common.nix.realise import Outcome, RealiseResult, realise
 from circus.common.nix.store import StoreError, dependency_order
 from circus.common.nix.store.aio import invalid_paths, path_infos
 from circus.common.nix.transfer import export_to_file, import_file
-from circus.queue_runner.capabilities import Capabilities
+from circus.queue_runner.routing.capabilities import Capabilities
 from circus.worker.client import ApiError, WorkerApi
 from circus.worker.config import WorkerSettings
 

@@ -15,8 +15,8 @@ from typing import Any
 from flask import Response, current_app, request, send_file
 
 from circus.common.errors import InvalidInput
-from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.wakeups import send_wakeups
+from circus.queue_runner.routing.capabilities import Capabilities
+from circus.queue_runner.routing.wakeups import send_wakeups
 from circus.remote_workers.service import FinishedStep, RemoteWorker, RemoteWorkers, authenticate
 from circus.server.api.base import Blueprint
 from circus.server.api.schemas.workers import (
