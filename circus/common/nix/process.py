@@ -17,11 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
-@functools.cache
-def _setpriv() -> str | None:
-    return shutil.which("setpriv")
-
-
 @dataclass
 class ProcessResult:
     returncode: int
