@@ -116,6 +116,8 @@ class UpInstance:
         self.process: subprocess.Popen[bytes] | None = None
         #: write each round's steps to ``steps-<evaluation id>.tsv`` under ``root``
         self.keep_steps = False
+        #: CPU seconds per kind of process during the last round
+        self.last_cpu: dict[str, float] = {}
 
     @property
     def log_path(self) -> Path:
@@ -170,6 +172,12 @@ class UpInstance:
             time.sleep(0.5)
         raise TimeoutError("the instance did not become idle")
 
+    def cpu_roots(self) -> list[int]:
+        """``circus up`` and the postmaster (pg_ctl detaches it from ``circus up``)."""
+        assert self.process is not None
+        postmaster = PrivatePostgres(self.state / "postgres").data_dir / "postmaster.pid"
+        return [self.process.pid, int(postmaster.read_text().split()[0])]
+
     def new_revision(self) -> None:
         write_expression(self.repo, self.dag, self.shape)
         subprocess.run(["git", "commit", "-qam", "new nonce"], cwd=self.repo, check=True,
@@ -177,6 +185,8 @@ class UpInstance:
 
     def run_round(self, expected: int, timeout: float = 900) -> Round:
         self.new_revision()
+        assert self.process is not None
+        cpu_before = tree_cpu(self.cpu_roots())
         triggered_at = time.time()
         start = time.monotonic()
         evaluation = self.api.call("POST", "/api/v1/evaluations/trigger",
@@ -200,6 +210,8 @@ class UpInstance:
                                    f"{unfinished} of {builds} builds unfinished")
             time.sleep(0.02)
         seconds = time.monotonic() - start
+        cpu_after = tree_cpu(self.cpu_roots())
+        self.last_cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items()}
         if status != EvaluationStatus.completed.value or builds != expected:
             raise RuntimeError(f"evaluation {evaluation_id} ended {status} with {builds} "
                                f"builds ({expected} expected); see {self.log_path}")
@@ -228,7 +240,7 @@ class UpInstance:
         if self.keep_steps:
             # one line per step, by start: where a round's time went, step by step
             with (self.root / f"steps-{evaluation_id}.tsv").open("w") as out:
-                for step in sorted(steps, key=lambda s: (s.started_at, s.id)):
+                for step in sorted(steps, key=lambda s: since(s.started_at or s.finished_at)):
                     out.write(f"{step.id}\t{since(step.created_at):.3f}\t"
                               f"{since(step.queued_at):.3f}\t{since(step.started_at):.3f}\t"
                               f"{since(step.finished_at):.3f}\t{step.worker}\t"
@@ -297,11 +309,54 @@ def idle_with_work_ready(steps: list[tuple[float, float, float]], slots: int = 2
     return idle, busy
 
 
-def nix_build(directory: Path, env: dict[str, str]) -> float:
+def tree_cpu(roots: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system, with reaped children) of ``roots`` and their
+    descendants, by what they are: the Circus daemons, PostgreSQL, Redis, and the
+    Nix processes the queue runner and the evaluator started (a reaped one counts
+    for its parent)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    processes: dict[int, tuple[int, str, float, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        processes[int(entry.name)] = (
+            int(fields[1]), " ".join(a.decode(errors="replace") for a in argv[:3]),
+            (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in processes.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[str, float] = {}
+    todo = [r for r in roots if r in processes]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        _, command, own, reaped = processes[pid]
+        name = next((d for d in ("queue-runner", "evaluator", "server") if d in command),
+                    "postgres" if "postgres" in command else
+                    "redis" if "redis" in command else
+                    "nix" if "nix" in command else "other")
+        if name in ("queue-runner", "evaluator"):
+            # nix-store (builds) and evaluations the daemon started and reaped
+            found[f"{name} children"] = found.get(f"{name} children", 0.0) + reaped
+            reaped = 0.0
+        found[name] = found.get(name, 0.0) + own + reaped
+    return found
+
+
+def nix_build(directory: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(seconds, CPU seconds) of ``nix-build -j2`` over the expression."""
+    before = os.times()
     start = time.monotonic()
     subprocess.run(["nix-build", "-j2", "--no-out-link", str(directory / "default.nix")],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.monotonic() - start
+    after = os.times()
+    return time.monotonic() - start, (after.children_user + after.children_system
+                                      - before.children_user - before.children_system)
 
 
 def nix_instantiate(directory: Path, env: dict[str, str]) -> float:
@@ -331,13 +386,17 @@ def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
             write_expression(baseline_dir, dag, shape)
             eval_alone = nix_instantiate(baseline_dir, env) if verbose else float("nan")
             write_expression(baseline_dir, dag, shape)
-            base = nix_build(baseline_dir, env)
+            base, base_cpu = nix_build(baseline_dir, env)
             result = instance.run_round(total)
             rows.append((base, result, eval_alone))
             print(f"  round {number + 1}: nix-build -j2 {base:.2f} s | circus "
                   f"{result.seconds:.2f} s = {result.seconds / base:.2f}x", flush=True)
             if verbose:
                 print_timeline(result, eval_alone)
+                cpu = "  ".join(f"{k} {v:.1f}" for k, v in sorted(instance.last_cpu.items())
+                                if v >= 0.05)
+                print(f"    CPU s: nix-build -j2 {base_cpu:.1f} | circus "
+                      f"{sum(instance.last_cpu.values()):.1f}: {cpu}", flush=True)
     finally:
         instance.stop()
         if keep_state:
