@@ -396,10 +396,10 @@ def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
                   f"{result.seconds:.2f} s = {result.seconds / base:.2f}x", flush=True)
             if verbose:
                 print_timeline(result, eval_alone)
-                cpu = "  ".join(f"{k} {v:.1f}" for k, v in sorted(instance.last_cpu.items())
-                                if v >= 0.05)
+                by_kind = "  ".join(f"{k} {v:.1f}" for k, v in sorted(instance.last_cpu.items())
+                                    if v >= 0.05)
                 print(f"    CPU s: nix-build -j2 {base_cpu:.1f} | circus "
-                      f"{sum(instance.last_cpu.values()):.1f}: {cpu}", flush=True)
+                      f"{sum(instance.last_cpu.values()):.1f}: {by_kind}", flush=True)
     finally:
         instance.stop()
         if keep_state:
