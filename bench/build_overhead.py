@@ -12,6 +12,11 @@ every chain's tip, and one top node (20 * 24 + 19 + 1 = 500 by default).
 
 Prints both times, the ratio, and the latency from the commit to the first
 step starting. Run: ``.venv/bin/python bench/build_overhead.py [--jobs all|tips]``.
+
+``--e2e`` measures end to end instead (``bench/build_overhead_e2e.py``): a
+``circus up`` instance, the DAG in a git repository, a trigger over the API,
+until every build has finished; evaluation included on both sides. ``--small``
+shrinks the DAG for a quick run.
 """
 
 from __future__ import annotations
@@ -307,7 +312,12 @@ def main() -> int:
     parser.add_argument("--jobs", choices=["all", "tips", "top"], default="all",
                         help="which derivations are jobs (builds): every one, the chain tips "
                              "+ fans + top, or only top")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds (default 2, with --e2e 5); the median is reported")
+    parser.add_argument("--e2e", action="store_true",
+                        help="end to end: circus up, trigger over the API, evaluation included")
+    parser.add_argument("--small", action="store_true",
+                        help="a 55-derivation DAG (5 chains of 10, 4 fans) for quick runs")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -319,6 +329,15 @@ def main() -> int:
         key, _, value = item.partition("=")
         EXTRA_ENV["CIRCUS_" + key.upper().replace(".", "__")] = value
     shape = {"chains": args.chains, "length": args.length, "fans": args.fans}
+    if args.small:
+        shape = {"chains": 5, "length": 10, "fans": 4}
+    if args.rounds is None:
+        args.rounds = 5 if args.e2e else 2
+    if args.e2e:
+        import build_overhead_e2e
+
+        return build_overhead_e2e.run(DAG, shape, args.rounds, nix_environ([]), EXTRA_ENV,
+                                      args.verbose, args.keep_state)
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-bench-", dir="/tmp"))

@@ -16,8 +16,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: cheapest first, so a broken setup shows early
-ORDER = ["cache_serve", "dashboard_pages", "eval_import", "build_overhead", "ssh_overhead",
-         "agent_overhead", "dispatch_scale", "api_scale"]
+ORDER = ["cache_serve", "dashboard_pages", "eval_import", "build_overhead", "build_overhead_e2e",
+         "ssh_overhead", "agent_overhead", "dispatch_scale", "api_scale"]
+#: benchmarks that are a mode of another script: name -> (script, arguments)
+MODES = {"build_overhead_e2e": ("build_overhead", ["--e2e"])}
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +32,8 @@ def main(argv: list[str]) -> int:
     for name in argv or ORDER:
         print(f"\n=== {name}", flush=True)
         start = time.monotonic()
-        code = subprocess.call([sys.executable, str(HERE / f"{name}.py")])
+        script, arguments = MODES.get(name, (name, []))
+        code = subprocess.call([sys.executable, str(HERE / f"{script}.py"), *arguments])
         print(f"=== {name}: exit {code} after {time.monotonic() - start:.0f} s", flush=True)
         if code:
             failed.append(name)

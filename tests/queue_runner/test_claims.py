@@ -8,7 +8,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
+from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
+from circus.queue_runner.local.worker import LocalBuilder
+from circus.queue_runner.routing.capabilities import local_capabilities
+from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.steps.leases import claim_steps, expire_leases, release_steps, renew_lease
 from circus.queue_runner.steps.outcomes import StepOutcome, finish_steps
 from circus.queue_runner.steps.reconciler import reconcile
@@ -258,3 +262,22 @@ def test_reconciler_republishes_and_repairs(committed_db: sessionmaker[Session],
         assert state_of(s, stuck)[0] == "queued"
         assert report.republished[CLS] == 1
         assert report.to_publish[CLS] == 2
+
+
+def test_a_slot_leaves_chain_heads_to_the_other_slots(committed_db: sessionmaker[Session],
+                                                      settings: Settings) -> None:
+    # three chains ready, two slots: Nix builds a batch one derivation at a time, so a
+    # slot taking two heads (and their chains) builds them in turn while the other
+    # slot, with the third chain, runs dry
+    with committed_db() as s:
+        heads = [add_step(s, f"h{i}") for i in range(3)]
+        links = {head: add_step(s, f"n{i}", state="pending", deps=[head])
+                 for i, head in enumerate(heads)}
+        s.commit()
+    builder = LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2)
+    first = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-1"), CLS))
+    second = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-2"), CLS))
+    assert [c.id for c in first] == [heads[0], links[heads[0]]]
+    assert [c.id for c in second] == [heads[1], links[heads[1]]]

@@ -1,0 +1,429 @@
+"""End-to-end mode of ``bench/build_overhead.py`` (``--e2e``): trigger over the API → all built.
+
+Circus side: one ``circus up`` instance (private PostgreSQL and Redis, server,
+evaluator, queue runner with its defaults: two local workers), a project whose
+repository is a local git repository holding the DAG as a classic expression
+(``default.nix``, every derivation a job), and a jobset on it. Every round
+commits a new nonce (nothing is cached), triggers the jobset with
+``POST /api/v1/evaluations/trigger`` and waits until the evaluation has
+finished and every one of its builds has too; the clock runs from the request
+to that moment, so fetching and evaluating are included.
+
+Baseline: ``nix-build -j2`` of a copy of the same files with another fresh
+nonce: it evaluates the same expression and builds the same number of fresh
+derivations from the same empty starting state (same store, no substituters).
+
+Each round prints both times, the ratio, and (``--verbose``) a timeline from
+the database's timestamps: trigger → evaluation started → builds committed →
+first step queued → first step started → last step finished → last build
+finished, plus how much of the building phase the two slots were idle while a
+step was ready (queued, not started).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from http.cookiejar import CookieJar
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from circus.common.db import normalise_url
+from circus.common.enums import EvaluationStatus
+from circus.common.localservices import PrivatePostgres
+from circus.common.statussql import UNFINISHED
+
+CIRCUS = Path(sys.executable).parent / "circus"
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+#: evaluation statuses after which no build of it will appear any more
+DONE_EVALUATION = {EvaluationStatus.completed.value, EvaluationStatus.failed.value,
+                   EvaluationStatus.cancelled.value, EvaluationStatus.timed_out.value}
+
+
+def write_expression(directory: Path, dag: str, shape: dict[str, int]) -> None:
+    """``dag.nix`` (the DAG function) and ``default.nix`` applying it to a new nonce."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "dag.nix").write_text(dag)
+    args = " ".join(f"{key} = {value};" for key, value in shape.items())
+    (directory / "default.nix").write_text(
+        f'import ./dag.nix {{ nonce = "{secrets.token_hex(8)}"; {args} }}\n')
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Api:
+    """The admin, logged in over the REST API like a browser."""
+
+    def __init__(self, base: str, password: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.csrf = ""
+        self.call("POST", "/api/v1/auth/login", {"username": "admin", "password": password})
+        self.csrf = self.call("GET", "/api/v1/auth/csrf")["csrf_token"]
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(
+            self.base + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "X-CSRFToken": self.csrf})
+        with self.opener.open(request, timeout=30) as response:
+            return json.load(response)
+
+
+@dataclass
+class Round:
+    seconds: float
+    evaluation_id: int
+    builds: int
+    statuses: dict[int, int]
+    timeline: dict[str, float]
+    idle_ready_secs: float
+    step_secs: float
+    steps: int
+
+
+class UpInstance:
+    """``circus up`` in a scratch directory, with the DAG's project and jobset."""
+
+    def __init__(self, root: Path, dag: str, shape: dict[str, int],
+                 extra_env: dict[str, str]) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.repo = root / "repo"
+        self.dag = dag
+        self.shape = shape
+        self.extra_env = extra_env
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        #: write each round's steps to ``steps-<evaluation id>.tsv`` under ``root``
+        self.keep_steps = False
+        #: CPU seconds per kind of process during the last round
+        self.last_cpu: dict[str, float] = {}
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "circus-up.log"
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
+        env["CIRCUS_SERVER__PORT"] = str(self.port)
+        env.update(self.extra_env)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [str(CIRCUS), "up", "--state-dir", str(self.state)], env=env, cwd=self.root,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while "Circus is running." not in self.log_path.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("circus up did not start:\n"
+                                   + self.log_path.read_text()[-3000:])
+            time.sleep(0.5)
+        found = re.search(r"login:\s+admin / (\S+)", self.log_path.read_text())
+        assert found, self.log_path.read_text()
+        self.api = Api(f"http://127.0.0.1:{self.port}", found.group(1))
+        url = PrivatePostgres(self.state / "postgres").url("circus")
+        self.engine = create_engine(normalise_url(url))
+        self._create_jobset()
+        self._wait_idle()
+
+    def _create_jobset(self) -> None:
+        write_expression(self.repo, self.dag, self.shape)
+        for argv in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                     ["git", "commit", "-q", "-m", "DAG"]):
+            subprocess.run(argv, cwd=self.repo, check=True, env={**os.environ, **GIT_ENV})
+        self.api.call("POST", "/api/v1/projects", {
+            "name": "bench", "repository_url": f"file://{self.repo}"})
+        # no scheduled checks: only the benchmark's triggers evaluate
+        self.api.call("POST", "/api/v1/projects/bench/jobsets", {
+            "name": "dag", "flake_mode": False, "nix_expression": "default.nix",
+            "branch": "main", "check_interval": 0})
+
+    def _wait_idle(self, timeout: float = 300) -> None:
+        """Until the demo project's first evaluation and builds are done."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.engine.connect() as conn:
+                busy = conn.execute(text(f"""
+                    SELECT (SELECT count(*) FROM evaluations
+                            WHERE status IN ('pending', 'running'))
+                         + (SELECT count(*) FROM builds WHERE status IN {UNFINISHED})
+                """)).scalar_one()
+            if not busy:
+                return
+            time.sleep(0.5)
+        raise TimeoutError("the instance did not become idle")
+
+    def cpu_roots(self) -> list[int]:
+        """``circus up`` and the postmaster (pg_ctl detaches it from ``circus up``)."""
+        assert self.process is not None
+        postmaster = PrivatePostgres(self.state / "postgres").data_dir / "postmaster.pid"
+        return [self.process.pid, int(postmaster.read_text().split()[0])]
+
+    def new_revision(self) -> None:
+        write_expression(self.repo, self.dag, self.shape)
+        subprocess.run(["git", "commit", "-qam", "new nonce"], cwd=self.repo, check=True,
+                       env={**os.environ, **GIT_ENV})
+
+    def run_round(self, expected: int, timeout: float = 900) -> Round:
+        self.new_revision()
+        assert self.process is not None
+        cpu_before = tree_cpu(self.cpu_roots())
+        triggered_at = time.time()
+        start = time.monotonic()
+        evaluation = self.api.call("POST", "/api/v1/evaluations/trigger",
+                                   {"project": "bench", "jobset": "dag"})
+        evaluation_id = int(evaluation["id"])
+        deadline = start + timeout
+        while True:
+            with self.engine.connect() as conn:
+                status, builds, unfinished = conn.execute(text(f"""
+                    SELECT e.status,
+                           (SELECT count(*) FROM evaluation_builds eb
+                            WHERE eb.evaluation_id = e.id),
+                           (SELECT count(*) FROM evaluation_builds eb
+                            JOIN builds b ON b.id = eb.build_id
+                            WHERE eb.evaluation_id = e.id AND b.status IN {UNFINISHED})
+                    FROM evaluations e WHERE e.id = :id"""), {"id": evaluation_id}).one()
+            if status in DONE_EVALUATION and not unfinished:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"evaluation {evaluation_id}: {status}, "
+                                   f"{unfinished} of {builds} builds unfinished")
+            time.sleep(0.02)
+        seconds = time.monotonic() - start
+        cpu_after = tree_cpu(self.cpu_roots())
+        self.last_cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items()}
+        if status != EvaluationStatus.completed.value or builds != expected:
+            raise RuntimeError(f"evaluation {evaluation_id} ended {status} with {builds} "
+                               f"builds ({expected} expected); see {self.log_path}")
+        return self._timeline(evaluation_id, triggered_at, seconds, builds)
+
+    def _timeline(self, evaluation_id: int, triggered_at: float, seconds: float,
+                  builds: int) -> Round:
+        with self.engine.connect() as conn:
+            evaluation = conn.execute(text("""
+                SELECT created_at, started_at, finished_at FROM evaluations WHERE id = :id
+            """), {"id": evaluation_id}).one()
+            build_rows = conn.execute(text("""
+                SELECT b.status, b.stepped_at, b.completed_at FROM builds b
+                JOIN evaluation_builds eb ON eb.build_id = b.id WHERE eb.evaluation_id = :id
+            """), {"id": evaluation_id}).all()
+            steps = conn.execute(text("""
+                SELECT DISTINCT s.id, s.created_at, s.queued_at, s.started_at, s.finished_at,
+                       s.worker, s.drv_path
+                FROM steps s JOIN build_steps bs ON bs.step_id = s.id
+                JOIN evaluation_builds eb ON eb.build_id = bs.build_id
+                WHERE eb.evaluation_id = :id"""), {"id": evaluation_id}).all()
+
+        def since(moment: datetime | None) -> float:
+            return moment.timestamp() - triggered_at if moment is not None else float("nan")
+
+        if self.keep_steps:
+            # one line per step, by start: where a round's time went, step by step
+            with (self.root / f"steps-{evaluation_id}.tsv").open("w") as out:
+                for step in sorted(steps, key=lambda s: since(s.started_at or s.finished_at)):
+                    out.write(f"{step.id}\t{since(step.created_at):.3f}\t"
+                              f"{since(step.queued_at):.3f}\t{since(step.started_at):.3f}\t"
+                              f"{since(step.finished_at):.3f}\t{step.worker}\t"
+                              f"{step.drv_path[44:]}\n")
+        statuses: dict[int, int] = {}
+        for row in build_rows:
+            statuses[row.status] = statuses.get(row.status, 0) + 1
+        timeline = {
+            "evaluation created": since(evaluation.created_at),
+            "evaluation started": since(evaluation.started_at),
+            "builds committed": since(evaluation.finished_at),
+            "first build stepped": since(min((r.stepped_at for r in build_rows
+                                              if r.stepped_at), default=None)),
+            "last build stepped": since(max((r.stepped_at for r in build_rows
+                                             if r.stepped_at), default=None)),
+            "first step queued": since(min((s.queued_at for s in steps if s.queued_at),
+                                           default=None)),
+            "first step started": since(min((s.started_at for s in steps if s.started_at),
+                                            default=None)),
+            "last step finished": since(max((s.finished_at for s in steps if s.finished_at),
+                                            default=None)),
+            "last build finished": since(max((r.completed_at for r in build_rows
+                                              if r.completed_at), default=None)),
+        }
+        idle, busy = idle_with_work_ready(
+            # look-ahead steps are claimed before they are queued: ready when started
+            [(since(s.queued_at or s.started_at), since(s.started_at), since(s.finished_at))
+             for s in steps if s.started_at and s.finished_at])
+        return Round(seconds, evaluation_id, builds, statuses, timeline, idle, busy, len(steps))
+
+    def stop(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.dispose()
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def idle_with_work_ready(steps: list[tuple[float, float, float]], slots: int = 2
+                         ) -> tuple[float, float]:
+    """(slot-seconds a slot was free while a step was ready, slot-seconds of building).
+
+    ``steps`` are (queued, started, finished) times. A step is ready from queued to
+    started; at any moment ``min(slots - running, ready)`` slots are idle for want
+    of claiming, not for want of work. Steps of one ``nix-store`` batch count as
+    running from their own start (Nix's), so a batch's serial chain shows as ready.
+    """
+    events: list[tuple[float, int, int]] = []
+    for queued, started, finished in steps:
+        events += [(queued, 0, +1), (started, 0, -1), (started, +1, 0), (finished, -1, 0)]
+    events.sort()
+    idle = busy = 0.0
+    running = ready = 0
+    previous = events[0][0] if events else 0.0
+    for moment, d_running, d_ready in events:
+        span = moment - previous
+        idle += span * max(0, min(slots - running, ready))
+        busy += span * min(slots, running)
+        running += d_running
+        ready += d_ready
+        previous = moment
+    return idle, busy
+
+
+def tree_cpu(roots: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system, with reaped children) of ``roots`` and their
+    descendants, by what they are: the Circus daemons, PostgreSQL, Redis, and the
+    Nix processes the queue runner and the evaluator started (a reaped one counts
+    for its parent)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    processes: dict[int, tuple[int, str, float, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        processes[int(entry.name)] = (
+            int(fields[1]), " ".join(a.decode(errors="replace") for a in argv[:3]),
+            (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in processes.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[str, float] = {}
+    todo = [r for r in roots if r in processes]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        _, command, own, reaped = processes[pid]
+        name = next((d for d in ("queue-runner", "evaluator", "server") if d in command),
+                    "postgres" if "postgres" in command else
+                    "redis" if "redis" in command else
+                    "nix" if "nix" in command else "other")
+        if name in ("queue-runner", "evaluator"):
+            # nix-store (builds) and evaluations the daemon started and reaped
+            found[f"{name} children"] = found.get(f"{name} children", 0.0) + reaped
+            reaped = 0.0
+        found[name] = found.get(name, 0.0) + own + reaped
+    return found
+
+
+def nix_build(directory: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(seconds, CPU seconds) of ``nix-build -j2`` over the expression."""
+    before = os.times()
+    start = time.monotonic()
+    subprocess.run(["nix-build", "-j2", "--no-out-link", str(directory / "default.nix")],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = os.times()
+    return time.monotonic() - start, (after.children_user + after.children_system
+                                      - before.children_user - before.children_system)
+
+
+def nix_instantiate(directory: Path, env: dict[str, str]) -> float:
+    """Seconds ``nix-instantiate`` takes over the expression (evaluation alone)."""
+    start = time.monotonic()
+    subprocess.run(["nix-instantiate", str(directory / "default.nix")], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
+        extra_env: dict[str, str], verbose: bool, keep_state: bool) -> int:
+    total = shape["chains"] * shape["length"] + shape["fans"] + 1
+    root = Path(os.environ.get("BENCH_TMPDIR", "/tmp"))
+    root = Path(__import__("tempfile").mkdtemp(prefix="circus-bench-e2e-", dir=root))
+    root.chmod(0o755)  # the postgres user must reach its data directory
+    print(f"end to end: DAG of {total} derivations ({shape}), every one a job; "
+          f"rounds: {rounds}", flush=True)
+    instance = UpInstance(root, dag, shape, extra_env)
+    instance.keep_steps = keep_state
+    rows: list[tuple[float, Round, float]] = []
+    #: (nix-build's, Circus's) CPU seconds per round
+    cpu: list[tuple[float, float]] = []
+    try:
+        instance.start()
+        for number in range(rounds):
+            # the baseline first, with a fresh nonce of its own: same work, same start
+            baseline_dir = root / f"baseline-{number}"
+            write_expression(baseline_dir, dag, shape)
+            eval_alone = nix_instantiate(baseline_dir, env) if verbose else float("nan")
+            write_expression(baseline_dir, dag, shape)
+            base, base_cpu = nix_build(baseline_dir, env)
+            result = instance.run_round(total)
+            rows.append((base, result, eval_alone))
+            cpu.append((base_cpu, sum(instance.last_cpu.values())))
+            print(f"  round {number + 1}: nix-build -j2 {base:.2f} s | circus "
+                  f"{result.seconds:.2f} s = {result.seconds / base:.2f}x", flush=True)
+            if verbose:
+                print_timeline(result, eval_alone)
+                by_kind = "  ".join(f"{k} {v:.1f}" for k, v in sorted(instance.last_cpu.items())
+                                    if v >= 0.05)
+                print(f"    CPU s: nix-build -j2 {base_cpu:.1f} | circus "
+                      f"{sum(instance.last_cpu.values()):.1f}: {by_kind}", flush=True)
+    finally:
+        instance.stop()
+        if keep_state:
+            print(f"state kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    ratios = [r.seconds / base for base, r, _ in rows]
+    print(f"\nnix-build -j2: median {statistics.median(b for b, _, _ in rows):.2f} s; "
+          f"circus end to end: median {statistics.median(r.seconds for _, r, _ in rows):.2f} s")
+    print(f"ratio median {statistics.median(ratios):.2f}x "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f}; target <= 1.2x)")
+    # on a busy machine the wall-clock ratio follows how the kernel shares the cores
+    # among many processes; the CPU both sides spent does not
+    print(f"CPU seconds: nix-build -j2 median {statistics.median(b for b, _ in cpu):.1f}, "
+          f"circus (every daemon, PostgreSQL, Redis, their Nix processes) median "
+          f"{statistics.median(c for _, c in cpu):.1f}")
+    return 0
+
+
+def print_timeline(result: Round, eval_alone: float) -> None:
+    marks = "  ".join(f"{name} {at:.2f}" for name, at in result.timeline.items())
+    print(f"    timeline (s after the trigger): {marks}")
+    span = result.timeline["last step finished"] - result.timeline["first step started"]
+    print(f"    nix-instantiate alone {eval_alone:.2f} s; {result.steps} steps, building "
+          f"{span:.2f} s, slots busy {result.step_secs:.2f} slot-s "
+          f"({result.step_secs / max(span * 2, 1e-9):.0%}), idle with a step ready "
+          f"{result.idle_ready_secs:.2f} slot-s; builds {result.statuses}", flush=True)
