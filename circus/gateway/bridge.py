@@ -31,7 +31,7 @@ from circus.gateway import sessions as session_rows
 from circus.gateway.server import ConnectedAgent, Gateway
 from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
 from circus.queue_runner.capabilities import Capabilities
-from circus.queue_runner.leases import ClaimedStep, holds_lease
+from circus.queue_runner.leases import ClaimedStep, ClaimOptions, holds_lease
 from circus.queue_runner.logs import compress_file, log_path_for
 from circus.queue_runner.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.products import read_output_result
@@ -191,9 +191,11 @@ class Bridge:
 
         def claim(session: Session) -> list[ClaimedStep]:
             # one step per assignment: an agent builds one derivation per slot
-            return holder.claim(session, queue_class, 1, machine=agent.facts.name,
-                                lookahead=False, trusted_only=agent.trusted_only,
-                                project_ids=agent.project_ids)
+            project_ids = agent.project_ids
+            return holder.claim(session, queue_class, ClaimOptions(
+                limit=1, machine=agent.facts.name, lookahead=False,
+                trusted_only=agent.trusted_only,
+                project_ids=None if project_ids is None else tuple(project_ids)))
 
         return claim
 

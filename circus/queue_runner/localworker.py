@@ -37,7 +37,7 @@ from circus.common.nix.oom import oom_counter
 from circus.queue_runner import procs
 from circus.queue_runner.capabilities import BUILTIN_SYSTEM, Capabilities
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.leases import ClaimedStep
+from circus.queue_runner.leases import ClaimedStep, ClaimOptions
 from circus.queue_runner.logs import log_path_for
 from circus.queue_runner.nixrun import (
     Exited,
@@ -158,9 +158,9 @@ class LocalBuilder:
             return []
         # share what is ready with the other slots; look-ahead fills the batch up
         share = max(1, min(runner.batch_size, math.ceil(waiting / self.slots)))
-        return holder.claim(session, queue_class, share, machine=self.hostname,
-                            lookahead=True, critical_path=runner.critical_path_first,
-                            batch_limit=runner.batch_size)
+        return holder.claim(session, queue_class, ClaimOptions(
+            limit=share, machine=self.hostname, lookahead=True,
+            critical_path=runner.critical_path_first, batch_limit=runner.batch_size))
 
     # ------------------------------------------------------------------ building
 

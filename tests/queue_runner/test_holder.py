@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
-from circus.queue_runner.leases import expire_leases
+from circus.queue_runner.leases import ClaimOptions, expire_leases
 from circus.queue_runner.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.steps.holder import LeaseKeeper, Renewal, StepHolder
 from tests.helpers.daemons import wait_until
@@ -41,7 +41,7 @@ def make_holder(settings: Settings, factory: sessionmaker[Session], worker: str,
 
 
 def claim(holder: StepHolder, factory: sessionmaker[Session], limit: int = 10) -> list[int]:
-    claimed = in_transaction(factory, lambda s: holder.claim(s, CLS, limit, lookahead=False))
+    claimed = in_transaction(factory, lambda s: holder.claim(s, CLS, ClaimOptions(limit=limit, lookahead=False)))
     return [step.id for step in claimed]
 
 

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.queue_runner.derivations import DrvCache
-from circus.queue_runner.leases import ClaimedStep
+from circus.queue_runner.leases import ClaimedStep, ClaimOptions
 from circus.queue_runner.outcomes import FinishReport
 from circus.queue_runner.ssh.builder import Builder, BuilderRow, rest_until
 from circus.queue_runner.ssh.connection import (
@@ -357,8 +357,9 @@ class SshBuilders(threading.Thread):
             with self._lock:
                 handle.others = max(handle.others, int(running) - len(handle.steps))
             return None
-        return holder.claim(session, queue_class, 1, machine=handle.name, lookahead=False,
-                            critical_path=self.runner.critical_path_first)
+        return holder.claim(session, queue_class, ClaimOptions(
+            limit=1, machine=handle.name, lookahead=False,
+            critical_path=self.runner.critical_path_first))
 
     def step_done(self, handle: BuilderHandle, step: SshStep) -> None:
         """``step``'s thread ends: its slot on ``handle`` is free."""
