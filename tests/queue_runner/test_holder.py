@@ -41,7 +41,8 @@ def make_holder(settings: Settings, factory: sessionmaker[Session], worker: str,
 
 
 def claim(holder: StepHolder, factory: sessionmaker[Session], limit: int = 10) -> list[int]:
-    claimed = in_transaction(factory, lambda s: holder.claim(s, CLS, ClaimOptions(limit=limit, lookahead=False)))
+    options = ClaimOptions(limit=limit, lookahead=False)
+    claimed = in_transaction(factory, lambda s: holder.claim(s, CLS, options))
     return [step.id for step in claimed]
 
 

@@ -59,7 +59,8 @@ def start_shared_step(run: Driver, factory: sessionmaker[Session], job: str, drv
     run.step()
     step_id, state, cls = step_id_of(factory, drv)
     assert state == "queued"
-    claimed = in_transaction(factory, lambda s: claim_steps(s, "w1", cls, ClaimOptions(), lease_secs=60))
+    claimed = in_transaction(factory, lambda s: claim_steps(s, "w1", cls, ClaimOptions(),
+                                                            lease_secs=60))
     assert [c.id for c in claimed] == [step_id]
     return first.id, step_id
 
