@@ -50,6 +50,7 @@ from circus.common.enums import BuildStatus  # noqa: E402
 from circus.common.localservices import PrivatePostgres  # noqa: E402
 from circus.common.models import Jobset, Project  # noqa: E402
 from circus.queue_runner.steps.holder import StepHolder  # noqa: E402
+from circus.queue_runner.steps.leases import ClaimOptions  # noqa: E402
 from circus.queue_runner.steps.outcomes import StepOutcome  # noqa: E402
 
 QUEUE_CLASS = "x86_64-linux"
@@ -141,7 +142,7 @@ def holder_claimer(factory: sessionmaker[Session], settings: object, index: int
     def once() -> tuple[int, float]:
         started = time.perf_counter()
         claimed = in_transaction(factory, lambda s: holder.claim(
-            s, QUEUE_CLASS, 1, machine=f"bench-{index}", lookahead=False))
+            s, QUEUE_CLASS, ClaimOptions(limit=1, machine=f"bench-{index}", lookahead=False)))
         claim_secs = time.perf_counter() - started
         if claimed:
             holder.finish([StepOutcome(step.id, BuildStatus.succeeded) for step in claimed])

@@ -78,53 +78,77 @@ class JobEnvironment:
         return args
 
 
+@dataclass
+class _JobReport:
+    """What the agent reports about one job, sent exactly once; milliseconds per phase
+    go to the debug log."""
+
+    step_id: int
+    started: float = field(default_factory=time.time)
+    outcome: str = "aborted"
+    exit_code: int = -1
+    error: str = ""
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    _mark: float = field(default_factory=time.monotonic)
+
+    def phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round((now - self._mark) * 1000, 1)
+        self._mark = now
+
+    async def send(self, result_sink: Any) -> None:
+        self.phase("outputs")
+        log.debug("step %s %s in %s ms", self.step_id, self.outcome, self.phases)
+        await result_sink.report(
+            outcome=self.outcome, exitCode=self.exit_code,
+            times={"startedAt": self.started, "finishedAt": time.time()},
+            outputs=self.outputs, errorMessage=self.error[:4000])
+
+
 async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
                   output_sink: Any, inputs: Any, environment: JobEnvironment) -> None:
-    """Do the whole assignment and report exactly once (unless the connection is gone)."""
-    env = environment.nix_env
-    started = time.time()
-    outcome: str = "aborted"
-    exit_code = -1
-    error = ""
-    outputs: list[dict[str, Any]] = []
-
-    phases: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.monotonic()
-        phases[name] = round((now - mark) * 1000, 1)
-        mark = now
-
-    async def report() -> None:
-        phase("outputs")
-        log.debug("step %s %s in %s ms", job.step_id, outcome, phases)
-        await result_sink.report(
-            outcome=outcome, exitCode=exit_code,
-            times={"startedAt": started, "finishedAt": time.time()},
-            outputs=outputs, errorMessage=error[:4000])
-
-    # 1. inputs the agent lacks come from the runner
+    """Do the whole assignment and report exactly once (unless the connection is gone):
+    fetch the inputs this store lacks, build streaming the log, send the outputs the
+    runner lacks (and upload them to the cache when the runner asks for it)."""
+    report = _JobReport(job.step_id)
     try:
-        wanted = list(assignment.inputClosure)
-        if job.drv_path not in wanted:
-            wanted.append(job.drv_path)
-        missing = await invalid_paths(wanted, env)
-        if missing:
-            sink, imported = make_import_sink(env)
-            await inputs.fetch(missing, sink)
-            arrived = set(await imported)
-            unarrived = [p for p in missing if p not in arrived]
-            if unarrived:
-                raise StoreError(f"{unarrived[0]} is not in the store after the import")
+        await _fetch_inputs(job, assignment, inputs, environment.nix_env)
     except (StoreError, OSError) as exc:
-        outcome, error = "importFailure", f"could not fetch inputs: {exc}"
-        await report()
+        report.outcome, report.error = "importFailure", f"could not fetch inputs: {exc}"
+        await report.send(result_sink)
         return
+    report.phase("inputs")
+    result = await _build(job, assignment, log_sink, environment)
+    report.phase("build")
+    report.exit_code = result.returncode if result.returncode is not None else -1
+    report.outcome = WIRE_OUTCOME[result.outcome]
+    report.error = result.error_message or ""
+    if result.outcome in (Outcome.success, Outcome.failed_with_output):
+        await _deliver_outputs(job, assignment, output_sink, environment, report)
+    await report.send(result_sink)
 
-    phase("inputs")
-    # 2. build, streaming the log
+
+async def _fetch_inputs(job: Job, assignment: Any, inputs: Any, env: dict[str, str]) -> None:
+    """The inputs (and the .drv) this store lacks come from the runner; raises
+    ``StoreError`` when one did not arrive."""
+    wanted = list(assignment.inputClosure)
+    if job.drv_path not in wanted:
+        wanted.append(job.drv_path)
+    missing = await invalid_paths(wanted, env)
+    if not missing:
+        return
+    sink, imported = make_import_sink(env)
+    await inputs.fetch(missing, sink)
+    arrived = set(await imported)
+    unarrived = [p for p in missing if p not in arrived]
+    if unarrived:
+        raise StoreError(f"{unarrived[0]} is not in the store after the import")
+
+
+async def _build(job: Job, assignment: Any, log_sink: Any, environment: JobEnvironment
+                 ) -> RealiseResult:
+    """Realise the derivation, streaming its log in chunks the runner accepts."""
     pending = bytearray()
 
     async def send_log(chunk: bytes) -> None:
@@ -136,55 +160,57 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
             await log_sink.write(bytes(pending))
             pending.clear()
 
-    expected = list(assignment.expectedOutputs)
     result: RealiseResult = await realise(
-        job.drv_path, env=env,
+        job.drv_path, env=environment.nix_env,
         timeout=assignment.buildTimeout or None,
         max_silent=assignment.maxSilentTime or None,
         max_log_size=min(int(assignment.maxLogSize or environment.max_log_size),
                          environment.max_log_size),
         on_log=send_log, extra_args=environment.nix_args(list(assignment.extraNixArgs)),
         cores=environment.cores,
-        cancel=job.cancel, output_paths=expected)
+        cancel=job.cancel, output_paths=list(assignment.expectedOutputs))
     try:
         await log_sink.close()
     except Exception:  # the log is best effort; the result is what counts
         log.warning("could not close the log of step %s", job.step_id, exc_info=True)
-    phase("build")
-    exit_code = result.returncode if result.returncode is not None else -1
-    outcome = WIRE_OUTCOME[result.outcome]
-    error = result.error_message or ""
+    return result
 
-    # 3. outputs travel to the runner (only what it lacks)
-    if result.outcome in (Outcome.success, Outcome.failed_with_output):
-        try:
-            names = _output_names(job.drv_path)
-            output_paths = list(names) or await derivation_outputs(job.drv_path, env)
-            # one Nix call: the closure with its references, ordered dependencies first
-            infos = await path_infos(output_paths, env, recursive=True, closure_size=True)
-            needed = dependency_order(infos)
-            lacking = set((await output_sink.missing(needed)).missing)
-            to_send = [p for p in needed if p in lacking]
-            if to_send:
-                async for chunk in export_chunks(to_send, env):
-                    await output_sink.write(chunk)
-            await output_sink.close()
-            outputs = [{"name": names.get(p, "out"), "path": p, "narHash": infos[p].nar_hash_sri,
-                        "narSize": infos[p].nar_size, "closureSize": infos[p].closure_size or 0}
-                       for p in output_paths]
-        except (StoreError, OSError) as exc:
-            outcome, error = "postProcessFailure", f"could not send outputs: {exc}"
-        presign = assignment.presign
-        if outputs and presign.enabled and environment.runner is not None:
-            try:
-                await upload_outputs(environment.runner, environment.machine_id, job.build_id,
-                                     job.step_id, infos, output_paths,
-                                     presign.compression or "zstd", presign.level or 3)
-            except (UploadFailed, OSError) as exc:
-                log.warning("step %s: %s", job.step_id, exc)
-                if presign.failBuildOnUploadError:
-                    outcome, error = "uploadFailure", str(exc)
-    await report()
+
+async def _deliver_outputs(job: Job, assignment: Any, output_sink: Any,
+                           environment: JobEnvironment, report: _JobReport) -> None:
+    """Send the outputs' closure the runner lacks, then upload the outputs to the
+    cache when the runner asked for presigned uploads; failures go into ``report``."""
+    env = environment.nix_env
+    try:
+        names = _output_names(job.drv_path)
+        output_paths = list(names) or await derivation_outputs(job.drv_path, env)
+        # one Nix call: the closure with its references, ordered dependencies first
+        infos = await path_infos(output_paths, env, recursive=True, closure_size=True)
+        needed = dependency_order(infos)
+        lacking = set((await output_sink.missing(needed)).missing)
+        to_send = [p for p in needed if p in lacking]
+        if to_send:
+            async for chunk in export_chunks(to_send, env):
+                await output_sink.write(chunk)
+        await output_sink.close()
+        report.outputs = [
+            {"name": names.get(p, "out"), "path": p, "narHash": infos[p].nar_hash_sri,
+             "narSize": infos[p].nar_size, "closureSize": infos[p].closure_size or 0}
+            for p in output_paths]
+    except (StoreError, OSError) as exc:
+        report.outcome, report.error = "postProcessFailure", f"could not send outputs: {exc}"
+        return
+    presign = assignment.presign
+    if not (report.outputs and presign.enabled and environment.runner is not None):
+        return
+    try:
+        await upload_outputs(environment.runner, environment.machine_id, job.build_id,
+                             job.step_id, infos, output_paths,
+                             presign.compression or "zstd", presign.level or 3)
+    except (UploadFailed, OSError) as exc:
+        log.warning("step %s: %s", job.step_id, exc)
+        if presign.failBuildOnUploadError:
+            report.outcome, report.error = "uploadFailure", str(exc)
 
 
 def _output_names(drv_path: str) -> dict[str, str]:

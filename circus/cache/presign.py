@@ -209,10 +209,62 @@ def verify_and_record(session: Session, settings: Settings, build_id: int,
                       report: UploadReport, *, session_id: str = "") -> NarInfo:
     """Check an uploaded NAR against its binding and record it; raises :class:`UploadRejected`.
 
-    The caller commits the session.
+    The report must be well-formed (:func:`_parse_report`), name an output of the
+    build and carry the key minted for exactly these facts; only then is the object
+    read and checked (:func:`_verify_upload`), copied to its content address with
+    a signed narinfo (:func:`_publish_verified`) and recorded. The caller commits
+    the session.
     """
     store = _store(settings)
     build, outputs = _build_outputs(session, build_id)
+    facts = _parse_report(report)
+    if report.store_path not in outputs:
+        raise UploadRejected(f"{report.store_path} is not an output of build {build_id}")
+    expected = upload_key(settings, session_id=session_id, build_id=build_id,
+                          store_path=report.store_path, nar_hash=facts.nar_hash,
+                          nar_size=report.nar_size, compression=report.compression)
+    if not hmac.compare_digest(expected, report.nar_path):
+        # the facts differ from the minted ones: never even look at the object
+        raise UploadRejected("the upload was not minted for these facts")
+    try:
+        file_hash, file_size = _verify_upload(store, expected, report, facts)
+    except UploadRejected as exc:
+        log.warning("cache: rejected upload of %s for build %s: %s", report.store_path,
+                    build_id, exc.message)
+        _discard(store, expected)
+        raise
+    narinfo = NarInfo(store_path=report.store_path,
+                      url="nar/" + nar_file_name(file_hash, report.compression),
+                      compression=report.compression, nar_hash=facts.nar_hash,
+                      nar_size=report.nar_size, references=facts.references,
+                      file_hash=file_hash, file_size=file_size, deriver=report.deriver,
+                      ca=report.ca)
+    key = signing_key(settings)
+    if key is not None:
+        narinfo = narinfo.signed(key)
+    _publish_verified(store, settings, expected, narinfo)
+    records.lock_shared(session)
+    records.insert_rows(session, [records.to_values(
+        narinfo, storage="s3", build_id=build_id, project_id=build.project_id)])
+    records.link_projects(session, [narinfo.store_path], build.project_id)
+    session.flush()
+    return narinfo
+
+
+@dataclass(frozen=True)
+class _ReportFacts:
+    """The checked, normalised facts of an upload report."""
+
+    #: in Nix's base-32 form
+    nar_hash: str
+    #: sorted, without duplicates
+    references: tuple[str, ...]
+    claimed_file_hash: str | None
+
+
+def _parse_report(report: UploadReport) -> _ReportFacts:
+    """Check the report's form (hashes, compression, store paths); raises
+    :class:`UploadRejected`."""
     try:
         nar_hash = Sha256.parse(report.nar_hash).nix
         if report.compression not in KINDS:
@@ -227,48 +279,38 @@ def verify_and_record(session: Session, settings: Settings, build_id: int,
         claimed_file_hash = Sha256.parse(report.file_hash).nix if report.file_hash else None
     except ValueError as exc:
         raise UploadRejected(f"malformed upload report: {exc}") from None
-    if report.store_path not in outputs:
-        raise UploadRejected(f"{report.store_path} is not an output of build {build_id}")
-    expected = upload_key(settings, session_id=session_id, build_id=build_id,
-                          store_path=report.store_path, nar_hash=nar_hash,
-                          nar_size=report.nar_size, compression=report.compression)
-    if not hmac.compare_digest(expected, report.nar_path):
-        # the facts differ from the minted ones: never even look at the object
-        raise UploadRejected("the upload was not minted for these facts")
+    return _ReportFacts(nar_hash, references, claimed_file_hash)
 
-    try:
-        counting, digest, scanner = _download_and_check(store, expected, report, references)
-        file_hash = Sha256(counting.digest.digest()).nix
-        problems = []
-        if (digest.nar_hash.nix, digest.nar_size) != (nar_hash, report.nar_size):
-            problems.append(f"NAR is {digest.nar_hash.nix} ({digest.nar_size} bytes), expected"
-                            f" {nar_hash} ({report.nar_size} bytes)")
-        if claimed_file_hash is not None and claimed_file_hash != file_hash:
-            problems.append(f"file hash is {file_hash}, reported {claimed_file_hash}")
-        if report.file_size is not None and report.file_size != counting.size:
-            problems.append(f"file size is {counting.size}, reported {report.file_size}")
-        missing = scanner.missing()
-        if missing:
-            problems.append(f"claimed references do not occur in the NAR: {missing}")
-        if problems:
-            raise UploadRejected("upload does not match: " + "; ".join(problems))
-    except UploadRejected as exc:
-        log.warning("cache: rejected upload of %s for build %s: %s", report.store_path,
-                    build_id, exc.message)
-        _discard(store, expected)
-        raise
 
-    url = "nar/" + nar_file_name(file_hash, report.compression)
-    narinfo = NarInfo(store_path=report.store_path, url=url, compression=report.compression,
-                      nar_hash=nar_hash, nar_size=report.nar_size, references=references,
-                      file_hash=file_hash, file_size=counting.size, deriver=report.deriver,
-                      ca=report.ca)
-    key = signing_key(settings)
-    if key is not None:
-        narinfo = narinfo.signed(key)
+def _verify_upload(store: S3Store, key: str, report: UploadReport, facts: _ReportFacts
+                   ) -> tuple[str, int]:
+    """Read the uploaded object and compare it with the report: NAR hash and size,
+    file hash and size, and every claimed reference occurring in the NAR. Returns
+    the file's hash and size; raises :class:`UploadRejected` naming every mismatch."""
+    counting, digest, scanner = _download_and_check(store, key, report, facts.references)
+    file_hash = Sha256(counting.digest.digest()).nix
+    problems = []
+    if (digest.nar_hash.nix, digest.nar_size) != (facts.nar_hash, report.nar_size):
+        problems.append(f"NAR is {digest.nar_hash.nix} ({digest.nar_size} bytes), expected"
+                        f" {facts.nar_hash} ({report.nar_size} bytes)")
+    if facts.claimed_file_hash is not None and facts.claimed_file_hash != file_hash:
+        problems.append(f"file hash is {file_hash}, reported {facts.claimed_file_hash}")
+    if report.file_size is not None and report.file_size != counting.size:
+        problems.append(f"file size is {counting.size}, reported {report.file_size}")
+    missing = scanner.missing()
+    if missing:
+        problems.append(f"claimed references do not occur in the NAR: {missing}")
+    if problems:
+        raise UploadRejected("upload does not match: " + "; ".join(problems))
+    return file_hash, counting.size
+
+
+def _publish_verified(store: S3Store, settings: Settings, key: str, narinfo: NarInfo) -> None:
+    """Copy the verified object to its content address, write its narinfo (and
+    ``nix-cache-info`` once), then drop the upload; raises :class:`Unavailable`."""
     try:
-        if not store.exists(url):
-            store.copy(expected, url)
+        if not store.exists(narinfo.url):
+            store.copy(key, narinfo.url)
         store.put_bytes(f"{narinfo.hash_part}.narinfo", narinfo.render().encode(),
                         NARINFO_TYPE)
         if not store.exists("nix-cache-info"):
@@ -276,13 +318,7 @@ def verify_and_record(session: Session, settings: Settings, build_id: int,
                             "text/x-nix-cache-info")
     except S3Error as exc:
         raise Unavailable(f"cannot store the verified NAR in S3: {exc}") from None
-    _discard(store, expected)
-    records.lock_shared(session)
-    records.insert_rows(session, [records.to_values(
-        narinfo, storage="s3", build_id=build_id, project_id=build.project_id)])
-    records.link_projects(session, [narinfo.store_path], build.project_id)
-    session.flush()
-    return narinfo
+    _discard(store, key)
 
 
 def _download_and_check(store: S3Store, key: str, report: UploadReport,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,12 +77,77 @@ def publish_outputs(session: Session, settings: Settings, build_id: int) -> Publ
     return publish_builds(session, settings, [build_id])[build_id]
 
 
+@dataclass
+class _Batch:
+    """The builds of one publish call whose project caches, and their paths."""
+
+    results: dict[int, PublishResult]
+    project_of: dict[int, int]
+    #: build -> its output paths, by output name
+    outputs_of: dict[int, list[str]]
+    #: build -> the closure of its outputs (filled once Nix answered)
+    closure_of: dict[int, list[str]] = field(default_factory=dict)
+
+    def fail(self, path: str, error: str) -> None:
+        """``path`` is not published: an error of every build whose closure holds it."""
+        for build_id, paths in self.closure_of.items():
+            if path in paths:
+                self.results[build_id].errors[path] = error
+
+
 def publish_builds(session: Session, settings: Settings, build_ids: list[int]
                    ) -> dict[int, PublishResult]:
-    """:func:`publish_outputs` for many builds at once: one Nix call for all closures."""
+    """:func:`publish_outputs` for many builds at once: one Nix call for all closures.
+
+    The outputs' closure comes from Nix (:func:`_closures`); the paths not
+    recorded yet are packed, signed and uploaded in parallel (:class:`_Packer`)
+    and become rows (:func:`_new_rows`); failed uploads are settled
+    (:func:`_settle_uploads`) before anything is recorded; then the rows are
+    inserted, recorded paths signed and linked to the builds' projects
+    (:func:`_link_and_report`), and uploaded NARs leave the local disk.
+    """
     results = {build_id: PublishResult() for build_id in build_ids}
     if not (settings.cache.enabled or settings.cache_upload.enabled) or not build_ids:
         return results
+    batch = _load_batch(session, build_ids, results)
+    if not batch.outputs_of:
+        return results
+    infos = _closures(batch, settings.nix_environ())
+    if infos is None:
+        return results
+
+    records.lock_shared(session)
+    key = signing_key(settings)
+    existing = {row.store_path: row for row in session.execute(
+        select(NarInfoRow).where(NarInfoRow.store_path.in_([i.path for i in infos]))
+    ).scalars()}
+    uploader = _Uploader(settings) if settings.cache_upload.enabled else None
+    files = LocalFiles(settings.cache.cache_dir)
+    packer = _Packer(settings, files, key, uploader)
+    missing = [info for info in infos if info.path not in existing]
+    outcomes = _run_parallel(packer.pack, missing, _workers(settings, len(missing)))
+    values, added, uploaded = _new_rows(batch, missing, outcomes)
+    if uploader is not None:
+        uploaded += _settle_uploads(session, settings, uploader, files, existing.values(),
+                                    key, uploaded)
+
+    records.insert_rows(session, values)
+    if key is not None:
+        _sign_existing(session, key, existing.values())
+    signed = _link_and_report(session, batch, existing.keys(), added, signing=key is not None)
+    if uploader is not None:
+        # the local copy of an uploaded NAR is dropped unless a local row still uses it
+        _drop_uploaded_local_files(session, files, uploaded)
+    if signed:
+        session.execute(update(Build).where(Build.id.in_(signed)).values(signed=True))
+    session.flush()
+    return results
+
+
+def _load_batch(session: Session, build_ids: list[int], results: dict[int, PublishResult]
+                ) -> _Batch:
+    """The builds of ``build_ids`` whose project caches, and the outputs of those that
+    have outputs."""
     project_of = dict(session.execute(
         select(Build.id, Build.project_id).join(Project, Project.id == Build.project_id)
         .where(Build.id.in_(build_ids), Project.cache_enabled)).tuples().all())
@@ -92,40 +157,49 @@ def publish_builds(session: Session, settings: Settings, build_ids: list[int]
             .where(BuildOutput.build_id.in_(list(project_of)))
             .order_by(BuildOutput.build_id, BuildOutput.name)).tuples():
         outputs_of[owner].append(path)
-    all_outputs = sorted({p for paths in outputs_of.values() for p in paths})
-    if not all_outputs:
-        return results
-    env = settings.nix_environ()
+    return _Batch(results, project_of, dict(outputs_of))
+
+
+def _closures(batch: _Batch, env: dict[str, str]) -> list[store.PathInfo] | None:
+    """Every path of the outputs' closure, sorted by path (one Nix call), and each
+    build's closure in ``batch``; None when the store cannot answer (then every
+    output is an error: the builds' results stand, their outputs are just not in
+    the cache). Outputs that are not valid are errors of their builds."""
+    all_outputs = sorted({p for paths in batch.outputs_of.values() for p in paths})
     invalid = PublishResult()
     try:
         infos = _closure(all_outputs, env, invalid)
     except store.StoreError as exc:
-        # the builds' results stand; their outputs are just not in the cache
-        log.error("cache: cannot publish build(s) %s: %s", sorted(outputs_of), exc)
-        for build_id, paths in outputs_of.items():
-            results[build_id].errors.update({p: str(exc) for p in paths})
-        return results
+        log.error("cache: cannot publish build(s) %s: %s", sorted(batch.outputs_of), exc)
+        for build_id, paths in batch.outputs_of.items():
+            batch.results[build_id].errors.update({p: str(exc) for p in paths})
+        return None
     by_path = {info.path: info for info in infos}
-    closure_of = {build_id: _closure_in(by_path, paths)
-                  for build_id, paths in outputs_of.items()}
-    for build_id, paths in outputs_of.items():
-        results[build_id].errors.update(
+    batch.closure_of = {build_id: _closure_in(by_path, paths)
+                        for build_id, paths in batch.outputs_of.items()}
+    for build_id, paths in batch.outputs_of.items():
+        batch.results[build_id].errors.update(
             {p: e for p, e in invalid.errors.items() if p in paths})
+    return infos
 
-    records.lock_shared(session)
-    key = signing_key(settings)
-    existing = {row.store_path: row for row in session.execute(
-        select(NarInfoRow).where(NarInfoRow.store_path.in_(list(by_path)))).scalars()}
 
-    uploader = _Uploader(settings) if settings.cache_upload.enabled else None
-    files = LocalFiles(settings.cache.cache_dir)
-    compression = (settings.cache_upload.compression if uploader
-                   else settings.cache.compression).value
-    missing = [info for info in infos if info.path not in existing]
+class _Packer:
+    """Packs (and signs, and uploads) one path not recorded yet; runs in worker threads."""
 
-    def process_one(info: store.PathInfo) -> tuple[NarInfo, str] | str:
+    def __init__(self, settings: Settings, files: LocalFiles, key: SecretKey | None,
+                 uploader: _Uploader | None) -> None:
+        self.files = files
+        self.key = key
+        self.uploader = uploader
+        self.compression = (settings.cache_upload.compression if uploader
+                            else settings.cache.compression).value
+        self.level = settings.cache.compression_level
+
+    def pack(self, info: store.PathInfo) -> tuple[NarInfo, str] | str:
+        """The path's narinfo and its storage (``local`` or ``s3``), or why it cannot
+        be published."""
         try:
-            packed = files.pack(info.path, compression, settings.cache.compression_level)
+            packed = self.files.pack(info.path, self.compression, self.level)
         except (OSError, NarFormatError) as exc:
             return f"cannot archive {info.path}: {exc}"
         if packed.nar_hash != info.nar_hash or packed.nar_size != info.nar_size:
@@ -133,70 +207,77 @@ def publish_builds(session: Session, settings: Settings, build_ids: list[int]
             return (f"NAR of {info.path} hashes to {packed.nar_hash} ({packed.nar_size} bytes)"
                     f" but Nix's database says {info.nar_hash} ({info.nar_size} bytes)")
         narinfo = _narinfo(info, packed)
-        if key is not None:
-            narinfo = narinfo.signed(key)
+        if self.key is not None:
+            narinfo = narinfo.signed(self.key)
         storage = "local"
-        if uploader is not None:
-            storage = uploader.upload(narinfo, packed.file)
+        if self.uploader is not None:
+            storage = self.uploader.upload(narinfo, packed.file)
         return narinfo, storage
 
-    outcomes = _run_parallel(process_one, missing, _workers(settings, len(missing)))
 
+def _new_rows(batch: _Batch, missing: list[store.PathInfo],
+              outcomes: list[tuple[NarInfo, str] | str]
+              ) -> tuple[list[dict[str, Any]], set[str], list[NarInfo]]:
+    """narinfo_cache rows of the packed paths, the paths added, and the narinfos
+    uploaded; a path that could not be packed is an error of the builds needing it."""
     # a path new to the cache is attributed to the first build (by id) that needs it
     first_owner = {}
-    for build_id in sorted(closure_of, reverse=True):
-        first_owner.update(dict.fromkeys(closure_of[build_id], build_id))
+    for build_id in sorted(batch.closure_of, reverse=True):
+        first_owner.update(dict.fromkeys(batch.closure_of[build_id], build_id))
     values: list[dict[str, Any]] = []
     uploaded: list[NarInfo] = []
     added: set[str] = set()
     for info, outcome in zip(missing, outcomes, strict=True):
         if isinstance(outcome, str):
             log.error("cache: not publishing %s: %s", info.path, outcome)
-            for build_id, paths in closure_of.items():
-                if info.path in paths:
-                    results[build_id].errors[info.path] = outcome
+            batch.fail(info.path, outcome)
             continue
         narinfo, storage = outcome
         owner = first_owner[info.path]
         values.append(records.to_values(narinfo, storage=storage, build_id=owner,
-                                        project_id=project_of[owner]))
+                                        project_id=batch.project_of[owner]))
         added.add(info.path)
         if storage == "s3":
             uploaded.append(narinfo)
+    return values, added, uploaded
 
-    if uploader is not None:
-        retried = _retry_uploads(session, uploader, files, existing.values(), key)
-        failures = uploader.failures
-        if failures:
-            if settings.cache_upload.fail_build_on_upload_error:
-                raise UploadError("; ".join(f"{p}: {e}" for p, e in failures.items()))
-            for path, error in failures.items():
-                log.warning("cache: upload of %s failed, serving it from local disk: %s",
-                            path, error)
-        uploaded += retried
-        if uploaded:
-            uploader.ensure_cache_info(settings.cache.priority)
 
-    records.insert_rows(session, values)
-    if key is not None:
-        _sign_existing(session, key, existing.values())
+def _settle_uploads(session: Session, settings: Settings, uploader: _Uploader,
+                    files: LocalFiles, existing: Any, key: SecretKey | None,
+                    uploaded: list[NarInfo]) -> list[NarInfo]:
+    """Retry the uploads of recorded paths kept only on local disk, then act on the
+    failures: :class:`UploadError` when ``fail_build_on_upload_error`` is set, else a
+    warning (the path is served from local disk). Returns the narinfos the retry
+    uploaded; writes ``nix-cache-info`` once anything is in S3."""
+    retried = _retry_uploads(session, uploader, files, existing, key)
+    failures = uploader.failures
+    if failures:
+        if settings.cache_upload.fail_build_on_upload_error:
+            raise UploadError("; ".join(f"{p}: {e}" for p, e in failures.items()))
+        for path, error in failures.items():
+            log.warning("cache: upload of %s failed, serving it from local disk: %s",
+                        path, error)
+    if uploaded or retried:
+        uploader.ensure_cache_info(settings.cache.priority)
+    return retried
+
+
+def _link_and_report(session: Session, batch: _Batch, existing: Collection[str],
+                     added: set[str], *, signing: bool) -> list[int]:
+    """Link each build's recorded paths (``existing`` before this call, or ``added``
+    by it) to its project and fill in its result; returns the builds whose outputs
+    are all recorded and signed."""
     signed: list[int] = []
-    for build_id, paths in closure_of.items():
-        result = results[build_id]
+    for build_id, paths in batch.closure_of.items():
+        result = batch.results[build_id]
         recorded = [p for p in paths if p in existing or p in added]
-        records.link_projects(session, recorded, project_of[build_id])
+        records.link_projects(session, recorded, batch.project_of[build_id])
         result.published = recorded
         result.added = [p for p in paths if p in added]
-        if key is not None and all(o in recorded for o in outputs_of[build_id]):
+        if signing and all(o in recorded for o in batch.outputs_of[build_id]):
             result.signed = True
             signed.append(build_id)
-    if uploader is not None:
-        # the local copy of an uploaded NAR is dropped unless a local row still uses it
-        _drop_uploaded_local_files(session, files, uploaded)
-    if signed:
-        session.execute(update(Build).where(Build.id.in_(signed)).values(signed=True))
-    session.flush()
-    return results
+    return signed
 
 
 def _closure_in(by_path: dict[str, store.PathInfo], roots: list[str]) -> list[str]:

@@ -36,7 +36,7 @@ from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.routing.strategy import Candidate, choose
 from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.steps.leases import ClaimedStep, holds_lease
+from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions, holds_lease
 from circus.queue_runner.steps.logs import compress_file, log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 
@@ -192,9 +192,11 @@ class Bridge:
 
         def claim(session: Session) -> list[ClaimedStep]:
             # one step per assignment: an agent builds one derivation per slot
-            return holder.claim(session, queue_class, 1, machine=agent.facts.name,
-                                lookahead=False, trusted_only=agent.trusted_only,
-                                project_ids=agent.project_ids)
+            project_ids = agent.project_ids
+            return holder.claim(session, queue_class, ClaimOptions(
+                limit=1, machine=agent.facts.name, lookahead=False,
+                trusted_only=agent.trusted_only,
+                project_ids=None if project_ids is None else tuple(project_ids)))
 
         return claim
 

@@ -13,6 +13,7 @@ one result report and hands it to the queue runner.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -72,6 +73,172 @@ class StepSinks:
     result: asyncio.Future[ReportedResult]
 
 
+class _Assignment:
+    """One assignment's state and the rules its capabilities enforce.
+
+    The Cap'n Proto servers (:func:`_servers`) only adapt calls to these methods.
+    """
+
+    def __init__(self, step_id: int, log_path: Path, max_log_size: int,
+                 nix_env: Mapping[str, str], input_closure: list[str],
+                 on_log: Callable[[int], None] | None, on_report: Callable[[], None] | None,
+                 outputs: Collection[str], leased: Callable[[], bool],
+                 lease_held: Callable[[], Awaitable[bool]] | None) -> None:
+        self.step_id = step_id
+        self.max_log_size = max_log_size
+        self.nix_env = nix_env
+        self.input_closure = input_closure
+        self.on_log = on_log
+        self.on_report = on_report
+        self.leased = leased
+        self.lease_held = lease_held
+        self.result: asyncio.Future[ReportedResult] = \
+            asyncio.get_running_loop().create_future()
+        self.log_bytes = 0
+        self.truncated = False
+        self.imported: list[str] = []
+        self.import_error: str | None = None
+        self.already_valid: list[str] = []
+        self.refused = ""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = log_path.open("ab")
+        self.allowed_inputs = set(input_closure)
+        self.allowed_outputs = frozenset(outputs)
+        #: the output stream being received (at most one file)
+        self.spool: list[IO[bytes]] = []
+
+    # ------------------------------------------------------------ leases
+
+    def require_lease(self) -> None:
+        if not self.leased():
+            raise Refused(not_leased(self.step_id))
+
+    async def require_lease_held(self) -> None:
+        self.require_lease()
+        if self.lease_held is not None and not await self.lease_held():
+            raise Refused(not_leased(self.step_id))
+
+    def refuse(self, reason: str) -> Refused:
+        self.refused = reason
+        self.drop_spool()
+        log.warning("step %s: %s", self.step_id, reason)
+        return Refused(reason)
+
+    def drop_spool(self) -> None:
+        for handle in self.spool:
+            handle.close()
+        self.spool.clear()
+
+    # ------------------------------------------------------------ LogSink
+
+    def write_log(self, chunk: bytes) -> None:
+        data = bytes(chunk)
+        if len(data) > MAX_LOG_CHUNK:
+            raise LimitExceeded("log chunk larger than 1 MiB")
+        room = self.max_log_size - self.log_bytes
+        if room <= 0:
+            self.truncated = True
+            return
+        data = data[:room]
+        self.log_file.write(data)
+        self.log_file.flush()
+        self.log_bytes += len(data)
+        if self.on_log is not None:
+            self.on_log(len(data))
+
+    # ------------------------------------------------------------ OutputSink
+
+    async def missing_outputs(self, paths: Any) -> list[str]:
+        await self.require_lease_held()
+        try:
+            wanted = checked_paths(check_list("paths", paths, 100_000, MAX_STORE_PATH))
+        except StoreError as exc:
+            raise Refused(str(exc)) from None
+        # an output's closure is the outputs plus (some of) the step's inputs; the
+        # agent learns nothing about any other path of this store
+        stray = [p for p in wanted
+                 if p not in self.allowed_outputs and p not in self.allowed_inputs]
+        if stray:
+            raise Refused(f"refused: {stray[0]} is neither an output nor an input of "
+                          f"step {self.step_id}")
+        missing = await invalid_paths(wanted, self.nix_env)
+        self.already_valid = sorted(set(wanted) - set(missing))
+        return missing
+
+    async def spool_outputs(self, chunk: bytes) -> None:
+        self.require_lease()
+        if self.refused:
+            raise Refused(self.refused)
+        if not self.spool:
+            # closed by import_outputs(), refuse() or the report, whichever comes first
+            self.spool.append(tempfile.TemporaryFile(prefix="circus-outputs-"))  # noqa: SIM115
+        await asyncio.to_thread(self.spool[0].write, bytes(chunk))
+
+    async def import_outputs(self) -> None:
+        """Import the spooled stream once every path in it is one of the step's outputs."""
+        await self.require_lease_held()
+        if self.refused:
+            raise Refused(self.refused)
+        if not self.spool:
+            return
+        handle = self.spool[0]
+        try:
+            await asyncio.to_thread(verify_export, handle, self.allowed_outputs,
+                                    f"step {self.step_id}")
+        except ExportRefused as exc:
+            raise self.refuse(str(exc)) from None
+        try:
+            self.imported = await import_file(handle, self.nix_env)
+        except (StoreError, OSError) as exc:
+            self.import_error = str(exc)
+            raise
+        finally:
+            handle.close()
+            self.spool.clear()
+
+    # ------------------------------------------------------------ ResultSink
+
+    def report(self, outcome: Any, exit_code: int, times: Any, outputs: Any,
+               error_message: str) -> None:
+        if self.result.done():
+            # exactly once: a second report is a protocol violation, ignored
+            log.warning("step %s: duplicate result report ignored", self.step_id)
+            return
+        if not self.log_file.closed:
+            self.log_file.close()
+        self.drop_spool()  # written but never closed: nothing was imported
+        reported = ReportedResult(
+            outcome=str(outcome), exit_code=int(exit_code),
+            started_at=float(times.startedAt), finished_at=float(times.finishedAt),
+            outputs=[ReportedOutput(o.name, o.path, o.narHash, int(o.narSize),
+                                    int(o.closureSize)) for o in outputs],
+            error_message=str(error_message), log_bytes=self.log_bytes,
+            log_truncated=self.truncated, imported=list(self.imported),
+            already_valid=list(self.already_valid))
+        if self.import_error:
+            reported.outcome = "importFailure"
+            reported.error_message = f"importing outputs failed: {self.import_error}"
+        if self.refused:
+            reported.outcome, reported.refused = "aborted", self.refused
+            reported.error_message = self.refused
+        if self.on_report is not None:
+            self.on_report()
+        self.result.set_result(reported)
+
+    # ------------------------------------------------------------ InputSource
+
+    async def send_inputs(self, paths: Any, sink: Any) -> None:
+        self.require_lease()
+        wanted = [str(p) for p in paths]
+        # only what the assignment named: an agent cannot read arbitrary store paths
+        if not set(wanted) <= self.allowed_inputs:
+            raise LimitExceeded("fetch asked for paths outside the input closure")
+        order = [p for p in self.input_closure if p in set(wanted)]
+        async for chunk in export_chunks(order, self.nix_env):
+            await sink.write(chunk)
+        await sink.close()
+
+
 def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping[str, str],
                input_closure: list[str], on_log: Callable[[int], None] | None = None,
                on_report: Callable[[], None] | None = None, *,
@@ -84,144 +251,67 @@ def make_sinks(step_id: int, log_path: Path, max_log_size: int, nix_env: Mapping
     ``leased`` says (cheaply) whether the step is still this agent's, and
     ``lease_held`` asks the database too (before anything is imported).
     """
+    assignment = _Assignment(step_id, log_path, max_log_size, nix_env, input_closure,
+                             on_log, on_report, outputs, leased, lease_held)
+    servers = _servers()
+    return StepSinks(servers.log(assignment), servers.output(assignment),
+                     servers.result(assignment), servers.input(assignment),
+                     assignment.result)
+
+
+@dataclass(frozen=True)
+class _Servers:
+    log: Any
+    output: Any
+    result: Any
+    input: Any
+
+
+@functools.cache
+def _servers() -> _Servers:
+    """The Cap'n Proto server classes (the schema is loaded at run time, once)."""
     proto = schema()
-    result: asyncio.Future[ReportedResult] = asyncio.get_running_loop().create_future()
-    state: dict[str, Any] = {"log_bytes": 0, "truncated": False, "imported": [],
-                             "import_error": None, "already_valid": [], "refused": ""}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = log_path.open("ab")
-    allowed_inputs = set(input_closure)
-    allowed_outputs = frozenset(outputs)
-    spool: list[IO[bytes]] = []
-
-    def require_lease() -> None:
-        if not leased():
-            raise Refused(not_leased(step_id))
-
-    async def require_lease_held() -> None:
-        require_lease()
-        if lease_held is not None and not await lease_held():
-            raise Refused(not_leased(step_id))
-
-    def refuse(reason: str) -> Refused:
-        state["refused"] = reason
-        for handle in spool:
-            handle.close()
-        spool.clear()
-        log.warning("step %s: %s", step_id, reason)
-        return Refused(reason)
 
     class LogSinkImpl(proto.LogSink.Server):  # type: ignore[misc,name-defined]
+        def __init__(self, assignment: _Assignment) -> None:
+            self.assignment = assignment
+
         async def write(self, chunk: bytes, _context: Any, **kwargs: Any) -> None:
-            data = bytes(chunk)
-            if len(data) > MAX_LOG_CHUNK:
-                raise LimitExceeded("log chunk larger than 1 MiB")
-            room = max_log_size - state["log_bytes"]
-            if room <= 0:
-                state["truncated"] = True
-                return
-            data = data[:room]
-            log_file.write(data)
-            log_file.flush()
-            state["log_bytes"] += len(data)
-            if on_log is not None:
-                on_log(len(data))
+            self.assignment.write_log(chunk)
 
         async def close(self, _context: Any, **kwargs: Any) -> None:
-            log_file.close()
+            self.assignment.log_file.close()
 
     class OutputSinkImpl(proto.OutputSink.Server):  # type: ignore[misc,name-defined]
+        def __init__(self, assignment: _Assignment) -> None:
+            self.assignment = assignment
+
         async def missing(self, paths: Any, _context: Any, **kwargs: Any) -> list[str]:
-            await require_lease_held()
-            try:
-                wanted = checked_paths(check_list("paths", paths, 100_000, MAX_STORE_PATH))
-            except StoreError as exc:
-                raise Refused(str(exc)) from None
-            # an output's closure is the outputs plus (some of) the step's inputs; the
-            # agent learns nothing about any other path of this store
-            stray = [p for p in wanted if p not in allowed_outputs and p not in allowed_inputs]
-            if stray:
-                raise Refused(f"refused: {stray[0]} is neither an output nor an input of "
-                              f"step {step_id}")
-            missing = await invalid_paths(wanted, nix_env)
-            state["already_valid"] = sorted(set(wanted) - set(missing))
-            return missing
+            return await self.assignment.missing_outputs(paths)
 
         async def write(self, chunk: bytes, _context: Any, **kwargs: Any) -> None:
-            require_lease()
-            if state["refused"]:
-                raise Refused(state["refused"])
-            if not spool:
-                # closed by close(), refuse() or the report, whichever comes first
-                spool.append(tempfile.TemporaryFile(prefix="circus-outputs-"))  # noqa: SIM115
-            await asyncio.to_thread(spool[0].write, bytes(chunk))
+            await self.assignment.spool_outputs(chunk)
 
         async def close(self, _context: Any, **kwargs: Any) -> None:
-            await require_lease_held()
-            if state["refused"]:
-                raise Refused(state["refused"])
-            if not spool:
-                return
-            handle = spool[0]
-            try:
-                await asyncio.to_thread(verify_export, handle, allowed_outputs,
-                                        f"step {step_id}")
-            except ExportRefused as exc:
-                raise refuse(str(exc)) from None
-            try:
-                state["imported"] = await import_file(handle, nix_env)
-            except (StoreError, OSError) as exc:
-                state["import_error"] = str(exc)
-                raise
-            finally:
-                handle.close()
-                spool.clear()
+            await self.assignment.import_outputs()
 
     class ResultSinkImpl(proto.ResultSink.Server):  # type: ignore[misc,name-defined]
+        def __init__(self, assignment: _Assignment) -> None:
+            self.assignment = assignment
+
         async def report(self, outcome: Any, exitCode: int, times: Any,
                          outputs: Any, errorMessage: str, _context: Any, **kwargs: Any
                          ) -> None:
-            if result.done():
-                # exactly once: a second report is a protocol violation, ignored
-                log.warning("step %s: duplicate result report ignored", step_id)
-                return
-            if not log_file.closed:
-                log_file.close()
-            for handle in spool:  # written but never closed: nothing was imported
-                handle.close()
-            spool.clear()
-            reported = ReportedResult(
-                outcome=str(outcome), exit_code=int(exitCode),
-                started_at=float(times.startedAt), finished_at=float(times.finishedAt),
-                outputs=[ReportedOutput(o.name, o.path, o.narHash, int(o.narSize),
-                                        int(o.closureSize)) for o in outputs],
-                error_message=str(errorMessage), log_bytes=state["log_bytes"],
-                log_truncated=state["truncated"], imported=list(state["imported"]),
-                already_valid=list(state["already_valid"]))
-            if state["import_error"]:
-                reported.outcome = "importFailure"
-                reported.error_message = f"importing outputs failed: {state['import_error']}"
-            if state["refused"]:
-                reported.outcome, reported.refused = "aborted", state["refused"]
-                reported.error_message = state["refused"]
-            if on_report is not None:
-                on_report()
-            result.set_result(reported)
+            self.assignment.report(outcome, exitCode, times, outputs, errorMessage)
 
     class InputSourceImpl(proto.InputSource.Server):  # type: ignore[misc,name-defined]
-        async def fetch(self, paths: Any, sink: Any, _context: Any, **kwargs: Any) -> None:
-            require_lease()
-            wanted = [str(p) for p in paths]
-            # only what the assignment named: an agent cannot read arbitrary store paths
-            if not set(wanted) <= allowed_inputs:
-                raise LimitExceeded("fetch asked for paths outside the input closure")
-            order = [p for p in input_closure if p in set(wanted)]
-            async for chunk in export_chunks(order, nix_env):
-                await sink.write(chunk)
-            await sink.close()
+        def __init__(self, assignment: _Assignment) -> None:
+            self.assignment = assignment
 
-    return StepSinks(LogSinkImpl(), OutputSinkImpl(), ResultSinkImpl(), InputSourceImpl(),
-                     result)
+        async def fetch(self, paths: Any, sink: Any, _context: Any, **kwargs: Any) -> None:
+            await self.assignment.send_inputs(paths, sink)
+
+    return _Servers(LogSinkImpl, OutputSinkImpl, ResultSinkImpl, InputSourceImpl)
 
 
 async def wait_result(sinks: StepSinks, disconnected: Awaitable[Any]) -> ReportedResult | None:

@@ -218,8 +218,32 @@ class Collected:
 
 def collect_events(session: Session, settings: Settings, *, limit: int = COLLECT_BATCH
                    ) -> Collected:
-    """Turn stamped builds into notification tasks (caller commits; deliveries follow)."""
-    picked = session.execute(text("""
+    """Turn stamped builds into notification tasks (caller commits; deliveries follow).
+
+    Clears up to ``limit`` stamps (oldest first), reads each build of a project with
+    enabled notification configs once per commit it reports to, and creates a task
+    per build event and config that wants it; a delivery is enqueued per task.
+    """
+    picked = _take_stamped(session, limit)
+    result = Collected(builds=len(picked))
+    if not picked:
+        return result
+    configs = _enabled_configs(session, {project_id for _, project_id in picked})
+    ids = sorted(build_id for build_id, project_id in picked if project_id in configs)
+    if not ids:
+        return result
+    tasks = _tasks(settings, _build_events(session, ids), _outputs_of(session, ids), configs)
+    if tasks:
+        result.task_ids = list(session.scalars(
+            insert(NotificationTask).returning(NotificationTask.id), tasks))
+        for task_id in result.task_ids:
+            enqueue(session, DELIVER_TASK, task_id, 0, queue=celeryconfig.NOTIFY_QUEUE)
+    return result
+
+
+def _take_stamped(session: Session, limit: int) -> list[tuple[int, int]]:
+    """Clear the stamps of up to ``limit`` builds, oldest first; (build, project) of each."""
+    return [(build_id, project_id) for build_id, project_id in session.execute(text("""
         WITH picked AS (
             SELECT id FROM builds WHERE notification_pending_since IS NOT NULL
             ORDER BY notification_pending_since LIMIT :limit
@@ -228,19 +252,23 @@ def collect_events(session: Session, settings: Settings, *, limit: int = COLLECT
         UPDATE builds AS b SET notification_pending_since = NULL
         FROM picked WHERE b.id = picked.id
         RETURNING b.id, b.project_id
-    """), {"limit": limit}).all()
-    result = Collected(builds=len(picked))
-    if not picked:
-        return result
+    """), {"limit": limit}).tuples()]
+
+
+def _enabled_configs(session: Session, project_ids: set[int]
+                     ) -> dict[int, list[NotificationConfig]]:
+    """project -> its enabled notification configs, by id."""
     configs: dict[int, list[NotificationConfig]] = {}
     for config in session.scalars(select(NotificationConfig).where(
             NotificationConfig.enabled.is_(True),
-            NotificationConfig.project_id.in_({row.project_id for row in picked}))
+            NotificationConfig.project_id.in_(project_ids))
             .order_by(NotificationConfig.id)):
         configs.setdefault(config.project_id, []).append(config)
-    ids = sorted(row.id for row in picked if row.project_id in configs)
-    if not ids:
-        return result
+    return configs
+
+
+def _build_events(session: Session, ids: list[int]) -> list[dict[str, Any]]:
+    """A row per build and commit it reports to (at most ``COMMITS_PER_BUILD``)."""
     # one event per build and commit: a build reused by newer evaluations reports to
     # their commits too (Hydra's GitHub status plugin does the same), newest first
     rows = session.execute(text("""
@@ -266,14 +294,24 @@ def collect_events(session: Session, settings: Settings, *, limit: int = COLLECT
         WHERE b.id = ANY(:ids)
         ORDER BY b.id, e.evaluation_id
     """), {"ids": ids, "fan_out": COMMITS_PER_BUILD}).mappings().all()
+    return [dict(row) for row in rows]
+
+
+def _outputs_of(session: Session, ids: list[int]) -> dict[int, dict[str, str]]:
     outputs: dict[int, dict[str, str]] = {}
     for build_id, name, path in session.execute(text(
             "SELECT build_id, name, path FROM build_outputs WHERE build_id = ANY(:ids)"),
             {"ids": ids}).all():
         outputs.setdefault(build_id, {})[name] = path
+    return outputs
+
+
+def _tasks(settings: Settings, rows: list[dict[str, Any]], outputs: dict[int, dict[str, str]],
+           configs: dict[int, list[NotificationConfig]]) -> list[dict[str, Any]]:
+    """notification_tasks rows: one per event and config whose filters and target want it."""
     now = utcnow()
     tasks: list[dict[str, Any]] = []
-    for row in map(dict, rows):
+    for row in rows:
         status = BuildStatus(row["status"])
         event = Event.of(status)
         payload = build_payload(settings, row, outputs.get(row["id"], {}), event, now)
@@ -288,15 +326,10 @@ def collect_events(session: Session, settings: Settings, *, limit: int = COLLECT
                 "type": config.type, "payload": payload, "build_id": row["id"],
                 "config_id": config.id, "max_attempts": settings.notifications.max_attempts,
                 "status": NotificationTaskStatus.pending,
-                # the message below delivers it; the scan only re-sends lost messages
+                # collect_events enqueues its delivery; the scan only re-sends lost messages
                 "next_retry_at": now + timedelta(seconds=REDELIVER_SECS),
             })
-    if tasks:
-        result.task_ids = list(session.scalars(
-            insert(NotificationTask).returning(NotificationTask.id), tasks))
-        for task_id in result.task_ids:
-            enqueue(session, DELIVER_TASK, task_id, 0, queue=celeryconfig.NOTIFY_QUEUE)
-    return result
+    return tasks
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -52,7 +52,7 @@ from circus.queue_runner.builds.results import publishes_inline
 from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.steps.leases import holds_lease
+from circus.queue_runner.steps.leases import ClaimOptions, holds_lease
 from circus.queue_runner.steps.logs import compress_file, log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND
@@ -257,9 +257,9 @@ class RemoteWorkers:
 
         def work(session: Session) -> Any:
             self.check_name(session, worker)
-            return holder.claim(session, queue_class, max(1, min(limit, MAX_CLAIM)),
-                                machine=worker.name, lookahead=False,
-                                critical_path=runner.critical_path_first)
+            return holder.claim(session, queue_class, ClaimOptions(
+                limit=max(1, min(limit, MAX_CLAIM)), machine=worker.name, lookahead=False,
+                critical_path=runner.critical_path_first))
 
         claimed = in_transaction(self.factory, work)
         found: list[ClaimedWork] = []

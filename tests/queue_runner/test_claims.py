@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,7 +14,13 @@ from circus.common.enums import BuildStatus
 from circus.queue_runner.local.worker import LocalBuilder
 from circus.queue_runner.routing.capabilities import local_capabilities
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.steps.leases import claim_steps, expire_leases, release_steps, renew_lease
+from circus.queue_runner.steps.leases import (
+    ClaimOptions,
+    claim_steps,
+    expire_leases,
+    release_steps,
+    renew_lease,
+)
 from circus.queue_runner.steps.outcomes import StepOutcome, finish_steps
 from circus.queue_runner.steps.reconciler import reconcile
 from tests.queue_runner.factories import make_jobset
@@ -43,8 +50,9 @@ def state_of(session: Session, step_id: int) -> tuple[str, int | None, str | Non
     return row.state, row.status, row.worker
 
 
-def claim(session: Session, worker: str, limit: int = 10, **kw: object) -> list[int]:
-    return [c.id for c in claim_steps(session, worker, CLS, limit, lease_secs=60, **kw)]
+def claim(session: Session, worker: str, limit: int = 10, **kw: Any) -> list[int]:
+    options = ClaimOptions(limit=limit, **kw)
+    return [c.id for c in claim_steps(session, worker, CLS, options, lease_secs=60)]
 
 
 def test_priority_then_fair_share_then_age(committed_db: sessionmaker[Session]) -> None:
@@ -154,6 +162,18 @@ def test_lookahead_claims_chains_held_by_the_same_worker(committed_db: sessionma
         # still waits for the step someone else is building
         report = finish_steps(s, Settings(), "w", [StepOutcome(a, BuildStatus.succeeded)])
         assert sum(report.queued.values()) == 0
+        s.commit()
+
+
+def test_batch_limit_caps_the_lookahead(committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s:
+        head = add_step(s, "k1")
+        second = add_step(s, "k2", state="pending", deps=[head])
+        third = add_step(s, "k3", state="pending", deps=[second])
+        fourth = add_step(s, "k4", state="pending", deps=[third])
+        s.commit()
+        assert claim(s, "w", limit=1, batch_limit=3) == [head, second, third]
+        assert state_of(s, fourth)[0] == "pending"
         s.commit()
 
 

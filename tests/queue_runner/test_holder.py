@@ -17,7 +17,7 @@ from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.queue_runner.steps.holder import LeaseKeeper, Renewal, StepHolder
-from circus.queue_runner.steps.leases import expire_leases
+from circus.queue_runner.steps.leases import ClaimOptions, expire_leases
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.test_claims import CLS, add_step, state_of
@@ -41,7 +41,8 @@ def make_holder(settings: Settings, factory: sessionmaker[Session], worker: str,
 
 
 def claim(holder: StepHolder, factory: sessionmaker[Session], limit: int = 10) -> list[int]:
-    claimed = in_transaction(factory, lambda s: holder.claim(s, CLS, limit, lookahead=False))
+    options = ClaimOptions(limit=limit, lookahead=False)
+    claimed = in_transaction(factory, lambda s: holder.claim(s, CLS, options))
     return [step.id for step in claimed]
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.queue_runner.dispatch import stepper
-from circus.queue_runner.steps.leases import claim_steps
+from circus.queue_runner.steps.leases import ClaimOptions, claim_steps
 from circus.queue_runner.steps.outcomes import StepOutcome, finish_steps
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import instantiate, make_builds
@@ -59,7 +59,8 @@ def start_shared_step(run: Driver, factory: sessionmaker[Session], job: str, drv
     run.step()
     step_id, state, cls = step_id_of(factory, drv)
     assert state == "queued"
-    claimed = in_transaction(factory, lambda s: claim_steps(s, "w1", cls, 1, lease_secs=60))
+    claimed = in_transaction(factory, lambda s: claim_steps(s, "w1", cls, ClaimOptions(),
+                                                            lease_secs=60))
     assert [c.id for c in claimed] == [step_id]
     return first.id, step_id
 

@@ -77,88 +77,144 @@ class _Build:
     is_aggregate: bool
 
 
+@dataclass
+class _Triage:
+    """Where each build of a batch goes: finished at once, or on to steps."""
+
+    #: builds that end here (aborted, cached failures, nothing to build)
+    finals: list[BuildFinal] = field(default_factory=list)
+    #: aggregates with nothing to build: settled from their constituents
+    aggregates_done: list[int] = field(default_factory=list)
+    #: builds that need steps, with the derivations each must build (root first)
+    live: list[_Build] = field(default_factory=list)
+    closures: dict[int, list[str]] = field(default_factory=dict)
+    #: build -> the derivation of its closure found in the failed-path cache
+    cached_for: dict[int, str] = field(default_factory=dict)
+    cached: dict[str, BuildStatus] = field(default_factory=dict)
+
+    def abort(self, build: _Build, message: str) -> None:
+        self.finals.append(BuildFinal(build.id, BuildStatus.aborted, message))
+
+    def settled(self) -> set[int]:
+        return {f.build_id for f in self.finals}
+
+    def aborted(self) -> set[int]:
+        return {f.build_id for f in self.finals if f.status is BuildStatus.aborted}
+
+
 def step_builds(session: Session, settings: Settings, cache: DrvCache, limit: int = 2000
                 ) -> StepReport:
-    """Step up to ``limit`` unstepped builds (call in a transaction; commit after)."""
+    """Step up to ``limit`` unstepped builds (call in a transaction; commit after).
+
+    The numbered steps of the module docstring: :func:`_take_unstepped` (1),
+    :func:`_triage` (2, 3), :func:`_create_steps` (4 to 6), then the builds are
+    marked stepped and those that ended here are finished.
+    """
+    builds = _take_unstepped(session, limit)
+    report = StepReport(builds=len(builds))
+    if not builds:
+        return report
+    triage = _triage(session, settings, cache, builds)
+    aborted = triage.aborted()
+    _ensure_outputs(session, cache, [b for b in builds if b.id not in aborted])
+    if triage.cached_for:
+        _record_cached_failures(session, cache, builds, triage.cached_for, triage.cached)
+    if triage.live:
+        _create_steps(session, settings, cache, triage.live, triage.closures, report)
+    _mark_stepped(session, builds)
+    report.finished.merge(finish_builds(session, settings, triage.finals, advance=False))
+    if triage.aggregates_done:
+        report.finished.merge(finish_aggregates(session, settings, triage.aggregates_done,
+                                                advance=False))
+    advance_channels_of_builds(session, [build_id for build_id, _ in report.finished.finished])
+    return report
+
+
+def _take_unstepped(session: Session, limit: int) -> list[_Build]:
+    """Lock up to ``limit`` pending builds not stepped yet, best first, under the
+    dispatcher's advisory lock (two dispatchers never interleave)."""
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK})
-    builds = [_Build(*row) for row in session.execute(text(f"""
+    return [_Build(*row) for row in session.execute(text(f"""
         SELECT id, drv_path, priority, jobset_id, timeout, max_silent, is_aggregate
         FROM builds WHERE status = {PENDING} AND stepped_at IS NULL
         ORDER BY priority DESC, id LIMIT :limit
         FOR UPDATE SKIP LOCKED
     """), {"limit": limit}).all()]
-    report = StepReport(builds=len(builds))
-    if not builds:
-        return report
-    env = settings.nix_environ()
-    finals: list[BuildFinal] = []
-    aggregates_done: list[int] = []
 
-    usable: list[_Build] = []
+
+def _triage(session: Session, settings: Settings, cache: DrvCache, builds: list[_Build]
+            ) -> _Triage:
+    """Read each build's derivation and closure and decide where it goes.
+
+    Unreadable derivations abort their build; one Nix call says what must be
+    built; then each build with something to build either hits the failed-path
+    cache or goes on to steps, and each without finishes at once.
+    """
+    triage = _Triage()
+    readable: list[_Build] = []
     for build in builds:
         problem = _drv_problem(cache, build.drv_path)
         if problem:
-            finals.append(BuildFinal(build.id, BuildStatus.aborted, problem))
+            triage.abort(build, problem)
         else:
-            usable.append(build)
-    to_build = _to_build(usable, env, finals)
-    usable = [b for b in usable if b.id not in {f.build_id for f in finals}]
-
-    closures: dict[int, list[str]] = {}
-    for build in usable:
+            readable.append(build)
+    to_build = _to_build(readable, settings.nix_environ(), triage.finals)
+    settled = triage.settled()
+    for build in readable:
+        if build.id in settled:
+            continue
         try:
-            closures[build.id] = _closure(cache, build.drv_path, to_build)
+            triage.closures[build.id] = _closure(cache, build.drv_path, to_build)
         except (OSError, DerivationParseError) as exc:
-            finals.append(BuildFinal(build.id, BuildStatus.aborted,
-                                     f"cannot read a derivation of the closure: {exc}"))
-    usable = [b for b in usable if b.id in closures]
-    cached = _cached_failures(session, settings, {d for c in closures.values() for d in c})
-
-    live: list[_Build] = []
-    cached_for: dict[int, str] = {}
-    for build in usable:
-        closure = closures[build.id]
+            triage.abort(build, f"cannot read a derivation of the closure: {exc}")
+    triage.cached = _cached_failures(session, settings,
+                                     {d for c in triage.closures.values() for d in c})
+    for build in readable:
+        closure = triage.closures.get(build.id)
+        if closure is None:
+            continue
         if not closure:
-            info = cache.get(build.drv_path)
-            result = read_output_result(info.output_paths)
-            if result.failed_marker:
-                finals.append(BuildFinal(build.id, BuildStatus.failed_with_output,
-                                         "outputs already valid; nix-support/failed exists",
-                                         result=result))
-            elif build.is_aggregate:
-                aggregates_done.append(build.id)
-            else:
-                finals.append(BuildFinal(build.id, BuildStatus.succeeded, result=result))
-            continue
-        hit = next((d for d in closure if d in cached), None)
-        if hit is not None:
-            cached_for[build.id] = hit
-            toplevel = hit == build.drv_path
-            status = BuildStatus.cached_failure if toplevel else BuildStatus.dependency_failed
-            message = (f"{hit} failed recently ({cached[hit].name}); restart to build again"
-                       if toplevel else f"dependency {hit} is a cached failure")
-            finals.append(BuildFinal(build.id, status, message))
-            continue
-        live.append(build)
+            _finish_built(cache, build, triage)
+        elif not _hits_cached_failure(build, closure, triage):
+            triage.live.append(build)
+    return triage
 
-    _ensure_outputs(session, cache, [b for b in builds if b.id not in
-                                     {f.build_id for f in finals if f.status is
-                                      BuildStatus.aborted}])
-    if cached_for:
-        _record_cached_failures(session, cache, usable, cached_for, cached)
-    if live:
-        _create_steps(session, settings, cache, live, closures, report)
+
+def _finish_built(cache: DrvCache, build: _Build, triage: _Triage) -> None:
+    """A build with nothing to build: its outputs are valid (or substitutable)."""
+    result = read_output_result(cache.get(build.drv_path).output_paths)
+    if result.failed_marker:
+        triage.finals.append(BuildFinal(build.id, BuildStatus.failed_with_output,
+                                        "outputs already valid; nix-support/failed exists",
+                                        result=result))
+    elif build.is_aggregate:
+        triage.aggregates_done.append(build.id)
+    else:
+        triage.finals.append(BuildFinal(build.id, BuildStatus.succeeded, result=result))
+
+
+def _hits_cached_failure(build: _Build, closure: list[str], triage: _Triage) -> bool:
+    """Fail ``build`` when a derivation of its closure is in the failed-path cache."""
+    hit = next((d for d in closure if d in triage.cached), None)
+    if hit is None:
+        return False
+    triage.cached_for[build.id] = hit
+    if hit == build.drv_path:
+        triage.finals.append(BuildFinal(
+            build.id, BuildStatus.cached_failure,
+            f"{hit} failed recently ({triage.cached[hit].name}); restart to build again"))
+    else:
+        triage.finals.append(BuildFinal(build.id, BuildStatus.dependency_failed,
+                                        f"dependency {hit} is a cached failure"))
+    return True
+
+
+def _mark_stepped(session: Session, builds: list[_Build]) -> None:
     # stepped = queued: the notification collector reports it (and anything later)
     session.execute(text("""
         UPDATE builds SET stepped_at = now(), notification_pending_since = now()
         WHERE id = ANY(:ids)
     """), {"ids": [b.id for b in builds]})
-    report.finished.merge(finish_builds(session, settings, finals, advance=False))
-    if aggregates_done:
-        report.finished.merge(finish_aggregates(session, settings, aggregates_done,
-                                                advance=False))
-    advance_channels_of_builds(session, [build_id for build_id, _ in report.finished.finished])
-    return report
 
 
 def _drv_problem(cache: DrvCache, drv_path: str) -> str | None:
@@ -282,59 +338,82 @@ def _insert_build_steps(session: Session, links: list[tuple[int, int, str, bool]
            "toplevels": [r[4] for r in rows]})
 
 
-def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: list[_Build],
-                  closures: dict[int, list[str]], report: StepReport) -> None:
-    needed: dict[str, DrvInfo] = {}
-    owner: dict[str, _Build] = {}
-    priority: Counter[str] = Counter()
-    dependents: Counter[str] = Counter()
+@dataclass
+class _Needs:
+    """The derivations a batch's live builds must build, and what their steps inherit."""
+
+    infos: dict[str, DrvInfo] = field(default_factory=dict)
+    #: the first build (by id) needing the derivation: its jobset and timeouts go to the step
+    owner: dict[str, _Build] = field(default_factory=dict)
+    #: the highest priority of the builds needing it
+    priority: Counter[str] = field(default_factory=Counter)
+    #: how many of the batch's builds need it
+    dependents: Counter[str] = field(default_factory=Counter)
+    classes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def drvs(self) -> list[str]:
+        return sorted(self.infos)
+
+
+def _needs_of(cache: DrvCache, live: list[_Build], closures: dict[int, list[str]]) -> _Needs:
+    needs = _Needs()
     for build in sorted(live, key=lambda b: b.id):
         for drv in closures[build.id]:
-            if drv not in needed:
-                needed[drv] = cache.get(drv)
-                owner[drv] = build
-            priority[drv] = max(priority.get(drv, build.priority), build.priority)
-            dependents[drv] += 1
-    drvs = sorted(needed)
-    classes = {d: queue_class_name(needed[d].system, needed[d].required_features) for d in drvs}
-    report.new_classes = _register_classes(session, needed, classes)
+            if drv not in needs.infos:
+                needs.infos[drv] = cache.get(drv)
+                needs.owner[drv] = build
+            needs.priority[drv] = max(needs.priority.get(drv, build.priority), build.priority)
+            needs.dependents[drv] += 1
+    needs.classes = {d: queue_class_name(info.system, info.required_features)
+                     for d, info in sorted(needs.infos.items())}
+    return needs
 
-    # derivations another step built after Nix's answer need no step of their own
+
+def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: list[_Build],
+                  closures: dict[int, list[str]], report: StepReport) -> None:
+    """Steps for ``live`` builds (steps 4 to 6 of the module docstring).
+
+    Registers new queue classes, inserts or reuses a step per derivation
+    (:func:`_insert_or_reuse_steps`), adds the new steps' edges and the
+    ``build_steps`` rows, queues the new steps whose dependencies all succeeded,
+    holds the reused ones (:func:`_hold_reused_steps`) and marks running the
+    builds that wait for a step already running.
+    """
+    needs = _needs_of(cache, live, closures)
+    drvs = needs.drvs
+    report.new_classes = _register_classes(session, needs.infos, needs.classes)
+    step_of, created = _insert_or_reuse_steps(session, needs)
+    report.new_steps = len(created)
+    _insert_edges(session, needs, step_of, created)
+    _insert_build_steps(session, [(b.id, step_of[d], d, d == b.drv_path)
+                                  for b in live for d in closures[b.id]])
+    if created:
+        _already_built(session, settings, cache, sorted(created), report)
+        _queue_ready(session, created, report)
+    reused_drvs = [d for d in drvs if step_of[d] not in created]
+    if reused_drvs:
+        _hold_reused_steps(session, settings, cache, reused_drvs, step_of, needs, created,
+                           report)
+    _start_builds_with_running_steps(session, live)
+
+
+def _insert_or_reuse_steps(session: Session, needs: _Needs) -> tuple[dict[str, int], set[int]]:
+    """drv -> its step, and the ids of the steps inserted here.
+
+    A derivation another step built after Nix's answer needs no step of its own.
+    An insert that meets an active step of the same derivation (the partial
+    unique index) reuses it; one that failed meanwhile is no longer active, so
+    the next round inserts anew.
+    """
+    drvs = needs.drvs
     step_of: dict[str, int] = _reusable_steps(session, drvs, active=False)
     created: set[int] = set()
     remaining = [d for d in drvs if d not in step_of]
     for _ in range(5):
         if not remaining:
             break
-        inserted = session.execute(text("""
-            INSERT INTO steps (drv_path, system, required_features, queue_class, state, priority,
-                               jobset_id, dependents, is_fod, timeout, max_silent, created_at)
-            SELECT v.drv, v.system, string_to_array(v.features, ' '), v.cls,
-                   'pending', v.priority, v.jobset_id, v.dependents, v.is_fod, v.timeout,
-                   v.max_silent, now()
-            FROM unnest(CAST(:drvs AS text[]), CAST(:systems AS text[]),
-                        CAST(:features AS text[]), CAST(:classes AS text[]),
-                        CAST(:priorities AS integer[]), CAST(:jobsets AS bigint[]),
-                        CAST(:dependents AS integer[]), CAST(:fods AS boolean[]),
-                        CAST(:timeouts AS integer[]), CAST(:silents AS integer[]))
-                 AS v(drv, system, features, cls, priority, jobset_id, dependents, is_fod,
-                      timeout, max_silent)
-            ORDER BY v.drv
-            ON CONFLICT (drv_path) WHERE state <> 'done' DO NOTHING
-            RETURNING id, drv_path
-        """), {
-            "drvs": remaining,
-            "systems": [needed[d].system for d in remaining],
-            "features": [" ".join(needed[d].required_features) for d in remaining],
-            "classes": [classes[d] for d in remaining],
-            "priorities": [priority[d] for d in remaining],
-            "jobsets": [owner[d].jobset_id for d in remaining],
-            "dependents": [dependents[d] for d in remaining],
-            "fods": [needed[d].is_fod for d in remaining],
-            "timeouts": [owner[d].timeout for d in remaining],
-            "silents": [owner[d].max_silent for d in remaining],
-        }).all()
-        for step_id, drv in inserted:
+        for step_id, drv in _insert_pending_steps(session, needs, remaining):
             step_of[drv] = step_id
             created.add(step_id)
         others = [d for d in remaining if d not in step_of]
@@ -346,12 +425,49 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
         remaining = [d for d in remaining if d not in step_of]
     if remaining:
         raise RuntimeError(f"could not create steps for {len(remaining)} derivations")
-    report.new_steps = len(created)
+    return step_of, created
 
-    reused_drvs = [d for d in drvs if step_of[d] not in created]
 
-    edges = sorted({(step_of[d], step_of[i]) for d in drvs if step_of[d] in created
-                    for i in needed[d].input_drvs if i in step_of})
+def _insert_pending_steps(session: Session, needs: _Needs, drvs: list[str]
+                          ) -> list[tuple[int, str]]:
+    """Insert a pending step per derivation with no active step; (id, drv) of those
+    inserted."""
+    owner = needs.owner
+    return [(step_id, drv) for step_id, drv in session.execute(text("""
+        INSERT INTO steps (drv_path, system, required_features, queue_class, state, priority,
+                           jobset_id, dependents, is_fod, timeout, max_silent, created_at)
+        SELECT v.drv, v.system, string_to_array(v.features, ' '), v.cls,
+               'pending', v.priority, v.jobset_id, v.dependents, v.is_fod, v.timeout,
+               v.max_silent, now()
+        FROM unnest(CAST(:drvs AS text[]), CAST(:systems AS text[]),
+                    CAST(:features AS text[]), CAST(:classes AS text[]),
+                    CAST(:priorities AS integer[]), CAST(:jobsets AS bigint[]),
+                    CAST(:dependents AS integer[]), CAST(:fods AS boolean[]),
+                    CAST(:timeouts AS integer[]), CAST(:silents AS integer[]))
+             AS v(drv, system, features, cls, priority, jobset_id, dependents, is_fod,
+                  timeout, max_silent)
+        ORDER BY v.drv
+        ON CONFLICT (drv_path) WHERE state <> 'done' DO NOTHING
+        RETURNING id, drv_path
+    """), {
+        "drvs": drvs,
+        "systems": [needs.infos[d].system for d in drvs],
+        "features": [" ".join(needs.infos[d].required_features) for d in drvs],
+        "classes": [needs.classes[d] for d in drvs],
+        "priorities": [needs.priority[d] for d in drvs],
+        "jobsets": [owner[d].jobset_id for d in drvs],
+        "dependents": [needs.dependents[d] for d in drvs],
+        "fods": [needs.infos[d].is_fod for d in drvs],
+        "timeouts": [owner[d].timeout for d in drvs],
+        "silents": [owner[d].max_silent for d in drvs],
+    }).tuples()]
+
+
+def _insert_edges(session: Session, needs: _Needs, step_of: dict[str, int],
+                  created: set[int]) -> None:
+    """``step_dependencies`` of the new steps (a reused step has its edges already)."""
+    edges = sorted({(step_of[d], step_of[i]) for d in needs.drvs if step_of[d] in created
+                    for i in needs.infos[d].input_drvs if i in step_of})
     if edges:
         session.execute(text("""
             INSERT INTO step_dependencies (step_id, depends_on_id)
@@ -359,20 +475,19 @@ def _create_steps(session: Session, settings: Settings, cache: DrvCache, live: l
             ON CONFLICT DO NOTHING
         """), {"a": [e[0] for e in edges], "b": [e[1] for e in edges]})
 
-    links = [(b.id, step_of[d], d, d == b.drv_path) for b in live for d in closures[b.id]]
-    _insert_build_steps(session, links)
 
-    if created:
-        _already_built(session, settings, cache, sorted(created), report)
-        queued = session.execute(text(f"""
-            UPDATE steps AS s SET state = 'queued', queued_at = now(), published_at = now()
-            WHERE s.id = ANY(:ids) AND s.state = 'pending' AND {dependencies_succeeded("s")}
-            RETURNING s.queue_class
-        """), {"ids": sorted(created)}).scalars().all()
-        report.queued.update(queued)
-    if reused_drvs:
-        _hold_reused_steps(session, settings, cache, reused_drvs, step_of, priority, dependents,
-                           created, report)
+def _queue_ready(session: Session, created: set[int], report: StepReport) -> None:
+    """New steps whose dependencies all succeeded are queued."""
+    queued = session.execute(text(f"""
+        UPDATE steps AS s SET state = 'queued', queued_at = now(), published_at = now()
+        WHERE s.id = ANY(:ids) AND s.state = 'pending' AND {dependencies_succeeded("s")}
+        RETURNING s.queue_class
+    """), {"ids": sorted(created)}).scalars().all()
+    report.queued.update(queued)
+
+
+def _start_builds_with_running_steps(session: Session, live: list[_Build]) -> None:
+    """Builds that wait for a step already running (reused) are running."""
     session.execute(text(f"""
         UPDATE builds SET status = {RUNNING}, started_at = COALESCE(started_at, now()),
                           notification_pending_since = now()
@@ -396,9 +511,8 @@ def _reusable_steps(session: Session, drvs: list[str], *, active: bool = True
 
 
 def _hold_reused_steps(session: Session, settings: Settings, cache: DrvCache,
-                       reused_drvs: list[str], step_of: dict[str, int],
-                       priority: Counter[str], dependents: Counter[str], created: set[int],
-                       report: StepReport) -> None:
+                       reused_drvs: list[str], step_of: dict[str, int], needs: _Needs,
+                       created: set[int], report: StepReport) -> None:
     """Lock the reused active steps until commit, and catch up on those that finished.
 
     The lock (FOR SHARE) makes a worker finishing one of them wait for this
@@ -424,8 +538,8 @@ def _hold_reused_steps(session: Session, settings: Settings, cache: DrvCache,
                     CAST(:dependents AS integer[])) AS v(id, priority, dependents)
         WHERE s.id = v.id AND s.state <> 'done'
     """), {"ids": [step_of[d] for d in reused_drvs],
-           "priorities": [priority[d] for d in reused_drvs],
-           "dependents": [dependents[d] for d in reused_drvs]})
+           "priorities": [needs.priority[d] for d in reused_drvs],
+           "dependents": [needs.dependents[d] for d in reused_drvs]})
     finished = [i for i in ids if i not in alive]
     if not finished:
         return
@@ -466,6 +580,7 @@ def _already_built(session: Session, settings: Settings, cache: DrvCache, create
 
 def _register_classes(session: Session, needed: dict[str, DrvInfo], classes: dict[str, str]
                       ) -> list[str]:
+    """Insert the queue classes not known yet; returns their names."""
     names = sorted(set(classes.values()))
     first = {cls: next(d for d in sorted(needed) if classes[d] == cls) for cls in names}
     rows = session.execute(text("""

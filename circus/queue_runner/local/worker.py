@@ -52,7 +52,7 @@ from circus.queue_runner.local.nixrun import (
 from circus.queue_runner.routing.capabilities import BUILTIN_SYSTEM, Capabilities
 from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.steps.leases import ClaimedStep
+from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions
 from circus.queue_runner.steps.logs import log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 
@@ -167,9 +167,9 @@ class LocalBuilder:
         # three chain heads ready, two in one batch were built serially while the other
         # slot, holding the third, ran dry (bench/build_overhead.py --e2e).
         share = max(1, min(runner.batch_size, waiting // self.slots))
-        return holder.claim(session, queue_class, share, machine=self.hostname,
-                            lookahead=True, critical_path=runner.critical_path_first,
-                            batch_limit=runner.batch_size)
+        return holder.claim(session, queue_class, ClaimOptions(
+            limit=share, machine=self.hostname, lookahead=True,
+            critical_path=runner.critical_path_first, batch_limit=runner.batch_size))
 
     # ------------------------------------------------------------------ building
 

@@ -52,7 +52,7 @@ from circus.queue_runner.ssh.hosts import (
 )
 from circus.queue_runner.ssh.step import SshStep
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.steps.leases import ClaimedStep
+from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions
 from circus.queue_runner.steps.outcomes import FinishReport
 
 log = logging.getLogger(__name__)
@@ -357,8 +357,9 @@ class SshBuilders(threading.Thread):
             with self._lock:
                 handle.others = max(handle.others, int(running) - len(handle.steps))
             return None
-        return holder.claim(session, queue_class, 1, machine=handle.name, lookahead=False,
-                            critical_path=self.runner.critical_path_first)
+        return holder.claim(session, queue_class, ClaimOptions(
+            limit=1, machine=handle.name, lookahead=False,
+            critical_path=self.runner.critical_path_first))
 
     def step_done(self, handle: BuilderHandle, step: SshStep) -> None:
         """``step``'s thread ends: its slot on ``handle`` is free."""

@@ -57,7 +57,7 @@ from circus.queue_runner.ssh.connection import Remote, RemoteError
 from circus.queue_runner.ssh.remotebuild import RemoteNixRun
 from circus.queue_runner.steps.holder import LeaseKeeper, StepHolder
 from circus.queue_runner.steps.leases import ClaimedStep
-from circus.queue_runner.steps.logs import log_path_for
+from circus.queue_runner.steps.logs import StepLog, log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,19 @@ class _Verdict:
     result: OutputResult | None = None
     #: the builder misbehaved (counts towards its back-off)
     builder_failure: str | None = None
+
+
+@dataclass
+class _RunEvents:
+    """What the remote run reported while :meth:`SshStep._follow` followed it."""
+
+    #: when the log showed Nix starting the build (the runner's clock, epoch seconds)
+    started: float | None = None
+    #: Nix's verdict on the derivation, the first one it gave
+    finished: Finished | None = None
+    exited: Exited | None = None
+    #: why the link was presumed dead and the run abandoned
+    dead_link: str | None = None
 
 
 class SshStep(threading.Thread):
@@ -256,11 +269,46 @@ class SshStep(threading.Thread):
 
     def _build(self, info: DrvInfo, send: list[str]) -> _Verdict | None:
         """Send ``send``, realise the step on the builder and bring the outputs back;
-        None when it was handed back unbuilt."""
+        None when it was handed back unbuilt.
+
+        The run starts (:meth:`_start_run`), the inputs stream into it
+        (:meth:`_send_inputs`), its events are followed until the remote command
+        exits (:meth:`_follow`), the outcome is judged (:meth:`_judge`) and the
+        step's log is finalised into it (:meth:`_close_log`).
+        """
+        options = self._options()
+        run = self._start_run(info, options, send)
+        if run is None:
+            return None
+        send_error = self._send_inputs(run, send)
+        if self.gone():
+            run.kill()
+        events = self._follow(run, options)
+        run.wait(30)
+        self.phase("build")
+        run.finish()
+        step_log = run.logs[self.claimed.drv_path]
+        if self.gone():
+            step_log.close()
+            raise StepGone()
+        assert events.exited is not None
+        try:
+            verdict = self._judge(run, events.finished, events.exited,
+                                  events.dead_link or send_error, send)
+        except BaseException:
+            step_log.close()
+            raise
+        self._close_log(step_log, verdict, events.started)
+        return verdict
+
+    def _start_run(self, info: DrvInfo, options: RunOptions, send: list[str]
+                   ) -> RemoteNixRun | None:
+        """Start ``nix-store --realise`` on the builder (importing ``send`` first when
+        there is anything to send); None when it could not start (the step is
+        handed back, the builder backs off)."""
         step = self.claimed
         target = Target(step.id, step.drv_path, info.output_paths,
                         log_path_for(self.settings.logs.log_dir, step.drv_path, step.id))
-        options = self._options()
         run = RemoteNixRun(self.remote, [target], options, self.nix_env,
                            import_inputs=bool(send))
         try:
@@ -271,64 +319,61 @@ class SshStep(threading.Thread):
             self._hand_back()
             return None
         self.run_ = run
-        send_error: str | None = None
-        if send:
-            try:
-                assert run.channel is not None
-                transfer.stream_export(run.channel, send, self.nix_env, self.gone)
-                run.touch()
-                self.phase("send")
-            except transfer.Cancelled:
-                run.kill()
-            except RemoteError as exc:
-                send_error = str(exc)
-                run.abandon()
-        if self.gone():
+        return run
+
+    def _send_inputs(self, run: RemoteNixRun, send: list[str]) -> str | None:
+        """Stream ``send`` into the run's import; returns why that failed, if it did
+        (the run is then abandoned, and :meth:`_judge` blames the builder)."""
+        if not send:
+            return None
+        try:
+            assert run.channel is not None
+            transfer.stream_export(run.channel, send, self.nix_env, self.gone)
+            run.touch()
+            self.phase("send")
+        except transfer.Cancelled:
             run.kill()
-        started: float | None = None
-        finished: Finished | None = None
-        exited: Exited | None = None
-        dead_link: str | None = None
-        while exited is None:
+        except RemoteError as exc:
+            run.abandon()
+            return str(exc)
+        return None
+
+    def _follow(self, run: RemoteNixRun, options: RunOptions) -> _RunEvents:
+        """Follow the run's events until the remote command exits, killing it when the
+        step is gone and abandoning it when the link went silent for longer than Nix
+        would let a build be."""
+        events = _RunEvents()
+        while events.exited is None:
             try:
                 event = run.events.get(timeout=EVENT_POLL)
             except queue.Empty:
                 event = None
             if isinstance(event, Started):
-                started = event.at
+                events.started = event.at
             elif isinstance(event, Finished):
-                finished = finished or event
+                events.finished = events.finished or event
             elif isinstance(event, Exited):
-                exited = event
+                events.exited = event
                 break
             now = time.monotonic()
             if self.gone() and not run.killed:
                 run.kill()
             elif not run.killed and now - run.last_data > options.max_silent + DEAD_LINK_SLACK:
                 # Nix would have ended a silent build by now: the link is dead
-                dead_link = f"no word from {self.builder.name} for " \
-                            f"{now - run.last_data:.0f} s: connection presumed dead"
+                events.dead_link = f"no word from {self.builder.name} for " \
+                                   f"{now - run.last_data:.0f} s: connection presumed dead"
                 run.abandon()
-        run.wait(30)
-        self.phase("build")
-        run.finish()
-        step_log = run.logs[step.drv_path]
-        if self.gone():
-            step_log.close()
-            raise StepGone()
-        assert exited is not None
-        try:
-            verdict = self._judge(run, finished, exited, dead_link or send_error, send)
-        except BaseException:
-            step_log.close()
-            raise
-        if verdict.outcome.status is BuildStatus.aborted and verdict.outcome.error_message:
-            step_log.note(f"circus: {verdict.outcome.error_message}")
-        log_path, log_size = step_log.finalize(self.settings.logs.compress)
+        return events
+
+    def _close_log(self, step_log: StepLog, verdict: _Verdict, started: float | None
+                   ) -> None:
+        """Note why an aborted step ended in its log, finalise the log into the outcome,
+        and date the outcome's start from Nix's word when there is one."""
         outcome = verdict.outcome
-        outcome.log_path, outcome.log_size = log_path, log_size
+        if outcome.status is BuildStatus.aborted and outcome.error_message:
+            step_log.note(f"circus: {outcome.error_message}")
+        outcome.log_path, outcome.log_size = step_log.finalize(self.settings.logs.compress)
         outcome.started_at = _utc(started) if started else outcome.started_at
-        return verdict
 
     def _judge(self, run: RemoteNixRun, finished: Finished | None, exited: Exited,
                broken: str | None, sent: list[str]) -> _Verdict:

@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,7 +46,13 @@ from circus.common.config import Settings
 from circus.common.db import after_commit, in_transaction
 from circus.queue_runner.builds.products import OutputResult
 from circus.queue_runner.routing.wakeups import Publish, publish_after_commit
-from circus.queue_runner.steps.leases import ClaimedStep, claim_steps, release_steps, renew_lease
+from circus.queue_runner.steps.leases import (
+    ClaimedStep,
+    ClaimOptions,
+    claim_steps,
+    release_steps,
+    renew_lease,
+)
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome, finish_steps
 
 log = logging.getLogger(__name__)
@@ -126,15 +131,15 @@ class StepHolder:
 
     # ------------------------------------------------------------ claim
 
-    def claim(self, session: Session, queue_class: str, limit: int, **options: Any
+    def claim(self, session: Session, queue_class: str, options: ClaimOptions
               ) -> list[ClaimedStep]:
-        """``leases.claim_steps`` for this holder (in the caller's transaction).
+        """``leases.claim_steps`` for this holder (in the caller's transaction), under
+        its worker name and lease.
 
-        ``options`` are ``claim_steps``' keyword arguments but ``lease_secs``.
         The steps are held from the commit on (a rolled-back claim holds nothing).
         """
-        claimed = claim_steps(session, self.worker, queue_class, limit,
-                              lease_secs=self.lease_secs, **options)
+        claimed = claim_steps(session, self.worker, queue_class, options,
+                              lease_secs=self.lease_secs)
         if claimed:
             ids = [step.id for step in claimed]
             after_commit(session, lambda: self._hold(ids))

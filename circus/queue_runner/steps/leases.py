@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -114,79 +114,147 @@ def _order(critical_path: bool) -> str:
     return ", ".join(parts)
 
 
-def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
-                lease_secs: int, machine: str | None = None, lookahead: bool = True,
-                critical_path: bool = False, batch_limit: int | None = None,
-                trusted_only: bool = False, project_ids: Sequence[int] | None = None
-                ) -> list[ClaimedStep]:
-    """Claim up to ``limit`` queued steps of ``queue_class`` for ``worker`` (running, leased).
+@dataclass(frozen=True)
+class ClaimOptions:
+    """What one claim may take; every consumer builds one per claim.
 
-    Claimed steps share their timeouts, so one Nix invocation can build them.
-    With ``lookahead``, pending steps of the same class whose unfinished
-    dependencies are all in this claim are claimed too, up to ``batch_limit``
-    steps in all (default ``limit``): Nix builds a chain in one invocation
-    instead of one round trip per link.
-
-    ``trusted_only`` (ephemeral and OIDC agents): only steps some branch
-    evaluation needs (of one of ``project_ids``, when given); a step wanted by
-    pull-request evaluations alone is left to other builders.
+    Raises ``ValueError`` for a limit below one (a claim always takes a step, so
+    a zero limit would silently mean one).
     """
-    batch_limit = max(limit, batch_limit or limit)
-    trusted = trusted_condition(project_ids) if trusted_only else ""
-    # look-ahead picks dependents without this check
-    lookahead = lookahead and not trusted_only
-    params: dict[str, Any] = {"cls": queue_class, "worker": worker,
-                              "lease": float(lease_secs), "machine": machine or worker,
-                              "projects": list(project_ids or []),
-                              "per_jobset": max(limit, HEAD_PER_JOBSET)}
 
-    def first_step(among: str) -> Any:
+    #: queued steps to claim at most (they share their timeouts)
+    limit: int = 1
+    #: recorded as ``steps.machine``; default: the worker's name
+    machine: str | None = None
+    #: also claim pending dependents whose unfinished dependencies are all in this claim
+    lookahead: bool = True
+    #: order by the number of builds waiting before age (``critical_path_first``)
+    critical_path: bool = False
+    #: steps in all, look-ahead included (default and minimum: ``limit``)
+    batch_limit: int | None = None
+    #: only steps some branch (not pull-request) evaluation needs (ephemeral and OIDC agents)
+    trusted_only: bool = False
+    #: with ``trusted_only``: only such evaluations of these projects
+    project_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError(f"a claim takes at least one step, not {self.limit}")
+        if self.batch_limit is not None and self.batch_limit < 1:
+            raise ValueError(f"batch_limit must be at least one, not {self.batch_limit}")
+        if self.project_ids is not None and not self.trusted_only:
+            raise ValueError("project_ids narrow trusted_only claims; set trusted_only")
+
+    @property
+    def batch_size(self) -> int:
+        """Steps this claim may hold in all."""
+        return max(self.limit, self.batch_limit or self.limit)
+
+    @property
+    def looks_ahead(self) -> bool:
+        # look-ahead picks dependents without the trusted-evaluation check
+        return self.lookahead and not self.trusted_only
+
+    def alone(self) -> ClaimOptions:
+        """These options for a retried step, which is built alone: if it is what broke
+        its last batch (killed nix-store, crashed the worker), it cannot take innocent
+        steps down with it."""
+        return replace(self, limit=1, batch_limit=1, lookahead=False)
+
+
+def claim_steps(session: Session, worker: str, queue_class: str, options: ClaimOptions, *,
+                lease_secs: int) -> list[ClaimedStep]:
+    """Claim queued steps of ``queue_class`` for ``worker`` (running, leased) as
+    ``options`` allow (see :class:`ClaimOptions`).
+
+    1. the best queued step is locked first; its timeouts are the claim's (one Nix
+       invocation builds the claimed steps), and a retried step is claimed alone;
+    2. up to ``options.limit`` queued steps with those timeouts become running;
+    3. with look-ahead, pending steps of the same class whose unfinished
+       dependencies are all in this claim are claimed too, wave by wave, up to
+       ``options.batch_size`` steps in all: Nix builds a chain in one invocation
+       instead of one round trip per link;
+    4. the builds waiting for the claimed steps become running.
+
+    With ``trusted_only``, a step wanted by pull-request evaluations alone is left
+    to other builders.
+    """
+    params: dict[str, Any] = {"cls": queue_class, "worker": worker,
+                              "lease": float(lease_secs), "machine": options.machine or worker,
+                              "projects": list(options.project_ids or []),
+                              "per_jobset": max(options.limit, HEAD_PER_JOBSET)}
+    first = _best_queued(session, options, params)
+    if first is None:
+        return []
+    if first.attempts:
+        options = options.alone()
+    params.update({"timeout": first.timeout, "max_silent": first.max_silent,
+                   "limit": options.limit, "first": first.id})
+    claimed = [_claimed(row, lookahead=False)
+               for row in _claim_queued(session, options, params)]
+    if options.looks_ahead:
+        claimed += _claim_ready_dependents(session, params, [c.id for c in claimed],
+                                           options.batch_size)
+    if claimed:
+        _start_waiting_builds(session, [c.id for c in claimed])
+    return claimed
+
+
+#: running steps per jobset, the fair-share weight of :func:`_order`
+_RUNNING_PER_JOBSET = """r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
+                   GROUP BY jobset_id)"""
+
+
+def _trusted(options: ClaimOptions) -> str:
+    return trusted_condition(options.project_ids) if options.trusted_only else ""
+
+
+def _best_queued(session: Session, options: ClaimOptions, params: dict[str, Any]) -> Any:
+    """The queued step to claim first (locked until the end of the transaction), or None.
+
+    It is looked for among the jobsets' heads (:func:`_heads`) first; only when every
+    head is locked by other claims (or nothing is queued) among every queued step.
+    """
+    def best(among: str) -> Any:
         return session.execute(text(f"""
-            WITH r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
-                       GROUP BY jobset_id)
+            WITH {_RUNNING_PER_JOBSET}
             SELECT s.id, s.timeout, s.max_silent, s.attempts FROM steps s
             LEFT JOIN r ON r.jobset_id = s.jobset_id
             LEFT JOIN jobsets j ON j.id = s.jobset_id
             WHERE s.state = 'queued' AND s.queue_class = :cls
-              AND (s.not_before IS NULL OR s.not_before <= now()) {trusted} {among}
-            ORDER BY {_order(critical_path)}
+              AND (s.not_before IS NULL OR s.not_before <= now()) {_trusted(options)} {among}
+            ORDER BY {_order(options.critical_path)}
             LIMIT 1
             FOR UPDATE OF s SKIP LOCKED
         """), params).first()
 
     # ``= ANY(ARRAY(...))``: the heads are looked up by primary key, never joined to a
     # scan of every queued step
-    first = first_step(f"AND s.id = ANY(ARRAY({_heads(trusted, critical_path)}))")
-    if first is None:
-        # every head was locked by other claims (or nothing is queued): all of them
-        first = first_step("")
-    if first is None:
-        return []
-    if first.attempts:
-        # a retried step is built alone: if it is what broke its last batch (killed
-        # nix-store, crashed the worker), it cannot take innocent steps down with it
-        limit, batch_limit, lookahead = 1, 1, False
-    params.update({"timeout": first.timeout, "max_silent": first.max_silent,
-                   "limit": max(1, limit), "first": first.id})
-    # steps one Nix call can build with the first (``first`` is among them: it is locked
-    # by this transaction, which SKIP LOCKED does not skip)
+    first = best(f"AND s.id = ANY(ARRAY({_heads(_trusted(options), options.critical_path)}))")
+    return first if first is not None else best("")
+
+
+def _claim_queued(session: Session, options: ClaimOptions, params: dict[str, Any]
+                  ) -> Sequence[Any]:
+    """Up to ``:limit`` queued steps with the first one's timeouts become running (the
+    first one included, as this transaction holds its lock, which SKIP LOCKED does not
+    skip; no other retried step), taken from the jobsets' heads."""
     same_batch = f"""
               AND s.timeout IS NOT DISTINCT FROM :timeout
               AND s.max_silent IS NOT DISTINCT FROM :max_silent
-              AND (s.attempts = 0 OR s.id = :first) {trusted}"""
-    rows = session.execute(text(f"""
-        WITH r AS (SELECT jobset_id, count(*) AS n FROM steps WHERE state = 'running'
-                   GROUP BY jobset_id),
+              AND (s.attempts = 0 OR s.id = :first) {_trusted(options)}"""
+    return session.execute(text(f"""
+        WITH {_RUNNING_PER_JOBSET},
         pick AS (
             SELECT s.id FROM steps s
             LEFT JOIN r ON r.jobset_id = s.jobset_id
             LEFT JOIN jobsets j ON j.id = s.jobset_id
             WHERE s.state = 'queued' AND s.queue_class = :cls
               AND (s.not_before IS NULL OR s.not_before <= now())
-              AND s.id = ANY(ARRAY({_heads(same_batch, critical_path)}
+              AND s.id = ANY(ARRAY({_heads(same_batch, options.critical_path)}
                                    UNION ALL SELECT CAST(:first AS bigint)))
               {same_batch}
-            ORDER BY {_order(critical_path)}
+            ORDER BY {_order(options.critical_path)}
             LIMIT :limit
             FOR UPDATE OF s SKIP LOCKED
         )
@@ -196,10 +264,17 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
         FROM pick WHERE steps.id = pick.id AND steps.state = 'queued'
         {_RETURNING}
     """), params).all()
-    claimed = [_claimed(row, lookahead=False) for row in rows]
-    held = [c.id for c in claimed]
+
+
+def _claim_ready_dependents(session: Session, params: dict[str, Any], held: list[int],
+                            batch_size: int) -> list[ClaimedStep]:
+    """Look-ahead: pending steps whose unfinished dependencies are all ``held``, wave
+    after wave (each wave's steps are the next one's frontier), until ``held`` counts
+    ``batch_size`` steps or a wave adds none."""
+    held = list(held)
+    claimed: list[ClaimedStep] = []
     frontier = list(held)
-    while lookahead and frontier and len(held) < batch_limit:
+    while frontier and len(held) < batch_size:
         more = session.execute(text(f"""
             WITH cand AS (
                 SELECT DISTINCT p.id FROM step_dependencies e JOIN steps p ON p.id = e.step_id
@@ -223,19 +298,21 @@ def claim_steps(session: Session, worker: str, queue_class: str, limit: int, *,
             FROM pick WHERE steps.id = pick.id AND steps.state = 'pending'
             {_RETURNING}
         """), {**params, "frontier": frontier, "held": held,
-               "room": batch_limit - len(held)}).all()
+               "room": batch_size - len(held)}).all()
         frontier = [row.id for row in more]
         held.extend(frontier)
         claimed.extend(_claimed(row, lookahead=True) for row in more)
-    if claimed:
-        # builds waiting for a step that started are running
-        session.execute(text(f"""
-            UPDATE builds SET status = {RUNNING}, started_at = COALESCE(started_at, now()),
-                              notification_pending_since = now()
-            WHERE status = {PENDING}
-              AND id IN (SELECT build_id FROM build_steps WHERE step_id = ANY(:ids))
-        """), {"ids": held})
     return claimed
+
+
+def _start_waiting_builds(session: Session, step_ids: list[int]) -> None:
+    """Builds waiting for a step that started are running."""
+    session.execute(text(f"""
+        UPDATE builds SET status = {RUNNING}, started_at = COALESCE(started_at, now()),
+                          notification_pending_since = now()
+        WHERE status = {PENDING}
+          AND id IN (SELECT build_id FROM build_steps WHERE step_id = ANY(:ids))
+    """), {"ids": step_ids})
 
 
 def _claimed(row: object, lookahead: bool) -> ClaimedStep:
