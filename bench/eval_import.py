@@ -9,7 +9,7 @@ and prints the import rate (builds per second of the import step itself), the
 rate beyond Nix's own time (N / (b - a)) and the ratio b/a. Hydra's importer
 manages about 80 builds/s.
 
-Memory: peak resident memory of each side, sampled every 10 ms: (a) the
+Memory: peak resident memory of each side, sampled every 50 ms: (a) the
 nix-instantiate process; (b) every Nix process the evaluation runs plus what
 this (evaluator) process grows by during it — the interpreter and libraries it
 held before the trigger are the evaluator daemon's, not the evaluation's (their
@@ -182,9 +182,11 @@ def _descendants(pid: int) -> list[str]:
 
 class PeakMemory:
     """Samples (this process's growth since start) + (its descendants' peak RSS) every
-    ``interval`` seconds in a thread; ``peak`` is the largest sum seen."""
+    ``interval`` seconds in a thread; ``peak`` is the largest sum seen. A child's
+    peak is exact (VmHWM); this process's is sampled. Not more often: a sample is
+    a dozen /proc reads, and this process's CPU time is part of (b)'s."""
 
-    def __init__(self, *, count_self: bool, interval: float = 0.01) -> None:
+    def __init__(self, *, count_self: bool, interval: float = 0.05) -> None:
         self.count_self = count_self
         self.interval = interval
         self.base = _rss(os.getpid())
