@@ -9,6 +9,12 @@ and prints the import rate (builds per second of the import step itself), the
 rate beyond Nix's own time (N / (b - a)) and the ratio b/a. Hydra's importer
 manages about 80 builds/s.
 
+Memory: peak resident memory of each side, sampled every 50 ms: (a) the
+nix-instantiate process; (b) every Nix process the evaluation runs plus what
+this (evaluator) process grows by during it — the interpreter and libraries it
+held before the trigger are the evaluator daemon's, not the evaluation's (their
+size is printed as "py base"). PostgreSQL is not counted on either side.
+
 Usage: python bench/eval_import.py [--repeat=R] [N ...]   (default: 1000 10000 50000)
 
 "cpu" columns add up Nix, this process and the PostgreSQL server (private cluster
@@ -27,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -118,18 +125,114 @@ def _is_pg_child(entry: Path, pg_dir: Path) -> bool:
         return False
 
 
-def nix_alone(repo: Path, count: int, env: dict[str, str]) -> tuple[float, float]:
-    """Wall and CPU seconds of plain nix-instantiate over fresh derivations."""
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1 << 20
+
+
+def _rss(pid: int | str) -> int:
+    """Resident bytes of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _peak_rss(pid: int | str) -> int:
+    """The largest resident size of one process since it exec'd (VmHWM; a child's
+    ``ru_maxrss`` would include the parent's pages it held between fork and exec)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[str]:
+    """Every live descendant of ``pid`` (children of any of its threads), PostgreSQL's
+    excepted (a private server is started by this process, a shared one is not)."""
+    found: list[str] = []
+    stack = [str(pid)]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as listing:
+                    children = listing.read().split()
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    with open(f"/proc/{child}/comm") as comm:
+                        if comm.read().startswith(("postgres", "pg_ctl")):
+                            continue
+                except OSError:
+                    continue
+                found.append(child)
+                stack.append(child)
+    return found
+
+
+class PeakMemory:
+    """Samples (this process's growth since start) + (its descendants' peak RSS) every
+    ``interval`` seconds in a thread; ``peak`` is the largest sum seen. A child's
+    peak is exact (VmHWM); this process's is sampled. Not more often: a sample is
+    a dozen /proc reads, and this process's CPU time is part of (b)'s."""
+
+    def __init__(self, *, count_self: bool, interval: float = 0.05) -> None:
+        self.count_self = count_self
+        self.interval = interval
+        self.base = _rss(os.getpid())
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="peak-memory")
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        total = sum(_peak_rss(child) for child in _descendants(me))
+        if self.count_self:
+            total += max(0, _rss(me) - self.base)
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def nix_alone(repo: Path, count: int, env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall and CPU seconds and peak RSS (bytes) of plain nix-instantiate over fresh
+    derivations."""
     commit_flake(repo, count)
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    subprocess.run(
-        ["nix-instantiate", "-E",
-         f'(builtins.getFlake "git+file://{repo}?ref=main").hydraJobs'],
-        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with PeakMemory(count_self=False) as memory:
+        child = subprocess.Popen(
+            ["nix-instantiate", "-E",
+             f'(builtins.getFlake "git+file://{repo}?ref=main").hydraJobs'],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child.wait()
     wall = time.monotonic() - started
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, child.args)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
+    return (wall, (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime),
+            memory.peak)
 
 
 def import_alone(factory: sessionmaker[Session], jobset_id: int, count: int) -> float:
@@ -191,14 +294,19 @@ def main(argv: list[str]) -> int:
               "(best of --repeat); cpu seconds include Nix, Python and PostgreSQL")
         print("import/s: the import alone (records known, COPY batches, commit); "
               "N/(b-a): builds per second beyond Nix's own time")
+        print("mem: peak RSS in MiB (a) nix-instantiate, (b) Nix processes + the "
+              "evaluator's growth (largest of --repeat); py base: the evaluator before")
         print(f"{'N':>7} {'(a) nix':>8} {'(b) circus':>10} {'after nix':>9} {'b/a':>5} "
-              f"{'import/s':>9} {'N/(b-a)':>9} {'cpu a':>7} {'cpu b':>7} {'N/cpu(b-a)':>11}")
+              f"{'import/s':>9} {'N/(b-a)':>9} {'cpu a':>7} {'cpu b':>7} {'N/cpu(b-a)':>11} "
+              f"{'mem a':>6} {'mem b':>6} {'mem b/a':>7} {'py base':>7}")
         for count in sizes:
             best_a = best_b = float("inf")
             cpu_a = cpu_b = 0.0
             tail = 0.0
+            mem_a = mem_b = base = 0
             for _ in range(repeat):
-                a, a_cpu = nix_alone(repo, count, env)
+                a, a_cpu, a_mem = nix_alone(repo, count, env)
+                mem_a = max(mem_a, a_mem)
                 if a < best_a:
                     best_a, cpu_a = a, a_cpu
                 commit_flake(repo, count)
@@ -211,11 +319,15 @@ def main(argv: list[str]) -> int:
                     jobset_id = jobset.id
                 before = cpu_seconds(pg_dir)
                 started = time.monotonic()
-                with factory() as session, session.begin():
-                    evaluation, _ = service.trigger(session, jobset_id, TriggerKind.manual)
-                outcome = execution.execute(factory, settings, evaluation.id)
+                with PeakMemory(count_self=True) as memory:
+                    with factory() as session, session.begin():
+                        evaluation, _ = service.trigger(session, jobset_id,
+                                                        TriggerKind.manual)
+                    outcome = execution.execute(factory, settings, evaluation.id)
                 b = time.monotonic() - started
                 after = cpu_seconds(pg_dir)
+                mem_b = max(mem_b, memory.peak)
+                base = memory.base
                 if outcome.stats is None or outcome.stats.new != count:
                     print(f"evaluation did not produce {count} builds: {outcome}")
                     return 1
@@ -233,7 +345,9 @@ def main(argv: list[str]) -> int:
             per_cpu = count / extra_cpu if extra_cpu > 0 else float("inf")
             print(f"{count:>7} {best_a:>7.2f}s {best_b:>9.2f}s {tail:>8.2f}s "
                   f"{best_b / best_a:>5.2f} {count / imported:>9,.0f} {beyond:>9,.0f} "
-                  f"{cpu_a:>6.1f}s {cpu_b:>6.1f}s {per_cpu:>11,.0f}", flush=True)
+                  f"{cpu_a:>6.1f}s {cpu_b:>6.1f}s {per_cpu:>11,.0f} "
+                  f"{mem_a / MIB:>6.0f} {mem_b / MIB:>6.0f} {mem_b / mem_a:>7.2f} "
+                  f"{base / MIB:>7.0f}", flush=True)
         engine.dispose()
     finally:
         with admin.connect() as conn:

@@ -14,7 +14,7 @@ on the aggregate build, which fails; the other jobs are unaffected.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from circus.evaluator.jobs import Job
@@ -28,16 +28,18 @@ class Resolution:
     errors: list[str] = field(default_factory=list)
 
 
-def resolve(jobs: Mapping[str, Job], errors: Mapping[str, str]) -> dict[str, Resolution]:
-    """Resolve every aggregate of ``jobs`` (by job name) against all jobs and errors.
+def resolve(jobs: Set[str], named: Mapping[str, Job],
+            errors: Mapping[str, str]) -> dict[str, Resolution]:
+    """Resolve every aggregate of ``named`` (by job name) against all jobs and errors.
 
-    ``jobs`` are the evaluation's jobs by name, ``errors`` the per-job evaluation
-    errors by name. Constituents given as derivations are resolved by the importer.
+    ``jobs`` are the names of the evaluation's jobs, ``named`` its aggregates naming
+    their constituents, ``errors`` the per-job evaluation errors by name.
+    Constituents given as derivations are resolved by the importer.
     """
-    names = sorted(set(jobs) | set(errors))
+    names = sorted(jobs | set(errors))
     result: dict[str, Resolution] = {}
-    for name in sorted(jobs):
-        job = jobs[name]
+    for name in sorted(named):
+        job = named[name]
         if not job.named_constituents:
             continue
         resolution = result[name] = Resolution()

@@ -383,7 +383,7 @@ def _commit_builds(session: Session, importer: BuildImporter, evaluation_id: int
                    jobset: Jobset, result: EvalResult, started: float) -> Outcome:
     now = utcnow()
     eval_time = time.monotonic() - started
-    total = len(result.jobs) + len(result.errors)
+    total = result.job_count + len(result.errors)
     # conditional: a cancellation that won the race keeps the evaluation cancelled
     claimed = session.execute(
         update(Evaluation)

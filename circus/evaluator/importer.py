@@ -234,15 +234,19 @@ class BuildImporter:
                      "cancelled": int(BuildStatus.cancelled)})
                 self.previous = {name: (build_id, drv) for name, build_id, drv in rows}
         self.build_of_job: dict[str, int] = {}
-        #: every job reported so far, by name
-        self.jobs: dict[str, Job] = {}
-        #: aggregates naming their constituents, written by finish()
-        self.deferred: list[Job] = []
+        #: the drv path of every job written so far, by name
+        self.drv_of_job: dict[str, str] = {}
+        #: aggregates naming their constituents, by name, written by finish()
+        self.deferred: dict[str, Job] = {}
         #: drv path -> (job name, build id) of the lowest job name with that derivation,
         #: so links to a derivation several jobs share do not depend on arrival order
         self.build_of_drv: dict[str, tuple[str, int]] = {}
-        #: new builds: (job, id), for the links written by finish()
-        self.created: list[tuple[Job, int]] = []
+        #: what finish() links, of the new builds: aggregates (job, id) and input
+        #: derivations (id, drv paths). No Job is kept otherwise: at 50,000 jobs the
+        #: records would be most of the evaluator's memory until the commit.
+        self.new_aggregates: list[tuple[Job, int]] = []
+        self.new_inputs: list[tuple[int, list[str]]] = []
+        self.new = 0
         self.reused = 0
         #: reused builds, whose status the new evaluation's commit should get too
         self.reused_ids: list[int] = []
@@ -251,12 +255,11 @@ class BuildImporter:
         new_jobs: list[Job] = []
         reused: list[tuple[Job, int]] = []
         for job in jobs:
-            if job.name in self.jobs:
+            if job.name in self.drv_of_job or job.name in self.deferred:
                 continue  # reported twice (a restarted run): keep the first
             if job.named_constituents:
                 # what it links to depends on the other jobs: decided in finish()
-                self.jobs[job.name] = job
-                self.deferred.append(job)
+                self.deferred[job.name] = job
                 continue
             old = self.previous.get(job.name)
             if old is not None and old[1] == job.drv_path:
@@ -271,7 +274,11 @@ class BuildImporter:
         ids = _allocate_ids(self.session, len(new_jobs))
         for job, build_id in zip(new_jobs, ids, strict=True):
             self._remember(job, build_id)
-            self.created.append((job, build_id))
+            if job.is_aggregate:
+                self.new_aggregates.append((job, build_id))
+            if job.facts is not None and job.facts.input_drvs:
+                self.new_inputs.append((build_id, job.facts.input_drvs))
+        self.new += len(new_jobs)
         self.reused += len(reused)
         self.reused_ids += [build_id for _, build_id in reused]
         pairs = list(zip(new_jobs, ids, strict=True))
@@ -295,7 +302,7 @@ class BuildImporter:
         name_of_drv = {drv: name for drv, (name, _) in self.build_of_drv.items()}
         candidates: dict[int, Job] = {}
         new_jobs: list[Job] = []
-        for job in self.deferred:
+        for job in self.deferred.values():
             old = self.previous.get(job.name)
             if old is not None and old[1] == job.drv_path and not resolved[job.name].errors:
                 candidates[old[0]] = job
@@ -313,16 +320,20 @@ class BuildImporter:
             names = {name_of_drv[d] for d in job.constituents if d in name_of_drv}
             names |= resolved[job.name].members
             names.discard(job.name)
-            now = {(n, self.jobs[n].drv_path) for n in names}
+            now = {(n, self._drv_of(n)) for n in names}
             if now == before[old_id]:
                 reused.append((job, old_id))
             else:
                 new_jobs.append(job)
         self._write(new_jobs, reused)
 
+    def _drv_of(self, name: str) -> str:
+        drv = self.drv_of_job.get(name)
+        return drv if drv is not None else self.deferred[name].drv_path
+
     def _remember(self, job: Job, build_id: int) -> None:
         self.build_of_job[job.name] = build_id
-        self.jobs[job.name] = job
+        self.drv_of_job[job.name] = job.drv_path
         known = self.build_of_drv.get(job.drv_path)
         if known is None or job.name < known[0]:
             self.build_of_drv[job.drv_path] = (job.name, build_id)
@@ -353,21 +364,29 @@ class BuildImporter:
                    f"{tail}\n")
 
     def finish(self, errors: Sequence[JobError]) -> ImportStats:
-        resolved = aggregates.resolve(self.jobs, {e.name: e.message for e in errors})
+        resolved = aggregates.resolve(self.drv_of_job.keys() | self.deferred.keys(),
+                                      self.deferred, {e.name: e.message for e in errors})
         self._add_deferred(resolved)
         build_of_drv = {drv: build_id for drv, (_, build_id) in self.build_of_drv.items()}
         build_of_job = self.build_of_job
         failed: dict[int, str] = {}
         build_of_output: dict[str, int] = {}
-        if any(job.constituent_outputs for job, _ in self.created):
-            # constituents known only by output path (read from an aggregate's .drv)
-            build_of_output = {path: build_of_drv[job.drv_path] for job in self.jobs.values()
-                               for path in job.outputs.values()}
+        wanted = sorted({path for job, _ in self.new_aggregates
+                         for path in job.constituent_outputs})
+        if wanted:
+            # constituents known only by output path (read from an aggregate's .drv):
+            # the outputs this evaluation's builds (new and reused) have, as written
+            rows = self.session.execute(text(
+                "SELECT o.path, b.drv_path FROM build_outputs o "
+                "JOIN evaluation_builds eb ON eb.build_id = o.build_id "
+                "JOIN builds b ON b.id = o.build_id "
+                "WHERE eb.evaluation_id = :e AND o.path = ANY(:paths)"),
+                {"e": self.eval_id, "paths": wanted})
+            build_of_output = {path: build_of_drv[drv] for path, drv in rows
+                               if drv in build_of_drv}
 
         def constituent_lines() -> Iterator[str]:
-            for job, build_id in self.created:
-                if not job.is_aggregate:
-                    continue
+            for job, build_id in self.new_aggregates:
                 members = {build_of_drv[d] for d in job.constituents if d in build_of_drv}
                 members |= {build_of_output[p] for p in job.constituent_outputs
                             if p in build_of_output}
@@ -383,10 +402,8 @@ class BuildImporter:
                     yield f"{build_id}\t{member}\n"
 
         def dependency_lines() -> Iterator[str]:
-            for job, build_id in self.created:
-                if job.facts is None or not job.facts.input_drvs:
-                    continue
-                deps = {build_of_drv[d] for d in job.facts.input_drvs if d in build_of_drv}
+            for build_id, input_drvs in self.new_inputs:
+                deps = {build_of_drv[d] for d in input_drvs if d in build_of_drv}
                 deps.discard(build_id)
                 for dep in sorted(deps):
                     yield f"{build_id}\t{dep}\n"
@@ -418,4 +435,4 @@ class BuildImporter:
         # the queue runner LISTENs here; the notification is delivered on commit
         self.session.execute(text("SELECT pg_notify(:channel, :payload)"),
                              {"channel": BUILDS_CHANNEL, "payload": str(self.eval_id)})
-        return ImportStats(new=len(self.created), reused=self.reused, errors=len(errors))
+        return ImportStats(new=self.new, reused=self.reused, errors=len(errors))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ def attr_name(path: list[str]) -> str:
     return ".".join(f'"{name}"' if "." in name else name for name in path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DrvFacts:
     """What the importer needs from a .drv file."""
 
@@ -37,8 +38,10 @@ class DrvFacts:
     glob_constituents: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
+    """One job of an evaluation (slots: an evaluation may hold 50,000 of them)."""
+
     name: str
     attr_path: list[str]
     nix_name: str
@@ -163,6 +166,10 @@ _ENV_FEATURES = re.compile(rb'\("requiredSystemFeatures","((?:[^"\\]|\\.)*)"\)')
 _ENV_CONSTITUENTS = re.compile(rb'\("constituents","((?:[^"\\]|\\.)*)"\)')
 
 
+#: the facts of a derivation without any of them (shared; never modified)
+_PLAIN = DrvFacts(is_fod=False, required_features=[], is_aggregate=False, input_drvs=[])
+
+
 def scan_derivation(data: bytes | str) -> DrvFacts:
     """Facts from a .drv's text; cheap substring tests first (this runs per job)."""
     if isinstance(data, str):
@@ -179,14 +186,20 @@ def scan_derivation(data: bytes | str) -> DrvFacts:
     constituents: list[str] = []
     if is_aggregate and (match := _ENV_CONSTITUENTS.search(data)):
         constituents = match.group(1).decode().split()
+    is_fod = any(m.group(1) for m in _OUTPUT.finditer(outputs))
+    # interned: jobs share input derivations (stdenv and the like), and the importer
+    # keeps them until the evaluation's dependency edges are written
+    input_drvs = ([sys.intern(m.decode()) for m in _INPUT_DRV.findall(data)]
+                  if b'.drv",[' in data else [])
+    if not (is_fod or features or is_aggregate or input_drvs):
+        return _PLAIN  # most jobs of a large jobset: one shared object
     return DrvFacts(
-        is_fod=any(m.group(1) for m in _OUTPUT.finditer(outputs)),
+        is_fod=is_fod,
         required_features=features,
         is_aggregate=is_aggregate,
         constituents=constituents,
         glob_constituents=is_aggregate and b'("_hydraGlobConstituents","1")' in data,
-        input_drvs=([m.decode() for m in _INPUT_DRV.findall(data)]
-                    if b'.drv",[' in data else []),
+        input_drvs=input_drvs,
     )
 
 

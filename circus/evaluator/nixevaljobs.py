@@ -18,7 +18,7 @@ from typing import Any
 
 from circus.common.nix.process import run as run_process
 from circus.evaluator import proc
-from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
+from circus.evaluator.jobs import JobError, RecordError, attr_name, job_from_record
 from circus.evaluator.program import (
     EvalFailed,
     EvalResult,
@@ -115,10 +115,11 @@ def evaluate(spec: EvalSpec, progress: Progress, sink: JobSink, *, program: str,
              should_stop: Callable[[], bool] | None = None) -> EvalResult:
     """Evaluate ``spec``; jobs go to ``sink`` as they come (the caller closes it)."""
     attr_path = probe(spec, should_stop)
-    jobs: list[Job] = []
+    job_count = 0
     errors: list[JobError] = []
 
     def on_stdout(line: str) -> bool:
+        nonlocal job_count
         line = line.strip()
         if not line.startswith("{"):
             return True
@@ -131,7 +132,7 @@ def evaluate(spec: EvalSpec, progress: Progress, sink: JobSink, *, program: str,
         if isinstance(item, JobError):
             errors.append(item)
         else:
-            jobs.append(item)
+            job_count += 1
             sink.submit(item)
         progress.done += 1
         progress.total = progress.done
@@ -146,4 +147,4 @@ def evaluate(spec: EvalSpec, progress: Progress, sink: JobSink, *, program: str,
         raise EvalStopped(stop.reason, stop.tail) from None
     if finished.returncode != 0:
         raise EvalFailed(error_text(finished.stderr_tail), finished.stderr_tail)
-    return EvalResult(jobs=jobs, errors=errors, attr_path=attr_path, program=PROGRAM)
+    return EvalResult(job_count=job_count, errors=errors, attr_path=attr_path, program=PROGRAM)

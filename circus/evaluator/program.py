@@ -164,7 +164,8 @@ def nix_list(items: list[str]) -> str:
 
 @dataclass
 class EvalResult:
-    jobs: list[Job]
+    #: how many jobs went to the sink (the jobs themselves are the importer's)
+    job_count: int
     errors: list[JobError]
     #: the attribute path that was evaluated (``checks`` when hydraJobs was missing)
     attr_path: list[str]
@@ -192,7 +193,9 @@ class JobSink:
                  batch_size: int = 2000) -> None:
         self.consumer = consumer
         self.batch_size = batch_size
-        self.jobs: list[Job] = []
+        #: jobs received (the sink holds none once they are handed on: at 50,000 jobs
+        #: a second copy of every Job costs as much as the evaluator's whole import)
+        self.count = 0
         self.error: BaseException | None = None
         self._pending: list[Job] = []
         self._queue: SimpleQueue[list[Job] | None] = SimpleQueue()
@@ -221,7 +224,7 @@ class JobSink:
                     if job.facts is None:
                         job.facts = read_facts(job.drv_path)
                     job.constituents_from_drv()
-                self.jobs.extend(chunk)
+                self.count += len(chunk)
                 batch.extend(chunk)
                 # full batches only: nothing commits before the end anyway, and
                 # fewer, larger COPYs cost less
@@ -236,14 +239,14 @@ class JobSink:
             if chunk is None:
                 return
 
-    def close(self) -> list[Job]:
-        """Flush, wait, re-raise the consumer's error; return every job received."""
+    def close(self) -> int:
+        """Flush, wait, re-raise the consumer's error; return how many jobs it received."""
         self.flush()
         self._queue.put(None)
         self._thread.join()
         if self.error is not None:
             raise self.error
-        return self.jobs
+        return self.count
 
 
 StopCheck = Callable[[], bool]

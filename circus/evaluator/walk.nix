@@ -34,6 +34,9 @@ let
   inherit (builtins) attrNames concatMap filter isAttrs isFunction isList isString
     listToAttrs map toJSON trace tryEval;
 
+  # `skip ? <key>` makes the key a symbol, which Nix never frees: not on a first run
+  skipping = skip != { };
+
   emit = kind: text: value: trace "${marker}${kind}${text}" value;
   mark = kind: text: value: if markers then emit kind text value else value;
 
@@ -101,7 +104,7 @@ let
       key = toJSON path;
       kind = guard (classify v);
     in
-    if skip ? ${key} then [ ]
+    if skipping && skip ? ${key} then [ ]
     else mark "B" key (
       if !kind.success then [{ inherit key; failed = true; }]
       else if kind.value == "job" then [{ inherit key; thunk = job key v; }]
@@ -117,7 +120,7 @@ let
       value = builtins.foldl' (acc: n: acc.${n}) root path;
       kind = guard (classify value);
     in
-    if skip ? ${key} then [ ]
+    if skipping && skip ? ${key} then [ ]
     else [{
       inherit key;
       thunk =
@@ -126,7 +129,8 @@ let
         else { inherit key; ok = true; drv = null; json = null; };
     }];
 
-  items =
+  # a function, so that the list is bound nowhere (see drvs)
+  walkAll = _:
     if only != null then concatMap direct only
     else if !(isAttrs root) then
       throw "${rootName} is a ${builtins.typeOf root}, not an attribute set of jobs"
@@ -134,7 +138,8 @@ let
       throw "${rootName} is a single derivation, not an attribute set of jobs"
     else walk [ ] root;
 
-  # force one item: markers first, then the work
+  # force one item: markers first, then the work; the value is the job's .drv path
+  # (null for anything else), all that is kept of the item once it is forced
   force = item:
     if item ? failed then emit "F" item.key null
     else
@@ -144,12 +149,13 @@ let
         else if j.ok then null
         else emit "F" item.key null);
 
-  done = builtins.foldl' (n: item: builtins.seq (force item) (n + 1)) 0 items;
-
-  rootPaths = filter (d: d != null) (map (item: if item ? thunk then item.thunk.drv else null) items);
+  # the items themselves are bound nowhere: each is garbage once forced (Nix keeps a
+  # let's bindings alive with the let, and the items' records add up at 50,000 jobs)
+  drvs = map force (walkAll null);
+  done = builtins.foldl' (n: drv: builtins.seq drv (n + 1)) 0 drvs;
   # T<n>: the walk is complete, n items follow
-  counted = emit "T" (toString (builtins.length items)) null;
+  counted = emit "T" (toString (builtins.length drvs)) null;
 in
 builtins.seq counted (builtins.seq done (
   if rootsName == null then null
-  else builtins.toFile rootsName (builtins.concatStringsSep "\n" rootPaths)))
+  else builtins.toFile rootsName (builtins.concatStringsSep "\n" (filter (d: d != null) drvs))))
