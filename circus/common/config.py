@@ -292,6 +292,8 @@ def _is_rate(value: str) -> bool:
 
 
 class EvaluatorSettings(SettingsModel):
+    secret_fields = ("upload_token",)
+
     #: seconds between beat ticks looking for due jobsets
     poll_interval: Positive = 10
     git_timeout: Positive = 120
@@ -310,10 +312,30 @@ class EvaluatorSettings(SettingsModel):
     #: directories non-admins may name in ``path`` inputs and ``file://`` repositories
     #: (admins may name any); empty: only admins may use the server's disk
     allowed_path_inputs: list[str] = []
+    #: the circus-server whose Nix store builders use, when it is not this host's
+    #: (``https://ci.example.org``): before an evaluation's builds are committed, the
+    #: .drv files and sources they need that the server lacks are uploaded there.
+    #: Unset: this evaluator shares the server's store (one host, or a shared /nix)
+    upload_derivations_to: str | None = None
+    #: a token whose SHA-256 digest is in the server's ``remote_workers.auth_tokens``
+    upload_token: str | None = None
+    #: the uploader's name in the server's log (``X-Circus-Worker``); default: host name
+    upload_name: str | None = None
+    #: verify the server's TLS certificate against this CA bundle (default: system CAs)
+    upload_ca_file: str | None = None
+    upload_timeout_secs: Positive = 60
 
     def problems(self) -> list[Problem]:
-        return [Problem(f"allowed_path_inputs.{i}", f"must be an absolute path (got {d!r})")
-                for i, d in enumerate(self.allowed_path_inputs) if not d.startswith("/")]
+        found = [Problem(f"allowed_path_inputs.{i}", f"must be an absolute path (got {d!r})")
+                 for i, d in enumerate(self.allowed_path_inputs) if not d.startswith("/")]
+        if self.upload_derivations_to is not None:
+            if urlsplit(self.upload_derivations_to).scheme not in ("http", "https"):
+                found.append(Problem("upload_derivations_to", "must be an http(s) URL (got "
+                                     f"{self.upload_derivations_to!r})"))
+            if not self.upload_token:
+                found.append(Problem("upload_token", "is required with upload_derivations_to "
+                                     "(or upload_token_file)"))
+        return found
 
 
 class RpcTlsSettings(SettingsModel):

@@ -47,6 +47,7 @@ from circus.evaluator.program import (
     JobSink,
     Progress,
 )
+from circus.evaluator.upload import UploadFailed, upload_derivations, uploads_derivations
 from circus.projects.channels import advance_channels
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,14 @@ def _run_claimed(factory: sessionmaker[Session], settings: Settings,
         except BaseException:
             _abandon(session, sink)
             raise
-        outcome = _commit_builds(session, importer, evaluation_id, jobset, result, started)
+        try:
+            outcome = _commit_builds(session, settings, importer, evaluation_id, jobset,
+                                     result, started)
+        except UploadFailed as exc:
+            log.warning("evaluation %s: %s", evaluation_id, exc)
+            _finish(factory, evaluation_id, EvaluationStatus.failed, error=str(exc),
+                    eval_time=time.monotonic() - started)
+            return Outcome("failed")
         outcome.fetch_time = fetched - started
         outcome.program_time = evaluated - fetched
         outcome.import_time = time.monotonic() - evaluated
@@ -379,8 +387,9 @@ def _abandon(session: Session, sink: JobSink | None) -> None:
     session.rollback()
 
 
-def _commit_builds(session: Session, importer: BuildImporter, evaluation_id: int,
-                   jobset: Jobset, result: EvalResult, started: float) -> Outcome:
+def _commit_builds(session: Session, settings: Settings, importer: BuildImporter,
+                   evaluation_id: int, jobset: Jobset, result: EvalResult, started: float
+                   ) -> Outcome:
     now = utcnow()
     eval_time = time.monotonic() - started
     total = result.job_count + len(result.errors)
@@ -404,6 +413,16 @@ def _commit_builds(session: Session, importer: BuildImporter, evaluation_id: int
     session.execute(update(Jobset).where(Jobset.id == jobset.id).values(**values))
     # an evaluation of builds that all succeeded already is good at once
     advance_channels(session, jobset.id)
+    if uploads_derivations(settings):
+        # before the commit (and its NOTIFY): the dispatcher must never see a build
+        # whose .drv is not in the server's store
+        try:
+            upload_derivations(settings, session.execute(text(
+                "SELECT b.drv_path FROM evaluation_builds eb JOIN builds b ON b.id = eb.build_id "
+                "WHERE eb.evaluation_id = :id AND eb.is_new"), {"id": evaluation_id}).scalars())
+        except UploadFailed:
+            session.rollback()
+            raise
     session.commit()
     log.info("evaluation %s: %d new builds, %d reused, %d errors in %.1f s (%s)",
              evaluation_id, stats.new, stats.reused, stats.errors, eval_time, result.program)

@@ -152,6 +152,18 @@ class FinishedStep:
     log_bytes: int = 0
 
 
+def spool_upload(stream: IO[bytes], spool: IO[bytes], limit: int) -> None:
+    """Copy an upload in full to ``spool`` (it is verified before anything imports it);
+    400 past ``limit`` bytes."""
+    size = 0
+    while chunk := stream.read(SPOOL_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise InvalidInput(f"the upload is larger than {limit} bytes "
+                               "(remote_workers.max_upload_size)")
+        spool.write(chunk)
+
+
 def _utc(timestamp: float | None) -> datetime | None:
     return datetime.fromtimestamp(timestamp, UTC) if timestamp else None
 
@@ -347,13 +359,7 @@ class RemoteWorkers:
         outputs = frozenset(read_derivation(drv_path).output_paths.values())
         limit = self.settings.remote_workers.max_upload_size
         with tempfile.TemporaryFile(prefix="circus-outputs-") as spool:
-            size = 0
-            while chunk := stream.read(SPOOL_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise InvalidInput(f"the upload is larger than {limit} bytes "
-                                       "(remote_workers.max_upload_size)")
-                spool.write(chunk)
+            spool_upload(stream, spool, limit)
             try:
                 verify_export(spool, outputs, f"step {step_id}")
             except ExportRefused as exc:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import requests
 
-from circus.worker.config import WorkerSection
-
 NAME_HEADER = "X-Circus-Worker"
+
+
+class ServerAccess(Protocol):
+    """Where and how to reach the server: ``[worker]``, or an evaluator's upload target."""
+
+    @property
+    def server_url(self) -> str: ...
+    @property
+    def token(self) -> str | None: ...
+    @property
+    def request_timeout_secs(self) -> float: ...
+    @property
+    def ca_file(self) -> str | None: ...
 
 
 class ApiError(Exception):
@@ -24,7 +35,7 @@ class ApiError(Exception):
 
 
 class WorkerApi:
-    def __init__(self, config: WorkerSection, name: str) -> None:
+    def __init__(self, config: ServerAccess, name: str) -> None:
         self.base = config.server_url.rstrip("/") + "/api/v1/workers"
         self.headers = {"Authorization": f"Bearer {config.token}", NAME_HEADER: name}
         self.timeout = config.request_timeout_secs
@@ -104,3 +115,18 @@ class WorkerApi:
     def finish(self, step_id: int, **report: Any) -> str:
         status: str = self._json("POST", f"/steps/{step_id}/finish", json=report)["status"]
         return status
+
+    # ------------------------------------------------------------ evaluators
+
+    def missing_derivations(self, paths: list[str]) -> list[str]:
+        """Those of ``paths`` (a .drv closure) the server's store lacks."""
+        missing: list[str] = self._json(
+            "POST", "/derivations/missing", json={"paths": paths})["missing"]
+        return missing
+
+    def upload_derivations(self, source: IO[bytes]) -> list[str]:
+        imported: list[str] = self._json(
+            "PUT", "/derivations", data=source,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=(self.timeout, 3600))["imported"]
+        return imported

@@ -101,3 +101,33 @@ def verify_export(source: IO[bytes], allowed: Collection[str], owner: str
         raise ExportRefused(f"refused: {foreign[0]} is not an output of {owner}")
     source.seek(0)
     return entries
+
+
+def verify_derivation_export(source: IO[bytes], owner: str) -> list[ExportedPath]:
+    """The paths of an evaluator's upload spooled in ``source``: derivations and the
+    sources they name, nothing else.
+
+    An evaluator on another host sends the ``.drv`` closure of its new builds. Every
+    path in the stream must be a ``.drv`` (no deriver: it is not a build's output) or
+    a source path (no deriver either) that a ``.drv`` in the same stream references,
+    i.e. one of its ``inputSrcs``: whatever the closure names. A build output slipped
+    in (which would let an uploader pose as a builder) is refused; nothing is
+    imported. ``owner`` names the uploader in the refusal. Leaves ``source`` at its
+    start; raises :class:`ExportRefused`.
+    """
+    source.seek(0)
+    try:
+        entries = read_entries(source)
+    except ExportFormatError as exc:
+        raise ExportRefused(f"refused: the derivation upload of {owner} is not a valid "
+                            f"export: {exc}") from None
+    named = {ref for e in entries if e.path.endswith(".drv") for ref in e.references}
+    for entry in entries:
+        if entry.deriver is not None:
+            raise ExportRefused(f"refused: {entry.path} is the output of {entry.deriver}, "
+                                "not a derivation or a source")
+        if not entry.path.endswith(".drv") and entry.path not in named:
+            raise ExportRefused(f"refused: {entry.path} is neither a derivation nor a "
+                                "source one of the uploaded derivations names")
+    source.seek(0)
+    return entries

@@ -1,5 +1,6 @@
 """/api/v1/workers: how ``circus-worker`` hosts (own Nix store, no database password)
-claim, renew, log, fetch inputs, upload outputs and report (``circus.remote_workers``).
+claim, renew, log, fetch inputs, upload outputs and report (``circus.remote_workers``),
+and how evaluators on other hosts upload the derivations of their new builds.
 
 Every call carries ``Authorization: Bearer <worker token>`` (a token whose SHA-256
 digest is in ``remote_workers.auth_tokens``; not an API key) and
@@ -17,6 +18,7 @@ from flask import Response, current_app, request, send_file
 from circus.common.errors import InvalidInput
 from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.routing.wakeups import send_wakeups
+from circus.remote_workers.derivations import import_derivations, missing_paths
 from circus.remote_workers.service import FinishedStep, RemoteWorker, RemoteWorkers, authenticate
 from circus.server.api.base import Blueprint
 from circus.server.api.schemas.workers import (
@@ -30,6 +32,8 @@ from circus.server.api.schemas.workers import (
     InputsSchema,
     LogAnswerSchema,
     LostSchema,
+    MissingSchema,
+    PathsSchema,
     ReleasedSchema,
     StepIdsSchema,
 )
@@ -168,3 +172,27 @@ def finish(args: dict[str, Any], step_id: int) -> Any:
     checked in the server's store, then signed and published by the server)."""
     status = _service().finish(_caller(), FinishedStep(step_id, **args))
     return {"status": status.name}
+
+
+@blp.post("/derivations/missing")
+@blp.arguments(PathsSchema)
+@blp.response(200, MissingSchema)
+@blp.doc(security=_WORKER_AUTH)
+def derivations_missing(args: dict[str, Any]) -> Any:
+    """Which paths of an evaluation's .drv closure the server's store lacks (an
+    evaluator with its own store uploads those before it commits the builds)."""
+    _caller()
+    return {"missing": missing_paths(server_context().settings, args["paths"])}
+
+
+@blp.put("/derivations")
+@blp.response(200, ImportedSchema)
+@blp.doc(security=_WORKER_AUTH, requestBody={"required": True, "content": _BYTES})
+def derivations() -> Any:
+    """Upload .drv files and the sources they name as one `nix-store --export` stream.
+    It is read in full and imported only when every path in it is a .drv or a source
+    path one of its .drv files references; otherwise nothing is imported (403)."""
+    uploader = _caller()
+    settings = server_context().settings
+    request.max_content_length = settings.remote_workers.max_upload_size
+    return {"imported": import_derivations(settings, uploader, request.stream)}

@@ -99,6 +99,22 @@ class InputsSchema(ma.Schema):
                                                  "the worker lacks"})
 
 
+#: store paths one derivations/missing call may ask about
+MAX_QUERY_PATHS = 20_000
+
+
+class PathsSchema(ma.Schema):
+    paths = fields.List(Str(max_length=1024, min_length=1), required=True,
+                        validate=validate.Length(min=1, max=MAX_QUERY_PATHS),
+                        metadata={"description": "store paths of the .drv closure of an "
+                                                 "evaluation's new builds"})
+
+
+class MissingSchema(ma.Schema):
+    missing = fields.List(fields.String(), required=True,
+                          metadata={"description": "those the server's store lacks"})
+
+
 class ImportedSchema(ma.Schema):
     imported = fields.List(fields.String(), required=True)
 
