@@ -5,12 +5,20 @@ from __future__ import annotations
 import io
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from circus.common.nix import nar
 from circus.common.nix.environment import nix_environ
-from circus.common.nix.export import ExportFormatError, read_entries
+from circus.common.nix.export import (
+    EXPORT_MAGIC,
+    ExportFormatError,
+    ExportRefused,
+    read_entries,
+    verify_derivation_export,
+)
 from tests.security.agents_support import export_of, fake_store_path
 
 
@@ -43,3 +51,51 @@ def test_lists_every_path_in_order() -> None:
     first, second = fake_store_path("one"), fake_store_path("two")
     entries = read_entries(io.BytesIO(export_of([(first, b"1"), (second, b"2")])))
     assert [e.path for e in entries] == [first, second]
+
+
+def _export(entries: list[tuple[str, tuple[str, ...], str]]) -> bytes:
+    """An export of ``(path, references, deriver)`` entries, each a one-byte file."""
+    out = bytearray()
+    with tempfile.TemporaryDirectory() as scratch:
+        file = Path(scratch) / "f"
+        file.write_bytes(b"x")
+        archive = b"".join(nar.dump(file))
+        for path, references, deriver in entries:
+            out += _u64(1) + archive + _u64(EXPORT_MAGIC) + _token(path.encode())
+            out += _u64(len(references)) + b"".join(_token(r.encode()) for r in references)
+            out += _token(deriver.encode()) + _u64(0)
+    return bytes(out + _u64(0))
+
+
+def _u64(value: int) -> bytes:
+    return struct.pack("<Q", value)
+
+
+def _token(data: bytes) -> bytes:
+    return _u64(len(data)) + data + b"\0" * (-len(data) % 8)
+
+
+SOURCE = fake_store_path("data.txt")
+DEP_DRV = fake_store_path("dep.drv")
+TOP_DRV = fake_store_path("top.drv")
+OUTPUT = fake_store_path("dep")
+
+
+def test_a_derivation_upload_may_hold_drvs_and_the_sources_they_name() -> None:
+    stream = _export([(SOURCE, (), ""), (DEP_DRV, (), ""), (TOP_DRV, (SOURCE, DEP_DRV), "")])
+    entries = verify_derivation_export(io.BytesIO(stream), "evaluator e")
+    assert [e.path for e in entries] == [SOURCE, DEP_DRV, TOP_DRV]
+
+
+@pytest.mark.parametrize(("entries", "reason"), [
+    # a path no .drv of the stream names
+    ([(SOURCE, (), ""), (DEP_DRV, (), "")], "neither a derivation nor a source"),
+    # a build's output, even one a .drv claims to reference
+    ([(OUTPUT, (), DEP_DRV), (TOP_DRV, (OUTPUT,), "")], "is the output of"),
+    # a source named only by another source
+    ([(SOURCE, (), ""), (OUTPUT, (), ""), (TOP_DRV, (SOURCE,), "")], "neither"),
+])
+def test_a_derivation_upload_with_anything_else_is_refused(
+        entries: list[tuple[str, tuple[str, ...], str]], reason: str) -> None:
+    with pytest.raises(ExportRefused, match=reason):
+        verify_derivation_export(io.BytesIO(_export(entries)), "evaluator e")
