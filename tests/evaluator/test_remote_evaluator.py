@@ -197,9 +197,13 @@ def test_an_evaluator_with_its_own_store_uploads_derivations_the_main_host_build
             wait_until(lambda: all(world.evaluation(e).status.is_finished for e in triggered),
                        timeout=240, message="the evaluations of both evaluators")
             statuses = {e: world.evaluation(e).status for e in triggered}
+            # whichever evaluator ran it, every new build's .drv is in this host's store
+            later_drvs = [b.drv_path for e in triggered for b in world.builds(e).values()]
             local_log, remote_log = local.log(), remote.log()
     assert set(statuses.values()) == {EvaluationStatus.completed}, (
         statuses, local_log[-3000:], remote_log[-3000:])
+    assert len(later_drvs) == 2 * len(triggered)
+    assert all(valid_here(d) for d in later_drvs)
     runs = Counter(evaluated_ids(local_log) + evaluated_ids(remote_log))
     # beat's own scheduled checks may add evaluations; none ran twice
     assert all(runs[e] == 1 for e in triggered), runs
