@@ -17,7 +17,8 @@ injected at a random point of that round (seeded; the seed is printed, and
 - every succeeded build is post-processed: its outputs are in the binary cache and
   no ``pending_postprocessing`` row is left (a fault between the finish and the
   post-processing only delays it, by ``postprocess_retry_secs``);
-- the API answers a cheap route within 3 times its before-fault median + 200 ms.
+- the API answers a cheap route within 3 times its before-fault median + 200 ms;
+- both agents (below) still run and are connected again (whatever the fault).
 
 Two agents, each alone on a network-namespace host with its own ``/nix``
 (``tests.helpers.netns``), build for the instance's gateway. Only they offer
@@ -383,6 +384,9 @@ class Instance:
             self.check_logs(earlier, [b for b in sample if b.status == SUCCEEDED])
         assert self.up.alive(), self.daemon_logs()
         assert latency < 3 * self.baseline_ms + 200, (latency, self.baseline_ms)
+        quit_agents = [agent.name for agent in self.agents if not agent.daemon.alive()]
+        assert not quit_agents, f"agents exited: {quit_agents}\n{self.daemon_logs()}"
+        self.wait_connected()
         return figures
 
     def unpublished(self, build_ids: list[int]) -> list[tuple[int, str]]:
