@@ -212,6 +212,10 @@ class Agent:
             info = await asyncio.to_thread(self.agent_info)
             registered = await runner.register(info, self.builder())
         except capnp.KjException as exc:
+            # only the gateway's own "refused: …" is final; anything else (its database
+            # restarting, say) is a failure like a lost connection: dial again
+            if not _is_refusal(exc):
+                raise
             raise RegistrationRefused(_remote_reason(exc)) from None
         self.environment.runner = runner
         self.environment.machine_id = self.machine_id
@@ -259,6 +263,10 @@ class Agent:
             await asyncio.sleep(self.config.reconnect_delay_secs)
         log.info("agent %s stopped after %d build(s)", self.name, self.builds_done)
         return 0
+
+
+def _is_refusal(exc: Exception) -> bool:
+    return "refused:" in (getattr(exc, "description", None) or str(exc))
 
 
 def _remote_reason(exc: Exception) -> str:

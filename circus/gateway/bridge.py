@@ -323,8 +323,13 @@ class Bridge:
         self.kick_all()
 
     def _final_log(self, path: Any) -> Any:
-        return compress_file(path) if self.settings.logs.compress and path.stat().st_size \
-            else path
+        if not (self.settings.logs.compress and path.stat().st_size):
+            return path
+        try:
+            return compress_file(path)
+        except OSError as exc:   # no room for the compressed copy: keep it plain
+            log.warning("cannot compress the build log %s (%s); keeping it plain", path, exc)
+            return path
 
     async def hand_back(self, agent: ConnectedAgent, step_ids: list[int]) -> None:
         for step_id in step_ids:

@@ -100,8 +100,15 @@ class _Assignment:
         self.import_error: str | None = None
         self.already_valid: list[str] = []
         self.refused = ""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file = log_path.open("ab")
+        self.log_path = log_path
+        #: why writing the log stopped (its filesystem is full, say), if it did
+        self.log_broken: OSError | None = None
+        self.log_file: IO[bytes] | None = None
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = log_path.open("ab")
+        except OSError as exc:
+            self._log_failed(exc)
         self.allowed_inputs = set(input_closure)
         self.allowed_outputs = frozenset(outputs)
         #: the output stream being received (at most one file)
@@ -140,11 +147,33 @@ class _Assignment:
             self.truncated = True
             return
         data = data[:room]
-        self.log_file.write(data)
-        self.log_file.flush()
+        if self.log_file is not None:
+            try:
+                self.log_file.write(data)
+                self.log_file.flush()
+            except OSError as exc:
+                self._log_failed(exc)
         self.log_bytes += len(data)
         if self.on_log is not None:
             self.on_log(len(data))
+
+    def _log_failed(self, exc: OSError) -> None:
+        """A log is never worth a build (as ``StepLog``): the log stops here, the step
+        goes on (found by tests/faults: a full log filesystem failed every agent step)."""
+        if self.log_broken is None:
+            self.log_broken = exc
+            log.warning("step %s: cannot write the build log %s (%s); the rest is lost",
+                        self.step_id, self.log_path, exc)
+        self.close_log()
+
+    def close_log(self) -> None:
+        handle, self.log_file = self.log_file, None
+        if handle is None:
+            return
+        try:
+            handle.close()
+        except OSError as exc:   # what was buffered is lost with the rest
+            self._log_failed(exc)
 
     # ------------------------------------------------------------ OutputSink
 
@@ -204,8 +233,7 @@ class _Assignment:
             # exactly once: a second report is a protocol violation, ignored
             log.warning("step %s: duplicate result report ignored", self.step_id)
             return
-        if not self.log_file.closed:
-            self.log_file.close()
+        self.close_log()
         self.drop_spool()  # written but never closed: nothing was imported
         reported = ReportedResult(
             outcome=str(outcome), exit_code=int(exit_code),
@@ -280,7 +308,7 @@ def _servers() -> _Servers:
             self.assignment.write_log(chunk)
 
         async def close(self, _context: Any, **kwargs: Any) -> None:
-            self.assignment.log_file.close()
+            self.assignment.close_log()
 
     class OutputSinkImpl(proto.OutputSink.Server):  # type: ignore[misc,name-defined]
         def __init__(self, assignment: _Assignment) -> None:

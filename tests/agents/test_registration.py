@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from circus.common.config import Settings
 from circus.common.models import BuilderSession
@@ -232,3 +233,38 @@ def test_a_stale_disconnect_never_evicts_the_newer_session(
     first, second = asyncio.run(capnp.run(run()))
     assert first != second
     assert seen == [(True, second)]
+
+
+def test_a_gateway_failing_on_its_database_is_retried_not_taken_as_a_refusal(
+        gateway_settings: Settings, engine: Engine, committed_db: sessionmaker[Session],
+        tmp_path: Path) -> None:
+    """The database down at registration (a restart, found by tests/faults) is the
+    gateway's failure, not a no: the agent dials again until it is back."""
+    unreachable = create_engine(engine.url.set(database="circus_no_such_database"),
+                                poolclass=NullPool)
+    factory: sessionmaker[Session] = sessionmaker(bind=engine)
+    thread = GatewayThread(gateway_settings, factory)
+    thread.start()
+    assert thread.started.wait(20)
+    assert thread.failed is None
+    factory.configure(bind=unreachable)   # the database goes away
+    config = agent_config(tmp_path, thread.port, name="patient")
+    try:
+        with Daemon("agent", [circus_command("circus-agent"), "--config", str(config)],
+                    tmp_path) as agent:
+            wait_until(lambda: agent.log().count("connection to ") >= 3 or not agent.alive(),
+                       timeout=30, message="registration failing again and again")
+            assert agent.alive(), agent.log()
+            assert "the gateway refused this agent" not in agent.log()
+            factory.configure(bind=engine)   # the database is back
+
+            def connected() -> list[str]:
+                with committed_db() as s:
+                    return list(s.scalars(select(BuilderSession.name).where(
+                        BuilderSession.connected)))
+
+            wait_until(lambda: connected() == ["patient"], timeout=30,
+                       message="registered once the database is back")
+    finally:
+        thread.stop()
+        unreachable.dispose()
