@@ -210,7 +210,7 @@ def test_killed_agent_step_is_rebuilt_elsewhere_exactly_once(
     assert [(s.state, s.status, s.machine) for s in steps] == [("done", 2, "second")]
     assert row.completed_at is not None
     # counted before the hand-back emptied the agent's steps
-    assert "agent first disconnected (1 step(s) handed back)" in runner.log()
+    assert "agent first disconnected (1 step(s) handed back: " in runner.log()
     # the log holds both attempts, and says where the first one ended
     from circus.queue_runner.steps.logs import read_log
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import os
 from collections.abc import Callable
@@ -94,7 +95,11 @@ async def _raw_register(port: int, **overrides: Any) -> str:
 def raw_register(port: int, **overrides: Any) -> str:
     import capnp
 
-    return asyncio.run(capnp.run(_raw_register(port, **overrides)))
+    # in a thread of its own: asyncio.run refuses a thread with a running event loop,
+    # and this helper must not depend on what the calling test's thread runs
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(capnp.run(_raw_register(port, **overrides)))
+                           ).result()
 
 
 @pytest.mark.parametrize(("overrides", "reason"), [

@@ -168,7 +168,7 @@ def test_rendered_settings_pass_circus_validation(default_eval: tuple[Any, Path]
 def test_the_loader_check_fails_on_a_value_circus_rejects(tmp_path: Path) -> None:
     """The check above can fail: a rendered value Circus refuses is a ConfigError."""
     user = circus(tmp_path, settings={"database": {"url": "mysql://db.example.org/circus"},
-                                      "queue_runner": {"workers": 0}})
+                                      "queue_runner": {"workers": -1}})
     rendered = evaluate(tmp_path, user)["etc"]["circus/circus.toml"]
     with pytest.raises(ConfigError) as err:
         load_rendered(tmp_path, rendered)
