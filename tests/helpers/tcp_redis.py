@@ -55,8 +55,9 @@ def tcp_redis(directory: Path, listen: str = "0.0.0.0") -> Iterator[TcpRedis]:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except OSError:
+            except OSError as exc:
                 if not daemon.alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start:\n{daemon.log()[-2000:]}")
+                    raise RuntimeError(f"redis-server did not start:\n{daemon.log()[-2000:]}"
+                                       ) from exc
                 time.sleep(0.05)
         yield TcpRedis(port, password, daemon)

@@ -30,8 +30,6 @@ broker_url = "{broker_url}"
 work_dir = "{directory / 'work'}"
 slots = {slots}
 heartbeat_secs = 1.0
-# a cut link hangs requests: the worker must not wait a minute to notice
-request_timeout_secs = 10.0
 [nix]
 substituters = []
 [nix.config]

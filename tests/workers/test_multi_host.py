@@ -29,8 +29,13 @@ from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import read_derivation
 from tests.agents.conftest import store_has
 from tests.agents.test_integration import published, valid_here, wait_builds
-from tests.agents.test_network_faults import check_exactly_once, dag, done_step, running_on
-from tests.agents.test_network_faults import finish_audit  # noqa: F401  (fixture)
+from tests.agents.test_network_faults import (
+    check_exactly_once,
+    dag,
+    done_step,
+    finish_audit,  # noqa: F401  (fixture)
+    running_on,
+)
 from tests.conftest import KeyPair
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port, wait_for_port
@@ -39,6 +44,7 @@ from tests.helpers.tcp_redis import tcp_redis
 from tests.helpers.worker_hosts import ready, worker_on_host
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
 from tests.queue_runner.daemons import flatten, runner_daemon
+from tests.queue_runner.factories import make_builds
 
 TOKEN = "multi-host-token-" + "m" * 40
 #: seconds a lease lasts without renewal (production: longer); the cut host's steps
@@ -121,10 +127,9 @@ def test_a_dag_across_hosts_survives_a_cut_host(
             workers[name] = stack.enter_context(worker_on_host(
                 host, tmp_path / name, name, port, broker_url(host.main_address), TOKEN))
         for name in HOSTS:
-            wait_until(lambda: ready(workers[name], name), timeout=90,
+            wait_until(lambda name=name: ready(workers[name], name), timeout=90,
                        message=f"worker {name} consuming")
         with committed_db() as session:
-            from tests.queue_runner.factories import make_builds
             builds = make_builds(session, drvs)
         ids = [b.id for b in builds.values()]
 
@@ -148,7 +153,7 @@ def test_a_dag_across_hosts_survives_a_cut_host(
 
         # the worker on the cut host cannot renew: it stops its builds before the
         # leases lapse, and nothing of them keeps running there
-        wait_until(lambda: "stopping builds" in workers["far"].log(), timeout=LEASE_SECS + 5,
+        wait_until(lambda: "stopped the builds" in workers["far"].log(), timeout=LEASE_SECS + 5,
                    interval=0.1, message="the cut worker fencing itself")
         fenced_after = time.monotonic() - cut_at
         wait_until(lambda: processes_named(hosts["far"], {"nix-store", "sleep"}) == [],
@@ -192,7 +197,8 @@ def test_a_dag_across_hosts_survives_a_cut_host(
     for job, drv in drvs.items():
         built_on = [name for name, log in logs.items() if f"building {drv}" in log]
         if drv in lost_drvs:
-            assert "far" in built_on and len(built_on) == 2, (job, built_on)
+            assert "far" in built_on, (job, built_on)
+            assert len(built_on) == 2, (job, built_on)
         else:
             assert len(built_on) == 1, (job, built_on)
     assert {done_step(committed_db, s)[1] for s in lost} <= {"near1", "near2"}
