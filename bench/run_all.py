@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: cheapest first, so a broken setup shows early
 ORDER = ["cache_serve", "dashboard_pages", "eval_import", "build_overhead", "ssh_overhead",
-         "agent_overhead", "dispatch_scale", "api_scale"]
+         "agent_overhead", "dispatch_scale", "api_scale", "scale_out"]
 
 
 def main(argv: list[str]) -> int:

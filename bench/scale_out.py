@@ -120,10 +120,10 @@ def round_with(hosts: int, instance: Instance, expr: Path, count: int, port: int
         makespan = time.monotonic() - started
         with instance.engine.begin() as conn:
             statuses: dict[int, int] = dict(conn.execute(text(
-                "SELECT status, count(*) FROM builds GROUP BY status")).tuples().all())
+                "SELECT status, count(*) FROM builds GROUP BY status")).all())
             per_host: dict[str, int] = dict(conn.execute(text(
                 "SELECT machine, count(*) FROM steps GROUP BY machine ORDER BY machine"
-            )).tuples().all())
+            )).all())
             conn.execute(text("TRUNCATE builds, steps, evaluations, queue_classes, "
                               "failed_paths CASCADE"))
     failed = sum(n for status, n in statuses.items() if status != BuildStatus.succeeded)
@@ -174,8 +174,10 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(state, ignore_errors=True)
     base_hosts = min(makespans)
     base = makespans[base_hosts] * base_hosts
+    # speed-up: against the same run's smallest round, scaled to one host; "of ideal"
+    # divides it by the host count (1.00: every added host fully used)
     print(f"{'hosts':>5} {'makespan s':>10} {'ideal s':>8} {'speed-up':>8} "
-          f"{'vs ideal':>8}")
+          f"{'of ideal':>8}")
     for hosts, makespan in sorted(makespans.items()):
         speed_up = base / makespan
         print(f"{hosts:>5} {makespan:>10.1f} {count / (SLOTS * hosts):>8.1f} "

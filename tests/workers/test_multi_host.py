@@ -31,7 +31,6 @@ from tests.agents.conftest import store_has
 from tests.agents.test_integration import published, valid_here, wait_builds
 from tests.agents.test_network_faults import (
     check_exactly_once,
-    dag,
     done_step,
     finish_audit,  # noqa: F401  (fixture)
     running_on,
@@ -44,13 +43,18 @@ from tests.helpers.tcp_redis import tcp_redis
 from tests.helpers.worker_hosts import ready, worker_on_host
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
 from tests.queue_runner.daemons import flatten, runner_daemon
-from tests.queue_runner.factories import make_builds
+from tests.queue_runner.factories import FIXTURES, instantiate, make_builds
 
 TOKEN = "multi-host-token-" + "m" * 40
 #: seconds a lease lasts without renewal (production: longer); the cut host's steps
 #: come back this long after its last renewal
 LEASE_SECS = 6
 HOSTS = ["far", "near1", "near2"]
+#: 3 chains of 2 links, 2 fans over the tips, a top: 11 steps on 4 levels. Each sleeps
+#: longer than the cut worker may take to fence itself (< 0.8 lease after the cut),
+#: so the fence really stops a running build
+SHAPE = {"chains": 3, "length": 2, "fans": 2}
+WORK_SECS = "7"
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +98,14 @@ def building(worker: Daemon, drv_path: str) -> bool:
     return f"building {drv_path}" in worker.log()
 
 
+def beat_since(factory: sessionmaker[Session], name: str, since: float) -> bool:
+    with factory() as session:
+        return bool(session.execute(text(
+            "SELECT 1 FROM service_heartbeats WHERE service = :s "
+            "AND last_heartbeat > to_timestamp(:t)"),
+            {"s": f"remote-worker:{name}", "t": since}).first())
+
+
 def processes_named(host: NetnsHost, names: set[str]) -> list[str]:
     """The host's processes whose command is one of ``names``."""
     found = []
@@ -113,7 +125,10 @@ def test_a_dag_across_hosts_survives_a_cut_host(
         committed_db: sessionmaker[Session], finish_audit: None,  # noqa: F811
         nix_env: dict[str, str], nonce: str, tmp_path: Path, cache_key: KeyPair,
         broker: str, request: pytest.FixtureRequest) -> None:
-    drvs = dag(nonce, nix_env)
+    names = [f"c{c}_{i}" for c in range(SHAPE["chains"]) for i in range(SHAPE["length"])]
+    names += [f"fan{k}" for k in range(SHAPE["fans"])] + ["top"]
+    drvs = instantiate(names, nonce, nix_env, expr=FIXTURES / "dag.nix",
+                       args={**SHAPE, "work": WORK_SECS})
     started = time.monotonic()
     with broker_of(broker, request, tmp_path) as broker_url, \
             server_and_dispatcher(runner_config, tmp_path, cache_key,
@@ -133,14 +148,10 @@ def test_a_dag_across_hosts_survives_a_cut_host(
             builds = make_builds(session, drvs)
         ids = [b.id for b in builds.values()]
 
-        def building_on_far() -> list[int]:
-            far_log = workers["far"].log()
-            return [s for s in running_on(committed_db, "far")
-                    if f"step {s}: building" in far_log]
-
-        wait_until(lambda: building_on_far() != [], timeout=60,
-                   message="a step building on the host to cut")
-        time.sleep(1)   # mid-build (steps sleep 3 s)
+        # cut while a builder really runs there (not while inputs are still coming)
+        wait_until(lambda: processes_named(hosts["far"], {"sleep"}) != [], timeout=60,
+                   interval=0.05, message="a build running on the host to cut")
+        sleeping_when_cut = len(processes_named(hosts["far"], {"sleep"}))
         lost = running_on(committed_db, "far")
         hosts["far"].cut()
         cut_at = time.monotonic()
@@ -157,7 +168,7 @@ def test_a_dag_across_hosts_survives_a_cut_host(
                    interval=0.1, message="the cut worker fencing itself")
         fenced_after = time.monotonic() - cut_at
         wait_until(lambda: processes_named(hosts["far"], {"nix-store", "sleep"}) == [],
-                   timeout=10, message="no build left running on the cut host")
+                   timeout=2, message="no build left running on the cut host")
         wait_until(released, timeout=60, interval=0.1, message="the cut host's steps released")
         released_after = time.monotonic() - cut_at
         wait_until(lambda: all(done_step(committed_db, s)[0] == "done" for s in lost),
@@ -185,6 +196,11 @@ def test_a_dag_across_hosts_survives_a_cut_host(
                 if line.strip())
             assert int(consumers.get("build.x86_64-linux", 0)) >= 2, consumers
         logs = {name: w.log() for name, w in workers.items()}
+        # the link comes back: the fenced worker beats again (and can leave gracefully)
+        restored_at = time.time()
+        hosts["far"].restore()
+        wait_until(lambda: beat_since(committed_db, "far", restored_at), timeout=60,
+                   interval=0.5, message="the cut worker heard again")
     elapsed = time.monotonic() - started
     assert set(result.values()) == {BuildStatus.succeeded}, (result, server.log()[-3000:])
     per_machine = check_exactly_once(committed_db, drvs, ids)
@@ -197,13 +213,16 @@ def test_a_dag_across_hosts_survives_a_cut_host(
     for job, drv in drvs.items():
         built_on = [name for name, log in logs.items() if f"building {drv}" in log]
         if drv in lost_drvs:
-            assert "far" in built_on, (job, built_on)
-            assert len(built_on) == 2, (job, built_on)
+            # started on the cut host (or only leased there), then built on one other
+            assert len([n for n in built_on if n != "far"]) == 1, (job, built_on)
         else:
             assert len(built_on) == 1, (job, built_on)
     assert {done_step(committed_db, s)[1] for s in lost} <= {"near1", "near2"}
-    # the cut worker fenced itself before its leases lapsed on the server
+    # the cut worker fenced itself before its leases lapsed on the server, killing
+    # builds that were still running (they sleep WORK_SECS), and reported nothing
     assert fenced_after < LEASE_SECS, fenced_after
+    assert logs["far"].count(": stopped (cancelled)") >= sleeping_when_cut, \
+        logs["far"][-3000:]
     # outputs came back to the server's store and are served signed; the inputs of
     # the top travelled to the host that built it
     assert all(valid_here(p) for p in outputs.values())
