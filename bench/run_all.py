@@ -17,7 +17,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: cheapest first, so a broken setup shows early
 ORDER = ["cache_serve", "dashboard_pages", "eval_import", "build_overhead", "build_overhead_e2e",
-         "ssh_overhead", "agent_overhead", "dispatch_scale", "api_scale"]
+         "ssh_overhead", "agent_overhead", "dispatch_scale", "api_scale",
+         "scale_out"]
 #: benchmarks that are a mode of another script: name -> (script, arguments)
 MODES = {"build_overhead_e2e": ("build_overhead", ["--e2e"])}
 

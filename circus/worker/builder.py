@@ -125,16 +125,20 @@ class RemoteBuilder:
         with self._lock:
             return sorted(self.running)
 
-    def take_away(self, step_ids: set[int]) -> None:
-        """The server says these are no longer ours: stop their builds."""
+    def take_away(self, step_ids: set[int]) -> int:
+        """The server says these are no longer ours (or may soon not be): stop their
+        builds; returns how many were still going."""
         with self._lock:
             found = [self.running[i] for i in step_ids if i in self.running]
+        stopped = 0
         for running in found:
-            if running.reporting:
+            if running.reporting or running.lost:
                 continue
             log.info("step %d was taken away; stopping its build", running.step_id)
             running.lost = True
             running.stop()
+            stopped += 1
+        return stopped
 
     def stop_all(self) -> None:
         with self._lock:
@@ -190,6 +194,9 @@ class RemoteBuilder:
         async def send_log(chunk: bytes) -> None:
             nonlocal log_bytes
             log_bytes += len(chunk)
+            if running.lost:
+                # no longer ours: the server refuses it, and a cut link would hang it
+                return
             for start in range(0, len(chunk), LOG_CHUNK):
                 try:
                     await asyncio.to_thread(self.api.log, step_id, chunk[start:start + LOG_CHUNK])
@@ -250,6 +257,11 @@ class RemoteBuilder:
             await asyncio.to_thread(self.api.upload_outputs, step_id, spool)
 
 
+#: the share of a lease after the last successful renewal at which the worker stops
+#: the builds it could not renew (before the server can re-lease them elsewhere)
+FENCE_FRACTION = 0.8
+
+
 class LeaseKeeper(threading.Thread):
     """Renews running steps' leases; heartbeats; follows new queue classes."""
 
@@ -262,12 +274,12 @@ class LeaseKeeper(threading.Thread):
         self.lease_secs = lease_secs
         self._done = threading.Event()
 
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self, timeout: float | None = None) -> dict[str, Any]:
         builder = self.builder
         caps = builder.capabilities
         return builder.api.heartbeat(sorted(caps.systems), sorted(caps.supported_features),
                                      sorted(caps.mandatory_features), builder.config.slots,
-                                     len(builder.held()))
+                                     len(builder.held()), timeout=timeout)
 
     def run(self) -> None:
         last_renewed = time.monotonic()
@@ -275,23 +287,33 @@ class LeaseKeeper(threading.Thread):
         while not self._done.wait(self.renew_every):
             held = self.builder.held()
             if held:
+                # self-fencing: past this moment the server may hand the steps to
+                # another builder; a renewal that hangs (a cut link never refuses,
+                # it just drops packets) must not keep our builds running beyond it
+                fence_at = last_renewed + self.lease_secs * FENCE_FRACTION
+                sent = time.monotonic()
                 try:
-                    lost = self.builder.api.renew(held)
-                    last_renewed = time.monotonic()
+                    lost = self.builder.api.renew(held, timeout=max(0.5, fence_at - sent))
+                    # the server extended the leases from when it got the request, which
+                    # is no earlier than when it was sent
+                    last_renewed = sent
                     if lost:
                         self.builder.take_away(lost)
                 except Failure as exc:
                     log.warning("could not renew %d lease(s): %s", len(held), exc)
-                    if time.monotonic() - last_renewed > self.lease_secs * 0.8:
-                        # another builder may take these steps any moment: stop them
-                        log.error("leases about to lapse without renewal; stopping builds")
-                        self.builder.take_away(set(held))
+                    # the next try would come too late: stop them now
+                    if time.monotonic() + self.renew_every >= fence_at and \
+                            self.builder.take_away(set(held)):
+                        log.error("leases about to lapse without renewal; stopped the builds")
             else:
                 last_renewed = time.monotonic()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.builder.config.heartbeat_secs
+                # while steps are held, this thread must be back for the next renewal
+                # (and fencing) on time, whatever the link does
+                timeout = self.renew_every if held else None
                 try:
-                    self.on_classes(list(self.heartbeat()["classes"]))
+                    self.on_classes(list(self.heartbeat(timeout)["classes"]))
                 except Failure as exc:
                     log.warning("heartbeat failed: %s", exc)
                 except Exception:

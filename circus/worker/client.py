@@ -70,10 +70,11 @@ class WorkerApi:
     # ------------------------------------------------------------ calls
 
     def heartbeat(self, systems: list[str], features: list[str], mandatory: list[str],
-                  slots: int, running: int) -> dict[str, Any]:
+                  slots: int, running: int, timeout: float | None = None) -> dict[str, Any]:
         answer: dict[str, Any] = self._json("POST", "/heartbeat", json={
             "systems": systems, "supported_features": features,
-            "mandatory_features": mandatory, "slots": slots, "running": running})
+            "mandatory_features": mandatory, "slots": slots, "running": running},
+            timeout=timeout or self.timeout)
         return answer
 
     def claim(self, queue_class: str, limit: int = 1) -> list[dict[str, Any]]:
@@ -81,8 +82,11 @@ class WorkerApi:
             "POST", "/claim", json={"queue_class": queue_class, "limit": limit})["steps"]
         return steps
 
-    def renew(self, step_ids: Iterable[int]) -> set[int]:
-        return set(self._json("POST", "/renew", json={"step_ids": sorted(step_ids)})["lost"])
+    def renew(self, step_ids: Iterable[int], timeout: float | None = None) -> set[int]:
+        """Extend the leases; returns the steps no longer held. ``timeout`` bounds the
+        whole wait (a renewal answered after the lease lapsed is worth nothing)."""
+        return set(self._json("POST", "/renew", json={"step_ids": sorted(step_ids)},
+                              timeout=timeout or self.timeout)["lost"])
 
     def release(self, step_ids: Iterable[int]) -> list[int]:
         released: list[int] = self._json(

@@ -69,6 +69,10 @@ def build_argv(drv_paths: Sequence[str], *, timeout: int | None, max_silent: int
     return argv
 
 
+#: how long a cancelled ``nix-store`` may take to stop its builders before SIGKILL
+CANCEL_GRACE_SECS = 5.0
+
+
 def classify(returncode: int | None, tail: str, *, log_limit_hit: bool, cancelled: bool,
              oom_before: int | None, oom_after: int | None,
              failed_marker: bool) -> tuple[Outcome, str | None]:
@@ -148,6 +152,14 @@ async def realise(
             return
         await cancel.wait()
         cancelled = True
+        # SIGTERM first: Nix then kills its builders, which run in sessions (and, with
+        # the sandbox, PID namespaces) of their own; SIGKILL to the group alone would
+        # leave them building on, orphaned
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), CANCEL_GRACE_SECS)
+        except (ProcessLookupError, TimeoutError):
+            pass
         kill_group()
 
     watcher = asyncio.ensure_future(watch_cancel())
