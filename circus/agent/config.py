@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,10 +13,7 @@ from circus.common.configbase import (
     Problem,
     SettingsModel,
     at_least,
-    deep_merge,
-    env_overrides,
-    read_toml,
-    validate_sections,
+    load_host_program_settings,
 )
 from circus.common.logging import TracingSettings
 from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS, sandbox_path_problem
@@ -136,17 +132,4 @@ def load_agent_settings(files: list[Path] | None = None,
                         environ: Mapping[str, str] | None = None,
                         overrides: Mapping[str, Any] | None = None) -> AgentSettings:
     """Defaults < the config file(s) < ``CIRCUS_AGENT__*`` variables < ``overrides``."""
-    environ = os.environ if environ is None else environ
-    if files is None:
-        files = [Path(environ["CIRCUS_AGENT_CONFIG_FILE"])] \
-            if environ.get("CIRCUS_AGENT_CONFIG_FILE") else []
-    raw: dict[str, Any] = {}
-    for path in files:
-        raw = deep_merge(raw, read_toml(path))
-    env = env_overrides(environ, "CIRCUS_")
-    raw = deep_merge(raw, {section: env[section] for section in ("agent", "tracing")
-                           if section in env})
-    if overrides:
-        raw = deep_merge(raw, overrides)
-    raw.setdefault("agent", {})
-    return validate_sections(AgentSettings, raw)
+    return load_host_program_settings(AgentSettings, "agent", files, environ, overrides)

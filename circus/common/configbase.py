@@ -11,6 +11,7 @@ No SQLAlchemy here: the agent uses this module too.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -308,3 +309,27 @@ def validate_sections(model_cls: type[ModelT], raw: Mapping[str, Any]) -> ModelT
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def load_host_program_settings(model_cls: type[ModelT], section: str,
+                               files: list[Path] | None,
+                               environ: Mapping[str, str] | None,
+                               overrides: Mapping[str, Any] | None) -> ModelT:
+    """Settings of a program that runs on a builder host (``circus-agent``,
+    ``circus-worker``): defaults < the config file(s) (default: the one named by
+    ``CIRCUS_<SECTION>_CONFIG_FILE``) < ``CIRCUS_<SECTION>__*`` and
+    ``CIRCUS_TRACING__*`` variables < ``overrides``. Every section's problems are
+    listed (:func:`validate_sections`)."""
+    environ = os.environ if environ is None else environ
+    file_variable = f"CIRCUS_{section.upper()}_CONFIG_FILE"
+    if files is None:
+        files = [Path(environ[file_variable])] if environ.get(file_variable) else []
+    raw: dict[str, Any] = {}
+    for path in files:
+        raw = deep_merge(raw, read_toml(path))
+    env = env_overrides(environ, "CIRCUS_")
+    raw = deep_merge(raw, {name: env[name] for name in (section, "tracing") if name in env})
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    raw.setdefault(section, {})
+    return validate_sections(model_cls, raw)
