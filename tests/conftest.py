@@ -315,23 +315,36 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     (work / "s3.json").write_text(json.dumps({"identities": [{
         "name": "circus", "credentials": [{"accessKey": access, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {name: free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
-    argv = [circus_command("weed"), "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false",
-            "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={work / 's3.json'}", "-bucket=circus-test",
-            *[f"-{name}={port}" for name, port in ports.items()]]
-    (work / "data").mkdir()
-    daemon = Daemon("seaweedfs", argv, work, cwd=work).start()
-    try:
-        wait_for_port(ports["s3.port"], timeout=60)
-        server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", "circus-test", access, secret)
-        _wait_for_bucket(server, daemon)
-        yield server
-    finally:
-        daemon.stop()
+    # free_port() only says a port was free a moment ago: another test's daemon may
+    # take one of the ten before SeaweedFS binds it (it then exits at once); start
+    # again on fresh ports
+    for attempt in range(3):
+        ports = {name: free_port() for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
+        data = work / f"data-{attempt}"
+        argv = [circus_command("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false",
+                "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                f"-s3.config={work / 's3.json'}", "-bucket=circus-test",
+                *[f"-{name}={port}" for name, port in ports.items()]]
+        data.mkdir()
+        daemon = Daemon(f"seaweedfs-{attempt}", argv, work, cwd=work).start()
+        try:
+            wait_for_port(ports["s3.port"], timeout=60)
+            server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", "circus-test", access,
+                              secret)
+            _wait_for_bucket(server, daemon)
+        except (RuntimeError, TimeoutError):
+            daemon.stop()
+            if attempt == 2 or "address already in use" not in daemon.log():
+                raise
+            continue
+        try:
+            yield server
+        finally:
+            daemon.stop()
+        return
 
 
 def _wait_for_bucket(server: S3Server, daemon: Any) -> None:

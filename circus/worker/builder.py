@@ -310,8 +310,10 @@ class LeaseKeeper(threading.Thread):
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.builder.config.heartbeat_secs
                 # while steps are held, this thread must be back for the next renewal
-                # (and fencing) on time, whatever the link does
-                timeout = self.renew_every if held else None
+                # (and fencing) on time, whatever the link does; and a beat sent into a
+                # cut link must not outlive its interval either, or the worker is heard
+                # from again only after the client's whole request timeout
+                timeout = self.renew_every if held else self.builder.config.heartbeat_secs
                 try:
                     self.on_classes(list(self.heartbeat(timeout)["classes"]))
                 except Failure as exc:

@@ -193,7 +193,10 @@ def network_host(nix_store: Path | None = None) -> Iterator[NetnsHost]:
             nix_store.mkdir(parents=True, exist_ok=True)
         yield host
     finally:
-        # the veth pair goes with the namespace (its peer lives in there)
+        if index is not None:
+            # deleting one end deletes the pair at once; left to the namespace's
+            # deletion, the kernel removes it a moment later
+            _ip("link", "del", f"cv{index}")
         _ip("netns", "delete", namespace)
         if index is not None:
             _ip("route", "del", "blackhole", NetnsHost("", "", _address(index, 1), "").subnet)
