@@ -49,6 +49,9 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
+        # a worker reconnecting after a network cut must be able to declare its
+        # remote-control queue again while RabbitMQ still holds the dead connection's
+        "control_queue_exclusive": False,
         # a Redis-only option (AMQP brokers redeliver on connection loss instead)
         "broker_transport_options": ({"visibility_timeout": 6 * 3600}
                                      if broker_url.startswith("redis") else {}),

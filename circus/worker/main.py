@@ -52,6 +52,10 @@ class RemoteWorkerDaemon:
             task_reject_on_worker_lost=False, broker_connection_retry_on_startup=True,
             broker_connection_max_retries=None, worker_hijack_root_logger=False,
             task_create_missing_queues=True,
+            # RabbitMQ keeps a cut connection's exclusive remote-control queue until it
+            # notices the connection is dead: reconnecting after a cut link then failed
+            # with RESOURCE_LOCKED and the worker exited (multi-host test on RabbitMQ)
+            control_queue_exclusive=False,
             broker_transport_options={"visibility_timeout": 6 * 3600})
         builder = self.builder
 
