@@ -94,7 +94,8 @@ def import_file_sync(source: IO[bytes], env: Mapping[str, str], timeout: float =
     """:func:`import_file` for threads without an event loop (the server's requests,
     the remote worker)."""
     try:
-        done = subprocess.run(["nix-store", "--import"], stdin=source, capture_output=True,
+        done = subprocess.run(killed_with_parent(["nix-store", "--import"]),
+                              stdin=source, capture_output=True,
                               env=dict(env), timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise StoreError(f"nix-store --import took longer than {timeout:.0f}s") from None
@@ -109,7 +110,7 @@ def export_to_file(paths: Sequence[str], sink: IO[bytes], env: Mapping[str, str]
     """``nix-store --export`` of ``paths`` (dependencies first) into ``sink``."""
     argv = ["nix-store", "--export", "--", *checked_paths(paths)]
     try:
-        done = subprocess.run(argv, stdout=sink, stderr=subprocess.PIPE,
+        done = subprocess.run(killed_with_parent(argv), stdout=sink, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, env=dict(env), timeout=timeout,
                               check=False)
     except subprocess.TimeoutExpired:

@@ -99,7 +99,7 @@ def remote_closure(remote: Remote, paths: Sequence[str]) -> list[str]:
 def stream_export(channel: Channel, paths: Sequence[str], env: Mapping[str, str],
                   cancelled: Callable[[], bool] = lambda: False) -> None:
     """Write ``nix-store --export <paths>`` into ``channel`` (stdin stays open)."""
-    export = subprocess.Popen(killed_with_parent(["nix-store", "--export", *paths]),
+    export = subprocess.Popen(killed_with_parent(["nix-store", "--export", "--", *paths]),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=dict(env))
     assert export.stdout is not None and export.stderr is not None
