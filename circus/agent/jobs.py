@@ -113,10 +113,24 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
     runner lacks (and upload them to the cache when the runner asks for it)."""
     report = _JobReport(job.step_id)
     try:
+        await _do_job(job, assignment, log_sink, output_sink, inputs, environment, report)
+    except Exception as exc:
+        # a call to the runner failed (its database restarting, say): without a report
+        # the runner would wait for this step as long as the connection lasts; aborted
+        # is an infrastructure outcome, so the step is built again
+        log.warning("step %s: %s", job.step_id, _first_line(exc))
+        report.outcome, report.error = "aborted", \
+            f"the agent could not complete the step: {_first_line(exc)}"
+    await report.send(result_sink)
+
+
+async def _do_job(job: Job, assignment: Any, log_sink: Any, output_sink: Any, inputs: Any,
+                  environment: JobEnvironment, report: _JobReport) -> None:
+    """The assignment's work; what became of it goes into ``report``."""
+    try:
         await _fetch_inputs(job, assignment, inputs, environment.nix_env)
     except (StoreError, OSError) as exc:
         report.outcome, report.error = "importFailure", f"could not fetch inputs: {exc}"
-        await report.send(result_sink)
         return
     report.phase("inputs")
     result = await _build(job, assignment, log_sink, environment)
@@ -126,7 +140,12 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
     report.error = result.error_message or ""
     if result.outcome in (Outcome.success, Outcome.failed_with_output):
         await _deliver_outputs(job, assignment, output_sink, environment, report)
-    await report.send(result_sink)
+
+
+def _first_line(exc: BaseException) -> str:
+    """A remote exception's first line (pycapnp appends the runner's traceback)."""
+    text = getattr(exc, "description", None) or str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:500]
 
 
 async def _fetch_inputs(job: Job, assignment: Any, inputs: Any, env: dict[str, str]) -> None:

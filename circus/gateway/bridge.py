@@ -37,7 +37,7 @@ from circus.queue_runner.routing.strategy import Candidate, choose
 from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions, holds_lease
-from circus.queue_runner.steps.logs import compress_file, log_path_for
+from circus.queue_runner.steps.logs import final_log, log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,8 @@ class Bridge:
         agent.outputs.pop(step.id, None)
         agent.log_paths.pop(step.id, None)
         log_path = log_path_for(self.settings.logs.log_dir, step.drv_path, step.id)
-        if log_path.exists():
-            final = await asyncio.to_thread(self._final_log, log_path)
+        final = await asyncio.to_thread(final_log, log_path, self.settings.logs.compress)
+        if final is not None:
             outcome.log_path, outcome.log_size = str(final), (result.log_bytes if result else 0)
         output_result = None
         if outcome.status in (BuildStatus.succeeded, BuildStatus.failed_with_output):
@@ -321,15 +321,6 @@ class Bridge:
             return  # not recorded: the lease lapses
         self.kick(step.queue_class)
         self.kick_all()
-
-    def _final_log(self, path: Any) -> Any:
-        if not (self.settings.logs.compress and path.stat().st_size):
-            return path
-        try:
-            return compress_file(path)
-        except OSError as exc:   # no room for the compressed copy: keep it plain
-            log.warning("cannot compress the build log %s (%s); keeping it plain", path, exc)
-            return path
 
     async def hand_back(self, agent: ConnectedAgent, step_ids: list[int]) -> None:
         for step_id in step_ids:
@@ -380,6 +371,7 @@ class Bridge:
             try:
                 # before renewing: a silent agent's leases must lapse, not be renewed
                 await self.gateway.drop_silent()
+                await self.gateway.record_pending_disconnects()
                 await self.renew_leases()
                 await self.sweep()
             except Exception:

@@ -8,6 +8,7 @@ runner. Database work is synchronous SQLAlchemy, moved off the loop with
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import uuid
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus import __version__
@@ -162,6 +164,9 @@ class Gateway:
         self.unregistered = 0
         #: agent names being registered right now, with their credential
         self._registering: dict[str, str] = {}
+        #: disconnects the database could not record yet: session id → connection id
+        #: (:meth:`record_pending_disconnects` retries them)
+        self.unrecorded_disconnects: dict[int, str] = {}
 
     # -- database helpers (run in threads) ------------------------------------
 
@@ -274,23 +279,49 @@ class Gateway:
         return agent
 
     async def drop(self, agent: ConnectedAgent) -> None:
-        """Forget a connection: its in-flight steps go back to the queue at once."""
+        """Forget a connection: its in-flight steps go back to the queue at once.
+
+        Never raises for the database: it runs in pycapnp's callbacks, where an
+        exception aborts the process (KJ: "No event loop is running on this
+        thread"). A disconnect the database cannot record now is retried by
+        :meth:`record_pending_disconnects` (and a gateway that dies first marks its
+        sessions disconnected at start); handing the steps back fails alike and
+        leaves them to lease expiry.
+        """
         if agent.closed:
             return
         agent.closed = True
         self.agents.pop(agent.connection_id, None)
-        await self.db(lambda s: session_rows.record_disconnect(
-            s, agent.session_id, agent.connection_id))
+        self.unrecorded_disconnects[agent.session_id] = agent.connection_id
+        await self.record_pending_disconnects()
         # counted before the callbacks: handing back empties ``in_flight``
         handed_back = sorted(agent.in_flight - agent.reported)
         for callback in self.on_disconnect:
-            result = callback(agent)
-            if asyncio.iscoroutine(result):
-                await result
+            try:
+                result = callback(agent)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("after agent %s disconnected", agent.facts.name)
         log.info("agent %s disconnected (%d step(s) handed back%s)", agent.facts.name,
                  len(handed_back), f": {', '.join(map(str, handed_back))}" if handed_back
                  else "")
         self._changed()
+
+    async def record_pending_disconnects(self) -> None:
+        """Record the disconnects the database missed (it was down); kept for the next
+        try when it still fails."""
+        for session_id, connection_id in list(self.unrecorded_disconnects.items()):
+            try:
+                await self.db(functools.partial(session_rows.record_disconnect,
+                                                session_id=session_id,
+                                                connection_id=connection_id))
+            except SQLAlchemyError as exc:
+                log.warning("cannot record the disconnect of session %s yet (%s); "
+                            "retrying", session_id, _first_line(exc))
+                return
+            if self.unrecorded_disconnects.get(session_id) == connection_id:
+                del self.unrecorded_disconnects[session_id]
 
     async def drop_silent(self) -> list[str]:
         """Drop the agents not heard from for ``heartbeat_ttl_secs``; returns their names.
@@ -336,8 +367,15 @@ class Gateway:
             })
         agent.heartbeat = values
         agent.heartbeat_at = agent.heard_at = asyncio.get_running_loop().time()
-        return bool(await self.db(lambda s: session_rows.record_heartbeat(
-            s, agent.session_id, agent.connection_id, values)))
+        try:
+            return bool(await self.db(lambda s: session_rows.record_heartbeat(
+                s, agent.session_id, agent.connection_id, values)))
+        except SQLAlchemyError as exc:
+            # the agent is heard, only its row goes stale: failing the call would make
+            # it drop the connection and its builds for a database restart
+            log.warning("cannot record %s's heartbeat (%s)", agent.facts.name,
+                        _first_line(exc))
+            return True
 
     # -- serving ---------------------------------------------------------------
 
@@ -415,6 +453,9 @@ class Gateway:
             failed = ""
         except CircusError as exc:
             minted, failed = iter(()), exc.message
+        except SQLAlchemyError as exc:
+            minted, failed = iter(()), f"the runner's database is unavailable: " \
+                f"{_first_line(exc)}"
         answers = []
         for request in requests:
             if request.store_path not in outputs:
@@ -454,6 +495,8 @@ class Gateway:
             await self.db(record)
         except CircusError as exc:
             return False, exc.message
+        except SQLAlchemyError as exc:
+            return False, f"the runner's database is unavailable: {_first_line(exc)}"
         return True, ""
 
     async def handle_connection(self, stream: Any, protocol: Any) -> None:
@@ -504,7 +547,10 @@ class Gateway:
             if not disconnected.done():
                 disconnected.cancel()
             for agent in registered:
-                await self.drop(agent)
+                try:
+                    await self.drop(agent)
+                except Exception:   # raised here, it would abort the process (KJ)
+                    log.exception("dropping agent %s failed", agent.facts.name)
 
     async def serve(self, host: str, port: int) -> None:
         import capnp
@@ -530,3 +576,8 @@ class Gateway:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    """A database error's first line (SQLAlchemy appends the statement and a link)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

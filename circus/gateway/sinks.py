@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from circus.common.nix.export import ExportRefused, verify_export
 from circus.common.nix.store import StoreError, checked_paths
 from circus.common.nix.store.aio import invalid_paths
@@ -122,7 +124,15 @@ class _Assignment:
 
     async def require_lease_held(self) -> None:
         self.require_lease()
-        if self.lease_held is not None and not await self.lease_held():
+        if self.lease_held is None:
+            return
+        try:
+            held = await self.lease_held()
+        except SQLAlchemyError:
+            # nothing is imported unchecked; the agent reports the step aborted (retried)
+            raise Refused(f"step {self.step_id}: the runner's database is unavailable; "
+                          "cannot check the lease") from None
+        if not held:
             raise Refused(not_leased(self.step_id))
 
     def refuse(self, reason: str) -> Refused:

@@ -53,7 +53,7 @@ from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.steps.leases import ClaimOptions, holds_lease
-from circus.queue_runner.steps.logs import compress_file, log_path_for
+from circus.queue_runner.steps.logs import final_log, log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND
 
@@ -383,9 +383,9 @@ class RemoteWorkers:
             error_message=report.error_message, started_at=_utc(report.started_at),
             finished_at=_utc(report.finished_at), machine=worker.name, retry=status is None)
         path = log_path_for(self.settings.logs.log_dir, drv_path, report.step_id)
-        if path.exists():
-            size = path.stat().st_size
-            final = compress_file(path) if self.settings.logs.compress and size else path
+        size = path.stat().st_size if path.exists() else 0
+        final = final_log(path, self.settings.logs.compress)
+        if final is not None:
             outcome.log_path, outcome.log_size = str(final), max(size, report.log_bytes)
         results: dict[int, OutputResult] = {}
         if outcome.status in (BuildStatus.succeeded, BuildStatus.failed_with_output):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import BinaryIO
@@ -128,33 +129,56 @@ class StepLog:
     def finalize(self, compress: bool) -> tuple[str | None, int]:
         """Close, compress when asked; returns (final path, builder bytes)."""
         self.close()
-        if not self.path.exists():
-            # an earlier attempt of this step built it and wrote this log, but could not
-            # record the outcome (the database was down) and the step was queued again:
-            # Nix now finds the outputs valid and builds nothing, so that attempt's log
-            # is the step's log (found by tests/faults)
-            earlier = self.path.with_name(self.path.name + ".zst")
-            if earlier.exists():
-                return str(earlier), len(read_log(earlier))
+        wrote = self.path.exists() and self.path.stat().st_size > 0
+        final = final_log(self.path, compress)
+        if final is None:
             return None, self.size
-        if not compress or self.path.stat().st_size == 0:
-            # nothing to compress: an empty log stays a (plain) empty file
-            return str(self.path), self.size
-        try:
-            return str(compress_file(self.path)), self.size
-        except OSError as exc:
-            log.warning("cannot compress the build log %s (%s); keeping it plain",
-                        self.path, exc)
-            return str(self.path), self.size
+        if not wrote and final.suffix == ".zst":
+            # this attempt wrote nothing: the log is an earlier attempt's
+            return str(final), len(read_log(final))
+        return str(final), self.size
+
+
+def final_log(path: Path, compress: bool) -> Path | None:
+    """The step's log file once an attempt ended: ``path``, the plain log this attempt
+    appended to, compressed when ``compress`` (None: no log at all).
+
+    Every attempt of a step appends to its one log. An earlier attempt that ended
+    compressed its log (``<path>.zst``): this attempt's lines are added after it,
+    never in its place. A step built again because its outcome could not be
+    recorded (the database was down) finds its outputs valid and builds nothing: its
+    log holds at most ``nix-store``'s output path (an agent's) or nothing at all,
+    and alone it hid the build's log (found by tests/faults).
+    """
+    earlier = path.with_name(path.name + ".zst")
+    if not path.exists():
+        return earlier if earlier.exists() else None
+    if path.stat().st_size == 0 and earlier.exists():
+        path.unlink()
+        return earlier
+    if not (compress or earlier.exists()) or path.stat().st_size == 0:
+        # nothing to compress: an empty log stays a (plain) empty file
+        return path
+    try:
+        return compress_file(path)
+    except OSError as exc:
+        log.warning("cannot compress the build log %s (%s); keeping it plain", path, exc)
+        return path
 
 
 def compress_file(path: Path) -> Path:
+    """``path`` compressed to ``<path>.zst``, after what that file holds already (an
+    earlier attempt's log); ``path`` is removed."""
     target = path.with_name(path.name + ".zst")
     partial = path.with_name(path.name + ".zst.partial")
     try:
-        with open(path, "rb") as source, open(partial, "wb") as sink:
-            zstandard.ZstdCompressor(level=3).copy_stream(source, sink)
-    except OSError:
+        with open(path, "rb") as source, open(partial, "wb") as sink, \
+                zstandard.ZstdCompressor(level=3).stream_writer(sink, closefd=False) as writer:
+            if target.exists():
+                with open(target, "rb") as earlier:
+                    zstandard.ZstdDecompressor().copy_stream(earlier, writer)
+            shutil.copyfileobj(source, writer)
+    except (OSError, zstandard.ZstdError):
         partial.unlink(missing_ok=True)
         raise
     partial.replace(target)
