@@ -17,7 +17,16 @@ injected at a random point of that round (seeded; the seed is printed, and
 - every succeeded build is post-processed: its outputs are in the binary cache and
   no ``pending_postprocessing`` row is left (a fault between the finish and the
   post-processing only delays it, by ``postprocess_retry_secs``);
-- the API answers a cheap route within 3 times its before-fault median + 200 ms.
+- the API answers a cheap route within 3 times its before-fault median + 200 ms;
+- both agents (below) still run and are connected again (whatever the fault).
+
+Two agents, each alone on a network-namespace host with its own ``/nix``
+(``tests.helpers.netns``), build for the instance's gateway. Only they offer
+``AGENT_FEATURE``: the agent rounds' jobs that require it cannot be built by the
+local workers, so the agents really hold steps when their fault comes (kill -9 of
+the agent, then started again; the host's link cut, then plugged back in). After
+those, also: every step the agent held finished exactly once, and nothing of the
+agent's builds (``nix-store``, builder) is left running on its host.
 
 The instance's lease, republish and beat intervals are shortened (the production
 defaults are tens of seconds) so that recovery fits the budget; the recovery times
@@ -37,6 +46,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +58,13 @@ from sqlalchemy.pool import NullPool
 
 from circus.common.db import normalise_url
 from circus.common.localservices import PrivatePostgres
+from tests.agents.conftest import TOKEN_DIGEST, write_agent_config
 from tests.helpers.audit import finish_counts, install_finish_audit
 from tests.helpers.circus_up import Client, alive, health_ok, pids_of, start
-from tests.helpers.daemons import Daemon, wait_until
+from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.gitrepo import GitRepo
 from tests.helpers.net import free_port
+from tests.helpers.netns import NetnsHost, network_host
 
 SEED = int(os.environ.get("CIRCUS_FAULT_SEED") or secrets.randbelow(2**31))
 LAYERS, WIDTH = 4, 6
@@ -69,6 +81,16 @@ TUNING = {
     "CIRCUS_QUEUE_RUNNER__POSTPROCESS_RETRY_SECS": "2",
     "CIRCUS_EVALUATOR__POLL_INTERVAL": "2",
 }
+#: a system feature only the agents declare: the jobs requiring it go to them
+AGENT_FEATURE = "circus-fault-agent"
+#: per layer (but the first) of an agent round, the jobs that require it
+AGENT_JOBS = 2
+#: how long an agent job sleeps: the fault lands while it builds
+AGENT_SLEEP = 1.2
+AGENT_NAMES = ("agent-a", "agent-b")
+#: seconds of silence after which the gateway drops an agent, and after which an
+#: agent gives up on an unanswered heartbeat (production: 60 and 30)
+HEARTBEAT_TTL = 3
 UNFINISHED = (0, 1)
 SUCCEEDED = 2
 ROUND_TIMEOUT = 90.0
@@ -80,26 +102,33 @@ EVALUATION_PROGRAMS = ("nix-eval-jobs", "nix-instantiate")
 CHEAP_ROUTE = "/api/v1/projects"
 
 
-def dag_flake(tag: str, nonce: str) -> str:
-    """``LAYERS`` by ``WIDTH`` jobs; each job of a layer needs two of the layer below."""
+def dag_flake(tag: str, nonce: str, agent_jobs: int = 0) -> str:
+    """``LAYERS`` by ``WIDTH`` jobs; each job of a layer needs two of the layer below.
+
+    ``agent_jobs``: in every layer but the first and the last (fewer layers of slow
+    jobs: a shorter round), that many jobs require ``AGENT_FEATURE`` (only the agents
+    offer it) and sleep ``AGENT_SLEEP``."""
     lines = []
     for layer in range(LAYERS):
         for i in range(WIDTH):
             deps = "" if layer == 0 else \
                 f"l{layer - 1}_{i} l{layer - 1}_{(i + 1) % WIDTH}"
-            lines.append(f'      l{layer}_{i} = job "l{layer}_{i}" [ {deps} ];')
+            maker = "agentJob" if 0 < layer < LAYERS - 1 and i < agent_jobs else "job"
+            lines.append(f'      l{layer}_{i} = {maker} "l{layer}_{i}" [ {deps} ];')
     names = " ".join(f"l{layer}_{i}" for layer in range(LAYERS) for i in range(WIDTH))
     return f"""{{
   outputs = {{ self }}:
     let
       system = "x86_64-linux";
-      job = name: deps: derivation {{
+      mk = sleep: extra: name: deps: derivation ({{
         name = "fault-{tag}-${{name}}";
         inherit system;
         builder = "/bin/sh";
         args = [ "-c" ("export PATH=/usr/bin:/bin; echo log of ${{name}} {nonce}; "
-          + "sleep 0.2; echo {nonce} ${{toString deps}} > $out") ];
-      }};
+          + "sleep ${{sleep}}; echo {nonce} ${{toString deps}} > $out") ];
+      }} // extra);
+      job = mk "0.2" {{ }};
+      agentJob = mk "{AGENT_SLEEP}" {{ requiredSystemFeatures = [ "{AGENT_FEATURE}" ]; }};
 {chr(10).join(lines)}
     in {{ hydraJobs = {{ inherit {names}; }}; }};
 }}
@@ -174,6 +203,20 @@ class Figures:
 
 
 @dataclass
+class Agent:
+    """An agent alone on its host; ``daemon`` is started again after a kill."""
+
+    name: str
+    host: NetnsHost
+    daemon: Daemon
+
+    def leftovers(self) -> list[int]:
+        """Processes on the host other than the agent itself (its builds)."""
+        own = {self.daemon.pid} if self.daemon.alive() else set()
+        return [pid for pid in self.host.pids() if pid not in own]
+
+
+@dataclass
 class Instance:
     root: Path
     state: Path
@@ -187,16 +230,18 @@ class Instance:
     baseline_ms: float = 0.0
     figures: list[Figures] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
+    agents: list[Agent] = field(default_factory=list)
 
     # rounds -----------------------------------------------------------
 
-    def commit_round(self, tag: str) -> Round:
+    def commit_round(self, tag: str, agent_jobs: int = 0) -> Round:
         nonce = secrets.token_hex(6)
-        self.repo.commit({"flake.nix": dag_flake(tag, nonce)}, message=f"round {tag}")
+        self.repo.commit({"flake.nix": dag_flake(tag, nonce, agent_jobs)},
+                         message=f"round {tag}")
         return Round(tag, nonce, time.monotonic())
 
-    def trigger_round(self, tag: str) -> Round:
-        round_ = self.commit_round(tag)
+    def trigger_round(self, tag: str, agent_jobs: int = 0) -> Round:
+        round_ = self.commit_round(tag, agent_jobs)
         self.rounds.append(round_)
         self.client.post("/api/v1/evaluations/trigger", {"project": "demo", "jobset": "main"})
         return round_
@@ -230,9 +275,28 @@ class Instance:
     def running_steps(self) -> int:
         return int(self.sql("SELECT count(*) FROM steps WHERE state = 'running'")[0][0])
 
+    def running_on(self, machine: str) -> list[int]:
+        return [row.id for row in self.sql(
+            "SELECT id FROM steps WHERE state = 'running' AND machine = :m ORDER BY id",
+            m=machine)]
+
+    def building_on(self, agent: Agent) -> list[int]:
+        """The steps leased to the agent that it accepted (it is building them)."""
+        log = agent.daemon.log()
+        return [s for s in self.running_on(agent.name) if f"accepted step {s} " in log]
+
+    def connected(self) -> list[str]:
+        return [row.name for row in self.sql(
+            "SELECT name FROM builder_sessions WHERE connected ORDER BY name")]
+
+    def wait_connected(self, timeout: float = 60) -> None:
+        wait_until(lambda: self.connected() == sorted(a.name for a in self.agents),
+                   timeout=timeout, interval=0.1, message="every agent connected")
+
     def daemon_logs(self) -> str:
         parts = []
-        for log in sorted((self.state / "daemon-logs").glob("*.log")):
+        agent_logs = [agent.daemon.log_path for agent in self.agents]
+        for log in sorted((self.state / "daemon-logs").glob("*.log")) + agent_logs:
             parts.append(f"==== {log.name}\n{log.read_text(errors='replace')[-3000:]}")
         return "\n".join(parts)
 
@@ -320,6 +384,9 @@ class Instance:
             self.check_logs(earlier, [b for b in sample if b.status == SUCCEEDED])
         assert self.up.alive(), self.daemon_logs()
         assert latency < 3 * self.baseline_ms + 200, (latency, self.baseline_ms)
+        quit_agents = [agent.name for agent in self.agents if not agent.daemon.alive()]
+        assert not quit_agents, f"agents exited: {quit_agents}\n{self.daemon_logs()}"
+        self.wait_connected()
         return figures
 
     def unpublished(self, build_ids: list[int]) -> list[tuple[int, str]]:
@@ -360,21 +427,32 @@ def instance(tmp_path_factory: pytest.TempPathFactory,
     output = tmp_path_factory.mktemp("faults")
     _mount_tmpfs(log_dir, LOG_FS_SIZE)
     up: Daemon | None = None
+    agents = ExitStack()
     try:
         # the repository exists before circus up starts: its first evaluation has no
         # jobs, so the audit triggers are in place before anything builds
         repo = GitRepo(state / "demo-repo")
         repo.commit({"flake.nix": "{ outputs = { self }: { hydraJobs = { }; }; }\n"},
                     message="no jobs yet")
-        port = free_port()
+        port, gateway_port = free_port(), free_port()
         up, password, _ = start(state, port, root, extra_env={
-            **TUNING, "CIRCUS_LOGS__LOG_DIR": str(log_dir)})
+            **TUNING, "CIRCUS_LOGS__LOG_DIR": str(log_dir),
+            # all addresses: the agents' hosts reach it on their own veth links
+            "CIRCUS_QUEUE_RUNNER__RPC__BIND": f"0.0.0.0:{gateway_port}",
+            "CIRCUS_QUEUE_RUNNER__RPC__ALLOW_PLAINTEXT": "true",
+            "CIRCUS_QUEUE_RUNNER__RPC__AUTH_TOKENS": json.dumps([TOKEN_DIGEST]),
+            "CIRCUS_QUEUE_RUNNER__RPC__HEARTBEAT_TTL_SECS": str(HEARTBEAT_TTL),
+            # every agent reports this one loaded machine's CPU pressure: no gate
+            "CIRCUS_QUEUE_RUNNER__PSI_THRESHOLD": "100"})
         engine = create_engine(normalise_url(PrivatePostgres(state / "postgres").url("circus")),
                                poolclass=NullPool)
         install_finish_audit(engine)
         base = f"http://127.0.0.1:{port}"
         inst = Instance(root, state, log_dir, base, up, Client(base, password), engine, repo,
                         random.Random(SEED))
+        inst.agents = [start_agent(agents, root / "agents" / name, gateway_port, name)
+                       for name in AGENT_NAMES]
+        inst.wait_connected()
         # a trigger while the first evaluation runs would answer with that one
         wait_until(lambda: inst.sql("SELECT count(*) FILTER (WHERE status = 'completed'), "
                                     "count(*) FILTER (WHERE status IN ('pending', 'running')) "
@@ -388,12 +466,27 @@ def instance(tmp_path_factory: pytest.TempPathFactory,
         yield inst
         report(inst, output / "figures.json", request)
     finally:
+        agents.close()   # the agents stop, then their hosts go
         if up is not None:
             up.stop(timeout=60)
         # the daemons' logs outlive the instance, for a failed run
         shutil.copytree(state / "daemon-logs", output / "daemon-logs", dirs_exist_ok=True)
+        for log in (root / "agents").glob("*/*.log"):
+            shutil.copy(log, output / "daemon-logs" / log.name)
         subprocess.run(["umount", "-l", str(log_dir)], check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def start_agent(stack: ExitStack, directory: Path, port: int, name: str) -> Agent:
+    """An agent alone on a fresh host (own address, link and /nix), offering
+    ``AGENT_FEATURE``; one job at a time, so a layer's agent jobs spread over both."""
+    host = stack.enter_context(network_host(nix_store=directory / "nix"))
+    config = write_agent_config(directory, port, address=host.main_address, name=name,
+                                max_jobs=1, features=[AGENT_FEATURE],
+                                heartbeat_timeout_secs=HEARTBEAT_TTL)
+    daemon = host.daemon(name, [circus_command("circus-agent"), "--config", str(config)],
+                         directory)
+    return Agent(name, host, stack.enter_context(daemon))
 
 
 def report(inst: Instance, path: Path, request: pytest.FixtureRequest) -> None:
@@ -551,3 +644,84 @@ def test_log_filesystem_full(instance: Instance) -> None:
     instance.check("log filesystem freed again", after, "space freed before the trigger",
                    recovery, before)
     assert instance.restarts() == restarts
+
+
+def agent_mid_build(inst: Instance, tag: str) -> tuple[Round, Agent, list[int], str]:
+    """An agent round, up to a random moment while an agent builds; returns the round,
+    that agent, the steps it holds and where in the round that is."""
+    round_ = inst.trigger_round(tag, agent_jobs=AGENT_JOBS)
+    building: list[Agent] = []
+
+    def some_agent_building() -> bool:
+        building[:] = [agent for agent in inst.agents if inst.building_on(agent)]
+        return bool(building)
+
+    # the step fetches its inputs, then sleeps AGENT_SLEEP: the fault lands well inside
+    # it; on a loaded machine the step seen may have been an ordinary short one that
+    # ended meanwhile: look again (the round has four agent-only steps)
+    for _attempt in range(4):
+        wait_until(some_agent_building, timeout=60, interval=0.05,
+                   message="a step building on an agent")
+        victim = inst.rng.choice(building)
+        delay = inst.rng.uniform(0.1, AGENT_SLEEP / 2)
+        time.sleep(delay)
+        held = inst.running_on(victim.name)
+        if held:
+            break
+    assert held, f"{victim.name}'s step finished before the fault, four times"
+    done = inst.terminal(round_)
+    return round_, victim, held, (f"{done}/{JOBS} builds done, {len(held)} step(s) on "
+                                  f"the agent, {delay:.1f} s in")
+
+
+def wait_steps_done(inst: Instance, steps: list[int], since: float, what: str) -> float:
+    wait_until(lambda: {row.state for row in inst.sql(
+        "SELECT state FROM steps WHERE id = ANY(:ids)", ids=steps)} == {"done"},
+        timeout=ROUND_TIMEOUT, interval=0.1, message=what)
+    return time.monotonic() - since
+
+
+def check_held_steps(inst: Instance, steps: list[int]) -> None:
+    """Each step the faulted agent held: done, and finished exactly once."""
+    with inst.engine.begin() as conn:
+        finishes = finish_counts(conn, "step")
+    assert {finishes.get(step) for step in steps} == {1}, (steps, finishes)
+
+
+def test_kill_9_agent_mid_build(instance: Instance) -> None:
+    """kill -9 of the agent's process only: its nix-store dies with it (a parent-death
+    signal) and takes the builder along; the closed connection hands its steps back at
+    once. The agent is started again, as its service manager would."""
+    round_, victim, held, injected_at = agent_mid_build(instance, "agent-kill")
+    before = instance.tree()
+    os.kill(victim.daemon.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: not victim.daemon.alive(), timeout=10, message="the agent dead")
+    wait_until(lambda: victim.host.pids() == [], timeout=10, interval=0.1,
+               message=f"no process left on {victim.name}'s host: {victim.host.pids()}")
+    victim.daemon.start()
+    recovery = wait_steps_done(instance, held, killed, "the killed agent's steps finished")
+    instance.wait_connected()
+    instance.check("kill -9 agent (restarted)", round_, injected_at, recovery, before)
+    check_held_steps(instance, held)
+
+
+def test_agent_network_cut_mid_build(instance: Instance) -> None:
+    """The host's link goes down: no connection closes, the gateway drops the agent
+    after HEARTBEAT_TTL seconds of silence and hands its steps to the other agent; the
+    agent, its heartbeat unanswered as long, stops its builds. Then the link is back."""
+    round_, victim, held, injected_at = agent_mid_build(instance, "agent-cut")
+    before = instance.tree()
+    victim.host.cut()
+    cut = time.monotonic()
+    try:
+        recovery = wait_steps_done(instance, held, cut, "the cut agent's steps finished")
+        # nothing builds on behind the cut: the agent stopped its builds
+        wait_until(lambda: victim.leftovers() == [], timeout=15, interval=0.1,
+                   message=f"no build left on the cut host: {victim.leftovers()}")
+    finally:
+        victim.host.restore()
+    instance.wait_connected()
+    assert victim.daemon.alive(), victim.daemon.log()
+    instance.check("agent's network cut (restored)", round_, injected_at, recovery, before)
+    check_held_steps(instance, held)
