@@ -21,7 +21,13 @@ from circus.queue_runner.routing.capabilities import (
     parse_queue_class,
     queue_class_name,
 )
-from circus.queue_runner.steps.logs import StepLog, compress_file, log_path_for, read_log
+from circus.queue_runner.steps.logs import (
+    StepLog,
+    compress_file,
+    final_log,
+    log_path_for,
+    read_log,
+)
 
 A = "/nix/store/" + "a" * 32
 
@@ -162,6 +168,24 @@ def test_a_step_run_again_after_an_unrecorded_build_keeps_that_builds_log(
     assert size == len(b"building hello\n")
     assert read_log(again) == b"building hello\n"
     assert StepLog(tmp_path / "other.log", limit=10).finalize(compress=True) == (None, 0)
+
+
+def test_every_attempt_of_a_step_adds_to_its_log_never_replaces_it(tmp_path: Path) -> None:
+    """An agent's second attempt finds the outputs valid: its log is nix-store's own
+    output alone, and compressing it replaced the build's log (tests/faults)."""
+    path = log_path_for(tmp_path, f"{A}-hello.drv", 7)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"building hello\n")
+    built = final_log(path, compress=True)
+    assert built == path.with_name(path.name + ".zst")
+    # the sink of the next attempt creates the file; that attempt writes nothing
+    path.touch()
+    assert final_log(path, compress=True) == built
+    assert not path.exists()
+    path.write_bytes(b"/nix/store/...-hello\n")
+    assert final_log(path, compress=True) == built
+    assert read_log(built) == b"building hello\n/nix/store/...-hello\n"
+    assert final_log(tmp_path / "none.log", compress=True) is None
 
 
 def test_builders_are_found_by_their_output_variable_and_killed() -> None:
