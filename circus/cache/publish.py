@@ -401,3 +401,66 @@ class _Uploader:
         except S3Error as exc:
             log.warning("cache: cannot write nix-cache-info to S3: %s", exc)
 
+
+
+def publish_paths(session: Session, settings: Settings, paths: list[str],
+                  project_ids: Collection[int]) -> PublishResult:
+    """Record (pack, sign, upload) store paths that need not be any build's outputs: a
+    step's input closure (its .drv files, their sources and its inputs' outputs), which
+    a remote worker substitutes from ``/nix-cache``. ``paths`` must be valid in this
+    server's store; their closure is published with them. Each path is linked to
+    ``project_ids`` (the projects whose builds wait for the step), so the shared cache
+    does not serve what only hidden projects need. The caller commits.
+
+    The server signs these as it signs build outputs: every path is already valid in
+    its own store (evaluated here, built here, or imported only after the upload was
+    verified), so the signature vouches for nothing the server does not hold.
+    """
+    result = PublishResult()
+    if not settings.cache.enabled or not paths:
+        return result
+    env = settings.nix_environ()
+    # Nix 2.8: with --derivation any other path stands for its deriver; so two queries
+    drvs = sorted({p for p in paths if p.endswith(".drv")})
+    others = sorted({p for p in paths if not p.endswith(".drv")})
+    found = store.path_infos(others, env, recursive=True) if others else {}
+    if drvs:
+        found.update(store.path_infos(drvs, env, recursive=True, derivations=True))
+    infos = [found[path] for path in sorted(found)]
+    records.lock_shared(session)
+    key = signing_key(settings)
+    existing = {row.store_path: row for row in session.execute(
+        select(NarInfoRow).where(NarInfoRow.store_path.in_([i.path for i in infos]))
+    ).scalars()}
+    uploader = _Uploader(settings) if settings.cache_upload.enabled else None
+    files = LocalFiles(settings.cache.cache_dir)
+    packer = _Packer(settings, files, key, uploader)
+    missing = [info for info in infos if info.path not in existing]
+    outcomes = _run_parallel(packer.pack, missing, _workers(settings, len(missing)))
+    owner = min(project_ids) if project_ids else None
+    values: list[dict[str, Any]] = []
+    uploaded: list[NarInfo] = []
+    for info, outcome in zip(missing, outcomes, strict=True):
+        if isinstance(outcome, str):
+            log.error("cache: not publishing %s: %s", info.path, outcome)
+            result.errors[info.path] = outcome
+            continue
+        narinfo, storage = outcome
+        values.append(records.to_values(narinfo, storage=storage, build_id=None,
+                                        project_id=owner))
+        result.added.append(info.path)
+        if storage == "s3":
+            uploaded.append(narinfo)
+    if uploader is not None and uploaded:
+        uploader.ensure_cache_info(settings.cache.priority)
+    records.insert_rows(session, values)
+    if key is not None:
+        _sign_existing(session, key, existing.values())
+        result.signed = not result.errors
+    result.published = [i.path for i in infos if i.path in existing or i.path in result.added]
+    for project_id in sorted(project_ids):
+        records.link_projects(session, result.published, project_id)
+    if uploader is not None:
+        _drop_uploaded_local_files(session, files, uploaded)
+    session.flush()
+    return result

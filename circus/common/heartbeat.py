@@ -23,14 +23,17 @@ STALE_AFTER = timedelta(seconds=60)
 
 
 def beat(session: Session, kind: str, details: dict[str, Any] | None = None,
-         started_at: datetime | None = None, service: str | None = None) -> None:
-    hostname = socket.gethostname()
+         started_at: datetime | None = None, service: str | None = None,
+         host: tuple[str, int | None] | None = None) -> None:
+    """Record that a daemon is alive; ``host`` is the (hostname, pid) of a daemon on
+    another host beating through the server (default: this process)."""
+    hostname, pid = host or (socket.gethostname(), os.getpid())
     now = datetime.now(UTC)
     values = {
         "service": service or f"{kind}@{hostname}",
         "kind": kind,
         "hostname": hostname,
-        "pid": os.getpid(),
+        "pid": pid,
         "version": __version__,
         "started_at": started_at or now,
         "last_heartbeat": now,
@@ -51,6 +54,7 @@ def freshness(session: Session, now: datetime | None = None) -> list[dict[str, A
         {
             "service": row.service,
             "kind": row.kind,
+            "hostname": row.hostname,
             "last_heartbeat": row.last_heartbeat.isoformat(),
             "age_seconds": round((now - row.last_heartbeat).total_seconds(), 1),
             "fresh": now - row.last_heartbeat < STALE_AFTER,

@@ -14,9 +14,14 @@ worker using a connected name with another token holds nothing of the first
 one's (every lease check fails), and :meth:`RemoteWorkers.check_name` refuses
 it outright while the first still holds steps. No table is needed for that.
 
+Inputs travel through the binary cache: a claim publishes the step's input
+closure (.drv files, their sources, the inputs' outputs) into ``/nix-cache``,
+signed, and the worker substitutes from there (``nix copy --from``) with its token
+as netrc credentials; that token opens hidden projects' paths only for the steps
+the worker holds (:meth:`RemoteWorkers.fetchable`).
+
 Every route checks, before it touches the store: the step is leased to this
-worker; each path asked for is a store path in the step's input closure; an
-upload is spooled in full and every path in it is one of the step's outputs
+worker; an upload is spooled in full and every path in it is one of the step's outputs
 (``nix.export.verify_export``) before ``nix-store --import`` runs, else nothing
 is imported and the step ends aborted without another attempt (as for agents).
 Signing and publishing happen here, after the outputs are valid in the
@@ -36,6 +41,7 @@ from typing import IO, Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from circus.cache.publish import UploadError, publish_paths, signing_key
 from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
@@ -44,7 +50,7 @@ from circus.common.heartbeat import STALE_AFTER, beat
 from circus.common.nix import store
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.export import ExportRefused, verify_export
-from circus.common.nix.transfer import export_to_file, import_file_sync
+from circus.common.nix.transfer import import_file_sync
 from circus.common.tokens import token_accepted, token_digest
 from circus.queue_runner.builds.postprocess import publish_later
 from circus.queue_runner.builds.products import OutputResult, read_output_result
@@ -62,6 +68,8 @@ log = logging.getLogger(__name__)
 HOLDER_PREFIX = "remote:"
 #: worker names: no ``:`` (the lease holder is ``remote:<name>:<fingerprint>``)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: a worker's host name as it reports it (like an agent's: at most 255 characters)
+HOSTNAME_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z"
 QUEUE_CLASS_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_+.-]{1,512})?")
 #: hex digits of the token digest in the lease holder
 FINGERPRINT = 16
@@ -135,7 +143,7 @@ class ClaimedWork:
     max_log_size: int
     attempts: int
     #: the step's input closure (the .drv closure and its inputs' outputs), dependencies
-    #: first: the only paths ``inputs`` exports for this step
+    #: first: published in ``/nix-cache`` for the worker to substitute
     input_closure: list[str] = field(default_factory=list)
 
 
@@ -226,9 +234,11 @@ class RemoteWorkers:
     # ------------------------------------------------------------ presence
 
     def heartbeat(self, worker: RemoteWorker, capabilities: Capabilities, slots: int,
-                  running: int) -> list[str]:
+                  running: int, hostname: str | None = None, pid: int | None = None
+                  ) -> list[str]:
         """Count the worker as a live consumer of its classes (the reconciler does not
-        fail their steps as unsupported); returns the known classes it can serve."""
+        fail their steps as unsupported); returns the known classes it can serve. The
+        row shows the worker's host and pid (as it reports them), not the server's."""
 
         def work(session: Session) -> list[str]:
             self.check_name(session, worker)
@@ -236,7 +246,7 @@ class RemoteWorkers:
                 "remote_worker": worker.name, "credential": worker.fingerprint,
                 "capabilities": [capabilities.to_json()],
                 "workers": slots, "running": running},
-                service=heartbeat_service(worker))
+                service=heartbeat_service(worker), host=(hostname or worker.name, pid))
             known = session.execute(text("SELECT name FROM queue_classes")).scalars()
             return sorted({*capabilities.base_classes(),
                            *(c for c in known if capabilities.can_serve(c))})
@@ -273,26 +283,64 @@ class RemoteWorkers:
                 limit=max(1, min(limit, MAX_CLAIM)), machine=worker.name, lookahead=False,
                 critical_path=runner.critical_path_first))
 
+        self.require_signed_cache()
         claimed = in_transaction(self.factory, work)
         found: list[ClaimedWork] = []
         for step in claimed:
             try:
                 outputs = read_derivation(step.drv_path).output_paths
                 closure = store.requisites([step.drv_path], self.nix_env, include_outputs=True)
-            except (OSError, ValueError, store.StoreError) as exc:
+                own = set(outputs.values())
+                inputs = [p for p in closure if p not in own]
+                self.publish_inputs(step.id, inputs)
+            except (OSError, ValueError, store.StoreError, UploadError) as exc:
+                log.warning("step %d (%s): cannot prepare it for remote worker %s: %s",
+                            step.id, step.drv_path, worker.name, exc)
                 holder.finish([StepOutcome(step.id, BuildStatus.aborted, machine=worker.name,
                                            error_message=f"cannot prepare the step: {exc}",
                                            retry=True)])
                 continue
-            own = set(outputs.values())
             found.append(ClaimedWork(
                 step.id, step.drv_path, step.queue_class, dict(outputs),
                 step.timeout or runner.build_timeout,
                 step.max_silent or runner.max_silent_time, runner.max_log_size,
-                step.attempts, [p for p in closure if p not in own]))
+                step.attempts, inputs))
         if found:
             log.info("remote worker %s claimed %s", worker.name, [c.id for c in found])
         return found
+
+    def require_signed_cache(self) -> None:
+        """409 unless ``/nix-cache`` is served and signed: a worker substitutes its
+        inputs from it and trusts nothing unsigned."""
+        if self.cache_public_key() is None:
+            raise Conflict("remote workers fetch their inputs from /nix-cache, which this "
+                           "server does not serve signed (cache.enabled, signing.enabled)")
+
+    def cache_public_key(self) -> str | None:
+        """The public key of ``/nix-cache``'s signatures, or None when it has none."""
+        key = signing_key(self.settings)
+        if key is None or not self.settings.cache.enabled:
+            return None
+        return str(key.public_key())
+
+    def publish_inputs(self, step_id: int, inputs: list[str]) -> None:
+        """Put a claimed step's input closure (its .drv files and their sources, its
+        inputs' outputs) into ``/nix-cache``, signed, where the worker substitutes it
+        from. Linked to the projects of the builds waiting for the step: the shared
+        cache does not serve what only hidden projects need (a worker gets those with
+        its token, :func:`worker_may_fetch`). Paths already recorded cost one query."""
+
+        def work(session: Session) -> None:
+            projects = session.execute(text(
+                "SELECT DISTINCT b.project_id FROM build_steps bs "
+                "JOIN builds b ON b.id = bs.build_id WHERE bs.step_id = :id"),
+                {"id": step_id}).scalars().all()
+            result = publish_paths(session, self.settings, inputs, [int(p) for p in projects])
+            if result.errors:
+                path, error = next(iter(result.errors.items()))
+                raise store.StoreError(f"cannot publish input {path}: {error}")
+
+        in_transaction(self.factory, work)
 
     def renew(self, worker: RemoteWorker, step_ids: Iterable[int]) -> list[int]:
         """Extend the lease; returns the asked-for steps no longer held (stop them)."""
@@ -321,36 +369,6 @@ class RemoteWorkers:
 
     # ------------------------------------------------------------ store paths
 
-    def export_inputs(self, worker: RemoteWorker, step_id: int, paths: list[str]
-                      ) -> IO[bytes]:
-        """A spooled ``nix-store --export`` of ``paths``, each in the step's input closure."""
-        drv_path = self.require_lease(worker, step_id)
-        try:
-            wanted = store.checked_paths(paths)
-        except store.StoreError as exc:
-            raise InvalidInput(str(exc)) from None
-        try:
-            closure = store.requisites([drv_path], self.nix_env, include_outputs=True)
-        except store.StoreError as exc:
-            raise Conflict(f"cannot read the input closure of step {step_id}: {exc}") from None
-        own = set(read_derivation(drv_path).output_paths.values())
-        allowed = [p for p in closure if p not in own]
-        stray = sorted(set(wanted) - set(allowed))
-        if stray:
-            log.warning("remote worker %s asked for %s, outside step %d's input closure",
-                        worker.name, stray[0], step_id)
-            raise PermissionDenied(f"refused: {stray[0]} is not in the input closure of "
-                                   f"step {step_id}")
-        order = [p for p in allowed if p in set(wanted)]
-        spool = tempfile.TemporaryFile(prefix="circus-inputs-")  # noqa: SIM115 - returned
-        try:
-            export_to_file(order, spool, self.nix_env)
-        except store.StoreError:
-            spool.close()
-            raise
-        spool.seek(0)
-        return spool
-
     def import_outputs(self, worker: RemoteWorker, step_id: int, stream: IO[bytes]
                        ) -> list[str]:
         """Spool the upload in full, check every path is one of the step's outputs, then
@@ -371,6 +389,25 @@ class RemoteWorkers:
                     retry=False)])
                 raise PermissionDenied(reason) from None
             return import_file_sync(spool, self.nix_env)
+
+    def fetchable(self, worker: RemoteWorker) -> set[str]:
+        """The store paths ``worker`` may substitute from ``/nix-cache`` whatever
+        project they belong to: the input closures of the steps it holds now. Hidden
+        projects' paths are served to its token for these and nothing else."""
+        with self.factory() as session:
+            drvs = session.execute(text(
+                "SELECT drv_path FROM steps WHERE state = 'running' AND worker = :worker"),
+                {"worker": worker.lease_holder}).scalars().all()
+        allowed: set[str] = set()
+        for drv_path in drvs:
+            try:
+                closure = store.requisites([drv_path], self.nix_env, include_outputs=True)
+                own = set(read_derivation(drv_path).output_paths.values())
+            except (OSError, ValueError, store.StoreError) as exc:
+                log.warning("cannot read the input closure of %s: %s", drv_path, exc)
+                continue
+            allowed.update(p for p in closure if p not in own)
+        return allowed
 
     # ------------------------------------------------------------ results
 

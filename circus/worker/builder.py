@@ -4,8 +4,10 @@
 ``LocalBuilder.serve`` in the queue runner) claims one step at a time through
 the server's API and builds it with this host's Nix:
 
-1. the input closure paths this store lacks come from the server
-   (``nix-store --export`` of paths in the step's closure only) and are imported;
+1. the input closure paths this store lacks are substituted from the server's
+   binary cache ``/nix-cache`` (the claim published them there, signed; the worker
+   trusts the key the server's heartbeat answer names and sends its name and token
+   as netrc credentials, which open hidden projects' paths of its held steps only);
 2. ``nix-store --realise`` runs, its output streamed to the step's log on the server;
 3. the step's outputs go back as one export stream, which the server checks
    (every path an output of the step) before importing, signing and publishing;
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -34,7 +38,7 @@ from circus.common.nix.environment import current_system, nix_environ, sandbox_o
 from circus.common.nix.realise import Outcome, RealiseResult, realise
 from circus.common.nix.store import StoreError, dependency_order
 from circus.common.nix.store.aio import invalid_paths, path_infos
-from circus.common.nix.transfer import export_to_file, import_file
+from circus.common.nix.transfer import export_to_file, substitute_from
 from circus.queue_runner.routing.capabilities import Capabilities
 from circus.worker.client import ApiError, WorkerApi
 from circus.worker.config import WorkerSettings
@@ -43,7 +47,13 @@ log = logging.getLogger(__name__)
 
 #: the server takes a log chunk of at most 1 MiB per call
 LOG_CHUNK = 256 * 1024
+#: tries to substitute a step's inputs before the step goes back as an import failure
+FETCH_ATTEMPTS = 3
 Failure = (ApiError, requests.RequestException)
+
+
+class UnsignedCache(Exception):
+    """The server names no key for its cache: the worker cannot trust its inputs."""
 
 
 @dataclass
@@ -74,14 +84,38 @@ class RemoteBuilder:
                                          frozenset(config.features),
                                          frozenset(config.mandatory_features))
         nix = settings.nix
+        self.nix_config = nix.config
         self.nix_env = nix_environ(nix.substituters, nix.trusted_public_keys, extra={
             **sandbox_options(nix.sandbox, nix.sandbox_paths), **nix.config})
         features = sorted(set(config.features) | set(config.mandatory_features))
         self.nix_args = ["--option", "system-features", " ".join(features)] if features else []
         self.work_dir = Path(config.work_dir)
+        self.cache_url = config.server_url.rstrip("/") + "/nix-cache"
+        #: Nix's environment for substituting from the server's cache (use_cache)
+        self.fetch_env: dict[str, str] | None = None
         self.running: dict[int, RunningStep] = {}
         self._lock = threading.Lock()
         self.built = 0
+
+    def use_cache(self, public_key: str | None) -> None:
+        """Substitute inputs from the server's cache, trusting ``public_key`` (from the
+        heartbeat answer) for them; the worker's name and token go in a netrc file only
+        this user reads."""
+        if not public_key:
+            raise UnsignedCache("the server's /nix-cache is not signed (signing.enabled): a "
+                               "worker cannot trust its inputs")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        netrc = self.work_dir / "netrc"
+        host = urlsplit(self.cache_url).hostname or ""
+        fd = os.open(netrc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"machine {host} login {self.api.name} password {self.config.token}\n")
+        extra = {**self.nix_config, "netrc-file": str(netrc),
+                 # a path published a moment ago must not stay "missing" in Nix's cache
+                 "narinfo-cache-negative-ttl": "0"}
+        if self.config.ca_file:
+            extra["ssl-cert-file"] = self.config.ca_file
+        self.fetch_env = nix_environ([], [public_key], extra=extra)
 
     # ------------------------------------------------------------ serving
 
@@ -235,17 +269,27 @@ class RemoteBuilder:
         missing = await invalid_paths(wanted, self.nix_env)
         if not missing:
             return
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=self.work_dir, prefix="inputs-") as spool:
-            await asyncio.to_thread(self.api.fetch_inputs, step_id, missing, spool)
-            spool.seek(0)
-            arrived = set(await import_file(spool, self.nix_env))
-        unarrived = [p for p in missing if p not in arrived]
+        if self.fetch_env is None:
+            raise StoreError("the server's cache key is not known yet")
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                # Nix's narinfo cache of its own: concurrent `nix copy`s sharing one
+                # (~/.cache/nix/binary-cache-v6.sqlite) failed with "constraint failed"
+                with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="fetch-") as home:
+                    await substitute_from(self.cache_url, missing,
+                                          {**self.fetch_env, "XDG_CACHE_HOME": home})
+                break
+            except StoreError as exc:
+                # a server process may learn of the paths the claim published a moment
+                # after the claim was answered (NOTIFY)
+                if attempt == FETCH_ATTEMPTS:
+                    raise
+                log.info("step %d: fetching inputs failed (%s); retrying", step_id, exc)
+                await asyncio.sleep(attempt)
+        unarrived = await invalid_paths(missing, self.nix_env)
         if unarrived:
-            unarrived = await invalid_paths(unarrived, self.nix_env)
-        if unarrived:
-            raise StoreError(f"{unarrived[0]} is not in the store after the import")
-        log.debug("step %d: imported %d input path(s)", step_id, len(missing))
+            raise StoreError(f"{unarrived[0]} is not in the store after the fetch")
+        log.debug("step %d: substituted %d input path(s)", step_id, len(missing))
 
     async def _upload_outputs(self, step_id: int, outputs: list[str]) -> None:
         infos = await path_infos(outputs, self.nix_env)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
+import os
+import socket
 import threading
 from collections.abc import Iterable
 from typing import IO, Any, Protocol
@@ -37,6 +38,7 @@ class ApiError(Exception):
 class WorkerApi:
     def __init__(self, config: ServerAccess, name: str) -> None:
         self.base = config.server_url.rstrip("/") + "/api/v1/workers"
+        self.name = name
         self.headers = {"Authorization": f"Bearer {config.token}", NAME_HEADER: name}
         self.timeout = config.request_timeout_secs
         self.verify: str | bool = config.ca_file or True
@@ -73,7 +75,8 @@ class WorkerApi:
                   slots: int, running: int, timeout: float | None = None) -> dict[str, Any]:
         answer: dict[str, Any] = self._json("POST", "/heartbeat", json={
             "systems": systems, "supported_features": features,
-            "mandatory_features": mandatory, "slots": slots, "running": running},
+            "mandatory_features": mandatory, "slots": slots, "running": running,
+            "hostname": socket.gethostname(), "pid": os.getpid()},
             timeout=timeout or self.timeout)
         return answer
 
@@ -101,13 +104,6 @@ class WorkerApi:
         """Append to the step's log; True when the server's cap cut it."""
         return bool(self._json("POST", f"/steps/{step_id}/log", data=data, headers={
             "Content-Type": "application/octet-stream"})["truncated"])
-
-    def fetch_inputs(self, step_id: int, paths: list[str], sink: IO[bytes]) -> None:
-        """The ``nix-store --export`` of ``paths`` into ``sink``."""
-        response = self._call("POST", f"/steps/{step_id}/inputs", json={"paths": paths},
-                              stream=True, timeout=(self.timeout, 3600))
-        with response:
-            shutil.copyfileobj(response.raw, sink, 1024 * 1024)
 
     def upload_outputs(self, step_id: int, source: IO[bytes]) -> list[str]:
         imported: list[str] = self._json(

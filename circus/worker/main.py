@@ -2,8 +2,9 @@
 
 It consumes the class queues ``build.<class>`` of its systems/features from the
 network broker, like the queue runner's local workers, but has its own Nix
-store and no database credentials: it claims, renews, logs, fetches inputs,
-uploads outputs and reports through the server's ``/api/v1/workers``.
+store and no database credentials: it claims, renews, logs, uploads outputs and
+reports through the server's ``/api/v1/workers`` and substitutes its steps' inputs
+from the server's ``/nix-cache``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,14 @@ class RemoteWorkerDaemon:
     def run(self) -> int:
         from celery import signals
 
+        from circus.worker.builder import UnsignedCache
+
         answer = self.first_heartbeat()
+        try:
+            self.builder.use_cache(answer.get("cache_public_key"))
+        except UnsignedCache as exc:
+            log.error("%s", exc)
+            return 2
         classes = sorted(answer["classes"])
         self.subscribed = set(classes)
         keeper = self.keeper_class(self.builder, float(answer["lease_secs"]), self.follow)

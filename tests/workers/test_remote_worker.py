@@ -98,6 +98,27 @@ substituters = []
                   directory, env=env)
 
 
+def signatures_in(directory: Path, path: str) -> str:
+    """``nix path-info --sigs`` of ``path`` in the private store under ``directory``:
+    a path substituted from a binary cache keeps the cache's signature, an imported one
+    has none."""
+    # --derivation: a .drv itself (Nix 2.8 reads an output path as its deriver then)
+    flag = "--derivation " if path.endswith(".drv") else ""
+    script = (f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix && "
+              f"nix --extra-experimental-features nix-command path-info --sigs {flag}"
+              f"{shlex.quote(path)}")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           script], capture_output=True, check=True)
+    return done.stdout.decode()
+
+
+def cache_get(server: str, path: str, auth: tuple[str, str] | None = None,
+              prefix: str = "/nix-cache") -> requests.Response:
+    """The narinfo of ``path`` (or, given a ``nar/...`` URL, that NAR)."""
+    name = path if path.startswith("nar/") else Path(path).name.split("-")[0] + ".narinfo"
+    return requests.get(f"{server}{prefix}/{name}", auth=auth, timeout=30)
+
+
 def api(server: str, path: str, token: str = TOKEN, name: str = "w1", **kwargs: Any
         ) -> requests.Response:
     method = kwargs.pop("method", "POST")
@@ -120,8 +141,13 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
         tmp_path: Path, cache_key: KeyPair, redis_url: str) -> None:
     # kvmjob's class (x86_64-linux.kvm) appears only when it is dispatched: the worker
     # learns of it from its heartbeat and subscribes to it
-    jobs = ["dep", "top", "plain1", "talker", "kvmjob"]
-    drvs = instantiate(jobs, nonce, nix_env, expr=JOBS)
+    jobs = ["top", "plain1", "talker", "kvmjob"]
+    drvs = instantiate(["dep", *jobs], nonce, nix_env, expr=JOBS)
+    # dep is built in the server's store only: top's step needs its output, which the
+    # worker can get from the server's cache alone
+    subprocess.run(["nix-store", "--realise", drvs["dep"]], env=nix_env, check=True,
+                   capture_output=True)
+    dep_output = read_derivation(drvs["dep"]).output_paths["out"]
     # the runner has no local workers: only the worker's heartbeat keeps its classes
     # (and the kvm class) from failing as unsupported after 5 s
     with server_and_runner(runner_config, tmp_path, cache_key, unsupported_timeout=5
@@ -131,13 +157,13 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
         wait_until(lambda: "circus-worker-w1@" in worker.log() and " ready." in worker.log(),
                    timeout=60, message="the worker consuming")
         with committed_db() as session:
-            builds = make_builds(session, drvs)
+            builds = make_builds(session, {job: drvs[job] for job in jobs})
         ids = {job: b.id for job, b in builds.items()}
         try:
             result = wait_builds(committed_db, list(ids.values()), timeout=240)
         finally:
             print(worker.log()[-6000:])
-        steps = step_rows(committed_db, list(drvs.values()))
+        steps = step_rows(committed_db, [drvs[job] for job in jobs])
         with committed_db() as session:
             outputs: dict[str, str] = dict(session.execute(text(
                 "SELECT b.job_name, o.path FROM builds b JOIN build_outputs o "
@@ -164,10 +190,16 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
     assert {s.machine for s in steps} == {"w1"}, steps
     assert worker_log.count("building /nix/store/") == len(jobs)
     assert "now consuming class x86_64-linux.kvm" in worker_log
-    # the worker's store got the inputs it needed (dep's output for top) and built there;
-    # the outputs came back to the server's store
-    assert store_has(tmp_path / "w1", outputs["dep"])
+    # the worker's store got the inputs it needed (top's .drv closure, dep's output) and
+    # built there; the outputs came back to the server's store
+    assert store_has(tmp_path / "w1", dep_output)
     assert store_has(tmp_path / "w1", outputs["top"])
+    # the inputs came from the server's /nix-cache, not as an export stream: they carry
+    # the cache's signature (an imported path has none; a path built there neither)
+    for substituted in (drvs["top"], drvs["dep"], dep_output):
+        assert "circus-test-cache-1:" in signatures_in(tmp_path / "w1", substituted), \
+            substituted
+    assert "circus-test-cache-1:" not in signatures_in(tmp_path / "w1", outputs["top"])
     assert all(valid_here(p) for p in outputs.values())
     # served signed from the server's binary cache
     for job, answer in narinfos.items():
@@ -210,8 +242,17 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         assert "token" in wrong.json()["error"]
         assert api(server, "/claim", token="", json={"queue_class": system}
                    ).status_code == 401
-        # connected (a heartbeat) under TOKEN: the name is taken for every other token
-        assert api(server, "/heartbeat", json={"systems": [system]}).status_code == 200
+        # connected (a heartbeat) under TOKEN: the name is taken for every other token.
+        # Its heartbeat row names the worker's host, not the server's
+        assert api(server, "/heartbeat", json={"systems": [system], "hostname": "w1-host",
+                                               "pid": 4242}).status_code == 200
+        daemons = requests.get(f"{server}/health", timeout=30).json()["daemons"]
+        [row] = [d for d in daemons if d["service"] == "remote-worker:w1"]
+        assert row["hostname"] == "w1-host"
+        with committed_db() as session:
+            assert session.execute(text(
+                "SELECT pid FROM service_heartbeats WHERE service = 'remote-worker:w1'"
+            )).scalar_one() == 4242
         taken = api(server, "/heartbeat", token=OTHER_TOKEN, json={"systems": [system]})
         assert taken.status_code == 409
         assert "another credential" in taken.json()["error"]
@@ -219,6 +260,8 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
                    json={"systems": [system]}).status_code == 200
         with committed_db() as session:
             builds = make_builds(session, drvs)
+            session.execute(text("UPDATE projects SET hidden = true WHERE name = 'qr'"))
+            session.commit()
 
         def queued() -> list[int]:
             return [s.id for s in step_rows(committed_db, [drvs["dep"], drvs["plain1"]])
@@ -231,10 +274,9 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         others = [s.id for s in step_rows(committed_db, list(drvs.values()))
                   if s.id != step["id"]]
 
-        # a step it does not hold: no log, no inputs, no outputs, no outcome
+        # a step it does not hold: no log, no outputs, no outcome
         for other in others:
-            for path, body in (("log", {"data": b"x"}), ("inputs", {"json": {
-                    "paths": [step["drv_path"]]}}), ("finish", {"json": {
+            for path, body in (("log", {"data": b"x"}), ("finish", {"json": {
                     "outcome": "success"}})):
                 refused = api(server, f"/steps/{other}/{path}", **body)
                 assert refused.status_code == 403, (path, refused.text)
@@ -244,19 +286,32 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         assert api(server, "/renew", json={"step_ids": [step["id"], *others]}
                    ).json()["lost"] == sorted(others)
 
-        # inputs: only store paths of the step's own closure
-        outside = api(server, f"/steps/{step['id']}/inputs",
-                      json={"paths": [drvs["top"]]})
-        assert outside.status_code == 403
-        assert "not in the input closure" in outside.json()["error"]
-        not_store = api(server, f"/steps/{step['id']}/inputs",
-                        json={"paths": ["/etc/passwd"]})
-        assert not_store.status_code == 400
-        assert "not a store path" in not_store.json()["error"]
-        inside = api(server, f"/steps/{step['id']}/inputs",
-                     json={"paths": [step["drv_path"]]})
-        assert inside.status_code == 200
-        assert step["drv_path"].encode() in inside.content
+        # inputs come from /nix-cache, where the claim published them, signed. The
+        # project is hidden: anonymous callers get nothing; the worker's name and token
+        # as Basic (netrc) credentials get the input closure of the steps it holds
+        mine = step["drv_path"]
+        assert cache_get(server, mine).status_code == 404
+        answer = cache_get(server, mine, auth=("w1", TOKEN))
+        assert answer.status_code == 200, answer.text
+        assert f"StorePath: {mine}" in answer.text
+        assert "Sig: circus-test-cache-1:" in answer.text
+        assert answer.headers["Cache-Control"] == "private, no-store"
+        [nar_url] = [line.split(": ", 1)[1] for line in answer.text.splitlines()
+                     if line.startswith("URL: ")]
+        assert cache_get(server, nar_url, auth=("w1", TOKEN)).status_code == 200
+        assert cache_get(server, nar_url).status_code == 404
+        # another worker's step is not w1's to fetch, under its own name or w2's
+        [theirs] = api(server, "/claim", token=OTHER_TOKEN, name="w2",
+                       json={"queue_class": system}).json()["steps"]
+        assert cache_get(server, theirs["drv_path"], auth=("w2", OTHER_TOKEN)
+                         ).status_code == 200
+        assert cache_get(server, theirs["drv_path"], auth=("w1", TOKEN)).status_code == 404
+        assert cache_get(server, theirs["drv_path"], auth=("w2", TOKEN)).status_code == 404
+        # a wrong token is an anonymous caller
+        assert cache_get(server, mine, auth=("w1", "guess-" + "x" * 40)).status_code == 404
+        # a worker token is no API key: the hidden project's own cache stays shut
+        assert cache_get(server, mine, auth=("w1", TOKEN), prefix="/projects/qr/nix-cache"
+                         ).status_code == 401
 
         # the same name under another token is refused while the first holds steps
         usurper = api(server, "/claim", token=OTHER_TOKEN,
@@ -272,7 +327,8 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
                 api(server, "/claim", json={"queue_class": "../../etc"}),
                 api(server, "/claim", json={"queue_class": system, "limit": "many"}),
                 api(server, "/renew", json={"step_ids": "all"}),
-                api(server, f"/steps/{step['id']}/inputs", json={"paths": "/nix/store"}),
+                api(server, "/heartbeat", json={"systems": [system],
+                                                "hostname": "no/slashes"}),
                 api(server, f"/steps/{step['id']}/finish", json={"outcome": "hacked"}),
                 api(server, f"/steps/{step['id']}/log", data=b"x" * (1024 * 1024 + 1))):
             assert answer.status_code == 400, answer.text
@@ -291,8 +347,9 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         assert row.state == "done", row
         assert row.status == BuildStatus.aborted, row
         assert "is not an output of step" in row.error_message
-        # and the worker holds nothing any more
+        # and the worker holds nothing any more, not even the right to its inputs
         assert api(server, f"/steps/{step['id']}/log", data=b"late").status_code == 403
+        assert cache_get(server, mine, auth=("w1", TOKEN)).status_code == 404
         assert builds
 
 

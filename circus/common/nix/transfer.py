@@ -1,9 +1,10 @@
-"""Moving store paths between Nix stores (agent ↔ runner), asynchronously.
+"""Moving store paths between Nix stores (agent ↔ runner, worker ↔ server), asynchronously.
 
 Paths travel as ``nix-store --export`` streams (dependencies first) and are
 received with ``nix-store --import``; only the paths the receiver lacks are
-sent (the asking is :mod:`circus.common.nix.store.aio`'s). No database imports:
-the agent uses this module.
+sent (the asking is :mod:`circus.common.nix.store.aio`'s). A remote worker
+substitutes its inputs from the server's binary cache instead
+(:func:`substitute_from`). No database imports: the agent uses this module.
 """
 
 from __future__ import annotations
@@ -49,6 +50,32 @@ async def import_file(source: IO[bytes], env: Mapping[str, str]) -> list[str]:
     if process.returncode != 0:
         raise StoreError(f"nix-store --import failed: {err.decode(errors='replace').strip()}")
     return out.decode().split()
+
+
+async def substitute_from(cache_url: str, paths: Sequence[str], env: Mapping[str, str]
+                          ) -> None:
+    """Copy ``paths`` (and their closure) from the binary cache at ``cache_url`` into
+    this store, as a substituter would: every path must carry a signature by one of
+    ``env``'s ``trusted-public-keys``.
+
+    Nix 2.8 reads the arguments as installables: a .drv is copied as the file it is
+    only with ``--derivation``, which makes any other path stand for its deriver; so
+    the two kinds go in separate calls, other paths first."""
+    checked = checked_paths(paths)
+    derivations = [p for p in checked if p.endswith(".drv")]
+    others = [p for p in checked if not p.endswith(".drv")]
+    for flags, group in (([], others), (["--derivation"], derivations)):
+        if not group:
+            continue
+        argv = ["nix", "copy", *flags, "--from", cache_url, "--", *group]
+        process = await asyncio.create_subprocess_exec(
+            *killed_with_parent(argv), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=dict(env))
+        _, err = await process.communicate()
+        if process.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise StoreError(f"nix copy --from {cache_url} failed: "
+                             f"{lines[-1] if lines else process.returncode}")
 
 
 class Importer:

@@ -1,6 +1,7 @@
 """/api/v1/workers: how ``circus-worker`` hosts (own Nix store, no database password)
-claim, renew, log, fetch inputs, upload outputs and report (``circus.remote_workers``),
-and how evaluators on other hosts upload the derivations of their new builds.
+claim, renew, log, upload outputs and report (``circus.remote_workers``; their inputs
+come from ``/nix-cache``), and how evaluators on other hosts upload the derivations
+of their new builds.
 
 Every call carries ``Authorization: Bearer <worker token>`` (a token whose SHA-256
 digest is in ``remote_workers.auth_tokens``; not an API key) and
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Response, current_app, request, send_file
+from flask import current_app, request
 
 from circus.common.errors import InvalidInput
 from circus.queue_runner.routing.capabilities import Capabilities
@@ -29,7 +30,6 @@ from circus.server.api.schemas.workers import (
     HeartbeatAnswerSchema,
     HeartbeatSchema,
     ImportedSchema,
-    InputsSchema,
     LogAnswerSchema,
     LostSchema,
     MissingSchema,
@@ -43,9 +43,10 @@ from circus.server.context import server_context
 log = logging.getLogger(__name__)
 
 blp = Blueprint("workers", __name__, url_prefix="/api/v1/workers",
-                description="Remote build workers (circus-worker): claims, leases, logs, "
-                            "inputs and outputs. Authenticate with `Authorization: Bearer "
-                            "<worker token>` and name the worker in `X-Circus-Worker`.")
+                description="Remote build workers (circus-worker): claims, leases, logs "
+                            "and outputs (inputs: from /nix-cache). Authenticate with "
+                            "`Authorization: Bearer <worker token>` and name the worker in "
+                            "`X-Circus-Worker`.")
 
 NAME_HEADER = "X-Circus-Worker"
 #: a log chunk per call, at most
@@ -86,9 +87,12 @@ def heartbeat(args: dict[str, Any]) -> Any:
     worker = _caller()
     caps = Capabilities(frozenset(args["systems"]), frozenset(args["supported_features"]),
                         frozenset(args["mandatory_features"]))
-    classes = _service().heartbeat(worker, caps, args["slots"], args["running"])
+    service = _service()
+    classes = service.heartbeat(worker, caps, args["slots"], args["running"],
+                                args["hostname"], args["pid"])
     return {"classes": classes,
-            "lease_secs": server_context().settings.queue_runner.lease_secs}
+            "lease_secs": server_context().settings.queue_runner.lease_secs,
+            "cache_public_key": service.cache_public_key()}
 
 
 @blp.post("/claim")
@@ -139,16 +143,6 @@ def append_log(step_id: int) -> Any:
         raise InvalidInput(f"a log chunk is at most {MAX_LOG_CHUNK} bytes")
     size, truncated = _service().append_log(worker, step_id, data)
     return {"size": size, "truncated": truncated}
-
-
-@blp.post(S + "/inputs")
-@blp.arguments(InputsSchema)
-@blp.doc(security=_WORKER_AUTH, responses={"200": {
-    "description": "`nix-store --export` of the paths, dependencies first", "content": _BYTES}})
-def inputs(args: dict[str, Any], step_id: int) -> Response:
-    """Store paths of the step's input closure the worker lacks."""
-    spool = _service().export_inputs(_caller(), step_id, args["paths"])
-    return send_file(spool, mimetype="application/octet-stream", max_age=0)
 
 
 @blp.put(S + "/outputs")

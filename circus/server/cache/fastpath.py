@@ -10,8 +10,9 @@ checked against the same strict patterns as the views before anything is looked
 up, the answers carry the same headers as Flask's, and the access rule is the
 views': the shared cache's query excludes paths only hidden projects built, and a
 hidden or unknown project's cache is always left to the views, which check
-credentials (its answers never enter the LRU). Everything else, and any database
-error, goes to Flask.
+credentials (its answers never enter the LRU), and so is a miss for a caller with
+credentials (a remote worker's input of a hidden project). Everything else, and any
+database error, goes to Flask.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class NarinfoFastPath:
             parsed = _parse(environ.get("PATH_INFO", ""))
             if parsed is not None:
                 answer = self._answer(*parsed)
+                # a miss for a caller with credentials may be a remote worker's input
+                # of a hidden project: the views check that
+                if answer is None and environ.get("HTTP_AUTHORIZATION"):
+                    answer = ABSENT
                 if answer is not ABSENT:
                     if answer is None:
                         count_cache_request(self.counts, "narinfo", hit=False)

@@ -102,6 +102,12 @@ STATEMENTS = {
         SELECT DISTINCT n.storage FROM narinfo_cache n {_PROJECT_JOIN}
         WHERE n.url = $1 AND p.name = $2 AND p.cache_enabled"""),
     "circus_project": ("text", "SELECT id, hidden FROM projects WHERE name = $1"),
+    # a remote worker's lookups: any recorded path; the caller checks that the worker
+    # holds a step needing it (``RemoteWorkers.fetchable``)
+    "circus_any_narinfo": ("text", f"""
+        SELECT {_NARINFO_COLUMNS} FROM narinfo_cache n WHERE n.hash_part = $1"""),
+    "circus_any_nar": ("text", """
+        SELECT n.storage, n.store_path FROM narinfo_cache n WHERE n.url = $1"""),
 }
 
 
@@ -255,6 +261,26 @@ class CacheIndex:
         if remember:
             self.narinfos.put((project, hash_part), body, self.ttl)
         return body
+
+    def any_narinfo(self, hash_part: str) -> tuple[str, bytes] | None:
+        """(store path, narinfo text) of any recorded path, whoever may see it; never
+        remembered (the caller decides who gets it)."""
+        if self.known.surely_absent(hash_part):
+            return None
+        rows = self.queries.rows("circus_any_narinfo", hash_part)
+        if not rows:
+            return None
+        info = records.from_row(dict(zip(records.COLUMNS, rows[0], strict=True)))
+        return info.store_path, info.render().encode()
+
+    def any_nar(self, url: str) -> tuple[NarLocation, set[str]] | None:
+        """Where a NAR of any recorded path is and the store paths it holds; never
+        remembered."""
+        rows = self.queries.rows("circus_any_nar", url)
+        if not rows:
+            return None
+        return (NarLocation(url, frozenset(row[0] for row in rows)),
+                {str(row[1]) for row in rows})
 
     def nar(self, url: str, project: str | None = None) -> NarLocation | None:
         cached = self.nars.get((project, url))

@@ -11,6 +11,12 @@ Basic credentials, which is what Nix sends from a ``netrc-file``), with
 ``Cache-Control: private``; anonymous callers get the same 401 for a project that does
 not exist, so the answer never tells the two apart. The shared ``/nix-cache`` does not
 serve paths that only hidden projects built.
+
+A remote build worker (``circus-worker``) substitutes its steps' inputs from the
+shared ``/nix-cache`` with its name and token as netrc (Basic) credentials. Those
+open, beyond what everyone gets, exactly the input closures of the steps it holds
+at that moment (hidden projects' paths included), with ``Cache-Control: private``;
+a worker token is not an API key and opens no per-project cache.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from circus.cache.s3 import S3Error, S3Store
 from circus.common.errors import InvalidInput, NotFound, Unavailable
 from circus.common.nix import storepath
 from circus.common.nix.narinfo import CONTENT_TYPE, cache_info
+from circus.common.tokens import token_accepted
+from circus.remote_workers.service import RemoteWorker, RemoteWorkers, authenticate
 from circus.server.auth import current_actor
 from circus.server.cache.lookup import CacheIndex
-from circus.server.context import db_session, settings
+from circus.server.context import db_session, server_context, settings
 from circus.server.counters import count_cache_error, count_cache_request, tally
 from circus.server.security import build_output, client_address
 
@@ -95,6 +103,36 @@ def _caller() -> Actor:
     return found
 
 
+def _worker() -> RemoteWorker | None:
+    """The remote worker whose netrc credentials (its name and token as Basic user and
+    password) the request carries, or None (anonymous or anything else)."""
+    config = settings()
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic" or not config.remote_workers.enabled:
+        return None
+    try:
+        name, _, token = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidInput("malformed Basic credentials") from None
+    if not token_accepted(token, config.remote_workers.auth_tokens):
+        return None
+    return authenticate(config, token, name)
+
+
+def _fetchable_by_worker(paths: set[str]) -> bool:
+    """Whether the calling worker holds a step whose input closure has one of ``paths``."""
+    worker = _worker()
+    if worker is None:
+        return False
+    context = server_context()
+    allowed = RemoteWorkers(context.settings, context.session_factory).fetchable(worker)
+    if paths.isdisjoint(allowed):
+        log.warning("cache: remote worker %s asked for %s, in no step it holds", worker.name,
+                    sorted(paths)[0])
+        return False
+    return True
+
+
 #: what a hidden project's cache answers with: only the asking client may keep it, never a
 #: shared proxy or CDN (it would serve the private path to everyone after)
 PRIVATE_CACHE_CONTROL = "private, no-store"
@@ -124,6 +162,10 @@ def narinfo(name: str, project: str | None = None) -> ResponseReturnValue:
         raise InvalidInput("malformed store path hash", {"hash": name[:64]})
     project_name, private = _project(project)
     body = index().narinfo(name, project_name, remember=not private)
+    if body is None and project_name is None and request.authorization is not None:
+        found = index().any_narinfo(name)
+        if found is not None and _fetchable_by_worker({found[0]}):
+            body, private = found[1], True
     count_cache_request(tally(), "narinfo", hit=body is not None,
                         sent=len(body) if body is not None and request.method == "GET" else 0)
     if body is None:
@@ -140,6 +182,10 @@ def nar(name: str, project: str | None = None) -> ResponseReturnValue:
         raise InvalidInput("malformed NAR file name", {"name": name[:80]})
     project_name, private = _project(project)
     location = index().nar(url, project_name)
+    if location is None and project_name is None and request.authorization is not None:
+        found = index().any_nar(url)
+        if found is not None and _fetchable_by_worker(found[1]):
+            location, private = found[0], True
     counts = tally()
     if location is None:
         count_cache_request(counts, "nar", hit=False)

@@ -72,11 +72,13 @@ def derivation_outputs(drv_path: str, env: Mapping[str, str], timeout: float = T
 
 
 def path_infos(paths: Iterable[str], env: Mapping[str, str], *, recursive: bool = False,
-               closure_size: bool = False, timeout: float = TIMEOUT) -> dict[str, PathInfo]:
+               closure_size: bool = False, derivations: bool = False,
+               timeout: float = TIMEOUT) -> dict[str, PathInfo]:
     """Facts about the valid paths of ``paths`` (invalid ones are left out); with
-    ``recursive``, about their whole closure (then every path must be valid)."""
-    return run(queries.path_infos(paths, recursive=recursive, closure_size=closure_size),
-               env, timeout)
+    ``recursive``, about their whole closure (then every path must be valid); with
+    ``derivations``, ``.drv`` paths are the files themselves, not their outputs."""
+    return run(queries.path_infos(paths, recursive=recursive, closure_size=closure_size,
+                                  derivations=derivations), env, timeout)
 
 
 def missing(drv_paths: Iterable[str], env: Mapping[str, str], timeout: float = TIMEOUT

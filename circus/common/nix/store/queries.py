@@ -161,15 +161,19 @@ class PathInfo:
         return Sha256.parse(self.nar_hash).sri
 
 
-def path_infos(paths: Iterable[str], *, recursive: bool = False, closure_size: bool = False
+def path_infos(paths: Iterable[str], *, recursive: bool = False, closure_size: bool = False,
+               derivations: bool = False
                ) -> Query[dict[str, PathInfo | None], dict[str, PathInfo]]:
     """Facts about the valid paths of ``paths`` (with ``recursive``, of their closure).
 
     Invalid paths are left out of the answer. With ``recursive``, Nix refuses an
-    invalid path outright (the query fails). Give output paths, not ``.drv``
-    files: Nix 2.8 answers for a derivation's outputs instead.
+    invalid path outright (the query fails). Without ``derivations`` give output
+    paths, not ``.drv`` files: Nix 2.8 answers for a derivation's outputs instead
+    (and builds them when missing); with it, a ``.drv`` is the file itself.
     """
     flags = ["--json"]
+    if derivations:
+        flags.append("--derivation")
     if recursive:
         flags.append("--recursive")
     if closure_size:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from circus.remote_workers.service import HOSTNAME_PATTERN
 from circus.server.api.schemas.common import MAX_ID, Str
 
 #: steps one call may name (a worker holds one per slot)
 MAX_STEPS = 1024
-#: store paths one inputs call may ask for
-MAX_PATHS = 100_000
 
 
 def _step_ids(description: str) -> fields.List[int]:
@@ -34,6 +33,12 @@ class HeartbeatSchema(ma.Schema):
                            metadata={"description": "builds it runs at once"})
     running = fields.Integer(load_default=0, validate=validate.Range(min=0, max=1024),
                              metadata={"description": "builds it runs now"})
+    hostname = Str(load_default=None, max_length=255,
+                   validate=[validate.Regexp(HOSTNAME_PATTERN)],
+                   metadata={"description": "the worker's host name (shown with its "
+                                            "heartbeat); default: its name"})
+    pid = fields.Integer(load_default=None, validate=validate.Range(min=1, max=2**31 - 1),
+                         metadata={"description": "the worker's process id"})
 
 
 class HeartbeatAnswerSchema(ma.Schema):
@@ -43,6 +48,12 @@ class HeartbeatAnswerSchema(ma.Schema):
     lease_secs = fields.Integer(required=True,
                                 metadata={"description": "a step not renewed this long is "
                                                          "handed to another builder"})
+    cache_public_key = fields.String(
+        allow_none=True, metadata={"description": "the key `/nix-cache` signs with "
+                                                  "(`name:base64`): the worker substitutes "
+                                                  "its steps' inputs from there and trusts "
+                                                  "this key for them; null when the cache is "
+                                                  "not signed (remote builds are refused)"})
 
 
 class ClaimSchema(ma.Schema):
@@ -65,8 +76,9 @@ class ClaimedStepSchema(ma.Schema):
     attempts = fields.Integer(required=True)
     input_closure = fields.List(fields.String(), required=True,
                                 metadata={"description": "the .drv closure and its inputs' "
-                                                         "outputs, dependencies first: the "
-                                                         "only paths `inputs` exports"})
+                                                         "outputs, dependencies first: "
+                                                         "published in `/nix-cache` for the "
+                                                         "worker to substitute"})
 
 
 class ClaimAnswerSchema(ma.Schema):
@@ -90,13 +102,6 @@ class LogAnswerSchema(ma.Schema):
     size = fields.Integer(required=True, metadata={"description": "bytes in the log now"})
     truncated = fields.Boolean(required=True,
                                metadata={"description": "the log cap cut this chunk"})
-
-
-class InputsSchema(ma.Schema):
-    paths = fields.List(Str(max_length=1024, min_length=1), required=True,
-                        validate=validate.Length(min=1, max=MAX_PATHS),
-                        metadata={"description": "store paths of the step's input closure "
-                                                 "the worker lacks"})
 
 
 #: store paths one derivations/missing call may ask about
