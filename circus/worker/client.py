@@ -128,9 +128,9 @@ class WorkerApi:
             "POST", "/derivations/missing", json={"paths": paths})["missing"]
         return missing
 
-    def upload_derivations(self, source: IO[bytes]) -> list[str]:
+    def upload_derivations(self, source: IO[bytes], evaluation_id: int) -> list[str]:
         imported: list[str] = self._json(
-            "PUT", "/derivations", data=source,
+            "PUT", "/derivations", data=source, params={"evaluation": evaluation_id},
             headers={"Content-Type": "application/octet-stream"},
             timeout=(self.timeout, 3600))["imported"]
         return imported

@@ -115,6 +115,13 @@ class MissingSchema(ma.Schema):
                           metadata={"description": "those the server's store lacks"})
 
 
+class DerivationUploadArgs(ma.Schema):
+    evaluation = fields.Integer(
+        required=True, strict=False, validate=validate.Range(min=1, max=MAX_ID),
+        metadata={"description": "the evaluation whose builds need these derivations: "
+                                 "their GC roots on the server are that evaluation's"})
+
+
 class ImportedSchema(ma.Schema):
     imported = fields.List(fields.String(), required=True)
 
