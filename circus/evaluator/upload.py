@@ -69,7 +69,8 @@ def upload_derivations(settings: Settings, evaluation_id: int, drv_paths: Iterab
         closure = store.requisites(roots, env)
         missing: set[str] = set()
         for start in range(0, len(closure), QUERY_BATCH):
-            missing.update(api.missing_derivations(closure[start:start + QUERY_BATCH]))
+            missing.update(api.missing_derivations(closure[start:start + QUERY_BATCH],
+                                                   evaluation_id))
         if not missing:
             return 0
         order = [p for p in closure if p in missing]

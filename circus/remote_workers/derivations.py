@@ -37,15 +37,26 @@ log = logging.getLogger(__name__)
 MAX_QUERY_PATHS = 20_000
 
 
-def missing_paths(settings: Settings, paths: Sequence[str]) -> list[str]:
-    """Those of ``paths`` that are not valid in the server's store."""
+def missing_paths(settings: Settings, paths: Sequence[str], evaluation_id: int) -> list[str]:
+    """Those of ``paths`` that are not valid in the server's store. Every .drv among
+    them is rooted for ``evaluation_id`` first, as a local evaluation roots each of its
+    derivations: one the server has already (another evaluation's, say) stays until
+    this evaluation's builds are done too, and one it lacks is rooted once uploaded."""
     if len(paths) > MAX_QUERY_PATHS:
         raise InvalidInput(f"at most {MAX_QUERY_PATHS} paths per question")
     try:
         checked = store.checked_paths(paths)
     except store.StoreError as exc:
         raise InvalidInput(str(exc)) from None
+    _root(settings, evaluation_id, checked)
     return store.invalid_paths(checked, settings.nix_environ())
+
+
+def _root(settings: Settings, evaluation_id: int, paths: Sequence[str]) -> None:
+    # a root may point at a path not valid (yet): it is rooted from the moment it is.
+    # The beat removes the evaluation's roots once its builds are done
+    gcroots.add_roots(settings.evaluator.gc_roots_dir(evaluation_id),
+                      [p for p in paths if p.endswith(".drv")])
 
 
 def import_derivations(settings: Settings, uploader: RemoteWorker, stream: IO[bytes],
@@ -62,10 +73,9 @@ def import_derivations(settings: Settings, uploader: RemoteWorker, stream: IO[by
             log.warning("%s", exc)
             raise PermissionDenied(str(exc)) from None
         derivations = [e.path for e in entries if e.path.endswith(".drv")]
-        # rooted before the import (a root may point at a path not valid yet): no garbage
-        # collection between the import and the build loses them. The beat removes the
-        # evaluation's roots once its builds are done, as it does for a local evaluation
-        gcroots.add_roots(settings.evaluator.gc_roots_dir(evaluation_id), derivations)
+        # before the import: no garbage collection between the import and the build
+        # loses them (rooted already if the evaluator asked which were missing)
+        _root(settings, evaluation_id, derivations)
         try:
             imported = import_file_sync(spool, settings.nix_environ())
         except store.StoreError as exc:

@@ -122,10 +122,11 @@ class WorkerApi:
 
     # ------------------------------------------------------------ evaluators
 
-    def missing_derivations(self, paths: list[str]) -> list[str]:
+    def missing_derivations(self, paths: list[str], evaluation_id: int) -> list[str]:
         """Those of ``paths`` (a .drv closure) the server's store lacks."""
         missing: list[str] = self._json(
-            "POST", "/derivations/missing", json={"paths": paths})["missing"]
+            "POST", "/derivations/missing",
+            json={"paths": paths, "evaluation": evaluation_id})["missing"]
         return missing
 
     def upload_derivations(self, source: IO[bytes], evaluation_id: int) -> list[str]:

@@ -265,6 +265,13 @@ def instantiated_in_private_store(directory: Path, nonce: str) -> tuple[list[str
     return done.stderr.decode().strip().splitlines()[-1].split(), done.stdout
 
 
+def ask_missing(server: str, paths: list[str], evaluation: int = 1) -> requests.Response:
+    return requests.post(f"{server}/api/v1/workers/derivations/missing",
+                         json={"paths": paths, "evaluation": evaluation},
+                         headers={"Authorization": f"Bearer {TOKEN}",
+                                  "X-Circus-Worker": "eval2"}, timeout=60)
+
+
 def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_rest(
         runner_config: Callable[..., dict[str, Any]],  # noqa: F811
         make_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
@@ -297,18 +304,14 @@ def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_
             ("posing", posing), ("dropped", dropped),
             ("stolen", export_of([(stolen, stolen_output)]))]}
         unnamed = upload_derivations(server, stream, evaluation=None)
-        missing = requests.post(
-            f"{server}/api/v1/workers/derivations/missing",
-            json={"paths": [foreign, "/etc/passwd"]},
-            headers={"Authorization": f"Bearer {TOKEN}", "X-Circus-Worker": "eval2"},
-            timeout=60)
-        asked = requests.post(
-            f"{server}/api/v1/workers/derivations/missing", json={"paths": [foreign]},
-            headers={"Authorization": f"Bearer {TOKEN}", "X-Circus-Worker": "eval2"},
-            timeout=60)
+        bad_path = ask_missing(server, [foreign, "/etc/passwd"])
+        asked = ask_missing(server, [foreign])
         # nothing of the refused streams reached the store
         assert not any(valid_here(p) for p in [foreign, *closure, stolen])
         accepted = upload_derivations(server, stream, evaluation=987654)
+        # another evaluation needing the same derivations has nothing to upload, and
+        # they are rooted for it too
+        again = ask_missing(server, closure, evaluation=987655)
         server_log = server_daemon.log()
     assert wrong.status_code == 401, wrong.text
     errors = {name: (answer.status_code, answer.json()["error"])
@@ -324,26 +327,28 @@ def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_
     assert errors["stolen"][0] == 409
     assert "incorrect output" in errors["stolen"][1]
     assert unnamed.status_code == 400, unnamed.text
-    assert missing.status_code == 400, missing.text
+    assert bad_path.status_code == 400, bad_path.text
     assert asked.status_code == 200, asked.text
     assert asked.json() == {"missing": [foreign]}
     assert accepted.status_code == 200, accepted.text
     assert sorted(accepted.json()["imported"]) == sorted(closure)
+    assert again.json() == {"missing": []}
     assert "Traceback" not in server_log
 
     # a collection now (of exactly these paths, on this shared store) keeps them: they
     # are rooted for evaluation 987654 as an evaluation's own .drv files are
     settings = make_settings()
-    roots = settings.evaluator.gc_roots_dir(987654)
-    assert sorted(os.readlink(link) for link in roots.iterdir()) == sorted([dep, top])
+    for evaluation in (987654, 987655):
+        roots = settings.evaluator.gc_roots_dir(evaluation)
+        assert sorted(os.readlink(link) for link in roots.iterdir()) == sorted([dep, top])
     kept = subprocess.run(["nix-store", "--delete", top, dep, data], capture_output=True,
                           text=True)
     assert kept.returncode != 0
     assert "still alive" in kept.stderr, kept.stderr
     assert all(valid_here(p) for p in closure)
-    # the beat releases them with the evaluation's roots (no such evaluation is active)
+    # the beat releases them with the evaluations' roots (no such evaluation is active)
     with committed_db() as session:
-        assert 987654 in prune_gc_roots(session, settings)
+        assert {987654, 987655} <= set(prune_gc_roots(session, settings))
     deleted = subprocess.run(["nix-store", "--delete", top, dep, data], capture_output=True,
                              text=True)
     assert deleted.returncode == 0, deleted.stderr

@@ -50,12 +50,15 @@ def _direct(roots_dir: Path) -> bool:
 def add_roots(roots_dir: Path, paths: Iterable[str]) -> int:
     """Root these (valid) store paths in ``roots_dir``; returns how many roots were new.
     A path that cannot be rooted is logged and skipped."""
+    wanted = sorted(set(paths))
+    if not wanted:
+        return 0
     roots_dir.mkdir(parents=True, exist_ok=True)
     direct = _direct(roots_dir)
     if not direct:
         roots_dir = Path(os.path.realpath(roots_dir))
     added = 0
-    for path in sorted(set(paths)):
+    for path in wanted:
         if not storepath.is_store_path(path):
             continue
         link = roots_dir / os.path.basename(path)

@@ -181,9 +181,11 @@ def finish(args: dict[str, Any], step_id: int) -> Any:
 @blp.doc(security=_WORKER_AUTH)
 def derivations_missing(args: dict[str, Any]) -> Any:
     """Which paths of an evaluation's .drv closure the server's store lacks (an
-    evaluator with its own store uploads those before it commits the builds)."""
+    evaluator with its own store uploads those before it commits the builds). The
+    .drv files it has already are rooted for the evaluation from now on."""
     _caller()
-    return {"missing": missing_paths(server_context().settings, args["paths"])}
+    return {"missing": missing_paths(server_context().settings, args["paths"],
+                                     args["evaluation"])}
 
 
 @blp.put("/derivations")
