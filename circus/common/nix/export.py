@@ -179,26 +179,30 @@ def content_mismatch(source: IO[bytes], entry: ExportedPath) -> str | None:
         return "lists a reference twice"
     if is_derivation:
         if kind != nar.REGULAR:
-            return f"is a {kind}, not a derivation file"
+            return f"is not a plain file (a {kind}), so not a derivation"
         try:
             drv = parse_derivation(contents.decode())
         except (UnicodeDecodeError, DerivationParseError) as exc:
             return f"is not a valid derivation: {exc}"
         inputs = set(drv.input_drvs) | set(drv.input_srcs)
         if references != inputs:
-            return (f"declares the references {sorted(references)} but its inputs are "
-                    f"{sorted(inputs)}")
+            # the first of each difference: a hostile list may be long
+            extra, lacking = sorted(references - inputs)[:1], sorted(inputs - references)[:1]
+            return (f"declares the references {sorted(references)[:20]} but its inputs "
+                    f"are not those (declared, not an input: {extra}; an input, not "
+                    f"declared: {lacking})")
         if storepath.make_text_path(name, file_digest.digest(), inputs) != entry.path:
             return "is not the store path of its contents"
         return None
     if entry.path in references:
         return "references itself, which no source does"
-    candidates = {storepath.make_source_path(name, reader.digest.digest(), references)}
-    if kind == nar.REGULAR:
-        candidates.add(storepath.make_text_path(name, file_digest.digest(), references))
-    if kind in (nar.REGULAR, nar.EXECUTABLE) and not references:
-        candidates.add(storepath.make_flat_path(name, file_digest.digest()))
-    if entry.path not in candidates:
-        return ("is not the store path of its contents (neither a source added by its "
-                "NAR hash, nor a text file, nor a file added by its SHA-256)")
-    return None
+    if storepath.make_source_path(name, reader.digest.digest(), references) == entry.path:
+        return None
+    if kind == nar.REGULAR and entry.path == storepath.make_text_path(
+            name, file_digest.digest(), references):
+        return None
+    if kind in (nar.REGULAR, nar.EXECUTABLE) and not references and \
+            entry.path == storepath.make_flat_path(name, file_digest.digest()):
+        return None
+    return ("is not the store path of its contents (neither a source added by its NAR "
+            "hash, nor a text file, nor a file added by its SHA-256)")
