@@ -325,6 +325,16 @@ class EvaluatorSettings(SettingsModel):
     upload_ca_file: str | None = None
     upload_timeout_secs: Positive = 60
 
+    @property
+    def gc_roots_base(self) -> Path:
+        return Path(self.work_dir) / "gcroots"
+
+    def gc_roots_dir(self, evaluation_id: int) -> Path:
+        """The GC roots of an evaluation's .drv files: the evaluator's own, and on the
+        server those of the .drv files an evaluator on another host uploaded for it.
+        The beat removes the directory once the evaluation's builds are done."""
+        return self.gc_roots_base / f"eval-{evaluation_id}"
+
     def problems(self) -> list[Problem]:
         found = [Problem(f"allowed_path_inputs.{i}", f"must be an absolute path (got {d!r})")
                  for i, d in enumerate(self.allowed_path_inputs) if not d.startswith("/")]

@@ -68,7 +68,7 @@ def utcnow() -> datetime:
 
 
 def gc_roots_dir(settings: Settings, evaluation_id: int) -> Path:
-    return Path(settings.evaluator.work_dir) / "gcroots" / f"eval-{evaluation_id}"
+    return settings.evaluator.gc_roots_dir(evaluation_id)
 
 
 def run_dir(settings: Settings, evaluation_id: int) -> Path:
@@ -417,7 +417,7 @@ def _commit_builds(session: Session, settings: Settings, importer: BuildImporter
         # before the commit (and its NOTIFY): the dispatcher must never see a build
         # whose .drv is not in the server's store
         try:
-            upload_derivations(settings, session.execute(text(
+            upload_derivations(settings, evaluation_id, session.execute(text(
                 "SELECT b.drv_path FROM evaluation_builds eb JOIN builds b ON b.id = eb.build_id "
                 "WHERE eb.evaluation_id = :id AND eb.is_new"), {"id": evaluation_id}).scalars())
         except UploadFailed:

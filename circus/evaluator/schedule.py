@@ -7,7 +7,6 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
@@ -118,7 +117,7 @@ _ROOT_DIR = re.compile(r"^eval-(\d+)$")
 def prune_gc_roots(session: Session, settings: Settings) -> list[int]:
     """Drop the .drv roots of evaluations whose builds no longer need them: the
     evaluation is finished and none of its builds is pending or running."""
-    base = Path(settings.evaluator.work_dir) / "gcroots"
+    base = settings.evaluator.gc_roots_base
     if not base.is_dir():
         return []
     found = {int(m.group(1)): entry for entry in base.iterdir()

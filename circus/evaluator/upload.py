@@ -54,8 +54,10 @@ def _api(config: EvaluatorSettings) -> WorkerApi:
     return WorkerApi(target, config.upload_name or socket.gethostname())
 
 
-def upload_derivations(settings: Settings, drv_paths: Iterable[str]) -> int:
-    """Upload what the server lacks of the closure of ``drv_paths``; returns how many
+def upload_derivations(settings: Settings, evaluation_id: int, drv_paths: Iterable[str]
+                       ) -> int:
+    """Upload what the server lacks of the closure of ``drv_paths`` (the new builds of
+    evaluation ``evaluation_id``, which the server roots them for); returns how many
     paths were sent. Raises :class:`UploadFailed`."""
     roots = sorted(set(drv_paths))
     if not roots:
@@ -67,14 +69,15 @@ def upload_derivations(settings: Settings, drv_paths: Iterable[str]) -> int:
         closure = store.requisites(roots, env)
         missing: set[str] = set()
         for start in range(0, len(closure), QUERY_BATCH):
-            missing.update(api.missing_derivations(closure[start:start + QUERY_BATCH]))
+            missing.update(api.missing_derivations(closure[start:start + QUERY_BATCH],
+                                                   evaluation_id))
         if not missing:
             return 0
         order = [p for p in closure if p in missing]
         with tempfile.TemporaryFile(prefix="circus-derivations-") as spool:
             export_to_file(order, spool, env)
             spool.seek(0)
-            imported = api.upload_derivations(spool)
+            imported = api.upload_derivations(spool, evaluation_id)
     except (store.StoreError, ApiError, requests.RequestException) as exc:
         raise UploadFailed(f"uploading the derivations to "
                            f"{settings.evaluator.upload_derivations_to} failed: {exc}") from None

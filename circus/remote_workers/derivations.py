@@ -10,7 +10,11 @@ build is ever queued whose derivation the dispatcher cannot read.
 It authenticates like a remote build worker (a ``remote_workers.auth_tokens``
 token and a name, :func:`circus.remote_workers.service.authenticate`). The
 upload is spooled in full and imported only when every path in it is a .drv or
-a source one of its .drv files names (``nix.export.verify_derivation_export``).
+a source one of its .drv files names, at the store path Nix computes from its
+content and references (``nix.export.verify_derivation_export``): a token holder
+cannot slip a forged derivation in under a legitimate one's path. The uploaded
+.drv files are rooted under the evaluation's GC roots directory, as an
+evaluation on the server's own store roots them, and released with them.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from collections.abc import Sequence
 from typing import IO
 
 from circus.common.config import Settings
-from circus.common.errors import InvalidInput, PermissionDenied
-from circus.common.nix import store
+from circus.common.errors import Conflict, InvalidInput, PermissionDenied
+from circus.common.nix import gcroots, store
 from circus.common.nix.export import ExportRefused, verify_derivation_export
 from circus.common.nix.transfer import import_file_sync
 from circus.remote_workers.service import RemoteWorker, spool_upload
@@ -33,20 +37,32 @@ log = logging.getLogger(__name__)
 MAX_QUERY_PATHS = 20_000
 
 
-def missing_paths(settings: Settings, paths: Sequence[str]) -> list[str]:
-    """Those of ``paths`` that are not valid in the server's store."""
+def missing_paths(settings: Settings, paths: Sequence[str], evaluation_id: int) -> list[str]:
+    """Those of ``paths`` that are not valid in the server's store. Every .drv among
+    them is rooted for ``evaluation_id`` first, as a local evaluation roots each of its
+    derivations: one the server has already (another evaluation's, say) stays until
+    this evaluation's builds are done too, and one it lacks is rooted once uploaded."""
     if len(paths) > MAX_QUERY_PATHS:
         raise InvalidInput(f"at most {MAX_QUERY_PATHS} paths per question")
     try:
         checked = store.checked_paths(paths)
     except store.StoreError as exc:
         raise InvalidInput(str(exc)) from None
+    _root(settings, evaluation_id, checked)
     return store.invalid_paths(checked, settings.nix_environ())
 
 
-def import_derivations(settings: Settings, uploader: RemoteWorker, stream: IO[bytes]
-                       ) -> list[str]:
+def _root(settings: Settings, evaluation_id: int, paths: Sequence[str]) -> None:
+    # a root may point at a path not valid (yet): it is rooted from the moment it is.
+    # The beat removes the evaluation's roots once its builds are done
+    gcroots.add_roots(settings.evaluator.gc_roots_dir(evaluation_id),
+                      [p for p in paths if p.endswith(".drv")])
+
+
+def import_derivations(settings: Settings, uploader: RemoteWorker, stream: IO[bytes],
+                       evaluation_id: int) -> list[str]:
     """Spool the upload, refuse it unless it holds only derivations and their sources,
+    each at the store path of its content, root the derivations for ``evaluation_id``,
     then import it; returns the paths imported."""
     owner = f"evaluator {uploader.name}"
     with tempfile.TemporaryFile(prefix="circus-derivations-") as spool:
@@ -56,7 +72,16 @@ def import_derivations(settings: Settings, uploader: RemoteWorker, stream: IO[by
         except ExportRefused as exc:
             log.warning("%s", exc)
             raise PermissionDenied(str(exc)) from None
-        imported = import_file_sync(spool, settings.nix_environ())
-    log.info("%s uploaded %d path(s) (%d derivations)", owner, len(imported),
-             sum(1 for e in entries if e.path.endswith(".drv")))
+        derivations = [e.path for e in entries if e.path.endswith(".drv")]
+        # before the import: no garbage collection between the import and the build
+        # loses them (rooted already if the evaluator asked which were missing)
+        _root(settings, evaluation_id, derivations)
+        try:
+            imported = import_file_sync(spool, settings.nix_environ())
+        except store.StoreError as exc:
+            # Nix's own checks (a .drv whose outputs are not its own, ...) or its store
+            log.warning("%s: %s", owner, exc)
+            raise Conflict(f"the server's store did not take the upload: {exc}") from None
+    log.info("%s uploaded %d path(s) (%d derivations) for evaluation %d", owner,
+             len(imported), len(derivations), evaluation_id)
     return imported

@@ -118,15 +118,16 @@ class WorkerApi:
 
     # ------------------------------------------------------------ evaluators
 
-    def missing_derivations(self, paths: list[str]) -> list[str]:
+    def missing_derivations(self, paths: list[str], evaluation_id: int) -> list[str]:
         """Those of ``paths`` (a .drv closure) the server's store lacks."""
         missing: list[str] = self._json(
-            "POST", "/derivations/missing", json={"paths": paths})["missing"]
+            "POST", "/derivations/missing",
+            json={"paths": paths, "evaluation": evaluation_id})["missing"]
         return missing
 
-    def upload_derivations(self, source: IO[bytes]) -> list[str]:
+    def upload_derivations(self, source: IO[bytes], evaluation_id: int) -> list[str]:
         imported: list[str] = self._json(
-            "PUT", "/derivations", data=source,
+            "PUT", "/derivations", data=source, params={"evaluation": evaluation_id},
             headers={"Content-Type": "application/octet-stream"},
             timeout=(self.timeout, 3600))["imported"]
         return imported

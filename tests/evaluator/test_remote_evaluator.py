@@ -2,7 +2,9 @@
 evaluates a jobset, uploads the new builds' .drv closure to a real circus-server before
 it commits them, and the main host's queue runner builds them; with a second evaluator
 (beat included) on the main store, no evaluation runs twice. And the upload endpoint's
-refusals, tried against a running server."""
+refusals (a forged .drv under another's path, references its content does not name, a
+path no .drv names...), tried against a running server, and the GC roots of what it
+takes."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import hashlib
 import os
 import re
 import shlex
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,8 +24,11 @@ import pytest
 import requests
 from sqlalchemy.orm import Session, sessionmaker
 
+from circus.common.config import Settings
 from circus.common.enums import BuildStatus, EvaluationStatus
+from circus.common.nix import storepath
 from circus.common.nix.environment import current_system
+from circus.evaluator.schedule import prune_gc_roots
 from tests.agents.conftest import store_has
 from tests.agents.test_integration import valid_here, wait_builds
 from tests.evaluator.conftest import World
@@ -31,6 +37,7 @@ from tests.helpers.gitrepo import GitRepo
 from tests.helpers.net import free_port, wait_for_port
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
 from tests.queue_runner.daemons import flatten, runner_daemon
+from tests.security.agents_support import export_of
 from tests.workers.test_remote_worker import exported_in_private_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,6 +184,9 @@ def test_an_evaluator_with_its_own_store_uploads_derivations_the_main_host_build
         # flake's data.txt that top's .drv names) into this host's store
         assert all(store_has(remote_dir, d) for d in drvs)
         assert all(valid_here(d) for d in drvs)
+        # and rooted them for the evaluation, as an evaluation on this store roots its own
+        server_roots = tmp_path / "evaluator" / "gcroots" / f"eval-{first}"
+        assert sorted(os.readlink(link) for link in server_roots.iterdir()) == sorted(drvs)
         top_output = builds["top"].outputs[0].path
         assert Path(top_output).read_text() == f"data {nonce}\ndep {nonce}\n"
         assert "uploaded 3 of the 3 path(s) of the .drv closure of 2 build(s)" in remote.log()
@@ -211,40 +221,135 @@ def test_an_evaluator_with_its_own_store_uploads_derivations_the_main_host_build
     assert runs[first] == 1
 
 
-def test_the_derivation_upload_refuses_a_wrong_token_and_a_path_no_drv_names(
+def upload_derivations(server: str, body: bytes, token: str = TOKEN,
+                       evaluation: int | None = 1) -> requests.Response:
+    params = {} if evaluation is None else {"evaluation": evaluation}
+    return requests.put(f"{server}/api/v1/workers/derivations", data=body, params=params,
+                        headers={"Authorization": f"Bearer {token}",
+                                 "X-Circus-Worker": "eval2",
+                                 "Content-Type": "application/octet-stream"},
+                        timeout=60)
+
+
+#: dep, and top naming dep and a source (data.txt): the closure an evaluator uploads
+EXPRESSION = """
+let
+  mk = name: extra: derivation ({ inherit name; system = "@SYSTEM@"; builder = "/bin/sh"; }
+                                // extra);
+  dep = mk "forge-dep-@NONCE@" { args = [ "-c" "echo dep > $out" ]; };
+in {
+  inherit dep;
+  top = mk "forge-top-@NONCE@" {
+    data = ./data.txt;
+    args = [ "-c" "read a < $data; read b < ${dep}; echo $a$b > $out" ];
+  };
+}
+"""
+
+
+def instantiated_in_private_store(directory: Path, nonce: str) -> tuple[list[str], bytes]:
+    """The .drv closure (dependencies first) of EXPRESSION, instantiated in a private
+    store (another host's), and its export; the files stay readable under
+    ``directory/nix/store``."""
+    (directory / "nix").mkdir(parents=True, exist_ok=True)
+    source = directory / "src"
+    source.mkdir()
+    (source / "data.txt").write_text(f"data {nonce}\n")
+    (source / "default.nix").write_text(
+        EXPRESSION.replace("@SYSTEM@", current_system()).replace("@NONCE@", nonce[:12]))
+    script = (f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix && "
+              f"closure=$(nix-store -qR $(nix-instantiate {shlex.quote(str(source))})) && "
+              "echo $closure >&2 && nix-store --export $closure")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           script], capture_output=True, check=True)
+    return done.stderr.decode().strip().splitlines()[-1].split(), done.stdout
+
+
+def ask_missing(server: str, paths: list[str], evaluation: int = 1) -> requests.Response:
+    return requests.post(f"{server}/api/v1/workers/derivations/missing",
+                         json={"paths": paths, "evaluation": evaluation},
+                         headers={"Authorization": f"Bearer {TOKEN}",
+                                  "X-Circus-Worker": "eval2"}, timeout=60)
+
+
+def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_rest(
         runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-        tmp_path: Path, committed_db: sessionmaker[Session]) -> None:
-    foreign, stream = exported_in_private_store(tmp_path / "other", "not a derivation\n")
+        make_settings: Callable[..., Settings], committed_db: sessionmaker[Session],
+        tmp_path: Path, nonce: str) -> None:
+    """A token holder cannot get anything but derivations and their sources into the
+    server's store, nor a forged derivation (to be built and signed under a legitimate
+    one's path); what it may upload survives a garbage collection until the
+    evaluation's builds are done. One server for every attack (it takes long to start)."""
+    foreign, foreign_stream = exported_in_private_store(tmp_path / "evil", "not a derivation\n")
+    other = tmp_path / "other"
+    closure, stream = instantiated_in_private_store(other, nonce)
+    data, dep, top = (next(p for p in closure if marker in p)
+                      for marker in ("-data.txt", "-forge-dep-", "-forge-top-"))
+    content = {p: (other / p.lstrip("/")).read_bytes() for p in closure}
+    references = {dep: [], data: [], top: sorted([data, dep])}
+    # dep's .drv (valid ATerm, another derivation) under top's path
+    posing = export_of([(top, content[dep])], {top: []})
+    # top's own .drv, declaring one reference fewer than its inputs
+    dropped = export_of([(data, content[data]), (dep, content[dep]), (top, content[top])],
+                        {**references, top: [data]})
+    # a .drv at the right path for its content, whose output path is dep's (not the one
+    # its content hashes to): Nix itself refuses it
+    stolen_output = content[dep].decode().replace("echo dep", "echo evil").encode()
+    stolen = storepath.make_text_path(storepath.name_of(dep),
+                                      hashlib.sha256(stolen_output).digest(), [])
     with server_and_runner(runner_config, tmp_path, workers=0) as (server, server_daemon):
-
-        def upload(token: str, body: bytes) -> requests.Response:
-            return requests.put(f"{server}/api/v1/workers/derivations", data=body,
-                                headers={"Authorization": f"Bearer {token}",
-                                         "X-Circus-Worker": "eval2",
-                                         "Content-Type": "application/octet-stream"},
-                                timeout=60)
-
-        wrong = upload("x" * 56, stream)
-        stray = upload(TOKEN, stream)
-        garbage = upload(TOKEN, b"\x01" + b"\0" * 100)
-        missing = requests.post(
-            f"{server}/api/v1/workers/derivations/missing",
-            json={"paths": [foreign, "/etc/passwd"]},
-            headers={"Authorization": f"Bearer {TOKEN}", "X-Circus-Worker": "eval2"},
-            timeout=60)
-        asked = requests.post(
-            f"{server}/api/v1/workers/derivations/missing", json={"paths": [foreign]},
-            headers={"Authorization": f"Bearer {TOKEN}", "X-Circus-Worker": "eval2"},
-            timeout=60)
+        wrong = upload_derivations(server, foreign_stream, token="x" * 56)
+        refused = {name: upload_derivations(server, body) for name, body in [
+            ("stray", foreign_stream), ("garbage", b"\x01" + b"\0" * 100),
+            ("posing", posing), ("dropped", dropped),
+            ("stolen", export_of([(stolen, stolen_output)]))]}
+        unnamed = upload_derivations(server, stream, evaluation=None)
+        bad_path = ask_missing(server, [foreign, "/etc/passwd"])
+        asked = ask_missing(server, [foreign])
+        # nothing of the refused streams reached the store
+        assert not any(valid_here(p) for p in [foreign, *closure, stolen])
+        accepted = upload_derivations(server, stream, evaluation=987654)
+        # another evaluation needing the same derivations has nothing to upload, and
+        # they are rooted for it too
+        again = ask_missing(server, closure, evaluation=987655)
         server_log = server_daemon.log()
     assert wrong.status_code == 401, wrong.text
-    assert stray.status_code == 403, stray.text
-    assert "neither a derivation nor a source" in stray.json()["error"]
-    assert garbage.status_code == 403, garbage.text
-    assert "not a valid export" in garbage.json()["error"]
-    assert missing.status_code == 400, missing.text
+    errors = {name: (answer.status_code, answer.json()["error"])
+              for name, answer in refused.items()}
+    assert errors["stray"][0] == 403
+    assert "neither a derivation nor a source" in errors["stray"][1]
+    assert errors["garbage"][0] == 403
+    assert "not a valid export" in errors["garbage"][1]
+    assert errors["posing"][0] == 403
+    assert f"{top} is not the store path of its contents" in errors["posing"][1]
+    assert errors["dropped"][0] == 403
+    assert f"{top} declares the references" in errors["dropped"][1]
+    assert errors["stolen"][0] == 409
+    assert "incorrect output" in errors["stolen"][1]
+    assert unnamed.status_code == 400, unnamed.text
+    assert bad_path.status_code == 400, bad_path.text
     assert asked.status_code == 200, asked.text
     assert asked.json() == {"missing": [foreign]}
-    # nothing of the refused stream reached the store
-    assert not valid_here(foreign)
+    assert accepted.status_code == 200, accepted.text
+    assert sorted(accepted.json()["imported"]) == sorted(closure)
+    assert again.json() == {"missing": []}
     assert "Traceback" not in server_log
+
+    # a collection now (of exactly these paths, on this shared store) keeps them: they
+    # are rooted for evaluation 987654 as an evaluation's own .drv files are
+    settings = make_settings()
+    for evaluation in (987654, 987655):
+        roots = settings.evaluator.gc_roots_dir(evaluation)
+        assert sorted(os.readlink(link) for link in roots.iterdir()) == sorted([dep, top])
+    kept = subprocess.run(["nix-store", "--delete", top, dep, data], capture_output=True,
+                          text=True)
+    assert kept.returncode != 0
+    assert "still alive" in kept.stderr, kept.stderr
+    assert all(valid_here(p) for p in closure)
+    # the beat releases them with the evaluations' roots (no such evaluation is active)
+    with committed_db() as session:
+        assert {987654, 987655} <= set(prune_gc_roots(session, settings))
+    deleted = subprocess.run(["nix-store", "--delete", top, dep, data], capture_output=True,
+                             text=True)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not any(valid_here(p) for p in closure)

@@ -49,6 +49,8 @@ def runner_config(tmp_path: Path, database_url: str, redis_url: str
             "nix": {"substituters": []},
             "logs": {"log_dir": str(tmp_path / "logs")},
             "gc": {"gc_roots_dir": str(tmp_path / "gcroots")},
+            # where a server roots the .drv files evaluators upload (never /var/lib)
+            "evaluator": {"work_dir": str(tmp_path / "evaluator")},
             "queue_runner": dict(TEST_RUNNER),
         }
         for section, values in overrides.items():

@@ -11,7 +11,8 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from circus.queue_runner.builds.gcroots import existing_roots, nix_base32, sync_roots
+from circus.common.nix.base32 import encode as nix_base32
+from circus.queue_runner.builds.gcroots import existing_roots, sync_roots
 from circus.queue_runner.builds.postprocess import PostProcessor
 from circus.queue_runner.service import set_keep
 from tests.queue_runner.conftest import Driver

@@ -12,7 +12,7 @@ import secrets
 import struct
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,13 +162,17 @@ def _token(data: bytes) -> bytes:
     return _u64(len(data)) + data + b"\0" * (-len(data) % 8)
 
 
-def export_of(entries: list[tuple[str, bytes]]) -> bytes:
-    """A ``nix-store --export`` stream claiming each path holds a file with that content."""
+def export_of(entries: list[tuple[str, bytes]],
+              references: Mapping[str, Sequence[str]] | None = None) -> bytes:
+    """A ``nix-store --export`` stream claiming each path holds a file with that content
+    (and the ``references`` given for it, none by default)."""
     out = bytearray()
     with tempfile.TemporaryDirectory() as scratch:
         for path, content in entries:
             file = Path(scratch) / "f"
             file.write_bytes(content)
+            refs = (references or {}).get(path, ())
             out += _u64(1) + b"".join(nar.dump(file)) + _u64(EXPORT_MAGIC)
-            out += _token(path.encode()) + _u64(0) + _token(b"") + _u64(0)
+            out += _token(path.encode()) + _u64(len(refs))
+            out += b"".join(_token(ref.encode()) for ref in refs) + _token(b"") + _u64(0)
     return bytes(out + _u64(0))

@@ -80,7 +80,7 @@ def parse_derivation(text: str) -> Derivation:
         raise DerivationParseError("not a derivation (missing Derive)")
     try:
         parsed, _ = _parse_value(tokens, 0)
-    except (IndexError, DerivationParseError) as exc:
+    except (IndexError, RecursionError, DerivationParseError) as exc:
         raise DerivationParseError(f"malformed derivation: {exc}") from None
     if not isinstance(parsed, list) or len(parsed) != 7:
         raise DerivationParseError("malformed derivation: expected 7 fields")

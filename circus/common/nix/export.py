@@ -9,15 +9,19 @@ would add to the store.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import IO
 
 from circus.common.nix import nar, storepath
+from circus.common.nix.derivation import DerivationParseError, parse_derivation
 
 EXPORT_MAGIC = 0x4558494E
 #: more references than any real path has; a bound for a hostile stream
 MAX_REFERENCES = 100_000
+#: the largest .drv an upload may hold (its ATerm is read into memory to be checked)
+MAX_DERIVATION_SIZE = 64 * 1024 * 1024
 
 
 class ExportFormatError(ValueError):
@@ -29,6 +33,8 @@ class ExportedPath:
     path: str
     references: tuple[str, ...]
     deriver: str | None
+    #: where the path's NAR starts in the stream (to read its content again)
+    nar_offset: int
 
 
 def read_entries(source: IO[bytes]) -> list[ExportedPath]:
@@ -46,6 +52,7 @@ def read_entries(source: IO[bytes]) -> list[ExportedPath]:
                 break
             if more != 1:
                 raise ExportFormatError(f"bad export entry marker {more}")
+            nar_offset = source.tell()
             nar.read_archive(reader)
             if reader.u64() != EXPORT_MAGIC:
                 raise ExportFormatError("missing export magic after a NAR")
@@ -58,7 +65,7 @@ def read_entries(source: IO[bytes]) -> list[ExportedPath]:
             deriver = _checked(deriver_text) if deriver_text else None
             if reader.u64() != 0:  # a legacy signature: Nix ignores it; so do we
                 reader.token()
-            entries.append(ExportedPath(path, references, deriver))
+            entries.append(ExportedPath(path, references, deriver, nar_offset))
     except nar.NarFormatError as exc:
         raise ExportFormatError(str(exc)) from None
     if source.read(1):
@@ -129,5 +136,73 @@ def verify_derivation_export(source: IO[bytes], owner: str) -> list[ExportedPath
         if not entry.path.endswith(".drv") and entry.path not in named:
             raise ExportRefused(f"refused: {entry.path} is neither a derivation nor a "
                                 "source one of the uploaded derivations names")
+    for entry in entries:
+        problem = content_mismatch(source, entry)
+        if problem is not None:
+            raise ExportRefused(f"refused: {entry.path} {problem}")
     source.seek(0)
     return entries
+
+
+def content_mismatch(source: IO[bytes], entry: ExportedPath) -> str | None:
+    """Why ``entry`` (read from ``source`` by :func:`read_entries`) is not the
+    content-addressed path Nix would give its content and references; None if it is.
+
+    A ``.drv`` is a text path: ``makeTextPath`` of its ATerm, whose references are
+    exactly its input derivations and input sources. A source is whichever of the
+    other ways Nix adds a file fits (NAR SHA-256 ``source:``, ``builtins.toFile``
+    text, flat SHA-256): a path anyone could have named differently (a forged .drv
+    posing under a legitimate derivation's path, a reference set the content does not
+    name) is not its content's address. Leaves ``source`` anywhere.
+    """
+    is_derivation = entry.path.endswith(".drv")
+    file_digest = hashlib.sha256()
+    contents = bytearray()
+
+    def take(chunk: bytes) -> None:
+        file_digest.update(chunk)
+        if is_derivation:
+            if len(contents) + len(chunk) > MAX_DERIVATION_SIZE:
+                raise ExportRefused(f"refused: {entry.path} is larger than "
+                                    f"{MAX_DERIVATION_SIZE} bytes")
+            contents.extend(chunk)
+
+    source.seek(entry.nar_offset)
+    reader = nar.Reader(source, None, None)
+    try:
+        kind = nar.read_archive(reader, file_sink=take)
+    except nar.NarFormatError as exc:  # it was read once already: the file changed
+        return f"cannot be read again: {exc}"
+    name = storepath.name_of(entry.path)
+    references = set(entry.references)
+    if len(references) != len(entry.references):
+        return "lists a reference twice"
+    if is_derivation:
+        if kind != nar.REGULAR:
+            return f"is not a plain file (a {kind}), so not a derivation"
+        try:
+            drv = parse_derivation(contents.decode())
+        except (UnicodeDecodeError, DerivationParseError) as exc:
+            return f"is not a valid derivation: {exc}"
+        inputs = set(drv.input_drvs) | set(drv.input_srcs)
+        if references != inputs:
+            # the first of each difference: a hostile list may be long
+            extra, lacking = sorted(references - inputs)[:1], sorted(inputs - references)[:1]
+            return (f"declares the references {sorted(references)[:20]} but its inputs "
+                    f"are not those (declared, not an input: {extra}; an input, not "
+                    f"declared: {lacking})")
+        if storepath.make_text_path(name, file_digest.digest(), inputs) != entry.path:
+            return "is not the store path of its contents"
+        return None
+    if entry.path in references:
+        return "references itself, which no source does"
+    if storepath.make_source_path(name, reader.digest.digest(), references) == entry.path:
+        return None
+    if kind == nar.REGULAR and entry.path == storepath.make_text_path(
+            name, file_digest.digest(), references):
+        return None
+    if kind in (nar.REGULAR, nar.EXECUTABLE) and not references and \
+            entry.path == storepath.make_flat_path(name, file_digest.digest()):
+        return None
+    return ("is not the store path of its contents (neither a source added by its NAR "
+            "hash, nor a text file, nor a file added by its SHA-256)")

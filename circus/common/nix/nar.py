@@ -186,12 +186,16 @@ class Reader:
         if pad and self.read(pad) != b"\0" * pad:
             raise NarFormatError("non-zero NAR padding")
 
-    def skip_contents(self, chunk_size: int) -> None:
+    def skip_contents(self, chunk_size: int,
+                      sink: Callable[[bytes], None] | None = None) -> None:
+        """Read a file's contents, handing them to ``sink`` (if any) chunk by chunk."""
         remaining = self.u64()
         total = remaining
         while remaining:
             step = min(remaining, chunk_size)
-            self.read(step)
+            data = self.read(step)
+            if sink is not None:
+                sink(data)
             remaining -= step
         self._padding(total)
 
@@ -212,33 +216,48 @@ def read(source: Readable | BinaryIO, *, limit: int | None = None,
     return NarDigest(Sha256(reader.digest.digest()), reader.size)
 
 
-def read_archive(reader: Reader, chunk_size: int = CHUNK_SIZE) -> None:
-    """Validate one NAR from ``reader``, stopping right after it (a stream may go on)."""
+#: the kinds of a NAR's top node, as :func:`read_archive` names them
+REGULAR, EXECUTABLE, SYMLINK, DIRECTORY = "regular", "executable", "symlink", "directory"
+
+
+def read_archive(reader: Reader, chunk_size: int = CHUNK_SIZE,
+                 file_sink: Callable[[bytes], None] | None = None) -> str:
+    """Validate one NAR from ``reader``, stopping right after it (a stream may go on).
+
+    Returns the kind of its top node (:data:`REGULAR`, :data:`EXECUTABLE`,
+    :data:`SYMLINK` or :data:`DIRECTORY`); when that is a file, ``file_sink`` (if any)
+    receives its contents (to hash them as Nix hashes a text or flat path).
+    """
     reader.expect(MAGIC)
-    _read_node(reader, chunk_size, depth=0)
+    return _read_node(reader, chunk_size, depth=0, file_sink=file_sink)
 
 
-def _read_node(reader: Reader, chunk_size: int, depth: int) -> None:
+def _read_node(reader: Reader, chunk_size: int, depth: int,
+               file_sink: Callable[[bytes], None] | None = None) -> str:
     if depth > 256:
         raise NarFormatError("NAR nesting too deep")
     reader.expect(b"(")
     reader.expect(b"type")
     kind = reader.token()
     if kind == b"regular":
+        found = REGULAR
         tag = reader.token()
         if tag == b"executable":
             reader.expect(b"")
             tag = reader.token()
+            found = EXECUTABLE
         if tag != b"contents":
             raise NarFormatError(f"expected 'contents' in NAR, got {tag[:64]!r}")
-        reader.skip_contents(chunk_size)
+        reader.skip_contents(chunk_size, file_sink)
         reader.expect(b")")
-    elif kind == b"symlink":
+        return found
+    if kind == b"symlink":
         reader.expect(b"target")
         if not reader.token():
             raise NarFormatError("empty symlink target in NAR")
         reader.expect(b")")
-    elif kind == b"directory":
+        return SYMLINK
+    if kind == b"directory":
         previous: bytes | None = None
         while True:
             tag = reader.token()
@@ -257,5 +276,5 @@ def _read_node(reader: Reader, chunk_size: int, depth: int) -> None:
             reader.expect(b"node")
             _read_node(reader, chunk_size, depth + 1)
             reader.expect(b")")
-    else:
-        raise NarFormatError(f"unknown NAR node type {kind[:64]!r}")
+        return DIRECTORY
+    raise NarFormatError(f"unknown NAR node type {kind[:64]!r}")

@@ -4,18 +4,14 @@ Kept: outputs of succeeded builds (``succeeded``, ``failed_with_output``) that
 belong to one of the newest ``keep_nr`` evaluations of their jobset (of those,
 evaluations older than ``gc.max_age_days`` only when they are the newest), to a
 channel's evaluation, or are marked ``keep``. Each is a symlink
-``<gc.gc_roots_dir>/<store path basename>``. When the directory lies under
-``/nix/var/nix/gcroots`` the symlink alone protects the path; elsewhere each
-link is registered as an indirect root, exactly as ``nix-store --add-root
---indirect`` does it (``gcroots/auto/<nix-base32 SHA-1 of the link path>`` →
-link), without starting a Nix process per root.
+``<gc.gc_roots_dir>/<store path basename>`` (:mod:`circus.common.nix.gcroots`:
+an indirect root, registered without starting a Nix process per root).
 New outputs get their root right after the build finishes; a periodic sync
 removes roots nothing wants any more. Circus never runs the garbage collector.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -26,85 +22,20 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
+from circus.common.nix import gcroots as nix_gcroots
 from circus.common.nix import store
 from circus.common.statussql import EVALUATION_UNSUCCESSFUL, WITH_OUTPUTS
 
 log = logging.getLogger(__name__)
 
-NIX_GCROOTS = "/nix/var/nix/gcroots"
 STORE_DIR = "/nix/store/"
 #: pg_try_advisory_xact_lock key of the GC root sync ("CQRG")
 GC_LOCK = 0x43515247
 
 
-_NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
-
-
-def nix_base32(data: bytes) -> str:
-    """Nix's base-32 (its own alphabet, least significant bits first)."""
-    length = (len(data) * 8 - 1) // 5 + 1
-    chars = []
-    for n in range(length - 1, -1, -1):
-        byte, bit = divmod(n * 5, 8)
-        value = data[byte] >> bit
-        if byte + 1 < len(data):
-            value |= data[byte + 1] << (8 - bit)
-        chars.append(_NIX32[value & 0x1F])
-    return "".join(chars)
-
-
-def nix_state_dir() -> Path:
-    return Path(os.environ.get("NIX_STATE_DIR", "/nix/var/nix"))
-
-
-def _auto_root(link: Path) -> Path:
-    digest = hashlib.sha1(str(link).encode(), usedforsecurity=False).digest()
-    return nix_state_dir() / "gcroots" / "auto" / nix_base32(digest)
-
-
-def _symlink(link: Path, target: str) -> None:
-    """Create or replace ``link`` atomically."""
-    partial = link.with_name(link.name + ".partial")
-    if partial.is_symlink():
-        partial.unlink()
-    partial.symlink_to(target)
-    partial.replace(link)
-
-
-def _direct(roots_dir: Path) -> bool:
-    real = os.path.realpath(roots_dir)
-    return real == os.path.realpath(NIX_GCROOTS) or \
-        real.startswith(os.path.realpath(NIX_GCROOTS) + "/")
-
-
 def add_roots(settings: Settings, paths: Iterable[str]) -> int:
     """Create roots for these (valid) store paths; returns how many were new."""
-    roots_dir = Path(settings.gc.gc_roots_dir)
-    roots_dir.mkdir(parents=True, exist_ok=True)
-    direct = _direct(roots_dir)
-    if not direct:
-        roots_dir = Path(os.path.realpath(roots_dir))
-    added = 0
-    for path in sorted(set(paths)):
-        if not path.startswith(STORE_DIR) or "/" in path[len(STORE_DIR):]:
-            continue
-        link = roots_dir / os.path.basename(path)
-        try:
-            if os.readlink(link) == path:
-                continue
-        except OSError:
-            pass
-        try:
-            _symlink(link, path)
-            if not direct:
-                auto = _auto_root(link)
-                auto.parent.mkdir(parents=True, exist_ok=True)
-                _symlink(auto, str(link))
-        except OSError as exc:
-            log.warning("could not add a GC root for %s: %s", path, exc)
-            continue
-        added += 1
-    return added
+    return nix_gcroots.add_roots(Path(settings.gc.gc_roots_dir), paths)
 
 
 def remove_roots(settings: Settings, paths: Iterable[str]) -> int:

@@ -25,6 +25,7 @@ from circus.server.api.base import Blueprint
 from circus.server.api.schemas.workers import (
     ClaimAnswerSchema,
     ClaimSchema,
+    DerivationUploadArgs,
     FinishAnswerSchema,
     FinishSchema,
     HeartbeatAnswerSchema,
@@ -174,19 +175,26 @@ def finish(args: dict[str, Any], step_id: int) -> Any:
 @blp.doc(security=_WORKER_AUTH)
 def derivations_missing(args: dict[str, Any]) -> Any:
     """Which paths of an evaluation's .drv closure the server's store lacks (an
-    evaluator with its own store uploads those before it commits the builds)."""
+    evaluator with its own store uploads those before it commits the builds). The
+    .drv files it has already are rooted for the evaluation from now on."""
     _caller()
-    return {"missing": missing_paths(server_context().settings, args["paths"])}
+    return {"missing": missing_paths(server_context().settings, args["paths"],
+                                     args["evaluation"])}
 
 
 @blp.put("/derivations")
+@blp.arguments(DerivationUploadArgs, location="query")
 @blp.response(200, ImportedSchema)
 @blp.doc(security=_WORKER_AUTH, requestBody={"required": True, "content": _BYTES})
-def derivations() -> Any:
+def derivations(args: dict[str, Any]) -> Any:
     """Upload .drv files and the sources they name as one `nix-store --export` stream.
     It is read in full and imported only when every path in it is a .drv or a source
-    path one of its .drv files references; otherwise nothing is imported (403)."""
+    path one of its .drv files references, and every path is the one Nix computes from
+    its content (and, for a .drv, its references are exactly its inputs); otherwise
+    nothing is imported (403). The .drv files stay rooted on the server as long as the
+    evaluation's builds need them, like those of a local evaluation."""
     uploader = _caller()
     settings = server_context().settings
     request.max_content_length = settings.remote_workers.max_upload_size
-    return {"imported": import_derivations(settings, uploader, request.stream)}
+    return {"imported": import_derivations(settings, uploader, request.stream,
+                                           args["evaluation"])}

@@ -108,16 +108,29 @@ class LogAnswerSchema(ma.Schema):
 MAX_QUERY_PATHS = 20_000
 
 
+def _evaluation() -> fields.Integer:
+    return fields.Integer(
+        required=True, strict=False, validate=validate.Range(min=1, max=MAX_ID),
+        metadata={"description": "the evaluation whose new builds need these derivations: "
+                                 "the server roots them (GC) for as long as it roots that "
+                                 "evaluation's own"})
+
+
 class PathsSchema(ma.Schema):
     paths = fields.List(Str(max_length=1024, min_length=1), required=True,
                         validate=validate.Length(min=1, max=MAX_QUERY_PATHS),
                         metadata={"description": "store paths of the .drv closure of an "
                                                  "evaluation's new builds"})
+    evaluation = _evaluation()
 
 
 class MissingSchema(ma.Schema):
     missing = fields.List(fields.String(), required=True,
                           metadata={"description": "those the server's store lacks"})
+
+
+class DerivationUploadArgs(ma.Schema):
+    evaluation = _evaluation()
 
 
 class ImportedSchema(ma.Schema):
