@@ -67,6 +67,8 @@ FLUSH_DELAY = 0.25
 EVENT_POLL = 0.05
 #: a worker keeps claiming from its class this long before yielding its thread
 DRAIN_BUDGET = 60.0
+#: how long after a batch a slot still counts as busy (:meth:`LocalBuilder.busy`)
+BUSY_GRACE = 2.0
 
 
 def _utc(timestamp: float) -> datetime:
@@ -103,6 +105,8 @@ class LocalBuilder:
         self.slots = slots or max(1, settings.queue_runner.workers)
         self.active: dict[str, NixRun] = {}
         self._lock = threading.Lock()
+        #: when the last batch ended (monotonic): a slot between two batches is busy
+        self._last_run_ended = float("-inf")
         #: seconds spent and counts per phase (heartbeat details, benchmarks)
         self.stats: dict[str, float] = {}
 
@@ -123,6 +127,13 @@ class LocalBuilder:
         finally:
             with self._lock:
                 self.active.pop(worker, None)
+                self._last_run_ended = time.monotonic()
+
+    def busy(self) -> bool:
+        """Whether a slot is building, or was a moment ago (a slot claiming its next
+        batch is between two ``nix-store`` runs for a fraction of a second)."""
+        with self._lock:
+            return bool(self.active) or time.monotonic() - self._last_run_ended < BUSY_GRACE
 
     # ------------------------------------------------------------------ serving
 
