@@ -59,7 +59,7 @@ from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 log = logging.getLogger(__name__)
 
 #: finished steps are reported together when they end within this window. A batch's
-#: last step is reported when Nix exits, so the window delays only steps whose
+#: last step is reported at once (or when Nix exits), so the window delays only steps whose
 #: dependents are mostly in the same batch (look-ahead); one transaction per step
 #: was ~500 flushes (10-25 s of CPU on two cores) per 500-derivation DAG
 FLUSH_DELAY = 0.25
@@ -358,7 +358,10 @@ class _Batch:
             elif isinstance(event, Exited):
                 self.builder.account("nix_runs", started)
                 return stopping, event
-            if self.pending and time.monotonic() - self.first_pending >= FLUSH_DELAY:
+            # the batch's last outcome goes at once: waiting for Nix to exit only
+            # delays its dependents and the slot's next claim
+            if self.pending and (not self.held
+                                 or time.monotonic() - self.first_pending >= FLUSH_DELAY):
                 self._flush()
             if self.holder.renew_due() and not self._renew(run):
                 return None
