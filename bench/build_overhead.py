@@ -323,6 +323,10 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another runner setting, e.g. cache.enabled=false")
     parser.add_argument("--keep-state", action="store_true", help="keep logs and databases")
+    parser.add_argument("--reference", type=Path, metavar="CHECKOUT",
+                        help="with --e2e: also run another checkout's Circus (e.g. the main "
+                             "branch) in every round, beside this one: a before/after on a "
+                             "shared host")
     parser.add_argument("--critical-path", choices=["off", "on", "both"], default="off")
     args = parser.parse_args()
     for item in args.set:
@@ -337,7 +341,7 @@ def main() -> int:
         import build_overhead_e2e
 
         return build_overhead_e2e.run(DAG, shape, args.rounds, nix_environ([]), EXTRA_ENV,
-                                      args.verbose, args.keep_state)
+                                      args.verbose, args.keep_state, args.reference)
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-bench-", dir="/tmp"))

@@ -146,7 +146,8 @@ class QueueRunner:
         self.capabilities = local_capabilities(settings)
         self.hostname = f"queue-runner-{name or os.getpid()}@{socket.gethostname()}"
         self.publisher = WakeupPublisher(self.app)
-        self.post = PostProcessor(settings, self.factory)
+        # cache publishing waits while the local slots build (they need the cores)
+        self.post = PostProcessor(settings, self.factory, busy=lambda: self.builder.busy())
         self.builder = LocalBuilder(settings, self.factory, self.capabilities,
                                     publish=self.publisher.publish, on_built=self.post.submit,
                                     stop=self.stop, cache=self.cache,

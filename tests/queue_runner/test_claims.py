@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,6 +14,7 @@ from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.queue_runner.local.worker import LocalBuilder
 from circus.queue_runner.routing.capabilities import local_capabilities
+from circus.queue_runner.steps import leases
 from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.steps.leases import (
     ClaimOptions,
@@ -175,6 +177,58 @@ def test_batch_limit_caps_the_lookahead(committed_db: sessionmaker[Session]) -> 
         assert claim(s, "w", limit=1, batch_limit=3) == [head, second, third]
         assert state_of(s, fourth)[0] == "pending"
         s.commit()
+
+
+def _diamond_and_chain(s: Session, prefix: str) -> dict[str, int]:
+    """head → left, right → both (a diamond), head → c1 → c2 → c3 (a chain)."""
+    head = add_step(s, f"{prefix}0")
+    left = add_step(s, f"{prefix}1", state="pending", deps=[head], priority=1)
+    right = add_step(s, f"{prefix}2", state="pending", deps=[head])
+    both = add_step(s, f"{prefix}3", state="pending", deps=[left, right])
+    c1 = add_step(s, f"{prefix}4", state="pending", deps=[head])
+    c2 = add_step(s, f"{prefix}5", state="pending", deps=[c1])
+    c3 = add_step(s, f"{prefix}6", state="pending", deps=[c2])
+    return {"head": head, "left": left, "right": right, "both": both, "c1": c1, "c2": c2,
+            "c3": c3}
+
+
+def test_lookahead_takes_waves_by_priority_and_reads_wide_graphs_wave_by_wave(
+        committed_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    # wave 1: left (priority 1), then right and c1 by id; wave 2: both and c2 (the
+    # diamond waits for both sides); the batch ends before c3
+    with committed_db() as s:
+        one = _diamond_and_chain(s, "wa")
+        s.commit()
+        assert claim(s, "w", limit=1, batch_limit=6) == \
+            [one["head"], one["left"], one["right"], one["c1"], one["both"], one["c2"]]
+        assert state_of(s, one["c3"]) == ("pending", None, None)
+        s.rollback()
+        # a graph wider than the single read takes: the same claim, a statement per wave
+        monkeypatch.setattr(leases, "LOOKAHEAD_READ_CAP", 2)
+        assert claim(s, "w", limit=1, batch_limit=6) == \
+            [one["head"], one["left"], one["right"], one["c1"], one["both"], one["c2"]]
+        s.rollback()
+
+
+def test_lookahead_leaves_steps_another_transaction_holds_and_their_dependents(
+        committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s, committed_db() as other:
+        one = _diamond_and_chain(s, "wl")
+        s.commit()
+        # e.g. a finishing transaction queuing it: locked, so skipped
+        other.execute(text("SELECT id FROM steps WHERE id = :id FOR UPDATE"),
+                      {"id": one["c1"]})
+        got = claim(s, "w", limit=1, batch_limit=10)
+        assert got == [one["head"], one["left"], one["right"], one["both"]]
+        # c2 and c3 waited for c1: not claimed, and left as they were
+        for step in ("c1", "c2", "c3"):
+            assert state_of(s, one[step]) == ("pending", None, None)
+        assert s.execute(text(
+            "SELECT count(*) FROM steps WHERE id = ANY(:ids) AND (machine IS NOT NULL "
+            "OR lease_until IS NOT NULL OR started_at IS NOT NULL)"),
+            {"ids": [one["c2"], one["c3"]]}).scalar_one() == 0
+        s.commit()
+        other.rollback()
 
 
 def test_finishing_is_conditional_on_holding_the_step(committed_db: sessionmaker[Session],

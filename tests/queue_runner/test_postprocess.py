@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,3 +171,35 @@ def test_builds_finished_before_postgres_stopped_are_published_after_it_is_back(
     assert post.retried >= 1
     roots = [Path(settings.gc.gc_roots_dir) / os.path.basename(p) for p in outputs]
     assert all(root.is_symlink() for root in roots)
+
+
+def test_a_batch_waits_while_the_builders_are_busy(
+        driver: Callable[..., Driver], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str) -> None:
+    """Publishing takes the cores the builds need: a batch is handled once the host's
+    slots are idle (``busy`` says False), not while they build."""
+    run = driver()
+    build_id = _build_one(run, committed_db, nonce, nix_env)
+    outputs = _state(committed_db, build_id)["outputs"]
+    building = threading.Event()
+    building.set()
+    asked = threading.Semaphore(0)
+
+    def busy() -> bool:
+        asked.release()
+        return building.is_set()
+
+    post = PostProcessor(run.settings, committed_db, gather_secs=0.0, busy=busy).start()
+    try:
+        post.submit(FinishReport(builds=BuildsReport(succeeded={build_id: outputs})))
+        for _ in range(3):   # it looked three times while the slots were building
+            assert asked.acquire(timeout=30)
+        assert post.batches == 0
+        assert _state(committed_db, build_id)["pending"] == (0, None)
+        building.clear()
+        wait_until(lambda: _state(committed_db, build_id)["pending"] is None, timeout=30,
+                   interval=0.1, message="the batch handled once the slots are idle")
+    finally:
+        post.stop()
+    assert post.batches == 1
+    assert _state(committed_db, build_id)["published"] == 1

@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -151,17 +151,30 @@ def claim_due(session: Session, settings: Settings, limit: int = 100
 #: each batch costs two ``nix path-info`` calls and a publishing transaction, and it
 #: runs on the cores the builds need; at 1 s a 500-derivation DAG made ~30 batches
 GATHER_SECS = 3.0
+#: while this host builds, finished builds wait up to this long (from the first of a
+#: batch) for the builders to go idle: packing, signing and ``nix path-info`` take the
+#: cores the builds need (``bench/build_overhead.py --e2e``: ~10 batches per round
+#: during the builds), and nothing waits for them to make progress. A busy queue still
+#: publishes at least this often
+DEFER_MAX_SECS = 60.0
+#: how often a deferred batch looks whether the builders went idle
+DEFER_POLL_SECS = 0.5
 
 
 class PostProcessor:
     """A thread that handles succeeded builds in batches, and retries what is pending."""
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session],
-                 gather_secs: float = GATHER_SECS, retry_poll_secs: float | None = None) -> None:
+                 gather_secs: float = GATHER_SECS, retry_poll_secs: float | None = None,
+                 busy: Callable[[], bool] | None = None,
+                 defer_max_secs: float = DEFER_MAX_SECS) -> None:
         self.settings = settings
         self.factory = factory
         #: wait this long after the first build to handle many with one Nix call each
         self.gather_secs = gather_secs
+        #: whether this host is building now (then a batch waits, up to ``defer_max_secs``)
+        self.busy = busy
+        self.defer_max_secs = defer_max_secs
         #: look for due retries this often (between batches, however busy)
         self.retry_poll_secs = retry_poll_secs or min(
             10.0, float(settings.queue_runner.postprocess_retry_secs))
@@ -197,17 +210,13 @@ class PostProcessor:
             if item is None:
                 return
             batch = dict(item)
+            first = time.monotonic()
             time.sleep(self.gather_secs)
-            stop = False
-            while True:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.update(more)
+            stop = self._gather(batch)
+            while not stop and self.busy is not None and self.busy() \
+                    and time.monotonic() - first < self.defer_max_secs:
+                time.sleep(DEFER_POLL_SECS)
+                stop = self._gather(batch)
             self.batches += 1
             try:
                 self.process(batch)
@@ -218,6 +227,17 @@ class PostProcessor:
                 self.idle.set()
             if stop:
                 return
+
+    def _gather(self, batch: dict[int, list[str]]) -> bool:
+        """Add what was submitted meanwhile to ``batch``; True when asked to stop."""
+        while True:
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if more is None:
+                return True
+            batch.update(more)
 
     def _retry_due(self) -> None:
         try:

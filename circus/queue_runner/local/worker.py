@@ -59,7 +59,7 @@ from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 log = logging.getLogger(__name__)
 
 #: finished steps are reported together when they end within this window. A batch's
-#: last step is reported when Nix exits, so the window delays only steps whose
+#: last step is reported at once (or when Nix exits), so the window delays only steps whose
 #: dependents are mostly in the same batch (look-ahead); one transaction per step
 #: was ~500 flushes (10-25 s of CPU on two cores) per 500-derivation DAG
 FLUSH_DELAY = 0.25
@@ -67,6 +67,8 @@ FLUSH_DELAY = 0.25
 EVENT_POLL = 0.05
 #: a worker keeps claiming from its class this long before yielding its thread
 DRAIN_BUDGET = 60.0
+#: how long after a batch a slot still counts as busy (:meth:`LocalBuilder.busy`)
+BUSY_GRACE = 2.0
 
 
 def _utc(timestamp: float) -> datetime:
@@ -103,6 +105,8 @@ class LocalBuilder:
         self.slots = slots or max(1, settings.queue_runner.workers)
         self.active: dict[str, NixRun] = {}
         self._lock = threading.Lock()
+        #: when the last batch ended (monotonic): a slot between two batches is busy
+        self._last_run_ended = float("-inf")
         #: seconds spent and counts per phase (heartbeat details, benchmarks)
         self.stats: dict[str, float] = {}
 
@@ -123,6 +127,13 @@ class LocalBuilder:
         finally:
             with self._lock:
                 self.active.pop(worker, None)
+                self._last_run_ended = time.monotonic()
+
+    def busy(self) -> bool:
+        """Whether a slot is building, or was a moment ago (a slot claiming its next
+        batch is between two ``nix-store`` runs for a fraction of a second)."""
+        with self._lock:
+            return bool(self.active) or time.monotonic() - self._last_run_ended < BUSY_GRACE
 
     # ------------------------------------------------------------------ serving
 
@@ -347,7 +358,10 @@ class _Batch:
             elif isinstance(event, Exited):
                 self.builder.account("nix_runs", started)
                 return stopping, event
-            if self.pending and time.monotonic() - self.first_pending >= FLUSH_DELAY:
+            # the batch's last outcome goes at once: waiting for Nix to exit only
+            # delays its dependents and the slot's next claim
+            if self.pending and (not self.held
+                                 or time.monotonic() - self.first_pending >= FLUSH_DELAY):
                 self._flush()
             if self.holder.renew_due() and not self._renew(run):
                 return None

@@ -25,7 +25,12 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
-from circus.common.statussql import PENDING, RUNNING, dependencies_succeeded
+from circus.common.statussql import (
+    PENDING,
+    RUNNING,
+    dependencies_succeeded,
+    step_succeeded,
+)
 from circus.queue_runner.steps.outcomes import (
     FinishReport,
     StepOutcome,
@@ -266,11 +271,124 @@ def _claim_queued(session: Session, options: ClaimOptions, params: dict[str, Any
     """), params).all()
 
 
+#: candidate rows the single-statement look-ahead reads at most; a wider graph (a step
+#: thousands of pending steps depend on) is claimed wave by wave instead
+LOOKAHEAD_READ_CAP = 1000
+
+#: a pending step of the claim's class that a look-ahead may take (alias ``p``)
+_LOOKAHEAD_CANDIDATE = """p.state = 'pending' AND p.queue_class = :cls
+                  AND p.timeout IS NOT DISTINCT FROM :timeout
+                  AND p.max_silent IS NOT DISTINCT FROM :max_silent
+                  AND p.attempts = 0"""
+
+
 def _claim_ready_dependents(session: Session, params: dict[str, Any], held: list[int],
                             batch_size: int) -> list[ClaimedStep]:
     """Look-ahead: pending steps whose unfinished dependencies are all ``held``, wave
     after wave (each wave's steps are the next one's frontier), until ``held`` counts
-    ``batch_size`` steps or a wave adds none."""
+    ``batch_size`` steps or a wave adds none.
+
+    The waves are worked out from one read of the candidates within reach
+    (:func:`_lookahead_candidates`) and claimed with one statement: a chain used to
+    cost a query per link. When the read finds too many candidates (a very wide graph),
+    each wave is read and claimed by a statement of its own.
+    """
+    room = batch_size - len(held)
+    if room <= 0:
+        return []
+    candidates = _lookahead_candidates(session, params, held, room)
+    if candidates is None:
+        return _claim_waves(session, params, held, batch_size)
+    chosen = _plan_waves(candidates, held, batch_size)
+    if not chosen:
+        return []
+    rows = session.execute(text(f"""
+        WITH pick AS (
+            SELECT s.id FROM steps s
+            WHERE s.id = ANY(:chosen) AND s.state = 'pending'
+            ORDER BY s.id
+            FOR UPDATE OF s SKIP LOCKED
+        )
+        UPDATE steps SET state = 'running', worker = :worker, machine = :machine,
+                         lease_until = now() + make_interval(secs => :lease),
+                         started_at = now()
+        FROM pick WHERE steps.id = pick.id AND steps.state = 'pending'
+        {_RETURNING}
+    """), {**params, "chosen": chosen}).all()
+    by_id = {row.id: row for row in rows}
+    if len(by_id) < len(chosen):
+        # another transaction held or changed some (rare): keep only the steps whose
+        # unfinished dependencies are still all in this claim, and give back the rest
+        # as they were (pending and unclaimed; this transaction changed them alone)
+        kept = set(held)
+        for step_id in chosen:
+            if step_id in by_id and candidates[step_id][1] <= kept:
+                kept.add(step_id)
+        given_back = [step_id for step_id in by_id if step_id not in kept]
+        if given_back:
+            session.execute(text("""
+                UPDATE steps SET state = 'pending', worker = NULL, machine = NULL,
+                                 lease_until = NULL, started_at = NULL
+                WHERE id = ANY(:ids)
+            """), {"ids": given_back})
+        by_id = {step_id: row for step_id, row in by_id.items() if step_id in kept}
+    return [_claimed(by_id[step_id], lookahead=True) for step_id in chosen
+            if step_id in by_id]
+
+
+def _lookahead_candidates(session: Session, params: dict[str, Any], held: list[int],
+                          room: int) -> dict[int, tuple[int, frozenset[int]]] | None:
+    """Pending steps a look-ahead from ``held`` could reach within ``room`` waves:
+    id → (priority, its dependencies that have not succeeded); None when there are
+    more than :data:`LOOKAHEAD_READ_CAP`."""
+    rows = session.execute(text(f"""
+        WITH RECURSIVE reach(id, depth) AS (
+            SELECT e.step_id, 1 FROM step_dependencies e JOIN steps p ON p.id = e.step_id
+            WHERE e.depends_on_id = ANY(:held) AND {_LOOKAHEAD_CANDIDATE}
+          UNION
+            SELECT e.step_id, r.depth + 1 FROM reach r
+            JOIN step_dependencies e ON e.depends_on_id = r.id
+            JOIN steps p ON p.id = e.step_id
+            WHERE r.depth < :room AND {_LOOKAHEAD_CANDIDATE}
+        ),
+        -- the recursion stops once this many rows were read (it is evaluated lazily)
+        limited AS MATERIALIZED (SELECT id FROM reach LIMIT :cap)
+        SELECT p.id, p.priority, ARRAY(
+                   SELECT dependency.id FROM step_dependencies edge
+                   JOIN steps dependency ON dependency.id = edge.depends_on_id
+                   WHERE edge.step_id = p.id AND NOT {step_succeeded("dependency")}
+               ) AS waiting_for,
+               (SELECT count(*) FROM limited) AS read
+        FROM (SELECT DISTINCT id FROM limited) found JOIN steps p ON p.id = found.id
+    """), {**params, "held": held, "room": room, "cap": LOOKAHEAD_READ_CAP + 1}).all()
+    if rows and rows[0].read > LOOKAHEAD_READ_CAP:
+        return None
+    return {row.id: (row.priority, frozenset(row.waiting_for)) for row in rows}
+
+
+def _plan_waves(candidates: dict[int, tuple[int, frozenset[int]]], held: list[int],
+                batch_size: int) -> list[int]:
+    """The steps the waves take, in order: each wave takes the candidates that depend on
+    the previous wave and wait for held steps only, by priority then id, while there is
+    room."""
+    taken = set(held)
+    frontier = set(held)
+    chosen: list[int] = []
+    while frontier and len(taken) < batch_size:
+        wave = sorted((step_id for step_id, (_, waiting_for) in candidates.items()
+                       if step_id not in taken and waiting_for & frontier
+                       and waiting_for <= taken),
+                      key=lambda step_id: (-candidates[step_id][0], step_id))
+        wave = wave[:batch_size - len(taken)]
+        frontier = set(wave)
+        taken.update(wave)
+        chosen.extend(wave)
+    return chosen
+
+
+def _claim_waves(session: Session, params: dict[str, Any], held: list[int],
+                 batch_size: int) -> list[ClaimedStep]:
+    """:func:`_claim_ready_dependents` with a read and a claim per wave."""
     held = list(held)
     claimed: list[ClaimedStep] = []
     frontier = list(held)
@@ -278,11 +396,7 @@ def _claim_ready_dependents(session: Session, params: dict[str, Any], held: list
         more = session.execute(text(f"""
             WITH cand AS (
                 SELECT DISTINCT p.id FROM step_dependencies e JOIN steps p ON p.id = e.step_id
-                WHERE e.depends_on_id = ANY(:frontier) AND p.state = 'pending'
-                  AND p.queue_class = :cls
-                  AND p.timeout IS NOT DISTINCT FROM :timeout
-                  AND p.max_silent IS NOT DISTINCT FROM :max_silent
-                  AND p.attempts = 0
+                WHERE e.depends_on_id = ANY(:frontier) AND {_LOOKAHEAD_CANDIDATE}
                   AND {dependencies_succeeded("p", or_held=":held")}
             ),
             pick AS (
