@@ -147,6 +147,8 @@ def generate(conn: Connection, scale: float) -> dict[str, int]:
             {"jobsets": jobsets, "per_project": JOBSETS_PER_PROJECT, "bpj": builds_per_jobset,
              "jobs": jobs, "per_round": per_round, "last": EVALUATIONS_PER_JOBSET - 1,
              "total": jobsets * EVALUATIONS_PER_JOBSET})
+    # what the builds' insert trigger (off here) writes: the distinct job names
+    conn.execute(text("INSERT INTO job_names (name) SELECT DISTINCT job_name FROM builds"))
     with indexes_dropped(conn, "evaluation_builds", constraints=True):
         # membership: evaluation (js, r) holds, per job, its newest build of a round <= r
         conn.execute(text("""

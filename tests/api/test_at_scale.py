@@ -156,6 +156,59 @@ def test_search_finds_jobs_by_substring_and_store_paths_by_prefix(
     assert found("bcdefgh1")["store_paths"] == []
 
 
+def test_job_search_hits_each_jobset_with_its_newest_build(
+        client: FlaskClient, admin: dict[str, str], world: World, db: Session) -> None:
+    project = world.project()
+    main, staging = world.jobset(project), world.jobset(project, "staging")
+    old = world.build(world.evaluation(main), "pkgs.hello")
+    new = world.build(world.evaluation(main), "pkgs.hello")
+    other = world.build(world.evaluation(staging), "pkgs.hello")
+    db.commit()
+    hits = client.get("/api/v1/search?q=HELLO", headers=admin).get_json()["jobs"]
+    assert [(h["jobset_id"], h["build_id"]) for h in hits] == [(main.id, new.id),
+                                                               (staging.id, other.id)]
+    assert old.id not in [h["build_id"] for h in hits]
+
+
+def test_imports_adding_the_same_new_job_name_do_not_wait_for_each_other(
+        committed_db: sessionmaker[Session], engine: Engine) -> None:
+    """job_names is written by the builds' insert: two jobsets' open import transactions
+    adding one new name must not queue behind each other (a unique name would)."""
+    with committed_db() as db:
+        world = World(db)
+        project = world.project()
+        evaluations = [world.evaluation(world.jobset(project, name)) for name in ("a", "b")]
+        db.commit()
+        jobsets = [(e.id, e.jobset_id) for e in evaluations]
+    insert = text("INSERT INTO builds (evaluation_id, jobset_id, project_id, job_name, "
+                  "drv_path, system) VALUES (:e, :j, :p, 'pkgs.brand-new', :drv, 'x')")
+    first, second = engine.connect(), engine.connect()
+    try:
+        for conn, (eid, jid) in zip((first, second), jobsets, strict=True):
+            conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+            conn.execute(insert, {"e": eid, "j": jid, "p": project.id,
+                                  "drv": f"/nix/store/{eid:032d}-x.drv"})
+        first.commit()
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM job_names "
+                                   "WHERE name = 'pkgs.brand-new'")).scalar_one()
+    assert stored in (1, 2)
+    with committed_db() as db:
+        hits = searched_jobs(db, "brand-new")
+    assert sorted(h["jobset_id"] for h in hits) == sorted(j for _, j in jobsets)
+
+
+def searched_jobs(db: Session, q: str) -> list[dict[str, object]]:
+    from circus.auth.actor import Actor
+    from circus.server.api.queries import search
+
+    return search(db, Actor.system("test"), q, 20)["jobs"]  # type: ignore[no-any-return]
+
+
 def test_aggregates_are_reused_within_the_ttl_and_refreshed_behind_it(engine: Engine) -> None:
     calls: list[int] = []
 

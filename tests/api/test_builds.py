@@ -67,6 +67,33 @@ def test_evaluations_list_show_and_filters(client: FlaskClient, admin: dict[str,
     assert detail["project_id"] == jobset.project_id
 
 
+def test_deep_offsets_give_the_same_pages(client: FlaskClient, admin: dict[str, str],
+                                          world: World, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """Offsets beyond DEFERRED_OFFSET find the page's first id first (lowered here so
+    a few builds reach it): the same pages, filters applied, an empty one past the end."""
+    from circus.server.api import base
+
+    evaluation = world.evaluation(world.jobset(world.project()))
+    other = world.evaluation(world.jobset(world.project("other")))
+    made = [world.build(evaluation, f"job{n}", BuildStatus.failed if n % 2 else
+                        BuildStatus.succeeded) for n in range(7)]
+    world.build(other, "elsewhere")
+
+    def pages(query: str) -> list[list[int]]:
+        return [[b["id"] for b in client.get(f"/api/v1/builds?limit=2&offset={offset}{query}",
+                                             headers=admin).get_json()["items"]]
+                for offset in range(0, 9, 2)]
+
+    shallow = pages(f"&evaluation_id={evaluation.id}"), pages("&status=failed")
+    monkeypatch.setattr(base, "DEFERRED_OFFSET", 0)
+    assert (pages(f"&evaluation_id={evaluation.id}"), pages("&status=failed")) == shallow
+    newest = sorted((b.id for b in made), reverse=True)
+    assert shallow[0] == [newest[0:2], newest[2:4], newest[4:6], newest[6:7], []]
+    failed = [b.id for b in sorted(made, key=lambda b: -b.id) if b.status is BuildStatus.failed]
+    assert shallow[1] == [failed[0:2], failed[2:4], [], [], []]
+
+
 def test_build_lists_filters_and_details(client: FlaskClient, admin: dict[str, str],
                                          world: World) -> None:
     evaluation = world.evaluation(world.jobset(world.project()))

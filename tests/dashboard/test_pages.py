@@ -207,3 +207,37 @@ def test_compare_with_the_previous_evaluation(as_admin: Browser, world: World) -
     assert "5 new, 1 removed, 0 changed, 1 unchanged jobs." in page
     removed = page[page.index("<h3>Removed jobs</h3>"):]
     assert "removed-job" in removed[:removed.index("</div>")]
+
+
+def test_job_matrix_pages_and_filters_the_newest_evaluations_jobs(rows: Rows) -> None:
+    """The matrix rows are the jobs of the newest completed evaluation shown (a reused
+    build counts, a job only an older one had does not), filtered and paged by name."""
+    from circus.common.enums import EvaluationStatus
+    from circus.server.dashboard.queries import job_matrix
+
+    jobset = rows.jobset(rows.project())
+    old = rows.evaluation(jobset)
+    rows.build(old, "dropped", BuildStatus.succeeded)
+    kept = rows.build(old, "lib.kept", BuildStatus.succeeded)
+    new = rows.evaluation(jobset)
+    rows.link(new, kept)
+    for name in ("lib.alpha", "lib.beta", "tools.gamma"):
+        rows.build(new, name, BuildStatus.failed)
+    running = rows.evaluation(jobset, EvaluationStatus.running)
+    rows.build(running, "only.while.running")
+    rows.db.commit()
+    shown = [old, new, running]
+
+    def matrix(job_filter: str = "", offset: int = 0, limit: int = 50) -> tuple[list[str], int]:
+        found = job_matrix(rows.db, jobset.id, shown, job_filter=job_filter, offset=offset,
+                           limit=limit)
+        return found.jobs, found.total_jobs
+
+    assert matrix() == (["lib.alpha", "lib.beta", "lib.kept", "tools.gamma"], 4)
+    assert matrix(offset=1, limit=2) == (["lib.beta", "lib.kept"], 4)
+    assert matrix("LIB.") == (["lib.alpha", "lib.beta", "lib.kept"], 3)
+    assert matrix("lib.", offset=2) == (["lib.kept"], 3)
+    assert matrix("%") == ([], 0)
+    cells = job_matrix(rows.db, jobset.id, shown, job_filter="kept", offset=0, limit=50).cells
+    assert cells == {("lib.kept", old.id): (kept.id, BuildStatus.succeeded),
+                     ("lib.kept", new.id): (kept.id, BuildStatus.succeeded)}

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import EvaluationStatus, TriggerKind
-from circus.common.models import Build, Evaluation, EvaluationError, Jobset, Project
+from circus.common.models import Build, Evaluation, EvaluationError, JobName, Jobset, Project
 from circus.evaluator.execution import _split_attr
 from circus.evaluator.git import GitError, check_url, url_scheme
 from circus.evaluator.importer import BuildImporter
@@ -109,7 +109,10 @@ def test_copy_escapes_whatever_job_names_and_meta_hold(
     with committed_db() as session:
         build = session.scalars(select(Build)).one()
         error = session.scalars(select(EvaluationError)).one()
+        # the COPY's statement trigger lists the new name for search
+        names = list(session.scalars(select(JobName.name)))
     assert build.job_name == odd
+    assert names == [odd]
     assert build.meta_description == "line one\nline\ttwo \\ end"
     assert build.meta_license == "MIT, custom"
     assert build.meta_maintainers == "x, e@x"

@@ -9,6 +9,7 @@ from circus.common.models.builds import (
     BuildOutput,
     BuildProduct,
     FailedPath,
+    JobName,
     PendingPostprocessing,
 )
 from circus.common.models.cache import NarInfo, NarInfoProject
@@ -50,6 +51,7 @@ __all__ = [
     "EvaluationBuild",
     "EvaluationError",
     "FailedPath",
+    "JobName",
     "Jobset",
     "JobsetInput",
     "NarInfo",

@@ -85,9 +85,8 @@ class Build(Base):
         Index("ix_builds_jobset_id_id", "jobset_id", text("id DESC")),
         # text_pattern_ops: prefix search (LIKE 'x%') under any collation, and equality
         Index("ix_builds_drv_path", "drv_path", postgresql_ops={"drv_path": "text_pattern_ops"}),
-        # substring search of job names (ILIKE '%x%')
-        Index("ix_builds_job_name_trgm", "job_name", postgresql_using="gin",
-              postgresql_ops={"job_name": "gin_trgm_ops"}),
+        # the builds of a job name found by search, by jobset, newest first
+        Index("ix_builds_job_name_jobset_id", "job_name", "jobset_id", text("id DESC")),
         Index("ix_builds_system", "system"),
         Index("ix_builds_completed_at", text("completed_at DESC")),
         # the dispatcher's scan for builds that still need their steps computed
@@ -101,6 +100,24 @@ class Build(Base):
     @property
     def output_map(self) -> dict[str, str]:
         return {o.name: o.path for o in self.outputs}
+
+
+class JobName(Base):
+    """Every job name that was ever built, for substring search: thousands of names,
+    where the builds are millions. Written by a trigger on the builds' insert
+    (migration ``9c4e2a7d1b36``); not unique (two racing imports may both add a new
+    name), read as distinct names."""
+
+    __tablename__ = "job_names"
+
+    id: Mapped[IntPK]
+    name: Mapped[str]
+
+    __table_args__ = (
+        Index("ix_job_names_name", "name"),
+        Index("ix_job_names_name_trgm", "name", postgresql_using="gin",
+              postgresql_ops={"name": "gin_trgm_ops"}),
+    )
 
 
 class BuildOutput(Base):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flask_smorest
+from sqlalchemy import false
 from sqlalchemy.orm import Session
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import BaseConverter, IntegerConverter, Map
@@ -14,6 +15,8 @@ from circus.common.counting import count_rows
 from circus.server.api.schemas.common import MAX_ID
 
 PREFIX = "/api/v1"
+#: offsets beyond this find the page's first id before reading rows (see paginate)
+DEFERRED_OFFSET = 1000
 
 
 class Parser(FlaskParser):
@@ -87,6 +90,14 @@ def paginate(session: Session, query: Any, args: dict[str, Any], *,
     cursor = args.get("cursor") if cursor_column is not None else None
     if cursor is not None:
         limited = query.where(cursor_column < cursor).limit(args["limit"])
+    elif cursor_column is not None and args["offset"] > DEFERRED_OFFSET:
+        # a deep offset walks the ids alone (an index-only scan where an index serves
+        # the filters) to the page's first id, then reads the page by keyset: walking
+        # whole rows to offset 500,000 read 500,000 of them from the heap
+        first = session.scalar(query.with_only_columns(cursor_column)
+                               .offset(args["offset"]).limit(1))
+        limited = (query.where(cursor_column <= first).limit(args["limit"])
+                   if first is not None else query.where(false()))
     else:
         limited = query.limit(args["limit"]).offset(args["offset"])
     items: list[Any]

@@ -252,11 +252,19 @@ def job_matrix(session: Session, jobset_id: int, evaluations: list[Evaluation], 
         return Matrix([], [], 0, {})
     completed = [e for e in evaluations if e.status is EvaluationStatus.completed]
     rows_of = (completed or evaluations)[-1].id
-    names = (select(Build.job_name).join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
-             .where(EvaluationBuild.evaluation_id == rows_of))
+    # an evaluation's builds are its jobset's (it reuses only the jobset's own): walking
+    # the jobset's (jobset_id, job_name) index in name order and probing the membership
+    # stops after a page, where joining the members sorted all of their builds
+    names = select(Build.job_name).where(Build.jobset_id == jobset_id, select(
+        EvaluationBuild.build_id).where(EvaluationBuild.evaluation_id == rows_of,
+                                        EvaluationBuild.build_id == Build.id).exists())
     if job_filter:
         names = names.where(Build.job_name.icontains(job_filter, autoescape=True))
-    total = int(session.scalar(select(func.count()).select_from(names.subquery())) or 0)
+        total = int(session.scalar(select(func.count()).select_from(names.subquery())) or 0)
+    else:
+        # one build per job: the members, counted in the membership index alone
+        total = int(session.scalar(select(func.count()).select_from(EvaluationBuild).where(
+            EvaluationBuild.evaluation_id == rows_of)) or 0)
     jobs = list(session.scalars(names.order_by(Build.job_name).offset(offset).limit(limit)))
     cells: dict[tuple[str, int], tuple[int, BuildStatus]] = {}
     if jobs:
