@@ -190,3 +190,73 @@ def test_kept_alive_connections_get_the_apps_answers_and_private_caches_stay_pri
         finally:
             connection.close()
         assert server.alive()
+
+
+def batch_connections(committed_db: sessionmaker[Session], terminate: bool = False) -> int:
+    """How many of the workers' batch lookup connections are open (``terminate``: ended
+    by the database first, as when it restarts)."""
+    with committed_db.begin() as session:
+        return len(session.execute(text(
+            f"""SELECT {'pg_terminate_backend(pid)' if terminate else 'pid'}
+                FROM pg_stat_activity WHERE application_name = 'circus-narinfo-batches'""")
+        ).all())
+
+
+def test_cold_lookups_are_batched_on_the_event_loop_and_survive_a_lost_connection(
+        committed_db: sessionmaker[Session], cache_settings: Callable[..., Settings],
+        database_url: str, redis_url: str, tmp_path: Path, nonce: str) -> None:
+    settings = cache_settings()
+    built = nix_build(closure_expr(nonce, blob_kib=4))
+    with committed_db.begin() as session:
+        publish_outputs(session, settings, make_build(session, built).id)
+    paths = [built.outputs["out"], built.outputs["doc"]]
+    narinfo = [f"/nix-cache/{Path(path).name[:32]}.narinfo" for path in paths]
+    # an LRU of one answer: asking for the two paths in turn, every lookup is cold
+    daemon, port = cache_server(tmp_path, database_url=database_url, redis_url=redis_url,
+                                cache_dir=settings.cache.cache_dir, workers=1,
+                                cache_options="narinfo_cache_size = 1")
+    with daemon as server:
+        wait_for_http(f"http://127.0.0.1:{port}/nix-cache/nix-cache-info", timeout=60)
+        through_the_app = []
+        for path in narinfo:  # a new connection's first request: the pool and the app
+            fresh = KeptAlive(port)
+            through_the_app.append(fresh.ask(request("GET", path)))
+            fresh.close()
+        assert [answer[0] for answer in through_the_app] == [200, 200]
+        connections = [KeptAlive(port) for _ in range(6)]
+        try:
+            for connection in connections:
+                assert connection.ask(request("GET", "/nix-cache/nix-cache-info"))[0] == 200
+            for _ in range(3):
+                # several connections at once: their lookups share queries
+                for n, connection in enumerate(connections):
+                    connection.send(request("GET", narinfo[n % 2]))
+                for n, connection in enumerate(connections):
+                    assert connection.read()[2] == through_the_app[n % 2][2]
+            assert batch_connections(committed_db) == 1
+            # two requests in one write: answered in order, the second after the first
+            connections[0].send(request("GET", narinfo[0]), request("HEAD", narinfo[1]),
+                                request("GET", narinfo[1]))
+            assert connections[0].read()[2] == through_the_app[0][2]
+            assert connections[0].read(head=True)[0] == 200
+            assert connections[0].read()[2] == through_the_app[1][2]
+
+            # the database ends the batch connection: no request is lost (the pool
+            # answers until the worker has connected again)
+            assert batch_connections(committed_db, terminate=True) == 1
+            deadline = time.monotonic() + 10
+            while True:
+                for n, connection in enumerate(connections):
+                    connection.send(request("GET", narinfo[n % 2]))
+                for n, connection in enumerate(connections):
+                    assert connection.read()[2] == through_the_app[n % 2][2]
+                if batch_connections(committed_db) == 1:
+                    break
+                assert time.monotonic() < deadline, "the batch connection never came back"
+                time.sleep(0.05)
+        finally:
+            for connection in connections:
+                connection.close()
+        assert server.alive()
+        assert "narinfo batch lookup failed" in server.log()
+        assert "Traceback" not in server.log()

@@ -26,6 +26,7 @@ import json
 import re
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,13 @@ def _parse(path: str) -> tuple[str | None, str] | None:
     return project, name
 
 
+@dataclass(frozen=True)
+class ColdLookup:
+    """A shared-cache narinfo request only the database can answer."""
+    hash_part: str
+    head: bool
+
+
 class NarinfoFastPath:
     def __init__(self, app: WSGIApplication, index: CacheIndex, max_age: int,
                  counts: Tally, headers: list[tuple[str, str]]) -> None:
@@ -110,20 +118,27 @@ class NarinfoFastPath:
                                       self.cache_control)
         return self.app(environ, start_response)
 
-    def raw_response(self, request: bytes) -> bytes | None:
+    def raw_response(self, request: bytes) -> bytes | ColdLookup | None:
         """The whole HTTP/1.1 response to ``request`` (the bytes of exactly one request)
-        when memory answers it, else None: the worker hands it to gunicorn and the WSGI
-        app (this class's ``__call__`` first)."""
+        when memory answers it; a ``ColdLookup`` when only the database can answer for the
+        shared cache (the worker asks it, then ``raw_answer``); else None: the worker hands
+        the request to gunicorn and the WSGI app (this class's ``__call__`` first)."""
         match = _SIMPLE_REQUEST.match(request)
         if match is None or _FRAMING_FIELDS.search(match.group(3)) is not None:
             return None
         parsed = _parse(match.group(2).decode("ascii"))
         if parsed is None:
             return None
+        head = match.group(1) == b"HEAD"
         answer = self._answer(*parsed, query=False)
         if answer is ABSENT:
-            return None
-        head = match.group(1) == b"HEAD"
+            project, hash_part = parsed
+            # a per-project cache's cold lookup stays with the app (its query differs)
+            return ColdLookup(hash_part, head) if project is None else None
+        return self.raw_answer(answer, head)
+
+    def raw_answer(self, answer: bytes | None, head: bool) -> bytes:
+        """The HTTP/1.1 response for a narinfo text (None: a miss), counted."""
         if answer is None:
             count_cache_request(self.counts, "narinfo", hit=False)
             return self._raw(b"404 NOT FOUND", _NOT_FOUND, self._raw_missing, head)
