@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             options: dict[str, Any] = {
                 "bind": f"{host}:{port}",
                 "workers": settings.server.workers,
-                # gthread, answering narinfo requests memory holds on its event loop
+                # gthread, answering simple narinfo requests on its event loop
                 "worker_class": WORKER_CLASS,
                 # SSE log tails hold a thread each (at most server.max_log_streams)
                 "threads": SERVER_THREADS,
