@@ -6,9 +6,10 @@ Builds N small store paths and one large one, publishes them through
 (nginx when installed, else a minimal gunicorn sendfile app). Then wrk (or a
 Python load generator when wrk is missing) measures, in the same run:
 
-- narinfo requests/s, rotating over all N hashes: Circus warm (LRU hits, the
-  WSGI fast path), Circus cold (a server whose LRU holds one entry, so every
-  request is a first lookup), and the static server;
+- narinfo requests/s, rotating over all N hashes: Circus warm (LRU hits, answered
+  on the HTTP worker's event loop), Circus cold (a server whose LRU holds one
+  entry, so every request is a database lookup: batched on the event loop), and
+  the static server;
 - misses (404) requests/s, rotating over 10·N hashes no cache holds, from the
   cold Circus server and the static server (a client asking for a closure it
   has to build mostly gets these);

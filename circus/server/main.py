@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from gunicorn.app.base import BaseApplication
 
     from circus.server.context import server_context
+    from circus.server.httpworker import WORKER_CLASS
 
     def post_fork(server: Any, worker: Any) -> None:
         # A pooled connection opened before the fork would be shared by every worker:
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             options: dict[str, Any] = {
                 "bind": f"{host}:{port}",
                 "workers": settings.server.workers,
-                "worker_class": "gthread",
+                # gthread, answering simple narinfo requests on its event loop
+                "worker_class": WORKER_CLASS,
                 # SSE log tails hold a thread each (at most server.max_log_streams)
                 "threads": SERVER_THREADS,
                 "timeout": settings.server.request_timeout,

@@ -18,8 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
 from circus.common.db import make_engine
+from circus.common.models import Project
 from circus.common.nix import base32
 from circus.server.app import create_app
+from circus.server.cache.fastpath import ColdLookup, NarinfoFastPath
 from circus.server.cache.lookup import CacheIndex
 from circus.server.security import SECURITY_HEADERS
 from tests.cache.support import make_build, nix_build, simple_expr
@@ -132,3 +134,83 @@ def test_a_new_index_loads_everything_and_a_lost_connection_reloads(
         assert restarted.narinfo(bulk[1]) is not None
     finally:
         restarted.close()
+
+
+def test_event_loop_answers_only_simple_requests_and_only_from_memory(
+        app: Flask, committed_db: sessionmaker[Session], cache_settings: Callable[..., Settings],
+        nonce: str) -> None:
+    """``raw_response``: what circus-server's worker answers on its event loop, without
+    gunicorn's parser; None leaves a request to gunicorn and the app."""
+    index = live_index(app.extensions["circus_cache"])
+    fastpath = app.wsgi_app
+    assert isinstance(fastpath, NarinfoFastPath)
+    built = nix_build(simple_expr(nonce))
+    hash_part = Path(built.outputs["out"]).name[:32]
+    with committed_db.begin() as session:
+        publish_outputs(session, cache_settings(), make_build(session, built).id)
+        session.add(Project(name="vault", hidden=True))
+    assert eventually(lambda: not index.known.surely_absent(hash_part), 1.0)
+
+    def request(line: str, fields: str = "Host: 127.0.0.1\r\nUser-Agent: Nix/2.18\r\n") -> bytes:
+        return f"{line}\r\n{fields}\r\n".encode()
+
+    get = request(f"GET /nix-cache/{hash_part}.narinfo HTTP/1.1")
+    # recorded, but only the database has the text yet: the worker is to ask it
+    assert fastpath.raw_response(get) == ColdLookup(hash_part, head=False)
+    text_ = app.test_client().get(f"/nix-cache/{hash_part}.narinfo").data  # fills the LRU
+    hit = fastpath.raw_response(get)
+    assert hit is not None
+    assert hit.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert hit.endswith(text_)
+    assert f"\r\nContent-Length: {len(text_)}\r\n".encode() in hit
+    assert b"\r\nX-Content-Type-Options: nosniff\r\n" in hit
+    head = fastpath.raw_response(request(f"HEAD /nix-cache/{hash_part}.narinfo HTTP/1.1"))
+    assert head is not None
+    assert head == hit[:-len(text_)]
+    missing = fake_hashes(1)[0]
+    miss = fastpath.raw_response(request(f"GET /nix-cache/{missing}.narinfo HTTP/1.1"))
+    assert miss is not None
+    assert miss.startswith(b"HTTP/1.1 404 NOT FOUND\r\n")
+    assert miss.endswith(b'{"error": "no such path in this cache", "details": null}')
+    # a public project's cache once the app has seen the project; never a hidden one's,
+    # whose answers need the views' credential check
+    assert fastpath.raw_response(request(
+        f"GET /projects/demo/nix-cache/{missing}.narinfo HTTP/1.1")) is None
+    app.test_client().get(f"/projects/demo/nix-cache/{missing}.narinfo")
+    assert fastpath.raw_response(request(
+        f"GET /projects/demo/nix-cache/{missing}.narinfo HTTP/1.1")) is not None
+    for _ in range(2):
+        assert app.test_client().get(
+            f"/projects/vault/nix-cache/{missing}.narinfo").status_code == 401
+        assert fastpath.raw_response(request(
+            f"GET /projects/vault/nix-cache/{missing}.narinfo HTTP/1.1")) is None
+
+    path = f"/nix-cache/{hash_part}.narinfo"
+    unusual = [
+        get + get,  # pipelined: gunicorn reads them one by one
+        get[:-2],  # not complete yet
+        request(f"GET {path} HTTP/1.0"),
+        request(f"get {path} HTTP/1.1"),
+        request(f"POST {path} HTTP/1.1", "Content-Length: 0\r\n"),
+        request(f"GET http://127.0.0.1{path} HTTP/1.1"),
+        request(f"GET {path}?x=1 HTTP/1.1"),
+        request(f"GET {path.replace('/nix-cache', '/nix%2Dcache')} HTTP/1.1"),
+        request(f"GET /nix-cache/../nix-cache/{hash_part}.narinfo HTTP/1.1"),
+        request(f"GET {path} HTTP/1.1", "Content-Length: 5\r\n"),
+        request(f"GET {path} HTTP/1.1", "Transfer-Encoding: chunked\r\n"),
+        request(f"GET {path} HTTP/1.1", "Host: x\r\ncontent-length : 0\r\n"),
+        request(f"GET {path} HTTP/1.1", "Host: x\r\nConnection: close\r\n"),
+        request(f"GET {path} HTTP/1.1", "Upgrade: h2c\r\n"),
+        request(f"GET {path} HTTP/1.1", "Host: x\r\nX-Folded: a\r\n b\r\n"),
+        request(f"GET {path} HTTP/1.1", "Host: x\nX-Bare-LF: a\r\n"),
+        request(f"GET {path} HTTP/1.1", "Host: x\r\nX-Nul: a\x00b\r\n"),
+    ]
+    for bad in unusual:
+        assert fastpath.raw_response(bad) is None, bad
+
+    # retention (or any writer) deletes the path: memory forgets the text at once
+    with committed_db.begin() as session:
+        session.execute(text("DELETE FROM narinfo_cache WHERE hash_part = :h"), {"h": hash_part})
+    assert eventually(lambda: index.known.surely_absent(hash_part), 1.0)
+    assert eventually(lambda: (fastpath.raw_response(get) or b"").startswith(
+        b"HTTP/1.1 404 NOT FOUND\r\n"), 1.0)

@@ -96,9 +96,10 @@ def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.1,
 
 
 def cache_server(tmp_path: Path, *, database_url: str, redis_url: str, cache_dir: Path | str,
-                 workers: int) -> tuple[Daemon, int]:
+                 workers: int, cache_options: str = "") -> tuple[Daemon, int]:
     """A ``circus-server`` (gunicorn) serving the binary cache in ``cache_dir``, not yet
-    started (use it as a context manager), and its port."""
+    started (use it as a context manager), and its port; ``cache_options``: more lines
+    of its ``[cache]`` section."""
     from tests.helpers.net import free_port
 
     config = tmp_path / "circus.toml"
@@ -112,6 +113,7 @@ secret_key = "{'s' * 40}"
 workers = {workers}
 [cache]
 cache_dir = "{cache_dir}"
+{cache_options}
 """)
     port = free_port()
     env = {**os.environ, "CIRCUS_CONFIG_FILE": str(config)}

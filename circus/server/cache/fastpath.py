@@ -13,12 +13,22 @@ hidden or unknown project's cache is always left to the views, which check
 credentials (its answers never enter the LRU), and so is a miss for a caller with
 credentials (a remote worker's input of a hidden project). Everything else, and any
 database error, goes to Flask.
+
+``raw_response`` is the same answer for the HTTP worker's event loop
+(``httpworker.py``): from memory only (the LRU, or a miss the index is sure of),
+as the bytes of a whole HTTP/1.1 response, for a request simple enough to read
+without gunicorn's parser; anything else is left to the thread pool and this WSGI
+path.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from circus.common.errors import Unavailable
@@ -33,6 +43,17 @@ if TYPE_CHECKING:
 _PREFIX = "/nix-cache/"
 _PROJECTS = "/projects/"
 _SUFFIX = ".narinfo"
+#: a request the event loop may answer: GET or HEAD of an origin-form path, HTTP/1.1,
+#: header fields of the plain form (token name, printable value) and nothing after
+#: the blank line; anything else (HTTP/1.0, obs-fold, a body, pipelined requests)
+#: goes to gunicorn's parser
+_SIMPLE_REQUEST = re.compile(
+    rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1\r\n"
+    rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~]*\r\n)*)\r\n\Z")
+#: header fields that change how the connection or a body is read: left to gunicorn
+_FRAMING_FIELDS = re.compile(
+    rb"(?:^|\n)(?:content-length|transfer-encoding|connection|upgrade|expect|te)[ \t]*:",
+    re.IGNORECASE)
 _NOT_FOUND = json.dumps({"error": "no such path in this cache", "details": None}).encode()
 
 
@@ -55,6 +76,13 @@ def _parse(path: str) -> tuple[str | None, str] | None:
     return project, name
 
 
+@dataclass(frozen=True)
+class ColdLookup:
+    """A shared-cache narinfo request only the database can answer."""
+    hash_part: str
+    head: bool
+
+
 class NarinfoFastPath:
     def __init__(self, app: WSGIApplication, index: CacheIndex, max_age: int,
                  counts: Tally, headers: list[tuple[str, str]]) -> None:
@@ -64,6 +92,14 @@ class NarinfoFastPath:
         #: what every answer of the app carries (``security.response_headers``)
         self.headers = headers
         self.cache_control = f"public, max-age={max_age}"
+        # the raw answers' header lines around Content-Length, in _send's order, after
+        # the ones gunicorn writes itself
+        fixed = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        self._raw_found = (f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: ".encode(),
+                           f"\r\n{fixed}Cache-Control: {self.cache_control}\r\n\r\n".encode())
+        self._raw_missing = (b"Content-Type: application/json\r\nContent-Length: ",
+                             f"\r\n{fixed}\r\n".encode())
+        self._date = (0, b"")
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse
                  ) -> Iterable[bytes]:
@@ -87,12 +123,51 @@ class NarinfoFastPath:
                                       self.cache_control)
         return self.app(environ, start_response)
 
-    def _answer(self, project: str | None, hash_part: str) -> Any:
-        """The text, None for a miss, or ``ABSENT``: Flask's views must answer."""
+    def raw_response(self, request: bytes) -> bytes | ColdLookup | None:
+        """The whole HTTP/1.1 response to ``request`` (the bytes of exactly one request)
+        when memory answers it; a ``ColdLookup`` when only the database can answer for the
+        shared cache (the worker asks it, then ``raw_answer``); else None: the worker hands
+        the request to gunicorn and the WSGI app (this class's ``__call__`` first)."""
+        match = _SIMPLE_REQUEST.match(request)
+        if match is None or _FRAMING_FIELDS.search(match.group(3)) is not None:
+            return None
+        parsed = _parse(match.group(2).decode("ascii"))
+        if parsed is None:
+            return None
+        head = match.group(1) == b"HEAD"
+        answer = self._answer(*parsed, query=False)
+        if answer is ABSENT:
+            project, hash_part = parsed
+            # a per-project cache's cold lookup stays with the app (its query differs)
+            return ColdLookup(hash_part, head) if project is None else None
+        return self.raw_answer(answer, head)
+
+    def raw_answer(self, answer: bytes | None, head: bool) -> bytes:
+        """The HTTP/1.1 response for a narinfo text (None: a miss), counted."""
+        if answer is None:
+            count_cache_request(self.counts, "narinfo", hit=False)
+            return self._raw(b"404 NOT FOUND", _NOT_FOUND, self._raw_missing, head)
+        count_cache_request(self.counts, "narinfo", hit=True, sent=0 if head else len(answer))
+        return self._raw(b"200 OK", answer, self._raw_found, head)
+
+    def _raw(self, status: bytes, body: bytes, fields: tuple[bytes, bytes], head: bool
+             ) -> bytes:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode())
+        return b"".join((b"HTTP/1.1 ", status, b"\r\nServer: gunicorn\r\n", self._date[1],
+                         b"Connection: keep-alive\r\n", fields[0], str(len(body)).encode(),
+                         fields[1], b"" if head else body))
+
+    def _answer(self, project: str | None, hash_part: str, *, query: bool = True) -> Any:
+        """The text, None for a miss, or ``ABSENT``: Flask's views must answer.
+        ``query=False``: also ``ABSENT`` when only the database knows."""
         cached = self.index.cached_narinfo(hash_part, project)
         # a per-project cache is answered here only when its project is known to be
         # public: a hidden or unknown one needs the views' credential checks
         if cached is ABSENT and (project is None or self.index.cached_public_project(project)):
+            if not query:
+                return None if self.index.known.surely_absent(hash_part) else ABSENT
             try:
                 return self.index.narinfo(hash_part, project)
             except Unavailable:

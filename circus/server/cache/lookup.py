@@ -96,6 +96,11 @@ STATEMENTS = {
     "circus_project_narinfo": ("text, text", f"""
         SELECT {_NARINFO_COLUMNS} FROM narinfo_cache n {_PROJECT_JOIN}
         WHERE n.hash_part = $1 AND p.name = $2 AND p.cache_enabled"""),
+    # the HTTP worker's event loop asks for every cold hash part that arrived while its
+    # previous query was in flight at once (``httpworker.py``)
+    "circus_narinfos": ("text[]", f"""
+        SELECT n.hash_part, {_NARINFO_COLUMNS} FROM narinfo_cache n
+        WHERE n.hash_part = ANY($1) {_SHARED}"""),
     "circus_nar": ("text", f"""
         SELECT DISTINCT n.storage FROM narinfo_cache n WHERE n.url = $1 {_SHARED}"""),
     "circus_project_nar": ("text, text", f"""
@@ -253,11 +258,17 @@ class CacheIndex:
             rows = self.queries.rows("circus_narinfo", hash_part)
         else:
             rows = self.queries.rows("circus_project_narinfo", hash_part, project)
-        if not rows:
+        return self.answer(hash_part, project, rows[0] if rows else None, remember=remember)
+
+    def answer(self, hash_part: str, project: str | None, row: tuple[Any, ...] | None, *,
+               remember: bool = True) -> bytes | None:
+        """The answer for the row a lookup found (``records.COLUMNS``, None: no row), kept
+        in the LRU unless ``remember`` is False."""
+        if row is None:
             if remember:
                 self.narinfos.put((project, hash_part), None, self.negative_ttl)
             return None
-        body = records.from_row(dict(zip(records.COLUMNS, rows[0], strict=True))).render().encode()
+        body = records.from_row(dict(zip(records.COLUMNS, row, strict=True))).render().encode()
         if remember:
             self.narinfos.put((project, hash_part), body, self.ttl)
         return body
