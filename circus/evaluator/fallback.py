@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from circus.common.nix import process
+from circus.common.nix import gcroots
 from circus.evaluator import proc
 from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
 from circus.evaluator.program import (
@@ -183,7 +183,7 @@ in import {nix_string(str(WALK_NIX))} {{
             first = not self.done
             finished, state = self._run(self._expression(catch=True, only=None, roots=first))
             if finished.returncode == 0:
-                return _roots_path(finished.stdout_tail) if first else None
+                return gcroots.printed_path(finished.stdout_tail) if first else None
             if not self.markers:
                 # Nix died and the fast run cannot say where: run again with markers
                 # (skipping the jobs already done)
@@ -239,38 +239,17 @@ in import {nix_string(str(WALK_NIX))} {{
         return [drv for key, drv in self.done.items() if drv is not None and key in self.jobs]
 
 
-def _roots_path(stdout: str) -> str | None:
-    try:
-        value = json.loads(stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return None
-    return value if isinstance(value, str) and value.startswith("/") else None
-
-
 def make_roots_file(spec: EvalSpec, drv_paths: list[str]) -> str | None:
     """One store file referencing every drv (after restarts, the walk made none)."""
     if not drv_paths:
         return None
-    listing = spec.run_dir / "roots.json"
-    dump_json(listing, sorted(set(drv_paths)))
-    expr = ("builtins.toFile \"circus-eval-roots\" (builtins.concatStringsSep \"\\n\" "
-            f"(map builtins.storePath (builtins.fromJSON (builtins.readFile {listing}))))")
-    done = process.run(["nix-instantiate", "--eval", "--json", "--read-write-mode",
-                        "-E", expr], env=spec.env, timeout=remaining(spec.deadline) or 600)
-    if done.returncode != 0:
-        log.warning("cannot write the GC roots file: %s", done.stderr.strip()[-500:])
-        return None
-    return _roots_path(done.stdout)
+    return gcroots.write_roots_file(drv_paths, spec.env, remaining(spec.deadline) or 600,
+                                    spec.run_dir)
 
 
 def register_root(spec: EvalSpec, store_path: str, name: str) -> None:
     """``<gc_roots_dir>/<name>`` -> store_path, registered as an indirect GC root."""
-    spec.gc_roots_dir.mkdir(parents=True, exist_ok=True)
-    link = spec.gc_roots_dir / name
-    done = process.run(["nix-store", "--add-root", str(link), "--indirect", "--realise",
-                        store_path], env=spec.env, timeout=120)
-    if done.returncode != 0:
-        log.warning("cannot register GC root %s: %s", link, done.stderr.strip()[-500:])
+    gcroots.add_indirect_root(spec.gc_roots_dir / name, store_path, spec.env)
 
 
 def evaluate(spec: EvalSpec, progress: Progress, sink: JobSink, *, roots_name: str,

@@ -38,32 +38,35 @@ MAX_QUERY_PATHS = 20_000
 
 
 def missing_paths(settings: Settings, paths: Sequence[str], evaluation_id: int) -> list[str]:
-    """Those of ``paths`` that are not valid in the server's store. Every .drv among
-    them is rooted for ``evaluation_id`` first, as a local evaluation roots each of its
+    """Those of ``paths`` that are not valid in the server's store. The .drv files among
+    the others are rooted for ``evaluation_id``, as a local evaluation roots each of its
     derivations: one the server has already (another evaluation's, say) stays until
-    this evaluation's builds are done too, and one it lacks is rooted once uploaded."""
+    this evaluation's builds are done too (those it lacks are rooted once uploaded)."""
     if len(paths) > MAX_QUERY_PATHS:
         raise InvalidInput(f"at most {MAX_QUERY_PATHS} paths per question")
     try:
         checked = store.checked_paths(paths)
     except store.StoreError as exc:
         raise InvalidInput(str(exc)) from None
-    _root(settings, evaluation_id, checked)
-    return store.invalid_paths(checked, settings.nix_environ())
+    missing = store.invalid_paths(checked, settings.nix_environ())
+    absent = set(missing)
+    _root(settings, evaluation_id, [p for p in checked if p not in absent])
+    return missing
 
 
 def _root(settings: Settings, evaluation_id: int, paths: Sequence[str]) -> None:
-    # a root may point at a path not valid (yet): it is rooted from the moment it is.
-    # The beat removes the evaluation's roots once its builds are done
-    gcroots.add_roots(settings.evaluator.gc_roots_dir(evaluation_id),
-                      [p for p in paths if p.endswith(".drv")])
+    # through Nix (its daemon: the server need not write Nix's state directory), into
+    # the directory the beat removes once the evaluation's builds are done
+    gcroots.root_through_nix(settings.evaluator.gc_roots_dir(evaluation_id),
+                             [p for p in paths if p.endswith(".drv")],
+                             settings.nix_environ())
 
 
 def import_derivations(settings: Settings, uploader: RemoteWorker, stream: IO[bytes],
                        evaluation_id: int) -> list[str]:
     """Spool the upload, refuse it unless it holds only derivations and their sources,
-    each at the store path of its content, root the derivations for ``evaluation_id``,
-    then import it; returns the paths imported."""
+    each at the store path of its content, import it and root the derivations for
+    ``evaluation_id``; returns the paths imported."""
     owner = f"evaluator {uploader.name}"
     with tempfile.TemporaryFile(prefix="circus-derivations-") as spool:
         spool_upload(stream, spool, settings.remote_workers.max_upload_size)
@@ -72,16 +75,15 @@ def import_derivations(settings: Settings, uploader: RemoteWorker, stream: IO[by
         except ExportRefused as exc:
             log.warning("%s", exc)
             raise PermissionDenied(str(exc)) from None
-        derivations = [e.path for e in entries if e.path.endswith(".drv")]
-        # before the import: no garbage collection between the import and the build
-        # loses them (rooted already if the evaluator asked which were missing)
-        _root(settings, evaluation_id, derivations)
         try:
             imported = import_file_sync(spool, settings.nix_environ())
         except store.StoreError as exc:
             # Nix's own checks (a .drv whose outputs are not its own, ...) or its store
             log.warning("%s: %s", owner, exc)
             raise Conflict(f"the server's store did not take the upload: {exc}") from None
+    derivations = [e.path for e in entries if e.path.endswith(".drv")]
+    # right after the import: no garbage collection between it and the build loses them
+    _root(settings, evaluation_id, derivations)
     log.info("%s uploaded %d path(s) (%d derivations) for evaluation %d", owner,
              len(imported), len(derivations), evaluation_id)
     return imported

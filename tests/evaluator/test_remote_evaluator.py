@@ -147,6 +147,16 @@ def evaluator_here(world: World, directory: Path, nix_env: dict[str, str]) -> Da
                   env=env, cwd=directory)
 
 
+def rooted(roots_dir: Path) -> set[str]:
+    """What the GC roots in ``roots_dir`` keep: the paths their roots files reference
+    (the server roots an evaluation's .drv files as the evaluator does, through one
+    ``builtins.toFile`` file naming them all)."""
+    return {ref for link in roots_dir.iterdir()
+            for ref in subprocess.run(["nix-store", "--query", "--references",
+                                       os.readlink(link)], capture_output=True, text=True,
+                                      check=True).stdout.split()}
+
+
 def evaluated_ids(log: str) -> list[int]:
     """Evaluations an evaluator ran to a commit (its "evaluation N: ... new builds" line)."""
     return [int(n) for n in re.findall(r"evaluation (\d+): \d+ new builds", log)]
@@ -185,8 +195,7 @@ def test_an_evaluator_with_its_own_store_uploads_derivations_the_main_host_build
         assert all(store_has(remote_dir, d) for d in drvs)
         assert all(valid_here(d) for d in drvs)
         # and rooted them for the evaluation, as an evaluation on this store roots its own
-        server_roots = tmp_path / "evaluator" / "gcroots" / f"eval-{first}"
-        assert sorted(os.readlink(link) for link in server_roots.iterdir()) == sorted(drvs)
+        assert rooted(tmp_path / "evaluator" / "gcroots" / f"eval-{first}") == set(drvs)
         top_output = builds["top"].outputs[0].path
         assert Path(top_output).read_text() == f"data {nonce}\ndep {nonce}\n"
         assert "uploaded 3 of the 3 path(s) of the .drv closure of 2 build(s)" in remote.log()
@@ -335,13 +344,15 @@ def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_
     assert again.json() == {"missing": []}
     assert "Traceback" not in server_log
 
-    # a collection now (of exactly these paths, on this shared store) keeps them: they
-    # are rooted for evaluation 987654 as an evaluation's own .drv files are
+    # a collection now (of exactly these paths and the roots files naming them, on this
+    # shared store) keeps them: they are rooted for both evaluations as an evaluation's
+    # own .drv files are
     settings = make_settings()
-    for evaluation in (987654, 987655):
-        roots = settings.evaluator.gc_roots_dir(evaluation)
-        assert sorted(os.readlink(link) for link in roots.iterdir()) == sorted([dep, top])
-    kept = subprocess.run(["nix-store", "--delete", top, dep, data], capture_output=True,
+    roots_dirs = [settings.evaluator.gc_roots_dir(e) for e in (987654, 987655)]
+    assert [rooted(d) for d in roots_dirs] == [{dep, top}, {dep, top}]
+    collected = sorted({os.readlink(link) for d in roots_dirs for link in d.iterdir()})
+    collected += [top, dep, data]
+    kept = subprocess.run(["nix-store", "--delete", *collected], capture_output=True,
                           text=True)
     assert kept.returncode != 0
     assert "still alive" in kept.stderr, kept.stderr
@@ -349,7 +360,7 @@ def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_
     # the beat releases them with the evaluations' roots (no such evaluation is active)
     with committed_db() as session:
         assert {987654, 987655} <= set(prune_gc_roots(session, settings))
-    deleted = subprocess.run(["nix-store", "--delete", top, dep, data], capture_output=True,
+    deleted = subprocess.run(["nix-store", "--delete", *collected], capture_output=True,
                              text=True)
     assert deleted.returncode == 0, deleted.stderr
     assert not any(valid_here(p) for p in closure)

@@ -1,22 +1,27 @@
-"""GC roots as plain symlinks, registered as indirect roots without a Nix process.
+"""GC roots: symlinks to store paths in a roots directory; removing one releases it.
 
-A root is a symlink ``<roots dir>/<store path basename>`` → the store path. When
-the directory lies under ``/nix/var/nix/gcroots`` the symlink alone protects the
-path; elsewhere each link is registered as an indirect root, exactly as
-``nix-store --add-root --indirect`` does it (``gcroots/auto/<nix-base32 SHA-1 of
-the link path>`` → link). Removing the link releases the root: Nix drops an
-``auto`` entry whose link is gone at its next collection.
+Two ways to make them. :func:`add_roots` writes a symlink per path itself: when the
+directory lies under ``/nix/var/nix/gcroots`` the symlink alone protects the path;
+elsewhere it registers the link as an indirect root exactly as ``nix-store
+--add-root --indirect`` does (``gcroots/auto/<nix-base32 SHA-1 of the link path>``
+→ link), which needs write access to Nix's state directory. :func:`root_through_nix`
+asks Nix (its daemon, for a process that is not root) instead: one store file
+referencing every path (``builtins.toFile``), rooted by ``nix-store --add-root
+--indirect``, as an evaluation roots its derivations. Nix drops an ``auto`` entry
+whose link is gone at its next collection.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from circus.common.nix import base32, storepath
+from circus.common.nix import base32, process, storepath
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +83,55 @@ def add_roots(roots_dir: Path, paths: Iterable[str]) -> int:
             continue
         added += 1
     return added
+
+
+def printed_path(stdout: str) -> str | None:
+    """The store path ``nix-instantiate --eval --json`` printed last, if it did."""
+    try:
+        value = json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    return value if isinstance(value, str) and value.startswith("/") else None
+
+
+def write_roots_file(paths: Sequence[str], env: Mapping[str, str], timeout: float,
+                     scratch: Path) -> str | None:
+    """One store file referencing every one of the (valid) ``paths``: a root on it keeps
+    them all. None, with a warning, when Nix could not write it."""
+    listing = scratch / "roots.json"
+    listing.write_text(json.dumps(sorted(set(paths))))
+    expr = ("builtins.toFile \"circus-eval-roots\" (builtins.concatStringsSep \"\\n\" "
+            f"(map builtins.storePath (builtins.fromJSON (builtins.readFile {listing}))))")
+    done = process.run(["nix-instantiate", "--eval", "--json", "--read-write-mode",
+                        "-E", expr], env=env, timeout=timeout)
+    if done.returncode != 0:
+        log.warning("cannot write the GC roots file: %s", done.stderr.strip()[-500:])
+        return None
+    return printed_path(done.stdout)
+
+
+def add_indirect_root(link: Path, store_path: str, env: Mapping[str, str],
+                      timeout: float = 120) -> bool:
+    """``link`` -> ``store_path``, registered by Nix as an indirect GC root; False, with
+    a warning, when Nix refused."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    done = process.run(["nix-store", "--add-root", str(link), "--indirect", "--realise",
+                        store_path], env=env, timeout=timeout)
+    if done.returncode != 0:
+        log.warning("cannot register GC root %s: %s", link, done.stderr.strip()[-500:])
+        return False
+    return True
+
+
+def root_through_nix(roots_dir: Path, paths: Sequence[str], env: Mapping[str, str],
+                     timeout: float = 600) -> bool:
+    """Root the (valid) store ``paths`` in ``roots_dir`` with one indirect root made by
+    Nix (two Nix processes, whatever the number of paths); False, with a warning, when
+    Nix failed. The link is named after the roots file: another call adds its own."""
+    if not paths:
+        return True
+    with tempfile.TemporaryDirectory(prefix="circus-roots-") as scratch:
+        roots_file = write_roots_file(paths, env, timeout, Path(scratch))
+    if roots_file is None:
+        return False
+    return add_indirect_root(roots_dir / os.path.basename(roots_file), roots_file, env)
