@@ -14,7 +14,7 @@ from circus.common.nix.realise import Outcome, RealiseResult, realise
 from circus.common.nix.store import StoreError, dependency_order
 from circus.common.nix.store.aio import derivation_outputs, invalid_paths, path_infos
 from circus.common.nix.transfer import Importer, export_chunks
-from circus.protocol import schema
+from circus.protocol import error_summary, schema
 from circus.protocol.limits import MAX_LOG_CHUNK
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,9 @@ async def run_job(job: Job, assignment: Any, log_sink: Any, result_sink: Any,
         # a call to the runner failed (its database restarting, say): without a report
         # the runner would wait for this step as long as the connection lasts; aborted
         # is an infrastructure outcome, so the step is built again
-        log.warning("step %s: %s", job.step_id, _first_line(exc))
+        log.warning("step %s: %s", job.step_id, error_summary(exc))
         report.outcome, report.error = "aborted", \
-            f"the agent could not complete the step: {_first_line(exc)}"
+            f"the agent could not complete the step: {error_summary(exc)}"
     await report.send(result_sink)
 
 
@@ -140,12 +140,6 @@ async def _do_job(job: Job, assignment: Any, log_sink: Any, output_sink: Any, in
     report.error = result.error_message or ""
     if result.outcome in (Outcome.success, Outcome.failed_with_output):
         await _deliver_outputs(job, assignment, output_sink, environment, report)
-
-
-def _first_line(exc: BaseException) -> str:
-    """A remote exception's first line (pycapnp appends the runner's traceback)."""
-    text = getattr(exc, "description", None) or str(exc)
-    return (text.strip().splitlines() or [type(exc).__name__])[0][:500]
 
 
 async def _fetch_inputs(job: Job, assignment: Any, inputs: Any, env: dict[str, str]) -> None:

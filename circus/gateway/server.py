@@ -30,7 +30,7 @@ from circus.common.repository import RepositoryUrlError, parse_repository
 from circus.gateway import sessions as session_rows
 from circus.gateway.auth import client_cert_cn, server_ssl_context, token_accepted, token_digest
 from circus.gateway.oidc import OidcIdentity, OidcRejected, OidcVerifier, looks_like_jwt
-from circus.protocol import protocol_version, schema
+from circus.protocol import error_summary, protocol_version, schema
 from circus.protocol.limits import (
     MAX_PRESIGN_REQUESTS,
     MAX_STORE_PATH,
@@ -318,7 +318,7 @@ class Gateway:
                                                 connection_id=connection_id))
             except SQLAlchemyError as exc:
                 log.warning("cannot record the disconnect of session %s yet (%s); "
-                            "retrying", session_id, _first_line(exc))
+                            "retrying", session_id, error_summary(exc))
                 return
             if self.unrecorded_disconnects.get(session_id) == connection_id:
                 del self.unrecorded_disconnects[session_id]
@@ -374,7 +374,7 @@ class Gateway:
             # the agent is heard, only its row goes stale: failing the call would make
             # it drop the connection and its builds for a database restart
             log.warning("cannot record %s's heartbeat (%s)", agent.facts.name,
-                        _first_line(exc))
+                        error_summary(exc))
             return True
 
     # -- serving ---------------------------------------------------------------
@@ -455,7 +455,7 @@ class Gateway:
             minted, failed = iter(()), exc.message
         except SQLAlchemyError as exc:
             minted, failed = iter(()), f"the runner's database is unavailable: " \
-                f"{_first_line(exc)}"
+                f"{error_summary(exc)}"
         answers = []
         for request in requests:
             if request.store_path not in outputs:
@@ -496,7 +496,7 @@ class Gateway:
         except CircusError as exc:
             return False, exc.message
         except SQLAlchemyError as exc:
-            return False, f"the runner's database is unavailable: {_first_line(exc)}"
+            return False, f"the runner's database is unavailable: {error_summary(exc)}"
         return True, ""
 
     async def handle_connection(self, stream: Any, protocol: Any) -> None:
@@ -576,8 +576,3 @@ class Gateway:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
-
-
-def _first_line(exc: BaseException) -> str:
-    """A database error's first line (SQLAlchemy appends the statement and a link)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

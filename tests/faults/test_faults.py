@@ -21,12 +21,18 @@ injected at a random point of that round (seeded; the seed is printed, and
 - both agents (below) still run and are connected again (whatever the fault).
 
 Two agents, each alone on a network-namespace host with its own ``/nix``
-(``tests.helpers.netns``), build for the instance's gateway. Only they offer
-``AGENT_FEATURE``: the agent rounds' jobs that require it cannot be built by the
-local workers, so the agents really hold steps when their fault comes (kill -9 of
-the agent, then started again; the host's link cut, then plugged back in). After
-those, also: every step the agent held finished exactly once, and nothing of the
-agent's builds (``nix-store``, builder) is left running on its host.
+(``tests.helpers.netns``), build for the instance's gateway. They are reserved
+for ``AGENT_FEATURE`` (a mandatory feature): the jobs that require it go to them
+and nothing else does, so the local workers build the rest at their own speed
+(agents taking ordinary steps, with their inputs and outputs copied both ways,
+made every round slower: the suite grew by twice the agent rounds' time). Agent
+jobs are in the rounds where an agent holding a step matters: the agents' own
+faults (kill -9 of the agent, then started again; the host's link cut, then
+plugged back in), the queue runner's kill (the gateway dies with it),
+PostgreSQL's stop (the gateway on a database outage) and the full log
+filesystem (the gateway's log sinks). After the agents' own faults, also: every
+step the agent held finished exactly once, and nothing of the agent's builds
+(``nix-store``, builder) is left running on its host.
 
 The instance's lease, republish and beat intervals are shortened (the production
 defaults are tens of seconds) so that recovery fits the budget; the recovery times
@@ -478,11 +484,11 @@ def instance(tmp_path_factory: pytest.TempPathFactory,
 
 
 def start_agent(stack: ExitStack, directory: Path, port: int, name: str) -> Agent:
-    """An agent alone on a fresh host (own address, link and /nix), offering
+    """An agent alone on a fresh host (own address, link and /nix), reserved for
     ``AGENT_FEATURE``; one job at a time, so a layer's agent jobs spread over both."""
     host = stack.enter_context(network_host(nix_store=directory / "nix"))
     config = write_agent_config(directory, port, address=host.main_address, name=name,
-                                max_jobs=1, features=[AGENT_FEATURE],
+                                max_jobs=1, mandatory_features=[AGENT_FEATURE],
                                 heartbeat_timeout_secs=HEARTBEAT_TTL)
     daemon = host.daemon(name, [circus_command("circus-agent"), "--config", str(config)],
                          directory)
@@ -565,7 +571,7 @@ def test_kill_9_evaluator_during_an_evaluation(instance: Instance) -> None:
 
 
 def test_kill_9_queue_runner_during_builds(instance: Instance) -> None:
-    round_ = instance.trigger_round("queue-runner")
+    round_ = instance.trigger_round("queue-runner", agent_jobs=AGENT_JOBS)
     done = instance.rng.randint(2, JOBS // 2)
     wait_until(lambda: instance.terminal(round_) >= done and instance.running_steps() > 0,
                timeout=60, interval=0.05, message="builds running")
@@ -594,7 +600,7 @@ def test_redis_killed_and_restarted(instance: Instance) -> None:
 
 
 def test_postgres_fast_stopped_and_restarted(instance: Instance) -> None:
-    round_ = instance.trigger_round("postgres")
+    round_ = instance.trigger_round("postgres", agent_jobs=AGENT_JOBS)
     done = instance.rng.randint(2, JOBS // 2)
     instance.wait_terminal(round_, done)
     before = instance.tree()
@@ -627,7 +633,7 @@ def test_log_filesystem_full(instance: Instance) -> None:
     before = instance.tree()
     restarts = instance.restarts()
     filler = fill(instance.log_dir)
-    full = instance.trigger_round("logs-full")
+    full = instance.trigger_round("logs-full", agent_jobs=AGENT_JOBS)
     full.logs_kept = False
     # every build still ends, without (most of) its log; no daemon falls over
     instance.check("log filesystem full", full, "full before the trigger", 0.0, before,
