@@ -323,6 +323,10 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="another runner setting, e.g. cache.enabled=false")
     parser.add_argument("--keep-state", action="store_true", help="keep logs and databases")
+    parser.add_argument("--set-circus", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="with --reference: a setting for this checkout's instance alone "
+                             "(e.g. queue_runner.batch_size=64 against the same code)")
     parser.add_argument("--reference", type=Path, metavar="CHECKOUT",
                         help="with --e2e: also run another checkout's Circus (e.g. the main "
                              "branch) in every round, beside this one: a before/after on a "
@@ -340,8 +344,10 @@ def main() -> int:
     if args.e2e:
         import build_overhead_e2e
 
+        own = {"CIRCUS_" + key.upper().replace(".", "__"): value for key, _, value in
+               (item.partition("=") for item in args.set_circus)}
         return build_overhead_e2e.run(DAG, shape, args.rounds, nix_environ([]), EXTRA_ENV,
-                                      args.verbose, args.keep_state, args.reference)
+                                      args.verbose, args.keep_state, args.reference, own)
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-bench-", dir="/tmp"))

@@ -397,14 +397,16 @@ def nix_instantiate(directory: Path, env: dict[str, str]) -> float:
 
 def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
         extra_env: dict[str, str], verbose: bool, keep_state: bool,
-        reference: Path | None = None) -> int:
+        reference: Path | None = None, own_env: dict[str, str] | None = None) -> int:
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     root = Path(os.environ.get("BENCH_TMPDIR", "/tmp"))
     root = Path(__import__("tempfile").mkdtemp(prefix="circus-bench-e2e-", dir=root))
     root.chmod(0o755)  # the postgres user must reach its data directory
     print(f"end to end: DAG of {total} derivations ({shape}), every one a job; "
-          f"rounds: {rounds}" + (f"; reference: {reference}" if reference else ""), flush=True)
-    instances = {"circus": UpInstance(root / "circus", dag, shape, extra_env)}
+          f"rounds: {rounds}" + (f"; reference: {reference}" if reference else "")
+          + (f"; this checkout's instance only: {own_env}" if own_env else ""), flush=True)
+    instances = {"circus": UpInstance(root / "circus", dag, shape,
+                                      {**extra_env, **(own_env or {})})}
     if reference is not None:
         instances["reference"] = UpInstance(root / "reference", dag, shape, extra_env,
                                             code=reference)

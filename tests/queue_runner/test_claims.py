@@ -194,39 +194,54 @@ def _diamond_and_chain(s: Session, prefix: str) -> dict[str, int]:
 
 def test_lookahead_takes_waves_by_priority_and_reads_wide_graphs_wave_by_wave(
         committed_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
-    # wave 1: left (priority 1), then right and c1 by id; wave 2: both and c2 (the
-    # diamond waits for both sides); the batch ends before c3
+    # two heads: a wave takes at most two steps. Wave 1, by priority then id: left
+    # (priority 1) and right; c1 and the other head's dependent are left to other
+    # slots. Wave 2: both (the diamond waited for both sides); nothing depends on it
     with committed_db() as s:
         one = _diamond_and_chain(s, "wa")
+        other = add_step(s, "wa9")
+        after_other = add_step(s, "wa10", state="pending", deps=[other])
         s.commit()
-        assert claim(s, "w", limit=1, batch_limit=6) == \
-            [one["head"], one["left"], one["right"], one["c1"], one["both"], one["c2"]]
-        assert state_of(s, one["c3"]) == ("pending", None, None)
+        expected = [one["head"], other, one["left"], one["right"], one["both"]]
+        assert claim(s, "w", limit=2, batch_limit=6) == expected
+        assert state_of(s, after_other) == ("pending", None, None)
+        assert state_of(s, one["c1"]) == ("pending", None, None)
         s.rollback()
         # a graph wider than the single read takes: the same claim, a statement per wave
         monkeypatch.setattr(leases, "LOOKAHEAD_READ_CAP", 2)
-        assert claim(s, "w", limit=1, batch_limit=6) == \
-            [one["head"], one["left"], one["right"], one["c1"], one["both"], one["c2"]]
+        assert claim(s, "w", limit=2, batch_limit=7) == expected
+        s.rollback()
+
+
+def test_lookahead_follows_chains_and_leaves_fan_outs_to_other_slots(
+        committed_db: sessionmaker[Session]) -> None:
+    with committed_db() as s:
+        head = add_step(s, "fo0")
+        fan = [add_step(s, f"fo{i}", state="pending", deps=[head]) for i in range(1, 4)]
+        s.commit()
+        assert claim(s, "w", limit=1, batch_limit=10) == [head, fan[0]]
         s.rollback()
 
 
 def test_lookahead_leaves_steps_another_transaction_holds_and_their_dependents(
         committed_db: sessionmaker[Session]) -> None:
     with committed_db() as s, committed_db() as other:
-        one = _diamond_and_chain(s, "wl")
+        head = add_step(s, "wl0")
+        chain = [add_step(s, "wl1", state="pending", deps=[head])]
+        for i in (2, 3):
+            chain.append(add_step(s, f"wl{i}", state="pending", deps=[chain[-1]]))
         s.commit()
         # e.g. a finishing transaction queuing it: locked, so skipped
         other.execute(text("SELECT id FROM steps WHERE id = :id FOR UPDATE"),
-                      {"id": one["c1"]})
-        got = claim(s, "w", limit=1, batch_limit=10)
-        assert got == [one["head"], one["left"], one["right"], one["both"]]
-        # c2 and c3 waited for c1: not claimed, and left as they were
-        for step in ("c1", "c2", "c3"):
-            assert state_of(s, one[step]) == ("pending", None, None)
+                      {"id": chain[1]})
+        assert claim(s, "w", limit=1, batch_limit=10) == [head, chain[0]]
+        # the third waited for the second: not claimed, and left as it was
+        for step in chain[1:]:
+            assert state_of(s, step) == ("pending", None, None)
         assert s.execute(text(
             "SELECT count(*) FROM steps WHERE id = ANY(:ids) AND (machine IS NOT NULL "
             "OR lease_until IS NOT NULL OR started_at IS NOT NULL)"),
-            {"ids": [one["c2"], one["c3"]]}).scalar_one() == 0
+            {"ids": chain[1:]}).scalar_one() == 0
         s.commit()
         other.rollback()
 

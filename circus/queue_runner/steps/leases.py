@@ -369,8 +369,8 @@ def _lookahead_candidates(session: Session, params: dict[str, Any], held: list[i
 def _plan_waves(candidates: dict[int, tuple[int, frozenset[int]]], held: list[int],
                 batch_size: int) -> list[int]:
     """The steps the waves take, in order: each wave takes the candidates that depend on
-    the previous wave and wait for held steps only, by priority then id, while there is
-    room."""
+    the previous wave and wait for held steps only, by priority then id, no more than
+    the previous wave (:func:`_wave_room`), while there is room."""
     taken = set(held)
     frontier = set(held)
     chosen: list[int] = []
@@ -379,11 +379,19 @@ def _plan_waves(candidates: dict[int, tuple[int, frozenset[int]]], held: list[in
                        if step_id not in taken and waiting_for & frontier
                        and waiting_for <= taken),
                       key=lambda step_id: (-candidates[step_id][0], step_id))
-        wave = wave[:batch_size - len(taken)]
+        wave = wave[:_wave_room(len(frontier), batch_size - len(taken))]
         frontier = set(wave)
         taken.update(wave)
         chosen.extend(wave)
     return chosen
+
+
+def _wave_room(frontier: int, room: int) -> int:
+    """Steps a look-ahead wave may take: no more than the wave before it. A batch is
+    built one derivation at a time, so following chains costs nothing, but taking in a
+    fan-out (many steps waiting for one) would build serially what other slots could
+    build side by side."""
+    return min(frontier, room)
 
 
 def _claim_waves(session: Session, params: dict[str, Any], held: list[int],
@@ -412,7 +420,7 @@ def _claim_waves(session: Session, params: dict[str, Any], held: list[int],
             FROM pick WHERE steps.id = pick.id AND steps.state = 'pending'
             {_RETURNING}
         """), {**params, "frontier": frontier, "held": held,
-               "room": batch_size - len(held)}).all()
+               "room": _wave_room(len(frontier), batch_size - len(held))}).all()
         frontier = [row.id for row in more]
         held.extend(frontier)
         claimed.extend(_claimed(row, lookahead=True) for row in more)
