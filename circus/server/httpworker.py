@@ -169,6 +169,8 @@ class NarinfoBatches:
         self.started = 0.0
         self.waiting: list[Waiting] = []
         self.asked: list[Waiting] = []
+        #: the index's generation when the query in flight was sent
+        self.asked_since = 0
         self.failed_at = -RETRY_SECS
 
     def available(self) -> bool:
@@ -192,6 +194,7 @@ class NarinfoBatches:
             elif self.waiting:
                 self.phase = "query"
                 self.asked, self.waiting = self.waiting, []
+                self.asked_since = self.index.generation
                 self.cursor.execute("EXECUTE circus_narinfos(%s)",
                                     ([w.lookup.hash_part for w in self.asked],))
             else:
@@ -231,7 +234,7 @@ class NarinfoBatches:
         worker = self.worker
         for waiting in asked:
             hash_part = waiting.lookup.hash_part
-            body = self.index.answer(hash_part, None, found.get(hash_part))
+            body = self.index.answer(hash_part, None, found.get(hash_part), self.asked_since)
             response = self.fastpath.raw_answer(body, waiting.lookup.head)
             if worker.send_answer(waiting.conn, waiting.length, response):
                 worker.keep_alive(waiting.conn)
