@@ -82,6 +82,12 @@ class CircusThreadWorker(ThreadWorker):  # type: ignore[misc]
         if self.fastpath is None or not self._answered_inline(conn, self.fastpath):
             super().on_client_socket_readable(conn, client)
 
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        super().wait_for_and_dispatch_events(timeout)
+        # after every ready connection has been read: one query for all their lookups
+        if self.batches is not None:
+            self.batches.flush()
+
     def murder_keepalived(self, force: bool = False) -> None:
         super().murder_keepalived(force)
         if self.batches is not None:
@@ -177,8 +183,13 @@ class NarinfoBatches:
         return time.monotonic() - self.failed_at >= RETRY_SECS
 
     def add(self, waiting: Waiting) -> None:
+        """Ask for ``waiting`` with the next query (``flush`` sends it)."""
         self.waiting.append(waiting)
-        if self.phase == "idle":
+
+    def flush(self) -> None:
+        """Send the lookups added since the last query, unless one is in flight (they
+        go with the next one then)."""
+        if self.waiting and self.phase == "idle":
             self._next()
 
     def _next(self) -> None:
@@ -226,6 +237,12 @@ class NarinfoBatches:
                     self._fail(exc)
                     return
                 self._answer(rows)
+                # the next query goes at the end of this round of events (``flush``), with
+                # the lookups of every connection that round reads as well
+                self.phase = "idle"
+                if not self.waiting:
+                    self._watch(None)
+                return
             self._next()
 
     def _answer(self, rows: list[tuple[Any, ...]]) -> None:
