@@ -207,6 +207,13 @@ def test_event_loop_answers_only_simple_requests_and_only_from_memory(
     ]
     for bad in unusual:
         assert fastpath.raw_response(bad) is None, bad
+    for fields in ("Connection: keep-alive\r\n", "Host: x\r\nconnection:Keep-Alive \r\n"):
+        answered = fastpath.raw_response(request(f"GET {path} HTTP/1.1", fields))
+        assert isinstance(answered, bytes)
+        assert answered.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert answered.endswith(text_)
+    assert fastpath.raw_response(request(
+        f"GET {path} HTTP/1.1", "Connection: keep-alive, close\r\n")) is None
 
     # retention (or any writer) deletes the path: memory forgets the text at once
     with committed_db.begin() as session:
