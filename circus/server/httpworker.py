@@ -53,6 +53,8 @@ PEEK_BYTES = 8192
 RETRY_SECS = 1.0
 #: a query (or connecting) that takes longer is given up: its requests go to the pool
 QUERY_TIMEOUT_SECS = 10.0
+#: batch connections per worker (queries in flight at once)
+LANES = 3
 
 
 @dataclass
@@ -155,28 +157,18 @@ class CircusThreadWorker(ThreadWorker):  # type: ignore[misc]
 
 
 class NarinfoBatches:
-    """Cold shared-cache narinfo lookups on the worker's event loop: one connection, one
-    query in flight, each query asking for every hash part that arrived meanwhile.
-
-    The connection is a non-blocking psycopg2 one (``async_``): connecting, preparing
-    the statement and each query are driven by ``poll()`` whenever the worker's
-    selector says its socket is ready, so the loop never waits for the database.
+    """Cold shared-cache narinfo lookups on the worker's event loop: at the end of each
+    round of events, one query for every lookup read since, on a connection of its own
+    that has no query in flight (at most ``LANES``; while all are busy, lookups wait
+    for the next one that ends). A query's round trip is then no longer a pause for
+    every lookup read meanwhile, only for those it carries.
     """
 
     def __init__(self, worker: CircusThreadWorker, fastpath: NarinfoFastPath) -> None:
         self.worker = worker
         self.fastpath = fastpath
-        self.index = fastpath.index
-        self.connection: Any = None
-        self.cursor: Any = None
-        self.phase = "idle"  # "connect" | "prepare" | "query" | "idle"
-        self.prepared = False
-        self.registered: int | None = None  # selector event the socket is registered for
-        self.started = 0.0
+        self.lanes: list[BatchLane] = []
         self.waiting: list[Waiting] = []
-        self.asked: list[Waiting] = []
-        #: the index's generation when the query in flight was sent
-        self.asked_since = 0
         self.failed_at = -RETRY_SECS
 
     def available(self) -> bool:
@@ -187,10 +179,59 @@ class NarinfoBatches:
         self.waiting.append(waiting)
 
     def flush(self) -> None:
-        """Send the lookups added since the last query, unless one is in flight (they
-        go with the next one then)."""
-        if self.waiting and self.phase == "idle":
-            self._next()
+        """Send the lookups added since the last query on an idle lane, if there is one."""
+        if not self.waiting:
+            return
+        idle = [lane for lane in self.lanes if lane.phase == "idle"]
+        if not idle and len(self.lanes) < LANES:
+            idle = [BatchLane(self)]
+            self.lanes.append(idle[0])
+        if idle:
+            # a connected lane first: a new one has to connect and prepare
+            lane = max(idle, key=lambda each: each.prepared)
+            lane.waiting, self.waiting = self.waiting, []
+            lane._next()
+
+    def failed(self, exc: BaseException) -> None:
+        """A lane failed: the lookups not yet sent go to the pool too."""
+        log.warning("narinfo batch lookup failed, the thread pool answers for %s s: %s",
+                    RETRY_SECS, exc)
+        self.failed_at = time.monotonic()
+        waiting, self.waiting = self.waiting, []
+        for each in waiting:
+            self.worker.enqueue_req(each.conn)
+
+    def check_timeout(self) -> None:
+        for lane in self.lanes:
+            lane.check_timeout()
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()
+
+
+class BatchLane:
+    """One non-blocking psycopg2 connection (``async_``) of ``NarinfoBatches`` with at
+    most one query in flight: connecting, preparing the statement and each query are
+    driven by ``poll()`` whenever the worker's selector says its socket is ready, so the
+    loop never waits for the database."""
+
+    def __init__(self, batches: NarinfoBatches) -> None:
+        self.batches = batches
+        self.worker = batches.worker
+        self.fastpath = batches.fastpath
+        self.index = batches.fastpath.index
+        self.connection: Any = None
+        self.cursor: Any = None
+        self.phase = "idle"  # "connect" | "prepare" | "query" | "idle"
+        self.prepared = False
+        self.registered: int | None = None  # selector event the socket is registered for
+        self.started = 0.0
+        #: lookups to send once connected, then those of the query in flight
+        self.waiting: list[Waiting] = []
+        self.asked: list[Waiting] = []
+        #: the index's generation when the query in flight was sent
+        self.asked_since = 0
 
     def _next(self) -> None:
         try:
@@ -240,8 +281,7 @@ class NarinfoBatches:
                 # the next query goes at the end of this round of events (``flush``), with
                 # the lookups of every connection that round reads as well
                 self.phase = "idle"
-                if not self.waiting:
-                    self._watch(None)
+                self._watch(None)
                 return
             self._next()
 
@@ -280,13 +320,11 @@ class NarinfoBatches:
     def _fail(self, exc: BaseException) -> None:
         """Drop the connection; every request waiting goes to the pool, where the WSGI
         path answers it (with its own retry, or the usual JSON error)."""
-        log.warning("narinfo batch lookup failed, the thread pool answers for %s s: %s",
-                    RETRY_SECS, exc)
-        self.failed_at = time.monotonic()
         self._drop_connection()
         waiting, self.asked, self.waiting = [*self.asked, *self.waiting], [], []
         for each in waiting:
             self.worker.enqueue_req(each.conn)
+        self.batches.failed(exc)
 
     def _drop_connection(self) -> None:
         if self.connection is not None:
