@@ -53,6 +53,8 @@ PEEK_BYTES = 8192
 RETRY_SECS = 1.0
 #: a query (or connecting) that takes longer is given up: its requests go to the pool
 QUERY_TIMEOUT_SECS = 10.0
+#: batch connections per worker (queries in flight at once)
+LANES = 3
 
 
 @dataclass
@@ -81,6 +83,12 @@ class CircusThreadWorker(ThreadWorker):  # type: ignore[misc]
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
         if self.fastpath is None or not self._answered_inline(conn, self.fastpath):
             super().on_client_socket_readable(conn, client)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        super().wait_for_and_dispatch_events(timeout)
+        # after every ready connection has been read: one query for all their lookups
+        if self.batches is not None:
+            self.batches.flush()
 
     def murder_keepalived(self, force: bool = False) -> None:
         super().murder_keepalived(force)
@@ -149,35 +157,81 @@ class CircusThreadWorker(ThreadWorker):  # type: ignore[misc]
 
 
 class NarinfoBatches:
-    """Cold shared-cache narinfo lookups on the worker's event loop: one connection, one
-    query in flight, each query asking for every hash part that arrived meanwhile.
-
-    The connection is a non-blocking psycopg2 one (``async_``): connecting, preparing
-    the statement and each query are driven by ``poll()`` whenever the worker's
-    selector says its socket is ready, so the loop never waits for the database.
+    """Cold shared-cache narinfo lookups on the worker's event loop: at the end of each
+    round of events, one query for every lookup read since, on a connection of its own
+    that has no query in flight (at most ``LANES``; while all are busy, lookups wait
+    for the next one that ends). A query's round trip is then no longer a pause for
+    every lookup read meanwhile, only for those it carries.
     """
 
     def __init__(self, worker: CircusThreadWorker, fastpath: NarinfoFastPath) -> None:
         self.worker = worker
         self.fastpath = fastpath
-        self.index = fastpath.index
-        self.connection: Any = None
-        self.cursor: Any = None
-        self.phase = "idle"  # "connect" | "prepare" | "query" | "idle"
-        self.prepared = False
-        self.registered: int | None = None  # selector event the socket is registered for
-        self.started = 0.0
+        self.lanes: list[BatchLane] = []
         self.waiting: list[Waiting] = []
-        self.asked: list[Waiting] = []
         self.failed_at = -RETRY_SECS
 
     def available(self) -> bool:
         return time.monotonic() - self.failed_at >= RETRY_SECS
 
     def add(self, waiting: Waiting) -> None:
+        """Ask for ``waiting`` with the next query (``flush`` sends it)."""
         self.waiting.append(waiting)
-        if self.phase == "idle":
-            self._next()
+
+    def flush(self) -> None:
+        """Send the lookups added since the last query on an idle lane, if there is one."""
+        if not self.waiting:
+            return
+        idle = [lane for lane in self.lanes if lane.phase == "idle"]
+        if not idle and len(self.lanes) < LANES:
+            idle = [BatchLane(self)]
+            self.lanes.append(idle[0])
+        if idle:
+            # a connected lane first: a new one has to connect and prepare
+            lane = max(idle, key=lambda each: each.prepared)
+            lane.waiting, self.waiting = self.waiting, []
+            lane._next()
+
+    def failed(self, exc: BaseException) -> None:
+        """A lane failed: the lookups not yet sent go to the pool too."""
+        log.warning("narinfo batch lookup failed, the thread pool answers for %s s: %s",
+                    RETRY_SECS, exc)
+        self.failed_at = time.monotonic()
+        waiting, self.waiting = self.waiting, []
+        for each in waiting:
+            self.worker.enqueue_req(each.conn)
+
+    def check_timeout(self) -> None:
+        for lane in self.lanes:
+            lane.check_timeout()
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()
+
+
+class BatchLane:
+    """One non-blocking psycopg2 connection (``async_``) of ``NarinfoBatches`` with at
+    most one query in flight: connecting, preparing the statement and each query are
+    driven by ``poll()`` whenever the worker's selector says its socket is ready, so the
+    loop never waits for the database."""
+
+    def __init__(self, batches: NarinfoBatches) -> None:
+        self.batches = batches
+        self.worker = batches.worker
+        self.fastpath = batches.fastpath
+        self.index = batches.fastpath.index
+        self.connection: Any = None
+        self.cursor: Any = None
+        self.phase = "idle"  # "connect" | "prepare" | "query" | "idle"
+        self.prepared = False
+        self.registered: int | None = None  # selector event the socket is registered for
+        self.started = 0.0
+        #: lookups to send once connected, then those of the query in flight
+        self.waiting: list[Waiting] = []
+        self.asked: list[Waiting] = []
+        #: the index's generation when the query in flight was sent
+        self.asked_since = 0
 
     def _next(self) -> None:
         try:
@@ -192,6 +246,7 @@ class NarinfoBatches:
             elif self.waiting:
                 self.phase = "query"
                 self.asked, self.waiting = self.waiting, []
+                self.asked_since = self.index.generation
                 self.cursor.execute("EXECUTE circus_narinfos(%s)",
                                     ([w.lookup.hash_part for w in self.asked],))
             else:
@@ -223,6 +278,11 @@ class NarinfoBatches:
                     self._fail(exc)
                     return
                 self._answer(rows)
+                # the next query goes at the end of this round of events (``flush``), with
+                # the lookups of every connection that round reads as well
+                self.phase = "idle"
+                self._watch(None)
+                return
             self._next()
 
     def _answer(self, rows: list[tuple[Any, ...]]) -> None:
@@ -231,7 +291,7 @@ class NarinfoBatches:
         worker = self.worker
         for waiting in asked:
             hash_part = waiting.lookup.hash_part
-            body = self.index.answer(hash_part, None, found.get(hash_part))
+            body = self.index.answer(hash_part, None, found.get(hash_part), self.asked_since)
             response = self.fastpath.raw_answer(body, waiting.lookup.head)
             if worker.send_answer(waiting.conn, waiting.length, response):
                 worker.keep_alive(waiting.conn)
@@ -260,13 +320,11 @@ class NarinfoBatches:
     def _fail(self, exc: BaseException) -> None:
         """Drop the connection; every request waiting goes to the pool, where the WSGI
         path answers it (with its own retry, or the usual JSON error)."""
-        log.warning("narinfo batch lookup failed, the thread pool answers for %s s: %s",
-                    RETRY_SECS, exc)
-        self.failed_at = time.monotonic()
         self._drop_connection()
         waiting, self.asked, self.waiting = [*self.asked, *self.waiting], [], []
         for each in waiting:
             self.worker.enqueue_req(each.conn)
+        self.batches.failed(exc)
 
     def _drop_connection(self) -> None:
         if self.connection is not None:

@@ -22,7 +22,7 @@ from circus.common.models import Project
 from circus.common.nix import base32
 from circus.server.app import create_app
 from circus.server.cache.fastpath import ColdLookup, NarinfoFastPath
-from circus.server.cache.lookup import CacheIndex
+from circus.server.cache.lookup import ABSENT, CacheIndex
 from circus.server.security import SECURITY_HEADERS
 from tests.cache.support import make_build, nix_build, simple_expr
 
@@ -207,6 +207,13 @@ def test_event_loop_answers_only_simple_requests_and_only_from_memory(
     ]
     for bad in unusual:
         assert fastpath.raw_response(bad) is None, bad
+    for fields in ("Connection: keep-alive\r\n", "Host: x\r\nconnection:Keep-Alive \r\n"):
+        answered = fastpath.raw_response(request(f"GET {path} HTTP/1.1", fields))
+        assert isinstance(answered, bytes)
+        assert answered.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert answered.endswith(text_)
+    assert fastpath.raw_response(request(
+        f"GET {path} HTTP/1.1", "Connection: keep-alive, close\r\n")) is None
 
     # retention (or any writer) deletes the path: memory forgets the text at once
     with committed_db.begin() as session:
@@ -214,3 +221,29 @@ def test_event_loop_answers_only_simple_requests_and_only_from_memory(
     assert eventually(lambda: index.known.surely_absent(hash_part), 1.0)
     assert eventually(lambda: (fastpath.raw_response(get) or b"").startswith(
         b"HTTP/1.1 404 NOT FOUND\r\n"), 1.0)
+
+
+def test_an_answer_looked_up_across_a_change_is_sent_but_not_kept(
+        app: Flask, committed_db: sessionmaker[Session]) -> None:
+    """A lookup that read a row just before retention deleted it may still answer its own
+    request (the database said so then), but the LRU must not keep it: the deletion's
+    notification, already applied, would never drop it."""
+    index = live_index(app.extensions["circus_cache"])
+    kept, deleted = fake_hashes(2)
+    with committed_db.begin() as session:
+        insert_fake_rows(session, [kept, deleted])
+    assert eventually(lambda: not index.known.surely_absent(deleted), 1.0)
+
+    since = index.generation
+    row = index.queries.rows("circus_narinfo", deleted)[0]  # read before the deletion
+    with committed_db.begin() as session:
+        session.execute(text("DELETE FROM narinfo_cache WHERE hash_part = :h"), {"h": deleted})
+    assert eventually(lambda: index.generation != since, 1.0)
+    assert index.answer(deleted, None, row, since) is not None
+    assert index.cached_narinfo(deleted) is ABSENT
+    assert index.narinfo(deleted) is None
+
+    since = index.generation  # nothing changes meanwhile: the answer is kept
+    body = index.answer(kept, None, index.queries.rows("circus_narinfo", kept)[0], since)
+    assert body is not None
+    assert index.cached_narinfo(kept) == body

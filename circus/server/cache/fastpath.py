@@ -51,8 +51,10 @@ _SIMPLE_REQUEST = re.compile(
     rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1\r\n"
     rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~]*\r\n)*)\r\n\Z")
 #: header fields that change how the connection or a body is read: left to gunicorn
+#: (``Connection: keep-alive`` alone changes nothing in HTTP/1.1)
 _FRAMING_FIELDS = re.compile(
-    rb"(?:^|\n)(?:content-length|transfer-encoding|connection|upgrade|expect|te)[ \t]*:",
+    rb"(?:^|\n)(?:content-length|transfer-encoding|upgrade|expect|te|"
+    rb"connection(?![ \t]*:[ \t]*keep-alive[ \t]*\r))[ \t]*:",
     re.IGNORECASE)
 _NOT_FOUND = json.dumps({"error": "no such path in this cache", "details": None}).encode()
 

@@ -202,6 +202,12 @@ class CacheIndex:
         self.nars: TtlLru[NarLocation | None] = TtlLru(max(1024, settings.narinfo_cache_size // 4))
         self.projects: TtlLru[tuple[int, bool] | None] = TtlLru(1024)
         self.queries = DirectQueries(engine, DIRECT_CONNECTIONS)
+        #: bumped (under ``_changes``) by every change the listener applies: an answer
+        #: looked up while one arrived may predate it, so it is sent but not kept (a
+        #: deletion's notification would otherwise be overtaken by the answer it outdates,
+        #: which the LRU would then serve for narinfo_cache_ttl_secs)
+        self.generation = 0
+        self._changes = threading.Lock()
         self.known = KnownHashes(engine, self._changed)
 
     def close(self) -> None:
@@ -211,16 +217,25 @@ class CacheIndex:
     def _changed(self, change: Change) -> None:
         """A change to narinfo_cache (from the index's listener): drop what it outdates."""
         kind, hashes = change
-        if kind == "+":
-            # a miss remembered before the path was published; per-project misses
-            # expire after negative_cache_ttl_secs
-            for hash_part in hashes:
-                self.narinfos.discard((None, hash_part))
-        else:
-            # a path deleted or changed (signature, storage), or notifications that
-            # may have been missed: rare, so simply forget every answer
-            self.narinfos.clear()
-            self.nars.clear()
+        with self._changes:
+            self.generation += 1
+            if kind == "+":
+                # a miss remembered before the path was published; per-project misses
+                # expire after negative_cache_ttl_secs
+                for hash_part in hashes:
+                    self.narinfos.discard((None, hash_part))
+            else:
+                # a path deleted or changed (signature, storage), or notifications that
+                # may have been missed: rare, so simply forget every answer
+                self.narinfos.clear()
+                self.nars.clear()
+
+    def _keep(self, lru: TtlLru[V], key: object, value: V, ttl: float, since: int) -> None:
+        """Put an answer looked up from generation ``since`` into ``lru``, unless a change
+        arrived meanwhile."""
+        with self._changes:
+            if self.generation == since:
+                lru.put(key, value, ttl)
 
     def cached_narinfo(self, hash_part: str, project: str | None = None) -> bytes | object | None:
         """The cached answer (text, or None for a known miss) or ``_ABSENT``."""
@@ -254,23 +269,26 @@ class CacheIndex:
             return cached  # type: ignore[return-value]
         if self.known.surely_absent(hash_part):
             return None
+        since = self.generation
         if project is None:
             rows = self.queries.rows("circus_narinfo", hash_part)
         else:
             rows = self.queries.rows("circus_project_narinfo", hash_part, project)
-        return self.answer(hash_part, project, rows[0] if rows else None, remember=remember)
+        return self.answer(hash_part, project, rows[0] if rows else None, since,
+                           remember=remember)
 
-    def answer(self, hash_part: str, project: str | None, row: tuple[Any, ...] | None, *,
-               remember: bool = True) -> bytes | None:
-        """The answer for the row a lookup found (``records.COLUMNS``, None: no row), kept
-        in the LRU unless ``remember`` is False."""
+    def answer(self, hash_part: str, project: str | None, row: tuple[Any, ...] | None,
+               since: int, *, remember: bool = True) -> bytes | None:
+        """The answer for the row a lookup found (``records.COLUMNS``, None: no row) in a
+        query sent at ``generation`` ``since``; kept in the LRU unless ``remember`` is
+        False or a change arrived meanwhile."""
         if row is None:
             if remember:
-                self.narinfos.put((project, hash_part), None, self.negative_ttl)
+                self._keep(self.narinfos, (project, hash_part), None, self.negative_ttl, since)
             return None
         body = records.from_row(dict(zip(records.COLUMNS, row, strict=True))).render().encode()
         if remember:
-            self.narinfos.put((project, hash_part), body, self.ttl)
+            self._keep(self.narinfos, (project, hash_part), body, self.ttl, since)
         return body
 
     def any_narinfo(self, hash_part: str) -> tuple[str, bytes] | None:
@@ -297,15 +315,16 @@ class CacheIndex:
         cached = self.nars.get((project, url))
         if cached is not _ABSENT:
             return cached  # type: ignore[return-value]
+        since = self.generation
         if project is None:
             rows = self.queries.rows("circus_nar", url)
         else:
             rows = self.queries.rows("circus_project_nar", url, project)
         if not rows:
-            self.nars.put((project, url), None, self.negative_ttl)
+            self._keep(self.nars, (project, url), None, self.negative_ttl, since)
             return None
         location = NarLocation(url, frozenset(row[0] for row in rows))
-        self.nars.put((project, url), location, self.ttl)
+        self._keep(self.nars, (project, url), location, self.ttl, since)
         return location
 
 
