@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, lazyload
 
 from circus.auth.actor import Actor
 from circus.auth.visibility import hidden_project_ids, only_visible
-from circus.common.enums import BuildStatus, EvaluationStatus, StepState
+from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus, EvaluationStatus, StepState
 from circus.common.heartbeat import STALE_AFTER, freshness
 from circus.common.models import (
     Build,
@@ -139,7 +139,7 @@ def queue_summary(session: Session) -> dict[str, Any]:
             Build.status.in_([BuildStatus.pending, BuildStatus.running]))
         .group_by(Build.status)).tuples().all())
     steps = dict(session.execute(
-        select(Step.state, func.count()).where(Step.state != StepState.done)
+        select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
         .group_by(Step.state)).tuples().all())
     return {"pending": builds.get(BuildStatus.pending, 0),
             "running": builds.get(BuildStatus.running, 0),
@@ -398,7 +398,7 @@ def queue_classes(session: Session) -> list[QueueClass]:
     classes: dict[str, QueueClass] = {}
     for name, state, count in session.execute(
             select(Step.queue_class, Step.state, func.count())
-            .where(Step.state != StepState.done).group_by(Step.queue_class, Step.state)):
+            .where(Step.state.in_(ACTIVE_STEP_STATES)).group_by(Step.queue_class, Step.state)):
         setattr(classes.setdefault(name, QueueClass(name)), state.value, count)
     return sorted(classes.values(), key=lambda c: c.name)
 
