@@ -259,13 +259,19 @@ def job_matrix(session: Session, jobset_id: int, evaluations: list[Evaluation], 
         EvaluationBuild.build_id).where(EvaluationBuild.evaluation_id == rows_of,
                                         EvaluationBuild.build_id == Build.id).exists())
     if job_filter:
+        # every name is matched to count them anyway: the page and the count in one pass
         names = names.where(Build.job_name.icontains(job_filter, autoescape=True))
-        total = int(session.scalar(select(func.count()).select_from(names.subquery())) or 0)
+        page = session.execute(names.add_columns(func.count().over()).order_by(Build.job_name)
+                               .offset(offset).limit(limit)).all()
+        jobs = [job for job, _ in page]
+        total = page[0][1] if page else int(session.scalar(
+            select(func.count()).select_from(names.subquery())) or 0) if offset else 0
     else:
+        jobs = list(session.scalars(names.order_by(Build.job_name).offset(offset)
+                                    .limit(limit)))
         # one build per job: the members, counted in the membership index alone
         total = int(session.scalar(select(func.count()).select_from(EvaluationBuild).where(
             EvaluationBuild.evaluation_id == rows_of)) or 0)
-    jobs = list(session.scalars(names.order_by(Build.job_name).offset(offset).limit(limit)))
     cells: dict[tuple[str, int], tuple[int, BuildStatus]] = {}
     if jobs:
         # the jobset's (jobset_id, job_name) index finds the few builds of these jobs
