@@ -58,6 +58,11 @@ class StepState(StrEnum):
     done = "done"  # finished; `status` says how
 
 
+#: the states of steps still to finish, listed (``IN``, served by the state index;
+#: ``!= done`` is not, and read every active step's row)
+ACTIVE_STEP_STATES = [StepState.pending, StepState.queued, StepState.running]
+
+
 class EvaluationStatus(StrEnum):
     pending = "pending"
     running = "running"

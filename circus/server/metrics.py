@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import (
+    ACTIVE_STEP_STATES,
     BuildStatus,
     EvaluationStatus,
     NotificationTaskStatus,
@@ -146,7 +147,7 @@ class DatabaseCollector(Collector):
                 .where(Step.state == StepState.queued).group_by(Step.queue_class)):
             families.depth.add_metric([queue], count)
         counts = dict(session.execute(
-            select(Step.state, func.count()).where(Step.state != StepState.done)
+            select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
             .group_by(Step.state)).tuples().all())
         for state in (StepState.pending, StepState.queued, StepState.running):
             families.steps.add_metric([state.value], counts.get(state, 0))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, text, update
+from sqlalchemy import Engine, event, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common import counting
@@ -134,6 +134,15 @@ def test_long_lists_estimate_their_total(client: FlaskClient, admin: dict[str, s
     assert long["total"] >= 4
     short = client.get("/api/v1/builds?status=failed", headers=admin).get_json()
     assert (short["total"], short["total_exact"]) == (1, True)
+    # an estimate far beyond the bound is answered without counting
+    monkeypatch.setattr(counting, "EXACT_UP_TO", 1)
+    seen: list[str] = []
+    event.listen(db.get_bind(), "before_cursor_execute",
+                 lambda *args: seen.append(args[2]))
+    far = client.get("/api/v1/builds?limit=2", headers=admin).get_json()
+    assert (far["total"], far["total_exact"]) == (6, False)
+    assert any(s.startswith("EXPLAIN") for s in seen)
+    assert not [s for s in seen if s.startswith("SELECT count(*)")]
 
 
 def test_search_finds_jobs_by_substring_and_store_paths_by_prefix(

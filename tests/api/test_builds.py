@@ -149,6 +149,17 @@ def test_recent_and_stats(client: FlaskClient, admin: dict[str, str], world: Wor
     assert stats["avg_duration_seconds"] > 0
 
 
+def test_stats_count_the_steps_still_to_finish(client: FlaskClient, admin: dict[str, str],
+                                               world: World, db: Session) -> None:
+    build = world.build(world.evaluation(world.jobset(world.project())), "a")
+    for nr, state in enumerate([StepState.pending, StepState.queued, StepState.queued,
+                                StepState.running, StepState.done, StepState.done], 1):
+        add_step(db, build.id, f"/nix/store/{nr:032d}-s.drv", log_path=None, state=state,
+                 nr=nr)
+    stats = client.get("/api/v1/builds/stats", headers=admin).get_json()
+    assert stats["steps_by_state"] == {"pending": 1, "queued": 2, "running": 1}
+
+
 def test_steps_relations(client: FlaskClient, admin: dict[str, str], world: World,
                          db: Session) -> None:
     evaluation = world.evaluation(world.jobset(world.project()))

@@ -237,6 +237,7 @@ def test_job_matrix_pages_and_filters_the_newest_evaluations_jobs(rows: Rows) ->
     assert matrix(offset=1, limit=2) == (["lib.beta", "lib.kept"], 4)
     assert matrix("LIB.") == (["lib.alpha", "lib.beta", "lib.kept"], 3)
     assert matrix("lib.", offset=2) == (["lib.kept"], 3)
+    assert matrix("lib.", offset=10) == ([], 3)
     assert matrix("%") == ([], 0)
     cells = job_matrix(rows.db, jobset.id, shown, job_filter="kept", offset=0, limit=50).cells
     assert cells == {("lib.kept", old.id): (kept.id, BuildStatus.succeeded),

@@ -17,7 +17,7 @@ from circus.common.models.base import (
     IntPK,
     TextList,
 )
-from circus.common.statussql import PENDING
+from circus.common.statussql import PENDING, RUNNING
 
 if TYPE_CHECKING:
     from circus.common.models.evaluations import Evaluation
@@ -89,6 +89,9 @@ class Build(Base):
         Index("ix_builds_job_name_jobset_id", "job_name", "jobset_id", text("id DESC")),
         Index("ix_builds_system", "system"),
         Index("ix_builds_completed_at", text("completed_at DESC")),
+        # the running builds, started last first (the home page)
+        Index("ix_builds_running", text("started_at DESC NULLS LAST"), text("id DESC"),
+              postgresql_where=text(f"status = {RUNNING}")),
         # the dispatcher's scan for builds that still need their steps computed
         Index("ix_builds_unstepped", "id",
               postgresql_where=text(f"status = {PENDING} AND stepped_at IS NULL")),

@@ -8,7 +8,7 @@ from flask import Flask
 from flask_smorest import Api
 
 from circus import __version__
-from circus.common.counting import EXACT_UP_TO
+from circus.common.counting import EXACT_UP_TO, TRUSTED_BEYOND
 from circus.server.api import (
     admin,
     buildfiles,
@@ -43,11 +43,13 @@ def spec_options() -> dict[str, Any]:
                                 "<api key>` (or a session cookie plus `X-CSRFToken` for "
                                 "mutations). Lists answer `{items, total, total_exact, "
                                 f"limit, offset}}`: `total` is exact up to {EXACT_UP_TO:,} "
-                                "items and "
-                                "the database's estimate beyond (`total_exact` false); "
+                                "items and the database's estimate beyond (`total_exact` "
+                                "false), taken without counting when it is above "
+                                f"{EXACT_UP_TO * TRUSTED_BEYOND:,}; "
                                 "lists ordered by id also answer `next_cursor`, to pass as "
                                 "`cursor` (as fast on the last page as on the first, unlike "
-                                "`offset`). Errors answer `{error, details}`."},
+                                "`offset`, which is walked: deep offsets cost more). "
+                                "Errors answer `{error, details}`."},
         "components": {"securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer",
                        "description": "an API key created with POST /api/v1/api-keys"},

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
-from circus.common.enums import BuildStatus, StepState
+from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus
 from circus.common.errors import NotFound
 from circus.common.models import Build, BuildConstituent, BuildDependency, Step
 from circus.server.actions import BuildAction, act_on_build
@@ -72,7 +72,7 @@ def _stats(session: Session, args: dict[str, Any], actor: Actor) -> dict[str, An
         select(func.avg(func.extract("epoch", Build.completed_at - Build.started_at)))
         .where(Build.completed_at.is_not(None), Build.started_at.is_not(None)), args, actor))
     steps = {state.value: count for state, count in session.execute(
-        select(Step.state, func.count()).where(Step.state != StepState.done)
+        select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
         .group_by(Step.state))}
     total = sum(by_status.values())
     pending = by_status.get("pending", 0)

@@ -15,7 +15,7 @@ from circus.auth.visibility import (
     only_visible,
     require_visible,
 )
-from circus.common.enums import BuildStatus, StepState
+from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus
 from circus.common.errors import NotFound
 from circus.common.models import (
     Build,
@@ -174,7 +174,7 @@ def system_counts(session: Session) -> dict[str, int]:
     counts["builds_pending"] = int(session.scalar(
         select(func.count()).select_from(Build).where(Build.status == BuildStatus.pending)) or 0)
     counts["steps_active"] = int(session.scalar(
-        select(func.count()).select_from(Step).where(Step.state != StepState.done)) or 0)
+        select(func.count()).select_from(Step).where(Step.state.in_(ACTIVE_STEP_STATES))) or 0)
     counts["agents_connected"] = int(session.scalar(
         select(func.count()).select_from(BuilderSession).where(
             BuilderSession.connected.is_(True))) or 0)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, lazyload
 
 from circus.auth.actor import Actor
 from circus.auth.visibility import hidden_project_ids, only_visible
-from circus.common.enums import BuildStatus, EvaluationStatus, StepState
+from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus, EvaluationStatus, StepState
 from circus.common.heartbeat import STALE_AFTER, freshness
 from circus.common.models import (
     Build,
@@ -139,7 +139,7 @@ def queue_summary(session: Session) -> dict[str, Any]:
             Build.status.in_([BuildStatus.pending, BuildStatus.running]))
         .group_by(Build.status)).tuples().all())
     steps = dict(session.execute(
-        select(Step.state, func.count()).where(Step.state != StepState.done)
+        select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
         .group_by(Step.state)).tuples().all())
     return {"pending": builds.get(BuildStatus.pending, 0),
             "running": builds.get(BuildStatus.running, 0),
@@ -259,13 +259,19 @@ def job_matrix(session: Session, jobset_id: int, evaluations: list[Evaluation], 
         EvaluationBuild.build_id).where(EvaluationBuild.evaluation_id == rows_of,
                                         EvaluationBuild.build_id == Build.id).exists())
     if job_filter:
+        # every name is matched to count them anyway: the page and the count in one pass
         names = names.where(Build.job_name.icontains(job_filter, autoescape=True))
-        total = int(session.scalar(select(func.count()).select_from(names.subquery())) or 0)
+        page = session.execute(names.add_columns(func.count().over()).order_by(Build.job_name)
+                               .offset(offset).limit(limit)).all()
+        jobs = [job for job, _ in page]
+        total = page[0][1] if page else int(session.scalar(
+            select(func.count()).select_from(names.subquery())) or 0) if offset else 0
     else:
+        jobs = list(session.scalars(names.order_by(Build.job_name).offset(offset)
+                                    .limit(limit)))
         # one build per job: the members, counted in the membership index alone
         total = int(session.scalar(select(func.count()).select_from(EvaluationBuild).where(
             EvaluationBuild.evaluation_id == rows_of)) or 0)
-    jobs = list(session.scalars(names.order_by(Build.job_name).offset(offset).limit(limit)))
     cells: dict[tuple[str, int], tuple[int, BuildStatus]] = {}
     if jobs:
         # the jobset's (jobset_id, job_name) index finds the few builds of these jobs
@@ -398,7 +404,7 @@ def queue_classes(session: Session) -> list[QueueClass]:
     classes: dict[str, QueueClass] = {}
     for name, state, count in session.execute(
             select(Step.queue_class, Step.state, func.count())
-            .where(Step.state != StepState.done).group_by(Step.queue_class, Step.state)):
+            .where(Step.state.in_(ACTIVE_STEP_STATES)).group_by(Step.queue_class, Step.state)):
         setattr(classes.setdefault(name, QueueClass(name)), state.value, count)
     return sorted(classes.values(), key=lambda c: c.name)
 

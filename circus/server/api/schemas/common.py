@@ -7,7 +7,7 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from circus.common.counting import EXACT_UP_TO
+from circus.common.counting import EXACT_UP_TO, TRUSTED_BEYOND
 
 #: PostgreSQL bigint: larger ids cannot exist, and must not reach the database
 MAX_ID = 2**63 - 1
@@ -59,7 +59,8 @@ def page_of(item: type[ma.Schema]) -> type[ma.Schema]:
             "items": fields.List(fields.Nested(item), required=True),
             "total": fields.Integer(required=True, metadata={
                 "description": f"number of items; exact up to {EXACT_UP_TO:,}, beyond that "
-                               "the database's estimate (see total_exact)"}),
+                               "the database's estimate (see total_exact; an estimate above "
+                               f"{EXACT_UP_TO * TRUSTED_BEYOND:,} is not counted at all)"}),
             "total_exact": fields.Boolean(required=True, metadata={
                 "description": "whether total is an exact count"}),
             "limit": fields.Integer(required=True),
