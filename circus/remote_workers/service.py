@@ -17,8 +17,9 @@ it outright while the first still holds steps. No table is needed for that.
 Inputs travel through the binary cache: a claim publishes the step's input
 closure (.drv files, their sources, the inputs' outputs) into ``/nix-cache``,
 signed, and the worker substitutes from there (``nix copy --from``) with its token
-as netrc credentials; that token opens hidden projects' paths only for the steps
-the worker holds (:meth:`RemoteWorkers.fetchable`).
+as netrc credentials. Paths new to the cache are served to workers only; the token
+opens them (and hidden projects' paths) only for the steps the worker holds
+(:meth:`RemoteWorkers.fetchable`).
 
 Every route checks, before it touches the store: the step is leased to this
 worker; an upload is spooled in full and every path in it is one of the step's outputs
@@ -326,9 +327,10 @@ class RemoteWorkers:
     def publish_inputs(self, step_id: int, inputs: list[str]) -> None:
         """Put a claimed step's input closure (its .drv files and their sources, its
         inputs' outputs) into ``/nix-cache``, signed, where the worker substitutes it
-        from. Linked to the projects of the builds waiting for the step: the shared
-        cache does not serve what only hidden projects need (a worker gets those with
-        its token, :func:`worker_may_fetch`). Paths already recorded cost one query."""
+        from with its token (:meth:`fetchable`). Paths new to the cache are
+        ``worker_only``: served to nobody else. Linked to the projects of the builds
+        waiting for the step, as build outputs are. Paths already recorded cost one
+        query."""
 
         def work(session: Session) -> None:
             projects = session.execute(text(
@@ -391,9 +393,9 @@ class RemoteWorkers:
             return import_file_sync(spool, self.nix_env)
 
     def fetchable(self, worker: RemoteWorker) -> set[str]:
-        """The store paths ``worker`` may substitute from ``/nix-cache`` whatever
-        project they belong to: the input closures of the steps it holds now. Hidden
-        projects' paths are served to its token for these and nothing else."""
+        """The store paths ``worker`` may substitute from ``/nix-cache`` beyond what
+        everyone gets: the input closures of the steps it holds now (``worker_only``
+        paths and hidden projects' paths included), nothing else."""
         with self.factory() as session:
             drvs = session.execute(text(
                 "SELECT drv_path FROM steps WHERE state = 'running' AND worker = :worker"),
