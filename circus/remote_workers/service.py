@@ -307,6 +307,9 @@ class RemoteWorkers:
                 step.max_silent or runner.max_silent_time, runner.max_log_size,
                 step.attempts, inputs))
         if found:
+            # publishing the inputs took part of the lease (seconds on a busy server,
+            # for paths not in the cache yet): the worker's lease starts with the answer
+            holder.renew()
             log.info("remote worker %s claimed %s", worker.name, [c.id for c in found])
         return found
 
