@@ -34,6 +34,8 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -91,6 +93,34 @@ STATUS_OF_OUTCOME: dict[str, BuildStatus | None] = {
     "import_failure": None,
     "upload_failure": None,
 }
+
+
+class _ClosureCache:
+    """Input closures of held steps' derivations, per process (bounded, thread-safe).
+    A worker's Nix asks for each input's narinfo and NAR, and each answer checks the
+    closures of the steps it holds: one Nix call per step, not per request. A held
+    step is runnable, so its inputs' outputs are valid and its closure is final."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, drv_path: str) -> frozenset[str] | None:
+        with self._lock:
+            found = self._items.get(drv_path)
+            if found is not None:
+                self._items.move_to_end(drv_path)
+            return found
+
+    def put(self, drv_path: str, closure: frozenset[str]) -> None:
+        with self._lock:
+            self._items[drv_path] = closure
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+_INPUT_CLOSURES = _ClosureCache(256)
 
 
 @dataclass(frozen=True)
@@ -405,13 +435,17 @@ class RemoteWorkers:
                 {"worker": worker.lease_holder}).scalars().all()
         allowed: set[str] = set()
         for drv_path in drvs:
-            try:
-                closure = store.requisites([drv_path], self.nix_env, include_outputs=True)
-                own = set(read_derivation(drv_path).output_paths.values())
-            except (OSError, ValueError, store.StoreError) as exc:
-                log.warning("cannot read the input closure of %s: %s", drv_path, exc)
-                continue
-            allowed.update(p for p in closure if p not in own)
+            closure = _INPUT_CLOSURES.get(drv_path)
+            if closure is None:
+                try:
+                    found = store.requisites([drv_path], self.nix_env, include_outputs=True)
+                    own = set(read_derivation(drv_path).output_paths.values())
+                except (OSError, ValueError, store.StoreError) as exc:
+                    log.warning("cannot read the input closure of %s: %s", drv_path, exc)
+                    continue
+                closure = frozenset(p for p in found if p not in own)
+                _INPUT_CLOSURES.put(drv_path, closure)
+            allowed.update(closure)
         return allowed
 
     # ------------------------------------------------------------ results
