@@ -40,6 +40,7 @@ from sqlalchemy import text  # noqa: E402
 
 from circus.common.enums import BuildStatus  # noqa: E402
 from circus.common.nix.environment import nix_environ  # noqa: E402
+from circus.common.nix.signing import generate_key_pair  # noqa: E402
 from tests.helpers.daemons import Daemon, wait_until  # noqa: E402
 from tests.helpers.net import free_port, wait_for_port  # noqa: E402
 from tests.helpers.netns import network_host  # noqa: E402
@@ -61,6 +62,7 @@ builtins.listToAttrs (builtins.genList (i: {
 }) n)
 """
 TOKEN = "scale-out-token-" + secrets.token_hex(16)
+CACHE_KEY = generate_key_pair("scale-out-cache-1")[0]
 SLOTS = 2
 #: the hosts reach the server at their main_address, one per veth pair
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104
@@ -88,8 +90,9 @@ def services_env(instance: Instance, broker_url: str, state: Path) -> dict[str, 
         "cache": {"cache_dir": str(state / "cache")},
         "queue_runner": {"unsupported_timeout": 600},
         "remote_workers": {"auth_tokens": [hashlib.sha256(TOKEN.encode()).hexdigest()]},
-        # the workers' API calls count against the per-address API limit (1200/minute by
-        # default): off here, so the benchmark measures scheduling, not the limiter
+        # workers substitute their inputs from /nix-cache and trust only its signature
+        "signing": {"enabled": True, "key": CACHE_KEY},
+        # off, so the benchmark measures scheduling, not the limiter
         "server": {"secret_key": secrets.token_hex(24), "workers": 2,
                    "rate_limit_enabled": False, "require_api_key_for_reads": False},
         "tracing": {"level": os.environ.get("BENCH_LOG_LEVEL", "WARNING")},

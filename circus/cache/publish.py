@@ -272,6 +272,7 @@ def _link_and_report(session: Session, batch: _Batch, existing: Collection[str],
         result = batch.results[build_id]
         recorded = [p for p in paths if p in existing or p in added]
         records.link_projects(session, recorded, batch.project_of[build_id])
+        records.serve_to_all(session, recorded)
         result.published = recorded
         result.added = [p for p in paths if p in added]
         if signing and all(o in recorded for o in batch.outputs_of[build_id]):
@@ -446,8 +447,8 @@ def publish_paths(session: Session, settings: Settings, paths: list[str],
             result.errors[info.path] = outcome
             continue
         narinfo, storage = outcome
-        values.append(records.to_values(narinfo, storage=storage, build_id=None,
-                                        project_id=owner))
+        values.append({**records.to_values(narinfo, storage=storage, build_id=None,
+                                           project_id=owner), "worker_only": True})
         result.added.append(info.path)
         if storage == "s3":
             uploaded.append(narinfo)

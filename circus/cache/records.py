@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -81,6 +81,14 @@ def link_projects(session: Session, paths: list[str], project_id: int) -> None:
             NarInfoRow.store_path.in_(paths))
         session.execute(insert(NarInfoProject).from_select(
             ["store_path", "project_id"], recorded).on_conflict_do_nothing())
+
+
+def serve_to_all(session: Session, paths: list[str]) -> None:
+    """Clear ``worker_only`` of ``paths``: a build's outputs closure holds them."""
+    if paths:
+        session.execute(update(NarInfoRow).where(NarInfoRow.store_path.in_(paths),
+                                                 NarInfoRow.worker_only)
+                        .values(worker_only=False))
 
 
 def lock_shared(session: Session) -> None:

@@ -564,13 +564,21 @@ class RemoteWorkerSettings(SettingsModel):
     auth_tokens: list[str] = []
     #: largest output upload (one step's outputs as a ``nix-store --export`` stream)
     max_upload_size: Positive = 8 * 1024 * 1024 * 1024
+    #: calls to /api/v1/workers per worker (name and token) with a valid token: their
+    #: own budget, not the caller address's ``server.rate_limit_api`` (a host running
+    #: many slots of short builds claims, renews and logs a lot)
+    rate_limit: str = "6000/minute"
 
     @property
     def enabled(self) -> bool:
         return bool(self.auth_tokens)
 
     def problems(self) -> list[Problem]:
-        return digest_problems(self.auth_tokens)
+        found = digest_problems(self.auth_tokens)
+        if not _is_rate(self.rate_limit):
+            found.append(Problem("rate_limit",
+                                 f"must look like '10/minute' (got {self.rate_limit!r})"))
+        return found
 
 
 class NixSettings(SettingsModel):

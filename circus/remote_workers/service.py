@@ -17,8 +17,9 @@ it outright while the first still holds steps. No table is needed for that.
 Inputs travel through the binary cache: a claim publishes the step's input
 closure (.drv files, their sources, the inputs' outputs) into ``/nix-cache``,
 signed, and the worker substitutes from there (``nix copy --from``) with its token
-as netrc credentials; that token opens hidden projects' paths only for the steps
-the worker holds (:meth:`RemoteWorkers.fetchable`).
+as netrc credentials. Paths new to the cache are served to workers only; the token
+opens them (and hidden projects' paths) only for the steps the worker holds
+(:meth:`RemoteWorkers.fetchable`).
 
 Every route checks, before it touches the store: the step is leased to this
 worker; an upload is spooled in full and every path in it is one of the step's outputs
@@ -33,6 +34,8 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -90,6 +93,34 @@ STATUS_OF_OUTCOME: dict[str, BuildStatus | None] = {
     "import_failure": None,
     "upload_failure": None,
 }
+
+
+class _ClosureCache:
+    """Input closures of held steps' derivations, per process (bounded, thread-safe).
+    A worker's Nix asks for each input's narinfo and NAR, and each answer checks the
+    closures of the steps it holds: one Nix call per step, not per request. A held
+    step is runnable, so its inputs' outputs are valid and its closure is final."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, drv_path: str) -> frozenset[str] | None:
+        with self._lock:
+            found = self._items.get(drv_path)
+            if found is not None:
+                self._items.move_to_end(drv_path)
+            return found
+
+    def put(self, drv_path: str, closure: frozenset[str]) -> None:
+        with self._lock:
+            self._items[drv_path] = closure
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+_INPUT_CLOSURES = _ClosureCache(256)
 
 
 @dataclass(frozen=True)
@@ -306,6 +337,9 @@ class RemoteWorkers:
                 step.max_silent or runner.max_silent_time, runner.max_log_size,
                 step.attempts, inputs))
         if found:
+            # publishing the inputs took part of the lease (seconds on a busy server,
+            # for paths not in the cache yet): the worker's lease starts with the answer
+            holder.renew()
             log.info("remote worker %s claimed %s", worker.name, [c.id for c in found])
         return found
 
@@ -326,9 +360,10 @@ class RemoteWorkers:
     def publish_inputs(self, step_id: int, inputs: list[str]) -> None:
         """Put a claimed step's input closure (its .drv files and their sources, its
         inputs' outputs) into ``/nix-cache``, signed, where the worker substitutes it
-        from. Linked to the projects of the builds waiting for the step: the shared
-        cache does not serve what only hidden projects need (a worker gets those with
-        its token, :func:`worker_may_fetch`). Paths already recorded cost one query."""
+        from with its token (:meth:`fetchable`). Paths new to the cache are
+        ``worker_only``: served to nobody else. Linked to the projects of the builds
+        waiting for the step, as build outputs are. Paths already recorded cost one
+        query."""
 
         def work(session: Session) -> None:
             projects = session.execute(text(
@@ -391,22 +426,26 @@ class RemoteWorkers:
             return import_file_sync(spool, self.nix_env)
 
     def fetchable(self, worker: RemoteWorker) -> set[str]:
-        """The store paths ``worker`` may substitute from ``/nix-cache`` whatever
-        project they belong to: the input closures of the steps it holds now. Hidden
-        projects' paths are served to its token for these and nothing else."""
+        """The store paths ``worker`` may substitute from ``/nix-cache`` beyond what
+        everyone gets: the input closures of the steps it holds now (``worker_only``
+        paths and hidden projects' paths included), nothing else."""
         with self.factory() as session:
             drvs = session.execute(text(
                 "SELECT drv_path FROM steps WHERE state = 'running' AND worker = :worker"),
                 {"worker": worker.lease_holder}).scalars().all()
         allowed: set[str] = set()
         for drv_path in drvs:
-            try:
-                closure = store.requisites([drv_path], self.nix_env, include_outputs=True)
-                own = set(read_derivation(drv_path).output_paths.values())
-            except (OSError, ValueError, store.StoreError) as exc:
-                log.warning("cannot read the input closure of %s: %s", drv_path, exc)
-                continue
-            allowed.update(p for p in closure if p not in own)
+            closure = _INPUT_CLOSURES.get(drv_path)
+            if closure is None:
+                try:
+                    found = store.requisites([drv_path], self.nix_env, include_outputs=True)
+                    own = set(read_derivation(drv_path).output_paths.values())
+                except (OSError, ValueError, store.StoreError) as exc:
+                    log.warning("cannot read the input closure of %s: %s", drv_path, exc)
+                    continue
+                closure = frozenset(p for p in found if p not in own)
+                _INPUT_CLOSURES.put(drv_path, closure)
+            allowed.update(closure)
         return allowed
 
     # ------------------------------------------------------------ results

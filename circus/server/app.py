@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     dashboard.init_app(app)
     security.limit_login(app, limiter, settings)
+    security.limit_workers(app, limiter, settings)
     # last: its narinfo fast path wraps the finished WSGI app
     cache.init_app(app)
     return app

@@ -1,4 +1,4 @@
-"""Security headers, CORS allowlist and per-IP rate limits.
+"""Security headers, CORS allowlist and per-IP rate limits (per worker for remote workers).
 
 Rate limits use flask-limiter with in-memory storage: each server process
 counts on its own (with N gunicorn workers a client may get up to N times the
@@ -11,13 +11,15 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from flask import Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 
 from circus.common.config import Settings
+from circus.common.tokens import token_accepted, token_digest
+from circus.server.context import settings
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -154,7 +156,9 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         key_prefix="circus-limits",
         enabled=settings.server.rate_limit_enabled,
         application_limits=[settings.server.rate_limit_api],
-        application_limits_exempt_when=lambda: not request.path.startswith("/api/"),
+        # a worker's calls count against its own budget (limit_workers)
+        application_limits_exempt_when=lambda: not request.path.startswith("/api/")
+        or remote_worker_key() is not None,
         headers_enabled=True,
     )
     return limiter
@@ -169,6 +173,42 @@ def limits_storage(broker_url: str | None) -> str:
         # kombu's name for a Unix socket; the limits library calls it redis+unix
         return "redis+unix://" + broker_url[len("redis+socket://"):]
     return "memory://"
+
+
+#: where remote workers call (``circus.server.api.workers``), and the header naming one
+WORKERS_PREFIX = "/api/v1/workers/"
+WORKER_NAME_HEADER = "X-Circus-Worker"
+
+
+def remote_worker_key() -> str | None:
+    """The rate-limit key of a call to /api/v1/workers carrying a valid worker token
+    (``worker:<name>:<token fingerprint>``), else None: a wrong token is just another
+    caller and spends its address's API budget."""
+    if not request.path.startswith(WORKERS_PREFIX):
+        return None
+    cached: str | None = request.environ.get("circus.worker_key", "")
+    if cached != "":
+        return cached
+    key = None
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    config = settings()
+    if scheme.lower() == "bearer" and token_accepted(token.strip(), config.remote_workers
+                                                     .auth_tokens):
+        name = request.headers.get(WORKER_NAME_HEADER, "")[:64]
+        key = f"worker:{name}:{token_digest(token.strip())[:16]}"
+    request.environ["circus.worker_key"] = key
+    return key
+
+
+def limit_workers(app: Flask, limiter: Limiter, settings: Settings) -> None:
+    """Authenticated remote workers' own budget (``remote_workers.rate_limit``) on
+    /api/v1/workers, per worker; every other caller there spends its address's."""
+    if "workers" not in app.blueprints:
+        return
+    blueprint = cast(Blueprint, app.blueprints["workers"])
+    limiter.limit(settings.remote_workers.rate_limit, key_func=lambda: remote_worker_key() or "",
+                  exempt_when=lambda: remote_worker_key() is None, scope="remote-workers"
+                  )(blueprint)
 
 
 def limit_login(app: Flask, limiter: Limiter, settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 
@@ -188,6 +189,42 @@ def test_api_is_rate_limited(make_settings: Callable[..., Settings], engine: Eng
     statuses = [client.get("/api/v1/projects", headers=headers).status_code for _ in range(6)]
     assert statuses == [200] * 5 + [429]
     assert client.get("/health").status_code in (200, 503)
+
+
+def test_remote_workers_spend_a_budget_of_their_own(
+        make_settings: Callable[..., Settings], engine: Engine, db: Session,
+        keys: Keys) -> None:
+    """A worker's calls do not count against its address's API budget (a host with
+    many slots of short builds calls a lot) but against its own; a wrong token gets no
+    worker budget."""
+    token = "worker-token-" + secrets.token_hex(20)
+    client = make_app(make_settings(
+        server={"rate_limit_api": "3/minute"},
+        remote_workers={"auth_tokens": [hashlib.sha256(token.encode()).hexdigest()],
+                        "rate_limit": "6/minute"}), engine, db).test_client()
+
+    def beat(name: str, bearer: str = token) -> int:
+        return client.post("/api/v1/workers/heartbeat", json={"systems": ["x86_64-linux"]},
+                           headers={"Authorization": f"Bearer {bearer}",
+                                    "X-Circus-Worker": name}).status_code
+
+    # the address spends its API budget...
+    assert [client.get("/api/v1/projects", headers=keys.headers()).status_code
+            for _ in range(4)] == [200] * 3 + [429]
+    # ...while the worker from that address keeps going, until its own budget is spent
+    assert [beat("w1") for _ in range(7)] == [200] * 6 + [429]
+    # another worker (name) has a budget of its own
+    assert beat("w2") == 200
+    # a wrong token is just another caller of this address: no worker budget
+    assert beat("w3", bearer="worker-token-" + "x" * 40) == 429
+    # and with budget left, wrong tokens spend the address's (401, then 429), not a
+    # worker's
+    client = make_app(make_settings(
+        server={"rate_limit_api": "1/minute"},
+        remote_workers={"auth_tokens": [hashlib.sha256(token.encode()).hexdigest()],
+                        "rate_limit": "6/minute"}), engine, db).test_client()
+    assert [beat("w1", bearer="nope") for _ in range(2)] == [401, 429]
+    assert beat("w1") == 200
 
 
 def test_rate_limits_are_shared_by_every_server_process(

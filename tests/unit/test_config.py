@@ -120,6 +120,8 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
      "queue_runner.rpc.auth_tokens[0]: must be a SHA-256 hex digest"),
     ("[remote_workers]\nauth_tokens = ['" + "a" * 64 + "', 'secret']", {},
      "remote_workers.auth_tokens[1]: must be a SHA-256 hex digest"),
+    ("[remote_workers]\nrate_limit = 'lots'", {},
+     "remote_workers.rate_limit: must look like '10/minute' (got 'lots')"),
     ("[queue_runner.rpc.oidc]\nissuer = 'https://token.actions.githubusercontent.com'", {},
      "queue_runner.rpc.oidc.audiences: must not be empty when oidc.issuer is set"),
     ("[[queue_runner.ephemeral_pools]]\nname = 'gh'\nrepository = 'o/r'\nworkflow = 'w.yml'\n"

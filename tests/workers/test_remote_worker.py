@@ -181,6 +181,10 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
         wait_until(lambda: all(narinfo(p).status_code == 200 for p in outputs.values()),
                    timeout=10, message="narinfos served")
         narinfos = {job: narinfo(path) for job, path in outputs.items()}
+        # the inputs published for the worker are the worker's alone: no .drv file,
+        # and no output no build published, for anyone else
+        anonymous = [cache_get(server, p).status_code
+                     for p in (drvs["top"], drvs["dep"], dep_output)]
         top_log = requests.get(f"{server}/api/v1/builds/{ids['top']}/log", timeout=30)
         talker_log = requests.get(f"{server}/api/v1/builds/{ids['talker']}/log", timeout=30)
         worker_log = worker.log()
@@ -200,6 +204,7 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
         assert "circus-test-cache-1:" in signatures_in(tmp_path / "w1", substituted), \
             substituted
     assert "circus-test-cache-1:" not in signatures_in(tmp_path / "w1", outputs["top"])
+    assert anonymous == [404, 404, 404]
     assert all(valid_here(p) for p in outputs.values())
     # served signed from the server's binary cache
     for job, answer in narinfos.items():

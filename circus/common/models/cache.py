@@ -8,7 +8,7 @@ from sqlalchemy import ForeignKey
 from sqlalchemy.orm import Mapped, mapped_column
 
 from circus.common.enums import Compression
-from circus.common.models.base import Base, CreatedAt, TextList, enum_column
+from circus.common.models.base import Base, BoolFalse, CreatedAt, TextList, enum_column
 
 
 class NarInfo(Base):
@@ -36,6 +36,10 @@ class NarInfo(Base):
                                                  index=True)
     project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id", ondelete="SET NULL"),
                                                    index=True)
+    #: published only as a remote worker's step input (``publish_paths``): served to
+    #: workers holding such a step, to nobody else, until a build's outputs closure
+    #: publishes it (which clears the mark)
+    worker_only: Mapped[BoolFalse]
     created_at: Mapped[CreatedAt]
     last_fetched_at: Mapped[datetime | None]
 

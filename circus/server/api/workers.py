@@ -40,6 +40,7 @@ from circus.server.api.schemas.workers import (
 )
 from circus.server.auth import bearer_token
 from circus.server.context import server_context
+from circus.server.security import WORKER_NAME_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ blp = Blueprint("workers", __name__, url_prefix="/api/v1/workers",
                             "`Authorization: Bearer <worker token>` and name the worker in "
                             "`X-Circus-Worker`.")
 
-NAME_HEADER = "X-Circus-Worker"
+NAME_HEADER = WORKER_NAME_HEADER
 #: a log chunk per call, at most
 MAX_LOG_CHUNK = 1024 * 1024
 _WORKER_AUTH: list[dict[str, list[str]]] = [{"worker": []}]

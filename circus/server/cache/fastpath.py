@@ -56,6 +56,9 @@ _FRAMING_FIELDS = re.compile(
     rb"(?:^|\n)(?:content-length|transfer-encoding|upgrade|expect|te|"
     rb"connection(?![ \t]*:[ \t]*keep-alive[ \t]*\r))[ \t]*:",
     re.IGNORECASE)
+#: a caller with credentials may be a remote worker asking for an input only it may
+#: read (a hidden project's, or one published for workers only): the views decide
+_CREDENTIALS_FIELD = re.compile(rb"(?:^|\n)authorization[ \t]*:", re.IGNORECASE)
 _NOT_FOUND = json.dumps({"error": "no such path in this cache", "details": None}).encode()
 
 
@@ -131,7 +134,8 @@ class NarinfoFastPath:
         shared cache (the worker asks it, then ``raw_answer``); else None: the worker hands
         the request to gunicorn and the WSGI app (this class's ``__call__`` first)."""
         match = _SIMPLE_REQUEST.match(request)
-        if match is None or _FRAMING_FIELDS.search(match.group(3)) is not None:
+        if match is None or _FRAMING_FIELDS.search(match.group(3)) is not None \
+                or _CREDENTIALS_FIELD.search(match.group(3)) is not None:
             return None
         parsed = _parse(match.group(2).decode("ascii"))
         if parsed is None:

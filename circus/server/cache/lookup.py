@@ -78,8 +78,10 @@ class TtlLru(Generic[V]):
 
 
 #: the shared cache serves what visible projects built; a path only hidden projects
-#: link to is served by their own (authenticated) caches alone
+#: link to is served by their own (authenticated) caches alone; a remote worker's
+#: input nobody built an output closure with (``worker_only``) by none of them
 _SHARED = """
+    AND NOT n.worker_only
     AND NOT (EXISTS (SELECT 1 FROM narinfo_projects np JOIN projects p ON p.id = np.project_id
                      WHERE np.store_path = n.store_path AND p.hidden)
              AND NOT EXISTS (SELECT 1 FROM narinfo_projects np
@@ -95,7 +97,7 @@ STATEMENTS = {
         SELECT {_NARINFO_COLUMNS} FROM narinfo_cache n WHERE n.hash_part = $1 {_SHARED}"""),
     "circus_project_narinfo": ("text, text", f"""
         SELECT {_NARINFO_COLUMNS} FROM narinfo_cache n {_PROJECT_JOIN}
-        WHERE n.hash_part = $1 AND p.name = $2 AND p.cache_enabled"""),
+        WHERE n.hash_part = $1 AND p.name = $2 AND p.cache_enabled AND NOT n.worker_only"""),
     # the HTTP worker's event loop asks for every cold hash part that arrived while its
     # previous query was in flight at once (``httpworker.py``)
     "circus_narinfos": ("text[]", f"""
@@ -105,7 +107,7 @@ STATEMENTS = {
         SELECT DISTINCT n.storage FROM narinfo_cache n WHERE n.url = $1 {_SHARED}"""),
     "circus_project_nar": ("text, text", f"""
         SELECT DISTINCT n.storage FROM narinfo_cache n {_PROJECT_JOIN}
-        WHERE n.url = $1 AND p.name = $2 AND p.cache_enabled"""),
+        WHERE n.url = $1 AND p.name = $2 AND p.cache_enabled AND NOT n.worker_only"""),
     "circus_project": ("text", "SELECT id, hidden FROM projects WHERE name = $1"),
     # a remote worker's lookups: any recorded path; the caller checks that the worker
     # holds a step needing it (``RemoteWorkers.fetchable``)

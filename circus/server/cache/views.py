@@ -15,8 +15,9 @@ serve paths that only hidden projects built.
 A remote build worker (``circus-worker``) substitutes its steps' inputs from the
 shared ``/nix-cache`` with its name and token as netrc (Basic) credentials. Those
 open, beyond what everyone gets, exactly the input closures of the steps it holds
-at that moment (hidden projects' paths included), with ``Cache-Control: private``;
-a worker token is not an API key and opens no per-project cache.
+at that moment (hidden projects' paths and the ``worker_only`` .drv files and
+sources included), with ``Cache-Control: private``; a worker token is not an API
+key and opens no per-project cache.
 """
 
 from __future__ import annotations
