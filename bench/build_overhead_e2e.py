@@ -22,24 +22,17 @@ step was ready (queued, not started).
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
-from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any
 
+from circus_up import Api, CircusUp
 from sqlalchemy import create_engine, text
 
 from circus.common.db import normalise_url
@@ -47,7 +40,6 @@ from circus.common.enums import EvaluationStatus
 from circus.common.localservices import PrivatePostgres
 from circus.common.statussql import UNFINISHED
 
-CIRCUS = Path(sys.executable).parent / "circus"
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
 #: evaluation statuses after which no build of it will appear any more
@@ -64,31 +56,6 @@ def write_expression(directory: Path, dag: str, shape: dict[str, int]) -> None:
         f'import ./dag.nix {{ nonce = "{secrets.token_hex(8)}"; {args} }}\n')
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Api:
-    """The admin, logged in over the REST API like a browser."""
-
-    def __init__(self, base: str, password: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.csrf = ""
-        self.call("POST", "/api/v1/auth/login", {"username": "admin", "password": password})
-        self.csrf = self.call("GET", "/api/v1/auth/csrf")["csrf_token"]
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            self.base + path, method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "X-CSRFToken": self.csrf})
-        with self.opener.open(request, timeout=30) as response:
-            return json.load(response)
-
-
 @dataclass
 class Round:
     seconds: float
@@ -101,49 +68,27 @@ class Round:
     steps: int
 
 
-class UpInstance:
+class UpInstance(CircusUp):
     """``circus up`` in a scratch directory, with the DAG's project and jobset."""
 
     def __init__(self, root: Path, dag: str, shape: dict[str, int],
                  extra_env: dict[str, str]) -> None:
-        self.root = root
-        self.state = root / "state"
+        super().__init__(root, extra_env)
         self.repo = root / "repo"
         self.dag = dag
         self.shape = shape
-        self.extra_env = extra_env
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
         #: write each round's steps to ``steps-<evaluation id>.tsv`` under ``root``
         self.keep_steps = False
         #: CPU seconds per kind of process during the last round
         self.last_cpu: dict[str, float] = {}
 
-    @property
-    def log_path(self) -> Path:
-        return self.root / "circus-up.log"
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-        env["CIRCUS_SERVER__PORT"] = str(self.port)
-        env.update(self.extra_env)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [str(CIRCUS), "up", "--state-dir", str(self.state)], env=env, cwd=self.root,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while "Circus is running." not in self.log_path.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("circus up did not start:\n"
-                                   + self.log_path.read_text()[-3000:])
-            time.sleep(0.5)
-        found = re.search(r"login:\s+admin / (\S+)", self.log_path.read_text())
-        assert found, self.log_path.read_text()
-        self.api = Api(f"http://127.0.0.1:{self.port}", found.group(1))
+    def start(self, timeout: float = 180) -> Api:
+        self.api = super().start(timeout)
         url = PrivatePostgres(self.state / "postgres").url("circus")
         self.engine = create_engine(normalise_url(url))
         self._create_jobset()
         self._wait_idle()
+        return self.api
 
     def _create_jobset(self) -> None:
         write_expression(self.repo, self.dag, self.shape)
@@ -274,13 +219,7 @@ class UpInstance:
     def stop(self) -> None:
         if getattr(self, "engine", None) is not None:
             self.engine.dispose()
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        super().stop()
 
 
 def idle_with_work_ready(steps: list[tuple[float, float, float]], slots: int = 2
