@@ -32,13 +32,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from circus_up import Api, CircusUp
 from sqlalchemy import create_engine, text
 
 from circus.common.db import normalise_url
 from circus.common.enums import EvaluationStatus
 from circus.common.localservices import PrivatePostgres
 from circus.common.statussql import UNFINISHED
+from tests.helpers.circus_up import Client, start
+from tests.helpers.daemons import Daemon
+from tests.helpers.net import free_port
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
@@ -68,37 +70,41 @@ class Round:
     steps: int
 
 
-class UpInstance(CircusUp):
+class UpInstance:
     """``circus up`` in a scratch directory, with the DAG's project and jobset."""
 
     def __init__(self, root: Path, dag: str, shape: dict[str, int],
                  extra_env: dict[str, str]) -> None:
-        super().__init__(root, extra_env)
+        self.root = root
+        self.state = root / "state"
         self.repo = root / "repo"
         self.dag = dag
         self.shape = shape
+        self.extra_env = extra_env
+        self.port = free_port()
+        self.daemon: Daemon | None = None
         #: write each round's steps to ``steps-<evaluation id>.tsv`` under ``root``
         self.keep_steps = False
         #: CPU seconds per kind of process during the last round
         self.last_cpu: dict[str, float] = {}
 
-    def start(self, timeout: float = 180) -> Api:
-        self.api = super().start(timeout)
+    def start(self) -> None:
+        self.daemon, password, _ = start(self.state, self.port, self.root, self.extra_env)
+        self.api = Client(f"http://127.0.0.1:{self.port}", password)
         url = PrivatePostgres(self.state / "postgres").url("circus")
         self.engine = create_engine(normalise_url(url))
         self._create_jobset()
         self._wait_idle()
-        return self.api
 
     def _create_jobset(self) -> None:
         write_expression(self.repo, self.dag, self.shape)
         for argv in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
                      ["git", "commit", "-q", "-m", "DAG"]):
             subprocess.run(argv, cwd=self.repo, check=True, env={**os.environ, **GIT_ENV})
-        self.api.call("POST", "/api/v1/projects", {
+        self.api.post("/api/v1/projects", {
             "name": "bench", "repository_url": f"file://{self.repo}"})
         # no scheduled checks: only the benchmark's triggers evaluate
-        self.api.call("POST", "/api/v1/projects/bench/jobsets", {
+        self.api.post("/api/v1/projects/bench/jobsets", {
             "name": "dag", "flake_mode": False, "nix_expression": "default.nix",
             "branch": "main", "check_interval": 0})
 
@@ -119,9 +125,9 @@ class UpInstance(CircusUp):
 
     def cpu_roots(self) -> list[int]:
         """``circus up`` and the postmaster (pg_ctl detaches it from ``circus up``)."""
-        assert self.process is not None
+        assert self.daemon is not None
         postmaster = PrivatePostgres(self.state / "postgres").data_dir / "postmaster.pid"
-        return [self.process.pid, int(postmaster.read_text().split()[0])]
+        return [self.daemon.pid, int(postmaster.read_text().split()[0])]
 
     def new_revision(self) -> None:
         write_expression(self.repo, self.dag, self.shape)
@@ -130,11 +136,10 @@ class UpInstance(CircusUp):
 
     def run_round(self, expected: int, timeout: float = 900) -> Round:
         self.new_revision()
-        assert self.process is not None
         cpu_before = tree_cpu(self.cpu_roots())
         triggered_at = time.time()
         start = time.monotonic()
-        evaluation = self.api.call("POST", "/api/v1/evaluations/trigger",
+        evaluation = self.api.post("/api/v1/evaluations/trigger",
                                    {"project": "bench", "jobset": "dag"})
         evaluation_id = int(evaluation["id"])
         deadline = start + timeout
@@ -159,7 +164,7 @@ class UpInstance(CircusUp):
         self.last_cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items()}
         if status != EvaluationStatus.completed.value or builds != expected:
             raise RuntimeError(f"evaluation {evaluation_id} ended {status} with {builds} "
-                               f"builds ({expected} expected); see {self.log_path}")
+                               f"builds ({expected} expected); see {self.root}/circus-up-*.log")
         return self._timeline(evaluation_id, triggered_at, seconds, builds)
 
     def _timeline(self, evaluation_id: int, triggered_at: float, seconds: float,
@@ -219,7 +224,8 @@ class UpInstance(CircusUp):
     def stop(self) -> None:
         if getattr(self, "engine", None) is not None:
             self.engine.dispose()
-        super().stop()
+        if self.daemon is not None:
+            self.daemon.stop(timeout=90)
 
 
 def idle_with_work_ready(steps: list[tuple[float, float, float]], slots: int = 2

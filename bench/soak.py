@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from circus_up import CircusUp  # noqa: E402
-
 from circus.common.localservices import PrivatePostgres  # noqa: E402
+from tests.helpers.circus_up import Client, start  # noqa: E402
+from tests.helpers.net import free_port  # noqa: E402
 
 FLAKE = r"""{
   outputs = { self }:
@@ -122,10 +122,11 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="circus-soak-", dir="/tmp"))
     root.chmod(0o755)
-    up = CircusUp(root)
-    state = up.state
+    state = root / "state"
+    port = free_port()
+    up, password, _ = start(state, port, root)
     try:
-        api = up.start()
+        api = Client(f"http://127.0.0.1:{port}", password)
         time.sleep(5)   # the demo's own first evaluation
         rss_start = daemon_rss(state)
         started = time.monotonic()
@@ -133,7 +134,7 @@ def main() -> int:
         while time.monotonic() - started < args.minutes * 60:
             round_no = len(rounds)
             commit_round(state / "demo-repo", round_no, args.jobs)
-            api.call("POST", "/api/v1/evaluations/trigger", {"project": "demo", "jobset": "main"})
+            api.post("/api/v1/evaluations/trigger", {"project": "demo", "jobset": "main"})
             rounds.append(time.monotonic() - started)
             print(f"round {round_no} triggered at {rounds[-1]:.0f} s; rss "
                   f"{ {k: v // 1024 for k, v in daemon_rss(state).items()} } MiB", flush=True)
@@ -166,7 +167,7 @@ def main() -> int:
             print(f"{name:22s} {before:13.0f}  {after:7.0f}  {(after / before - 1) * 100:+5.0f}%")
         return 0 if len(rows) == expected and all(r[3] for r in rows) else 1
     finally:
-        up.stop()
+        up.stop(timeout=90)
         shutil.rmtree(root, ignore_errors=True)
 
 

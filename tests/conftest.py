@@ -27,6 +27,7 @@ from circus.common.config import Settings, load_settings
 from circus.common.db import normalise_url
 from circus.common.localservices import PrivatePostgres, PrivateRedis
 from circus.common.nix.environment import nix_environ
+from tests.helpers.audit import install_finish_audit, remove_finish_audit
 from tests.helpers.gitrepo import GitRepo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,17 @@ def committed_db(engine: Engine) -> Iterator[sessionmaker[Session]]:
     truncate_all(engine)
     yield sessionmaker(bind=engine, expire_on_commit=False)
     truncate_all(engine)
+
+
+@pytest.fixture
+def finish_audit(engine: Engine, committed_db: sessionmaker[Session]) -> Iterator[None]:
+    """Record every transition of a build or step into a finished state
+    (:mod:`tests.helpers.audit`: ``finish_counts``)."""
+    install_finish_audit(engine)
+    try:
+        yield
+    finally:
+        remove_finish_audit(engine)
 
 
 # ---------------------------------------------------------------------------

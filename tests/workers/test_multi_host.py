@@ -32,7 +32,6 @@ from tests.agents.test_integration import published, valid_here, wait_builds
 from tests.agents.test_network_faults import (
     check_exactly_once,
     done_step,
-    finish_audit,  # noqa: F401  (fixture)
     running_on,
 )
 from tests.conftest import KeyPair
@@ -133,7 +132,7 @@ def processes_named(worker: Daemon, names: set[str]) -> list[str]:
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_dag_across_hosts_survives_a_cut_host(
         runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-        committed_db: sessionmaker[Session], finish_audit: None,  # noqa: F811
+        committed_db: sessionmaker[Session], finish_audit: None,
         nix_env: dict[str, str], nonce: str, tmp_path: Path, cache_key: KeyPair,
         broker: str, request: pytest.FixtureRequest) -> None:
     names = [f"c{c}_{i}" for c in range(SHAPE["chains"]) for i in range(SHAPE["length"])]

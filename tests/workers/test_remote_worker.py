@@ -8,7 +8,6 @@ import hashlib
 import os
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -29,6 +28,7 @@ from tests.agents.test_integration import published, valid_here, wait_builds
 from tests.conftest import KeyPair
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port, wait_for_port
+from tests.helpers.worker_hosts import ready, worker_command, worker_env, write_worker_config
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
 from tests.queue_runner.daemons import flatten, runner_daemon
 from tests.queue_runner.factories import instantiate, make_builds
@@ -72,30 +72,12 @@ def worker_in_own_store(name: str, directory: Path, server_url: str, broker_url:
                         ) -> Daemon:
     """A circus-worker whose /nix is a private bind mount: paths really have to travel."""
     (directory / "nix").mkdir(parents=True, exist_ok=True)
-    config = directory / "worker.toml"
-    config.write_text(f"""
-[worker]
-name = "{name}"
-server_url = "{server_url}"
-token = "{token}"
-broker_url = "{broker_url}"
-work_dir = "{directory / 'work'}"
-slots = {slots}
-features = [{", ".join(f'"{f}"' for f in features)}]
-heartbeat_secs = 1.0
-[nix]
-substituters = []
-[nix.config]
-# workers on one test host share the kernel's users (see tests/agents/conftest.py)
-"build-users-group" = ""
-""")
-    inner = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "circus.worker.main",
-                                              "--config", str(config)])
+    config = write_worker_config(directory, name, server_url, broker_url, token, slots,
+                                 features=features)
+    inner = " ".join(shlex.quote(a) for a in worker_command(config))
     script = f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix && exec {inner}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env["PYTHONPATH"] = str(ROOT)
     return Daemon(name, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                  directory, env=env)
+                  directory, env=worker_env())
 
 
 def api(server: str, path: str, token: str = TOKEN, name: str = "w1", **kwargs: Any
@@ -128,8 +110,7 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
                            ) as server, ExitStack() as stack:
         worker = stack.enter_context(worker_in_own_store(
             "w1", tmp_path / "w1", server, redis_url, features=("kvm",)))
-        wait_until(lambda: "circus-worker-w1@" in worker.log() and " ready." in worker.log(),
-                   timeout=60, message="the worker consuming")
+        wait_until(lambda: ready(worker, "w1"), timeout=60, message="the worker consuming")
         with committed_db() as session:
             builds = make_builds(session, drvs)
         ids = {job: b.id for job, b in builds.items()}
