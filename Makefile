@@ -5,8 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# two workers, one test file each at a time: files share module-scoped daemons
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# two workers, one test file each at a time: files share module-scoped daemons; files in
+# collection order, which puts those with slow tests first (tests/conftest.py)
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: run test setup system venv lint typecheck docs-check pytest api-docs bench clean
 

@@ -161,6 +161,24 @@ def finish_audit(engine: Engine, committed_db: sessionmaker[Session]) -> Iterato
 
 
 # ---------------------------------------------------------------------------
+# Order: the files of slow tests first
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with a ``slow`` test (the long end-to-end ones) run first, in their
+    collection order, the others after them in theirs.
+
+    ``make test`` hands whole files to two workers in this order (``--dist loadfile
+    --no-loadscope-reorder``): longest first keeps both workers busy to the end, the
+    short files filling in. xdist's default order (most tests first) left the long
+    files, which have few tests, for last: one worker ran them while the other idled.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    # stable: each file's tests stay together and in order (module-scoped daemons)
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
+# ---------------------------------------------------------------------------
 # Redis
 
 

@@ -31,7 +31,7 @@ from tests.helpers.gitrepo import GitRepo
 from tests.helpers.net import free_port, wait_for_port
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
 from tests.queue_runner.daemons import flatten, runner_daemon
-from tests.workers.test_remote_worker import exported_in_private_store
+from tests.workers.support import exported_in_private_store
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "evaluator-token-" + "e" * 40
