@@ -4,7 +4,6 @@ dispatching queue runner, circus-workers in private stores, calls to the worker 
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,10 +16,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import KeyPair
-from tests.helpers.daemons import Daemon, circus_command
-from tests.helpers.net import free_port, wait_for_port
+from tests.helpers.daemons import Daemon
+from tests.helpers.net import wait_for_port
 from tests.helpers.worker_hosts import worker_command, worker_env, write_worker_config
-from tests.queue_runner.daemons import flatten, runner_daemon
+from tests.queue_runner.daemons import runner_daemon, server_daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = ROOT / "tests" / "agents" / "fixtures" / "jobs.nix"
@@ -43,11 +42,7 @@ def server_and_runner(runner_config: Callable[..., dict[str, Any]],
         remote_workers={"auth_tokens": DIGESTS},
         server={"secret_key": "s" * 40, "workers": 2, "rate_limit_storage": "memory://",
                 "require_api_key_for_reads": False})
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env.update(flatten(config))
-    server = Daemon("circus-server", [circus_command("circus-server"), "--port", str(port)],
-                    tmp_path, env=env)
+    server, port = server_daemon(config, tmp_path)
     with runner_daemon("qr-dispatch", config, tmp_path, workers=0), server:
         wait_for_port(port, timeout=60)
         yield f"http://127.0.0.1:{port}"

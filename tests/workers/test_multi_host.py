@@ -13,7 +13,6 @@ re-leases its steps when they lapse, and the other hosts finish them, each once.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -35,13 +34,13 @@ from tests.agents.test_network_faults import (
     running_on,
 )
 from tests.conftest import KeyPair
-from tests.helpers.daemons import Daemon, circus_command, wait_until
-from tests.helpers.net import free_port, wait_for_port
+from tests.helpers.daemons import Daemon, wait_until
+from tests.helpers.net import wait_for_port
 from tests.helpers.netns import NetnsHost, network_host
 from tests.helpers.tcp_redis import tcp_redis
 from tests.helpers.worker_hosts import ready, worker_on_host
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
-from tests.queue_runner.daemons import flatten, runner_daemon
+from tests.queue_runner.daemons import runner_daemon, server_daemon
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds
 
 TOKEN = "multi-host-token-" + "m" * 40
@@ -83,11 +82,7 @@ def server_and_dispatcher(runner_config: Callable[..., dict[str, Any]],  # noqa:
         remote_workers={"auth_tokens": [hashlib.sha256(TOKEN.encode()).hexdigest()]},
         server={"secret_key": "s" * 40, "workers": 2, "rate_limit_storage": "memory://",
                 "require_api_key_for_reads": False})
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env.update(flatten(config))
-    server = Daemon("circus-server", [circus_command("circus-server"), "--host", "0.0.0.0",
-                                      "--port", str(port)], tmp_path, env=env)
+    server, port = server_daemon(config, tmp_path, host="0.0.0.0")
     with runner_daemon("qr-dispatch", config, tmp_path, workers=0), server:
         wait_for_port(port, timeout=60)
         yield port, server
