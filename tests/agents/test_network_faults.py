@@ -31,6 +31,8 @@ from tests.helpers.netns import NetnsHost, network_host
 from tests.queue_runner.daemons import runner_daemon
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds
 
+pytestmark = pytest.mark.slow
+
 DAG = FIXTURES / "dag.nix"
 #: seconds of silence after which the gateway drops an agent (production: 60)
 HEARTBEAT_TTL = 3
