@@ -31,6 +31,7 @@ from tests.agents.test_integration import published, valid_here, wait_builds
 from tests.agents.test_network_faults import (
     check_exactly_once,
     done_step,
+    released,
     running_on,
 )
 from tests.conftest import KeyPair
@@ -162,12 +163,6 @@ def test_a_dag_across_hosts_survives_a_cut_host(
         hosts["far"].cut()
         cut_at = time.monotonic()
 
-        def released() -> bool:
-            with committed_db() as session:
-                return not session.execute(text(
-                    "SELECT 1 FROM steps WHERE id = ANY(:ids) AND machine = 'far' "
-                    "AND state = 'running'"), {"ids": lost}).first()
-
         # the worker on the cut host cannot renew: it stops its builds before the
         # leases lapse, and nothing of them keeps running there
         wait_until(lambda: "stopped the builds" in workers["far"].log(), timeout=LEASE_SECS + 5,
@@ -178,7 +173,8 @@ def test_a_dag_across_hosts_survives_a_cut_host(
                                    for p in builders_when_cut)
                    and processes_named(workers["far"], {"nix-store", "sleep"}) == [],
                    timeout=2, message="no build left running on the cut host")
-        wait_until(released, timeout=60, interval=0.1, message="the cut host's steps released")
+        wait_until(lambda: released(committed_db, "far", lost), timeout=60, interval=0.1,
+                   message="the cut host's steps released")
         released_after = time.monotonic() - cut_at
         wait_until(lambda: all(done_step(committed_db, s)[0] == "done" for s in lost),
                    timeout=60, interval=0.2, message="the cut host's steps finished elsewhere")
