@@ -28,13 +28,15 @@ BUILD_QUEUE_PREFIX = "build."
 STATIC_QUEUES = (EVAL_QUEUE, DISPATCH_QUEUE, NOTIFY_QUEUE, MAINTENANCE_QUEUE)
 
 
-def celery_settings(settings: Settings) -> dict[str, Any]:
-    broker_url = settings.require_broker_url()
+def common_celery_settings(broker_url: str, result_backend: str | None = None
+                           ) -> dict[str, Any]:
+    """The settings every Celery app of Circus shares: the daemons' (:func:`celery_settings`)
+    and ``circus-worker``'s on another host, which consumes the build queues only."""
     return {
         "broker_url": broker_url,
         # Circus keeps results in PostgreSQL; a result backend is optional
-        "result_backend": settings.broker.result_backend,
-        "task_ignore_result": settings.broker.result_backend is None,
+        "result_backend": result_backend,
+        "task_ignore_result": result_backend is None,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -55,6 +57,16 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         # a Redis-only option (AMQP brokers redeliver on connection loss instead)
         "broker_transport_options": ({"visibility_timeout": 6 * 3600}
                                      if broker_url.startswith("redis") else {}),
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    """The Celery settings of the daemons' apps: the common ones, their queues, routes,
+    events and beat schedule."""
+    return {
+        **common_celery_settings(settings.require_broker_url(), settings.broker.result_backend),
         "task_queues": [Queue(name) for name in STATIC_QUEUES],
         "task_default_queue": MAINTENANCE_QUEUE,
         "task_routes": {
@@ -62,14 +74,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "circus.queue_runner.dispatch.*": {"queue": DISPATCH_QUEUE},
             "circus.notifications.*": {"queue": NOTIFY_QUEUE},
         },
-        "task_create_missing_queues": True,
         # No task events by default: every wake-up and delivery would publish two
         # more broker messages (~0.3 s of the runner's CPU per 500 builds). Flower
         # turns them on in running workers itself (`celery control enable_events`);
         # broker.task_events sends them from the start (and "sent" events too).
         "worker_send_task_events": settings.broker.task_events,
         "task_send_sent_event": settings.broker.task_events,
-        "worker_hijack_root_logger": False,
         "beat_schedule": beat_schedule(settings),
     }
 

@@ -22,23 +22,15 @@ step was ready (queued, not started).
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
-from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import create_engine, text
 
@@ -46,8 +38,10 @@ from circus.common.db import normalise_url
 from circus.common.enums import EvaluationStatus
 from circus.common.localservices import PrivatePostgres
 from circus.common.statussql import UNFINISHED
+from tests.helpers.circus_up import Client, start
+from tests.helpers.daemons import Daemon
+from tests.helpers.net import free_port
 
-CIRCUS = Path(sys.executable).parent / "circus"
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
 #: evaluation statuses after which no build of it will appear any more
@@ -62,31 +56,6 @@ def write_expression(directory: Path, dag: str, shape: dict[str, int]) -> None:
     args = " ".join(f"{key} = {value};" for key, value in shape.items())
     (directory / "default.nix").write_text(
         f'import ./dag.nix {{ nonce = "{secrets.token_hex(8)}"; {args} }}\n')
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Api:
-    """The admin, logged in over the REST API like a browser."""
-
-    def __init__(self, base: str, password: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.csrf = ""
-        self.call("POST", "/api/v1/auth/login", {"username": "admin", "password": password})
-        self.csrf = self.call("GET", "/api/v1/auth/csrf")["csrf_token"]
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            self.base + path, method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "X-CSRFToken": self.csrf})
-        with self.opener.open(request, timeout=30) as response:
-            return json.load(response)
 
 
 @dataclass
@@ -115,7 +84,7 @@ class UpInstance:
         self.shape = shape
         self.extra_env = extra_env
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.daemon: Daemon | None = None
         #: write each round's steps to ``steps-<evaluation id>.tsv`` under ``root``
         self.keep_steps = False
         #: CPU seconds per kind of process during the last round (post-processing included)
@@ -123,29 +92,12 @@ class UpInstance:
         #: seconds from the last round's trigger until its post-processing was done
         self.post_processed = 0.0
 
-    @property
-    def log_path(self) -> Path:
-        return self.root / "circus-up.log"
-
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-        env["CIRCUS_SERVER__PORT"] = str(self.port)
+        extra_env = dict(self.extra_env)
         if self.code is not None:
-            env["PYTHONPATH"] = str(self.code)
-        env.update(self.extra_env)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [str(CIRCUS), "up", "--state-dir", str(self.state)], env=env, cwd=self.root,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while "Circus is running." not in self.log_path.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("circus up did not start:\n"
-                                   + self.log_path.read_text()[-3000:])
-            time.sleep(0.5)
-        found = re.search(r"login:\s+admin / (\S+)", self.log_path.read_text())
-        assert found, self.log_path.read_text()
-        self.api = Api(f"http://127.0.0.1:{self.port}", found.group(1))
+            extra_env["PYTHONPATH"] = str(self.code)
+        self.daemon, password, _ = start(self.state, self.port, self.root, extra_env)
+        self.api = Client(f"http://127.0.0.1:{self.port}", password)
         url = PrivatePostgres(self.state / "postgres").url("circus")
         self.engine = create_engine(normalise_url(url))
         self._create_jobset()
@@ -156,10 +108,10 @@ class UpInstance:
         for argv in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
                      ["git", "commit", "-q", "-m", "DAG"]):
             subprocess.run(argv, cwd=self.repo, check=True, env={**os.environ, **GIT_ENV})
-        self.api.call("POST", "/api/v1/projects", {
+        self.api.post("/api/v1/projects", {
             "name": "bench", "repository_url": f"file://{self.repo}"})
         # no scheduled checks: only the benchmark's triggers evaluate
-        self.api.call("POST", "/api/v1/projects/bench/jobsets", {
+        self.api.post("/api/v1/projects/bench/jobsets", {
             "name": "dag", "flake_mode": False, "nix_expression": "default.nix",
             "branch": "main", "check_interval": 0})
 
@@ -180,9 +132,9 @@ class UpInstance:
 
     def cpu_roots(self) -> list[int]:
         """``circus up`` and the postmaster (pg_ctl detaches it from ``circus up``)."""
-        assert self.process is not None
+        assert self.daemon is not None
         postmaster = PrivatePostgres(self.state / "postgres").data_dir / "postmaster.pid"
-        return [self.process.pid, int(postmaster.read_text().split()[0])]
+        return [self.daemon.pid, int(postmaster.read_text().split()[0])]
 
     def new_revision(self) -> None:
         write_expression(self.repo, self.dag, self.shape)
@@ -191,11 +143,10 @@ class UpInstance:
 
     def run_round(self, expected: int, timeout: float = 900) -> Round:
         self.new_revision()
-        assert self.process is not None
         cpu_before = tree_cpu(self.cpu_roots())
         triggered_at = time.time()
         start = time.monotonic()
-        evaluation = self.api.call("POST", "/api/v1/evaluations/trigger",
+        evaluation = self.api.post("/api/v1/evaluations/trigger",
                                    {"project": "bench", "jobset": "dag"})
         evaluation_id = int(evaluation["id"])
         deadline = start + timeout
@@ -231,7 +182,7 @@ class UpInstance:
                 {"id": evaluation_id}).scalar_one()
         if status != EvaluationStatus.completed.value or builds != expected:
             raise RuntimeError(f"evaluation {evaluation_id} ended {status} with {builds} "
-                               f"builds ({expected} expected); see {self.log_path}")
+                               f"builds ({expected} expected); see {self.root}/circus-up-*.log")
         return self._timeline(evaluation_id, triggered_at, seconds, builds)
 
     def _wait_post_processed(self, deadline: float) -> float:
@@ -302,13 +253,8 @@ class UpInstance:
     def stop(self) -> None:
         if getattr(self, "engine", None) is not None:
             self.engine.dispose()
-        if self.process is None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.daemon is not None:
+            self.daemon.stop(timeout=90)
 
 
 def idle_with_work_ready(steps: list[tuple[float, float, float]], slots: int = 2

@@ -19,24 +19,19 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from circus.common.localservices import PrivatePostgres  # noqa: E402
-
-CIRCUS = Path(sys.executable).parent / "circus"
+from tests.helpers.circus_up import Client, start  # noqa: E402
+from tests.helpers.net import free_port  # noqa: E402
 
 FLAKE = r"""{
   outputs = { self }:
@@ -56,29 +51,6 @@ FLAKE = r"""{
     };
 }
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Api:
-    def __init__(self, base: str, password: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        self.csrf = ""
-        self.call("POST", "/api/v1/auth/login", {"username": "admin", "password": password})
-        self.csrf = self.call("GET", "/api/v1/auth/csrf")["csrf_token"]
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            self.base + path, method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "X-CSRFToken": self.csrf})
-        with self.opener.open(request, timeout=30) as response:
-            return json.load(response)
 
 
 def tree_rss_kib(root: int) -> int:
@@ -152,22 +124,9 @@ def main() -> int:
     root.chmod(0o755)
     state = root / "state"
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env["CIRCUS_SERVER__PORT"] = str(port)
-    log = (root / "circus-up.log").open("wb")
-    up = subprocess.Popen([str(CIRCUS), "up", "--state-dir", str(state)], env=env, cwd=root,
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up, password, _ = start(state, port, root)
     try:
-        deadline = time.monotonic() + 180
-        while "Circus is running." not in (root / "circus-up.log").read_text():
-            if up.poll() is not None or time.monotonic() > deadline:
-                print((root / "circus-up.log").read_text()[-3000:], file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        password = re.search(r"login:\s+admin / (\S+)",
-                             (root / "circus-up.log").read_text()).group(1)  # type: ignore[union-attr]
-        api = Api(base, password)
+        api = Client(f"http://127.0.0.1:{port}", password)
         time.sleep(5)   # the demo's own first evaluation
         rss_start = daemon_rss(state)
         started = time.monotonic()
@@ -175,7 +134,7 @@ def main() -> int:
         while time.monotonic() - started < args.minutes * 60:
             round_no = len(rounds)
             commit_round(state / "demo-repo", round_no, args.jobs)
-            api.call("POST", "/api/v1/evaluations/trigger", {"project": "demo", "jobset": "main"})
+            api.post("/api/v1/evaluations/trigger", {"project": "demo", "jobset": "main"})
             rounds.append(time.monotonic() - started)
             print(f"round {round_no} triggered at {rounds[-1]:.0f} s; rss "
                   f"{ {k: v // 1024 for k, v in daemon_rss(state).items()} } MiB", flush=True)
@@ -208,12 +167,7 @@ def main() -> int:
             print(f"{name:22s} {before:13.0f}  {after:7.0f}  {(after / before - 1) * 100:+5.0f}%")
         return 0 if len(rows) == expected and all(r[3] for r in rows) else 1
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        log.close()
+        up.stop(timeout=90)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -27,6 +27,7 @@ from circus.common.config import Settings, load_settings
 from circus.common.db import normalise_url
 from circus.common.localservices import PrivatePostgres, PrivateRedis
 from circus.common.nix.environment import nix_environ
+from tests.helpers.audit import install_finish_audit, remove_finish_audit
 from tests.helpers.gitrepo import GitRepo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,35 @@ def committed_db(engine: Engine) -> Iterator[sessionmaker[Session]]:
     truncate_all(engine)
     yield sessionmaker(bind=engine, expire_on_commit=False)
     truncate_all(engine)
+
+
+@pytest.fixture
+def finish_audit(engine: Engine, committed_db: sessionmaker[Session]) -> Iterator[None]:
+    """Record every transition of a build or step into a finished state
+    (:mod:`tests.helpers.audit`: ``finish_counts``)."""
+    install_finish_audit(engine)
+    try:
+        yield
+    finally:
+        remove_finish_audit(engine)
+
+
+# ---------------------------------------------------------------------------
+# Order: the files of slow tests first
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with a ``slow`` test (the long end-to-end ones) run first, in their
+    collection order, the others after them in theirs.
+
+    ``make test`` hands whole files to two workers in this order (``--dist loadfile
+    --no-loadscope-reorder``): longest first keeps both workers busy to the end, the
+    short files filling in. xdist's default order (most tests first) left the long
+    files, which have few tests, for last: one worker ran them while the other idled.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    # stable: each file's tests stay together and in order (module-scoped daemons)
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 # ---------------------------------------------------------------------------

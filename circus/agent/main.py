@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
-from pathlib import Path
 
-from circus.common.configbase import ConfigError
+from circus.common.configbase import host_program_arguments, settings_from_arguments
 from circus.common.logging import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="circus-agent", description=__doc__)
-    parser.add_argument("--config", type=Path, help="agent config file "
-                        "(default: $CIRCUS_AGENT_CONFIG_FILE)")
+    parser = host_program_arguments("circus-agent", __doc__, "agent")
     parser.add_argument("--ephemeral", action="store_true",
                         help="fresh identity, unique name, stop after the configured limits")
-    parser.add_argument("--log-level", help="overrides tracing.level")
     args = parser.parse_args(argv)
     from circus.agent.config import load_agent_settings
 
-    try:
-        settings = load_agent_settings(
-            files=[args.config] if args.config else None,
-            overrides={"tracing": {"level": args.log_level}} if args.log_level else None)
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
+    settings = settings_from_arguments(args, load_agent_settings)
     setup_logging(settings.tracing)
     import capnp
 

@@ -14,7 +14,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
 from alembic import command
-from circus.common.config import ConfigError, load_settings
+from circus.common.config import load_settings
+from circus.common.configbase import exit_on_bad_config
 from circus.common.db import normalise_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,11 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("-m", "--message", required=True)
     args = parser.parse_args(argv)
 
-    try:
+    with exit_on_bad_config():
         url = args.database_url or load_settings().require_database_url()
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
 
     if args.command == "up":
         upgrade(url, args.revision)

@@ -10,10 +10,13 @@ No SQLAlchemy here: the agent uses this module too.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_args, get_origin
@@ -333,3 +336,36 @@ def load_host_program_settings(model_cls: type[ModelT], section: str,
         raw = deep_merge(raw, overrides)
     raw.setdefault(section, {})
     return validate_sections(model_cls, raw)
+
+
+def host_program_arguments(program: str, description: str | None, section: str
+                           ) -> argparse.ArgumentParser:
+    """The command line every builder-host program takes (``--config``, ``--log-level``);
+    the program adds its own options and reads its settings with
+    :func:`settings_from_arguments`."""
+    parser = argparse.ArgumentParser(prog=program, description=description)
+    parser.add_argument("--config", type=Path, help=f"{section} config file "
+                        f"(default: $CIRCUS_{section.upper()}_CONFIG_FILE)")
+    parser.add_argument("--log-level", help="overrides tracing.level")
+    return parser
+
+
+@contextmanager
+def exit_on_bad_config() -> Iterator[None]:
+    """For a program's start: a :class:`ConfigError` raised inside is printed with every
+    problem, and the program exits with status 2 (like argparse for a bad command line)."""
+    try:
+        yield
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def settings_from_arguments(args: argparse.Namespace, load: Callable[..., ModelT]) -> ModelT:
+    """The settings of a builder-host program from its parsed command line, through its
+    loader (built on :func:`load_host_program_settings`); a bad configuration ends the
+    program (:func:`exit_on_bad_config`)."""
+    with exit_on_bad_config():
+        return load(files=[args.config] if args.config else None,
+                    overrides={"tracing": {"level": args.log_level}} if args.log_level
+                    else None)

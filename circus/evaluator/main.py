@@ -12,7 +12,8 @@ from celery.signals import beat_embedded_init
 
 import celeryconfig
 from circus.common.celery import create_celery_app
-from circus.common.config import ConfigError, load_settings
+from circus.common.config import load_settings
+from circus.common.configbase import exit_on_bad_config
 from circus.common.heartbeat import HeartbeatThread
 from circus.common.localservices import die_with_parent
 from circus.common.logging import setup_logging
@@ -37,13 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-beat", action="store_true",
                         help="run workers only (when another evaluator runs beat)")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_bad_config():
         settings = load_settings()
         settings.require_broker_url()
         settings.require_database_url()
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
     setup_logging(settings.tracing)
     app = create_celery_app(settings, name="circus-evaluator")
     work_dir = Path(settings.evaluator.work_dir)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from circus.common.config import ConfigError, load_settings
+from circus.common.config import load_settings
+from circus.common.configbase import exit_on_bad_config
 from circus.common.logging import setup_logging
 
 
@@ -21,13 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None,
                         help="instance name when one host runs several queue runners")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_bad_config():
         settings = load_settings()
         settings.require_database_url()
         settings.require_broker_url()
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
     setup_logging(settings.tracing)
     from circus.queue_runner.daemon import ConsumerFactory, QueueRunner
 

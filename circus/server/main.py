@@ -7,7 +7,8 @@ import logging
 import sys
 from typing import Any
 
-from circus.common.config import SERVER_THREADS, ConfigError, load_settings
+from circus.common.config import SERVER_THREADS, load_settings
+from circus.common.configbase import exit_on_bad_config
 from circus.common.logging import setup_logging
 
 
@@ -19,11 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-declarative", action="store_true",
                         help="do not apply [declarative] at start")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_bad_config():
         settings = load_settings()
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
     setup_logging(settings.tracing)
     from circus.server.app import create_app
 
@@ -33,10 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             # before workers fork: one applier, and no inherited connections
-            apply_settings(settings)
-        except ConfigError as exc:
-            print(exc.render(), file=sys.stderr)
-            return 2
+            with exit_on_bad_config():
+                apply_settings(settings)
         except CircusError as exc:
             print(f"error in [declarative]: {exc.message}", file=sys.stderr)
             return 2

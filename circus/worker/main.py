@@ -9,16 +9,14 @@ from the server's ``/nix-cache``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from circus.common.configbase import ConfigError
+from circus.common.configbase import host_program_arguments, settings_from_arguments
 from circus.common.logging import setup_logging
 
 log = logging.getLogger("circus.worker")
@@ -31,7 +29,7 @@ class RemoteWorkerDaemon:
     def __init__(self, settings: Any) -> None:
         from celery import Celery
 
-        from celeryconfig import build_queue_name
+        from celeryconfig import build_queue_name, common_celery_settings
         from circus.common.messaging import WAKE_TASK
         from circus.worker.builder import LeaseKeeper, RemoteBuilder
         from circus.worker.client import WorkerApi
@@ -46,18 +44,8 @@ class RemoteWorkerDaemon:
         self.builder = RemoteBuilder(settings, self.api, self.stop)
         self.subscribed: set[str] = set()
         self.app = Celery("circus-worker")
-        self.app.conf.update(
-            broker_url=config.broker_url, task_serializer="json", accept_content=["json"],
-            result_serializer="json", task_ignore_result=True, timezone="UTC",
-            enable_utc=True, worker_prefetch_multiplier=1, task_acks_late=False,
-            task_reject_on_worker_lost=False, broker_connection_retry_on_startup=True,
-            broker_connection_max_retries=None, worker_hijack_root_logger=False,
-            task_create_missing_queues=True,
-            # RabbitMQ keeps a cut connection's exclusive remote-control queue until it
-            # notices the connection is dead: reconnecting after a cut link then failed
-            # with RESOURCE_LOCKED and the worker exited (multi-host test on RabbitMQ)
-            control_queue_exclusive=False,
-            broker_transport_options={"visibility_timeout": 6 * 3600})
+        # the daemons' common settings (broker options, serialisation, acks)
+        self.app.conf.update(common_celery_settings(config.broker_url))
         builder = self.builder
 
         # the queue runner's wake-up task by its wire name; here it builds over the API
@@ -136,20 +124,11 @@ class RemoteWorkerDaemon:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="circus-worker", description=__doc__)
-    parser.add_argument("--config", type=Path, help="worker config file "
-                        "(default: $CIRCUS_WORKER_CONFIG_FILE)")
-    parser.add_argument("--log-level", help="overrides tracing.level")
+    parser = host_program_arguments("circus-worker", __doc__, "worker")
     args = parser.parse_args(argv)
     from circus.worker.config import load_worker_settings
 
-    try:
-        settings = load_worker_settings(
-            files=[args.config] if args.config else None,
-            overrides={"tracing": {"level": args.log_level}} if args.log_level else None)
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
+    settings = settings_from_arguments(args, load_worker_settings)
     setup_logging(settings.tracing)
     return RemoteWorkerDaemon(settings).run()
 

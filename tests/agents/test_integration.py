@@ -25,6 +25,8 @@ from tests.queue_runner.factories import instantiate, make_builds
 
 JOBS = Path(__file__).parent / "fixtures" / "jobs.nix"
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def gateway_runner(runner_config: Callable[..., dict[str, Any]], tmp_path: Path
@@ -360,42 +362,6 @@ def test_an_oidc_agent_builds_only_its_repositorys_trusted_jobs(
         assert finished(committed_db, [pull.id, theirs.id]) == {
             pull.id: BuildStatus.pending, theirs.id: BuildStatus.pending}
         assert "/token" in issuer.requests
-
-
-def test_load_200_builds_across_three_agents(
-        gateway_runner: Callable[..., Any], committed_db: sessionmaker[Session],
-        nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
-    count = 200
-    drvs = instantiate([f"many.n{i}" for i in range(count)], nonce, nix_env, expr=JOBS,
-                       args={"count": count})
-    with gateway_runner() as (runner, port), ExitStack() as stack:
-        for name in ("a1", "a2", "a3"):
-            start_agent(stack, tmp_path, port, name, max_jobs=2)
-        wait_until(lambda: len(connected(committed_db)) == 3, timeout=30,
-                   message="three agents connected")
-        with committed_db() as session:
-            builds = make_builds(session, drvs)
-        ids = [b.id for b in builds.values()]
-        result = wait_builds(committed_db, ids, timeout=240)
-        print(runner.log()[-2000:])
-    assert set(result.values()) == {BuildStatus.succeeded}
-    with committed_db() as session:
-        steps = session.execute(text(
-            "SELECT drv_path, count(*) AS n, bool_and(state = 'done' AND status = 2) AS ok "
-            "FROM steps WHERE drv_path = ANY(:d) GROUP BY drv_path"),
-            {"d": list(drvs.values())}).all()
-        per_agent = dict(session.execute(text(
-            "SELECT machine, count(*) FROM steps WHERE drv_path = ANY(:d) GROUP BY machine"),
-            {"d": list(drvs.values())}).all())
-        unfinished = session.execute(text(
-            "SELECT count(*) FROM builds WHERE id = ANY(:ids) AND completed_at IS NULL"),
-            {"ids": ids}).scalar_one()
-    # none lost, none built twice: one finished step per derivation
-    assert len(steps) == count
-    assert all(s.n == 1 and s.ok for s in steps)
-    assert unfinished == 0
-    assert set(per_agent) == {"a1", "a2", "a3"}
-    assert sum(per_agent.values()) == count
 
 
 def test_agent_uploads_outputs_to_s3_through_presigned_urls(

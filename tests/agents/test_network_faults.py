@@ -13,22 +13,25 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
 from tests.agents.conftest import TOKEN_DIGEST, write_agent_config
 from tests.agents.test_integration import connected, wait_builds
-from tests.helpers.audit import finish_counts, install_finish_audit, remove_finish_audit
+from tests.helpers.audit import finish_counts
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.net import free_port, wait_for_port
 from tests.helpers.netns import NetnsHost, network_host
 from tests.queue_runner.daemons import runner_daemon
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds
+
+pytestmark = pytest.mark.slow
 
 DAG = FIXTURES / "dag.nix"
 #: seconds of silence after which the gateway drops an agent (production: 60)
@@ -36,15 +39,6 @@ HEARTBEAT_TTL = 3
 #: the DAG: 3 chains of 3 links, 2 fans over the chains' tips, a top; each sleeps
 SHAPE = {"chains": 3, "length": 3, "fans": 2}
 WORK_SECS = "3"
-
-
-@pytest.fixture
-def finish_audit(engine: Engine, committed_db: sessionmaker[Session]) -> Iterator[None]:
-    install_finish_audit(engine)
-    try:
-        yield
-    finally:
-        remove_finish_audit(engine)
 
 
 @pytest.fixture
@@ -95,6 +89,11 @@ def running_on(factory: sessionmaker[Session], name: str) -> list[int]:
             {"m": name}).scalars())
 
 
+def released(factory: sessionmaker[Session], name: str, step_ids: list[int]) -> bool:
+    """None of ``step_ids`` runs on ``name`` any more."""
+    return not set(step_ids) & set(running_on(factory, name))
+
+
 def building_on(factory: sessionmaker[Session], agent: Daemon, name: str) -> list[int]:
     """The steps leased to the agent that it has accepted (it is building them)."""
     log = agent.log()
@@ -129,6 +128,52 @@ def check_exactly_once(factory: sessionmaker[Session], drvs: dict[str, str],
     return per_machine
 
 
+@dataclass
+class MidBuild:
+    """Two agents, each on its own host, building the DAG; the first one holds
+    ``lost`` (steps it has accepted and is building) when the fault is to strike."""
+
+    runner: Daemon
+    agent: Daemon
+    host: NetnsHost
+    other: str
+    lost: list[int]
+    build_ids: list[int]
+
+
+@contextmanager
+def mid_build(open_gateway: Callable[..., Any], committed_db: sessionmaker[Session],
+              drvs: dict[str, str], tmp_path: Path, names: tuple[str, str],
+              broker_url: str | None = None) -> Iterator[MidBuild]:
+    """The DAG's builds queued with both agents connected, a moment into a step on the
+    first agent's host."""
+    with open_gateway(broker_url) as (runner, port), ExitStack() as stack:
+        agent, host = agent_on_host(stack, tmp_path, port, names[0])
+        agent_on_host(stack, tmp_path, port, names[1])
+        wait_until(lambda: connected(committed_db) == sorted(names), timeout=60,
+                   message="both agents connected")
+        with committed_db() as session:
+            builds = make_builds(session, drvs)
+        wait_until(lambda: building_on(committed_db, agent, names[0]) != [], timeout=60,
+                   message=f"a step building on {names[0]}")
+        time.sleep(1)   # mid-build (steps take WORK_SECS)
+        yield MidBuild(runner, agent, host, names[1], running_on(committed_db, names[0]),
+                       [b.id for b in builds.values()])
+
+
+def all_succeeded(committed_db: sessionmaker[Session], scene: MidBuild) -> None:
+    result = wait_builds(committed_db, scene.build_ids, timeout=150)
+    assert set(result.values()) == {BuildStatus.succeeded}, result
+
+
+def finished_once_elsewhere(committed_db: sessionmaker[Session], scene: MidBuild,
+                            drvs: dict[str, str]) -> dict[str, int]:
+    """The lost steps were finished by the other agent, every step and build exactly
+    once; returns the steps per host."""
+    assert {done_step(committed_db, s)[1] for s in scene.lost} == {scene.other}
+    return check_exactly_once(committed_db, drvs, scene.build_ids)
+
+
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_cut_hosts_steps_are_released_and_finished_by_the_other_host(
         open_gateway: Callable[..., Any], committed_db: sessionmaker[Session],
@@ -137,30 +182,16 @@ def test_a_cut_hosts_steps_are_released_and_finished_by_the_other_host(
     # the wake-ups that feed the gateway travel on the broker: both kinds carry them
     broker_url = request.getfixturevalue("rabbitmq").url if broker == "rabbitmq" else None
     drvs = dag(nonce, nix_env)
-    with open_gateway(broker_url) as (runner, port), ExitStack() as stack:
-        cut_agent, cut_host = agent_on_host(stack, tmp_path, port, "far")
-        agent_on_host(stack, tmp_path, port, "near")
-        wait_until(lambda: connected(committed_db) == ["far", "near"], timeout=60,
-                   message="both agents connected")
-        with committed_db() as session:
-            builds = make_builds(session, drvs)
-        ids = [b.id for b in builds.values()]
-        wait_until(lambda: building_on(committed_db, cut_agent, "far") != [], timeout=60,
-                   message="a step building on the host to cut")
-        time.sleep(1)   # mid-build (steps take WORK_SECS)
-        lost = running_on(committed_db, "far")
-        cut_host.cut()
+    with mid_build(open_gateway, committed_db, drvs, tmp_path, ("far", "near"),
+                   broker_url) as scene:
+        lost = scene.lost
+        scene.host.cut()
         cut_at = time.monotonic()
-
-        def released() -> bool:
-            with committed_db() as session:
-                return not session.execute(text(
-                    "SELECT 1 FROM steps WHERE id = ANY(:ids) AND machine = 'far' "
-                    "AND state = 'running'"), {"ids": lost}).first()
 
         # the gateway hears nothing for HEARTBEAT_TTL seconds, drops the agent, and
         # its steps go back to the queue (then wait for a free slot on the other host)
-        wait_until(released, timeout=60, interval=0.1, message="the cut host's steps released")
+        wait_until(lambda: released(committed_db, "far", lost), timeout=60, interval=0.1,
+                   message="the cut host's steps released")
         released_after = time.monotonic() - cut_at
         # each step the cut host held is finished by the other one
         recovered: dict[int, float] = {}
@@ -173,8 +204,7 @@ def test_a_cut_hosts_steps_are_released_and_finished_by_the_other_host(
 
         wait_until(all_recovered, timeout=90, interval=0.2,
                    message="the cut host's steps finished elsewhere")
-        assert {done_step(committed_db, s)[1] for s in lost} == {"near"}
-        result = wait_builds(committed_db, ids, timeout=150)
+        all_succeeded(committed_db, scene)
         if broker == "rabbitmq":
             # the gateway's wake-up consumer is subscribed to the class queue on the node
             consumers = dict(line.split() for line in request.getfixturevalue(
@@ -182,13 +212,12 @@ def test_a_cut_hosts_steps_are_released_and_finished_by_the_other_host(
                 if line.strip())
             assert int(consumers.get("build.x86_64-linux", 0)) >= 1, consumers
         # the link comes back: the agent, told its connection is gone, dials again
-        cut_host.restore()
+        scene.host.restore()
         wait_until(lambda: "far" in connected(committed_db), timeout=60,
                    message="the cut agent reconnected")
-        log = runner.log()
-        agent_log = cut_agent.log()
-    assert set(result.values()) == {BuildStatus.succeeded}, result
-    per_machine = check_exactly_once(committed_db, drvs, ids)
+        log = scene.runner.log()
+        agent_log = scene.agent.log()
+    per_machine = finished_once_elsewhere(committed_db, scene, drvs)
     assert "agent far silent for" in log
     assert f"agent far disconnected ({len(lost)} step(s) handed back: " in log
     assert "no answer to a heartbeat" in agent_log
@@ -205,29 +234,17 @@ def test_an_agent_killed_mid_build_on_its_host_loses_no_step(
         open_gateway: Callable[..., Any], committed_db: sessionmaker[Session],
         finish_audit: None, nix_env: dict[str, str], nonce: str, tmp_path: Path) -> None:
     drvs = dag(nonce, nix_env)
-    with open_gateway() as (_, port), ExitStack() as stack:
-        killed, killed_host = agent_on_host(stack, tmp_path, port, "doomed")
-        agent_on_host(stack, tmp_path, port, "survivor")
-        wait_until(lambda: connected(committed_db) == ["doomed", "survivor"], timeout=60,
-                   message="both agents connected")
-        with committed_db() as session:
-            builds = make_builds(session, drvs)
-        ids = [b.id for b in builds.values()]
-        wait_until(lambda: building_on(committed_db, killed, "doomed") != [], timeout=60,
-                   message="a step building on the agent to kill")
-        time.sleep(1)   # mid-build (steps take WORK_SECS)
-        lost = running_on(committed_db, "doomed")
-        killed.kill(signal.SIGKILL)
+    with mid_build(open_gateway, committed_db, drvs, tmp_path,
+                   ("doomed", "survivor")) as scene:
+        scene.agent.kill(signal.SIGKILL)
         killed_at = time.monotonic()
         # nothing of it keeps running on its host (no orphan nix-store or builder)
-        wait_until(lambda: killed_host.pids() == [], timeout=10,
+        wait_until(lambda: scene.host.pids() == [], timeout=10,
                    message="no process left on the killed agent's host")
-        wait_until(lambda: all(done_step(committed_db, s)[0] == "done" for s in lost),
+        wait_until(lambda: all(done_step(committed_db, s)[0] == "done" for s in scene.lost),
                    timeout=90, interval=0.2, message="the killed agent's steps finished")
         recovery = time.monotonic() - killed_at
-        result = wait_builds(committed_db, ids, timeout=150)
-    assert set(result.values()) == {BuildStatus.succeeded}, result
-    assert {done_step(committed_db, s)[1] for s in lost} == {"survivor"}
-    per_machine = check_exactly_once(committed_db, drvs, ids)
-    print(f"kill -9: {len(lost)} step(s) finished elsewhere {recovery:.1f} s after the "
+        all_succeeded(committed_db, scene)
+    per_machine = finished_once_elsewhere(committed_db, scene, drvs)
+    print(f"kill -9: {len(scene.lost)} step(s) finished elsewhere {recovery:.1f} s after the "
           f"kill (steps of {WORK_SECS} s); steps per host {per_machine}")

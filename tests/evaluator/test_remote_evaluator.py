@@ -34,11 +34,11 @@ from tests.agents.test_integration import valid_here, wait_builds
 from tests.evaluator.conftest import World
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.gitrepo import GitRepo
-from tests.helpers.net import free_port, wait_for_port
+from tests.helpers.net import wait_for_port
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
-from tests.queue_runner.daemons import flatten, runner_daemon
+from tests.queue_runner.daemons import runner_daemon, server_daemon
 from tests.security.agents_support import export_of
-from tests.workers.test_remote_worker import exported_in_private_store
+from tests.workers.support import exported_in_private_store
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "evaluator-token-" + "e" * 40
@@ -81,11 +81,7 @@ def server_and_runner(runner_config: Callable[..., dict[str, Any]],  # noqa: F81
         remote_workers={"auth_tokens": [DIGEST]},
         server={"secret_key": "s" * 40, "workers": 2, "rate_limit_storage": "memory://",
                 "require_api_key_for_reads": False})
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env.update(flatten(config))
-    server = Daemon("circus-server", [circus_command("circus-server"), "--port", str(port)],
-                    tmp_path, env=env)
+    server, port = server_daemon(config, tmp_path)
     with server:
         if workers:
             runner = runner_daemon("qr-local", config, tmp_path, workers=workers)

@@ -72,6 +72,8 @@ from tests.helpers.gitrepo import GitRepo
 from tests.helpers.net import free_port
 from tests.helpers.netns import NetnsHost, network_host
 
+pytestmark = pytest.mark.slow
+
 SEED = int(os.environ.get("CIRCUS_FAULT_SEED") or secrets.randbelow(2**31))
 LAYERS, WIDTH = 4, 6
 JOBS = LAYERS * WIDTH

@@ -1,4 +1,5 @@
-"""A ``circus up`` instance as tests drive it: start it, log in, read its supervisor status."""
+"""A ``circus up`` instance as tests (and bench/soak.py, bench/build_overhead_e2e.py) drive
+it: start it, log in, read its supervisor status."""
 
 from __future__ import annotations
 
@@ -59,11 +60,15 @@ def start(state: Path, port: int, log_dir: Path,
     daemon = Daemon(f"circus-up-{len(list(log_dir.glob('circus-up-*.log')))}",
                     [circus_command("circus"), "up", "--state-dir", str(state)], log_dir,
                     env=env, cwd=state.parent).start()
-    wait_until(lambda: "Circus is running." in daemon.log() or not daemon.alive(),
-               timeout=180, message="circus up ready")
-    assert daemon.alive(), daemon.log()
-    match = re.search(r"login:\s+admin / (\S+)", daemon.log())
-    assert match, daemon.log()
+    try:
+        wait_until(lambda: "Circus is running." in daemon.log() or not daemon.alive(),
+                   timeout=180, message="circus up ready")
+        assert daemon.alive(), daemon.log()
+        match = re.search(r"login:\s+admin / (\S+)", daemon.log())
+        assert match, daemon.log()
+    except BaseException:
+        daemon.stop()   # whatever it started must not outlive the failed start
+        raise
     return daemon, match.group(1), time.monotonic() - started
 
 

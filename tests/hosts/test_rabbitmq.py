@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -18,6 +19,8 @@ from tests.helpers.daemons import wait_until
 from tests.helpers.gitrepo import GitRepo
 from tests.helpers.net import free_port
 from tests.helpers.rabbitmq import RabbitNode
+
+pytestmark = pytest.mark.slow
 
 
 def two_job_flake(nonce: str) -> str:

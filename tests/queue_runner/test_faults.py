@@ -7,33 +7,22 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
 from circus.common.localservices import PrivateRedis
-from tests.helpers.audit import finish_counts, install_finish_audit, remove_finish_audit
+from tests.helpers.audit import finish_counts
 from tests.helpers.daemons import wait_until
 from tests.queue_runner.daemons import runner_daemon
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds
 from tests.queue_runner.test_daemon import statuses, wait_finished, wait_ready
 
 DAG = FIXTURES / "dag.nix"
-
-
-@pytest.fixture
-def finish_audit(engine: Engine, committed_db: sessionmaker[Session]) -> Iterator[None]:
-    """Record every transition of a build or step into a finished state."""
-    install_finish_audit(engine)
-    try:
-        yield
-    finally:
-        remove_finish_audit(engine)
 
 
 def finishes(factory: sessionmaker[Session], kind: str) -> dict[int, int]:

@@ -13,7 +13,6 @@ re-leases its steps when they lapse, and the other hosts finish them, each once.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -32,17 +31,17 @@ from tests.agents.test_integration import published, valid_here, wait_builds
 from tests.agents.test_network_faults import (
     check_exactly_once,
     done_step,
-    finish_audit,  # noqa: F401  (fixture)
+    released,
     running_on,
 )
 from tests.conftest import KeyPair
-from tests.helpers.daemons import Daemon, circus_command, wait_until
-from tests.helpers.net import free_port, wait_for_port
+from tests.helpers.daemons import Daemon, wait_until
+from tests.helpers.net import wait_for_port
 from tests.helpers.netns import NetnsHost, network_host
 from tests.helpers.tcp_redis import tcp_redis
 from tests.helpers.worker_hosts import ready, worker_on_host
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
-from tests.queue_runner.daemons import flatten, runner_daemon
+from tests.queue_runner.daemons import runner_daemon, server_daemon
 from tests.queue_runner.factories import FIXTURES, instantiate, make_builds
 
 TOKEN = "multi-host-token-" + "m" * 40
@@ -84,11 +83,7 @@ def server_and_dispatcher(runner_config: Callable[..., dict[str, Any]],  # noqa:
         remote_workers={"auth_tokens": [hashlib.sha256(TOKEN.encode()).hexdigest()]},
         server={"secret_key": "s" * 40, "workers": 2, "rate_limit_storage": "memory://",
                 "require_api_key_for_reads": False})
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env.update(flatten(config))
-    server = Daemon("circus-server", [circus_command("circus-server"), "--host", "0.0.0.0",
-                                      "--port", str(port)], tmp_path, env=env)
+    server, port = server_daemon(config, tmp_path, host="0.0.0.0")
     with runner_daemon("qr-dispatch", config, tmp_path, workers=0), server:
         wait_for_port(port, timeout=60)
         yield port, server
@@ -133,7 +128,7 @@ def processes_named(worker: Daemon, names: set[str]) -> list[str]:
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_dag_across_hosts_survives_a_cut_host(
         runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-        committed_db: sessionmaker[Session], finish_audit: None,  # noqa: F811
+        committed_db: sessionmaker[Session], finish_audit: None,
         nix_env: dict[str, str], nonce: str, tmp_path: Path, cache_key: KeyPair,
         broker: str, request: pytest.FixtureRequest) -> None:
     names = [f"c{c}_{i}" for c in range(SHAPE["chains"]) for i in range(SHAPE["length"])]
@@ -168,12 +163,6 @@ def test_a_dag_across_hosts_survives_a_cut_host(
         hosts["far"].cut()
         cut_at = time.monotonic()
 
-        def released() -> bool:
-            with committed_db() as session:
-                return not session.execute(text(
-                    "SELECT 1 FROM steps WHERE id = ANY(:ids) AND machine = 'far' "
-                    "AND state = 'running'"), {"ids": lost}).first()
-
         # the worker on the cut host cannot renew: it stops its builds before the
         # leases lapse, and nothing of them keeps running there
         wait_until(lambda: "stopped the builds" in workers["far"].log(), timeout=LEASE_SECS + 5,
@@ -184,7 +173,8 @@ def test_a_dag_across_hosts_survives_a_cut_host(
                                    for p in builders_when_cut)
                    and processes_named(workers["far"], {"nix-store", "sleep"}) == [],
                    timeout=2, message="no build left running on the cut host")
-        wait_until(released, timeout=60, interval=0.1, message="the cut host's steps released")
+        wait_until(lambda: released(committed_db, "far", lost), timeout=60, interval=0.1,
+                   message="the cut host's steps released")
         released_after = time.monotonic() - cut_at
         wait_until(lambda: all(done_step(committed_db, s)[0] == "done" for s in lost),
                    timeout=60, interval=0.2, message="the cut host's steps finished elsewhere")

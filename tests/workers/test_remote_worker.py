@@ -1,17 +1,13 @@
 """Remote Celery build workers: ``circus-worker`` with its own Nix store and no database
 password builds through ``/api/v1/workers`` of a real circus-server, woken by the queue
-runner's wake-ups on the real broker; and the API's refusals, tried against it."""
+runner's wake-ups on the real broker; and the API's refusals, tried against it.
+(A worker stopped, killed or cancelled mid-build: tests/workers/test_remote_worker_faults.py.)"""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shlex
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,116 +19,27 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.environment import current_system
-from circus.queue_runner.service import cancel_build
 from tests.agents.conftest import store_has
 from tests.agents.test_integration import published, valid_here, wait_builds
 from tests.conftest import KeyPair
-from tests.helpers.daemons import Daemon, circus_command, wait_until
-from tests.helpers.net import free_port, wait_for_port
+from tests.helpers.daemons import wait_until
+from tests.helpers.worker_hosts import ready
 from tests.queue_runner.conftest import runner_config  # noqa: F401  (shared fixture)
-from tests.queue_runner.daemons import flatten, runner_daemon
 from tests.queue_runner.factories import instantiate, make_builds
-
-ROOT = Path(__file__).resolve().parents[2]
-JOBS = ROOT / "tests" / "agents" / "fixtures" / "jobs.nix"
-TOKEN = "worker-token-" + "w" * 40
-OTHER_TOKEN = "worker-token-" + "o" * 40
-DIGESTS = [hashlib.sha256(t.encode()).hexdigest() for t in (TOKEN, OTHER_TOKEN)]
+from tests.workers.support import (
+    JOBS,
+    OTHER_TOKEN,
+    TOKEN,
+    api,
+    cache_get,
+    exported_in_private_store,
+    server_and_runner,
+    signatures_in,
+    step_rows,
+    worker_in_own_store,
+)
 
 pytestmark = pytest.mark.slow
-
-
-@contextmanager
-def server_and_runner(runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-                      tmp_path: Path, cache_key: KeyPair, lease_secs: int = 20,
-                      unsupported_timeout: int = 120) -> Iterator[str]:
-    """A queue runner without local workers (dispatcher, reconciler) and a circus-server
-    (two gunicorn workers) whose /api/v1/workers accepts TOKEN and OTHER_TOKEN; yields
-    the server's URL."""
-    config = runner_config(
-        queue_runner={"unsupported_timeout": unsupported_timeout, "lease_secs": lease_secs},
-        signing={"enabled": True, "key": cache_key.secret},
-        cache={"cache_dir": str(tmp_path / "cache")},
-        remote_workers={"auth_tokens": DIGESTS},
-        server={"secret_key": "s" * 40, "workers": 2, "rate_limit_storage": "memory://",
-                "require_api_key_for_reads": False})
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env.update(flatten(config))
-    server = Daemon("circus-server", [circus_command("circus-server"), "--port", str(port)],
-                    tmp_path, env=env)
-    with runner_daemon("qr-dispatch", config, tmp_path, workers=0), server:
-        wait_for_port(port, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-        print(server.log()[-3000:])
-
-
-def worker_in_own_store(name: str, directory: Path, server_url: str, broker_url: str,
-                        token: str = TOKEN, slots: int = 2, features: tuple[str, ...] = ()
-                        ) -> Daemon:
-    """A circus-worker whose /nix is a private bind mount: paths really have to travel."""
-    (directory / "nix").mkdir(parents=True, exist_ok=True)
-    config = directory / "worker.toml"
-    config.write_text(f"""
-[worker]
-name = "{name}"
-server_url = "{server_url}"
-token = "{token}"
-broker_url = "{broker_url}"
-work_dir = "{directory / 'work'}"
-slots = {slots}
-features = [{", ".join(f'"{f}"' for f in features)}]
-heartbeat_secs = 1.0
-[nix]
-substituters = []
-[nix.config]
-# workers on one test host share the kernel's users (see tests/agents/conftest.py)
-"build-users-group" = ""
-""")
-    inner = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "circus.worker.main",
-                                              "--config", str(config)])
-    script = f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix && exec {inner}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return Daemon(name, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                  directory, env=env)
-
-
-def signatures_in(directory: Path, path: str) -> str:
-    """``nix path-info --sigs`` of ``path`` in the private store under ``directory``:
-    a path substituted from a binary cache keeps the cache's signature, an imported one
-    has none."""
-    # --derivation: a .drv itself (Nix 2.8 reads an output path as its deriver then)
-    flag = "--derivation " if path.endswith(".drv") else ""
-    script = (f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix && "
-              f"nix --extra-experimental-features nix-command path-info --sigs {flag}"
-              f"{shlex.quote(path)}")
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           script], capture_output=True, check=True)
-    return done.stdout.decode()
-
-
-def cache_get(server: str, path: str, auth: tuple[str, str] | None = None,
-              prefix: str = "/nix-cache") -> requests.Response:
-    """The narinfo of ``path`` (or, given a ``nar/...`` URL, that NAR)."""
-    name = path if path.startswith("nar/") else Path(path).name.split("-")[0] + ".narinfo"
-    return requests.get(f"{server}{prefix}/{name}", auth=auth, timeout=30)
-
-
-def api(server: str, path: str, token: str = TOKEN, name: str = "w1", **kwargs: Any
-        ) -> requests.Response:
-    method = kwargs.pop("method", "POST")
-    headers = {"Authorization": f"Bearer {token}", "X-Circus-Worker": name,
-               **kwargs.pop("headers", {})}
-    return requests.request(method, f"{server}/api/v1/workers{path}", headers=headers,
-                            timeout=60, **kwargs)
-
-
-def step_rows(factory: sessionmaker[Session], drvs: list[str]) -> list[Any]:
-    with factory() as session:
-        return list(session.execute(text(
-            "SELECT id, drv_path, state, status, machine, worker, error_message FROM steps "
-            "WHERE drv_path = ANY(:drvs) ORDER BY id"), {"drvs": drvs}).all())
 
 
 def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
@@ -154,8 +61,7 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
                            ) as server, ExitStack() as stack:
         worker = stack.enter_context(worker_in_own_store(
             "w1", tmp_path / "w1", server, redis_url, features=("kvm",)))
-        wait_until(lambda: "circus-worker-w1@" in worker.log() and " ready." in worker.log(),
-                   timeout=60, message="the worker consuming")
+        wait_until(lambda: ready(worker, "w1"), timeout=60, message="the worker consuming")
         with committed_db() as session:
             builds = make_builds(session, {job: drvs[job] for job in jobs})
         ids = {job: b.id for job, b in builds.items()}
@@ -216,19 +122,6 @@ def test_a_worker_with_its_own_store_builds_a_dag_through_the_api(
     assert "building top" in top_log.text
     assert "first line" in talker_log.text
     assert "second line" in talker_log.text
-
-
-def exported_in_private_store(directory: Path, content: str) -> tuple[str, bytes]:
-    """A store path that exists only in a private store, and its export stream."""
-    (directory / "nix").mkdir(parents=True, exist_ok=True)
-    source = directory / "payload"
-    source.write_text(content)
-    script = (f"mount --bind {shlex.quote(str(directory / 'nix'))} /nix && "
-              f"p=$(nix-store --add {shlex.quote(str(source))}) && echo $p >&2 && "
-              f"nix-store --export $p")
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           script], capture_output=True, check=True)
-    return done.stderr.decode().strip().splitlines()[-1], done.stdout
 
 
 def test_the_worker_api_refuses_what_a_worker_may_not_do(
@@ -356,87 +249,3 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
         assert api(server, f"/steps/{step['id']}/log", data=b"late").status_code == 403
         assert cache_get(server, mine, auth=("w1", TOKEN)).status_code == 404
         assert builds
-
-
-def test_a_stopped_worker_hands_its_step_back_and_a_killed_ones_is_re_leased(
-        runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-        committed_db: sessionmaker[Session], nix_env: dict[str, str], nonce: str,
-        tmp_path: Path, cache_key: KeyPair, redis_url: str) -> None:
-    drv = instantiate(["slow"], nonce, nix_env, expr=JOBS)["slow"]
-
-    def running_on() -> str | None:
-        rows = step_rows(committed_db, [drv])  # none until the dispatcher made the step
-        return str(rows[0].machine) if rows and rows[0].state == "running" else None
-
-    def building(attempt: int) -> bool:
-        """The step's log (streamed to the server; attempts append) shows the build's
-        ``attempt``-th start."""
-        rows = step_rows(committed_db, [drv])
-        log = tmp_path / "logs" / Path(drv).name[:2] / f"{Path(drv).name}-{rows[0].id}.log"
-        return log.exists() and log.read_bytes().count(b"slow start") >= attempt
-
-    def attempts() -> int:
-        with committed_db() as session:
-            return int(session.execute(text("SELECT attempts FROM steps WHERE drv_path = :d"),
-                                       {"d": drv}).scalar_one())
-
-    with server_and_runner(runner_config, tmp_path, cache_key, lease_secs=6) as server:
-        with committed_db() as session:
-            [build] = make_builds(session, {"slow": drv}).values()
-        # SIGTERM mid-build: the build stops and the step goes back at once, no attempt
-        with worker_in_own_store("w1", tmp_path / "w1", server, redis_url) as w1:
-            wait_until(lambda: running_on() == "w1" and building(1), timeout=90,
-                       message="slow building on w1")
-            stopped_at = time.monotonic()
-            w1.stop()
-        wait_until(lambda: step_rows(committed_db, [drv])[0].state == "queued", timeout=10,
-                   message="the step handed back")
-        assert time.monotonic() - stopped_at < 10
-        assert attempts() == 0
-        assert "step 1: handed back" in w1.log()
-        # it left on purpose: no stale heartbeat makes /health say "degraded"
-        with committed_db() as session:
-            assert not session.execute(text(
-                "SELECT 1 FROM service_heartbeats WHERE service = 'remote-worker:w1'")).first()
-        # kill -9 mid-build: the lease lapses (6 s) and another worker builds it
-        with worker_in_own_store("w2", tmp_path / "w2", server, redis_url) as w2:
-            wait_until(lambda: running_on() == "w2" and building(2), timeout=90,
-                       message="slow building on w2")
-            w2.kill()
-        with committed_db() as session:
-            assert session.execute(text(
-                "SELECT 1 FROM service_heartbeats WHERE service = 'remote-worker:w2'")).first()
-        with worker_in_own_store("w3", tmp_path / "w3", server, redis_url) as w3:
-            result = wait_builds(committed_db, [build.id], timeout=120)
-            w3_log = w3.log()
-    assert result == {build.id: BuildStatus.succeeded}, w3_log[-3000:]
-    [row] = step_rows(committed_db, [drv])
-    assert row.machine == "w3"
-    assert attempts() == 1  # the lapsed lease counted; the handed-back one did not
-
-
-def test_a_cancelled_step_stops_building_on_the_worker(
-        runner_config: Callable[..., dict[str, Any]],  # noqa: F811
-        committed_db: sessionmaker[Session], nix_env: dict[str, str], nonce: str,
-        tmp_path: Path, cache_key: KeyPair, redis_url: str) -> None:
-    drv = instantiate(["slow"], nonce, nix_env, expr=JOBS)["slow"]
-    output = read_derivation(drv).output_paths["out"]
-    with server_and_runner(runner_config, tmp_path, cache_key) as server, \
-            worker_in_own_store("w1", tmp_path / "w1", server, redis_url) as worker:
-        with committed_db() as session:
-            [build] = make_builds(session, {"slow": drv}).values()
-        wait_until(lambda: any(b"slow start" in p.read_bytes()
-                               for p in (tmp_path / "logs").rglob("*slow*.log")),
-                   timeout=90, message="slow building on w1")
-        with committed_db() as session:
-            cancel_build(session, build.id, reason="test")
-            session.commit()
-        # the renewal answers "lost" (every <= 2 s) and the worker kills the build
-        wait_until(lambda: "step 1: stopped (cancelled)" in worker.log(), timeout=15,
-                   message="the build stopped on the worker")
-        worker_log = worker.log()
-    assert "step 1 was taken away; stopping its build" in worker_log
-    # killed before the builder wrote its output (it sleeps 6 s first)
-    assert not store_has(tmp_path / "w1", output)
-    [row] = step_rows(committed_db, [drv])
-    assert row.state == "done", row

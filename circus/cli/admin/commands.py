@@ -97,13 +97,19 @@ def jobsets(args: argparse.Namespace, client: Client, out: Output) -> int:
 # users and keys
 
 
-def _user_id(client: Client, ref: str) -> int:
+def _id_of(client: Client, ref: str, collection: str, name_field: str, what: str,
+           **query: Any) -> int:
+    """``ref`` is an id, or the name (``name_field``) of an item of ``collection``."""
     if ref.isdigit():
         return int(ref)
-    for user in client.pages("/api/v1/users", q=ref):
-        if user["username"] == ref:
-            return int(user["id"])
-    raise NotFound(f"no user {ref}")
+    for item in client.pages(collection, **query):
+        if item[name_field] == ref:
+            return int(item["id"])
+    raise NotFound(f"no {what} {ref}")
+
+
+def _user_id(client: Client, ref: str) -> int:
+    return _id_of(client, ref, "/api/v1/users", "username", "user", q=ref)
 
 
 def users(args: argparse.Namespace, client: Client, out: Output) -> int:
@@ -155,12 +161,7 @@ def api_keys(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 
 def _builder_id(client: Client, ref: str) -> int:
-    if ref.isdigit():
-        return int(ref)
-    for builder in client.pages("/api/v1/admin/builders"):
-        if builder["name"] == ref:
-            return int(builder["id"])
-    raise NotFound(f"no builder {ref}")
+    return _id_of(client, ref, "/api/v1/admin/builders", "name", "builder")
 
 
 def _text_or_file(value: str) -> str:
