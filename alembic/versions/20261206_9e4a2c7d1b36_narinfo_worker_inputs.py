@@ -7,7 +7,7 @@ substitutes it with its token. Those paths were never served before; marked
 outputs closure publishes them the usual way (which clears the mark).
 
 Revision ID: 9e4a2c7d1b36
-Revises: 3f7c1a9d5b21
+Revises: a3d7f1c9e5b8
 Create Date: 2026-12-06 23:55:00.000000+00:00
 """
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "9e4a2c7d1b36"
-down_revision: str | None = "3f7c1a9d5b21"
+down_revision: str | None = "a3d7f1c9e5b8"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
