@@ -171,7 +171,16 @@ class Bridge:
                     return
                 step = claimed[0]
                 agent.in_flight.add(step.id)
-                await self.assign(agent, step)
+                try:
+                    await self.assign(agent, step)
+                except Exception:
+                    # claimed but never sent (the database failed between the claim and
+                    # the assignment): held, the bridge would renew its lease for as
+                    # long as the agent stays connected, and nobody would build it
+                    log.exception("could not assign step %s to %s; handing it back",
+                                  step.id, agent.facts.name)
+                    await self.hand_back(agent, [step.id])
+                    return
         finally:
             self._filling.discard(queue_class)
 
