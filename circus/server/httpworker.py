@@ -226,6 +226,7 @@ class BatchLane:
         self.phase = "idle"  # "connect" | "prepare" | "query" | "idle"
         self.prepared = False
         self.registered: int | None = None  # selector event the socket is registered for
+        self.fd = -1  # the socket's number while registered
         self.started = 0.0
         #: lookups to send once connected, then those of the query in flight
         self.waiting: list[Waiting] = []
@@ -304,13 +305,16 @@ class BatchLane:
         if event == self.registered:
             return
         poller = self.worker.poller
-        fd = self.connection.fileno()
         if event is None:
-            poller.unregister(fd)
+            poller.unregister(self.fd)
         elif self.registered is None:
-            poller.register(fd, event, self._poll)
+            # kept: once the database ends the connection psycopg2 closes its socket and
+            # ``fileno()`` fails, yet the selector still holds the number, which the
+            # next accepted client socket may get
+            self.fd = self.connection.fileno()
+            poller.register(self.fd, event, self._poll)
         else:
-            poller.modify(fd, event, self._poll)
+            poller.modify(self.fd, event, self._poll)
         self.registered = event
 
     def check_timeout(self) -> None:
@@ -330,8 +334,8 @@ class BatchLane:
         if self.connection is not None:
             if self.registered is not None:
                 try:
-                    self.worker.poller.unregister(self.connection.fileno())
-                except (OSError, KeyError, ValueError, psycopg2.Error):
+                    self.worker.poller.unregister(self.fd)
+                except (OSError, KeyError, ValueError):
                     pass
             close_quietly(self.connection)
         self.connection = self.cursor = None
