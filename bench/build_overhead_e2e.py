@@ -9,6 +9,16 @@ commits a new nonce (nothing is cached), triggers the jobset with
 finished and every one of its builds has too; the clock runs from the request
 to that moment, so fetching and evaluating are included.
 
+After each round the benchmark waits for the post-processing (cache publishing,
+closure sizes, GC roots), which runs after the builds; its CPU counts for the
+round, its time does not.
+
+``--reference <checkout>`` runs a second ``circus up`` of another checkout (the
+main branch, say) through the same rounds, the two taking turns after the
+baseline: the only fair before/after on a shared host. ``--set-circus`` gives
+this checkout's instance settings the reference does not get (a setting
+against the same code).
+
 Baseline: ``nix-build -j2`` of a copy of the same files with another fresh
 nonce: it evaluates the same expression and builds the same number of fresh
 derivations from the same empty starting state (same store, no substituters).
