@@ -517,9 +517,10 @@ class QueueRunnerSettings(SettingsModel):
     #: a worker renews its claim on a step this often; a lapsed lease returns the step
     lease_secs: Positive = 60
     #: derivations one local worker may realise in a single nix-store call (look-ahead
-    #: follows chains up to this; 64 rather than 16: a quarter of the nix-store calls
-    #: and of the slots' waits between them, bench/build_overhead.py --e2e)
-    batch_size: Positive = 64
+    #: follows chains up to this). 64 made bench/build_overhead.py --e2e faster (a
+    #: quarter of the nix-store calls), but a slot then holds up to 64 independent
+    #: queued steps that agents, SSH builders and other runners could build meanwhile
+    batch_size: Positive = 16
     #: a queued step nobody claimed for this long gets its wake-up message again
     republish_secs: Positive = 30
     #: order equal-priority steps by how many builds wait for them (critical path)
