@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,35 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # PostgreSQL
 
 
+@contextmanager
+def private_postgres_server(kind: str) -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of its own, started; removed afterwards."""
+    # /tmp is reachable for the postgres user; pytest's root-owned 0700 base dir is not
+    directory = Path(f"/tmp/circus-test-{kind}-{os.getpid()}-{secrets.token_hex(3)}")
+    server = PrivatePostgres(directory, durable=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
 @pytest.fixture(scope="session")
 def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     configured = os.environ.get("CIRCUS_TEST_DATABASE_URL")
     if configured:
         yield configured
         return
-    # /tmp is reachable for the postgres user; pytest's root-owned 0700 base dir is not
-    directory = Path(f"/tmp/circus-test-pg-{os.getpid()}-{secrets.token_hex(3)}")
-    server = PrivatePostgres(directory, durable=False)
-    server.start()
-    try:
+    with private_postgres_server("pg") as server:
         yield server.url("postgres")
-    finally:
-        server.stop()
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL of this test alone (for tests that stop and start it)."""
+    with private_postgres_server("own-pg") as server:
+        yield server
 
 
 def _create_database(server_url: str, name: str) -> str:

@@ -116,16 +116,10 @@ def publish_builds(session: Session, settings: Settings, build_ids: list[int]
     if infos is None:
         return results
 
-    records.lock_shared(session)
-    key = signing_key(settings)
-    existing = {row.store_path: row for row in session.execute(
-        select(NarInfoRow).where(NarInfoRow.store_path.in_([i.path for i in infos]))
-    ).scalars()}
-    uploader = _Uploader(settings) if settings.cache_upload.enabled else None
-    files = LocalFiles(settings.cache.cache_dir)
-    packer = _Packer(settings, files, key, uploader)
-    missing = [info for info in infos if info.path not in existing]
-    outcomes = _run_parallel(packer.pack, missing, _workers(settings, len(missing)))
+    packing = _pack_new(session, settings, infos)
+    key, existing, uploader, files = (packing.key, packing.existing, packing.uploader,
+                                      packing.files)
+    missing, outcomes = packing.missing, packing.outcomes
     values, added, uploaded = _new_rows(batch, missing, outcomes)
     if uploader is not None:
         uploaded += _settle_uploads(session, settings, uploader, files, existing.values(),
@@ -322,6 +316,34 @@ def _narinfo(info: store.PathInfo, packed: PackedNar) -> NarInfo:
         ca=info.ca)
 
 
+@dataclass
+class _Packing:
+    """What publishing found recorded and packed anew (:func:`_pack_new`)."""
+    key: SecretKey | None
+    existing: dict[str, NarInfoRow]
+    uploader: _Uploader | None
+    files: LocalFiles
+    missing: list[store.PathInfo]
+    #: per path of ``missing``: (narinfo, storage), or why it was not packed
+    outcomes: list[Any]
+
+
+def _pack_new(session: Session, settings: Settings, infos: list[store.PathInfo]) -> _Packing:
+    """Lock the cache records (shared), and pack (in parallel) the paths of ``infos`` it
+    does not record yet."""
+    records.lock_shared(session)
+    key = signing_key(settings)
+    existing = {row.store_path: row for row in session.execute(
+        select(NarInfoRow).where(NarInfoRow.store_path.in_([i.path for i in infos]))
+    ).scalars()}
+    uploader = _Uploader(settings) if settings.cache_upload.enabled else None
+    files = LocalFiles(settings.cache.cache_dir)
+    packer = _Packer(settings, files, key, uploader)
+    missing = [info for info in infos if info.path not in existing]
+    outcomes = _run_parallel(packer.pack, missing, _workers(settings, len(missing)))
+    return _Packing(key, existing, uploader, files, missing, outcomes)
+
+
 def _workers(settings: Settings, jobs: int) -> int:
     # compression and hashing release the GIL; uploads wait on the network
     wanted = settings.cache_upload.upload_concurrency if settings.cache_upload.enabled else 2
@@ -428,16 +450,10 @@ def publish_paths(session: Session, settings: Settings, paths: list[str],
     if drvs:
         found.update(store.path_infos(drvs, env, recursive=True, derivations=True))
     infos = [found[path] for path in sorted(found)]
-    records.lock_shared(session)
-    key = signing_key(settings)
-    existing = {row.store_path: row for row in session.execute(
-        select(NarInfoRow).where(NarInfoRow.store_path.in_([i.path for i in infos]))
-    ).scalars()}
-    uploader = _Uploader(settings) if settings.cache_upload.enabled else None
-    files = LocalFiles(settings.cache.cache_dir)
-    packer = _Packer(settings, files, key, uploader)
-    missing = [info for info in infos if info.path not in existing]
-    outcomes = _run_parallel(packer.pack, missing, _workers(settings, len(missing)))
+    packing = _pack_new(session, settings, infos)
+    key, existing, uploader, files = (packing.key, packing.existing, packing.uploader,
+                                      packing.files)
+    missing, outcomes = packing.missing, packing.outcomes
     owner = min(project_ids) if project_ids else None
     values: list[dict[str, Any]] = []
     uploaded: list[NarInfo] = []

@@ -15,16 +15,12 @@ replace the first attempt's compressed log.
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -64,19 +60,6 @@ in builtins.listToAttrs (builtins.genList (i: {{ name = "j${{toString i}}";
                                                value = mk "outage-j${{toString i}}"; }}) {JOBS})
 """)
     return path
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL of this test alone: the test stops it."""
-    directory = Path(f"/tmp/circus-test-gwdb-{os.getpid()}-{secrets.token_hex(3)}")
-    server = PrivatePostgres(directory, durable=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def building(factory: sessionmaker[Session], agent: Daemon) -> list[int]:

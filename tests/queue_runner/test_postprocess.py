@@ -9,15 +9,12 @@ database stopped (``pg_ctl stop -m fast``) while the post-processor works.
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -125,24 +122,11 @@ def test_restarted_builds_and_used_up_attempts_are_dropped(
     assert _state(committed_db, first)["published"] == 0
 
 
-@pytest.fixture
-def private_postgres() -> Iterator[PrivatePostgres]:
-    """A PostgreSQL of this test alone: the test stops it."""
-    directory = Path(f"/tmp/circus-test-pp-{os.getpid()}-{secrets.token_hex(3)}")
-    server = PrivatePostgres(directory, durable=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def test_builds_finished_before_postgres_stopped_are_published_after_it_is_back(
-        qr_settings: Callable[..., Settings], private_postgres: PrivatePostgres,
+        qr_settings: Callable[..., Settings], own_postgres: PrivatePostgres,
         nix_env: dict[str, str], nonce: str) -> None:
-    private_postgres.create_database("circus")
-    url = private_postgres.url("circus")
+    own_postgres.create_database("circus")
+    url = own_postgres.url("circus")
     upgrade(url)
     engine = create_engine(normalise_url(url), poolclass=NullPool)
     factory = sessionmaker(bind=engine, expire_on_commit=False)
@@ -153,13 +137,13 @@ def test_builds_finished_before_postgres_stopped_are_published_after_it_is_back(
 
     post = PostProcessor(settings, factory, gather_secs=0.2, retry_poll_secs=0.5).start()
     try:
-        private_postgres.stop()   # pg_ctl stop -m fast
+        own_postgres.stop()   # pg_ctl stop -m fast
         # what the step holder hands over after the finishing transaction committed
         post.submit(FinishReport(builds=BuildsReport(succeeded={build_id: outputs})))
         wait_until(lambda: post.batches == 1 and post.idle.is_set(), timeout=30,
                    message="the in-process try (failing: no database)")
         time.sleep(1.5)   # retries come due and fail too
-        private_postgres.start()
+        own_postgres.start()
         wait_until(lambda: _state(factory, build_id)["pending"] is None, timeout=30,
                    interval=0.2, message="the post-processing retried")
     finally:

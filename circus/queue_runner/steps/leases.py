@@ -56,6 +56,16 @@ _RETURNING = ("RETURNING steps.id, steps.drv_path, steps.system, steps.queue_cla
               "steps.timeout, steps.max_silent, steps.attempts, steps.started_at")
 
 
+def _take(state: str) -> str:
+    """SQL: the steps of ``pick`` still in ``state`` become running under this claim's
+    lease (``:worker``, ``:machine``, ``:lease``), returned as claimed."""
+    return f"""UPDATE steps SET state = 'running', worker = :worker, machine = :machine,
+                         lease_until = now() + make_interval(secs => :lease),
+                         started_at = now()
+        FROM pick WHERE steps.id = pick.id AND steps.state = '{state}'
+        {_RETURNING}"""
+
+
 def trusted_condition(project_ids: Sequence[int] | None) -> str:
     """SQL: step ``s`` is one some evaluation of a branch (not a pull request) waits
     for, in one of the projects ``:projects`` when ``project_ids`` is given."""
@@ -263,11 +273,7 @@ def _claim_queued(session: Session, options: ClaimOptions, params: dict[str, Any
             LIMIT :limit
             FOR UPDATE OF s SKIP LOCKED
         )
-        UPDATE steps SET state = 'running', worker = :worker, machine = :machine,
-                         lease_until = now() + make_interval(secs => :lease),
-                         started_at = now()
-        FROM pick WHERE steps.id = pick.id AND steps.state = 'queued'
-        {_RETURNING}
+        {_take('queued')}
     """), params).all()
 
 
@@ -309,11 +315,7 @@ def _claim_ready_dependents(session: Session, params: dict[str, Any], held: list
             ORDER BY s.id
             FOR UPDATE OF s SKIP LOCKED
         )
-        UPDATE steps SET state = 'running', worker = :worker, machine = :machine,
-                         lease_until = now() + make_interval(secs => :lease),
-                         started_at = now()
-        FROM pick WHERE steps.id = pick.id AND steps.state = 'pending'
-        {_RETURNING}
+        {_take('pending')}
     """), {**params, "chosen": chosen}).all()
     by_id = {row.id: row for row in rows}
     if len(by_id) < len(chosen):
@@ -414,11 +416,7 @@ def _claim_waves(session: Session, params: dict[str, Any], held: list[int],
                 LIMIT :room
                 FOR UPDATE OF s SKIP LOCKED
             )
-            UPDATE steps SET state = 'running', worker = :worker, machine = :machine,
-                             lease_until = now() + make_interval(secs => :lease),
-                             started_at = now()
-            FROM pick WHERE steps.id = pick.id AND steps.state = 'pending'
-            {_RETURNING}
+            {_take('pending')}
         """), {**params, "frontier": frontier, "held": held,
                "room": _wave_room(len(frontier), batch_size - len(held))}).all()
         frontier = [row.id for row in more]
