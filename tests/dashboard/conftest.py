@@ -118,11 +118,14 @@ def world(rows: Rows, users: dict[str, User]) -> World:
 
 
 # ---------------------------------------------------------------------------
-# the browser (one per session)
+# the browser (one per test module)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
+    # Not one per session: while Playwright's sync API is open, its event loop counts as
+    # running in the main thread, so every later test of the same pytest worker that
+    # calls asyncio.run() failed ("cannot be called from a running event loop")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
