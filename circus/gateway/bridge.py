@@ -27,7 +27,7 @@ from circus.common.config import Settings
 from circus.common.enums import BuildStatus
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.store import StoreError
-from circus.common.nix.store.aio import invalid_paths, requisites
+from circus.common.nix.store.aio import input_closure, invalid_paths
 from circus.gateway import sessions as session_rows
 from circus.gateway.server import ConnectedAgent, Gateway
 from circus.gateway.sinks import ReportedResult, StepSinks, make_sinks, wait_result
@@ -213,9 +213,7 @@ class Bridge:
         worker = worker_name(agent)
         try:
             drv = read_derivation(step.drv_path)
-            inputs = await requisites([step.drv_path], self.nix_env, include_outputs=True)
-            # the step's own outputs are what the agent is to make
-            inputs = [p for p in inputs if p not in set(drv.output_paths.values())]
+            inputs = await input_closure(step.drv_path, self.nix_env)
         except (OSError, ValueError, StoreError) as exc:
             await self.finish(agent, step, StepOutcome(
                 step.id, BuildStatus.aborted, error_message=f"cannot prepare the step: {exc}",

@@ -320,9 +320,8 @@ class RemoteWorkers:
         for step in claimed:
             try:
                 outputs = read_derivation(step.drv_path).output_paths
-                closure = store.requisites([step.drv_path], self.nix_env, include_outputs=True)
-                own = set(outputs.values())
-                inputs = [p for p in closure if p not in own]
+                inputs = store.input_closure(step.drv_path, self.nix_env)
+                _INPUT_CLOSURES.put(step.drv_path, frozenset(inputs))
                 self.publish_inputs(step.id, inputs)
             except (OSError, ValueError, store.StoreError, UploadError) as exc:
                 log.warning("step %d (%s): cannot prepare it for remote worker %s: %s",
@@ -438,12 +437,10 @@ class RemoteWorkers:
             closure = _INPUT_CLOSURES.get(drv_path)
             if closure is None:
                 try:
-                    found = store.requisites([drv_path], self.nix_env, include_outputs=True)
-                    own = set(read_derivation(drv_path).output_paths.values())
+                    closure = frozenset(store.input_closure(drv_path, self.nix_env))
                 except (OSError, ValueError, store.StoreError) as exc:
                     log.warning("cannot read the input closure of %s: %s", drv_path, exc)
                     continue
-                closure = frozenset(p for p in found if p not in own)
                 _INPUT_CLOSURES.put(drv_path, closure)
             allowed.update(closure)
         return allowed

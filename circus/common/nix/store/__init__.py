@@ -29,9 +29,21 @@ from circus.common.nix.store.queries import (
 )
 
 __all__ = [
-    "TIMEOUT", "Missing", "PathInfo", "StoreError", "checked_paths", "dependency_order",
-    "derivation_outputs", "invalid_paths", "missing", "parse_dry_run", "parse_path_info",
-    "path_infos", "requisites", "run",
+    "TIMEOUT",
+    "Missing",
+    "PathInfo",
+    "StoreError",
+    "checked_paths",
+    "dependency_order",
+    "derivation_outputs",
+    "input_closure",
+    "invalid_paths",
+    "missing",
+    "parse_dry_run",
+    "parse_path_info",
+    "path_infos",
+    "requisites",
+    "run",
 ]
 
 #: seconds one Nix command may take before it is killed
@@ -64,6 +76,14 @@ def requisites(paths: Iterable[str], env: Mapping[str, str], *, include_outputs:
                timeout: float = TIMEOUT) -> list[str]:
     """The closure of ``paths`` (all valid), dependencies first."""
     return run(queries.requisites(paths, include_outputs), env, timeout)
+
+
+def input_closure(drv_path: str, env: Mapping[str, str], timeout: float = TIMEOUT
+                  ) -> list[str]:
+    """What building ``drv_path`` needs in a store: its closure with the outputs of its
+    inputs, less its own outputs."""
+    return queries.without_own_outputs(
+        requisites([drv_path], env, include_outputs=True, timeout=timeout), drv_path)
 
 
 def derivation_outputs(drv_path: str, env: Mapping[str, str], timeout: float = TIMEOUT

@@ -41,6 +41,12 @@ async def requisites(paths: Iterable[str], env: Mapping[str, str], *,
     return await run(queries.requisites(paths, include_outputs), env)
 
 
+async def input_closure(drv_path: str, env: Mapping[str, str]) -> list[str]:
+    """What building ``drv_path`` needs in a store (see ``store.input_closure``)."""
+    return queries.without_own_outputs(
+        await requisites([drv_path], env, include_outputs=True), drv_path)
+
+
 async def derivation_outputs(drv_path: str, env: Mapping[str, str]) -> list[str]:
     return await run(queries.derivation_outputs(drv_path), env)
 

@@ -130,6 +130,14 @@ def requisites(paths: Iterable[str], include_outputs: bool = False
                   for chunk in _chunks(_unique(paths))], _lines, _concat_unique)
 
 
+def without_own_outputs(closure: Iterable[str], drv_path: str) -> list[str]:
+    """``closure`` less the outputs ``drv_path`` makes: with ``requisites(...,
+    include_outputs=True)`` of the .drv, what building it needs in a store."""
+    from circus.common.nix.derivation import read_derivation
+    own = set(read_derivation(drv_path).output_paths.values())
+    return [p for p in closure if p not in own]
+
+
 def derivation_outputs(drv_path: str) -> Query[list[str], list[str]]:
     """The output paths of one derivation (``nix-store --query --outputs``)."""
     return Query([["nix-store", "--query", "--outputs", "--", *checked_paths([drv_path])]],
