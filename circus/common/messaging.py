@@ -1,6 +1,7 @@
-"""Names one component uses to reach another: PostgreSQL NOTIFY channels and Celery
-task names. Both are wire names (a sender and a receiver in different daemons, perhaps
-of different versions during an upgrade, must agree), so each is spelled here once.
+"""Names one component uses to reach another: PostgreSQL NOTIFY channels, Celery
+task names and HTTP header names. All are wire names (a sender and a receiver in
+different daemons, perhaps of different versions during an upgrade, must agree), so
+each is spelled here once.
 """
 
 from __future__ import annotations
@@ -32,3 +33,9 @@ DELIVER_TASK = "circus.notifications.tasks.deliver"
 COLLECT_EVENTS_TASK = "circus.notifications.tasks.collect_events"
 RETRY_DUE_TASK = "circus.notifications.tasks.retry_due"
 CLEANUP_NOTIFICATIONS_TASK = "circus.notifications.tasks.cleanup"
+
+
+# -- HTTP headers
+
+#: names the calling remote worker (circus-worker) on /api/v1/workers, beside its token
+WORKER_NAME_HEADER = "X-Circus-Worker"

@@ -18,6 +18,7 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 
 from circus.common.config import Settings
+from circus.common.messaging import WORKER_NAME_HEADER
 from circus.common.tokens import token_accepted, token_digest
 from circus.server.context import settings
 
@@ -175,9 +176,8 @@ def limits_storage(broker_url: str | None) -> str:
     return "memory://"
 
 
-#: where remote workers call (``circus.server.api.workers``), and the header naming one
+#: where remote workers call (``circus.server.api.workers``)
 WORKERS_PREFIX = "/api/v1/workers/"
-WORKER_NAME_HEADER = "X-Circus-Worker"
 
 
 def remote_worker_key() -> str | None:

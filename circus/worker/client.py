@@ -10,7 +10,7 @@ from typing import IO, Any, Protocol
 
 import requests
 
-NAME_HEADER = "X-Circus-Worker"
+from circus.common.messaging import WORKER_NAME_HEADER
 
 
 class ServerAccess(Protocol):
@@ -39,7 +39,7 @@ class WorkerApi:
     def __init__(self, config: ServerAccess, name: str) -> None:
         self.base = config.server_url.rstrip("/") + "/api/v1/workers"
         self.name = name
-        self.headers = {"Authorization": f"Bearer {config.token}", NAME_HEADER: name}
+        self.headers = {"Authorization": f"Bearer {config.token}", WORKER_NAME_HEADER: name}
         self.timeout = config.request_timeout_secs
         self.verify: str | bool = config.ca_file or True
         self._local = threading.local()

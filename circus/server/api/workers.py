@@ -17,6 +17,7 @@ from typing import Any
 from flask import current_app, request
 
 from circus.common.errors import InvalidInput
+from circus.common.messaging import WORKER_NAME_HEADER
 from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.routing.wakeups import send_wakeups
 from circus.remote_workers.derivations import import_derivations, missing_paths
@@ -40,7 +41,6 @@ from circus.server.api.schemas.workers import (
 )
 from circus.server.auth import bearer_token
 from circus.server.context import server_context
-from circus.server.security import WORKER_NAME_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ blp = Blueprint("workers", __name__, url_prefix="/api/v1/workers",
                             "`Authorization: Bearer <worker token>` and name the worker in "
                             "`X-Circus-Worker`.")
 
-NAME_HEADER = WORKER_NAME_HEADER
 #: a log chunk per call, at most
 MAX_LOG_CHUNK = 1024 * 1024
 _WORKER_AUTH: list[dict[str, list[str]]] = [{"worker": []}]
@@ -76,7 +75,7 @@ def _service() -> RemoteWorkers:
 
 def _caller() -> RemoteWorker:
     return authenticate(server_context().settings, bearer_token(),
-                        request.headers.get(NAME_HEADER))
+                        request.headers.get(WORKER_NAME_HEADER))
 
 
 @blp.post("/heartbeat")
