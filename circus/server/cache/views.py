@@ -86,17 +86,26 @@ def _project(name: str | None) -> tuple[str | None, bool]:
     return name, found[1]
 
 
-def _caller() -> Actor:
-    """Who is asking: an API key as Basic password (Nix's netrc), else as the API does."""
+def _basic_credentials() -> tuple[str, str] | None:
+    """(user, password) of the request's Basic credentials (Nix's netrc), None without
+    them; 400 when they are malformed."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "basic":
-        return current_actor()
+        return None
     try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode()
+        user, _, password = base64.b64decode(value.strip(), validate=True).decode(
+        ).partition(":")
     except (binascii.Error, UnicodeDecodeError):
         raise InvalidInput("malformed Basic credentials") from None
-    found = api_keys.authenticate(db_session(), decoded.partition(":")[2],
-                                  client_address())
+    return user, password
+
+
+def _caller() -> Actor:
+    """Who is asking: an API key as Basic password (Nix's netrc), else as the API does."""
+    credentials = _basic_credentials()
+    if credentials is None:
+        return current_actor()
+    found = api_keys.authenticate(db_session(), credentials[1], client_address())
     if found is None:
         abort(Response(json.dumps({"error": "invalid or revoked API key", "details": None}),
                        401, mimetype="application/json",
@@ -108,13 +117,10 @@ def _worker() -> RemoteWorker | None:
     """The remote worker whose netrc credentials (its name and token as Basic user and
     password) the request carries, or None (anonymous or anything else)."""
     config = settings()
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic" or not config.remote_workers.enabled:
+    credentials = _basic_credentials() if config.remote_workers.enabled else None
+    if credentials is None:
         return None
-    try:
-        name, _, token = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        raise InvalidInput("malformed Basic credentials") from None
+    name, token = credentials
     if not token_accepted(token, config.remote_workers.auth_tokens):
         return None
     return authenticate(config, token, name)
