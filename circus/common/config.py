@@ -175,6 +175,9 @@ DEFAULT_PAGE_ACCESS: dict[str, PageAccess] = {
     "machines": PageAccess.authenticated,
     "queue": PageAccess.admin,
     "metrics": PageAccess.admin,
+    #: ``/health`` answers everyone its status (probes need it); who also sees the
+    #: details: daemon hosts and versions, error texts, ``circus up``'s restarts
+    "health_details": PageAccess.admin,
 }
 
 

@@ -1,4 +1,11 @@
-"""``GET /health``: database, broker and daemon heartbeats."""
+"""``GET /health``: database, broker and daemon heartbeats.
+
+Everyone gets the status (load balancers and ``circus up`` probe it without
+credentials). The details an attacker would use to map the installation (daemon
+host names and versions, the database's and broker's error texts, which name
+hosts and accounts, the supervisor's restarts) only go to callers who may view
+``health_details`` (``server.page_access``; admins by default).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,11 @@ from kombu import Connection
 from sqlalchemy import text
 
 from circus import __version__
+from circus.auth.actor import Actor
 from circus.common.heartbeat import freshness
+from circus.server.auth import current_actor
 from circus.server.context import db_session, settings
+from circus.server.dashboard.access import may_view
 
 blueprint = Blueprint("health", __name__)
 
@@ -59,4 +69,29 @@ def health() -> ResponseReturnValue:
     report["status"] = "ok" if healthy else "unavailable"
     if healthy and not all(d["fresh"] for d in report["daemons"]):
         report["status"] = "degraded"
+    if not may_view(_caller(), "health_details"):
+        report = _status_only(report)
     return jsonify(report), 200 if healthy else 503
+
+
+#: what a daemon row shows to callers without ``health_details``
+PUBLIC_DAEMON_FIELDS = ("service", "kind", "fresh", "age_seconds")
+
+
+def _caller() -> Actor:
+    """The caller; anonymous when it cannot be told (the database is down)."""
+    try:
+        return current_actor()
+    except Exception:
+        return Actor.anonymous()
+
+
+def _status_only(report: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": report["version"],
+        "status": report["status"],
+        "database": {"ok": report["database"]["ok"]},
+        "broker": {"ok": report["broker"]["ok"]},
+        "daemons": [{key: daemon[key] for key in PUBLIC_DAEMON_FIELDS}
+                    for daemon in report["daemons"]],
+    }

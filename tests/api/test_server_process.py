@@ -99,6 +99,40 @@ def test_requests_sharing_a_key_never_wait_for_each_other(server: LiveServer,
         connection.rollback()
 
 
+def test_health_tells_strangers_the_status_but_not_the_installation(
+        server: LiveServer, engine: Engine) -> None:
+    """An anonymous or non-admin caller of /health learns whether Circus is up, not the
+    host names, versions or error texts an attacker would map the installation with."""
+    from circus.common.db import make_session_factory
+    from circus.common.heartbeat import beat
+
+    with make_session_factory(engine).begin() as session:
+        beat(session, "remote-worker", service="remote-worker:builder7",
+             host=("builder7.internal.example", 31337))
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    reader = requests.post(server.url + "/api/v1/api-keys", headers=admin, timeout=10,
+                           json={"name": "health-reader", "role": "read-only"})
+    assert reader.status_code == 201, reader.text
+    reader_key = reader.json()["key"]
+    strangers = [{}, {"Authorization": f"Bearer {reader_key}"},
+                 {"Authorization": "Bearer not-a-key"}]
+    for headers in strangers:
+        answer = requests.get(server.url + "/health", headers=headers, timeout=10)
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["status"] in ("ok", "degraded")
+        assert body["database"] == {"ok": True}
+        assert body["broker"] == {"ok": True}
+        [row] = [d for d in body["daemons"] if d["service"] == "remote-worker:builder7"]
+        assert row["fresh"] is True
+        assert "builder7.internal.example" not in answer.text
+        assert set(row) == {"service", "kind", "fresh", "age_seconds"}
+    full = requests.get(server.url + "/health", headers=admin, timeout=10).json()
+    [row] = [d for d in full["daemons"] if d["service"] == "remote-worker:builder7"]
+    assert row["hostname"] == "builder7.internal.example"
+    assert row["version"]
+
+
 def test_json_logs_carry_the_request_id_that_the_response_names(
         engine: Engine, database_url: str, redis_url: str, tmp_path: Path) -> None:
     import json
@@ -120,3 +154,4 @@ def test_json_logs_carry_the_request_id_that_the_response_names(
               if line.get("logger") == "circus.server.access"}
     assert access["ci-run-42"].startswith("GET /api/v1/projects 401")
     assert access[made].startswith("GET /api/v1/projects 401")
+

@@ -8,6 +8,7 @@ of a daemon, of Redis and PostgreSQL, of ``circus up`` itself, of everything dur
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -41,7 +42,8 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
     seen = ""
     try:
         deadline = time.monotonic() + 180
-        while "Circus is running." not in seen and time.monotonic() < deadline:
+        # the admin password is printed after "Circus is running."
+        while "admin / " not in seen and time.monotonic() < deadline:
             line = up.stdout.readline().decode(errors="replace")
             if not line:
                 break
@@ -54,7 +56,11 @@ def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Pat
         wait_until(lambda: pids_of(state).get("circus-queue-runner") not in
                    (None, before["circus-queue-runner"]), timeout=30,
                    message="queue runner restarted")
-        supervisor = health(base)["supervisor"]["daemons"]
+        # the restart counts are details of /health: for an administrator
+        login = re.search(r"login:\s+admin / (\S+)", seen)
+        assert login, seen
+        assert "supervisor" not in health(base)
+        supervisor = Client(base, login.group(1)).get("/health")["supervisor"]["daemons"]
         assert supervisor["circus-queue-runner"]["restarts"] == 1
         assert supervisor["circus-queue-runner"]["last_exit"] == -signal.SIGKILL
         assert supervisor["circus-server"]["restarts"] == 0
