@@ -52,8 +52,9 @@ FETCH_ATTEMPTS = 3
 Failure = (ApiError, requests.RequestException)
 
 
-class UnsignedCache(Exception):
-    """The server names no key for its cache: the worker cannot trust its inputs."""
+class UntrustedCache(Exception):
+    """The server names no key for its cache, or not the pinned one: the worker cannot
+    trust its inputs."""
 
 
 @dataclass
@@ -102,8 +103,13 @@ class RemoteBuilder:
         heartbeat answer) for them; the worker's name and token go in a netrc file only
         this user reads."""
         if not public_key:
-            raise UnsignedCache("the server's /nix-cache is not signed (signing.enabled): a "
-                               "worker cannot trust its inputs")
+            raise UntrustedCache("the server's /nix-cache is not signed (signing.enabled): a "
+                                 "worker cannot trust its inputs")
+        pinned = self.config.cache_public_key
+        if pinned and public_key != pinned:
+            raise UntrustedCache(f"the server announces the cache key {public_key!r}, not the "
+                                 f"pinned worker.cache_public_key {pinned!r}: refusing to take "
+                                 "inputs signed by it")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         netrc = self.work_dir / "netrc"
         host = urlsplit(self.cache_url).hostname or ""

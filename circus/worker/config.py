@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,8 @@ from circus.common.logging import TracingSettings
 from circus.common.nix.environment import DEFAULT_SANDBOX_PATHS, sandbox_path_problem
 
 Positive = Annotated[int, AfterValidator(at_least(1))]
+#: a Nix public key as nix.conf's ``trusted-public-keys`` takes it (ed25519: 32 bytes)
+PUBLIC_KEY = re.compile(r"[A-Za-z0-9._-]+:[A-Za-z0-9+/]{43}=")
 Seconds = Annotated[float, AfterValidator(at_least(0.1))]
 
 
@@ -48,9 +51,17 @@ class WorkerSection(SettingsModel):
     #: verify the server's TLS certificate against this CA bundle (default: system CAs)
     ca_file: str | None = None
     request_timeout_secs: Seconds = 60.0
+    #: pin the server's cache signing key (``name:base64``, its
+    #: ``circus-admin``/``/nix-cache`` public key): the worker then trusts inputs signed
+    #: by this key only and refuses to start when the server announces another one.
+    #: Unset, it trusts the key the server announces over its (TLS) connection.
+    cache_public_key: str | None = None
 
     def problems(self) -> list[Problem]:
         found = []
+        if self.cache_public_key is not None and not PUBLIC_KEY.fullmatch(self.cache_public_key):
+            found.append(Problem("cache_public_key", "must be a Nix public key name:base64 "
+                                                     f"(got {self.cache_public_key!r})"))
         if urlsplit(self.server_url).scheme not in ("http", "https"):
             found.append(Problem("server_url", f"must be an http(s) URL (got "
                                                f"{self.server_url!r})"))

@@ -84,12 +84,12 @@ class RemoteWorkerDaemon:
     def run(self) -> int:
         from celery import signals
 
-        from circus.worker.builder import UnsignedCache
+        from circus.worker.builder import UntrustedCache
 
         answer = self.first_heartbeat()
         try:
             self.builder.use_cache(answer.get("cache_public_key"))
-        except UnsignedCache as exc:
+        except UntrustedCache as exc:
             log.error("%s", exc)
             return 2
         classes = sorted(answer["classes"])

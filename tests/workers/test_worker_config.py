@@ -77,3 +77,87 @@ def test_the_workers_celery_app_has_the_daemons_broker_settings(
     assert conf.broker_transport_options == transport_options
     for key, value in common_celery_settings(broker_url).items():
         assert conf[key] == value, key
+
+
+def _nix_public_key(name: str) -> str:
+    import base64
+    import os
+
+    return f"{name}:{base64.b64encode(os.urandom(32)).decode()}"
+
+
+def test_a_pinned_worker_refuses_a_server_announcing_another_cache_key(
+        tmp_path: Path, redis_url: str) -> None:
+    """Whoever answers at the server's address (a hijacked name, a proxy, a compromised
+    front end) and announces a signing key of its own gets no worker that would take
+    inputs signed by it: the worker with a pinned key exits 2 naming both keys. With
+    the pinned key announced, the same worker starts."""
+    import json
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.helpers.daemons import wait_until
+    from tests.helpers.worker_hosts import worker_command, worker_env
+
+    pinned = _nix_public_key("ci.example.org-1")
+    announced = {"key": _nix_public_key("attacker")}
+
+    class Impostor(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"classes": ["x86_64-linux"], "lease_secs": 60,
+                               "cache_public_key": announced["key"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "worker.toml"
+    config.write_text(f"""
+[worker]
+name = "pinned"
+server_url = "http://127.0.0.1:{server.server_address[1]}"
+token = "t0ken-of-the-worker"
+broker_url = "{redis_url}"
+work_dir = "{tmp_path / 'work'}"
+cache_public_key = "{pinned}"
+""")
+    try:
+        refused = subprocess.run(worker_command(config), env=worker_env(), timeout=120,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2, refused.stderr
+        assert announced["key"] in refused.stderr
+        assert "pinned worker.cache_public_key" in refused.stderr
+        assert not (tmp_path / "work" / "netrc").exists()   # no credentials written for it
+
+        # control: the same worker, the pinned key announced, gets past the check
+        announced["key"] = pinned
+        log = tmp_path / "accepted.log"
+        with log.open("w") as output:
+            accepted = subprocess.Popen(worker_command(config), env=worker_env(),
+                                        stdout=output, stderr=subprocess.STDOUT)
+            try:
+                wait_until(lambda: "1 slot(s)" in log.read_text() or accepted.poll() is not None,
+                           timeout=120, message="the worker past the key check")
+                assert "1 slot(s)" in log.read_text(), log.read_text()
+                assert (tmp_path / "work" / "netrc").exists()
+            finally:
+                accepted.kill()
+                accepted.wait(30)
+    finally:
+        server.shutdown()
+
+
+def test_a_malformed_pinned_key_is_a_config_problem(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[worker]\nserver_url = "http://s"\ntoken = "t"\nbroker_url = "redis://b"\n'
+                      'cache_public_key = "no-colon-here"\n')
+    with pytest.raises(ConfigError, match=r"worker.cache_public_key: must be a Nix public key"):
+        load_worker_settings([config], environ={})
