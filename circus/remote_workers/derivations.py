@@ -14,7 +14,8 @@ a source one of its .drv files names, at the store path Nix computes from its
 content and references (``nix.export.verify_derivation_export``): a token holder
 cannot slip a forged derivation in under a legitimate one's path. The uploaded
 .drv files are rooted under the evaluation's GC roots directory, as an
-evaluation on the server's own store roots them, and released with them.
+evaluation on the server's own store roots them, and released with them. Only an
+evaluation in progress takes them (:func:`require_running_evaluation`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ import tempfile
 from collections.abc import Sequence
 from typing import IO
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from circus.common.config import Settings
-from circus.common.errors import Conflict, InvalidInput, PermissionDenied
+from circus.common.enums import EvaluationStatus
+from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from circus.common.models import Evaluation
 from circus.common.nix import gcroots, store
 from circus.common.nix.export import ExportRefused, verify_derivation_export
 from circus.common.nix.transfer import import_file_sync
@@ -35,6 +41,19 @@ log = logging.getLogger(__name__)
 
 #: paths per ``missing`` question, at most (the client asks in batches)
 MAX_QUERY_PATHS = 20_000
+
+
+def require_running_evaluation(session: Session, evaluation_id: int) -> None:
+    """Derivations are rooted for an evaluation in progress only: the evaluator uploads
+    before it commits the evaluation's builds, so its committed status is still
+    ``running``. A finished evaluation, or an id not given out yet, would root them
+    for nobody (a token holder filling the server's store past its collections)."""
+    status = session.scalar(select(Evaluation.status).where(Evaluation.id == evaluation_id))
+    if status is None:
+        raise NotFound(f"no evaluation {evaluation_id}")
+    if status is not EvaluationStatus.running:
+        raise Conflict(f"evaluation {evaluation_id} is {status.value}: only a running "
+                       "evaluation takes derivations")
 
 
 def missing_paths(settings: Settings, paths: Sequence[str], evaluation_id: int) -> list[str]:

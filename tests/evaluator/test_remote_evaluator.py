@@ -22,10 +22,12 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, EvaluationStatus
+from circus.common.models import Evaluation
 from circus.common.nix import storepath
 from circus.common.nix.environment import current_system
 from circus.evaluator.schedule import prune_gc_roots
@@ -302,23 +304,39 @@ def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_
     stolen_output = content[dep].decode().replace("echo dep", "echo evil").encode()
     stolen = storepath.make_text_path(storepath.name_of(dep),
                                       hashlib.sha256(stolen_output).digest(), [])
+    # derivations are taken for evaluations in progress only
+    world = World(committed_db, make_settings())
+    first, second, finished = (world.trigger(world.jobset()) for _ in range(3))
+    with committed_db() as session, session.begin():
+        session.execute(update(Evaluation).where(Evaluation.id.in_([first, second]))
+                        .values(status=EvaluationStatus.running))
+        session.execute(update(Evaluation).where(Evaluation.id == finished)
+                        .values(status=EvaluationStatus.completed))
     with server_and_runner(runner_config, tmp_path, workers=0) as (server, server_daemon):
         wrong = upload_derivations(server, foreign_stream, token="x" * 56)
-        refused = {name: upload_derivations(server, body) for name, body in [
+        # a finished evaluation, or one not given out yet, would root them for nobody
+        not_running = {"finished": upload_derivations(server, stream, evaluation=finished),
+                       "unknown": upload_derivations(server, stream, evaluation=finished + 99),
+                       "asked": ask_missing(server, closure, evaluation=finished)}
+        refused = {name: upload_derivations(server, body, evaluation=first) for name, body in [
             ("stray", foreign_stream), ("garbage", b"\x01" + b"\0" * 100),
             ("posing", posing), ("dropped", dropped),
             ("stolen", export_of([(stolen, stolen_output)]))]}
         unnamed = upload_derivations(server, stream, evaluation=None)
-        bad_path = ask_missing(server, [foreign, "/etc/passwd"])
-        asked = ask_missing(server, [foreign])
+        bad_path = ask_missing(server, [foreign, "/etc/passwd"], evaluation=first)
+        asked = ask_missing(server, [foreign], evaluation=first)
         # nothing of the refused streams reached the store
         assert not any(valid_here(p) for p in [foreign, *closure, stolen])
-        accepted = upload_derivations(server, stream, evaluation=987654)
+        accepted = upload_derivations(server, stream, evaluation=first)
         # another evaluation needing the same derivations has nothing to upload, and
         # they are rooted for it too
-        again = ask_missing(server, closure, evaluation=987655)
+        again = ask_missing(server, closure, evaluation=second)
         server_log = server_daemon.log()
     assert wrong.status_code == 401, wrong.text
+    assert not_running["finished"].status_code == 409, not_running["finished"].text
+    assert "is completed: only a running evaluation" in not_running["finished"].json()["error"]
+    assert not_running["unknown"].status_code == 404, not_running["unknown"].text
+    assert not_running["asked"].status_code == 409, not_running["asked"].text
     errors = {name: (answer.status_code, answer.json()["error"])
               for name, answer in refused.items()}
     assert errors["stray"][0] == 403
@@ -344,7 +362,8 @@ def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_
     # shared store) keeps them: they are rooted for both evaluations as an evaluation's
     # own .drv files are
     settings = make_settings()
-    roots_dirs = [settings.evaluator.gc_roots_dir(e) for e in (987654, 987655)]
+    assert not settings.evaluator.gc_roots_dir(finished).exists()
+    roots_dirs = [settings.evaluator.gc_roots_dir(e) for e in (first, second)]
     assert [rooted(d) for d in roots_dirs] == [{dep, top}, {dep, top}]
     collected = sorted({os.readlink(link) for d in roots_dirs for link in d.iterdir()})
     collected += [top, dep, data]
@@ -353,9 +372,13 @@ def test_the_derivation_upload_refuses_what_is_not_an_evaluations_and_roots_the_
     assert kept.returncode != 0
     assert "still alive" in kept.stderr, kept.stderr
     assert all(valid_here(p) for p in closure)
-    # the beat releases them with the evaluations' roots (no such evaluation is active)
+    # the beat releases them with the evaluations' roots once the evaluations are done
     with committed_db() as session:
-        assert {987654, 987655} <= set(prune_gc_roots(session, settings))
+        assert not {first, second} & set(prune_gc_roots(session, settings))
+        session.execute(update(Evaluation).where(Evaluation.id.in_([first, second]))
+                        .values(status=EvaluationStatus.completed))
+        session.commit()
+        assert {first, second} <= set(prune_gc_roots(session, settings))
     deleted = subprocess.run(["nix-store", "--delete", *collected], capture_output=True,
                              text=True)
     assert deleted.returncode == 0, deleted.stderr

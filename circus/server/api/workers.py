@@ -20,7 +20,11 @@ from circus.common.errors import InvalidInput
 from circus.common.messaging import WORKER_NAME_HEADER
 from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.routing.wakeups import send_wakeups
-from circus.remote_workers.derivations import import_derivations, missing_paths
+from circus.remote_workers.derivations import (
+    import_derivations,
+    missing_paths,
+    require_running_evaluation,
+)
 from circus.remote_workers.service import FinishedStep, RemoteWorker, RemoteWorkers, authenticate
 from circus.server.api.base import Blueprint
 from circus.server.api.schemas.workers import (
@@ -40,7 +44,7 @@ from circus.server.api.schemas.workers import (
     StepIdsSchema,
 )
 from circus.server.auth import bearer_token
-from circus.server.context import server_context
+from circus.server.context import db_session, server_context
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,7 @@ def derivations_missing(args: dict[str, Any]) -> Any:
     evaluator with its own store uploads those before it commits the builds). The
     .drv files it has already are rooted for the evaluation from now on."""
     _caller()
+    require_running_evaluation(db_session(), args["evaluation"])
     return {"missing": missing_paths(server_context().settings, args["paths"],
                                      args["evaluation"])}
 
@@ -194,6 +199,7 @@ def derivations(args: dict[str, Any]) -> Any:
     nothing is imported (403). The .drv files stay rooted on the server as long as the
     evaluation's builds need them, like those of a local evaluation."""
     uploader = _caller()
+    require_running_evaluation(db_session(), args["evaluation"])
     settings = server_context().settings
     request.max_content_length = settings.remote_workers.max_upload_size
     return {"imported": import_derivations(settings, uploader, request.stream,
