@@ -229,8 +229,9 @@ in
         # SIGTERM drains: Celery's warm shutdown stops the running builds (their process
         # groups) and hands their steps back to the server (POST /release, /leave), so
         # another host takes them at once. Only the worker gets SIGTERM (KillMode=mixed):
-        # a nix-store killed by systemd first would end as a failed build, not a
-        # handed-back step. What is left after TimeoutStopSec gets SIGKILL.
+        # a nix-store signalled by systemd at the same moment could exit before the
+        # worker marks its build stopped, and be reported as a failed build instead of
+        # handed back. What is left when the worker has exited gets SIGKILL.
         KillSignal = "SIGTERM";
         KillMode = "mixed";
         TimeoutStopSec = 120;
