@@ -154,6 +154,14 @@ in
         message = "services.circus-worker: set tokenFile (the worker's token, read at start)";
       }
       {
+        # a Nix path literal (tokenFile = ./token) would be copied into the store when
+        # the settings are rendered: only a path string ("/run/secrets/...") stays outside
+        assertion = !(builtins.isPath cfg.tokenFile || builtins.isPath cfg.brokerUrlFile);
+        message = "services.circus-worker: tokenFile and brokerUrlFile must be path strings "
+          + "(\"/run/secrets/...\"), not Nix path literals, which copy the file into the "
+          + "world-readable Nix store";
+      }
+      {
         assertion = !inlineToken;
         message = "services.circus-worker: the token must be given by tokenFile, not "
           + "settings.worker.token (it would be copied into the world-readable Nix store)";
@@ -223,7 +231,6 @@ in
         Group = cfg.user;
         StateDirectory = "circus-worker";
         StateDirectoryMode = "0750";
-        ReadWritePaths = writablePaths;
         Restart = "on-failure";
         RestartSec = 5;
         # SIGTERM drains: Celery's warm shutdown stops the running builds (their process
@@ -235,7 +242,7 @@ in
         KillSignal = "SIGTERM";
         KillMode = "mixed";
         TimeoutStopSec = 120;
-      };
+      } // lib.optionalAttrs (writablePaths != [ ]) { ReadWritePaths = writablePaths; };
     };
   };
 }

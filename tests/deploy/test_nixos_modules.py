@@ -23,6 +23,7 @@ from tests.deploy.nixeval import (
     CIRCUS_MODULE,
     HARDENING,
     REPO_ROOT,
+    STANDIN,
     WORKER_MODULE,
     NixEvalError,
     eval_modules,
@@ -480,7 +481,7 @@ def test_worker_unit_runs_the_package_hardened(tmp_path: Path) -> None:
     assert sc["Type"] == "simple"
     assert sc["User"] == sc["Group"] == "circus-worker"
     assert sc["StateDirectory"] == "circus-worker"
-    assert sc["ReadWritePaths"] == []
+    assert "ReadWritePaths" not in sc
     # every key of the shared hardening, unchanged
     hardening = nix_eval(f"import {HARDENING}", tmp_path)
     assert {key: sc[key] for key in hardening} == hardening
@@ -580,6 +581,20 @@ def test_worker_bad_combinations_are_refused(tmp_path: Path, extra: dict[str, An
     failed = evaluate(tmp_path, worker(tmp_path, **extra), WORKER_MODULE)["failedAssertions"]
     assert len(failed) == 1, failed
     assert message in failed[0], failed
+
+
+def test_worker_token_as_a_nix_path_literal_is_refused(tmp_path: Path) -> None:
+    """`tokenFile = ./token` would put the token into the store when the settings are
+    rendered (a path literal is copied there); only a path string may be given."""
+    token = tmp_path / "worker-token"
+    token.write_text(WORKER_SECRET + "\n")
+    expr = (f"(import {STANDIN}/eval.nix {{ modules = [ {WORKER_MODULE} args "
+            f"{{ services.circus-worker.tokenFile = {token}; }} ]; }}).failedAssertions")
+    user = worker(tmp_path)
+    del user["services"]["circus-worker"]["tokenFile"]
+    failed = nix_eval(expr, tmp_path, user)
+    assert len(failed) == 1, failed
+    assert "must be path strings" in failed[0]
 
 
 def test_worker_loader_refuses_what_the_module_lets_through(tmp_path: Path) -> None:
