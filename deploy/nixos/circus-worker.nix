@@ -18,6 +18,7 @@ let
   scheme = url: builtins.head (builtins.match "([a-z0-9+]*)://.*|.*" url ++ [ null ]);
   urlHasPassword = url: url != null && builtins.match "[a-z0-9+]+://[^/@:]*:[^/@]+@.*" url != null;
   optionalKey = name: value: lib.optionalAttrs (value != null) { ${name} = value; };
+  features = cfg.features ++ cfg.mandatoryFeatures;
 
   # ProtectSystem=strict leaves only the state directory writable: a work_dir elsewhere
   # (which must exist) is added
@@ -208,6 +209,10 @@ in
     nix.settings = {
       trusted-users = lib.optional cfg.trustedUser cfg.user;
       trusted-public-keys = lib.optional (cfg.cachePublicKey != null) cfg.cachePublicKey;
+      # the daemon builds, so it must offer the features the worker announces: the
+      # worker's own `--option system-features` is a restricted setting the daemon
+      # ignores from an untrusted user (extra-: NixOS' default features stay)
+      extra-system-features = mkIf (features != [ ]) features;
     };
 
     environment.etc."circus/worker.toml".source = settingsFile;

@@ -502,9 +502,11 @@ def test_worker_unit_runs_the_package_hardened(tmp_path: Path) -> None:
     assert user["isSystemUser"] is True
     assert user["group"] == "circus-worker"
     assert "circus-worker" in config["users"]["groups"]
-    # no pinned key: the daemon accepts the server's key from the worker as a trusted user
+    # no pinned key: the daemon accepts the server's key from the worker as a trusted user;
+    # the daemon offers the worker's features (its own --option would be ignored untrusted)
     assert config["nix"]["settings"] == {"trusted-users": ["circus-worker"],
-                                         "trusted-public-keys": []}
+                                         "trusted-public-keys": [],
+                                         "extra-system-features": ["kvm"]}
 
 
 def test_worker_rendered_settings_pass_the_workers_validation(tmp_path: Path) -> None:
@@ -543,7 +545,8 @@ def test_worker_cache_key_pin_goes_to_the_daemon_not_trust(tmp_path: Path) -> No
     result = evaluate(tmp_path, worker(tmp_path, cachePublicKey=CACHE_KEY), WORKER_MODULE)
     assert result["failedAssertions"] == []
     assert result["config"]["nix"]["settings"] == {"trusted-users": [],
-                                                   "trusted-public-keys": [CACHE_KEY]}
+                                                   "trusted-public-keys": [CACHE_KEY],
+                                                   "extra-system-features": ["kvm"]}
     assert result["etc"]["circus/worker.toml"]["worker"]["cache_public_key"] == CACHE_KEY
     # trust can still be asked for (the worker's [nix] settings then apply)
     trusted = evaluate(tmp_path, worker(tmp_path, cachePublicKey=CACHE_KEY, trustedUser=True),
@@ -553,6 +556,16 @@ def test_worker_cache_key_pin_goes_to_the_daemon_not_trust(tmp_path: Path) -> No
         pytest.skip("worker.cache_public_key is not in this tree's worker config yet "
                     "(it is added on another branch); the rendering is checked above")
     assert load_worker(tmp_path, result).worker.cache_public_key == CACHE_KEY
+
+
+def test_worker_without_features_adds_none_to_the_daemon(tmp_path: Path) -> None:
+    result = evaluate(tmp_path, worker(tmp_path, features=[], mandatoryFeatures=[]),
+                      WORKER_MODULE)
+    assert "extra-system-features" not in result["config"]["nix"]["settings"]
+    result = evaluate(tmp_path, worker(tmp_path, features=[], mandatoryFeatures=["gpu"]),
+                      WORKER_MODULE)
+    assert result["config"]["nix"]["settings"]["extra-system-features"] == ["gpu"]
+    assert load_worker(tmp_path, result).worker.mandatory_features == ["gpu"]
 
 
 def test_worker_work_dir_elsewhere_is_writable(tmp_path: Path) -> None:
