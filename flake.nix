@@ -22,8 +22,18 @@
       # what circus/agent and the circus.common / circus.protocol modules it imports load
       # (tests/deploy/test_flake.py imports them all and compares)
       agentDeps = ps: with ps; [ pycapnp pydantic zstandard ];
+      # what circus/worker, celeryconfig and the circus.common / circus.queue_runner.routing
+      # modules they import load: Celery and its broker transports (redis, and packaging,
+      # which kombu's redis transport imports, for redis://; kombu brings amqp for
+      # amqp://), requests for the server's API, pydantic for the config. No database,
+      # LDAP, web or S3 library: the worker host has no database password and talks to
+      # the server's API only (tests/unit/test_layering.py); test_flake.py compares.
+      workerDeps = ps: with ps; [ celery kombu redis packaging requests pydantic ];
 
-      mkCircus = pkgs: { pname, deps, agentOnly ? false }:
+      # `program`: a lean package that installs only this entry point (its host needs
+      # none of the server's libraries); null: the whole application
+      mkCircus = pkgs: { pname, deps, program ? null, importsCheck, tools ? [ ] }:
+        let lean = program != null; in
         pkgs.python3Packages.buildPythonApplication {
           inherit pname version;
           pyproject = true;
@@ -31,33 +41,49 @@
           build-system = with pkgs.python3Packages; [ setuptools wheel ];
           dependencies = deps pkgs.python3Packages;
           # the daemons call these at run time (the NixOS modules also put them on PATH)
-          makeWrapperArgs = [
-            "--suffix" "PATH" ":" (lib.makeBinPath (with pkgs; [ nix git openssh zstd xz ]
-              ++ lib.optional (!agentOnly) pkgs.nix-eval-jobs))
-          ];
-          # the agent package leaves out the server's libraries on purpose: setup.cfg's
+          makeWrapperArgs = [ "--suffix" "PATH" ":" (lib.makeBinPath tools) ];
+          # a lean package leaves out the server's libraries on purpose: setup.cfg's
           # install_requires lists them all, so pip's runtime dependency check must not run
-          dontCheckRuntimeDeps = agentOnly;
-          postInstall = lib.optionalString agentOnly ''
-            find $out/bin -type f ! -name circus-agent -delete
+          dontCheckRuntimeDeps = lean;
+          postInstall = lib.optionalString lean ''
+            find $out/bin -type f ! -name ${program} -delete
           '';
-          pythonImportsCheck = if agentOnly then [ "circus.agent.main" ] else [
-            "circus.server.main" "circus.evaluator.main" "circus.queue_runner.main"
-            "circus.agent.main" "circus.cli.main"
-          ];
+          pythonImportsCheck = importsCheck;
           # the test suite needs PostgreSQL, Redis and a Nix store: run it with `make test`
           doCheck = false;
           meta = {
             description = "Circus: a Nix continuous-integration system";
             license = lib.licenses.mit;
-            mainProgram = if agentOnly then "circus-agent" else "circus";
+            mainProgram = if lean then program else "circus";
           };
         };
     in
     {
       packages = forAllSystems (pkgs: rec {
-        circus = mkCircus pkgs { pname = "circus"; deps = serverDeps; };
-        circus-agent = mkCircus pkgs { pname = "circus-agent"; deps = agentDeps; agentOnly = true; };
+        circus = mkCircus pkgs {
+          pname = "circus";
+          deps = serverDeps;
+          tools = with pkgs; [ nix git openssh zstd xz nix-eval-jobs ];
+          importsCheck = [
+            "circus.server.main" "circus.evaluator.main" "circus.queue_runner.main"
+            "circus.agent.main" "circus.worker.main" "circus.cli.main"
+          ];
+        };
+        circus-agent = mkCircus pkgs {
+          pname = "circus-agent";
+          deps = agentDeps;
+          program = "circus-agent";
+          tools = with pkgs; [ nix git openssh zstd xz ];
+          importsCheck = [ "circus.agent.main" ];
+        };
+        # a build host's Celery worker: Nix calls only (nix copy, nix-store)
+        circus-worker = mkCircus pkgs {
+          pname = "circus-worker";
+          deps = workerDeps;
+          program = "circus-worker";
+          tools = [ pkgs.nix ];
+          importsCheck = [ "circus.worker.main" "circus.worker.builder" "celeryconfig" ];
+        };
         default = circus;
       });
 
@@ -72,6 +98,7 @@
           circus-admin = app ours.circus "circus-admin";
           circus-migrate = app ours.circus "circus-migrate";
           circus-agent = app ours.circus-agent "circus-agent";
+          circus-worker = app ours.circus-worker "circus-worker";
         });
 
       devShells = forAllSystems (pkgs: {
@@ -99,19 +126,25 @@
           services.circus-agent.package =
             lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.circus-agent;
         };
+        circus-worker = { pkgs, lib, ... }: {
+          imports = [ ./deploy/nixos/circus-worker.nix ];
+          services.circus-worker.package =
+            lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.circus-worker;
+        };
         default = self.nixosModules.circus;
       };
 
       checks = forAllSystems (pkgs:
         let system = pkgs.stdenv.hostPlatform.system; in {
-          inherit (self.packages.${system}) circus circus-agent;
-          # both modules evaluated by the real NixOS module system (real option types,
+          inherit (self.packages.${system}) circus circus-agent circus-worker;
+          # the modules evaluated by the real NixOS module system (real option types,
           # assertions) and the resulting system built; tests/deploy only has a stand-in
           modules = (nixpkgs.lib.nixosSystem {
             inherit system;
             modules = [
               self.nixosModules.circus
               self.nixosModules.circus-agent
+              self.nixosModules.circus-worker
               {
                 boot.isContainer = true;
                 system.stateVersion = "24.11";
@@ -121,6 +154,39 @@
                   enable = true;
                   runnerUrl = "tls://localhost:7000";
                   tokenFile = "/run/secrets/circus-agent-token";
+                };
+                services.circus-worker = {
+                  enable = true;
+                  serverUrl = "https://ci.example.org";
+                  tokenFile = "/run/secrets/circus-worker-token";
+                  brokerUrlFile = "/run/secrets/circus-broker-url";
+                };
+              }
+            ];
+          }).config.system.build.toplevel;
+          # a second evaluator host (docs/INSTALL.md "Multi-host"): circus-evaluator
+          # --no-beat only, against the main host's database and broker, uploading its
+          # .drv files to the server
+          second-evaluator = (nixpkgs.lib.nixosSystem {
+            inherit system;
+            modules = [
+              self.nixosModules.circus
+              {
+                boot.isContainer = true;
+                system.stateVersion = "24.11";
+                services.circus = {
+                  enable = true;
+                  server.enable = false;
+                  queueRunner.enable = false;
+                  evaluator.beat = false;
+                  database.createLocally = false;
+                  redis.createLocally = false;
+                  settings = {
+                    database.url_file = "/run/secrets/circus-database-url";
+                    broker.url_file = "/run/secrets/circus-broker-url";
+                    evaluator.upload_derivations_to = "https://ci.example.org";
+                    evaluator.upload_token_file = "/run/secrets/circus-evaluator-token";
+                  };
                 };
               }
             ];

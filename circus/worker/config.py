@@ -26,7 +26,9 @@ Seconds = Annotated[float, AfterValidator(at_least(0.1))]
 
 
 class WorkerSection(SettingsModel):
-    secret_fields = ("token",)
+    #: a broker URL may carry the broker's password: ``broker_url_file`` keeps it out of
+    #: the config file (and out of the Nix store under services.circus-worker)
+    secret_fields = ("token", "broker_url")
 
     #: unique per worker (two workers on one host need distinct names and work dirs);
     #: default: the host name
@@ -35,7 +37,7 @@ class WorkerSection(SettingsModel):
     server_url: str
     #: a token whose SHA-256 digest is in the server's ``remote_workers.auth_tokens``
     token: str | None = None
-    #: the Celery broker the queue runner publishes wake-ups on
+    #: the Celery broker the queue runner publishes wake-ups on (or ``broker_url_file``)
     broker_url: str
     systems: list[str] | None = None
     features: list[str] = []

@@ -23,6 +23,7 @@ let
   secretPaths = [
     [ "server" "secret_key" ]
     [ "server" "ldap" "bind_password" ]
+    [ "evaluator" "upload_token" ]
     [ "signing" "key" ]
     [ "cache_upload" "s3" "access_key_id" ]
     [ "cache_upload" "s3" "secret_access_key" ]

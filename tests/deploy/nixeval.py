@@ -19,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STANDIN = Path(__file__).resolve().parent / "standin"
 CIRCUS_MODULE = REPO_ROOT / "deploy" / "nixos" / "circus.nix"
 AGENT_MODULE = REPO_ROOT / "deploy" / "nixos" / "circus-agent.nix"
+WORKER_MODULE = REPO_ROOT / "deploy" / "nixos" / "circus-worker.nix"
+HARDENING = REPO_ROOT / "deploy" / "nixos" / "hardening.nix"
 
 
 class NixEvalError(Exception):

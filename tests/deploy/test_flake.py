@@ -2,7 +2,7 @@
 
 Nothing is built: buildPythonApplication of the stand-in keeps its arguments, so the
 tests check which nixpkgs Python packages each package asks for against setup.cfg and
-against what circus.agent really imports.
+against what circus.agent and circus.worker really import.
 """
 
 from __future__ import annotations
@@ -34,6 +34,30 @@ IMPORT_TO_NIXPKGS = {"capnp": "pycapnp", "pydantic": "pydantic", "cryptography":
 #: modules of the server's libraries that must not be imported by the agent
 SERVER_IMPORTS = {"flask", "sqlalchemy", "psycopg2", "ldap", "celery", "kombu", "redis",
                   "boto3", "fabric", "alembic", "gunicorn", "werkzeug", "authlib", "argon2"}
+#: the remote Celery worker's dependencies: Celery, its Redis transport (redis, and
+#: packaging, which kombu's redis transport imports; kombu brings amqp for RabbitMQ),
+#: requests for the server's API, pydantic for its config
+WORKER_DEPS = {"celery", "kombu", "redis", "packaging", "requests", "pydantic"}
+#: the database, web, LDAP, S3 and SSH libraries the worker host does without
+WORKER_FORBIDDEN_DEPS = SERVER_ONLY - WORKER_DEPS
+WORKER_FORBIDDEN_IMPORTS = SERVER_IMPORTS - {"celery", "kombu", "redis"}
+#: import name -> nixpkgs attribute for what circus.worker loads, Celery's and requests'
+#: own dependencies included (nixpkgs' celery, kombu and requests bring them); None:
+#: optional, imported inside try/except by the library (greenlet by celery.utils.threads,
+#: yaml by kombu.serialization, cffi by billiard.util, cryptography by redis.utils),
+#: absent in the lean package
+WORKER_IMPORT_TO_NIXPKGS: dict[str, str | None] = {
+    "celery": "celery", "billiard": "celery", "click": "celery", "click_didyoumean": "celery",
+    "click_plugins": "celery", "click_repl": "celery", "dateutil": "celery", "six": "celery",
+    "tzlocal": "celery", "prompt_toolkit": "celery", "wcwidth": "celery",
+    "kombu": "kombu", "amqp": "kombu", "vine": "kombu", "tzdata": "kombu",
+    "redis": "redis", "async_timeout": "redis", "packaging": "packaging",
+    "requests": "requests", "urllib3": "requests", "idna": "requests", "certifi": "requests",
+    "charset_normalizer": "requests",
+    "pydantic": "pydantic", "pydantic_core": "pydantic", "annotated_types": "pydantic",
+    "typing_extensions": "pydantic", "typing_inspection": "pydantic",
+    "greenlet": None, "yaml": None, "cffi": None, "cryptography": None,
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +70,11 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Any:
         names = builtins.attrNames;
         deps = p: map (d: d.pname) p.standInArgs.dependencies;
         per = attr: builtins.mapAttrs (_: names) o.${{attr}};
+        lean = name: let args = o.packages.x86_64-linux.${{name}}.standInArgs; in {{
+          inherit (args) pname dontCheckRuntimeDeps postInstall pythonImportsCheck
+            makeWrapperArgs;
+          mainProgram = args.meta.mainProgram;
+        }};
       in {{
         description = f.flake.description;
         nixpkgsUrl = f.flake.inputs.nixpkgs.url;
@@ -57,16 +86,16 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Any:
         nixosModules = names o.nixosModules;
         circusDeps = deps o.packages.x86_64-linux.circus;
         agentDeps = deps o.packages.x86_64-linux.circus-agent;
-        agentArgs = {{
-          inherit (o.packages.x86_64-linux.circus-agent.standInArgs)
-            pname dontCheckRuntimeDeps postInstall pythonImportsCheck;
-          mainProgram = o.packages.x86_64-linux.circus-agent.standInArgs.meta.mainProgram;
-        }};
+        workerDeps = deps o.packages.x86_64-linux.circus-worker;
+        agentArgs = lean "circus-agent";
+        workerArgs = lean "circus-worker";
         circusArgs = {{
-          inherit (o.packages.x86_64-linux.circus.standInArgs) pname version dontCheckRuntimeDeps;
+          inherit (o.packages.x86_64-linux.circus.standInArgs) pname version dontCheckRuntimeDeps
+            pythonImportsCheck;
         }};
         circusPath = o.packages.x86_64-linux.circus.outPath;
         agentPath = o.packages.x86_64-linux.circus-agent.outPath;
+        workerPath = o.packages.x86_64-linux.circus-worker.outPath;
         programs = builtins.mapAttrs (_: a: a.program) o.apps.x86_64-linux;
         appTypes = builtins.mapAttrs (_: a: a.type) o.apps.aarch64-linux;
       }}
@@ -80,11 +109,14 @@ def test_outputs_have_the_expected_shape(outputs: Any) -> None:
     for attr in ("packages", "apps", "devShells", "checks"):
         assert sorted(outputs[attr]) == SYSTEMS, attr
     for system in SYSTEMS:
-        assert set(outputs["packages"][system]) == {"circus", "circus-agent", "default"}
+        assert set(outputs["packages"][system]) == {"circus", "circus-agent", "circus-worker",
+                                                    "default"}
         assert set(outputs["devShells"][system]) == {"default"}
-        assert set(outputs["checks"][system]) == {"circus", "circus-agent", "modules"}
-        assert {"default", "circus-server", "circus-agent"} <= set(outputs["apps"][system])
-    assert set(outputs["nixosModules"]) == {"circus", "circus-agent", "default"}
+        assert set(outputs["checks"][system]) == {"circus", "circus-agent", "circus-worker",
+                                                  "modules", "second-evaluator"}
+        assert {"default", "circus-server", "circus-agent", "circus-worker"} <= \
+            set(outputs["apps"][system])
+    assert set(outputs["nixosModules"]) == {"circus", "circus-agent", "circus-worker", "default"}
 
 
 def test_apps_run_the_packages(outputs: Any) -> None:
@@ -92,6 +124,7 @@ def test_apps_run_the_packages(outputs: Any) -> None:
     assert programs["circus-server"] == f"{outputs['circusPath']}/bin/circus-server"
     assert programs["default"] == f"{outputs['circusPath']}/bin/circus"
     assert programs["circus-agent"] == f"{outputs['agentPath']}/bin/circus-agent"
+    assert programs["circus-worker"] == f"{outputs['workerPath']}/bin/circus-worker"
     assert set(outputs["appTypes"].values()) == {"app"}
 
 
@@ -107,8 +140,10 @@ def _requirement_names() -> set[str]:
 
 
 def test_circus_package_brings_every_install_requirement(outputs: Any) -> None:
-    assert outputs["circusArgs"] == {"pname": "circus", "version": "0.1.0",
-                                     "dontCheckRuntimeDeps": False}
+    args = outputs["circusArgs"]
+    assert {k: args[k] for k in ("pname", "version", "dontCheckRuntimeDeps")} == {
+        "pname": "circus", "version": "0.1.0", "dontCheckRuntimeDeps": False}
+    assert "circus.worker.main" in args["pythonImportsCheck"]
     # nixpkgs calls the PyPI packages by their lower-case names
     assert _requirement_names() == set(outputs["circusDeps"])
 
@@ -125,25 +160,66 @@ def test_agent_package_is_lean(outputs: Any) -> None:
     assert args["pythonImportsCheck"] == ["circus.agent.main"]
 
 
+def _third_party_imports(code: str) -> set[str]:
+    """The top-level third-party modules loaded by ``code`` in a fresh interpreter."""
+    code += ("\nimport sys\n"
+             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules}\n"
+             "                      - set(sys.stdlib_module_names))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, check=True)
+    return {m for m in proc.stdout.split()
+            if m not in {"circus", "celeryconfig", "__main__", "__mp_main__", "cython_runtime",
+                         "_distutils_hack"}
+            and not m.startswith(("_cython_", "_sysconfigdata_", "__editable__"))}
+
+
 def test_agent_package_covers_what_the_agent_imports(outputs: Any) -> None:
     """Import every module of circus.agent (and what it loads lazily) in a fresh
     interpreter: each third-party module must come from the agent package's dependencies."""
-    code = ("import sys, pkgutil, importlib, circus.agent, circus.protocol\n"
-            "for m in pkgutil.walk_packages(circus.agent.__path__, 'circus.agent.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "import circus.common.nix.derivation\n"
-            "circus.protocol.schema()\n"
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules}\n"
-            "                      - set(sys.stdlib_module_names))))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, check=True)
-    imported = {m for m in proc.stdout.split()
-                if m not in {"circus", "__main__", "cython_runtime", "_distutils_hack"}
-                and not m.startswith(("_cython_", "_sysconfigdata_", "__editable__"))}
+    imported = _third_party_imports(
+        "import pkgutil, importlib, circus.agent, circus.protocol\n"
+        "for m in pkgutil.walk_packages(circus.agent.__path__, 'circus.agent.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "import circus.common.nix.derivation\n"
+        "circus.protocol.schema()")
     assert not imported & SERVER_IMPORTS, imported & SERVER_IMPORTS
     unknown = imported - set(IMPORT_TO_NIXPKGS)
     assert not unknown, f"third-party modules the agent package may lack: {unknown}"
     assert {IMPORT_TO_NIXPKGS[m] for m in imported} == set(outputs["agentDeps"])
+
+
+def test_worker_package_is_lean(outputs: Any) -> None:
+    assert set(outputs["workerDeps"]) == WORKER_DEPS
+    assert not WORKER_FORBIDDEN_DEPS & set(outputs["workerDeps"])
+    args = outputs["workerArgs"]
+    assert args["pname"] == "circus-worker"
+    assert args["mainProgram"] == "circus-worker"
+    assert args["dontCheckRuntimeDeps"] is True
+    assert "! -name circus-worker -delete" in args["postInstall"]
+    assert set(args["pythonImportsCheck"]) == {"circus.worker.main", "circus.worker.builder",
+                                               "celeryconfig"}
+    # it runs Nix and nothing else: no nix-eval-jobs, git or ssh on its PATH
+    assert args["makeWrapperArgs"][:3] == ["--suffix", "PATH", ":"]
+    assert args["makeWrapperArgs"][3].split(":") == [
+        "/nix/store/00000000000000000000000000000000-nix/bin"]
+
+
+def test_worker_package_covers_what_the_worker_imports(outputs: Any) -> None:
+    """Import every module of circus.worker, the Celery worker machinery it starts (thread
+    pool, both broker transports) in a fresh interpreter: each third-party module must come
+    from the worker package's dependencies, and none is a database or web library."""
+    imported = _third_party_imports(
+        "import pkgutil, importlib, circus.worker\n"
+        "for m in pkgutil.walk_packages(circus.worker.__path__, 'circus.worker.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "import celeryconfig, celery.apps.worker, celery.concurrency.thread\n"
+        "import kombu.transport.redis, kombu.transport.pyamqp, redis\n"
+        "from circus.worker.main import RemoteWorkerDaemon")
+    assert not imported & WORKER_FORBIDDEN_IMPORTS, imported & WORKER_FORBIDDEN_IMPORTS
+    unknown = imported - set(WORKER_IMPORT_TO_NIXPKGS)
+    assert not unknown, f"third-party modules the worker package may lack: {unknown}"
+    needed = {WORKER_IMPORT_TO_NIXPKGS[m] for m in imported} - {None}
+    assert needed == set(outputs["workerDeps"])
 
 
 def test_nixos_module_of_the_flake_uses_the_flake_package(tmp_path: Path) -> None:
@@ -153,21 +229,27 @@ def test_nixos_module_of_the_flake_uses_the_flake_package(tmp_path: Path) -> Non
       let
         f = {FLAKE};
         eval = import {STANDIN}/eval.nix {{ modules = [ f.self.nixosModules.circus
-          f.self.nixosModules.circus-agent args ]; }};
+          f.self.nixosModules.circus-agent f.self.nixosModules.circus-worker args ]; }};
         units = eval.config.systemd.services;
       in {{
         server = units.circus-server.serviceConfig.ExecStart;
         agent = units.circus-agent.serviceConfig.ExecStart;
+        worker = units.circus-worker.serviceConfig.ExecStart;
         failed = eval.failedAssertions;
       }}
     """
     user = {"services": {
         "circus": {"enable": True, "settings": {"server": {"secret_key_file": str(secret)}}},
         "circus-agent": {"enable": True, "runnerUrl": "tls://ci.example.org:7000",
-                         "tokenFile": str(secret)}}}
+                         "tokenFile": str(secret)},
+        "circus-worker": {"enable": True, "serverUrl": "https://ci.example.org",
+                          "tokenFile": str(secret),
+                          "brokerUrl": "redis://broker.example.org:6379/0"}}}
     result = nix_eval(expr, tmp_path, user)
     assert result["failed"] == []
     assert re.fullmatch(r"/nix/store/[0-9a-z]{32}-circus-0\.1\.0/bin/circus-server",
                         result["server"])
     assert re.fullmatch(r"/nix/store/[0-9a-z]{32}-circus-agent-0\.1\.0/bin/circus-agent",
                         result["agent"])
+    assert re.fullmatch(r"/nix/store/[0-9a-z]{32}-circus-worker-0\.1\.0/bin/circus-worker",
+                        result["worker"])

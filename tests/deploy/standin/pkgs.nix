@@ -28,7 +28,7 @@ in
     "pycapnp" "fabric" "boto3" "prometheus-flask-exporter" "flask-login" "python-ldap"
     "authlib" "joserfc" "pydantic" "argon2-cffi" "cryptography" "zstandard" "gunicorn"
     "requests" "flask-limiter" "flask-cors" "flask-wtf" "setuptools" "wheel" "pytest"
-    "pytest-timeout" "hypothesis" "aiosmtpd" "mypy" "types-requests"
+    "pytest-timeout" "hypothesis" "aiosmtpd" "mypy" "types-requests" "packaging"
   ]) // {
     # keeps its arguments for the tests instead of building
     buildPythonApplication = args: fake "${args.pname}-${args.version}" // { standInArgs = args; };
