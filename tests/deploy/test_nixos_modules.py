@@ -17,7 +17,7 @@ import pytest
 from circus.agent.config import load_agent_settings
 from circus.common.config import ConfigError, Settings, load_settings
 from circus.common.nix.environment import nix_environ
-from circus.worker.config import WorkerSection, WorkerSettings, load_worker_settings
+from circus.worker.config import WorkerSettings, load_worker_settings
 from tests.deploy.nixeval import (
     AGENT_MODULE,
     CIRCUS_MODULE,
@@ -552,9 +552,6 @@ def test_worker_cache_key_pin_goes_to_the_daemon_not_trust(tmp_path: Path) -> No
     trusted = evaluate(tmp_path, worker(tmp_path, cachePublicKey=CACHE_KEY, trustedUser=True),
                        WORKER_MODULE)
     assert trusted["config"]["nix"]["settings"]["trusted-users"] == ["circus-worker"]
-    if "cache_public_key" not in WorkerSection.model_fields:
-        pytest.skip("worker.cache_public_key is not in this tree's worker config yet "
-                    "(it is added on another branch); the rendering is checked above")
     assert load_worker(tmp_path, result).worker.cache_public_key == CACHE_KEY
 
 
