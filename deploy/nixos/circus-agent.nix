@@ -177,8 +177,11 @@ in
         StateDirectoryMode = "0750";
         Restart = "on-failure";
         RestartSec = 5;
-        # SIGTERM drains: running builds finish (or are handed back), then the agent exits
+        # SIGTERM drains: running builds finish (or are handed back), then the agent exits.
+        # Only the agent gets it (mixed): a SIGTERM to its nix-store clients as well would
+        # end the very builds it drains
         KillSignal = "SIGTERM";
+        KillMode = "mixed";
         TimeoutStopSec = 3600;
       };
     };

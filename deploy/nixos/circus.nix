@@ -319,8 +319,11 @@ in
             ExecStart = "${cfg.package}/bin/${d.name}${d.args or ""}";
             Restart = "on-failure";
             RestartSec = 5;
-            # SIGTERM: the queue runner hands running builds back; the others stop at once
+            # SIGTERM: the queue runner hands running builds back; the others stop at once.
+            # Only the daemon gets it (mixed): the cgroup's other processes (its nix-store,
+            # nix-eval-jobs) are its to stop, and get SIGKILL only after TimeoutStopSec
             KillSignal = "SIGTERM";
+            KillMode = "mixed";
             TimeoutStopSec = 60;
           };
         };

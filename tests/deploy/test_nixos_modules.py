@@ -131,6 +131,8 @@ def test_units_are_hardened_and_run_as_the_dedicated_user(default_eval: tuple[An
         assert sc["ReadWritePaths"] == ["/nix/var/nix/gcroots/circus"], name
         if name != "circus-migrate":
             assert sc["Restart"] == "on-failure", name
+            # SIGTERM to the daemon alone: it hands back or stops its children itself
+            assert sc["KillMode"] == "mixed", name
     user = config["users"]["users"]["circus"]
     assert user["isSystemUser"] is True
     assert user["group"] == "circus"
@@ -399,6 +401,8 @@ def test_agent_unit_and_rendered_settings(tmp_path: Path) -> None:
     assert sc["NoNewPrivileges"] is True
     assert sc["CapabilityBoundingSet"] == ""
     assert sc["Restart"] == "on-failure"
+    # the drain: SIGTERM to the agent alone, not to the nix-store clients of its builds
+    assert sc["KillMode"] == "mixed"
     assert "nix-daemon.service" in unit["after"]
     assert "nix-daemon.service" in unit["requires"]
     assert unit["environment"]["CIRCUS_AGENT_CONFIG_FILE"] == "/etc/circus/agent.toml"

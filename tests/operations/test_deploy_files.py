@@ -77,6 +77,8 @@ def test_units_carry_the_nixos_modules_hardening_and_restart_on_failure(tmp_path
         assert service["User"] not in ("root", ""), name
         if name != "circus-migrate":
             assert service["Restart"] == "on-failure", name
+            # SIGTERM to the daemon alone: it drains or hands back its builds itself
+            assert service["KillMode"] == "mixed", name
     for name in DAEMONS:
         assert "circus-migrate.service" in found[name]["Unit"]["Requires"].split()
         assert "circus-migrate.service" in found[name]["Unit"]["After"].split()
