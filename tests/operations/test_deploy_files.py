@@ -70,7 +70,7 @@ def test_units_carry_the_nixos_modules_hardening_and_restart_on_failure(tmp_path
     hardening = {key: ("true" if value is True else value)
                  for key, value in json.loads(done.stdout).items()}
     found = units()
-    assert set(found) == {*DAEMONS, "circus-migrate", "circus-agent"}
+    assert set(found) == {*DAEMONS, "circus-migrate", "circus-agent", "circus-worker"}
     for name, unit in found.items():
         service = unit["Service"]
         assert {key: service.get(key) for key in hardening} == hardening, name
