@@ -176,8 +176,10 @@ def nix_store_pids(drv: str) -> list[int]:
         if any(a.endswith(b"nix-store") for a in argv[:6]) and drv.encode() in argv:
             found.append(int(pid))
     # Nix forks its builder child from nix-store: until that child execs it carries the same
-    # command line, and it is part of the same attempt, not another one.
-    return [pid for pid in found if parent_pid(pid) not in found]
+    # command line, and it is part of the same attempt, not another one. Once its nix-store
+    # is killed the child is an orphan (its parent init) that may still not have exec'd
+    # on a loaded machine: an attempt is a nix-store the queue runner started.
+    return [pid for pid in found if b"circus" in command_line(parent_pid(pid))]
 
 
 def parent_pid(pid: int) -> int:
@@ -186,6 +188,13 @@ def parent_pid(pid: int) -> int:
     except OSError:
         return 0
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_infrastructure_failures_retry_then_abort(runner_config: Callable[..., dict[str, Any]],
