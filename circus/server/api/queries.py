@@ -59,6 +59,13 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
     return query
 
 
+def rollup_filters(rollup: Any, args: dict[str, Any]) -> list[Any]:
+    """The ``project_id`` and ``jobset_id`` filters of ``args`` on a rollup of the builds
+    (``BuildStatusTotal`` or ``BuildCompletionHour``)."""
+    return ([rollup.project_id == args["project_id"]] if "project_id" in args else []) + (
+        [rollup.jobset_id == args["jobset_id"]] if "jobset_id" in args else [])
+
+
 def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor) -> Any:
     hidden = hidden_project_ids(actor)
     if hidden is not None:
