@@ -1,5 +1,5 @@
 """build_status_totals, build_completion_hours: rollups of the builds for
-``/builds/stats`` and the time series, kept by statement triggers
+``/builds/stats``, the systems summary and the time series, kept by statement triggers
 
 At a million builds, each of those figures was a scan of the builds table (0.9-2.0 s
 at p99: every server process computed it once before its cache served it). The
@@ -24,7 +24,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 #: the columns of builds a rollup depends on; an update changing none of them adds nothing
-COLUMNS = ("project_id", "jobset_id", "status", "started_at", "completed_at")
+COLUMNS = ("project_id", "jobset_id", "system", "status", "started_at", "completed_at")
 
 
 def _signed_rows(operation: str) -> str:
@@ -50,10 +50,10 @@ def _add_deltas(operation: str) -> str:
     return f"""
         WITH d AS ({_signed_rows(operation)}),
         totals AS (
-            INSERT INTO build_status_totals (project_id, jobset_id, status, builds,
+            INSERT INTO build_status_totals (project_id, jobset_id, system, status, builds,
                                              duration_sum, durations)
-            SELECT project_id, jobset_id, status, {sums}
-            FROM d GROUP BY project_id, jobset_id, status {nonzero})
+            SELECT project_id, jobset_id, system, status, {sums}
+            FROM d GROUP BY project_id, jobset_id, system, status {nonzero})
         INSERT INTO build_completion_hours (project_id, jobset_id, status, hour, builds,
                                             duration_sum, durations)
         SELECT project_id, jobset_id, status, date_trunc('hour', completed_at, 'UTC'), {sums}
@@ -64,12 +64,14 @@ def _add_deltas(operation: str) -> str:
 
 def upgrade() -> None:
     for table, hour in (("build_status_totals", False), ("build_completion_hours", True)):
-        key = ["project_id", "jobset_id", "status"] + (["hour"] if hour else [])
+        # jobset first: the series and stats of one jobset read its rows by the index
+        key = ["jobset_id", "project_id"] + (["status", "hour"] if hour else ["system", "status"])
         op.create_table(
             table,
             sa.Column("id", sa.BigInteger(), sa.Identity(), nullable=False),
-            sa.Column("project_id", sa.Integer(), nullable=False),
-            sa.Column("jobset_id", sa.Integer(), nullable=False),
+            sa.Column("project_id", sa.BigInteger(), nullable=False),
+            sa.Column("jobset_id", sa.BigInteger(), nullable=False),
+            *([] if hour else [sa.Column("system", sa.Text(), nullable=False)]),
             sa.Column("status", sa.SmallInteger(), nullable=False),
             *([sa.Column("hour", sa.DateTime(timezone=True), nullable=False)] if hour else []),
             sa.Column("builds", sa.BigInteger(), nullable=False),
@@ -108,12 +110,12 @@ def upgrade() -> None:
         FOR EACH STATEMENT EXECUTE FUNCTION build_rollups_add_deltas()""")
     # backfill, merged (the triggers' lock on builds keeps writers out until commit)
     op.execute("""
-        INSERT INTO build_status_totals (project_id, jobset_id, status, builds, duration_sum,
-                                         durations, merged)
-        SELECT project_id, jobset_id, status, count(*),
+        INSERT INTO build_status_totals (project_id, jobset_id, system, status, builds,
+                                         duration_sum, durations, merged)
+        SELECT project_id, jobset_id, system, status, count(*),
                coalesce(sum(extract(epoch FROM completed_at - started_at)), 0),
                count(completed_at - started_at), true
-        FROM builds GROUP BY project_id, jobset_id, status""")
+        FROM builds GROUP BY project_id, jobset_id, system, status""")
     op.execute("""
         INSERT INTO build_completion_hours (project_id, jobset_id, status, hour, builds,
                                             duration_sum, durations, merged)

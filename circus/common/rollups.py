@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 MERGE_LOCK = 0x43524C55
 
 _KEYS = {
-    "build_status_totals": ("project_id", "jobset_id", "status"),
+    "build_status_totals": ("project_id", "jobset_id", "system", "status"),
     "build_completion_hours": ("project_id", "jobset_id", "status", "hour"),
 }
 

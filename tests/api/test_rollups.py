@@ -66,6 +66,8 @@ def test_figures_follow_builds_finishing_failing_restarting_and_deleted(
     assert (figures["finished"], figures["failed"], figures["running"]) == (2, 2, 1)
     assert figures["avg_duration_seconds"] == pytest.approx(90, abs=5)
     assert stats(client, admin)["total"] == 4
+    [system] = client.get("/api/v1/metrics/systems", headers=admin).get_json()["systems"]
+    assert (system["pending"], system["running"], system["failed"]) == (1, 1, 2)
     assert series(client, admin, "builds", "days=1") == [{"failed": 1.0, "timeout": 1.0}]
     [duration] = series(client, admin, "duration", "bucket=hour")
     assert duration["avg_seconds"] == pytest.approx(90, abs=5)

@@ -125,7 +125,7 @@ class JobName(Base):
 
 
 class BuildStatusTotal(Base):
-    """Builds per project, jobset and status, with the sum and number of their
+    """Builds per project, jobset, system and status, with the sum and number of their
     durations: ``/builds/stats`` without reading the builds. Delta rows, written by
     statement triggers on the builds' insert, update and delete (migration
     ``b7d2e4f1a9c3``) and never updated, so finishing builds never wait for each other
@@ -137,6 +137,7 @@ class BuildStatusTotal(Base):
     id: Mapped[IntPK]
     project_id: Mapped[int]
     jobset_id: Mapped[int]
+    system: Mapped[str]
     status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
     builds: Mapped[int] = mapped_column(BigInteger)
     #: seconds from start to completion, of the ``durations`` builds that have both
@@ -145,9 +146,9 @@ class BuildStatusTotal(Base):
     merged: Mapped[BoolFalse]
 
     __table_args__ = (
-        Index("ix_build_status_totals_key", "project_id", "jobset_id", "status"),
-        Index("ix_build_status_totals_unmerged", "project_id", "jobset_id", "status",
-              postgresql_where=text("NOT merged")),
+        Index("ix_build_status_totals_key", "jobset_id", "project_id", "system", "status"),
+        Index("ix_build_status_totals_unmerged", "jobset_id", "project_id", "system",
+              "status", postgresql_where=text("NOT merged")),
     )
 
 
@@ -169,9 +170,9 @@ class BuildCompletionHour(Base):
     merged: Mapped[BoolFalse]
 
     __table_args__ = (
-        Index("ix_build_completion_hours_key", "project_id", "jobset_id", "status", "hour"),
+        Index("ix_build_completion_hours_key", "jobset_id", "project_id", "status", "hour"),
         Index("ix_build_completion_hours_hour", "hour"),
-        Index("ix_build_completion_hours_unmerged", "project_id", "jobset_id", "status",
+        Index("ix_build_completion_hours_unmerged", "jobset_id", "project_id", "status",
               "hour", postgresql_where=text("NOT merged")),
     )
 

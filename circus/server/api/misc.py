@@ -7,16 +7,14 @@ from decimal import Decimal
 from typing import Any
 
 from flask.typing import ResponseReturnValue
-from sqlalchemy import case, func, literal, select, union_all
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
-from circus.auth.visibility import only_visible, require_visible
+from circus.auth.visibility import require_visible
 from circus.common.enums import BuildStatus
 from circus.common.errors import NotFound
 from circus.common.models import (
-    Build,
-    BuildCompletionHour,
     Jobset,
     News,
     Project,
@@ -26,7 +24,6 @@ from circus.server import actions
 from circus.server.aggregates import cached
 from circus.server.api import queries
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.queries import rollup_filters
 from circus.server.api.schemas.admin import (
     NewsCreateSchema,
     NewsSchema,
@@ -116,27 +113,8 @@ def _series(name: str, args: dict[str, Any], grouped_by_status: bool) -> dict[st
 def _compute_series(session: Session, args: dict[str, Any], actor: Actor,
                     grouped_by_status: bool) -> dict[str, Any]:
     """Finished builds (by status) or their average duration per bucket since ``days``
-    ago: whole hours from the rollup the builds' triggers keep, the part of an hour
-    before the first whole one from the builds themselves (``completed_at`` index)."""
-    since = utcnow() - timedelta(days=args["days"])
-    first_hour = since.replace(minute=0, second=0, microsecond=0)
-    if first_hour < since:
-        first_hour += timedelta(hours=1)
-    hours = only_visible(select(
-        BuildCompletionHour.hour.label("t"), BuildCompletionHour.status.label("status"),
-        BuildCompletionHour.builds.label("builds"),
-        BuildCompletionHour.duration_sum.label("duration_sum"),
-        BuildCompletionHour.durations.label("durations"),
-    ).where(BuildCompletionHour.hour >= first_hour,
-            *rollup_filters(BuildCompletionHour, args)),
-        BuildCompletionHour.project_id, actor)
-    seconds = func.extract("epoch", Build.completed_at - Build.started_at)
-    partial = only_visible(select(
-        Build.completed_at, Build.status, literal(1), func.coalesce(seconds, 0),
-        case((seconds.is_(None), 0), else_=1),
-    ).where(Build.completed_at >= since, Build.completed_at < first_hour,
-            *rollup_filters(Build, args)), Build.project_id, actor)
-    both = union_all(hours, partial).subquery()
+    ago, from the rollup (:func:`queries.completions`)."""
+    both = queries.completions(utcnow() - timedelta(days=args["days"]), args, actor)
     bucket = func.date_trunc(args["bucket"], both.c.t)
     query = select(bucket, both.c.status, func.sum(both.c.builds),
                    func.sum(both.c.duration_sum), func.sum(both.c.durations)
