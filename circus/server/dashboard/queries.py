@@ -135,10 +135,11 @@ def recent_evaluations(session: Session, limit: int, *, actor: Actor
 
 
 def queue_summary(session: Session) -> dict[str, Any]:
-    builds = dict(session.execute(
-        select(Build.status, func.count()).where(
-            Build.status.in_([BuildStatus.pending, BuildStatus.running]))
-        .group_by(Build.status)).tuples().all())
+    # from the rollup the builds' triggers keep (a few rows per jobset)
+    builds = {status: int(count) for status, count in session.execute(
+        select(BuildStatusTotal.status, func.sum(BuildStatusTotal.builds)).where(
+            BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running]))
+        .group_by(BuildStatusTotal.status))}
     steps = dict(session.execute(
         select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
         .group_by(Step.state)).tuples().all())
@@ -448,10 +449,12 @@ def pending_builds_by_system(session: Session) -> list[tuple[str, int, int]]:
     """(system, pending, running) builds."""
     table: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for system, status, count in session.execute(
-            select(Build.system, Build.status, func.count())
-            .where(Build.status.in_([BuildStatus.pending, BuildStatus.running]))
-            .group_by(Build.system, Build.status)):
-        table[system][0 if status is BuildStatus.pending else 1] += count
+            select(BuildStatusTotal.system, BuildStatusTotal.status,
+                   func.sum(BuildStatusTotal.builds))
+            .where(BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running]))
+            .group_by(BuildStatusTotal.system, BuildStatusTotal.status)
+            .having(func.sum(BuildStatusTotal.builds) != 0)):
+        table[system][0 if status is BuildStatus.pending else 1] += int(count)
     return [(system, pending, running) for system, (pending, running) in sorted(table.items())]
 
 
