@@ -1,4 +1,5 @@
-"""Merging the rollups of the builds (``build_status_totals``, ``build_completion_hours``).
+"""Merging the rollups of the builds (``build_status_totals``, ``build_completion_hours``,
+``project_completion_hours``).
 
 Triggers on builds append delta rows (migration ``b7d2e4f1a9c3``): every statement
 that inserts, deletes or changes the status or times of builds adds, per key it
@@ -24,11 +25,12 @@ MERGE_LOCK = 0x43524C55
 _KEYS = {
     "build_status_totals": ("project_id", "jobset_id", "system", "status"),
     "build_completion_hours": ("project_id", "jobset_id", "status", "hour"),
+    "project_completion_hours": ("project_id", "status", "hour"),
 }
 
 
 def compact(session: Session) -> int:
-    """Merge the delta rows of both rollups, unless another session is at it; returns
+    """Merge the delta rows of the rollups, unless another session is at it; returns
     the number of rows removed."""
     if not session.scalar(select(func.pg_try_advisory_xact_lock(MERGE_LOCK))):
         return 0

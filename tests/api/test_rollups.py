@@ -17,7 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from circus.common import rollups
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, Role
-from circus.common.models import Build, BuildCompletionHour, BuildStatusTotal
+from circus.common.models import (
+    Build,
+    BuildCompletionHour,
+    BuildStatusTotal,
+    ProjectCompletionHour,
+)
 from circus.common.models.base import utcnow
 from circus.projects import service as projects
 from circus.queue_runner.builds.results import BuildFinal, finish_builds
@@ -69,6 +74,11 @@ def test_figures_follow_builds_finishing_failing_restarting_and_deleted(
     [system] = client.get("/api/v1/metrics/systems", headers=admin).get_json()["systems"]
     assert (system["pending"], system["running"], system["failed"]) == (1, 1, 2)
     assert series(client, admin, "builds", "days=1") == [{"failed": 1.0, "timeout": 1.0}]
+    assert series(client, admin, "builds", f"jobset_id={jobset.id}") == [
+        {"failed": 1.0, "timeout": 1.0}]
+    assert series(client, admin, "builds", f"jobset_id={other.id}") == []
+    assert series(client, admin, "builds", f"project_id={project.id}&bucket=week") == [
+        {"failed": 1.0, "timeout": 1.0}]
     [duration] = series(client, admin, "duration", "bucket=hour")
     assert duration["avg_seconds"] == pytest.approx(90, abs=5)
 
@@ -93,8 +103,10 @@ def test_figures_follow_builds_finishing_failing_restarting_and_deleted(
     db.flush()
     assert stats(client, admin)["by_status"] == {"pending": 1}
     assert series(client, admin, "builds") == []
+    assert series(client, admin, "builds", f"project_id={project.id}") == []
     rollups.compact(db)
     assert db.scalar(select(func.count()).select_from(BuildCompletionHour)) == 0
+    assert db.scalar(select(func.count()).select_from(ProjectCompletionHour)) == 0
     assert db.scalar(select(func.sum(BuildStatusTotal.builds))) == 1
 
 

@@ -13,6 +13,7 @@ from circus.common.models.builds import (
     FailedPath,
     JobName,
     PendingPostprocessing,
+    ProjectCompletionHour,
 )
 from circus.common.models.cache import NarInfo, NarInfoProject
 from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
@@ -65,6 +66,7 @@ __all__ = [
     "NotificationTask",
     "PendingPostprocessing",
     "Project",
+    "ProjectCompletionHour",
     "ProjectMember",
     "QueueClass",
     "RemoteBuilder",

@@ -177,6 +177,29 @@ class BuildCompletionHour(Base):
     )
 
 
+class ProjectCompletionHour(Base):
+    """:class:`BuildCompletionHour` without the jobset: the time series of all jobsets,
+    or of a project's, from an eighth of the rows. Written by the same triggers."""
+
+    __tablename__ = "project_completion_hours"
+
+    id: Mapped[IntPK]
+    project_id: Mapped[int]
+    status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
+    hour: Mapped[datetime]
+    builds: Mapped[int] = mapped_column(BigInteger)
+    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
+    durations: Mapped[int] = mapped_column(BigInteger)
+    merged: Mapped[BoolFalse]
+
+    __table_args__ = (
+        Index("ix_project_completion_hours_key", "project_id", "status", "hour"),
+        Index("ix_project_completion_hours_hour", "hour"),
+        Index("ix_project_completion_hours_unmerged", "project_id", "status", "hour",
+              postgresql_where=text("NOT merged")),
+    )
+
+
 class BuildOutput(Base):
     __tablename__ = "build_outputs"
 

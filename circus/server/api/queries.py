@@ -29,6 +29,7 @@ from circus.common.models import (
     JobName,
     Jobset,
     Project,
+    ProjectCompletionHour,
     RemoteBuilder,
     Step,
     User,
@@ -64,7 +65,7 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
 
 def rollup_filters(rollup: Any, args: dict[str, Any]) -> list[Any]:
     """The ``project_id`` and ``jobset_id`` filters of ``args`` on a rollup of the builds
-    (``BuildStatusTotal`` or ``BuildCompletionHour``)."""
+    (or on the builds)."""
     return ([rollup.project_id == args["project_id"]] if "project_id" in args else []) + (
         [rollup.jobset_id == args["jobset_id"]] if "jobset_id" in args else [])
 
@@ -78,14 +79,13 @@ def completions(since: datetime, args: dict[str, Any], actor: Actor) -> Any:
     first_hour = since.replace(minute=0, second=0, microsecond=0)
     if first_hour < since:
         first_hour += timedelta(hours=1)
+    # one jobset's rows by its index; all jobsets' from the rollup without them
+    rollup: Any = BuildCompletionHour if "jobset_id" in args else ProjectCompletionHour
     hours = only_visible(select(
-        BuildCompletionHour.hour.label("t"), BuildCompletionHour.status.label("status"),
-        BuildCompletionHour.builds.label("builds"),
-        BuildCompletionHour.duration_sum.label("duration_sum"),
-        BuildCompletionHour.durations.label("durations"),
-    ).where(BuildCompletionHour.hour >= first_hour,
-            *rollup_filters(BuildCompletionHour, args)),
-        BuildCompletionHour.project_id, actor)
+        rollup.hour.label("t"), rollup.status.label("status"), rollup.builds.label("builds"),
+        rollup.duration_sum.label("duration_sum"), rollup.durations.label("durations"),
+    ).where(rollup.hour >= first_hour, *rollup_filters(rollup, args)),
+        rollup.project_id, actor)
     seconds = func.extract("epoch", Build.completed_at - Build.started_at)
     partial = only_visible(select(
         Build.completed_at, Build.status, literal(1), func.coalesce(seconds, 0),
