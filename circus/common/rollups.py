@@ -17,6 +17,7 @@ only keeps two mergers from doing the same work.
 from __future__ import annotations
 
 from sqlalchemy import func, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 #: pg_try_advisory_xact_lock key of the merge ("CRLU")
@@ -53,3 +54,25 @@ def compact(session: Session) -> int:
             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM sums)""")).one()
         removed += inserted[0] - inserted[1]
     return removed
+
+
+def rebuild(connection: Connection | Session) -> None:
+    """Recompute the rollups from the builds (merged rows), for rows written with the
+    triggers off (``session_replication_role = replica``: a bulk load, a restore by
+    hand). Lock builds against writers first, or run it where there are none."""
+    seconds = "extract(epoch FROM completed_at - started_at)"
+    sums = f"count(*), coalesce(sum({seconds}), 0), count({seconds}), true"
+    hour = "date_trunc('hour', completed_at, 'UTC')"
+    for table in _KEYS:
+        connection.execute(text(f"DELETE FROM {table}"))
+    connection.execute(text(f"""
+        INSERT INTO build_status_totals (project_id, jobset_id, system, status, builds,
+                                         duration_sum, durations, merged)
+        SELECT project_id, jobset_id, system, status, {sums}
+        FROM builds GROUP BY project_id, jobset_id, system, status"""))
+    for table, key in (("build_completion_hours", "project_id, jobset_id, status"),
+                       ("project_completion_hours", "project_id, status")):
+        connection.execute(text(f"""
+            INSERT INTO {table} ({key}, hour, builds, duration_sum, durations, merged)
+            SELECT {key}, {hour}, {sums}
+            FROM builds WHERE completed_at IS NOT NULL GROUP BY {key}, {hour}"""))
