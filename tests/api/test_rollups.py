@@ -174,3 +174,33 @@ def test_rebuild_gives_what_the_triggers_wrote(client: FlaskClient, admin: dict[
     assert db.scalar(select(func.count()).select_from(BuildStatusTotal).where(
         BuildStatusTotal.merged.is_(False))) == 0
     assert (stats(client, admin), series(client, admin, "duration", "bucket=hour")) == figures
+
+
+def test_a_merge_leaves_deltas_it_cannot_see_for_the_next(
+        committed_db: sessionmaker[Session]) -> None:
+    """A build finishing in a transaction still open while another merges: its delta is
+    neither lost nor counted twice, and the next merge takes it."""
+    with committed_db() as setup:
+        world = World(setup)
+        evaluation = world.evaluation(world.jobset(world.project()))
+        first, second = world.build(evaluation, "a"), world.build(evaluation, "b")
+        setup.commit()
+
+    def totals(session: Session) -> dict[BuildStatus, int]:
+        return {status: int(count) for status, count in session.execute(
+            select(BuildStatusTotal.status, func.sum(BuildStatusTotal.builds))
+            .group_by(BuildStatusTotal.status)) if count}
+
+    with committed_db() as finishing, committed_db() as merging:
+        finish_builds(finishing, None, [BuildFinal(first.id, BuildStatus.failed)])
+        assert rollups.compact(merging) > 0  # the inserts' deltas, not the open finish
+        merging.commit()
+        finishing.commit()
+    with committed_db() as check:
+        assert totals(check) == {BuildStatus.pending: 1, BuildStatus.failed: 1}
+        rollups.compact(check)
+        check.commit()
+        assert totals(check) == {BuildStatus.pending: 1, BuildStatus.failed: 1}
+        assert check.scalar(select(func.count()).select_from(BuildStatusTotal).where(
+            BuildStatusTotal.merged.is_(False))) == 0
+        assert check.get(Build, second.id) is not None
