@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sqlalchemy import create_engine, event, text  # noqa: E402
+from api_scale import routes  # noqa: E402
+from sqlalchemy import create_engine, event  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from api_scale import routes  # noqa: E402
 from circus.auth import service as auth  # noqa: E402
 from circus.auth.actor import Actor  # noqa: E402
 from circus.cli.migrate import upgrade  # noqa: E402
