@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session  # noqa: E402
 from circus.auth import service as auth  # noqa: E402
 from circus.auth.actor import Actor  # noqa: E402
 from circus.cli.migrate import upgrade  # noqa: E402
+from circus.common import rollups  # noqa: E402
 from circus.common.db import normalise_url  # noqa: E402
 from circus.common.enums import Role  # noqa: E402
 from circus.common.localservices import PrivatePostgres  # noqa: E402
@@ -147,8 +148,9 @@ def generate(conn: Connection, scale: float) -> dict[str, int]:
             {"jobsets": jobsets, "per_project": JOBSETS_PER_PROJECT, "bpj": builds_per_jobset,
              "jobs": jobs, "per_round": per_round, "last": EVALUATIONS_PER_JOBSET - 1,
              "total": jobsets * EVALUATIONS_PER_JOBSET})
-    # what the builds' insert trigger (off here) writes: the distinct job names
+    # what the builds' insert triggers (off here) write: the distinct job names, the rollups
     conn.execute(text("INSERT INTO job_names (name) SELECT DISTINCT job_name FROM builds"))
+    rollups.rebuild(conn)
     with indexes_dropped(conn, "evaluation_builds", constraints=True):
         # membership: evaluation (js, r) holds, per job, its newest build of a round <= r
         conn.execute(text("""

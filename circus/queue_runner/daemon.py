@@ -30,6 +30,7 @@ from celery import signals
 from sqlalchemy.orm import Session, sessionmaker
 
 from celeryconfig import build_queue_name
+from circus.common import rollups
 from circus.common.celery import create_celery_app
 from circus.common.config import Settings
 from circus.common.db import in_transaction, make_engine, make_session_factory
@@ -207,6 +208,11 @@ class QueueRunner:
                     self.post.submit(report.finish)
             except Exception:
                 log.exception("reconciling failed")
+            try:
+                # the builds' rollups: the deltas of the builds finished since the last pass
+                in_transaction(self.factory, rollups.compact)
+            except Exception:
+                log.exception("merging the builds' rollups failed")
             now = time.monotonic()
             if self.settings.gc.enabled and (now >= next_gc or self.gc_requested.is_set()):
                 self.gc_requested.clear()

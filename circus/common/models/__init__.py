@@ -3,14 +3,17 @@
 from circus.common.models.base import Base
 from circus.common.models.builds import (
     Build,
+    BuildCompletionHour,
     BuildConstituent,
     BuildDependency,
     BuildMetric,
     BuildOutput,
     BuildProduct,
+    BuildStatusTotal,
     FailedPath,
     JobName,
     PendingPostprocessing,
+    ProjectCompletionHour,
 )
 from circus.common.models.cache import NarInfo, NarInfoProject
 from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
@@ -39,11 +42,13 @@ __all__ = [
     "AuditLog",
     "Base",
     "Build",
+    "BuildCompletionHour",
     "BuildConstituent",
     "BuildDependency",
     "BuildMetric",
     "BuildOutput",
     "BuildProduct",
+    "BuildStatusTotal",
     "BuildStep",
     "BuilderSession",
     "Channel",
@@ -61,6 +66,7 @@ __all__ = [
     "NotificationTask",
     "PendingPostprocessing",
     "Project",
+    "ProjectCompletionHour",
     "ProjectMember",
     "QueueClass",
     "RemoteBuilder",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Float, ForeignKey, Index, UniqueConstraint, text
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Numeric, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from circus.common.enums import BuildStatus
@@ -120,6 +121,82 @@ class JobName(Base):
         Index("ix_job_names_name", "name"),
         Index("ix_job_names_name_trgm", "name", postgresql_using="gin",
               postgresql_ops={"name": "gin_trgm_ops"}),
+    )
+
+
+class BuildStatusTotal(Base):
+    """Builds per project, jobset, system and status, with the sum and number of their
+    durations: ``/builds/stats`` without reading the builds. Delta rows, written by
+    statement triggers on the builds' insert, update and delete (migration
+    ``b7d2e4f1a9c3``) and never updated, so finishing builds never wait for each other
+    on a counter row; :func:`circus.common.rollups.compact` sums the unmerged ones
+    into one row per key now and then. A reader sums every row of its key."""
+
+    __tablename__ = "build_status_totals"
+
+    id: Mapped[IntPK]
+    project_id: Mapped[int]
+    jobset_id: Mapped[int]
+    system: Mapped[str]
+    status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
+    builds: Mapped[int] = mapped_column(BigInteger)
+    #: seconds from start to completion, of the ``durations`` builds that have both
+    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
+    durations: Mapped[int] = mapped_column(BigInteger)
+    merged: Mapped[BoolFalse]
+
+    __table_args__ = (
+        Index("ix_build_status_totals_key", "jobset_id", "project_id", "system", "status"),
+        Index("ix_build_status_totals_unmerged", "jobset_id", "project_id", "system",
+              "status", postgresql_where=text("NOT merged")),
+    )
+
+
+class BuildCompletionHour(Base):
+    """Finished builds per project, jobset, status and hour of ``completed_at`` (UTC),
+    with their durations: the time series without reading the builds. Delta rows like
+    :class:`BuildStatusTotal`, written by the same triggers."""
+
+    __tablename__ = "build_completion_hours"
+
+    id: Mapped[IntPK]
+    project_id: Mapped[int]
+    jobset_id: Mapped[int]
+    status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
+    hour: Mapped[datetime]
+    builds: Mapped[int] = mapped_column(BigInteger)
+    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
+    durations: Mapped[int] = mapped_column(BigInteger)
+    merged: Mapped[BoolFalse]
+
+    __table_args__ = (
+        Index("ix_build_completion_hours_key", "jobset_id", "project_id", "status", "hour"),
+        Index("ix_build_completion_hours_hour", "hour"),
+        Index("ix_build_completion_hours_unmerged", "jobset_id", "project_id", "status",
+              "hour", postgresql_where=text("NOT merged")),
+    )
+
+
+class ProjectCompletionHour(Base):
+    """:class:`BuildCompletionHour` without the jobset: the time series of all jobsets,
+    or of a project's, from an eighth of the rows. Written by the same triggers."""
+
+    __tablename__ = "project_completion_hours"
+
+    id: Mapped[IntPK]
+    project_id: Mapped[int]
+    status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
+    hour: Mapped[datetime]
+    builds: Mapped[int] = mapped_column(BigInteger)
+    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
+    durations: Mapped[int] = mapped_column(BigInteger)
+    merged: Mapped[BoolFalse]
+
+    __table_args__ = (
+        Index("ix_project_completion_hours_key", "project_id", "status", "hour"),
+        Index("ix_project_completion_hours_hour", "hour"),
+        Index("ix_project_completion_hours_unmerged", "project_id", "status", "hour",
+              postgresql_where=text("NOT merged")),
     )
 
 

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
+from circus.auth.visibility import only_visible
 from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus
 from circus.common.errors import NotFound
-from circus.common.models import Build, BuildConstituent, BuildDependency, Step
+from circus.common.models import (
+    Build,
+    BuildConstituent,
+    BuildDependency,
+    BuildStatusTotal,
+    Step,
+)
 from circus.server.actions import BuildAction, act_on_build
 from circus.server.aggregates import cached
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.queries import filter_builds, get_build
+from circus.server.api.queries import filter_builds, get_build, rollup_filters
 from circus.server.api.schemas.builds import (
     BuildFilterSchema,
     BuildSchema,
@@ -65,12 +73,19 @@ def stats(args: dict[str, Any]) -> Any:
 
 
 def _stats(session: Session, args: dict[str, Any], actor: Actor) -> dict[str, Any]:
-    rows = session.execute(filter_builds(
-        select(Build.status, func.count()).group_by(Build.status), args, actor))
-    by_status = {status.name: count for status, count in rows}
-    duration = session.scalar(filter_builds(
-        select(func.avg(func.extract("epoch", Build.completed_at - Build.started_at)))
-        .where(Build.completed_at.is_not(None), Build.started_at.is_not(None)), args, actor))
+    # from the rollup the builds' triggers keep (a few rows per jobset), not the builds
+    rows = session.execute(only_visible(
+        select(BuildStatusTotal.status, func.sum(BuildStatusTotal.builds),
+               func.sum(BuildStatusTotal.duration_sum), func.sum(BuildStatusTotal.durations))
+        .group_by(BuildStatusTotal.status), BuildStatusTotal.project_id, actor)
+        .where(*rollup_filters(BuildStatusTotal, args)))
+    by_status: dict[str, int] = {}
+    seconds, durations = Decimal(0), 0
+    for status, count, duration_sum, duration_count in rows:
+        if count:
+            by_status[status.name] = int(count)
+        seconds += duration_sum or 0
+        durations += duration_count or 0
     steps = {state.value: count for state, count in session.execute(
         select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
         .group_by(Step.state))}
@@ -81,7 +96,7 @@ def _stats(session: Session, args: dict[str, Any], actor: Actor) -> dict[str, An
     return {"total": total, "by_status": by_status, "queued": pending, "running": running,
             "finished": total - pending - running, "succeeded": succeeded,
             "failed": total - pending - running - succeeded,
-            "avg_duration_seconds": float(duration) if duration is not None else None,
+            "avg_duration_seconds": float(seconds / durations) if durations else None,
             "steps_by_state": steps}
 
 

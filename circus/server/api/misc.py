@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from flask.typing import ResponseReturnValue
-from sqlalchemy import Float, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
-from circus.auth.visibility import only_visible, require_visible
+from circus.auth.visibility import require_visible
+from circus.common.enums import BuildStatus
 from circus.common.errors import NotFound
 from circus.common.models import (
-    Build,
     Jobset,
     News,
     Project,
@@ -90,8 +91,7 @@ def systems() -> Any:
     return {"systems": queries.systems_summary(db_session(), current_actor())}
 
 
-def _series(name: str, args: dict[str, Any], value: Any, grouped_by_status: bool
-            ) -> dict[str, Any]:
+def _series(name: str, args: dict[str, Any], grouped_by_status: bool) -> dict[str, Any]:
     session = db_session()
     actor = current_actor()
     # a filter naming a project or jobset the caller cannot see is a 404, as for one
@@ -107,29 +107,30 @@ def _series(name: str, args: dict[str, Any], value: Any, grouped_by_status: bool
             raise NotFound(f"no jobset with id {args['jobset_id']}")
         require_visible(session, actor, jobset.project_id, f"jobset with id {jobset.id}")
     return cached(name, args, actor, lambda session: _compute_series(
-        session, args, actor, value, grouped_by_status))
+        session, args, actor, grouped_by_status))
 
 
-def _compute_series(session: Session, args: dict[str, Any], actor: Actor, value: Any,
+def _compute_series(session: Session, args: dict[str, Any], actor: Actor,
                     grouped_by_status: bool) -> dict[str, Any]:
-    since = utcnow() - timedelta(days=args["days"])
-    bucket = func.date_trunc(args["bucket"], Build.completed_at)
-    columns = [bucket, Build.status, value] if grouped_by_status else [bucket, value]
-    query = only_visible(select(*columns).where(Build.completed_at >= since),
-                         Build.project_id, actor)
-    if "project_id" in args:
-        query = query.where(Build.project_id == args["project_id"])
-    if "jobset_id" in args:
-        query = query.where(Build.jobset_id == args["jobset_id"])
-    query = query.group_by(*columns[:-1]).order_by(bucket)
+    """Finished builds (by status) or their average duration per bucket since ``days``
+    ago, from the rollup (:func:`queries.completions`)."""
+    both = queries.completions(utcnow() - timedelta(days=args["days"]), args, actor)
+    bucket = func.date_trunc(args["bucket"], both.c.t)
+    query = select(bucket, both.c.status, func.sum(both.c.builds),
+                   func.sum(both.c.duration_sum), func.sum(both.c.durations)
+                   ).group_by(bucket, both.c.status).order_by(bucket)
     points: dict[Any, dict[str, float]] = {}
-    for row in session.execute(query):
+    totals: dict[Any, tuple[Decimal, int]] = {}
+    for t, status, count, duration_sum, durations in session.execute(query):
+        if not count:
+            continue
         if grouped_by_status:
-            t, status, v = row
-            points.setdefault(t, {})[status.name] = float(v)
+            points.setdefault(t, {})[BuildStatus(status).name] = float(count)
         else:
-            t, v = row
-            points.setdefault(t, {})["avg_seconds"] = float(v or 0)
+            total_seconds, total = totals.get(t, (Decimal(0), 0))
+            totals[t] = (total_seconds + duration_sum, total + durations)
+            points[t] = {"avg_seconds": float(totals[t][0] / totals[t][1])
+                         if totals[t][1] else 0.0}
     return {"bucket": args["bucket"],
             "series": [{"t": t, "values": values} for t, values in points.items()]}
 
@@ -139,7 +140,7 @@ def _compute_series(session: Session, args: dict[str, Any], actor: Actor, value:
 @blp.response(200, TimeseriesSchema)
 def builds_series(args: dict[str, Any]) -> Any:
     """Finished builds per time bucket, by status."""
-    return _series("timeseries.builds", args, func.count(), grouped_by_status=True)
+    return _series("timeseries.builds", args, grouped_by_status=True)
 
 
 @blp.get("/metrics/timeseries/duration")
@@ -147,5 +148,4 @@ def builds_series(args: dict[str, Any]) -> Any:
 @blp.response(200, TimeseriesSchema)
 def duration_series(args: dict[str, Any]) -> Any:
     """Average build duration (seconds) per time bucket."""
-    seconds = func.avg(cast(func.extract("epoch", Build.completed_at - Build.started_at), Float))
-    return _series("timeseries.duration", args, seconds, grouped_by_status=False)
+    return _series("timeseries.duration", args, grouped_by_status=False)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from circus.auth.actor import Actor
@@ -19,13 +20,16 @@ from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus
 from circus.common.errors import NotFound
 from circus.common.models import (
     Build,
+    BuildCompletionHour,
     BuilderSession,
     BuildOutput,
+    BuildStatusTotal,
     Evaluation,
     EvaluationBuild,
     JobName,
     Jobset,
     Project,
+    ProjectCompletionHour,
     RemoteBuilder,
     Step,
     User,
@@ -57,6 +61,38 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
         query = query.where(Build.status.not_in(unfinished) if args["finished"]
                             else Build.status.in_(unfinished))
     return query
+
+
+def rollup_filters(rollup: Any, args: dict[str, Any]) -> list[Any]:
+    """The ``project_id`` and ``jobset_id`` filters of ``args`` on a rollup of the builds
+    (or on the builds)."""
+    return ([rollup.project_id == args["project_id"]] if "project_id" in args else []) + (
+        [rollup.jobset_id == args["jobset_id"]] if "jobset_id" in args else [])
+
+
+def completions(since: datetime, args: dict[str, Any], actor: Actor) -> Any:
+    """A subquery of the builds finished since ``since`` that ``actor`` may see (and
+    ``args`` filter, see :func:`rollup_filters`) as rows (t, status, builds,
+    duration_sum, durations) to be summed: whole hours from the rollup the builds'
+    triggers keep (``t`` the hour), the part of an hour before the first whole one from
+    the builds themselves through the ``completed_at`` index (``t`` the completion)."""
+    first_hour = since.replace(minute=0, second=0, microsecond=0)
+    if first_hour < since:
+        first_hour += timedelta(hours=1)
+    # one jobset's rows by its index; all jobsets' from the rollup without them
+    rollup: Any = BuildCompletionHour if "jobset_id" in args else ProjectCompletionHour
+    hours = only_visible(select(
+        rollup.hour.label("t"), rollup.status.label("status"), rollup.builds.label("builds"),
+        rollup.duration_sum.label("duration_sum"), rollup.durations.label("durations"),
+    ).where(rollup.hour >= first_hour, *rollup_filters(rollup, args)),
+        rollup.project_id, actor)
+    seconds = func.extract("epoch", Build.completed_at - Build.started_at)
+    partial = only_visible(select(
+        Build.completed_at, Build.status, literal(1), func.coalesce(seconds, 0),
+        case((seconds.is_(None), 0), else_=1),
+    ).where(Build.completed_at >= since, Build.completed_at < first_hour,
+            *rollup_filters(Build, args)), Build.project_id, actor)
+    return union_all(hours, partial).subquery()
 
 
 def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor) -> Any:
@@ -184,9 +220,12 @@ def system_counts(session: Session) -> dict[str, int]:
 def systems_summary(session: Session, actor: Actor) -> list[dict[str, Any]]:
     """Per system: queued, running, succeeded and failed builds ``actor`` may see, and
     machines serving it."""
-    rows = session.execute(only_visible(select(Build.system, Build.status, func.count()),
-                                        Build.project_id, actor)
-                           .group_by(Build.system, Build.status))
+    # from the rollup the builds' triggers keep, not the builds
+    rows = session.execute(only_visible(
+        select(BuildStatusTotal.system, BuildStatusTotal.status,
+               func.sum(BuildStatusTotal.builds)), BuildStatusTotal.project_id, actor)
+        .group_by(BuildStatusTotal.system, BuildStatusTotal.status)
+        .having(func.sum(BuildStatusTotal.builds) != 0))
     table: dict[str, dict[str, int]] = {}
 
     def entry(system: str) -> dict[str, int]:
@@ -195,9 +234,9 @@ def systems_summary(session: Session, actor: Actor) -> list[dict[str, Any]]:
 
     for system, status, count in rows:
         if status in (BuildStatus.pending, BuildStatus.running, BuildStatus.succeeded):
-            entry(system)[status.name] += count
+            entry(system)[status.name] += int(count)
         else:
-            entry(system)["failed"] += count
+            entry(system)["failed"] += int(count)
     machines: list[list[str]] = [list(s) for s in session.scalars(
         select(RemoteBuilder.systems).where(RemoteBuilder.enabled.is_(True)))]
     machines += [list(s) for s in session.scalars(

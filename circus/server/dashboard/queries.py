@@ -27,6 +27,7 @@ from circus.common.models import (
     BuilderSession,
     BuildMetric,
     BuildProduct,
+    BuildStatusTotal,
     BuildStep,
     Channel,
     Evaluation,
@@ -41,7 +42,7 @@ from circus.common.models import (
     User,
 )
 from circus.common.models.base import utcnow
-from circus.server.api.queries import build_counts
+from circus.server.api.queries import build_counts, completions
 
 # ---------------------------------------------------------------------------
 # builds in lists
@@ -134,10 +135,11 @@ def recent_evaluations(session: Session, limit: int, *, actor: Actor
 
 
 def queue_summary(session: Session) -> dict[str, Any]:
-    builds = dict(session.execute(
-        select(Build.status, func.count()).where(
-            Build.status.in_([BuildStatus.pending, BuildStatus.running]))
-        .group_by(Build.status)).tuples().all())
+    # from the rollup the builds' triggers keep (a few rows per jobset)
+    builds = {status: int(count) for status, count in session.execute(
+        select(BuildStatusTotal.status, func.sum(BuildStatusTotal.builds)).where(
+            BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running]))
+        .group_by(BuildStatusTotal.status))}
     steps = dict(session.execute(
         select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
         .group_by(Step.state)).tuples().all())
@@ -447,10 +449,12 @@ def pending_builds_by_system(session: Session) -> list[tuple[str, int, int]]:
     """(system, pending, running) builds."""
     table: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for system, status, count in session.execute(
-            select(Build.system, Build.status, func.count())
-            .where(Build.status.in_([BuildStatus.pending, BuildStatus.running]))
-            .group_by(Build.system, Build.status)):
-        table[system][0 if status is BuildStatus.pending else 1] += count
+            select(BuildStatusTotal.system, BuildStatusTotal.status,
+                   func.sum(BuildStatusTotal.builds))
+            .where(BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running]))
+            .group_by(BuildStatusTotal.system, BuildStatusTotal.status)
+            .having(func.sum(BuildStatusTotal.builds) != 0)):
+        table[system][0 if status is BuildStatus.pending else 1] += int(count)
     return [(system, pending, running) for system, (pending, running) in sorted(table.items())]
 
 
@@ -499,17 +503,18 @@ def agent_sessions(session: Session, limit: int) -> list[BuilderSession]:
 
 
 def status_totals(session: Session, actor: Actor) -> dict[str, int]:
-    return {status.name: count for status, count in session.execute(
-        only_visible(select(Build.status, func.count()), Build.project_id, actor)
-        .group_by(Build.status))}
+    # from the rollup the builds' triggers keep, not the builds
+    return {status.name: int(count) for status, count in session.execute(
+        only_visible(select(BuildStatusTotal.status, func.sum(BuildStatusTotal.builds)),
+                     BuildStatusTotal.project_id, actor)
+        .group_by(BuildStatusTotal.status)) if count}
 
 
 def average_duration(session: Session, since: datetime, actor: Actor) -> float | None:
-    value = session.scalar(only_visible(
-        select(func.avg(func.extract("epoch", Build.completed_at - Build.started_at)))
-        .where(Build.completed_at >= since, Build.started_at.is_not(None)),
-        Build.project_id, actor))
-    return float(value) if value is not None else None
+    finished = completions(since, {}, actor)
+    seconds, durations = session.execute(
+        select(func.sum(finished.c.duration_sum), func.sum(finished.c.durations))).one()
+    return float(seconds / durations) if durations else None
 
 
 def daily_finished(session: Session, days: int, actor: Actor
@@ -518,12 +523,15 @@ def daily_finished(session: Session, days: int, actor: Actor
     ``days`` days (UTC), oldest first, quiet days included."""
     today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
     first = today - timedelta(days=days - 1)
-    day = func.date_trunc("day", func.timezone("UTC", Build.completed_at))
-    counts = {d.date(): (ok, failed) for d, ok, failed in session.execute(only_visible(
-        select(day, func.count().filter(Build.status == BuildStatus.succeeded),
-               func.count().filter(and_(Build.status != BuildStatus.succeeded,
-                                        Build.status != BuildStatus.cancelled)))
-        .where(Build.completed_at >= first), Build.project_id, actor).group_by(day))}
+    finished = completions(first, {}, actor)
+    day = func.date_trunc("day", func.timezone("UTC", finished.c.t))
+    counts = {d.date(): (int(ok or 0), int(failed or 0)) for d, ok, failed in session.execute(
+        select(day, func.sum(finished.c.builds).filter(
+                   finished.c.status == BuildStatus.succeeded),
+               func.sum(finished.c.builds).filter(and_(
+                   finished.c.status != BuildStatus.succeeded,
+                   finished.c.status != BuildStatus.cancelled)))
+        .group_by(day))}
     out = []
     for offset in range(days):
         moment = first + timedelta(days=offset)
