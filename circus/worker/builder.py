@@ -229,6 +229,7 @@ class RemoteBuilder:
             return
         # 2. the builds, one after another, each log streamed to the server
         built: dict[int, list[str]] = {}
+        senders: list[asyncio.Task[None]] = []
         for step in steps:
             step_id = int(step["id"])
             running = runnings[step_id]
@@ -239,10 +240,12 @@ class RemoteBuilder:
                                     "error_message": "the worker is shutting down"}
                 continue
             log.info("step %d: building %s", step_id, step["drv_path"])
-            reports[step_id] = await self._realise(step, running)
+            reports[step_id] = await self._realise(step, running, senders)
             if reports[step_id]["outcome"] in (Outcome.success.value,
                                                 Outcome.failed_with_output.value):
                 built[step_id] = list(dict(step["outputs"]).values())
+        # every log is on the server before the outcomes (which finalise the logs)
+        await asyncio.gather(*senders)
         # 3. outputs travel to the server, which checks them before importing
         uploading = {i: outputs for i, outputs in built.items() if not runnings[i].lost}
         for step_id, error in (await self._upload_outputs(uploading)).items():
@@ -250,28 +253,40 @@ class RemoteBuilder:
                                     error_message=f"could not send the outputs: {error}")
         await self._report(runnings, reports)
 
-    async def _realise(self, step: dict[str, Any], running: RunningStep) -> dict[str, Any]:
+    async def _realise(self, step: dict[str, Any], running: RunningStep,
+                       senders: list[asyncio.Task[None]]) -> dict[str, Any]:
+        """Build one step; its log goes to the server from a task of its own (appended
+        to ``senders``, awaited before the batch reports), so neither this build's
+        output nor the next build waits for an HTTP round trip."""
         step_id = running.step_id
         log_bytes = 0
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def send_logs() -> None:
+            while (chunk := await chunks.get()) is not None:
+                if running.lost:
+                    # no longer ours: the server refuses it, and a cut link would hang it
+                    continue
+                for start in range(0, len(chunk), LOG_CHUNK):
+                    try:
+                        await asyncio.to_thread(self.api.log, step_id,
+                                                chunk[start:start + LOG_CHUNK])
+                    except ApiError as exc:
+                        if exc.status in (403, 409):
+                            running.lost = True
+                            running.stop()
+                        break
+                    except requests.RequestException as exc:
+                        # the log is best effort; the outcome is what counts
+                        log.warning("step %d: a log chunk was lost: %s", step_id, exc)
+                        break
 
         async def send_log(chunk: bytes) -> None:
             nonlocal log_bytes
             log_bytes += len(chunk)
-            if running.lost:
-                # no longer ours: the server refuses it, and a cut link would hang it
-                return
-            for start in range(0, len(chunk), LOG_CHUNK):
-                try:
-                    await asyncio.to_thread(self.api.log, step_id, chunk[start:start + LOG_CHUNK])
-                except ApiError as exc:
-                    if exc.status in (403, 409):
-                        running.lost = True
-                        running.stop()
-                    return
-                except requests.RequestException as exc:
-                    # the log is best effort; the outcome is what counts
-                    log.warning("step %d: a log chunk was lost: %s", step_id, exc)
+            chunks.put_nowait(chunk)
 
+        senders.append(asyncio.ensure_future(send_logs()))
         outputs: dict[str, str] = dict(step["outputs"])
         result: RealiseResult = await realise(
             str(step["drv_path"]), env=self.nix_env, timeout=int(step["timeout"]) or None,
@@ -279,6 +294,7 @@ class RemoteBuilder:
             max_log_size=int(step["max_log_size"]), on_log=send_log,
             extra_args=self.nix_args, cores=self.config.cores, cancel=running.cancel,
             output_paths=list(outputs.values()))
+        chunks.put_nowait(None)
         return {
             "outcome": result.outcome.value, "exit_code": result.returncode,
             "started_at": result.started_at, "finished_at": result.finished_at,
@@ -305,7 +321,8 @@ class RemoteBuilder:
         if handed_back:
             try:
                 await asyncio.to_thread(self.api.release, handed_back)
-                log.info("steps %s: handed back", handed_back)
+                for step_id in handed_back:
+                    log.info("step %d: handed back", step_id)
             except Failure as exc:
                 log.warning("steps %s could not be handed back (%s); their leases will "
                             "lapse", handed_back, exc)
