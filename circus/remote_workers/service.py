@@ -61,7 +61,7 @@ from circus.queue_runner.builds.results import publishes_inline
 from circus.queue_runner.routing.capabilities import Capabilities
 from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.steps.leases import ClaimOptions, holds_lease
+from circus.queue_runner.steps.leases import ClaimOptions
 from circus.queue_runner.steps.logs import final_log, log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND
@@ -143,8 +143,12 @@ class RemoteWorker:
         return f"{HOLDER_PREFIX}{self.name}:"
 
 
+def heartbeat_service_prefix() -> str:
+    return "remote-worker:"
+
+
 def heartbeat_service(worker: RemoteWorker) -> str:
-    return f"remote-worker:{worker.name}"
+    return f"{heartbeat_service_prefix()}{worker.name}"
 
 
 def authenticate(settings: Settings, token: str | None, name: str | None) -> RemoteWorker:
@@ -254,13 +258,22 @@ class RemoteWorkers:
 
     def require_lease(self, worker: RemoteWorker, step_id: int) -> str:
         """The step's derivation when ``worker`` holds ``step_id``, else 403."""
+        return self.require_leases(worker, [step_id])[step_id]
+
+    def require_leases(self, worker: RemoteWorker, step_ids: Iterable[int]) -> dict[int, str]:
+        """Each step's derivation when ``worker`` holds every one of ``step_ids``, else 403
+        naming one it does not hold (a batch is all or nothing)."""
+        wanted = sorted(set(step_ids))
         with self.factory() as session:
             self.check_name(session, worker)
-            if not holds_lease(session, worker.lease_holder, step_id):
+            held: dict[int, str] = dict(session.execute(text(
+                "SELECT id, drv_path FROM steps WHERE id = ANY(:ids) AND state = 'running' "
+                "AND worker = :worker"),
+                {"ids": wanted, "worker": worker.lease_holder}).tuples().all())
+        for step_id in wanted:
+            if step_id not in held:
                 raise PermissionDenied(f"refused: step {step_id} is not leased to this worker")
-            drv_path: str = session.execute(text("SELECT drv_path FROM steps WHERE id = :id"),
-                                            {"id": step_id}).scalar_one()
-        return drv_path
+        return held
 
     # ------------------------------------------------------------ presence
 
@@ -303,6 +316,9 @@ class RemoteWorkers:
     # ------------------------------------------------------------ claims
 
     def claim(self, worker: RemoteWorker, queue_class: str, limit: int) -> list[ClaimedWork]:
+        """Lease up to ``limit`` queued steps of ``queue_class`` to ``worker`` (a batch it
+        builds one after another in one slot), no more than its fair share of what is
+        queued, and publish their input closures; the answer names what to fetch."""
         if not QUEUE_CLASS_PATTERN.fullmatch(queue_class):
             raise InvalidInput(f"{queue_class[:100]!r} is not a queue class")
         holder = self.holder(worker)
@@ -310,37 +326,67 @@ class RemoteWorkers:
 
         def work(session: Session) -> Any:
             self.check_name(session, worker)
+            share = self.fair_share(session, queue_class, max(1, min(limit, MAX_CLAIM)))
+            if not share:
+                return []
             return holder.claim(session, queue_class, ClaimOptions(
-                limit=max(1, min(limit, MAX_CLAIM)), machine=worker.name, lookahead=False,
+                limit=share, machine=worker.name, lookahead=False,
                 critical_path=runner.critical_path_first))
 
         self.require_signed_cache()
         claimed = in_transaction(self.factory, work)
-        found: list[ClaimedWork] = []
+        prepared: list[tuple[Any, dict[str, str], list[str]]] = []
         for step in claimed:
             try:
                 outputs = read_derivation(step.drv_path).output_paths
                 inputs = store.input_closure(step.drv_path, self.nix_env)
                 _INPUT_CLOSURES.put(step.drv_path, frozenset(inputs))
-                self.publish_inputs(step.id, inputs)
-            except (OSError, ValueError, store.StoreError, UploadError) as exc:
-                log.warning("step %d (%s): cannot prepare it for remote worker %s: %s",
-                            step.id, step.drv_path, worker.name, exc)
-                holder.finish([StepOutcome(step.id, BuildStatus.aborted, machine=worker.name,
-                                           error_message=f"cannot prepare the step: {exc}",
-                                           retry=True)])
+            except (OSError, ValueError, store.StoreError) as exc:
+                self._unprepared(holder, worker, [step], exc)
                 continue
-            found.append(ClaimedWork(
-                step.id, step.drv_path, step.queue_class, dict(outputs),
-                step.timeout or runner.build_timeout,
-                step.max_silent or runner.max_silent_time, runner.max_log_size,
-                step.attempts, inputs))
+            prepared.append((step, dict(outputs), inputs))
+        try:
+            self.publish_inputs_of({step.id: inputs for step, _, inputs in prepared})
+        except (store.StoreError, UploadError) as exc:
+            self._unprepared(holder, worker, [step for step, _, _ in prepared], exc)
+            prepared = []
+        found = [ClaimedWork(
+            step.id, step.drv_path, step.queue_class, outputs,
+            step.timeout or runner.build_timeout, step.max_silent or runner.max_silent_time,
+            runner.max_log_size, step.attempts, inputs) for step, outputs, inputs in prepared]
         if found:
             # publishing the inputs took part of the lease (seconds on a busy server,
             # for paths not in the cache yet): the worker's lease starts with the answer
             holder.renew()
             log.info("remote worker %s claimed %s", worker.name, [c.id for c in found])
         return found
+
+    @staticmethod
+    def fair_share(session: Session, queue_class: str, limit: int) -> int:
+        """How many of ``queue_class``'s queued steps one claim may take: ``limit`` at
+        most, and no more than the queued steps divided by the slots of the live remote
+        workers (rounded down, at least one), so one worker's batch does not leave the
+        others idle; 0 when nothing is queued."""
+        waiting, slots = session.execute(text("""
+            SELECT (SELECT count(*) FROM steps
+                    WHERE state = 'queued' AND queue_class = :cls),
+                   (SELECT coalesce(sum((details ->> 'workers')::int), 0)
+                    FROM service_heartbeats
+                    WHERE starts_with(service, :prefix) AND last_heartbeat > now() - :stale)
+        """), {"cls": queue_class, "prefix": heartbeat_service_prefix(),
+               "stale": STALE_AFTER}).one()
+        if not waiting:
+            return 0
+        return max(1, min(limit, int(waiting) // max(1, int(slots))))
+
+    def _unprepared(self, holder: StepHolder, worker: RemoteWorker, steps: list[Any],
+                    exc: Exception) -> None:
+        for step in steps:
+            log.warning("step %d (%s): cannot prepare it for remote worker %s: %s",
+                        step.id, step.drv_path, worker.name, exc)
+        holder.finish([StepOutcome(step.id, BuildStatus.aborted, machine=worker.name,
+                                   error_message=f"cannot prepare the step: {exc}",
+                                   retry=True) for step in steps])
 
     def require_signed_cache(self) -> None:
         """409 unless ``/nix-cache`` is served and signed: a worker substitutes its
@@ -357,22 +403,35 @@ class RemoteWorkers:
         return str(key.public_key())
 
     def publish_inputs(self, step_id: int, inputs: list[str]) -> None:
-        """Put a claimed step's input closure (its .drv files and their sources, its
-        inputs' outputs) into ``/nix-cache``, signed, where the worker substitutes it
+        """:meth:`publish_inputs_of` for one step."""
+        self.publish_inputs_of({step_id: inputs})
+
+    def publish_inputs_of(self, inputs_of: Mapping[int, list[str]]) -> None:
+        """Put claimed steps' input closures (their .drv files and their sources, their
+        inputs' outputs) into ``/nix-cache``, signed, where the worker substitutes them
         from with its token (:meth:`fetchable`). Paths new to the cache are
-        ``worker_only``: served to nobody else. Linked to the projects of the builds
-        waiting for the step, as build outputs are. Paths already recorded cost one
-        query."""
+        ``worker_only``: served to nobody else. Each closure is linked to the projects
+        of the builds waiting for its step, as build outputs are (steps waited for by
+        the same projects share one publish). Paths already recorded cost one query."""
+        if not inputs_of:
+            return
 
         def work(session: Session) -> None:
-            projects = session.execute(text(
-                "SELECT DISTINCT b.project_id FROM build_steps bs "
-                "JOIN builds b ON b.id = bs.build_id WHERE bs.step_id = :id"),
-                {"id": step_id}).scalars().all()
-            result = publish_paths(session, self.settings, inputs, [int(p) for p in projects])
-            if result.errors:
-                path, error = next(iter(result.errors.items()))
-                raise store.StoreError(f"cannot publish input {path}: {error}")
+            projects_of: dict[int, set[int]] = {step_id: set() for step_id in inputs_of}
+            for step_id, project_id in session.execute(text(
+                    "SELECT DISTINCT bs.step_id, b.project_id FROM build_steps bs "
+                    "JOIN builds b ON b.id = bs.build_id WHERE bs.step_id = ANY(:ids)"),
+                    {"ids": sorted(inputs_of)}).tuples():
+                projects_of[int(step_id)].add(int(project_id))
+            groups: dict[tuple[int, ...], list[str]] = {}
+            for step_id, inputs in inputs_of.items():
+                groups.setdefault(tuple(sorted(projects_of[step_id])), []).extend(inputs)
+            for projects, paths in groups.items():
+                result = publish_paths(session, self.settings, list(dict.fromkeys(paths)),
+                                       list(projects))
+                if result.errors:
+                    path, error = next(iter(result.errors.items()))
+                    raise store.StoreError(f"cannot publish input {path}: {error}")
 
         in_transaction(self.factory, work)
 
@@ -405,22 +464,32 @@ class RemoteWorkers:
 
     def import_outputs(self, worker: RemoteWorker, step_id: int, stream: IO[bytes]
                        ) -> list[str]:
-        """Spool the upload in full, check every path is one of the step's outputs, then
-        import. A foreign path: nothing is imported and the step ends aborted."""
-        drv_path = self.require_lease(worker, step_id)
-        outputs = frozenset(read_derivation(drv_path).output_paths.values())
+        """:meth:`import_outputs_of` for one step."""
+        return self.import_outputs_of(worker, [step_id], stream)
+
+    def import_outputs_of(self, worker: RemoteWorker, step_ids: list[int], stream: IO[bytes]
+                          ) -> list[str]:
+        """Spool the upload in full, check the worker holds every step named and every
+        path is an output of one of them, then import (one ``nix-store --import`` for a
+        batch). A foreign path: nothing is imported and every step named ends aborted,
+        without another attempt."""
+        drvs = self.require_leases(worker, step_ids)
+        outputs = frozenset(path for drv_path in drvs.values()
+                            for path in read_derivation(drv_path).output_paths.values())
         limit = self.settings.remote_workers.max_upload_size
+        owner = f"step {step_ids[0]}" if len(drvs) == 1 else \
+            f"steps {', '.join(str(i) for i in sorted(drvs))}"
         with tempfile.TemporaryFile(prefix="circus-outputs-") as spool:
             spool_upload(stream, spool, limit)
             try:
-                verify_export(spool, outputs, f"step {step_id}")
+                verify_export(spool, outputs, owner)
             except ExportRefused as exc:
                 reason = str(exc)
                 log.warning("remote worker %s: %s", worker.name, reason)
-                # what it sent is not what the step makes: no other attempt
+                # what it sent is not what the steps make: no other attempt
                 self.holder(worker).finish([StepOutcome(
                     step_id, BuildStatus.aborted, error_message=reason, machine=worker.name,
-                    retry=False)])
+                    retry=False) for step_id in sorted(drvs)])
                 raise PermissionDenied(reason) from None
             return import_file_sync(spool, self.nix_env)
 
@@ -449,37 +518,57 @@ class RemoteWorkers:
 
     def finish(self, worker: RemoteWorker, report: FinishedStep) -> BuildStatus:
         """Record the worker's outcome through the holder; returns the status recorded."""
-        drv_path = self.require_lease(worker, report.step_id)
-        status = STATUS_OF_OUTCOME.get(report.outcome)
-        outcome = StepOutcome(
-            report.step_id, status or BuildStatus.aborted, exit_code=report.exit_code,
-            error_message=report.error_message, started_at=_utc(report.started_at),
-            finished_at=_utc(report.finished_at), machine=worker.name, retry=status is None)
-        path = log_path_for(self.settings.logs.log_dir, drv_path, report.step_id)
-        size = path.stat().st_size if path.exists() else 0
-        final = final_log(path, self.settings.logs.compress)
-        if final is not None:
-            outcome.log_path, outcome.log_size = str(final), max(size, report.log_bytes)
-        results: dict[int, OutputResult] = {}
-        if outcome.status in (BuildStatus.succeeded, BuildStatus.failed_with_output):
-            outputs = read_derivation(drv_path).output_paths
+        return self.finish_many(worker, [report])[report.step_id]
+
+    def finish_many(self, worker: RemoteWorker, reports: list[FinishedStep]
+                    ) -> dict[int, BuildStatus]:
+        """Record the outcomes of held steps in one transaction (one check of their
+        outputs in the server's store, one publish); returns each step's status."""
+        drvs = self.require_leases(worker, [r.step_id for r in reports])
+        outcomes: list[StepOutcome] = []
+        outputs_of: dict[int, dict[str, str]] = {}
+        for report in reports:
+            drv_path = drvs[report.step_id]
+            status = STATUS_OF_OUTCOME.get(report.outcome)
+            outcome = StepOutcome(
+                report.step_id, status or BuildStatus.aborted, exit_code=report.exit_code,
+                error_message=report.error_message, started_at=_utc(report.started_at),
+                finished_at=_utc(report.finished_at), machine=worker.name,
+                retry=status is None)
+            path = log_path_for(self.settings.logs.log_dir, drv_path, report.step_id)
+            size = path.stat().st_size if path.exists() else 0
+            final = final_log(path, self.settings.logs.compress)
+            if final is not None:
+                outcome.log_path, outcome.log_size = str(final), max(size, report.log_bytes)
+            if outcome.status in (BuildStatus.succeeded, BuildStatus.failed_with_output):
+                outputs_of[report.step_id] = dict(read_derivation(drv_path).output_paths)
+            outcomes.append(outcome)
+        missing: set[str] = set()
+        if outputs_of:
+            wanted = [p for outputs in outputs_of.values() for p in outputs.values()]
             try:
-                missing = store.invalid_paths(outputs.values(), self.nix_env)
-            except store.StoreError as exc:
-                missing = [str(exc)]
-            if missing:
+                missing = set(store.invalid_paths(wanted, self.nix_env))
+            except store.StoreError:
+                missing = set(wanted)
+        results: dict[int, OutputResult] = {}
+        for outcome in outcomes:
+            outputs = outputs_of.get(outcome.step_id)
+            if outputs is None:
+                continue
+            if missing.intersection(outputs.values()):
                 outcome.status, outcome.retry = BuildStatus.aborted, True
                 outcome.error_message = ("the worker reported success but the outputs did "
                                          "not arrive in the server's store")
             else:
-                results[report.step_id] = read_output_result(outputs)
-        recorded = self.holder(worker).finish([outcome], results)
+                results[outcome.step_id] = read_output_result(outputs)
+        recorded = self.holder(worker).finish(outcomes, results)
         if recorded is None:
-            raise Conflict(f"step {report.step_id}: the outcome could not be recorded; "
-                           "its lease will lapse")
-        log.info("remote worker %s finished step %d: %s", worker.name, report.step_id,
-                 outcome.status.name)
-        return outcome.status
+            raise Conflict(f"step(s) {', '.join(str(o.step_id) for o in outcomes)}: the "
+                           "outcome could not be recorded; the leases will lapse")
+        for outcome in outcomes:
+            log.info("remote worker %s finished step %d: %s", worker.name, outcome.step_id,
+                     outcome.status.name)
+        return {outcome.step_id: outcome.status for outcome in outcomes}
 
     def _publish_outputs(self, report: FinishReport) -> None:
         """Sign and publish what the finished builds made (the outputs are in this

@@ -1,17 +1,24 @@
 """The remote worker's builder: what a wake-up on ``build.<class>`` does on this host.
 
 ``serve(queue_class)`` (called by the Celery task in a pool thread, like
-``LocalBuilder.serve`` in the queue runner) claims one step at a time through
-the server's API and builds it with this host's Nix:
+``LocalBuilder.serve`` in the queue runner) claims a batch of steps at a time
+through the server's API (``[worker] batch_size`` at most, and no more than the
+worker's fair share of the queue, which the server decides) and builds it with
+this host's Nix, in this slot, so each step's fixed costs (Nix processes, HTTP
+calls, the server's verification, import and signing) are paid once per batch:
 
 1. the input closure paths this store lacks are substituted from the server's
-   binary cache ``/nix-cache`` (the claim published them there, signed; the worker
-   trusts the key the server's heartbeat answer names and sends its name and token
-   as netrc credentials, which open hidden projects' paths of its held steps only);
-2. ``nix-store --realise`` runs, its output streamed to the step's log on the server;
-3. the step's outputs go back as one export stream, which the server checks
-   (every path an output of the step) before importing, signing and publishing;
-4. the outcome is reported; the server finishes the step through its StepHolder.
+   binary cache ``/nix-cache`` in one ``nix copy`` (the claim published them there,
+   signed; the worker trusts the key the server's heartbeat answer names and sends its
+   name and token as netrc credentials, which open hidden projects' paths of its held
+   steps only);
+2. ``nix-store --realise`` runs for each step in turn, its output streamed to the
+   step's log on the server;
+3. the outputs go back as one export stream, which the server checks (every path
+   an output of a step of the batch it holds) before importing, signing and
+   publishing;
+4. the outcomes are reported in one call; the server finishes the steps through its
+   StepHolder in one transaction.
 
 A :class:`LeaseKeeper` thread renews the leases of running steps and stops a
 build whose step was taken away (cancelled, or its lease lapsed while the
@@ -126,40 +133,54 @@ class RemoteBuilder:
     # ------------------------------------------------------------ serving
 
     def serve(self, queue_class: str) -> int:
-        """Claim and build steps of ``queue_class`` until none is left; returns how many."""
+        """Claim and build batches of ``queue_class`` until none is left; returns how
+        many steps were built."""
         if not self.capabilities.can_serve(queue_class):
             log.warning("woken for %s, which this worker cannot build", queue_class)
             return 0
         built = 0
         while not self.stop.is_set():
             try:
-                steps = self.api.claim(queue_class, 1)
+                # the server gives no more than this worker's fair share of the queue
+                steps = self.api.claim(queue_class, self.config.batch_size)
             except Failure as exc:
                 # the wake-up is lost; the reconciler publishes another one
                 log.warning("could not claim from %s: %s", queue_class, exc)
                 break
             if not steps:
                 break
-            for step in steps:
-                self.build(step)
-                built += 1
+            self.build_batch(steps)
+            built += len(steps)
         return built
 
     def build(self, step: dict[str, Any]) -> None:
-        step_id = int(step["id"])
+        """:meth:`build_batch` of one step."""
+        self.build_batch([step])
+
+    def build_batch(self, steps: list[dict[str, Any]]) -> None:
+        """Build claimed steps one after another in this slot (one fetch of their inputs,
+        one upload of their outputs, one report); a step whose build is over waits for
+        the batch's report, its lease renewed meanwhile."""
+        ids = [int(step["id"]) for step in steps]
         try:
-            asyncio.run(self._build(step))
+            asyncio.run(self._build_batch(steps))
         except BaseException:
-            log.exception("step %d: the build failed unexpectedly; handing it back", step_id)
+            log.exception("steps %s: the batch failed unexpectedly; handing them back", ids)
+            with self._lock:
+                unreported = [i for i in ids if i in self.running
+                              and not self.running[i].reporting]
             try:
-                self.api.release([step_id])
+                if unreported:
+                    self.api.release(unreported)
             except Failure:
-                log.warning("step %d could not be handed back; its lease will lapse", step_id)
+                log.warning("steps %s could not be handed back; their leases will lapse",
+                            unreported)
             raise
         finally:
             with self._lock:
-                self.running.pop(step_id, None)
-            self.built += 1
+                for step_id in ids:
+                    self.running.pop(step_id, None)
+            self.built += len(ids)
 
     def held(self) -> list[int]:
         with self._lock:
@@ -186,92 +207,152 @@ class RemoteBuilder:
         for running in found:
             running.stop()
 
-    # ------------------------------------------------------------ one step
+    # ------------------------------------------------------------ one batch
 
-    async def _build(self, step: dict[str, Any]) -> None:
-        step_id = int(step["id"])
-        drv_path = str(step["drv_path"])
-        running = RunningStep(step_id, asyncio.get_running_loop(), asyncio.Event())
+    async def _build_batch(self, steps: list[dict[str, Any]]) -> None:
+        loop = asyncio.get_running_loop()
+        runnings = {int(step["id"]): RunningStep(int(step["id"]), loop, asyncio.Event())
+                    for step in steps}
         with self._lock:
-            self.running[step_id] = running
+            self.running.update(runnings)
         if self.stop.is_set():
-            # shutdown began between the claim and here (stop_all did not see this step)
-            log.info("step %d: shutting down; handing it back unbuilt", step_id)
-            await asyncio.to_thread(self.api.release, [step_id])
+            # shutdown began between the claim and here (stop_all did not see these)
+            log.info("steps %s: shutting down; handing them back unbuilt", sorted(runnings))
+            await asyncio.to_thread(self.api.release, sorted(runnings))
             return
-        log.info("step %d: building %s", step_id, drv_path)
-        started = time.time()
-        report: dict[str, Any] = {"outcome": "aborted", "started_at": started}
-
-        async def finish(**values: Any) -> None:
-            report.update(values)
-            report.setdefault("finished_at", time.time())
-            running.reporting = True
-            if running.lost:
-                log.info("step %d: stopped (%s); no longer this worker's", step_id,
-                         report["outcome"])
-                return
-            if self.stop.is_set() and report["outcome"] in ("cancelled", "aborted"):
-                # shutting down: the step goes back without counting an attempt
-                await asyncio.to_thread(self.api.release, [step_id])
-                log.info("step %d: handed back", step_id)
-                return
-            try:
-                status = await asyncio.to_thread(self.api.finish, step_id, **report)
-                log.info("step %d: %s", step_id, status)
-            except ApiError as exc:
-                log.warning("step %d: the server refused the outcome: %s", step_id, exc)
-
-        # 1. inputs this store lacks
+        reports: dict[int, dict[str, Any]] = {}
+        # 1. the inputs this store lacks, for the whole batch
+        closure = list(dict.fromkeys(
+            path for step in steps for path in [*step["input_closure"], step["drv_path"]]))
         try:
-            await self._fetch_inputs(step_id, drv_path, list(step["input_closure"]))
+            await self._fetch_inputs(sorted(runnings), closure)
         except (StoreError, OSError, *Failure) as exc:
-            await finish(outcome="import_failure", error_message=f"could not fetch inputs: {exc}")
+            now = time.time()
+            for step_id in runnings:
+                reports[step_id] = {"outcome": "import_failure", "started_at": now,
+                                    "error_message": f"could not fetch inputs: {exc}"}
+            await self._report(runnings, reports)
             return
-        # 2. the build, its log streamed to the server
+        # 2. the builds, one after another, each log streamed to the server
+        built: dict[int, list[str]] = {}
+        senders: list[asyncio.Task[None]] = []
+        for step in steps:
+            step_id = int(step["id"])
+            running = runnings[step_id]
+            if running.lost:
+                continue
+            if self.stop.is_set():
+                reports[step_id] = {"outcome": "aborted", "started_at": time.time(),
+                                    "error_message": "the worker is shutting down"}
+                continue
+            log.info("step %d: building %s", step_id, step["drv_path"])
+            reports[step_id] = await self._realise(step, running, senders)
+            if reports[step_id]["outcome"] in (Outcome.success.value,
+                                                Outcome.failed_with_output.value):
+                built[step_id] = list(dict(step["outputs"]).values())
+        # every log is on the server before the outcomes (which finalise the logs)
+        await asyncio.gather(*senders)
+        # 3. outputs travel to the server, which checks them before importing
+        uploading = {i: outputs for i, outputs in built.items() if not runnings[i].lost}
+        for step_id, error in (await self._upload_outputs(uploading)).items():
+            reports[step_id].update(outcome="upload_failure",
+                                    error_message=f"could not send the outputs: {error}")
+        await self._report(runnings, reports)
+
+    async def _realise(self, step: dict[str, Any], running: RunningStep,
+                       senders: list[asyncio.Task[None]]) -> dict[str, Any]:
+        """Build one step; its log goes to the server from a task of its own (appended
+        to ``senders``, awaited before the batch reports), so neither this build's
+        output nor the next build waits for an HTTP round trip."""
+        step_id = running.step_id
         log_bytes = 0
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def send_logs() -> None:
+            while (chunk := await chunks.get()) is not None:
+                if running.lost:
+                    # no longer ours: the server refuses it, and a cut link would hang it
+                    continue
+                for start in range(0, len(chunk), LOG_CHUNK):
+                    try:
+                        await asyncio.to_thread(self.api.log, step_id,
+                                                chunk[start:start + LOG_CHUNK])
+                    except ApiError as exc:
+                        if exc.status in (403, 409):
+                            running.lost = True
+                            running.stop()
+                        break
+                    except requests.RequestException as exc:
+                        # the log is best effort; the outcome is what counts
+                        log.warning("step %d: a log chunk was lost: %s", step_id, exc)
+                        break
 
         async def send_log(chunk: bytes) -> None:
             nonlocal log_bytes
             log_bytes += len(chunk)
-            if running.lost:
-                # no longer ours: the server refuses it, and a cut link would hang it
-                return
-            for start in range(0, len(chunk), LOG_CHUNK):
-                try:
-                    await asyncio.to_thread(self.api.log, step_id, chunk[start:start + LOG_CHUNK])
-                except ApiError as exc:
-                    if exc.status in (403, 409):
-                        running.lost = True
-                        running.stop()
-                    return
-                except requests.RequestException as exc:
-                    # the log is best effort; the outcome is what counts
-                    log.warning("step %d: a log chunk was lost: %s", step_id, exc)
+            chunks.put_nowait(chunk)
 
+        senders.append(asyncio.ensure_future(send_logs()))
         outputs: dict[str, str] = dict(step["outputs"])
         result: RealiseResult = await realise(
-            drv_path, env=self.nix_env, timeout=int(step["timeout"]) or None,
+            str(step["drv_path"]), env=self.nix_env, timeout=int(step["timeout"]) or None,
             max_silent=int(step["max_silent"]) or None,
             max_log_size=int(step["max_log_size"]), on_log=send_log,
             extra_args=self.nix_args, cores=self.config.cores, cancel=running.cancel,
             output_paths=list(outputs.values()))
-        values: dict[str, Any] = {
+        chunks.put_nowait(None)
+        return {
             "outcome": result.outcome.value, "exit_code": result.returncode,
             "started_at": result.started_at, "finished_at": result.finished_at,
             "error_message": (result.error_message or "")[:4000] or None,
             "log_bytes": log_bytes}
-        # 3. outputs travel to the server, which checks them before importing
-        if result.outcome in (Outcome.success, Outcome.failed_with_output) and not running.lost:
-            try:
-                await self._upload_outputs(step_id, list(outputs.values()))
-            except (StoreError, OSError, *Failure) as exc:
-                values.update(outcome="upload_failure",
-                              error_message=f"could not send the outputs: {exc}")
-        await finish(**values)
 
-    async def _fetch_inputs(self, step_id: int, drv_path: str, closure: list[str]) -> None:
-        wanted = closure if drv_path in closure else [*closure, drv_path]
+    async def _report(self, runnings: dict[int, RunningStep],
+                      reports: dict[int, dict[str, Any]]) -> None:
+        """Report the batch's outcomes in one call; a step taken away is not reported,
+        and while shutting down an unfinished one goes back without counting an attempt."""
+        finished: list[dict[str, Any]] = []
+        handed_back: list[int] = []
+        for step_id, report in reports.items():
+            running = runnings[step_id]
+            running.reporting = True
+            report.setdefault("finished_at", time.time())
+            if running.lost:
+                log.info("step %d: stopped (%s); no longer this worker's", step_id,
+                         report["outcome"])
+            elif self.stop.is_set() and report["outcome"] in ("cancelled", "aborted"):
+                handed_back.append(step_id)
+            else:
+                finished.append({"step_id": step_id, **report})
+        if handed_back:
+            try:
+                await asyncio.to_thread(self.api.release, handed_back)
+                for step_id in handed_back:
+                    log.info("step %d: handed back", step_id)
+            except Failure as exc:
+                log.warning("steps %s could not be handed back (%s); their leases will "
+                            "lapse", handed_back, exc)
+        if not finished:
+            return
+        try:
+            statuses = await asyncio.to_thread(self.api.finish_many, finished)
+        except ApiError as exc:
+            # one step of the batch no longer ours (cancelled meanwhile) refuses the
+            # whole call: report the others one by one
+            log.info("the batch report was refused (%s); reporting step by step", exc)
+            statuses = {}
+            for report in finished:
+                values = {k: v for k, v in report.items() if k != "step_id"}
+                try:
+                    statuses[report["step_id"]] = await asyncio.to_thread(
+                        self.api.finish, report["step_id"], **values)
+                except ApiError as refused:
+                    log.warning("step %d: the server refused the outcome: %s",
+                                report["step_id"], refused)
+        for step_id, status in sorted(statuses.items()):
+            log.info("step %d: %s", step_id, status)
+
+    async def _fetch_inputs(self, step_ids: list[int], wanted: list[str]) -> None:
         missing = await invalid_paths(wanted, self.nix_env)
         if not missing:
             return
@@ -290,21 +371,49 @@ class RemoteBuilder:
                 # after the claim was answered (NOTIFY)
                 if attempt == FETCH_ATTEMPTS:
                     raise
-                log.info("step %d: fetching inputs failed (%s); retrying", step_id, exc)
+                log.info("steps %s: fetching inputs failed (%s); retrying", step_ids, exc)
                 await asyncio.sleep(attempt)
         unarrived = await invalid_paths(missing, self.nix_env)
         if unarrived:
             raise StoreError(f"{unarrived[0]} is not in the store after the fetch")
-        log.debug("step %d: substituted %d input path(s)", step_id, len(missing))
+        log.debug("steps %s: substituted %d input path(s)", step_ids, len(missing))
 
-    async def _upload_outputs(self, step_id: int, outputs: list[str]) -> None:
+    async def _upload_outputs(self, outputs_of: dict[int, list[str]]) -> dict[int, str]:
+        """Send the steps' outputs as one export stream; returns why for the steps whose
+        outputs did not arrive. A refused batch (a step of it no longer ours) is sent
+        again step by step."""
+        if not outputs_of:
+            return {}
+        try:
+            await self._send_outputs(sorted(outputs_of),
+                                     [p for paths in outputs_of.values() for p in paths])
+            return {}
+        except ApiError as exc:
+            if len(outputs_of) == 1 or exc.status not in (403, 409):
+                return dict.fromkeys(outputs_of, str(exc))
+            log.info("the batch upload was refused (%s); sending step by step", exc)
+        except (StoreError, OSError, *Failure) as exc:
+            return dict.fromkeys(outputs_of, str(exc))
+        errors: dict[int, str] = {}
+        for step_id, paths in sorted(outputs_of.items()):
+            try:
+                await self._send_outputs([step_id], paths)
+            except (StoreError, OSError, *Failure) as exc:
+                errors[step_id] = str(exc)
+        return errors
+
+    async def _send_outputs(self, step_ids: list[int], outputs: list[str]) -> None:
         infos = await path_infos(outputs, self.nix_env)
-        order = [p for p in dependency_order(infos) if p in set(outputs)]
+        wanted = set(outputs)
+        order = [p for p in dependency_order(infos) if p in wanted]
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=self.work_dir, prefix="outputs-") as spool:
             await asyncio.to_thread(export_to_file, order, spool, self.nix_env)
             spool.seek(0)
-            await asyncio.to_thread(self.api.upload_outputs, step_id, spool)
+            if len(step_ids) == 1:
+                await asyncio.to_thread(self.api.upload_outputs, step_ids[0], spool)
+            else:
+                await asyncio.to_thread(self.api.upload_outputs_of, step_ids, spool)
 
 
 #: the share of a lease after the last successful renewal at which the worker stops

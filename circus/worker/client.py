@@ -112,6 +112,20 @@ class WorkerApi:
             timeout=(self.timeout, 3600))["imported"]
         return imported
 
+    def upload_outputs_of(self, step_ids: list[int], source: IO[bytes]) -> list[str]:
+        """The outputs of several held steps (a batch) as one export stream."""
+        imported: list[str] = self._json(
+            "PUT", "/outputs", data=source, params={"step": sorted(step_ids)},
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=(self.timeout, 3600))["imported"]
+        return imported
+
+    def finish_many(self, reports: list[dict[str, Any]]) -> dict[int, str]:
+        """Report several held steps' outcomes (each with its ``step_id``) at once."""
+        statuses: dict[str, str] = self._json("POST", "/finish",
+                                              json={"reports": reports})["statuses"]
+        return {int(step_id): status for step_id, status in statuses.items()}
+
     def finish(self, step_id: int, **report: Any) -> str:
         status: str = self._json("POST", f"/steps/{step_id}/finish", json=report)["status"]
         return status

@@ -14,6 +14,7 @@ from circus.common.configbase import (
     Problem,
     SettingsModel,
     at_least,
+    between,
     load_host_program_settings,
 )
 from circus.common.logging import TracingSettings
@@ -44,6 +45,10 @@ class WorkerSection(SettingsModel):
     mandatory_features: list[str] = []
     #: builds at once (Celery pool threads)
     slots: Positive = 1
+    #: steps one claim may take for one slot, built one after another with one input
+    #: fetch, one output upload and one report (the server hands out no more than the
+    #: worker's fair share of what is queued, so other workers are not left idle)
+    batch_size: Annotated[int, AfterValidator(between(1, 64))] = 8
     #: cores per build (``--cores``); 0 = all
     cores: Annotated[int, AfterValidator(at_least(0))] = 0
     #: spools for input/output transfers

@@ -180,6 +180,21 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
                        data=foreign_export).status_code == 403
         assert api(server, "/renew", json={"step_ids": [step["id"], *others]}
                    ).json()["lost"] == sorted(others)
+        # a batch (upload or report) naming one step it does not hold beside its own is
+        # refused whole: nothing read or imported, nothing recorded, its own step still
+        # running under its lease
+        batch = api(server, "/outputs", method="PUT",
+                    params={"step": [step["id"], others[0]]}, data=foreign_export)
+        assert batch.status_code == 403, batch.text
+        assert "not leased" in batch.json()["error"]
+        assert not valid_here(foreign_path)
+        report = api(server, "/finish", json={"reports": [
+            {"step_id": step["id"], "outcome": "success"},
+            {"step_id": others[0], "outcome": "success"}]})
+        assert report.status_code == 403, report.text
+        assert "not leased" in report.json()["error"]
+        [row] = step_rows(committed_db, [step["drv_path"]])
+        assert (row.state, row.worker.startswith("remote:w1:")) == ("running", True), row
 
         # inputs come from /nix-cache, where the claim published them, signed. The
         # project is hidden: anonymous callers get nothing; the worker's name and token
@@ -225,15 +240,21 @@ def test_the_worker_api_refuses_what_a_worker_may_not_do(
                 api(server, "/heartbeat", json={"systems": [system],
                                                 "hostname": "no/slashes"}),
                 api(server, f"/steps/{step['id']}/finish", json={"outcome": "hacked"}),
+                api(server, "/finish", json={"reports": [
+                    {"step_id": step["id"], "outcome": "aborted"},
+                    {"step_id": step["id"], "outcome": "success"}]}),
+                api(server, "/finish", json={"reports": []}),
+                api(server, "/outputs", method="PUT", params={"step": "all"}, data=b""),
                 api(server, f"/steps/{step['id']}/log", data=b"x" * (1024 * 1024 + 1))):
             assert answer.status_code == 400, answer.text
             assert answer.json()["error"]
         assert api(server, "/claim", data=b"{not json",
                    headers={"Content-Type": "application/json"}).status_code == 400
 
-        # an upload carrying a path that is not the step's output: nothing is imported,
-        # the step ends aborted without another attempt
-        upload = api(server, f"/steps/{step['id']}/outputs", method="PUT",
+        # an upload carrying a path that is not the step's output (here a batch upload
+        # naming only its own step): nothing is imported, the step ends aborted without
+        # another attempt
+        upload = api(server, "/outputs", method="PUT", params={"step": [step["id"]]},
                      data=foreign_export)
         assert upload.status_code == 403
         assert "is not an output of step" in upload.json()["error"]

@@ -32,6 +32,8 @@ from circus.server.api.schemas.workers import (
     ClaimSchema,
     DerivationUploadArgs,
     FinishAnswerSchema,
+    FinishManyAnswerSchema,
+    FinishManySchema,
     FinishSchema,
     HeartbeatAnswerSchema,
     HeartbeatSchema,
@@ -42,6 +44,7 @@ from circus.server.api.schemas.workers import (
     PathsSchema,
     ReleasedSchema,
     StepIdsSchema,
+    StepsArgs,
 )
 from circus.server.auth import bearer_token
 from circus.server.context import db_session, server_context
@@ -171,6 +174,33 @@ def finish(args: dict[str, Any], step_id: int) -> Any:
     checked in the server's store, then signed and published by the server)."""
     status = _service().finish(_caller(), FinishedStep(step_id, **args))
     return {"status": status.name}
+
+
+@blp.put("/outputs")
+@blp.arguments(StepsArgs, location="query")
+@blp.response(200, ImportedSchema)
+@blp.doc(security=_WORKER_AUTH, requestBody={"required": True, "content": _BYTES})
+def batch_outputs(args: dict[str, Any]) -> Any:
+    """Upload the outputs of several held steps (a claimed batch) as one
+    `nix-store --export` stream. Every step named must be leased to this worker (else
+    403, nothing read); the stream is read in full and imported only when every path in
+    it is an output of one of them; otherwise nothing is imported and every step named
+    ends aborted."""
+    worker = _caller()
+    request.max_content_length = server_context().settings.remote_workers.max_upload_size
+    return {"imported": _service().import_outputs_of(worker, args["step"], request.stream)}
+
+
+@blp.post("/finish")
+@blp.arguments(FinishManySchema)
+@blp.response(200, FinishManyAnswerSchema)
+@blp.doc(security=_WORKER_AUTH)
+def finish_many(args: dict[str, Any]) -> Any:
+    """Report the outcomes of several held steps (a claimed batch) in one call; every
+    step named must be leased to this worker (else 403, nothing recorded)."""
+    reports = [FinishedStep(**report) for report in args["reports"]]
+    statuses = _service().finish_many(_caller(), reports)
+    return {"statuses": {str(step_id): status.name for step_id, status in statuses.items()}}
 
 
 @blp.post("/derivations/missing")

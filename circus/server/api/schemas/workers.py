@@ -10,6 +10,8 @@ from circus.server.api.schemas.common import MAX_ID, Str
 
 #: steps one call may name (a worker holds one per slot)
 MAX_STEPS = 1024
+#: steps one batched upload or report may name (a claim answers at most 64)
+MAX_BATCH = 64
 
 
 def _step_ids(description: str) -> fields.List[int]:
@@ -156,3 +158,37 @@ class FinishSchema(ma.Schema):
 
 class FinishAnswerSchema(ma.Schema):
     status = fields.String(required=True, metadata={"description": "the step's status"})
+
+
+def _distinct(values: list[int]) -> None:
+    if len(set(values)) != len(values):
+        raise ma.ValidationError("a step is named twice")
+
+
+class StepsArgs(ma.Schema):
+    step = fields.List(fields.Integer(strict=False, validate=validate.Range(min=0, max=MAX_ID)),
+                       required=True, validate=[validate.Length(min=1, max=MAX_BATCH), _distinct],
+                       metadata={"description": "the held steps whose outputs the stream "
+                                                "carries (repeat the parameter)"})
+
+
+class StepReportSchema(FinishSchema):
+    step_id = fields.Integer(strict=True, required=True,
+                             validate=validate.Range(min=0, max=MAX_ID))
+
+
+class FinishManySchema(ma.Schema):
+    reports = fields.List(fields.Nested(StepReportSchema), required=True,
+                          validate=validate.Length(min=1, max=MAX_BATCH),
+                          metadata={"description": "outcomes of held steps"})
+
+    @ma.validates_schema
+    def _one_report_per_step(self, data: dict[str, object], **_: object) -> None:
+        reports = data.get("reports") or []
+        assert isinstance(reports, list)
+        _distinct([int(r["step_id"]) for r in reports])
+
+
+class FinishManyAnswerSchema(ma.Schema):
+    statuses = fields.Dict(keys=fields.String(), values=fields.String(), required=True,
+                           metadata={"description": "step id → the step's status"})
