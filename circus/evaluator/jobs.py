@@ -155,6 +155,32 @@ def job_from_record(record: dict[str, Any]) -> Job | JobError:
     )
 
 
+def plain_job(path: list[str], record: dict[str, Any]) -> Job | None:
+    """The Job :func:`job_from_record` makes of the commonest record, the built-in
+    walker's for a derivation that is no aggregate (exactly ``name``, ``system``,
+    ``drvPath``, ``outputs`` with string paths and ``meta``), without its checks for the
+    rarer shapes; None for any other record. ``path`` is a JSON list of strings.
+
+    Why: at 50,000 jobs the generic checks were a tenth of the evaluator's own CPU time,
+    which competes with Nix for the cores."""
+    if len(record) != 5:
+        return None
+    name = record.get("name")
+    system = record.get("system")
+    drv_path = record.get("drvPath")
+    outputs = record.get("outputs")
+    meta = record.get("meta")
+    if (type(name) is not str or not name or type(system) is not str
+            or type(drv_path) is not str or not drv_path.endswith(".drv")
+            or type(outputs) is not dict or type(meta) is not dict):
+        return None
+    for output_path in outputs.values():
+        if type(output_path) is not str:
+            return None
+    return Job(name=attr_name(path), attr_path=path, nix_name=name, system=system,
+               drv_path=drv_path, outputs=outputs, meta=meta, reports_constituents=False)
+
+
 # ---------------------------------------------------------------------------
 # .drv scanning (ATerm: Derive([outputs],[inputDrvs],[inputSrcs],system,builder,[args],[env]))
 
