@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2.extensions
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
@@ -67,7 +68,7 @@ def _array(items: Sequence[str]) -> str:
     return _text("{" + ",".join(quoted) + "}")
 
 
-#: characters handed to psycopg2 per read of a COPY's data (its default is 8 KiB)
+#: bytes handed to psycopg2 per read of a COPY's data (its default is 8 KiB)
 COPY_READ_SIZE = 1 << 20
 
 
@@ -77,14 +78,16 @@ def _copy(session: Session, table: str, columns: Sequence[str], lines: Iterable[
     The lines are joined into one string first: a batch is a few hundred kilobytes, and
     a file object yielding them as psycopg2 reads (8 KiB at a time) cost a Python loop
     iteration per line on top of generating it."""
-    data = "".join(lines)
-    if not data:
+    text_data = "".join(lines)
+    if not text_data:
         return
     # psycopg2's COPY on the session's own connection: same transaction
     raw: Any = session.connection().connection.dbapi_connection
+    # bytes in the connection's encoding, as psycopg2 would encode a str piece by piece
+    data = text_data.encode(psycopg2.extensions.encodings[raw.encoding])
     with raw.cursor() as cursor:
         cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN",
-                           io.StringIO(data), size=COPY_READ_SIZE)
+                           io.BytesIO(data), size=COPY_READ_SIZE)
 
 
 # ---------------------------------------------------------------------------

@@ -184,8 +184,8 @@ def plain_job(path: list[str], record: dict[str, Any]) -> Job | None:
 # ---------------------------------------------------------------------------
 # .drv scanning (ATerm: Derive([outputs],[inputDrvs],[inputSrcs],system,builder,[args],[env]))
 
-# an output: ("name","path","hashAlgo","hash") -- fixed-output when hash is set
-_OUTPUT = re.compile(rb'\("[^"]*","[^"]*","[^"]*","([^"]*)"\)')
+# an output: ("name","path","hashAlgo","hash") whose hash is set: a fixed output
+_FIXED_OUTPUT = re.compile(rb'\("[^"]*","[^"]*","[^"]*","[^"]+"\)')
 # an input derivation entry: ("/nix/store/...drv",[ -- only inputDrvs have this shape
 _INPUT_DRV = re.compile(rb'\("(/nix/store/[^"]+\.drv)",\[')
 _ENV_FEATURES = re.compile(rb'\("requiredSystemFeatures","((?:[^"\\]|\\.)*)"\)')
@@ -212,7 +212,7 @@ def scan_derivation(data: bytes | str) -> DrvFacts:
     constituents: list[str] = []
     if is_aggregate and (match := _ENV_CONSTITUENTS.search(data)):
         constituents = match.group(1).decode().split()
-    is_fod = any(m.group(1) for m in _OUTPUT.finditer(outputs))
+    is_fod = _FIXED_OUTPUT.search(outputs) is not None
     # interned: jobs share input derivations (stdenv and the like), and the importer
     # keeps them until the evaluation's dependency edges are written
     input_drvs = ([sys.intern(m.decode()) for m in _INPUT_DRV.findall(data)]
