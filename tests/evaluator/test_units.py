@@ -98,8 +98,9 @@ def test_the_walkers_plain_records_make_the_jobs_the_generic_reader_makes(
         assert job is None
         return
     assert job is None or job == generic
-    plain = (len(record) == 5 and record["name"] != ""
-             and None not in record["outputs"].values())  # type: ignore[union-attr]
+    outputs = record["outputs"]
+    assert isinstance(outputs, dict)
+    plain = len(record) == 5 and record["name"] != "" and None not in outputs.values()
     assert (job is not None) == plain
 
 
