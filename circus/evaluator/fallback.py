@@ -25,7 +25,14 @@ from pathlib import Path
 
 from circus.common.nix import gcroots
 from circus.evaluator import proc
-from circus.evaluator.jobs import Job, JobError, RecordError, attr_name, job_from_record
+from circus.evaluator.jobs import (
+    Job,
+    JobError,
+    RecordError,
+    attr_name,
+    job_from_record,
+    plain_job,
+)
 from circus.evaluator.program import (
     WALK_NIX,
     EvalFailed,
@@ -131,7 +138,10 @@ in import {nix_string(str(WALK_NIX))} {{
             if kind == "J":
                 # "<path> <record>": Nix's logger turns tabs into spaces
                 path, end = _DECODER.raw_decode(body)
-                self._job(body[:end], path, json.loads(body[end + 1:]))
+                record, stop = _DECODER.raw_decode(body, end + 1)
+                if stop != len(body):
+                    record = json.loads(body[end + 1:])  # raises on what trails it
+                self._job(body[:end], path, record)
                 state.last = None
             elif kind == "F":
                 self.done[body] = None
@@ -161,14 +171,17 @@ in import {nix_string(str(WALK_NIX))} {{
         return finished, state
 
     def _job(self, key: str, path: list[str], record: dict[str, object]) -> None:
-        record["attrPath"] = path
-        try:
-            job = job_from_record(record)
-        except RecordError as exc:
-            self.errors[key] = JobError(attr_name(path), str(exc))
-            self.done[key] = None
-            return
-        assert isinstance(job, Job)
+        job = plain_job(path, record)
+        if job is None:
+            record["attrPath"] = path
+            try:
+                found = job_from_record(record)
+            except RecordError as exc:
+                self.errors[key] = JobError(attr_name(path), str(exc))
+                self.done[key] = None
+                return
+            assert isinstance(found, Job)
+            job = found
         self.jobs.add(key)
         self.done[key] = job.drv_path
         self.sink.submit(job)

@@ -155,11 +155,37 @@ def job_from_record(record: dict[str, Any]) -> Job | JobError:
     )
 
 
+def plain_job(path: list[str], record: dict[str, Any]) -> Job | None:
+    """The Job :func:`job_from_record` makes of the commonest record, the built-in
+    walker's for a derivation that is no aggregate (exactly ``name``, ``system``,
+    ``drvPath``, ``outputs`` with string paths and ``meta``), without its checks for the
+    rarer shapes; None for any other record. ``path`` is a JSON list of strings.
+
+    Why: at 50,000 jobs the generic checks were a tenth of the evaluator's own CPU time,
+    which competes with Nix for the cores."""
+    if len(record) != 5:
+        return None
+    name = record.get("name")
+    system = record.get("system")
+    drv_path = record.get("drvPath")
+    outputs = record.get("outputs")
+    meta = record.get("meta")
+    if (type(name) is not str or not name or type(system) is not str
+            or type(drv_path) is not str or not drv_path.endswith(".drv")
+            or type(outputs) is not dict or type(meta) is not dict):
+        return None
+    for output_path in outputs.values():
+        if type(output_path) is not str:
+            return None
+    return Job(name=attr_name(path), attr_path=path, nix_name=name, system=system,
+               drv_path=drv_path, outputs=outputs, meta=meta, reports_constituents=False)
+
+
 # ---------------------------------------------------------------------------
 # .drv scanning (ATerm: Derive([outputs],[inputDrvs],[inputSrcs],system,builder,[args],[env]))
 
-# an output: ("name","path","hashAlgo","hash") -- fixed-output when hash is set
-_OUTPUT = re.compile(rb'\("[^"]*","[^"]*","[^"]*","([^"]*)"\)')
+# an output: ("name","path","hashAlgo","hash") whose hash is set: a fixed output
+_FIXED_OUTPUT = re.compile(rb'\("[^"]*","[^"]*","[^"]*","[^"]+"\)')
 # an input derivation entry: ("/nix/store/...drv",[ -- only inputDrvs have this shape
 _INPUT_DRV = re.compile(rb'\("(/nix/store/[^"]+\.drv)",\[')
 _ENV_FEATURES = re.compile(rb'\("requiredSystemFeatures","((?:[^"\\]|\\.)*)"\)')
@@ -186,7 +212,7 @@ def scan_derivation(data: bytes | str) -> DrvFacts:
     constituents: list[str] = []
     if is_aggregate and (match := _ENV_CONSTITUENTS.search(data)):
         constituents = match.group(1).decode().split()
-    is_fod = any(m.group(1) for m in _OUTPUT.finditer(outputs))
+    is_fod = _FIXED_OUTPUT.search(outputs) is not None
     # interned: jobs share input derivations (stdenv and the like), and the importer
     # keeps them until the evaluation's dependency edges are written
     input_drvs = ([sys.intern(m.decode()) for m in _INPUT_DRV.findall(data)]

@@ -17,6 +17,7 @@ from circus.evaluator.jobs import (
     JobError,
     attr_name,
     job_from_record,
+    plain_job,
     scan_derivation,
 )
 
@@ -65,6 +66,42 @@ def test_records_and_errors_from_nix_eval_jobs() -> None:
     assert isinstance(job, Job)
     assert job.outputs == {"out": "/nix/store/x-n"}
     assert job.features == ["kvm", "big-parallel"]
+
+
+def _walker_record(**changes: object) -> dict[str, object]:
+    record: dict[str, object] = {"name": "n", "system": "x86_64-linux",
+                                 "drvPath": "/nix/store/x-n.drv",
+                                 "outputs": {"out": "/nix/store/x-n", "dev": "/nix/store/x-n-dev"},
+                                 "meta": {"description": "d", "hydra": {"repeats": 2}}}
+    record.update(changes)
+    return {k: v for k, v in record.items() if v is not ...}
+
+
+@pytest.mark.parametrize("record", [
+    _walker_record(),
+    _walker_record(meta={}),
+    _walker_record(system=""),
+    _walker_record(name=""),  # not plain: the generic path
+    _walker_record(outputs={"out": None}),  # content-addressed: not plain
+    _walker_record(meta=...),  # not the walker's shape
+    _walker_record(drvPath="/nix/store/x-n"),  # RecordError from the generic path
+    _walker_record(constituents=["/nix/store/c.drv"], namedConstituents=["j"]),
+    _walker_record(requiredSystemFeatures=["kvm"]),
+])
+def test_the_walkers_plain_records_make_the_jobs_the_generic_reader_makes(
+        record: dict[str, object]) -> None:
+    path = ["a", "b.c"]
+    job = plain_job(path, dict(record))
+    try:
+        generic = job_from_record({**record, "attrPath": path})
+    except ValueError:
+        assert job is None
+        return
+    assert job is None or job == generic
+    outputs = record["outputs"]
+    assert isinstance(outputs, dict)
+    plain = len(record) == 5 and record["name"] != "" and None not in outputs.values()
+    assert (job is not None) == plain
 
 
 def test_drv_scanning() -> None:
