@@ -521,6 +521,11 @@ class QueueRunnerSettings(SettingsModel):
     #: quarter of the nix-store calls), but a slot then holds up to 64 independent
     #: queued steps that agents, SSH builders and other runners could build meanwhile
     batch_size: Positive = 16
+    #: ``batch_size`` while no other live consumer (another runner, a remote Celery
+    #: worker, an SSH builder, a connected agent) could take the class's steps: nobody
+    #: waits for what a slot holds, and fewer, longer batches mean fewer ``nix-store``
+    #: starts and claim/report gaps (bench/build_overhead.py --e2e)
+    batch_size_alone: Positive = 64
     #: a queued step nobody claimed for this long gets its wake-up message again
     republish_secs: Positive = 30
     #: order equal-priority steps by how many builds wait for them (critical path)

@@ -55,6 +55,7 @@ from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions
 from circus.queue_runner.steps.logs import log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
+from circus.queue_runner.steps.reconciler import live_consumer_slots
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ EVENT_POLL = 0.05
 DRAIN_BUDGET = 60.0
 #: how long after a batch a slot still counts as busy (:meth:`LocalBuilder.busy`)
 BUSY_GRACE = 2.0
+#: how long a count of the other consumers of a class is reused: a slot claims several
+#: times a second, heartbeats come every few seconds and an agent or SSH builder that
+#: appears waits this long at most before claims leave it its share
+OTHERS_TTL = 2.0
 
 
 def _utc(timestamp: float) -> datetime:
@@ -109,6 +114,8 @@ class LocalBuilder:
         self._last_run_ended = float("-inf")
         #: seconds spent and counts per phase (heartbeat details, benchmarks)
         self.stats: dict[str, float] = {}
+        #: queue class -> (monotonic time counted, slots of other consumers serving it)
+        self._others: dict[str, tuple[float, int]] = {}
 
     def account(self, phase: str, started: float, count: int = 1) -> None:
         """Add the time since ``started`` (monotonic) and ``count`` to ``phase``'s stats."""
@@ -177,10 +184,34 @@ class LocalBuilder:
         # batch from each root and Nix builds a batch one derivation at a time, so with
         # three chain heads ready, two in one batch were built serially while the other
         # slot, holding the third, ran dry (bench/build_overhead.py --e2e).
-        share = max(1, min(runner.batch_size, waiting // self.slots))
+        others = self.other_slots(session, queue_class)
+        size = runner.batch_size if others else runner.batch_size_alone
+        share = max(1, min(size, waiting // (self.slots + others)))
         return holder.claim(session, queue_class, ClaimOptions(
             limit=share, machine=self.hostname, lookahead=True,
-            critical_path=runner.critical_path_first, batch_limit=runner.batch_size))
+            critical_path=runner.critical_path_first, batch_limit=size))
+
+    def other_slots(self, session: Session, queue_class: str) -> int:
+        """Slots of live consumers besides this builder's that could take steps of
+        ``queue_class`` (counted at most every ``OTHERS_TTL``).
+
+        With none, a slot may claim up to ``batch_size_alone``: steps it holds would
+        otherwise wait for this host's slots anyway. With some, its share of what is
+        queued is divided among all their slots, up to ``batch_size``. A runner with
+        ephemeral pools counts one more: an agent may be launched for the queue.
+        """
+        now = time.monotonic()
+        with self._lock:
+            cached = self._others.get(queue_class)
+        if cached is not None and now - cached[0] < OTHERS_TTL:
+            return cached[1]
+        count = sum(c.slots for c in live_consumer_slots(session, settings=self.settings)
+                    if c.local_builder != self.name and c.capabilities.can_serve(queue_class))
+        if self.settings.queue_runner.ephemeral_pools:
+            count += 1
+        with self._lock:
+            self._others[queue_class] = (now, count)
+        return count
 
     # ------------------------------------------------------------------ building
 
