@@ -156,19 +156,27 @@ class LocalBuilder:
                             publish=self.publish, on_built=self.on_built)
         built = 0
         deadline = time.monotonic() + DRAIN_BUDGET
+        #: the next batch, claimed in the transaction that reported the last one's end
+        claimed: list[ClaimedStep] = []
         while not self.stop.is_set() and time.monotonic() < deadline:
-            started = time.monotonic()
-            claimed = in_transaction(self.factory,
-                                     lambda s: self.claim_batch(s, holder, queue_class))
-            self.account("claims", started)
+            if not claimed:
+                started = time.monotonic()
+                claimed = in_transaction(self.factory,
+                                         lambda s: self.claim_batch(s, holder, queue_class))
+                self.account("claims", started)
             if not claimed:
                 break
             log.debug("%s claimed %s", holder.worker, [c.id for c in claimed])
             started = time.monotonic()
-            self.build(holder, claimed)
+            claimed_next = self.build(holder, claimed, queue_class)
             self.account("batches", started)
             self.account("steps", started, len(claimed))
             built += len(claimed)
+            # a fenced holder let go of everything, the next claim included
+            claimed = [c for c in claimed_next if holder.holds(c.id)]
+        if claimed:
+            # stopping, or the drain budget is spent: the claim ahead goes back
+            holder.release([c.id for c in claimed])
         return built
 
     def claim_batch(self, session: Session, holder: StepHolder, queue_class: str
@@ -215,8 +223,15 @@ class LocalBuilder:
 
     # ------------------------------------------------------------------ building
 
-    def build(self, holder: StepHolder, claimed: list[ClaimedStep]) -> None:
-        """Realise ``claimed`` (held by ``holder``) in one ``nix-store`` invocation."""
+    def build(self, holder: StepHolder, claimed: list[ClaimedStep],
+              queue_class: str | None = None) -> list[ClaimedStep]:
+        """Realise ``claimed`` (held by ``holder``) in one ``nix-store`` invocation.
+
+        With ``queue_class``, the transaction reporting the batch's last outcome also
+        claims the next batch of that class, returned (held by ``holder``) for the
+        caller to build: the slot's next ``nix-store`` starts without a claim
+        transaction of its own, and without waiting for this one to exit.
+        """
         targets: list[Target] = []
         unreadable: list[StepOutcome] = []
         with holder.releasing():
@@ -238,7 +253,8 @@ class LocalBuilder:
             if unreadable:
                 self.report(holder, [PendingOutcome(o, None) for o in unreadable])
             if targets:
-                _Batch(self, holder, targets, claimed[0]).run()
+                return _Batch(self, holder, targets, claimed[0], queue_class).run()
+        return []
 
     def run_options(self, timeout: int | None, max_silent: int | None) -> RunOptions:
         runner = self.settings.queue_runner
@@ -255,22 +271,29 @@ class LocalBuilder:
             build_cgroup=runner.build_cgroup,
         )
 
-    def report(self, holder: StepHolder, items: list[PendingOutcome]) -> FinishReport | None:
-        """Finish the steps of ``items`` through ``holder``; None when that failed."""
+    def report(self, holder: StepHolder, items: list[PendingOutcome],
+               also: Callable[[Session, FinishReport], None] | None = None
+               ) -> FinishReport | None:
+        """Finish the steps of ``items`` through ``holder`` (``also`` in the same
+        transaction); None when that failed."""
         runner = self.settings.queue_runner
         if runner.max_output_size:
             self._check_output_sizes(items)
         outcomes = [item.outcome for item in items]
         results = {item.outcome.step_id: item.result for item in items if item.result}
         started = time.monotonic()
-        report = holder.finish(outcomes, results)
+        report = holder.finish(outcomes, results, also=also)
         self.account("flushes", started)
         return report
 
-    def check_reproducibility(self, built: list[Target]) -> None:
-        """Rebuild with ``--check`` the succeeded steps whose builds ask for it."""
+    def check_reproducibility(self, built: list[Target],
+                              before: Callable[[], None] | None = None) -> None:
+        """Rebuild with ``--check`` the succeeded steps whose builds ask for it
+        (``before`` runs first when any does)."""
         wanted = in_transaction(self.factory, lambda s: builds_to_check(
             s, [t.step_id for t in built]))
+        if before is not None and any(wanted.get(t.step_id) for t in built):
+            before()
         for target in built:
             build_ids = wanted.get(target.step_id)
             if not build_ids or self.stop.is_set():
@@ -321,7 +344,7 @@ class _Batch:
     """
 
     def __init__(self, builder: LocalBuilder, holder: StepHolder, targets: list[Target],
-                 first: ClaimedStep) -> None:
+                 first: ClaimedStep, next_class: str | None = None) -> None:
         self.builder = builder
         self.holder = holder
         self.settings = builder.settings
@@ -337,15 +360,20 @@ class _Batch:
         self.run_: NixRun | None = None
         #: steps that succeeded (candidates for a reproducibility check after the batch)
         self.built: list[Target] = []
+        #: the class whose next batch the last report claims (None: the caller claims)
+        self.next_class = next_class
+        #: the next batch, claimed with the report of this one's last outcome
+        self.next: list[ClaimedStep] = []
 
-    def run(self) -> None:
+    def run(self) -> list[ClaimedStep]:
+        """Build the batch; returns the next batch when one was claimed ahead."""
         started = time.monotonic()
         try:
             run = NixRun(list(self.targets.values()), self.options,
                          oom_counter(self.options.build_cgroup)).start()
         except OSError as exc:
             self._settle_all(f"could not start nix-store: {exc}", retry=True)
-            return
+            return []
         self.run_ = run
         with self.builder.running(self.worker, run):
             try:
@@ -359,19 +387,27 @@ class _Batch:
                 self._release()
                 raise
         if outcome is None:
-            return  # fenced: the lease could not be renewed
+            return []  # fenced: the lease could not be renewed
         stopping, exited = outcome
         if self.pending:
             self._flush()
         if stopping:
             self._release()
-            return
+            return []
         started = time.monotonic()
         self._settle_after_exit(exited)
         self.builder.account("settles", started)
         if self.built:
-            # dependents were released when these steps finished; the check comes after
-            self.builder.check_reproducibility(self.built)
+            # dependents were released when these steps finished; the check comes after.
+            # A check may outlast the lease of a batch claimed ahead (renewed only while
+            # a batch runs): that batch goes back first
+            self.builder.check_reproducibility(self.built, before=self._hand_back_next)
+        return self.next
+
+    def _hand_back_next(self) -> None:
+        if self.next:
+            self.holder.release([c.id for c in self.next])
+            self.next = []
 
     def _follow(self, run: NixRun, started: float) -> tuple[bool, Exited | None] | None:
         """Follow Nix's events until it exits: (stopping, exit), or None when the
@@ -393,7 +429,13 @@ class _Batch:
             # delays its dependents and the slot's next claim
             if self.pending and (not self.held
                                  or time.monotonic() - self.first_pending >= FLUSH_DELAY):
-                self._flush()
+                self._flush(claim_next=not self.held and not stopping)
+            if self.next and not self.held and not self.pending:
+                # every step is reported and the next batch claimed: Nix has nothing
+                # left to build, so the slot goes on while this nix-store exits (its
+                # reader thread reaps it)
+                self.builder.account("nix_runs", started)
+                return stopping, None
             if self.holder.renew_due() and not self._renew(run):
                 return None
             if self.builder.stop.is_set() and not stopping:
@@ -452,10 +494,12 @@ class _Batch:
             self.first_pending = time.monotonic()
         self.pending.append(PendingOutcome(outcome, result, target.outputs))
 
-    def _flush(self) -> None:
+    def _flush(self, claim_next: bool = False) -> None:
         items, self.pending = self.pending, []
-        report = self.builder.report(self.holder, items)
+        claim = self._claim_next if claim_next and self.next_class is not None else None
+        report = self.builder.report(self.holder, items, also=claim)
         if report is None:
+            self.next = []  # rolled back with the report: nothing was claimed
             return
         finished = set(report.finished)
         # only what Nix built here (not substituted): a check rebuilds it locally
@@ -463,6 +507,13 @@ class _Batch:
                           if i.outcome.status is BuildStatus.succeeded
                           and i.outcome.step_id in finished
                           and self.by_step[i.outcome.step_id].drv_path in self.started)
+
+    def _claim_next(self, session: Session, report: FinishReport) -> None:
+        """The next batch, in the transaction reporting this one's last outcome (it
+        sees the dependents that report queued). Assigned, not appended: a deadlock
+        retry runs it again."""
+        assert self.next_class is not None
+        self.next = self.builder.claim_batch(session, self.holder, self.next_class)
 
     def _renew(self, run: NixRun) -> bool:
         renewal = self.holder.renew()
