@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
@@ -429,3 +429,17 @@ def test_a_slot_alone_on_its_class_claims_longer_batches(
                           '"local_builder": "local:other"}'})
         s.commit()
     assert claim_batch(builder(), "slot-3") == chains[5][:3]
+
+
+def test_a_slot_shares_with_the_slots_not_building(committed_db: sessionmaker[Session],
+                                                   settings: Settings) -> None:
+    # ten independent steps queued, two slots, one of them building: the idle slot
+    # takes them all (halving what is left batch after batch cost a nix-store start each)
+    with committed_db() as s:
+        ids = [add_step(s, f"f{i}") for i in range(10)]
+        s.commit()
+    builder = LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2)
+    builder.active["local:other-slot"] = cast(Any, None)
+    got = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-1"), CLS))
+    assert sorted(c.id for c in got) == ids
