@@ -52,6 +52,8 @@ from tests.helpers.circus_up import Client, start
 from tests.helpers.daemons import Daemon
 from tests.helpers.net import free_port
 
+#: the checkout this benchmark belongs to
+CHECKOUT = Path(__file__).resolve().parents[1]
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
 #: evaluation statuses after which no build of it will appear any more
@@ -361,8 +363,11 @@ def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
     print(f"end to end: DAG of {total} derivations ({shape}), every one a job; "
           f"rounds: {rounds}" + (f"; reference: {reference}" if reference else "")
           + (f"; this checkout's instance only: {own_env}" if own_env else ""), flush=True)
+    # this checkout's code, named: ``circus up`` runs in its state directory, where a
+    # relative PYTHONPATH (``PYTHONPATH=.``) no longer points here and the installed
+    # package (another checkout, with an editable install) would be measured instead
     instances = {"circus": UpInstance(root / "circus", dag, shape,
-                                      {**extra_env, **(own_env or {})})}
+                                      {**extra_env, **(own_env or {})}, code=CHECKOUT)}
     if reference is not None:
         instances["reference"] = UpInstance(root / "reference", dag, shape, extra_env,
                                             code=reference)

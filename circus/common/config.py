@@ -520,10 +520,14 @@ class QueueRunnerSettings(SettingsModel):
     #: a worker renews its claim on a step this often; a lapsed lease returns the step
     lease_secs: Positive = 60
     #: derivations one local worker may realise in a single nix-store call (look-ahead
-    #: follows chains up to this). 64 made bench/build_overhead.py --e2e faster (a
-    #: quarter of the nix-store calls), but a slot then holds up to 64 independent
-    #: queued steps that agents, SSH builders and other runners could build meanwhile
+    #: follows chains up to this) while other consumers (agents, SSH builders, other
+    #: runners) could take the class's steps: what a slot holds, they cannot build
     batch_size: Positive = 16
+    #: ``batch_size`` while no other live consumer (another runner, a remote Celery
+    #: worker, an SSH builder, a connected agent) could take the class's steps: nobody
+    #: waits for what a slot holds, and fewer, longer batches mean fewer ``nix-store``
+    #: starts and claim/report gaps (bench/build_overhead.py --e2e)
+    batch_size_alone: Positive = 64
     #: a queued step nobody claimed for this long gets its wake-up message again
     republish_secs: Positive = 30
     #: order equal-priority steps by how many builds wait for them (critical path)

@@ -186,6 +186,8 @@ class QueueRunner:
         return {
             "capabilities": [c.to_json() for c in self._local_capabilities()],
             "workers": self.workers,
+            # the local builder leaves its own slots out when it counts the others
+            "local_builder": self.builder.name,
             "dispatcher": self.dispatcher is not None,
             "running_batches": len(self.builder.active),
             "stats": {**{k: round(v, 3) for k, v in self.builder.stats.items()},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
@@ -370,3 +370,76 @@ def test_a_slot_leaves_chain_heads_to_the_other_slots(committed_db: sessionmaker
         s, StepHolder(settings, committed_db, "slot-2"), CLS))
     assert [c.id for c in first] == [heads[0], links[heads[0]]]
     assert [c.id for c in second] == [heads[1], links[heads[1]]]
+
+
+def test_a_slot_alone_on_its_class_claims_longer_batches(
+        committed_db: sessionmaker[Session], make_settings: Callable[..., Settings]) -> None:
+    # nobody else could build these steps: a slot takes up to batch_size_alone (fewer
+    # nix-store starts); once another consumer of the class is live (here an SSH
+    # builder with two slots, then another runner's heartbeat), up to batch_size, and
+    # its share of the queue is divided among every consumer's slots
+    settings = make_settings(queue_runner={"batch_size": 3, "batch_size_alone": 8})
+    with committed_db() as s:
+        chains = []
+        for c in range(8):
+            link = add_step(s, f"c{c}-0")
+            chain = [link]
+            for i in range(1, 10):
+                link = add_step(s, f"c{c}-{i}", state="pending", deps=[link])
+                chain.append(link)
+            chains.append(chain)
+        # this runner's own heartbeat does not count as another consumer
+        s.execute(text("""
+            INSERT INTO service_heartbeats (service, kind, hostname, pid, version, started_at,
+                                            last_heartbeat, details)
+            VALUES ('queue-runner-me@h', 'queue-runner', 'h', 1, 'x', now(), now(),
+                    CAST(:details AS jsonb))
+        """), {"details": f'{{"capabilities": [{{"systems": ["{CLS}"]}}], "workers": 2, '
+                          '"local_builder": "local:me"}'})
+        s.commit()
+
+    def claim_batch(builder: LocalBuilder, slot: str) -> list[int]:
+        return [c.id for c in in_transaction(committed_db, lambda s: builder.claim_batch(
+            s, StepHolder(settings, committed_db, slot), CLS))]
+
+    def builder() -> LocalBuilder:
+        return LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2,
+                            name="local:me")
+
+    # 8 chain heads, 2 slots: a share of 4 heads, then look-ahead waves up to 8 in all
+    assert sorted(claim_batch(builder(), "slot-1")) == sorted(chains[0][:2] + chains[1][:2]
+                                                      + chains[2][:2] + chains[3][:2])
+    with committed_db() as s:
+        s.execute(text("""
+            INSERT INTO remote_builders (name, ssh_uri, systems, max_jobs, supported_features,
+                                         mandatory_features, public_host_key)
+            VALUES ('ssh1', 'ssh://b', ARRAY[:cls], 2, '{}', '{}', 'ssh-ed25519 AAAA')
+        """), {"cls": CLS})
+        s.commit()
+    # 4 heads queued, 2 + 2 slots: a share of one, look-ahead up to batch_size (3)
+    assert claim_batch(builder(), "slot-2") == chains[4][:3]
+    with committed_db() as s:
+        s.execute(text("DELETE FROM remote_builders"))
+        s.execute(text("""
+            INSERT INTO service_heartbeats (service, kind, hostname, pid, version, started_at,
+                                            last_heartbeat, details)
+            VALUES ('queue-runner-other@h', 'queue-runner', 'h', 2, 'x', now(), now(),
+                    CAST(:details AS jsonb))
+        """), {"details": f'{{"capabilities": [{{"systems": ["{CLS}"]}}], "workers": 1, '
+                          '"local_builder": "local:other"}'})
+        s.commit()
+    assert claim_batch(builder(), "slot-3") == chains[5][:3]
+
+
+def test_a_slot_shares_with_the_slots_not_building(committed_db: sessionmaker[Session],
+                                                   settings: Settings) -> None:
+    # ten independent steps queued, two slots, one of them building: the idle slot
+    # takes them all (halving what is left batch after batch cost a nix-store start each)
+    with committed_db() as s:
+        ids = [add_step(s, f"f{i}") for i in range(10)]
+        s.commit()
+    builder = LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2)
+    builder.active["local:other-slot"] = cast(Any, None)
+    got = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-1"), CLS))
+    assert sorted(c.id for c in got) == ids

@@ -14,7 +14,7 @@ from circus.common.errors import Conflict, NotFound
 from circus.queue_runner.service import bump_build, cancel_build, restart_build, set_keep
 from circus.queue_runner.steps.logs import read_log
 from tests.queue_runner.conftest import Driver
-from tests.queue_runner.factories import add_constituents, instantiate, make_builds
+from tests.queue_runner.factories import FIXTURES, add_constituents, instantiate, make_builds
 
 
 def test_dag_statuses(driver: Callable[..., Driver], committed_db: sessionmaker[Session],
@@ -179,3 +179,21 @@ def test_bump_keep_and_cancel_pending(driver: Callable[..., Driver],
             cancel_build(session, builds["left"].id)
         with pytest.raises(NotFound):
             restart_build(session, 10**9)
+
+
+def test_the_report_of_a_batch_claims_the_next_one(driver: Callable[..., Driver],
+                                                   committed_db: sessionmaker[Session],
+                                                   nix_env: dict[str, str], nonce: str) -> None:
+    # a chain of six in batches of two: the transaction reporting a batch's last step
+    # claims the next batch (whose head that report queued), so the slot claims on its
+    # own only for the first batch and to find the class empty
+    run = driver(queue_runner={"batch_size_alone": 2})
+    jobs = [f"c0_{i}" for i in range(6)]
+    drvs = instantiate(jobs, nonce, nix_env, expr=FIXTURES / "dag.nix",
+                       args={"chains": 1, "length": 6, "fans": 0})
+    with committed_db() as session:
+        builds = make_builds(session, drvs)
+    statuses = run.run([b.id for b in builds.values()])
+    assert set(statuses.values()) == {BuildStatus.succeeded}
+    assert run.builder.stats["batches"] == 3
+    assert run.builder.stats["claims"] == 2

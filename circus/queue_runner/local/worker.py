@@ -55,6 +55,7 @@ from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions
 from circus.queue_runner.steps.logs import log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
+from circus.queue_runner.steps.reconciler import live_consumer_slots
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ EVENT_POLL = 0.05
 DRAIN_BUDGET = 60.0
 #: how long after a batch a slot still counts as busy (:meth:`LocalBuilder.busy`)
 BUSY_GRACE = 2.0
+#: how long a count of the other consumers of a class is reused: a slot claims several
+#: times a second, heartbeats come every few seconds and an agent or SSH builder that
+#: appears waits this long at most before claims leave it its share
+OTHERS_TTL = 2.0
 
 
 def _utc(timestamp: float) -> datetime:
@@ -109,6 +114,8 @@ class LocalBuilder:
         self._last_run_ended = float("-inf")
         #: seconds spent and counts per phase (heartbeat details, benchmarks)
         self.stats: dict[str, float] = {}
+        #: queue class -> (monotonic time counted, slots of other consumers serving it)
+        self._others: dict[str, tuple[float, int]] = {}
 
     def account(self, phase: str, started: float, count: int = 1) -> None:
         """Add the time since ``started`` (monotonic) and ``count`` to ``phase``'s stats."""
@@ -149,19 +156,27 @@ class LocalBuilder:
                             publish=self.publish, on_built=self.on_built)
         built = 0
         deadline = time.monotonic() + DRAIN_BUDGET
+        #: the next batch, claimed in the transaction that reported the last one's end
+        claimed: list[ClaimedStep] = []
         while not self.stop.is_set() and time.monotonic() < deadline:
-            started = time.monotonic()
-            claimed = in_transaction(self.factory,
-                                     lambda s: self.claim_batch(s, holder, queue_class))
-            self.account("claims", started)
+            if not claimed:
+                started = time.monotonic()
+                claimed = in_transaction(self.factory,
+                                         lambda s: self.claim_batch(s, holder, queue_class))
+                self.account("claims", started)
             if not claimed:
                 break
             log.debug("%s claimed %s", holder.worker, [c.id for c in claimed])
             started = time.monotonic()
-            self.build(holder, claimed)
+            claimed_next = self.build(holder, claimed, queue_class)
             self.account("batches", started)
             self.account("steps", started, len(claimed))
             built += len(claimed)
+            # a fenced holder let go of everything, the next claim included
+            claimed = [c for c in claimed_next if holder.holds(c.id)]
+        if claimed:
+            # stopping, or the drain budget is spent: the claim ahead goes back
+            holder.release([c.id for c in claimed])
         return built
 
     def claim_batch(self, session: Session, holder: StepHolder, queue_class: str
@@ -173,19 +188,55 @@ class LocalBuilder:
             {"cls": queue_class}).scalar_one()
         if not waiting:
             return []
-        # Share what is ready with the other slots, rounding down: look-ahead fills a
-        # batch from each root and Nix builds a batch one derivation at a time, so with
-        # three chain heads ready, two in one batch were built serially while the other
-        # slot, holding the third, ran dry (bench/build_overhead.py --e2e).
-        share = max(1, min(runner.batch_size, waiting // self.slots))
+        # Share what is ready with the slots that could take it now, rounding down:
+        # look-ahead fills a batch from each root and Nix builds a batch one derivation
+        # at a time, so with three chain heads ready, two in one batch were built
+        # serially while the other slot, holding the third, ran dry. A slot of ours that
+        # is building takes nothing now: counting it left the last slot to claim with
+        # half of what was left, and 19 fan-in steps queued at once went in 6 batches
+        # instead of 2 (bench/build_overhead.py --e2e).
+        others = self.other_slots(session, queue_class)
+        with self._lock:
+            building = sum(1 for worker in self.active if worker != holder.worker)
+        size = runner.batch_size if others else runner.batch_size_alone
+        share = max(1, min(size, waiting // (max(1, self.slots - building) + others)))
         return holder.claim(session, queue_class, ClaimOptions(
             limit=share, machine=self.hostname, lookahead=True,
-            critical_path=runner.critical_path_first, batch_limit=runner.batch_size))
+            critical_path=runner.critical_path_first, batch_limit=size))
+
+    def other_slots(self, session: Session, queue_class: str) -> int:
+        """Slots of live consumers besides this builder's that could take steps of
+        ``queue_class`` (counted at most every ``OTHERS_TTL``).
+
+        With none, a slot may claim up to ``batch_size_alone``: steps it holds would
+        otherwise wait for this host's slots anyway. With some, its share of what is
+        queued is divided among all their slots, up to ``batch_size``. A runner with
+        ephemeral pools counts one more: an agent may be launched for the queue.
+        """
+        now = time.monotonic()
+        with self._lock:
+            cached = self._others.get(queue_class)
+        if cached is not None and now - cached[0] < OTHERS_TTL:
+            return cached[1]
+        count = sum(c.slots for c in live_consumer_slots(session, settings=self.settings)
+                    if c.local_builder != self.name and c.capabilities.can_serve(queue_class))
+        if self.settings.queue_runner.ephemeral_pools:
+            count += 1
+        with self._lock:
+            self._others[queue_class] = (now, count)
+        return count
 
     # ------------------------------------------------------------------ building
 
-    def build(self, holder: StepHolder, claimed: list[ClaimedStep]) -> None:
-        """Realise ``claimed`` (held by ``holder``) in one ``nix-store`` invocation."""
+    def build(self, holder: StepHolder, claimed: list[ClaimedStep],
+              queue_class: str | None = None) -> list[ClaimedStep]:
+        """Realise ``claimed`` (held by ``holder``) in one ``nix-store`` invocation.
+
+        With ``queue_class``, the transaction reporting the batch's last outcome also
+        claims the next batch of that class, returned (held by ``holder``) for the
+        caller to build: the slot's next ``nix-store`` starts without a claim
+        transaction of its own, and without waiting for this one to exit.
+        """
         targets: list[Target] = []
         unreadable: list[StepOutcome] = []
         with holder.releasing():
@@ -207,7 +258,8 @@ class LocalBuilder:
             if unreadable:
                 self.report(holder, [PendingOutcome(o, None) for o in unreadable])
             if targets:
-                _Batch(self, holder, targets, claimed[0]).run()
+                return _Batch(self, holder, targets, claimed[0], queue_class).run()
+        return []
 
     def run_options(self, timeout: int | None, max_silent: int | None) -> RunOptions:
         runner = self.settings.queue_runner
@@ -224,22 +276,29 @@ class LocalBuilder:
             build_cgroup=runner.build_cgroup,
         )
 
-    def report(self, holder: StepHolder, items: list[PendingOutcome]) -> FinishReport | None:
-        """Finish the steps of ``items`` through ``holder``; None when that failed."""
+    def report(self, holder: StepHolder, items: list[PendingOutcome],
+               also: Callable[[Session, FinishReport], None] | None = None
+               ) -> FinishReport | None:
+        """Finish the steps of ``items`` through ``holder`` (``also`` in the same
+        transaction); None when that failed."""
         runner = self.settings.queue_runner
         if runner.max_output_size:
             self._check_output_sizes(items)
         outcomes = [item.outcome for item in items]
         results = {item.outcome.step_id: item.result for item in items if item.result}
         started = time.monotonic()
-        report = holder.finish(outcomes, results)
+        report = holder.finish(outcomes, results, also=also)
         self.account("flushes", started)
         return report
 
-    def check_reproducibility(self, built: list[Target]) -> None:
-        """Rebuild with ``--check`` the succeeded steps whose builds ask for it."""
+    def check_reproducibility(self, built: list[Target],
+                              before: Callable[[], None] | None = None) -> None:
+        """Rebuild with ``--check`` the succeeded steps whose builds ask for it
+        (``before`` runs first when any does)."""
         wanted = in_transaction(self.factory, lambda s: builds_to_check(
             s, [t.step_id for t in built]))
+        if before is not None and any(wanted.get(t.step_id) for t in built):
+            before()
         for target in built:
             build_ids = wanted.get(target.step_id)
             if not build_ids or self.stop.is_set():
@@ -290,7 +349,7 @@ class _Batch:
     """
 
     def __init__(self, builder: LocalBuilder, holder: StepHolder, targets: list[Target],
-                 first: ClaimedStep) -> None:
+                 first: ClaimedStep, next_class: str | None = None) -> None:
         self.builder = builder
         self.holder = holder
         self.settings = builder.settings
@@ -306,15 +365,20 @@ class _Batch:
         self.run_: NixRun | None = None
         #: steps that succeeded (candidates for a reproducibility check after the batch)
         self.built: list[Target] = []
+        #: the class whose next batch the last report claims (None: the caller claims)
+        self.next_class = next_class
+        #: the next batch, claimed with the report of this one's last outcome
+        self.next: list[ClaimedStep] = []
 
-    def run(self) -> None:
+    def run(self) -> list[ClaimedStep]:
+        """Build the batch; returns the next batch when one was claimed ahead."""
         started = time.monotonic()
         try:
             run = NixRun(list(self.targets.values()), self.options,
                          oom_counter(self.options.build_cgroup)).start()
         except OSError as exc:
             self._settle_all(f"could not start nix-store: {exc}", retry=True)
-            return
+            return []
         self.run_ = run
         with self.builder.running(self.worker, run):
             try:
@@ -328,19 +392,27 @@ class _Batch:
                 self._release()
                 raise
         if outcome is None:
-            return  # fenced: the lease could not be renewed
+            return []  # fenced: the lease could not be renewed
         stopping, exited = outcome
         if self.pending:
             self._flush()
         if stopping:
             self._release()
-            return
+            return []
         started = time.monotonic()
         self._settle_after_exit(exited)
         self.builder.account("settles", started)
         if self.built:
-            # dependents were released when these steps finished; the check comes after
-            self.builder.check_reproducibility(self.built)
+            # dependents were released when these steps finished; the check comes after.
+            # A check may outlast the lease of a batch claimed ahead (renewed only while
+            # a batch runs): that batch goes back first
+            self.builder.check_reproducibility(self.built, before=self._hand_back_next)
+        return self.next
+
+    def _hand_back_next(self) -> None:
+        if self.next:
+            self.holder.release([c.id for c in self.next])
+            self.next = []
 
     def _follow(self, run: NixRun, started: float) -> tuple[bool, Exited | None] | None:
         """Follow Nix's events until it exits: (stopping, exit), or None when the
@@ -362,7 +434,13 @@ class _Batch:
             # delays its dependents and the slot's next claim
             if self.pending and (not self.held
                                  or time.monotonic() - self.first_pending >= FLUSH_DELAY):
-                self._flush()
+                self._flush(claim_next=not self.held and not stopping)
+            if self.next and not self.held and not self.pending:
+                # every step is reported and the next batch claimed: Nix has nothing
+                # left to build, so the slot goes on while this nix-store exits (its
+                # reader thread reaps it)
+                self.builder.account("nix_runs", started)
+                return stopping, None
             if self.holder.renew_due() and not self._renew(run):
                 return None
             if self.builder.stop.is_set() and not stopping:
@@ -421,10 +499,12 @@ class _Batch:
             self.first_pending = time.monotonic()
         self.pending.append(PendingOutcome(outcome, result, target.outputs))
 
-    def _flush(self) -> None:
+    def _flush(self, claim_next: bool = False) -> None:
         items, self.pending = self.pending, []
-        report = self.builder.report(self.holder, items)
+        claim = self._claim_next if claim_next and self.next_class is not None else None
+        report = self.builder.report(self.holder, items, also=claim)
         if report is None:
+            self.next = []  # rolled back with the report: nothing was claimed
             return
         finished = set(report.finished)
         # only what Nix built here (not substituted): a check rebuilds it locally
@@ -432,6 +512,13 @@ class _Batch:
                           if i.outcome.status is BuildStatus.succeeded
                           and i.outcome.step_id in finished
                           and self.by_step[i.outcome.step_id].drv_path in self.started)
+
+    def _claim_next(self, session: Session, report: FinishReport) -> None:
+        """The next batch, in the transaction reporting this one's last outcome (it
+        sees the dependents that report queued). Assigned, not appended: a deadlock
+        retry runs it again."""
+        assert self.next_class is not None
+        self.next = self.builder.claim_batch(session, self.holder, self.next_class)
 
     def _renew(self, run: NixRun) -> bool:
         renewal = self.holder.renew()

@@ -57,10 +57,29 @@ class ReconcileReport:
         return counts
 
 
+@dataclass(frozen=True)
+class LiveConsumer:
+    """A consumer that could take a step now or soon, and how many at once."""
+
+    capabilities: Capabilities
+    #: steps it builds at once (local workers, ``max_jobs``)
+    slots: int
+    #: a queue runner's local builder name (``LocalBuilder.name``), to leave oneself out
+    local_builder: str | None = None
+
+
 def live_consumers(session: Session, now: datetime | None = None,
                    settings: Settings | None = None) -> list[Capabilities]:
-    """Capabilities of every consumer that could take a step now or soon.
+    """Capabilities of every consumer that could take a step now or soon
+    (:func:`live_consumer_slots`)."""
+    return [c.capabilities for c in live_consumer_slots(session, now, settings)]
 
+
+def live_consumer_slots(session: Session, now: datetime | None = None,
+                        settings: Settings | None = None) -> list[LiveConsumer]:
+    """Every consumer that could take a step now or soon, with its slots.
+
+    Queue runners and remote Celery workers count while their heartbeat is fresh.
     An enabled SSH builder counts while its back-off ends within
     ``unsupported_timeout``: a builder that failed a few times (rebooting,
     a network blip) keeps its classes alive, one whose back-off has grown
@@ -68,29 +87,34 @@ def live_consumers(session: Session, now: datetime | None = None,
     go ``unsupported_system`` a timeout later unless another machine turns up.
     A builder without ``public_host_key`` never counts while
     ``ssh_require_host_key`` is on: it is refused without being tried.
+    Connected agents count with their ``max_jobs``.
     """
     now = now or datetime.now(UTC)
-    found: list[Capabilities] = []
+    found: list[LiveConsumer] = []
     for details in session.execute(text("""
         SELECT details FROM service_heartbeats
         WHERE kind = :kind AND last_heartbeat > :fresh
     """), {"kind": QUEUE_RUNNER_KIND, "fresh": now - STALE_AFTER}).scalars():
-        for caps in (details or {}).get("capabilities", []):
-            found.append(Capabilities.from_json(caps))
+        details = details or {}
+        slots = details.get("workers")
+        for caps in details.get("capabilities", []):
+            found.append(LiveConsumer(Capabilities.from_json(caps),
+                                      max(1, slots) if isinstance(slots, int) else 1,
+                                      details.get("local_builder")))
     runner = settings.queue_runner if settings is not None else None
-    for systems, supported, mandatory in session.execute(text("""
-        SELECT systems, supported_features, mandatory_features FROM remote_builders
+    for systems, supported, mandatory, max_jobs in session.execute(text("""
+        SELECT systems, supported_features, mandatory_features, max_jobs FROM remote_builders
         WHERE enabled
           AND (disabled_until IS NULL
                OR disabled_until <= now() + make_interval(secs => :patience))
           AND (NOT :require_key OR coalesce(btrim(public_host_key), '') <> '')
         UNION ALL
-        SELECT systems, supported_features, mandatory_features FROM builder_sessions
+        SELECT systems, supported_features, mandatory_features, max_jobs FROM builder_sessions
         WHERE connected
     """), {"patience": float(runner.unsupported_timeout if runner else 0),
            "require_key": bool(runner.ssh_require_host_key if runner else False)}).all():
-        found.append(Capabilities(frozenset(systems), frozenset(supported),
-                                  frozenset(mandatory)))
+        found.append(LiveConsumer(Capabilities(frozenset(systems), frozenset(supported),
+                                               frozenset(mandatory)), max(1, max_jobs or 1)))
     return found
 
 
