@@ -14,6 +14,7 @@ import celeryconfig
 from circus.common.celery import create_celery_app
 from circus.common.config import load_settings
 from circus.common.configbase import exit_on_bad_config
+from circus.common.daemon_exit import exit_after_shutdown
 from circus.common.heartbeat import HeartbeatThread
 from circus.common.localservices import die_with_parent
 from circus.common.logging import setup_logging
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
     finally:
         heartbeat.stop()
-    return int(worker.exitcode or 0)
+    # the worker's warm shutdown is complete (an exception keeps the usual exit)
+    return exit_after_shutdown(int(worker.exitcode or 0))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 
 from circus.common.config import load_settings
 from circus.common.configbase import exit_on_bad_config
+from circus.common.daemon_exit import exit_after_shutdown
 from circus.common.logging import setup_logging
 
 
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     runner = QueueRunner(settings, dispatcher=not args.no_dispatcher, workers=args.workers,
                          name=args.name, ssh_builders=not args.no_ssh_builders,
                          consumers=consumers)
-    return runner.run()
+    # run() returns once its shutdown has stopped everything (an exception keeps the
+    # usual exit and its traceback)
+    return exit_after_shutdown(runner.run())
 
 
 if __name__ == "__main__":

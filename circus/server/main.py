@@ -9,6 +9,7 @@ from typing import Any
 
 from circus.common.config import SERVER_THREADS, load_settings
 from circus.common.configbase import exit_on_bad_config
+from circus.common.daemon_exit import exit_after_shutdown
 from circus.common.logging import setup_logging
 
 
@@ -54,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         # ("error with status PGRES_TUPLES_OK and no message from the libpq").
         server_context(app).engine.dispose(close=False)
 
+    def worker_exit(server: Any, worker: Any) -> None:
+        # gunicorn calls this in a worker's last ``finally``, with the worker's
+        # SystemExit in flight; a clean stop leaves out the heap's teardown (the
+        # app's heap, inherited from the master: seconds under load)
+        leaving = sys.exc_info()[1]
+        if isinstance(leaving, SystemExit) and leaving.code in (0, None):
+            exit_after_shutdown(0)
+
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             options: dict[str, Any] = {
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 # one shared control socket path would make instances on a host collide
                 "control_socket_disable": True,
                 "post_fork": post_fork,
+                "worker_exit": worker_exit,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)
@@ -79,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             return app
 
     logging.getLogger(__name__).info("circus-server listening on http://%s:%s", host, port)
-    Server().run()
-    return 0
+    try:
+        Server().run()
+    except SystemExit as stopped:   # the arbiter's halt(): workers are all gone
+        if stopped.code not in (0, None):
+            raise
+    return exit_after_shutdown(0)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from circus.common.configbase import host_program_arguments, settings_from_arguments
+from circus.common.daemon_exit import exit_after_shutdown
 from circus.common.logging import setup_logging
 
 log = logging.getLogger("circus.worker")
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = settings_from_arguments(args, load_worker_settings)
     setup_logging(settings.tracing)
-    return RemoteWorkerDaemon(settings).run()
+    # run() returns once its shutdown is complete (an exception keeps the usual exit)
+    return exit_after_shutdown(RemoteWorkerDaemon(settings).run())
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ from circus.common.enums import (
 )
 from circus.common.models import User
 from tests.api.conftest import make_app
-from tests.dashboard.factories import Rows, World, populate
+from tests.dashboard.factories import PASSWORD, Rows, World, populate
 
-PASSWORD = "password-" + "x" * 8
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]

@@ -6,6 +6,7 @@ tests (committed, for a real server process).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import zstandard
 from sqlalchemy.orm import Session
 
+from circus.auth import passwords
 from circus.auth import service as auth_service
 from circus.auth.actor import Actor
 from circus.common.enums import (
@@ -48,6 +50,16 @@ from circus.common.models import (
 from circus.common.models.base import utcnow
 
 SYSTEM = Actor.system("test")
+#: the password of the users the tests make (the login tests type it)
+PASSWORD = "password-" + "x" * 8
+
+
+@functools.cache
+def password_hash() -> str:
+    """The argon2id hash of ``PASSWORD``, made once: three users in every dashboard
+    test hashed it again each time (0.6 s a hash at load 6-10, the setups took
+    12-20 s in a loaded full run). Logging in still verifies it for real."""
+    return passwords.hash_password(PASSWORD)
 _counter = itertools.count(1)
 
 
@@ -61,9 +73,13 @@ class Rows:
         self.log_dir = log_dir
 
     def user(self, username: str, role: Role = Role.read_only,
-             password: str | None = "password-" + "x" * 8) -> User:
-        user = auth_service.create_user(self.db, SYSTEM, username=username, role=role,
-                                        password=password)
+             password: str | None = PASSWORD) -> User:
+        if password != PASSWORD:
+            user = auth_service.create_user(self.db, SYSTEM, username=username, role=role,
+                                            password=password)
+        else:
+            user = auth_service.create_user(self.db, SYSTEM, username=username, role=role)
+            user.password_hash = password_hash()
         self.db.flush()
         return user
 
