@@ -72,6 +72,8 @@ def test_host_key_forms(tmp_path: Path) -> None:
     ("ssh-ed25519 !!!notbase64", "invalid ssh-ed25519 key"),
     ("ssh-ed25519 AAAAC3NzaC1yc2EAAAADAQABAAABAQ==", "invalid ssh-ed25519 key"),
     ("@cert-authority *.example.org ssh-ed25519 AAAA", "not supported"),
+    # not ASCII: base64 raises ValueError, not binascii.Error (a 500 the API fuzzer found)
+    ("\u00e9t\u00e9\u00bc", "expected 'type base64-key'"),
 ])
 def test_bad_host_keys(text: str, reason: str) -> None:
     with pytest.raises(HostKeyFormatError, match=reason):

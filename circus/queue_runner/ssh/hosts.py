@@ -98,7 +98,7 @@ def parse_host_keys(text: str) -> list[PKey]:
 def _hydra_form(token: str, number: int) -> list[str]:
     try:
         decoded = base64.b64decode(token, validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):   # binascii.Error; a non-ASCII token
         raise HostKeyFormatError(
             f"line {number}: expected 'type base64-key' or a known_hosts line") from None
     return decoded.split()
