@@ -124,7 +124,18 @@ class JobName(Base):
     )
 
 
-class BuildStatusTotal(Base):
+class RollupSums:
+    """The figures of a rollup row (:class:`BuildStatusTotal` and the hourly ones)."""
+
+    builds: Mapped[int] = mapped_column(BigInteger)
+    #: seconds from start to completion, of the ``durations`` builds that have both
+    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
+    durations: Mapped[int] = mapped_column(BigInteger)
+    #: a sum of delta rows (:func:`circus.common.rollups.compact`), not a delta itself
+    merged: Mapped[BoolFalse]
+
+
+class BuildStatusTotal(RollupSums, Base):
     """Builds per project, jobset, system and status, with the sum and number of their
     durations: ``/builds/stats`` without reading the builds. Delta rows, written by
     statement triggers on the builds' insert, update and delete (migration
@@ -139,11 +150,6 @@ class BuildStatusTotal(Base):
     jobset_id: Mapped[int]
     system: Mapped[str]
     status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
-    builds: Mapped[int] = mapped_column(BigInteger)
-    #: seconds from start to completion, of the ``durations`` builds that have both
-    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
-    durations: Mapped[int] = mapped_column(BigInteger)
-    merged: Mapped[BoolFalse]
 
     __table_args__ = (
         Index("ix_build_status_totals_key", "jobset_id", "project_id", "system", "status"),
@@ -152,7 +158,7 @@ class BuildStatusTotal(Base):
     )
 
 
-class BuildCompletionHour(Base):
+class BuildCompletionHour(RollupSums, Base):
     """Finished builds per project, jobset, status and hour of ``completed_at`` (UTC),
     with their durations: the time series without reading the builds. Delta rows like
     :class:`BuildStatusTotal`, written by the same triggers."""
@@ -164,10 +170,6 @@ class BuildCompletionHour(Base):
     jobset_id: Mapped[int]
     status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
     hour: Mapped[datetime]
-    builds: Mapped[int] = mapped_column(BigInteger)
-    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
-    durations: Mapped[int] = mapped_column(BigInteger)
-    merged: Mapped[BoolFalse]
 
     __table_args__ = (
         Index("ix_build_completion_hours_key", "jobset_id", "project_id", "status", "hour"),
@@ -177,7 +179,7 @@ class BuildCompletionHour(Base):
     )
 
 
-class ProjectCompletionHour(Base):
+class ProjectCompletionHour(RollupSums, Base):
     """:class:`BuildCompletionHour` without the jobset: the time series of all jobsets,
     or of a project's, from an eighth of the rows. Written by the same triggers."""
 
@@ -187,10 +189,6 @@ class ProjectCompletionHour(Base):
     project_id: Mapped[int]
     status: Mapped[BuildStatus] = mapped_column(IntEnumColumn(BuildStatus))
     hour: Mapped[datetime]
-    builds: Mapped[int] = mapped_column(BigInteger)
-    duration_sum: Mapped[Decimal] = mapped_column(Numeric)
-    durations: Mapped[int] = mapped_column(BigInteger)
-    merged: Mapped[BoolFalse]
 
     __table_args__ = (
         Index("ix_project_completion_hours_key", "project_id", "status", "hour"),
