@@ -149,7 +149,8 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
      "'cpu_core_count_with_speed_factor' or 'dynamic' (got 'random')"),
     ("[tracing]\nformat = 'xml'", {}, "tracing.format: must be text or json (got 'xml')"),
     ("[server.page_access]\nhomepage = 'public'", {},
-     "server.page_access.homepage: unknown page (known: build, channels, evaluation, home, "
+     "server.page_access.homepage: unknown page (known: build, channels, evaluation, "
+     "health_details, home, "
      "jobset, machines, metrics, news, project, projects, queue, search)"),
     ("[server.page_access]\nhome = 'everyone'", {},
      "server.page_access.home: must be 'public', 'authenticated' or 'admin' (got 'everyone')"),
