@@ -358,6 +358,9 @@ class _Batch:
         self.by_step = {t.step_id: t for t in targets}
         #: steps Nix has not settled yet (held, no outcome)
         self.held = set(self.by_step)
+        #: the step whose failure each failed step of this batch comes down to (itself,
+        #: or for a dependency failure the step it was propagated from)
+        self.failure_origin: dict[int, int] = {}
         self.started: dict[str, float] = {}
         self.pending: list[PendingOutcome] = []
         self.first_pending = 0.0
@@ -458,6 +461,8 @@ class _Batch:
         propagated_from = None
         if status is BuildStatus.dependency_failed:
             propagated_from = self._failed_input(target)
+        if not status.is_success:
+            self.failure_origin[target.step_id] = propagated_from or target.step_id
         self._add(target, status, result, event.exit_code, error or event.message, event.at,
                   propagated_from)
 
@@ -473,15 +478,20 @@ class _Batch:
         return status, None, error
 
     def _failed_input(self, target: Target) -> int | None:
+        """The step a dependency failure of ``target`` comes from: the origin of a failed
+        input built in this batch (a dependency-failed input's own origin, so a chain
+        app -> lib -> leaf names leaf, as the holder's propagation does), else the first
+        input this batch settled."""
         try:
             inputs = self.builder.cache.get(target.drv_path).input_drvs
         except (OSError, ValueError):
             return None
-        for drv in inputs:
-            dep = self.targets.get(drv)
-            if dep is not None and dep.step_id not in self.held:
-                return dep.step_id
-        return None
+        settled = [dep for drv in inputs
+                   if (dep := self.targets.get(drv)) is not None and dep.step_id not in self.held]
+        for dep in settled:
+            if dep.step_id in self.failure_origin:
+                return self.failure_origin[dep.step_id]
+        return settled[0].step_id if settled else None
 
     def _add(self, target: Target, status: BuildStatus, result: OutputResult | None,
              exit_code: int | None, error: str | None, at: float,

@@ -294,9 +294,14 @@ def propagate_failure(session: Session, step_id: int, status: BuildStatus, drv_p
     """), {"ids": list(locked), "status": int(as_status),
            "message": f"dependency {drv_path} failed ({status.name})"}).scalars().all()
     if failed:
+        # the cause, not the messenger: a step that itself failed for a dependency (its
+        # origin recorded with its outcome) passes on that dependency
         session.execute(text("""
-            UPDATE build_steps SET propagated_from_step_id = :origin WHERE step_id = ANY(:ids)
-        """), {"origin": step_id, "ids": list(failed)})
+            UPDATE build_steps SET propagated_from_step_id = coalesce(
+                (SELECT max(o.propagated_from_step_id) FROM build_steps o
+                 WHERE o.step_id = :failed), :failed)
+            WHERE step_id = ANY(:ids)
+        """), {"failed": step_id, "ids": list(failed)})
     return list(failed)
 
 
