@@ -15,6 +15,7 @@ import celeryconfig
 from circus.common import logcontext
 from circus.common.config import Settings
 from circus.common.db import after_commit, make_engine, make_session_factory
+from circus.common.kombu_redis import guard_closed_transport
 
 #: modules whose tasks every Circus Celery app registers
 TASK_MODULES = (
@@ -92,6 +93,7 @@ def context_of(app: Celery) -> CircusContext:
 
 def create_celery_app(settings: Settings, *, name: str = "circus",
                       engine: Engine | None = None) -> Celery:
+    guard_closed_transport()
     app = Celery(name, task_cls=DbTask, set_as_current=True)
     app.conf.update(celeryconfig.celery_settings(settings))
     engine = engine or make_engine(settings, application_name=name)

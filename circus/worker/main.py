@@ -31,6 +31,7 @@ class RemoteWorkerDaemon:
         from celery import Celery
 
         from celeryconfig import build_queue_name, common_celery_settings
+        from circus.common.kombu_redis import guard_closed_transport
         from circus.common.messaging import WAKE_TASK
         from circus.worker.builder import LeaseKeeper, RemoteBuilder
         from circus.worker.client import WorkerApi
@@ -44,6 +45,7 @@ class RemoteWorkerDaemon:
         self.api = WorkerApi(config, self.name)
         self.builder = RemoteBuilder(settings, self.api, self.stop)
         self.subscribed: set[str] = set()
+        guard_closed_transport()
         self.app = Celery("circus-worker")
         # the daemons' common settings (broker options, serialisation, acks)
         self.app.conf.update(common_celery_settings(config.broker_url))
