@@ -143,12 +143,12 @@ class RemoteWorker:
         return f"{HOLDER_PREFIX}{self.name}:"
 
 
-def heartbeat_service_prefix() -> str:
-    return "remote-worker:"
+#: the heartbeat rows of remote workers are ``remote-worker:<name>``
+HEARTBEAT_SERVICE_PREFIX = "remote-worker:"
 
 
 def heartbeat_service(worker: RemoteWorker) -> str:
-    return f"{heartbeat_service_prefix()}{worker.name}"
+    return f"{HEARTBEAT_SERVICE_PREFIX}{worker.name}"
 
 
 def authenticate(settings: Settings, token: str | None, name: str | None) -> RemoteWorker:
@@ -373,7 +373,7 @@ class RemoteWorkers:
                    (SELECT coalesce(sum((details ->> 'workers')::int), 0)
                     FROM service_heartbeats
                     WHERE starts_with(service, :prefix) AND last_heartbeat > now() - :stale)
-        """), {"cls": queue_class, "prefix": heartbeat_service_prefix(),
+        """), {"cls": queue_class, "prefix": HEARTBEAT_SERVICE_PREFIX,
                "stale": STALE_AFTER}).one()
         if not waiting:
             return 0
@@ -401,10 +401,6 @@ class RemoteWorkers:
         if key is None or not self.settings.cache.enabled:
             return None
         return str(key.public_key())
-
-    def publish_inputs(self, step_id: int, inputs: list[str]) -> None:
-        """:meth:`publish_inputs_of` for one step."""
-        self.publish_inputs_of({step_id: inputs})
 
     def publish_inputs_of(self, inputs_of: Mapping[int, list[str]]) -> None:
         """Put claimed steps' input closures (their .drv files and their sources, their
