@@ -235,7 +235,7 @@ class RemoteBuilder:
             return
         # 2. the builds, one after another, each log streamed to the server
         built: dict[int, list[str]] = {}
-        senders: list[asyncio.Task[None]] = []
+        senders: dict[int, asyncio.Task[None]] = {}
         for step in steps:
             step_id = int(step["id"])
             running = runnings[step_id]
@@ -250,8 +250,11 @@ class RemoteBuilder:
             if reports[step_id]["outcome"] in (Outcome.success.value,
                                                 Outcome.failed_with_output.value):
                 built[step_id] = list(dict(step["outputs"]).values())
-        # every log is on the server before the outcomes (which finalise the logs)
-        await asyncio.gather(*senders)
+        # every log is on the server before the outcomes (which finalise the logs); a
+        # step taken away meanwhile is not reported, so its log sender (which may hang
+        # in a request sent into a cut link until the client's timeout) is not waited for
+        await asyncio.gather(*(sender for step_id, sender in senders.items()
+                               if not runnings[step_id].lost))
         # 3. outputs travel to the server, which checks them before importing
         uploading = {i: outputs for i, outputs in built.items() if not runnings[i].lost}
         for step_id, error in (await self._upload_outputs(uploading)).items():
@@ -260,9 +263,9 @@ class RemoteBuilder:
         await self._report(runnings, reports)
 
     async def _realise(self, step: dict[str, Any], running: RunningStep,
-                       senders: list[asyncio.Task[None]]) -> dict[str, Any]:
-        """Build one step; its log goes to the server from a task of its own (appended
-        to ``senders``, awaited before the batch reports), so neither this build's
+                       senders: dict[int, asyncio.Task[None]]) -> dict[str, Any]:
+        """Build one step; its log goes to the server from a task of its own (kept
+        to ``senders`` by step id, awaited before the batch reports), so neither this build's
         output nor the next build waits for an HTTP round trip."""
         step_id = running.step_id
         log_bytes = 0
@@ -292,7 +295,7 @@ class RemoteBuilder:
             log_bytes += len(chunk)
             chunks.put_nowait(chunk)
 
-        senders.append(asyncio.ensure_future(send_logs()))
+        senders[step_id] = asyncio.ensure_future(send_logs())
         outputs: dict[str, str] = dict(step["outputs"])
         result: RealiseResult = await realise(
             str(step["drv_path"]), env=self.nix_env, timeout=int(step["timeout"]) or None,

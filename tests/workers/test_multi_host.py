@@ -168,6 +168,10 @@ def test_a_dag_across_hosts_survives_a_cut_host(
         wait_until(lambda: "stopped the builds" in workers["far"].log(), timeout=LEASE_SECS + 5,
                    interval=0.1, message="the cut worker fencing itself")
         fenced_after = time.monotonic() - cut_at
+        # the stopped steps are logged when the slot's batch ends, after the killed build
+        wait_until(lambda: workers["far"].log().count("; no longer this worker's")
+                   >= sleeping_when_cut, timeout=20, interval=0.1,
+                   message="the cut worker's stopped steps logged")
         # (by pid: a builder orphaned by its killed nix-store would leave the tree)
         wait_until(lambda: not any(Path(f"/proc/{p.split(':')[0]}").exists()
                                    for p in builders_when_cut)
