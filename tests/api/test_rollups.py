@@ -176,6 +176,23 @@ def test_rebuild_gives_what_the_triggers_wrote(client: FlaskClient, admin: dict[
     assert (stats(client, admin), series(client, admin, "duration", "bucket=hour")) == figures
 
 
+def test_truncating_builds_empties_the_figures(client: FlaskClient, admin: dict[str, str],
+                                               world: World, db: Session) -> None:
+    """TRUNCATE fires no delete trigger; cascaded from projects it empties builds too."""
+    evaluation = world.evaluation(world.jobset(world.project()))
+    now = utcnow()
+    world.build(evaluation, "a", BuildStatus.succeeded, started_at=now - timedelta(minutes=3),
+                completed_at=now - timedelta(minutes=1))
+    world.build(evaluation, "b")
+    assert stats(client, admin)["total"] == 2
+    assert sum(p.get("succeeded", 0) for p in series(client, admin, "builds", "days=1")) == 1
+    db.execute(text("TRUNCATE projects CASCADE"))
+    assert stats(client, admin)["total"] == 0
+    assert sum(p.get("succeeded", 0) for p in series(client, admin, "builds", "days=1")) == 0
+    for model in (BuildStatusTotal, BuildCompletionHour, ProjectCompletionHour):
+        assert db.scalar(select(func.count()).select_from(model)) == 0, model
+
+
 def test_a_merge_leaves_deltas_it_cannot_see_for_the_next(
         committed_db: sessionmaker[Session]) -> None:
     """A build finishing in a transaction still open while another merges: its delta is
