@@ -366,18 +366,25 @@ class RemoteWorkers:
         """How many of ``queue_class``'s queued steps one claim may take: ``limit`` at
         most, and no more than the queued steps divided by the slots of the live remote
         workers (rounded down, at least one), so one worker's batch does not leave the
-        others idle; 0 when nothing is queued."""
+        others idle; 0 when nothing is queued.
+
+        The queued steps are counted up to ``limit`` per slot only: beyond that the
+        answer is ``limit`` anyway, and a class with 100,000 queued steps would
+        otherwise cost every claim a walk over all of them."""
         waiting, slots = session.execute(text("""
-            SELECT (SELECT count(*) FROM steps
-                    WHERE state = 'queued' AND queue_class = :cls),
-                   (SELECT coalesce(sum((details ->> 'workers')::int), 0)
-                    FROM service_heartbeats
-                    WHERE starts_with(service, :prefix) AND last_heartbeat > now() - :stale)
+            WITH live AS (
+                SELECT greatest(1, coalesce(sum((details ->> 'workers')::int), 0)) AS slots
+                FROM service_heartbeats
+                WHERE starts_with(service, :prefix) AND last_heartbeat > now() - :stale)
+            SELECT (SELECT count(*) FROM (
+                        SELECT 1 FROM steps WHERE state = 'queued' AND queue_class = :cls
+                        LIMIT :limit * (SELECT slots FROM live)) AS counted),
+                   (SELECT slots FROM live)
         """), {"cls": queue_class, "prefix": HEARTBEAT_SERVICE_PREFIX,
-               "stale": STALE_AFTER}).one()
+               "stale": STALE_AFTER, "limit": limit}).one()
         if not waiting:
             return 0
-        return max(1, min(limit, int(waiting) // max(1, int(slots))))
+        return max(1, min(limit, int(waiting) // int(slots)))
 
     def _unprepared(self, holder: StepHolder, worker: RemoteWorker, steps: list[Any],
                     exc: Exception) -> None:
