@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
 from sqlalchemy.orm import Session
 
 from circus import audit
@@ -216,16 +216,30 @@ def update_api_key(session: Session, actor: Actor, key: ApiKey, *, secret: str, 
 def list_api_keys_query(actor: Actor, *, all_keys: bool = False) -> Any:
     require_authenticated(actor)
     query = select(ApiKey).order_by(ApiKey.id)
+    if actor.user_id is None and not actor.is_admin:
+        # ``owner_id == None`` is SQL's IS NULL: an ownerless key would list every other
+        # ownerless key (an admin's robot's among them); it owns none of them
+        return query.where(false())
     if not (actor.is_admin and all_keys):
         query = query.where(ApiKey.owner_id == actor.user_id)
     return query
 
 
+def get_own_api_key(session: Session, actor: Actor, key_id: int) -> ApiKey:
+    """A key the actor may see: any for admins, else one the actor's user owns (a 404
+    for the rest). A key without an owner is nobody's own: two ownerless keys do not
+    own each other."""
+    require_authenticated(actor)
+    key = session.get(ApiKey, key_id)
+    if key is None or not (actor.is_admin or (
+            actor.user_id is not None and key.owner_id == actor.user_id)):
+        raise NotFound(f"no API key with id {key_id}")
+    return key
+
+
 def revoke_api_key(session: Session, actor: Actor, key_id: int) -> ApiKey:
     require_writable(actor)
-    key = session.get(ApiKey, key_id)
-    if key is None or (not actor.is_admin and key.owner_id != actor.user_id):
-        raise NotFound(f"no API key with id {key_id}")
+    key = get_own_api_key(session, actor, key_id)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
     audit.record(session, actor, "api_key.revoke", f"api_key:{key.id}", {"name": key.name})

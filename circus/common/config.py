@@ -57,6 +57,17 @@ Percent = Annotated[float, AfterValidator(between(0, 100))]
 Port = Annotated[int, AfterValidator(between(0, 65535))]
 
 
+def _digest_of_line(line: str) -> str:
+    """A digest line as ``sha256sum`` writes it (``<hex>  -`` or ``<hex> *file``) is
+    its first word, so ``printf %s "$TOKEN" | sha256sum >> digests`` just works."""
+    words = line.split()
+    return words[0] if words else line
+
+
+#: one accepted token's (agents, remote workers, scrapers) SHA-256 hex digest
+TokenDigest = Annotated[str, AfterValidator(_digest_of_line)]
+
+
 def digest_problems(digests: list[str], key: str = "auth_tokens") -> list[Problem]:
     """Every entry of a token-digest list that is not a SHA-256 hex digest."""
     return [Problem(f"{key}[{i}]", "must be a SHA-256 hex digest")
@@ -175,6 +186,9 @@ DEFAULT_PAGE_ACCESS: dict[str, PageAccess] = {
     "machines": PageAccess.authenticated,
     "queue": PageAccess.admin,
     "metrics": PageAccess.admin,
+    #: ``/metrics``: queue, build and evaluation counts of the whole installation (hidden
+    #: projects' included) and the agents' host names; scrapers may use ``metrics_tokens``
+    "prometheus": PageAccess.admin,
     #: ``/health`` answers everyone its status (probes need it); who also sees the
     #: details: daemon hosts and versions, error texts, ``circus up``'s restarts
     "health_details": PageAccess.admin,
@@ -186,7 +200,7 @@ SERVER_THREADS = 32
 
 
 class ServerSettings(SettingsModel):
-    secret_fields = ("secret_key",)
+    secret_fields = ("secret_key", "metrics_tokens")
 
     host: str = "127.0.0.1"
     port: Port = 3000
@@ -214,6 +228,10 @@ class ServerSettings(SettingsModel):
     workers: Positive = 2
     ldap: LdapSettings = LdapSettings()
     page_access: dict[str, PageAccess] = {}
+    #: SHA-256 hex digests of bearer tokens that may read ``/metrics`` and nothing else
+    #: (a Prometheus scraper's credentials); callers who may view the ``prometheus`` page
+    #: (``page_access``, admins by default) may read it too
+    metrics_tokens: list[TokenDigest] = []
     #: set by ``circus up``: its daemons' restart counts, shown by ``/health``
     supervisor_status_file: str | None = None
     #: host names, IP addresses or CIDR networks that notification and webhook targets
@@ -256,6 +274,7 @@ class ServerSettings(SettingsModel):
         for origin in self.allowed_origins:
             if origin != "*" and _url_problem(origin, ("http", "https")):
                 found.append(Problem("allowed_origins", f"not an http(s) origin: {origin!r}"))
+        found += digest_problems(self.metrics_tokens, "metrics_tokens")
         for page in self.page_access:
             if page not in DEFAULT_PAGE_ACCESS:
                 known = ", ".join(sorted(DEFAULT_PAGE_ACCESS))
@@ -401,17 +420,6 @@ class OidcSettings(SettingsModel):
             if problem:
                 found.append(Problem("issuer", problem))
         return found
-
-
-def _digest_of_line(line: str) -> str:
-    """A digest line as ``sha256sum`` writes it (``<hex>  -`` or ``<hex> *file``) is
-    its first word, so ``printf %s "$TOKEN" | sha256sum >> digests`` just works."""
-    words = line.split()
-    return words[0] if words else line
-
-
-#: one accepted agent token's SHA-256 hex digest
-TokenDigest = Annotated[str, AfterValidator(_digest_of_line)]
 
 
 class RpcSettings(SettingsModel):

@@ -7,10 +7,17 @@ and their durations, the binary cache's counts), so every server process
 reports the same numbers, including what other daemons did (the evaluator
 stores each evaluation's duration on its row). Each app gets its own registry
 (tests create many apps in one process).
+
+Who may scrape: the figures cover the whole installation (hidden projects' builds
+and evaluations included) and name the agents' hosts, so ``/metrics`` answers a
+bearer token whose digest is in ``server.metrics_tokens`` (a scraper's credential,
+good for nothing else) or a caller who may view the ``prometheus`` page
+(``server.page_access``: admins by default; ``public`` opens it to everyone).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -35,6 +42,7 @@ from circus.common.enums import (
     NotificationTaskStatus,
     StepState,
 )
+from circus.common.errors import PermissionDenied, Unauthenticated
 from circus.common.models import (
     BuilderSession,
     BuildStatusTotal,
@@ -44,7 +52,9 @@ from circus.common.models import (
     ServiceHeartbeat,
     Step,
 )
-from circus.server.context import server_context
+from circus.common.tokens import token_accepted
+from circus.server.auth import bearer_token, current_actor
+from circus.server.context import server_context, settings
 from circus.server.counters import (
     CACHE_BYTES,
     CACHE_ERRORS,
@@ -53,6 +63,7 @@ from circus.server.counters import (
     read_counters,
     tally,
 )
+from circus.server.dashboard.access import may_view
 
 #: upper bounds (seconds) of the evaluation duration buckets: a small flake takes
 #: seconds, nixpkgs-sized jobsets tens of minutes
@@ -227,10 +238,40 @@ class DatabaseCollector(Collector):
             families.cache_errors.add_metric([name.removeprefix(CACHE_ERRORS)], value)
 
 
+#: the page of ``server.page_access`` that opens ``/metrics`` to users and API keys
+SCRAPE_PAGE = "prometheus"
+
+
+def require_scraper() -> None:
+    """401/403 unless the caller may read ``/metrics`` (see the module doc)."""
+    token = bearer_token()
+    if token is not None and token_accepted(token, settings().server.metrics_tokens):
+        return
+    actor = current_actor()
+    if may_view(actor, SCRAPE_PAGE):
+        return
+    if not actor.is_authenticated:
+        raise Unauthenticated("authentication required to read metrics", {
+            "hint": "send Authorization: Bearer <token> with a token whose SHA-256 digest "
+                    "is in server.metrics_tokens, or an admin's API key"})
+    raise PermissionDenied(f"{actor.label} may not read metrics",
+                           {"page": SCRAPE_PAGE, "role": actor.role and actor.role.value})
+
+
+def scrapers_only(view: Callable[..., object]) -> Callable[..., object]:
+    @functools.wraps(view)
+    def guarded(*args: object, **kwargs: object) -> object:
+        require_scraper()
+        return view(*args, **kwargs)
+
+    return guarded
+
+
 def init_app(app: Flask) -> PrometheusMetrics:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(DatabaseCollector(lambda: server_context(app).session_factory,
                                         lambda: tally(app)))
     metrics = PrometheusMetrics(app, registry=registry, path="/metrics",
-                                group_by="url_rule", defaults_prefix="circus")
+                                group_by="url_rule", defaults_prefix="circus",
+                                metrics_decorator=scrapers_only)
     return metrics

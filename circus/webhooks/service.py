@@ -29,7 +29,8 @@ from circus.projects import service as projects
 from circus.webhooks import events, signatures
 from circus.webhooks.events import ForgeEvent
 
-#: how long a delivery id is remembered: a replay within it is answered "duplicate"
+#: how long a delivery is remembered (its id and its body's digest): a replay within it
+#: is answered "duplicate"
 REPLAY_WINDOW_DAYS = 30
 
 
@@ -88,10 +89,12 @@ def receive(session: Session, settings: Settings, *, project_ref: str, forge: st
                   remote_addr=remote_addr)
     requested_by = f"{hook.forge_type.value} webhook" + (f" {delivery}" if delivery else "")
     target = f"project:{project.name}/webhook:{hook.forge_type.value}"
-    if delivery and _already_received(session, hook.id, target, delivery[:200]):
+    body_digest = hashlib.sha256(body).hexdigest()
+    if _already_received(session, hook.id, target, delivery and delivery[:200], body_digest):
         # a replayed (or redelivered) delivery: signed, but it must not trigger twice
         return Received(event.name, "duplicate",
-                        f"delivery {delivery[:200]} was already received: ignored")
+                        f"delivery {(delivery or body_digest)[:200]} was already received: "
+                        "ignored")
     if event.kind == "ping":
         result = Received(event.name, "pong", "pong")
     elif event.kind == "push":
@@ -102,7 +105,7 @@ def receive(session: Session, settings: Settings, *, project_ref: str, forge: st
         result = Received(event.name, "ignored", event.reason or "ignored")
     audit.record(session, actor, "webhook.receive", target,
                  {"event": event.name, "delivery": delivery and delivery[:200],
-                  "action": result.action,
+                  "body_sha256": body_digest, "action": result.action,
                   "branch": event.branch or event.base_branch, "commit": event.commit,
                   "pull_request": event.pr_number,
                   "evaluations": [e["evaluation_id"] for e in result.evaluations
@@ -110,24 +113,30 @@ def receive(session: Session, settings: Settings, *, project_ref: str, forge: st
     return result
 
 
-def _already_received(session: Session, hook_id: int, target: str, delivery: str) -> bool:
-    """Whether this hook accepted a delivery with this id within ``REPLAY_WINDOW_DAYS``.
+def _already_received(session: Session, hook_id: int, target: str, delivery: str | None,
+                      body_digest: str) -> bool:
+    """Whether this hook accepted a delivery with this id, or with this very body, within
+    ``REPLAY_WINDOW_DAYS``.
 
-    The accepted deliveries' audit rows are the record (no extra table); a
-    transaction-scoped advisory lock per (hook, delivery id) makes two copies sent
-    at once wait for each other, so the second sees the first's committed row.
+    The signature covers the body only: a captured delivery replayed under a new (or
+    without a) delivery id header is still the body already accepted. A forge's
+    deliveries differ in their bodies (commits, timestamps). The accepted deliveries'
+    audit rows are the record (no extra table); transaction-scoped advisory locks per
+    (hook, delivery id) and (hook, body) make two copies sent at once wait for each
+    other, so the second sees the first's committed row.
     """
-    digest = hashlib.blake2b(f"webhook:{hook_id}:{delivery}".encode(), digest_size=8).digest()
-    session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                    {"key": int.from_bytes(digest, "big", signed=True)})
+    for name in ([delivery] if delivery else []) + [f"body:{body_digest}"]:
+        key = hashlib.blake2b(f"webhook:{hook_id}:{name}".encode(), digest_size=8).digest()
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                        {"key": int.from_bytes(key, "big", signed=True)})
     return session.execute(text("""
         SELECT 1 FROM audit_log
         WHERE action = 'webhook.receive' AND target = :target
-          AND details->>'delivery' = :delivery
+          AND (details->>'delivery' = :delivery OR details->>'body_sha256' = :body)
           AND at > now() - make_interval(days => :days)
         LIMIT 1
-    """), {"target": target, "delivery": delivery, "days": REPLAY_WINDOW_DAYS}).first() \
-        is not None
+    """), {"target": target, "delivery": delivery, "body": body_digest,
+           "days": REPLAY_WINDOW_DAYS}).first() is not None
 
 
 def _jobsets_on(session: Session, project: Project, branch: str, default_branch: str | None

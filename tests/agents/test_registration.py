@@ -178,7 +178,7 @@ def test_sessions_and_metrics_show_connected_agents(
         client = create_app(gateway_settings).test_client()
         headers = {"Authorization": f"Bearer {secret}"}
         listed = client.get("/api/v1/admin/builders/sessions/connected", headers=headers)
-        metrics = client.get("/metrics").get_data(as_text=True)
+        metrics = client.get("/metrics", headers=headers).get_data(as_text=True)
     assert listed.status_code == 200
     assert [s["name"] for s in listed.get_json()["items"]] == ["visible"]
     assert listed.get_json()["items"][0]["max_jobs"] == 2

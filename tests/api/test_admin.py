@@ -178,7 +178,8 @@ def test_search_news_metrics(client: FlaskClient, admin: dict[str, str], world: 
     assert duration["bucket"] == "hour"
     assert len(duration["series"]) == 1
 
-    metrics = client.get("/metrics")
+    assert client.get("/metrics").status_code == 401
+    metrics = client.get("/metrics", headers=admin)
     assert metrics.status_code == 200
     text = metrics.get_data(as_text=True)
     assert 'circus_builds{status="succeeded"} 1.0' in text

@@ -9,14 +9,19 @@ import pytest
 import requests
 from sqlalchemy import Engine
 
+from circus.common.tokens import token_digest
 from tests.api.live import ADMIN_KEY, LiveServer, live_server
+
+#: a Prometheus scraper's credential (its digest is in server.metrics_tokens)
+SCRAPER_TOKEN = "scraper-token-0123456789abcdef0123"
 
 
 @pytest.fixture(scope="module")
 def server(engine: Engine, database_url: str, redis_url: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with live_server(engine, database_url, redis_url,
-                     tmp_path_factory.mktemp("live-api")) as running:
+    with live_server(engine, database_url, redis_url, tmp_path_factory.mktemp("live-api"),
+                     CIRCUS_SERVER__METRICS_TOKENS=f'["{token_digest(SCRAPER_TOKEN)}"]'
+                     ) as running:
         yield running
 
 
@@ -53,7 +58,7 @@ def test_crud_and_revocation_over_http(server: LiveServer) -> None:
                          headers=admin, timeout=10).json()
     assert audit["items"][0]["remote_addr"] == "127.0.0.1"
     assert audit["items"][0]["actor"] == "key:live-admin"
-    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    metrics = requests.get(server.url + "/metrics", headers=admin, timeout=10).text
     assert "circus_builds" in metrics
 
 
@@ -131,6 +136,43 @@ def test_health_tells_strangers_the_status_but_not_the_installation(
     [row] = [d for d in full["daemons"] if d["service"] == "remote-worker:builder7"]
     assert row["hostname"] == "builder7.internal.example"
     assert row["version"]
+
+
+def test_metrics_answer_scrapers_and_admins_not_strangers(
+        server: LiveServer, engine: Engine) -> None:
+    """/metrics counts every project's builds (hidden ones too) and names the agents'
+    hosts: anonymous callers, a read-only key and a wrong token get no figure; the
+    scraper's token reads them and nothing else."""
+    from circus.common.db import make_session_factory
+    from circus.common.models import BuilderSession
+
+    with make_session_factory(engine).begin() as session:
+        session.add(BuilderSession(
+            machine_id="m-builder7", name="builder7.internal.example",
+            hostname="builder7.internal.example", systems=["x86_64-linux"],
+            supported_features=[], mandatory_features=[], proto_version=1, connected=True))
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    reader = requests.post(server.url + "/api/v1/api-keys", headers=admin, timeout=10,
+                           json={"name": "metrics-reader", "role": "read-only"})
+    assert reader.status_code == 201, reader.text
+    strangers = [({}, 401), ({"Authorization": "Bearer not-a-key"}, 401),
+                 ({"Authorization": f"Bearer {SCRAPER_TOKEN}x"}, 401),
+                 ({"Authorization": f"Bearer {reader.json()['key']}"}, 403)]
+    for headers, status in strangers:
+        answer = requests.get(server.url + "/metrics", headers=headers, timeout=10)
+        assert answer.status_code == status, (headers, answer.text[:300])
+        assert answer.headers["Content-Type"].startswith("application/json")
+        assert "builder7" not in answer.text
+        assert "circus_" not in answer.text
+    scraper = {"Authorization": f"Bearer {SCRAPER_TOKEN}"}
+    for headers in (scraper, admin):
+        scraped = requests.get(server.url + "/metrics", headers=headers, timeout=10)
+        assert scraped.status_code == 200
+        assert 'circus_agent_load1{agent="builder7.internal.example"}' in scraped.text
+        assert "circus_builds{" in scraped.text
+    # the scraper's token is no API key: it reads nothing else
+    assert requests.get(server.url + "/api/v1/projects", headers=scraper,
+                        timeout=10).status_code == 401
 
 
 def test_json_logs_carry_the_request_id_that_the_response_names(

@@ -3,6 +3,7 @@ from __future__ import annotations
 from circus.common.config import Settings
 from circus.common.db import make_engine, make_session_factory
 from circus.common.heartbeat import beat
+from circus.common.tokens import token_digest
 from circus.server.app import create_app
 
 
@@ -51,8 +52,12 @@ def test_creating_the_app_opens_no_database_connection(settings: Settings) -> No
     engine = make_engine(settings)
     opened: list[object] = []
     event.listen(engine, "connect", lambda *args: opened.append(args))
+    scraper = "scraper-token-0123456789abcdef"
+    settings = settings.model_copy(update={"server": settings.server.model_copy(
+        update={"metrics_tokens": [token_digest(scraper)]})})
     app = create_app(settings, engine=engine)
     assert opened == []
-    assert app.test_client().get("/metrics").status_code == 200
+    assert app.test_client().get(
+        "/metrics", headers={"Authorization": f"Bearer {scraper}"}).status_code == 200
     assert len(opened) == 1
     engine.dispose()

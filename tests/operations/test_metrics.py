@@ -10,9 +10,11 @@ import requests
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from circus.auth.actor import Actor
+from circus.auth.service import create_api_key
 from circus.cache.publish import publish_outputs
 from circus.common.config import Settings
-from circus.common.enums import EvaluationStatus, NotificationType, TriggerKind
+from circus.common.enums import EvaluationStatus, NotificationType, Role, TriggerKind
 from circus.common.heartbeat import beat
 from circus.common.models import Evaluation, NotificationTask, PendingPostprocessing
 from circus.server.counters import Tally, read_counters
@@ -36,6 +38,8 @@ def test_metrics_after_an_evaluation_a_build_and_cache_traffic_pass_promtool(
         session.add(Evaluation(jobset_id=build.jobset_id, trigger_kind=TriggerKind.manual,
                                status=EvaluationStatus.failed, eval_time=0.4))
         session.add(NotificationTask(type=NotificationType.webhook, payload={}))
+        _, secret = create_api_key(session, Actor.system("test"), name="scraper",
+                                   role=Role.admin)
         # a build whose post-processing failed twice
         session.add(PendingPostprocessing(build_id=build.id, attempts=2,
                                           not_before=datetime.now(UTC)))
@@ -63,7 +67,8 @@ def test_metrics_after_an_evaluation_a_build_and_cache_traffic_pass_promtool(
                             timeout=10).status_code == 404
 
         def scrape() -> str:
-            return requests.get(f"{base}/metrics", timeout=10).text
+            return requests.get(f"{base}/metrics", timeout=10,
+                                headers={"Authorization": f"Bearer {secret}"}).text
 
         # each worker adds its counts to the database within ten seconds; a scrape,
         # whichever worker answers it, reports the sum

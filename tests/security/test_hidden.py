@@ -51,8 +51,10 @@ def world(engine: Engine, database_url: str, redis_url: str, cache_key: KeyPair,
     with world_server(engine, database_url, redis_url, state,
                       CIRCUS_SIGNING__ENABLED="true",
                       CIRCUS_SIGNING__KEY=cache_key.secret,
-                      # the metrics page is admin-only by default; open it to be attacked
-                      CIRCUS_SERVER__PAGE_ACCESS='{"metrics": "authenticated"}') as made:
+                      # the metrics and queue pages are admin-only by default; open them
+                      # to be attacked
+                      CIRCUS_SERVER__PAGE_ACCESS='{"metrics": "authenticated", '
+                                                 '"queue": "authenticated"}') as made:
         log_dir = Path(made.settings.logs.log_dir)
         with Session(engine, expire_on_commit=False) as session:
             hidden = populate_project(session, log_dir, built, name=f"hush-{nonce[:8]}",
@@ -149,6 +151,26 @@ def test_metrics_time_series_of_a_hidden_project_or_jobset_is_404(world: World) 
         return sum(int(n) for n in re.findall(r'<td class="num">(\d+)</td>', by_status))
 
     assert page_total(ADMIN_KEY) == page_total(OUTSIDER_KEY) + 2
+
+
+def test_queue_counters_count_no_build_of_a_hidden_project(world: World) -> None:
+    """The home page (public) and the queue page say how many builds are queued and
+    running: a stranger must not learn from them that a hidden project is building."""
+    def running(page: str, key: str | None) -> int:
+        answer = get(world, page, key=key)
+        assert answer.status_code == 200, (page, answer.status_code)
+        pattern = r'<span class="big">(\d+)</span> builds running' if page == "/" \
+            else r"builds queued, (\d+) running"
+        found = re.search(pattern, answer.text)
+        assert found is not None, page
+        return int(found.group(1))
+
+    # each project has one running build
+    assert running("/", ADMIN_KEY) == 2
+    assert running("/", None) == running("/", OUTSIDER_KEY) == 1
+    assert running("/", MEMBER_KEY) == 2
+    assert running("/queue", ADMIN_KEY) == 2
+    assert running("/queue", OUTSIDER_KEY) == 1
 
 
 def test_badges_of_a_hidden_job_are_those_of_a_job_that_does_not_exist(world: World) -> None:

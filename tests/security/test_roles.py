@@ -162,3 +162,31 @@ def test_a_narrower_key_cannot_set_a_first_password(api: Api, server: LiveServer
     assert api.call("POST", "/me/password", whole, json=body).status_code == 204
     assert requests.post(server.url + "/api/v1/auth/login", timeout=10,
                          json={"username": "erin", "password": PASSWORD}).status_code == 200
+
+
+def test_a_key_without_an_owner_touches_no_other_key(api: Api) -> None:
+    """Admins make keys without an owner (a CI robot, a dashboard screen). One that is
+    not an admin key must not read or revoke other ownerless keys: an ownerless
+    read-only key revoked the robot's admin key (both owners are None, so they matched
+    as 'its own')."""
+    def ownerless(name: str, role: str) -> tuple[int, dict[str, str]]:
+        response = api.call("POST", "/api-keys", json={"name": name, "role": role})
+        assert response.status_code == 201, response.text
+        assert response.json()["owner_id"] is None
+        return int(response.json()["id"]), {"Authorization": f"Bearer {response.json()['key']}"}
+
+    robot_id, robot = ownerless("deploy-robot", "admin")
+    screen_id, screen = ownerless("wall-screen", "read-only")
+    _, trigger = ownerless("nightly-trigger", "eval-jobset")
+    for attacker in (screen, trigger):
+        revoked = api.call("DELETE", f"/api-keys/{robot_id}", attacker)
+        assert revoked.status_code in (403, 404), revoked.text
+        peek = api.call("GET", f"/api-keys/{robot_id}", attacker)
+        assert peek.status_code == 404, peek.text
+    # the robot's key still works; an ownerless key is not even its own
+    assert api.call("GET", "/admin/audit-log", robot).status_code == 200
+    assert api.call("DELETE", f"/api-keys/{screen_id}", screen).status_code == 404
+    assert api.call("GET", "/api-keys?all=true", screen).json()["items"] == []
+    # positive control: an admin revokes it
+    assert api.call("DELETE", f"/api-keys/{robot_id}").status_code == 204
+    assert api.call("GET", "/admin/audit-log", robot).status_code == 401

@@ -319,24 +319,29 @@ def test_a_replayed_forge_delivery_triggers_nothing(world: World) -> None:
                 json={"forge_type": "github", "secret": HOOK_SECRET})
     assert hook.status_code == 201, hook.text
 
-    def deliver(delivery: str, after: str) -> requests.Response:
+    def deliver(delivery: str | None, after: str) -> requests.Response:
         body = json.dumps({"ref": "refs/heads/main", "before": "0" * 40, "after": after,
                            "repository": {"full_name": "acme/widget",
                                           "default_branch": "main"}}).encode()
         signature = hmac.new(HOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        headers = {"X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={signature}",
+                   "Content-Type": "application/json"}
+        if delivery is not None:
+            headers["X-GitHub-Delivery"] = delivery
         return requests.post(world.api + "/webhooks/replay/github", data=body, timeout=10,
-                             headers={"X-GitHub-Event": "push", "X-GitHub-Delivery": delivery,
-                                      "X-Hub-Signature-256": f"sha256={signature}",
-                                      "Content-Type": "application/json"})
+                             headers=headers)
 
     first = deliver("delivery-1", "a" * 40)
     assert first.status_code == 200, first.text
     assert first.json()["action"] == "triggered"
     evaluations = evaluation_ids(world)
-    replayed = deliver("delivery-1", "a" * 40)
-    assert replayed.status_code == 200, replayed.text
-    assert replayed.json()["action"] == "duplicate"
-    assert replayed.json()["evaluations"] == []
+    # the signature covers the body only: the captured body under another delivery id,
+    # or under none, is the same delivery
+    for delivery in ("delivery-1", "delivery-1-again", None):
+        replayed = deliver(delivery, "a" * 40)
+        assert replayed.status_code == 200, replayed.text
+        assert replayed.json()["action"] == "duplicate", delivery
+        assert replayed.json()["evaluations"] == []
     assert evaluation_ids(world) == evaluations
     audit = call(world, "GET", "/admin/audit-log?action=webhook.receive", ADMIN).json()
     assert [a["details"]["delivery"] for a in audit["items"]

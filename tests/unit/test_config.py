@@ -151,7 +151,9 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
     ("[server.page_access]\nhomepage = 'public'", {},
      "server.page_access.homepage: unknown page (known: build, channels, evaluation, "
      "health_details, home, "
-     "jobset, machines, metrics, news, project, projects, queue, search)"),
+     "jobset, machines, metrics, news, project, projects, prometheus, queue, search)"),
+    ("[server]\nmetrics_tokens = ['hunter2']", {},
+     "server.metrics_tokens[0]: must be a SHA-256 hex digest"),
     ("[server.page_access]\nhome = 'everyone'", {},
      "server.page_access.home: must be 'public', 'authenticated' or 'admin' (got 'everyone')"),
     ("[server]\nrate_limit_api = 'lots'", {},

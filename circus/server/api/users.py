@@ -13,11 +13,11 @@ from sqlalchemy import select
 from circus import audit
 from circus.auth import service
 from circus.auth.actor import Actor
-from circus.auth.permissions import Action, require_authenticated, require_permission
+from circus.auth.permissions import Action, require_permission
 from circus.auth.visibility import only_visible, require_visible
 from circus.common.enums import ActorKind
 from circus.common.errors import CircusError, Conflict, InvalidInput, NotFound, Unauthenticated
-from circus.common.models import ApiKey, Jobset, Project, ProjectMember, StarredJob, User
+from circus.common.models import Jobset, Project, ProjectMember, StarredJob, User
 from circus.projects.service import get_jobset_by_id
 from circus.server import auth
 from circus.server import github_login as github_flow
@@ -232,12 +232,7 @@ def revoke_key(key_id: int) -> ResponseReturnValue:
 @blp.get("/api-keys/<id:key_id>")
 @blp.response(200, ApiKeySchema)
 def get_key(key_id: int) -> Any:
-    actor = current_actor()
-    require_authenticated(actor)
-    key = db_session().get(ApiKey, key_id)
-    if key is None or (not actor.is_admin and key.owner_id != actor.user_id):
-        raise NotFound(f"no API key with id {key_id}")
-    return key
+    return service.get_own_api_key(db_session(), current_actor(), key_id)
 
 
 # ---------------------------------------------------------------------------

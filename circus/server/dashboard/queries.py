@@ -134,12 +134,14 @@ def recent_evaluations(session: Session, limit: int, *, actor: Actor
 # home
 
 
-def queue_summary(session: Session) -> dict[str, Any]:
+def queue_summary(session: Session, actor: Actor) -> dict[str, Any]:
+    """Queued and running builds ``actor`` may see; unfinished steps of all projects (a
+    step is shared by every build that needs it: the builders' load, named by nobody)."""
     # from the rollup the builds' triggers keep (a few rows per jobset)
-    builds = {status: int(count) for status, count in session.execute(
+    builds = {status: int(count) for status, count in session.execute(only_visible(
         select(BuildStatusTotal.status, func.sum(BuildStatusTotal.builds)).where(
-            BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running]))
-        .group_by(BuildStatusTotal.status))}
+            BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running])),
+        BuildStatusTotal.project_id, actor).group_by(BuildStatusTotal.status))}
     steps = dict(session.execute(
         select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
         .group_by(Step.state)).tuples().all())
@@ -421,16 +423,28 @@ class ListedStep:
     waiting_builds: int
 
 
-def steps_list(session: Session, state: StepState, limit: int) -> list[ListedStep]:
-    """Active steps of one state, each with one build waiting for it (two queries)."""
-    first_build = (select(func.min(BuildStep.build_id)).where(BuildStep.step_id == Step.id)
-                   .correlate(Step).scalar_subquery())
-    waiting = (select(func.count()).select_from(BuildStep).where(BuildStep.step_id == Step.id)
-               .correlate(Step).scalar_subquery())
+def steps_list(session: Session, state: StepState, limit: int, actor: Actor
+               ) -> list[ListedStep]:
+    """Active steps of one state that builds ``actor`` may see wait for, each with one
+    such build and their number (two queries). A step only hidden projects need is
+    left out: its derivation's name tells their jobs."""
+    hidden = hidden_project_ids(actor)
+
+    def of_builds(column: Any) -> Any:
+        query = select(column).select_from(BuildStep).where(BuildStep.step_id == Step.id)
+        if hidden is not None:
+            query = query.join(Build, Build.id == BuildStep.build_id).where(
+                Build.project_id.not_in(hidden))
+        return query.correlate(Step).scalar_subquery()
+
+    first_build = of_builds(func.min(BuildStep.build_id))
+    waiting = of_builds(func.count())
     order = ([Step.started_at.desc().nulls_last(), Step.id] if state is StepState.running
              else [Step.priority.desc(), Step.id])
-    rows = session.execute(select(Step, first_build, waiting).where(Step.state == state)
-                           .order_by(*order).limit(limit)).all()
+    query = select(Step, first_build, waiting).where(Step.state == state)
+    if hidden is not None:
+        query = query.where(first_build.is_not(None))
+    rows = session.execute(query.order_by(*order).limit(limit)).all()
     ids = {build_id for _, build_id, _ in rows if build_id is not None}
     builds: dict[int, tuple[str, str, str]] = {}
     if ids:
@@ -445,13 +459,15 @@ def steps_list(session: Session, state: StepState, limit: int) -> list[ListedSte
     return out
 
 
-def pending_builds_by_system(session: Session) -> list[tuple[str, int, int]]:
-    """(system, pending, running) builds."""
+def pending_builds_by_system(session: Session, actor: Actor) -> list[tuple[str, int, int]]:
+    """(system, pending, running) builds ``actor`` may see."""
     table: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for system, status, count in session.execute(
-            select(BuildStatusTotal.system, BuildStatusTotal.status,
-                   func.sum(BuildStatusTotal.builds))
-            .where(BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running]))
+            only_visible(select(BuildStatusTotal.system, BuildStatusTotal.status,
+                                func.sum(BuildStatusTotal.builds))
+                         .where(BuildStatusTotal.status.in_([BuildStatus.pending,
+                                                             BuildStatus.running])),
+                         BuildStatusTotal.project_id, actor)
             .group_by(BuildStatusTotal.system, BuildStatusTotal.status)
             .having(func.sum(BuildStatusTotal.builds) != 0)):
         table[system][0 if status is BuildStatus.pending else 1] += int(count)

@@ -22,7 +22,7 @@ def home() -> ResponseReturnValue:
         running=queries.running_builds(session, 10, actor=actor),
         finished=queries.recent_finished(session, 15, actor=actor),
         evaluations=queries.recent_evaluations(session, 10, actor=actor),
-        queue=queries.queue_summary(session),
+        queue=queries.queue_summary(session, actor),
         machines=queries.machine_summary(session),
         news=queries.latest_news(session, 3),
     )

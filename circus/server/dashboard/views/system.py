@@ -31,12 +31,13 @@ STEPS_SHOWN = 100
 @page("queue")
 def queue() -> ResponseReturnValue:
     session = db_session()
+    actor = current_actor()
     return render_template(
         "queue.html", classes=queries.queue_classes(session),
-        systems=queries.pending_builds_by_system(session),
-        running=queries.steps_list(session, StepState.running, STEPS_SHOWN),
-        runnable=queries.steps_list(session, StepState.queued, STEPS_SHOWN),
-        summary=queries.queue_summary(session))
+        systems=queries.pending_builds_by_system(session, actor),
+        running=queries.steps_list(session, StepState.running, STEPS_SHOWN, actor),
+        runnable=queries.steps_list(session, StepState.queued, STEPS_SHOWN, actor),
+        summary=queries.queue_summary(session, actor))
 
 
 @blueprint.get("/machines")
