@@ -78,15 +78,19 @@ def name_schema(converter: Any) -> dict[str, Any]:
 
 
 def paginate(session: Session, query: Any, args: dict[str, Any], *,
-             scalars: bool = True, cursor_column: Any = None) -> dict[str, Any]:
-    """One page of ``query`` plus the total count (exact up to ``EXACT_UP_TO`` rows,
-    estimated beyond: ``total_exact`` says which).
+             scalars: bool = True, cursor_column: Any = None,
+             total: int | None = None) -> dict[str, Any]:
+    """One page of ``query`` plus the total count: ``total`` when the caller knows it
+    exactly (from a rollup), else counted exactly up to ``EXACT_UP_TO`` rows and
+    estimated beyond (``total_exact`` says which).
 
     With ``cursor_column`` (an id the query is ordered by, descending) the caller
     may pass ``cursor`` instead of ``offset``: keyset pagination, as fast on page
     1000 as on page 1; ``next_cursor`` names the next page.
     """
-    total, exact = count_rows(session, query)
+    exact = total is not None
+    if total is None:
+        total, exact = count_rows(session, query)
     cursor = args.get("cursor") if cursor_column is not None else None
     if cursor is not None:
         limited = query.where(cursor_column < cursor).limit(args["limit"])
@@ -100,14 +104,13 @@ def paginate(session: Session, query: Any, args: dict[str, Any], *,
                    if first is not None else query.where(false()))
     else:
         limited = query.limit(args["limit"]).offset(args["offset"])
-    items: list[Any]
-    if scalars:
-        items = list(session.scalars(limited).all())
-    else:
-        items = [tuple(row) for row in session.execute(limited).all()]
-    page = {"items": items, "total": total, "total_exact": exact, "limit": args["limit"],
+    rows: list[Any] = list(session.scalars(limited).all() if scalars
+                           else session.execute(limited).all())
+    page = {"items": rows if scalars else [tuple(row) for row in rows], "total": total,
+            "total_exact": exact, "limit": args["limit"],
             "offset": args["offset"] if cursor is None else 0}
     if cursor_column is not None:
-        full = len(items) == args["limit"]
-        page["next_cursor"] = getattr(items[-1], "id", None) if full and scalars else None
+        # an entity's or a row's attribute of the cursor column
+        full = len(rows) == args["limit"]
+        page["next_cursor"] = getattr(rows[-1], cursor_column.key) if full else None
     return page

@@ -63,6 +63,54 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
     return query
 
 
+#: the builds list's filters whose total ``build_status_totals`` holds (its key)
+_TOTALLED_BY_ROLLUP = frozenset({"project_id", "jobset_id", "status", "system", "finished"})
+#: the filters that may go with ``evaluation_id`` for its total from its status counts
+_TOTALLED_BY_EVALUATION = frozenset({"evaluation_id", "status", "finished"})
+_PAGE_ARGS = frozenset({"limit", "offset", "cursor"})
+
+
+def build_total(session: Session, args: dict[str, Any], actor: Actor) -> int | None:
+    """The exact number of builds :func:`filter_builds` lists for ``args``, when a
+    rollup holds it (``None``: count the list).
+
+    Counting the list itself read up to 10,001 builds a page (and the plan's estimate
+    before that): the rollup of the builds' triggers answers the filters of its key in
+    a few rows, and an evaluation's stored status counts answer its builds."""
+    filters = set(args) - _PAGE_ARGS
+    if filters <= _TOTALLED_BY_ROLLUP:
+        query = only_visible(select(func.sum(BuildStatusTotal.builds)),
+                             BuildStatusTotal.project_id, actor).where(
+            *rollup_filters(BuildStatusTotal, args))
+        if "system" in args:
+            query = query.where(BuildStatusTotal.system == args["system"])
+        if "status" in args:
+            query = query.where(BuildStatusTotal.status == args["status"])
+        if "finished" in args:
+            unfinished = [BuildStatus.pending, BuildStatus.running]
+            query = query.where(BuildStatusTotal.status.not_in(unfinished) if args["finished"]
+                                else BuildStatusTotal.status.in_(unfinished))
+        return int(session.scalar(query) or 0)
+    if filters <= _TOTALLED_BY_EVALUATION:
+        evaluation_id = args["evaluation_id"]
+        # an evaluation's builds are all its jobset's (reuse never crosses jobsets):
+        # hidden or not with its project
+        project_id = session.scalar(select(Jobset.project_id).join(
+            Evaluation, Evaluation.jobset_id == Jobset.id).where(Evaluation.id == evaluation_id))
+        if project_id is None or not can_see_project(session, actor, project_id):
+            return 0
+        counts = status_counts(session, [evaluation_id]).get(evaluation_id, {})
+        return sum(n for name, n in counts.items() if _status_wanted(BuildStatus[name], args))
+    return None
+
+
+def _status_wanted(status: BuildStatus, args: dict[str, Any]) -> bool:
+    """Whether builds of ``status`` pass the ``status`` and ``finished`` filters."""
+    if "status" in args and status != args["status"]:
+        return False
+    return "finished" not in args or status.is_finished == args["finished"]
+
+
 def rollup_filters(rollup: Any, args: dict[str, Any]) -> list[Any]:
     """The ``project_id`` and ``jobset_id`` filters of ``args`` on a rollup of the builds
     (or on the builds)."""
