@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, delete, event, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common import rollups
@@ -20,6 +20,7 @@ from circus.common.enums import BuildStatus, Role
 from circus.common.models import (
     Build,
     BuildCompletionHour,
+    BuildIdBlock,
     BuildStatusTotal,
     ProjectCompletionHour,
 )
@@ -169,11 +170,16 @@ def test_rebuild_gives_what_the_triggers_wrote(client: FlaskClient, admin: dict[
         world.build(evaluation, job, status, started_at=now - timedelta(minutes=3),
                     completed_at=now - timedelta(minutes=1))
     world.build(evaluation, "c")
-    figures = stats(client, admin), series(client, admin, "duration", "bucket=hour")
+    blocks = select(BuildIdBlock.project_id, BuildIdBlock.block,
+                    func.sum(BuildIdBlock.builds)).group_by(BuildIdBlock.project_id,
+                                                            BuildIdBlock.block)
+    figures = (stats(client, admin), series(client, admin, "duration", "bucket=hour"),
+               db.execute(blocks).all())
     rollups.rebuild(db)
     assert db.scalar(select(func.count()).select_from(BuildStatusTotal).where(
         BuildStatusTotal.merged.is_(False))) == 0
-    assert (stats(client, admin), series(client, admin, "duration", "bucket=hour")) == figures
+    assert (stats(client, admin), series(client, admin, "duration", "bucket=hour"),
+            db.execute(blocks).all()) == figures
 
 
 def test_truncating_builds_empties_the_figures(client: FlaskClient, admin: dict[str, str],
@@ -221,3 +227,46 @@ def test_a_merge_leaves_deltas_it_cannot_see_for_the_next(
         assert check.scalar(select(func.count()).select_from(BuildStatusTotal).where(
             BuildStatusTotal.merged.is_(False))) == 0
         assert check.get(Build, second.id) is not None
+
+
+def test_deep_offsets_found_through_id_blocks_give_the_walks_pages(
+        client: FlaskClient, admin: dict[str, str], keys: Any, world: World, db: Session,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep offsets (DEFERRED_OFFSET lowered here) of all builds or a project's find
+    their block of ids in build_id_blocks: the pages plain offsets give, without the
+    hidden project's builds, after a delete and a merge too."""
+    from circus.server.api import base
+
+    shown, hidden = world.project(), world.project("secret", hidden=True)
+    evaluations = world.evaluation(world.jobset(shown)), world.evaluation(world.jobset(hidden))
+    for n, build_id in enumerate((3, 4, 10_001, 10_002, 10_003, 29_999, 30_000, 45_000)):
+        world.build(evaluations[n % 3 == 0], f"job{n}", id=build_id)
+    reader = keys.headers(Role.read_only)
+    lists = ((admin, ""), (reader, ""), (admin, f"&project_id={shown.id}"))
+    seen: list[str] = []
+
+    def pages() -> list[list[list[int]]]:
+        return [[[b["id"] for b in client.get(f"/api/v1/builds?limit=2&offset={offset}{query}",
+                                              headers=headers).get_json()["items"]]
+                 for offset in range(10)] for headers, query in lists]
+
+    def found_through_blocks() -> list[list[list[int]]]:
+        monkeypatch.setattr(base, "DEFERRED_OFFSET", -1)
+        seen.clear()
+        found = pages()
+        monkeypatch.setattr(base, "DEFERRED_OFFSET", 1000)
+        assert sum("build_id_blocks" in statement for statement in seen) == 10 * len(lists)
+        return found
+
+    event.listen(db.get_bind(), "before_cursor_execute", lambda *args: seen.append(args[2]))
+    walked = pages()
+    assert walked[0][:3] == [[45_000, 30_000], [30_000, 29_999], [29_999, 10_003]]
+    assert walked[1][0] == [45_000, 29_999]  # 30,000, 10,002 and 3 are the hidden project's
+    assert found_through_blocks() == walked
+    db.execute(delete(Build).where(Build.id.in_([10_001, 4])))
+    walked = pages()
+    assert found_through_blocks() == walked
+    assert rollups.compact(db) > 0
+    # a row per project and block left (the first block's last shown build is gone)
+    assert db.scalar(select(func.count()).select_from(BuildIdBlock)) == 6
+    assert found_through_blocks() == walked

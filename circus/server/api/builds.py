@@ -24,7 +24,13 @@ from circus.server.actions import BuildAction, act_on_build
 from circus.server.aggregates import cached
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.buildrows import build_dicts, select_builds
-from circus.server.api.queries import build_total, filter_builds, get_build, rollup_filters
+from circus.server.api.queries import (
+    build_id_at_offset,
+    build_total,
+    filter_builds,
+    get_build,
+    rollup_filters,
+)
 from circus.server.api.schemas.builds import (
     BuildFilterSchema,
     BuildSchema,
@@ -54,7 +60,8 @@ def list_builds(args: dict[str, Any]) -> Any:
     session = db_session()
     query = filter_builds(select_builds(), args, actor).order_by(Build.id.desc())
     page = paginate(session, query, args, scalars=False, cursor_column=Build.id,
-                    total=build_total(session, args, actor))
+                    total=build_total(session, args, actor),
+                    id_at_offset=build_id_at_offset(session, args, actor))
     return jsonify({**page, "items": build_dicts(session, page["items"])})
 
 

@@ -24,7 +24,7 @@ from circus.common.models import (
 from circus.projects import service
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.buildrows import build_dicts, select_builds
-from circus.server.api.queries import build_total, filter_builds
+from circus.server.api.queries import build_id_at_offset, build_total, filter_builds
 from circus.server.api.schemas.builds import BuildFilterSchema, BuildSchema
 from circus.server.api.schemas.common import PageArgs, page_of
 from circus.server.api.schemas.projects import (
@@ -134,7 +134,8 @@ def project_builds(args: dict[str, Any], project: str) -> Any:
     filters = {**args, "project_id": row.id}
     query = filter_builds(select_builds(), filters, actor).order_by(Build.id.desc())
     page = paginate(session, query, args, scalars=False, cursor_column=Build.id,
-                    total=build_total(session, filters, actor))
+                    total=build_total(session, filters, actor),
+                    id_at_offset=build_id_at_offset(session, filters, actor))
     return jsonify({**page, "items": build_dicts(session, page["items"])})
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,6 +22,7 @@ from circus.common.models import (
     Build,
     BuildCompletionHour,
     BuilderSession,
+    BuildIdBlock,
     BuildOutput,
     BuildStatusTotal,
     Evaluation,
@@ -34,6 +35,7 @@ from circus.common.models import (
     Step,
     User,
 )
+from circus.common.models.builds import BUILD_ID_BLOCK
 from circus.evaluator.counts import status_counts
 
 
@@ -102,6 +104,41 @@ def build_total(session: Session, args: dict[str, Any], actor: Actor) -> int | N
         counts = status_counts(session, [evaluation_id]).get(evaluation_id, {})
         return sum(n for name, n in counts.items() if _status_wanted(BuildStatus[name], args))
     return None
+
+
+def build_id_at_offset(session: Session, args: dict[str, Any], actor: Actor
+                       ) -> Callable[[int], int | None] | None:
+    """For the newest-first list of builds ``args`` filters, a function giving the id at
+    an offset (``None``: past the end) from ``build_id_blocks``, or ``None`` when the
+    filters are more than a project's.
+
+    Walking to offset 500,000 read 500,000 ids of the primary key (~110 ms on the bench
+    data); the blocks' counts (a hundred per million builds and project) find the block
+    of the offset, and the walk inside it reads at most ``BUILD_ID_BLOCK`` ids."""
+    if not set(args) - _PAGE_ARGS <= {"project_id"}:
+        return None
+
+    def at(offset: int) -> int | None:
+        blocks = session.execute(only_visible(
+            select(BuildIdBlock.block, func.sum(BuildIdBlock.builds)),
+            BuildIdBlock.project_id, actor).where(*rollup_filters(BuildIdBlock, args))
+            .group_by(BuildIdBlock.block).having(func.sum(BuildIdBlock.builds) != 0)
+            .order_by(BuildIdBlock.block.desc()))
+        ids = filter_builds(select(Build.id), args, actor).order_by(Build.id.desc())
+        before = 0
+        for block, builds in blocks:
+            if offset < before + builds:
+                found: int | None = session.scalar(ids.where(
+                    Build.id >= block * BUILD_ID_BLOCK, Build.id < (block + 1) * BUILD_ID_BLOCK)
+                    .offset(offset - before).limit(1))
+                if found is None:
+                    # builds of the block deleted after the blocks were read: walk
+                    found = session.scalar(ids.offset(offset).limit(1))
+                return found
+            before += builds
+        return None
+
+    return at
 
 
 def _status_wanted(status: BuildStatus, args: dict[str, Any]) -> bool:
