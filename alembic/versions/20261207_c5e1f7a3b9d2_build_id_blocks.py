@@ -8,7 +8,7 @@ insert or delete of builds appends, per project and block it touched, the change
 the count; ``circus.common.rollups.compact`` merges them.
 
 Revision ID: c5e1f7a3b9d2
-Revises: b7d2e4f1a9c3
+Revises: c4e8a1f2b9d7
 Create Date: 2026-12-07 05:30:00.000000+00:00
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "c5e1f7a3b9d2"
-down_revision: str | None = "b7d2e4f1a9c3"
+down_revision: str | None = "c4e8a1f2b9d7"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -65,6 +65,17 @@ def upgrade() -> None:
         CREATE TRIGGER builds_id_blocks_delete AFTER DELETE ON builds
         REFERENCING OLD TABLE AS old_builds
         FOR EACH STATEMENT EXECUTE FUNCTION build_id_blocks_add_deltas()""")
+    # TRUNCATE fires no delete trigger (as in c4e8a1f2b9d7; DELETE for the same reason)
+    op.execute("""
+        CREATE FUNCTION build_id_blocks_empty() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            DELETE FROM build_id_blocks;
+            RETURN NULL;
+        END $$""")
+    op.execute("""
+        CREATE TRIGGER builds_id_blocks_truncate AFTER TRUNCATE ON builds
+        FOR EACH STATEMENT EXECUTE FUNCTION build_id_blocks_empty()""")
     op.execute(f"""
         INSERT INTO build_id_blocks (project_id, block, builds, merged)
         SELECT project_id, id / {BLOCK}, count(*), true FROM builds
@@ -72,7 +83,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for operation in ("insert", "delete"):
+    for operation in ("insert", "delete", "truncate"):
         op.execute(f"DROP TRIGGER builds_id_blocks_{operation} ON builds")
     op.execute("DROP FUNCTION build_id_blocks_add_deltas()")
+    op.execute("DROP FUNCTION build_id_blocks_empty()")
     op.drop_table("build_id_blocks")

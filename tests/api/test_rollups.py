@@ -195,7 +195,7 @@ def test_truncating_builds_empties_the_figures(client: FlaskClient, admin: dict[
     db.execute(text("TRUNCATE projects CASCADE"))
     assert stats(client, admin)["total"] == 0
     assert sum(p.get("succeeded", 0) for p in series(client, admin, "builds", "days=1")) == 0
-    for model in (BuildStatusTotal, BuildCompletionHour, ProjectCompletionHour):
+    for model in (BuildStatusTotal, BuildCompletionHour, ProjectCompletionHour, BuildIdBlock):
         assert db.scalar(select(func.count()).select_from(model)) == 0, model
 
 
