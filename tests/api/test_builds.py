@@ -26,7 +26,8 @@ from circus.common.models import (
     Step,
 )
 from circus.common.models.base import utcnow
-from circus.server.api.schemas.builds import BuildSchema
+from circus.evaluator.counts import status_counts
+from circus.server.api.schemas.builds import BuildSchema, EvaluationSchema
 from tests.api.conftest import World
 
 
@@ -135,7 +136,7 @@ def test_build_lists_filters_and_details(client: FlaskClient, admin: dict[str, s
 
 def test_build_list_items_are_what_the_build_schema_dumps(
         client: FlaskClient, admin: dict[str, str], world: World, db: Session) -> None:
-    """The lists build their items from columns (circus/server/api/buildrows.py): the
+    """The lists build their items from columns (circus/server/api/listrows.py): the
     same dictionaries as BuildSchema's dump of the entity, whatever is set."""
     evaluation = world.evaluation(world.jobset(world.project()))
     made = [
@@ -153,6 +154,33 @@ def test_build_list_items_are_what_the_build_schema_dumps(
     schema = BuildSchema()
     assert listed == [json.loads(json.dumps(schema.dump(db.get(Build, b.id))))
                       for b in reversed(made)]
+
+
+def test_evaluation_list_items_are_what_the_evaluation_schema_dumps(
+        client: FlaskClient, admin: dict[str, str], world: World, db: Session) -> None:
+    jobset = world.jobset(world.project())
+    made = [
+        world.evaluation(jobset, EvaluationStatus.pending),
+        world.evaluation(world.jobset(world.project("other")), EvaluationStatus.failed,
+                         commit_hash="c" * 40,
+                         inputs_hash="i", flake_ref="github:o/r", started_at=utcnow(),
+                         finished_at=utcnow(), eval_time=1.5, attrs_total=3, attrs_done=2,
+                         builds_new=1, builds_reused=0, error_message="boom",
+                         requested_by="alice", pr_number=7, pr_head_branch="h",
+                         pr_base_branch="b", pr_action="opened"),
+    ]
+    world.build(made[1], "ok", BuildStatus.succeeded)
+    db.commit()
+    listed = client.get("/api/v1/evaluations", headers=admin).get_json()["items"]
+    schema = EvaluationSchema()
+    expected = []
+    for evaluation in reversed(made):
+        db.refresh(evaluation)
+        evaluation.build_counts = status_counts(  # type: ignore[attr-defined]
+            db, [evaluation.id])[evaluation.id]
+        expected.append(json.loads(json.dumps(schema.dump(evaluation))))
+    assert listed == expected
+    assert listed[0]["build_counts"] == {"succeeded": 1}
 
 
 def test_build_list_totals_are_exact_and_counted_from_rollups(

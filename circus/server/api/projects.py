@@ -23,7 +23,7 @@ from circus.common.models import (
 )
 from circus.projects import service
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.buildrows import build_dicts, select_builds
+from circus.server.api.listrows import build_dicts, select_builds
 from circus.server.api.queries import build_id_at_offset, build_total, filter_builds
 from circus.server.api.schemas.builds import BuildFilterSchema, BuildSchema
 from circus.server.api.schemas.common import PageArgs, page_of
