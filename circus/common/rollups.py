@@ -1,5 +1,6 @@
 """Merging the rollups of the builds (``build_status_totals``, ``build_completion_hours``,
-``project_completion_hours``, ``build_id_blocks``).
+``project_completion_hours``, ``build_id_blocks``) and of the evaluations
+(``evaluation_totals``).
 
 Triggers on builds append delta rows (migration ``b7d2e4f1a9c3``): every statement
 that inserts, deletes or changes the status or times of builds adds, per key it
@@ -30,10 +31,12 @@ _KEYS = {
     "build_completion_hours": ("project_id", "jobset_id", "status", "hour"),
     "project_completion_hours": ("project_id", "status", "hour"),
     "build_id_blocks": ("project_id", "block"),
+    "evaluation_totals": ("jobset_id", "status", "trigger_kind"),
 }
 _DURATIONS = ("builds", "duration_sum", "durations")
 #: the summed columns of each rollup
-_SUMS = {**dict.fromkeys(_KEYS, _DURATIONS), "build_id_blocks": ("builds",)}
+_SUMS = {**dict.fromkeys(_KEYS, _DURATIONS), "build_id_blocks": ("builds",),
+         "evaluation_totals": ("evaluations",)}
 
 
 def compact(session: Session) -> int:
@@ -66,9 +69,10 @@ def compact(session: Session) -> int:
 
 
 def rebuild(connection: Connection | Session) -> None:
-    """Recompute the rollups from the builds (merged rows), for rows written with the
-    triggers off (``session_replication_role = replica``: a bulk load, a restore by
-    hand). Lock builds against writers first, or run it where there are none."""
+    """Recompute the rollups from the builds and evaluations (merged rows), for rows
+    written with the triggers off (``session_replication_role = replica``: a bulk load,
+    a restore by hand). Lock builds and evaluations against writers first, or run it
+    where there are none."""
     seconds = "extract(epoch FROM completed_at - started_at)"
     sums = f"count(*), coalesce(sum({seconds}), 0), count({seconds}), true"
     hour = "date_trunc('hour', completed_at, 'UTC')"
@@ -89,3 +93,7 @@ def rebuild(connection: Connection | Session) -> None:
         INSERT INTO build_id_blocks (project_id, block, builds, merged)
         SELECT project_id, id / {BUILD_ID_BLOCK}, count(*), true
         FROM builds GROUP BY project_id, id / {BUILD_ID_BLOCK}"""))
+    connection.execute(text("""
+        INSERT INTO evaluation_totals (jobset_id, status, trigger_kind, evaluations, merged)
+        SELECT jobset_id, status, trigger_kind, count(*), true
+        FROM evaluations GROUP BY jobset_id, status, trigger_kind"""))

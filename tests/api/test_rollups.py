@@ -16,12 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common import rollups
 from circus.common.config import Settings
-from circus.common.enums import BuildStatus, Role
+from circus.common.enums import BuildStatus, EvaluationStatus, Role
 from circus.common.models import (
     Build,
     BuildCompletionHour,
     BuildIdBlock,
     BuildStatusTotal,
+    EvaluationTotal,
     ProjectCompletionHour,
 )
 from circus.common.models.base import utcnow
@@ -173,13 +174,16 @@ def test_rebuild_gives_what_the_triggers_wrote(client: FlaskClient, admin: dict[
     blocks = select(BuildIdBlock.project_id, BuildIdBlock.block,
                     func.sum(BuildIdBlock.builds)).group_by(BuildIdBlock.project_id,
                                                             BuildIdBlock.block)
+    evaluations = select(EvaluationTotal.jobset_id, EvaluationTotal.status,
+                         func.sum(EvaluationTotal.evaluations)).group_by(
+        EvaluationTotal.jobset_id, EvaluationTotal.status)
     figures = (stats(client, admin), series(client, admin, "duration", "bucket=hour"),
-               db.execute(blocks).all())
+               db.execute(blocks).all(), db.execute(evaluations).all())
     rollups.rebuild(db)
     assert db.scalar(select(func.count()).select_from(BuildStatusTotal).where(
         BuildStatusTotal.merged.is_(False))) == 0
     assert (stats(client, admin), series(client, admin, "duration", "bucket=hour"),
-            db.execute(blocks).all()) == figures
+            db.execute(blocks).all(), db.execute(evaluations).all()) == figures
 
 
 def test_truncating_builds_empties_the_figures(client: FlaskClient, admin: dict[str, str],
@@ -195,7 +199,8 @@ def test_truncating_builds_empties_the_figures(client: FlaskClient, admin: dict[
     db.execute(text("TRUNCATE projects CASCADE"))
     assert stats(client, admin)["total"] == 0
     assert sum(p.get("succeeded", 0) for p in series(client, admin, "builds", "days=1")) == 0
-    for model in (BuildStatusTotal, BuildCompletionHour, ProjectCompletionHour, BuildIdBlock):
+    for model in (BuildStatusTotal, BuildCompletionHour, ProjectCompletionHour, BuildIdBlock,
+                  EvaluationTotal):
         assert db.scalar(select(func.count()).select_from(model)) == 0, model
 
 
@@ -270,3 +275,44 @@ def test_deep_offsets_found_through_id_blocks_give_the_walks_pages(
     # a row per project and block left (the first block's last shown build is gone)
     assert db.scalar(select(func.count()).select_from(BuildIdBlock)) == 6
     assert found_through_blocks() == walked
+
+
+def test_evaluation_totals_follow_evaluations_and_leave_out_hidden_projects(
+        client: FlaskClient, admin: dict[str, str], keys: Any, world: World, db: Session
+        ) -> None:
+    """The total of every list of evaluations comes from evaluation_totals: right after
+    inserts, status changes and deletes, merged or not, without hidden projects for
+    those who may not see them."""
+    shown, hidden = world.project(), world.project("secret", hidden=True)
+    jobset, other, secret = (world.jobset(shown), world.jobset(shown, "other"),
+                             world.jobset(hidden))
+    first, _, _ = (world.evaluation(jobset), world.evaluation(other, EvaluationStatus.failed),
+                   world.evaluation(secret))
+    running = world.evaluation(jobset, EvaluationStatus.running)
+    reader = keys.headers(Role.read_only)
+    queries = ("", f"jobset_id={jobset.id}", f"project_id={shown.id}", "status=completed",
+               "status=failed", "trigger_kind=manual", "trigger_kind=webhook",
+               f"project_id={hidden.id}", f"jobset_id={jobset.id}&status=running")
+
+    def totals_are_the_lists_lengths() -> None:
+        for headers in (admin, reader):
+            for query in queries:
+                page = client.get(f"/api/v1/evaluations?limit=1&{query}",
+                                  headers=headers).get_json()
+                everything = client.get(f"/api/v1/evaluations?limit=500&{query}",
+                                        headers=headers).get_json()
+                assert (page["total"], page["total_exact"]) == (
+                    len(everything["items"]), True), (query, headers is admin)
+
+    totals_are_the_lists_lengths()
+    assert client.get("/api/v1/evaluations", headers=reader).get_json()["total"] == 3
+    running.status = EvaluationStatus.completed
+    db.flush()
+    db.execute(text("DELETE FROM evaluations WHERE id = :id"), {"id": first.id})
+    totals_are_the_lists_lengths()
+    assert client.get("/api/v1/evaluations?status=completed",
+                      headers=admin).get_json()["total"] == 2
+    assert rollups.compact(db) > 0
+    assert db.scalar(select(func.count()).select_from(EvaluationTotal).where(
+        EvaluationTotal.merged.is_(False))) == 0
+    totals_are_the_lists_lengths()

@@ -75,6 +75,7 @@ def listed(client: FlaskClient, headers: dict[str, str], s: Secret) -> dict[str,
         "stats": get("/api/v1/builds/stats")["total"] == 2,
         "evaluations": any(e["id"] == s.evaluation_id
                            for e in get("/api/v1/evaluations")["items"]),
+        "evaluations total": get("/api/v1/evaluations")["total"] == 2,
         "channels": any(c["name"] == "secret-stable" for c in get("/api/v1/channels")["items"]),
         "search jobs": any(j["build_id"] == s.build_id for j in search["jobs"]),
         "search paths": bool(get("/api/v1/search?q=" + "s" * 8)["store_paths"]),

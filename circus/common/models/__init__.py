@@ -17,7 +17,12 @@ from circus.common.models.builds import (
     ProjectCompletionHour,
 )
 from circus.common.models.cache import NarInfo, NarInfoProject
-from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
+from circus.common.models.evaluations import (
+    Evaluation,
+    EvaluationBuild,
+    EvaluationError,
+    EvaluationTotal,
+)
 from circus.common.models.machines import BuilderSession, RemoteBuilder
 from circus.common.models.operations import (
     AuditLog,
@@ -57,6 +62,7 @@ __all__ = [
     "Evaluation",
     "EvaluationBuild",
     "EvaluationError",
+    "EvaluationTotal",
     "FailedPath",
     "JobName",
     "Jobset",

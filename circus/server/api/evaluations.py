@@ -13,7 +13,12 @@ from circus.projects import service as projects
 from circus.server import actions
 from circus.server.api.base import Blueprint, paginate
 from circus.server.api.listrows import evaluation_dicts, select_evaluations
-from circus.server.api.queries import build_counts, filter_evaluations, get_evaluation
+from circus.server.api.queries import (
+    build_counts,
+    evaluation_total,
+    filter_evaluations,
+    get_evaluation,
+)
 from circus.server.api.schemas.builds import (
     CompareArgsSchema,
     ComparisonSchema,
@@ -42,9 +47,11 @@ def _with_counts(evaluations: list[Evaluation]) -> list[Evaluation]:
 @blp.response(200, page_of(EvaluationSchema))
 def list_evaluations(args: dict[str, Any]) -> Any:
     session = db_session()
-    query = filter_evaluations(select_evaluations(), args, current_actor()).order_by(
+    actor = current_actor()
+    query = filter_evaluations(select_evaluations(), args, actor).order_by(
         Evaluation.id.desc())
-    page = paginate(session, query, args, scalars=False, cursor_column=Evaluation.id)
+    page = paginate(session, query, args, scalars=False, cursor_column=Evaluation.id,
+                    total=evaluation_total(session, args, actor))
     counts = build_counts(session, (row[0] for row in page["items"]))
     return jsonify({**page, "items": evaluation_dicts(session, page["items"], counts)})
 

@@ -27,6 +27,7 @@ from circus.common.models import (
     BuildStatusTotal,
     Evaluation,
     EvaluationBuild,
+    EvaluationTotal,
     JobName,
     Jobset,
     Project,
@@ -180,21 +181,31 @@ def completions(since: datetime, args: dict[str, Any], actor: Actor) -> Any:
     return union_all(hours, partial).subquery()
 
 
-def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor) -> Any:
+def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor,
+                       table: Any = Evaluation) -> Any:
+    """``query`` of evaluations (or of ``table``, a rollup of them with their jobset,
+    status and trigger kind) filtered by ``args`` and the visibility of ``actor``."""
     hidden = hidden_project_ids(actor)
     if hidden is not None:
-        query = query.where(Evaluation.jobset_id.not_in(
+        query = query.where(table.jobset_id.not_in(
             select(Jobset.id).where(Jobset.project_id.in_(hidden))))
     if "jobset_id" in args:
-        query = query.where(Evaluation.jobset_id == args["jobset_id"])
+        query = query.where(table.jobset_id == args["jobset_id"])
     if "project_id" in args:
-        query = query.where(Evaluation.jobset_id.in_(
+        query = query.where(table.jobset_id.in_(
             select(Jobset.id).where(Jobset.project_id == args["project_id"])))
     if "status" in args:
-        query = query.where(Evaluation.status == args["status"])
+        query = query.where(table.status == args["status"])
     if "trigger_kind" in args:
-        query = query.where(Evaluation.trigger_kind == args["trigger_kind"])
+        query = query.where(table.trigger_kind == args["trigger_kind"])
     return query
+
+
+def evaluation_total(session: Session, args: dict[str, Any], actor: Actor) -> int:
+    """The exact number of evaluations :func:`filter_evaluations` lists for ``args``,
+    from ``evaluation_totals`` (whose key are the list's filters), not the list."""
+    return int(session.scalar(filter_evaluations(
+        select(func.sum(EvaluationTotal.evaluations)), args, actor, EvaluationTotal)) or 0)
 
 
 def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, dict[str, int]]:
