@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, literal, or_, select, union_all
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from circus.auth.actor import Actor
 from circus.auth.visibility import (
@@ -214,7 +214,9 @@ def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, d
 
 
 def get_evaluation(session: Session, evaluation_id: int, actor: Actor) -> Evaluation:
-    evaluation = session.get(Evaluation, evaluation_id)
+    # with its jobset (the visibility check and the API's project_id need it): one
+    # statement, not two
+    evaluation = session.get(Evaluation, evaluation_id, options=[joinedload(Evaluation.jobset)])
     if evaluation is None:
         raise NotFound(f"no evaluation with id {evaluation_id}")
     require_visible(session, actor, evaluation.jobset.project_id,
