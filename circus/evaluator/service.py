@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import Select, except_, func, literal, select, text, union_all, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -147,27 +147,26 @@ def compare(session: Session, evaluation_id: int, other_id: int) -> Comparison:
 
     Builds both evaluations hold are only counted (an evaluation holds one build per
     job): the jobs of the few others are all that is read, not thousands per side.
-    Each side's membership is read from its index alone and the difference taken
-    there (``EXCEPT``): probing one side for every row of the other read both sides'
-    rows from the membership table, thousands of scattered pages.
+    Both sides' memberships are read once from their index alone and grouped by build:
+    a build held by one side only is a difference (two ``EXCEPT``s, one per side, read
+    each membership twice; probing one side for every row of the other read both
+    sides' rows from the membership table, thousands of scattered pages).
     """
     for ident in (evaluation_id, other_id):
         if session.get(Evaluation, ident) is None:
             raise NotFound(f"evaluation {ident} does not exist")
-
-    def members(ident: int) -> Select[int]:
-        return select(EvaluationBuild.build_id).where(EvaluationBuild.evaluation_id == ident)
-
-    def only_in(ident: int, other: int) -> Select[int, str, str]:
-        return select(literal(ident), Build.job_name, Build.drv_path).where(
-            Build.id.in_(except_(members(ident), members(other))))
-
+    held_by = func.min(EvaluationBuild.evaluation_id)
+    held_alone = (select(EvaluationBuild.build_id, held_by.label("side"))
+                  .where(EvaluationBuild.evaluation_id.in_([evaluation_id, other_id]))
+                  .group_by(EvaluationBuild.build_id)
+                  .having(func.count() == 1).subquery())
     sides: dict[int, dict[str, str]] = {evaluation_id: {}, other_id: {}}
-    for eid, job, drv in session.execute(union_all(only_in(evaluation_id, other_id),
-                                                   only_in(other_id, evaluation_id))):
+    for eid, job, drv in session.execute(
+            select(held_alone.c.side, Build.job_name, Build.drv_path)
+            .join(Build, Build.id == held_alone.c.build_id)):
         sides[eid][job] = drv
-    held = int(session.scalar(select(func.count()).select_from(members(evaluation_id)
-                                                                .subquery())) or 0)
+    held = int(session.scalar(select(func.count()).where(
+        EvaluationBuild.evaluation_id == evaluation_id)) or 0)
     shared = held - len(sides[evaluation_id])
     new, old = sides[evaluation_id], sides[other_id]
     both = set(new) & set(old)

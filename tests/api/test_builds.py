@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import zstandard
 from flask.testing import FlaskClient
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus, EvaluationStatus, StepState
 from circus.common.models import (
+    Build,
     BuildConstituent,
     BuildDependency,
     BuildProduct,
     BuildStep,
+    EvaluationBuild,
     EvaluationError,
     Step,
 )
+from circus.common.models.base import utcnow
+from circus.evaluator.counts import status_counts
+from circus.server.api.schemas.builds import BuildSchema, EvaluationSchema
 from tests.api.conftest import World
 
 
@@ -125,6 +132,84 @@ def test_build_lists_filters_and_details(client: FlaskClient, admin: dict[str, s
     assert body["outputs"] == {"out": "/nix/store/x-ok"}
     assert body["finished"] is True
     assert client.get(f"/api/v1/builds/{bad.id}", headers=admin).get_json()["status_code"] == 3
+
+
+def test_build_list_items_are_what_the_build_schema_dumps(
+        client: FlaskClient, admin: dict[str, str], world: World, db: Session) -> None:
+    """The lists build their items from columns (circus/server/api/listrows.py): the
+    same dictionaries as BuildSchema's dump of the entity, whatever is set."""
+    evaluation = world.evaluation(world.jobset(world.project()))
+    made = [
+        world.build(evaluation, "plain"),
+        world.build(evaluation, "full", BuildStatus.failed_with_output, system="aarch64-linux",
+                    outputs={"out": "/nix/store/x-full", "dev": "/nix/store/x-full-dev"},
+                    started_at=utcnow(), completed_at=utcnow(), error_message="exit 1",
+                    required_features=["kvm", "big"], is_aggregate=True, priority=5,
+                    retry_count=2, keep=True, closure_size=1234, machine="m1",
+                    nix_name="full-1.0", meta_description="d", meta_license="MIT",
+                    meta_homepage="https://example.org", meta_maintainers="a, b"),
+    ]
+    db.commit()
+    listed = client.get("/api/v1/builds", headers=admin).get_json()["items"]
+    schema = BuildSchema()
+    assert listed == [json.loads(json.dumps(schema.dump(db.get(Build, b.id))))
+                      for b in reversed(made)]
+
+
+def test_evaluation_list_items_are_what_the_evaluation_schema_dumps(
+        client: FlaskClient, admin: dict[str, str], world: World, db: Session) -> None:
+    jobset = world.jobset(world.project())
+    made = [
+        world.evaluation(jobset, EvaluationStatus.pending),
+        world.evaluation(world.jobset(world.project("other")), EvaluationStatus.failed,
+                         commit_hash="c" * 40,
+                         inputs_hash="i", flake_ref="github:o/r", started_at=utcnow(),
+                         finished_at=utcnow(), eval_time=1.5, attrs_total=3, attrs_done=2,
+                         builds_new=1, builds_reused=0, error_message="boom",
+                         requested_by="alice", pr_number=7, pr_head_branch="h",
+                         pr_base_branch="b", pr_action="opened"),
+    ]
+    world.build(made[1], "ok", BuildStatus.succeeded)
+    db.commit()
+    listed = client.get("/api/v1/evaluations", headers=admin).get_json()["items"]
+    schema = EvaluationSchema()
+    expected = []
+    for evaluation in reversed(made):
+        db.refresh(evaluation)
+        evaluation.build_counts = status_counts(  # type: ignore[attr-defined]
+            db, [evaluation.id])[evaluation.id]
+        expected.append(json.loads(json.dumps(schema.dump(evaluation))))
+    assert listed == expected
+    assert listed[0]["build_counts"] == {"succeeded": 1}
+
+
+def test_build_list_totals_are_exact_and_counted_from_rollups(
+        client: FlaskClient, admin: dict[str, str], world: World, db: Session) -> None:
+    """Totals of the filters the rollup of the builds (or an evaluation's status counts)
+    holds are exact without counting the list; the others are counted."""
+    jobset = world.jobset(world.project())
+    first, second = world.evaluation(jobset), world.evaluation(jobset)
+    other = world.evaluation(world.jobset(world.project("other")))
+    reused = world.build(first, "reused", BuildStatus.succeeded)
+    world.build(first, "bad", BuildStatus.failed, system="aarch64-linux")
+    world.build(second, "wait")
+    db.add(EvaluationBuild(evaluation_id=second.id, build_id=reused.id, is_new=False))
+    world.build(other, "elsewhere", BuildStatus.succeeded)
+    db.commit()
+    seen: list[str] = []
+    event.listen(db.get_bind(), "before_cursor_execute", lambda *args: seen.append(args[2]))
+    for query in ("", f"project_id={jobset.project_id}", f"jobset_id={jobset.id}",
+                  "status=succeeded", "system=aarch64-linux", "finished=true",
+                  "finished=false", f"jobset_id={jobset.id}&status=failed&system=x86_64-linux",
+                  f"evaluation_id={second.id}", f"evaluation_id={first.id}&finished=true",
+                  f"evaluation_id={second.id}&status=succeeded", "evaluation_id=999999",
+                  "job_name=reused", f"evaluation_id={second.id}&system=x86_64-linux"):
+        seen.clear()
+        page = client.get(f"/api/v1/builds?limit=1&{query}", headers=admin).get_json()
+        everything = client.get(f"/api/v1/builds?limit=500&{query}", headers=admin).get_json()
+        assert (page["total"], page["total_exact"]) == (len(everything["items"]), True), query
+        counted = any(s.startswith("EXPLAIN") for s in seen)
+        assert counted == ("job_name" in query or ("system" in query and "evaluation" in query))
 
 
 def test_recent_and_stats(client: FlaskClient, admin: dict[str, str], world: World) -> None:

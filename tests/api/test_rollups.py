@@ -11,16 +11,18 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, delete, event, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common import rollups
 from circus.common.config import Settings
-from circus.common.enums import BuildStatus, Role
+from circus.common.enums import BuildStatus, EvaluationStatus, Role
 from circus.common.models import (
     Build,
     BuildCompletionHour,
+    BuildIdBlock,
     BuildStatusTotal,
+    EvaluationTotal,
     ProjectCompletionHour,
 )
 from circus.common.models.base import utcnow
@@ -169,11 +171,19 @@ def test_rebuild_gives_what_the_triggers_wrote(client: FlaskClient, admin: dict[
         world.build(evaluation, job, status, started_at=now - timedelta(minutes=3),
                     completed_at=now - timedelta(minutes=1))
     world.build(evaluation, "c")
-    figures = stats(client, admin), series(client, admin, "duration", "bucket=hour")
+    blocks = select(BuildIdBlock.project_id, BuildIdBlock.block,
+                    func.sum(BuildIdBlock.builds)).group_by(BuildIdBlock.project_id,
+                                                            BuildIdBlock.block)
+    evaluations = select(EvaluationTotal.jobset_id, EvaluationTotal.status,
+                         func.sum(EvaluationTotal.evaluations)).group_by(
+        EvaluationTotal.jobset_id, EvaluationTotal.status)
+    figures = (stats(client, admin), series(client, admin, "duration", "bucket=hour"),
+               db.execute(blocks).all(), db.execute(evaluations).all())
     rollups.rebuild(db)
     assert db.scalar(select(func.count()).select_from(BuildStatusTotal).where(
         BuildStatusTotal.merged.is_(False))) == 0
-    assert (stats(client, admin), series(client, admin, "duration", "bucket=hour")) == figures
+    assert (stats(client, admin), series(client, admin, "duration", "bucket=hour"),
+            db.execute(blocks).all(), db.execute(evaluations).all()) == figures
 
 
 def test_truncating_builds_empties_the_figures(client: FlaskClient, admin: dict[str, str],
@@ -189,7 +199,8 @@ def test_truncating_builds_empties_the_figures(client: FlaskClient, admin: dict[
     db.execute(text("TRUNCATE projects CASCADE"))
     assert stats(client, admin)["total"] == 0
     assert sum(p.get("succeeded", 0) for p in series(client, admin, "builds", "days=1")) == 0
-    for model in (BuildStatusTotal, BuildCompletionHour, ProjectCompletionHour):
+    for model in (BuildStatusTotal, BuildCompletionHour, ProjectCompletionHour, BuildIdBlock,
+                  EvaluationTotal):
         assert db.scalar(select(func.count()).select_from(model)) == 0, model
 
 
@@ -221,3 +232,87 @@ def test_a_merge_leaves_deltas_it_cannot_see_for_the_next(
         assert check.scalar(select(func.count()).select_from(BuildStatusTotal).where(
             BuildStatusTotal.merged.is_(False))) == 0
         assert check.get(Build, second.id) is not None
+
+
+def test_deep_offsets_found_through_id_blocks_give_the_walks_pages(
+        client: FlaskClient, admin: dict[str, str], keys: Any, world: World, db: Session,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep offsets (DEFERRED_OFFSET lowered here) of all builds or a project's find
+    their block of ids in build_id_blocks: the pages plain offsets give, without the
+    hidden project's builds, after a delete and a merge too."""
+    from circus.server.api import base
+
+    shown, hidden = world.project(), world.project("secret", hidden=True)
+    evaluations = world.evaluation(world.jobset(shown)), world.evaluation(world.jobset(hidden))
+    for n, build_id in enumerate((3, 4, 10_001, 10_002, 10_003, 29_999, 30_000, 45_000)):
+        world.build(evaluations[n % 3 == 0], f"job{n}", id=build_id)
+    reader = keys.headers(Role.read_only)
+    lists = ((admin, ""), (reader, ""), (admin, f"&project_id={shown.id}"))
+    seen: list[str] = []
+
+    def pages() -> list[list[list[int]]]:
+        return [[[b["id"] for b in client.get(f"/api/v1/builds?limit=2&offset={offset}{query}",
+                                              headers=headers).get_json()["items"]]
+                 for offset in range(10)] for headers, query in lists]
+
+    def found_through_blocks() -> list[list[list[int]]]:
+        monkeypatch.setattr(base, "DEFERRED_OFFSET", -1)
+        seen.clear()
+        found = pages()
+        monkeypatch.setattr(base, "DEFERRED_OFFSET", 1000)
+        assert sum("build_id_blocks" in statement for statement in seen) == 10 * len(lists)
+        return found
+
+    event.listen(db.get_bind(), "before_cursor_execute", lambda *args: seen.append(args[2]))
+    walked = pages()
+    assert walked[0][:3] == [[45_000, 30_000], [30_000, 29_999], [29_999, 10_003]]
+    assert walked[1][0] == [45_000, 29_999]  # 30,000, 10,002 and 3 are the hidden project's
+    assert found_through_blocks() == walked
+    db.execute(delete(Build).where(Build.id.in_([10_001, 4])))
+    walked = pages()
+    assert found_through_blocks() == walked
+    assert rollups.compact(db) > 0
+    # a row per project and block left (the first block's last shown build is gone)
+    assert db.scalar(select(func.count()).select_from(BuildIdBlock)) == 6
+    assert found_through_blocks() == walked
+
+
+def test_evaluation_totals_follow_evaluations_and_leave_out_hidden_projects(
+        client: FlaskClient, admin: dict[str, str], keys: Any, world: World, db: Session
+        ) -> None:
+    """The total of every list of evaluations comes from evaluation_totals: right after
+    inserts, status changes and deletes, merged or not, without hidden projects for
+    those who may not see them."""
+    shown, hidden = world.project(), world.project("secret", hidden=True)
+    jobset, other, secret = (world.jobset(shown), world.jobset(shown, "other"),
+                             world.jobset(hidden))
+    first, _, _ = (world.evaluation(jobset), world.evaluation(other, EvaluationStatus.failed),
+                   world.evaluation(secret))
+    running = world.evaluation(jobset, EvaluationStatus.running)
+    reader = keys.headers(Role.read_only)
+    queries = ("", f"jobset_id={jobset.id}", f"project_id={shown.id}", "status=completed",
+               "status=failed", "trigger_kind=manual", "trigger_kind=webhook",
+               f"project_id={hidden.id}", f"jobset_id={jobset.id}&status=running")
+
+    def totals_are_the_lists_lengths() -> None:
+        for headers in (admin, reader):
+            for query in queries:
+                page = client.get(f"/api/v1/evaluations?limit=1&{query}",
+                                  headers=headers).get_json()
+                everything = client.get(f"/api/v1/evaluations?limit=500&{query}",
+                                        headers=headers).get_json()
+                assert (page["total"], page["total_exact"]) == (
+                    len(everything["items"]), True), (query, headers is admin)
+
+    totals_are_the_lists_lengths()
+    assert client.get("/api/v1/evaluations", headers=reader).get_json()["total"] == 3
+    running.status = EvaluationStatus.completed
+    db.flush()
+    db.execute(text("DELETE FROM evaluations WHERE id = :id"), {"id": first.id})
+    totals_are_the_lists_lengths()
+    assert client.get("/api/v1/evaluations?status=completed",
+                      headers=admin).get_json()["total"] == 2
+    assert rollups.compact(db) > 0
+    assert db.scalar(select(func.count()).select_from(EvaluationTotal).where(
+        EvaluationTotal.merged.is_(False))) == 0
+    totals_are_the_lists_lengths()

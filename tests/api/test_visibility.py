@@ -66,10 +66,16 @@ def listed(client: FlaskClient, headers: dict[str, str], s: Secret) -> dict[str,
     return {
         "projects": any(p["name"] == s.project for p in get("/api/v1/projects")["items"]),
         "builds": any(b["id"] == s.build_id for b in get("/api/v1/builds")["items"]),
+        # totals come from rollups (and an evaluation's counts), not the listed rows
+        "builds total": get("/api/v1/builds")["total"] == 2,
+        "evaluation total": get(f"/api/v1/builds?evaluation_id={s.evaluation_id}")[
+            "total"] == 1,
+        "status total": get("/api/v1/builds?status=succeeded")["total"] == 1,
         "recent": any(b["id"] == s.build_id for b in get("/api/v1/builds/recent")),
         "stats": get("/api/v1/builds/stats")["total"] == 2,
         "evaluations": any(e["id"] == s.evaluation_id
                            for e in get("/api/v1/evaluations")["items"]),
+        "evaluations total": get("/api/v1/evaluations")["total"] == 2,
         "channels": any(c["name"] == "secret-stable" for c in get("/api/v1/channels")["items"]),
         "search jobs": any(j["build_id"] == s.build_id for j in search["jobs"]),
         "search paths": bool(get("/api/v1/search?q=" + "s" * 8)["store_paths"]),

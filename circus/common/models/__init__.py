@@ -6,6 +6,7 @@ from circus.common.models.builds import (
     BuildCompletionHour,
     BuildConstituent,
     BuildDependency,
+    BuildIdBlock,
     BuildMetric,
     BuildOutput,
     BuildProduct,
@@ -16,7 +17,12 @@ from circus.common.models.builds import (
     ProjectCompletionHour,
 )
 from circus.common.models.cache import NarInfo, NarInfoProject
-from circus.common.models.evaluations import Evaluation, EvaluationBuild, EvaluationError
+from circus.common.models.evaluations import (
+    Evaluation,
+    EvaluationBuild,
+    EvaluationError,
+    EvaluationTotal,
+)
 from circus.common.models.machines import BuilderSession, RemoteBuilder
 from circus.common.models.operations import (
     AuditLog,
@@ -45,6 +51,7 @@ __all__ = [
     "BuildCompletionHour",
     "BuildConstituent",
     "BuildDependency",
+    "BuildIdBlock",
     "BuildMetric",
     "BuildOutput",
     "BuildProduct",
@@ -55,6 +62,7 @@ __all__ = [
     "Evaluation",
     "EvaluationBuild",
     "EvaluationError",
+    "EvaluationTotal",
     "FailedPath",
     "JobName",
     "Jobset",

@@ -198,6 +198,32 @@ class ProjectCompletionHour(RollupSums, Base):
     )
 
 
+#: ids per :class:`BuildIdBlock`
+BUILD_ID_BLOCK = 10_000
+
+
+class BuildIdBlock(Base):
+    """Builds per project and block of ``BUILD_ID_BLOCK`` ids (``id / BUILD_ID_BLOCK``):
+    the build at offset 500,000 of the newest-first list is found by summing blocks and
+    walking inside one, not by walking 500,000 ids. Delta rows written by statement
+    triggers on the builds' insert and delete (migration ``c5e1f7a3b9d2``), merged by
+    :func:`circus.common.rollups.compact` like :class:`BuildStatusTotal`."""
+
+    __tablename__ = "build_id_blocks"
+
+    id: Mapped[IntPK]
+    project_id: Mapped[int]
+    block: Mapped[int]
+    builds: Mapped[int] = mapped_column(BigInteger)
+    merged: Mapped[BoolFalse]
+
+    __table_args__ = (
+        Index("ix_build_id_blocks_key", "project_id", "block"),
+        Index("ix_build_id_blocks_unmerged", "project_id", "block",
+              postgresql_where=text("NOT merged")),
+    )
+
+
 class BuildOutput(Base):
     __tablename__ = "build_outputs"
 

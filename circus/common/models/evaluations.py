@@ -109,3 +109,27 @@ class EvaluationBuild(Base):
         ForeignKey("builds.id", ondelete="CASCADE"), primary_key=True, index=True)
     is_new: Mapped[bool]
     created_at: Mapped[CreatedAt]
+
+
+class EvaluationTotal(Base):
+    """Evaluations per jobset, status and trigger kind: the exact total of every list of
+    evaluations without counting it. Delta rows written by statement triggers on the
+    evaluations' insert, update, delete and truncate (migration ``d8f2b6c1e4a7``),
+    merged by :func:`circus.common.rollups.compact`; a reader sums every row of its key."""
+
+    __tablename__ = "evaluation_totals"
+
+    id: Mapped[IntPK]
+    jobset_id: Mapped[int]
+    status: Mapped[EvaluationStatus] = mapped_column(
+        enum_column(EvaluationStatus, "evaluation_totals_status"))
+    trigger_kind: Mapped[TriggerKind] = mapped_column(
+        enum_column(TriggerKind, "evaluation_totals_trigger_kind"))
+    evaluations: Mapped[int] = mapped_column(BigInteger)
+    merged: Mapped[BoolFalse]
+
+    __table_args__ = (
+        Index("ix_evaluation_totals_key", "jobset_id", "status", "trigger_kind"),
+        Index("ix_evaluation_totals_unmerged", "jobset_id", "status", "trigger_kind",
+              postgresql_where=text("NOT merged")),
+    )

@@ -45,10 +45,14 @@ def spec_options() -> dict[str, Any]:
                                 f"limit, offset}}`: `total` is exact up to {EXACT_UP_TO:,} "
                                 "items and the database's estimate beyond (`total_exact` "
                                 "false), taken without counting when it is above "
-                                f"{EXACT_UP_TO * TRUSTED_BEYOND:,}; "
-                                "lists ordered by id also answer `next_cursor`, to pass as "
+                                f"{EXACT_UP_TO * TRUSTED_BEYOND:,}; builds filtered by "
+                                "nothing but project, jobset, system, status or finished, "
+                                "or by an evaluation (and status or finished), have an "
+                                "exact total at any size, kept by the database. "
+                                "Lists ordered by id also answer `next_cursor`, to pass as "
                                 "`cursor` (as fast on the last page as on the first, unlike "
-                                "`offset`, which is walked: deep offsets cost more). "
+                                "`offset`, which is walked: deep offsets cost more, except "
+                                "on the builds of all projects or of one). "
                                 "Errors answer `{error, details}`."},
         "components": {"securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer",

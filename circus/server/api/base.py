@@ -78,15 +78,21 @@ def name_schema(converter: Any) -> dict[str, Any]:
 
 
 def paginate(session: Session, query: Any, args: dict[str, Any], *,
-             scalars: bool = True, cursor_column: Any = None) -> dict[str, Any]:
-    """One page of ``query`` plus the total count (exact up to ``EXACT_UP_TO`` rows,
-    estimated beyond: ``total_exact`` says which).
+             scalars: bool = True, cursor_column: Any = None,
+             total: int | None = None,
+             id_at_offset: Callable[[int], int | None] | None = None) -> dict[str, Any]:
+    """One page of ``query`` plus the total count: ``total`` when the caller knows it
+    exactly (from a rollup), else counted exactly up to ``EXACT_UP_TO`` rows and
+    estimated beyond (``total_exact`` says which).
 
     With ``cursor_column`` (an id the query is ordered by, descending) the caller
     may pass ``cursor`` instead of ``offset``: keyset pagination, as fast on page
-    1000 as on page 1; ``next_cursor`` names the next page.
+    1000 as on page 1; ``next_cursor`` names the next page. ``id_at_offset`` finds
+    the id at a deep offset (``None``: past the end) faster than walking the ids.
     """
-    total, exact = count_rows(session, query)
+    exact = total is not None
+    if total is None:
+        total, exact = count_rows(session, query)
     cursor = args.get("cursor") if cursor_column is not None else None
     if cursor is not None:
         limited = query.where(cursor_column < cursor).limit(args["limit"])
@@ -94,20 +100,20 @@ def paginate(session: Session, query: Any, args: dict[str, Any], *,
         # a deep offset walks the ids alone (an index-only scan where an index serves
         # the filters) to the page's first id, then reads the page by keyset: walking
         # whole rows to offset 500,000 read 500,000 of them from the heap
-        first = session.scalar(query.with_only_columns(cursor_column)
-                               .offset(args["offset"]).limit(1))
+        first = (id_at_offset(args["offset"]) if id_at_offset is not None else
+                 session.scalar(query.with_only_columns(cursor_column)
+                                .offset(args["offset"]).limit(1)))
         limited = (query.where(cursor_column <= first).limit(args["limit"])
                    if first is not None else query.where(false()))
     else:
         limited = query.limit(args["limit"]).offset(args["offset"])
-    items: list[Any]
-    if scalars:
-        items = list(session.scalars(limited).all())
-    else:
-        items = [tuple(row) for row in session.execute(limited).all()]
-    page = {"items": items, "total": total, "total_exact": exact, "limit": args["limit"],
+    rows: list[Any] = list(session.scalars(limited).all() if scalars
+                           else session.execute(limited).all())
+    page = {"items": rows if scalars else [tuple(row) for row in rows], "total": total,
+            "total_exact": exact, "limit": args["limit"],
             "offset": args["offset"] if cursor is None else 0}
     if cursor_column is not None:
-        full = len(items) == args["limit"]
-        page["next_cursor"] = getattr(items[-1], "id", None) if full and scalars else None
+        # an entity's or a row's attribute of the cursor column
+        full = len(rows) == args["limit"]
+        page["next_cursor"] = getattr(rows[-1], cursor_column.key) if full else None
     return page

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from flask import jsonify
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -22,7 +23,14 @@ from circus.common.models import (
 from circus.server.actions import BuildAction, act_on_build
 from circus.server.aggregates import cached
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.queries import filter_builds, get_build, rollup_filters
+from circus.server.api.listrows import build_dicts, select_builds
+from circus.server.api.queries import (
+    build_id_at_offset,
+    build_total,
+    filter_builds,
+    get_build,
+    rollup_filters,
+)
 from circus.server.api.schemas.builds import (
     BuildFilterSchema,
     BuildSchema,
@@ -48,8 +56,13 @@ UNFINISHED = (BuildStatus.pending, BuildStatus.running)
 @blp.arguments(BuildFilterSchema, location="query")
 @blp.response(200, page_of(BuildSchema))
 def list_builds(args: dict[str, Any]) -> Any:
-    query = filter_builds(select(Build), args, current_actor()).order_by(Build.id.desc())
-    return paginate(db_session(), query, args, cursor_column=Build.id)
+    actor = current_actor()
+    session = db_session()
+    query = filter_builds(select_builds(), args, actor).order_by(Build.id.desc())
+    page = paginate(session, query, args, scalars=False, cursor_column=Build.id,
+                    total=build_total(session, args, actor),
+                    id_at_offset=build_id_at_offset(session, args, actor))
+    return jsonify({**page, "items": build_dicts(session, page["items"])})
 
 
 @blp.get("/recent")

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import jsonify
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
 
 from circus.common.models import Evaluation
 from circus.evaluator import service as evaluator
 from circus.projects import service as projects
 from circus.server import actions
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.queries import build_counts, filter_evaluations, get_evaluation
+from circus.server.api.listrows import evaluation_dicts, select_evaluations
+from circus.server.api.queries import (
+    build_counts,
+    evaluation_total,
+    filter_evaluations,
+    get_evaluation,
+)
 from circus.server.api.schemas.builds import (
     CompareArgsSchema,
     ComparisonSchema,
@@ -41,11 +46,14 @@ def _with_counts(evaluations: list[Evaluation]) -> list[Evaluation]:
 @blp.arguments(EvaluationFilterSchema, location="query")
 @blp.response(200, page_of(EvaluationSchema))
 def list_evaluations(args: dict[str, Any]) -> Any:
-    query = filter_evaluations(select(Evaluation), args, current_actor()).options(
-        selectinload(Evaluation.jobset)).order_by(Evaluation.id.desc())
-    page = paginate(db_session(), query, args, cursor_column=Evaluation.id)
-    page["items"] = _with_counts(page["items"])
-    return page
+    session = db_session()
+    actor = current_actor()
+    query = filter_evaluations(select_evaluations(), args, actor).order_by(
+        Evaluation.id.desc())
+    page = paginate(session, query, args, scalars=False, cursor_column=Evaluation.id,
+                    total=evaluation_total(session, args, actor))
+    counts = build_counts(session, (row[0] for row in page["items"]))
+    return jsonify({**page, "items": evaluation_dicts(session, page["items"], counts)})
 
 
 @blp.get("/<id:evaluation_id>")

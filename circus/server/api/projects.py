@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import request
+from flask import jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,7 +23,8 @@ from circus.common.models import (
 )
 from circus.projects import service
 from circus.server.api.base import Blueprint, paginate
-from circus.server.api.queries import filter_builds
+from circus.server.api.listrows import build_dicts, select_builds
+from circus.server.api.queries import build_id_at_offset, build_total, filter_builds
 from circus.server.api.schemas.builds import BuildFilterSchema, BuildSchema
 from circus.server.api.schemas.common import PageArgs, page_of
 from circus.server.api.schemas.projects import (
@@ -129,9 +130,13 @@ def delete_project(project: str) -> ResponseReturnValue:
 def project_builds(args: dict[str, Any], project: str) -> Any:
     session = db_session()
     row = _project(session, project)
-    query = filter_builds(select(Build), {**args, "project_id": row.id},
-                          current_actor()).order_by(Build.id.desc())
-    return paginate(session, query, args, cursor_column=Build.id)
+    actor = current_actor()
+    filters = {**args, "project_id": row.id}
+    query = filter_builds(select_builds(), filters, actor).order_by(Build.id.desc())
+    page = paginate(session, query, args, scalars=False, cursor_column=Build.id,
+                    total=build_total(session, filters, actor),
+                    id_at_offset=build_id_at_offset(session, filters, actor))
+    return jsonify({**page, "items": build_dicts(session, page["items"])})
 
 
 # ---------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, literal, or_, select, union_all
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from circus.auth.actor import Actor
 from circus.auth.visibility import (
@@ -22,10 +22,12 @@ from circus.common.models import (
     Build,
     BuildCompletionHour,
     BuilderSession,
+    BuildIdBlock,
     BuildOutput,
     BuildStatusTotal,
     Evaluation,
     EvaluationBuild,
+    EvaluationTotal,
     JobName,
     Jobset,
     Project,
@@ -34,6 +36,7 @@ from circus.common.models import (
     Step,
     User,
 )
+from circus.common.models.builds import BUILD_ID_BLOCK
 from circus.evaluator.counts import status_counts
 
 
@@ -61,6 +64,89 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
         query = query.where(Build.status.not_in(unfinished) if args["finished"]
                             else Build.status.in_(unfinished))
     return query
+
+
+#: the builds list's filters whose total ``build_status_totals`` holds (its key)
+_TOTALLED_BY_ROLLUP = frozenset({"project_id", "jobset_id", "status", "system", "finished"})
+#: the filters that may go with ``evaluation_id`` for its total from its status counts
+_TOTALLED_BY_EVALUATION = frozenset({"evaluation_id", "status", "finished"})
+_PAGE_ARGS = frozenset({"limit", "offset", "cursor"})
+
+
+def build_total(session: Session, args: dict[str, Any], actor: Actor) -> int | None:
+    """The exact number of builds :func:`filter_builds` lists for ``args``, when a
+    rollup holds it (``None``: count the list).
+
+    Counting the list itself read up to 10,001 builds a page (and the plan's estimate
+    before that): the rollup of the builds' triggers answers the filters of its key in
+    a few rows, and an evaluation's stored status counts answer its builds."""
+    filters = set(args) - _PAGE_ARGS
+    if filters <= _TOTALLED_BY_ROLLUP:
+        query = only_visible(select(func.sum(BuildStatusTotal.builds)),
+                             BuildStatusTotal.project_id, actor).where(
+            *rollup_filters(BuildStatusTotal, args))
+        if "system" in args:
+            query = query.where(BuildStatusTotal.system == args["system"])
+        if "status" in args:
+            query = query.where(BuildStatusTotal.status == args["status"])
+        if "finished" in args:
+            unfinished = [BuildStatus.pending, BuildStatus.running]
+            query = query.where(BuildStatusTotal.status.not_in(unfinished) if args["finished"]
+                                else BuildStatusTotal.status.in_(unfinished))
+        return int(session.scalar(query) or 0)
+    if filters <= _TOTALLED_BY_EVALUATION:
+        evaluation_id = args["evaluation_id"]
+        # an evaluation's builds are all its jobset's (reuse never crosses jobsets):
+        # hidden or not with its project
+        project_id = session.scalar(select(Jobset.project_id).join(
+            Evaluation, Evaluation.jobset_id == Jobset.id).where(Evaluation.id == evaluation_id))
+        if project_id is None or not can_see_project(session, actor, project_id):
+            return 0
+        counts = status_counts(session, [evaluation_id]).get(evaluation_id, {})
+        return sum(n for name, n in counts.items() if _status_wanted(BuildStatus[name], args))
+    return None
+
+
+def build_id_at_offset(session: Session, args: dict[str, Any], actor: Actor
+                       ) -> Callable[[int], int | None] | None:
+    """For the newest-first list of builds ``args`` filters, a function giving the id at
+    an offset (``None``: past the end) from ``build_id_blocks``, or ``None`` when the
+    filters are more than a project's.
+
+    Walking to offset 500,000 read 500,000 ids of the primary key (~110 ms on the bench
+    data); the blocks' counts (a hundred per million builds and project) find the block
+    of the offset, and the walk inside it reads at most ``BUILD_ID_BLOCK`` ids."""
+    if not set(args) - _PAGE_ARGS <= {"project_id"}:
+        return None
+
+    def at(offset: int) -> int | None:
+        blocks = session.execute(only_visible(
+            select(BuildIdBlock.block, func.sum(BuildIdBlock.builds)),
+            BuildIdBlock.project_id, actor).where(*rollup_filters(BuildIdBlock, args))
+            .group_by(BuildIdBlock.block).having(func.sum(BuildIdBlock.builds) != 0)
+            .order_by(BuildIdBlock.block.desc()))
+        ids = filter_builds(select(Build.id), args, actor).order_by(Build.id.desc())
+        before = 0
+        for block, builds in blocks:
+            if offset < before + builds:
+                found: int | None = session.scalar(ids.where(
+                    Build.id >= block * BUILD_ID_BLOCK, Build.id < (block + 1) * BUILD_ID_BLOCK)
+                    .offset(offset - before).limit(1))
+                if found is None:
+                    # builds of the block deleted after the blocks were read: walk
+                    found = session.scalar(ids.offset(offset).limit(1))
+                return found
+            before += builds
+        return None
+
+    return at
+
+
+def _status_wanted(status: BuildStatus, args: dict[str, Any]) -> bool:
+    """Whether builds of ``status`` pass the ``status`` and ``finished`` filters."""
+    if "status" in args and status != args["status"]:
+        return False
+    return "finished" not in args or status.is_finished == args["finished"]
 
 
 def rollup_filters(rollup: Any, args: dict[str, Any]) -> list[Any]:
@@ -95,21 +181,31 @@ def completions(since: datetime, args: dict[str, Any], actor: Actor) -> Any:
     return union_all(hours, partial).subquery()
 
 
-def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor) -> Any:
+def filter_evaluations(query: Any, args: dict[str, Any], actor: Actor,
+                       table: Any = Evaluation) -> Any:
+    """``query`` of evaluations (or of ``table``, a rollup of them with their jobset,
+    status and trigger kind) filtered by ``args`` and the visibility of ``actor``."""
     hidden = hidden_project_ids(actor)
     if hidden is not None:
-        query = query.where(Evaluation.jobset_id.not_in(
+        query = query.where(table.jobset_id.not_in(
             select(Jobset.id).where(Jobset.project_id.in_(hidden))))
     if "jobset_id" in args:
-        query = query.where(Evaluation.jobset_id == args["jobset_id"])
+        query = query.where(table.jobset_id == args["jobset_id"])
     if "project_id" in args:
-        query = query.where(Evaluation.jobset_id.in_(
+        query = query.where(table.jobset_id.in_(
             select(Jobset.id).where(Jobset.project_id == args["project_id"])))
     if "status" in args:
-        query = query.where(Evaluation.status == args["status"])
+        query = query.where(table.status == args["status"])
     if "trigger_kind" in args:
-        query = query.where(Evaluation.trigger_kind == args["trigger_kind"])
+        query = query.where(table.trigger_kind == args["trigger_kind"])
     return query
+
+
+def evaluation_total(session: Session, args: dict[str, Any], actor: Actor) -> int:
+    """The exact number of evaluations :func:`filter_evaluations` lists for ``args``,
+    from ``evaluation_totals`` (whose key are the list's filters), not the list."""
+    return int(session.scalar(filter_evaluations(
+        select(func.sum(EvaluationTotal.evaluations)), args, actor, EvaluationTotal)) or 0)
 
 
 def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, dict[str, int]]:
@@ -118,7 +214,9 @@ def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, d
 
 
 def get_evaluation(session: Session, evaluation_id: int, actor: Actor) -> Evaluation:
-    evaluation = session.get(Evaluation, evaluation_id)
+    # with its jobset (the visibility check and the API's project_id need it): one
+    # statement, not two
+    evaluation = session.get(Evaluation, evaluation_id, options=[joinedload(Evaluation.jobset)])
     if evaluation is None:
         raise NotFound(f"no evaluation with id {evaluation_id}")
     require_visible(session, actor, evaluation.jobset.project_id,

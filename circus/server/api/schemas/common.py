@@ -60,7 +60,8 @@ def page_of(item: type[ma.Schema]) -> type[ma.Schema]:
             "total": fields.Integer(required=True, metadata={
                 "description": f"number of items; exact up to {EXACT_UP_TO:,}, beyond that "
                                "the database's estimate (see total_exact; an estimate above "
-                               f"{EXACT_UP_TO * TRUSTED_BEYOND:,} is not counted at all)"}),
+                               f"{EXACT_UP_TO * TRUSTED_BEYOND:,} is not counted at all), "
+                               "unless a rollup holds it (lists of builds)"}),
             "total_exact": fields.Boolean(required=True, metadata={
                 "description": "whether total is an exact count"}),
             "limit": fields.Integer(required=True),
