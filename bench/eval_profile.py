@@ -8,7 +8,9 @@ under cProfile in every thread (the stderr reader, the job sink and importer,
 the caller) and the merged profile is printed, with the evaluator's and
 PostgreSQL's CPU seconds.
 
-Usage: python bench/eval_profile.py [N] [--sort=tottime] [--top=40]   (default 20000)
+Usage: python bench/eval_profile.py [N] [--sort=tottime] [--top=40] [--replays=R]
+  (default 20000 jobs; ``--replays=R`` replays R more times without the profiler and
+  prints their CPU seconds: cProfile's own cost is most of a profiled replay's)
 """
 
 from __future__ import annotations
@@ -89,9 +91,19 @@ def profile_threads() -> tuple[list[cProfile.Profile], Callable[[threading.Threa
     return profiles, original
 
 
+def report(label: str, count: int, outcome: execution.Outcome,
+           before: tuple[float, float, float], after: tuple[float, float, float]) -> None:
+    children, me, pg = (a - b for a, b in zip(after, before, strict=True))
+    print(f"{count} jobs replayed ({label}): evaluator {me:.2f} CPU-s "
+          f"({me / count * 1e6:.0f} us/job), PostgreSQL {pg:.2f}, stand-in {children:.2f}; "
+          f"program {outcome.program_time:.2f}s, after it {outcome.import_time:.2f}s",
+          flush=True)
+
+
 def main(argv: list[str]) -> int:
     sort = next((a.split("=", 1)[1] for a in argv if a.startswith("--sort=")), "tottime")
     top = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--top=")), "40"))
+    replays = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--replays=")), "0"))
     counts = [int(a) for a in argv if not a.startswith("--")]
     count = counts[0] if counts else 20000
     scratch = Path(tempfile.mkdtemp(prefix="circus-bench-profile-"))
@@ -153,10 +165,11 @@ def main(argv: list[str]) -> int:
         if replayed.stats is None or replayed.stats.new != count:
             print(f"the replayed evaluation did not produce {count} builds: {replayed}")
             return 1
-        children, me, pg = (a - b for a, b in zip(after, before, strict=True))
-        print(f"{count} jobs replayed: evaluator {me:.2f} CPU-s "
-              f"({me / count * 1e6:.0f} us/job), PostgreSQL {pg:.2f}, stand-in {children:.2f}; "
-              f"program {replayed.program_time:.2f}s, after it {replayed.import_time:.2f}s")
+        report("profiled", count, replayed, before, after)
+        for _ in range(replays):
+            before = cpu_seconds(server.directory)
+            replayed = evaluate("replay")
+            report("unprofiled", count, replayed, before, cpu_seconds(server.directory))
         stats = pstats.Stats(main_profile)
         for profile in profiles:
             stats.add(profile)
