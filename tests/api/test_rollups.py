@@ -112,6 +112,22 @@ def test_figures_follow_builds_finishing_failing_restarting_and_deleted(
     assert db.scalar(select(func.sum(BuildStatusTotal.builds))) == 1
 
 
+def test_deleting_a_project_deletes_its_builds_and_their_counts(
+        client: FlaskClient, admin: dict[str, str], world: World, db: Session) -> None:
+    """builds.project_id has no foreign key (migration c4e8a1f6d2b9): the project's
+    builds go through its jobsets' evaluations."""
+    doomed, kept = world.project("doomed"), world.project("kept")
+    for project in (doomed, kept):
+        jobset = world.jobset(project)
+        evaluation = world.evaluation(jobset)
+        world.build(evaluation, "a")
+        world.build(evaluation, "b", status=BuildStatus.succeeded)
+    projects.delete_project(db, SYSTEM, doomed)
+    db.flush()
+    assert set(db.scalars(select(Build.project_id))) == {kept.id}
+    assert stats(client, admin)["by_status"] == {"pending": 1, "succeeded": 1}
+
+
 def test_series_start_exactly_days_ago_inside_an_hour(
         client: FlaskClient, admin: dict[str, str], world: World) -> None:
     """Whole hours come from the rollup, the part of the first hour from the builds:
