@@ -9,7 +9,7 @@ inserted (backend CPU, median of 4 interleaved rounds on a loaded 2-core machine
 1.80 -> 1.41 s for the builds, 2.84 -> 2.46 s with their outputs and memberships.
 
 Revision ID: c4e8a1f6d2b9
-Revises: b7d2e4f1a9c3
+Revises: d8f2b6c1e4a7
 Create Date: 2026-12-07 05:30:00.000000+00:00
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "c4e8a1f6d2b9"
-down_revision: str | None = "b7d2e4f1a9c3"
+down_revision: str | None = "d8f2b6c1e4a7"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
