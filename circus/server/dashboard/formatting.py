@@ -264,6 +264,34 @@ def matrix_row(cells: dict[tuple[str, int], tuple[int, BuildStatus]], job: str,
 _NOT_IN_EVALUATION = '<td><span class="muted" title="not in this evaluation">·</span></td>'
 
 
+def evaluation_build_rows(builds: list[Any], evaluation_id: int, project: str,
+                          jobset: str) -> Markup:
+    """The rows of an evaluation's table of builds (``queries.LISTED_BUILD_COLUMNS``),
+    built in Python: a page of 100 rows cost the template 2,400 steps and 600 calls
+    out of it (~6 ms, a third of the page)."""
+    out = []
+    for build in builds:
+        status = BuildStatus(build.status)
+        reused = ("" if build.evaluation_id == evaluation_id else
+                  f' <span class="tag" title="built for evaluation '
+                  f'{escape(build.evaluation_id)}">reused</span>')
+        link = escape(job_url(project, jobset, build.job_name))
+        took = between(build.started_at, build.completed_at,
+                       running=status is BuildStatus.running)
+        out.append(
+            f'<tr class="{status_class(status)}">\n'
+            f"    <td>{_build_badge(status)}</td>\n"
+            f'    <td><a href="{escape(build_url(build.id))}">#{escape(build.id)}</a>'
+            f"{reused}</td>\n"
+            f'    <td class="job"><a href="{link}">{escape(build.job_name)}</a></td>\n'
+            f"    <td>{escape(build.system)}</td>\n"
+            f"    <td>{build_when(build)}</td>\n"
+            f"    <td>{escape(took)}</td>\n"
+            "  </tr>")
+    # every outside value is escaped above; badges and times are Markup already
+    return Markup("\n".join(out))  # noqa: S704
+
+
 def page_url(number: int) -> str:
     """This page with ``page=number`` and every other query argument kept."""
     args: dict[str, Any] = dict(request.view_args or {})
@@ -297,4 +325,5 @@ def init_app(app: Flask) -> None:
         evaluation_badge=evaluation_badge,
         step_badge=step_badge, task_badge=task_badge, status_class=status_class,
         between=between, page_url=page_url, with_args=with_args, escape=escape,
-        build_url=build_url, job_url=job_url, matrix_row=matrix_row)
+        build_url=build_url, job_url=job_url, matrix_row=matrix_row,
+        evaluation_build_rows=evaluation_build_rows)
