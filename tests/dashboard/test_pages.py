@@ -237,6 +237,7 @@ def test_job_matrix_pages_and_filters_the_newest_evaluations_jobs(rows: Rows) ->
 
     assert matrix() == (["lib.alpha", "lib.beta", "lib.kept", "tools.gamma"], 4)
     assert matrix(offset=1, limit=2) == (["lib.beta", "lib.kept"], 4)
+    assert matrix(offset=10) == ([], 4)
     assert matrix("LIB.") == (["lib.alpha", "lib.beta", "lib.kept"], 3)
     assert matrix("lib.", offset=2) == (["lib.kept"], 3)
     assert matrix("lib.", offset=10) == ([], 3)
@@ -297,3 +298,52 @@ def test_job_matrix_columns_are_the_newest_evaluations_not_hidden(as_admin: Brow
     assert [int(e) for e in re.findall(r'title="evaluation (\d+), ', page)] == \
         [few[1].id, few[2].id]
     assert f"/eval/{few[0].id}" in links(page)
+
+
+def test_home_tiles_count_the_queue_and_the_machines(as_admin: Browser, rows: Rows,
+                                                    world: World) -> None:
+    """The summary tiles (one statement each for the queue and the machines) count
+    pending and running builds, active steps by state, connected agents' jobs and the
+    SSH builders."""
+    from sqlalchemy import func, select
+
+    from circus.common.enums import StepState
+    from circus.common.models import Build, BuilderSession, RemoteBuilder, Step
+    from circus.common.models.base import utcnow
+
+    def session(name: str, connected: bool, current: int, slots: int) -> BuilderSession:
+        return BuilderSession(machine_id=name, name=name, hostname="h", systems=["x"],
+                              supported_features=[], mandatory_features=[], proto_version=1,
+                              connected=connected, max_jobs=slots, current_jobs=current,
+                              last_seen=utcnow())
+
+    rows.step(world.queued, state=StepState.queued, drv_path="/nix/store/x-more.drv")
+    rows.step(world.queued, state=StepState.pending, drv_path="/nix/store/x-wait.drv")
+    rows.db.add_all([session("a1", True, 2, 4), session("a2", True, 1, 8),
+                     session("a3", False, 5, 5),
+                     RemoteBuilder(name="on", ssh_uri="ssh://on", systems=["x"],
+                                   supported_features=[], mandatory_features=[], max_jobs=1),
+                     RemoteBuilder(name="off", ssh_uri="ssh://off", systems=["x"],
+                                   supported_features=[], mandatory_features=[], max_jobs=1,
+                                   enabled=False)])
+    rows.db.commit()
+
+    def count(query: object) -> int:
+        return int(rows.db.scalar(query) or 0)  # type: ignore[call-overload]
+
+    pending, running = (count(select(func.count()).select_from(Build).where(
+        Build.status == status)) for status in (BuildStatus.pending, BuildStatus.running))
+    steps = {state: count(select(func.count()).select_from(Step).where(Step.state == state))
+             for state in (StepState.queued, StepState.pending, StepState.running)}
+    assert pending
+    assert running
+    assert all(steps.values()), steps
+    page = re.sub(r"\s+", " ", html(as_admin.get("/")))
+    for text in (f'<span class="big">{pending}</span> builds queued',
+                 f"<small>{steps[StepState.queued]} steps runnable · "
+                 f"{steps[StepState.pending]} waiting</small>",
+                 f'<span class="big">{running}</span> builds running',
+                 f"<small>{steps[StepState.running]} steps building</small>",
+                 '<span class="big">2</span> agents connected',
+                 "<small>3/12 jobs · 1/2 SSH builders</small>"):
+        assert text in page, text

@@ -49,24 +49,31 @@ from circus.server.api.queries import build_counts, completions
 # builds in lists
 
 
+#: what a list of builds shows of each (rows, not entities: a page of 100 entities cost
+#: 3 ms of ORM bookkeeping for columns nobody shows)
+LISTED_BUILD_COLUMNS = (Build.id, Build.evaluation_id, Build.job_name, Build.system,
+                        Build.status, Build.created_at, Build.started_at, Build.completed_at)
+
+
 @dataclass
 class ListedBuild:
-    build: Build
+    #: a row of ``LISTED_BUILD_COLUMNS`` (and the names)
+    build: Any
     project: str
     jobset: str
 
 
 def build_list(*where: Any) -> Any:
-    """Builds with their project and jobset names, outputs not loaded."""
-    return (select(Build, Project.name, Jobset.name)
+    """Builds (``LISTED_BUILD_COLUMNS``) with their project and jobset names."""
+    return (select(*LISTED_BUILD_COLUMNS, Project.name.label("project_name"),
+                   Jobset.name.label("jobset_name"))
             .join(Project, Project.id == Build.project_id)
             .join(Jobset, Jobset.id == Build.jobset_id)
-            .options(lazyload(Build.outputs))
             .where(*where))
 
 
 def listed(rows: Iterable[Any]) -> list[ListedBuild]:
-    return [ListedBuild(build, project, jobset) for build, project, jobset in rows]
+    return [ListedBuild(row, row.project_name, row.jobset_name) for row in rows]
 
 
 def _visible(actor: Actor) -> list[Any]:
@@ -146,32 +153,37 @@ def recent_evaluations(session: Session, limit: int, *, actor: Actor
 
 
 def queue_summary(session: Session) -> dict[str, Any]:
-    # from the rollup the builds' triggers keep (a few rows per jobset)
-    builds = {status: int(count) for status, count in session.execute(
-        select(BuildStatusTotal.status, func.sum(BuildStatusTotal.builds)).where(
-            BuildStatusTotal.status.in_([BuildStatus.pending, BuildStatus.running]))
-        .group_by(BuildStatusTotal.status))}
-    steps = dict(session.execute(
-        select(Step.state, func.count()).where(Step.state.in_(ACTIVE_STEP_STATES))
-        .group_by(Step.state)).tuples().all())
-    return {"pending": builds.get(BuildStatus.pending, 0),
-            "running": builds.get(BuildStatus.running, 0),
-            "steps": {state.value: steps.get(state, 0) for state in StepState
+    """Pending and running builds (from the rollup the builds' triggers keep, a few rows
+    per jobset) and active steps by state, in one statement (each a round trip less)."""
+    def builds(status: BuildStatus) -> Any:
+        return select(func.coalesce(func.sum(BuildStatusTotal.builds), 0)).where(
+            BuildStatusTotal.status == status).scalar_subquery()
+
+    def steps(state: StepState) -> Any:
+        # one state's range of the state index
+        return select(func.count()).select_from(Step).where(Step.state == state) \
+            .scalar_subquery()
+
+    pending, running, *counts = session.execute(select(
+        builds(BuildStatus.pending), builds(BuildStatus.running),
+        *(steps(state) for state in ACTIVE_STEP_STATES))).one()
+    by_state = dict(zip(ACTIVE_STEP_STATES, counts, strict=True))
+    return {"pending": int(pending), "running": int(running),
+            "steps": {state.value: int(by_state.get(state, 0)) for state in StepState
                       if state is not StepState.done}}
 
 
 def machine_summary(session: Session) -> dict[str, Any]:
-    agents = session.execute(select(
-        func.count().filter(BuilderSession.connected.is_(True)),
-        func.coalesce(func.sum(BuilderSession.current_jobs).filter(
-            BuilderSession.connected.is_(True)), 0),
-        func.coalesce(func.sum(BuilderSession.max_jobs).filter(
-            BuilderSession.connected.is_(True)), 0))).one()
-    builders = session.execute(select(
-        func.count(), func.count().filter(RemoteBuilder.enabled.is_(True)))
-        .select_from(RemoteBuilder)).one()
-    return {"agents": agents[0], "agent_jobs": agents[1], "agent_slots": agents[2],
-            "builders": builders[0], "builders_enabled": builders[1],
+    connected = BuilderSession.connected.is_(True)
+    agents, agent_jobs, agent_slots, builders, enabled = session.execute(select(
+        func.count().filter(connected),
+        func.coalesce(func.sum(BuilderSession.current_jobs).filter(connected), 0),
+        func.coalesce(func.sum(BuilderSession.max_jobs).filter(connected), 0),
+        select(func.count()).select_from(RemoteBuilder).scalar_subquery(),
+        select(func.count()).select_from(RemoteBuilder).where(RemoteBuilder.enabled.is_(True))
+        .scalar_subquery()).select_from(BuilderSession)).one()
+    return {"agents": agents, "agent_jobs": agent_jobs, "agent_slots": agent_slots,
+            "builders": builders, "builders_enabled": enabled,
             "daemons": freshness(session)}
 
 
@@ -280,11 +292,14 @@ def job_matrix(session: Session, jobset_id: int, evaluations: list[Evaluation], 
         total = page[0][1] if page else int(session.scalar(
             select(func.count()).select_from(names.subquery())) or 0) if offset else 0
     else:
-        jobs = list(session.scalars(names.order_by(Build.job_name).offset(offset)
-                                    .limit(limit)))
-        # one build per job: the members, counted in the membership index alone
-        total = int(session.scalar(select(func.count()).select_from(EvaluationBuild).where(
-            EvaluationBuild.evaluation_id == rows_of)) or 0)
+        # one build per job: the members, counted in the membership index alone (an
+        # init plan of the page's statement; on its own only past the last page)
+        members = select(func.count()).select_from(EvaluationBuild).where(
+            EvaluationBuild.evaluation_id == rows_of)
+        page = session.execute(names.add_columns(members.scalar_subquery())
+                               .order_by(Build.job_name).offset(offset).limit(limit)).all()
+        jobs = [job for job, _ in page]
+        total = int(page[0][1] if page else session.scalar(members) or 0)
     cells: dict[tuple[str, int], tuple[int, BuildStatus]] = {}
     if jobs:
         # the jobset's (jobset_id, job_name) index finds the few builds of these jobs
@@ -318,12 +333,6 @@ def group_counts(counts: dict[str, int]) -> dict[str, int]:
         out[group] = (sum(counts.values()) if statuses is None
                       else sum(counts.get(s.name, 0) for s in statuses))
     return out
-
-
-#: what a list of builds shows of each (rows, not entities: a page of 100 entities cost
-#: 3 ms of ORM bookkeeping for columns nobody shows)
-LISTED_BUILD_COLUMNS = (Build.id, Build.evaluation_id, Build.job_name, Build.system,
-                        Build.status, Build.created_at, Build.started_at, Build.completed_at)
 
 
 def evaluation_builds(evaluation_id: int, group: str) -> Any:
