@@ -252,16 +252,21 @@ def test_list_links_are_the_ones_url_for_builds(app: Flask) -> None:
     a job name is quoted as the route's converter quotes it, whatever it holds."""
     from flask import url_for
 
-    from circus.server.dashboard.formatting import build_url, job_url
+    from circus.server.dashboard.formatting import build_url, evaluation_url, job_url, jobset_url
 
-    names = ["tests", "pkgs.hello", "a b/c?d#e%f&g'h\"<i>", "ünï/cødé", "x;y=z@w+v"]
+    names = ["tests", "pkgs.hello", "a b/c?d#e%f&g'h\"<i>", "ünï/cødé", "x;y=z@w+v~",
+             "tab\tnl\n", "[x]{y}|^`"]
     with app.test_request_context("/"):
         for project, jobset in (("demo", "main"), ("other-p", "j.2"), ("demo", "main")):
+            assert jobset_url(project, jobset) == url_for(
+                "dashboard.jobset", project=project, jobset=jobset)
             for job in names:
                 assert job_url(project, jobset, job) == url_for(
                     "dashboard.job", project=project, jobset=jobset, job=job)
-        for build_id in (1, 42, 9_007_199_254_740_993):
-            assert build_url(build_id) == url_for("dashboard.build", build_id=build_id)
+        for some_id in (1, 42, 9_007_199_254_740_993):
+            assert build_url(some_id) == url_for("dashboard.build", build_id=some_id)
+            assert evaluation_url(some_id) == url_for("dashboard.evaluation",
+                                                      evaluation_id=some_id)
 
 
 def test_job_matrix_columns_are_the_newest_evaluations_not_hidden(as_admin: Browser,

@@ -6,6 +6,7 @@ everywhere. Every badge carries its text too (colour is never the only cue).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
@@ -68,7 +69,7 @@ def _badge(style: Style, extra: str = "") -> Markup:
 def build_badge(status: BuildStatus | int | None) -> Markup:
     if status is None:
         return Markup("")
-    return _build_badge(BuildStatus(status))
+    return _build_badge(status if isinstance(status, BuildStatus) else BuildStatus(status))
 
 
 # a page of builds shows a few statuses hundreds of times: each is formatted once
@@ -91,6 +92,7 @@ def _build_icon(status: BuildStatus) -> Markup:
                                                                   label=label)
 
 
+@cache
 def evaluation_badge(status: EvaluationStatus) -> Markup:
     return _badge(EVALUATION_STYLES[status])
 
@@ -106,7 +108,12 @@ def task_badge(status: NotificationTaskStatus) -> Markup:
 
 
 def status_class(status: BuildStatus | int) -> str:
-    return "s-" + BUILD_STYLES[BuildStatus(status)][0]
+    return _status_class(status if isinstance(status, BuildStatus) else BuildStatus(status))
+
+
+@cache
+def _status_class(status: BuildStatus) -> str:
+    return "s-" + BUILD_STYLES[status][0]
 
 
 # ---------------------------------------------------------------------------
@@ -223,26 +230,55 @@ def percent(value: float | None) -> str:
 _PATH_SAFE = "!$&'()*+,/:;=@"
 
 
+#: what ``quote(..., safe=_PATH_SAFE)`` leaves as it is (most job names: no call of it)
+_UNQUOTED = re.compile(r"[A-Za-z0-9_.~!$&'()*+,/:;=@-]*")
+
+
+def _prefixes() -> dict[Any, str]:
+    """URL prefixes resolved in this request (by endpoint and leading arguments)."""
+    found: dict[Any, str] | None = g.get("_url_prefixes")
+    if found is None:
+        found = g._url_prefixes = {}
+    return found
+
+
+def _id_prefix(endpoint: str, argument: str) -> str:
+    prefixes = _prefixes()
+    prefix = prefixes.get(endpoint)
+    if prefix is None:
+        values: dict[str, Any] = {argument: 0}
+        prefix = prefixes[endpoint] = url_for(endpoint, **values)[:-1]
+    return prefix
+
+
 def build_url(build_id: int) -> str:
     """``url_for('dashboard.build', build_id=...)``, the rule resolved once a request."""
-    return _build_prefix() + str(int(build_id))
+    return _id_prefix("dashboard.build", "build_id") + str(int(build_id))
 
 
-def _build_prefix() -> str:
-    prefix: str | None = g.get("_build_url_prefix")
-    if prefix is None:
-        prefix = g._build_url_prefix = url_for("dashboard.build", build_id=0)[:-1]
-    return prefix
+def evaluation_url(evaluation_id: int) -> str:
+    """``url_for('dashboard.evaluation', evaluation_id=...)``, resolved once a request."""
+    return _id_prefix("dashboard.evaluation", "evaluation_id") + str(int(evaluation_id))
+
+
+def jobset_url(project: str, jobset: str) -> str:
+    """``url_for('dashboard.jobset', ...)``, resolved once per jobset and request."""
+    prefixes = _prefixes()
+    url = prefixes.get(("jobset", project, jobset))
+    if url is None:
+        url = prefixes["jobset", project, jobset] = url_for(
+            "dashboard.jobset", project=project, jobset=jobset)
+    return url
 
 
 def job_url(project: str, jobset: str, job: str) -> str:
     """``url_for('dashboard.job', ...)``, the rule resolved once per jobset and request."""
-    prefixes: dict[tuple[str, str], str] = g.setdefault("_job_url_prefixes", {})
+    prefixes = _prefixes()
     prefix = prefixes.get((project, jobset))
     if prefix is None:
         prefix = prefixes[project, jobset] = url_for(
             "dashboard.job", project=project, jobset=jobset, job="x")[:-1]
-    return prefix + quote(job, safe=_PATH_SAFE)
+    return prefix + (job if _UNQUOTED.fullmatch(job) else quote(job, safe=_PATH_SAFE))
 
 
 def matrix_row(cells: dict[tuple[str, int], tuple[int, BuildStatus]], job: str,
@@ -250,12 +286,13 @@ def matrix_row(cells: dict[tuple[str, int], tuple[int, BuildStatus]], job: str,
     """The cells of one job's row of the job matrix: its build in each evaluation, as an
     icon linking to the build, or a dot (built in Python: 500 cells of a page cost the
     template 8 ms)."""
-    prefix = escape(_build_prefix())
+    prefix = escape(_id_prefix("dashboard.build", "build_id"))
     out = []
     for eid in evaluation_ids:
         cell = cells.get((job, eid))
-        out.append(f'<td><a href="{prefix}{int(cell[0])}">{_build_icon(BuildStatus(cell[1]))}'
-                   "</a></td>" if cell is not None else _NOT_IN_EVALUATION)
+        # the statuses are BuildStatus already (the column's type): no enum call a cell
+        out.append(f'<td><a href="{prefix}{int(cell[0])}">{_build_icon(cell[1])}</a></td>'
+                   if cell is not None else _NOT_IN_EVALUATION)
     # parts escaped above (the prefix), numbers, or Markup already (the icons): plain
     # string joins, where Markup's % escaped every part again (6 ms a page)
     return Markup("".join(out))  # noqa: S704
@@ -271,7 +308,7 @@ def evaluation_build_rows(builds: list[Any], evaluation_id: int, project: str,
     out of it (~6 ms, a third of the page)."""
     out = []
     for build in builds:
-        status = BuildStatus(build.status)
+        status = build.status  # BuildStatus already (the column type)
         reused = ("" if build.evaluation_id == evaluation_id else
                   f' <span class="tag" title="built for evaluation '
                   f'{escape(build.evaluation_id)}">reused</span>')
@@ -325,5 +362,6 @@ def init_app(app: Flask) -> None:
         evaluation_badge=evaluation_badge,
         step_badge=step_badge, task_badge=task_badge, status_class=status_class,
         between=between, page_url=page_url, with_args=with_args, escape=escape,
-        build_url=build_url, job_url=job_url, matrix_row=matrix_row,
+        build_url=build_url, evaluation_url=evaluation_url, job_url=job_url,
+        jobset_url=jobset_url, matrix_row=matrix_row,
         evaluation_build_rows=evaluation_build_rows)

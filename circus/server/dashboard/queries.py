@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import and_, func, select
@@ -116,6 +117,14 @@ class ListedEvaluation:
     @property
     def failed(self) -> int:
         return self.total - self.count("succeeded", "pending", "running", "cancelled")
+
+    @cached_property
+    def summary(self) -> dict[str, int]:
+        """The figures a list shows, computed once (the template asked for each twice)."""
+        shown = {name: self.counts.get(name, 0)
+                 for name in ("succeeded", "pending", "running", "cancelled")}
+        total = sum(self.counts.values())
+        return {**shown, "failed": total - sum(shown.values()), "total": total}
 
 
 def evaluation_list(*where: Any) -> Any:
