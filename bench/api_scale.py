@@ -364,8 +364,10 @@ def main() -> int:
         for index, (name, paths) in enumerate(routes(url)):
             if index and not wanted(name):
                 continue
-            # one warm-up round per path: every worker has imported and connected
-            measure(port, headers, paths, len(paths), args.seconds)
+            # a warm-up round over the paths, two requests per client at least: every
+            # worker has imported, connected and compiled the page's templates (a route
+            # of one path warmed one worker, and the other compiled them in the measure)
+            measure(port, headers, paths, max(len(paths), 2 * CLIENTS), args.seconds)
             times, errors = measure(port, headers, paths, args.requests, args.seconds)
             p50, p99 = statistics.median(times), percentile(times, 0.99)
             base = base or p50

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from flask import Flask
+
 from circus.common.enums import BuildStatus
 from tests.dashboard.conftest import Browser
 from tests.dashboard.factories import Rows, World
@@ -235,6 +237,7 @@ def test_job_matrix_pages_and_filters_the_newest_evaluations_jobs(rows: Rows) ->
 
     assert matrix() == (["lib.alpha", "lib.beta", "lib.kept", "tools.gamma"], 4)
     assert matrix(offset=1, limit=2) == (["lib.beta", "lib.kept"], 4)
+    assert matrix(offset=10) == ([], 4)
     assert matrix("LIB.") == (["lib.alpha", "lib.beta", "lib.kept"], 3)
     assert matrix("lib.", offset=2) == (["lib.kept"], 3)
     assert matrix("lib.", offset=10) == ([], 3)
@@ -242,3 +245,110 @@ def test_job_matrix_pages_and_filters_the_newest_evaluations_jobs(rows: Rows) ->
     cells = job_matrix(rows.db, jobset.id, shown, job_filter="kept", offset=0, limit=50).cells
     assert cells == {("lib.kept", old.id): (kept.id, BuildStatus.succeeded),
                      ("lib.kept", new.id): (kept.id, BuildStatus.succeeded)}
+
+
+def test_list_links_are_the_ones_url_for_builds(app: Flask) -> None:
+    """Lists build their links from a prefix resolved once (url_for cost 15 µs a link);
+    a job name is quoted as the route's converter quotes it, whatever it holds."""
+    from flask import url_for
+
+    from circus.server.dashboard.formatting import build_url, evaluation_url, job_url, jobset_url
+
+    names = ["tests", "pkgs.hello", "a b/c?d#e%f&g'h\"<i>", "ünï/cødé", "x;y=z@w+v~",
+             "tab\tnl\n", "[x]{y}|^`"]
+    with app.test_request_context("/"):
+        for project, jobset in (("demo", "main"), ("other-p", "j.2"), ("demo", "main")):
+            assert jobset_url(project, jobset) == url_for(
+                "dashboard.jobset", project=project, jobset=jobset)
+            for job in names:
+                assert job_url(project, jobset, job) == url_for(
+                    "dashboard.job", project=project, jobset=jobset, job=job)
+        for some_id in (1, 42, 9_007_199_254_740_993):
+            assert build_url(some_id) == url_for("dashboard.build", build_id=some_id)
+            assert evaluation_url(some_id) == url_for("dashboard.evaluation",
+                                                      evaluation_id=some_id)
+
+
+def test_job_matrix_columns_are_the_newest_evaluations_not_hidden(as_admin: Browser,
+                                                                  rows: Rows) -> None:
+    """The first page of evaluations lends its rows to the matrix when it can; a hidden
+    evaluation is listed but never a column, on any page."""
+    project = rows.project("cols")
+    jobset = rows.jobset(project)
+    made = [rows.evaluation(jobset) for _ in range(13)]
+    for evaluation in made:
+        rows.build(evaluation, f"job{evaluation.id}", BuildStatus.succeeded)
+    rows.db.commit()
+
+    def columns(query: str = "") -> list[int]:
+        page = html(as_admin.get(f"/jobset/cols/main{query}"))
+        return [int(eid) for eid in re.findall(r'title="evaluation (\d+), ', page)]
+
+    ids = [e.id for e in made]
+    assert columns() == ids[-10:]
+    assert columns("?page=2") == ids[-10:]
+    made[-3].hidden = True
+    rows.db.commit()
+    assert columns() == ids[-11:-3] + ids[-2:]
+    assert columns("?page=2") == ids[-11:-3] + ids[-2:]
+    assert f"/eval/{made[-3].id}" in links(html(as_admin.get("/jobset/cols/main")))
+    # one page holding every evaluation, one of them hidden
+    small = rows.jobset(project, "small")
+    few = [rows.evaluation(small) for _ in range(3)]
+    for evaluation in few:
+        rows.build(evaluation, "same", BuildStatus.succeeded)
+    few[0].hidden = True
+    rows.db.commit()
+    page = html(as_admin.get("/jobset/cols/small"))
+    assert [int(e) for e in re.findall(r'title="evaluation (\d+), ', page)] == \
+        [few[1].id, few[2].id]
+    assert f"/eval/{few[0].id}" in links(page)
+
+
+def test_home_tiles_count_the_queue_and_the_machines(as_admin: Browser, rows: Rows,
+                                                    world: World) -> None:
+    """The summary tiles (one statement each for the queue and the machines) count
+    pending and running builds, active steps by state, connected agents' jobs and the
+    SSH builders."""
+    from sqlalchemy import func, select
+
+    from circus.common.enums import StepState
+    from circus.common.models import Build, BuilderSession, RemoteBuilder, Step
+    from circus.common.models.base import utcnow
+
+    def session(name: str, connected: bool, current: int, slots: int) -> BuilderSession:
+        return BuilderSession(machine_id=name, name=name, hostname="h", systems=["x"],
+                              supported_features=[], mandatory_features=[], proto_version=1,
+                              connected=connected, max_jobs=slots, current_jobs=current,
+                              last_seen=utcnow())
+
+    rows.step(world.queued, state=StepState.queued, drv_path="/nix/store/x-more.drv")
+    rows.step(world.queued, state=StepState.pending, drv_path="/nix/store/x-wait.drv")
+    rows.db.add_all([session("a1", True, 2, 4), session("a2", True, 1, 8),
+                     session("a3", False, 5, 5),
+                     RemoteBuilder(name="on", ssh_uri="ssh://on", systems=["x"],
+                                   supported_features=[], mandatory_features=[], max_jobs=1),
+                     RemoteBuilder(name="off", ssh_uri="ssh://off", systems=["x"],
+                                   supported_features=[], mandatory_features=[], max_jobs=1,
+                                   enabled=False)])
+    rows.db.commit()
+
+    def count(query: object) -> int:
+        return int(rows.db.scalar(query) or 0)  # type: ignore[call-overload]
+
+    pending, running = (count(select(func.count()).select_from(Build).where(
+        Build.status == status)) for status in (BuildStatus.pending, BuildStatus.running))
+    steps = {state: count(select(func.count()).select_from(Step).where(Step.state == state))
+             for state in (StepState.queued, StepState.pending, StepState.running)}
+    assert pending
+    assert running
+    assert all(steps.values()), steps
+    page = re.sub(r"\s+", " ", html(as_admin.get("/")))
+    for text in (f'<span class="big">{pending}</span> builds queued',
+                 f"<small>{steps[StepState.queued]} steps runnable · "
+                 f"{steps[StepState.pending]} waiting</small>",
+                 f'<span class="big">{running}</span> builds running',
+                 f"<small>{steps[StepState.running]} steps building</small>",
+                 '<span class="big">2</span> agents connected',
+                 "<small>3/12 jobs · 1/2 SSH builders</small>"):
+        assert text in page, text

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from circus.auth.permissions import allowed_actions
 from circus.auth.visibility import can_see_project
 from circus.common.errors import NotFound
-from circus.common.models import Evaluation, EvaluationError
+from circus.common.models import Evaluation, EvaluationError, Jobset
 from circus.evaluator import service as evaluator
 from circus.server import actions
 from circus.server.api.queries import build_counts
@@ -30,11 +30,11 @@ COMPARE_SHOWN = 500
 def evaluation(evaluation_id: int) -> ResponseReturnValue:
     session = db_session()
     row = session.execute(queries.evaluation_list(
-        Evaluation.id == evaluation_id)).first()
+        Evaluation.id == evaluation_id).add_columns(Jobset.project_id)).first()
     if row is None:
         raise NotFound(f"no evaluation with id {evaluation_id}")
-    evaluation_row, project_name, jobset_name = row
-    if not can_see_project(session, current_actor(), evaluation_row.jobset.project_id):
+    evaluation_row, project_name, jobset_name, project_id = row
+    if not can_see_project(session, current_actor(), project_id):
         raise NotFound(f"no evaluation with id {evaluation_id}")
     counts = build_counts(session, [evaluation_id]).get(evaluation_id, {})
     groups = queries.group_counts(counts)
@@ -44,7 +44,7 @@ def evaluation(evaluation_id: int) -> ResponseReturnValue:
         group = next((g for g in ("failed", "running", "queued") if groups[g]), "all")
     # the group's size is in the counts already
     builds = paginate(session, queries.evaluation_builds(evaluation_id, group),
-                      BUILDS_PER_PAGE, total=groups[group])
+                      BUILDS_PER_PAGE, total=groups[group], scalars=False)
     errors = list(session.scalars(select(EvaluationError).where(
         EvaluationError.evaluation_id == evaluation_id).order_by(EvaluationError.job_name)
         .limit(ERRORS_SHOWN)))
@@ -71,7 +71,7 @@ def evaluation(evaluation_id: int) -> ResponseReturnValue:
         jobset_name=jobset_name, counts=counts, groups=groups, group=group, builds=builds,
         errors=errors, error_total=error_total, previous=previous, comparison=comparison,
         compare_error=compare_error, other=other, compare_shown=COMPARE_SHOWN,
-        can=allowed_actions(session, current_actor(), evaluation_row.jobset.project_id))
+        can=allowed_actions(session, current_actor(), project_id))
 
 
 @blueprint.post("/eval/<id:evaluation_id>/cancel")

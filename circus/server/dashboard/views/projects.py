@@ -295,11 +295,20 @@ def _jobset_page(project_row: Project, row: Jobset, settings_form: Form,
                  input_form: Form | None = None) -> ResponseReturnValue:
     session = db_session()
     evaluations = paginate(session, queries.evaluation_list(Evaluation.jobset_id == row.id)
-                           .order_by(Evaluation.id.desc()), 10, scalars=False)
+                           .order_by(Evaluation.id.desc()), MATRIX_EVALUATIONS, scalars=False,
+                           total=queries.evaluations_counted(session, row.id))
     listed = queries.with_counts(session, evaluations.items)
-    columns = list(reversed(list(session.scalars(
-        select(Evaluation).where(Evaluation.jobset_id == row.id, Evaluation.hidden.is_(False))
-        .order_by(Evaluation.id.desc()).limit(MATRIX_EVALUATIONS)))))
+    newest = [e for e, _, _ in evaluations.items]
+    if (evaluations.number == 1 and not any(e.hidden for e in newest)) or \
+            evaluations.number == evaluations.pages == 1:
+        # the matrix's columns are the newest evaluations not hidden: on the first page,
+        # these are the page's when none of them is hidden or when it holds them all
+        columns = list(reversed([e for e in newest if not e.hidden]))
+    else:
+        columns = list(reversed(list(session.scalars(
+            select(Evaluation).where(Evaluation.jobset_id == row.id,
+                                     Evaluation.hidden.is_(False))
+            .order_by(Evaluation.id.desc()).limit(MATRIX_EVALUATIONS)))))
     job_filter = query_text("job", 200)
     jobs_page = page_number("jobs_page")
     matrix = queries.job_matrix(session, row.id, columns, job_filter=job_filter,
