@@ -352,3 +352,22 @@ def test_home_tiles_count_the_queue_and_the_machines(as_admin: Browser, rows: Ro
                  '<span class="big">2</span> agents connected',
                  "<small>3/12 jobs · 1/2 SSH builders</small>"):
         assert text in page, text
+
+
+def test_names_a_repository_chooses_are_escaped_in_the_rows_built_in_python(
+        as_admin: Browser, rows: Rows) -> None:
+    """Job names and systems come from the evaluated Nix code: the build tables and the
+    job matrix (rendered in Python, not by the templates' autoescaping) escape them."""
+    attack = '"><img src=x onerror=alert(1)>'
+    project = rows.project("esc")
+    jobset = rows.jobset(project, "main")
+    evaluation = rows.evaluation(jobset)
+    build = rows.build(evaluation, f"pkgs.{attack}", BuildStatus.failed,
+                       system=f"x86_64-linux{attack}")
+    rows.db.commit()
+    for path in ("/", "/project/esc", "/jobset/esc/main", f"/eval/{evaluation.id}",
+                 f"/eval/{evaluation.id}?status=all", "/jobset/esc/main?job=pkgs"):
+        page = html(as_admin.get(path))
+        assert "<img src=x" not in page, path
+        assert f"/build/{build.id}" in links(page), path
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html(as_admin.get(f"/eval/{evaluation.id}"))
