@@ -276,9 +276,9 @@ def _link_and_report(session: Session, batch: _Batch, existing: Collection[str],
     # 500-build evaluation were most of the post-processor's CPU (~1 s of Python and
     # PostgreSQL's share, bench/build_overhead.py --e2e); both are idempotent set
     # updates, so the union of a project's builds' paths does the same
-    for project_id, paths in sorted(linked.items()):
-        records.link_projects(session, sorted(paths), project_id)
-    records.serve_to_all(session, sorted({p for paths in linked.values() for p in paths}))
+    for project_id, project_paths in sorted(linked.items()):
+        records.link_projects(session, sorted(project_paths), project_id)
+    records.serve_to_all(session, sorted({p for ps in linked.values() for p in ps}))
     return signed
 
 
