@@ -391,6 +391,23 @@ def test_a_slot_leaves_chain_heads_to_a_slot_that_is_building(
     assert [c.id for c in got] == [heads[0], links[heads[0]]]
 
 
+def test_a_slot_takes_many_chain_heads_while_the_other_builds(
+        committed_db: sessionmaker[Session], settings: Settings) -> None:
+    # many chains ready: a batch follows as many as the free slots' share, so the chains
+    # advance side by side and none is left alone at the end
+    with committed_db() as s:
+        heads = [add_step(s, f"h{i}") for i in range(4)]
+        for i, head in enumerate(heads):
+            add_step(s, f"n{i}", state="pending", deps=[head])
+        s.commit()
+    builder = LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2)
+    builder.active["local:other-slot"] = cast(Any, None)
+    got = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-1"), CLS))
+    assert set(heads) <= {c.id for c in got}
+    assert len(got) == 8
+
+
 def test_a_slot_alone_on_its_class_claims_longer_batches(
         committed_db: sessionmaker[Session], make_settings: Callable[..., Settings]) -> None:
     # nobody else could build these steps: a slot takes up to batch_size_alone (fewer
