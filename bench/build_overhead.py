@@ -336,6 +336,9 @@ def main() -> int:
                         help="with --e2e: nix-build -j2 builds in Nix's sandbox with Circus's "
                              "default sandbox settings, as Circus's builds do (nix.sandbox is "
                              "true by default; a host's nix.conf may say sandbox = false)")
+    parser.add_argument("--nix-calls", action="store_true",
+                        help="with --e2e: log every Nix call of the instances and print the "
+                             "CPU per kind of call each round")
     args = parser.parse_args()
     for item in args.set:
         key, _, value = item.partition("=")
@@ -355,7 +358,8 @@ def main() -> int:
         baseline_env = nix_environ([], extra=sandbox_options(True) if args.baseline_sandbox
                                    else None)
         return build_overhead_e2e.run(DAG, shape, args.rounds, baseline_env, EXTRA_ENV,
-                                      args.verbose, args.keep_state, args.reference, own)
+                                      args.verbose, args.keep_state, args.reference, own,
+                                      args.nix_calls)
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-bench-", dir="/tmp"))
