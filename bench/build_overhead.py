@@ -44,7 +44,7 @@ from circus.cli.migrate import upgrade  # noqa: E402
 from circus.common.db import normalise_url  # noqa: E402
 from circus.common.localservices import PrivatePostgres, PrivateRedis  # noqa: E402
 from circus.common.messaging import BUILDS_CHANNEL  # noqa: E402
-from circus.common.nix.environment import nix_environ  # noqa: E402
+from circus.common.nix.environment import nix_environ, sandbox_options  # noqa: E402
 
 DAG = r"""
 { nonce, chains, length, fans }:
@@ -332,6 +332,13 @@ def main() -> int:
                              "branch) in every round, beside this one: a before/after on a "
                              "shared host")
     parser.add_argument("--critical-path", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--baseline-sandbox", action="store_true",
+                        help="with --e2e: nix-build -j2 builds in Nix's sandbox with Circus's "
+                             "default sandbox settings, as Circus's builds do (nix.sandbox is "
+                             "true by default; a host's nix.conf may say sandbox = false)")
+    parser.add_argument("--nix-calls", action="store_true",
+                        help="with --e2e: log every Nix call of the instances and print the "
+                             "CPU per kind of call each round")
     args = parser.parse_args()
     for item in args.set:
         key, _, value = item.partition("=")
@@ -346,8 +353,13 @@ def main() -> int:
 
         own = {"CIRCUS_" + key.upper().replace(".", "__"): value for key, _, value in
                (item.partition("=") for item in args.set_circus)}
-        return build_overhead_e2e.run(DAG, shape, args.rounds, nix_environ([]), EXTRA_ENV,
-                                      args.verbose, args.keep_state, args.reference, own)
+        # the sandbox costs a build ~10 ms of system CPU (namespaces, mounts): ~5 s of
+        # the 500 derivations' ~14 s with nix-build -j2 on the 2-core host, 2026-12
+        baseline_env = nix_environ([], extra=sandbox_options(True) if args.baseline_sandbox
+                                   else None)
+        return build_overhead_e2e.run(DAG, shape, args.rounds, baseline_env, EXTRA_ENV,
+                                      args.verbose, args.keep_state, args.reference, own,
+                                      args.nix_calls)
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-bench-", dir="/tmp"))

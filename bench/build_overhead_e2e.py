@@ -22,6 +22,17 @@ against the same code).
 Baseline: ``nix-build -j2`` of a copy of the same files with another fresh
 nonce: it evaluates the same expression and builds the same number of fresh
 derivations from the same empty starting state (same store, no substituters).
+It builds with the host's nix.conf sandbox setting (``sandbox = false`` on the
+development host) unless ``--baseline-sandbox`` gives it Circus's default
+sandbox, in which every Circus build runs: on the 2-core host the sandbox costs
+~10 ms of system CPU a build, ~5 s of nix-build's ~14 s for the 500 derivations
+(8.7 s without), and about doubles its wall time (2026-12, loaded host).
+
+``--nix-calls`` puts a wrapper for each Nix command first on the instances'
+``PATH``: every call the daemons make (the batches' ``nix-store --realise``,
+queries, GC roots, evaluation) is logged with its CPU (``times`` of the real
+command, its builders included), and each round prints the CPU per kind of
+call. The wrapper's own shell costs a few ms a call: leave it off for timings.
 
 Each round prints both times, the ratio, and (``--verbose``) a timeline from
 the database's timestamps: trigger → evaluation started → builds committed →
@@ -59,6 +70,70 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
 #: evaluation statuses after which no build of it will appear any more
 DONE_EVALUATION = {EvaluationStatus.completed.value, EvaluationStatus.failed.value,
                    EvaluationStatus.cancelled.value, EvaluationStatus.timed_out.value}
+
+
+#: ``--nix-calls``: runs the real command, then appends its CPU (user and system of it
+#: and its reaped children, as bash's ``times`` prints them) and arguments to the log
+NIX_CALL_WRAPPER = """#!/bin/bash
+name=$(basename "$0")
+{real}/"$name" "$@"
+rc=$?
+times > {log}.$$
+args="$*"
+printf '%s\\t%s\\t%s\\n' "$name" "$(tail -1 {log}.$$)" "${{args:0:400}}" >> {log}
+rm -f {log}.$$
+exit $rc
+"""
+NIX_COMMANDS = ("nix", "nix-store", "nix-instantiate", "nix-build", "nix-env", "nix-eval-jobs")
+
+
+def nix_call_wrappers(directory: Path) -> tuple[Path, Path]:
+    """(a directory of wrappers for the Nix commands found on ``PATH``, their log)."""
+    bin_dir, log = directory / "bin", directory / "calls.tsv"
+    bin_dir.mkdir(parents=True)
+    for command in NIX_COMMANDS:
+        found = shutil.which(command)
+        if found is None:
+            continue
+        wrapper = bin_dir / command
+        # the real directory, not the command's target: nix-store is a link to nix and
+        # tells what it is by the name it was called with
+        wrapper.write_text(NIX_CALL_WRAPPER.format(real=Path(found).parent, log=log))
+        wrapper.chmod(0o755)
+    return bin_dir, log
+
+
+def nix_call_kind(name: str, args: str) -> str:
+    """A call's kind: the command, its subcommand and its first options."""
+    words = args.split()
+    if name == "nix":
+        return " ".join([name, *words[:1], *[w for w in words[1:4] if w.startswith("-")]])
+    if name == "nix-store" and "--keep-going" in words:
+        return "nix-store --realise (a batch)"
+    return " ".join([name, *[w for w in words[:3] if w.startswith("-")]])
+
+
+def nix_call_cpu(log: Path) -> dict[str, tuple[int, float]]:
+    """kind -> (calls, CPU seconds) from a wrapper log, which is emptied."""
+    def seconds(text: str) -> float:
+        minutes, _, rest = text.partition("m")
+        return int(minutes) * 60 + float(rest.rstrip("s"))
+
+    found: dict[str, tuple[int, float]] = {}
+    if not log.exists():
+        return found
+    for line in log.read_text().splitlines():
+        name, cpu, args = [*line.split("\t"), "", ""][:3]
+        try:
+            user, system = cpu.split()
+            spent = seconds(user) + seconds(system)
+        except ValueError:
+            continue
+        kind = nix_call_kind(name, args)
+        calls, total = found.get(kind, (0, 0.0))
+        found[kind] = (calls + 1, total + spent)
+    log.write_text("")
+    return found
 
 
 def write_expression(directory: Path, dag: str, shape: dict[str, int]) -> None:
@@ -103,9 +178,14 @@ class UpInstance:
         self.last_cpu: dict[str, float] = {}
         #: seconds from the last round's trigger until its post-processing was done
         self.post_processed = 0.0
+        #: ``--nix-calls``: the wrappers' log (None: no wrappers)
+        self.nix_calls: Path | None = None
 
-    def start(self) -> None:
+    def start(self, nix_calls: bool = False) -> None:
         extra_env = dict(self.extra_env)
+        if nix_calls:
+            bin_dir, self.nix_calls = nix_call_wrappers(self.root / "nix-calls")
+            extra_env["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '')}"
         if self.code is not None:
             extra_env["PYTHONPATH"] = str(self.code)
         self.daemon, password, _ = start(self.state, self.port, self.root, extra_env)
@@ -355,14 +435,17 @@ def nix_instantiate(directory: Path, env: dict[str, str]) -> float:
 
 def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
         extra_env: dict[str, str], verbose: bool, keep_state: bool,
-        reference: Path | None = None, own_env: dict[str, str] | None = None) -> int:
+        reference: Path | None = None, own_env: dict[str, str] | None = None,
+        nix_calls: bool = False) -> int:
     total = shape["chains"] * shape["length"] + shape["fans"] + 1
     root = Path(os.environ.get("BENCH_TMPDIR", "/tmp"))
     root = Path(__import__("tempfile").mkdtemp(prefix="circus-bench-e2e-", dir=root))
     root.chmod(0o755)  # the postgres user must reach its data directory
     print(f"end to end: DAG of {total} derivations ({shape}), every one a job; "
           f"rounds: {rounds}" + (f"; reference: {reference}" if reference else "")
-          + (f"; this checkout's instance only: {own_env}" if own_env else ""), flush=True)
+          + (f"; this checkout's instance only: {own_env}" if own_env else "")
+          + ("; nix-build in the sandbox" if "sandbox = true" in env.get("NIX_CONFIG", "")
+             else "; nix-build without the sandbox (Circus's builds are in it)"), flush=True)
     # this checkout's code, named: ``circus up`` runs in its state directory, where a
     # relative PYTHONPATH (``PYTHONPATH=.``) no longer points here and the installed
     # package (another checkout, with an editable install) would be measured instead
@@ -380,7 +463,7 @@ def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
             instance.root.mkdir()
             instance.root.chmod(0o755)
             instance.keep_steps = keep_state
-            instance.start()
+            instance.start(nix_calls)
         for number in range(rounds):
             # the baseline first, with a fresh nonce of its own: same work, same start
             baseline_dir = root / f"baseline-{number}"
@@ -408,6 +491,12 @@ def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
                           f"{cpu[label][-1]:.1f} (until post-processing was done, "
                           f"{instance.post_processed:.2f} s after the trigger): {by_kind}",
                           flush=True)
+            for label, instance in instances.items():
+                if instance.nix_calls is not None:
+                    calls = nix_call_cpu(instance.nix_calls)
+                    print(f"    {label}'s Nix calls (calls, CPU s): " + "; ".join(
+                        f"{kind} {n}, {spent:.2f}" for kind, (n, spent) in
+                        sorted(calls.items(), key=lambda item: -item[1][1])), flush=True)
     finally:
         for instance in instances.values():
             instance.stop()

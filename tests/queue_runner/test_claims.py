@@ -372,6 +372,42 @@ def test_a_slot_leaves_chain_heads_to_the_other_slots(committed_db: sessionmaker
     assert [c.id for c in second] == [heads[1], links[heads[1]]]
 
 
+def test_a_slot_leaves_chain_heads_to_a_slot_that_is_building(
+        committed_db: sessionmaker[Session], settings: Settings) -> None:
+    # the tail of a DAG: two chains left, the other slot still building its batch. Taking
+    # both heads (and so both chains) would build them in turn while that slot, done a
+    # moment later, found nothing left: the idle slot takes one chain
+    with committed_db() as s:
+        heads = [add_step(s, f"h{i}") for i in range(2)]
+        links = {head: add_step(s, f"n{i}", state="pending", deps=[head])
+                 for i, head in enumerate(heads)}
+        # a fan-in's top waits for both heads: it is no chain of either
+        add_step(s, "top", state="pending", deps=heads)
+        s.commit()
+    builder = LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2)
+    builder.active["local:other-slot"] = cast(Any, None)
+    got = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-1"), CLS))
+    assert [c.id for c in got] == [heads[0], links[heads[0]]]
+
+
+def test_a_slot_takes_many_chain_heads_while_the_other_builds(
+        committed_db: sessionmaker[Session], settings: Settings) -> None:
+    # many chains ready: a batch follows as many as the free slots' share, so the chains
+    # advance side by side and none is left alone at the end
+    with committed_db() as s:
+        heads = [add_step(s, f"h{i}") for i in range(4)]
+        for i, head in enumerate(heads):
+            add_step(s, f"n{i}", state="pending", deps=[head])
+        s.commit()
+    builder = LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2)
+    builder.active["local:other-slot"] = cast(Any, None)
+    got = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-1"), CLS))
+    assert set(heads) <= {c.id for c in got}
+    assert len(got) == 8
+
+
 def test_a_slot_alone_on_its_class_claims_longer_batches(
         committed_db: sessionmaker[Session], make_settings: Callable[..., Settings]) -> None:
     # nobody else could build these steps: a slot takes up to batch_size_alone (fewer
@@ -443,3 +479,18 @@ def test_a_slot_shares_with_the_slots_not_building(committed_db: sessionmaker[Se
     got = in_transaction(committed_db, lambda s: builder.claim_batch(
         s, StepHolder(settings, committed_db, "slot-1"), CLS))
     assert sorted(c.id for c in got) == ids
+
+
+def test_a_slot_takes_a_fan_in_whole_while_the_other_builds(
+        committed_db: sessionmaker[Session], settings: Settings) -> None:
+    # the fan-in steps all feed one top step: it waits for every one of them, so no
+    # look-ahead chain hangs on a single step and the idle slot takes them all
+    with committed_db() as s:
+        ids = [add_step(s, f"f{i}") for i in range(6)]
+        top = add_step(s, "top", state="pending", deps=ids)
+        s.commit()
+    builder = LocalBuilder(settings, committed_db, local_capabilities(settings), slots=2)
+    builder.active["local:other-slot"] = cast(Any, None)
+    got = in_transaction(committed_db, lambda s: builder.claim_batch(
+        s, StepHolder(settings, committed_db, "slot-1"), CLS))
+    assert sorted(c.id for c in got) == sorted([*ids, top])

@@ -12,17 +12,14 @@ def encoded_length(size: int) -> int:
 
 
 def encode(data: bytes) -> str:
-    """Encode like Nix's ``printHash32``: the last character holds the first bits."""
-    size = len(data)
-    out = []
-    for n in range(encoded_length(size) - 1, -1, -1):
-        bit = n * 5
-        i, j = divmod(bit, 8)
-        value = data[i] >> j
-        if i + 1 < size:
-            value |= data[i + 1] << (8 - j)
-        out.append(ALPHABET[value & 0x1F])
-    return "".join(out)
+    """Encode like Nix's ``printHash32``: the last character holds the first bits.
+
+    Character ``k`` from the end is bits ``5k .. 5k+4`` of ``data`` read as one
+    little-endian integer (one shift per character instead of byte arithmetic: the
+    cache publishes a hash or two per path)."""
+    number = int.from_bytes(data, "little")
+    return "".join(ALPHABET[(number >> shift) & 0x1F]
+                   for shift in range(5 * (encoded_length(len(data)) - 1), -1, -5))
 
 
 def decode(text: str) -> bytes:
@@ -30,20 +27,15 @@ def decode(text: str) -> bytes:
     size = len(text) * 5 // 8
     if encoded_length(size) != len(text):
         raise ValueError(f"invalid Nix base-32 length {len(text)}")
-    out = bytearray(size)
-    for n, char in enumerate(reversed(text)):
+    number = 0
+    for char in text:
         digit = _VALUES.get(char)
         if digit is None:
             raise ValueError(f"invalid Nix base-32 character {char!r}")
-        bit = n * 5
-        i, j = divmod(bit, 8)
-        out[i] |= (digit << j) & 0xFF
-        carry = digit >> (8 - j)
-        if i + 1 < size:
-            out[i + 1] |= carry
-        elif carry:
-            raise ValueError("invalid Nix base-32 string (non-zero padding bits)")
-    return bytes(out)
+        number = number << 5 | digit
+    if number >> (8 * size):
+        raise ValueError("invalid Nix base-32 string (non-zero padding bits)")
+    return number.to_bytes(size, "little")
 
 
 def is_valid(text: str, size: int) -> bool:

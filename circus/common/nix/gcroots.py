@@ -39,6 +39,12 @@ def _auto_root(link: Path) -> Path:
 
 def _symlink(link: Path, target: str) -> None:
     """Create or replace ``link`` atomically."""
+    try:
+        # a new link (the usual case) needs no partial link renamed over it
+        os.symlink(target, link)
+        return
+    except FileExistsError:
+        pass
     partial = link.with_name(link.name + ".partial")
     if partial.is_symlink():
         partial.unlink()
@@ -63,6 +69,7 @@ def add_roots(roots_dir: Path, paths: Iterable[str]) -> int:
     if not direct:
         roots_dir = Path(os.path.realpath(roots_dir))
     added = 0
+    auto_dirs: set[Path] = set()
     for path in wanted:
         if not storepath.is_store_path(path):
             continue
@@ -76,7 +83,9 @@ def add_roots(roots_dir: Path, paths: Iterable[str]) -> int:
             _symlink(link, path)
             if not direct:
                 auto = _auto_root(link)
-                auto.parent.mkdir(parents=True, exist_ok=True)
+                if auto.parent not in auto_dirs:
+                    auto.parent.mkdir(parents=True, exist_ok=True)
+                    auto_dirs.add(auto.parent)
                 _symlink(auto, str(link))
         except OSError as exc:
             log.warning("could not add a GC root for %s: %s", path, exc)

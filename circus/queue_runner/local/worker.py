@@ -52,7 +52,7 @@ from circus.queue_runner.local.nixrun import (
 from circus.queue_runner.routing.capabilities import BUILTIN_SYSTEM, Capabilities
 from circus.queue_runner.routing.wakeups import Publish
 from circus.queue_runner.steps.holder import StepHolder
-from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions
+from circus.queue_runner.steps.leases import ClaimedStep, ClaimOptions, queued_chains
 from circus.queue_runner.steps.logs import log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
 from circus.queue_runner.steps.reconciler import live_consumer_slots
@@ -199,7 +199,21 @@ class LocalBuilder:
         with self._lock:
             building = sum(1 for worker in self.active if worker != holder.worker)
         size = runner.batch_size if others else runner.batch_size_alone
-        share = max(1, min(size, waiting // (max(1, self.slots - building) + others)))
+        free = max(1, self.slots - building)
+        share = max(1, min(size, waiting // (free + others)))
+        everyone = free + building + others
+        if building and share > 1 and waiting < 2 * everyone \
+                and queued_chains(session, queue_class, share):
+            # The last few chain heads are the exception: look-ahead takes each head's
+            # chain, and this batch would build them one after the other while the
+            # building slot, done a moment later, found nothing left (the last links of
+            # two or three chains in one batch idled the other slot for seconds in
+            # bench/build_overhead.py --e2e). Only at the tail: with many heads ready,
+            # dividing them among the building slots too made every batch follow fewer
+            # chains deeper, and the chain claimed last (by id) started so late that it
+            # alone was left at the end (1-2.4 s with the other slot idle, 4 of 5 rounds).
+            # Independent steps (a fan-in's) are still taken whole.
+            share = max(1, min(size, waiting // everyone))
         return holder.claim(session, queue_class, ClaimOptions(
             limit=share, machine=self.hostname, lookahead=True,
             critical_path=runner.critical_path_first, batch_limit=size))

@@ -425,6 +425,22 @@ def _claim_waves(session: Session, params: dict[str, Any], held: list[int],
     return claimed
 
 
+def queued_chains(session: Session, queue_class: str, sample: int) -> bool:
+    """Whether a look-ahead would follow a chain from some of ``queue_class``'s queued
+    steps: one of ``sample`` of them has a pending dependent of the class waiting for
+    it alone. (A dependent also waiting for others, such as a fan-in's top, is taken
+    only with all of them; ``sample`` bounds the read at a deep queue.)"""
+    return bool(session.execute(text(f"""
+        SELECT EXISTS (
+            SELECT 1 FROM (SELECT id FROM steps WHERE state = 'queued' AND queue_class = :cls
+                           LIMIT :sample) q
+            JOIN step_dependencies e ON e.depends_on_id = q.id
+            JOIN steps p ON p.id = e.step_id
+            WHERE p.state = 'pending' AND p.queue_class = :cls
+              AND {dependencies_succeeded("p", or_held="ARRAY[q.id]")})
+    """), {"cls": queue_class, "sample": sample}).scalar_one())
+
+
 def _start_waiting_builds(session: Session, step_ids: list[int]) -> None:
     """Builds waiting for a step that started are running."""
     session.execute(text(f"""
