@@ -55,15 +55,18 @@ def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
             EvaluationBuild.evaluation_id == args["evaluation_id"])
     if "job_name" in args:
         query = query.where(Build.job_name == args["job_name"])
-    if "status" in args:
-        query = query.where(Build.status == args["status"])
-    if "system" in args:
-        query = query.where(Build.system == args["system"])
-    if "finished" in args:
-        unfinished = [BuildStatus.pending, BuildStatus.running]
-        query = query.where(Build.status.not_in(unfinished) if args["finished"]
-                            else Build.status.in_(unfinished))
-    return query
+    return query.where(*status_filters(Build, args))
+
+
+def status_filters(builds: Any, args: dict[str, Any]) -> list[Any]:
+    """The ``status``, ``system`` and ``finished`` filters of ``args`` on the builds (or
+    on ``build_status_totals``, whose key holds both columns)."""
+    unfinished = [BuildStatus.pending, BuildStatus.running]
+    return ([builds.status == args["status"]] if "status" in args else []) + (
+        [builds.system == args["system"]] if "system" in args else []) + (
+        [] if "finished" not in args else
+        [builds.status.not_in(unfinished) if args["finished"]
+         else builds.status.in_(unfinished)])
 
 
 #: the builds list's filters whose total ``build_status_totals`` holds (its key)
@@ -84,15 +87,7 @@ def build_total(session: Session, args: dict[str, Any], actor: Actor) -> int | N
     if filters <= _TOTALLED_BY_ROLLUP:
         query = only_visible(select(func.sum(BuildStatusTotal.builds)),
                              BuildStatusTotal.project_id, actor).where(
-            *rollup_filters(BuildStatusTotal, args))
-        if "system" in args:
-            query = query.where(BuildStatusTotal.system == args["system"])
-        if "status" in args:
-            query = query.where(BuildStatusTotal.status == args["status"])
-        if "finished" in args:
-            unfinished = [BuildStatus.pending, BuildStatus.running]
-            query = query.where(BuildStatusTotal.status.not_in(unfinished) if args["finished"]
-                                else BuildStatusTotal.status.in_(unfinished))
+            *rollup_filters(BuildStatusTotal, args), *status_filters(BuildStatusTotal, args))
         return int(session.scalar(query) or 0)
     if filters <= _TOTALLED_BY_EVALUATION:
         evaluation_id = args["evaluation_id"]
