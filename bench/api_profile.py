@@ -9,11 +9,21 @@ slowest statement. Figures are per request on a warm cache; they show what bound
 route, ``api_scale.py`` what clients see.
 
     .venv/bin/python bench/api_profile.py --data DIR [--only NAMES] [--rounds 5] [--explain]
+        [--statements] [--cprofile N]
+
+``--statements`` lists the statements of each route's last request with their times;
+``--cprofile N`` prints the N functions with the most own time over a route's requests
+(``--ours``: Circus's functions by cumulative time). The ``first`` column is a route's
+first request in the process (cold: templates, compiled statements); ``--warm`` warms
+the app up first as circus-server's master does before forking its workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
@@ -36,6 +46,7 @@ from circus.common.db import normalise_url  # noqa: E402
 from circus.common.enums import Role  # noqa: E402
 from circus.common.localservices import PrivatePostgres  # noqa: E402
 from circus.server.app import create_app  # noqa: E402
+from circus.server.warmup import warm_up  # noqa: E402
 
 
 def main() -> int:
@@ -44,6 +55,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="passes over each route's paths")
     parser.add_argument("--only", default="")
     parser.add_argument("--explain", action="store_true")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="print each route's N functions of most own time (cProfile)")
+    parser.add_argument("--statements", action="store_true",
+                        help="print the statements of each route's last request, timed")
+    parser.add_argument("--ours", action="store_true",
+                        help="with --cprofile: Circus's own functions by cumulative time")
+    parser.add_argument("--warm", action="store_true",
+                        help="warm the app up first, as circus-server's master does")
     args = parser.parse_args()
     postgres = PrivatePostgres(args.data, durable=False)
     postgres.start()
@@ -61,6 +80,8 @@ def main() -> int:
                        "aggregate_cache_seconds": 0}})
         app = create_app(settings, engine=engine)
         client = app.test_client()
+        if args.warm:
+            warm_up(app)
         headers = {"Authorization": f"Bearer {secret}"}
         statements: list[tuple[float, str, Any]] = []
         started: dict[int, float] = {}
@@ -76,28 +97,47 @@ def main() -> int:
             statements.append((time.perf_counter() - started.pop(id(cursor)), statement,
                                params))
 
-        print(f"{'route':<28} {'ms':>7} {'sql ms':>7} {'stmts':>5}  slowest statement")
+        print(f"{'route':<28} {'first':>7} {'ms':>7} {'sql ms':>7} {'stmts':>5}  "
+              "slowest statement")
         for name, paths in routes(url):
             if args.only and not any(part in name for part in args.only.split(",")):
                 continue
+            profiler = cProfile.Profile() if args.cprofile else None
             totals, sql, counts = [], [], []
             slowest: tuple[float, str, Any] = (0.0, "", None)
+            start = time.perf_counter()
+            client.get(paths[0], headers=headers)
+            first = (time.perf_counter() - start) * 1000
             for path in paths:  # warm-up
                 client.get(path, headers=headers)
             for _ in range(args.rounds):
                 for path in paths:
                     statements.clear()
                     start = time.perf_counter()
+                    if profiler is not None:
+                        profiler.enable()
                     response = client.get(path, headers=headers)
+                    if profiler is not None:
+                        profiler.disable()
                     totals.append((time.perf_counter() - start) * 1000)
                     assert response.status_code == 200, (path, response.status_code)
                     sql.append(sum(s for s, _, _ in statements) * 1000)
                     counts.append(len(statements))
                     slowest = max([slowest, *statements], key=lambda s: s[0])
             first_line = " ".join(slowest[1].split())[:90]
-            print(f"{name:<28} {statistics.median(totals):>7.1f} {statistics.median(sql):>7.1f} "
+            print(f"{name:<28} {first:>7.1f} {statistics.median(totals):>7.1f} "
+                  f"{statistics.median(sql):>7.1f} "
                   f"{statistics.median(counts):>5.0f}  {slowest[0] * 1000:.1f} ms: {first_line}",
                   flush=True)
+            if args.statements:
+                for seconds, statement, _ in statements:
+                    print(f"    {seconds * 1000:6.2f} ms  {' '.join(statement.split())[:110]}")
+            if profiler is not None:
+                out = io.StringIO()
+                pstats.Stats(profiler, stream=out).sort_stats(
+                    "cumulative" if args.ours else "tottime").print_stats(
+                    "circus/" if args.ours else "", args.cprofile)
+                print(out.getvalue(), flush=True)
             if args.explain and slowest[1]:
                 with engine.connect() as conn:
                     plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + slowest[1],

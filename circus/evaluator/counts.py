@@ -57,14 +57,28 @@ def status_counts(session: Session, evaluation_ids: Iterable[int]
                   ) -> dict[int, dict[str, int]]:
     """Builds of each evaluation by status name (at most four statements)."""
     ids = list(evaluation_ids)
-    counts: dict[int, dict[str, int]] = defaultdict(dict)
     if not ids:
-        return counts
+        return defaultdict(dict)
+    return _counts(session, session.execute(
+        select(Evaluation.id, Evaluation.status_counts, Evaluation.unfinished_build_ids,
+               Evaluation.status).where(Evaluation.id.in_(ids))).tuples())
+
+
+def loaded_status_counts(session: Session, evaluations: Iterable[Evaluation]
+                         ) -> dict[int, dict[str, int]]:
+    """:func:`status_counts` of evaluations just loaded, from what was read with them
+    (a page listing them saves the statement reading it again)."""
+    return _counts(session, [(e.id, e.status_counts, e.unfinished_build_ids, e.status)
+                             for e in evaluations])
+
+
+def _counts(session: Session, stored_rows: Iterable[tuple[int, dict[str, Any] | None,
+                                                          list[int] | None, EvaluationStatus]]
+            ) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
     missing, finished = [], set()
     pending: dict[int, int] = {}
-    for eid, stored, unfinished, status in session.execute(
-            select(Evaluation.id, Evaluation.status_counts, Evaluation.unfinished_build_ids,
-                   Evaluation.status).where(Evaluation.id.in_(ids))):
+    for eid, stored, unfinished, status in stored_rows:
         if stored is None:
             missing.append(eid)
             if status.is_finished:
@@ -82,17 +96,17 @@ def status_counts(session: Session, evaluation_ids: Iterable[int]
             JOIN builds b ON b.id = u.build_id
             WHERE e.id = ANY(:ids) GROUP BY e.id, b.status""")
         for eid, code, count in session.execute(live, {"ids": list(pending)}):
-            status = BuildStatus(code)
-            counts[eid][status.name] = counts[eid].get(status.name, 0) + count
-            if status.is_finished:
+            build_status = BuildStatus(code)
+            counts[eid][build_status.name] = counts[eid].get(build_status.name, 0) + count
+            if build_status.is_finished:
                 done_since[eid] += count
     if missing:
-        for eid, status, count in session.execute(
+        for eid, build_status, count in session.execute(
                 select(EvaluationBuild.evaluation_id, Build.status, func.count())
                 .join(Build, Build.id == EvaluationBuild.build_id)
                 .where(EvaluationBuild.evaluation_id.in_(missing))
                 .group_by(EvaluationBuild.evaluation_id, Build.status)):
-            counts[eid][status.name] = count
+            counts[eid][build_status.name] = count
     stale = [eid for eid, n in pending.items() if done_since[eid] * 2 >= n]
     if finished or stale:
         store(session, [*finished, *stale])

@@ -48,12 +48,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from circus.server.context import server_context
     from circus.server.httpworker import WORKER_CLASS
+    from circus.server.warmup import open_first_connection, warm_up
+
+    warm_up(app)
 
     def post_fork(server: Any, worker: Any) -> None:
         # A pooled connection opened before the fork would be shared by every worker:
         # two processes talking over one socket corrupt each other's results
         # ("error with status PGRES_TUPLES_OK and no message from the libpq").
-        server_context(app).engine.dispose(close=False)
+        engine = server_context(app).engine
+        engine.dispose(close=False)
+        open_first_connection(engine)
 
     def worker_exit(server: Any, worker: Any) -> None:
         # gunicorn calls this in a worker's last ``finally``, with the worker's

@@ -37,7 +37,7 @@ from circus.common.models import (
     User,
 )
 from circus.common.models.builds import BUILD_ID_BLOCK
-from circus.evaluator.counts import status_counts
+from circus.evaluator.counts import loaded_status_counts, status_counts
 
 
 def filter_builds(query: Any, args: dict[str, Any], actor: Actor) -> Any:
@@ -206,6 +206,12 @@ def evaluation_total(session: Session, args: dict[str, Any], actor: Actor) -> in
 def build_counts(session: Session, evaluation_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     """Builds of each evaluation by status name (stored once the evaluation settled)."""
     return status_counts(session, evaluation_ids)
+
+
+def loaded_build_counts(session: Session, evaluations: Iterable[Evaluation]
+                        ) -> dict[int, dict[str, int]]:
+    """:func:`build_counts` of evaluations just loaded (what is stored read with them)."""
+    return loaded_status_counts(session, evaluations)
 
 
 def get_evaluation(session: Session, evaluation_id: int, actor: Actor) -> Evaluation:

@@ -44,7 +44,7 @@ from circus.common.models import (
     User,
 )
 from circus.common.models.base import utcnow
-from circus.server.api.queries import build_counts, completions
+from circus.server.api.queries import completions, loaded_build_counts
 
 # ---------------------------------------------------------------------------
 # builds in lists
@@ -145,7 +145,7 @@ def evaluations_counted(session: Session, jobset_id: int) -> int | None:
 
 
 def with_counts(session: Session, rows: Sequence[Any]) -> list[ListedEvaluation]:
-    counts = build_counts(session, (row[0].id for row in rows))
+    counts = loaded_build_counts(session, (row[0] for row in rows))
     return [ListedEvaluation(evaluation, project, jobset, counts.get(evaluation.id, {}))
             for evaluation, project, jobset in rows]
 

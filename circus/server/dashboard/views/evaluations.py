@@ -12,7 +12,7 @@ from circus.common.errors import NotFound
 from circus.common.models import Evaluation, EvaluationError, Jobset
 from circus.evaluator import service as evaluator
 from circus.server import actions
-from circus.server.api.queries import build_counts
+from circus.server.api.queries import loaded_build_counts
 from circus.server.auth import current_actor
 from circus.server.context import db_session
 from circus.server.dashboard import queries
@@ -36,7 +36,7 @@ def evaluation(evaluation_id: int) -> ResponseReturnValue:
     evaluation_row, project_name, jobset_name, project_id = row
     if not can_see_project(session, current_actor(), project_id):
         raise NotFound(f"no evaluation with id {evaluation_id}")
-    counts = build_counts(session, [evaluation_id]).get(evaluation_id, {})
+    counts = loaded_build_counts(session, [evaluation_row]).get(evaluation_id, {})
     groups = queries.group_counts(counts)
     group = request.args.get("status")
     if group not in queries.STATUS_GROUPS:

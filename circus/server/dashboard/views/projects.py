@@ -15,7 +15,7 @@ from circus.common.errors import CircusError, NotFound
 from circus.common.models import Build, Evaluation, Jobset, JobsetInput, Project
 from circus.projects import service
 from circus.server import actions
-from circus.server.api.queries import build_counts
+from circus.server.api.queries import loaded_build_counts
 from circus.server.auth import current_actor
 from circus.server.context import db_session, settings
 from circus.server.dashboard import queries
@@ -160,7 +160,7 @@ def _project_page(row: Project, form: Form, settings_form: Form | None = None,
     if not actor.is_admin:
         jobsets = [j for j in jobsets if not j.hidden]
     latest = queries.latest_evaluations(session, [j.id for j in jobsets])
-    counts = build_counts(session, [e.id for e in latest.values()])
+    counts = loaded_build_counts(session, latest.values())
     summary = {jobset_id: queries.ListedEvaluation(e, row.name, "", counts.get(e.id, {}))
                for jobset_id, e in latest.items()}
     recent = queries.listed(session.execute(
