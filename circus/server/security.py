@@ -162,6 +162,9 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         or remote_worker_key() is not None,
         headers_enabled=True,
     )
+    # the app holds it: flask-limiter keeps a disabled limiter nowhere, and the views it
+    # decorated (logins) refer to it weakly, so once collected every login was a 500
+    app.extensions["circus_limiter"] = limiter
     return limiter
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import secrets
 from collections.abc import Callable
@@ -179,6 +180,22 @@ def test_login_is_rate_limited_per_ip(make_settings: Callable[..., Settings], en
     other_ip = client.post("/api/v1/auth/login", json={"username": "x", "password": "y"},
                            environ_base={"REMOTE_ADDR": "127.0.0.9"})
     assert other_ip.status_code == 401
+
+
+def test_logins_work_with_rate_limits_turned_off(make_settings: Callable[..., Settings],
+                                                engine: Engine, db: Session, keys: Keys
+                                                ) -> None:
+    # flask-limiter keeps a disabled limiter nowhere but in weak references from the login
+    # views it wrapped: once the garbage collector took it, every login was a 500
+    keys.user("alice", password=PASSWORD)
+    client = make_app(make_settings(server={"rate_limit_enabled": False}), engine,
+                      db).test_client()
+    gc.collect()
+    assert client.post("/api/v1/auth/login", json={"username": "alice", "password": "nope"}
+                       ).status_code == 401
+    assert login(client)
+    callback = client.get("/api/v1/auth/github/callback?code=x&state=y")
+    assert callback.status_code < 500, callback.get_data()
 
 
 def test_api_is_rate_limited(make_settings: Callable[..., Settings], engine: Engine,

@@ -148,6 +148,22 @@ def test_bad_urls_and_input_answer_html_errors(as_admin: Browser, world: World) 
         assert as_admin.get(path).status_code == 200, path
 
 
+def test_query_arguments_named_like_a_path_part_change_nothing(as_admin: Browser,
+                                                                world: World) -> None:
+    # the pages' own links are built from the path and the query: a query argument named
+    # like a part of the path failed to build them (a 500 for any visitor)
+    evaluation = f"/eval/{world.evaluation.id}"
+    for path in (f"{evaluation}?evaluation_id=%00&status=all",
+                 f"{evaluation}?evaluation_id=1&status=all",
+                 "/jobset/demo/main?project=nope&jobset=%00&job=t",
+                 "/job/demo/main/tests?job=x&project=%ff"):
+        response = as_admin.get(path)
+        assert response.status_code == 200, path
+    page = html(as_admin.get(f"{evaluation}?evaluation_id=1&status=all"))
+    assert f'href="{evaluation}?' in page
+    assert 'href="/eval/1?' not in page
+
+
 def test_hidden_projects_are_invisible_to_non_admins(as_admin: Browser, as_viewer: Browser,
                                                     world: World, rows: Rows) -> None:
     world.project.hidden = True

@@ -366,8 +366,10 @@ def page_url(number: int) -> str:
 
 def with_args(**changes: Any) -> str:
     """This page with some query arguments changed (``None`` removes one)."""
-    args: dict[str, Any] = dict(request.view_args or {})
-    args.update(request.args.to_dict())
+    # the path's own parts last: a query argument named like one (``/eval/5?evaluation_id=x``)
+    # must not replace it (url_for could not build the link: a 500)
+    args: dict[str, Any] = request.args.to_dict()
+    args.update(request.view_args or {})
     args.pop("page", None)
     for key, value in changes.items():
         if value is None:
