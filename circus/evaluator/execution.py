@@ -28,8 +28,10 @@ from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState, TriggerMode
 from circus.common.models import Evaluation, Jobset
 from circus.common.nix.environment import evaluation_environ
+from circus.common.outbound import Allowlist
 from circus.common.statussql import EVALUATION_PENDING
-from circus.evaluator import fallback, nixevaljobs
+from circus.evaluator import fallback, nixevaljobs, remotes
+from circus.evaluator.git import Mirror
 from circus.evaluator.importer import BuildImporter, ImportStats
 from circus.evaluator.inputs import (
     InputError,
@@ -214,6 +216,7 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
                 f"{source.value} has no flake.nix at {source.branch or 'its branch'} "
                 f"({source.revision[:12]}); this jobset is in flake mode — add a flake.nix "
                 "or switch the jobset to a classic (non-flake) expression")
+        _check_flake_inputs(settings, mirror, source.revision)
         ref = quote(f"refs/heads/{source.branch}", safe="/")
         spec.flake_ref = f"git+file://{mirror.path}?ref={ref}&rev={source.revision}"
         spec.display_name = source.value
@@ -247,6 +250,18 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
     if source.name and source.name not in spec.include:
         spec.include[source.name] = source.store_path
     return spec
+
+
+def _check_flake_inputs(settings: Settings, mirror: Mirror, revision: str) -> None:
+    """Refuse a flake whose ``flake.lock`` points Nix at a non-public address (the same
+    rule as the repository's own git remote, :mod:`circus.evaluator.remotes`)."""
+    if not mirror.has_file(revision, "flake.lock"):
+        return
+    shown = mirror.git("show", f"{revision}:flake.lock")
+    problems = remotes.flake_input_problems(
+        shown.stdout, Allowlist.parse(settings.server.outbound_allowlist))
+    if problems:
+        raise EvalFailed("refused to fetch the flake's inputs: " + "; ".join(problems))
 
 
 def _split_attr(expression: str) -> list[str]:
