@@ -34,14 +34,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from circus.common import outbound
 from circus.common.outbound import Allowlist, IPAddress, OutboundError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ssh": 22, "git": 9418}
 
@@ -217,3 +220,43 @@ def _url_problem(url: str, allowlist: Allowlist, verdicts: dict[Remote, str | No
         return verdicts[remote]
     except OutboundError as exc:
         return str(exc)
+
+
+# ---------------------------------------------------------------------------
+# evaluator.allowed_uris: the prefixes Nix code may fetch under in restricted mode
+
+
+def _prefix_remote(prefix: str) -> Remote | None:
+    """The remote an ``allowed-uris`` prefix names (None: no network transport)."""
+    _, plus, scheme = urlsplit(prefix).scheme.lower().rpartition("+")
+    if scheme not in DEFAULT_PORTS or "://" not in prefix:
+        return None
+    return remote_of(prefix.split("+", 1)[1] if plus else prefix, scheme)
+
+
+def permitted_uris(prefixes: Sequence[str], allowlist: Allowlist) -> list[str]:
+    """The ``evaluator.allowed_uris`` entries whose host passes the rule now.
+
+    Checked per evaluation (one lookup per host), like git remotes: a prefix whose
+    host resolves to a non-public address that ``server.outbound_allowlist`` does
+    not name is left out, so Nix refuses URIs under it ("forbidden in restricted
+    mode"). A name that does not resolve stays (Nix cannot reach it either).
+    """
+    permitted: list[str] = []
+    verdicts: dict[Remote, bool] = {}
+    for prefix in prefixes:
+        try:
+            remote = _prefix_remote(prefix)
+        except OutboundError:
+            continue  # no host: refused when the settings were loaded
+        if remote is not None and remote not in verdicts:
+            try:
+                checked_addresses(remote, allowlist)
+                verdicts[remote] = True
+            except OutboundError as exc:
+                verdicts[remote] = not exc.refused
+                if exc.refused:
+                    log.warning("evaluator.allowed_uris entry %s left out: %s", prefix, exc)
+        if remote is None or verdicts[remote]:
+            permitted.append(prefix)
+    return permitted
