@@ -14,6 +14,7 @@ URL do connect when allowed, so these tests can fail). It also answers
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import socket
@@ -32,7 +33,12 @@ import pytest
 import requests
 from sqlalchemy import Engine
 
+from circus.common import outbound
+from circus.common.config import load_settings
+from circus.common.configbase import ConfigError
 from circus.common.nix.environment import current_system, nix_environ
+from circus.common.outbound import Allowlist
+from circus.evaluator.git import GitError, Mirror
 from tests.api.live import ADMIN_KEY, LiveServer, live_server
 from tests.helpers.daemons import Daemon, circus_command
 from tests.helpers.gitrepo import GIT_ENV, GitRepo
@@ -52,8 +58,8 @@ ALLOW_HINT = "add it to server.outbound_allowlist to allow it"
 class Trap:
     """A TCP listener that records every connection and what the peer sent first."""
 
-    def __init__(self, host: str) -> None:
-        self.sock = socket.create_server((host, 0))
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.sock = socket.create_server((host, port))
         self.port = self.sock.getsockname()[1]
         self.seen: list[bytes] = []
         threading.Thread(target=self._serve, daemon=True).start()
@@ -70,6 +76,10 @@ class Trap:
                     self.seen.append(conn.recv(300) or b"(nothing)")
                 except OSError:
                     self.seen.append(b"(nothing)")
+
+    def mark(self) -> int:
+        """Where the connections a test is about begin."""
+        return len(self.seen)
 
     def close(self) -> None:
         self.sock.close()
@@ -210,7 +220,7 @@ def refusal(url: str, host: str, address: str, kind: str = "a loopback address")
 
 def test_repositories_and_git_inputs_on_internal_addresses_are_never_contacted(
         system: System) -> None:
-    port = system.trap.port
+    port, mark = system.trap.port, system.trap.mark()
     attacks = {
         f"http://127.0.0.1:{port}/r.git": ("127.0.0.1", "127.0.0.1"),
         f"http://localhost:{port}/r.git": ("localhost", "127.0.0.1"),
@@ -244,7 +254,7 @@ def test_repositories_and_git_inputs_on_internal_addresses_are_never_contacted(
     assert evaluation["status"] == "failed", evaluation
     assert "returned error: 302" in evaluation["error_message"], evaluation
 
-    assert system.trap.seen == []
+    assert system.trap.seen[mark:] == []
 
 
 def test_allow_listed_git_servers_are_fetched(system: System) -> None:
@@ -300,7 +310,7 @@ def _fetch_errors(evaluation: dict[str, Any], port: int, host: str) -> None:
 
 
 def test_nix_code_cannot_fetch_from_internal_addresses(system: System) -> None:
-    port, host = system.trap.port, system.host.url
+    port, host, mark = system.trap.port, system.host.url, system.trap.mark()
     (system.host.root / "allowed.txt").write_text(host)
     flake = system.repo({"flake.nix": "{ outputs = { self }: { hydraJobs = {\n"
                                       + _jobs(port, host) + "\n}; }; }"})
@@ -312,7 +322,7 @@ def test_nix_code_cannot_fetch_from_internal_addresses(system: System) -> None:
         system.host.publish(classic, "code-classic"), flake_mode=False,
         nix_expression="release.nix"))
     _fetch_errors(evaluation, port, host)
-    assert system.trap.seen == []
+    assert system.trap.seen[mark:] == []
 
 
 EVIL_LOCK = {"nodes": {
@@ -326,7 +336,7 @@ EVIL_LOCK = {"nodes": {
 
 def test_a_flake_input_on_an_internal_address_is_refused_before_nix_runs(
         system: System) -> None:
-    port = system.trap.port
+    port, mark = system.trap.port, system.trap.mark()
     for url, host, via in ((f"http://127.0.0.1:{port}/x.git", "127.0.0.1", "git+"),
                            (f"http://localhost:{port}/x.tar.gz", "localhost", "")):
         lock = json.dumps(EVIL_LOCK).replace("@URL@", url)
@@ -342,7 +352,7 @@ def test_a_flake_input_on_an_internal_address_is_refused_before_nix_runs(
         assert evaluation["error_message"] == (
             f"refused to fetch the flake's inputs: flake input 'evil' ({url}): refused: "
             f"{host} resolves to a loopback address (127.0.0.1); {ALLOW_HINT}"), evaluation
-    assert system.trap.seen == []
+    assert system.trap.seen[mark:] == []
 
     # the control: an input on the company's server is fetched through the same rule
     nonce = uuid.uuid4().hex
@@ -361,3 +371,40 @@ def test_a_flake_input_on_an_internal_address_is_refused_before_nix_runs(
     assert evaluation["status"] == "completed", evaluation
     builds = system.ok("GET", f"/api/v1/builds?evaluation_id={evaluation['id']}")["items"]
     assert [b["drv_path"].endswith(f"-dep-{nonce}.drv") for b in builds] == [True]
+
+
+@pytest.mark.parametrize("url", ["http://localhost:{port}/r.git",
+                                 "ssh://git@localhost:{port}/r.git",
+                                 "git://localhost:{port}/r.git"])
+def test_git_connects_to_the_address_that_was_checked(
+        url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """DNS rebinding: the check's lookup answers the allow-listed 127.0.0.2, any later
+    lookup the system's 127.0.0.1. Git must reach the first (real git and ssh, this
+    process's evaluator code; the lookup is the one function standing in for DNS)."""
+    internal = Trap(INTERNAL)
+    port = internal.port
+    # the same port on 127.0.0.1: a lookup of git's own would take it there
+    loopback = Trap("127.0.0.1", port)
+    try:
+        monkeypatch.setattr(outbound, "resolve", lambda host, port: [
+            ipaddress.ip_address(INTERNAL)] if host == "localhost" else [])
+        mirror = Mirror.for_url(tmp_path, url.format(port=port), timeout=10,
+                                allowed_schemes=["http", "ssh", "git"],
+                                allowlist=Allowlist.parse([INTERNAL]))
+        with pytest.raises(GitError):
+            mirror.fetch("main")  # the trap answers no git: the fetch fails after connecting
+        assert internal.seen, "git did not connect to the checked address"
+        assert loopback.seen == []
+    finally:
+        internal.close()
+        loopback.close()
+
+
+def test_allowed_uris_must_name_a_host() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(files=[], environ={}, overrides={"evaluator": {"allowed_uris": [
+            "https://github.com/", "https://", "git+http://", "github:NixOS/", "http:/x"]}})
+    assert [p.path for p in raised.value.problems] == [
+        "evaluator.allowed_uris.1", "evaluator.allowed_uris.2", "evaluator.allowed_uris.4"]
+    assert "must name a host (scheme://host/...), got 'https://'" in (
+        raised.value.problems[0].message)
