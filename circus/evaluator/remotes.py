@@ -35,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ from circus.common import outbound
 from circus.common.outbound import Allowlist, IPAddress, OutboundError
 
 log = logging.getLogger(__name__)
+
+#: characters no host part of a URL needs
+_AMBIGUOUS = re.compile(r"[\\\s\x00-\x1f\x7f]")
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ssh": 22, "git": 9418}
 
@@ -64,11 +68,16 @@ def remote_of(url: str, scheme: str) -> Remote | None:
     if scheme not in DEFAULT_PORTS:
         return None
     if "://" in url:
-        parts = urlsplit(url)
         try:
+            parts = urlsplit(url)
             port = parts.port
         except ValueError:
-            raise OutboundError(f"the port of {url!r} is not a number", refused=True) from None
+            raise OutboundError(f"{url!r} is not a valid URL (host or port)",
+                                refused=True) from None
+        if _AMBIGUOUS.search(parts.netloc):
+            # where parsers could disagree on the host (backslashes, spaces, controls),
+            # the one that connects must not see another host than the one checked
+            raise OutboundError(f"{url!r} is not a valid URL (host part)", refused=True)
         host = parts.hostname
     else:
         # scp-like [user@]host:path
@@ -204,9 +213,9 @@ def _url_problem(url: str, allowlist: Allowlist, verdicts: dict[Remote, str | No
                  ) -> str | None:
     """Why Nix may not fetch ``url`` (a flake input's), or None; ``verdicts`` caches
     one lookup per host and port."""
-    # git+https, tarball+http, file+https: the transport follows the "+"
-    _, plus, scheme = urlsplit(url).scheme.lower().rpartition("+")
     try:
+        # git+https, tarball+http, file+https: the transport follows the "+"
+        _, plus, scheme = urlsplit(url).scheme.lower().rpartition("+")
         remote = remote_of(url.split("+", 1)[1] if plus else url, scheme)
         if remote is None:
             return None  # file:// and paths: restricted mode allows only the flake itself
@@ -220,6 +229,8 @@ def _url_problem(url: str, allowlist: Allowlist, verdicts: dict[Remote, str | No
         return verdicts[remote]
     except OutboundError as exc:
         return str(exc)
+    except ValueError:
+        return "not a valid URL"
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +239,10 @@ def _url_problem(url: str, allowlist: Allowlist, verdicts: dict[Remote, str | No
 
 def _prefix_remote(prefix: str) -> Remote | None:
     """The remote an ``allowed-uris`` prefix names (None: no network transport)."""
-    _, plus, scheme = urlsplit(prefix).scheme.lower().rpartition("+")
+    try:
+        _, plus, scheme = urlsplit(prefix).scheme.lower().rpartition("+")
+    except ValueError:
+        raise OutboundError(f"{prefix!r} is not a valid URL", refused=True) from None
     if scheme not in DEFAULT_PORTS or "://" not in prefix:
         return None
     return remote_of(prefix.split("+", 1)[1] if plus else prefix, scheme)

@@ -38,6 +38,7 @@ from circus.common.config import load_settings
 from circus.common.configbase import ConfigError
 from circus.common.nix.environment import current_system, nix_environ
 from circus.common.outbound import Allowlist
+from circus.evaluator import remotes
 from circus.evaluator.git import GitError, Mirror
 from tests.api.live import ADMIN_KEY, LiveServer, live_server
 from tests.helpers.daemons import Daemon, circus_command
@@ -53,6 +54,8 @@ USERS = {"users": [{"username": "root", "role": "admin"},
 FINISHED = {"completed", "failed", "timed_out", "cancelled"}
 INTERNAL = "127.0.0.2"
 ALLOW_HINT = "add it to server.outbound_allowlist to allow it"
+#: what the refusal of ``localhost`` names: its first address here (/etc/hosts decides)
+LOCALHOST = str(outbound.resolve("localhost", 80)[0])
 
 
 class Trap:
@@ -223,10 +226,10 @@ def test_repositories_and_git_inputs_on_internal_addresses_are_never_contacted(
     port, mark = system.trap.port, system.trap.mark()
     attacks = {
         f"http://127.0.0.1:{port}/r.git": ("127.0.0.1", "127.0.0.1"),
-        f"http://localhost:{port}/r.git": ("localhost", "127.0.0.1"),
+        f"http://localhost:{port}/r.git": ("localhost", LOCALHOST),
         f"ssh://git@127.0.0.1:{port}/r.git": ("127.0.0.1", "127.0.0.1"),
-        f"ssh://git@localhost:{port}/r.git": ("localhost", "127.0.0.1"),
-        f"git://localhost:{port}/r.git": ("localhost", "127.0.0.1"),
+        f"ssh://git@localhost:{port}/r.git": ("localhost", LOCALHOST),
+        f"git://localhost:{port}/r.git": ("localhost", LOCALHOST),
     }
     for url, (host, address) in attacks.items():
         evaluation = system.evaluate(system.jobset(url))
@@ -240,13 +243,13 @@ def test_repositories_and_git_inputs_on_internal_addresses_are_never_contacted(
     # git inputs of a classic jobset whose repository is on the allow-listed server
     served = system.host.publish(system.repo({"release.nix": "{ dep, ... }: { }"}),
                                  "classic")
-    for url, host in ((f"http://127.0.0.1:{port}/dep.git", "127.0.0.1"),
-                      ("git@localhost:private.git", "localhost")):
+    for url, host, address in ((f"http://127.0.0.1:{port}/dep.git", "127.0.0.1", "127.0.0.1"),
+                               ("git@localhost:private.git", "localhost", LOCALHOST)):
         classic = system.jobset(served, flake_mode=False, nix_expression="release.nix")
         system.add_git_input(classic, "dep", f"{url} main")
         evaluation = system.evaluate(classic)
         assert evaluation["status"] == "failed", evaluation
-        assert evaluation["error_message"] == refusal(url, host, "127.0.0.1"), evaluation
+        assert evaluation["error_message"] == refusal(url, host, address), evaluation
 
     # a URL on the allow-listed server that redirects to the listener
     redirect = f"{system.host.url}/redirect/r.git"
@@ -337,8 +340,9 @@ EVIL_LOCK = {"nodes": {
 def test_a_flake_input_on_an_internal_address_is_refused_before_nix_runs(
         system: System) -> None:
     port, mark = system.trap.port, system.trap.mark()
-    for url, host, via in ((f"http://127.0.0.1:{port}/x.git", "127.0.0.1", "git+"),
-                           (f"http://localhost:{port}/x.tar.gz", "localhost", "")):
+    for url, host, address, via in (
+            (f"http://127.0.0.1:{port}/x.git", "127.0.0.1", "127.0.0.1", "git+"),
+            (f"http://localhost:{port}/x.tar.gz", "localhost", LOCALHOST, "")):
         lock = json.dumps(EVIL_LOCK).replace("@URL@", url)
         if not via:
             lock = lock.replace('"type": "git"', '"type": "tarball"')
@@ -351,7 +355,7 @@ def test_a_flake_input_on_an_internal_address_is_refused_before_nix_runs(
         assert evaluation["status"] == "failed", evaluation
         assert evaluation["error_message"] == (
             f"refused to fetch the flake's inputs: flake input 'evil' ({url}): refused: "
-            f"{host} resolves to a loopback address (127.0.0.1); {ALLOW_HINT}"), evaluation
+            f"{host} resolves to a loopback address ({address}); {ALLOW_HINT}"), evaluation
     assert system.trap.seen[mark:] == []
 
     # the control: an input on the company's server is fetched through the same rule
@@ -408,3 +412,31 @@ def test_allowed_uris_must_name_a_host() -> None:
         "evaluator.allowed_uris.1", "evaluator.allowed_uris.2", "evaluator.allowed_uris.4"]
     assert "must name a host (scheme://host/...), got 'https://'" in (
         raised.value.problems[0].message)
+
+
+def test_every_kind_of_locked_flake_input_is_checked() -> None:
+    """The lock file kinds the live test does not write: forges with their own host,
+    ssh and file URLs, paths, and hosts git and Python could read differently."""
+    lock = {"nodes": {
+        "enterprise": {"locked": {"type": "github", "owner": "o", "repo": "r",
+                                  "host": "127.0.0.1:8443"}},
+        "lab": {"original": {"type": "gitlab", "owner": "o", "repo": "r",
+                             "host": "localhost"}},
+        "ssh": {"locked": {"type": "git", "url": "ssh://git@[::1]/private.git"}},
+        "file": {"locked": {"type": "file", "url": "file+http://169.254.169.254/x"}},
+        "sneaky": {"locked": {"type": "git", "url": "http://127.0.0.1:1\\@example.com/"}},
+        "local": {"locked": {"type": "path", "path": "/srv/x"}},
+        "mine": {"locked": {"type": "git", "url": "http://127.0.0.2/ok.git"}},
+        "root": {"inputs": {}}}, "root": "root", "version": 7}
+    problems = remotes.flake_input_problems(json.dumps(lock), Allowlist.parse([INTERNAL]))
+    assert problems == [
+        "flake input 'enterprise' (https://127.0.0.1:8443/): refused: 127.0.0.1 resolves "
+        f"to a loopback address (127.0.0.1); {ALLOW_HINT}",
+        "flake input 'file' (file+http://169.254.169.254/x): refused: 169.254.169.254 "
+        f"resolves to a cloud metadata address (169.254.169.254); {ALLOW_HINT}",
+        "flake input 'lab' (https://localhost/): refused: localhost resolves to a loopback "
+        f"address ({LOCALHOST}); {ALLOW_HINT}",
+        "flake input 'sneaky' (http://127.0.0.1:1\\@example.com/): "
+        "'http://127.0.0.1:1\\\\@example.com/' is not a valid URL (host part)",
+        f"flake input 'ssh' (ssh://git@[::1]/private.git): refused: ::1 resolves to a "
+        f"loopback address (::1); {ALLOW_HINT}"]
