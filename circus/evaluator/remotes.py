@@ -117,8 +117,11 @@ class PinnedRemote:
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
         env = dict(base)
         if self.config:
-            env["GIT_CONFIG_COUNT"] = str(len(self.config))
-            for index, (key, value) in enumerate(self.config):
+            # after the deployment's own GIT_CONFIG_* entries: the last value wins
+            count = env.get("GIT_CONFIG_COUNT", "")
+            first = int(count) if count.isdigit() else 0
+            env["GIT_CONFIG_COUNT"] = str(first + len(self.config))
+            for index, (key, value) in enumerate(self.config, start=first):
                 env[f"GIT_CONFIG_KEY_{index}"] = key
                 env[f"GIT_CONFIG_VALUE_{index}"] = value
         if self.ssh_command is not None:
