@@ -38,7 +38,7 @@ import logging
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -74,14 +74,15 @@ def remote_of(url: str, scheme: str) -> Remote | None:
         except ValueError:
             raise OutboundError(f"{url!r} is not a valid URL (host or port)",
                                 refused=True) from None
-        if _AMBIGUOUS.search(parts.netloc):
-            # where parsers could disagree on the host (backslashes, spaces, controls),
-            # the one that connects must not see another host than the one checked
-            raise OutboundError(f"{url!r} is not a valid URL (host part)", refused=True)
-        host = parts.hostname
+        netloc, host = parts.netloc, parts.hostname
     else:
         # scp-like [user@]host:path
-        host, port = url.split(":", 1)[0].rpartition("@")[2].lower(), None
+        netloc = url.split(":", 1)[0]
+        host, port = netloc.rpartition("@")[2].lower(), None
+    if _AMBIGUOUS.search(netloc):
+        # where parsers could disagree on the host (backslashes, spaces, controls),
+        # the one that connects must not see another host than the one checked
+        raise OutboundError(f"{url!r} is not a valid URL (host part)", refused=True)
     if not host:
         raise OutboundError(f"{url!r} names no host", refused=True)
     return Remote(scheme, host, port or DEFAULT_PORTS[scheme])
@@ -112,7 +113,6 @@ class PinnedRemote:
     config: tuple[tuple[str, str], ...] = ()
     #: replaces the ssh command git runs
     ssh_command: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
 
     def environ(self, base: Mapping[str, str]) -> dict[str, str]:
         env = dict(base)
