@@ -313,6 +313,23 @@ def _is_rate(value: str) -> bool:
         "second", "minute", "hour", "day", "seconds", "minutes", "hours", "days")
 
 
+#: transports Nix fetches over the network (also as git+https, tarball+http, ...)
+NETWORK_SCHEMES = ("http", "https", "ssh", "git")
+
+
+def _names_a_host(prefix: str) -> bool:
+    """Whether an ``allowed-uris`` prefix over the network names its host (prefixes of
+    other kinds, ``file://``, paths, ``github:owner/``, are Nix's business)."""
+    try:
+        parts = urlsplit(prefix)
+        if parts.scheme.lower().rpartition("+")[2] not in NETWORK_SCHEMES:
+            return True
+        target = prefix.split("+", 1)[1] if "+" in parts.scheme else prefix
+        return "://" in prefix and bool(urlsplit(target).hostname)
+    except ValueError:
+        return False
+
+
 class EvaluatorSettings(SettingsModel):
     secret_fields = ("upload_token",)
 
@@ -329,6 +346,9 @@ class EvaluatorSettings(SettingsModel):
     #: Nix's restrict-eval: the expression reads only its inputs' store paths and
     #: ``allowed_uris`` (no /etc, no server files, ``builtins.getEnv`` sees nothing)
     restrict_eval: bool = True
+    #: URI prefixes Nix code may fetch under in restricted mode (and flakes' inputs);
+    #: each names a host, which must pass the outbound rule (public addresses or
+    #: ``server.outbound_allowlist``) at every evaluation, else it is left out
     allowed_uris: list[str] = []
     allow_ifd: bool = False
     #: directories non-admins may name in ``path`` inputs and ``file://`` repositories
@@ -360,6 +380,11 @@ class EvaluatorSettings(SettingsModel):
     def problems(self) -> list[Problem]:
         found = [Problem(f"allowed_path_inputs.{i}", f"must be an absolute path (got {d!r})")
                  for i, d in enumerate(self.allowed_path_inputs) if not d.startswith("/")]
+        for i, prefix in enumerate(self.allowed_uris):
+            if not _names_a_host(prefix):
+                found.append(Problem(f"allowed_uris.{i}", (
+                    f"must name a host (scheme://host/...), got {prefix!r}: under a prefix "
+                    "without one Nix code may fetch from every host, internal ones too")))
         if self.upload_derivations_to is not None:
             if urlsplit(self.upload_derivations_to).scheme not in ("http", "https"):
                 found.append(Problem("upload_derivations_to", "must be an http(s) URL (got "

@@ -28,8 +28,10 @@ from circus.common.config import Settings
 from circus.common.enums import EvaluationStatus, JobsetState, TriggerMode
 from circus.common.models import Evaluation, Jobset
 from circus.common.nix.environment import evaluation_environ
+from circus.common.outbound import Allowlist
 from circus.common.statussql import EVALUATION_PENDING
-from circus.evaluator import fallback, nixevaljobs
+from circus.evaluator import fallback, nixevaljobs, remotes
+from circus.evaluator.git import Mirror
 from circus.evaluator.importer import BuildImporter, ImportStats
 from circus.evaluator.inputs import (
     InputError,
@@ -196,8 +198,10 @@ class _Watcher:
 def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
                resolution: Resolution) -> EvalSpec:
     ev = settings.evaluator
+    allowlist = Allowlist.parse(settings.server.outbound_allowlist)
     spec = EvalSpec(
-        restrict_eval=ev.restrict_eval, allowed_uris=list(ev.allowed_uris),
+        restrict_eval=ev.restrict_eval,
+        allowed_uris=remotes.permitted_uris(ev.allowed_uris, allowlist),
         allow_ifd=ev.allow_ifd, workers=ev.workers, max_memory_size=ev.max_memory_size,
         run_dir=run_dir(settings, evaluation.id),
         gc_roots_dir=gc_roots_dir(settings, evaluation.id),
@@ -214,6 +218,7 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
                 f"{source.value} has no flake.nix at {source.branch or 'its branch'} "
                 f"({source.revision[:12]}); this jobset is in flake mode — add a flake.nix "
                 "or switch the jobset to a classic (non-flake) expression")
+        _check_flake_inputs(mirror, source.revision, allowlist)
         ref = quote(f"refs/heads/{source.branch}", safe="/")
         spec.flake_ref = f"git+file://{mirror.path}?ref={ref}&rev={source.revision}"
         spec.display_name = source.value
@@ -247,6 +252,17 @@ def build_spec(settings: Settings, evaluation: Evaluation, jobset: Jobset,
     if source.name and source.name not in spec.include:
         spec.include[source.name] = source.store_path
     return spec
+
+
+def _check_flake_inputs(mirror: Mirror, revision: str, allowlist: Allowlist) -> None:
+    """Refuse a flake whose ``flake.lock`` points Nix at a non-public address (the same
+    rule as the repository's own git remote, :mod:`circus.evaluator.remotes`)."""
+    if not mirror.has_file(revision, "flake.lock"):
+        return
+    shown = mirror.git("show", f"{revision}:flake.lock")
+    problems = remotes.flake_input_problems(shown.stdout, allowlist)
+    if problems:
+        raise EvalFailed("refused to fetch the flake's inputs: " + "; ".join(problems))
 
 
 def _split_attr(expression: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 Mirrors live under ``<evaluator.work_dir>/mirrors``; a fetch takes a file lock,
 so two evaluations of jobsets sharing a repository never race on its refs.
+Every command that reaches the remote goes through :mod:`circus.evaluator.remotes`
+first (public addresses or ``server.outbound_allowlist``, the checked address only).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from circus.common.nix import process
+from circus.common.outbound import Allowlist, OutboundError
+from circus.evaluator import remotes
 
 
 class GitError(Exception):
@@ -75,6 +79,11 @@ def check_url(url: str, allowed_schemes: Sequence[str]) -> str:
     return url
 
 
+DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
+#: public remotes only
+NO_ALLOWLIST = Allowlist()
+
+
 def _git_env(allowed_schemes: Sequence[str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -83,7 +92,7 @@ def _git_env(allowed_schemes: Sequence[str]) -> dict[str, str]:
         "SSH_ASKPASS": "/bin/false",
         # transports git may use, also for redirects and submodules
         "GIT_ALLOW_PROTOCOL": ":".join(allowed_schemes),
-        "GIT_SSH_COMMAND": env.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
+        "GIT_SSH_COMMAND": env.get("GIT_SSH_COMMAND", DEFAULT_SSH_COMMAND),
         "LC_ALL": "C",
     })
     return env
@@ -103,24 +112,39 @@ class Mirror:
     path: Path
     timeout: float
     allowed_schemes: tuple[str, ...]
+    #: ``server.outbound_allowlist``: the non-public hosts the remote may be on
+    allowlist: Allowlist = NO_ALLOWLIST
 
     @classmethod
     def for_url(cls, work_dir: str | Path, url: str, *, timeout: float,
-                allowed_schemes: Sequence[str]) -> Mirror:
+                allowed_schemes: Sequence[str], allowlist: Allowlist = NO_ALLOWLIST
+                ) -> Mirror:
         url = check_url(url, allowed_schemes)
         digest = hashlib.sha256(url.encode()).hexdigest()[:24]
         tail = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[:40]
         path = Path(work_dir) / "mirrors" / f"{digest}-{tail}"
-        return cls(url, path, timeout, tuple(allowed_schemes))
+        return cls(url, path, timeout, tuple(allowed_schemes), allowlist)
 
     @property
     def file_url(self) -> str:
         return f"file://{self.path}"
 
-    def git(self, *args: str, timeout: float | None = None) -> process.ProcessResult:
+    def git(self, *args: str, timeout: float | None = None,
+            remote: remotes.PinnedRemote | None = None) -> process.ProcessResult:
+        env = _git_env(self.allowed_schemes)
         return process.run(["git", "--git-dir", str(self.path), *args],
                            timeout=timeout or self.timeout,
-                           env=_git_env(self.allowed_schemes))
+                           env=remote.environ(env) if remote is not None else env)
+
+    def remote(self) -> remotes.PinnedRemote:
+        """The remote checked now (one DNS lookup), for the commands of one fetch."""
+        env = _git_env(self.allowed_schemes)
+        try:
+            return remotes.pin(self.url, url_scheme(self.url), self.allowlist,
+                               env["GIT_SSH_COMMAND"])
+        except OutboundError as exc:
+            raise GitError(f"fetching {self.url} {'refused' if exc.refused else 'failed'}: "
+                           f"{str(exc).removeprefix('refused: ')}") from None
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -140,9 +164,10 @@ class Mirror:
             raise GitError(f"cannot create a mirror in {self.path}: "
                            f"{_first_error_line(done.stderr)}")
 
-    def default_branch(self) -> str:
-        done = process.run(["git", "ls-remote", "--symref", "--", self.url, "HEAD"],
-                           timeout=self.timeout, env=_git_env(self.allowed_schemes))
+    def default_branch(self, remote: remotes.PinnedRemote) -> str:
+        done = process.run(["git", "ls-remote", "--symref", "--", remote.url, "HEAD"],
+                           timeout=self.timeout,
+                           env=remote.environ(_git_env(self.allowed_schemes)))
         self._raise_for(done, "reading the default branch of")
         match = re.search(r"^ref: refs/heads/(\S+)\s+HEAD", done.stdout, re.M)
         if not match:
@@ -151,27 +176,31 @@ class Mirror:
 
     def fetch(self, branch: str | None) -> tuple[str, str]:
         """Fetch ``branch`` (default: the remote's HEAD); return ``(branch, commit)``."""
+        remote = self.remote()
         with self.locked():
             self._ensure()
             if not branch:
-                branch = self.default_branch()
+                branch = self.default_branch(remote)
             if not _valid_branch(branch):
                 raise GitError(f"invalid branch name {branch!r}")
             ref = f"refs/heads/{branch}"
-            done = self.git("fetch", "--quiet", "--force", "--no-tags", "--", self.url,
-                            f"+{ref}:{ref}")
+            done = self.git("fetch", "--quiet", "--force", "--no-tags", "--", remote.url,
+                            f"+{ref}:{ref}", remote=remote)
             if done.returncode != 0 and "couldn't find remote ref" in done.stderr:
                 raise GitError(f"branch {branch!r} does not exist in {self.url}")
             self._raise_for(done, "fetching")
             return branch, self.resolve(ref)
 
     def fetch_commit(self, rev: str) -> bool:
-        """Fetch one commit by id (pull requests from forks); False when the remote refuses."""
+        """Fetch one commit by id (pull requests from forks); False when the remote refuses
+        it (GitError when the destination is refused)."""
         if not re.fullmatch(r"[0-9a-f]{7,64}", rev):
             return False
+        remote = self.remote()
         with self.locked():
             self._ensure()
-            done = self.git("fetch", "--quiet", "--no-tags", "--", self.url, rev)
+            done = self.git("fetch", "--quiet", "--no-tags", "--", remote.url, rev,
+                            remote=remote)
         return done.returncode == 0 and self.has_commit(rev)
 
     def resolve(self, rev: str) -> str:

@@ -34,6 +34,7 @@ from circus.common.config import Settings
 from circus.common.enums import ActorKind, BuildStatus, InputType
 from circus.common.models import Build, Jobset, Project, User
 from circus.common.nix import process
+from circus.common.outbound import Allowlist
 from circus.evaluator.git import GitError, Mirror
 from circus.evaluator.program import ClassicArg, nix_string
 
@@ -113,7 +114,8 @@ def mirror_for(settings: Settings, url: str) -> Mirror:
     try:
         return Mirror.for_url(settings.evaluator.work_dir, url,
                               timeout=settings.evaluator.git_timeout,
-                              allowed_schemes=settings.server.allowed_url_schemes)
+                              allowed_schemes=settings.server.allowed_url_schemes,
+                              allowlist=Allowlist.parse(settings.server.outbound_allowlist))
     except GitError as exc:
         raise InputError(str(exc)) from None
 
