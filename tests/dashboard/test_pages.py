@@ -332,7 +332,8 @@ def test_jobset_page_says_why_the_check_or_the_newest_evaluation_failed(
     rows.db.commit()
     page = html(as_admin.get("/jobset/why/main"))
     assert page.count('class="problem"') == 1
-    assert "Last check failed" in page and "not this one" not in page
+    assert "Last check failed" in page
+    assert "not this one" not in page
 
 
 def test_home_tiles_count_the_queue_and_the_machines(as_admin: Browser, rows: Rows,
