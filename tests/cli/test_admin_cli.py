@@ -86,6 +86,12 @@ def test_users_keys_and_permissions(server: LiveServer) -> None:
     erin_key = created["key"]
     # erin may create projects but not users
     assert admin(server, "projects", "create", "erins", key=erin_key).returncode == 0
+    # the reasons are lines naming the field, not a Python dict
+    local = admin(server, "projects", "create", "erins2", "--repository-url", "/srv/erin",
+                  key=erin_key)
+    assert local.returncode == 3
+    assert "\n  repository_url: '/srv/erin' is on the server's disk" in local.stderr
+    assert "{" not in local.stderr
     denied = admin(server, "users", "create", "mallory", key=erin_key)
     assert denied.returncode == 3
     ok(server, "users", "disable", "erin")

@@ -9,6 +9,7 @@ unreachable or failing, 124 ``--wait`` timed out.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -201,6 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: where the API's request validation found a field: not part of the field's name
+REQUEST_LOCATIONS = ("json", "query", "form", "path")
+
+
+def detail_lines(details: object, path: str = "") -> list[str]:
+    """An error's details as lines: ``field: reason`` for the API's ``{field: [reasons]}``
+    (nested tables dotted, the request location left out), JSON for anything else."""
+    if not details:
+        return []
+    if isinstance(details, dict):
+        lines = []
+        for key, value in details.items():
+            inner = path if not path and key in REQUEST_LOCATIONS else \
+                f"{path}.{key}" if path else str(key)
+            if isinstance(value, dict):
+                lines += detail_lines(value, inner)
+                continue
+            for reason in value if isinstance(value, list) else [value]:
+                text = reason if isinstance(reason, str) else json.dumps(reason)
+                lines.append(f"{inner}: {text}" if inner else text)
+        return lines
+    return [f"{path}: {json.dumps(details)}" if path else json.dumps(details)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dev":
@@ -213,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args, client, out))
     except CircusError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        if exc.details:
-            print(f"details: {exc.details}", file=sys.stderr)
+        for line in detail_lines(exc.details):
+            print(f"  {line}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
