@@ -329,15 +329,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_stop)
+    # the user's own config and the port, checked before anything starts: a typo or a
+    # taken port (a second `make run`) is reported at once, not after PostgreSQL (initdb
+    # in a new state directory) and Redis were started and stopped again
+    try:
+        own = load_settings(environ=dict(os.environ))
+    except ConfigError as exc:
+        say(exc.render(), error=True)
+        return 2
+    taken = port_problem(own.server.host, own.server.port)
+    if taken:
+        say(f"error: {taken}", error=True)
+        return 1
     try:
         settings, env = instance.prepare()
         host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host  # noqa: S104
         url = f"http://{host}:{settings.server.port}"
-        taken = port_problem(settings.server.host, settings.server.port)
-        if taken:
-            say(f"error: {taken}", error=True)
-            instance.stop()
-            return 1
         os.pwrite(lock, f"{os.getpid()} {url}\n".encode(), 0)
         instance.start(settings, env, say)
     except (ConfigError, ServiceError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -89,3 +90,35 @@ def test_a_database_that_does_not_answer_is_one_clear_line(tmp_path: Path) -> No
         done.stderr
     assert "Connection refused" in done.stderr
     assert "sekrit" not in done.stdout + done.stderr
+
+
+def _circus_up(tmp_path: Path, **environ: str) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CIRCUS_")}, **environ}
+    return subprocess.run([circus_command("circus"), "up", "--state-dir",
+                           str(tmp_path / "state")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_config_typo_or_a_taken_port_stops_it_before_anything_starts(
+        tmp_path: Path) -> None:
+    """Both were reported after a private PostgreSQL had been made (initdb) and started,
+    and Redis too, then both stopped again: seconds, and a database left behind."""
+    config = tmp_path / "typo.toml"
+    config.write_text("[server]\nprot = 3000\nworkers = 'four'\n")
+    typo = _circus_up(tmp_path, CIRCUS_CONFIG_FILE=str(config))
+    assert typo.returncode == 2, typo.stderr
+    assert "server.prot: unknown key" in typo.stderr
+    assert "server.workers: must be an integer (got 'four')" in typo.stderr
+    assert "starting private PostgreSQL" not in typo.stdout
+    assert not (tmp_path / "state" / "postgres").exists()
+
+    with socket.socket() as holder:   # a second `make run`, or any other program
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        taken = _circus_up(tmp_path, CIRCUS_SERVER__PORT=str(port))
+    assert taken.returncode == 1, taken.stderr
+    assert f"error: port {port} on 127.0.0.1 is taken by another program" in taken.stderr
+    assert "CIRCUS_SERVER__PORT" in taken.stderr
+    assert "starting private PostgreSQL" not in taken.stdout
+    assert not (tmp_path / "state" / "postgres").exists()
