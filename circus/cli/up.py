@@ -146,7 +146,8 @@ class Instance:
         self.redis: PrivateRedis | None = None
         self.supervisor: Supervisor | None = None
         self.status_file = state / "supervisor.json"
-        #: whether ``circus up`` declared the ``admin`` user (the config declares none)
+        #: whether ``circus up`` filled in the ``admin`` login (declared it, or gave the
+        #: declared one without a password the state's)
         self.admin_declared = False
 
     def prepare(self) -> tuple[Settings, dict[str, str]]:
