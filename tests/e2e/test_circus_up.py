@@ -14,7 +14,7 @@ import pytest
 
 from circus.common.localservices import PrivatePostgres
 from tests.cache.support import nix_copy, store_has
-from tests.helpers.circus_up import Client, start
+from tests.helpers.circus_up import Client, remove_outside_postgres, start
 from tests.helpers.daemons import circus_command, wait_until
 from tests.helpers.net import free_port
 
@@ -116,6 +116,8 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
         assert again.process is not None
         again.process.send_signal(signal.SIGTERM)
         assert again.process.wait(60) == 0
+        for used in (state, restored):
+            remove_outside_postgres(used)
     print(f"circus up: first start {first_start:.1f} s, second start {second_start:.1f} s")
 
 
@@ -154,3 +156,4 @@ def test_circus_up_with_the_example_config(tmp_path: Path) -> None:
         assert daemon.process is not None
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(60) == 0, daemon.log()[-3000:]
+        remove_outside_postgres(state)
