@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -26,6 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
+
+from circus.cache.publish import signing_key
 from circus.cli.supervise import CrashLoop, Supervisor
 from circus.common.config import ConfigError, Settings, load_settings
 from circus.common.configbase import deep_merge, env_overrides, read_toml
@@ -89,10 +94,28 @@ def prepare_demo_repository(state: Path) -> Path:
     return repo
 
 
+def admin_user(admin_password_file: Path) -> dict[str, Any]:
+    return {"username": "admin", "password_file": str(admin_password_file),
+            "role": "admin", "full_name": "Circus administrator"}
+
+
+def admin_login(users: list[Any], admin_password_file: Path) -> list[Any] | None:
+    """The declarative users with ``circus up``'s admin login filled in: the admin when
+    none is declared, the password of a declared ``admin`` that has none; None when
+    the config's users stay as they are."""
+    if not users:
+        return [admin_user(admin_password_file)]
+    for index, user in enumerate(users):
+        if isinstance(user, dict) and user.get("username") == "admin" and not (
+                user.keys() & {"password", "password_file"}):
+            return [*users[:index], {**user, "password_file": str(admin_password_file)},
+                    *users[index + 1:]]
+    return None
+
+
 def demo_declarative(repo: Path, admin_password_file: Path) -> dict[str, Any]:
     return {
-        "users": [{"username": "admin", "password_file": str(admin_password_file),
-                   "role": "admin", "full_name": "Circus administrator"}],
+        "users": [admin_user(admin_password_file)],
         "projects": [{
             "name": "demo",
             "description": "Demo flake shipped with Circus (examples/demo)",
@@ -123,6 +146,9 @@ class Instance:
         self.redis: PrivateRedis | None = None
         self.supervisor: Supervisor | None = None
         self.status_file = state / "supervisor.json"
+        #: whether ``circus up`` filled in the ``admin`` login (declared it, or gave the
+        #: declared one without a password the state's)
+        self.admin_declared = False
 
     def prepare(self) -> tuple[Settings, dict[str, str]]:
         """Start private services as needed; returns settings and the children's env."""
@@ -166,15 +192,20 @@ class Instance:
 
         password_file = state / "admin-password"
         secret_in(state, "admin-password", lambda: secrets.token_urlsafe(12))
-        has_declarative = bool(raw.get("declarative"))
-        if not has_declarative:
-            import json
-
-            repo = prepare_demo_repository(state)
-            env["CIRCUS_DECLARATIVE__USERS"] = json.dumps(
-                demo_declarative(repo, password_file)["users"])
-            env["CIRCUS_DECLARATIVE__PROJECTS"] = json.dumps(
-                demo_declarative(repo, password_file)["projects"])
+        # the admin login is filled in like any other key: a config declaring projects
+        # but no users still gets an admin it can log in with, and a declared `admin`
+        # without a password (deploy/circus.example.toml) gets the state's; the demo
+        # project only comes with no [declarative] at all
+        declarative = configured(raw, "declarative")
+        if not isinstance(declarative, dict):   # load_settings below reports a bad one
+            declarative = {}
+        users = admin_login(declarative.get("users") or [], password_file)
+        self.admin_declared = users is not None
+        if users is not None:
+            env["CIRCUS_DECLARATIVE__USERS"] = json.dumps(users)
+        if not declarative:
+            demo = demo_declarative(prepare_demo_repository(state), password_file)
+            env["CIRCUS_DECLARATIVE__PROJECTS"] = json.dumps(demo["projects"])
         env[env_name("server.supervisor_status_file")] = str(self.status_file)
         child_env = {**self.environ, **env}
         settings = load_settings(environ=child_env)
@@ -299,19 +330,35 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_stop)
+    # the user's own config and the port, checked before anything starts: a typo or a
+    # taken port (a second `make run`) is reported at once, not after PostgreSQL (initdb
+    # in a new state directory) and Redis were started and stopped again
+    try:
+        own = load_settings(environ=dict(os.environ))
+    except ConfigError as exc:
+        say(exc.render(), error=True)
+        return 2
+    taken = port_problem(own.server.host, own.server.port)
+    if taken:
+        say(f"error: {taken}", error=True)
+        return 1
     try:
         settings, env = instance.prepare()
         host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host  # noqa: S104
         url = f"http://{host}:{settings.server.port}"
-        taken = port_problem(settings.server.host, settings.server.port)
-        if taken:
-            say(f"error: {taken}", error=True)
-            instance.stop()
-            return 1
         os.pwrite(lock, f"{os.getpid()} {url}\n".encode(), 0)
         instance.start(settings, env, say)
     except (ConfigError, ServiceError) as exc:
         say(exc.render() if isinstance(exc, ConfigError) else f"error: {exc}", error=True)
+        instance.stop()
+        return 2
+    except sqlalchemy.exc.OperationalError as exc:
+        # a database.url of the user's that does not answer (no such role, server down)
+        database = make_url(settings.require_database_url()).render_as_string(
+            hide_password=True)
+        reason = str(exc.orig).strip() if exc.orig is not None else str(exc)
+        say(f"error: cannot connect to the database {database} (database.url): {reason}",
+            error=True)
         instance.stop()
         return 2
 
@@ -322,12 +369,16 @@ def main(argv: list[str] | None = None) -> int:
             instance.stop()
             return 1
         password = (state / "admin-password").read_text().strip()
+        login = (f"admin / {password}" if instance.admin_declared
+                 else "the users of your [[declarative.users]]")
+        key = signing_key(settings)
+        cache_key = f"\n  cache key:  {key.public_key()}" if key is not None else ""
         say(f"""
 Circus is running.
   dashboard:  {url}/
   API:        {url}/api/v1   (OpenAPI: {url}/api/v1/openapi.json)
-  cache:      {url}/nix-cache
-  login:      admin / {password}
+  cache:      {url}/nix-cache{cache_key}
+  login:      {login}
   state:      {state}  (daemon logs in {state / 'daemon-logs'})
 Press Ctrl-C to stop.""")
         assert instance.supervisor is not None

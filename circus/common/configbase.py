@@ -214,8 +214,10 @@ def problems_from_validation(exc: ValidationError, prefix: str) -> list[Problem]
                 message = message.removeprefix(lead)
             message = message.replace("Input should be", "must be")
         if kind in ("secret_file", "secret_conflict"):
-            # the message names the offending key itself
-            problems.append(Problem(path, message))
+            # raised by the table (before its fields): the key goes into the path
+            key = err["ctx"]["key"]
+            problems.append(Problem(f"{path}.{key}" if path else key,
+                                    message.removeprefix(f"{key}: ")))
             continue
         if kind not in ("missing", "extra_forbidden", "model_type", "dict_type") and "input" in err:
             message = f"{message} (got {_format_input(err['input'])})"
@@ -277,6 +279,39 @@ def _problems_of_valid_parts(model_cls: type[SettingsModel], raw: Any, prefix: s
     return found
 
 
+def section_problems(model_cls: type[SettingsModel], raw: Any, exc: ValidationError,
+                     prefix: str) -> list[Problem]:
+    """The problems of an invalid table, ``exc`` being its validation error.
+
+    An unreadable ``*_file`` secret stops the validation of its table (it is read before
+    the fields are), so the table's other keys, its nested tables included, were not
+    looked at: validate it again without that key, as often as there are such files,
+    and report what else is wrong too (a typo beside a missing secret file was found
+    only after the file was fixed)."""
+    import copy
+
+    problems = problems_from_validation(exc, prefix)
+    for _ in range(32):   # one unreadable file per table and pass; tables name few
+        unreadable = [e for e in exc.errors() if e["type"] == "secret_file"]
+        if not unreadable:
+            break
+        raw = copy.deepcopy(raw)
+        for error in unreadable:
+            node = raw
+            for part in error["loc"]:
+                node = node[part]
+            node.pop(error["ctx"]["key"], None)
+        try:
+            model_cls.model_validate(raw)
+        except ValidationError as again:
+            exc = again
+            problems += [p for p in problems_from_validation(again, prefix)
+                         if p not in problems]
+        else:
+            break
+    return problems
+
+
 def validate_sections(model_cls: type[ModelT], raw: Mapping[str, Any]) -> ModelT:
     """Validate section by section so one broken section does not hide another's problems."""
     problems: list[Problem] = []
@@ -292,7 +327,7 @@ def validate_sections(model_cls: type[ModelT], raw: Mapping[str, Any]) -> ModelT
             try:
                 sections[name] = annotation.model_validate(raw[name])
             except ValidationError as exc:
-                problems += problems_from_validation(exc, name)
+                problems += section_problems(annotation, raw[name], exc, name)
                 # a bad key must not hide the checks of the section's tables that are
                 # fine on their own (``queue_runner.workers`` and ``queue_runner.rpc``'s
                 # token digests are fixed in one go)

@@ -265,5 +265,10 @@ def latest(project: str, jobset: str, job: str) -> ResponseReturnValue:
     build = _latest(project, jobset, job, succeeded_only=True)
     if build is None:
         raise NotFound(f"no successful build of {project}/{jobset}/{job}")
-    return redirect(f"/api/v1/builds/{build.id}", code=302)
+    # a browser (the job page's "latest" link) asks for HTML first: the build page, as
+    # Hydra's /latest; scripts (curl's */*, JSON) keep the API's record of the build
+    wants_page = request.accept_mimetypes.best_match(
+        ["application/json", "text/html"]) == "text/html"
+    return redirect(f"/build/{build.id}" if wants_page else f"/api/v1/builds/{build.id}",
+                    code=302)
 

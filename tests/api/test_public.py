@@ -72,6 +72,12 @@ def test_badges(client: FlaskClient, world: World) -> None:
     latest = client.get("/job/proj/main/good/latest")
     assert latest.status_code == 302
     assert latest.headers["Location"] == f"/api/v1/builds/{good.id}"
+    assert client.get("/job/proj/main/good/latest", headers={"Accept": "*/*"}
+                      ).headers["Location"] == f"/api/v1/builds/{good.id}"
+    # a browser following the job page's link lands on the build page, not on JSON
+    browser = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    assert client.get("/job/proj/main/good/latest", headers=browser
+                      ).headers["Location"] == f"/build/{good.id}"
     assert client.get("/job/proj/main/bad/latest").status_code == 404
 
 

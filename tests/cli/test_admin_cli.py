@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +24,17 @@ def server(engine: Engine, database_url: str, redis_url: str,
         yield running
 
 
+def bare_env() -> dict[str, str]:
+    """No CIRCUS_* of the caller; PYTHONPATH kept (a worktree's code under test)."""
+    env = {"PATH": "/usr/bin:/bin"}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
 def admin(server: LiveServer, *args: str, key: str | None = ADMIN_KEY
           ) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "CIRCUS_URL": server.url}
+    env = {**bare_env(), "CIRCUS_URL": server.url}
     if key is not None:
         env["CIRCUS_API_KEY"] = key
     return subprocess.run([circus_command("circus-admin"), *args], capture_output=True,
@@ -49,6 +58,13 @@ def test_projects_jobsets_and_tables(server: LiveServer) -> None:
     jobsets = json.loads(ok(server, "--json", "jobsets", "list", "--project", "cli"))
     assert [(j["name"], j["branch"], j["check_interval"]) for j in jobsets] == [
         ("main", "main", 45)]
+    # the global options also after the command, as docs/USAGE.md writes them
+    # (`circus-admin builds list --json | jq ...`)
+    assert json.loads(ok(server, "jobsets", "list", "--project", "cli", "--json")) == jobsets
+    assert json.loads(ok(server, "builds", "list", "--json")) == []
+    elsewhere = admin(server, "projects", "list", "--url", server.url, "--api-key", "nope",
+                      key=None)
+    assert elsewhere.returncode == 3, elsewhere.stderr
     duplicate = admin(server, "projects", "create", "cli")
     assert duplicate.returncode == 5
     assert "already exists" in duplicate.stderr
@@ -70,6 +86,12 @@ def test_users_keys_and_permissions(server: LiveServer) -> None:
     erin_key = created["key"]
     # erin may create projects but not users
     assert admin(server, "projects", "create", "erins", key=erin_key).returncode == 0
+    # the reasons are lines naming the field, not a Python dict
+    local = admin(server, "projects", "create", "erins2", "--repository-url", "/srv/erin",
+                  key=erin_key)
+    assert local.returncode == 3
+    assert "\n  repository_url: '/srv/erin' is on the server's disk" in local.stderr
+    assert "{" not in local.stderr
     denied = admin(server, "users", "create", "mallory", key=erin_key)
     assert denied.returncode == 3
     ok(server, "users", "disable", "erin")
@@ -122,11 +144,17 @@ def test_builders_builds_notifications_config(server: LiveServer, tmp_path: Path
 
 def test_health_and_unreachable_server(server: LiveServer, tmp_path: Path) -> None:
     assert "database: ok" in ok(server, "health")
-    env = {"PATH": "/usr/bin:/bin"}
+    env = bare_env()
     down = subprocess.run([circus_command("circus-admin"), "--url",
                            f"http://127.0.0.1:{free_port()}", "projects", "list"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert down.returncode == 6
+    assert "cannot reach" in down.stderr
+    # health asks /health itself (a 503 still has a body to show): the same exit code
+    down = subprocess.run([circus_command("circus-admin"), "--url",
+                           f"http://127.0.0.1:{free_port()}", "health"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert down.returncode == 6, down.stderr
     assert "cannot reach" in down.stderr
 
 

@@ -165,7 +165,14 @@ def test_bearer_keys_work_on_pages_without_csrf(app: Flask, rows: Rows, world: W
     client = app.test_client()
     headers = {"Authorization": f"Bearer {secret}"}
     assert client.get("/projects", headers=headers).status_code == 200
-    assert client.get("/projects", headers={"Authorization": "Bearer nope"}).status_code == 302
+    # a refused key is a 401 saying so, on every page: it redirected to /login, which
+    # refused the same header and redirected again, without end
+    for path in ("/projects", "/", "/login", "/login?next=/projects"):
+        refused = client.get(path, headers={"Authorization": "Bearer nope"})
+        assert refused.status_code == 401, (path, refused.headers.get("Location"))
+        assert "invalid or revoked API key" in refused.get_data(as_text=True)
+    # without a key, a closed page still sends the visitor to log in
+    assert client.get("/projects").status_code == 302
 
 
 def test_build_actions_follow_permissions(app: Flask, as_viewer: Browser, world: World,

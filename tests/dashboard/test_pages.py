@@ -6,7 +6,8 @@ import re
 
 from flask import Flask
 
-from circus.common.enums import BuildStatus
+from circus.common.enums import BuildStatus, EvaluationStatus
+from circus.common.models.base import utcnow
 from tests.dashboard.conftest import Browser
 from tests.dashboard.factories import Rows, World
 
@@ -319,6 +320,36 @@ def test_job_matrix_columns_are_the_newest_evaluations_not_hidden(as_admin: Brow
     assert [int(e) for e in re.findall(r'title="evaluation (\d+), ', page)] == \
         [few[1].id, few[2].id]
     assert f"/eval/{few[0].id}" in links(page)
+
+
+def test_jobset_page_says_why_the_check_or_the_newest_evaluation_failed(
+        as_admin: Browser, rows: Rows) -> None:
+    """A jobset naming a missing flake attribute fails in the evaluation, not in the
+    check: the jobset page shows that evaluation's message, not only "(error)"."""
+    project = rows.project("why")
+    jobset = rows.jobset(project)
+    rows.evaluation(jobset)
+    failed = rows.evaluation(jobset, EvaluationStatus.failed, finished_at=utcnow(),
+                             error_message="error: flake does not provide attribute 'pkgs'")
+    jobset.last_check_outcome = "error"
+    rows.db.commit()
+    page = html(as_admin.get("/jobset/why/main"))
+    problem = page.split('class="problem"')[1].split("</section>")[0]
+    assert "Last evaluation failed" in problem
+    assert "does not provide attribute &#39;pkgs&#39;" in problem
+    assert f"/eval/{failed.id}" in links(problem)
+    # a newer evaluation that worked: nothing to report
+    rows.evaluation(jobset)
+    rows.db.commit()
+    assert 'class="problem"' not in html(as_admin.get("/jobset/why/main"))
+    # a failed check (no such branch) is the jobset's own error, shown once
+    jobset.error_message = "branch 'nosuch' does not exist"
+    rows.evaluation(jobset, EvaluationStatus.failed, error_message="not this one")
+    rows.db.commit()
+    page = html(as_admin.get("/jobset/why/main"))
+    assert page.count('class="problem"') == 1
+    assert "Last check failed" in page
+    assert "not this one" not in page
 
 
 def test_home_tiles_count_the_queue_and_the_machines(as_admin: Browser, rows: Rows,

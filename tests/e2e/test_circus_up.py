@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import urllib.request
@@ -13,7 +14,7 @@ import pytest
 
 from circus.common.localservices import PrivatePostgres
 from tests.cache.support import nix_copy, store_has
-from tests.helpers.circus_up import Client, start
+from tests.helpers.circus_up import Client, remove_outside_postgres, start
 from tests.helpers.daemons import circus_command, wait_until
 from tests.helpers.net import free_port
 
@@ -48,6 +49,10 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
 
     daemon, password, first_start = start(state, port, root)
     try:
+        # the key for a Nix client's trusted-public-keys is printed with the login
+        printed_key = re.search(r"cache key:\s+(\S+)", daemon.log())
+        assert printed_key, daemon.log()
+        assert printed_key.group(1) == (state / "signing-key.pub").read_text().strip()
         with urllib.request.urlopen(base + "/health", timeout=10) as response:
             health = json.load(response)
         assert response.status == 200
@@ -111,4 +116,44 @@ def test_circus_up_from_nothing_then_again(tmp_path: Path) -> None:
         assert again.process is not None
         again.process.send_signal(signal.SIGTERM)
         assert again.process.wait(60) == 0
+        for used in (state, restored):
+            remove_outside_postgres(used)
     print(f"circus up: first start {first_start:.1f} s, second start {second_start:.1f} s")
+
+
+def test_circus_up_with_the_example_config(tmp_path: Path) -> None:
+    """``make run CIRCUS_CONFIG_FILE=deploy/circus.example.toml``: it starts with private
+    services (the example names no database or broker), applies the example's declarative
+    project and key, and the printed admin login works (the example's admin has no
+    password: ``circus up`` gives it the state's)."""
+    root = Path(tmp_path)
+    root.chmod(0o755)
+    state = root / "state"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    example = Path(__file__).resolve().parents[2] / "deploy" / "circus.example.toml"
+    # the example's directories are a production host's (/var/lib/circus): keep them here
+    env = {"CIRCUS_CONFIG_FILE": str(example),
+           "CIRCUS_EVALUATOR__WORK_DIR": str(state / "evaluator"),
+           "CIRCUS_LOGS__LOG_DIR": str(state / "logs"),
+           "CIRCUS_CACHE__CACHE_DIR": str(state / "cache"),
+           "CIRCUS_GC__GC_ROOTS_DIR": str(state / "gcroots")}
+    daemon, password, _ = start(state, port, root, extra_env=env)
+    try:
+        client = Client(base, password)
+        assert client.get("/api/v1/me")["role"] == "admin"
+        projects = client.get("/api/v1/projects")["items"]
+        assert [p["name"] for p in projects] == ["example"]
+        # the example's deploy key works as the example says
+        request = urllib.request.Request(
+            base + "/api/v1/projects",
+            headers={"Authorization": "Bearer change-me-to-a-long-random-secret"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+        # signing is off in the example: no key to print
+        assert "cache key:" not in daemon.log()
+    finally:
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(60) == 0, daemon.log()[-3000:]
+        remove_outside_postgres(state)

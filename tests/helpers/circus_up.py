@@ -104,3 +104,14 @@ def alive(pid: int) -> bool:
 def postgres_home(state: Path) -> Path:
     """Where ``circus up``'s PostgreSQL lives (elsewhere when postgres cannot reach state)."""
     return PrivatePostgres(state / "postgres").home
+
+
+def remove_outside_postgres(state: Path) -> None:
+    """Delete the stopped instance's PostgreSQL cluster when it lives outside ``state``
+    (/var/lib/circus/postgres-<digest>, for a state under pytest's 0700 base): 50 MB that
+    nothing else removes."""
+    import shutil
+
+    home = postgres_home(state)
+    if not home.is_relative_to(state):
+        shutil.rmtree(home, ignore_errors=True)

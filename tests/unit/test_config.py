@@ -174,7 +174,9 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
      "queue_runner.psi_threshold: must be between 0 and 100 (got '-5')"),
     ("[gc]\nenabled = 'maybe'", {}, "gc.enabled: must be true or false (got 'maybe')"),
     ("[signing]\nkey_file = '/nonexistent/key'", {},
-     "signing: key_file: cannot read /nonexistent/key (No such file or directory)"),
+     "signing.key_file: cannot read /nonexistent/key (No such file or directory)"),
+    ("[server]\nsecret_key = 'a'\nsecret_key_file = '/etc/hostname'", {},
+     "server.secret_key_file: give either secret_key or secret_key_file, not both"),
 ]
 
 
@@ -184,6 +186,36 @@ def test_invalid_config_names_the_key(raw: str, environ: dict[str, str], expecte
                                       tmp_path: Path) -> None:
     problems = problems_of(raw, tmp_path, environ)
     assert expected in problems, problems
+
+
+def test_an_unreadable_secret_file_hides_no_other_problem(tmp_path: Path) -> None:
+    """A secret file is read before its table's fields are checked: a missing one
+    used to be the only problem reported for its table and every table inside it."""
+    problems = problems_of("""
+[server]
+secret_key_file = "/nonexistent/secret"
+prot = 3000
+[server.ldap]
+bind_password_file = "/nonexistent/ldap"
+tiemout = 3
+[queue_runner.rpc]
+auth_tokens_file = "/nonexistent/digests"
+max_conections = 3
+[queue_runner.rpc.tls]
+cert_file = "/nonexistent/cert"
+""", tmp_path)
+    assert sorted(problems) == sorted([
+        "server.secret_key_file: cannot read /nonexistent/secret (No such file or directory)",
+        "server.prot: unknown key",
+        "server.ldap.bind_password_file: cannot read /nonexistent/ldap "
+        "(No such file or directory)",
+        "server.ldap.tiemout: unknown key",
+        "queue_runner.rpc.auth_tokens_file: cannot read /nonexistent/digests "
+        "(No such file or directory)",
+        "queue_runner.rpc.max_conections: unknown key",
+        "queue_runner.rpc.tls.cert_file: cert_file and key_file must be set together",
+        "queue_runner.rpc.tls.cert_file: file does not exist: /nonexistent/cert",
+    ])
 
 
 def test_every_problem_is_reported_together(tmp_path: Path) -> None:
@@ -312,3 +344,70 @@ def test_env_json_values_and_nested_sections() -> None:
     settings = load(environ={"CIRCUS_SERVER__ALLOWED_ORIGINS": '["https://a.example"]',
                              "CIRCUS_SERVER__LDAP__ENABLED": "false"})
     assert _dump(settings)["server"]["allowed_origins"] == ["https://a.example"]
+
+
+DOCS = Path(__file__).resolve().parents[2]
+
+
+def _doc_toml_blocks() -> list[tuple[str, str]]:
+    """Every ```toml block of the README and docs/, as (file:line, text)."""
+    import re
+
+    blocks = []
+    for doc in [DOCS / "README.md", *sorted((DOCS / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for match in re.finditer(r"```toml\n(.*?)```", text, re.S):
+            line = text[:match.start()].count("\n") + 1
+            blocks.append((f"{doc.relative_to(DOCS)}:{line}", match.group(1)))
+    return blocks
+
+
+def _with_secret_files(block: str, directory: Path) -> str:
+    """The block with each ``*_file`` path (a production host's /run/secrets/...) made a
+    file here holding a value of the right shape, so what is checked is the rest."""
+    import hashlib
+    import re
+
+    from circus.common.nix.signing import generate_key_pair
+
+    section, lines = "", []
+    for number, line in enumerate(block.splitlines()):
+        header = re.match(r"\s*\[+([^\]]+)\]+", line)
+        if header:
+            section = header.group(1)
+        secret = re.match(r'(\s*)(\w+_file)(\s*=\s*)"([^"]+)"(.*)', line)
+        if secret and not Path(secret.group(4)).exists():
+            key = secret.group(2)
+            if "digests" in secret.group(4) or key == "auth_tokens_file":
+                value = hashlib.sha256(b"token").hexdigest()
+            elif section == "signing":
+                value = generate_key_pair("ci.example.org-1")[0]
+            elif section == "database":
+                value = "postgresql://circus@localhost/circus"
+            elif section == "broker" or key == "broker_url_file":
+                value = "redis://localhost:6379/0"
+            else:
+                value = "0123456789abcdef" * 4
+            path = directory / f"secret-{number}"
+            path.write_text(value + "\n")
+            line = (f'{secret.group(1)}{key}{secret.group(3)}"{path}"{secret.group(5)}')
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("where", "block"), _doc_toml_blocks(),
+                         ids=[where for where, _ in _doc_toml_blocks()])
+def test_every_toml_block_of_the_docs_loads(where: str, block: str, tmp_path: Path) -> None:
+    """What a reader copies from the docs is a valid config of the program it is for:
+    no misspelt or retired key, no value of the wrong type (secret files aside)."""
+    from circus.agent.config import load_agent_settings
+    from circus.worker.config import load_worker_settings
+
+    path = tmp_path / "block.toml"
+    path.write_text(_with_secret_files(block, tmp_path))
+    if "[agent]" in block:
+        load_agent_settings(files=[path], environ={})
+    elif "[worker]" in block:
+        load_worker_settings(files=[path], environ={})
+    else:
+        load_settings(files=[path], environ={})

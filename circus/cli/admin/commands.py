@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from circus.cli.admin.client import Client
 from circus.cli.admin.output import Output
-from circus.common.errors import InvalidInput, NotFound
+from circus.common.errors import InvalidInput, NotFound, Unavailable
 
 PROJECT_COLUMNS = ("id", "name", "enabled", "repository_url", "description")
 JOBSET_COLUMNS = ("id", "name", "state", "branch", "nix_expression", "check_interval",
@@ -32,8 +34,12 @@ TIMEOUT_EXIT = 124
 
 
 def health(args: argparse.Namespace, client: Client, out: Output) -> int:
-    response = client.session.get(client.url + "/health", timeout=client.timeout)
-    body = response.json()
+    # not client.get: an unhealthy server answers 503 with the same body, shown below
+    try:
+        response = client.session.get(client.url + "/health", timeout=client.timeout)
+        body = response.json()
+    except requests.RequestException as exc:   # includes a body that is not JSON
+        raise Unavailable(f"cannot reach {client.url}: {exc}") from exc
     if out.as_json:
         out.data(body)
     else:

@@ -9,9 +9,10 @@ unreachable or failing, 124 ``--wait`` timed out.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from circus.cli.admin import commands
@@ -34,16 +35,39 @@ def _actions(parser: argparse.ArgumentParser, handler: Callable[..., int]
     return sub
 
 
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--url, --api-key, --json and --timeout. The top-level parser holds the defaults;
+    every command accepts them too (``builds list --json``, as the docs write it), with
+    SUPPRESS so a command's parser does not overwrite what was given before it."""
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--url", default=default(os.environ.get("CIRCUS_URL",
+                                                                "http://localhost:3000")),
+                        help="server URL (CIRCUS_URL; default http://localhost:3000)")
+    parser.add_argument("--api-key", default=default(os.environ.get("CIRCUS_API_KEY")),
+                        help="API key (CIRCUS_API_KEY)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output")
+    parser.add_argument("--timeout", type=float, default=default(30.0), dest="http_timeout",
+                        help="seconds per HTTP request (default 30)")
+
+
+def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every parser below ``parser`` that runs a command (has no subcommands itself)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                if any(isinstance(a, argparse._SubParsersAction) for a in child._actions):
+                    yield from _commands(child)
+                else:
+                    yield child
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circus-admin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("CIRCUS_URL", "http://localhost:3000"),
-                        help="server URL (CIRCUS_URL; default http://localhost:3000)")
-    parser.add_argument("--api-key", default=os.environ.get("CIRCUS_API_KEY"),
-                        help="API key (CIRCUS_API_KEY)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--timeout", type=float, default=30.0, dest="http_timeout",
-                        help="seconds per HTTP request (default 30)")
+    _global_options(parser, defaults=True)
     top = parser.add_subparsers(dest="command", required=True)
 
     top.add_parser("health", help="server, database, broker and daemon health").set_defaults(
@@ -172,7 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--check", action="store_true", help="fail if docs/API.md is stale")
     docs.add_argument("--output", default="docs/API.md")
     docs.set_defaults(handler=None)
+    for command in _commands(parser):
+        if command is not docs:
+            _global_options(command, defaults=False)
     return parser
+
+
+#: where the API's request validation found a field: not part of the field's name
+REQUEST_LOCATIONS = ("json", "query", "form", "path")
+
+
+def detail_lines(details: object, path: str = "") -> list[str]:
+    """An error's details as lines: ``field: reason`` for the API's ``{field: [reasons]}``
+    (nested tables dotted, the request location left out), JSON for anything else."""
+    if not details:
+        return []
+    if isinstance(details, dict):
+        lines = []
+        for key, value in details.items():
+            inner = path if not path and key in REQUEST_LOCATIONS else \
+                f"{path}.{key}" if path else str(key)
+            if isinstance(value, dict):
+                lines += detail_lines(value, inner)
+                continue
+            for reason in value if isinstance(value, list) else [value]:
+                text = reason if isinstance(reason, str) else json.dumps(reason)
+                lines.append(f"{inner}: {text}" if inner else text)
+        return lines
+    return [f"{path}: {json.dumps(details)}" if path else json.dumps(details)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args, client, out))
     except CircusError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        if exc.details:
-            print(f"details: {exc.details}", file=sys.stderr)
+        for line in detail_lines(exc.details):
+            print(f"  {line}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from circus.common.errors import CircusError, Unauthenticated
+from circus.server.auth import bearer_token
 from circus.server.context import db_session
 from circus.server.dashboard.access import LoginRequired, return_url
 from circus.server.dashboard.blueprint import blueprint
@@ -27,6 +28,10 @@ def error_page(status: int, title: str, message: str) -> ResponseReturnValue:
 @blueprint.errorhandler(LoginRequired)
 @blueprint.errorhandler(Unauthenticated)
 def login_required(exc: Exception) -> ResponseReturnValue:
+    if isinstance(exc, Unauthenticated) and bearer_token() is not None:
+        # a script's key was refused: the login page would hide why, and it refuses the
+        # same header again (every page, /login included, redirected in a loop)
+        return error_page(401, "Not authenticated", exc.message)
     return redirect(url_for("dashboard.login", next=return_url()))
 
 

@@ -113,8 +113,11 @@ class ApiKeyCreatedSchema(ApiKeySchema):
 
 class ApiKeyCreateSchema(ma.Schema):
     name = Str(required=True, max_length=128, min_length=1)
-    role = fields.Enum(Role, by_value=True, metadata={"description": "default: your own role"})
-    owner_id = Id(allow_none=True, metadata={"description": "admins only"})
+    role = fields.Enum(Role, by_value=True, metadata={
+        "description": "default: your own role; read-only for a key an admin makes"})
+    owner_id = Id(allow_none=True, metadata={
+        "description": "admins only; default: you, for an admin no one (a key of no "
+                       "owner is listed with `all`, not on the settings page)"})
 
 
 class ApiKeyFilterSchema(PageArgs):
