@@ -18,7 +18,6 @@ import json
 import os
 import re
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from tests.evaluator.conftest import (  # noqa: F401 (fixtures)
 )
 from tests.helpers.daemons import Daemon, circus_command
 from tests.helpers.gitrepo import GitRepo
+from tests.security.web_support import evaluate
 
 MARKER = f"circus-server-secret-{uuid.uuid4().hex}"
 #: what /etc/passwd starts with on every Linux
@@ -62,7 +62,6 @@ USERS = {"users": [{"username": "root", "role": "admin"},
                        "owner": "root"},
                       {"name": "mallory", "key": MALLORY_KEY, "role": "create-projects",
                        "owner": "mallory"}]}
-FINISHED = {"completed", "failed", "timed_out", "cancelled"}
 STORED_TABLES = ("evaluations", "evaluation_errors", "jobsets", "builds", "build_outputs")
 
 
@@ -236,16 +235,7 @@ class System:
         return int(created["id"])
 
     def evaluate(self, jobset_id: int) -> dict[str, Any]:
-        started = self.ok("POST", "/api/v1/evaluations/trigger", {"jobset_id": jobset_id})
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            evaluation: dict[str, Any] = self.ok("GET", f"/api/v1/evaluations/{started['id']}")
-            if evaluation["status"] in FINISHED:
-                return evaluation
-            assert self.evaluator.alive(), self.evaluator.log()[-3000:]
-            time.sleep(0.3)
-        raise AssertionError(f"evaluation {started['id']} did not finish:\n"
-                             + self.evaluator.log()[-3000:])
+        return evaluate(self.ok, self.evaluator, jobset_id)
 
     def stored(self) -> str:
         """What the database holds about evaluations and their results, as text."""

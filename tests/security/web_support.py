@@ -4,7 +4,8 @@ app's routes as URLs filled with the ids of that build's objects."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,25 @@ from circus.common.nix.environment import nix_environ
 from circus.server.app import create_app
 from tests.api.live import ADMIN_KEY, LiveServer, live_server
 from tests.dashboard.factories import Rows
+from tests.helpers.daemons import Daemon
+
+FINISHED_EVALUATIONS = {"completed", "failed", "timed_out", "cancelled"}
+
+
+def evaluate(ok: Callable[..., Any], evaluator: Daemon, jobset_id: int) -> dict[str, Any]:
+    """Trigger ``jobset_id`` through ``ok`` (an API call raising on an error) and wait for
+    the evaluation a real circus-evaluator makes of it."""
+    started = ok("POST", "/api/v1/evaluations/trigger", {"jobset_id": jobset_id})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        evaluation: dict[str, Any] = ok("GET", f"/api/v1/evaluations/{started['id']}")
+        if evaluation["status"] in FINISHED_EVALUATIONS:
+            return evaluation
+        assert evaluator.alive(), evaluator.log()[-3000:]
+        time.sleep(0.3)
+    raise AssertionError(f"evaluation {started['id']} did not finish:\n"
+                         + evaluator.log()[-3000:])
+
 
 PASSWORD = "security-password-0123"
 OUTSIDER_KEY = "outsider-eval-jobset-key-0123456789"
