@@ -86,7 +86,17 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:
     notify = settings.notifications
+    ldap = settings.server.ldap
+    directory = {
+        # roles and API keys of LDAP users follow the directory between their logins
+        "ldap-sync": {
+            "task": messaging.LDAP_SYNC_TASK,
+            "schedule": timedelta(seconds=ldap.sync_interval),
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": ldap.sync_interval},
+        },
+    } if ldap.enabled and ldap.sync_interval else {}
     return {
+        **directory,
         "evaluator-tick": {
             "task": messaging.EVALUATOR_TICK_TASK,
             "schedule": timedelta(seconds=settings.evaluator.poll_interval),

@@ -17,6 +17,8 @@ Outcomes are Circus errors: wrong password or no such entry → ``Unauthenticate
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ldap
@@ -86,6 +88,52 @@ def group_role(conn: Any, config: LdapSettings, entry_dn: str, username: str) ->
         if normalise_dn(group) in member_of:
             return role
     return config.default_role
+
+
+@dataclass(frozen=True)
+class DirectoryEntry:
+    """What the directory says of a user now (:func:`read_users`)."""
+
+    exists: bool
+    #: the role its groups grant (``group_roles``); None without ``group_roles``
+    role: Role | None = None
+
+
+def read_users(config: LdapSettings, users: Sequence[tuple[str, str]]
+               ) -> dict[str, DirectoryEntry]:
+    """Each ``(entry DN, username)``'s entry and groups as the directory holds them now,
+    read as the service account (``bind_dn``) or anonymously, by DN. A DN the directory
+    cannot parse (a bind name such as ``alice@example.org``) is left out: nothing is
+    known of it. Raises :class:`Unavailable` when the directory does not answer."""
+    conn = connect(config)
+    try:
+        try:
+            if config.bind_dn and config.bind_password:
+                conn.simple_bind_s(config.bind_dn, config.bind_password)
+        except ldap.INVALID_CREDENTIALS as exc:
+            raise Unavailable("the directory refused Circus's service account "
+                              "(server.ldap.bind_dn and bind_password)") from exc
+        except ldap.LDAPError as exc:
+            raise _unavailable(exc) from exc
+        seen: dict[str, DirectoryEntry] = {}
+        for dn, username in users:
+            try:
+                found = conn.search_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", ["1.1"])
+            except ldap.NO_SUCH_OBJECT:
+                seen[dn] = DirectoryEntry(exists=False)
+                continue
+            except (ldap.INVALID_DN_SYNTAX, ldap.DECODING_ERROR):
+                continue
+            except ldap.LDAPError as exc:
+                raise _unavailable(exc) from exc
+            if not any(entry_dn for entry_dn, _ in found):
+                seen[dn] = DirectoryEntry(exists=False)
+                continue
+            seen[dn] = DirectoryEntry(exists=True, role=group_role(
+                conn, config, dn, username) if config.group_roles else None)
+        return seen
+    finally:
+        _unbind(conn)
 
 
 def find_user_dn(conn: Any, config: LdapSettings, username: str) -> str:

@@ -22,6 +22,7 @@ TASK_MODULES = (
     "circus.evaluator.tasks",
     "circus.queue_runner.tasks",
     "circus.cache.tasks",
+    "circus.auth.tasks",
     "circus.notifications.tasks",
 )
 

@@ -153,6 +153,11 @@ class LdapSettings(SettingsModel):
     group_search_base: str | None = None
     #: ``{dn}`` is the user's entry DN, ``{username}`` the login name (both escaped)
     group_filter: str = "(|(member={dn})(uniqueMember={dn})(memberUid={username}))"
+    #: seconds between re-reads of every LDAP user's entry and groups (as ``bind_dn``,
+    #: or anonymously): a role ``group_roles`` no longer grants is taken away, an entry
+    #: gone from the directory disables the user, and their API keys follow at once
+    #: (else only the user's next LDAP login would); 0: at login only
+    sync_interval: NonNegative = 300
 
     def problems(self) -> list[Problem]:
         found = []

@@ -27,6 +27,7 @@ WAKE_TASK = "circus.queue_runner.tasks.wake"
 GC_CLEANUP_TASK = "circus.queue_runner.tasks.gc_cleanup"
 #: beat: binary cache retention
 RETENTION_TASK = "circus.cache.tasks.retention"
+LDAP_SYNC_TASK = "circus.auth.tasks.sync_ldap"
 #: deliver one notification attempt (arguments: task id, attempt)
 DELIVER_TASK = "circus.notifications.tasks.deliver"
 #: beat: build events -> notification tasks; due retries; old finished tasks
