@@ -135,6 +135,11 @@ def test_builders_builds_notifications_config(server: LiveServer, tmp_path: Path
     assert json.loads(ok(server, "--json", "notifications", "list")) == []
     config = json.loads(ok(server, "--json", "config", "get"))
     assert config["config"]["server"]["secret_key"] == "<redacted>"
+    # for people: a header line, then the settings indented one per line
+    header, _, shown = ok(server, "config", "get").partition("\n")
+    assert header.startswith("# config file: ")
+    assert json.loads(shown) == config["config"]
+    assert len(shown.splitlines()) > 20
     bad = admin(server, "config", "apply", "/dev/null")
     assert bad.returncode == 5
     assert "disabled" in bad.stderr

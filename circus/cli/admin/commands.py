@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -330,7 +331,14 @@ def audit(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 def config(args: argparse.Namespace, client: Client, out: Output) -> int:
     if args.action == "get":
-        out.data(client.get("/api/v1/admin/config"))
+        found = client.get("/api/v1/admin/config")
+        if out.as_json:
+            out.data(found)
+        else:
+            # the settings indented, one per line (as a record they were one long line)
+            out.message(f"# config file: {found.get('config_file') or '(none)'}; editable "
+                        f"over the API: {'yes' if found.get('editable') else 'no'}")
+            out.data(json.dumps(found.get("config"), indent=2, default=str))
     elif args.action == "apply":
         result = client.put("/api/v1/admin/config", {"toml": Path(args.file).read_text()})
         if out.as_json:
