@@ -8,7 +8,8 @@ One ``before_request`` hook compares ``request.args`` with what the route declar
 through ``@blp.arguments(..., location="query")``, which is also what the OpenAPI
 document lists: routes that declare nothing accept nothing. It runs after the app's
 own hooks (authentication guards, rate limits), before the view, so a refused request
-reads nothing and changes nothing.
+reads nothing and changes nothing. A view that reads ``request.args`` itself must
+declare those arguments in a query schema (it would get none through otherwise).
 """
 
 from __future__ import annotations
