@@ -17,6 +17,7 @@ from circus.server.api import (
     evaluations,
     misc,
     projects,
+    queryargs,
     users,
     webhooks,
     workers,
@@ -53,7 +54,9 @@ def spec_options() -> dict[str, Any]:
                                 "`cursor` (as fast on the last page as on the first, unlike "
                                 "`offset`, which is walked: deep offsets cost more, except "
                                 "on the builds of all projects or of one). "
-                                "Errors answer `{error, details}`."},
+                                "Errors answer `{error, details}`. A query argument the "
+                                "route does not list is a 400 naming it and the accepted "
+                                "ones (never ignored)."},
         "components": {"securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer",
                        "description": "an API key created with POST /api/v1/api-keys"},
@@ -86,4 +89,5 @@ def init_app(app: Flask) -> CircusApi:
     api.spec.components.schema("Login", schema=LoginSchema)
     for blp in BLUEPRINTS:
         api.register_blueprint(blp)
+    queryargs.init_app(app, [blp.name for blp in BLUEPRINTS])
     return api
