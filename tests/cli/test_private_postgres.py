@@ -5,9 +5,13 @@ cluster whose owner is gone, and ``remove`` takes it wherever it is."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 
+import pytest
+
+from circus.cli.up import Instance
 from circus.common.localservices import FALLBACK_ROOT, PrivatePostgres, orphaned_clusters
 
 
@@ -53,3 +57,29 @@ def test_orphaned_clusters_skips_the_unknown_and_the_owned(tmp_path: Path) -> No
     (gone / "OWNER").write_text(f"{tmp_path / 'removed' / 'postgres'}\n")
     # made before OWNER was written: whose it is cannot be told, so it is not reported
     assert orphaned_clusters(tmp_path) == [(gone, tmp_path / "removed" / "postgres")]
+
+
+def test_circus_up_names_a_cluster_whose_state_directory_is_gone(
+        up_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(up_root)   # no circus.toml of the checkout's
+    gone = up_root / "removed-state" / "postgres"
+    orphan = FALLBACK_ROOT / f"postgres-test-{secrets.token_hex(6)}"
+    (orphan / "data").mkdir(parents=True)
+    (orphan / "OWNER").write_text(f"{gone}\n")
+    (orphan / "data" / "PG_VERSION").write_text("15\n" * 1000)
+    instance = Instance(up_root / "state", {"CIRCUS_BROKER__URL": "redis://127.0.0.1:1/0"})
+    try:
+        instance.prepare()
+        printed = capsys.readouterr().out
+        assert (f"note: {orphan} (0 MiB) is the PostgreSQL cluster of {gone}, which is gone; "
+                f"remove it (rm -rf {orphan}) unless that directory comes back") in printed
+        # reported, never removed: the directory may come back (a file system not mounted)
+        assert orphan.exists()
+        # this instance's own cluster is reachable here: inside its state directory
+        assert instance.postgres is not None
+        assert not instance.postgres.outside
+        assert "its data lives in" not in printed
+    finally:
+        instance.stop()
+        shutil.rmtree(orphan, ignore_errors=True)
