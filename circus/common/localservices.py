@@ -70,6 +70,16 @@ def _chown_to_postgres(path: Path) -> None:
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+def _write_note(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` in a directory the postgres user owns, as a new file:
+    never through a symlink or onto a file it put there (root writes it; the postgres
+    user must not be able to turn that into a write of root's elsewhere)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as note:
+        note.write(text)
+
+
 def _postgres_can_reach(path: Path) -> bool:
     if os.geteuid() != 0:
         return True
@@ -148,16 +158,16 @@ class PrivatePostgres:
         if not _postgres_can_reach(self.directory):
             fallback = self._fallback_home()
             self._locate(fallback)
-            (self.directory / "LOCATION").write_text(
-                f"PostgreSQL data lives in {fallback}: the postgres user cannot reach "
-                f"{self.directory}\n")
+            _write_note(self.directory / "LOCATION",
+                        f"PostgreSQL data lives in {fallback}: the postgres user cannot reach "
+                        f"{self.directory}\n")
         for path in (self.home, self.socket_dir):
             path.mkdir(parents=True, exist_ok=True)
             _chown_to_postgres(path)
         if self.outside:
             # the way back: whose cluster this is, once that directory is gone
             # (orphaned_clusters)
-            (self.home / "OWNER").write_text(f"{self.directory}\n")
+            _write_note(self.home / "OWNER", f"{self.directory}\n")
         if not _postgres_can_reach(self.home):
             raise ServiceError(
                 f"the postgres user cannot reach {self.home}; choose a state directory "
