@@ -387,9 +387,10 @@ def main() -> int:
     finally:
         if daemon is not None:
             daemon.stop()
-        postgres.stop()
         if args.data is None:
-            shutil.rmtree(postgres.directory, ignore_errors=True)
+            postgres.remove()
+        else:
+            postgres.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

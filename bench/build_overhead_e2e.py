@@ -59,7 +59,7 @@ from circus.common.db import normalise_url
 from circus.common.enums import EvaluationStatus
 from circus.common.localservices import PrivatePostgres
 from circus.common.statussql import UNFINISHED
-from tests.helpers.circus_up import Client, start
+from tests.helpers.circus_up import Client, remove_instance, start
 from tests.helpers.daemons import Daemon
 from tests.helpers.net import free_port
 
@@ -503,6 +503,10 @@ def run(dag: str, shape: dict[str, int], rounds: int, env: dict[str, str],
         if keep_state:
             print(f"state kept in {root}")
         else:
+            # the clusters too, which live outside ``root`` when BENCH_TMPDIR is out of the
+            # postgres user's reach (/var/lib/circus/postgres-<digest>)
+            for instance in instances.values():
+                remove_instance(instance.state)
             shutil.rmtree(root, ignore_errors=True)
     print(f"\nnix-build -j2: median {statistics.median(b for b, _, _ in rows):.2f} s, "
           f"CPU seconds median {statistics.median(c for _, c, _ in rows):.1f}")

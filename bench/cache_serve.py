@@ -425,8 +425,7 @@ def main() -> int:
         for daemon in daemons:
             daemon.stop()
         if postgres is not None:
-            postgres.stop()
-            subprocess.run(["rm", "-rf", str(postgres.directory)], check=False)
+            postgres.remove()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import statistics
 import sys
 import tempfile
@@ -76,8 +75,7 @@ def database() -> Iterator[str]:
     try:
         yield server.url("postgres")
     finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+        server.remove()
 
 
 def fill(engine: Engine, project: str, jobs: int) -> int:

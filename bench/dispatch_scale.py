@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import threading
 import time
@@ -283,8 +282,7 @@ def main() -> int:
               f"{'ok' if gap_p99 < TARGET_P99_S else 'MISSED'}", flush=True)
         return 0
     finally:
-        postgres.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+        postgres.remove()
 
 
 if __name__ == "__main__":

@@ -354,8 +354,7 @@ def main(argv: list[str]) -> int:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
         if server is not None:
-            server.stop()
-            subprocess.run(["rm", "-rf", str(server.directory)], check=False)
+            server.remove()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 

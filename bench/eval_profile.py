@@ -20,7 +20,6 @@ import os
 import pstats
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -178,8 +177,7 @@ def main(argv: list[str]) -> int:
             (threads: the stand-in's stderr reader runs the walker's line handler, the
             job-sink thread reads .drv files and runs the import)"""))
     finally:
-        server.stop()
-        subprocess.run(["rm", "-rf", str(server.directory)], check=False)
+        server.remove()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 

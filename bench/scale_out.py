@@ -150,6 +150,9 @@ def main(argv: list[str]) -> int:
         return 2
     nix_env = nix_environ([])
     state = Path(tempfile.mkdtemp(prefix="circus-scale-out-", dir="/tmp"))
+    # the postgres user must reach its data directory: else the cluster lives in
+    # /var/lib/circus/postgres-<digest>, which the rmtree below never removed
+    state.chmod(0o755)
     expr = state / "sleepers.nix"
     expr.write_text(SLEEPERS)
     instance = Instance(state, {})

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from circus.common.localservices import PrivatePostgres  # noqa: E402
-from tests.helpers.circus_up import Client, start  # noqa: E402
+from tests.helpers.circus_up import Client, remove_instance, start  # noqa: E402
 from tests.helpers.net import free_port  # noqa: E402
 
 FLAKE = r"""{
@@ -168,6 +168,7 @@ def main() -> int:
         return 0 if len(rows) == expected and all(r[3] for r in rows) else 1
     finally:
         up.stop(timeout=90)
+        remove_instance(state)   # what a failed stop left running, and the cluster
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -49,8 +49,7 @@ def private_postgres_server(kind: str) -> Iterator[PrivatePostgres]:
     try:
         yield server
     finally:
-        server.stop()
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
+        server.remove()
 
 
 @pytest.fixture(scope="session")
@@ -191,6 +190,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     # stable: each file's tests stay together and in order (module-scoped daemons)
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+@pytest.fixture
+def up_root(tmp_path: Path) -> Iterator[Path]:
+    """A directory for ``circus up`` state directories, reachable by the postgres user
+    (each cluster lives inside its state directory); every instance in it is stopped
+    and removed afterwards, their daemon logs kept in ``tmp_path``
+    (tests.helpers.circus_up.instance_root)."""
+    from tests.helpers.circus_up import instance_root
+
+    with instance_root("up", keep_logs_in=tmp_path) as root:
+        yield root
 
 
 # ---------------------------------------------------------------------------

@@ -34,7 +34,13 @@ from circus.cache.publish import signing_key
 from circus.cli.supervise import CrashLoop, Supervisor
 from circus.common.config import ConfigError, Settings, load_settings
 from circus.common.configbase import deep_merge, env_overrides, read_toml
-from circus.common.localservices import PrivatePostgres, PrivateRedis, ServiceError
+from circus.common.localservices import (
+    PrivatePostgres,
+    PrivateRedis,
+    ServiceError,
+    orphaned_clusters,
+    tree_size,
+)
 
 DEMO_SOURCE = Path(__file__).resolve().parents[2] / "examples" / "demo"
 DAEMONS = ("circus-server", "circus-evaluator", "circus-queue-runner")
@@ -160,7 +166,14 @@ class Instance:
         if not is_set(raw, "database.url"):
             self.postgres = PrivatePostgres(state / "postgres")
             print(f"starting private PostgreSQL in {self.postgres.directory}", flush=True)
+            for home, owner in orphaned_clusters():
+                print(f"note: {home} ({tree_size(home) >> 20} MiB) is the PostgreSQL "
+                      f"cluster of {owner}, which is gone; remove it (rm -rf {home}) "
+                      "unless that directory comes back", flush=True)
             self.postgres.start()
+            if self.postgres.outside:
+                print(f"  its data lives in {self.postgres.home} (the postgres user cannot "
+                      f"reach {state}): remove it too when you remove {state}", flush=True)
             self.postgres.create_database("circus")
             env[env_name("database.url")] = self.postgres.url("circus")
         if not is_set(raw, "broker.url"):

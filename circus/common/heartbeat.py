@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 #: a daemon whose heartbeat is older than this is reported stale
 STALE_AFTER = timedelta(seconds=60)
+#: the heartbeat kind of queue runners and remote Celery workers; their details name
+#: the build slots of their own (``workers``, ``capabilities``)
+QUEUE_RUNNER_KIND = "queue-runner"
 
 
 def beat(session: Session, kind: str, details: dict[str, Any] | None = None,

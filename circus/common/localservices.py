@@ -22,6 +22,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 POSTGRES_USER = "postgres"
+#: where a cluster lives when the postgres user cannot reach the requested directory
+FALLBACK_ROOT = Path("/var/lib/circus")
 
 
 class ServiceError(RuntimeError):
@@ -68,6 +70,16 @@ def _chown_to_postgres(path: Path) -> None:
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+def _write_note(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` in a directory the postgres user owns, as a new file:
+    never through a symlink or onto a file it put there (root writes it; the postgres
+    user must not be able to turn that into a write of root's elsewhere)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as note:
+        note.write(text)
+
+
 def _postgres_can_reach(path: Path) -> bool:
     if os.geteuid() != 0:
         return True
@@ -101,7 +113,13 @@ class PrivatePostgres:
         from the requested directory, so the next start finds the same cluster.
         """
         digest = hashlib.sha256(str(self.directory).encode()).hexdigest()[:16]
-        return Path("/var/lib/circus") / f"postgres-{digest}"
+        return FALLBACK_ROOT / f"postgres-{digest}"
+
+    @property
+    def outside(self) -> bool:
+        """The cluster lives elsewhere (``home``): removing ``directory`` (the state
+        directory) leaves it behind, 50 MB or more."""
+        return not self.home.is_relative_to(self.directory)
 
     def url(self, database: str = "postgres") -> str:
         host = quote(str(self.socket_dir), safe="")
@@ -140,12 +158,16 @@ class PrivatePostgres:
         if not _postgres_can_reach(self.directory):
             fallback = self._fallback_home()
             self._locate(fallback)
-            (self.directory / "LOCATION").write_text(
-                f"PostgreSQL data lives in {fallback}: the postgres user cannot reach "
-                f"{self.directory}\n")
+            _write_note(self.directory / "LOCATION",
+                        f"PostgreSQL data lives in {fallback}: the postgres user cannot reach "
+                        f"{self.directory}\n")
         for path in (self.home, self.socket_dir):
             path.mkdir(parents=True, exist_ok=True)
             _chown_to_postgres(path)
+        if self.outside:
+            # the way back: whose cluster this is, once that directory is gone
+            # (orphaned_clusters)
+            _write_note(self.home / "OWNER", f"{self.directory}\n")
         if not _postgres_can_reach(self.home):
             raise ServiceError(
                 f"the postgres user cannot reach {self.home}; choose a state directory "
@@ -178,6 +200,14 @@ class PrivatePostgres:
         if self.data_dir.exists():
             self._pg_ctl("stop", "-m", "fast", "-w", "-t", "30")
 
+    def remove(self) -> None:
+        """Stop the cluster and delete it with ``directory``, wherever it lives (the
+        fallback home outside it too)."""
+        self.stop()
+        self._wait_for_killed_postmaster()
+        for path in (self.home, self.directory):
+            shutil.rmtree(path, ignore_errors=True)
+
     def create_database(self, name: str) -> None:
         psql = shutil.which("psql") or str(pg_bindir() / "psql")
         exists = subprocess.run(
@@ -189,6 +219,46 @@ class PrivatePostgres:
                 [psql, "-h", str(self.socket_dir), "-p", str(self.port), "-U", POSTGRES_USER,
                  "-d", "postgres", "-c", f'CREATE DATABASE "{name}"'],
                 capture_output=True, text=True, check=True)
+
+
+def orphaned_clusters(root: Path = FALLBACK_ROOT) -> list[tuple[Path, Path]]:
+    """(cluster, former directory) of the fallback clusters under ``root`` whose
+    directory no longer points at them (its ``LOCATION`` note is gone: the state
+    directory was removed) and whose postmaster is not running.
+
+    Only reported, never removed here: a state directory on a file system that is not
+    mounted yet looks the same. A cluster made before ``OWNER`` was written is unknown.
+    """
+    found = []
+    for home in sorted(root.glob("postgres-*")):
+        try:
+            owner = Path((home / "OWNER").read_text().strip())
+        except OSError:
+            continue
+        if (owner / "LOCATION").exists() or _postmaster_alive(home / "data"):
+            continue
+        found.append((home, owner))
+    return found
+
+
+def _postmaster_alive(data_dir: Path) -> bool:
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path``."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 class PrivateRedis:

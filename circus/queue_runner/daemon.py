@@ -34,7 +34,7 @@ from circus.common import rollups
 from circus.common.celery import create_celery_app
 from circus.common.config import Settings
 from circus.common.db import in_transaction, make_engine, make_session_factory
-from circus.common.heartbeat import HeartbeatThread
+from circus.common.heartbeat import QUEUE_RUNNER_KIND, HeartbeatThread
 from circus.queue_runner.builds import gcroots
 from circus.queue_runner.builds.postprocess import PostProcessor
 from circus.queue_runner.derivations import DrvCache
@@ -44,7 +44,7 @@ from circus.queue_runner.routing.capabilities import Capabilities, local_capabil
 from circus.queue_runner.routing.wakeups import Publish, WakeupPublisher, publish_after_commit
 from circus.queue_runner.ssh.pool import SshBuilders
 from circus.queue_runner.steps.outcomes import FinishReport
-from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND, ReconcileReport, reconcile
+from circus.queue_runner.steps.reconciler import ReconcileReport, reconcile
 
 log = logging.getLogger(__name__)
 

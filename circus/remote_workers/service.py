@@ -49,7 +49,7 @@ from circus.common.config import Settings
 from circus.common.db import in_transaction
 from circus.common.enums import BuildStatus
 from circus.common.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
-from circus.common.heartbeat import STALE_AFTER, beat
+from circus.common.heartbeat import QUEUE_RUNNER_KIND, STALE_AFTER, beat
 from circus.common.nix import store
 from circus.common.nix.derivation import read_derivation
 from circus.common.nix.export import ExportRefused, verify_export
@@ -64,7 +64,6 @@ from circus.queue_runner.steps.holder import StepHolder
 from circus.queue_runner.steps.leases import ClaimOptions
 from circus.queue_runner.steps.logs import final_log, log_path_for
 from circus.queue_runner.steps.outcomes import FinishReport, StepOutcome
-from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND
 
 log = logging.getLogger(__name__)
 

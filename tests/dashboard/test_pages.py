@@ -221,6 +221,51 @@ def test_machines_page_shows_workers_agents_and_builders(as_viewer: Browser, row
         assert text in page, text
 
 
+def test_stats_counts_the_queue_runners_local_workers_as_machines(
+        as_admin: Browser, rows: Rows, world: World) -> None:
+    """A system built only by the queue runner's own slots (``circus up``) showed
+    "Machines 0" on /stats: only SSH builders and agents were counted. A queue runner (or
+    remote Celery worker) with a fresh heartbeat naming local capabilities counts once;
+    a stale one, or one without local workers (agents and SSH builders only), does not."""
+    from datetime import timedelta
+
+    from circus.common.models import BuilderSession, RemoteBuilder, ServiceHeartbeat
+    from circus.common.models.base import utcnow
+
+    now = utcnow()
+
+    def runner(name: str, systems: list[str], workers: int, age: timedelta
+               ) -> ServiceHeartbeat:
+        capabilities = [{"systems": systems, "supported_features": [],
+                         "mandatory_features": []}] if workers else []
+        return ServiceHeartbeat(service=f"queue-runner@{name}", kind="queue-runner",
+                                hostname=name, pid=1, version="0.1.0",
+                                started_at=now - timedelta(hours=1),
+                                last_heartbeat=now - age,
+                                details={"workers": workers, "capabilities": capabilities})
+
+    rows.db.add_all([
+        runner("local", ["local-linux", "both-linux"], 4, timedelta(seconds=5)),
+        runner("gone", ["local-linux", "stale-linux"], 4, timedelta(hours=1)),
+        runner("gateway", ["local-linux"], 0, timedelta(seconds=5)),
+        BuilderSession(machine_id="m-1", name="agent-1", hostname="a", systems=["both-linux"],
+                       supported_features=[], mandatory_features=[], proto_version=1,
+                       connected=True, max_jobs=2, current_jobs=0, last_seen=now),
+        RemoteBuilder(name="ssh-1", ssh_uri="ssh://ssh-1", systems=["both-linux"],
+                      supported_features=[], mandatory_features=[], max_jobs=1),
+    ])
+    rows.db.commit()
+    page = re.sub(r"\s+", " ", html(as_admin.get("/stats")))
+    machines = dict(re.findall(r'<tr><td>([a-z-]+)</td>(?:<td class="num">\d+</td>){4}'
+                               r'<td class="num">(\d+)</td></tr>', page))
+    assert machines.get("local-linux") == "1", page
+    assert machines.get("both-linux") == "3", page
+    assert "stale-linux" not in machines
+    api = as_admin.get("/api/v1/metrics/systems").get_json()["systems"]
+    assert {s["system"]: s["machines"] for s in api if s["system"].endswith("-linux")
+            and s["system"] != "x86_64-linux"} == {"local-linux": 1, "both-linux": 3}
+
+
 def test_compare_with_the_previous_evaluation(as_admin: Browser, world: World) -> None:
     page = html(as_admin.get(f"/eval/{world.evaluation.id}?compare={world.old.id}"))
     assert "5 new, 1 removed, 0 changed, 1 unchanged jobs." in page

@@ -26,9 +26,9 @@ from tests.helpers.net import free_port
 pytestmark = pytest.mark.slow
 
 
-def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(tmp_path: Path) -> None:
-    root = Path(tmp_path)
-    root.chmod(0o755)
+def test_circus_up_supervises_its_daemons_and_never_leaves_orphans(up_root: Path) -> None:
+    # up_root removes the instance (and its PostgreSQL cluster) afterwards
+    root = up_root
     state = root / "state"
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -66,7 +66,14 @@ from circus.common.db import normalise_url
 from circus.common.localservices import PrivatePostgres
 from tests.agents.conftest import TOKEN_DIGEST, write_agent_config
 from tests.helpers.audit import finish_counts, install_finish_audit
-from tests.helpers.circus_up import Client, alive, health_ok, pids_of, start
+from tests.helpers.circus_up import (
+    Client,
+    alive,
+    health_ok,
+    pids_of,
+    remove_instance,
+    start,
+)
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 from tests.helpers.gitrepo import GitRepo
 from tests.helpers.net import free_port
@@ -477,11 +484,17 @@ def instance(tmp_path_factory: pytest.TempPathFactory,
         agents.close()   # the agents stop, then their hosts go
         if up is not None:
             up.stop(timeout=60)
-        # the daemons' logs outlive the instance, for a failed run
-        shutil.copytree(state / "daemon-logs", output / "daemon-logs", dirs_exist_ok=True)
+        # the daemons' logs outlive the instance, for a failed run (one that failed
+        # before circus up made them must still remove the rest)
+        (output / "daemon-logs").mkdir(exist_ok=True)
+        if (state / "daemon-logs").is_dir():
+            shutil.copytree(state / "daemon-logs", output / "daemon-logs", dirs_exist_ok=True)
         for log in (root / "agents").glob("*/*.log"):
             shutil.copy(log, output / "daemon-logs" / log.name)
         subprocess.run(["umount", "-l", str(log_dir)], check=False)
+        # what a failed stop left running goes too (rmtree alone leaves a PostgreSQL
+        # running on deleted files)
+        remove_instance(state)
         shutil.rmtree(root, ignore_errors=True)
 
 

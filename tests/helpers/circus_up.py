@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
-from circus.common.localservices import PrivatePostgres
+from circus.common.localservices import PrivatePostgres, PrivateRedis
 from tests.helpers.daemons import Daemon, circus_command, wait_until
 
 
@@ -106,12 +110,50 @@ def postgres_home(state: Path) -> Path:
     return PrivatePostgres(state / "postgres").home
 
 
-def remove_outside_postgres(state: Path) -> None:
-    """Delete the stopped instance's PostgreSQL cluster when it lives outside ``state``
-    (/var/lib/circus/postgres-<digest>, for a state under pytest's 0700 base): 50 MB that
-    nothing else removes."""
-    import shutil
+def remove_instance(state: Path) -> None:
+    """Remove everything of the ``circus up`` instance on ``state``: stop what it left
+    running (pg_ctl's PostgreSQL outlives a kill -9 of ``circus up``; Redis too), then
+    delete its PostgreSQL cluster wherever it lives (/var/lib/circus/postgres-<digest>
+    when the postgres user cannot reach ``state``, 50 MB that nothing else removes) and
+    the state directory."""
+    redis = PrivateRedis(state / "redis")
+    try:
+        pid = int(redis.pid_file.read_text().strip())
+        # a pid file left by a kill -9 may name another process by now
+        if str(redis.socket).encode() + b"\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+    PrivatePostgres(state / "postgres").remove()
+    shutil.rmtree(state, ignore_errors=True)
 
-    home = postgres_home(state)
-    if not home.is_relative_to(state):
-        shutil.rmtree(home, ignore_errors=True)
+
+@contextmanager
+def removed_afterwards(*states: Path) -> Iterator[None]:
+    """``remove_instance`` of each state directory when the block ends, however."""
+    try:
+        yield
+    finally:
+        for state in states:
+            remove_instance(state)
+
+
+@contextmanager
+def instance_root(name: str, keep_logs_in: Path | None = None) -> Iterator[Path]:
+    """A directory for ``circus up`` state directories that the postgres user can reach
+    (under /tmp, 0755; pytest's base directory is 0700), so that each instance's cluster
+    lives inside its state directory. Afterwards every instance in it is removed
+    (``remove_instance``), then the directory; the daemons' logs are copied to
+    ``keep_logs_in`` first (pytest's tmp_path, kept for a failed run)."""
+    root = Path(tempfile.mkdtemp(prefix=f"circus-{name}-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        for state in sorted({lock.parent for lock in root.glob("*/circus-up.lock")}
+                            | {p.parent for p in root.glob("*/postgres")}):
+            if keep_logs_in is not None and (state / "daemon-logs").is_dir():
+                shutil.copytree(state / "daemon-logs",
+                                keep_logs_in / f"{state.name}-daemon-logs", dirs_exist_ok=True)
+            remove_instance(state)
+        shutil.rmtree(root, ignore_errors=True)

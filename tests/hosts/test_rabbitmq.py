@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -42,11 +41,11 @@ def two_job_flake(nonce: str) -> str:
 """
 
 
-def test_a_build_triggered_over_the_api_runs_on_a_rabbitmq_broker(rabbitmq: RabbitNode
-                                                                  ) -> None:
-    # /tmp: reachable by the postgres user of circus up's private cluster
-    root = Path(f"/tmp/circus-rabbit-e2e-{secrets.token_hex(4)}")
-    root.mkdir(mode=0o755)
+def test_a_build_triggered_over_the_api_runs_on_a_rabbitmq_broker(rabbitmq: RabbitNode,
+                                                                  up_root: Path) -> None:
+    # up_root: reachable by the postgres user of circus up's private cluster; the
+    # instance is removed afterwards, its daemon logs kept in tmp_path
+    root = up_root
     state = root / "state"
     repo = GitRepo(state / "demo-repo")
     repo.commit({"flake.nix": "{ outputs = { self }: { hydraJobs = { }; }; }\n"},
@@ -97,6 +96,4 @@ def test_a_build_triggered_over_the_api_runs_on_a_rabbitmq_broker(rabbitmq: Rabb
         code = up.process.wait(60)
         log_tail = "\n".join(p.read_text(errors="replace")[-3000:]
                              for p in (state / "daemon-logs").glob("*.log"))
-        if code == 0:
-            shutil.rmtree(root, ignore_errors=True)
     assert code == 0, log_tail

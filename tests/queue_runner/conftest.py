@@ -51,6 +51,9 @@ def runner_config(tmp_path: Path, database_url: str, redis_url: str
             "gc": {"gc_roots_dir": str(tmp_path / "gcroots")},
             # where a server roots the .drv files evaluators upload (never /var/lib)
             "evaluator": {"work_dir": str(tmp_path / "evaluator")},
+            # where the daemon publishes what it built: the default, /var/lib/circus/cache,
+            # filled up with every run's NARs
+            "cache": {"cache_dir": str(tmp_path / "cache")},
             "queue_runner": dict(TEST_RUNNER),
         }
         for section, values in overrides.items():

@@ -54,3 +54,31 @@ def test_a_derivation_cannot_connect_to_the_private_database_or_broker(tmp_path:
         redis.stop()
         postgres.stop()
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_the_postgres_user_cannot_make_root_write_through_the_owner_note(
+        tmp_path: Path) -> None:
+    """A cluster whose directory the postgres user cannot reach lives in
+    /var/lib/circus/postgres-<digest>, owned by that user; root writes ``OWNER`` there at
+    each start. The postgres user replaces it by a symlink to a file of root's: the next
+    start writes a new note, never through the link."""
+    directory = tmp_path / "state" / "postgres"   # under pytest's 0700 base
+    postgres = PrivatePostgres(directory, durable=False)
+    postgres.start()
+    try:
+        postgres.stop()
+        assert postgres.outside
+        victim = tmp_path / "root-only"
+        victim.write_text("root's own\n")
+        note = postgres.home / "OWNER"
+        planted = subprocess.run(
+            ["runuser", "-u", "postgres", "--", "ln", "-sfn", str(victim), str(note)],
+            capture_output=True, text=True)
+        assert planted.returncode == 0, planted.stderr   # the attacker may do this
+        assert note.is_symlink()
+        postgres.start()
+        assert victim.read_text() == "root's own\n"
+        assert not note.is_symlink()
+        assert note.read_text() == f"{directory}\n"
+    finally:
+        postgres.remove()

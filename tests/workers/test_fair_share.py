@@ -7,8 +7,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from circus.common.heartbeat import beat
-from circus.queue_runner.steps.reconciler import QUEUE_RUNNER_KIND
+from circus.common.heartbeat import QUEUE_RUNNER_KIND, beat
 from circus.remote_workers.service import RemoteWorkers
 from tests.queue_runner.test_claims import CLS, add_step
 

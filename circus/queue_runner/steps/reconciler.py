@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
-from circus.common.heartbeat import STALE_AFTER
+from circus.common.heartbeat import QUEUE_RUNNER_KIND, STALE_AFTER
 from circus.common.statussql import dependencies_succeeded
 from circus.queue_runner.routing.capabilities import Capabilities, parse_queue_class
 from circus.queue_runner.steps.leases import expire_leases
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 #: pg_try_advisory_xact_lock key of the reconciler ("CQRR")
 RECONCILE_LOCK = 0x43515252
-QUEUE_RUNNER_KIND = "queue-runner"
 
 
 @dataclass

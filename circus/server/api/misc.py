@@ -87,7 +87,9 @@ def delete_news(news_id: int) -> ResponseReturnValue:
 @blp.get("/metrics/systems")
 @blp.response(200, SystemsMetricsSchema)
 def systems() -> Any:
-    """Per system: queued, running, succeeded and failed builds, and machines serving it."""
+    """Per system: queued, running, succeeded and failed builds, and machines serving it
+    (enabled SSH builders, connected agents, queue runners and remote workers with local
+    build slots and a fresh heartbeat)."""
     return {"systems": queries.systems_summary(db_session(), current_actor())}
 
 

@@ -18,6 +18,7 @@ from circus.auth.visibility import (
 )
 from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus
 from circus.common.errors import NotFound
+from circus.common.heartbeat import QUEUE_RUNNER_KIND, STALE_AFTER
 from circus.common.models import (
     Build,
     BuildCompletionHour,
@@ -33,9 +34,11 @@ from circus.common.models import (
     Project,
     ProjectCompletionHour,
     RemoteBuilder,
+    ServiceHeartbeat,
     Step,
     User,
 )
+from circus.common.models.base import utcnow
 from circus.common.models.builds import BUILD_ID_BLOCK
 from circus.evaluator.counts import loaded_status_counts, status_counts
 
@@ -318,7 +321,10 @@ def system_counts(session: Session) -> dict[str, int]:
 
 def systems_summary(session: Session, actor: Actor) -> list[dict[str, Any]]:
     """Per system: queued, running, succeeded and failed builds ``actor`` may see, and
-    machines serving it."""
+    machines serving it: enabled SSH builders, connected agents, and the queue runners
+    and remote Celery workers whose heartbeat is fresh and names build slots of their own
+    (the consumers the reconciler counts, ``live_consumers``). A system built only by
+    the queue runner's local workers (``circus up``) has one machine, not none."""
     # from the rollup the builds' triggers keep, not the builds
     rows = session.execute(only_visible(
         select(BuildStatusTotal.system, BuildStatusTotal.status,
@@ -340,6 +346,16 @@ def systems_summary(session: Session, actor: Actor) -> list[dict[str, Any]]:
         select(RemoteBuilder.systems).where(RemoteBuilder.enabled.is_(True)))]
     machines += [list(s) for s in session.scalars(
         select(BuilderSession.systems).where(BuilderSession.connected.is_(True)))]
+    fresh = utcnow() - STALE_AFTER
+    for details in session.scalars(select(ServiceHeartbeat.details).where(
+            ServiceHeartbeat.kind == QUEUE_RUNNER_KIND,
+            ServiceHeartbeat.last_heartbeat > fresh)):
+        # a queue runner without local workers (agents and SSH builders only) reports none
+        found = details.get("capabilities") if isinstance(details, dict) else None
+        for capabilities in found if isinstance(found, list) else []:
+            systems = capabilities.get("systems") if isinstance(capabilities, dict) else None
+            if isinstance(systems, list):
+                machines.append([s for s in systems if isinstance(s, str)])
     for systems_of_machine in machines:
         for system in systems_of_machine:
             entry(system)["machines"] += 1
