@@ -58,6 +58,34 @@ def kill_process_group(process: subprocess.Popen[bytes] | subprocess.Popen[str],
         pass
 
 
+@dataclass
+class BinaryResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+def run_binary(argv: Sequence[str], *, timeout: float | None = None,
+               env: Mapping[str, str] | None = None) -> BinaryResult:
+    """:func:`run` for a program whose output is bytes (a build log is not text)."""
+    process = subprocess.Popen(
+        killed_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(env) if env is not None else None,
+        start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(process)
+        stdout, stderr = process.communicate()
+        return BinaryResult(process.returncode, stdout, stderr, timed_out=True)
+    except BaseException:
+        kill_process_group(process)
+        process.wait()
+        raise
+    return BinaryResult(process.returncode, stdout, stderr)
+
+
 def run(
     argv: Sequence[str],
     *,
