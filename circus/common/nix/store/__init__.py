@@ -115,13 +115,8 @@ def build_log(drv_path: str, env: Mapping[str, str], timeout: float = TIMEOUT
     """The log Nix kept of the build of ``drv_path`` in this store (``nix-store
     --read-log``, ``keep-build-log``); None when it kept none (the outputs were
     substituted or imported, or never built here)."""
-    argv = ["nix-store", "--read-log", "--", *checked_paths([drv_path])]
+    argv = queries.build_log_argv(drv_path)
     done = process.run_binary(argv, env=env, timeout=timeout)
     if done.timed_out:
         raise queries.timed_out(argv, timeout)
-    if done.returncode != 0:
-        stderr = done.stderr.decode(errors="replace")
-        if "is not available" in stderr:
-            return None
-        raise queries.failed(argv, stderr)
-    return done.stdout
+    return queries.kept_log(argv, done.returncode, done.stdout, done.stderr)
