@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from circus.agent.upload import UploadFailed, upload_outputs
 from circus.common.nix.realise import Outcome, RealiseResult, realise
 from circus.common.nix.store import StoreError, dependency_order
-from circus.common.nix.store.aio import derivation_outputs, invalid_paths, path_infos
+from circus.common.nix.store.aio import build_log, derivation_outputs, invalid_paths, path_infos
 from circus.common.nix.transfer import Importer, export_chunks
 from circus.protocol import error_summary, schema
 from circus.protocol.limits import MAX_LOG_CHUNK
 
 log = logging.getLogger(__name__)
+
+#: the line before the log Nix kept of a build an earlier attempt made (:func:`_build`)
+KEPT_LOG_NOTE = (b"[circus: the outputs were already valid on this agent, built by an "
+                 b"earlier attempt; the build's log as Nix kept it follows]")
 
 #: how our outcomes travel on the wire
 WIRE_OUTCOME = {
@@ -173,6 +177,11 @@ async def _build(job: Job, assignment: Any, log_sink: Any, environment: JobEnvir
             await log_sink.write(bytes(pending))
             pending.clear()
 
+    # outputs already valid here: an earlier attempt on this agent built them, and its
+    # lines may have gone to a runner that died (kill -9 of the queue runner: the
+    # restarted one finds no log of that build); this attempt builds nothing
+    wanted = list(assignment.expectedOutputs)
+    built_before = bool(wanted) and not await invalid_paths(wanted, environment.nix_env)
     result: RealiseResult = await realise(
         job.drv_path, env=environment.nix_env,
         timeout=assignment.buildTimeout or None,
@@ -182,11 +191,26 @@ async def _build(job: Job, assignment: Any, log_sink: Any, environment: JobEnvir
         on_log=send_log, extra_args=environment.nix_args(list(assignment.extraNixArgs)),
         cores=environment.cores,
         cancel=job.cancel, output_paths=list(assignment.expectedOutputs))
+    if built_before and result.outcome in (Outcome.success, Outcome.failed_with_output):
+        await _send_kept_log(job, environment, send_log)
     try:
         await log_sink.close()
     except Exception:  # the log is best effort; the result is what counts
         log.warning("could not close the log of step %s", job.step_id, exc_info=True)
     return result
+
+
+async def _send_kept_log(job: Job, environment: JobEnvironment,
+                         send_log: Callable[[bytes], Awaitable[None]]) -> None:
+    """The log Nix kept of the build of the step's outputs, after a note: the step's log
+    on the runner then holds that build whatever became of the attempt that made it."""
+    try:
+        kept = await build_log(job.drv_path, environment.nix_env)
+    except StoreError as exc:
+        log.warning("step %s: could not read the log Nix kept: %s", job.step_id, exc)
+        return
+    if kept:
+        await send_log(KEPT_LOG_NOTE + b"\n" + kept + (b"" if kept.endswith(b"\n") else b"\n"))
 
 
 async def _deliver_outputs(job: Job, assignment: Any, output_sink: Any,

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from circus.agent.jobs import KEPT_LOG_NOTE
 from circus.common.nix.environment import nix_environ
 from circus.gateway.runtime import GatewayThread
 from circus.gateway.sinks import ReportedResult, make_sinks, wait_result
@@ -99,3 +100,28 @@ def test_failure_is_reported_with_its_log(gateway: GatewayThread, tmp_path: Path
     assert result.outputs == []
     assert "failed with exit code 7" in result.error_message
     assert f"about to fail {nonce}" in (tmp_path / "fail.log").read_text()
+
+
+def test_a_step_the_agent_built_before_gets_the_log_nix_kept(gateway: GatewayThread,
+                                                             tmp_path: Path, nonce: str) -> None:
+    """kill -9 of the queue runner: an agent's attempt may finish after its lines went to
+    the dead runner; given the step again, the agent finds the outputs valid and builds
+    nothing. The second attempt's log (a fresh file here: the first one's is lost)
+    still holds the build's lines, from the log Nix kept on the agent."""
+    drv = instantiate(
+        f'derivation {{ name = "again-{nonce[:8]}"; builder = "/bin/sh"; '
+        f'system = builtins.currentSystem; args = ["-c" "echo log of again {nonce}; '
+        f'echo done > $out"]; }}')
+    outputs = subprocess.run(["nix-store", "--query", "--outputs", drv], capture_output=True,
+                             text=True, env=nix_environ([]), check=True).stdout.split()
+    config = write_agent_config(tmp_path / "a3", gateway.port, name="again-agent")
+    with agent_in_own_store("agent", tmp_path / "a3", config):
+        wait_until(lambda: len(gateway.gateway.agents) == 1, timeout=20, message="agent up")
+        logs = [tmp_path / "first.log", tmp_path / "second.log"]
+        results = [gateway.call(assign(gateway, drv, path, expectedOutputs=outputs),
+                                timeout=90) for path in logs]
+    assert [r.outcome if r else None for r in results] == ["success", "success"]
+    first, second = (path.read_bytes() for path in logs)
+    assert f"log of again {nonce}".encode() in first
+    assert KEPT_LOG_NOTE not in first
+    assert second.endswith(KEPT_LOG_NOTE + f"\nlog of again {nonce}\n".encode())

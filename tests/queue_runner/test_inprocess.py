@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -11,8 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from circus.common.enums import BuildStatus
 from circus.common.errors import Conflict, NotFound
+from circus.queue_runner.local.worker import KEPT_LOG_NOTE
 from circus.queue_runner.service import bump_build, cancel_build, restart_build, set_keep
-from circus.queue_runner.steps.logs import read_log
+from circus.queue_runner.steps.logs import compress_file, log_path_for, read_log
 from tests.queue_runner.conftest import Driver
 from tests.queue_runner.factories import FIXTURES, add_constituents, instantiate, make_builds
 
@@ -197,3 +199,45 @@ def test_the_report_of_a_batch_claims_the_next_one(driver: Callable[..., Driver]
     assert set(statuses.values()) == {BuildStatus.succeeded}
     assert run.builder.stats["batches"] == 3
     assert run.builder.stats["claims"] == 2
+
+
+def test_a_step_built_while_no_attempt_followed_it_gets_the_log_nix_kept(
+        driver: Callable[..., Driver], committed_db: sessionmaker[Session],
+        nix_env: dict[str, str], nonce: str) -> None:
+    """``kill -9`` of the queue runner: its ``nix-store`` may still register a build's
+    outputs while the lines of that build die in the pipe with the reader (found by
+    tests/faults: a succeeded build without a log). Here Nix builds the steps outside
+    any worker; the next attempt finds the outputs valid and builds nothing: each step
+    still ends with the log of the build that made its outputs, once."""
+    run = driver()
+    drvs = instantiate(["base", "left", "right"], nonce, nix_env)
+    with committed_db() as session:
+        builds = make_builds(session, drvs)
+    run.step()
+    with committed_db() as session:
+        step_ids = dict(session.execute(text("SELECT drv_path, id FROM steps WHERE "
+                                             "drv_path = ANY(:d)"),
+                                        {"d": list(drvs.values())}).tuples().all())
+    log_dir = run.settings.logs.log_dir
+    paths = {job: log_path_for(log_dir, drv, step_ids[drv]) for job, drv in drvs.items()}
+    # left: the dead attempt's plain log has the first line only; right: the dead
+    # attempt's whole log, finalized (its outcome was never recorded)
+    paths["left"].parent.mkdir(parents=True, exist_ok=True)
+    paths["left"].write_bytes(b"[a line the dead attempt wrote]\n")
+    paths["right"].parent.mkdir(parents=True, exist_ok=True)
+    paths["right"].write_bytes(b"building right\n")
+    compress_file(paths["right"])
+    subprocess.run(["nix-store", "--realise", drvs["left"], drvs["right"]], env=nix_env,
+                   check=True, capture_output=True)
+
+    statuses = run.run([b.id for b in builds.values()])
+    assert set(statuses.values()) == {BuildStatus.succeeded}
+    with committed_db() as session:
+        logs = dict(session.execute(text("SELECT drv_path, log_path FROM steps "
+                                         "WHERE drv_path = ANY(:d)"),
+                                    {"d": list(drvs.values())}).tuples().all())
+    note = KEPT_LOG_NOTE.encode()
+    assert read_log(logs[drvs["base"]]) == note + b"\nbuilding base\n"
+    assert read_log(logs[drvs["left"]]) == \
+        b"[a line the dead attempt wrote]\n" + note + b"\nbuilding left\n"
+    assert read_log(logs[drvs["right"]]) == b"building right\n"

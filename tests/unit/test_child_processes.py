@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from circus.common.nix.process import killed_with_parent
+from circus.common.nix.process import PARENT_CHECK, killed_with_parent
 from tests.helpers.daemons import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +42,26 @@ def _children(parent: int, comm: str) -> list[int]:
 
 def test_argv_is_wrapped_in_setpriv() -> None:
     argv = killed_with_parent(["git", "fetch"])
-    assert argv[-3:] == ["--", "git", "fetch"]
     assert argv[1:3] == ["--pdeathsig", "KILL"]
+    assert argv[3:] == ["--", "/bin/sh", "-c", PARENT_CHECK, str(os.getpid()), "git", "fetch"]
+
+
+def test_a_child_whose_parent_died_before_the_death_signal_was_set_never_starts(
+        tmp_path: Path) -> None:
+    """The race setpriv leaves (found by tests/faults: a nix-store orphaned by kill -9 of
+    the queue runner built on): the caller dies after the fork, before the signal is
+    set, and the child's parent is someone else by the time it would exec. Made
+    deterministic by running argv made here from another process: the program must
+    not run, and the same argv run from here must."""
+    marker = tmp_path / "ran"
+    argv = killed_with_parent(["/bin/sh", "-c", 'echo ran > "$0"', str(marker)])
+    other = subprocess.run([sys.executable, "-c",
+                            "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))",
+                            *argv], check=False)
+    assert other.returncode != 0
+    assert not marker.exists()
+    assert subprocess.run(argv, check=False).returncode == 0
+    assert marker.read_text() == "ran\n"
 
 
 @pytest.mark.parametrize("how", ["process.run", "proc.stream"])

@@ -43,11 +43,23 @@ def killed_with_parent(argv: Sequence[str], death_signal: str = "KILL") -> list[
     (Nix's ``startProcess`` does, nix-eval-jobs' workers included).
     (``localservices.die_with_parent`` is the in-process form, SIGTERM so a daemon can
     stop cleanly: ``circus up``'s daemons, and the evaluator's forked Celery beat.)
+
+    The signal is set after the fork: a caller killed in between sends none, and the
+    program would run on, orphaned (a ``nix-store`` started as the queue runner was
+    killed built its batch on, the build's lines lost in a pipe nobody read). So
+    ``setpriv`` runs a shell that starts the program only while the caller is still
+    its parent (:data:`PARENT_CHECK`); argv must be run by the process that asked.
     """
     setpriv = _setpriv()
     if setpriv is None:
         return list(argv)
-    return [setpriv, "--pdeathsig", death_signal, "--", *argv]
+    return [setpriv, "--pdeathsig", death_signal, "--", "/bin/sh", "-c", PARENT_CHECK,
+            str(os.getpid()), *argv]
+
+
+#: run once the death signal is set, with the caller's pid as ``$0``: a parent that is
+#: not the caller any more (it died before the signal was set) means exit, not exec
+PARENT_CHECK = 'test "$PPID" = "$0" && exec "$@"'
 
 
 def kill_process_group(process: subprocess.Popen[bytes] | subprocess.Popen[str],
@@ -56,6 +68,34 @@ def kill_process_group(process: subprocess.Popen[bytes] | subprocess.Popen[str],
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+@dataclass
+class BinaryResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+def run_binary(argv: Sequence[str], *, timeout: float | None = None,
+               env: Mapping[str, str] | None = None) -> BinaryResult:
+    """:func:`run` for a program whose output is bytes (a build log is not text)."""
+    process = subprocess.Popen(
+        killed_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(env) if env is not None else None,
+        start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(process)
+        stdout, stderr = process.communicate()
+        return BinaryResult(process.returncode, stdout, stderr, timed_out=True)
+    except BaseException:
+        kill_process_group(process)
+        process.wait()
+        raise
+    return BinaryResult(process.returncode, stdout, stderr)
 
 
 def run(

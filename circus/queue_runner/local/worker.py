@@ -59,6 +59,10 @@ from circus.queue_runner.steps.reconciler import live_consumer_slots
 
 log = logging.getLogger(__name__)
 
+#: the line before a build's log as Nix kept it (:meth:`_Batch._add_kept_log`)
+KEPT_LOG_NOTE = ("[circus: the outputs were built by an earlier attempt that ended before "
+                 "its log was whole; the build's log as Nix kept it follows]")
+
 #: finished steps are reported together when they end within this window. A batch's
 #: last step is reported at once (or when Nix exits), so the window delays only steps whose
 #: dependents are mostly in the same batch (look-ahead); one transaction per step
@@ -592,10 +596,29 @@ class _Batch:
             self._flush()
 
     def _finished_valid(self, target: Target, at: float) -> None:
+        if target.drv_path not in self.started:
+            self._add_kept_log(target)
         result = read_output_result(target.outputs)
         status = BuildStatus.failed_with_output if result.failed_marker else \
             BuildStatus.succeeded
         self._add(target, status, result, None, None, at)
+
+    def _add_kept_log(self, target: Target) -> None:
+        """Nix built nothing for ``target`` this time, yet its outputs are valid. When an
+        earlier attempt built them here and died before its log had all of the build
+        (``kill -9`` of the queue runner: its ``nix-store`` finishes what it registers,
+        and the lines still in the pipe die with the reader), the log Nix kept of that
+        build goes into the step's log: the step is never done without the log of the
+        build that made its outputs."""
+        assert self.run_ is not None
+        try:
+            kept = store.build_log(target.drv_path, self.options.env)
+        except store.StoreError as exc:
+            log.warning("could not read the log Nix kept of %s: %s", target.drv_path, exc)
+            return
+        if kept is not None and self.run_.logs[target.drv_path].add_kept(kept, KEPT_LOG_NOTE):
+            log.info("%s: the log of its build came from Nix (no attempt had all of it)",
+                     target.drv_path)
 
     def _add_abort(self, target: Target, error: str, at: float) -> None:
         self._add(target, BuildStatus.aborted, None, None, error, at)

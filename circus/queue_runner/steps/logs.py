@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 TRUNCATED_MARKER = b"\n[circus: log truncated: the build exceeded the log size limit]\n"
 
 
+#: bytes of the end of Nix's kept log looked for in the step's log (its lines arrive in
+#: order: when the end is there, so is the rest)
+KEPT_END = 4096
+
+
 def log_path_for(log_dir: str | Path, drv_path: str, step_id: int) -> Path:
     base = os.path.basename(drv_path)
     return Path(log_dir) / base[:2] / f"{base}-{step_id}.log"
@@ -109,6 +114,21 @@ class StepLog:
             except OSError as exc:
                 self._failed(exc)
 
+    def add_kept(self, kept: bytes, note: str) -> bool:
+        """Append ``kept``, the log Nix kept of a build no attempt of this step followed
+        to its end, after ``note``, unless the step's log holds its end already; returns
+        whether it was added (counted against the limit like the builder's own bytes)."""
+        end = kept.rstrip(b"\n")[-KEPT_END:]
+        try:
+            held = logged(self.path)
+        except (OSError, zstandard.ZstdError):
+            held = b""   # unreadable: adding the whole log again loses nothing
+        if not end or end in held:
+            return False
+        self.note(note)
+        self.write(kept if kept.endswith(b"\n") else kept + b"\n")
+        return True
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -192,4 +212,14 @@ def read_log(path: str | Path) -> bytes:
     data = path.read_bytes()
     if path.suffix == ".zst":
         return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data
+
+
+def logged(path: Path) -> bytes:
+    """What the step's log at ``path`` holds so far: an earlier attempt's compressed log,
+    then the plain one being appended to (empty when there is neither)."""
+    earlier = path.with_name(path.name + ".zst")
+    data = read_log(earlier) if earlier.exists() else b""
+    if path.exists():
+        data += path.read_bytes()
     return data

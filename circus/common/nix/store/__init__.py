@@ -1,7 +1,8 @@
 """The one seam to the local Nix store: validity, path info, closures, what to build.
 
 Only this package runs ``nix path-info``, ``nix-store --query``,
-``nix-store --check-validity`` and ``nix-store --realise --dry-run`` on the
+``nix-store --check-validity``, ``nix-store --read-log`` and
+``nix-store --realise --dry-run`` on the
 local store (``tests/unit/test_layering.py`` keeps it so). The functions here
 block (queue runner, cache); :mod:`circus.common.nix.store.aio` has the same
 ones for asyncio (agent, gateway). Both run the queries of
@@ -33,6 +34,7 @@ __all__ = [
     "Missing",
     "PathInfo",
     "StoreError",
+    "build_log",
     "checked_paths",
     "dependency_order",
     "derivation_outputs",
@@ -106,3 +108,15 @@ def missing(drv_paths: Iterable[str], env: Mapping[str, str], timeout: float = T
     """Derivations in the closures of ``drv_paths`` that are neither valid nor
     substitutable (``to_build``), and the paths substituters would provide."""
     return run(queries.missing(drv_paths), env, timeout)
+
+
+def build_log(drv_path: str, env: Mapping[str, str], timeout: float = TIMEOUT
+              ) -> bytes | None:
+    """The log Nix kept of the build of ``drv_path`` in this store (``nix-store
+    --read-log``, ``keep-build-log``); None when it kept none (the outputs were
+    substituted or imported, or never built here)."""
+    argv = queries.build_log_argv(drv_path)
+    done = process.run_binary(argv, env=env, timeout=timeout)
+    if done.timed_out:
+        raise queries.timed_out(argv, timeout)
+    return queries.kept_log(argv, done.returncode, done.stdout, done.stderr)

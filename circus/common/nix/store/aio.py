@@ -30,6 +30,16 @@ async def run(query: Query[Part, Answer], env: Mapping[str, str]) -> Answer:
     return query.combine(parts)
 
 
+async def build_log(drv_path: str, env: Mapping[str, str]) -> bytes | None:
+    """The log Nix kept of the build of ``drv_path`` (None: it kept none)."""
+    argv = queries.build_log_argv(drv_path)
+    process = await asyncio.create_subprocess_exec(
+        *killed_with_parent(argv), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(env))
+    out, err = await process.communicate()
+    return queries.kept_log(argv, process.returncode or 0, out, err)
+
+
 async def invalid_paths(paths: Iterable[str], env: Mapping[str, str]) -> list[str]:
     """The paths of ``paths`` that are not valid in the store (first-seen order)."""
     return await run(queries.invalid_paths(paths), env)

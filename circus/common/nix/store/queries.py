@@ -113,6 +113,25 @@ def invalid_paths(paths: Iterable[str]) -> Query[list[str], list[str]]:
                   for chunk in _chunks(wanted)], _lines, combine)
 
 
+# ---------------------------------------------------------------------- build logs
+
+
+def build_log_argv(drv_path: str) -> list[str]:
+    """``nix-store --read-log``: the log Nix kept of the build of ``drv_path``."""
+    return ["nix-store", "--read-log", "--", *checked_paths([drv_path])]
+
+
+def kept_log(argv: Sequence[str], returncode: int, stdout: bytes, stderr: bytes
+             ) -> bytes | None:
+    """What :func:`build_log_argv` answered: the log, or None when Nix kept none."""
+    if returncode == 0:
+        return stdout
+    text = stderr.decode(errors="replace")
+    if "is not available" in text:
+        return None
+    raise failed(argv, text)
+
+
 # ---------------------------------------------------------------------- closures
 
 
