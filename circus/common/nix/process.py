@@ -15,6 +15,7 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -81,21 +82,7 @@ class BinaryResult:
 def run_binary(argv: Sequence[str], *, timeout: float | None = None,
                env: Mapping[str, str] | None = None) -> BinaryResult:
     """:func:`run` for a program whose output is bytes (a build log is not text)."""
-    process = subprocess.Popen(
-        killed_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=dict(env) if env is not None else None,
-        start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_process_group(process)
-        stdout, stderr = process.communicate()
-        return BinaryResult(process.returncode, stdout, stderr, timed_out=True)
-    except BaseException:
-        kill_process_group(process)
-        process.wait()
-        raise
-    return BinaryResult(process.returncode, stdout, stderr)
+    return BinaryResult(*_communicate(argv, timeout=timeout, env=env, text=False))
 
 
 def run(
@@ -108,24 +95,32 @@ def run(
 ) -> ProcessResult:
     """Run to completion; on timeout the whole process group is killed, and the
     program dies with the caller (:func:`killed_with_parent`)."""
+    return ProcessResult(*_communicate(argv, timeout=timeout, env=env, cwd=cwd,
+                                       input_data=input_text, text=True))
+
+
+def _communicate(argv: Sequence[str], *, timeout: float | None,
+                 env: Mapping[str, str] | None, text: bool, cwd: str | None = None,
+                 input_data: str | None = None) -> tuple[int, Any, Any, bool]:
+    """(returncode, stdout, stderr, timed out) of ``argv`` in a session of its own."""
     process = subprocess.Popen(
         killed_with_parent(argv),
-        stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+        stdin=subprocess.PIPE if input_data is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=dict(env) if env is not None else None,
         cwd=cwd,
-        text=True,
+        text=text,
         start_new_session=True,
     )
     try:
-        stdout, stderr = process.communicate(input_text, timeout=timeout)
+        stdout, stderr = process.communicate(input_data, timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_process_group(process)
         stdout, stderr = process.communicate()
-        return ProcessResult(process.returncode, stdout, stderr, timed_out=True)
+        return process.returncode, stdout, stderr, True
     except BaseException:
         kill_process_group(process)
         process.wait()
         raise
-    return ProcessResult(process.returncode, stdout, stderr)
+    return process.returncode, stdout, stderr, False
