@@ -50,6 +50,16 @@ def beat(session: Session, kind: str, details: dict[str, Any] | None = None,
     session.execute(statement)
 
 
+def fresh_build_slot_holders(session: Session, now: datetime | None = None
+                             ) -> list[dict[str, Any]]:
+    """The heartbeat details of the queue runners and remote Celery workers alive now
+    (``workers``: their build slots, ``capabilities``: what those slots build)."""
+    fresh = (now or datetime.now(UTC)) - STALE_AFTER
+    return [details or {} for details in session.scalars(
+        select(ServiceHeartbeat.details).where(ServiceHeartbeat.kind == QUEUE_RUNNER_KIND,
+                                               ServiceHeartbeat.last_heartbeat > fresh))]
+
+
 def freshness(session: Session, now: datetime | None = None) -> list[dict[str, Any]]:
     now = now or datetime.now(UTC)
     rows = session.scalars(select(ServiceHeartbeat).order_by(ServiceHeartbeat.service))

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from circus.common.config import Settings
 from circus.common.enums import BuildStatus
-from circus.common.heartbeat import QUEUE_RUNNER_KIND, STALE_AFTER
+from circus.common.heartbeat import fresh_build_slot_holders
 from circus.common.statussql import dependencies_succeeded
 from circus.queue_runner.routing.capabilities import Capabilities, parse_queue_class
 from circus.queue_runner.steps.leases import expire_leases
@@ -90,11 +90,7 @@ def live_consumer_slots(session: Session, now: datetime | None = None,
     """
     now = now or datetime.now(UTC)
     found: list[LiveConsumer] = []
-    for details in session.execute(text("""
-        SELECT details FROM service_heartbeats
-        WHERE kind = :kind AND last_heartbeat > :fresh
-    """), {"kind": QUEUE_RUNNER_KIND, "fresh": now - STALE_AFTER}).scalars():
-        details = details or {}
+    for details in fresh_build_slot_holders(session, now):
         slots = details.get("workers")
         for caps in details.get("capabilities", []):
             found.append(LiveConsumer(Capabilities.from_json(caps),

@@ -18,7 +18,7 @@ from circus.auth.visibility import (
 )
 from circus.common.enums import ACTIVE_STEP_STATES, BuildStatus
 from circus.common.errors import NotFound
-from circus.common.heartbeat import QUEUE_RUNNER_KIND, STALE_AFTER
+from circus.common.heartbeat import fresh_build_slot_holders
 from circus.common.models import (
     Build,
     BuildCompletionHour,
@@ -34,11 +34,9 @@ from circus.common.models import (
     Project,
     ProjectCompletionHour,
     RemoteBuilder,
-    ServiceHeartbeat,
     Step,
     User,
 )
-from circus.common.models.base import utcnow
 from circus.common.models.builds import BUILD_ID_BLOCK
 from circus.evaluator.counts import loaded_status_counts, status_counts
 
@@ -346,10 +344,7 @@ def systems_summary(session: Session, actor: Actor) -> list[dict[str, Any]]:
         select(RemoteBuilder.systems).where(RemoteBuilder.enabled.is_(True)))]
     machines += [list(s) for s in session.scalars(
         select(BuilderSession.systems).where(BuilderSession.connected.is_(True)))]
-    fresh = utcnow() - STALE_AFTER
-    for details in session.scalars(select(ServiceHeartbeat.details).where(
-            ServiceHeartbeat.kind == QUEUE_RUNNER_KIND,
-            ServiceHeartbeat.last_heartbeat > fresh)):
+    for details in fresh_build_slot_holders(session):
         # a queue runner without local workers (agents and SSH builders only) reports none
         found = details.get("capabilities") if isinstance(details, dict) else None
         for capabilities in found if isinstance(found, list) else []:
