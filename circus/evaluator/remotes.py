@@ -217,9 +217,7 @@ def _url_problem(url: str, allowlist: Allowlist, verdicts: dict[Remote, str | No
     """Why Nix may not fetch ``url`` (a flake input's), or None; ``verdicts`` caches
     one lookup per host and port."""
     try:
-        # git+https, tarball+http, file+https: the transport follows the "+"
-        _, plus, scheme = urlsplit(url).scheme.lower().rpartition("+")
-        remote = remote_of(url.split("+", 1)[1] if plus else url, scheme)
+        remote = _transport_remote(url)
         if remote is None:
             return None  # file:// and paths: restricted mode allows only the flake itself
         if remote not in verdicts:
@@ -240,15 +238,19 @@ def _url_problem(url: str, allowlist: Allowlist, verdicts: dict[Remote, str | No
 # evaluator.allowed_uris: the prefixes Nix code may fetch under in restricted mode
 
 
+def _transport_remote(url: str) -> Remote | None:
+    """The remote a URL as Nix writes it names (``git+https``, ``tarball+http``,
+    ``file+https``: the transport follows the "+"); None: no network transport."""
+    try:
+        _, plus, scheme = urlsplit(url).scheme.lower().rpartition("+")
+    except ValueError:
+        raise OutboundError(f"{url!r} is not a valid URL", refused=True) from None
+    return remote_of(url.split("+", 1)[1] if plus else url, scheme)
+
+
 def _prefix_remote(prefix: str) -> Remote | None:
     """The remote an ``allowed-uris`` prefix names (None: no network transport)."""
-    try:
-        _, plus, scheme = urlsplit(prefix).scheme.lower().rpartition("+")
-    except ValueError:
-        raise OutboundError(f"{prefix!r} is not a valid URL", refused=True) from None
-    if scheme not in DEFAULT_PORTS or "://" not in prefix:
-        return None
-    return remote_of(prefix.split("+", 1)[1] if plus else prefix, scheme)
+    return _transport_remote(prefix) if "://" in prefix else None
 
 
 def permitted_uris(prefixes: Sequence[str], allowlist: Allowlist) -> list[str]:
