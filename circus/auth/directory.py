@@ -50,9 +50,11 @@ def sync_ldap_users(session: Session, config: LdapSettings) -> SyncReport:
     (the caller commits). Raises ``Unavailable`` when the directory does not answer
     (nothing is changed then)."""
     report = SyncReport()
+    # no row locks while the directory is asked (seconds per user at worst): only the
+    # columns that change are written, as a login would write them
     users = [user for user in session.scalars(
         select(User).where(User.user_type == UserType.ldap, User.enabled.is_(True))
-        .order_by(User.id).with_for_update()) if user.external_id]
+        .order_by(User.id)) if user.external_id]
     if not users:
         return report
     seen = ldap.read_users(config, [(u.external_id or "", u.username) for u in users])
