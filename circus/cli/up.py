@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if taken:
         say(f"error: {taken}", error=True)
         return 1
+    settings: Settings | None = None
     try:
         settings, env = instance.prepare()
         host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host  # noqa: S104
@@ -367,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except sqlalchemy.exc.OperationalError as exc:
         # a database.url of the user's that does not answer (no such role, server down)
-        database = make_url(settings.require_database_url()).render_as_string(
-            hide_password=True)
+        # (settings is still None when the private services' preparation failed)
+        configured_url = (settings or own).database.url
+        database = make_url(configured_url).render_as_string(hide_password=True) \
+            if configured_url else "(the private PostgreSQL)"
         reason = str(exc.orig).strip() if exc.orig is not None else str(exc)
         say(f"error: cannot connect to the database {database} (database.url): {reason}",
             error=True)

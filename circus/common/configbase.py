@@ -11,6 +11,7 @@ No SQLAlchemy here: the agent uses this module too.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -288,8 +289,6 @@ def section_problems(model_cls: type[SettingsModel], raw: Any, exc: ValidationEr
     looked at: validate it again without that key, as often as there are such files,
     and report what else is wrong too (a typo beside a missing secret file was found
     only after the file was fixed)."""
-    import copy
-
     problems = problems_from_validation(exc, prefix)
     for _ in range(32):   # one unreadable file per table and pass; tables name few
         unreadable = [e for e in exc.errors() if e["type"] == "secret_file"]
