@@ -108,11 +108,7 @@ def read_users(config: LdapSettings, users: Sequence[tuple[str, str]]
     conn = connect(config)
     try:
         try:
-            if config.bind_dn and config.bind_password:
-                conn.simple_bind_s(config.bind_dn, config.bind_password)
-        except ldap.INVALID_CREDENTIALS as exc:
-            raise Unavailable("the directory refused Circus's service account "
-                              "(server.ldap.bind_dn and bind_password)") from exc
+            _bind_service_account(conn, config)
         except ldap.LDAPError as exc:
             raise _unavailable(exc) from exc
         seen: dict[str, DirectoryEntry] = {}
@@ -136,17 +132,25 @@ def read_users(config: LdapSettings, users: Sequence[tuple[str, str]]
         _unbind(conn)
 
 
+def _bind_service_account(conn: Any, config: LdapSettings) -> None:
+    """Bind as ``bind_dn`` when one is configured (else stay as bound, or anonymous);
+    a refused service account is the server's misconfiguration, not a failed login."""
+    if not (config.bind_dn and config.bind_password):
+        return
+    try:
+        conn.simple_bind_s(config.bind_dn, config.bind_password)
+    except ldap.INVALID_CREDENTIALS as exc:
+        raise Unavailable("the directory refused Circus's service account (server.ldap.bind_dn"
+                          " and bind_password)") from exc
+
+
 def find_user_dn(conn: Any, config: LdapSettings, username: str) -> str:
     """Search-then-bind: the one entry ``user_filter`` finds under ``user_search_base``
     (searched as the service account, or anonymously without one)."""
     query = config.user_filter.replace("{username}", ldap.filter.escape_filter_chars(username))
     try:
-        if config.bind_dn and config.bind_password:
-            conn.simple_bind_s(config.bind_dn, config.bind_password)
+        _bind_service_account(conn, config)
         found = conn.search_s(config.user_search_base, ldap.SCOPE_SUBTREE, query, ["1.1"])
-    except ldap.INVALID_CREDENTIALS as exc:
-        raise Unavailable("the directory refused Circus's service account (server.ldap.bind_dn"
-                          " and bind_password)") from exc
     except ldap.LDAPError as exc:
         raise _unavailable(exc) from exc
     entries = [str(dn) for dn, _ in found if dn]
@@ -205,12 +209,8 @@ def _read_entry(conn: Any, config: LdapSettings, dn: str) -> tuple[str, dict[str
     The bind already proved the password, so a failed read costs only the profile.
     """
     try:
-        if config.bind_password and config.bind_dn:
-            conn.simple_bind_s(config.bind_dn, config.bind_password)
+        _bind_service_account(conn, config)
         found = conn.search_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", list(PROFILE_ATTRIBUTES))
-    except ldap.INVALID_CREDENTIALS as exc:
-        raise Unavailable("the directory refused Circus's service account (server.ldap.bind_dn"
-                          " and bind_password)") from exc
     except ldap.LDAPError as exc:
         if isinstance(exc, ldap.SERVER_DOWN | ldap.TIMEOUT):
             raise _unavailable(exc) from exc
